@@ -1,0 +1,165 @@
+//! `ward policy check` and `ward policy trace`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Subcommand, ValueEnum};
+use policy_model::http::SimpleRequest;
+use policy_model::{CompileOptions, EndpointRef, Model, Protocol, Query};
+
+use crate::inputs::{load_cluster, load_policies};
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Validate policy manifests: every error with file, object, field path and reason.
+    Check {
+        /// Manifest files or folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Explain the verdict for one flow.
+    Trace(TraceArgs),
+}
+
+#[derive(clap::Args)]
+pub struct TraceArgs {
+    /// Cluster state: the `cluster:` shape of a conformance case, or a whole case file.
+    #[arg(long)]
+    cluster: PathBuf,
+    /// Policy manifests (files or folders; case files contribute their policies).
+    #[arg(long, required = true, num_args = 1..)]
+    policies: Vec<PathBuf>,
+    /// Source: NAMESPACE/POD, node:NAME, external:NAME or an IP.
+    #[arg(long)]
+    from: String,
+    /// Destination: NAMESPACE/POD, node:NAME, external:NAME or an IP.
+    #[arg(long)]
+    to: String,
+    /// Destination port.
+    #[arg(long)]
+    port: u16,
+    /// TCP, UDP or SCTP.
+    #[arg(long, default_value = "TCP")]
+    protocol: String,
+    /// HTTP method of a request carried by the flow.
+    #[arg(long)]
+    http_method: Option<String>,
+    /// HTTP path (with query) of the request.
+    #[arg(long)]
+    http_path: Option<String>,
+    /// HTTP header `Name:value` (repeatable); `Host:` sets the authority.
+    #[arg(long)]
+    http_header: Vec<String>,
+    /// A DNS query name sent over the flow.
+    #[arg(long)]
+    dns_query: Option<String>,
+    /// Let CIDR rules match pod and node IPs (Kubernetes' expectation; Cilium's default is not to).
+    #[arg(long)]
+    cidr_matches_cluster: bool,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+pub fn run(cmd: Command) -> Result<ExitCode> {
+    match cmd {
+        Command::Check { paths } => check(&paths),
+        Command::Trace(args) => trace(args),
+    }
+}
+
+fn check(paths: &[PathBuf]) -> Result<ExitCode> {
+    let loaded = load_policies(paths)?;
+    let mut errors = loaded.errors;
+    let mut valid = 0;
+    for o in &loaded.objects {
+        match o.translate() {
+            Ok(_) => valid += 1,
+            Err(e) => errors.extend(e),
+        }
+    }
+    for e in &errors {
+        println!("{e}");
+    }
+    let invalid = loaded.objects.len() - valid;
+    if errors.is_empty() {
+        println!("{valid} objects valid in {} files", loaded.files);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "{} errors: {invalid} of {} objects invalid in {} files",
+            errors.len(),
+            loaded.objects.len(),
+            loaded.files
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn trace(a: TraceArgs) -> Result<ExitCode> {
+    let cluster = load_cluster(&a.cluster)?;
+    let loaded = load_policies(&a.policies)?;
+    let mut policies = Vec::new();
+    let mut errors = loaded.errors;
+    for o in &loaded.objects {
+        match o.translate() {
+            Ok(p) => policies.extend(p),
+            Err(e) => errors.extend(e),
+        }
+    }
+    for e in &errors {
+        eprintln!("warning: left out: {e}");
+    }
+    let protocol = match Protocol::parse(&a.protocol) {
+        Some(p @ (Protocol::Tcp | Protocol::Udp | Protocol::Sctp)) => p,
+        _ => bail!("--protocol {}: expected TCP, UDP or SCTP", a.protocol),
+    };
+    let http = if a.http_method.is_some() || a.http_path.is_some() || !a.http_header.is_empty() {
+        let mut headers = Vec::new();
+        for h in &a.http_header {
+            let (k, v) = h
+                .split_once(':')
+                .with_context(|| format!("--http-header {h:?}: expected Name:value"))?;
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        Some(SimpleRequest {
+            method: a.http_method.clone().unwrap_or_else(|| "GET".into()),
+            path: a.http_path.clone().unwrap_or_else(|| "/".into()),
+            host: None,
+            headers,
+        })
+    } else {
+        None
+    };
+    let query = Query {
+        from: EndpointRef::parse(&a.from).map_err(anyhow::Error::msg)?,
+        to: EndpointRef::parse(&a.to).map_err(anyhow::Error::msg)?,
+        port: a.port,
+        protocol,
+        http,
+        dns: a.dns_query.clone(),
+    };
+    let model = Model::compile(
+        &cluster,
+        policies,
+        CompileOptions {
+            cidr_matches_cluster: a.cidr_matches_cluster,
+        },
+    );
+    let verdict = model.query(&query)?;
+    match a.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&verdict)?),
+        Output::Text => print!("{verdict}"),
+    }
+    Ok(if verdict.allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,275 @@
+//! Cluster state: namespaces, nodes, pods, outside hosts and observed DNS answers. This is
+//! the `cluster:` shape of the conformance format; the agent's sources produce the same.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::labels::{well_known, Label, LabelSet};
+use crate::policy::Protocol;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    #[serde(default)]
+    pub namespaces: Vec<Namespace>,
+    #[serde(default)]
+    pub nodes: Vec<Node>,
+    #[serde(default)]
+    pub pods: Vec<Pod>,
+    #[serde(default)]
+    pub externals: Vec<External>,
+    #[serde(default)]
+    pub dns: Vec<DnsObservation>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Namespace {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub name: String,
+    pub ip: IpAddr,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The pod's IP; `ips` adds more (dual stack).
+    #[serde(default)]
+    pub ip: Option<IpAddr>,
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub node: Option<String>,
+    #[serde(default)]
+    pub ports: Vec<ContainerPort>,
+}
+
+impl Pod {
+    pub fn all_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ip.into_iter().chain(self.ips.iter().copied())
+    }
+
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A container port; named ones resolve named ports of policies.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerPort {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub port: u16,
+    #[serde(default = "tcp")]
+    pub protocol: Protocol,
+}
+
+fn tcp() -> Protocol {
+    Protocol::Tcp
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct External {
+    pub name: String,
+    pub ip: IpAddr,
+}
+
+/// A DNS answer the DNS proxy observed for a client: the source of toFQDNs IPs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsObservation {
+    /// `namespace/pod` of the endpoint that asked.
+    pub client: String,
+    pub name: String,
+    pub ips: Vec<IpAddr>,
+}
+
+impl Cluster {
+    pub fn namespace(&self, name: &str) -> Option<&Namespace> {
+        self.namespaces.iter().find(|n| n.name == name)
+    }
+
+    pub fn pod(&self, id: &str) -> Option<&Pod> {
+        let (ns, name) = id.split_once('/')?;
+        self.pods
+            .iter()
+            .find(|p| p.namespace == ns && p.name == name)
+    }
+
+    /// The labels of a pod as Cilium's identity sees them: its own labels, the namespace
+    /// name, the namespace's labels, and the cluster name, all of source `k8s`.
+    pub fn pod_labels(&self, pod: &Pod) -> LabelSet {
+        let mut labels: Vec<Label> = pod.labels.iter().map(|(k, v)| Label::k8s(k, v)).collect();
+        labels.push(Label::k8s(well_known::POD_NAMESPACE, &pod.namespace));
+        labels.push(Label::k8s(
+            well_known::POLICY_CLUSTER,
+            well_known::CLUSTER_NAME,
+        ));
+        for (k, v) in self.namespace_labels(&pod.namespace) {
+            labels.push(Label::k8s(
+                format!("{}{k}", well_known::NAMESPACE_LABELS_PREFIX),
+                v,
+            ));
+        }
+        LabelSet::new(labels)
+    }
+
+    /// A namespace's labels including the implicit `kubernetes.io/metadata.name`.
+    pub fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
+        let mut labels = self
+            .namespace(ns)
+            .map(|n| n.labels.clone())
+            .unwrap_or_default();
+        labels.insert(well_known::NAMESPACE_NAME.to_string(), ns.to_string());
+        labels
+    }
+
+    pub fn namespace_label_set(&self, ns: &str) -> LabelSet {
+        LabelSet::new(
+            self.namespace_labels(ns)
+                .into_iter()
+                .map(|(k, v)| Label::k8s(k, v))
+                .collect(),
+        )
+    }
+
+    /// Every namespace mentioned, declared or implied by a pod.
+    pub fn namespace_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .namespaces
+            .iter()
+            .map(|n| n.name.clone())
+            .chain(self.pods.iter().map(|p| p.namespace.clone()))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+/// A reference to a thing that sends or receives traffic in a query: a pod, a node, an
+/// outside host by name, or a bare IP.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum EndpointRef {
+    Pod { namespace: String, name: String },
+    Node(String),
+    External(String),
+    Ip(IpAddr),
+}
+
+impl EndpointRef {
+    /// `ns/pod`, `node:NAME`, `external:NAME` or an IP address.
+    pub fn parse(s: &str) -> Result<EndpointRef, String> {
+        if let Some(n) = s.strip_prefix("node:") {
+            return Ok(EndpointRef::Node(n.to_string()));
+        }
+        if let Some(n) = s.strip_prefix("external:") {
+            return Ok(EndpointRef::External(n.to_string()));
+        }
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(EndpointRef::Ip(ip));
+        }
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(EndpointRef::Pod {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                })
+            }
+            _ => Err(format!(
+                "{s:?} is not an endpoint: expected NAMESPACE/POD, node:NAME, external:NAME or an IP address"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for EndpointRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndpointRef::Pod { namespace, name } => write!(f, "{namespace}/{name}"),
+            EndpointRef::Node(n) => write!(f, "node:{n}"),
+            EndpointRef::External(n) => write!(f, "external:{n}"),
+            EndpointRef::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::labels::{Key, Source};
+
+    #[test]
+    fn pods_carry_ciliums_implicit_labels() {
+        let c: Cluster = serde_yaml::from_str(
+            "namespaces: [{name: x, labels: {team: a}}]\npods: [{namespace: x, name: p, labels: {app: web}, ip: 10.0.0.1}]",
+        )
+        .unwrap();
+        let l = c.pod_labels(&c.pods[0]);
+        let get = |k: &str| l.get(&Key::new(Source::K8s, k)).map(str::to_string);
+        assert_eq!(get("app").as_deref(), Some("web"));
+        assert_eq!(get("io.kubernetes.pod.namespace").as_deref(), Some("x"));
+        assert_eq!(
+            get("io.cilium.k8s.namespace.labels.team").as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            get("io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name").as_deref(),
+            Some("x")
+        );
+        assert_eq!(
+            get("io.cilium.k8s.policy.cluster").as_deref(),
+            Some("default")
+        );
+    }
+
+    #[test]
+    fn namespaces_have_the_implicit_name_label() {
+        let c = Cluster::default();
+        assert_eq!(
+            c.namespace_labels("y")
+                .get("kubernetes.io/metadata.name")
+                .map(String::as_str),
+            Some("y")
+        );
+    }
+
+    #[test]
+    fn endpoint_refs() {
+        assert!(matches!(
+            EndpointRef::parse("a/b"),
+            Ok(EndpointRef::Pod { .. })
+        ));
+        assert!(matches!(
+            EndpointRef::parse("node:n1"),
+            Ok(EndpointRef::Node(_))
+        ));
+        assert!(matches!(
+            EndpointRef::parse("external:w"),
+            Ok(EndpointRef::External(_))
+        ));
+        assert!(matches!(
+            EndpointRef::parse("192.0.2.1"),
+            Ok(EndpointRef::Ip(_))
+        ));
+        assert!(EndpointRef::parse("nope").is_err());
+        assert!(EndpointRef::parse("a/b/c").is_err());
+    }
+}

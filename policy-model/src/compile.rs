@@ -1,0 +1,728 @@
+//! The compiler: cluster state + policies -> identities, an ipcache, and per endpoint and
+//! direction a flat list of entries `(peer identities, protocol, ports) -> action`, with
+//! interned L7 rule sets. This is what the datapath and the proxies consume.
+//!
+//! Entries refer to peer sets (unions of selectors) whose selected identities are cached
+//! as bitsets, so a pod label change costs one selector pass over a new identity plus the
+//! recompilation of that pod, not a full compile.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::api::common::network_source;
+use crate::cluster::{Cluster, ContainerPort};
+use crate::fqdn::NamePattern;
+use crate::identity::{
+    fqdn_key, Identities, IdentityKind, Idx, PeerSetId, SelectorCache, SelectorId,
+};
+use crate::l7::L7Set;
+use crate::labels::{Key, Label, LabelSet, Source};
+use crate::policy::{Action, Direction, Policy, Port, Protocol, Subject, Tier};
+use crate::selector::{Op, Selector};
+
+/// Choices where implementations differ.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompileOptions {
+    /// Whether CIDR selectors (ipBlock, toCIDR, ANP networks) also match pod and node IPs.
+    /// Kubernetes' conformance tests expect it; Cilium by default does not.
+    pub cidr_matches_cluster: bool,
+}
+
+/// An endpoint whose traffic policy applies to: a pod, or a node (host policies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EndpointKey {
+    Pod(usize),
+    Node(usize),
+}
+
+/// The ports an entry covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortMatch {
+    /// Inclusive range; `0..=65535` is every port.
+    Range(u16, u16),
+    /// A named port of the destination, resolved per peer identity at lookup (egress).
+    Named(String),
+}
+
+/// Where an entry came from: policy, rule and `toPorts` group indices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub policy: u32,
+    pub rule: u32,
+    pub port_rule: Option<u32>,
+}
+
+/// Index of an interned L7 rule set.
+pub type L7Id = u32;
+
+/// One policy entry of an endpoint in one direction.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    pub peers: PeerSetId,
+    /// None: every protocol (an L3-only rule), ICMP included.
+    pub protocol: Option<Protocol>,
+    pub port: PortMatch,
+    pub action: Action,
+    pub tier: Tier,
+    /// Order inside the admin and baseline tiers: (priority, policy order, rule index).
+    pub rank: (i64, u32, u32),
+    pub l7: Option<L7Id>,
+    pub origin: Origin,
+}
+
+impl Entry {
+    /// Whether the entry covers every port of every protocol (an L3 rule).
+    pub fn is_l3(&self) -> bool {
+        self.protocol.is_none()
+    }
+}
+
+/// An endpoint's policy in one direction.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DirPolicy {
+    /// Admin-tier entries by rank, then namespace-tier entries, then baseline by rank.
+    pub entries: Vec<Entry>,
+    /// Namespace-tier policies (by index) that put the endpoint in default deny.
+    pub default_deny: Vec<u32>,
+    /// Every policy that selects the endpoint and has something to say in this direction.
+    pub selected_by: Vec<u32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct EndpointPolicy {
+    pub key: EndpointKey,
+    /// `ns/pod` or `node:NAME`.
+    pub name: String,
+    pub identity: Idx,
+    pub dirs: [DirPolicy; 2],
+}
+
+/// What an IP belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IpOwner {
+    Pod(usize),
+    Node(usize),
+    /// Outside the cluster, with the identity of its longest policy prefix (or world), or
+    /// of its FQDN labels.
+    World(Idx),
+}
+
+/// Errors of incremental updates.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    #[error("no pod {0} in the cluster")]
+    NoSuchPod(String),
+}
+
+/// The compiled state of a cluster and its policies.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub options: CompileOptions,
+    pub cluster: Cluster,
+    pub policies: Vec<Policy>,
+    pub identities: Identities,
+    pub selectors: SelectorCache,
+    pub l7: Vec<L7Set>,
+    pub endpoints: Vec<EndpointPolicy>,
+    pod_endpoint: HashMap<String, usize>,
+    node_endpoint: HashMap<String, usize>,
+    /// Order of each policy inside its tier (ties of priority broken by kind and name).
+    policy_order: Vec<u32>,
+    /// Subject selector of each pod-subject policy.
+    subjects: Vec<Option<SelectorId>>,
+    /// Peer set per (policy, rule), except rules naming FQDNs (built per endpoint).
+    rule_peers: Vec<Vec<Option<PeerSetId>>>,
+    l7_of: HashMap<(u32, u32, u32), L7Id>,
+    /// Policy prefixes with the label source they are selected by (`cidr` or `network`).
+    prefixes: Vec<(IpNet, Source)>,
+    fqdn_patterns: Vec<(String, NamePattern)>,
+    pod_identity: Vec<Idx>,
+    /// Per node: identity as seen from itself (host) and from other nodes (remote-node).
+    node_identity: Vec<[Idx; 2]>,
+    exact: HashMap<IpAddr, IpOwner>,
+    /// (prefix, identity), longest prefix first.
+    prefix_identity: Vec<(IpNet, Idx)>,
+    world: Idx,
+}
+
+fn reserved_label(name: &str) -> Label {
+    Label::new(Source::Reserved, name, "")
+}
+
+impl Model {
+    /// Compiles everything.
+    pub fn compile(cluster: &Cluster, policies: Vec<Policy>, options: CompileOptions) -> Model {
+        let mut m = Model {
+            options,
+            cluster: cluster.clone(),
+            policies,
+            identities: Identities::new(),
+            selectors: SelectorCache::default(),
+            l7: Vec::new(),
+            endpoints: Vec::new(),
+            pod_endpoint: HashMap::new(),
+            node_endpoint: HashMap::new(),
+            policy_order: Vec::new(),
+            subjects: Vec::new(),
+            rule_peers: Vec::new(),
+            l7_of: HashMap::new(),
+            prefixes: Vec::new(),
+            fqdn_patterns: Vec::new(),
+            pod_identity: Vec::new(),
+            node_identity: Vec::new(),
+            exact: HashMap::new(),
+            prefix_identity: Vec::new(),
+            world: 0,
+        };
+        m.order_policies();
+        m.collect_prefixes_and_patterns();
+        m.allocate_identities();
+        m.intern_rules();
+        m.compile_endpoints();
+        m
+    }
+
+    fn order_policies(&mut self) {
+        let mut idx: Vec<usize> = (0..self.policies.len()).collect();
+        idx.sort_by(|&a, &b| {
+            let (pa, pb) = (&self.policies[a], &self.policies[b]);
+            (pa.tier, pa.priority, &pa.object, &pa.path).cmp(&(
+                pb.tier,
+                pb.priority,
+                &pb.object,
+                &pb.path,
+            ))
+        });
+        self.policy_order = vec![0; idx.len()];
+        for (order, i) in idx.into_iter().enumerate() {
+            self.policy_order[i] = order as u32;
+        }
+    }
+
+    fn collect_prefixes_and_patterns(&mut self) {
+        let mut prefixes: BTreeSet<(IpNet, Source)> = BTreeSet::new();
+        let mut patterns = BTreeSet::new();
+        for p in &self.policies {
+            for r in &p.rules {
+                prefixes.extend(r.peers.cidrs.iter().map(|p| (*p, Source::Cidr)));
+                prefixes.extend(r.peers.networks.iter().map(|p| (*p, network_source())));
+                patterns.extend(r.peers.fqdns.iter().cloned());
+            }
+        }
+        self.prefixes = prefixes.into_iter().collect();
+        self.fqdn_patterns = patterns
+            .into_iter()
+            .filter_map(|p| NamePattern::pattern(&p).ok().map(|np| (p, np)))
+            .collect();
+    }
+
+    /// The prefix labels of IPs. For cluster IPs (`cluster`), `cidr` prefixes count only
+    /// when CIDR rules match cluster IPs; `network` prefixes always do.
+    fn prefix_labels(&self, ips: impl Iterator<Item = IpAddr>, cluster: bool) -> Vec<Label> {
+        let ips: Vec<IpAddr> = ips.collect();
+        self.prefixes
+            .iter()
+            .filter(|(_, src)| {
+                !cluster || self.options.cidr_matches_cluster || *src != Source::Cidr
+            })
+            .filter(|(p, _)| ips.iter().any(|ip| p.contains(ip)))
+            .map(|(p, src)| Label::new(src.clone(), p.to_string(), ""))
+            .collect()
+    }
+
+    fn pod_label_set(&self, pod: usize) -> LabelSet {
+        let p = &self.cluster.pods[pod];
+        let mut labels: Vec<Label> = self.cluster.pod_labels(p).iter().cloned().collect();
+        labels.extend(self.prefix_labels(p.all_ips(), true));
+        LabelSet::new(labels)
+    }
+
+    fn node_label_set(&self, node: usize, as_host: bool) -> LabelSet {
+        let n = &self.cluster.nodes[node];
+        let mut labels = vec![reserved_label(if as_host { "host" } else { "remote-node" })];
+        labels.extend(
+            n.labels
+                .iter()
+                .map(|(k, v)| Label::new(crate::api::common::node_source(), k, v)),
+        );
+        labels.extend(self.prefix_labels(std::iter::once(n.ip), true));
+        LabelSet::new(labels)
+    }
+
+    fn allocate_identities(&mut self) {
+        for name in [
+            "host",
+            "world",
+            "remote-node",
+            "health",
+            "init",
+            "unmanaged",
+            "kube-apiserver",
+            "ingress",
+        ] {
+            let kind = match name {
+                "host" => IdentityKind::Host,
+                "remote-node" => IdentityKind::RemoteNode,
+                _ => IdentityKind::World,
+            };
+            let (i, _) = self
+                .identities
+                .intern(LabelSet::new(vec![reserved_label(name)]), kind);
+            if name == "world" {
+                self.world = i;
+            }
+        }
+        for pod in 0..self.cluster.pods.len() {
+            let labels = self.pod_label_set(pod);
+            let (i, _) = self.identities.intern(labels, IdentityKind::Pod);
+            self.pod_identity.push(i);
+            for ip in self.cluster.pods[pod].all_ips() {
+                self.exact.insert(ip, IpOwner::Pod(pod));
+            }
+        }
+        self.refresh_named_ports();
+        for node in 0..self.cluster.nodes.len() {
+            let (h, _) = self
+                .identities
+                .intern(self.node_label_set(node, true), IdentityKind::Host);
+            let (r, _) = self
+                .identities
+                .intern(self.node_label_set(node, false), IdentityKind::RemoteNode);
+            self.node_identity.push([h, r]);
+            self.exact
+                .entry(self.cluster.nodes[node].ip)
+                .or_insert(IpOwner::Node(node));
+        }
+        // Each policy prefix is an ipcache prefix whose identity carries the labels of
+        // every policy prefix containing it.
+        let mut prefixes: Vec<IpNet> = self.prefixes.iter().map(|(p, _)| *p).collect();
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.prefix_len()));
+        prefixes.dedup();
+        for p in prefixes {
+            let mut labels = vec![reserved_label("world")];
+            labels.extend(
+                self.prefixes
+                    .iter()
+                    .filter(|(q, _)| q.contains(&p))
+                    .map(|(q, src)| Label::new(src.clone(), q.to_string(), "")),
+            );
+            let (i, _) = self
+                .identities
+                .intern(LabelSet::new(labels), IdentityKind::Cidr);
+            self.prefix_identity.push((p, i));
+        }
+        // IPs learned from DNS answers carry the labels of the toFQDNs patterns that match
+        // the name, scoped to the endpoint that asked.
+        let mut fqdn: BTreeMap<IpAddr, BTreeSet<Label>> = BTreeMap::new();
+        for obs in &self.cluster.dns {
+            for (text, pat) in &self.fqdn_patterns {
+                if !pat.matches(&obs.name) {
+                    continue;
+                }
+                for ip in &obs.ips {
+                    if matches!(self.exact.get(ip), Some(IpOwner::Pod(_) | IpOwner::Node(_))) {
+                        continue; // toFQDNs never applies to cluster IPs
+                    }
+                    let key = fqdn_key(text, &obs.client);
+                    fqdn.entry(*ip).or_default().insert(Label {
+                        key,
+                        value: String::new(),
+                    });
+                }
+            }
+        }
+        for (ip, fl) in fqdn {
+            let mut labels = vec![reserved_label("world")];
+            labels.extend(self.prefix_labels(std::iter::once(ip), false));
+            labels.extend(fl);
+            let (i, _) = self
+                .identities
+                .intern(LabelSet::new(labels), IdentityKind::Fqdn);
+            self.exact.insert(ip, IpOwner::World(i));
+        }
+    }
+
+    fn refresh_named_ports(&mut self) {
+        let mut by_identity: HashMap<Idx, BTreeSet<ContainerPort>> = HashMap::new();
+        for (pod, &i) in self.pod_identity.iter().enumerate() {
+            by_identity.entry(i).or_default().extend(
+                self.cluster.pods[pod]
+                    .ports
+                    .iter()
+                    .filter(|p| p.name.is_some())
+                    .cloned(),
+            );
+        }
+        for id in &mut self.identities.list {
+            id.named_ports.clear();
+        }
+        for (i, ports) in by_identity {
+            self.identities.list[i as usize].named_ports = ports.into_iter().collect();
+        }
+    }
+
+    fn intern_rules(&mut self) {
+        for (pi, p) in self.policies.iter().enumerate() {
+            self.subjects.push(match &p.subject {
+                Subject::Pods(sel) => Some(self.selectors.selector(&self.identities, sel)),
+                Subject::Nodes(_) => None,
+            });
+            let mut peers = Vec::new();
+            for (ri, r) in p.rules.iter().enumerate() {
+                peers.push(if r.peers.fqdns.is_empty() {
+                    Some(
+                        self.selectors
+                            .peer_set(&self.identities, &r.peers.selectors),
+                    )
+                } else {
+                    None
+                });
+                for (gi, g) in r.ports.iter().enumerate() {
+                    if let Some(l7) = &g.l7 {
+                        let id = self.l7.len() as L7Id;
+                        self.l7.push(L7Set {
+                            rules: l7.clone(),
+                            path: format!("{}.rules", g.path),
+                        });
+                        self.l7_of.insert((pi as u32, ri as u32, gi as u32), id);
+                    }
+                }
+            }
+            self.rule_peers.push(peers);
+        }
+    }
+
+    fn compile_endpoints(&mut self) {
+        // identity -> pod-subject policies selecting it
+        let mut by_identity: HashMap<Idx, Vec<u32>> = HashMap::new();
+        for (pi, s) in self.subjects.iter().enumerate() {
+            if let Some(s) = s {
+                for i in self.selectors.members(*s).iter() {
+                    by_identity.entry(i).or_default().push(pi as u32);
+                }
+            }
+        }
+        for pod in 0..self.cluster.pods.len() {
+            let ident = self.pod_identity[pod];
+            let selecting = by_identity.get(&ident).cloned().unwrap_or_default();
+            let ep = self.compile_endpoint(EndpointKey::Pod(pod), ident, &selecting);
+            self.pod_endpoint
+                .insert(self.cluster.pods[pod].id(), self.endpoints.len());
+            self.endpoints.push(ep);
+        }
+        for node in 0..self.cluster.nodes.len() {
+            let labels = self.node_label_set(node, true);
+            let selecting: Vec<u32> = self
+                .policies
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| matches!(&p.subject, Subject::Nodes(s) if s.matches(&labels)))
+                .map(|(i, _)| i as u32)
+                .collect();
+            let ep = self.compile_endpoint(
+                EndpointKey::Node(node),
+                self.node_identity[node][0],
+                &selecting,
+            );
+            self.node_endpoint
+                .insert(self.cluster.nodes[node].name.clone(), self.endpoints.len());
+            self.endpoints.push(ep);
+        }
+    }
+
+    fn endpoint_name(&self, key: EndpointKey) -> String {
+        match key {
+            EndpointKey::Pod(p) => self.cluster.pods[p].id(),
+            EndpointKey::Node(n) => format!("node:{}", self.cluster.nodes[n].name),
+        }
+    }
+
+    fn compile_endpoint(
+        &mut self,
+        key: EndpointKey,
+        identity: Idx,
+        selecting: &[u32],
+    ) -> EndpointPolicy {
+        let name = self.endpoint_name(key);
+        let container_ports: Vec<ContainerPort> = match key {
+            EndpointKey::Pod(p) => self.cluster.pods[p].ports.clone(),
+            EndpointKey::Node(_) => Vec::new(),
+        };
+        let mut dirs = [DirPolicy::default(), DirPolicy::default()];
+        for &pi in selecting {
+            let order = self.policy_order[pi as usize];
+            let p = &self.policies[pi as usize];
+            let (tier, priority) = (p.tier, p.priority);
+            for d in Direction::BOTH {
+                let has_rules = p.rules.iter().any(|r| r.direction == d);
+                if p.default_deny[d.index()] && tier == Tier::Namespace {
+                    dirs[d.index()].default_deny.push(pi);
+                }
+                if has_rules || p.default_deny[d.index()] {
+                    dirs[d.index()].selected_by.push(pi);
+                }
+            }
+            for (ri, r) in p.rules.iter().enumerate() {
+                let peers = match self.rule_peers[pi as usize][ri] {
+                    Some(ps) => ps,
+                    None => {
+                        let mut sels = r.peers.selectors.clone();
+                        for f in &r.peers.fqdns {
+                            sels.push(Selector::all().with(fqdn_key(f, &name), Op::Exists));
+                        }
+                        self.selectors.peer_set(&self.identities, &sels)
+                    }
+                };
+                if r.peers.is_empty() {
+                    continue;
+                }
+                let base = Entry {
+                    peers,
+                    protocol: None,
+                    port: PortMatch::Range(0, u16::MAX),
+                    action: r.action,
+                    tier,
+                    rank: (priority, order, ri as u32),
+                    l7: None,
+                    origin: Origin {
+                        policy: pi,
+                        rule: ri as u32,
+                        port_rule: None,
+                    },
+                };
+                let out = &mut dirs[r.direction.index()].entries;
+                if r.ports.is_empty() {
+                    out.push(base);
+                    continue;
+                }
+                for (gi, g) in r.ports.iter().enumerate() {
+                    let l7 = self.l7_of.get(&(pi, ri as u32, gi as u32)).copied();
+                    for pp in &g.ports {
+                        let mut e = base.clone();
+                        e.l7 = l7;
+                        e.origin.port_rule = Some(gi as u32);
+                        e.protocol = Some(pp.protocol);
+                        match &pp.port {
+                            Port::Range(a, b) => {
+                                e.port = PortMatch::Range(*a, *b);
+                                out.push(e);
+                            }
+                            Port::Named(n) if r.direction == Direction::Ingress => {
+                                // resolved on the endpoint itself
+                                for cp in container_ports.iter().filter(|cp| {
+                                    cp.name
+                                        .as_deref()
+                                        .is_some_and(|x| x.eq_ignore_ascii_case(n))
+                                        && pp.protocol.covers(cp.protocol)
+                                }) {
+                                    let mut e = e.clone();
+                                    e.protocol = Some(cp.protocol);
+                                    e.port = PortMatch::Range(cp.port, cp.port);
+                                    out.push(e);
+                                }
+                            }
+                            Port::Named(n) => {
+                                e.port = PortMatch::Named(n.clone());
+                                out.push(e);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for d in &mut dirs {
+            d.entries.sort_by(|a, b| {
+                let key = |e: &Entry| match e.tier {
+                    Tier::Admin => (0, e.rank),
+                    Tier::Namespace => (1, (0, 0, 0)),
+                    Tier::Baseline => (2, e.rank),
+                };
+                key(a).cmp(&key(b))
+            });
+        }
+        EndpointPolicy {
+            key,
+            name,
+            identity,
+            dirs,
+        }
+    }
+
+    /// Changes one pod's labels and recompiles what depends on them: its identity (new
+    /// identities are evaluated against every cached selector), its own policy, and the
+    /// named ports of the identities involved.
+    pub fn set_pod_labels(
+        &mut self,
+        pod_id: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), ModelError> {
+        let ep_index = *self
+            .pod_endpoint
+            .get(pod_id)
+            .ok_or_else(|| ModelError::NoSuchPod(pod_id.to_string()))?;
+        let EndpointKey::Pod(pod) = self.endpoints[ep_index].key else {
+            return Err(ModelError::NoSuchPod(pod_id.to_string()));
+        };
+        self.cluster.pods[pod].labels = labels;
+        let set = self.pod_label_set(pod);
+        let (ident, created) = self.identities.intern(set, IdentityKind::Pod);
+        if created {
+            self.selectors.add_identity(&self.identities, ident);
+        }
+        let old = self.pod_identity[pod];
+        self.pod_identity[pod] = ident;
+        // named ports of the old and new identity
+        for i in [old, ident] {
+            let mut ports: BTreeSet<ContainerPort> = BTreeSet::new();
+            for (p, &pi) in self.pod_identity.iter().enumerate() {
+                if pi == i {
+                    ports.extend(
+                        self.cluster.pods[p]
+                            .ports
+                            .iter()
+                            .filter(|c| c.name.is_some())
+                            .cloned(),
+                    );
+                }
+            }
+            self.identities.list[i as usize].named_ports = ports.into_iter().collect();
+        }
+        let selecting: Vec<u32> = self
+            .subjects
+            .iter()
+            .enumerate()
+            .filter_map(|(pi, s)| {
+                s.filter(|s| self.selectors.members(*s).contains(ident))
+                    .map(|_| pi as u32)
+            })
+            .collect();
+        self.endpoints[ep_index] = self.compile_endpoint(EndpointKey::Pod(pod), ident, &selecting);
+        Ok(())
+    }
+
+    pub fn pod_endpoint(&self, pod_id: &str) -> Option<&EndpointPolicy> {
+        self.pod_endpoint.get(pod_id).map(|&i| &self.endpoints[i])
+    }
+
+    pub fn node_endpoint(&self, node: &str) -> Option<&EndpointPolicy> {
+        self.node_endpoint.get(node).map(|&i| &self.endpoints[i])
+    }
+
+    pub fn endpoint(&self, key: EndpointKey) -> Option<&EndpointPolicy> {
+        match key {
+            EndpointKey::Pod(p) => self.pod_endpoint(&self.cluster.pods.get(p)?.id()),
+            EndpointKey::Node(n) => self.node_endpoint(&self.cluster.nodes.get(n)?.name),
+        }
+    }
+
+    /// The owner of an IP.
+    pub fn owner(&self, ip: IpAddr) -> IpOwner {
+        if let Some(o) = self.exact.get(&ip) {
+            return *o;
+        }
+        for (p, i) in &self.prefix_identity {
+            if p.contains(&ip) {
+                return IpOwner::World(*i);
+            }
+        }
+        IpOwner::World(self.world)
+    }
+
+    /// The identity of an IP as seen from `observer_node` (host vs remote-node).
+    pub fn identity_of(&self, ip: IpAddr, observer_node: Option<&str>) -> Idx {
+        match self.owner(ip) {
+            IpOwner::Pod(p) => self.pod_identity[p],
+            IpOwner::Node(n) => {
+                let local = observer_node == Some(self.cluster.nodes[n].name.as_str());
+                self.node_identity[n][if local { 0 } else { 1 }]
+            }
+            IpOwner::World(i) => i,
+        }
+    }
+
+    pub fn pod_identity(&self, pod: usize) -> Idx {
+        self.pod_identity[pod]
+    }
+
+    pub fn node_identity(&self, node: usize, as_host: bool) -> Idx {
+        self.node_identity[node][if as_host { 0 } else { 1 }]
+    }
+
+    /// The ipcache as the datapath needs it: every prefix with its numeric identity.
+    pub fn ipcache(&self, observer_node: Option<&str>) -> Vec<(IpNet, u32)> {
+        let mut out: Vec<(IpNet, u32)> = self
+            .exact
+            .keys()
+            .map(|ip| {
+                (
+                    IpNet::from(*ip),
+                    self.identities.get(self.identity_of(*ip, observer_node)).id,
+                )
+            })
+            .collect();
+        out.extend(
+            self.prefix_identity
+                .iter()
+                .map(|(p, i)| (*p, self.identities.get(*i).id)),
+        );
+        out.sort();
+        out
+    }
+
+    /// Label key used for namespace scoping, exposed for explanations.
+    pub fn describe_peers(&self, ps: PeerSetId) -> String {
+        let sels = self.selectors.peer_set_selectors(ps);
+        let parts: Vec<String> = sels
+            .iter()
+            .map(|s| describe_selector(self.selectors.selector_of(*s)))
+            .collect();
+        if parts.is_empty() {
+            "nothing".into()
+        } else {
+            parts.join(" | ")
+        }
+    }
+}
+
+/// A readable form of a peer selector: entities, CIDRs and FQDNs by name.
+pub fn describe_selector(s: &Selector) -> String {
+    if s.is_all() {
+        return "all".into();
+    }
+    if let [r] = s.requirements.as_slice() {
+        if r.op == Op::Exists {
+            match r.key.source {
+                Source::Reserved => return format!("entity {}", r.key.name),
+                Source::Fqdn => {
+                    let pat = r.key.name.split('@').next().unwrap_or_default();
+                    return format!("fqdn {pat}");
+                }
+                Source::Cidr => return format!("cidr {}", r.key.name),
+                _ => {}
+            }
+        }
+    }
+    let cidr_key = Key::new(Source::Cidr, String::new());
+    if s.requirements
+        .iter()
+        .any(|r| r.key.source == cidr_key.source)
+    {
+        let mut cidr = String::new();
+        let mut except = Vec::new();
+        for r in &s.requirements {
+            match r.op {
+                Op::Exists => cidr = r.key.name.clone(),
+                Op::DoesNotExist => except.push(r.key.name.clone()),
+                _ => {}
+            }
+        }
+        return if except.is_empty() {
+            format!("cidr {cidr}")
+        } else {
+            format!("cidr {cidr} except {}", except.join(","))
+        };
+    }
+    format!("endpoints {{{s}}}")
+}

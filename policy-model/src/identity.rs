@@ -1,0 +1,370 @@
+//! Identities: one per distinct label set. Pods get cluster identities (256 and up), the
+//! entities reserved ones (host 1, world 2, ...), CIDR prefixes and FQDN-learned IPs local
+//! ones (2^24 and up), as in Cilium. Selectors are evaluated against identities once and
+//! their results cached as bitsets, so a lookup is a bit test.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::cluster::ContainerPort;
+use crate::labels::{Key, LabelSet, Source};
+use crate::selector::{Op, Selector};
+
+/// The numeric identity the datapath and the proxies see.
+pub type NumericId = u32;
+
+pub mod reserved {
+    use super::NumericId;
+    pub const HOST: NumericId = 1;
+    pub const WORLD: NumericId = 2;
+    pub const UNMANAGED: NumericId = 3;
+    pub const HEALTH: NumericId = 4;
+    pub const INIT: NumericId = 5;
+    pub const REMOTE_NODE: NumericId = 6;
+    pub const KUBE_APISERVER: NumericId = 7;
+    pub const INGRESS: NumericId = 8;
+    /// First identity allocated for pods.
+    pub const FIRST_CLUSTER: NumericId = 256;
+    /// First identity allocated for CIDR and FQDN prefixes (node-local scope).
+    pub const FIRST_LOCAL: NumericId = 1 << 24;
+}
+
+/// Dense index of an identity in a model (not the numeric identity).
+pub type Idx = u32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdentityKind {
+    Pod,
+    Host,
+    RemoteNode,
+    World,
+    Cidr,
+    Fqdn,
+}
+
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub id: NumericId,
+    pub kind: IdentityKind,
+    pub labels: LabelSet,
+    /// Named container ports of the pods with this identity (for named ports in egress
+    /// rules, resolved per destination identity as Cilium does).
+    pub named_ports: Vec<ContainerPort>,
+}
+
+/// A growable bitset over identity indices.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bits(Vec<u64>);
+
+impl Bits {
+    #[inline]
+    pub fn contains(&self, i: Idx) -> bool {
+        self.0
+            .get((i >> 6) as usize)
+            .is_some_and(|w| (w >> (i & 63)) & 1 == 1)
+    }
+
+    pub fn set(&mut self, i: Idx, on: bool) {
+        let w = (i >> 6) as usize;
+        if w >= self.0.len() {
+            if !on {
+                return;
+            }
+            self.0.resize(w + 1, 0);
+        }
+        if on {
+            self.0[w] |= 1 << (i & 63);
+        } else {
+            self.0[w] &= !(1 << (i & 63));
+        }
+    }
+
+    pub fn union_with(&mut self, other: &Bits) {
+        if other.0.len() > self.0.len() {
+            self.0.resize(other.0.len(), 0);
+        }
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            *a |= b;
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = Idx> + '_ {
+        self.0.iter().enumerate().flat_map(|(w, bits)| {
+            (0..64)
+                .filter(move |b| (bits >> b) & 1 == 1)
+                .map(move |b| (w * 64 + b) as Idx)
+        })
+    }
+}
+
+/// The identity table with a label index for fast selector evaluation.
+#[derive(Clone, Debug, Default)]
+pub struct Identities {
+    pub list: Vec<Identity>,
+    by_labels: HashMap<LabelSet, Idx>,
+    /// (key name, value) -> identities carrying such a label (any source).
+    index: HashMap<(String, String), Vec<Idx>>,
+    next_cluster: NumericId,
+    next_local: NumericId,
+}
+
+impl Identities {
+    pub fn new() -> Identities {
+        Identities {
+            next_cluster: reserved::FIRST_CLUSTER,
+            next_local: reserved::FIRST_LOCAL,
+            ..Identities::default()
+        }
+    }
+
+    pub fn get(&self, i: Idx) -> &Identity {
+        &self.list[i as usize]
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The identity of a label set, allocating it if new. Returns the index and whether
+    /// it was created.
+    pub fn intern(&mut self, labels: LabelSet, kind: IdentityKind) -> (Idx, bool) {
+        if let Some(&i) = self.by_labels.get(&labels) {
+            return (i, false);
+        }
+        let id = self.number_for(&labels, kind);
+        let idx = self.list.len() as Idx;
+        for l in labels.iter() {
+            self.index
+                .entry((l.key.name.clone(), l.value.clone()))
+                .or_default()
+                .push(idx);
+        }
+        self.by_labels.insert(labels.clone(), idx);
+        self.list.push(Identity {
+            id,
+            kind,
+            labels,
+            named_ports: Vec::new(),
+        });
+        (idx, true)
+    }
+
+    fn number_for(&mut self, labels: &LabelSet, kind: IdentityKind) -> NumericId {
+        let only = |name: &str| {
+            labels.len() == 1
+                && labels
+                    .iter()
+                    .all(|l| l.key.source == Source::Reserved && l.key.name == name)
+        };
+        let fixed = [
+            ("host", reserved::HOST),
+            ("world", reserved::WORLD),
+            ("remote-node", reserved::REMOTE_NODE),
+        ];
+        if let Some((_, id)) = fixed.iter().find(|(n, _)| only(n)) {
+            return *id;
+        }
+        match kind {
+            IdentityKind::Pod | IdentityKind::Host | IdentityKind::RemoteNode => {
+                self.next_cluster += 1;
+                self.next_cluster - 1
+            }
+            _ => {
+                self.next_local += 1;
+                self.next_local - 1
+            }
+        }
+    }
+
+    /// The identities a selector selects, using the label index when the selector has an
+    /// `In` requirement.
+    pub fn select(&self, sel: &Selector) -> Bits {
+        let mut bits = Bits::default();
+        let narrowing = sel.requirements.iter().find_map(|r| match &r.op {
+            Op::In(vs) => Some((&r.key, vs)),
+            _ => None,
+        });
+        match narrowing {
+            Some((key, values)) => {
+                for v in values {
+                    if let Some(list) = self.index.get(&(key.name.clone(), v.clone())) {
+                        for &i in list {
+                            if sel.matches(&self.list[i as usize].labels) {
+                                bits.set(i, true);
+                            }
+                        }
+                    }
+                }
+            }
+            None => {
+                for (i, id) in self.list.iter().enumerate() {
+                    if sel.matches(&id.labels) {
+                        bits.set(i as Idx, true);
+                    }
+                }
+            }
+        }
+        bits
+    }
+}
+
+/// Interned selectors and peer sets (unions of selectors) with their selected identities.
+#[derive(Clone, Debug, Default)]
+pub struct SelectorCache {
+    selectors: Vec<(Selector, Bits)>,
+    by_selector: HashMap<Selector, u32>,
+    peer_sets: Vec<(Vec<u32>, Bits)>,
+    by_peer_set: HashMap<Vec<u32>, u32>,
+}
+
+/// Index of an interned peer set.
+pub type PeerSetId = u32;
+/// Index of an interned selector.
+pub type SelectorId = u32;
+
+impl SelectorCache {
+    pub fn selector(&mut self, ids: &Identities, sel: &Selector) -> SelectorId {
+        if let Some(&i) = self.by_selector.get(sel) {
+            return i;
+        }
+        let bits = ids.select(sel);
+        let i = self.selectors.len() as u32;
+        self.selectors.push((sel.clone(), bits));
+        self.by_selector.insert(sel.clone(), i);
+        i
+    }
+
+    pub fn members(&self, s: SelectorId) -> &Bits {
+        &self.selectors[s as usize].1
+    }
+
+    pub fn selector_of(&self, s: SelectorId) -> &Selector {
+        &self.selectors[s as usize].0
+    }
+
+    /// Interns the union of selectors.
+    pub fn peer_set(&mut self, ids: &Identities, sels: &[Selector]) -> PeerSetId {
+        let mut key: Vec<u32> = sels.iter().map(|s| self.selector(ids, s)).collect();
+        key.sort_unstable();
+        key.dedup();
+        if let Some(&i) = self.by_peer_set.get(&key) {
+            return i;
+        }
+        let mut bits = Bits::default();
+        for &s in &key {
+            bits.union_with(&self.selectors[s as usize].1);
+        }
+        let i = self.peer_sets.len() as u32;
+        self.peer_sets.push((key.clone(), bits));
+        self.by_peer_set.insert(key, i);
+        i
+    }
+
+    #[inline]
+    pub fn peer_set_contains(&self, p: PeerSetId, i: Idx) -> bool {
+        self.peer_sets[p as usize].1.contains(i)
+    }
+
+    pub fn peer_set_selectors(&self, p: PeerSetId) -> &[u32] {
+        &self.peer_sets[p as usize].0
+    }
+
+    pub fn peer_set_members(&self, p: PeerSetId) -> &Bits {
+        &self.peer_sets[p as usize].1
+    }
+
+    /// Evaluates every cached selector and peer set against a new identity.
+    pub fn add_identity(&mut self, ids: &Identities, i: Idx) {
+        let labels = &ids.get(i).labels;
+        for (sel, bits) in &mut self.selectors {
+            if sel.matches(labels) {
+                bits.set(i, true);
+            }
+        }
+        for (key, bits) in &mut self.peer_sets {
+            let on = key
+                .iter()
+                .any(|s| self.selectors[*s as usize].1.contains(i));
+            if on {
+                bits.set(i, true);
+            }
+        }
+    }
+}
+
+/// The `fqdn:` label key of a toFQDNs pattern as observed by one endpoint.
+pub fn fqdn_key(pattern: &str, endpoint: &str) -> Key {
+    Key::new(Source::Fqdn, format!("{pattern}@{endpoint}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::labels::Label;
+
+    #[test]
+    fn bits() {
+        let mut b = Bits::default();
+        assert!(!b.contains(1000));
+        b.set(1000, true);
+        b.set(3, true);
+        assert!(b.contains(1000) && b.contains(3) && !b.contains(4));
+        assert_eq!(b.iter().collect::<Vec<_>>(), vec![3, 1000]);
+        b.set(1000, false);
+        assert!(!b.contains(1000));
+    }
+
+    #[test]
+    fn reserved_numbers_and_allocation() {
+        let mut ids = Identities::new();
+        let (h, _) = ids.intern(
+            LabelSet::new(vec![Label::new(Source::Reserved, "host", "")]),
+            IdentityKind::Host,
+        );
+        assert_eq!(ids.get(h).id, reserved::HOST);
+        let (p, new) = ids.intern(
+            LabelSet::new(vec![Label::k8s("app", "a")]),
+            IdentityKind::Pod,
+        );
+        assert!(new);
+        assert_eq!(ids.get(p).id, reserved::FIRST_CLUSTER);
+        let (p2, new) = ids.intern(
+            LabelSet::new(vec![Label::k8s("app", "a")]),
+            IdentityKind::Pod,
+        );
+        assert!(!new);
+        assert_eq!(p, p2);
+        let (c, _) = ids.intern(
+            LabelSet::new(vec![Label::new(Source::Cidr, "10.0.0.0/8", "")]),
+            IdentityKind::Cidr,
+        );
+        assert_eq!(ids.get(c).id, reserved::FIRST_LOCAL);
+    }
+
+    #[test]
+    fn selector_cache_follows_new_identities() {
+        let mut ids = Identities::new();
+        let mut cache = SelectorCache::default();
+        let sel = Selector::all().with(Key::new(Source::Any, "app"), Op::In(vec!["a".into()]));
+        let ps = cache.peer_set(&ids, std::slice::from_ref(&sel));
+        let (i, _) = ids.intern(
+            LabelSet::new(vec![Label::k8s("app", "a")]),
+            IdentityKind::Pod,
+        );
+        assert!(!cache.peer_set_contains(ps, i));
+        cache.add_identity(&ids, i);
+        assert!(cache.peer_set_contains(ps, i));
+        let (j, _) = ids.intern(
+            LabelSet::new(vec![Label::k8s("app", "b")]),
+            IdentityKind::Pod,
+        );
+        cache.add_identity(&ids, j);
+        assert!(!cache.peer_set_contains(ps, j));
+    }
+}

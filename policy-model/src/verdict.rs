@@ -1,0 +1,602 @@
+//! Verdicts and their explanations: the per-packet L3/L4 decision of one endpoint in one
+//! direction, the L7 decision of a request, and the whole-flow verdict of a query (egress
+//! of the source AND ingress of the destination), each naming the policy and rule that
+//! decided or why nothing did.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::cluster::EndpointRef;
+use crate::compile::{EndpointPolicy, Entry, L7Id, Model, PortMatch};
+use crate::fqdn::normalize;
+use crate::http::{Request, SimpleRequest};
+use crate::identity::Idx;
+use crate::l7::L7Protocol;
+use crate::policy::{Action, Direction, Protocol, Tier};
+
+/// The L3/L4 decision of one endpoint in one direction. Entry indices point into the
+/// endpoint's `DirPolicy::entries`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum L4Decision {
+    /// No policy selects the endpoint in this direction.
+    NoPolicy,
+    /// Selected only by policies that do not default-deny, and nothing matched.
+    DefaultAllow,
+    Allow(usize),
+    /// Allowed through the proxy: the L7 rule sets that apply (entry, set). `allow_all`
+    /// is an L4-only allow that also covers the flow, making the L7 rules moot for it.
+    Redirect {
+        sets: Vec<(usize, L7Id)>,
+        allow_all: Option<usize>,
+    },
+    Deny(usize),
+    /// Default deny and no rule allows. `peer_known`: some rule names the peer on
+    /// another port (the deny is at L4, not L3).
+    DefaultDeny {
+        peer_known: bool,
+    },
+}
+
+impl L4Decision {
+    pub fn allows(&self) -> bool {
+        !matches!(self, L4Decision::Deny(_) | L4Decision::DefaultDeny { .. })
+    }
+}
+
+/// Where a flow was denied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Layer {
+    L3,
+    L4,
+    L7,
+}
+
+impl fmt::Display for Layer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+impl Model {
+    #[inline]
+    fn entry_matches(&self, e: &Entry, peer: Idx, protocol: Protocol, port: u16) -> bool {
+        let proto_ok = match e.protocol {
+            None => true,
+            Some(p) => p.covers(protocol),
+        };
+        if !proto_ok {
+            return false;
+        }
+        let port_ok = match &e.port {
+            PortMatch::Range(a, b) => *a <= port && port <= *b,
+            PortMatch::Named(n) => self.identities.get(peer).named_ports.iter().any(|cp| {
+                cp.port == port
+                    && cp.protocol == protocol
+                    && cp
+                        .name
+                        .as_deref()
+                        .is_some_and(|x| x.eq_ignore_ascii_case(n))
+                    && e.protocol.is_none_or(|p| p.covers(cp.protocol))
+            }),
+        };
+        port_ok && self.selectors.peer_set_contains(e.peers, peer)
+    }
+
+    /// The L3/L4 decision for traffic of `endpoint` in `dir` with a peer of identity
+    /// `peer` on `protocol`/`port` (the destination port). Tiers in order: Admin (first
+    /// match; Pass skips to the next tier), namespace (deny over allow, allows add up,
+    /// default deny if a selecting policy asks for it), Baseline (first match).
+    pub fn decide(
+        &self,
+        endpoint: &EndpointPolicy,
+        dir: Direction,
+        peer: Idx,
+        protocol: Protocol,
+        port: u16,
+    ) -> L4Decision {
+        let d = &endpoint.dirs[dir.index()];
+        let mut allow = None;
+        let mut sets: Vec<(usize, L7Id)> = Vec::new();
+        let mut passed = false;
+        for (i, e) in d.entries.iter().enumerate() {
+            match e.tier {
+                Tier::Admin => {
+                    if passed || !self.entry_matches(e, peer, protocol, port) {
+                        continue;
+                    }
+                    match e.action {
+                        Action::Allow => return L4Decision::Allow(i),
+                        Action::Deny => return L4Decision::Deny(i),
+                        Action::Pass => passed = true,
+                    }
+                }
+                Tier::Namespace => {
+                    if !self.entry_matches(e, peer, protocol, port) {
+                        continue;
+                    }
+                    match (e.action, e.l7) {
+                        (Action::Deny, _) => return L4Decision::Deny(i),
+                        (_, Some(set)) => sets.push((i, set)),
+                        (_, None) => {
+                            allow.get_or_insert(i);
+                        }
+                    }
+                }
+                Tier::Baseline => break,
+            }
+        }
+        if !sets.is_empty() {
+            return L4Decision::Redirect {
+                sets,
+                allow_all: allow,
+            };
+        }
+        if let Some(i) = allow {
+            return L4Decision::Allow(i);
+        }
+        if !d.default_deny.is_empty() {
+            let peer_known = d.entries.iter().any(|e| {
+                e.tier == Tier::Namespace && self.selectors.peer_set_contains(e.peers, peer)
+            });
+            return L4Decision::DefaultDeny { peer_known };
+        }
+        for (i, e) in d.entries.iter().enumerate() {
+            if e.tier == Tier::Baseline && self.entry_matches(e, peer, protocol, port) {
+                return match e.action {
+                    Action::Deny => L4Decision::Deny(i),
+                    _ => L4Decision::Allow(i),
+                };
+            }
+        }
+        if d.selected_by.is_empty() {
+            L4Decision::NoPolicy
+        } else {
+            L4Decision::DefaultAllow
+        }
+    }
+}
+
+/// A question about one flow: who talks to whom, on which port, with which request.
+#[derive(Clone, Debug)]
+pub struct Query {
+    pub from: EndpointRef,
+    pub to: EndpointRef,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub http: Option<SimpleRequest>,
+    /// A DNS query name sent over the flow.
+    pub dns: Option<String>,
+}
+
+/// The verdict of one side (egress of the source, or ingress of the destination).
+#[derive(Clone, Debug, Serialize)]
+pub struct SideVerdict {
+    pub direction: Direction,
+    pub endpoint: String,
+    pub allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer: Option<Layer>,
+    /// The deciding policy, as `Kind namespace/name`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// The deciding rule's field path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Whether the flow goes through a proxy on this side.
+    pub proxied: bool,
+    pub reason: String,
+}
+
+/// The verdict of a whole flow.
+#[derive(Clone, Debug, Serialize)]
+pub struct Verdict {
+    pub allowed: bool,
+    /// Where the flow was denied, if it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer: Option<Layer>,
+    pub from: String,
+    pub to: String,
+    pub sides: Vec<SideVerdict>,
+}
+
+impl Verdict {
+    /// One line: `DENIED at L7 by ...` or `ALLOWED`.
+    pub fn summary(&self) -> String {
+        let word = if self.allowed { "ALLOWED" } else { "DENIED" };
+        match (self.layer, self.sides.iter().find(|s| !s.allowed)) {
+            (Some(l), Some(s)) => format!(
+                "{word} at {l} ({} of {}): {}",
+                s.direction, s.endpoint, s.reason
+            ),
+            _ => word.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} -> {}: {}",
+            self.from,
+            self.to,
+            if self.allowed { "ALLOWED" } else { "DENIED" }
+        )?;
+        for s in &self.sides {
+            let mark = if s.allowed { "allow" } else { "deny " };
+            let layer = s.layer.map(|l| format!(" [{l}]")).unwrap_or_default();
+            writeln!(
+                f,
+                "  {} of {}: {mark}{layer} {}",
+                s.direction, s.endpoint, s.reason
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a query could not be answered.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error("unknown endpoint {0}: not a pod, node or external of the cluster")]
+    UnknownEndpoint(String),
+    #[error("endpoint {0} has no IP address")]
+    NoAddress(String),
+}
+
+struct Resolved {
+    label: String,
+    ip: IpAddr,
+    node: Option<String>,
+    endpoint: Option<usize>,
+}
+
+impl Model {
+    fn resolve(&self, r: &EndpointRef, family_of: Option<IpAddr>) -> Result<Resolved, QueryError> {
+        let pick = |ips: Vec<IpAddr>, label: &str| -> Result<IpAddr, QueryError> {
+            ips.iter()
+                .find(|ip| family_of.is_none_or(|f| f.is_ipv4() == ip.is_ipv4()))
+                .or(ips.first())
+                .copied()
+                .ok_or_else(|| QueryError::NoAddress(label.to_string()))
+        };
+        match r {
+            EndpointRef::Pod { namespace, name } => {
+                let label = format!("{namespace}/{name}");
+                let (pi, pod) = self
+                    .cluster
+                    .pods
+                    .iter()
+                    .enumerate()
+                    .find(|(_, p)| &p.namespace == namespace && &p.name == name)
+                    .ok_or_else(|| QueryError::UnknownEndpoint(label.clone()))?;
+                Ok(Resolved {
+                    ip: pick(pod.all_ips().collect(), &label)?,
+                    node: pod.node.clone(),
+                    endpoint: self.pod_endpoint_index(pi),
+                    label,
+                })
+            }
+            EndpointRef::Node(n) => {
+                let node = self
+                    .cluster
+                    .nodes
+                    .iter()
+                    .find(|x| &x.name == n)
+                    .ok_or_else(|| QueryError::UnknownEndpoint(format!("node:{n}")))?;
+                Ok(Resolved {
+                    label: format!("node:{n}"),
+                    ip: node.ip,
+                    node: Some(n.clone()),
+                    endpoint: self.node_endpoint_index(n),
+                })
+            }
+            EndpointRef::External(n) => {
+                let e = self
+                    .cluster
+                    .externals
+                    .iter()
+                    .find(|x| &x.name == n)
+                    .ok_or_else(|| QueryError::UnknownEndpoint(format!("external:{n}")))?;
+                Ok(Resolved {
+                    label: format!("external:{n}"),
+                    ip: e.ip,
+                    node: None,
+                    endpoint: None,
+                })
+            }
+            EndpointRef::Ip(ip) => {
+                // an IP of a pod or node is that pod or node
+                for p in &self.cluster.pods {
+                    if p.all_ips().any(|x| x == *ip) {
+                        return self.resolve(
+                            &EndpointRef::Pod {
+                                namespace: p.namespace.clone(),
+                                name: p.name.clone(),
+                            },
+                            Some(*ip),
+                        );
+                    }
+                }
+                if let Some(n) = self.cluster.nodes.iter().find(|n| n.ip == *ip) {
+                    return self.resolve(&EndpointRef::Node(n.name.clone()), Some(*ip));
+                }
+                Ok(Resolved {
+                    label: ip.to_string(),
+                    ip: *ip,
+                    node: None,
+                    endpoint: None,
+                })
+            }
+        }
+    }
+
+    fn pod_endpoint_index(&self, pod: usize) -> Option<usize> {
+        self.endpoints
+            .iter()
+            .position(|e| e.key == crate::compile::EndpointKey::Pod(pod))
+    }
+
+    fn node_endpoint_index(&self, node: &str) -> Option<usize> {
+        let n = self.cluster.nodes.iter().position(|x| x.name == node)?;
+        self.endpoints
+            .iter()
+            .position(|e| e.key == crate::compile::EndpointKey::Node(n))
+    }
+
+    /// Answers a query with a verdict and its explanation.
+    pub fn query(&self, q: &Query) -> Result<Verdict, QueryError> {
+        let dst = self.resolve(&q.to, None)?;
+        let src = self.resolve(&q.from, Some(dst.ip))?;
+        let mut sides = Vec::new();
+        if let Some(ep) = src.endpoint {
+            let peer = self.identity_of(dst.ip, src.node.as_deref());
+            sides.push(self.side(&self.endpoints[ep], Direction::Egress, peer, q, &dst));
+        }
+        if let Some(ep) = dst.endpoint {
+            let peer = self.identity_of(src.ip, dst.node.as_deref());
+            sides.push(self.side(&self.endpoints[ep], Direction::Ingress, peer, q, &dst));
+        }
+        let denied = sides.iter().find(|s| !s.allowed);
+        Ok(Verdict {
+            allowed: denied.is_none(),
+            layer: denied.and_then(|s| s.layer),
+            from: src.label,
+            to: dst.label,
+            sides,
+        })
+    }
+
+    fn policy_name(&self, policy: u32) -> String {
+        self.policies[policy as usize].object.to_string()
+    }
+
+    fn rule_path(&self, e: &Entry) -> String {
+        let p = &self.policies[e.origin.policy as usize];
+        let r = &p.rules[e.origin.rule as usize];
+        match e.origin.port_rule {
+            Some(g) => r
+                .ports
+                .get(g as usize)
+                .map_or(r.path.clone(), |g| g.path.clone()),
+            None => r.path.clone(),
+        }
+    }
+
+    fn side(
+        &self,
+        ep: &EndpointPolicy,
+        dir: Direction,
+        peer: Idx,
+        q: &Query,
+        dst: &Resolved,
+    ) -> SideVerdict {
+        let d = self.decide(ep, dir, peer, q.protocol, q.port);
+        let entries = &ep.dirs[dir.index()].entries;
+        let peer_desc = {
+            let id = self.identities.get(peer);
+            format!("identity {} ({:?})", id.id, id.kind)
+        };
+        let mut v = SideVerdict {
+            direction: dir,
+            endpoint: ep.name.clone(),
+            allowed: d.allows(),
+            layer: None,
+            policy: None,
+            rule: None,
+            proxied: false,
+            reason: String::new(),
+        };
+        let traffic = format!("{}/{}", q.protocol, q.port);
+        match d {
+            L4Decision::NoPolicy => {
+                v.reason = format!("no policy selects {} for {dir}", ep.name);
+            }
+            L4Decision::DefaultAllow => {
+                let names: Vec<String> = ep.dirs[dir.index()]
+                    .selected_by
+                    .iter()
+                    .map(|p| self.policy_name(*p))
+                    .collect();
+                v.reason = format!(
+                    "allowed by default: selected by {} but none puts it in default deny for {dir} and no rule matches",
+                    names.join(", ")
+                );
+            }
+            L4Decision::Allow(i) => {
+                let e = &entries[i];
+                v.policy = Some(self.policy_name(e.origin.policy));
+                v.rule = Some(self.rule_path(e));
+                v.reason = format!(
+                    "allowed by {} {} ({} {traffic} from peers {})",
+                    self.policy_name(e.origin.policy),
+                    self.rule_path(e),
+                    tier_word(e),
+                    self.describe_peers(e.peers)
+                );
+            }
+            L4Decision::Deny(i) => {
+                let e = &entries[i];
+                v.layer = Some(if e.is_l3() { Layer::L3 } else { Layer::L4 });
+                v.policy = Some(self.policy_name(e.origin.policy));
+                v.rule = Some(self.rule_path(e));
+                v.reason = format!(
+                    "denied by {} {} ({} deny of {traffic} for peers {})",
+                    self.policy_name(e.origin.policy),
+                    self.rule_path(e),
+                    tier_word(e),
+                    self.describe_peers(e.peers)
+                );
+            }
+            L4Decision::DefaultDeny { peer_known } => {
+                v.layer = Some(if peer_known { Layer::L4 } else { Layer::L3 });
+                let names: Vec<String> = ep.dirs[dir.index()]
+                    .default_deny
+                    .iter()
+                    .map(|p| self.policy_name(*p))
+                    .collect();
+                v.reason = format!(
+                    "default deny: selected by {} and no rule allows {traffic} {} {peer_desc}",
+                    names.join(", "),
+                    if dir == Direction::Egress {
+                        "to"
+                    } else {
+                        "from"
+                    }
+                );
+            }
+            L4Decision::Redirect { sets, allow_all } => {
+                v.proxied = true;
+                self.l7_side(&mut v, entries, &sets, allow_all, q, dst);
+            }
+        }
+        v
+    }
+
+    fn l7_side(
+        &self,
+        v: &mut SideVerdict,
+        entries: &[Entry],
+        sets: &[(usize, L7Id)],
+        allow_all: Option<usize>,
+        q: &Query,
+        dst: &Resolved,
+    ) {
+        if let Some(i) = allow_all {
+            let e = &entries[i];
+            v.policy = Some(self.policy_name(e.origin.policy));
+            v.rule = Some(self.rule_path(e));
+            let l7: Vec<String> = sets
+                .iter()
+                .map(|(_, s)| self.l7[*s as usize].path.clone())
+                .collect();
+            v.reason = format!(
+                "allowed by {} {} (an L4 rule without L7 rules: the flow is proxied for the L7 rules of {}, which do not restrict this peer)",
+                self.policy_name(e.origin.policy),
+                self.rule_path(e),
+                l7.join(", ")
+            );
+            return;
+        }
+        let rule_sets: Vec<String> = sets
+            .iter()
+            .map(|(i, s)| {
+                format!(
+                    "{} {}",
+                    self.policy_name(entries[*i].origin.policy),
+                    self.l7[*s as usize].path
+                )
+            })
+            .collect();
+        if let Some(req) = &q.http {
+            let mut req = req.clone();
+            if req.host().is_none() {
+                req.host = Some(if q.port == 80 {
+                    dst.ip.to_string()
+                } else {
+                    format!("{}:{}", dst.ip, q.port)
+                });
+            }
+            for (i, s) in sets {
+                let set = &self.l7[*s as usize];
+                if set.rules.protocol() != L7Protocol::Http {
+                    continue;
+                }
+                if let Some(m) = set.http_matches(&req).first() {
+                    v.policy = Some(self.policy_name(entries[*i].origin.policy));
+                    v.rule = Some(set.rule_path(m.index));
+                    v.reason = format!(
+                        "allowed by {} {} (HTTP {} {} matches {})",
+                        self.policy_name(entries[*i].origin.policy),
+                        set.rule_path(m.index),
+                        req.method,
+                        req.path,
+                        set.describe_rule(m.index)
+                    );
+                    return;
+                }
+            }
+            v.allowed = false;
+            v.layer = Some(Layer::L7);
+            v.policy = sets
+                .first()
+                .map(|(i, _)| self.policy_name(entries[*i].origin.policy));
+            v.reason = format!(
+                "HTTP {} {} matches no rule of {}: 403 Access denied",
+                req.method,
+                req.path,
+                rule_sets.join("; ")
+            );
+            return;
+        }
+        if let Some(name) = &q.dns {
+            let qname = normalize(name);
+            for (i, s) in sets {
+                let set = &self.l7[*s as usize];
+                if set.rules.protocol() != L7Protocol::Dns {
+                    continue;
+                }
+                if let Some(m) = set.dns_match(&qname) {
+                    v.policy = Some(self.policy_name(entries[*i].origin.policy));
+                    v.rule = Some(set.rule_path(m));
+                    v.reason = format!(
+                        "allowed by {} {} (DNS query {qname} matches {})",
+                        self.policy_name(entries[*i].origin.policy),
+                        set.rule_path(m),
+                        set.describe_rule(m)
+                    );
+                    return;
+                }
+            }
+            v.allowed = false;
+            v.layer = Some(Layer::L7);
+            v.policy = sets
+                .first()
+                .map(|(i, _)| self.policy_name(entries[*i].origin.policy));
+            v.reason = format!(
+                "DNS query {qname} matches no rule of {}: REFUSED",
+                rule_sets.join("; ")
+            );
+            return;
+        }
+        let (i, _) = sets[0];
+        v.policy = Some(self.policy_name(entries[i].origin.policy));
+        v.rule = Some(self.rule_path(&entries[i]));
+        v.reason = format!(
+            "allowed to the proxy by {} {}; each request is checked against {}",
+            self.policy_name(entries[i].origin.policy),
+            self.rule_path(&entries[i]),
+            rule_sets.join("; ")
+        );
+    }
+}
+
+fn tier_word(e: &Entry) -> &'static str {
+    match e.tier {
+        Tier::Admin => "admin tier,",
+        Tier::Namespace => "",
+        Tier::Baseline => "baseline tier,",
+    }
+}
