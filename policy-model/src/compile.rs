@@ -617,6 +617,11 @@ impl Model {
         }
     }
 
+    /// Every toFQDNs pattern of the policies: normalised text and matcher.
+    pub fn fqdn_patterns(&self) -> impl Iterator<Item = (&str, &NamePattern)> {
+        self.fqdn_patterns.iter().map(|(t, p)| (t.as_str(), p))
+    }
+
     /// The owner of an IP.
     pub fn owner(&self, ip: IpAddr) -> IpOwner {
         if let Some(o) = self.exact.get(&ip) {

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod compile;
 pub mod conformance;
 pub mod error;
+pub mod flow;
 pub mod fqdn;
 pub mod http;
 pub mod identity;

@@ -10,10 +10,10 @@ use serde::Serialize;
 
 use crate::cluster::EndpointRef;
 use crate::compile::{EndpointPolicy, Entry, L7Id, Model, PortMatch};
+use crate::flow::{ConnectionPolicy, RuleSetRef, SideDecision, SidePolicy};
 use crate::fqdn::normalize;
 use crate::http::{Request, SimpleRequest};
 use crate::identity::Idx;
-use crate::l7::L7Protocol;
 use crate::policy::{Action, Direction, Protocol, Tier};
 
 /// The L3/L4 decision of one endpoint in one direction. Entry indices point into the
@@ -225,11 +225,15 @@ impl fmt::Display for Verdict {
             if self.allowed { "ALLOWED" } else { "DENIED" }
         )?;
         for s in &self.sides {
-            let mark = if s.allowed { "allow" } else { "deny " };
-            let layer = s.layer.map(|l| format!(" [{l}]")).unwrap_or_default();
+            let mark = match (s.allowed, s.layer) {
+                (true, _) => "allowed".to_string(),
+                (false, Some(l)) => format!("denied at {l}"),
+                (false, None) => "denied".to_string(),
+            };
+            let via = if s.proxied { " (proxied)" } else { "" };
             writeln!(
                 f,
-                "  {} of {}: {mark}{layer} {}",
+                "  {} of {}: {mark}{via}: {}",
                 s.direction, s.endpoint, s.reason
             )?;
         }
@@ -500,17 +504,22 @@ impl Model {
             );
             return;
         }
-        let rule_sets: Vec<String> = sets
-            .iter()
-            .map(|(i, s)| {
-                format!(
-                    "{} {}",
-                    self.policy_name(entries[*i].origin.policy),
-                    self.l7[*s as usize].path
-                )
-            })
-            .collect();
-        if let Some(req) = &q.http {
+        let conn = ConnectionPolicy {
+            sides: vec![SidePolicy {
+                direction: v.direction,
+                endpoint: v.endpoint.clone(),
+                decision: SideDecision::Rules {
+                    sets: sets
+                        .iter()
+                        .map(|(i, l7)| RuleSetRef {
+                            l7: *l7,
+                            policy: self.policy_name(entries[*i].origin.policy),
+                        })
+                        .collect(),
+                },
+            }],
+        };
+        let (d, what, denial) = if let Some(req) = &q.http {
             let mut req = req.clone();
             if req.host().is_none() {
                 req.host = Some(if q.port == 80 {
@@ -519,77 +528,50 @@ impl Model {
                     format!("{}:{}", dst.ip, q.port)
                 });
             }
-            for (i, s) in sets {
-                let set = &self.l7[*s as usize];
-                if set.rules.protocol() != L7Protocol::Http {
-                    continue;
-                }
-                if let Some(m) = set.http_matches(&req).first() {
-                    v.policy = Some(self.policy_name(entries[*i].origin.policy));
-                    v.rule = Some(set.rule_path(m.index));
-                    v.reason = format!(
-                        "allowed by {} {} (HTTP {} {} matches {})",
-                        self.policy_name(entries[*i].origin.policy),
-                        set.rule_path(m.index),
-                        req.method,
-                        req.path,
-                        set.describe_rule(m.index)
-                    );
-                    return;
-                }
-            }
-            v.allowed = false;
-            v.layer = Some(Layer::L7);
-            v.policy = sets
-                .first()
-                .map(|(i, _)| self.policy_name(entries[*i].origin.policy));
+            (
+                self.check_http(&conn, &req),
+                format!("HTTP {} {}", req.method, req.path),
+                "403 Access denied",
+            )
+        } else if let Some(name) = &q.dns {
+            (
+                self.check_dns(&conn, name),
+                format!("DNS query {}", normalize(name)),
+                "REFUSED",
+            )
+        } else {
+            let (i, _) = sets[0];
+            v.policy = Some(self.policy_name(entries[i].origin.policy));
+            v.rule = Some(self.rule_path(&entries[i]));
+            let all: Vec<String> = sets
+                .iter()
+                .map(|(_, s)| self.l7[*s as usize].path.clone())
+                .collect();
             v.reason = format!(
-                "HTTP {} {} matches no rule of {}: 403 Access denied",
-                req.method,
-                req.path,
-                rule_sets.join("; ")
+                "allowed to the proxy by {} {}; each request is checked against {}",
+                self.policy_name(entries[i].origin.policy),
+                self.rule_path(&entries[i]),
+                all.join(", ")
             );
             return;
-        }
-        if let Some(name) = &q.dns {
-            let qname = normalize(name);
-            for (i, s) in sets {
-                let set = &self.l7[*s as usize];
-                if set.rules.protocol() != L7Protocol::Dns {
-                    continue;
-                }
-                if let Some(m) = set.dns_match(&qname) {
-                    v.policy = Some(self.policy_name(entries[*i].origin.policy));
-                    v.rule = Some(set.rule_path(m));
-                    v.reason = format!(
-                        "allowed by {} {} (DNS query {qname} matches {})",
-                        self.policy_name(entries[*i].origin.policy),
-                        set.rule_path(m),
-                        set.describe_rule(m)
-                    );
-                    return;
-                }
+        };
+        match d.matched.first() {
+            Some(m) if d.allowed => {
+                v.policy = Some(m.policy.clone());
+                v.rule = Some(m.rule.clone());
+                v.reason = format!("allowed by {} {} ({what} matches)", m.policy, m.rule);
             }
-            v.allowed = false;
-            v.layer = Some(Layer::L7);
-            v.policy = sets
-                .first()
-                .map(|(i, _)| self.policy_name(entries[*i].origin.policy));
-            v.reason = format!(
-                "DNS query {qname} matches no rule of {}: REFUSED",
-                rule_sets.join("; ")
-            );
-            return;
+            _ => {
+                v.allowed = false;
+                v.layer = Some(Layer::L7);
+                v.policy = sets
+                    .first()
+                    .map(|(i, _)| self.policy_name(entries[*i].origin.policy));
+                let prefix = format!("{} of {}: ", v.direction, v.endpoint);
+                let why = d.reason.strip_prefix(&prefix).unwrap_or(&d.reason);
+                v.reason = format!("{what}: {why}: {denial}");
+            }
         }
-        let (i, _) = sets[0];
-        v.policy = Some(self.policy_name(entries[i].origin.policy));
-        v.rule = Some(self.rule_path(&entries[i]));
-        v.reason = format!(
-            "allowed to the proxy by {} {}; each request is checked against {}",
-            self.policy_name(entries[i].origin.policy),
-            self.rule_path(&entries[i]),
-            rule_sets.join("; ")
-        );
     }
 }
 

@@ -1,0 +1,304 @@
+//! What the proxies ask: for one connection, which L7 rules apply on each side (resolved
+//! once per connection), and for one request or DNS query, whether it passes and which
+//! rule decided (checked per request).
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::compile::{EndpointPolicy, L7Id, Model};
+use crate::fqdn::normalize;
+use crate::http::{HeaderAction, Request};
+use crate::identity::Idx;
+use crate::l7::L7Protocol;
+use crate::policy::{Direction, Protocol};
+use crate::verdict::L4Decision;
+
+/// A rule set that applies to a connection, with the policy it came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RuleSetRef {
+    pub l7: L7Id,
+    /// `Kind namespace/name` of the policy.
+    pub policy: String,
+}
+
+/// What one side (egress of the source or ingress of the destination) requires of a
+/// connection's requests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum SideDecision {
+    /// L3/L4 deny: the connection must not be served.
+    Deny { reason: String },
+    /// Every request passes (no L7 rule applies, or an L4-only rule covers the peer).
+    AllowAll {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        policy: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rule: Option<String>,
+    },
+    /// A request passes if one rule of one of these sets matches.
+    Rules { sets: Vec<RuleSetRef> },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SidePolicy {
+    pub direction: Direction,
+    /// `ns/pod` or `node:NAME`.
+    pub endpoint: String,
+    pub decision: SideDecision,
+}
+
+/// The policy of one connection: the sides that have something to say.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ConnectionPolicy {
+    pub sides: Vec<SidePolicy>,
+}
+
+/// A rule that allowed a request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Matched {
+    pub direction: Direction,
+    pub policy: String,
+    /// e.g. `spec.ingress[0].toPorts[0].rules.http[1]`
+    pub rule: String,
+}
+
+/// The decision for one HTTP request or DNS query.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct L7Decision {
+    pub allowed: bool,
+    /// The rules (one per side with rules) that allowed it.
+    pub matched: Vec<Matched>,
+    /// Header side effects the proxy applies before forwarding.
+    pub actions: Vec<HeaderAction>,
+    pub missing_headers: Vec<String>,
+    pub rejected_headers: Vec<String>,
+    /// Why it was denied, or which side let everything pass.
+    pub reason: String,
+}
+
+impl ConnectionPolicy {
+    /// Whether the connection is denied at L3/L4 on some side.
+    pub fn denied(&self) -> Option<&str> {
+        self.sides.iter().find_map(|s| match &s.decision {
+            SideDecision::Deny { reason } => Some(reason.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Whether some side has L7 rules of this protocol.
+    pub fn has_rules(&self) -> bool {
+        self.sides
+            .iter()
+            .any(|s| matches!(s.decision, SideDecision::Rules { .. }))
+    }
+}
+
+impl Model {
+    /// The policy of `endpoint` in `dir` for a peer of identity `peer`, as the proxies
+    /// need it.
+    pub fn side_policy(
+        &self,
+        ep: &EndpointPolicy,
+        dir: Direction,
+        peer: Idx,
+        protocol: Protocol,
+        port: u16,
+    ) -> SidePolicy {
+        let entries = &ep.dirs[dir.index()].entries;
+        let policy_of = |i: usize| {
+            self.policies[entries[i].origin.policy as usize]
+                .object
+                .to_string()
+        };
+        let decision = match self.decide(ep, dir, peer, protocol, port) {
+            L4Decision::Deny(i) => SideDecision::Deny {
+                reason: format!("denied by {}", policy_of(i)),
+            },
+            L4Decision::DefaultDeny { .. } => SideDecision::Deny {
+                reason: "default deny: no rule allows this peer and port".into(),
+            },
+            L4Decision::NoPolicy | L4Decision::DefaultAllow => SideDecision::AllowAll {
+                policy: None,
+                rule: None,
+            },
+            L4Decision::Allow(i)
+            | L4Decision::Redirect {
+                allow_all: Some(i), ..
+            } => SideDecision::AllowAll {
+                policy: Some(policy_of(i)),
+                rule: Some(
+                    self.policies[entries[i].origin.policy as usize].rules
+                        [entries[i].origin.rule as usize]
+                        .path
+                        .clone(),
+                ),
+            },
+            L4Decision::Redirect {
+                sets,
+                allow_all: None,
+            } => SideDecision::Rules {
+                sets: sets
+                    .iter()
+                    .map(|(i, l7)| RuleSetRef {
+                        l7: *l7,
+                        policy: policy_of(*i),
+                    })
+                    .collect(),
+            },
+        };
+        SidePolicy {
+            direction: dir,
+            endpoint: ep.name.clone(),
+            decision,
+        }
+    }
+
+    /// The policy of a connection from `src` to `dst:port`, seen from `node` (the node the
+    /// proxy runs on; None when unknown). Both sides are included when both are
+    /// endpoints of the cluster, so one proxy hop enforces both.
+    pub fn connection_policy(
+        &self,
+        src: IpAddr,
+        dst: IpAddr,
+        protocol: Protocol,
+        port: u16,
+        node: Option<&str>,
+    ) -> ConnectionPolicy {
+        let mut sides = Vec::new();
+        if let Some(ep) = self.endpoint_of_ip(src) {
+            let peer = self.identity_of(dst, node);
+            sides.push(self.side_policy(ep, Direction::Egress, peer, protocol, port));
+        }
+        if let Some(ep) = self.endpoint_of_ip(dst) {
+            let peer = self.identity_of(src, node);
+            sides.push(self.side_policy(ep, Direction::Ingress, peer, protocol, port));
+        }
+        ConnectionPolicy { sides }
+    }
+
+    /// The endpoint (pod or node) that owns an IP.
+    pub fn endpoint_of_ip(&self, ip: IpAddr) -> Option<&EndpointPolicy> {
+        match self.owner(ip) {
+            crate::compile::IpOwner::Pod(p) => self.endpoint(crate::compile::EndpointKey::Pod(p)),
+            crate::compile::IpOwner::Node(n) => self.endpoint(crate::compile::EndpointKey::Node(n)),
+            crate::compile::IpOwner::World(_) => None,
+        }
+    }
+
+    /// Checks one HTTP request against a connection's policy: every side must allow.
+    pub fn check_http(&self, conn: &ConnectionPolicy, req: &dyn Request) -> L7Decision {
+        let mut d = L7Decision {
+            allowed: true,
+            ..L7Decision::default()
+        };
+        for side in &conn.sides {
+            match &side.decision {
+                SideDecision::Deny { reason } => {
+                    return deny(format!("{} of {}: {reason}", side.direction, side.endpoint))
+                }
+                SideDecision::AllowAll { .. } => {}
+                SideDecision::Rules { sets } => {
+                    let mut found = false;
+                    for s in sets {
+                        let set = &self.l7[s.l7 as usize];
+                        if set.rules.protocol() != L7Protocol::Http {
+                            continue;
+                        }
+                        let matches = set.http_matches(req);
+                        for m in &matches {
+                            d.actions.extend(m.outcome.actions.iter().cloned());
+                            d.missing_headers.extend(m.outcome.missing.iter().cloned());
+                            d.rejected_headers
+                                .extend(m.outcome.rejected.iter().cloned());
+                        }
+                        if let Some(m) = matches.first() {
+                            if !found {
+                                d.matched.push(Matched {
+                                    direction: side.direction,
+                                    policy: s.policy.clone(),
+                                    rule: set.rule_path(m.index),
+                                });
+                            }
+                            found = true;
+                        }
+                    }
+                    if !found {
+                        let sets: Vec<String> = sets
+                            .iter()
+                            .map(|s| format!("{} {}", s.policy, self.l7[s.l7 as usize].path))
+                            .collect();
+                        return deny(format!(
+                            "{} of {}: no rule of {} matches",
+                            side.direction,
+                            side.endpoint,
+                            sets.join("; ")
+                        ));
+                    }
+                }
+            }
+        }
+        d
+    }
+
+    /// Checks one DNS query name against a connection's policy (the client's egress).
+    pub fn check_dns(&self, conn: &ConnectionPolicy, qname: &str) -> L7Decision {
+        let qname = normalize(qname);
+        let mut d = L7Decision {
+            allowed: true,
+            ..L7Decision::default()
+        };
+        for side in &conn.sides {
+            match &side.decision {
+                SideDecision::Deny { reason } => {
+                    return deny(format!("{} of {}: {reason}", side.direction, side.endpoint))
+                }
+                SideDecision::AllowAll { .. } => {}
+                SideDecision::Rules { sets } => {
+                    let hit = sets.iter().find_map(|s| {
+                        let set = &self.l7[s.l7 as usize];
+                        set.dns_match(&qname).map(|i| (s, set.rule_path(i)))
+                    });
+                    match hit {
+                        Some((s, rule)) => d.matched.push(Matched {
+                            direction: side.direction,
+                            policy: s.policy.clone(),
+                            rule,
+                        }),
+                        None => {
+                            let sets: Vec<String> = sets
+                                .iter()
+                                .map(|s| format!("{} {}", s.policy, self.l7[s.l7 as usize].path))
+                                .collect();
+                            return deny(format!(
+                                "{} of {}: no DNS rule of {} matches",
+                                side.direction,
+                                side.endpoint,
+                                sets.join("; ")
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        d
+    }
+
+    /// The toFQDNs patterns (normalised text) that match a name: the selectors whose
+    /// identities the IPs of an answer join.
+    pub fn fqdn_selectors_matching(&self, qname: &str) -> Vec<&str> {
+        let n = normalize(qname);
+        self.fqdn_patterns()
+            .filter(|(_, p)| p.matches_normalized(&n))
+            .map(|(t, _)| t)
+            .collect()
+    }
+}
+
+fn deny(reason: String) -> L7Decision {
+    L7Decision {
+        allowed: false,
+        reason,
+        ..L7Decision::default()
+    }
+}
