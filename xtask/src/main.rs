@@ -86,8 +86,35 @@ fn ensure_components() -> Result {
     Ok(())
 }
 
+/// Debian packages the tests drive as real peers (clients, servers, tools).
+const TEST_PACKAGES: &[&str] = &["curl"];
+
+/// Installs missing Debian packages non-interactively.
+fn ensure_debs(packages: &[&str]) -> Result {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let apt = |args: &[&str]| {
+        let mut c = Command::new("apt-get");
+        c.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+        c
+    };
+    run(&mut apt(&["update", "-q"]))?;
+    run(apt(&["install", "-y", "-q", "--no-install-recommends"]).args(&missing))
+}
+
+fn installed(p: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", p])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
 fn test() -> Result {
     ensure_components()?;
+    ensure_debs(TEST_PACKAGES)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args([
         "clippy",
