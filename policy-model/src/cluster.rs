@@ -116,13 +116,26 @@ impl Cluster {
     /// The labels of a pod as Cilium's identity sees them: its own labels, the namespace
     /// name, the namespace's labels, and the cluster name, all of source `k8s`.
     pub fn pod_labels(&self, pod: &Pod) -> LabelSet {
-        let mut labels: Vec<Label> = pod.labels.iter().map(|(k, v)| Label::k8s(k, v)).collect();
+        Self::pod_labels_in(pod, &self.namespace_labels(&pod.namespace))
+    }
+
+    /// [`Cluster::pod_labels`] with the namespace's labels (implicit name included)
+    /// already looked up, for callers that index namespaces.
+    pub fn pod_labels_in(pod: &Pod, namespace_labels: &BTreeMap<String, String>) -> LabelSet {
+        // A pod cannot claim another namespace or namespace labels through its own labels:
+        // the keys Ward derives itself are dropped from what the pod says (as Cilium does).
+        let mut labels: Vec<Label> = pod
+            .labels
+            .iter()
+            .filter(|(k, _)| !well_known::is_derived(k))
+            .map(|(k, v)| Label::k8s(k, v))
+            .collect();
         labels.push(Label::k8s(well_known::POD_NAMESPACE, &pod.namespace));
         labels.push(Label::k8s(
             well_known::POLICY_CLUSTER,
             well_known::CLUSTER_NAME,
         ));
-        for (k, v) in self.namespace_labels(&pod.namespace) {
+        for (k, v) in namespace_labels {
             labels.push(Label::k8s(
                 format!("{}{k}", well_known::NAMESPACE_LABELS_PREFIX),
                 v,

@@ -142,6 +142,8 @@ pub struct Model {
     /// Per node: identity as seen from itself (host) and from other nodes (remote-node).
     node_identity: Vec<[Idx; 2]>,
     exact: HashMap<IpAddr, IpOwner>,
+    /// Labels of each namespace (implicit name included).
+    namespace_labels: HashMap<String, BTreeMap<String, String>>,
     /// (prefix, identity), longest prefix first.
     prefix_identity: Vec<(IpNet, Idx)>,
     world: Idx,
@@ -173,6 +175,7 @@ impl Model {
             pod_identity: Vec::new(),
             node_identity: Vec::new(),
             exact: HashMap::new(),
+            namespace_labels: HashMap::new(),
             prefix_identity: Vec::new(),
             world: 0,
         };
@@ -234,14 +237,24 @@ impl Model {
 
     fn pod_label_set(&self, pod: usize) -> LabelSet {
         let p = &self.cluster.pods[pod];
-        let mut labels: Vec<Label> = self.cluster.pod_labels(p).iter().cloned().collect();
+        let base = match self.namespace_labels.get(&p.namespace) {
+            Some(ns) => Cluster::pod_labels_in(p, ns),
+            None => self.cluster.pod_labels(p),
+        };
+        if self.prefixes.is_empty() {
+            return base;
+        }
+        let mut labels: Vec<Label> = base.iter().cloned().collect();
         labels.extend(self.prefix_labels(p.all_ips(), true));
         LabelSet::new(labels)
     }
 
     fn node_label_set(&self, node: usize, as_host: bool) -> LabelSet {
         let n = &self.cluster.nodes[node];
-        let mut labels = vec![reserved_label(if as_host { "host" } else { "remote-node" })];
+        let mut labels = vec![
+            reserved_label(if as_host { "host" } else { "remote-node" }),
+            reserved_label(crate::api::common::NODE_MARKER),
+        ];
         labels.extend(
             n.labels
                 .iter()
@@ -252,6 +265,15 @@ impl Model {
     }
 
     fn allocate_identities(&mut self) {
+        self.namespace_labels = self
+            .cluster
+            .namespace_names()
+            .into_iter()
+            .map(|n| {
+                let labels = self.cluster.namespace_labels(&n);
+                (n, labels)
+            })
+            .collect();
         for name in [
             "host",
             "world",
@@ -267,9 +289,11 @@ impl Model {
                 "remote-node" => IdentityKind::RemoteNode,
                 _ => IdentityKind::World,
             };
-            let (i, _) = self
-                .identities
-                .intern(LabelSet::new(vec![reserved_label(name)]), kind);
+            let mut labels = vec![reserved_label(name)];
+            if matches!(kind, IdentityKind::Host | IdentityKind::RemoteNode) {
+                labels.push(reserved_label(crate::api::common::NODE_MARKER));
+            }
+            let (i, _) = self.identities.intern(LabelSet::new(labels), kind);
             if name == "world" {
                 self.world = i;
             }

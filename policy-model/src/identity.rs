@@ -106,6 +106,8 @@ pub struct Identities {
     by_labels: HashMap<LabelSet, Idx>,
     /// (key name, value) -> identities carrying such a label (any source).
     index: HashMap<(String, String), Vec<Idx>>,
+    /// key name -> identities carrying that key (any source, any value).
+    by_key: HashMap<String, Vec<Idx>>,
     next_cluster: NumericId,
     next_local: NumericId,
 }
@@ -144,6 +146,7 @@ impl Identities {
                 .entry((l.key.name.clone(), l.value.clone()))
                 .or_default()
                 .push(idx);
+            self.by_key.entry(l.key.name.clone()).or_default().push(idx);
         }
         self.by_labels.insert(labels.clone(), idx);
         self.list.push(Identity {
@@ -156,11 +159,17 @@ impl Identities {
     }
 
     fn number_for(&mut self, labels: &LabelSet, kind: IdentityKind) -> NumericId {
+        // the node marker does not make a node identity less the host / remote-node
+        let significant: Vec<_> = labels
+            .iter()
+            .filter(|l| {
+                !(l.key.source == Source::Reserved && l.key.name == crate::api::common::NODE_MARKER)
+            })
+            .collect();
         let only = |name: &str| {
-            labels.len() == 1
-                && labels
-                    .iter()
-                    .all(|l| l.key.source == Source::Reserved && l.key.name == name)
+            significant.len() == 1
+                && significant[0].key.source == Source::Reserved
+                && significant[0].key.name == name
         };
         let fixed = [
             ("host", reserved::HOST),
@@ -183,26 +192,35 @@ impl Identities {
     }
 
     /// The identities a selector selects, using the label index when the selector has an
-    /// `In` requirement.
+    /// `In` or `Exists` requirement.
     pub fn select(&self, sel: &Selector) -> Bits {
         let mut bits = Bits::default();
-        let narrowing = sel.requirements.iter().find_map(|r| match &r.op {
+        let mut check = |list: &[Idx]| {
+            for &i in list {
+                if sel.matches(&self.list[i as usize].labels) {
+                    bits.set(i, true);
+                }
+            }
+        };
+        let by_value = sel.requirements.iter().find_map(|r| match &r.op {
             Op::In(vs) => Some((&r.key, vs)),
             _ => None,
         });
-        match narrowing {
-            Some((key, values)) => {
+        let by_key = sel.requirements.iter().find(|r| r.op == Op::Exists);
+        match (by_value, by_key) {
+            (Some((key, values)), _) => {
                 for v in values {
                     if let Some(list) = self.index.get(&(key.name.clone(), v.clone())) {
-                        for &i in list {
-                            if sel.matches(&self.list[i as usize].labels) {
-                                bits.set(i, true);
-                            }
-                        }
+                        check(list);
                     }
                 }
             }
-            None => {
+            (None, Some(r)) => {
+                if let Some(list) = self.by_key.get(&r.key.name) {
+                    check(list);
+                }
+            }
+            (None, None) => {
                 for (i, id) in self.list.iter().enumerate() {
                     if sel.matches(&id.labels) {
                         bits.set(i as Idx, true);

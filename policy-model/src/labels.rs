@@ -184,6 +184,12 @@ pub mod well_known {
     pub const POLICY_CLUSTER: &str = "io.cilium.k8s.policy.cluster";
     pub const NAMESPACE_NAME: &str = "kubernetes.io/metadata.name";
     pub const CLUSTER_NAME: &str = "default";
+
+    /// Whether a pod label key is one Ward derives from the pod's namespace and cluster,
+    /// which a pod must not set itself.
+    pub fn is_derived(key: &str) -> bool {
+        key == POD_NAMESPACE || key == POLICY_CLUSTER || key.starts_with(NAMESPACE_LABELS_PREFIX)
+    }
 }
 
 #[cfg(test)]

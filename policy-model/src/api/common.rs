@@ -162,20 +162,28 @@ pub fn node_source() -> Source {
     Source::Other("node".into())
 }
 
-/// A node selector: keys under the `node` source.
+/// A node selector: keys under the `node` source, and only nodes (`reserved:node`), so
+/// that an empty selector or `DoesNotExist` never selects pods or outside addresses.
 pub fn node_selector(sel: &LabelSelector) -> Result<Selector, (String, String)> {
     let s = k8s_selector(sel)?;
-    Ok(Selector {
-        requirements: s
-            .requirements
-            .into_iter()
-            .map(|r| Requirement {
-                key: Key::new(node_source(), r.key.name),
-                op: r.op,
-            })
-            .collect(),
-    })
+    let mut requirements: Vec<Requirement> = s
+        .requirements
+        .into_iter()
+        .map(|r| Requirement {
+            key: Key::new(node_source(), r.key.name),
+            op: r.op,
+        })
+        .collect();
+    requirements.push(Requirement {
+        key: Key::new(Source::Reserved, NODE_MARKER),
+        op: Op::Exists,
+    });
+    requirements.sort();
+    Ok(Selector { requirements })
 }
+
+/// The reserved label every node identity (host or remote-node) carries.
+pub const NODE_MARKER: &str = "node";
 
 #[cfg(test)]
 mod tests {
