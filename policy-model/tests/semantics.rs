@@ -493,6 +493,37 @@ fn a_udp_rule_does_not_allow_tcp() {
     assert!(!e.tcp("y/a", "x/a", 53));
 }
 
+#[test]
+fn icmp_rules_allow_only_their_types() {
+    let e = env(&[cnp(
+        "x",
+        "p",
+        "endpointSelector: {matchLabels: {app: a}}\ningress: [{fromEntities: [all], icmps: [{fields: [{type: EchoRequest}]}]}]",
+    )]);
+    let icmp = |t: u16| {
+        e.flow("y/b", "x/a", t, policy_model::Protocol::Icmp)
+            .allowed
+    };
+    assert!(icmp(8));
+    assert!(!icmp(0));
+    assert!(!e.tcp("y/b", "x/a", 8), "ICMP rules allow no TCP");
+    // an L3-only rule allows ICMP too, a port rule with protocol ANY does not
+    let e = env(&[cnp(
+        "x",
+        "p",
+        "endpointSelector: {matchLabels: {app: a}}\ningress: [{fromEndpoints: [{matchLabels: {app: b}}]}, {fromEndpoints: [{matchLabels: {app: c}}], toPorts: [{ports: [{port: '0'}]}]}]",
+    )]);
+    assert!(
+        e.flow("x/b", "x/a", 8, policy_model::Protocol::Icmp)
+            .allowed
+    );
+    assert!(
+        !e.flow("x/c", "x/a", 8, policy_model::Protocol::Icmp)
+            .allowed
+    );
+    assert!(e.tcp("x/c", "x/a", 1234));
+}
+
 // ---------------------------------------------------------------------------------------
 // Combining directions, policies, deny and default deny
 // ---------------------------------------------------------------------------------------
@@ -835,6 +866,27 @@ fn l7_applies_only_to_its_port_and_peers() {
     assert!(
         e.tcp("x/a", "x/b", 8080),
         "a connection without a request reaches the proxy"
+    );
+}
+
+#[test]
+fn l7_rules_filter_even_without_default_deny() {
+    let e = env(&[cnp(
+        "x",
+        "web",
+        "endpointSelector: {matchLabels: {app: b}}\nenableDefaultDeny: {ingress: false}\ningress: [{fromEndpoints: [{matchLabels: {app: a}}], toPorts: [{ports: [{port: '8080', protocol: TCP}], rules: {http: [{method: GET}]}}]}]",
+    )]);
+    assert!(e.http("x/a", "x/b", 8080, "GET", "/"));
+    let v = e.http_verdict("x/a", "x/b", 8080, "POST", "/", &[]);
+    assert!(!v.allowed, "L7 rules still drop what they do not allow");
+    assert_eq!(v.layer, Some(Layer::L7));
+    assert!(
+        e.http("x/c", "x/b", 8080, "POST", "/"),
+        "other peers: default allow"
+    );
+    assert!(
+        e.http("x/a", "x/b", 9090, "POST", "/"),
+        "other ports: default allow"
     );
 }
 
@@ -1297,6 +1349,40 @@ fn anp_ports_restrict_the_rule() {
     assert!(e.tcp("y/b", "x/b", 8081));
 }
 
+#[test]
+fn v1alpha2_baseline_policies_are_ordered_by_priority() {
+    let two = |deny: i64, accept: i64| {
+        [
+            cnp2(
+                "b-deny",
+                &format!("tier: Baseline\npriority: {deny}\nsubject: {{namespaces: {{}}}}\ningress: [{{action: Deny, from: [{{namespaces: {{}}}}]}}]"),
+            ),
+            cnp2(
+                "b-accept",
+                &format!("tier: Baseline\npriority: {accept}\nsubject: {{namespaces: {{}}}}\ningress: [{{action: Accept, from: [{{namespaces: {{}}}}]}}]"),
+            ),
+        ]
+    };
+    assert!(!env(&two(1, 2)).tcp("y/b", "x/a", 80));
+    assert!(env(&two(2, 1)).tcp("y/b", "x/a", 80));
+}
+
+#[test]
+fn host_policies_select_nodes() {
+    let e = env(&[ccnp(
+        "host",
+        "nodeSelector: {}\ningress: [{fromEntities: [cluster]}, {fromEntities: [world], toPorts: [{ports: [{port: '443', protocol: TCP}]}]}]",
+    )]);
+    assert!(e.tcp("y/b", "node:node-1", 22));
+    assert!(e.tcp("node:node-2", "node:node-1", 22));
+    assert!(!e.tcp("external:ext", "node:node-1", 22));
+    assert!(e.tcp("external:ext", "node:node-1", 443));
+    assert!(
+        e.tcp("external:ext", "x/a", 22),
+        "pods are not subjects of host policies"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Incremental updates
 // ---------------------------------------------------------------------------------------
@@ -1346,7 +1432,7 @@ fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 /// Applies the label change incrementally and by a full recompile, and checks that both
-/// models agree on every flow. Returns the incrementally updated model.
+/// models agree on every flow.
 fn relabel(m: &mut Model, pod: &str, new: &[(&str, &str)], policies: &str) {
     m.set_pod_labels(pod, labels(new)).unwrap();
     let mut c = m.cluster.clone();
@@ -1487,4 +1573,29 @@ fn set_pod_labels_matches_a_full_recompile_for_peers() {
 fn set_pod_labels_for_an_unknown_pod_is_an_error() {
     let mut m = Model::compile(&cluster(CLUSTER), Vec::new(), CompileOptions::default());
     assert!(m.set_pod_labels("x/nope", labels(&[("a", "b")])).is_err());
+}
+
+#[test]
+fn set_pod_labels_into_a_shared_identity_matches_a_full_recompile() {
+    // egress named ports resolve per destination identity: when x/b takes x/a's labels,
+    // the identity's `http` port is both 80 (x/a) and 8080 (x/b)
+    let policies = cnp(
+        "y",
+        "named",
+        "endpointSelector: {}\negress: [{toEndpoints: [{matchLabels: {io.kubernetes.pod.namespace: x}}], toPorts: [{ports: [{port: http, protocol: TCP}]}]}]",
+    );
+    let mut m = Model::compile(
+        &cluster(CLUSTER),
+        accept(&policies),
+        CompileOptions::default(),
+    );
+    assert!(!allowed(&m, "y/a", "x/a", 8080));
+    assert!(!allowed(&m, "y/a", "x/b", 80));
+    relabel(&mut m, "x/b", &[("app", "a"), ("tier", "web")], &policies);
+    assert!(allowed(&m, "y/a", "x/a", 8080));
+    assert!(allowed(&m, "y/a", "x/b", 80));
+    relabel(&mut m, "x/b", &[("app", "b")], &policies);
+    assert!(!allowed(&m, "y/a", "x/a", 8080));
+    assert!(!allowed(&m, "y/a", "x/b", 80));
+    assert!(allowed(&m, "y/a", "x/b", 8080));
 }
