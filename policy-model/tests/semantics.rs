@@ -1599,3 +1599,49 @@ fn set_pod_labels_into_a_shared_identity_matches_a_full_recompile() {
     assert!(!allowed(&m, "y/a", "x/b", 80));
     assert!(allowed(&m, "y/a", "x/b", 8080));
 }
+
+// ---------------------------------------------------------------------------------------
+// Regressions
+// ---------------------------------------------------------------------------------------
+
+/// A pod cannot claim another namespace, or another namespace's labels, through its own
+/// labels: Ward derives those keys itself.
+#[test]
+fn pod_labels_cannot_fake_the_namespace() {
+    let cluster_yaml = CLUSTER.replace(
+        "externals:\n",
+        "  - namespace: z\n    name: evil\n    labels: {app: e, io.kubernetes.pod.namespace: x, io.cilium.k8s.namespace.labels.team: blue, io.cilium.k8s.policy.cluster: other}\n    ip: 10.0.2.66\n    node: node-1\nexternals:\n",
+    );
+    assert!(cluster_yaml.contains("evil"));
+    let policies = [
+        cnp("x", "i", "endpointSelector: {matchLabels: {app: a}}\ningress: [{fromEndpoints: [{}]}]"),
+        np(
+            "y",
+            "n",
+            "podSelector: {}\ningress: [{from: [{namespaceSelector: {matchLabels: {team: blue}}}]}]",
+        ),
+    ]
+    .concat();
+    let e = Env::with(&cluster_yaml, &policies, false);
+    assert!(!e.tcp("z/evil", "x/a", 80), "CNP peers stay in namespace x");
+    assert!(
+        !e.tcp("z/evil", "y/a", 80),
+        "namespace z has no team=blue label"
+    );
+    assert!(e.tcp("x/b", "x/a", 80), "a real pod of x is allowed");
+}
+
+/// An ANP `nodes` peer selects nodes only, also when the selector is empty or matches on
+/// an absent label.
+#[test]
+fn anp_nodes_peer_selects_only_nodes() {
+    for nodes in ["{}", "{matchExpressions: [{key: node-role.kubernetes.io/control-plane, operator: DoesNotExist}]}"] {
+        let e = env(&[anp(
+            "nodes",
+            &format!("priority: 1\nsubject: {{namespaces: {{}}}}\negress: [{{action: Deny, to: [{{nodes: {nodes}}}]}}]"),
+        )]);
+        assert!(!e.tcp("x/a", "node:node-2", 10250), "{nodes}: node denied");
+        assert!(e.tcp("x/a", "y/b", 80), "{nodes}: pods are not nodes");
+        assert!(e.tcp("x/a", "external:ext", 443), "{nodes}: outside hosts are not nodes");
+    }
+}
