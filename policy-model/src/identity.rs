@@ -202,25 +202,37 @@ impl Identities {
                 }
             }
         };
-        let by_value = sel.requirements.iter().find_map(|r| match &r.op {
-            Op::In(vs) => Some((&r.key, vs)),
-            _ => None,
-        });
-        let by_key = sel.requirements.iter().find(|r| r.op == Op::Exists);
-        match (by_value, by_key) {
-            (Some((key, values)), _) => {
-                for v in values {
-                    if let Some(list) = self.index.get(&(key.name.clone(), v.clone())) {
-                        check(list);
-                    }
+        // Narrow through the most selective indexed requirement: the smallest posting
+        // list among `In` (all values) and `Exists` requirements.
+        let empty: &[Idx] = &[];
+        let mut best: Option<Vec<&[Idx]>> = None;
+        let mut best_len = usize::MAX;
+        for r in &sel.requirements {
+            let lists: Vec<&[Idx]> = match &r.op {
+                Op::In(vs) => vs
+                    .iter()
+                    .map(|v| {
+                        self.index
+                            .get(&(r.key.name.clone(), v.clone()))
+                            .map_or(empty, Vec::as_slice)
+                    })
+                    .collect(),
+                Op::Exists => vec![self.by_key.get(&r.key.name).map_or(empty, Vec::as_slice)],
+                _ => continue,
+            };
+            let len: usize = lists.iter().map(|l| l.len()).sum();
+            if len < best_len {
+                best_len = len;
+                best = Some(lists);
+            }
+        }
+        match best {
+            Some(lists) => {
+                for l in lists {
+                    check(l);
                 }
             }
-            (None, Some(r)) => {
-                if let Some(list) = self.by_key.get(&r.key.name) {
-                    check(list);
-                }
-            }
-            (None, None) => {
+            None => {
                 for (i, id) in self.list.iter().enumerate() {
                     if sel.matches(&id.labels) {
                         bits.set(i as Idx, true);

@@ -189,8 +189,20 @@ fn fuzz(seconds: Option<&str>) -> Result {
         .parse()
         .map_err(|e| format!("SECONDS: {e}"))?;
     ensure_cargo_fuzz()?;
+    // seed the corpus with the shared conformance cases (kept out of the repository)
+    let corpus = root().join("fuzz/corpus/policy");
+    std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
+    if let Some(cases) = shared_cases() {
+        for e in std::fs::read_dir(&cases)
+            .map_err(|e| e.to_string())?
+            .flatten()
+        {
+            let _ = std::fs::copy(e.path(), corpus.join(e.file_name()));
+        }
+    }
     run(Command::new("cargo")
         .args(["+nightly", "fuzz", "run", "policy"])
+        .arg(&corpus)
         .arg("--")
         .arg(format!("-max_total_time={seconds}")))
 }
