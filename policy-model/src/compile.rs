@@ -139,6 +139,7 @@ pub struct Model {
     prefixes: Vec<(IpNet, Source)>,
     fqdn_patterns: Vec<(String, NamePattern)>,
     pod_identity: Vec<Idx>,
+    pods_by_identity: HashMap<Idx, BTreeSet<usize>>,
     /// Per node: identity as seen from itself (host) and from other nodes (remote-node).
     node_identity: Vec<[Idx; 2]>,
     exact: HashMap<IpAddr, IpOwner>,
@@ -173,6 +174,7 @@ impl Model {
             prefixes: Vec::new(),
             fqdn_patterns: Vec::new(),
             pod_identity: Vec::new(),
+            pods_by_identity: HashMap::new(),
             node_identity: Vec::new(),
             exact: HashMap::new(),
             namespace_labels: HashMap::new(),
@@ -302,6 +304,7 @@ impl Model {
             let labels = self.pod_label_set(pod);
             let (i, _) = self.identities.intern(labels, IdentityKind::Pod);
             self.pod_identity.push(i);
+            self.pods_by_identity.entry(i).or_default().insert(pod);
             for ip in self.cluster.pods[pod].all_ips() {
                 self.exact.insert(ip, IpOwner::Pod(pod));
             }
@@ -597,19 +600,21 @@ impl Model {
         }
         let old = self.pod_identity[pod];
         self.pod_identity[pod] = ident;
+        if let Some(pods) = self.pods_by_identity.get_mut(&old) {
+            pods.remove(&pod);
+        }
+        self.pods_by_identity.entry(ident).or_default().insert(pod);
         // named ports of the old and new identity
         for i in [old, ident] {
             let mut ports: BTreeSet<ContainerPort> = BTreeSet::new();
-            for (p, &pi) in self.pod_identity.iter().enumerate() {
-                if pi == i {
-                    ports.extend(
-                        self.cluster.pods[p]
-                            .ports
-                            .iter()
-                            .filter(|c| c.name.is_some())
-                            .cloned(),
-                    );
-                }
+            for &p in self.pods_by_identity.get(&i).into_iter().flatten() {
+                ports.extend(
+                    self.cluster.pods[p]
+                        .ports
+                        .iter()
+                        .filter(|c| c.name.is_some())
+                        .cloned(),
+                );
             }
             self.identities.list[i as usize].named_ports = ports.into_iter().collect();
         }

@@ -251,6 +251,13 @@ pub struct SelectorCache {
     by_selector: HashMap<Selector, u32>,
     peer_sets: Vec<(Vec<u32>, Bits)>,
     by_peer_set: HashMap<Vec<u32>, u32>,
+    /// Selectors by a label every selected identity must carry: `(name, Some(value))` for
+    /// an `In` requirement, `(name, None)` for `Exists`. A new identity is only checked
+    /// against the selectors its labels can satisfy, plus `unindexed`.
+    by_label: HashMap<(String, Option<String>), Vec<SelectorId>>,
+    unindexed: Vec<SelectorId>,
+    /// Peer sets each selector belongs to.
+    peer_sets_of: Vec<Vec<PeerSetId>>,
 }
 
 /// Index of an interned peer set.
@@ -265,7 +272,25 @@ impl SelectorCache {
         }
         let bits = ids.select(sel);
         let i = self.selectors.len() as u32;
+        let narrowing = sel.requirements.iter().find_map(|r| match &r.op {
+            Op::In(vs) => Some(
+                vs.iter()
+                    .map(|v| (r.key.name.clone(), Some(v.clone())))
+                    .collect::<Vec<_>>(),
+            ),
+            Op::Exists => Some(vec![(r.key.name.clone(), None)]),
+            _ => None,
+        });
+        match narrowing {
+            Some(keys) => {
+                for k in keys {
+                    self.by_label.entry(k).or_default().push(i);
+                }
+            }
+            None => self.unindexed.push(i),
+        }
         self.selectors.push((sel.clone(), bits));
+        self.peer_sets_of.push(Vec::new());
         self.by_selector.insert(sel.clone(), i);
         i
     }
@@ -291,6 +316,9 @@ impl SelectorCache {
             bits.union_with(&self.selectors[s as usize].1);
         }
         let i = self.peer_sets.len() as u32;
+        for &s in &key {
+            self.peer_sets_of[s as usize].push(i);
+        }
         self.peer_sets.push((key.clone(), bits));
         self.by_peer_set.insert(key, i);
         i
@@ -312,17 +340,26 @@ impl SelectorCache {
     /// Evaluates every cached selector and peer set against a new identity.
     pub fn add_identity(&mut self, ids: &Identities, i: Idx) {
         let labels = &ids.get(i).labels;
-        for (sel, bits) in &mut self.selectors {
-            if sel.matches(labels) {
-                bits.set(i, true);
+        let mut candidates: Vec<SelectorId> = self.unindexed.clone();
+        for l in labels.iter() {
+            for k in [
+                (l.key.name.clone(), Some(l.value.clone())),
+                (l.key.name.clone(), None),
+            ] {
+                if let Some(v) = self.by_label.get(&k) {
+                    candidates.extend_from_slice(v);
+                }
             }
         }
-        for (key, bits) in &mut self.peer_sets {
-            let on = key
-                .iter()
-                .any(|s| self.selectors[*s as usize].1.contains(i));
-            if on {
+        candidates.sort_unstable();
+        candidates.dedup();
+        for s in candidates {
+            let (sel, bits) = &mut self.selectors[s as usize];
+            if sel.matches(labels) {
                 bits.set(i, true);
+                for &p in &self.peer_sets_of[s as usize] {
+                    self.peer_sets[p as usize].1.set(i, true);
+                }
             }
         }
     }
