@@ -224,15 +224,11 @@ impl Model {
                         }
                     }
                     if !found {
-                        let sets: Vec<String> = sets
-                            .iter()
-                            .map(|s| format!("{} {}", s.policy, self.l7[s.l7 as usize].path))
-                            .collect();
                         return deny(format!(
                             "{} of {}: no rule of {} matches",
                             side.direction,
                             side.endpoint,
-                            sets.join("; ")
+                            self.describe_sets(sets)
                         ));
                     }
                 }
@@ -266,15 +262,11 @@ impl Model {
                             rule,
                         }),
                         None => {
-                            let sets: Vec<String> = sets
-                                .iter()
-                                .map(|s| format!("{} {}", s.policy, self.l7[s.l7 as usize].path))
-                                .collect();
                             return deny(format!(
                                 "{} of {}: no DNS rule of {} matches",
                                 side.direction,
                                 side.endpoint,
-                                sets.join("; ")
+                                self.describe_sets(sets)
                             ));
                         }
                     }
@@ -292,6 +284,17 @@ impl Model {
             .filter(|(_, p)| p.matches_normalized(&n))
             .map(|(t, _)| t)
             .collect()
+    }
+}
+
+impl Model {
+    /// `Kind ns/name path; ...` of rule sets, for denial reasons.
+    fn describe_sets(&self, sets: &[RuleSetRef]) -> String {
+        let v: Vec<String> = sets
+            .iter()
+            .map(|s| format!("{} {}", s.policy, self.l7[s.l7 as usize].path))
+            .collect();
+        v.join("; ")
     }
 }
 
