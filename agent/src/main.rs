@@ -2,6 +2,11 @@
 
 mod cmd;
 mod inputs;
+// Building blocks of `ward agent` (issue 6), tested on their own until the agent uses them.
+#[allow(dead_code)]
+mod source;
+#[allow(dead_code)]
+mod store;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,220 @@
+//! Sources of cluster state and policies. A source delivers full snapshots; the agent
+//! diffs them through the policy store. `files` (a directory of YAML) is the embedded
+//! default; the Kubernetes source will deliver the same `Snapshot`.
+
+use std::collections::hash_map::DefaultHasher;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use policy_model::api::{self, Object};
+use policy_model::{Cluster, PolicyError};
+use serde_yaml::Value;
+
+use crate::inputs::yaml_files;
+
+/// Everything a source knows at one moment.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub cluster: Cluster,
+    pub objects: Vec<Object>,
+    /// Input problems that name no valid object (YAML errors, unknown kinds, bad cluster
+    /// files). Invalid objects are in `objects` and report through the store.
+    pub errors: Vec<PolicyError>,
+}
+
+/// A directory of YAML files, read recursively: cluster state (the `cluster:` shape of
+/// the conformance format, on its own or under a `cluster:` key) and policy manifests.
+/// Changes are found by polling a fingerprint of the files' names, sizes and times,
+/// which is cheap and needs no inotify limits.
+pub struct FilesSource {
+    dir: PathBuf,
+}
+
+impl FilesSource {
+    pub fn new(dir: impl Into<PathBuf>) -> FilesSource {
+        FilesSource { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A value that changes when any YAML file is added, removed or modified.
+    pub fn fingerprint(&self) -> std::io::Result<u64> {
+        let mut h = DefaultHasher::new();
+        let files = yaml_files(std::slice::from_ref(&self.dir)).map_err(std::io::Error::other)?;
+        for f in files {
+            let m = fs::metadata(&f)?;
+            f.hash(&mut h);
+            m.len().hash(&mut h);
+            m.modified()?.hash(&mut h);
+        }
+        Ok(h.finish())
+    }
+
+    /// Reads everything. Only an unreadable directory is an error; bad files are reported
+    /// in the snapshot and the rest is used.
+    pub fn load(&self) -> anyhow::Result<Snapshot> {
+        let mut snap = Snapshot::default();
+        for f in yaml_files(std::slice::from_ref(&self.dir))? {
+            let name = f.display().to_string();
+            let text = match fs::read_to_string(&f) {
+                Ok(t) => t,
+                Err(e) => {
+                    snap.errors
+                        .push(loose(&name, None, format!("cannot read: {e}")));
+                    continue;
+                }
+            };
+            let parsed = api::parse(&text, Some(&name));
+            snap.objects.extend(parsed.objects);
+            snap.errors.extend(parsed.errors);
+            for (value, line) in parsed.other {
+                self.other(value, line, &name, &mut snap);
+            }
+        }
+        Ok(snap)
+    }
+
+    fn other(&self, value: Value, line: Option<usize>, file: &str, snap: &mut Snapshot) {
+        let cluster_value = match value.get("cluster") {
+            Some(c) => c.clone(),
+            None if ["namespaces", "pods", "nodes", "externals", "dns"]
+                .iter()
+                .any(|k| value.get(k).is_some()) =>
+            {
+                value.clone()
+            }
+            None => {
+                snap.errors.push(loose(
+                    file,
+                    line,
+                    "not a Kubernetes object (no apiVersion) and not cluster state".into(),
+                ));
+                return;
+            }
+        };
+        match serde_path_to_error::deserialize::<_, Cluster>(cluster_value) {
+            Ok(c) => merge(&mut snap.cluster, c),
+            Err(e) => {
+                let path = e.path().to_string();
+                snap.errors.push(PolicyError {
+                    file: Some(file.to_string()),
+                    line,
+                    object: Some("cluster state".into()),
+                    path,
+                    reason: e.into_inner().to_string(),
+                });
+            }
+        }
+        // a conformance case also carries policies
+        if let Some(Value::Sequence(items)) = value.get("policies") {
+            for item in items {
+                let p = api::parse_value(item.clone(), Some(file));
+                snap.objects.extend(p.objects);
+                snap.errors.extend(p.errors);
+            }
+        }
+    }
+}
+
+fn loose(file: &str, line: Option<usize>, reason: String) -> PolicyError {
+    PolicyError {
+        file: Some(file.to_string()),
+        line,
+        object: None,
+        path: String::new(),
+        reason,
+    }
+}
+
+fn merge(into: &mut Cluster, c: Cluster) {
+    into.namespaces.extend(c.namespaces);
+    into.nodes.extend(c.nodes);
+    into.pods.extend(c.pods);
+    into.externals.extend(c.externals);
+    into.dns.extend(c.dns);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Dir {
+            let p = std::env::temp_dir().join(format!("ward-source-{}-{name}", std::process::id()));
+            let _ = fs::remove_dir_all(&p);
+            fs::create_dir_all(p.join("sub")).expect("dir");
+            Dir(p)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn reads_cluster_state_and_policies_and_reports_bad_files() {
+        let d = Dir::new("read");
+        fs::write(
+            d.0.join("cluster.yaml"),
+            "namespaces: [{name: a}]\npods: [{namespace: a, name: p, ip: 10.0.0.1}]\n",
+        )
+        .expect("write");
+        fs::write(
+            d.0.join("sub/more-cluster.yml"),
+            "cluster:\n  pods: [{namespace: a, name: q, ip: 10.0.0.2}]\n",
+        )
+        .expect("write");
+        fs::write(
+            d.0.join("sub/policy.yaml"),
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}}\n---\nkey: [unclosed\n",
+        )
+        .expect("write");
+        fs::write(d.0.join("ignored.txt"), "not yaml").expect("write");
+        let snap = FilesSource::new(&d.0).load().expect("load");
+        assert_eq!(snap.cluster.pods.len(), 2, "cluster files are merged");
+        assert_eq!(snap.objects.len(), 1);
+        assert_eq!(snap.errors.len(), 1, "{:?}", snap.errors);
+        assert!(snap.errors[0].reason.contains("invalid YAML"));
+        // the document starts at line 6; the parser reports where it gave up
+        assert!(
+            snap.errors[0].line.is_some_and(|l| l >= 6),
+            "{:?}",
+            snap.errors[0]
+        );
+    }
+
+    #[test]
+    fn the_fingerprint_follows_changes() {
+        let d = Dir::new("fingerprint");
+        let src = FilesSource::new(&d.0);
+        let f0 = src.fingerprint().expect("fp");
+        assert_eq!(f0, src.fingerprint().expect("fp"), "stable without changes");
+        fs::write(d.0.join("a.yaml"), "namespaces: []\n").expect("write");
+        let f1 = src.fingerprint().expect("fp");
+        assert_ne!(f0, f1, "a new file");
+        fs::write(d.0.join("a.yaml"), "namespaces: [{name: x}]\n").expect("write");
+        assert_ne!(f1, src.fingerprint().expect("fp"), "a changed file");
+        fs::remove_file(d.0.join("a.yaml")).expect("rm");
+        assert_eq!(f0, src.fingerprint().expect("fp"), "back to the start");
+    }
+
+    #[test]
+    fn a_bad_cluster_file_names_the_field() {
+        let d = Dir::new("badcluster");
+        fs::write(
+            d.0.join("c.yaml"),
+            "pods: [{namespace: a, name: p, ip: not-an-ip}]\n",
+        )
+        .expect("write");
+        let snap = FilesSource::new(&d.0).load().expect("load");
+        assert_eq!(snap.errors.len(), 1);
+        assert_eq!(snap.errors[0].path, "pods[0].ip");
+    }
+}
