@@ -1,0 +1,481 @@
+//! Kernel tests: real programs in real network namespaces. They need root (CI runs as
+//! root) and fail with a clear message otherwise.
+//!
+//! Each test builds its own lab: a "node" namespace holding the programs and one veth per
+//! "pod" namespace, with 10.77.x.0/24 addresses that exist only inside those namespaces
+//! (nothing routes out of them), names made unique by test name and PID, and a Drop guard
+//! that deletes the namespaces and the test's bpffs pins.
+
+// Test helpers, not only #[test] functions, fail by panicking.
+#![allow(clippy::expect_used)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sched::{setns, CloneFlags};
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+use redirect_bpf::common::{action, drop_reason, endpoint_flags, EndpointInfo, DIR_EGRESS};
+use redirect_bpf::common::{DIR_INGRESS, IDENTITY_ANY, PROTO_TCP};
+use redirect_bpf::{Datapath, PolicyEntry};
+
+const ALLOWED: Duration = Duration::from_secs(5);
+/// How long a denied connect is given: the SYN is retransmitted after 1 s, so this sees
+/// at least two attempts dropped.
+const DENIED: Duration = Duration::from_millis(2500);
+
+fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "kernel tests need root (network namespaces, BPF): run them as root, as CI does"
+    );
+    assert!(
+        redirect_bpf::loader::object_embedded(),
+        "no eBPF object embedded: run `cargo xtask build-ebpf` first (cargo xtask test does)"
+    );
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `f` on a thread that has joined the network namespace `ns`.
+fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    thread::scope(|s| {
+        s.spawn(|| {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            setns(file, CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+    })
+}
+
+struct Pod {
+    ns: String,
+    ip: Ipv4Addr,
+    /// Host-side veth name, inside the node namespace.
+    veth: String,
+    identity: u32,
+    endpoint_id: u32,
+}
+
+/// A node namespace with pods attached by veths, and the test's bpffs root.
+struct Lab {
+    node: String,
+    pods: Vec<Pod>,
+    root: PathBuf,
+}
+
+impl Lab {
+    fn new(test: &str, npods: u8) -> Lab {
+        require_root();
+        let pid = std::process::id();
+        let node = format!("ward-{test}-{pid}-node");
+        let root = PathBuf::from(format!("/sys/fs/bpf/ward-test-{test}-{pid}"));
+        let mut lab = Lab {
+            node: node.clone(),
+            pods: Vec::new(),
+            root,
+        };
+        sh(&["ip", "netns", "add", &node]);
+        sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &node,
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/ip_forward",
+        ]);
+        for i in 1..=npods {
+            let ns = format!("ward-{test}-{pid}-pod{i}");
+            sh(&["ip", "netns", "add", &ns]);
+            // Registered before it is configured, so Drop deletes it whatever fails next.
+            let veth = format!("veth{i}");
+            let ip = Ipv4Addr::new(10, 77, i, 2);
+            lab.pods.push(Pod {
+                ns: ns.clone(),
+                ip,
+                veth: veth.clone(),
+                identity: 1000 * u32::from(i),
+                endpoint_id: u32::from(i),
+            });
+            sh(&[
+                "ip", "-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ]);
+            let gw = format!("10.77.{i}.1");
+            sh(&[
+                "ip",
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("{gw}/24"),
+                "dev",
+                &veth,
+            ]);
+            sh(&["ip", "-n", &node, "link", "set", &veth, "up"]);
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "eth0",
+            ]);
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+            sh(&["ip", "-n", &ns, "route", "add", "default", "via", &gw]);
+        }
+        lab
+    }
+
+    /// Loads the datapath (maps pinned under the test's root), attaches it to every pod
+    /// veth, and declares the pods: endpoints and ipcache.
+    fn datapath(&self) -> Datapath {
+        let mut dp = in_ns(&self.node, || {
+            let mut dp = Datapath::load(&self.root).expect("load");
+            for p in &self.pods {
+                dp.attach(&p.veth).expect("attach");
+                // A second attach is a no-op.
+                dp.attach(&p.veth).expect("attach again");
+            }
+            dp
+        });
+        for p in &self.pods {
+            dp.set_ipcache(ipnet::IpNet::from(std::net::IpAddr::V4(p.ip)), p.identity)
+                .expect("ipcache");
+        }
+        dp
+    }
+
+    fn set_endpoint(&self, dp: &mut Datapath, pod: usize, flags: u32) {
+        let p = &self.pods[pod];
+        dp.set_endpoint(
+            p.ip,
+            EndpointInfo {
+                endpoint_id: p.endpoint_id,
+                identity: p.identity,
+                ifindex: 0,
+                flags,
+            },
+        )
+        .expect("endpoint");
+    }
+
+    /// Routes marked packets to local sockets, as the agent will do on a node.
+    fn proxy_routing(&self) {
+        let n = &self.node;
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "rule",
+            "add",
+            "fwmark",
+            "0x200/0xf00",
+            "lookup",
+            "100",
+            "pref",
+            "90",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "100",
+        ]);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for p in &self.pods {
+            let _ = Command::new("ip").args(["netns", "del", &p.ns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.node])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn entry(
+    endpoint_id: u32,
+    direction: u8,
+    identity: u32,
+    port: Option<u16>,
+    act: u8,
+    proxy_port: u16,
+) -> PolicyEntry {
+    PolicyEntry {
+        endpoint_id,
+        identity,
+        direction,
+        protocol: PROTO_TCP,
+        port: port.unwrap_or(0),
+        port_prefix_len: if port.is_some() { 16 } else { 0 },
+        action: act,
+        proxy_port,
+        cookie: 7,
+    }
+}
+
+/// A TCP server in `ns` that echoes what it reads, until the test ends.
+fn echo_server(ns: &str, ip: Ipv4Addr, port: u16) {
+    let listener = in_ns(ns, || TcpListener::bind((ip, port)).expect("bind"));
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn connect(ns: &str, to: Ipv4Addr, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
+    in_ns(ns, || {
+        let addr = SocketAddr::V4(SocketAddrV4::new(to, port));
+        let s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(ALLOWED))?;
+        Ok(s)
+    })
+}
+
+/// Sends a line and expects it back.
+fn round_trip(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).expect("write");
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).expect("read back");
+    assert_eq!(buf, msg);
+}
+
+fn assert_denied(ns: &str, to: Ipv4Addr, port: u16) {
+    let started = Instant::now();
+    match connect(ns, to, port, DENIED) {
+        Ok(_) => panic!("{ns} -> {to}:{port} connected but must be denied"),
+        Err(e) => assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut,
+            "{ns} -> {to}:{port}: a drop times out, got {e} after {:?}",
+            started.elapsed()
+        ),
+    }
+}
+
+/// Polls `f` until it holds or the deadline passes.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + ALLOWED;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn allow_and_deny_by_identity() {
+    let lab = Lab::new("allowdeny", 3);
+    let mut dp = lab.datapath();
+    let (a, b, c) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
+    // b: ingress default deny; a may reach every TCP port, but port 81 is denied to all.
+    lab.set_endpoint(&mut dp, 1, endpoint_flags::DEFAULT_DENY_INGRESS);
+    dp.insert_policy(&[
+        entry(
+            b.endpoint_id,
+            DIR_INGRESS,
+            a.identity,
+            None,
+            action::ALLOW,
+            0,
+        ),
+        entry(
+            b.endpoint_id,
+            DIR_INGRESS,
+            IDENTITY_ANY,
+            Some(81),
+            action::DENY,
+            0,
+        ),
+    ])
+    .expect("policy");
+    echo_server(&b.ns, b.ip, 80);
+    echo_server(&b.ns, b.ip, 81);
+
+    let mut s = connect(&a.ns, b.ip, 80, ALLOWED).expect("a -> b:80 is allowed");
+    round_trip(&mut s, b"hello");
+    assert_denied(&c.ns, b.ip, 80);
+    assert!(dp.drops(drop_reason::POLICY_DEFAULT_DENY).expect("drops") >= 1);
+    // The deny entry wins over a's allow-all.
+    assert_denied(&a.ns, b.ip, 81);
+    assert!(dp.drops(drop_reason::POLICY_DENY).expect("drops") >= 1);
+
+    let events = dp.drain_events();
+    let c_to_b = events
+        .iter()
+        .find(|e| e.saddr == c.ip.octets() && e.reason == drop_reason::POLICY_DEFAULT_DENY)
+        .expect("an event for the c -> b drop");
+    assert_eq!(c_to_b.daddr, b.ip.octets());
+    assert_eq!(u16::from_be_bytes(c_to_b.dport), 80);
+    assert_eq!(c_to_b.src_identity, c.identity);
+    assert_eq!(c_to_b.direction, DIR_INGRESS);
+    assert!(events
+        .iter()
+        .any(|e| e.reason == drop_reason::POLICY_DENY && e.cookie == 7));
+    // Detach is idempotent and stops enforcement.
+    in_ns(&lab.node, || {
+        dp.detach(&lab.pods[2].veth).expect("detach");
+        dp.detach(&lab.pods[2].veth).expect("detach again");
+    });
+}
+
+#[test]
+fn replies_pass_and_reverse_flow_is_denied() {
+    let lab = Lab::new("replies", 2);
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    // a: nothing may come in (no rule at all), egress to b:80 allowed explicitly.
+    lab.set_endpoint(
+        &mut dp,
+        0,
+        endpoint_flags::DEFAULT_DENY_INGRESS | endpoint_flags::DEFAULT_DENY_EGRESS,
+    );
+    dp.insert_policy(&[entry(
+        a.endpoint_id,
+        DIR_EGRESS,
+        b.identity,
+        Some(80),
+        action::ALLOW,
+        0,
+    )])
+    .expect("policy");
+    echo_server(&b.ns, b.ip, 80);
+    echo_server(&a.ns, a.ip, 80);
+
+    let mut s = connect(&a.ns, b.ip, 80, ALLOWED).expect("a -> b:80 is allowed");
+    for _ in 0..3 {
+        round_trip(&mut s, b"replies come back without a reverse rule");
+    }
+    assert_denied(&b.ns, a.ip, 80);
+    assert!(dp.drops(drop_reason::POLICY_DEFAULT_DENY).expect("drops") >= 1);
+    // The established connection still works after the denied attempt.
+    round_trip(&mut s, b"still up");
+    drop(s);
+    assert!(dp.in_live_connection(std::net::IpAddr::V4(b.ip)));
+}
+
+/// A transparent listener on 0.0.0.0:`port` in `ns` (IP_TRANSPARENT, as the proxy).
+fn transparent_listener(ns: &str, port: u16) -> TcpListener {
+    in_ns(ns, || {
+        let fd = socket::socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        socket::setsockopt(&fd, sockopt::IpTransparent, &true).expect("IP_TRANSPARENT");
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
+        socket::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrIn::new(0, 0, 0, 0, port),
+        )
+        .expect("bind");
+        socket::listen(&fd, socket::Backlog::new(16).expect("backlog")).expect("listen");
+        TcpListener::from(fd)
+    })
+}
+
+#[test]
+fn redirect_to_transparent_listener_sees_original_destination() {
+    const PROXY_PORT: u16 = 15001;
+    let lab = Lab::new("redirect", 2);
+    lab.proxy_routing();
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    lab.set_endpoint(&mut dp, 0, 0);
+    dp.insert_policy(&[entry(
+        a.endpoint_id,
+        DIR_EGRESS,
+        b.identity,
+        Some(80),
+        action::REDIRECT,
+        PROXY_PORT,
+    )])
+    .expect("policy");
+    // Nothing listens on b:80: only the proxy can answer.
+    let proxy = transparent_listener(&lab.node, PROXY_PORT);
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let (mut conn, peer) = proxy.accept().expect("accept");
+        let orig_dst = conn.local_addr().expect("local addr");
+        tx.send((peer, orig_dst)).expect("send");
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf).expect("read");
+        conn.write_all(&buf[..n]).expect("write");
+    });
+    let mut s = connect(&a.ns, b.ip, 80, ALLOWED).expect("a -> b:80 reaches the proxy");
+    let (peer, orig_dst) = rx.recv_timeout(ALLOWED).expect("the proxy accepted");
+    assert_eq!(orig_dst, SocketAddr::V4(SocketAddrV4::new(b.ip, 80)));
+    assert_eq!(peer, s.local_addr().expect("local addr"));
+    round_trip(&mut s, b"through the proxy");
+    assert_eq!(dp.drops(drop_reason::PROXY_UNAVAILABLE).expect("drops"), 0);
+}
+
+#[test]
+fn redirect_without_listener_fails_closed() {
+    let lab = Lab::new("failclosed", 2);
+    lab.proxy_routing();
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    lab.set_endpoint(&mut dp, 0, 0);
+    dp.insert_policy(&[entry(
+        a.endpoint_id,
+        DIR_EGRESS,
+        b.identity,
+        Some(80),
+        action::REDIRECT,
+        15002,
+    )])
+    .expect("policy");
+    // b listens on 80: a pass would connect, the fail-closed drop must not.
+    echo_server(&b.ns, b.ip, 80);
+    assert_denied(&a.ns, b.ip, 80);
+    eventually("a PROXY_UNAVAILABLE drop", || {
+        dp.drops(drop_reason::PROXY_UNAVAILABLE).unwrap_or(0) >= 1
+    });
+    // Other ports are not redirected and stay allowed (no default deny).
+    echo_server(&b.ns, b.ip, 8080);
+    connect(&a.ns, b.ip, 8080, ALLOWED).expect("a -> b:8080 is allowed");
+}
