@@ -18,7 +18,7 @@ use policy_model::verdict::L4Decision;
 use policy_model::{Direction, Model, Protocol};
 use redirect_bpf_common::{
     action, endpoint_flags, PolicyKeyData, PolicyValue, DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
 /// Ports of the proxies on this node.
@@ -73,11 +73,13 @@ pub struct EndpointEntries {
     pub entries: Vec<PolicyEntry>,
 }
 
-/// Protocols with ports that the datapath enforces per port.
-const PORT_PROTOCOLS: [(Protocol, u8); 3] = [
+/// Protocols the datapath enforces, with what policy keys call their port: the
+/// destination port, and the type for ICMP (as policy-model's ICMP entries do).
+const PORT_PROTOCOLS: [(Protocol, u8); 4] = [
     (Protocol::Tcp, PROTO_TCP),
     (Protocol::Udp, PROTO_UDP),
     (Protocol::Sctp, PROTO_SCTP),
+    (Protocol::Icmp, PROTO_ICMP),
 ];
 
 /// (action, proxy port, cookie) of one piece of port space.
@@ -468,6 +470,7 @@ probes:
         assert_eq!(
             egress,
             vec![
+                (other, PROTO_ICMP, 0, action::DENY),
                 (other, PROTO_TCP, 0, action::DENY),
                 (other, PROTO_UDP, 0, action::DENY),
                 (other, PROTO_SCTP, 0, action::DENY),

@@ -231,6 +231,21 @@ impl Datapath {
         Ok(())
     }
 
+    /// Moves an endpoint's policy from `old` to `new` entries: writes every new entry
+    /// first (replacing same keys in place), then removes the old keys that are gone, so
+    /// that a flow allowed before and after never meets a transient deny. When this
+    /// returns, the kernel has the new policy (map updates are synchronous).
+    pub fn update_policy(&mut self, old: &[PolicyEntry], new: &[PolicyEntry]) -> Result<(), Error> {
+        self.insert_policy(new)?;
+        let kept: std::collections::HashSet<_> = new.iter().map(entry_key).collect();
+        let gone: Vec<PolicyEntry> = old
+            .iter()
+            .filter(|e| !kept.contains(&entry_key(e)))
+            .copied()
+            .collect();
+        self.remove_policy(&gone)
+    }
+
     /// The drop count of a reason, summed over CPUs.
     pub fn drops(&self, reason: u32) -> Result<u64, Error> {
         let values = self.drops.get(&reason, 0).map_err(Error::map)?;
@@ -259,6 +274,18 @@ impl Datapath {
             .flatten()
             .any(|k| k.saddr == o || k.daddr == o)
     }
+}
+
+/// What identifies a policy map entry (everything but its value).
+fn entry_key(e: &PolicyEntry) -> (u32, u32, u8, u8, u16, u8) {
+    (
+        e.endpoint_id,
+        e.identity,
+        e.direction,
+        e.protocol,
+        e.port,
+        e.port_prefix_len,
+    )
 }
 
 fn unpin(path: &Path) -> Result<(), Error> {

@@ -27,8 +27,8 @@ use redirect_bpf_common::{
     action, ct_flags, drop_reason, endpoint_flags, CtKeyV4, CtValue, DropEvent, EndpointInfo,
     IpcacheValue, PolicyKeyData, PolicyValue, CONNTRACK_MAX, DIR_EGRESS, DIR_INGRESS,
     ENDPOINTS_MAX, EVENTS_BYTES, IDENTITY_ANY, IDENTITY_WORLD, IPCACHE_MAX, MARK_FROM_EGRESS_PROXY,
-    MARK_FROM_INGRESS_PROXY, MARK_MASK, MARK_TO_PROXY, POLICY_FIXED_BITS, POLICY_MAX, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP,
+    MARK_FROM_INGRESS_PROXY, MARK_MASK, MARK_TO_PROXY, POLICY_FIXED_BITS, POLICY_MAX, PROTO_ICMP,
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
 #[no_mangle]
@@ -60,6 +60,8 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(drop_reason::COUNT, 0);
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 
 const ETH_HLEN: usize = 14;
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
 const ETH_P_IP: u16 = 0x0800;
 const BPF_F_CURRENT_NETNS: u64 = u64::MAX; // -1
 const BPF_TCP_TIME_WAIT: u32 = 6;
@@ -72,7 +74,10 @@ const LOCALHOST: [u8; 4] = [127, 0, 0, 1];
 
 /// What the programs read from an IPv4 packet.
 struct Packet {
+    /// Conntrack tuple: ICMP has zero ports, so a reply matches its request.
     tuple: CtKeyV4,
+    /// What policy keys call the port: the destination port, or the ICMP type.
+    port: [u8; 2],
     tcp_flags: u8,
 }
 
@@ -149,10 +154,10 @@ fn from_pod(ctx: &TcContext) -> Result<i32, ()> {
     let dst_id = dst_ep
         .map(|e| e.identity)
         .unwrap_or_else(|| identity_v4(&t.daddr));
-    let mut v = side_verdict(src_ep, DIR_EGRESS, dst_id, t);
+    let mut v = side_verdict(src_ep, DIR_EGRESS, dst_id, t.protocol, pkt.port);
     let mut dir = DIR_EGRESS;
     if dst_ep.is_some() {
-        let i = side_verdict(dst_ep, DIR_INGRESS, src_id, t);
+        let i = side_verdict(dst_ep, DIR_INGRESS, src_id, t.protocol, pkt.port);
         if i.action > v.action {
             dir = DIR_INGRESS;
         }
@@ -162,7 +167,7 @@ fn from_pod(ctx: &TcContext) -> Result<i32, ()> {
         action::DENY => Ok(drop(ctx, Some(t), v.reason, src_id, dst_id, dir, v.cookie)),
         action::REDIRECT => Ok(redirect(ctx, t, v, src_id, dst_id, dir)),
         _ => {
-            ct_create(t, 0);
+            ct_create(t, 0, BPF_ANY);
             Ok(TC_ACT_OK)
         }
     }
@@ -172,10 +177,13 @@ fn to_pod(ctx: &TcContext) -> Result<i32, ()> {
     let Some(pkt) = parse(ctx)? else {
         return Ok(TC_ACT_OK);
     };
+    let t = &pkt.tuple;
     if proxy_marked(ctx) {
+        // A proxy's upstream connection: the proxy enforced policy already. Tracked, so
+        // that the pod's replies pass whatever its egress policy says.
+        ct_create(t, 0, BPF_NOEXIST);
         return Ok(TC_ACT_OK);
     }
-    let t = &pkt.tuple;
     if ct_hit(t, pkt.tcp_flags) {
         return Ok(TC_ACT_OK);
     }
@@ -185,7 +193,7 @@ fn to_pod(ctx: &TcContext) -> Result<i32, ()> {
     }
     let src_id = identity_v4(&t.saddr);
     let dst_id = dst_ep.map(|e| e.identity).unwrap_or(IDENTITY_WORLD);
-    let v = side_verdict(dst_ep, DIR_INGRESS, src_id, t);
+    let v = side_verdict(dst_ep, DIR_INGRESS, src_id, t.protocol, pkt.port);
     match v.action {
         action::DENY => Ok(drop(
             ctx,
@@ -208,7 +216,7 @@ fn to_pod(ctx: &TcContext) -> Result<i32, ()> {
             v.cookie,
         )),
         _ => {
-            ct_create(t, 0);
+            ct_create(t, 0, BPF_ANY);
             Ok(TC_ACT_OK)
         }
     }
@@ -241,6 +249,7 @@ fn parse(ctx: &TcContext) -> Result<Option<Packet>, ()> {
         _pad: [0; 3],
     };
     let mut tcp_flags = 0;
+    let mut port = [0u8; 2];
     // Later fragments carry no ports: they keep the zero ports (and so match only
     // port-wildcard entries); reassembly is left to the kernel's defrag.
     let first_fragment = frag & 0x1fff == 0;
@@ -250,8 +259,15 @@ fn parse(ctx: &TcContext) -> Result<Option<Packet>, ()> {
         if protocol == PROTO_TCP {
             tcp_flags = ctx.load(l4 + 13).map_err(|_| ())?;
         }
+        port = tuple.dport;
+    } else if first_fragment && protocol == PROTO_ICMP {
+        port[1] = ctx.load(l4).map_err(|_| ())?;
     }
-    Ok(Some(Packet { tuple, tcp_flags }))
+    Ok(Some(Packet {
+        tuple,
+        port,
+        tcp_flags,
+    }))
 }
 
 fn proxy_marked(ctx: &TcContext) -> bool {
@@ -273,22 +289,34 @@ fn identity_v4(addr: &[u8; 4]) -> u32 {
         .unwrap_or(IDENTITY_WORLD)
 }
 
-fn policy_lookup(endpoint_id: u32, dir: u8, identity: u32, t: &CtKeyV4) -> Option<PolicyValue> {
+fn policy_lookup(
+    endpoint_id: u32,
+    dir: u8,
+    identity: u32,
+    protocol: u8,
+    port: [u8; 2],
+) -> Option<PolicyValue> {
     let key = Key::new(
         POLICY_FIXED_BITS + 16,
         PolicyKeyData {
             endpoint_id,
             identity,
             direction: dir,
-            protocol: t.protocol,
-            port: t.dport,
+            protocol,
+            port,
         },
     );
     POLICY.get(&key).copied()
 }
 
 /// The verdict of one endpoint in one direction against a peer identity.
-fn side_verdict(ep: Option<EndpointInfo>, dir: u8, peer: u32, t: &CtKeyV4) -> Verdict {
+fn side_verdict(
+    ep: Option<EndpointInfo>,
+    dir: u8,
+    peer: u32,
+    protocol: u8,
+    port: [u8; 2],
+) -> Verdict {
     let Some(ep) = ep else {
         // Not a local endpoint: nothing of ours to enforce on this side.
         return Verdict::ALLOW;
@@ -300,7 +328,7 @@ fn side_verdict(ep: Option<EndpointInfo>, dir: u8, peer: u32, t: &CtKeyV4) -> Ve
         reason: drop_reason::POLICY_DENY,
     };
     for id in [peer, IDENTITY_ANY] {
-        if let Some(p) = policy_lookup(ep.endpoint_id, dir, id, t) {
+        if let Some(p) = policy_lookup(ep.endpoint_id, dir, id, protocol, port) {
             v = v.combine(Verdict {
                 action: p.action,
                 proxy_port: p.proxy_port,
@@ -364,7 +392,7 @@ fn ct_hit(t: &CtKeyV4, tcp_flags: u8) -> bool {
     false
 }
 
-fn ct_create(t: &CtKeyV4, flags: u32) {
+fn ct_create(t: &CtKeyV4, flags: u32, update: u64) {
     let n = now();
     let v = CtValue {
         created_ns: n,
@@ -374,7 +402,7 @@ fn ct_create(t: &CtKeyV4, flags: u32) {
     };
     // A full LRU evicts; an insert can only fail on a kernel error, and then the next
     // packet is decided by policy again.
-    let _ = CONNTRACK_V4.insert(t, &v, 0);
+    let _ = CONNTRACK_V4.insert(t, &v, update);
 }
 
 fn now() -> u64 {
@@ -488,7 +516,7 @@ fn redirect(ctx: &TcContext, t: &CtKeyV4, v: Verdict, src_id: u32, dst_id: u32, 
             v.cookie,
         );
     }
-    ct_create(t, ct_flags::PROXIED);
+    ct_create(t, ct_flags::PROXIED, BPF_ANY);
     TC_ACT_OK
 }
 
