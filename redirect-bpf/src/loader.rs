@@ -13,7 +13,7 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use redirect_bpf_common::{
-    map_names, program_names, CtKeyV4, CtValue, DropEvent, EndpointInfo, IpcacheValue,
+    map_names, program_names, CtKeyV4, CtValue, DropEvent, EndpointInfo, EventRate, IpcacheValue,
     PolicyKeyData, PolicyValue, POLICY_FIXED_BITS,
 };
 
@@ -42,6 +42,7 @@ pub struct Datapath {
     conntrack_v4: HashMap<MapData, CtKeyV4, CtValue>,
     drops: PerCpuArray<MapData, u64>,
     events: RingBuf<MapData>,
+    event_rate: PerCpuArray<MapData, EventRate>,
 }
 
 /// The hooks of a pod's host-side veth.
@@ -80,6 +81,7 @@ impl Datapath {
         let conntrack_v4 = take(map_names::CONNTRACK_V4)?;
         let drops = take(map_names::DROPS)?;
         let events = take(map_names::EVENTS)?;
+        let event_rate = take(map_names::EVENT_RATE)?;
         Ok(Datapath {
             root: root.to_path_buf(),
             ipcache_v4: LpmTrie::try_from(ipcache_v4).map_err(Error::map)?,
@@ -89,6 +91,7 @@ impl Datapath {
             conntrack_v4: HashMap::try_from(conntrack_v4).map_err(Error::map)?,
             drops: PerCpuArray::try_from(drops).map_err(Error::map)?,
             events: RingBuf::try_from(events).map_err(Error::map)?,
+            event_rate: PerCpuArray::try_from(event_rate).map_err(Error::map)?,
             ebpf,
         })
     }
@@ -250,6 +253,12 @@ impl Datapath {
     pub fn drops(&self, reason: u32) -> Result<u64, Error> {
         let values = self.drops.get(&reason, 0).map_err(Error::map)?;
         Ok(values.iter().sum())
+    }
+
+    /// Drop events not reported because of the rate limit, summed over CPUs.
+    pub fn events_suppressed(&self) -> Result<u64, Error> {
+        let values = self.event_rate.get(&0, 0).map_err(Error::map)?;
+        Ok(values.iter().map(|r| r.suppressed).sum())
     }
 
     /// Drains the drop events queued so far.

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use nix::sched::{setns, CloneFlags};
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
 use redirect_bpf::common::{action, drop_reason, endpoint_flags, EndpointInfo, DIR_EGRESS};
-use redirect_bpf::common::{DIR_INGRESS, IDENTITY_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use redirect_bpf::common::{
+    DIR_INGRESS, IDENTITY_ANY, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+};
 use redirect_bpf::{Datapath, PolicyEntry};
 
 const ALLOWED: Duration = Duration::from_secs(5);
@@ -373,6 +375,7 @@ fn allow_and_deny_by_identity() {
     assert!(events
         .iter()
         .any(|e| e.reason == drop_reason::POLICY_DENY && e.cookie == 7));
+    assert_eq!(dp.events_suppressed().expect("suppressed"), 0);
     // Detach is idempotent and stops enforcement.
     in_ns(&lab.node, || {
         dp.detach(&lab.pods[2].veth).expect("detach");
@@ -741,4 +744,286 @@ fn icmp_echo_by_type_with_replies() {
     .expect("policy");
     assert!(ping(&a.ns, b.ip, ALLOWED), "a pings b");
     assert!(!ping(&c.ns, b.ip, DENIED), "c may not ping b");
+}
+
+/// Adds an address to a pod's interface (the pod keeps answering on both).
+fn add_address(lab: &Lab, pod: usize, ip: Ipv4Addr) {
+    let p = &lab.pods[pod];
+    sh(&[
+        "ip",
+        "-n",
+        &p.ns,
+        "addr",
+        "add",
+        &format!("{ip}/24"),
+        "dev",
+        "eth0",
+    ]);
+}
+
+fn ipnet(s: &str) -> ipnet::IpNet {
+    s.parse().expect("prefix")
+}
+
+#[test]
+fn cidr_identities_with_except_and_port_ranges() {
+    let lab = Lab::new("cidr", 2);
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    // b is no endpoint of this node: its identity comes from the ipcache alone.
+    // 10.77.2.0/24 is identity 5000 ("cidr 10.77.2.0/24 except 10.77.2.2/32"), the
+    // excepted /32 (b's first address) has its own identity 6000.
+    dp.remove_ipcache(ipnet("10.77.2.2/32")).expect("remove");
+    dp.set_ipcache(ipnet("10.77.2.0/24"), 5000)
+        .expect("ipcache");
+    dp.set_ipcache(ipnet("10.77.2.2/32"), 6000)
+        .expect("ipcache");
+    let second = Ipv4Addr::new(10, 77, 2, 3);
+    add_address(&lab, 1, second);
+    lab.set_endpoint(&mut dp, 0, endpoint_flags::DEFAULT_DENY_EGRESS);
+    // a may reach identity 5000 on TCP 8000-8003 (one /14 port prefix) and on 9000.
+    let mut e = entry(
+        a.endpoint_id,
+        DIR_EGRESS,
+        5000,
+        Some(8000),
+        action::ALLOW,
+        0,
+    );
+    e.port_prefix_len = 14;
+    dp.insert_policy(&[
+        e,
+        entry(
+            a.endpoint_id,
+            DIR_EGRESS,
+            5000,
+            Some(9000),
+            action::ALLOW,
+            0,
+        ),
+    ])
+    .expect("policy");
+    for port in [8000, 8003, 8004, 9000] {
+        echo_server(&b.ns, Ipv4Addr::UNSPECIFIED, port);
+    }
+    connect(&a.ns, second, 8000, ALLOWED).expect("identity 5000, port 8000");
+    connect(&a.ns, second, 8003, ALLOWED).expect("identity 5000, port 8003");
+    connect(&a.ns, second, 9000, ALLOWED).expect("identity 5000, port 9000");
+    assert_denied(&a.ns, second, 8004);
+    // The excepted address resolves to 6000, which nothing allows.
+    assert_denied(&a.ns, b.ip, 8000);
+    let events = dp.drain_events();
+    assert!(events
+        .iter()
+        .any(|e| e.daddr == b.ip.octets() && e.dst_identity == 6000));
+}
+
+#[test]
+fn large_maps_load_and_enforce() {
+    let lab = Lab::new("large", 2);
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    // 100,000 ipcache prefixes (outside the lab's addresses) and 1,000 policy entries.
+    for i in 0..100_000u32 {
+        let net = ipnet::Ipv4Net::new(Ipv4Addr::from(0x6400_0000 + (i << 8)), 24).expect("net");
+        dp.set_ipcache(net.into(), 100_000 + i).expect("ipcache");
+    }
+    let many: Vec<PolicyEntry> = (0..1_000u32)
+        .map(|i| {
+            entry(
+                b.endpoint_id,
+                DIR_INGRESS,
+                100_000 + i,
+                Some(80),
+                action::ALLOW,
+                0,
+            )
+        })
+        .collect();
+    dp.insert_policy(&many).expect("policy");
+    lab.set_endpoint(&mut dp, 1, endpoint_flags::DEFAULT_DENY_INGRESS);
+    dp.insert_policy(&[entry(
+        b.endpoint_id,
+        DIR_INGRESS,
+        a.identity,
+        Some(80),
+        action::ALLOW,
+        0,
+    )])
+    .expect("policy");
+    echo_server(&b.ns, b.ip, 80);
+    echo_server(&b.ns, b.ip, 81);
+    connect(&a.ns, b.ip, 80, ALLOWED).expect("allowed among 1,001 entries");
+    assert_denied(&a.ns, b.ip, 81);
+}
+
+/// A UDP socket in `ns` with IP_TRANSPARENT and SO_REUSEADDR bound to `addr`, as the DNS
+/// proxy uses them: to listen (any address) and to answer as the original server.
+fn transparent_udp(ns: &str, addr: SocketAddrV4) -> UdpSocket {
+    in_ns(ns, || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+            .expect("socket");
+        s.set_ip_transparent(true).expect("IP_TRANSPARENT");
+        s.set_reuse_address(true).expect("SO_REUSEADDR");
+        s.bind(&SocketAddr::V4(addr).into()).expect("bind");
+        UdpSocket::from(s)
+    })
+}
+
+#[test]
+fn udp_redirect_to_transparent_listener_sees_original_destination() {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::io::IoSliceMut;
+    use std::os::fd::AsRawFd;
+
+    const DNS_PROXY: u16 = 15053;
+    let lab = Lab::new("udpredirect", 2);
+    lab.proxy_routing();
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    lab.set_endpoint(&mut dp, 0, 0);
+    dp.insert_policy(&[entry_proto(
+        PROTO_UDP,
+        a.endpoint_id,
+        DIR_EGRESS,
+        b.identity,
+        Some(53),
+        action::REDIRECT,
+        DNS_PROXY,
+    )])
+    .expect("policy");
+    let listener = transparent_udp(
+        &lab.node,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, DNS_PROXY),
+    );
+    socket::setsockopt(&listener, sockopt::Ipv4OrigDstAddr, &true).expect("IP_RECVORIGDSTADDR");
+    listener.set_read_timeout(Some(ALLOWED)).expect("timeout");
+
+    // Nothing listens on b:53; the pod's query reaches the proxy.
+    let client = in_ns(&a.ns, || UdpSocket::bind((a.ip, 0)).expect("bind"));
+    client.set_read_timeout(Some(ALLOWED)).expect("timeout");
+    client.send_to(b"query", (b.ip, 53)).expect("send");
+
+    let mut buf = [0u8; 64];
+    let mut cmsg = nix::cmsg_space!(nix::libc::sockaddr_in);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<SockaddrIn>(
+        listener.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .expect("the proxy received the query");
+    let from = msg.address.expect("source address");
+    assert_eq!(
+        SocketAddrV4::from(from),
+        client
+            .local_addr()
+            .map(|a| match a {
+                SocketAddr::V4(v4) => v4,
+                SocketAddr::V6(_) => panic!("v6"),
+            })
+            .expect("local addr")
+    );
+    let orig = msg
+        .cmsgs()
+        .expect("cmsgs")
+        .find_map(|c| match c {
+            ControlMessageOwned::Ipv4OrigDstAddr(sa) => Some(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+                u16::from_be(sa.sin_port),
+            )),
+            _ => None,
+        })
+        .expect("original destination");
+    assert_eq!(orig, SocketAddrV4::new(b.ip, 53));
+
+    // The answer comes from the server the pod asked.
+    let answer = transparent_udp(&lab.node, orig);
+    answer
+        .send_to(b"answer", SocketAddrV4::from(from))
+        .expect("answer");
+    let mut buf = [0u8; 16];
+    let (n, peer) = client.recv_from(&mut buf).expect("the pod got the answer");
+    assert_eq!(&buf[..n], b"answer");
+    assert_eq!(peer, SocketAddr::V4(SocketAddrV4::new(b.ip, 53)));
+}
+
+/// A raw SCTP socket in `ns` (this kernel has no SCTP stack: raw sockets still see and
+/// send SCTP-headed packets).
+fn raw_sctp(ns: &str) -> socket2::Socket {
+    in_ns(ns, || {
+        socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(i32::from(PROTO_SCTP))),
+        )
+        .expect("raw SCTP socket")
+    })
+}
+
+/// Sends one SCTP-headed packet (common header and an empty DATA chunk) to `to:port`
+/// from `ns`, and whether `receiver` sees it before `timeout`.
+fn sctp_delivered(
+    ns: &str,
+    to: Ipv4Addr,
+    port: u16,
+    receiver: &socket2::Socket,
+    timeout: Duration,
+) -> bool {
+    let sender = raw_sctp(ns);
+    let mut pkt = vec![0u8; 16];
+    pkt[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    pkt[2..4].copy_from_slice(&port.to_be_bytes());
+    pkt[12] = 0; // DATA
+    pkt[15] = 4; // chunk length
+    sender
+        .send_to(&pkt, &SocketAddr::V4(SocketAddrV4::new(to, 0)).into())
+        .expect("send");
+    let receiver = receiver.try_clone().expect("clone");
+    let receiver = UdpSocket::from(receiver); // only for its safe recv API
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        receiver.set_read_timeout(Some(left)).expect("timeout");
+        let Ok(n) = receiver.recv(&mut buf) else {
+            return false;
+        };
+        let ihl = usize::from(buf[0] & 0x0f) * 4;
+        if n >= ihl + 4 && buf[ihl + 2..ihl + 4] == port.to_be_bytes() {
+            return true;
+        }
+    }
+}
+
+#[test]
+fn sctp_by_port() {
+    let lab = Lab::new("sctp", 2);
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    lab.set_endpoint(&mut dp, 1, endpoint_flags::DEFAULT_DENY_INGRESS);
+    dp.insert_policy(&[entry_proto(
+        PROTO_SCTP,
+        b.endpoint_id,
+        DIR_INGRESS,
+        a.identity,
+        Some(3868),
+        action::ALLOW,
+        0,
+    )])
+    .expect("policy");
+    let receiver = raw_sctp(&b.ns);
+    assert!(
+        sctp_delivered(&a.ns, b.ip, 3868, &receiver, ALLOWED),
+        "SCTP to 3868 is allowed"
+    );
+    assert!(
+        !sctp_delivered(&a.ns, b.ip, 3869, &receiver, DENIED),
+        "SCTP to 3869 is denied"
+    );
+    assert!(dp.drops(drop_reason::POLICY_DEFAULT_DENY).expect("drops") >= 1);
 }

@@ -16,7 +16,8 @@ pub mod map_names {
     pub const CONNTRACK_V4: &str = "CONNTRACK_V4";
     pub const DROPS: &str = "DROPS";
     pub const EVENTS: &str = "EVENTS";
-    pub const ALL: [&str; 7] = [
+    pub const EVENT_RATE: &str = "EVENT_RATE";
+    pub const ALL: [&str; 8] = [
         IPCACHE_V4,
         IPCACHE_V6,
         ENDPOINTS_V4,
@@ -24,6 +25,7 @@ pub mod map_names {
         CONNTRACK_V4,
         DROPS,
         EVENTS,
+        EVENT_RATE,
     ];
 }
 
@@ -188,6 +190,20 @@ pub mod drop_reason {
     pub const COUNT: u32 = 16;
 }
 
+/// Events each CPU may emit per second; drops beyond are counted, not reported.
+pub const EVENTS_PER_CPU_PER_SECOND: u32 = 1000;
+
+/// Per-CPU state of the event rate limit (`EVENT_RATE`, one slot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventRate {
+    pub window_start_ns: u64,
+    pub in_window: u32,
+    pub _pad: u32,
+    /// Events not emitted because of the limit, ever.
+    pub suppressed: u64,
+}
+
 /// One record of the `EVENTS` ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -226,4 +242,6 @@ mod pod {
     unsafe impl aya::Pod for CtValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for DropEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EventRate {}
 }

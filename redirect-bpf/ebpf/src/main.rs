@@ -25,10 +25,10 @@ use aya_ebpf::{
 };
 use redirect_bpf_common::{
     action, ct_flags, drop_reason, endpoint_flags, CtKeyV4, CtValue, DropEvent, EndpointInfo,
-    IpcacheValue, PolicyKeyData, PolicyValue, CONNTRACK_MAX, DIR_EGRESS, DIR_INGRESS,
-    ENDPOINTS_MAX, EVENTS_BYTES, IDENTITY_ANY, IDENTITY_WORLD, IPCACHE_MAX, MARK_FROM_EGRESS_PROXY,
-    MARK_FROM_INGRESS_PROXY, MARK_MASK, MARK_TO_PROXY, POLICY_FIXED_BITS, POLICY_MAX, PROTO_ICMP,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    EventRate, IpcacheValue, PolicyKeyData, PolicyValue, CONNTRACK_MAX, DIR_EGRESS, DIR_INGRESS,
+    ENDPOINTS_MAX, EVENTS_BYTES, EVENTS_PER_CPU_PER_SECOND, IDENTITY_ANY, IDENTITY_WORLD,
+    IPCACHE_MAX, MARK_FROM_EGRESS_PROXY, MARK_FROM_INGRESS_PROXY, MARK_MASK, MARK_TO_PROXY,
+    POLICY_FIXED_BITS, POLICY_MAX, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
 #[no_mangle]
@@ -58,6 +58,9 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(drop_reason::COUNT, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+#[map]
+static EVENT_RATE: PerCpuArray<EventRate> = PerCpuArray::pinned(1, 0);
 
 const ETH_HLEN: usize = 14;
 const BPF_ANY: u64 = 0;
@@ -551,9 +554,31 @@ fn drop(
         ev.dport = t.dport;
         ev.protocol = t.protocol;
     }
-    // A full ring buffer loses the event; the counter above still has it.
-    let _ = EVENTS.output(&ev, 0);
+    if event_allowed() {
+        // A full ring buffer loses the event; the counter above still has it.
+        let _ = EVENTS.output(&ev, 0);
+    }
     TC_ACT_SHOT
+}
+
+/// Per-CPU fixed window: at most EVENTS_PER_CPU_PER_SECOND events per second.
+fn event_allowed() -> bool {
+    let Some(r) = EVENT_RATE.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot; programs do not migrate between CPUs while running.
+    let r = unsafe { &mut *r };
+    let n = now();
+    if n.wrapping_sub(r.window_start_ns) >= 1_000_000_000 {
+        r.window_start_ns = n;
+        r.in_window = 0;
+    }
+    if r.in_window >= EVENTS_PER_CPU_PER_SECOND {
+        r.suppressed += 1;
+        return false;
+    }
+    r.in_window += 1;
+    true
 }
 
 #[cfg(not(test))]
