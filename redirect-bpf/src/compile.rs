@@ -18,7 +18,7 @@ use policy_model::verdict::L4Decision;
 use policy_model::{Direction, Model, Protocol};
 use redirect_bpf_common::{
     action, endpoint_flags, PolicyKeyData, PolicyValue, DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY,
-    PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 
 /// Ports of the proxies on this node.
@@ -75,11 +75,12 @@ pub struct EndpointEntries {
 
 /// Protocols the datapath enforces, with what policy keys call their port: the
 /// destination port, and the type for ICMP (as policy-model's ICMP entries do).
-const PORT_PROTOCOLS: [(Protocol, u8); 4] = [
+const PORT_PROTOCOLS: [(Protocol, u8); 5] = [
     (Protocol::Tcp, PROTO_TCP),
     (Protocol::Udp, PROTO_UDP),
     (Protocol::Sctp, PROTO_SCTP),
     (Protocol::Icmp, PROTO_ICMP),
+    (Protocol::IcmpV6, PROTO_ICMPV6),
 ];
 
 /// (action, proxy port, cookie) of one piece of port space.
@@ -473,6 +474,7 @@ probes:
                 (other, PROTO_ICMP, 0, action::DENY),
                 (other, PROTO_TCP, 0, action::DENY),
                 (other, PROTO_UDP, 0, action::DENY),
+                (other, PROTO_ICMPV6, 0, action::DENY),
                 (other, PROTO_SCTP, 0, action::DENY),
             ]
         );

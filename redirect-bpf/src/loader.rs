@@ -3,7 +3,7 @@
 //! reads and writes the maps.
 
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::Key;
@@ -13,8 +13,8 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use redirect_bpf_common::{
-    map_names, program_names, CtKeyV4, CtValue, DropEvent, EndpointInfo, EventRate, IpcacheValue,
-    PolicyKeyData, PolicyValue, POLICY_FIXED_BITS,
+    map_names, program_names, CtKeyV4, CtKeyV6, CtValue, DropEvent, EndpointInfo, EventRate,
+    IpcacheValue, PolicyKeyData, PolicyValue, POLICY_FIXED_BITS,
 };
 
 use crate::compile::PolicyEntry;
@@ -38,8 +38,10 @@ pub struct Datapath {
     ipcache_v4: LpmTrie<MapData, [u8; 4], IpcacheValue>,
     ipcache_v6: LpmTrie<MapData, [u8; 16], IpcacheValue>,
     endpoints_v4: HashMap<MapData, [u8; 4], EndpointInfo>,
+    endpoints_v6: HashMap<MapData, [u8; 16], EndpointInfo>,
     policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
     conntrack_v4: HashMap<MapData, CtKeyV4, CtValue>,
+    conntrack_v6: HashMap<MapData, CtKeyV6, CtValue>,
     drops: PerCpuArray<MapData, u64>,
     events: RingBuf<MapData>,
     event_rate: PerCpuArray<MapData, EventRate>,
@@ -77,8 +79,10 @@ impl Datapath {
         let ipcache_v4 = take(map_names::IPCACHE_V4)?;
         let ipcache_v6 = take(map_names::IPCACHE_V6)?;
         let endpoints_v4 = take(map_names::ENDPOINTS_V4)?;
+        let endpoints_v6 = take(map_names::ENDPOINTS_V6)?;
         let policy = take(map_names::POLICY)?;
         let conntrack_v4 = take(map_names::CONNTRACK_V4)?;
+        let conntrack_v6 = take(map_names::CONNTRACK_V6)?;
         let drops = take(map_names::DROPS)?;
         let events = take(map_names::EVENTS)?;
         let event_rate = take(map_names::EVENT_RATE)?;
@@ -87,8 +91,10 @@ impl Datapath {
             ipcache_v4: LpmTrie::try_from(ipcache_v4).map_err(Error::map)?,
             ipcache_v6: LpmTrie::try_from(ipcache_v6).map_err(Error::map)?,
             endpoints_v4: HashMap::try_from(endpoints_v4).map_err(Error::map)?,
+            endpoints_v6: HashMap::try_from(endpoints_v6).map_err(Error::map)?,
             policy: LpmTrie::try_from(policy).map_err(Error::map)?,
             conntrack_v4: HashMap::try_from(conntrack_v4).map_err(Error::map)?,
+            conntrack_v6: HashMap::try_from(conntrack_v6).map_err(Error::map)?,
             drops: PerCpuArray::try_from(drops).map_err(Error::map)?,
             events: RingBuf::try_from(events).map_err(Error::map)?,
             event_rate: PerCpuArray::try_from(event_rate).map_err(Error::map)?,
@@ -195,15 +201,21 @@ impl Datapath {
         .map_err(Error::map)
     }
 
-    /// Declares a local pod endpoint by its IPv4 address.
-    pub fn set_endpoint(&mut self, ip: Ipv4Addr, info: EndpointInfo) -> Result<(), Error> {
-        self.endpoints_v4
-            .insert(ip.octets(), info, 0)
-            .map_err(Error::map)
+    /// Declares a local pod endpoint by one of its addresses.
+    pub fn set_endpoint(&mut self, ip: IpAddr, info: EndpointInfo) -> Result<(), Error> {
+        match ip {
+            IpAddr::V4(ip) => self.endpoints_v4.insert(ip.octets(), info, 0),
+            IpAddr::V6(ip) => self.endpoints_v6.insert(ip.octets(), info, 0),
+        }
+        .map_err(Error::map)
     }
 
-    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), Error> {
-        self.endpoints_v4.remove(&ip.octets()).map_err(Error::map)
+    pub fn remove_endpoint(&mut self, ip: IpAddr) -> Result<(), Error> {
+        match ip {
+            IpAddr::V4(ip) => self.endpoints_v4.remove(&ip.octets()),
+            IpAddr::V6(ip) => self.endpoints_v6.remove(&ip.octets()),
+        }
+        .map_err(Error::map)
     }
 
     fn policy_key(e: &PolicyEntry) -> Key<PolicyKeyData> {
@@ -274,14 +286,22 @@ impl Datapath {
 
     /// Whether `ip` is an endpoint of a live conntrack entry (either side).
     pub fn in_live_connection(&self, ip: IpAddr) -> bool {
-        let IpAddr::V4(ip) = ip else {
-            return false;
-        };
-        let o = ip.octets();
-        self.conntrack_v4
-            .keys()
-            .flatten()
-            .any(|k| k.saddr == o || k.daddr == o)
+        match ip {
+            IpAddr::V4(ip) => {
+                let o = ip.octets();
+                self.conntrack_v4
+                    .keys()
+                    .flatten()
+                    .any(|k| k.saddr == o || k.daddr == o)
+            }
+            IpAddr::V6(ip) => {
+                let o = ip.octets();
+                self.conntrack_v6
+                    .keys()
+                    .flatten()
+                    .any(|k| k.saddr == o || k.daddr == o)
+            }
+        }
     }
 }
 
@@ -343,6 +363,7 @@ fn decode_event(b: &[u8]) -> Option<DropEvent> {
         |o: usize| -> Option<u32> { Some(u32::from_ne_bytes(b.get(o..o + 4)?.try_into().ok()?)) };
     let arr4 = |o: usize| -> Option<[u8; 4]> { b.get(o..o + 4)?.try_into().ok() };
     let arr2 = |o: usize| -> Option<[u8; 2]> { b.get(o..o + 2)?.try_into().ok() };
+    let arr16 = |o: usize| -> Option<[u8; 16]> { b.get(o..o + 16)?.try_into().ok() };
     Some(DropEvent {
         reason: u32_at(0)?,
         ifindex: u32_at(4)?,
@@ -354,7 +375,10 @@ fn decode_event(b: &[u8]) -> Option<DropEvent> {
         dport: arr2(26)?,
         protocol: *b.get(28)?,
         direction: *b.get(29)?,
-        _pad: [0; 2],
+        family: *b.get(30)?,
+        _pad: 0,
         cookie: u32_at(32)?,
+        saddr6: arr16(36)?,
+        daddr6: arr16(52)?,
     })
 }

@@ -11,7 +11,10 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
+    UdpSocket,
+};
 use std::path::PathBuf;
 use std::process::Command;
 use std::thread;
@@ -70,6 +73,7 @@ fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
 struct Pod {
     ns: String,
     ip: Ipv4Addr,
+    ip6: Ipv6Addr,
     /// Host-side veth name, inside the node namespace.
     veth: String,
     identity: u32,
@@ -103,7 +107,7 @@ impl Lab {
             &node,
             "sh",
             "-c",
-            "echo 1 > /proc/sys/net/ipv4/ip_forward",
+            "echo 1 > /proc/sys/net/ipv4/ip_forward; echo 1 > /proc/sys/net/ipv6/conf/all/forwarding",
         ]);
         for i in 1..=npods {
             let ns = format!("ward-{test}-{pid}-pod{i}");
@@ -111,9 +115,11 @@ impl Lab {
             // Registered before it is configured, so Drop deletes it whatever fails next.
             let veth = format!("veth{i}");
             let ip = Ipv4Addr::new(10, 77, i, 2);
+            let ip6 = Ipv6Addr::new(0xfd77, u16::from(i), 0, 0, 0, 0, 0, 2);
             lab.pods.push(Pod {
                 ns: ns.clone(),
                 ip,
+                ip6,
                 veth: veth.clone(),
                 identity: 1000 * u32::from(i),
                 endpoint_id: u32::from(i),
@@ -147,6 +153,33 @@ impl Lab {
             ]);
             sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
             sh(&["ip", "-n", &ns, "route", "add", "default", "via", &gw]);
+            // IPv6 beside: nodad, so that the addresses are usable at once.
+            let gw6 = format!("fd77:{i}::1");
+            sh(&[
+                "ip",
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("{gw6}/64"),
+                "dev",
+                &veth,
+                "nodad",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            sh(&[
+                "ip", "-n", &ns, "-6", "route", "add", "default", "via", &gw6,
+            ]);
         }
         lab
     }
@@ -164,7 +197,9 @@ impl Lab {
             dp
         });
         for p in &self.pods {
-            dp.set_ipcache(ipnet::IpNet::from(std::net::IpAddr::V4(p.ip)), p.identity)
+            dp.set_ipcache(ipnet::IpNet::from(IpAddr::V4(p.ip)), p.identity)
+                .expect("ipcache");
+            dp.set_ipcache(ipnet::IpNet::from(IpAddr::V6(p.ip6)), p.identity)
                 .expect("ipcache");
         }
         dp
@@ -172,16 +207,14 @@ impl Lab {
 
     fn set_endpoint(&self, dp: &mut Datapath, pod: usize, flags: u32) {
         let p = &self.pods[pod];
-        dp.set_endpoint(
-            p.ip,
-            EndpointInfo {
-                endpoint_id: p.endpoint_id,
-                identity: p.identity,
-                ifindex: 0,
-                flags,
-            },
-        )
-        .expect("endpoint");
+        let info = EndpointInfo {
+            endpoint_id: p.endpoint_id,
+            identity: p.identity,
+            ifindex: 0,
+            flags,
+        };
+        dp.set_endpoint(IpAddr::V4(p.ip), info).expect("endpoint");
+        dp.set_endpoint(IpAddr::V6(p.ip6), info).expect("endpoint");
     }
 
     /// Routes marked packets to local sockets, as the agent will do on a node.
@@ -415,7 +448,7 @@ fn replies_pass_and_reverse_flow_is_denied() {
     // The established connection still works after the denied attempt.
     round_trip(&mut s, b"still up");
     drop(s);
-    assert!(dp.in_live_connection(std::net::IpAddr::V4(b.ip)));
+    assert!(dp.in_live_connection(IpAddr::V4(b.ip)));
 }
 
 /// A transparent listener on 0.0.0.0:`port` in `ns` (IP_TRANSPARENT, as the proxy).
@@ -1026,4 +1059,58 @@ fn sctp_by_port() {
         "SCTP to 3869 is denied"
     );
     assert!(dp.drops(drop_reason::POLICY_DEFAULT_DENY).expect("drops") >= 1);
+}
+
+fn connect6(ns: &str, to: Ipv6Addr, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
+    in_ns(ns, || {
+        let addr = SocketAddr::V6(SocketAddrV6::new(to, port, 0, 0));
+        let s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(ALLOWED))?;
+        Ok(s)
+    })
+}
+
+#[test]
+fn ipv6_allow_deny_and_replies() {
+    let lab = Lab::new("ipv6", 3);
+    let mut dp = lab.datapath();
+    let (a, b, c) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
+    lab.set_endpoint(&mut dp, 0, endpoint_flags::DEFAULT_DENY_INGRESS);
+    lab.set_endpoint(&mut dp, 1, endpoint_flags::DEFAULT_DENY_INGRESS);
+    dp.insert_policy(&[entry(
+        b.endpoint_id,
+        DIR_INGRESS,
+        a.identity,
+        Some(80),
+        action::ALLOW,
+        0,
+    )])
+    .expect("policy");
+    let v6_server = in_ns(&b.ns, || TcpListener::bind((b.ip6, 80)).expect("bind v6"));
+    thread::spawn(move || {
+        for conn in v6_server.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 64];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let v6_a = in_ns(&a.ns, || TcpListener::bind((a.ip6, 80)).expect("bind v6"));
+
+    let mut s = connect6(&a.ns, b.ip6, 80, ALLOWED).expect("a -> b:80 over IPv6 is allowed");
+    round_trip(&mut s, b"replies pass over IPv6");
+    let err = connect6(&c.ns, b.ip6, 80, DENIED).expect_err("c -> b:80 over IPv6 is denied");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    let err = connect6(&b.ns, a.ip6, 80, DENIED).expect_err("b -> a:80, the reverse, is denied");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    drop(v6_a);
+    let events = dp.drain_events();
+    assert!(events.iter().any(|e| e.family == 6
+        && e.saddr6 == c.ip6.octets()
+        && e.daddr6 == b.ip6.octets()
+        && e.reason == drop_reason::POLICY_DEFAULT_DENY));
+    assert!(dp.in_live_connection(IpAddr::V6(b.ip6)));
 }

@@ -12,17 +12,21 @@ pub mod map_names {
     pub const IPCACHE_V4: &str = "IPCACHE_V4";
     pub const IPCACHE_V6: &str = "IPCACHE_V6";
     pub const ENDPOINTS_V4: &str = "ENDPOINTS_V4";
+    pub const ENDPOINTS_V6: &str = "ENDPOINTS_V6";
     pub const POLICY: &str = "POLICY";
     pub const CONNTRACK_V4: &str = "CONNTRACK_V4";
+    pub const CONNTRACK_V6: &str = "CONNTRACK_V6";
     pub const DROPS: &str = "DROPS";
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_RATE: &str = "EVENT_RATE";
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 10] = [
         IPCACHE_V4,
         IPCACHE_V6,
         ENDPOINTS_V4,
+        ENDPOINTS_V6,
         POLICY,
         CONNTRACK_V4,
+        CONNTRACK_V6,
         DROPS,
         EVENTS,
         EVENT_RATE,
@@ -67,6 +71,7 @@ pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// The value of both ipcache tries.
 #[repr(C)]
@@ -161,6 +166,32 @@ impl CtKeyV4 {
     }
 }
 
+/// Conntrack key of IPv6 flows, as `CtKeyV4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKeyV6 {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+impl CtKeyV6 {
+    /// The key of the reply direction.
+    pub fn reverse(&self) -> CtKeyV6 {
+        CtKeyV6 {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            protocol: self.protocol,
+            _pad: [0; 3],
+        }
+    }
+}
+
 pub mod ct_flags {
     /// The flow was redirected to a proxy.
     pub const PROXIED: u32 = 1 << 0;
@@ -204,7 +235,8 @@ pub struct EventRate {
     pub suppressed: u64,
 }
 
-/// One record of the `EVENTS` ring buffer.
+/// One record of the `EVENTS` ring buffer. IPv4 flows fill `saddr`/`daddr`, IPv6 flows
+/// `saddr6`/`daddr6` (`family` 4 or 6).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DropEvent {
@@ -218,8 +250,11 @@ pub struct DropEvent {
     pub dport: [u8; 2],
     pub protocol: u8,
     pub direction: u8,
-    pub _pad: [u8; 2],
+    pub family: u8,
+    pub _pad: u8,
     pub cookie: u32,
+    pub saddr6: [u8; 16],
+    pub daddr6: [u8; 16],
 }
 
 // aya::Pod is an unsafe trait; everything else in this crate is plain data.
@@ -238,6 +273,8 @@ mod pod {
     unsafe impl aya::Pod for PolicyValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtKeyV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtKeyV6 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtValue {}
     // SAFETY: as above.

@@ -24,11 +24,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use redirect_bpf_common::{
-    action, ct_flags, drop_reason, endpoint_flags, CtKeyV4, CtValue, DropEvent, EndpointInfo,
-    EventRate, IpcacheValue, PolicyKeyData, PolicyValue, CONNTRACK_MAX, DIR_EGRESS, DIR_INGRESS,
-    ENDPOINTS_MAX, EVENTS_BYTES, EVENTS_PER_CPU_PER_SECOND, IDENTITY_ANY, IDENTITY_WORLD,
-    IPCACHE_MAX, MARK_FROM_EGRESS_PROXY, MARK_FROM_INGRESS_PROXY, MARK_MASK, MARK_TO_PROXY,
-    POLICY_FIXED_BITS, POLICY_MAX, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    action, ct_flags, drop_reason, endpoint_flags, CtKeyV4, CtKeyV6, CtValue, DropEvent,
+    EndpointInfo, EventRate, IpcacheValue, PolicyKeyData, PolicyValue, CONNTRACK_MAX, DIR_EGRESS,
+    DIR_INGRESS, ENDPOINTS_MAX, EVENTS_BYTES, EVENTS_PER_CPU_PER_SECOND, IDENTITY_ANY,
+    IDENTITY_WORLD, IPCACHE_MAX, MARK_FROM_EGRESS_PROXY, MARK_FROM_INGRESS_PROXY, MARK_MASK,
+    MARK_TO_PROXY, POLICY_FIXED_BITS, POLICY_MAX, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
+    PROTO_UDP,
 };
 
 #[no_mangle]
@@ -48,10 +49,16 @@ static IPCACHE_V6: LpmTrie<[u8; 16], IpcacheValue> =
 static ENDPOINTS_V4: HashMap<[u8; 4], EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
 
 #[map]
+static ENDPOINTS_V6: HashMap<[u8; 16], EndpointInfo> = HashMap::pinned(ENDPOINTS_MAX, 0);
+
+#[map]
 static POLICY: LpmTrie<PolicyKeyData, PolicyValue> = LpmTrie::pinned(POLICY_MAX, BPF_F_NO_PREALLOC);
 
 #[map]
 static CONNTRACK_V4: LruHashMap<CtKeyV4, CtValue> = LruHashMap::pinned(CONNTRACK_MAX, 0);
+
+#[map]
+static CONNTRACK_V6: LruHashMap<CtKeyV6, CtValue> = LruHashMap::pinned(CONNTRACK_MAX, 0);
 
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(drop_reason::COUNT, 0);
@@ -66,6 +73,10 @@ const ETH_HLEN: usize = 14;
 const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+/// ICMPv6 router solicitation .. redirect (133..=137).
+const ICMPV6_ND_FIRST: u8 = 133;
+const ICMPV6_ND_LAST: u8 = 137;
 const BPF_F_CURRENT_NETNS: u64 = u64::MAX; // -1
 const BPF_TCP_TIME_WAIT: u32 = 6;
 const BPF_TCP_LISTEN: u32 = 10;
@@ -73,15 +84,21 @@ const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 const TCP_SYN: u8 = 0x02;
-const LOCALHOST: [u8; 4] = [127, 0, 0, 1];
 
-/// What the programs read from an IPv4 packet.
-struct Packet {
+/// What the programs read from a packet.
+struct Packet<T> {
     /// Conntrack tuple: ICMP has zero ports, so a reply matches its request.
-    tuple: CtKeyV4,
+    tuple: T,
     /// What policy keys call the port: the destination port, or the ICMP type.
     port: [u8; 2],
     tcp_flags: u8,
+}
+
+enum Parsed {
+    V4(Packet<CtKeyV4>),
+    V6(Packet<CtKeyV6>),
+    /// ARP and the rest: not ours to judge.
+    Other,
 }
 
 #[derive(Clone, Copy)]
@@ -110,27 +127,151 @@ impl Verdict {
     }
 }
 
+/// What differs between IPv4 and IPv6 flows: their maps, socket tuples and events.
+trait Flow: Sized {
+    fn protocol(&self) -> u8;
+    fn reverse(&self) -> Self;
+    fn ct(&self) -> Option<*mut CtValue>;
+    fn ct_insert(&self, v: &CtValue, flags: u64);
+    fn src_endpoint(&self) -> Option<EndpointInfo>;
+    fn dst_endpoint(&self) -> Option<EndpointInfo>;
+    fn src_identity(&self) -> u32;
+    fn dst_identity(&self) -> u32;
+    /// The socket tuple of this flow, and of the proxy listener on `port` at localhost.
+    fn sock_tuple(&self) -> (bpf_sock_tuple, u32);
+    fn listener_tuple(port: u16) -> (bpf_sock_tuple, u32);
+    /// Whether a UDP socket found for the exact tuple is connected (owns the tuple).
+    fn udp_connected(sk: *mut bpf_sock) -> bool;
+    fn fill_event(&self, ev: &mut DropEvent);
+}
+
+impl Flow for CtKeyV4 {
+    fn protocol(&self) -> u8 {
+        self.protocol
+    }
+    fn reverse(&self) -> Self {
+        CtKeyV4::reverse(self)
+    }
+    fn ct(&self) -> Option<*mut CtValue> {
+        CONNTRACK_V4.get_ptr_mut(self)
+    }
+    fn ct_insert(&self, v: &CtValue, flags: u64) {
+        let _ = CONNTRACK_V4.insert(self, v, flags);
+    }
+    fn src_endpoint(&self) -> Option<EndpointInfo> {
+        // SAFETY: the value is copied out before the map can change it under us.
+        unsafe { ENDPOINTS_V4.get(&self.saddr) }.copied()
+    }
+    fn dst_endpoint(&self) -> Option<EndpointInfo> {
+        // SAFETY: as above.
+        unsafe { ENDPOINTS_V4.get(&self.daddr) }.copied()
+    }
+    fn src_identity(&self) -> u32 {
+        ipcache_v4(&self.saddr)
+    }
+    fn dst_identity(&self) -> u32 {
+        ipcache_v4(&self.daddr)
+    }
+    fn sock_tuple(&self) -> (bpf_sock_tuple, u32) {
+        ipv4_tuple(self.saddr, self.daddr, self.sport, self.dport)
+    }
+    fn listener_tuple(port: u16) -> (bpf_sock_tuple, u32) {
+        ipv4_tuple([0; 4], [127, 0, 0, 1], [0; 2], port.to_be_bytes())
+    }
+    fn udp_connected(sk: *mut bpf_sock) -> bool {
+        // SAFETY: sk is a non-null socket reference from a lookup.
+        unsafe { (*sk).dst_ip4 != 0 }
+    }
+    fn fill_event(&self, ev: &mut DropEvent) {
+        ev.family = 4;
+        ev.saddr = self.saddr;
+        ev.daddr = self.daddr;
+        ev.sport = self.sport;
+        ev.dport = self.dport;
+        ev.protocol = self.protocol;
+    }
+}
+
+impl Flow for CtKeyV6 {
+    fn protocol(&self) -> u8 {
+        self.protocol
+    }
+    fn reverse(&self) -> Self {
+        CtKeyV6::reverse(self)
+    }
+    fn ct(&self) -> Option<*mut CtValue> {
+        CONNTRACK_V6.get_ptr_mut(self)
+    }
+    fn ct_insert(&self, v: &CtValue, flags: u64) {
+        let _ = CONNTRACK_V6.insert(self, v, flags);
+    }
+    fn src_endpoint(&self) -> Option<EndpointInfo> {
+        // SAFETY: the value is copied out before the map can change it under us.
+        unsafe { ENDPOINTS_V6.get(&self.saddr) }.copied()
+    }
+    fn dst_endpoint(&self) -> Option<EndpointInfo> {
+        // SAFETY: as above.
+        unsafe { ENDPOINTS_V6.get(&self.daddr) }.copied()
+    }
+    fn src_identity(&self) -> u32 {
+        ipcache_v6(&self.saddr)
+    }
+    fn dst_identity(&self) -> u32 {
+        ipcache_v6(&self.daddr)
+    }
+    fn sock_tuple(&self) -> (bpf_sock_tuple, u32) {
+        ipv6_tuple(&self.saddr, &self.daddr, self.sport, self.dport)
+    }
+    fn listener_tuple(port: u16) -> (bpf_sock_tuple, u32) {
+        let mut localhost = [0u8; 16];
+        localhost[15] = 1;
+        ipv6_tuple(&[0; 16], &localhost, [0; 2], port.to_be_bytes())
+    }
+    fn udp_connected(sk: *mut bpf_sock) -> bool {
+        // SAFETY: sk is a non-null socket reference from a lookup.
+        let d = unsafe { (*sk).dst_ip6 };
+        d[0] | d[1] | d[2] | d[3] != 0
+    }
+    fn fill_event(&self, ev: &mut DropEvent) {
+        ev.family = 6;
+        ev.saddr6 = self.saddr;
+        ev.daddr6 = self.daddr;
+        ev.sport = self.sport;
+        ev.dport = self.dport;
+        ev.protocol = self.protocol;
+    }
+}
+
 #[classifier]
 pub fn ward_from_pod(ctx: TcContext) -> i32 {
-    match from_pod(&ctx) {
+    let r = match parse(&ctx) {
+        Ok(Parsed::V4(p)) => from_pod(&ctx, p),
+        Ok(Parsed::V6(p)) => from_pod(&ctx, p),
+        Ok(Parsed::Other) => Ok(TC_ACT_OK),
+        Err(()) => Err(()),
+    };
+    match r {
         Ok(v) => v,
-        Err(()) => drop(&ctx, None, drop_reason::MALFORMED, 0, 0, DIR_EGRESS, 0),
+        Err(()) => drop::<CtKeyV4>(&ctx, None, drop_reason::MALFORMED, 0, 0, DIR_EGRESS, 0),
     }
 }
 
 #[classifier]
 pub fn ward_to_pod(ctx: TcContext) -> i32 {
-    match to_pod(&ctx) {
+    let r = match parse(&ctx) {
+        Ok(Parsed::V4(p)) => to_pod(&ctx, p),
+        Ok(Parsed::V6(p)) => to_pod(&ctx, p),
+        Ok(Parsed::Other) => Ok(TC_ACT_OK),
+        Err(()) => Err(()),
+    };
+    match r {
         Ok(v) => v,
-        Err(()) => drop(&ctx, None, drop_reason::MALFORMED, 0, 0, DIR_INGRESS, 0),
+        Err(()) => drop::<CtKeyV4>(&ctx, None, drop_reason::MALFORMED, 0, 0, DIR_INGRESS, 0),
     }
 }
 
-fn from_pod(ctx: &TcContext) -> Result<i32, ()> {
-    let Some(pkt) = parse(ctx)? else {
-        // Not IPv4: IPv6 is not enforced yet (ARP and the rest must pass).
-        return Ok(TC_ACT_OK);
-    };
+#[inline(always)]
+fn from_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>) -> Result<i32, ()> {
     if proxy_marked(ctx) {
         return Ok(TC_ACT_OK);
     }
@@ -149,18 +290,20 @@ fn from_pod(ctx: &TcContext) -> Result<i32, ()> {
     }
 
     // 3. Policy: the source's egress and, for a local destination, its ingress.
-    let src_ep = endpoint(&t.saddr);
-    let dst_ep = endpoint(&t.daddr);
-    let src_id = src_ep
-        .map(|e| e.identity)
-        .unwrap_or_else(|| identity_v4(&t.saddr));
-    let dst_id = dst_ep
-        .map(|e| e.identity)
-        .unwrap_or_else(|| identity_v4(&t.daddr));
-    let mut v = side_verdict(src_ep, DIR_EGRESS, dst_id, t.protocol, pkt.port);
+    let src_ep = t.src_endpoint();
+    let dst_ep = t.dst_endpoint();
+    let src_id = match src_ep {
+        Some(e) => e.identity,
+        None => t.src_identity(),
+    };
+    let dst_id = match dst_ep {
+        Some(e) => e.identity,
+        None => t.dst_identity(),
+    };
+    let mut v = side_verdict(src_ep, DIR_EGRESS, dst_id, t.protocol(), pkt.port);
     let mut dir = DIR_EGRESS;
     if dst_ep.is_some() {
-        let i = side_verdict(dst_ep, DIR_INGRESS, src_id, t.protocol, pkt.port);
+        let i = side_verdict(dst_ep, DIR_INGRESS, src_id, t.protocol(), pkt.port);
         if i.action > v.action {
             dir = DIR_INGRESS;
         }
@@ -176,10 +319,8 @@ fn from_pod(ctx: &TcContext) -> Result<i32, ()> {
     }
 }
 
-fn to_pod(ctx: &TcContext) -> Result<i32, ()> {
-    let Some(pkt) = parse(ctx)? else {
-        return Ok(TC_ACT_OK);
-    };
+#[inline(always)]
+fn to_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>) -> Result<i32, ()> {
     let t = &pkt.tuple;
     if proxy_marked(ctx) {
         // A proxy's upstream connection: the proxy enforced policy already. Tracked, so
@@ -190,13 +331,12 @@ fn to_pod(ctx: &TcContext) -> Result<i32, ()> {
     if ct_hit(t, pkt.tcp_flags) {
         return Ok(TC_ACT_OK);
     }
-    let dst_ep = endpoint(&t.daddr);
-    if dst_ep.is_none() {
+    let Some(dst) = t.dst_endpoint() else {
         return Ok(TC_ACT_OK);
-    }
-    let src_id = identity_v4(&t.saddr);
-    let dst_id = dst_ep.map(|e| e.identity).unwrap_or(IDENTITY_WORLD);
-    let v = side_verdict(dst_ep, DIR_INGRESS, src_id, t.protocol, pkt.port);
+    };
+    let src_id = t.src_identity();
+    let dst_id = dst.identity;
+    let v = side_verdict(Some(dst), DIR_INGRESS, src_id, t.protocol(), pkt.port);
     match v.action {
         action::DENY => Ok(drop(
             ctx,
@@ -225,10 +365,14 @@ fn to_pod(ctx: &TcContext) -> Result<i32, ()> {
     }
 }
 
-fn parse(ctx: &TcContext) -> Result<Option<Packet>, ()> {
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
     let proto: u16 = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
+    if proto == ETH_P_IPV6 {
+        return parse_v6(ctx);
+    }
     if proto != ETH_P_IP {
-        return Ok(None);
+        return Ok(Parsed::Other);
     }
     let ver_ihl: u8 = ctx.load(ETH_HLEN).map_err(|_| ())?;
     if ver_ihl >> 4 != 4 {
@@ -242,35 +386,94 @@ fn parse(ctx: &TcContext) -> Result<Option<Packet>, ()> {
     let saddr: [u8; 4] = ctx.load(ETH_HLEN + 12).map_err(|_| ())?;
     let daddr: [u8; 4] = ctx.load(ETH_HLEN + 16).map_err(|_| ())?;
     let frag: u16 = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).map_err(|_| ())?);
-    let l4 = ETH_HLEN + ihl;
     let mut tuple = CtKeyV4 {
         saddr,
         daddr,
-        sport: [0; 2],
-        dport: [0; 2],
         protocol,
-        _pad: [0; 3],
+        ..CtKeyV4::default()
     };
-    let mut tcp_flags = 0;
-    let mut port = [0u8; 2];
     // Later fragments carry no ports: they keep the zero ports (and so match only
     // port-wildcard entries); reassembly is left to the kernel's defrag.
     let first_fragment = frag & 0x1fff == 0;
-    if first_fragment && matches!(protocol, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
-        tuple.sport = ctx.load(l4).map_err(|_| ())?;
-        tuple.dport = ctx.load(l4 + 2).map_err(|_| ())?;
-        if protocol == PROTO_TCP {
-            tcp_flags = ctx.load(l4 + 13).map_err(|_| ())?;
-        }
-        port = tuple.dport;
-    } else if first_fragment && protocol == PROTO_ICMP {
-        port[1] = ctx.load(l4).map_err(|_| ())?;
-    }
-    Ok(Some(Packet {
+    let (port, tcp_flags) = if first_fragment {
+        l4(
+            ctx,
+            ETH_HLEN + ihl,
+            protocol,
+            &mut tuple.sport,
+            &mut tuple.dport,
+        )?
+    } else {
+        ([0; 2], 0)
+    };
+    Ok(Parsed::V4(Packet {
         tuple,
         port,
         tcp_flags,
     }))
+}
+
+/// IPv6 without extension headers: a packet whose next header is not a transport
+/// protocol (fragments, options) keeps zero ports and matches only wildcard entries.
+#[inline(always)]
+fn parse_v6(ctx: &TcContext) -> Result<Parsed, ()> {
+    let ver: u8 = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    if ver >> 4 != 6 {
+        return Err(());
+    }
+    let protocol: u8 = ctx.load(ETH_HLEN + 6).map_err(|_| ())?;
+    let saddr: [u8; 16] = ctx.load(ETH_HLEN + 8).map_err(|_| ())?;
+    let daddr: [u8; 16] = ctx.load(ETH_HLEN + 24).map_err(|_| ())?;
+    let mut tuple = CtKeyV6 {
+        saddr,
+        daddr,
+        protocol,
+        ..CtKeyV6::default()
+    };
+    let (port, tcp_flags) = l4(
+        ctx,
+        ETH_HLEN + 40,
+        protocol,
+        &mut tuple.sport,
+        &mut tuple.dport,
+    )?;
+    if protocol == PROTO_ICMPV6 && port[1] >= ICMPV6_ND_FIRST && port[1] <= ICMPV6_ND_LAST {
+        // Router and neighbour discovery: the link itself, never policy's business.
+        return Ok(Parsed::Other);
+    }
+    Ok(Parsed::V6(Packet {
+        tuple,
+        port,
+        tcp_flags,
+    }))
+}
+
+/// Reads ports (into the tuple) or the ICMP type: (policy port, TCP flags).
+#[inline(always)]
+fn l4(
+    ctx: &TcContext,
+    off: usize,
+    protocol: u8,
+    sport: &mut [u8; 2],
+    dport: &mut [u8; 2],
+) -> Result<([u8; 2], u8), ()> {
+    match protocol {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
+            *sport = ctx.load(off).map_err(|_| ())?;
+            *dport = ctx.load(off + 2).map_err(|_| ())?;
+            let flags = if protocol == PROTO_TCP {
+                ctx.load(off + 13).map_err(|_| ())?
+            } else {
+                0
+            };
+            Ok((*dport, flags))
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let ty: u8 = ctx.load(off).map_err(|_| ())?;
+            Ok(([0, ty], 0))
+        }
+        _ => Ok(([0; 2], 0)),
+    }
 }
 
 fn proxy_marked(ctx: &TcContext) -> bool {
@@ -279,12 +482,8 @@ fn proxy_marked(ctx: &TcContext) -> bool {
     mark == MARK_FROM_INGRESS_PROXY || mark == MARK_FROM_EGRESS_PROXY
 }
 
-fn endpoint(addr: &[u8; 4]) -> Option<EndpointInfo> {
-    // SAFETY: the value is copied out before the map can change it under us.
-    unsafe { ENDPOINTS_V4.get(addr) }.copied()
-}
-
-fn identity_v4(addr: &[u8; 4]) -> u32 {
+#[inline(always)]
+fn ipcache_v4(addr: &[u8; 4]) -> u32 {
     let key = Key::new(32, *addr);
     IPCACHE_V4
         .get(&key)
@@ -292,6 +491,16 @@ fn identity_v4(addr: &[u8; 4]) -> u32 {
         .unwrap_or(IDENTITY_WORLD)
 }
 
+#[inline(always)]
+fn ipcache_v6(addr: &[u8; 16]) -> u32 {
+    let key = Key::new(128, *addr);
+    IPCACHE_V6
+        .get(&key)
+        .map(|v| v.identity)
+        .unwrap_or(IDENTITY_WORLD)
+}
+
+#[inline(always)]
 fn policy_lookup(
     endpoint_id: u32,
     dir: u8,
@@ -313,6 +522,7 @@ fn policy_lookup(
 }
 
 /// The verdict of one endpoint in one direction against a peer identity.
+#[inline(always)]
 fn side_verdict(
     ep: Option<EndpointInfo>,
     dir: u8,
@@ -357,10 +567,11 @@ fn side_verdict(
 }
 
 /// Whether conntrack lets the packet through without a policy decision.
-fn ct_hit(t: &CtKeyV4, tcp_flags: u8) -> bool {
+#[inline(always)]
+fn ct_hit<T: Flow>(t: &T, tcp_flags: u8) -> bool {
     let closing = tcp_flags & (TCP_FIN | TCP_RST) != 0;
     let new_syn = tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0;
-    if let Some(v) = CONNTRACK_V4.get_ptr_mut(t) {
+    if let Some(v) = t.ct() {
         // SAFETY: the pointer comes from a successful map lookup; the fields are plain
         // integers and racing updates from other CPUs only lose a count.
         let v = unsafe { &mut *v };
@@ -378,8 +589,7 @@ fn ct_hit(t: &CtKeyV4, tcp_flags: u8) -> bool {
         }
         return true;
     }
-    let r = t.reverse();
-    if let Some(v) = CONNTRACK_V4.get_ptr_mut(&r) {
+    if let Some(v) = t.reverse().ct() {
         // SAFETY: as above.
         let v = unsafe { &mut *v };
         if new_syn {
@@ -395,7 +605,8 @@ fn ct_hit(t: &CtKeyV4, tcp_flags: u8) -> bool {
     false
 }
 
-fn ct_create(t: &CtKeyV4, flags: u32, update: u64) {
+#[inline(always)]
+fn ct_create<T: Flow>(t: &T, flags: u32, update: u64) {
     let n = now();
     let v = CtValue {
         created_ns: n,
@@ -403,9 +614,9 @@ fn ct_create(t: &CtKeyV4, flags: u32, update: u64) {
         flags,
         packets: 1,
     };
-    // A full LRU evicts; an insert can only fail on a kernel error, and then the next
-    // packet is decided by policy again.
-    let _ = CONNTRACK_V4.insert(t, &v, update);
+    // A full LRU evicts; an insert can only fail on a kernel error (or an existing entry
+    // with BPF_NOEXIST), and then the next packet is decided by policy again.
+    t.ct_insert(&v, update);
 }
 
 fn now() -> u64 {
@@ -413,59 +624,90 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-fn ipv4_tuple(saddr: [u8; 4], daddr: [u8; 4], sport: [u8; 2], dport: [u8; 2]) -> bpf_sock_tuple {
+#[inline(always)]
+fn ipv4_tuple(
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: [u8; 2],
+    dport: [u8; 2],
+) -> (bpf_sock_tuple, u32) {
     // SAFETY: bpf_sock_tuple is a plain C union of integers; all zeroes is valid.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     tuple.__bindgen_anon_1.ipv4.saddr = u32::from_ne_bytes(saddr);
     tuple.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(daddr);
     tuple.__bindgen_anon_1.ipv4.sport = u16::from_ne_bytes(sport);
     tuple.__bindgen_anon_1.ipv4.dport = u16::from_ne_bytes(dport);
-    tuple
+    (tuple, 12)
 }
 
-const TUPLE_V4_LEN: u32 = 12;
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+#[inline(always)]
+fn ipv6_tuple(
+    saddr: &[u8; 16],
+    daddr: &[u8; 16],
+    sport: [u8; 2],
+    dport: [u8; 2],
+) -> (bpf_sock_tuple, u32) {
+    // SAFETY: bpf_sock_tuple is a plain C union of integers; all zeroes is valid.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv6.saddr = words(saddr);
+    tuple.__bindgen_anon_1.ipv6.daddr = words(daddr);
+    tuple.__bindgen_anon_1.ipv6.sport = u16::from_ne_bytes(sport);
+    tuple.__bindgen_anon_1.ipv6.dport = u16::from_ne_bytes(dport);
+    (tuple, 36)
+}
+
+/// Looks a socket up by tuple for TCP (any state, listeners included) or UDP.
+#[inline(always)]
+fn sk_lookup(ctx: &TcContext, protocol: u8, tuple: &mut bpf_sock_tuple, len: u32) -> *mut bpf_sock {
+    let skb = ctx.skb.skb as *mut core::ffi::c_void;
+    if protocol == PROTO_TCP {
+        // SAFETY: skb is the program's context, tuple a stack buffer of `len` valid
+        // bytes; the caller releases a non-null result on every path.
+        unsafe { bpf_skc_lookup_tcp(skb, tuple, len, BPF_F_CURRENT_NETNS, 0) }
+    } else if protocol == PROTO_UDP {
+        // SAFETY: as for TCP.
+        unsafe { bpf_sk_lookup_udp(skb, tuple, len, BPF_F_CURRENT_NETNS, 0) }
+    } else {
+        core::ptr::null_mut()
+    }
+}
 
 /// Assigns the packet to a local socket that owns its exact tuple (not a listener, not
 /// TIME_WAIT for TCP; a connected socket for UDP) and marks it for local delivery.
-fn assign_established(ctx: &TcContext, t: &CtKeyV4) -> Option<i32> {
-    let mut tuple = ipv4_tuple(t.saddr, t.daddr, t.sport, t.dport);
-    let skb = ctx.skb.skb as *mut core::ffi::c_void;
-    if t.protocol == PROTO_TCP {
-        // SAFETY: skb is the program's context, tuple a stack buffer of TUPLE_V4_LEN
-        // valid bytes; the returned reference is released on every path below.
-        let sk =
-            unsafe { bpf_skc_lookup_tcp(skb, &mut tuple, TUPLE_V4_LEN, BPF_F_CURRENT_NETNS, 0) };
-        if sk.is_null() {
-            return None;
-        }
+#[inline(always)]
+fn assign_established<T: Flow>(ctx: &TcContext, t: &T) -> Option<i32> {
+    let protocol = t.protocol();
+    let (mut tuple, len) = t.sock_tuple();
+    let sk = sk_lookup(ctx, protocol, &mut tuple, len);
+    if sk.is_null() {
+        return None;
+    }
+    // TCP and UDP sockets are read in separate branches (the verifier tracks them as
+    // different pointer types).
+    let owns = if protocol == PROTO_TCP {
         // SAFETY: sk is a non-null socket reference from the lookup.
         let state = unsafe { (*sk).state };
-        if state == BPF_TCP_LISTEN || state == BPF_TCP_TIME_WAIT {
-            // SAFETY: releasing the reference taken above.
-            unsafe { bpf_sk_release(sk as *mut _) };
-            return None;
-        }
-        return Some(assign(ctx, sk));
+        state != BPF_TCP_LISTEN && state != BPF_TCP_TIME_WAIT
+    } else {
+        // A bound but unconnected socket would match any peer.
+        T::udp_connected(sk)
+    };
+    if !owns {
+        // SAFETY: releasing the reference taken above.
+        unsafe { bpf_sk_release(sk as *mut _) };
+        return None;
     }
-    if t.protocol == PROTO_UDP {
-        // SAFETY: as for TCP.
-        let sk =
-            unsafe { bpf_sk_lookup_udp(skb, &mut tuple, TUPLE_V4_LEN, BPF_F_CURRENT_NETNS, 0) };
-        if sk.is_null() {
-            return None;
-        }
-        // A bound but unconnected socket would match any peer: only connected ones own
-        // the tuple.
-        // SAFETY: sk is a non-null socket reference from the lookup.
-        let connected = unsafe { (*sk).dst_ip4 } != 0;
-        if !connected {
-            // SAFETY: releasing the reference taken above.
-            unsafe { bpf_sk_release(sk as *mut _) };
-            return None;
-        }
-        return Some(assign(ctx, sk));
-    }
-    None
+    Some(assign(ctx, sk))
 }
 
 /// Assigns, releases the socket reference, marks. Returns the TC action.
@@ -482,20 +724,11 @@ fn assign(ctx: &TcContext, sk: *mut bpf_sock) -> i32 {
     TC_ACT_OK
 }
 
-/// Hands a new flow to the proxy listening on 127.0.0.1:proxy_port; fails closed.
-fn redirect(ctx: &TcContext, t: &CtKeyV4, v: Verdict, src_id: u32, dst_id: u32, dir: u8) -> i32 {
-    let port = v.proxy_port.to_be_bytes();
-    let mut tuple = ipv4_tuple([0; 4], LOCALHOST, [0; 2], port);
-    let skb = ctx.skb.skb as *mut core::ffi::c_void;
-    let sk = if t.protocol == PROTO_TCP {
-        // SAFETY: as in assign_established.
-        unsafe { bpf_skc_lookup_tcp(skb, &mut tuple, TUPLE_V4_LEN, BPF_F_CURRENT_NETNS, 0) }
-    } else if t.protocol == PROTO_UDP {
-        // SAFETY: as in assign_established.
-        unsafe { bpf_sk_lookup_udp(skb, &mut tuple, TUPLE_V4_LEN, BPF_F_CURRENT_NETNS, 0) }
-    } else {
-        core::ptr::null_mut()
-    };
+/// Hands a new flow to the proxy listening on localhost:proxy_port; fails closed.
+#[inline(always)]
+fn redirect<T: Flow>(ctx: &TcContext, t: &T, v: Verdict, src_id: u32, dst_id: u32, dir: u8) -> i32 {
+    let (mut tuple, len) = T::listener_tuple(v.proxy_port);
+    let sk = sk_lookup(ctx, t.protocol(), &mut tuple, len);
     if sk.is_null() {
         return drop(
             ctx,
@@ -524,9 +757,9 @@ fn redirect(ctx: &TcContext, t: &CtKeyV4, v: Verdict, src_id: u32, dst_id: u32, 
 }
 
 /// Counts the drop under its reason, emits an event, and returns TC_ACT_SHOT.
-fn drop(
+fn drop<T: Flow>(
     ctx: &TcContext,
-    t: Option<&CtKeyV4>,
+    t: Option<&T>,
     reason: u32,
     src_identity: u32,
     dst_identity: u32,
@@ -548,11 +781,7 @@ fn drop(
         ..DropEvent::default()
     };
     if let Some(t) = t {
-        ev.saddr = t.saddr;
-        ev.daddr = t.daddr;
-        ev.sport = t.sport;
-        ev.dport = t.dport;
-        ev.protocol = t.protocol;
+        t.fill_event(&mut ev);
     }
     if event_allowed() {
         // A full ring buffer loses the event; the counter above still has it.
