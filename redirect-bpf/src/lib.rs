@@ -40,6 +40,8 @@ pub enum Error {
     NoSuchInterface(String, nix::Error),
     #[error("mounting bpffs on /sys/fs/bpf: {0}")]
     Mount(nix::Error),
+    #[error("reading CLOCK_MONOTONIC: {0}")]
+    Clock(nix::Error),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }

@@ -5,6 +5,7 @@
 use std::fs;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use aya::maps::lpm_trie::Key;
 use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
@@ -13,8 +14,8 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use redirect_bpf_common::{
-    map_names, program_names, CtKeyV4, CtKeyV6, CtValue, DropEvent, EndpointInfo, EventRate,
-    IpcacheValue, PolicyKeyData, PolicyValue, POLICY_FIXED_BITS,
+    ct_flags, map_names, program_names, CtKeyV4, CtKeyV6, CtValue, DropEvent, EndpointInfo,
+    EventRate, IpcacheValue, PolicyKeyData, PolicyValue, POLICY_FIXED_BITS,
 };
 
 use crate::compile::PolicyEntry;
@@ -284,6 +285,49 @@ impl Datapath {
         out
     }
 
+    /// Removes conntrack entries idle for longer than `idle`, and closed TCP flows (FIN or
+    /// RST seen) idle for longer than `closing`. Returns how many were removed. The map
+    /// is an LRU as well, so this keeps it accurate rather than merely bounded.
+    pub fn expire_conntrack(&mut self, idle: Duration, closing: Duration) -> Result<usize, Error> {
+        let now = monotonic_ns()?;
+        let expired = |v: &CtValue| {
+            let age = now.saturating_sub(v.last_seen_ns);
+            let limit = if v.flags & ct_flags::CLOSING != 0 {
+                closing
+            } else {
+                idle
+            };
+            u128::from(age) > limit.as_nanos()
+        };
+        let v4: Vec<CtKeyV4> = self
+            .conntrack_v4
+            .iter()
+            .flatten()
+            .filter(|(_, v)| expired(v))
+            .map(|(k, _)| k)
+            .collect();
+        let v6: Vec<CtKeyV6> = self
+            .conntrack_v6
+            .iter()
+            .flatten()
+            .filter(|(_, v)| expired(v))
+            .map(|(k, _)| k)
+            .collect();
+        let mut removed = 0;
+        for k in &v4 {
+            // Gone already (LRU eviction, a concurrent run): nothing to do.
+            if self.conntrack_v4.remove(k).is_ok() {
+                removed += 1;
+            }
+        }
+        for k in &v6 {
+            if self.conntrack_v6.remove(k).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Whether `ip` is an endpoint of a live conntrack entry (either side).
     pub fn in_live_connection(&self, ip: IpAddr) -> bool {
         match ip {
@@ -326,6 +370,12 @@ fn unpin(path: &Path) -> Result<(), Error> {
         .map_err(|e| Error::Link(format!("unpin {}: {e}", path.display())))?;
     drop(link);
     Ok(())
+}
+
+/// The clock of `bpf_ktime_get_ns` (CLOCK_MONOTONIC), in nanoseconds.
+fn monotonic_ns() -> Result<u64, Error> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_err(Error::Clock)?;
+    Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
 
 fn ifindex(iface: &str) -> Result<u32, Error> {

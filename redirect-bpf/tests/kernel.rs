@@ -447,8 +447,19 @@ fn replies_pass_and_reverse_flow_is_denied() {
     assert!(dp.drops(drop_reason::POLICY_DEFAULT_DENY).expect("drops") >= 1);
     // The established connection still works after the denied attempt.
     round_trip(&mut s, b"still up");
-    drop(s);
     assert!(dp.in_live_connection(IpAddr::V4(b.ip)));
+    // Idle expiry keeps a live flow; once closed (FIN seen both ways), it goes.
+    let long = Duration::from_secs(3600);
+    dp.expire_conntrack(long, long).expect("expire");
+    assert!(dp.in_live_connection(IpAddr::V4(b.ip)));
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("the server closes too");
+    drop(s);
+    eventually("the closed flow expires", || {
+        dp.expire_conntrack(long, Duration::ZERO).expect("expire");
+        !dp.in_live_connection(IpAddr::V4(b.ip))
+    });
 }
 
 /// A transparent listener on 0.0.0.0:`port` in `ns` (IP_TRANSPARENT, as the proxy).
