@@ -49,9 +49,22 @@ pub struct Datapath {
 }
 
 /// The hooks of a pod's host-side veth.
-const HOOKS: [(&str, TcAttachType, &str); 2] = [
+const POD_HOOKS: [(&str, TcAttachType, &str); 2] = [
     (program_names::FROM_POD, TcAttachType::Ingress, "ingress"),
     (program_names::TO_POD, TcAttachType::Egress, "egress"),
+];
+
+/// The hook of a node's uplink.
+const UPLINK_HOOKS: [(&str, TcAttachType, &str); 1] = [(
+    program_names::FROM_UPLINK,
+    TcAttachType::Ingress,
+    "uplink-ingress",
+)];
+
+const PROGRAMS: [&str; 3] = [
+    program_names::FROM_POD,
+    program_names::TO_POD,
+    program_names::FROM_UPLINK,
 ];
 
 impl Datapath {
@@ -68,7 +81,7 @@ impl Datapath {
             .map_pin_path(root)
             .load(OBJECT)
             .map_err(|e| Error::Load(Box::new(e)))?;
-        for (name, _, _) in HOOKS {
+        for name in PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(Error::NoSuchProgram(name))?
@@ -114,13 +127,27 @@ impl Datapath {
             .join(format!("{iface}:{ifindex}:{hook}"))
     }
 
-    /// Attaches both programs to `iface` (looked up in the calling thread's network
-    /// namespace). Idempotent: a hook that already has Ward's pinned link is left alone,
-    /// and pins of an earlier interface of the same name (another ifindex) are dropped.
+    /// Attaches the pod programs to a pod's host-side veth `iface` (looked up in the
+    /// calling thread's network namespace). Idempotent: a hook that already has Ward's
+    /// pinned link is left alone, and pins of an earlier interface of the same name
+    /// (another ifindex) are dropped.
     pub fn attach(&mut self, iface: &str) -> Result<(), Error> {
+        self.attach_hooks(iface, &POD_HOOKS)
+    }
+
+    /// Attaches the uplink program to the node's uplink `iface`, as `attach` does.
+    pub fn attach_uplink(&mut self, iface: &str) -> Result<(), Error> {
+        self.attach_hooks(iface, &UPLINK_HOOKS)
+    }
+
+    fn attach_hooks(
+        &mut self,
+        iface: &str,
+        hooks: &[(&'static str, TcAttachType, &str)],
+    ) -> Result<(), Error> {
         let ifindex = ifindex(iface)?;
         self.remove_stale_links(iface, ifindex)?;
-        for (name, attach_type, hook) in HOOKS {
+        for &(name, attach_type, hook) in hooks {
             let pin = self.link_pin(iface, ifindex, hook);
             if pin.exists() {
                 continue;

@@ -85,6 +85,8 @@ struct Lab {
     node: String,
     pods: Vec<Pod>,
     root: PathBuf,
+    /// Namespaces beyond the node's uplink (other nodes), deleted with the lab.
+    remotes: Vec<String>,
 }
 
 impl Lab {
@@ -97,6 +99,7 @@ impl Lab {
             node: node.clone(),
             pods: Vec::new(),
             root,
+            remotes: Vec::new(),
         };
         sh(&["ip", "netns", "add", &node]);
         sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
@@ -249,8 +252,51 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// A namespace standing for another node (and a pod on it) behind the node's uplink
+    /// `up0`: 10.78.0.2 there, 10.78.0.1 on the node.
+    fn add_remote(&mut self) -> (String, Ipv4Addr) {
+        let ns = self.node.replace("-node", "-remote");
+        sh(&["ip", "netns", "add", &ns]);
+        self.remotes.push(ns.clone());
+        let n = &self.node;
+        sh(&[
+            "ip", "-n", n, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns",
+            &ns,
+        ]);
+        sh(&["ip", "-n", n, "addr", "add", "10.78.0.1/24", "dev", "up0"]);
+        sh(&["ip", "-n", n, "link", "set", "up0", "up"]);
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            "10.78.0.2/24",
+            "dev",
+            "eth0",
+        ]);
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.78.0.1",
+        ]);
+        (ns, Ipv4Addr::new(10, 78, 0, 2))
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
+        for ns in &self.remotes {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
         for p in &self.pods {
             let _ = Command::new("ip").args(["netns", "del", &p.ns]).status();
         }
@@ -1124,4 +1170,57 @@ fn ipv6_allow_deny_and_replies() {
         && e.daddr6 == b.ip6.octets()
         && e.reason == drop_reason::POLICY_DEFAULT_DENY));
     assert!(dp.in_live_connection(IpAddr::V6(b.ip6)));
+}
+
+#[test]
+fn uplink_ingress_policy_and_redirect() {
+    const PROXY_PORT: u16 = 15004;
+    let mut lab = Lab::new("uplink", 1);
+    let (remote, remote_ip) = lab.add_remote();
+    lab.proxy_routing();
+    let mut dp = lab.datapath();
+    in_ns(&lab.node, || {
+        dp.attach_uplink("up0").expect("attach uplink");
+        dp.attach_uplink("up0").expect("attach uplink again");
+    });
+    dp.set_ipcache(ipnet("10.78.0.2/32"), 7000)
+        .expect("ipcache");
+    let a = &lab.pods[0];
+    lab.set_endpoint(&mut dp, 0, endpoint_flags::DEFAULT_DENY_INGRESS);
+    dp.insert_policy(&[
+        entry(a.endpoint_id, DIR_INGRESS, 7000, Some(80), action::ALLOW, 0),
+        entry(
+            a.endpoint_id,
+            DIR_INGRESS,
+            7000,
+            Some(8080),
+            action::REDIRECT,
+            PROXY_PORT,
+        ),
+    ])
+    .expect("policy");
+    echo_server(&a.ns, a.ip, 80);
+    echo_server(&a.ns, a.ip, 81);
+
+    let mut s = connect(&remote, a.ip, 80, ALLOWED).expect("remote -> a:80 is allowed");
+    round_trip(&mut s, b"across the uplink");
+    assert_denied(&remote, a.ip, 81);
+    let events = dp.drain_events();
+    assert!(events.iter().any(|e| e.saddr == remote_ip.octets()
+        && e.src_identity == 7000
+        && u16::from_be_bytes(e.dport) == 81
+        && e.direction == DIR_INGRESS));
+
+    // A redirect decided at the uplink's ingress reaches the node's proxy.
+    let proxy = transparent_listener(&lab.node, PROXY_PORT);
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let (conn, peer) = proxy.accept().expect("accept");
+        tx.send((peer, conn.local_addr().expect("local addr")))
+            .expect("send");
+    });
+    connect(&remote, a.ip, 8080, ALLOWED).expect("remote -> a:8080 reaches the proxy");
+    let (peer, orig_dst) = rx.recv_timeout(ALLOWED).expect("the proxy accepted");
+    assert_eq!(orig_dst, SocketAddr::V4(SocketAddrV4::new(a.ip, 8080)));
+    assert_eq!(peer.ip(), IpAddr::V4(remote_ip));
 }

@@ -39,6 +39,8 @@ pub mod program_names {
     pub const FROM_POD: &str = "ward_from_pod";
     /// tc egress of a pod's host-side veth: traffic the node delivers to the pod.
     pub const TO_POD: &str = "ward_to_pod";
+    /// tc ingress of the node's uplink: traffic from other nodes and outside.
+    pub const FROM_UPLINK: &str = "ward_from_uplink";
 }
 
 /// Capacities of the maps.

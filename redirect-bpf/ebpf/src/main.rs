@@ -9,6 +9,10 @@
 //!
 //! `ward_to_pod` runs on tc egress of the same veth (traffic the node delivers to the
 //! pod) and decides the pod's ingress policy for flows that did not start at a local pod.
+//!
+//! `ward_from_uplink` runs on tc ingress of the node's uplink(s) (traffic from other
+//! nodes and outside): it decides the ingress policy of the local pod it is for, and can
+//! redirect there, being an ingress hook.
 
 #![no_std]
 #![no_main]
@@ -320,8 +324,36 @@ fn from_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>) -> Result<i32, ()> {
 }
 
 #[inline(always)]
+#[classifier]
+pub fn ward_from_uplink(ctx: TcContext) -> i32 {
+    let r = match parse(&ctx) {
+        Ok(Parsed::V4(p)) => to_local_pod(&ctx, p, true),
+        Ok(Parsed::V6(p)) => to_local_pod(&ctx, p, true),
+        Ok(Parsed::Other) => Ok(TC_ACT_OK),
+        Err(()) => Err(()),
+    };
+    match r {
+        Ok(v) => v,
+        Err(()) => drop::<CtKeyV4>(&ctx, None, drop_reason::MALFORMED, 0, 0, DIR_INGRESS, 0),
+    }
+}
+
+#[inline(always)]
 fn to_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>) -> Result<i32, ()> {
+    to_local_pod(ctx, pkt, false)
+}
+
+/// The ingress policy of the local pod a packet is for. `at_ingress`: the hook can
+/// redirect (tc ingress of an uplink) and owns the exact-socket lookup for the replies
+/// to the proxies' transparent upstream connections.
+#[inline(always)]
+fn to_local_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>, at_ingress: bool) -> Result<i32, ()> {
     let t = &pkt.tuple;
+    if at_ingress {
+        if let Some(r) = assign_established(ctx, t) {
+            return Ok(r);
+        }
+    }
     if proxy_marked(ctx) {
         // A proxy's upstream connection: the proxy enforced policy already. Tracked, so
         // that the pod's replies pass whatever its egress policy says.
@@ -347,6 +379,7 @@ fn to_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>) -> Result<i32, ()> {
             DIR_INGRESS,
             v.cookie,
         )),
+        action::REDIRECT if at_ingress => Ok(redirect(ctx, t, v, src_id, dst_id, DIR_INGRESS)),
         // bpf_sk_assign works only at ingress hooks; flows from other nodes are
         // redirected at the uplink's ingress, so reaching this is a configuration gap.
         action::REDIRECT => Ok(drop(
