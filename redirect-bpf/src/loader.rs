@@ -415,6 +415,12 @@ fn ensure_bpffs(root: &Path) -> Result<(), Error> {
     if !root.starts_with(bpffs) {
         return Ok(());
     }
+    // Two loads racing here would stack two mounts, the second hiding what the first
+    // pinned: check and mount under one lock.
+    static MOUNT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = MOUNT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let mounts = fs::read_to_string("/proc/self/mounts")
         .map_err(|e| Error::io(Path::new("/proc/self/mounts"), e))?;
     let mounted = mounts.lines().any(|l| {
