@@ -1224,3 +1224,63 @@ fn uplink_ingress_policy_and_redirect() {
     assert_eq!(orig_dst, SocketAddr::V4(SocketAddrV4::new(a.ip, 8080)));
     assert_eq!(peer.ip(), IpAddr::V4(remote_ip));
 }
+
+#[test]
+fn ipv6_redirect_to_transparent_listener() {
+    const PROXY_PORT: u16 = 15006;
+    let lab = Lab::new("ipv6redirect", 2);
+    lab.proxy_routing();
+    let n = &lab.node;
+    sh(&[
+        "ip",
+        "-n",
+        n,
+        "-6",
+        "rule",
+        "add",
+        "fwmark",
+        "0x200/0xf00",
+        "lookup",
+        "100",
+        "pref",
+        "90",
+    ]);
+    sh(&[
+        "ip", "-n", n, "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100",
+    ]);
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    lab.set_endpoint(&mut dp, 0, 0);
+    dp.insert_policy(&[entry(
+        a.endpoint_id,
+        DIR_EGRESS,
+        b.identity,
+        Some(80),
+        action::REDIRECT,
+        PROXY_PORT,
+    )])
+    .expect("policy");
+    // A dual-stack transparent listener on [::], found by the lookup of [::1]:port.
+    let proxy = in_ns(&lab.node, || {
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
+            .expect("socket");
+        s.set_only_v6(false).expect("dual stack");
+        // IP_TRANSPARENT sets the same flag as IPV6_TRANSPARENT on an IPv6 socket.
+        s.set_ip_transparent(true).expect("IP_TRANSPARENT");
+        s.set_reuse_address(true).expect("SO_REUSEADDR");
+        let any = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, PROXY_PORT, 0, 0));
+        s.bind(&any.into()).expect("bind");
+        s.listen(16).expect("listen");
+        TcpListener::from(s)
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let (conn, peer) = proxy.accept().expect("accept");
+        tx.send((peer, conn.local_addr().expect("local addr")))
+            .expect("send");
+    });
+    let s = connect6(&a.ns, b.ip6, 80, ALLOWED).expect("a -> b:80 over IPv6 reaches the proxy");
+    let (peer, orig_dst) = rx.recv_timeout(ALLOWED).expect("the proxy accepted");
+    assert_eq!(orig_dst, SocketAddr::V6(SocketAddrV6::new(b.ip6, 80, 0, 0)));
+    assert_eq!(peer, s.local_addr().expect("local addr"));
+}
