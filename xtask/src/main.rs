@@ -121,6 +121,16 @@ fn test() -> Result {
     ensure_debs(TEST_PACKAGES)?;
     // First, so that the user-space crate embeds the object the kernel tests load.
     build_ebpf()?;
+    let status = nightly_cargo()
+        .args(["clippy", "--release", "--target-dir"])
+        .arg(root().join("target/bpf"))
+        .args(["--", "-D", "warnings"])
+        .current_dir(ebpf_dir())
+        .status()
+        .map_err(|e| format!("cannot start cargo +nightly clippy: {e}"))?;
+    if !status.success() {
+        return Err(format!("clippy of the eBPF crate failed: {status}"));
+    }
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo()
         .args(["fmt", "--check", "--manifest-path"])
