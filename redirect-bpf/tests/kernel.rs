@@ -820,6 +820,7 @@ fn icmp_echo_by_type_with_replies() {
     let lab = Lab::new("icmp", 3);
     let mut dp = lab.datapath();
     let (a, b, c) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
+    lab.set_endpoint(&mut dp, 0, endpoint_flags::DEFAULT_DENY_INGRESS);
     lab.set_endpoint(&mut dp, 1, endpoint_flags::DEFAULT_DENY_INGRESS);
     // a may send echo requests (type 8) to b; the echo reply goes back as a reply.
     dp.insert_policy(&[entry_proto(
@@ -834,6 +835,8 @@ fn icmp_echo_by_type_with_replies() {
     .expect("policy");
     assert!(ping(&a.ns, b.ip, ALLOWED), "a pings b");
     assert!(!ping(&c.ns, b.ip, DENIED), "c may not ping b");
+    // b's own echo request to a is no reply of a's (the echo identifier is tracked).
+    assert!(!ping(&b.ns, a.ip, DENIED), "b may not ping a");
 }
 
 /// Adds an address to a pod's interface (the pod keeps answering on both).

@@ -78,6 +78,10 @@ const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
 /// ICMPv6 router solicitation .. redirect (133..=137).
 const ICMPV6_ND_FIRST: u8 = 133;
 const ICMPV6_ND_LAST: u8 = 137;
@@ -503,6 +507,19 @@ fn l4(
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
             let ty: u8 = ctx.load(off).map_err(|_| ())?;
+            // Echo request and reply carry their identifier in the tuple (request as the
+            // source "port", reply as the destination), so that only the reply to a
+            // tracked request passes as a reply; other ICMP keeps zero ports.
+            let (request, reply) = if protocol == PROTO_ICMP {
+                (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY)
+            } else {
+                (ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY)
+            };
+            if ty == request {
+                *sport = ctx.load(off + 4).map_err(|_| ())?;
+            } else if ty == reply {
+                *dport = ctx.load(off + 4).map_err(|_| ())?;
+            }
             Ok(([0, ty], 0))
         }
         _ => Ok(([0; 2], 0)),
