@@ -11,7 +11,10 @@ const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
-  test            format check, clippy (-D warnings), all tests, and the conformance suite
+  test            build the eBPF object, format check, clippy (-D warnings), all tests,
+                  and the conformance suite
+  build-ebpf      install the eBPF toolchain when missing (nightly, rust-src, bpf-linker)
+                  and build the datapath's eBPF object into target/bpf
   demo            the main job for now: conformance over the shared cases and a trace example
   fuzz [SECONDS]  run the policy fuzz target (default 60 s) with cargo-fuzz on nightly
   bench           run the criterion benchmarks
@@ -21,6 +24,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test(),
+        Some("build-ebpf") => build_ebpf(),
         Some("demo") => demo(),
         Some("fuzz") => fuzz(args.get(1).map(String::as_str)),
         Some("bench") => bench(),
@@ -115,7 +119,22 @@ fn installed(p: &str) -> bool {
 fn test() -> Result {
     ensure_components()?;
     ensure_debs(TEST_PACKAGES)?;
+    // First, so that the user-space crate embeds the object the kernel tests load.
+    build_ebpf()?;
+    let status = nightly_cargo()
+        .args(["clippy", "--release", "--target-dir"])
+        .arg(root().join("target/bpf"))
+        .args(["--", "-D", "warnings"])
+        .current_dir(ebpf_dir())
+        .status()
+        .map_err(|e| format!("cannot start cargo +nightly clippy: {e}"))?;
+    if !status.success() {
+        return Err(format!("clippy of the eBPF crate failed: {status}"));
+    }
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo()
+        .args(["fmt", "--check", "--manifest-path"])
+        .arg(ebpf_dir().join("Cargo.toml")))?;
     run(cargo().args([
         "clippy",
         "--workspace",
@@ -167,7 +186,8 @@ fn demo() -> Result {
     Ok(())
 }
 
-fn ensure_cargo_fuzz() -> Result {
+/// The nightly toolchain (cargo-fuzz and the eBPF build use it).
+fn ensure_nightly() -> Result {
     if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         run(Command::new("rustup").args([
             "toolchain",
@@ -177,6 +197,11 @@ fn ensure_cargo_fuzz() -> Result {
             "minimal",
         ]))?;
     }
+    Ok(())
+}
+
+fn ensure_cargo_fuzz() -> Result {
+    ensure_nightly()?;
     if !succeeds(cargo().args(["fuzz", "--version"])) {
         run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
     }
@@ -209,4 +234,109 @@ fn fuzz(seconds: Option<&str>) -> Result {
 
 fn bench() -> Result {
     run(cargo().args(["bench", "--workspace"]))
+}
+
+fn ebpf_dir() -> PathBuf {
+    root().join("redirect-bpf/ebpf")
+}
+
+/// bpf-linker from crates.io, built against the nightly toolchain's own LLVM (see the
+/// datapath recipe): the version is pinned, the LLVM feature follows the toolchain.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// `cargo +nightly`, with nothing of the outer (stable) cargo leaking into it.
+fn nightly_cargo() -> Command {
+    let mut c = Command::new("cargo");
+    c.arg("+nightly");
+    for var in [
+        "CARGO",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTFLAGS",
+        "LD_LIBRARY_PATH",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
+
+fn nightly_sysroot() -> Result<PathBuf> {
+    let out = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .output()
+        .map_err(|e| format!("rustc +nightly: {e}"))?;
+    if !out.status.success() {
+        return Err("rustc +nightly --print sysroot failed".into());
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// nightly + rust-src + bpf-linker linked to the nightly's `libLLVM-<major>-rust-*.so`.
+fn ensure_ebpf_toolchain() -> Result {
+    ensure_nightly()?;
+    let sysroot = nightly_sysroot()?;
+    if !sysroot.join("lib/rustlib/src/rust/library").is_dir() {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    // A bpf-linker that starts is linked to the LLVM of the installed nightly (its
+    // library's file name carries the toolchain version, so an updated nightly breaks it).
+    if succeeds(Command::new("bpf-linker").arg("--version")) {
+        return Ok(());
+    }
+    let lib = sysroot.join("lib");
+    let llvm = std::fs::read_dir(&lib)
+        .map_err(|e| format!("{}: {e}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM-") && n.contains("-rust-") && n.ends_with(".so"))
+        .ok_or_else(|| format!("no libLLVM-*-rust-*.so in {}", lib.display()))?;
+    let name = llvm
+        .trim_start_matches("lib")
+        .trim_end_matches(".so")
+        .to_string();
+    let major = name
+        .split('-')
+        .nth(1)
+        .filter(|m| m.chars().all(|c| c.is_ascii_digit()))
+        .ok_or_else(|| format!("cannot read the LLVM version of {llvm}"))?;
+    let lib = lib.display();
+    run(nightly_cargo()
+        .env(
+            "RUSTFLAGS",
+            format!("-L {lib} -l dylib={name} -C link-arg=-Wl,-rpath,{lib}"),
+        )
+        .args([
+            "install",
+            "--force",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args(["--no-default-features", "--features"])
+        .arg(format!("llvm-{major},no-llvm-linking")))
+}
+
+/// Builds the eBPF object into target/bpf/bpfel-unknown-none/release/ward-redirect, where
+/// redirect-bpf's build.rs embeds it from.
+fn build_ebpf() -> Result {
+    ensure_ebpf_toolchain()?;
+    let status = nightly_cargo()
+        .args(["build", "--release", "--target-dir"])
+        .arg(root().join("target/bpf"))
+        // The crate's .cargo/config.toml (target, build-std) applies from its directory.
+        .current_dir(ebpf_dir())
+        .status()
+        .map_err(|e| format!("cannot start cargo +nightly: {e}"))?;
+    if !status.success() {
+        return Err(format!("building the eBPF object failed: {status}"));
+    }
+    Ok(())
 }

@@ -1,0 +1,286 @@
+//! The layout of Ward's datapath maps, shared by the eBPF programs (`no_std`) and the
+//! loader (with the `user` feature, which implements `aya::Pod`).
+//!
+//! Addresses and ports in keys are in network byte order (as they appear on the wire), so
+//! the programs copy them from packets without swapping and the LPM tries compare their
+//! bits most significant first. Values are in host byte order.
+
+#![no_std]
+
+/// Names of the maps in the object; the loader pins each under its bpffs root.
+pub mod map_names {
+    pub const IPCACHE_V4: &str = "IPCACHE_V4";
+    pub const IPCACHE_V6: &str = "IPCACHE_V6";
+    pub const ENDPOINTS_V4: &str = "ENDPOINTS_V4";
+    pub const ENDPOINTS_V6: &str = "ENDPOINTS_V6";
+    pub const POLICY: &str = "POLICY";
+    pub const CONNTRACK_V4: &str = "CONNTRACK_V4";
+    pub const CONNTRACK_V6: &str = "CONNTRACK_V6";
+    pub const DROPS: &str = "DROPS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const EVENT_RATE: &str = "EVENT_RATE";
+    pub const ALL: [&str; 10] = [
+        IPCACHE_V4,
+        IPCACHE_V6,
+        ENDPOINTS_V4,
+        ENDPOINTS_V6,
+        POLICY,
+        CONNTRACK_V4,
+        CONNTRACK_V6,
+        DROPS,
+        EVENTS,
+        EVENT_RATE,
+    ];
+}
+
+/// Names of the programs in the object.
+pub mod program_names {
+    /// tc ingress of a pod's host-side veth: traffic leaving the pod.
+    pub const FROM_POD: &str = "ward_from_pod";
+    /// tc egress of a pod's host-side veth: traffic the node delivers to the pod.
+    pub const TO_POD: &str = "ward_to_pod";
+    /// tc ingress of the node's uplink: traffic from other nodes and outside.
+    pub const FROM_UPLINK: &str = "ward_from_uplink";
+}
+
+/// Capacities of the maps.
+pub const IPCACHE_MAX: u32 = 262_144;
+pub const ENDPOINTS_MAX: u32 = 65_536;
+pub const POLICY_MAX: u32 = 262_144;
+pub const CONNTRACK_MAX: u32 = 262_144;
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// Identities the datapath itself needs (same numbers as policy-model's reserved ones).
+pub const IDENTITY_WORLD: u32 = 2;
+/// In a policy key: every peer identity.
+pub const IDENTITY_ANY: u32 = 0;
+
+/// Marks (`skb->mark & MARK_MASK`), as Cilium uses them.
+pub const MARK_MASK: u32 = 0xf00;
+/// Set by the datapath on packets it assigned to a local (proxy) socket; the node's ip
+/// rule `fwmark 0x200/0xf00 lookup <table>` with `local 0.0.0.0/0 dev lo` delivers them.
+pub const MARK_TO_PROXY: u32 = 0x200;
+/// Set (SO_MARK) by the ingress and the egress proxy on their upstream sockets.
+pub const MARK_FROM_INGRESS_PROXY: u32 = 0xa00;
+pub const MARK_FROM_EGRESS_PROXY: u32 = 0xb00;
+
+/// Directions, as indices of a policy key (same order as policy-model's `Direction`).
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+/// IP protocol numbers used in keys.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// The value of both ipcache tries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheValue {
+    /// Numeric security identity.
+    pub identity: u32,
+    pub flags: u32,
+}
+
+/// Endpoint flags.
+pub mod endpoint_flags {
+    /// Something not allowed is denied in the endpoint's ingress direction.
+    pub const DEFAULT_DENY_INGRESS: u32 = 1 << 0;
+    /// Something not allowed is denied in the endpoint's egress direction.
+    pub const DEFAULT_DENY_EGRESS: u32 = 1 << 1;
+}
+
+/// Value of the endpoints map (key: the pod's IPv4 address, network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// Endpoint id used in policy keys (allocated by the agent, never 0).
+    pub endpoint_id: u32,
+    /// The endpoint's own numeric identity.
+    pub identity: u32,
+    /// Host-side veth ifindex (0 when unknown).
+    pub ifindex: u32,
+    pub flags: u32,
+}
+
+/// Data of a policy LPM key. Every field but the port is always fully covered by the
+/// prefix: `prefix_len = POLICY_FIXED_BITS + port prefix bits (0..=16)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyKeyData {
+    pub endpoint_id: u32,
+    /// Peer identity, or `IDENTITY_ANY`.
+    pub identity: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    /// Destination port, network byte order.
+    pub port: [u8; 2],
+}
+
+/// Bits of a policy key before the port.
+pub const POLICY_FIXED_BITS: u32 = 80;
+
+/// Verdicts of a policy entry, in increasing precedence: when several entries match
+/// (the exact identity and the wildcard one), the greatest wins.
+pub mod action {
+    pub const NONE: u8 = 0;
+    pub const ALLOW: u8 = 1;
+    pub const REDIRECT: u8 = 2;
+    pub const DENY: u8 = 3;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub action: u8,
+    pub _pad: u8,
+    /// Proxy listener port (host order) for `REDIRECT`.
+    pub proxy_port: u16,
+    /// Opaque rule reference for events (policy-model origin, packed by the loader).
+    pub cookie: u32,
+}
+
+/// Conntrack key: the 5-tuple as seen in the packet (addresses and ports network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKeyV4 {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+impl CtKeyV4 {
+    /// The key of the reply direction.
+    pub fn reverse(&self) -> CtKeyV4 {
+        CtKeyV4 {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            protocol: self.protocol,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Conntrack key of IPv6 flows, as `CtKeyV4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKeyV6 {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+impl CtKeyV6 {
+    /// The key of the reply direction.
+    pub fn reverse(&self) -> CtKeyV6 {
+        CtKeyV6 {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            protocol: self.protocol,
+            _pad: [0; 3],
+        }
+    }
+}
+
+pub mod ct_flags {
+    /// The flow was redirected to a proxy.
+    pub const PROXIED: u32 = 1 << 0;
+    /// A TCP FIN or RST was seen: the entry may be reused by a new flow.
+    pub const CLOSING: u32 = 1 << 1;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns` of creation and of the last packet.
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub flags: u32,
+    pub packets: u32,
+}
+
+/// Drop reasons: indices of the per-CPU `DROPS` counters and the `reason` of events.
+pub mod drop_reason {
+    pub const POLICY_DENY: u32 = 1;
+    pub const POLICY_DEFAULT_DENY: u32 = 2;
+    pub const PROXY_UNAVAILABLE: u32 = 3;
+    /// A redirect decided on a hook where `bpf_sk_assign` cannot run (tc egress).
+    pub const REDIRECT_UNSUPPORTED: u32 = 4;
+    pub const MALFORMED: u32 = 5;
+    pub const SK_ASSIGN_FAILED: u32 = 6;
+    pub const COUNT: u32 = 16;
+}
+
+/// Events each CPU may emit per second; drops beyond are counted, not reported.
+pub const EVENTS_PER_CPU_PER_SECOND: u32 = 1000;
+
+/// Per-CPU state of the event rate limit (`EVENT_RATE`, one slot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventRate {
+    pub window_start_ns: u64,
+    pub in_window: u32,
+    pub _pad: u32,
+    /// Events not emitted because of the limit, ever.
+    pub suppressed: u64,
+}
+
+/// One record of the `EVENTS` ring buffer. IPv4 flows fill `saddr`/`daddr`, IPv6 flows
+/// `saddr6`/`daddr6` (`family` 4 or 6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    pub reason: u32,
+    pub ifindex: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub protocol: u8,
+    pub direction: u8,
+    pub family: u8,
+    pub _pad: u8,
+    pub cookie: u32,
+    pub saddr6: [u8; 16],
+    pub daddr6: [u8; 16],
+}
+
+// aya::Pod is an unsafe trait; everything else in this crate is plain data.
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+mod pod {
+    use super::*;
+    // SAFETY: every type below is #[repr(C)], Copy, made only of integers and byte
+    // arrays with explicit padding fields, so any bit pattern is a valid value.
+    unsafe impl aya::Pod for IpcacheValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EndpointInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyKeyData {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtKeyV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtKeyV6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DropEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EventRate {}
+}

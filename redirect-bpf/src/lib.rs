@@ -1,0 +1,67 @@
+//! Ward's datapath in user space.
+//!
+//! - [`loader::Datapath`] loads the eBPF object (built by `cargo xtask build-ebpf` and
+//!   embedded at build time), pins its maps under a bpffs root (default
+//!   [`loader::DEFAULT_ROOT`]), attaches the programs to pod veths, and reads and writes
+//!   the maps.
+//! - [`compile::endpoint_entries`] turns policy-model's compiled endpoint policy into
+//!   policy map entries. Policy semantics stay in policy-model: the datapath executes.
+
+pub mod compile;
+pub mod loader;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub use compile::{endpoint_entries, EndpointEntries, PolicyEntry, ProxyPorts};
+pub use loader::{Datapath, DEFAULT_ROOT};
+pub use redirect_bpf_common as common;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("this build carries no eBPF object: run `cargo xtask build-ebpf`, then rebuild")]
+    ObjectMissing,
+    #[error("loading the eBPF object: {0}")]
+    Load(Box<aya::EbpfError>),
+    #[error("the eBPF object has no program {0}")]
+    NoSuchProgram(&'static str),
+    #[error("the eBPF object has no map {0}")]
+    NoSuchMap(&'static str),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("link: {0}")]
+    Link(String),
+    #[error("map: {0}")]
+    Map(Box<aya::maps::MapError>),
+    #[error("no interface {0}: {1}")]
+    NoSuchInterface(String, nix::Error),
+    #[error("mounting bpffs on /sys/fs/bpf: {0}")]
+    Mount(nix::Error),
+    #[error("reading CLOCK_MONOTONIC: {0}")]
+    Clock(nix::Error),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+impl Error {
+    fn io(path: &Path, source: io::Error) -> Error {
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    fn program(name: &'static str, source: aya::programs::ProgramError) -> Error {
+        Error::Program {
+            name,
+            source: Box::new(source),
+        }
+    }
+
+    fn map(source: aya::maps::MapError) -> Error {
+        Error::Map(Box::new(source))
+    }
+}

@@ -1,0 +1,467 @@
+//! Loads the eBPF object, pins its maps under a bpffs root (reusing them after a restart),
+//! attaches the programs to interfaces (TCX on kernels >= 6.6) with pinned links, and
+//! reads and writes the maps.
+
+use std::fs;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aya::maps::lpm_trie::Key;
+use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use ipnet::IpNet;
+use redirect_bpf_common::{
+    ct_flags, map_names, program_names, CtKeyV4, CtKeyV6, CtValue, DropEvent, EndpointInfo,
+    EventRate, IpcacheValue, PolicyKeyData, PolicyValue, POLICY_FIXED_BITS,
+};
+
+use crate::compile::PolicyEntry;
+use crate::Error;
+
+/// The default bpffs root of Ward's pins.
+pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/ward";
+
+/// The object built by `cargo xtask build-ebpf`, or empty when it was not built.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ward-redirect.o"));
+
+/// Whether this build carries the eBPF object.
+pub fn object_embedded() -> bool {
+    !OBJECT.is_empty()
+}
+
+/// The loaded datapath: programs ready to attach, maps pinned under `root`.
+pub struct Datapath {
+    ebpf: Ebpf,
+    root: PathBuf,
+    ipcache_v4: LpmTrie<MapData, [u8; 4], IpcacheValue>,
+    ipcache_v6: LpmTrie<MapData, [u8; 16], IpcacheValue>,
+    endpoints_v4: HashMap<MapData, [u8; 4], EndpointInfo>,
+    endpoints_v6: HashMap<MapData, [u8; 16], EndpointInfo>,
+    policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
+    conntrack_v4: HashMap<MapData, CtKeyV4, CtValue>,
+    conntrack_v6: HashMap<MapData, CtKeyV6, CtValue>,
+    drops: PerCpuArray<MapData, u64>,
+    events: RingBuf<MapData>,
+    event_rate: PerCpuArray<MapData, EventRate>,
+}
+
+/// The hooks of a pod's host-side veth.
+const POD_HOOKS: [(&str, TcAttachType, &str); 2] = [
+    (program_names::FROM_POD, TcAttachType::Ingress, "ingress"),
+    (program_names::TO_POD, TcAttachType::Egress, "egress"),
+];
+
+/// The hook of a node's uplink.
+const UPLINK_HOOKS: [(&str, TcAttachType, &str); 1] = [(
+    program_names::FROM_UPLINK,
+    TcAttachType::Ingress,
+    "uplink-ingress",
+)];
+
+const PROGRAMS: [&str; 3] = [
+    program_names::FROM_POD,
+    program_names::TO_POD,
+    program_names::FROM_UPLINK,
+];
+
+impl Datapath {
+    /// Loads the object with its maps pinned under `root` (created, and bpffs mounted on
+    /// /sys/fs/bpf, when missing). Maps already pinned there are reused, so their
+    /// content survives a restart of the agent.
+    pub fn load(root: &Path) -> Result<Datapath, Error> {
+        if !object_embedded() {
+            return Err(Error::ObjectMissing);
+        }
+        ensure_bpffs(root)?;
+        fs::create_dir_all(root.join("links")).map_err(|e| Error::io(root, e))?;
+        let mut ebpf = EbpfLoader::new()
+            .map_pin_path(root)
+            .load(OBJECT)
+            .map_err(|e| Error::Load(Box::new(e)))?;
+        for name in PROGRAMS {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(Error::NoSuchProgram(name))?
+                .try_into()
+                .map_err(|e| Error::program(name, e))?;
+            prog.load().map_err(|e| Error::program(name, e))?;
+        }
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(Error::NoSuchMap(name));
+        let ipcache_v4 = take(map_names::IPCACHE_V4)?;
+        let ipcache_v6 = take(map_names::IPCACHE_V6)?;
+        let endpoints_v4 = take(map_names::ENDPOINTS_V4)?;
+        let endpoints_v6 = take(map_names::ENDPOINTS_V6)?;
+        let policy = take(map_names::POLICY)?;
+        let conntrack_v4 = take(map_names::CONNTRACK_V4)?;
+        let conntrack_v6 = take(map_names::CONNTRACK_V6)?;
+        let drops = take(map_names::DROPS)?;
+        let events = take(map_names::EVENTS)?;
+        let event_rate = take(map_names::EVENT_RATE)?;
+        Ok(Datapath {
+            root: root.to_path_buf(),
+            ipcache_v4: LpmTrie::try_from(ipcache_v4).map_err(Error::map)?,
+            ipcache_v6: LpmTrie::try_from(ipcache_v6).map_err(Error::map)?,
+            endpoints_v4: HashMap::try_from(endpoints_v4).map_err(Error::map)?,
+            endpoints_v6: HashMap::try_from(endpoints_v6).map_err(Error::map)?,
+            policy: LpmTrie::try_from(policy).map_err(Error::map)?,
+            conntrack_v4: HashMap::try_from(conntrack_v4).map_err(Error::map)?,
+            conntrack_v6: HashMap::try_from(conntrack_v6).map_err(Error::map)?,
+            drops: PerCpuArray::try_from(drops).map_err(Error::map)?,
+            events: RingBuf::try_from(events).map_err(Error::map)?,
+            event_rate: PerCpuArray::try_from(event_rate).map_err(Error::map)?,
+            ebpf,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn link_pin(&self, iface: &str, ifindex: u32, hook: &str) -> PathBuf {
+        self.root
+            .join("links")
+            // bpffs refuses names with a dot; interface names cannot hold a colon.
+            .join(format!("{iface}:{ifindex}:{hook}"))
+    }
+
+    /// Attaches the pod programs to a pod's host-side veth `iface` (looked up in the
+    /// calling thread's network namespace). Idempotent: a hook that already has Ward's
+    /// pinned link is left alone, and pins of an earlier interface of the same name
+    /// (another ifindex) are dropped.
+    pub fn attach(&mut self, iface: &str) -> Result<(), Error> {
+        self.attach_hooks(iface, &POD_HOOKS)
+    }
+
+    /// Attaches the uplink program to the node's uplink `iface`, as `attach` does.
+    pub fn attach_uplink(&mut self, iface: &str) -> Result<(), Error> {
+        self.attach_hooks(iface, &UPLINK_HOOKS)
+    }
+
+    fn attach_hooks(
+        &mut self,
+        iface: &str,
+        hooks: &[(&'static str, TcAttachType, &str)],
+    ) -> Result<(), Error> {
+        let ifindex = ifindex(iface)?;
+        self.remove_stale_links(iface, ifindex)?;
+        for &(name, attach_type, hook) in hooks {
+            let pin = self.link_pin(iface, ifindex, hook);
+            if pin.exists() {
+                continue;
+            }
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(Error::NoSuchProgram(name))?
+                .try_into()
+                .map_err(|e| Error::program(name, e))?;
+            let id = prog
+                .attach(iface, attach_type)
+                .map_err(|e| Error::program(name, e))?;
+            let link = prog.take_link(id).map_err(|e| Error::program(name, e))?;
+            let link: FdLink = link
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| Error::Link(e.to_string()))?;
+            link.pin(&pin)
+                .map_err(|e| Error::Link(format!("pin {}: {e:?}", pin.display())))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches Ward's programs from `iface`. Idempotent.
+    pub fn detach(&mut self, iface: &str) -> Result<(), Error> {
+        let links = self.root.join("links");
+        let prefix = format!("{iface}:");
+        for entry in fs::read_dir(&links).map_err(|e| Error::io(&links, e))? {
+            let entry = entry.map_err(|e| Error::io(&links, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) {
+                unpin(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_stale_links(&self, iface: &str, ifindex: u32) -> Result<(), Error> {
+        let links = self.root.join("links");
+        let prefix = format!("{iface}:");
+        let current = format!("{iface}:{ifindex}:");
+        for entry in fs::read_dir(&links).map_err(|e| Error::io(&links, e))? {
+            let entry = entry.map_err(|e| Error::io(&links, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) && !name.starts_with(&current) {
+                unpin(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps a prefix to a numeric identity.
+    pub fn set_ipcache(&mut self, net: IpNet, identity: u32) -> Result<(), Error> {
+        let v = IpcacheValue { identity, flags: 0 };
+        match net {
+            IpNet::V4(n) => self.ipcache_v4.insert(
+                &Key::new(u32::from(n.prefix_len()), n.network().octets()),
+                v,
+                0,
+            ),
+            IpNet::V6(n) => self.ipcache_v6.insert(
+                &Key::new(u32::from(n.prefix_len()), n.network().octets()),
+                v,
+                0,
+            ),
+        }
+        .map_err(Error::map)
+    }
+
+    pub fn remove_ipcache(&mut self, net: IpNet) -> Result<(), Error> {
+        match net {
+            IpNet::V4(n) => self
+                .ipcache_v4
+                .remove(&Key::new(u32::from(n.prefix_len()), n.network().octets())),
+            IpNet::V6(n) => self
+                .ipcache_v6
+                .remove(&Key::new(u32::from(n.prefix_len()), n.network().octets())),
+        }
+        .map_err(Error::map)
+    }
+
+    /// Declares a local pod endpoint by one of its addresses.
+    pub fn set_endpoint(&mut self, ip: IpAddr, info: EndpointInfo) -> Result<(), Error> {
+        match ip {
+            IpAddr::V4(ip) => self.endpoints_v4.insert(ip.octets(), info, 0),
+            IpAddr::V6(ip) => self.endpoints_v6.insert(ip.octets(), info, 0),
+        }
+        .map_err(Error::map)
+    }
+
+    pub fn remove_endpoint(&mut self, ip: IpAddr) -> Result<(), Error> {
+        match ip {
+            IpAddr::V4(ip) => self.endpoints_v4.remove(&ip.octets()),
+            IpAddr::V6(ip) => self.endpoints_v6.remove(&ip.octets()),
+        }
+        .map_err(Error::map)
+    }
+
+    fn policy_key(e: &PolicyEntry) -> Key<PolicyKeyData> {
+        Key::new(
+            POLICY_FIXED_BITS + u32::from(e.port_prefix_len),
+            e.key_data(),
+        )
+    }
+
+    /// Writes policy entries (an entry with the same key is replaced).
+    pub fn insert_policy(&mut self, entries: &[PolicyEntry]) -> Result<(), Error> {
+        for e in entries {
+            self.policy
+                .insert(&Self::policy_key(e), e.value(), 0)
+                .map_err(Error::map)?;
+        }
+        Ok(())
+    }
+
+    /// Removes policy entries by key; missing ones are ignored.
+    pub fn remove_policy(&mut self, entries: &[PolicyEntry]) -> Result<(), Error> {
+        for e in entries {
+            match self.policy.remove(&Self::policy_key(e)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(Error::map(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves an endpoint's policy from `old` to `new` entries: writes every new entry
+    /// first (replacing same keys in place), then removes the old keys that are gone, so
+    /// that a flow allowed before and after never meets a transient deny. When this
+    /// returns, the kernel has the new policy (map updates are synchronous).
+    pub fn update_policy(&mut self, old: &[PolicyEntry], new: &[PolicyEntry]) -> Result<(), Error> {
+        self.insert_policy(new)?;
+        let kept: std::collections::HashSet<_> = new.iter().map(entry_key).collect();
+        let gone: Vec<PolicyEntry> = old
+            .iter()
+            .filter(|e| !kept.contains(&entry_key(e)))
+            .copied()
+            .collect();
+        self.remove_policy(&gone)
+    }
+
+    /// The drop count of a reason, summed over CPUs.
+    pub fn drops(&self, reason: u32) -> Result<u64, Error> {
+        let values = self.drops.get(&reason, 0).map_err(Error::map)?;
+        Ok(values.iter().sum())
+    }
+
+    /// Drop events not reported because of the rate limit, summed over CPUs.
+    pub fn events_suppressed(&self) -> Result<u64, Error> {
+        let values = self.event_rate.get(&0, 0).map_err(Error::map)?;
+        Ok(values.iter().map(|r| r.suppressed).sum())
+    }
+
+    /// Drains the drop events queued so far.
+    pub fn drain_events(&mut self) -> Vec<DropEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            if let Some(ev) = decode_event(&item) {
+                out.push(ev);
+            }
+        }
+        out
+    }
+
+    /// Removes conntrack entries idle for longer than `idle`, and closed TCP flows (FIN or
+    /// RST seen) idle for longer than `closing`. Returns how many were removed. The map
+    /// is an LRU as well, so this keeps it accurate rather than merely bounded.
+    pub fn expire_conntrack(&mut self, idle: Duration, closing: Duration) -> Result<usize, Error> {
+        let now = monotonic_ns()?;
+        let expired = |v: &CtValue| {
+            let age = now.saturating_sub(v.last_seen_ns);
+            let limit = if v.flags & ct_flags::CLOSING != 0 {
+                closing
+            } else {
+                idle
+            };
+            u128::from(age) > limit.as_nanos()
+        };
+        let v4: Vec<CtKeyV4> = self
+            .conntrack_v4
+            .iter()
+            .flatten()
+            .filter(|(_, v)| expired(v))
+            .map(|(k, _)| k)
+            .collect();
+        let v6: Vec<CtKeyV6> = self
+            .conntrack_v6
+            .iter()
+            .flatten()
+            .filter(|(_, v)| expired(v))
+            .map(|(k, _)| k)
+            .collect();
+        let mut removed = 0;
+        for k in &v4 {
+            // Gone already (LRU eviction, a concurrent run): nothing to do.
+            if self.conntrack_v4.remove(k).is_ok() {
+                removed += 1;
+            }
+        }
+        for k in &v6 {
+            if self.conntrack_v6.remove(k).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Whether `ip` is an endpoint of a live conntrack entry (either side).
+    pub fn in_live_connection(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(ip) => {
+                let o = ip.octets();
+                self.conntrack_v4
+                    .keys()
+                    .flatten()
+                    .any(|k| k.saddr == o || k.daddr == o)
+            }
+            IpAddr::V6(ip) => {
+                let o = ip.octets();
+                self.conntrack_v6
+                    .keys()
+                    .flatten()
+                    .any(|k| k.saddr == o || k.daddr == o)
+            }
+        }
+    }
+}
+
+/// What identifies a policy map entry (everything but its value).
+fn entry_key(e: &PolicyEntry) -> (u32, u32, u8, u8, u16, u8) {
+    (
+        e.endpoint_id,
+        e.identity,
+        e.direction,
+        e.protocol,
+        e.port,
+        e.port_prefix_len,
+    )
+}
+
+fn unpin(path: &Path) -> Result<(), Error> {
+    let link = PinnedLink::from_pin(path)
+        .map_err(|e| Error::Link(format!("open {}: {e}", path.display())))?;
+    // Unpinning and dropping the last reference detaches the program.
+    let link = link
+        .unpin()
+        .map_err(|e| Error::Link(format!("unpin {}: {e}", path.display())))?;
+    drop(link);
+    Ok(())
+}
+
+/// The clock of `bpf_ktime_get_ns` (CLOCK_MONOTONIC), in nanoseconds.
+fn monotonic_ns() -> Result<u64, Error> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_err(Error::Clock)?;
+    Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+}
+
+fn ifindex(iface: &str) -> Result<u32, Error> {
+    nix::net::if_::if_nametoindex(iface).map_err(|e| Error::NoSuchInterface(iface.into(), e))
+}
+
+/// Mounts bpffs on /sys/fs/bpf when `root` lies below it and it is not mounted yet.
+fn ensure_bpffs(root: &Path) -> Result<(), Error> {
+    let bpffs = Path::new("/sys/fs/bpf");
+    if !root.starts_with(bpffs) {
+        return Ok(());
+    }
+    // Two loads racing here would stack two mounts, the second hiding what the first
+    // pinned: check and mount under one lock.
+    static MOUNT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = MOUNT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mounts = fs::read_to_string("/proc/self/mounts")
+        .map_err(|e| Error::io(Path::new("/proc/self/mounts"), e))?;
+    let mounted = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, at, fstype) = (f.next(), f.next(), f.next());
+        at == Some("/sys/fs/bpf") && fstype == Some("bpf")
+    });
+    if mounted {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        bpffs,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(Error::Mount)
+}
+
+fn decode_event(b: &[u8]) -> Option<DropEvent> {
+    let u32_at =
+        |o: usize| -> Option<u32> { Some(u32::from_ne_bytes(b.get(o..o + 4)?.try_into().ok()?)) };
+    let arr4 = |o: usize| -> Option<[u8; 4]> { b.get(o..o + 4)?.try_into().ok() };
+    let arr2 = |o: usize| -> Option<[u8; 2]> { b.get(o..o + 2)?.try_into().ok() };
+    let arr16 = |o: usize| -> Option<[u8; 16]> { b.get(o..o + 16)?.try_into().ok() };
+    Some(DropEvent {
+        reason: u32_at(0)?,
+        ifindex: u32_at(4)?,
+        src_identity: u32_at(8)?,
+        dst_identity: u32_at(12)?,
+        saddr: arr4(16)?,
+        daddr: arr4(20)?,
+        sport: arr2(24)?,
+        dport: arr2(26)?,
+        protocol: *b.get(28)?,
+        direction: *b.get(29)?,
+        family: *b.get(30)?,
+        _pad: 0,
+        cookie: u32_at(32)?,
+        saddr6: arr16(36)?,
+        daddr6: arr16(52)?,
+    })
+}

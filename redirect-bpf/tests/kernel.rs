@@ -1,0 +1,1289 @@
+//! Kernel tests: real programs in real network namespaces. They need root (CI runs as
+//! root) and fail with a clear message otherwise.
+//!
+//! Each test builds its own lab: a "node" namespace holding the programs and one veth per
+//! "pod" namespace, with 10.77.x.0/24 addresses that exist only inside those namespaces
+//! (nothing routes out of them), names made unique by test name and PID, and a Drop guard
+//! that deletes the namespaces and the test's bpffs pins.
+
+// Test helpers, not only #[test] functions, fail by panicking.
+#![allow(clippy::expect_used)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
+    UdpSocket,
+};
+use std::path::PathBuf;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sched::{setns, CloneFlags};
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+use redirect_bpf::common::{action, drop_reason, endpoint_flags, EndpointInfo, DIR_EGRESS};
+use redirect_bpf::common::{
+    DIR_INGRESS, IDENTITY_ANY, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+};
+use redirect_bpf::{Datapath, PolicyEntry};
+
+const ALLOWED: Duration = Duration::from_secs(5);
+/// How long a denied connect is given: the SYN is retransmitted after 1 s, so this sees
+/// at least two attempts dropped.
+const DENIED: Duration = Duration::from_millis(2500);
+
+fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "kernel tests need root (network namespaces, BPF): run them as root, as CI does"
+    );
+    assert!(
+        redirect_bpf::loader::object_embedded(),
+        "no eBPF object embedded: run `cargo xtask build-ebpf` first (cargo xtask test does)"
+    );
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `f` on a thread that has joined the network namespace `ns`.
+fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    thread::scope(|s| {
+        s.spawn(|| {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            setns(file, CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+    })
+}
+
+struct Pod {
+    ns: String,
+    ip: Ipv4Addr,
+    ip6: Ipv6Addr,
+    /// Host-side veth name, inside the node namespace.
+    veth: String,
+    identity: u32,
+    endpoint_id: u32,
+}
+
+/// A node namespace with pods attached by veths, and the test's bpffs root.
+struct Lab {
+    node: String,
+    pods: Vec<Pod>,
+    root: PathBuf,
+    /// Namespaces beyond the node's uplink (other nodes), deleted with the lab.
+    remotes: Vec<String>,
+}
+
+impl Lab {
+    fn new(test: &str, npods: u8) -> Lab {
+        require_root();
+        let pid = std::process::id();
+        let node = format!("ward-{test}-{pid}-node");
+        let root = PathBuf::from(format!("/sys/fs/bpf/ward-test-{test}-{pid}"));
+        let mut lab = Lab {
+            node: node.clone(),
+            pods: Vec::new(),
+            root,
+            remotes: Vec::new(),
+        };
+        sh(&["ip", "netns", "add", &node]);
+        sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &node,
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/ip_forward; echo 1 > /proc/sys/net/ipv6/conf/all/forwarding",
+        ]);
+        for i in 1..=npods {
+            let ns = format!("ward-{test}-{pid}-pod{i}");
+            sh(&["ip", "netns", "add", &ns]);
+            // Registered before it is configured, so Drop deletes it whatever fails next.
+            let veth = format!("veth{i}");
+            let ip = Ipv4Addr::new(10, 77, i, 2);
+            let ip6 = Ipv6Addr::new(0xfd77, u16::from(i), 0, 0, 0, 0, 0, 2);
+            lab.pods.push(Pod {
+                ns: ns.clone(),
+                ip,
+                ip6,
+                veth: veth.clone(),
+                identity: 1000 * u32::from(i),
+                endpoint_id: u32::from(i),
+            });
+            sh(&[
+                "ip", "-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ]);
+            let gw = format!("10.77.{i}.1");
+            sh(&[
+                "ip",
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("{gw}/24"),
+                "dev",
+                &veth,
+            ]);
+            sh(&["ip", "-n", &node, "link", "set", &veth, "up"]);
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "eth0",
+            ]);
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+            sh(&["ip", "-n", &ns, "route", "add", "default", "via", &gw]);
+            // IPv6 beside: nodad, so that the addresses are usable at once.
+            let gw6 = format!("fd77:{i}::1");
+            sh(&[
+                "ip",
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("{gw6}/64"),
+                "dev",
+                &veth,
+                "nodad",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            sh(&[
+                "ip", "-n", &ns, "-6", "route", "add", "default", "via", &gw6,
+            ]);
+        }
+        lab
+    }
+
+    /// Loads the datapath (maps pinned under the test's root), attaches it to every pod
+    /// veth, and declares the pods: endpoints and ipcache.
+    fn datapath(&self) -> Datapath {
+        let mut dp = in_ns(&self.node, || {
+            let mut dp = Datapath::load(&self.root).expect("load");
+            for p in &self.pods {
+                dp.attach(&p.veth).expect("attach");
+                // A second attach is a no-op.
+                dp.attach(&p.veth).expect("attach again");
+            }
+            dp
+        });
+        for p in &self.pods {
+            dp.set_ipcache(ipnet::IpNet::from(IpAddr::V4(p.ip)), p.identity)
+                .expect("ipcache");
+            dp.set_ipcache(ipnet::IpNet::from(IpAddr::V6(p.ip6)), p.identity)
+                .expect("ipcache");
+        }
+        dp
+    }
+
+    fn set_endpoint(&self, dp: &mut Datapath, pod: usize, flags: u32) {
+        let p = &self.pods[pod];
+        let info = EndpointInfo {
+            endpoint_id: p.endpoint_id,
+            identity: p.identity,
+            ifindex: 0,
+            flags,
+        };
+        dp.set_endpoint(IpAddr::V4(p.ip), info).expect("endpoint");
+        dp.set_endpoint(IpAddr::V6(p.ip6), info).expect("endpoint");
+    }
+
+    /// Routes marked packets to local sockets, as the agent will do on a node.
+    fn proxy_routing(&self) {
+        let n = &self.node;
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "rule",
+            "add",
+            "fwmark",
+            "0x200/0xf00",
+            "lookup",
+            "100",
+            "pref",
+            "90",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            n,
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "100",
+        ]);
+    }
+}
+
+impl Lab {
+    /// A namespace standing for another node (and a pod on it) behind the node's uplink
+    /// `up0`: 10.78.0.2 there, 10.78.0.1 on the node.
+    fn add_remote(&mut self) -> (String, Ipv4Addr) {
+        let ns = self.node.replace("-node", "-remote");
+        sh(&["ip", "netns", "add", &ns]);
+        self.remotes.push(ns.clone());
+        let n = &self.node;
+        sh(&[
+            "ip", "-n", n, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns",
+            &ns,
+        ]);
+        sh(&["ip", "-n", n, "addr", "add", "10.78.0.1/24", "dev", "up0"]);
+        sh(&["ip", "-n", n, "link", "set", "up0", "up"]);
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            "10.78.0.2/24",
+            "dev",
+            "eth0",
+        ]);
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.78.0.1",
+        ]);
+        (ns, Ipv4Addr::new(10, 78, 0, 2))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in &self.remotes {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        for p in &self.pods {
+            let _ = Command::new("ip").args(["netns", "del", &p.ns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.node])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn entry(
+    endpoint_id: u32,
+    direction: u8,
+    identity: u32,
+    port: Option<u16>,
+    act: u8,
+    proxy_port: u16,
+) -> PolicyEntry {
+    entry_proto(
+        PROTO_TCP,
+        endpoint_id,
+        direction,
+        identity,
+        port,
+        act,
+        proxy_port,
+    )
+}
+
+fn entry_proto(
+    protocol: u8,
+    endpoint_id: u32,
+    direction: u8,
+    identity: u32,
+    port: Option<u16>,
+    act: u8,
+    proxy_port: u16,
+) -> PolicyEntry {
+    PolicyEntry {
+        endpoint_id,
+        identity,
+        direction,
+        protocol,
+        port: port.unwrap_or(0),
+        port_prefix_len: if port.is_some() { 16 } else { 0 },
+        action: act,
+        proxy_port,
+        cookie: 7,
+    }
+}
+
+/// A TCP server in `ns` that echoes what it reads, until the test ends.
+fn echo_server(ns: &str, ip: Ipv4Addr, port: u16) {
+    let listener = in_ns(ns, || TcpListener::bind((ip, port)).expect("bind"));
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn connect(ns: &str, to: Ipv4Addr, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
+    in_ns(ns, || {
+        let addr = SocketAddr::V4(SocketAddrV4::new(to, port));
+        let s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(ALLOWED))?;
+        Ok(s)
+    })
+}
+
+/// Sends a line and expects it back.
+fn round_trip(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).expect("write");
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).expect("read back");
+    assert_eq!(buf, msg);
+}
+
+fn assert_denied(ns: &str, to: Ipv4Addr, port: u16) {
+    let started = Instant::now();
+    match connect(ns, to, port, DENIED) {
+        Ok(_) => panic!("{ns} -> {to}:{port} connected but must be denied"),
+        Err(e) => assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut,
+            "{ns} -> {to}:{port}: a drop times out, got {e} after {:?}",
+            started.elapsed()
+        ),
+    }
+}
+
+/// Polls `f` until it holds or the deadline passes.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + ALLOWED;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn allow_and_deny_by_identity() {
+    let lab = Lab::new("allowdeny", 3);
+    let mut dp = lab.datapath();
+    let (a, b, c) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
+    // b: ingress default deny; a may reach every TCP port, but port 81 is denied to all.
+    lab.set_endpoint(&mut dp, 1, endpoint_flags::DEFAULT_DENY_INGRESS);
+    dp.insert_policy(&[
+        entry(
+            b.endpoint_id,
+            DIR_INGRESS,
+            a.identity,
+            None,
+            action::ALLOW,
+            0,
+        ),
+        entry(
+            b.endpoint_id,
+            DIR_INGRESS,
+            IDENTITY_ANY,
+            Some(81),
+            action::DENY,
+            0,
+        ),
+    ])
+    .expect("policy");
+    echo_server(&b.ns, b.ip, 80);
+    echo_server(&b.ns, b.ip, 81);
+
+    let mut s = connect(&a.ns, b.ip, 80, ALLOWED).expect("a -> b:80 is allowed");
+    round_trip(&mut s, b"hello");
+    assert_denied(&c.ns, b.ip, 80);
+    assert!(dp.drops(drop_reason::POLICY_DEFAULT_DENY).expect("drops") >= 1);
+    // The deny entry wins over a's allow-all.
+    assert_denied(&a.ns, b.ip, 81);
+    assert!(dp.drops(drop_reason::POLICY_DENY).expect("drops") >= 1);
+
+    let events = dp.drain_events();
+    let c_to_b = events
+        .iter()
+        .find(|e| e.saddr == c.ip.octets() && e.reason == drop_reason::POLICY_DEFAULT_DENY)
+        .expect("an event for the c -> b drop");
+    assert_eq!(c_to_b.daddr, b.ip.octets());
+    assert_eq!(u16::from_be_bytes(c_to_b.dport), 80);
+    assert_eq!(c_to_b.src_identity, c.identity);
+    assert_eq!(c_to_b.direction, DIR_INGRESS);
+    assert!(events
+        .iter()
+        .any(|e| e.reason == drop_reason::POLICY_DENY && e.cookie == 7));
+    assert_eq!(dp.events_suppressed().expect("suppressed"), 0);
+    // Detach is idempotent and stops enforcement.
+    in_ns(&lab.node, || {
+        dp.detach(&lab.pods[2].veth).expect("detach");
+        dp.detach(&lab.pods[2].veth).expect("detach again");
+    });
+}
+
+#[test]
+fn replies_pass_and_reverse_flow_is_denied() {
+    let lab = Lab::new("replies", 2);
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    // a: nothing may come in (no rule at all), egress to b:80 allowed explicitly.
+    lab.set_endpoint(
+        &mut dp,
+        0,
+        endpoint_flags::DEFAULT_DENY_INGRESS | endpoint_flags::DEFAULT_DENY_EGRESS,
+    );
+    dp.insert_policy(&[entry(
+        a.endpoint_id,
+        DIR_EGRESS,
+        b.identity,
+        Some(80),
+        action::ALLOW,
+        0,
+    )])
+    .expect("policy");
+    echo_server(&b.ns, b.ip, 80);
+    echo_server(&a.ns, a.ip, 80);
+
+    let mut s = connect(&a.ns, b.ip, 80, ALLOWED).expect("a -> b:80 is allowed");
+    for _ in 0..3 {
+        round_trip(&mut s, b"replies come back without a reverse rule");
+    }
+    assert_denied(&b.ns, a.ip, 80);
+    assert!(dp.drops(drop_reason::POLICY_DEFAULT_DENY).expect("drops") >= 1);
+    // The established connection still works after the denied attempt.
+    round_trip(&mut s, b"still up");
+    assert!(dp.in_live_connection(IpAddr::V4(b.ip)));
+    // Idle expiry keeps a live flow; once closed (FIN seen both ways), it goes.
+    let long = Duration::from_secs(3600);
+    dp.expire_conntrack(long, long).expect("expire");
+    assert!(dp.in_live_connection(IpAddr::V4(b.ip)));
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("the server closes too");
+    drop(s);
+    eventually("the closed flow expires", || {
+        dp.expire_conntrack(long, Duration::ZERO).expect("expire");
+        !dp.in_live_connection(IpAddr::V4(b.ip))
+    });
+}
+
+/// A transparent listener on 0.0.0.0:`port` in `ns` (IP_TRANSPARENT, as the proxy).
+fn transparent_listener(ns: &str, port: u16) -> TcpListener {
+    in_ns(ns, || {
+        let fd = socket::socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        socket::setsockopt(&fd, sockopt::IpTransparent, &true).expect("IP_TRANSPARENT");
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
+        socket::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrIn::new(0, 0, 0, 0, port),
+        )
+        .expect("bind");
+        socket::listen(&fd, socket::Backlog::new(16).expect("backlog")).expect("listen");
+        TcpListener::from(fd)
+    })
+}
+
+#[test]
+fn redirect_to_transparent_listener_sees_original_destination() {
+    const PROXY_PORT: u16 = 15001;
+    let lab = Lab::new("redirect", 2);
+    lab.proxy_routing();
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    lab.set_endpoint(&mut dp, 0, 0);
+    dp.insert_policy(&[entry(
+        a.endpoint_id,
+        DIR_EGRESS,
+        b.identity,
+        Some(80),
+        action::REDIRECT,
+        PROXY_PORT,
+    )])
+    .expect("policy");
+    // Nothing listens on b:80: only the proxy can answer.
+    let proxy = transparent_listener(&lab.node, PROXY_PORT);
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let (mut conn, peer) = proxy.accept().expect("accept");
+        let orig_dst = conn.local_addr().expect("local addr");
+        tx.send((peer, orig_dst)).expect("send");
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf).expect("read");
+        conn.write_all(&buf[..n]).expect("write");
+    });
+    let mut s = connect(&a.ns, b.ip, 80, ALLOWED).expect("a -> b:80 reaches the proxy");
+    let (peer, orig_dst) = rx.recv_timeout(ALLOWED).expect("the proxy accepted");
+    assert_eq!(orig_dst, SocketAddr::V4(SocketAddrV4::new(b.ip, 80)));
+    assert_eq!(peer, s.local_addr().expect("local addr"));
+    round_trip(&mut s, b"through the proxy");
+    assert_eq!(dp.drops(drop_reason::PROXY_UNAVAILABLE).expect("drops"), 0);
+}
+
+#[test]
+fn redirect_without_listener_fails_closed() {
+    let lab = Lab::new("failclosed", 2);
+    lab.proxy_routing();
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    lab.set_endpoint(&mut dp, 0, 0);
+    dp.insert_policy(&[entry(
+        a.endpoint_id,
+        DIR_EGRESS,
+        b.identity,
+        Some(80),
+        action::REDIRECT,
+        15002,
+    )])
+    .expect("policy");
+    // b listens on 80: a pass would connect, the fail-closed drop must not.
+    echo_server(&b.ns, b.ip, 80);
+    assert_denied(&a.ns, b.ip, 80);
+    eventually("a PROXY_UNAVAILABLE drop", || {
+        dp.drops(drop_reason::PROXY_UNAVAILABLE).unwrap_or(0) >= 1
+    });
+    // Other ports are not redirected and stay allowed (no default deny).
+    echo_server(&b.ns, b.ip, 8080);
+    connect(&a.ns, b.ip, 8080, ALLOWED).expect("a -> b:8080 is allowed");
+}
+
+#[test]
+fn enforcement_survives_a_loader_restart() {
+    let lab = Lab::new("restart", 2);
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    lab.set_endpoint(&mut dp, 1, endpoint_flags::DEFAULT_DENY_INGRESS);
+    dp.insert_policy(&[entry(
+        b.endpoint_id,
+        DIR_INGRESS,
+        a.identity,
+        Some(80),
+        action::ALLOW,
+        0,
+    )])
+    .expect("policy");
+    echo_server(&b.ns, b.ip, 80);
+    echo_server(&b.ns, b.ip, 81);
+    let mut s = connect(&a.ns, b.ip, 80, ALLOWED).expect("a -> b:80 is allowed");
+    round_trip(&mut s, b"before");
+
+    // The loader goes away: pinned links and maps keep enforcing.
+    drop(dp);
+    round_trip(&mut s, b"while no loader runs");
+    assert_denied(&a.ns, b.ip, 81);
+
+    // A new loader finds the pinned maps with their content and the attached programs.
+    let dp = in_ns(&lab.node, || {
+        let mut dp = Datapath::load(&lab.root).expect("load again");
+        for p in &lab.pods {
+            dp.attach(&p.veth).expect("attach is a no-op");
+        }
+        dp
+    });
+    assert!(dp.drops(drop_reason::POLICY_DEFAULT_DENY).expect("drops") >= 1);
+    round_trip(&mut s, b"after");
+    connect(&a.ns, b.ip, 80, ALLOWED).expect("a new a -> b:80 is allowed");
+    assert_denied(&a.ns, b.ip, 81);
+
+    // A policy update: 80 -> 81. New flows follow it; the established one is tracked.
+    let mut dp = dp;
+    let old = [entry(
+        b.endpoint_id,
+        DIR_INGRESS,
+        a.identity,
+        Some(80),
+        action::ALLOW,
+        0,
+    )];
+    let new = [entry(
+        b.endpoint_id,
+        DIR_INGRESS,
+        a.identity,
+        Some(81),
+        action::ALLOW,
+        0,
+    )];
+    dp.update_policy(&old, &new).expect("update");
+    connect(&a.ns, b.ip, 81, ALLOWED).expect("a -> b:81 is allowed now");
+    assert_denied(&a.ns, b.ip, 80);
+}
+
+/// Connects from the node namespace with `SO_MARK` = `mark` (0: none).
+fn connect_marked(ns: &str, to: Ipv4Addr, port: u16, mark: u32) -> std::io::Result<TcpStream> {
+    in_ns(ns, || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        if mark != 0 {
+            s.set_mark(mark)?;
+        }
+        let addr = SocketAddr::V4(SocketAddrV4::new(to, port));
+        let timeout = if mark != 0 { ALLOWED } else { DENIED };
+        s.connect_timeout(&addr.into(), timeout)?;
+        Ok(TcpStream::from(s))
+    })
+}
+
+#[test]
+fn proxy_marked_traffic_is_not_redirected_again() {
+    let lab = Lab::new("marked", 2);
+    let mut dp = lab.datapath();
+    let b = &lab.pods[1];
+    // b's ingress port 80 goes through the proxy, whoever connects.
+    lab.set_endpoint(&mut dp, 1, 0);
+    dp.insert_policy(&[entry(
+        b.endpoint_id,
+        DIR_INGRESS,
+        IDENTITY_ANY,
+        Some(80),
+        action::REDIRECT,
+        15003,
+    )])
+    .expect("policy");
+    echo_server(&b.ns, b.ip, 80);
+    // From the node without a mark: a redirect at tc egress cannot be done: dropped.
+    let err = connect_marked(&lab.node, b.ip, 80, 0).expect_err("unmarked is not passed");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    assert!(dp.drops(drop_reason::REDIRECT_UNSUPPORTED).expect("drops") >= 1);
+    // The proxies' own upstream connections carry their mark and pass.
+    for mark in [0xa00, 0xb00] {
+        let mut s = connect_marked(&lab.node, b.ip, 80, mark).expect("marked upstream passes");
+        s.set_read_timeout(Some(ALLOWED)).expect("timeout");
+        round_trip(&mut s, b"from the proxy");
+    }
+}
+
+/// A UDP server in `ns` that echoes every datagram, until the test ends.
+fn udp_echo_server(ns: &str, ip: Ipv4Addr, port: u16) {
+    let sock = in_ns(ns, || UdpSocket::bind((ip, port)).expect("bind"));
+    thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(&buf[..n], from);
+        }
+    });
+}
+
+/// Sends a datagram from `ns` and waits up to `timeout` for the echo.
+fn udp_exchange(ns: &str, to: Ipv4Addr, port: u16, timeout: Duration) -> bool {
+    let sock = in_ns(ns, || {
+        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind")
+    });
+    sock.set_read_timeout(Some(timeout)).expect("timeout");
+    sock.send_to(b"ping", (to, port)).expect("send");
+    let mut buf = [0u8; 16];
+    matches!(sock.recv_from(&mut buf), Ok((4, _)))
+}
+
+#[test]
+fn udp_allow_deny_and_replies() {
+    let lab = Lab::new("udp", 2);
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    // Both directions default deny for b; a may send to b:5353 only. b's answers pass
+    // through conntrack although b's egress allows nothing.
+    lab.set_endpoint(
+        &mut dp,
+        1,
+        endpoint_flags::DEFAULT_DENY_INGRESS | endpoint_flags::DEFAULT_DENY_EGRESS,
+    );
+    dp.insert_policy(&[entry_proto(
+        PROTO_UDP,
+        b.endpoint_id,
+        DIR_INGRESS,
+        a.identity,
+        Some(5353),
+        action::ALLOW,
+        0,
+    )])
+    .expect("policy");
+    udp_echo_server(&b.ns, b.ip, 5353);
+    udp_echo_server(&b.ns, b.ip, 5354);
+    udp_echo_server(&a.ns, a.ip, 5353);
+    assert!(
+        udp_exchange(&a.ns, b.ip, 5353, ALLOWED),
+        "a -> b:5353/udp and its reply"
+    );
+    assert!(
+        !udp_exchange(&a.ns, b.ip, 5354, DENIED),
+        "a -> b:5354/udp is denied"
+    );
+    assert!(
+        !udp_exchange(&b.ns, a.ip, 5353, DENIED),
+        "b's egress is denied"
+    );
+    assert!(dp.drops(drop_reason::POLICY_DEFAULT_DENY).expect("drops") >= 2);
+}
+
+/// One ICMP echo from `ns` to `to` over a raw socket; whether the reply came in time.
+fn ping(ns: &str, to: Ipv4Addr, timeout: Duration) -> bool {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = in_ns(ns, || {
+        Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).expect("raw socket")
+    });
+    let id = (std::process::id() & 0xffff) as u16;
+    let mut pkt = [
+        8u8,
+        0,
+        0,
+        0,
+        (id >> 8) as u8,
+        id as u8,
+        0,
+        1,
+        b'w',
+        b'a',
+        b'r',
+        b'd',
+    ];
+    let sum = checksum(&pkt);
+    pkt[2..4].copy_from_slice(&sum.to_be_bytes());
+    sock.send_to(&pkt, &SocketAddr::V4(SocketAddrV4::new(to, 0)).into())
+        .expect("send");
+    let deadline = Instant::now() + timeout;
+    let sock = std::net::UdpSocket::from(sock); // only for its safe recv API
+    let mut buf = [0u8; 128];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        sock.set_read_timeout(Some(left)).expect("timeout");
+        let Ok(n) = sock.recv(&mut buf) else {
+            return false;
+        };
+        // Raw IPv4 sockets deliver the IP header; the echo reply (type 0) follows it.
+        let ihl = usize::from(buf[0] & 0x0f) * 4;
+        if n >= ihl + 8 && buf[ihl] == 0 && buf[ihl + 4..ihl + 6] == id.to_be_bytes() {
+            return true;
+        }
+    }
+}
+
+fn checksum(b: &[u8]) -> u16 {
+    let mut sum: u32 = b
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[test]
+fn icmp_echo_by_type_with_replies() {
+    let lab = Lab::new("icmp", 3);
+    let mut dp = lab.datapath();
+    let (a, b, c) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
+    lab.set_endpoint(&mut dp, 0, endpoint_flags::DEFAULT_DENY_INGRESS);
+    lab.set_endpoint(&mut dp, 1, endpoint_flags::DEFAULT_DENY_INGRESS);
+    // a may send echo requests (type 8) to b; the echo reply goes back as a reply.
+    dp.insert_policy(&[entry_proto(
+        PROTO_ICMP,
+        b.endpoint_id,
+        DIR_INGRESS,
+        a.identity,
+        Some(8),
+        action::ALLOW,
+        0,
+    )])
+    .expect("policy");
+    assert!(ping(&a.ns, b.ip, ALLOWED), "a pings b");
+    assert!(!ping(&c.ns, b.ip, DENIED), "c may not ping b");
+    // b's own echo request to a is no reply of a's (the echo identifier is tracked).
+    assert!(!ping(&b.ns, a.ip, DENIED), "b may not ping a");
+}
+
+/// Adds an address to a pod's interface (the pod keeps answering on both).
+fn add_address(lab: &Lab, pod: usize, ip: Ipv4Addr) {
+    let p = &lab.pods[pod];
+    sh(&[
+        "ip",
+        "-n",
+        &p.ns,
+        "addr",
+        "add",
+        &format!("{ip}/24"),
+        "dev",
+        "eth0",
+    ]);
+}
+
+fn ipnet(s: &str) -> ipnet::IpNet {
+    s.parse().expect("prefix")
+}
+
+#[test]
+fn cidr_identities_with_except_and_port_ranges() {
+    let lab = Lab::new("cidr", 2);
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    // b is no endpoint of this node: its identity comes from the ipcache alone.
+    // 10.77.2.0/24 is identity 5000 ("cidr 10.77.2.0/24 except 10.77.2.2/32"), the
+    // excepted /32 (b's first address) has its own identity 6000.
+    dp.remove_ipcache(ipnet("10.77.2.2/32")).expect("remove");
+    dp.set_ipcache(ipnet("10.77.2.0/24"), 5000)
+        .expect("ipcache");
+    dp.set_ipcache(ipnet("10.77.2.2/32"), 6000)
+        .expect("ipcache");
+    let second = Ipv4Addr::new(10, 77, 2, 3);
+    add_address(&lab, 1, second);
+    lab.set_endpoint(&mut dp, 0, endpoint_flags::DEFAULT_DENY_EGRESS);
+    // a may reach identity 5000 on TCP 8000-8003 (one /14 port prefix) and on 9000.
+    let mut e = entry(
+        a.endpoint_id,
+        DIR_EGRESS,
+        5000,
+        Some(8000),
+        action::ALLOW,
+        0,
+    );
+    e.port_prefix_len = 14;
+    dp.insert_policy(&[
+        e,
+        entry(
+            a.endpoint_id,
+            DIR_EGRESS,
+            5000,
+            Some(9000),
+            action::ALLOW,
+            0,
+        ),
+    ])
+    .expect("policy");
+    for port in [8000, 8003, 8004, 9000] {
+        echo_server(&b.ns, Ipv4Addr::UNSPECIFIED, port);
+    }
+    connect(&a.ns, second, 8000, ALLOWED).expect("identity 5000, port 8000");
+    connect(&a.ns, second, 8003, ALLOWED).expect("identity 5000, port 8003");
+    connect(&a.ns, second, 9000, ALLOWED).expect("identity 5000, port 9000");
+    assert_denied(&a.ns, second, 8004);
+    // The excepted address resolves to 6000, which nothing allows.
+    assert_denied(&a.ns, b.ip, 8000);
+    let events = dp.drain_events();
+    assert!(events
+        .iter()
+        .any(|e| e.daddr == b.ip.octets() && e.dst_identity == 6000));
+}
+
+#[test]
+fn large_maps_load_and_enforce() {
+    let lab = Lab::new("large", 2);
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    // 100,000 ipcache prefixes (outside the lab's addresses) and 1,000 policy entries.
+    for i in 0..100_000u32 {
+        let net = ipnet::Ipv4Net::new(Ipv4Addr::from(0x6400_0000 + (i << 8)), 24).expect("net");
+        dp.set_ipcache(net.into(), 100_000 + i).expect("ipcache");
+    }
+    let many: Vec<PolicyEntry> = (0..1_000u32)
+        .map(|i| {
+            entry(
+                b.endpoint_id,
+                DIR_INGRESS,
+                100_000 + i,
+                Some(80),
+                action::ALLOW,
+                0,
+            )
+        })
+        .collect();
+    dp.insert_policy(&many).expect("policy");
+    lab.set_endpoint(&mut dp, 1, endpoint_flags::DEFAULT_DENY_INGRESS);
+    dp.insert_policy(&[entry(
+        b.endpoint_id,
+        DIR_INGRESS,
+        a.identity,
+        Some(80),
+        action::ALLOW,
+        0,
+    )])
+    .expect("policy");
+    echo_server(&b.ns, b.ip, 80);
+    echo_server(&b.ns, b.ip, 81);
+    connect(&a.ns, b.ip, 80, ALLOWED).expect("allowed among 1,001 entries");
+    assert_denied(&a.ns, b.ip, 81);
+}
+
+/// A UDP socket in `ns` with IP_TRANSPARENT and SO_REUSEADDR bound to `addr`, as the DNS
+/// proxy uses them: to listen (any address) and to answer as the original server.
+fn transparent_udp(ns: &str, addr: SocketAddrV4) -> UdpSocket {
+    in_ns(ns, || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+            .expect("socket");
+        s.set_ip_transparent(true).expect("IP_TRANSPARENT");
+        s.set_reuse_address(true).expect("SO_REUSEADDR");
+        s.bind(&SocketAddr::V4(addr).into()).expect("bind");
+        UdpSocket::from(s)
+    })
+}
+
+#[test]
+fn udp_redirect_to_transparent_listener_sees_original_destination() {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::io::IoSliceMut;
+    use std::os::fd::AsRawFd;
+
+    const DNS_PROXY: u16 = 15053;
+    let lab = Lab::new("udpredirect", 2);
+    lab.proxy_routing();
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    lab.set_endpoint(&mut dp, 0, 0);
+    dp.insert_policy(&[entry_proto(
+        PROTO_UDP,
+        a.endpoint_id,
+        DIR_EGRESS,
+        b.identity,
+        Some(53),
+        action::REDIRECT,
+        DNS_PROXY,
+    )])
+    .expect("policy");
+    let listener = transparent_udp(
+        &lab.node,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, DNS_PROXY),
+    );
+    socket::setsockopt(&listener, sockopt::Ipv4OrigDstAddr, &true).expect("IP_RECVORIGDSTADDR");
+    listener.set_read_timeout(Some(ALLOWED)).expect("timeout");
+
+    // Nothing listens on b:53; the pod's query reaches the proxy.
+    let client = in_ns(&a.ns, || UdpSocket::bind((a.ip, 0)).expect("bind"));
+    client.set_read_timeout(Some(ALLOWED)).expect("timeout");
+    client.send_to(b"query", (b.ip, 53)).expect("send");
+
+    let mut buf = [0u8; 64];
+    let mut cmsg = nix::cmsg_space!(nix::libc::sockaddr_in);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<SockaddrIn>(
+        listener.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .expect("the proxy received the query");
+    let from = msg.address.expect("source address");
+    assert_eq!(
+        SocketAddrV4::from(from),
+        client
+            .local_addr()
+            .map(|a| match a {
+                SocketAddr::V4(v4) => v4,
+                SocketAddr::V6(_) => panic!("v6"),
+            })
+            .expect("local addr")
+    );
+    let orig = msg
+        .cmsgs()
+        .expect("cmsgs")
+        .find_map(|c| match c {
+            ControlMessageOwned::Ipv4OrigDstAddr(sa) => Some(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+                u16::from_be(sa.sin_port),
+            )),
+            _ => None,
+        })
+        .expect("original destination");
+    assert_eq!(orig, SocketAddrV4::new(b.ip, 53));
+
+    // The answer comes from the server the pod asked.
+    let answer = transparent_udp(&lab.node, orig);
+    answer
+        .send_to(b"answer", SocketAddrV4::from(from))
+        .expect("answer");
+    let mut buf = [0u8; 16];
+    let (n, peer) = client.recv_from(&mut buf).expect("the pod got the answer");
+    assert_eq!(&buf[..n], b"answer");
+    assert_eq!(peer, SocketAddr::V4(SocketAddrV4::new(b.ip, 53)));
+}
+
+/// A raw SCTP socket in `ns` (this kernel has no SCTP stack: raw sockets still see and
+/// send SCTP-headed packets).
+fn raw_sctp(ns: &str) -> socket2::Socket {
+    in_ns(ns, || {
+        socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(i32::from(PROTO_SCTP))),
+        )
+        .expect("raw SCTP socket")
+    })
+}
+
+/// Sends one SCTP-headed packet (common header and an empty DATA chunk) to `to:port`
+/// from `ns`, and whether `receiver` sees it before `timeout`.
+fn sctp_delivered(
+    ns: &str,
+    to: Ipv4Addr,
+    port: u16,
+    receiver: &socket2::Socket,
+    timeout: Duration,
+) -> bool {
+    let sender = raw_sctp(ns);
+    let mut pkt = vec![0u8; 16];
+    pkt[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    pkt[2..4].copy_from_slice(&port.to_be_bytes());
+    pkt[12] = 0; // DATA
+    pkt[15] = 4; // chunk length
+    sender
+        .send_to(&pkt, &SocketAddr::V4(SocketAddrV4::new(to, 0)).into())
+        .expect("send");
+    let receiver = receiver.try_clone().expect("clone");
+    let receiver = UdpSocket::from(receiver); // only for its safe recv API
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        receiver.set_read_timeout(Some(left)).expect("timeout");
+        let Ok(n) = receiver.recv(&mut buf) else {
+            return false;
+        };
+        let ihl = usize::from(buf[0] & 0x0f) * 4;
+        if n >= ihl + 4 && buf[ihl + 2..ihl + 4] == port.to_be_bytes() {
+            return true;
+        }
+    }
+}
+
+#[test]
+fn sctp_by_port() {
+    let lab = Lab::new("sctp", 2);
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    lab.set_endpoint(&mut dp, 1, endpoint_flags::DEFAULT_DENY_INGRESS);
+    dp.insert_policy(&[entry_proto(
+        PROTO_SCTP,
+        b.endpoint_id,
+        DIR_INGRESS,
+        a.identity,
+        Some(3868),
+        action::ALLOW,
+        0,
+    )])
+    .expect("policy");
+    let receiver = raw_sctp(&b.ns);
+    assert!(
+        sctp_delivered(&a.ns, b.ip, 3868, &receiver, ALLOWED),
+        "SCTP to 3868 is allowed"
+    );
+    assert!(
+        !sctp_delivered(&a.ns, b.ip, 3869, &receiver, DENIED),
+        "SCTP to 3869 is denied"
+    );
+    assert!(dp.drops(drop_reason::POLICY_DEFAULT_DENY).expect("drops") >= 1);
+}
+
+fn connect6(ns: &str, to: Ipv6Addr, port: u16, timeout: Duration) -> std::io::Result<TcpStream> {
+    in_ns(ns, || {
+        let addr = SocketAddr::V6(SocketAddrV6::new(to, port, 0, 0));
+        let s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(ALLOWED))?;
+        Ok(s)
+    })
+}
+
+#[test]
+fn ipv6_allow_deny_and_replies() {
+    let lab = Lab::new("ipv6", 3);
+    let mut dp = lab.datapath();
+    let (a, b, c) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
+    lab.set_endpoint(&mut dp, 0, endpoint_flags::DEFAULT_DENY_INGRESS);
+    lab.set_endpoint(&mut dp, 1, endpoint_flags::DEFAULT_DENY_INGRESS);
+    dp.insert_policy(&[entry(
+        b.endpoint_id,
+        DIR_INGRESS,
+        a.identity,
+        Some(80),
+        action::ALLOW,
+        0,
+    )])
+    .expect("policy");
+    let v6_server = in_ns(&b.ns, || TcpListener::bind((b.ip6, 80)).expect("bind v6"));
+    thread::spawn(move || {
+        for conn in v6_server.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 64];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let v6_a = in_ns(&a.ns, || TcpListener::bind((a.ip6, 80)).expect("bind v6"));
+
+    let mut s = connect6(&a.ns, b.ip6, 80, ALLOWED).expect("a -> b:80 over IPv6 is allowed");
+    round_trip(&mut s, b"replies pass over IPv6");
+    let err = connect6(&c.ns, b.ip6, 80, DENIED).expect_err("c -> b:80 over IPv6 is denied");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    let err = connect6(&b.ns, a.ip6, 80, DENIED).expect_err("b -> a:80, the reverse, is denied");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    drop(v6_a);
+    let events = dp.drain_events();
+    assert!(events.iter().any(|e| e.family == 6
+        && e.saddr6 == c.ip6.octets()
+        && e.daddr6 == b.ip6.octets()
+        && e.reason == drop_reason::POLICY_DEFAULT_DENY));
+    assert!(dp.in_live_connection(IpAddr::V6(b.ip6)));
+}
+
+#[test]
+fn uplink_ingress_policy_and_redirect() {
+    const PROXY_PORT: u16 = 15004;
+    let mut lab = Lab::new("uplink", 1);
+    let (remote, remote_ip) = lab.add_remote();
+    lab.proxy_routing();
+    let mut dp = lab.datapath();
+    in_ns(&lab.node, || {
+        dp.attach_uplink("up0").expect("attach uplink");
+        dp.attach_uplink("up0").expect("attach uplink again");
+    });
+    dp.set_ipcache(ipnet("10.78.0.2/32"), 7000)
+        .expect("ipcache");
+    let a = &lab.pods[0];
+    lab.set_endpoint(&mut dp, 0, endpoint_flags::DEFAULT_DENY_INGRESS);
+    dp.insert_policy(&[
+        entry(a.endpoint_id, DIR_INGRESS, 7000, Some(80), action::ALLOW, 0),
+        entry(
+            a.endpoint_id,
+            DIR_INGRESS,
+            7000,
+            Some(8080),
+            action::REDIRECT,
+            PROXY_PORT,
+        ),
+    ])
+    .expect("policy");
+    echo_server(&a.ns, a.ip, 80);
+    echo_server(&a.ns, a.ip, 81);
+
+    let mut s = connect(&remote, a.ip, 80, ALLOWED).expect("remote -> a:80 is allowed");
+    round_trip(&mut s, b"across the uplink");
+    assert_denied(&remote, a.ip, 81);
+    let events = dp.drain_events();
+    assert!(events.iter().any(|e| e.saddr == remote_ip.octets()
+        && e.src_identity == 7000
+        && u16::from_be_bytes(e.dport) == 81
+        && e.direction == DIR_INGRESS));
+
+    // A redirect decided at the uplink's ingress reaches the node's proxy.
+    let proxy = transparent_listener(&lab.node, PROXY_PORT);
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let (conn, peer) = proxy.accept().expect("accept");
+        tx.send((peer, conn.local_addr().expect("local addr")))
+            .expect("send");
+    });
+    connect(&remote, a.ip, 8080, ALLOWED).expect("remote -> a:8080 reaches the proxy");
+    let (peer, orig_dst) = rx.recv_timeout(ALLOWED).expect("the proxy accepted");
+    assert_eq!(orig_dst, SocketAddr::V4(SocketAddrV4::new(a.ip, 8080)));
+    assert_eq!(peer.ip(), IpAddr::V4(remote_ip));
+}
+
+#[test]
+fn ipv6_redirect_to_transparent_listener() {
+    const PROXY_PORT: u16 = 15006;
+    let lab = Lab::new("ipv6redirect", 2);
+    lab.proxy_routing();
+    let n = &lab.node;
+    sh(&[
+        "ip",
+        "-n",
+        n,
+        "-6",
+        "rule",
+        "add",
+        "fwmark",
+        "0x200/0xf00",
+        "lookup",
+        "100",
+        "pref",
+        "90",
+    ]);
+    sh(&[
+        "ip", "-n", n, "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100",
+    ]);
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    lab.set_endpoint(&mut dp, 0, 0);
+    dp.insert_policy(&[entry(
+        a.endpoint_id,
+        DIR_EGRESS,
+        b.identity,
+        Some(80),
+        action::REDIRECT,
+        PROXY_PORT,
+    )])
+    .expect("policy");
+    // A dual-stack transparent listener on [::], found by the lookup of [::1]:port.
+    let proxy = in_ns(&lab.node, || {
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
+            .expect("socket");
+        s.set_only_v6(false).expect("dual stack");
+        // IP_TRANSPARENT sets the same flag as IPV6_TRANSPARENT on an IPv6 socket.
+        s.set_ip_transparent(true).expect("IP_TRANSPARENT");
+        s.set_reuse_address(true).expect("SO_REUSEADDR");
+        let any = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, PROXY_PORT, 0, 0));
+        s.bind(&any.into()).expect("bind");
+        s.listen(16).expect("listen");
+        TcpListener::from(s)
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let (conn, peer) = proxy.accept().expect("accept");
+        tx.send((peer, conn.local_addr().expect("local addr")))
+            .expect("send");
+    });
+    let s = connect6(&a.ns, b.ip6, 80, ALLOWED).expect("a -> b:80 over IPv6 reaches the proxy");
+    let (peer, orig_dst) = rx.recv_timeout(ALLOWED).expect("the proxy accepted");
+    assert_eq!(orig_dst, SocketAddr::V6(SocketAddrV6::new(b.ip6, 80, 0, 0)));
+    assert_eq!(peer, s.local_addr().expect("local addr"));
+}
