@@ -1,0 +1,124 @@
+//! Forwarding a query to the server the client asked, over the client's transport. The
+//! query bytes go out unchanged (EDNS and all) and the answer comes back unchanged.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, UdpSocket};
+
+use crate::proxy::Transport;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("upstream {server}: {source}")]
+    Io {
+        server: SocketAddr,
+        source: io::Error,
+    },
+    #[error("upstream {0} timed out")]
+    Timeout(SocketAddr),
+    #[error("query too short to carry an id")]
+    ShortQuery,
+}
+
+impl ForwardError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ForwardError::Io { .. } => "io",
+            ForwardError::Timeout(_) => "timeout",
+            ForwardError::ShortQuery => "short",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Forwarder {
+    pub timeout: Duration,
+    /// `SO_MARK` of upstream sockets.
+    pub mark: Option<u32>,
+}
+
+impl Forwarder {
+    /// Sends `query` to `server` and returns the answer with the query's id.
+    pub async fn forward(
+        &self,
+        query: &[u8],
+        server: SocketAddr,
+        transport: Transport,
+    ) -> Result<Vec<u8>, ForwardError> {
+        if query.len() < 2 {
+            return Err(ForwardError::ShortQuery);
+        }
+        let io = |source| ForwardError::Io { server, source };
+        let fut = async {
+            match transport {
+                Transport::Udp => self.udp(query, server).await,
+                Transport::Tcp => self.tcp(query, server).await,
+            }
+        };
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r.map_err(io),
+            Err(_) => Err(ForwardError::Timeout(server)),
+        }
+    }
+
+    async fn udp(&self, query: &[u8], server: SocketAddr) -> io::Result<Vec<u8>> {
+        let s = Socket::new(
+            Domain::for_address(server),
+            Type::DGRAM,
+            Some(Protocol::UDP),
+        )?;
+        s.set_nonblocking(true)?;
+        if let Some(m) = self.mark {
+            s.set_mark(m)?;
+        }
+        let any: SocketAddr = if server.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            ([0u16; 8], 0).into()
+        };
+        s.bind(&any.into())?;
+        let sock = UdpSocket::from_std(s.into())?;
+        sock.connect(server).await?;
+        sock.send(query).await?;
+        let mut buf = vec![0u8; 65_535];
+        loop {
+            let n = sock.recv(&mut buf).await?;
+            // A datagram with another id is not our answer (stale or spoofed): keep waiting.
+            if n >= 2 && buf.get(..2) == query.get(..2) {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+        }
+    }
+
+    async fn tcp(&self, query: &[u8], server: SocketAddr) -> io::Result<Vec<u8>> {
+        let sock = if server.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(m) = self.mark {
+            SockRef::from(&sock).set_mark(m)?;
+        }
+        let mut stream = sock.connect(server).await?;
+        stream.set_nodelay(true)?;
+        let len = u16::try_from(query.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "query over 65535 bytes"))?;
+        let mut out = Vec::with_capacity(query.len() + 2);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(query);
+        stream.write_all(&out).await?;
+        loop {
+            let n = usize::from(stream.read_u16().await?);
+            let mut buf = vec![0u8; n];
+            stream.read_exact(&mut buf).await?;
+            if n >= 2 && buf.get(..2) == query.get(..2) {
+                return Ok(buf);
+            }
+        }
+    }
+}
