@@ -90,18 +90,24 @@ impl Audit {
     }
 }
 
-/// Writes records as JSON lines until every sender is gone.
-pub async fn write_lines(mut rx: mpsc::Receiver<AuditRecord>, mut out: Box<dyn Write + Send>) {
-    while let Some(r) = rx.recv().await {
-        let line = match serde_json::to_string(&r) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!("audit record not serialisable: {e}");
-                continue;
+/// Writes records as JSON lines until every sender is gone; flushes whenever the channel
+/// runs empty. Blocking: run it on a blocking thread (`tokio::task::spawn_blocking`).
+pub fn write_lines(mut rx: mpsc::Receiver<AuditRecord>, mut out: Box<dyn Write + Send>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut next = Some(first);
+        while let Some(r) = next {
+            match serde_json::to_string(&r) {
+                Ok(line) => {
+                    if let Err(e) = writeln!(out, "{line}") {
+                        tracing::warn!("audit log write failed: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!("audit record not serialisable: {e}"),
             }
-        };
-        if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
-            tracing::warn!("audit log write failed: {e}");
+            next = rx.try_recv().ok();
+        }
+        if let Err(e) = out.flush() {
+            tracing::warn!("audit log flush failed: {e}");
         }
     }
 }

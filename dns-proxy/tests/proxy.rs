@@ -633,7 +633,9 @@ async fn audit_lines_are_json() {
     tx.send(b).await.unwrap();
     drop(tx);
     let file = std::fs::File::create(&path).unwrap();
-    dns_proxy::audit::write_lines(rx, Box::new(file)).await;
+    tokio::task::spawn_blocking(move || dns_proxy::audit::write_lines(rx, Box::new(file)))
+        .await
+        .unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
     let lines: Vec<serde_json::Value> = text
         .lines()
