@@ -10,6 +10,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, UdpSocket};
 
 use crate::proxy::Transport;
+use crate::sink::BoxFuture;
+
+/// Where allowed queries go. The real one is [`Forwarder`]; tests and the fuzz target
+/// plug in their own.
+pub trait Upstream: Send + Sync + 'static {
+    fn forward<'a>(
+        &'a self,
+        query: &'a [u8],
+        server: SocketAddr,
+        transport: Transport,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ForwardError>>;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -41,9 +53,20 @@ pub struct Forwarder {
     pub mark: Option<u32>,
 }
 
+impl Upstream for Forwarder {
+    fn forward<'a>(
+        &'a self,
+        query: &'a [u8],
+        server: SocketAddr,
+        transport: Transport,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ForwardError>> {
+        Box::pin(self.exchange(query, server, transport))
+    }
+}
+
 impl Forwarder {
     /// Sends `query` to `server` and returns the answer with the query's id.
-    pub async fn forward(
+    pub async fn exchange(
         &self,
         query: &[u8],
         server: SocketAddr,

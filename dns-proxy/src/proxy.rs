@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use crate::audit::{rfc3339, Audit, AuditRecord, Verdict};
 use crate::cache::FqdnCache;
 use crate::config::{Config, RefuseCode};
-use crate::forward::Forwarder;
+use crate::forward::{Forwarder, Upstream};
 use crate::message::{error_reply, formerr_from_bytes, learned};
 use crate::metrics::Metrics;
 use crate::persist::{self, PersistError};
@@ -66,7 +66,7 @@ struct Inner {
     chains: Mutex<HashMap<String, watch::Receiver<bool>>>,
     audit: Audit,
     metrics: Metrics,
-    forwarder: Forwarder,
+    upstream: Arc<dyn Upstream>,
 }
 
 /// What the datapath hand-off of one answer came to.
@@ -100,9 +100,17 @@ impl Proxy {
                 chains: Mutex::new(HashMap::new()),
                 audit,
                 metrics,
-                forwarder,
+                upstream: Arc::new(forwarder),
             }),
         }
+    }
+
+    /// Replaces the forwarder (tests, fuzzing). Has no effect once the proxy is shared.
+    pub fn with_upstream(mut self, upstream: Arc<dyn Upstream>) -> Proxy {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.upstream = upstream;
+        }
+        self
     }
 
     /// Swaps in a new policy snapshot; it applies from the next query on.
@@ -143,19 +151,6 @@ impl Proxy {
             .unwrap_or_default();
         let m = &self.inner.metrics;
 
-        let msg = match Message::from_vec(query) {
-            Ok(msg) => msg,
-            Err(e) => {
-                m.malformed.with_label_values(&["query"]).inc();
-                tracing::debug!(client = %ctx.client, "malformed query: {e}");
-                let reply = formerr_from_bytes(query);
-                let rcode = reply.as_ref().map(|_| "FormErr");
-                m.queries
-                    .with_label_values(&["error", rcode.unwrap_or("none")])
-                    .inc();
-                return reply;
-            }
-        };
         let mut rec = AuditRecord {
             time: rfc3339(now),
             source: ctx.client.ip().to_string(),
@@ -176,14 +171,24 @@ impl Proxy {
             latency_us: 0,
         };
 
+        let msg = match Message::from_vec(query) {
+            Ok(msg) => msg,
+            Err(e) => {
+                m.malformed.with_label_values(&["query"]).inc();
+                rec.reason = format!("malformed query: {e}");
+                let reply = formerr_from_bytes(query);
+                return self.finish(rec, start, Verdict::Error, reply, ResponseCode::FormErr);
+            }
+        };
         if msg.message_type() != MessageType::Query
             || msg.op_code() != OpCode::Query
             || msg.queries().len() != 1
         {
             m.malformed.with_label_values(&["query"]).inc();
             if msg.message_type() != MessageType::Query {
-                m.queries.with_label_values(&["error", "none"]).inc();
-                return None;
+                // Never answer a response: that is how reflection loops start.
+                rec.reason = "a response, not a query".into();
+                return self.finish(rec, start, Verdict::Error, None, ResponseCode::NoError);
             }
             let rcode = if msg.op_code() == OpCode::Query {
                 ResponseCode::FormErr
@@ -223,7 +228,7 @@ impl Proxy {
         let up_start = Instant::now();
         let answer = match self
             .inner
-            .forwarder
+            .upstream
             .forward(query, ctx.server, ctx.transport)
             .await
         {
@@ -242,7 +247,11 @@ impl Proxy {
         // An answer we cannot read teaches nothing and is not passed on: SERVFAIL, as for
         // any other upstream failure.
         let parsed = match Message::from_vec(&answer) {
-            Ok(a) if a.message_type() == MessageType::Response => a,
+            Ok(a)
+                if a.message_type() == MessageType::Response && answers_question(&a, question) =>
+            {
+                a
+            }
             Ok(_) | Err(_) => {
                 m.malformed.with_label_values(&["answer"]).inc();
                 rec.reason = "malformed answer from upstream".into();
@@ -554,6 +563,21 @@ impl Proxy {
                 }
             }
         })
+    }
+}
+
+/// Whether an answer is about the question asked. One with records must repeat the
+/// question (any case); one without (errors, truncation) may leave it out.
+fn answers_question(answer: &Message, question: &hickory_proto::op::Query) -> bool {
+    match answer.queries() {
+        [] => answer.answers().is_empty(),
+        // Name equality is case-insensitive.
+        [q] => {
+            q.query_type() == question.query_type()
+                && q.query_class() == question.query_class()
+                && q.name() == question.name()
+        }
+        _ => false,
     }
 }
 
