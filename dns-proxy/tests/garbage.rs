@@ -2,6 +2,8 @@
 //! reply with another id, and an answer is passed on byte for byte or not at all. A
 //! deterministic stand-in for the fuzz target (`fuzz/`), run on stable in CI.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::SocketAddr;
