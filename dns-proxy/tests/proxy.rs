@@ -534,6 +534,98 @@ async fn maintenance_task_persists_and_expires() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answer_for_another_question_is_servfail() {
+    let mut z = Zone::default();
+    // A well-formed answer about another name, with an IP an attacker wants opened.
+    let mut other =
+        hickory_proto::op::Message::from_vec(&query_bytes("evil.app.test", RecordType::A, 0))
+            .unwrap();
+    other.set_message_type(hickory_proto::op::MessageType::Response);
+    let mut evil = Zone::default();
+    evil.a("evil.app.test", 60, &["203.0.113.66"]);
+    for r in evil.records.values() {
+        other.add_answers(r.iter().cloned());
+    }
+    z.raw.insert("c.app.test.".into(), other.to_vec().unwrap());
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    let m = query(h.addr, "c.app.test", RecordType::A, false).await;
+    assert_eq!(m.response_code(), ResponseCode::ServFail);
+    assert!(h.proxy.held_ips(ENDPOINT, "c.app.test").is_empty());
+    assert!(h.proxy.held_ips(ENDPOINT, "evil.app.test").is_empty());
+    assert!(h.sink.applied().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_policy_applies_to_the_next_query_on_a_kept_alive_connection() {
+    let mut z = Zone::default();
+    z.a("a.example.com", 60, &["192.0.2.130"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    async fn ask(conn: &mut tokio::net::TcpStream, id: u16) -> hickory_proto::op::Message {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let q = query_bytes("a.example.com", RecordType::A, id);
+        let mut out = (q.len() as u16).to_be_bytes().to_vec();
+        out.extend(q);
+        conn.write_all(&out).await.unwrap();
+        let n = conn.read_u16().await.unwrap();
+        let mut buf = vec![0u8; n as usize];
+        conn.read_exact(&mut buf).await.unwrap();
+        hickory_proto::op::Message::from_vec(&buf).unwrap()
+    }
+    assert_eq!(
+        ask(&mut conn, 1).await.response_code(),
+        ResponseCode::Refused
+    );
+    let wider = POLICY.replace(
+        "        - matchName: example.com\n",
+        "        - matchName: example.com\n        - matchPattern: \"*.example.com\"\n",
+    );
+    assert_ne!(wider, POLICY);
+    h.proxy.set_model(model_with(&wider, up.addr.port()));
+    let m = ask(&mut conn, 2).await;
+    assert_eq!(m.response_code(), ResponseCode::NoError);
+    assert_eq!(ips(&m), vec![ip("192.0.2.130")]);
+}
+
+/// Transparent sockets need CAP_NET_ADMIN; skipped without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_udp_reports_the_original_destination_and_replies_from_it() {
+    use dns_proxy::listener::{TransparentUdp, UdpTransport};
+    let t = match TransparentUdp::bind(([127, 0, 0, 1], 0).into()) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            eprintln!("no CAP_NET_ADMIN: skipped");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let listen = t.socket.local_addr().unwrap();
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.send_to(b"query", listen).await.unwrap();
+    let mut buf = [0u8; 64];
+    let d = tokio::time::timeout(Duration::from_secs(5), t.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..d.len], b"query");
+    assert_eq!(d.client, client.local_addr().unwrap());
+    // Not redirected: the original destination is the listener itself.
+    assert_eq!(d.server, listen);
+    // The reply comes from the server the client asked, not from the listener; the
+    // address is not local to this machine.
+    let server: std::net::SocketAddr = ([192, 0, 2, 53], 53).into();
+    t.send(b"answer", d.client, server).await.unwrap();
+    let (n, from) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"answer");
+    assert_eq!(from, server);
+}
+
 // ---------------------------------------------------------------- dig and dnsmasq
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,8 +63,12 @@ spec:
 "#;
 
 pub fn model(dns_port: u16) -> Arc<Model> {
+    model_with(POLICY, dns_port)
+}
+
+pub fn model_with(policy: &str, dns_port: u16) -> Arc<Model> {
     let cluster: policy_model::Cluster = serde_yaml::from_str(CLUSTER).unwrap();
-    let policy = POLICY.replace("PORT", &dns_port.to_string());
+    let policy = policy.replace("PORT", &dns_port.to_string());
     let (policies, errors, _) = policy_model::api::load(&policy, None);
     assert!(errors.is_empty(), "{errors:?}");
     Arc::new(Model::compile(
