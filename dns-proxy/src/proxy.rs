@@ -244,11 +244,13 @@ impl Proxy {
             .with_label_values(&[ctx.transport.as_str()])
             .observe(up_start.elapsed().as_secs_f64());
 
-        // An answer we cannot read teaches nothing and is not passed on: SERVFAIL, as for
-        // any other upstream failure.
+        // An answer we cannot read, or that is not about this query (id, question),
+        // teaches nothing and is not passed on: SERVFAIL, as for any upstream failure.
         let parsed = match Message::from_vec(&answer) {
             Ok(a)
-                if a.message_type() == MessageType::Response && answers_question(&a, question) =>
+                if a.id() == msg.id()
+                    && a.message_type() == MessageType::Response
+                    && answers_question(&a, question) =>
             {
                 a
             }
