@@ -25,6 +25,9 @@ pub struct NameEntry {
     /// Expired or evicted IPs, kept while a connection may use them.
     #[serde(default)]
     pub zombies: Vec<IpEntry>,
+    /// The selectors the IPs were last handed to the datapath under.
+    #[serde(default)]
+    pub selectors: Vec<String>,
 }
 
 /// endpoint -> name -> IPs.
@@ -95,6 +98,24 @@ impl FqdnCache {
             }
         }
         evicted
+    }
+
+    /// Whether every IP is live for `name` and was handed over under these selectors.
+    pub fn covers(&self, endpoint: &str, name: &str, ips: &[IpAddr], selectors: &[String]) -> bool {
+        self.entry(endpoint, name).is_some_and(|e| {
+            e.selectors == selectors && ips.iter().all(|ip| e.ips.iter().any(|x| x.ip == *ip))
+        })
+    }
+
+    /// Records the selectors the IPs of `name` were handed over under.
+    pub fn set_selectors(&mut self, endpoint: &str, name: &str, selectors: Vec<String>) {
+        if let Some(e) = self
+            .entries
+            .get_mut(endpoint)
+            .and_then(|names| names.get_mut(name))
+        {
+            e.selectors = selectors;
+        }
     }
 
     /// Turns expired IPs into zombies and removes the zombies no live connection uses.

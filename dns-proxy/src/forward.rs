@@ -1,8 +1,10 @@
 //! Forwarding a query to the server the client asked, over the client's transport. The
 //! query bytes go out unchanged (EDNS and all) and the answer comes back unchanged.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -46,11 +48,18 @@ impl ForwardError {
     }
 }
 
-#[derive(Clone, Debug)]
+/// Connected UDP sockets kept per server for reuse (bounded).
+const POOL_PER_SERVER: usize = 256;
+
+#[derive(Debug, Default)]
 pub struct Forwarder {
     pub timeout: Duration,
     /// `SO_MARK` of upstream sockets.
     pub mark: Option<u32>,
+    /// Idle connected UDP sockets per server. A socket goes back only after it received
+    /// the answer it waited for (a timed-out one is closed), so no stale answer is
+    /// pending on a reused socket; answers are still matched by id.
+    pool: Mutex<HashMap<SocketAddr, Vec<UdpSocket>>>,
 }
 
 impl Upstream for Forwarder {
@@ -65,6 +74,27 @@ impl Upstream for Forwarder {
 }
 
 impl Forwarder {
+    pub fn new(timeout: Duration, mark: Option<u32>) -> Forwarder {
+        Forwarder {
+            timeout,
+            mark,
+            pool: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn take(&self, server: SocketAddr) -> Option<UdpSocket> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.get_mut(&server)?.pop()
+    }
+
+    fn put(&self, server: SocketAddr, sock: UdpSocket) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = pool.entry(server).or_default();
+        if idle.len() < POOL_PER_SERVER {
+            idle.push(sock);
+        }
+    }
+
     /// Sends `query` to `server` and returns the answer with the query's id.
     pub async fn exchange(
         &self,
@@ -89,6 +119,24 @@ impl Forwarder {
     }
 
     async fn udp(&self, query: &[u8], server: SocketAddr) -> io::Result<Vec<u8>> {
+        let sock = match self.take(server) {
+            Some(s) => s,
+            None => self.connect_udp(server).await?,
+        };
+        sock.send(query).await?;
+        let mut buf = vec![0u8; 65_535];
+        loop {
+            let n = sock.recv(&mut buf).await?;
+            // A datagram with another id is not our answer (stale or spoofed): keep waiting.
+            if n >= 2 && buf.get(..2) == query.get(..2) {
+                buf.truncate(n);
+                self.put(server, sock);
+                return Ok(buf);
+            }
+        }
+    }
+
+    async fn connect_udp(&self, server: SocketAddr) -> io::Result<UdpSocket> {
         let s = Socket::new(
             Domain::for_address(server),
             Type::DGRAM,
@@ -106,16 +154,7 @@ impl Forwarder {
         s.bind(&any.into())?;
         let sock = UdpSocket::from_std(s.into())?;
         sock.connect(server).await?;
-        sock.send(query).await?;
-        let mut buf = vec![0u8; 65_535];
-        loop {
-            let n = sock.recv(&mut buf).await?;
-            // A datagram with another id is not our answer (stale or spoofed): keep waiting.
-            if n >= 2 && buf.get(..2) == query.get(..2) {
-                buf.truncate(n);
-                return Ok(buf);
-            }
-        }
+        Ok(sock)
     }
 
     async fn tcp(&self, query: &[u8], server: SocketAddr) -> io::Result<Vec<u8>> {

@@ -85,10 +85,7 @@ impl Proxy {
         audit: Audit,
         metrics: Metrics,
     ) -> Proxy {
-        let forwarder = Forwarder {
-            timeout: config.upstream_timeout,
-            mark: config.upstream_mark,
-        };
+        let forwarder = Forwarder::new(config.upstream_timeout, config.upstream_mark);
         Proxy {
             inner: Arc::new(Inner {
                 cache: Mutex::new(FqdnCache::new(config.max_ips_per_name)),
@@ -324,16 +321,38 @@ impl Proxy {
         let mut waits = Vec::new();
         let mut all_selectors = Vec::new();
         for name in names {
-            let selectors = model.fqdn_selectors_matching(name);
+            let selectors: Vec<String> = model
+                .fqdn_selectors_matching(name)
+                .into_iter()
+                .map(str::to_string)
+                .collect();
             if selectors.is_empty() {
                 // Selected by no toFQDNs rule: nothing for the datapath (Cilium #30110).
                 continue;
             }
-            let evicted = self.cache().learn(endpoint, name, ips, ttl, now_ms);
+            for s in &selectors {
+                if !all_selectors.contains(s) {
+                    all_selectors.push(s.clone());
+                }
+            }
+            // Lock order: chains, then cache.
+            let mut chains = self.chains();
+            let (known, evicted) = {
+                let mut cache = self.cache();
+                let known = cache.covers(endpoint, name, ips, &selectors);
+                let evicted = cache.learn(endpoint, name, ips, ttl, now_ms);
+                cache.set_selectors(endpoint, name, selectors.clone());
+                (known, evicted)
+            };
             self.inner.dirty.store(true, Ordering::Relaxed);
             if !evicted.is_empty() {
                 self.inner.metrics.evictions.inc_by(evicted.len() as u64);
                 tracing::debug!(endpoint, name, ?evicted, "per-name IP limit reached");
+            }
+            // The datapath already holds these IPs under these selectors, and no update
+            // of this name is in flight (or failed): only the expiry moved, which is ours.
+            if known && !chains.contains_key(name) {
+                continue;
             }
             let update = Update {
                 endpoint: endpoint.to_string(),
@@ -341,25 +360,22 @@ impl Proxy {
                 add: selectors
                     .iter()
                     .map(|s| SelectorIps {
-                        selector: (*s).to_string(),
+                        selector: s.clone(),
                         label: fqdn_key(s, endpoint).to_string(),
                         ips: ips.to_vec(),
                     })
                     .collect(),
                 remove: Vec::new(),
             };
-            for s in selectors {
-                if !all_selectors.iter().any(|x: &String| x == s) {
-                    all_selectors.push(s.to_string());
-                }
-            }
-            waits.push(self.queue_update(name, update));
+            waits.push(self.queue_update_locked(&mut chains, name, update));
         }
         self.update_gauges();
         if waits.is_empty() {
+            // Either no selector matched, or the datapath already had everything.
+            let confirmed = (!all_selectors.is_empty()).then_some(true);
             return HandOff {
                 selectors: all_selectors,
-                confirmed: None,
+                confirmed,
             };
         }
         let start = Instant::now();
@@ -392,18 +408,30 @@ impl Proxy {
         }
     }
 
+    fn chains(&self) -> MutexGuard<'_, HashMap<String, watch::Receiver<bool>>> {
+        match self.inner.chains.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn queue_update(&self, name: &str, update: Update) -> watch::Receiver<bool> {
+        let mut chains = self.chains();
+        self.queue_update_locked(&mut chains, name, update)
+    }
+
     /// Queues `update` behind the previous update of the same name; the receiver turns
     /// true once the datapath confirmed (or failed) it. The update runs to completion
-    /// even when the query stops waiting.
-    fn queue_update(&self, name: &str, update: Update) -> watch::Receiver<bool> {
+    /// even when the query stops waiting. A failed update leaves its entry, so the next
+    /// answer for the name is handed over again.
+    fn queue_update_locked(
+        &self,
+        chains: &mut HashMap<String, watch::Receiver<bool>>,
+        name: &str,
+        update: Update,
+    ) -> watch::Receiver<bool> {
         let (tx, rx) = watch::channel(false);
-        let prev = {
-            let mut chains = match self.inner.chains.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            chains.insert(name.to_string(), rx.clone())
-        };
+        let prev = chains.insert(name.to_string(), rx.clone());
         let inner = self.inner.clone();
         let name = name.to_string();
         let mine = rx.clone();
@@ -411,16 +439,20 @@ impl Proxy {
             if let Some(mut prev) = prev {
                 let _ = prev.wait_for(|done| *done).await;
             }
-            if let Err(e) = inner.sink.apply(update).await {
-                inner.metrics.datapath_errors.inc();
-                tracing::warn!(name, "{e}");
-            }
+            let ok = match inner.sink.apply(update).await {
+                Ok(()) => true,
+                Err(e) => {
+                    inner.metrics.datapath_errors.inc();
+                    tracing::warn!(name, "{e}");
+                    false
+                }
+            };
             let _ = tx.send(true);
             let mut chains = match inner.chains.lock() {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             };
-            if chains.get(&name).is_some_and(|r| r.same_channel(&mine)) {
+            if ok && chains.get(&name).is_some_and(|r| r.same_channel(&mine)) {
                 chains.remove(&name);
             }
         });

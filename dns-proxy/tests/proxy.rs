@@ -137,6 +137,14 @@ async fn tcp_queries_go_upstream_over_tcp_and_learn() {
     assert_eq!(add.len(), 1);
     assert_eq!(add[0].selector, "*.app.test.");
     assert_eq!(add[0].label, "fqdn:*.app.test.@app/client");
+    // The same IPs again: the datapath has them already, no second update.
+    query(h.addr, "web.app.test", RecordType::A, false).await;
+    assert_eq!(h.sink.applied().len(), 1);
+    h.audit_for("web.app.test").await;
+    assert_eq!(
+        h.audit_for("web.app.test").await.datapath_confirmed,
+        Some(true)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
