@@ -124,9 +124,11 @@ impl Forwarder {
             None => self.connect_udp(server).await?,
         };
         sock.send(query).await?;
-        let mut buf = vec![0u8; 65_535];
+        // Capacity without zeroing: `recv_buf` writes into the spare capacity.
+        let mut buf = Vec::with_capacity(65_535);
         loop {
-            let n = sock.recv(&mut buf).await?;
+            buf.clear();
+            let n = sock.recv_buf(&mut buf).await?;
             // A datagram with another id is not our answer (stale or spoofed): keep waiting.
             if n >= 2 && buf.get(..2) == query.get(..2) {
                 buf.truncate(n);

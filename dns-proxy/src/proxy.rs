@@ -369,7 +369,6 @@ impl Proxy {
             };
             waits.push(self.queue_update_locked(&mut chains, name, update));
         }
-        self.update_gauges();
         if waits.is_empty() {
             // Either no selector matched, or the datapath already had everything.
             let confirmed = (!all_selectors.is_empty()).then_some(true);
@@ -378,6 +377,8 @@ impl Proxy {
                 confirmed,
             };
         }
+        // Only when something changed for the datapath: the gauges walk the whole cache.
+        self.update_gauges();
         let start = Instant::now();
         let all = async {
             for mut w in waits {
