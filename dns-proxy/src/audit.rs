@@ -90,25 +90,42 @@ impl Audit {
     }
 }
 
-/// Writes records as JSON lines until every sender is gone; flushes whenever the channel
-/// runs empty. Blocking: run it on a blocking thread (`tokio::task::spawn_blocking`).
+/// How often the writer drains the channel. Polling instead of waking per record keeps
+/// a cross-thread wake-up off every query.
+const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Writes records as JSON lines until every sender is gone, draining the channel every
+/// 10 ms and flushing after each batch. Blocking: run it on a blocking thread
+/// (`tokio::task::spawn_blocking`).
 pub fn write_lines(mut rx: mpsc::Receiver<AuditRecord>, mut out: Box<dyn Write + Send>) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut next = Some(first);
-        while let Some(r) = next {
-            match serde_json::to_string(&r) {
-                Ok(line) => {
-                    if let Err(e) = writeln!(out, "{line}") {
-                        tracing::warn!("audit log write failed: {e}");
+    loop {
+        let mut wrote = false;
+        let closed = loop {
+            match rx.try_recv() {
+                Ok(r) => {
+                    wrote = true;
+                    match serde_json::to_string(&r) {
+                        Ok(line) => {
+                            if let Err(e) = writeln!(out, "{line}") {
+                                tracing::warn!("audit log write failed: {e}");
+                            }
+                        }
+                        Err(e) => tracing::warn!("audit record not serialisable: {e}"),
                     }
                 }
-                Err(e) => tracing::warn!("audit record not serialisable: {e}"),
+                Err(mpsc::error::TryRecvError::Empty) => break false,
+                Err(mpsc::error::TryRecvError::Disconnected) => break true,
             }
-            next = rx.try_recv().ok();
+        };
+        if wrote {
+            if let Err(e) = out.flush() {
+                tracing::warn!("audit log flush failed: {e}");
+            }
         }
-        if let Err(e) = out.flush() {
-            tracing::warn!("audit log flush failed: {e}");
+        if closed {
+            return;
         }
+        std::thread::sleep(DRAIN_EVERY);
     }
 }
 
