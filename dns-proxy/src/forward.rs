@@ -48,6 +48,13 @@ impl ForwardError {
     }
 }
 
+/// A connected UDP socket with its receive buffer (64 KiB, allocated once).
+#[derive(Debug)]
+struct Pooled {
+    sock: UdpSocket,
+    buf: Vec<u8>,
+}
+
 /// Connected UDP sockets kept per server for reuse (bounded).
 const POOL_PER_SERVER: usize = 256;
 
@@ -59,7 +66,7 @@ pub struct Forwarder {
     /// Idle connected UDP sockets per server. A socket goes back only after it received
     /// the answer it waited for (a timed-out one is closed), so no stale answer is
     /// pending on a reused socket; answers are still matched by id.
-    pool: Mutex<HashMap<SocketAddr, Vec<UdpSocket>>>,
+    pool: Mutex<HashMap<SocketAddr, Vec<Pooled>>>,
 }
 
 impl Upstream for Forwarder {
@@ -82,12 +89,12 @@ impl Forwarder {
         }
     }
 
-    fn take(&self, server: SocketAddr) -> Option<UdpSocket> {
+    fn take(&self, server: SocketAddr) -> Option<Pooled> {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         pool.get_mut(&server)?.pop()
     }
 
-    fn put(&self, server: SocketAddr, sock: UdpSocket) {
+    fn put(&self, server: SocketAddr, sock: Pooled) {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         let idle = pool.entry(server).or_default();
         if idle.len() < POOL_PER_SERVER {
@@ -119,21 +126,22 @@ impl Forwarder {
     }
 
     async fn udp(&self, query: &[u8], server: SocketAddr) -> io::Result<Vec<u8>> {
-        let sock = match self.take(server) {
-            Some(s) => s,
-            None => self.connect_udp(server).await?,
+        let mut p = match self.take(server) {
+            Some(p) => p,
+            None => Pooled {
+                sock: self.connect_udp(server).await?,
+                buf: vec![0u8; 65_535],
+            },
         };
-        sock.send(query).await?;
-        // Capacity without zeroing: `recv_buf` writes into the spare capacity.
-        let mut buf = Vec::with_capacity(65_535);
+        p.sock.send(query).await?;
         loop {
-            buf.clear();
-            let n = sock.recv_buf(&mut buf).await?;
+            let n = p.sock.recv(&mut p.buf).await?;
+            let answer = p.buf.get(..n).unwrap_or_default();
             // A datagram with another id is not our answer (stale or spoofed): keep waiting.
-            if n >= 2 && buf.get(..2) == query.get(..2) {
-                buf.truncate(n);
-                self.put(server, sock);
-                return Ok(buf);
+            if n >= 2 && answer.get(..2) == query.get(..2) {
+                let answer = answer.to_vec();
+                self.put(server, p);
+                return Ok(answer);
             }
         }
     }
