@@ -69,14 +69,21 @@ impl UdpTransport for ForwarderUdp {
 /// transparent socket bound to it.
 pub struct TransparentUdp {
     pub socket: UdpSocket,
+    local: SocketAddr,
 }
 
 impl TransparentUdp {
     pub fn bind(addr: SocketAddr) -> io::Result<TransparentUdp> {
-        Ok(TransparentUdp {
-            socket: socket::transparent_udp(addr)?,
-        })
+        let socket = socket::transparent_udp(addr)?;
+        let local = socket.local_addr()?;
+        Ok(TransparentUdp { socket, local })
     }
+}
+
+/// Whether `server` is the listener itself: a query sent straight to the proxy, not
+/// redirected. Forwarding it would loop back into the proxy.
+pub fn is_self(server: SocketAddr, listen: SocketAddr) -> bool {
+    server.port() == listen.port() && (listen.ip().is_unspecified() || server.ip() == listen.ip())
 }
 
 impl UdpTransport for TransparentUdp {
@@ -85,15 +92,16 @@ impl UdpTransport for TransparentUdp {
             loop {
                 let (len, client, orig) = socket::recv_orig_dst(&self.socket, buf).await?;
                 match orig {
-                    Some(server) => {
+                    Some(server) if !is_self(server, self.local) => {
                         return Ok(Datagram {
                             len,
                             client,
                             server,
                         })
                     }
-                    // Sent to the listener itself, not redirected: no server to forward to.
-                    None => tracing::debug!(%client, "datagram without original destination"),
+                    // Sent to the listener itself, not redirected: no server to forward
+                    // to (forwarding would loop into the proxy).
+                    _ => tracing::debug!(%client, "datagram not redirected: dropped"),
                 }
             }
         })
@@ -195,6 +203,10 @@ pub async fn serve_tcp(
                 continue;
             }
         };
+        if listener.local_addr().is_ok_and(|l| is_self(server, l)) {
+            tracing::debug!(%client, "connection not redirected: closed");
+            continue;
+        }
         let proxy = proxy.clone();
         tokio::spawn(async move {
             if let Err(e) = serve_connection(proxy, stream, client, server).await {

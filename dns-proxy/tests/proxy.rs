@@ -598,10 +598,11 @@ async fn new_policy_applies_to_the_next_query_on_a_kept_alive_connection() {
     assert_eq!(ips(&m), vec![ip("192.0.2.130")]);
 }
 
-/// Transparent sockets need CAP_NET_ADMIN; skipped without it.
+/// Transparent sockets need CAP_NET_ADMIN; skipped without it. (A redirected datagram
+/// needs the datapath; here the original destination is the listener itself.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transparent_udp_reports_the_original_destination_and_replies_from_it() {
-    use dns_proxy::listener::{TransparentUdp, UdpTransport};
+    use dns_proxy::listener::{is_self, TransparentUdp, UdpTransport};
     let t = match TransparentUdp::bind(([127, 0, 0, 1], 0).into()) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
@@ -612,26 +613,39 @@ async fn transparent_udp_reports_the_original_destination_and_replies_from_it() 
     };
     let listen = t.socket.local_addr().unwrap();
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    client.send_to(b"query", listen).await.unwrap();
     let mut buf = [0u8; 64];
-    let d = tokio::time::timeout(Duration::from_secs(5), t.recv(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&buf[..d.len], b"query");
-    assert_eq!(d.client, client.local_addr().unwrap());
-    // Not redirected: the original destination is the listener itself.
-    assert_eq!(d.server, listen);
-    // The reply comes from the server the client asked, not from the listener; the
-    // address is not local to this machine.
+    // IP_RECVORIGDSTADDR reports the destination the client used.
+    client.send_to(b"query", listen).await.unwrap();
+    let (n, from, orig) = tokio::time::timeout(
+        Duration::from_secs(5),
+        dns_proxy::socket::recv_orig_dst(&t.socket, &mut buf),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(&buf[..n], b"query");
+    assert_eq!(from, client.local_addr().unwrap());
+    assert_eq!(orig, Some(listen));
+    // Not redirected (sent to the listener itself): the transport drops it, since
+    // forwarding it would loop into the proxy.
+    assert!(is_self(orig.unwrap(), listen));
+    client.send_to(b"query", listen).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_millis(300), t.recv(&mut buf)).await;
+    assert!(
+        got.is_err(),
+        "a datagram to the listener itself is not handed over"
+    );
+    // The reply comes from the server the client asked, an address that is not local to
+    // this machine, not from the listener.
     let server: std::net::SocketAddr = ([192, 0, 2, 53], 53).into();
-    t.send(b"answer", d.client, server).await.unwrap();
-    let (n, from) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    t.send(b"answer", from, server).await.unwrap();
+    let (n, replied_from) =
+        tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
     assert_eq!(&buf[..n], b"answer");
-    assert_eq!(from, server);
+    assert_eq!(replied_from, server);
 }
 
 // ---------------------------------------------------------------- dig and dnsmasq
