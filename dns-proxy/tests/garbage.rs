@@ -1,6 +1,8 @@
 //! Arbitrary bytes as queries and as upstream answers never panic the proxy, never get a
 //! reply with another id, and an answer is passed on byte for byte or not at all. A
-//! deterministic stand-in for the fuzz target (`fuzz/`), run on stable in CI.
+//! deterministic stand-in for the fuzz target (`fuzz/`), run on stable in CI. Also the
+//! node scope, whose client addresses (pod IPs) cannot send on loopback: with the same
+//! canned upstream, calling `Proxy::handle` directly.
 
 #![allow(clippy::unwrap_used)]
 
@@ -71,14 +73,19 @@ impl Rng {
 }
 
 fn valid_answer(id: u16) -> Vec<u8> {
-    let q = Message::from_vec(&query_bytes("web.app.test", RecordType::A, id)).unwrap();
+    answer_for("web.app.test", id)
+}
+
+/// `name` CNAME edge.cdn.test, which has two A records.
+fn answer_for(name: &str, id: u16) -> Vec<u8> {
+    let q = Message::from_vec(&query_bytes(name, RecordType::A, id)).unwrap();
     let mut m = Message::new();
     m.set_id(id)
         .set_message_type(MessageType::Response)
         .set_op_code(OpCode::Query);
     m.add_query(q.queries()[0].clone());
     let mut z = Zone::default();
-    z.cname("web.app.test", 60, "edge.cdn.test");
+    z.cname(name, 60, "edge.cdn.test");
     z.a("edge.cdn.test", 30, &["192.0.2.1", "192.0.2.2"]);
     for recs in z.records.values() {
         m.add_answers(recs.iter().cloned());
@@ -142,4 +149,52 @@ async fn arbitrary_queries_and_answers_are_contained() {
         cached.ends_with(&[ip("192.0.2.1"), ip("192.0.2.2")]),
         "{cached:?}"
     );
+}
+
+/// Node scope (transparent mode): the client is the endpoint that owns the source IP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_scope_finds_the_client_endpoint_by_source_ip() {
+    let canned = Arc::new(Canned::default());
+    let sink = TestSink::default();
+    let metrics = Metrics::new().unwrap();
+    let proxy = Proxy::new(
+        Config::default(),
+        model(53),
+        Scope::Node { node: None },
+        Arc::new(sink.clone()),
+        Arc::new(NeverInUse),
+        Audit::disabled(metrics.clone()),
+        metrics,
+    )
+    .with_upstream(canned.clone());
+    *canned.0.lock().unwrap() = valid_answer(0x4242);
+    let from = |ip: [u8; 4]| QueryContext {
+        client: (ip, 40000).into(),
+        server: ([127, 0, 0, 1], 53).into(),
+        transport: Transport::Udp,
+    };
+    let denied = query_bytes("www.example.org", RecordType::A, 0x4242);
+    let allowed = query_bytes("web.app.test", RecordType::A, 0x4242);
+    // app/client (10.0.1.10) has DNS rules towards 127.0.0.1:53
+    let r = proxy.handle(&denied, from([10, 0, 1, 10])).await.unwrap();
+    assert_eq!(
+        Message::from_vec(&r).unwrap().response_code(),
+        hickory_proto::op::ResponseCode::Refused
+    );
+    let r = proxy.handle(&allowed, from([10, 0, 1, 10])).await.unwrap();
+    assert_eq!(ips(&Message::from_vec(&r).unwrap()).len(), 2);
+    assert_eq!(proxy.cached_ips(ENDPOINT, "web.app.test").len(), 2);
+    assert_eq!(sink.applied()[0].update.endpoint, ENDPOINT);
+    // app/free (10.0.1.11) has no DNS rules: everything passes
+    *canned.0.lock().unwrap() = answer_for("www.example.org", 0x4242);
+    let r = proxy.handle(&denied, from([10, 0, 1, 11])).await.unwrap();
+    assert_eq!(
+        Message::from_vec(&r).unwrap().response_code(),
+        hickory_proto::op::ResponseCode::NoError
+    );
+    // an address of no endpoint: forwarded, nothing learned
+    *canned.0.lock().unwrap() = valid_answer(0x4242);
+    let before = sink.applied().len();
+    proxy.handle(&allowed, from([10, 9, 9, 9])).await.unwrap();
+    assert_eq!(sink.applied().len(), before);
 }
