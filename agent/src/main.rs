@@ -28,6 +28,8 @@ enum Command {
         #[command(subcommand)]
         command: cmd::conformance::Command,
     },
+    /// Run the DNS proxy as a standalone filtering forwarder for one endpoint.
+    DnsProxy(cmd::dns_proxy::Args),
     /// Validate policies and explain verdicts.
     Policy {
         #[command(subcommand)]
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Conformance { command } => cmd::conformance::run(command),
+        Command::DnsProxy(args) => cmd::dns_proxy::run(args),
         Command::Policy { command } => cmd::policy::run(command),
     };
     match result {

@@ -1,2 +1,3 @@
 pub mod conformance;
+pub mod dns_proxy;
 pub mod policy;

@@ -1,0 +1,161 @@
+//! `ward dns-proxy`: the DNS proxy as a standalone filtering forwarder for one endpoint
+//! (no transparency): queries from anyone are checked against that endpoint's DNS rules
+//! towards the upstream, forwarded, and their answers' IPs learned and audited.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+use dns_proxy::audit::{write_lines, Audit};
+use dns_proxy::listener::{serve_tcp, serve_udp, FixedUpstream, ForwarderUdp};
+use dns_proxy::metrics::Metrics;
+use dns_proxy::{Config, NeverInUse, NullSink, Proxy, RefuseCode, Scope};
+use policy_model::{CompileOptions, Model};
+
+use crate::inputs::{load_cluster, load_policies};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Address to listen on, UDP and TCP (e.g. 127.0.0.1:5353).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The DNS server every query goes to.
+    #[arg(long)]
+    upstream: SocketAddr,
+    /// Cluster state: the `cluster:` shape of a conformance case, or a whole case file.
+    #[arg(long)]
+    cluster: PathBuf,
+    /// Policy manifests (files or folders).
+    #[arg(long, required = true, num_args = 1..)]
+    policies: Vec<PathBuf>,
+    /// The endpoint (NAMESPACE/POD) whose DNS rules apply.
+    #[arg(long)]
+    endpoint: String,
+    /// Audit log: a file, or `-` for stdout.
+    #[arg(long, default_value = "-")]
+    audit_log: String,
+    /// Response code of a denied query.
+    #[arg(long, value_enum, default_value_t = Refuse::Refused)]
+    refuse_code: Refuse,
+    /// Learned IPs live at least this many seconds.
+    #[arg(long, default_value_t = 0)]
+    min_ttl: u32,
+    /// State directory for the FQDN cache (restored at start).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Upstream timeout in milliseconds (then SERVFAIL).
+    #[arg(long, default_value_t = 10_000)]
+    upstream_timeout_ms: u64,
+    /// Worker threads (default: one per CPU).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Refuse {
+    Refused,
+    Nxdomain,
+}
+
+pub fn run(a: Args) -> Result<ExitCode> {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = a.threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = rt.build().context("cannot start the runtime")?;
+    let r = rt.block_on(serve(a));
+    // Lets the audit writer drain what is queued.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    r
+}
+
+async fn serve(a: Args) -> Result<ExitCode> {
+    let cluster = load_cluster(&a.cluster)?;
+    let loaded = load_policies(&a.policies)?;
+    let mut policies = Vec::new();
+    let mut errors = loaded.errors;
+    for o in &loaded.objects {
+        match o.translate() {
+            Ok(p) => policies.extend(p),
+            Err(e) => errors.extend(e),
+        }
+    }
+    for e in &errors {
+        eprintln!("warning: left out: {e}");
+    }
+    let model = Model::compile(&cluster, policies, CompileOptions::default());
+    if model.pod_endpoint(&a.endpoint).is_none() {
+        bail!("no pod {} in {}", a.endpoint, a.cluster.display());
+    }
+    let config = Config {
+        refuse_code: match a.refuse_code {
+            Refuse::Refused => RefuseCode::Refused,
+            Refuse::Nxdomain => RefuseCode::Nxdomain,
+        },
+        min_ttl: a.min_ttl,
+        state_dir: a.state_dir,
+        upstream_timeout: Duration::from_millis(a.upstream_timeout_ms),
+        ..Config::default()
+    };
+    let metrics = Metrics::new().context("metrics")?;
+    let (audit, rx) = Audit::channel(config.audit_capacity, metrics.clone());
+    let out: Box<dyn Write + Send> = if a.audit_log == "-" {
+        Box::new(std::io::BufWriter::new(std::io::stdout()))
+    } else {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&a.audit_log)
+            .with_context(|| format!("cannot open {}", a.audit_log))?;
+        Box::new(std::io::BufWriter::new(f))
+    };
+    tokio::task::spawn_blocking(move || write_lines(rx, out));
+    let proxy = Proxy::new(
+        config,
+        Arc::new(model),
+        Scope::Endpoint(a.endpoint.clone()),
+        Arc::new(NullSink),
+        Arc::new(NeverInUse),
+        audit,
+        metrics,
+    );
+    let restored = proxy.restore().await.context("restoring the FQDN cache")?;
+    let _maintenance = proxy.spawn_maintenance();
+    let udp = tokio::net::UdpSocket::bind(a.listen)
+        .await
+        .with_context(|| format!("cannot bind udp {}", a.listen))?;
+    let tcp = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("cannot bind tcp {}", a.listen))?;
+    eprintln!(
+        "ward dns-proxy: {} -> {} for {} ({restored} names restored)",
+        a.listen, a.upstream, a.endpoint
+    );
+    let udp_task = tokio::spawn(serve_udp(
+        proxy.clone(),
+        Arc::new(ForwarderUdp {
+            socket: udp,
+            upstream: a.upstream,
+        }),
+    ));
+    let tcp_task = tokio::spawn(serve_tcp(
+        proxy.clone(),
+        tcp,
+        Arc::new(FixedUpstream(a.upstream)),
+    ));
+    tokio::select! {
+        r = udp_task => r.context("udp listener")?.context("udp listener")?,
+        r = tcp_task => r.context("tcp listener")?.context("tcp listener")?,
+        r = tokio::signal::ctrl_c() => r.context("signal")?,
+    }
+    if let Err(e) = proxy.persist() {
+        eprintln!("ward dns-proxy: persisting the FQDN cache: {e}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,237 @@
+//! The FQDN cache: per endpoint, per name, the IPs learned from answers with their expiry.
+//! IPs that expire or are evicted become zombies; a zombie leaves once no live connection
+//! uses it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// One learned IP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpEntry {
+    pub ip: IpAddr,
+    /// When it was (last) learned, ms since the Unix epoch.
+    pub learned_ms: u64,
+    /// When its TTL runs out, ms since the Unix epoch.
+    pub expires_ms: u64,
+}
+
+/// The IPs of one name for one endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameEntry {
+    /// Live IPs, oldest learned first.
+    pub ips: Vec<IpEntry>,
+    /// Expired or evicted IPs, kept while a connection may use them.
+    #[serde(default)]
+    pub zombies: Vec<IpEntry>,
+    /// The selectors the IPs were last handed to the datapath under.
+    #[serde(default)]
+    pub selectors: Vec<String>,
+}
+
+/// endpoint -> name -> IPs.
+pub type Entries = BTreeMap<String, BTreeMap<String, NameEntry>>;
+
+/// An IP that left the cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Removed {
+    pub endpoint: String,
+    pub name: String,
+    pub ip: IpAddr,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub names: usize,
+    pub ips: usize,
+    pub zombies: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct FqdnCache {
+    max_ips_per_name: usize,
+    entries: Entries,
+}
+
+impl FqdnCache {
+    pub fn new(max_ips_per_name: usize) -> FqdnCache {
+        FqdnCache {
+            max_ips_per_name: max_ips_per_name.max(1),
+            entries: Entries::new(),
+        }
+    }
+
+    /// Records that `endpoint` learned `ips` for `name`, valid for `ttl` seconds from
+    /// `now_ms`. Known IPs are refreshed and become the newest; past the per-name limit
+    /// the oldest become zombies. Returns the evicted IPs.
+    pub fn learn(
+        &mut self,
+        endpoint: &str,
+        name: &str,
+        ips: &[IpAddr],
+        ttl: u32,
+        now_ms: u64,
+    ) -> Vec<IpAddr> {
+        let expires_ms = now_ms.saturating_add(u64::from(ttl) * 1000);
+        let entry = self
+            .entries
+            .entry(endpoint.to_string())
+            .or_default()
+            .entry(name.to_string())
+            .or_default();
+        for &ip in ips {
+            entry.ips.retain(|e| e.ip != ip);
+            entry.zombies.retain(|e| e.ip != ip);
+            entry.ips.push(IpEntry {
+                ip,
+                learned_ms: now_ms,
+                expires_ms,
+            });
+        }
+        let mut evicted = Vec::new();
+        if entry.ips.len() > self.max_ips_per_name {
+            let n = entry.ips.len() - self.max_ips_per_name;
+            for e in entry.ips.drain(..n) {
+                evicted.push(e.ip);
+                entry.zombies.push(e);
+            }
+        }
+        evicted
+    }
+
+    /// Whether every IP is live for `name` and was handed over under these selectors.
+    pub fn covers(&self, endpoint: &str, name: &str, ips: &[IpAddr], selectors: &[String]) -> bool {
+        self.entry(endpoint, name).is_some_and(|e| {
+            e.selectors == selectors && ips.iter().all(|ip| e.ips.iter().any(|x| x.ip == *ip))
+        })
+    }
+
+    /// Records the selectors the IPs of `name` were handed over under.
+    pub fn set_selectors(&mut self, endpoint: &str, name: &str, selectors: Vec<String>) {
+        if let Some(e) = self
+            .entries
+            .get_mut(endpoint)
+            .and_then(|names| names.get_mut(name))
+        {
+            e.selectors = selectors;
+        }
+    }
+
+    /// Turns expired IPs into zombies and removes the zombies no live connection uses.
+    pub fn collect(&mut self, now_ms: u64, in_use: impl Fn(IpAddr) -> bool) -> Vec<Removed> {
+        let mut removed = Vec::new();
+        for (endpoint, names) in &mut self.entries {
+            for (name, entry) in names.iter_mut() {
+                let (expired, live): (Vec<IpEntry>, Vec<IpEntry>) =
+                    entry.ips.iter().partition(|e| e.expires_ms <= now_ms);
+                entry.ips = live;
+                entry.zombies.extend(expired);
+                entry.zombies.retain(|z| {
+                    let keep = in_use(z.ip);
+                    if !keep {
+                        removed.push(Removed {
+                            endpoint: endpoint.clone(),
+                            name: name.clone(),
+                            ip: z.ip,
+                        });
+                    }
+                    keep
+                });
+            }
+            names.retain(|_, e| !e.ips.is_empty() || !e.zombies.is_empty());
+        }
+        self.entries.retain(|_, names| !names.is_empty());
+        removed
+    }
+
+    /// The live IPs of a name for an endpoint, oldest first.
+    pub fn ips(&self, endpoint: &str, name: &str) -> Vec<IpAddr> {
+        self.entry(endpoint, name)
+            .map(|e| e.ips.iter().map(|e| e.ip).collect())
+            .unwrap_or_default()
+    }
+
+    /// Live IPs and zombies of a name: everything the datapath still holds.
+    pub fn held_ips(&self, endpoint: &str, name: &str) -> Vec<IpAddr> {
+        self.entry(endpoint, name)
+            .map(|e| e.ips.iter().chain(&e.zombies).map(|e| e.ip).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn entry(&self, endpoint: &str, name: &str) -> Option<&NameEntry> {
+        self.entries.get(endpoint)?.get(name)
+    }
+
+    pub fn entries(&self) -> &Entries {
+        &self.entries
+    }
+
+    /// Replaces the content (restore at start).
+    pub fn restore(&mut self, entries: Entries) {
+        self.entries = entries;
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats::default();
+        for names in self.entries.values() {
+            for e in names.values() {
+                s.names += usize::from(!e.ips.is_empty());
+                s.ips += e.ips.len();
+                s.zombies += e.zombies.len();
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn limit_evicts_the_oldest_into_zombies() {
+        let mut c = FqdnCache::new(2);
+        assert!(c.learn("ns/a", "x.", &[ip("192.0.2.1")], 60, 0).is_empty());
+        assert!(c.learn("ns/a", "x.", &[ip("192.0.2.2")], 60, 1).is_empty());
+        // refreshing .1 makes .2 the oldest
+        assert!(c.learn("ns/a", "x.", &[ip("192.0.2.1")], 60, 2).is_empty());
+        assert_eq!(
+            c.learn("ns/a", "x.", &[ip("192.0.2.3")], 60, 3),
+            vec![ip("192.0.2.2")]
+        );
+        assert_eq!(c.ips("ns/a", "x."), vec![ip("192.0.2.1"), ip("192.0.2.3")]);
+        assert_eq!(c.stats().zombies, 1);
+        let removed = c.collect(4, |_| false);
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].ip, ip("192.0.2.2"));
+    }
+
+    #[test]
+    fn expired_in_use_ips_are_kept() {
+        let mut c = FqdnCache::new(10);
+        c.learn("ns/a", "x.", &[ip("192.0.2.1"), ip("192.0.2.2")], 1, 0);
+        assert!(c.collect(999, |_| false).is_empty());
+        let removed = c.collect(1000, |i| i == ip("192.0.2.1"));
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].ip, ip("192.0.2.2"));
+        assert!(c.ips("ns/a", "x.").is_empty());
+        assert_eq!(c.held_ips("ns/a", "x."), vec![ip("192.0.2.1")]);
+        // learned again: live again
+        c.learn("ns/a", "x.", &[ip("192.0.2.1")], 1, 2000);
+        assert_eq!(
+            c.stats(),
+            Stats {
+                names: 1,
+                ips: 1,
+                zombies: 0
+            }
+        );
+        assert_eq!(c.collect(5000, |_| false).len(), 1);
+        assert!(c.entries().is_empty());
+    }
+}

@@ -1,0 +1,76 @@
+//! The proxy's knobs. Defaults follow Cilium's (`tofqdns-*` options) where one exists.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The response code of a query that policy denies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefuseCode {
+    /// `REFUSED` (Cilium's default).
+    #[default]
+    Refused,
+    /// `NXDOMAIN` (Cilium's `nameError`): musl resolvers keep walking the search list.
+    Nxdomain,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Rcode of a denied query.
+    pub refuse_code: RefuseCode,
+    /// Learned IPs live at least this long (seconds), whatever the answer's TTL.
+    pub min_ttl: u32,
+    /// IPs kept per name per endpoint; the oldest leave first.
+    pub max_ips_per_name: usize,
+    /// Also attribute an answer's IPs to every CNAME target in it (see README: trust).
+    pub attribute_cname_targets: bool,
+    /// How long an answer waits for the datapath to confirm its update.
+    #[serde(with = "millis")]
+    pub datapath_wait: Duration,
+    /// How long an upstream has to answer before the client gets SERVFAIL.
+    #[serde(with = "millis")]
+    pub upstream_timeout: Duration,
+    /// Where the FQDN cache is persisted; None: not persisted.
+    pub state_dir: Option<PathBuf>,
+    /// How often the cache is written (when it changed) and expired IPs collected.
+    #[serde(with = "millis")]
+    pub maintenance_interval: Duration,
+    /// Capacity of the audit channel; records beyond it are dropped and counted.
+    pub audit_capacity: usize,
+    /// `SO_MARK` of upstream sockets, so the datapath does not redirect them again.
+    pub upstream_mark: Option<u32>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            refuse_code: RefuseCode::Refused,
+            min_ttl: 0,
+            max_ips_per_name: 1000,
+            attribute_cname_targets: false,
+            datapath_wait: Duration::from_millis(100),
+            upstream_timeout: Duration::from_secs(10),
+            state_dir: None,
+            maintenance_interval: Duration::from_secs(5),
+            audit_capacity: 4096,
+            upstream_mark: None,
+        }
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}

@@ -1,0 +1,252 @@
+//! UDP and TCP listeners on one port. Where the original server comes from and how the
+//! reply leaves are behind traits, so the whole proxy runs unprivileged in tests
+//! (standalone mode: one fixed upstream, replies from the listening socket).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+use crate::proxy::{Proxy, QueryContext, Transport};
+use crate::sink::BoxFuture;
+use crate::socket;
+
+/// How long a TCP client may stay silent between queries.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// One received datagram.
+#[derive(Clone, Copy, Debug)]
+pub struct Datagram {
+    pub len: usize,
+    pub client: SocketAddr,
+    /// The server the client asked.
+    pub server: SocketAddr,
+}
+
+/// The UDP side: receive with the original server, reply as that server.
+pub trait UdpTransport: Send + Sync + 'static {
+    fn recv<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<Datagram>>;
+    fn send<'a>(
+        &'a self,
+        data: &'a [u8],
+        client: SocketAddr,
+        server: SocketAddr,
+    ) -> BoxFuture<'a, io::Result<()>>;
+}
+
+/// Standalone mode: every query goes to one upstream; replies leave the listening socket.
+pub struct ForwarderUdp {
+    pub socket: UdpSocket,
+    pub upstream: SocketAddr,
+}
+
+impl UdpTransport for ForwarderUdp {
+    fn recv<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<Datagram>> {
+        Box::pin(async move {
+            let (len, client) = self.socket.recv_from(buf).await?;
+            Ok(Datagram {
+                len,
+                client,
+                server: self.upstream,
+            })
+        })
+    }
+
+    fn send<'a>(
+        &'a self,
+        data: &'a [u8],
+        client: SocketAddr,
+        _server: SocketAddr,
+    ) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(async move { self.socket.send_to(data, client).await.map(|_| ()) })
+    }
+}
+
+/// Transparent mode: the original server from `IP_RECVORIGDSTADDR`, replies from a
+/// transparent socket bound to it.
+pub struct TransparentUdp {
+    pub socket: UdpSocket,
+    local: SocketAddr,
+}
+
+impl TransparentUdp {
+    pub fn bind(addr: SocketAddr) -> io::Result<TransparentUdp> {
+        let socket = socket::transparent_udp(addr)?;
+        let local = socket.local_addr()?;
+        Ok(TransparentUdp { socket, local })
+    }
+}
+
+/// Whether `server` is the listener itself: a query sent straight to the proxy, not
+/// redirected. Forwarding it would loop back into the proxy.
+pub fn is_self(server: SocketAddr, listen: SocketAddr) -> bool {
+    server.port() == listen.port() && (listen.ip().is_unspecified() || server.ip() == listen.ip())
+}
+
+impl UdpTransport for TransparentUdp {
+    fn recv<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<Datagram>> {
+        Box::pin(async move {
+            loop {
+                let (len, client, orig) = socket::recv_orig_dst(&self.socket, buf).await?;
+                match orig {
+                    Some(server) if !is_self(server, self.local) => {
+                        return Ok(Datagram {
+                            len,
+                            client,
+                            server,
+                        })
+                    }
+                    // Sent to the listener itself, not redirected: no server to forward
+                    // to (forwarding would loop into the proxy).
+                    _ => tracing::debug!(%client, "datagram not redirected: dropped"),
+                }
+            }
+        })
+    }
+
+    fn send<'a>(
+        &'a self,
+        data: &'a [u8],
+        client: SocketAddr,
+        server: SocketAddr,
+    ) -> BoxFuture<'a, io::Result<()>> {
+        Box::pin(socket::send_from(data, client, server))
+    }
+}
+
+/// The TCP side: the original server of an accepted connection.
+pub trait OrigDst: Send + Sync + 'static {
+    fn orig_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr>;
+}
+
+/// Standalone mode: one upstream.
+pub struct FixedUpstream(pub SocketAddr);
+
+impl OrigDst for FixedUpstream {
+    fn orig_dst(&self, _stream: &TcpStream) -> io::Result<SocketAddr> {
+        Ok(self.0)
+    }
+}
+
+/// Transparent mode: the accepted socket's local address is the server the client asked.
+pub struct LocalAddr;
+
+impl OrigDst for LocalAddr {
+    fn orig_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+        stream.local_addr()
+    }
+}
+
+/// Serves UDP until the socket fails; each datagram is handled in its own task.
+pub async fn serve_udp(proxy: Proxy, io: Arc<dyn UdpTransport>) -> io::Result<()> {
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let d = match io.recv(&mut buf).await {
+            Ok(d) => d,
+            Err(e) if transient(&e) => {
+                tracing::debug!("udp receive: {e}");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let query = buf.get(..d.len).unwrap_or_default().to_vec();
+        let proxy = proxy.clone();
+        let io = io.clone();
+        tokio::spawn(async move {
+            let ctx = QueryContext {
+                client: d.client,
+                server: d.server,
+                transport: Transport::Udp,
+            };
+            if let Some(reply) = proxy.handle(&query, ctx).await {
+                if let Err(e) = io.send(&reply, d.client, d.server).await {
+                    tracing::debug!(client = %d.client, "udp reply failed: {e}");
+                }
+            }
+        });
+    }
+}
+
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// Serves TCP until the listener fails; one task per connection, queries answered in
+/// order.
+pub async fn serve_tcp(
+    proxy: Proxy,
+    listener: TcpListener,
+    orig: Arc<dyn OrigDst>,
+) -> io::Result<()> {
+    loop {
+        let (stream, client) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("tcp accept: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let server = match orig.orig_dst(&stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%client, "no original destination: {e}");
+                continue;
+            }
+        };
+        if listener.local_addr().is_ok_and(|l| is_self(server, l)) {
+            tracing::debug!(%client, "connection not redirected: closed");
+            continue;
+        }
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_connection(proxy, stream, client, server).await {
+                tracing::debug!(%client, "tcp connection: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_connection(
+    proxy: Proxy,
+    mut stream: TcpStream,
+    client: SocketAddr,
+    server: SocketAddr,
+) -> io::Result<()> {
+    let ctx = QueryContext {
+        client,
+        server,
+        transport: Transport::Tcp,
+    };
+    loop {
+        let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
+            Ok(Ok(n)) => usize::from(n),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Ok(()),
+        };
+        let mut query = vec![0u8; len];
+        tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        let Some(reply) = proxy.handle(&query, ctx).await else {
+            continue;
+        };
+        let Ok(n) = u16::try_from(reply.len()) else {
+            continue;
+        };
+        let mut out = Vec::with_capacity(reply.len() + 2);
+        out.extend_from_slice(&n.to_be_bytes());
+        out.extend_from_slice(&reply);
+        stream.write_all(&out).await?;
+    }
+}

@@ -1,0 +1,621 @@
+//! The per-query path, top to bottom: parse -> policy -> forward -> learn -> hand off to
+//! the datapath (bounded wait, per-name order) -> release. Plus the cache's upkeep:
+//! expiry, persistence and restore.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use policy_model::fqdn::normalize;
+use policy_model::identity::fqdn_key;
+use policy_model::Model;
+use tokio::sync::watch;
+
+use crate::audit::{rfc3339, Audit, AuditRecord, Verdict};
+use crate::cache::FqdnCache;
+use crate::config::{Config, RefuseCode};
+use crate::forward::{Forwarder, Upstream};
+use crate::message::{error_reply, formerr_from_bytes, learned};
+use crate::metrics::Metrics;
+use crate::persist::{self, PersistError};
+use crate::policy::{PolicyStore, Scope};
+use crate::sink::{DatapathSink, InUse, SelectorIps, Update};
+
+/// Transport of a query: the upstream gets the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// Where a query came from and which server it was meant for.
+#[derive(Clone, Copy, Debug)]
+pub struct QueryContext {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub transport: Transport,
+}
+
+/// The proxy; cheap to clone (one shared state).
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    policy: PolicyStore,
+    sink: Arc<dyn DatapathSink>,
+    in_use: Arc<dyn InUse>,
+    cache: Mutex<FqdnCache>,
+    dirty: AtomicBool,
+    /// Per name: completion of the last datapath update queued for it. A new update
+    /// starts after the previous one finished, so answers leave in update order.
+    chains: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    audit: Audit,
+    metrics: Metrics,
+    upstream: Arc<dyn Upstream>,
+}
+
+/// What the datapath hand-off of one answer came to.
+struct HandOff {
+    selectors: Vec<String>,
+    confirmed: Option<bool>,
+}
+
+impl Proxy {
+    pub fn new(
+        config: Config,
+        model: Arc<Model>,
+        scope: Scope,
+        sink: Arc<dyn DatapathSink>,
+        in_use: Arc<dyn InUse>,
+        audit: Audit,
+        metrics: Metrics,
+    ) -> Proxy {
+        let forwarder = Forwarder::new(config.upstream_timeout, config.upstream_mark);
+        Proxy {
+            inner: Arc::new(Inner {
+                cache: Mutex::new(FqdnCache::new(config.max_ips_per_name)),
+                config,
+                policy: PolicyStore::new(model, scope),
+                sink,
+                in_use,
+                dirty: AtomicBool::new(false),
+                chains: Mutex::new(HashMap::new()),
+                audit,
+                metrics,
+                upstream: Arc::new(forwarder),
+            }),
+        }
+    }
+
+    /// Replaces the forwarder (tests, fuzzing). Has no effect once the proxy is shared.
+    pub fn with_upstream(mut self, upstream: Arc<dyn Upstream>) -> Proxy {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.upstream = upstream;
+        }
+        self
+    }
+
+    /// Swaps in a new policy snapshot; it applies from the next query on.
+    pub fn set_model(&self, model: Arc<Model>) {
+        self.inner.policy.swap(model);
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The live IPs learned for `name` by `endpoint`.
+    pub fn cached_ips(&self, endpoint: &str, name: &str) -> Vec<IpAddr> {
+        self.cache().ips(endpoint, &normalize(name))
+    }
+
+    /// Live IPs and zombies of `name` for `endpoint`.
+    pub fn held_ips(&self, endpoint: &str, name: &str) -> Vec<IpAddr> {
+        self.cache().held_ips(endpoint, &normalize(name))
+    }
+
+    fn cache(&self) -> MutexGuard<'_, FqdnCache> {
+        match self.inner.cache.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Handles one query; returns the reply to send, if any.
+    pub async fn handle(&self, query: &[u8], ctx: QueryContext) -> Option<Vec<u8>> {
+        let start = Instant::now();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let m = &self.inner.metrics;
+
+        let mut rec = AuditRecord {
+            time: rfc3339(now),
+            source: ctx.client.ip().to_string(),
+            client: ctx.client,
+            server: ctx.server,
+            transport: ctx.transport.as_str(),
+            qname: String::new(),
+            qtype: String::new(),
+            verdict: Verdict::Error,
+            rcode: None,
+            ips: Vec::new(),
+            ttl: None,
+            selectors: Vec::new(),
+            policy: None,
+            rule: None,
+            reason: String::new(),
+            datapath_confirmed: None,
+            latency_us: 0,
+        };
+
+        let msg = match Message::from_vec(query) {
+            Ok(msg) => msg,
+            Err(e) => {
+                m.malformed.with_label_values(&["query"]).inc();
+                rec.reason = format!("malformed query: {e}");
+                let reply = formerr_from_bytes(query);
+                return self.finish(rec, start, Verdict::Error, reply, ResponseCode::FormErr);
+            }
+        };
+        if msg.message_type() != MessageType::Query
+            || msg.op_code() != OpCode::Query
+            || msg.queries().len() != 1
+        {
+            m.malformed.with_label_values(&["query"]).inc();
+            if msg.message_type() != MessageType::Query {
+                // Never answer a response: that is how reflection loops start.
+                rec.reason = "a response, not a query".into();
+                return self.finish(rec, start, Verdict::Error, None, ResponseCode::NoError);
+            }
+            let rcode = if msg.op_code() == OpCode::Query {
+                ResponseCode::FormErr
+            } else {
+                ResponseCode::NotImp
+            };
+            rec.reason = "not a query with exactly one question".into();
+            return self.finish(rec, start, Verdict::Error, error_reply(&msg, rcode), rcode);
+        }
+        let question = &msg.queries()[0];
+        let qname = normalize(&question.name().to_ascii());
+        rec.qname = qname.clone();
+        rec.qtype = question.query_type().to_string();
+
+        let model = self.inner.policy.current();
+        let resolved =
+            self.inner
+                .policy
+                .resolve(&model, ctx.client.ip(), ctx.server, ctx.transport);
+        if let Some(ep) = &resolved.endpoint {
+            rec.source = ep.clone();
+        }
+        let decision = model.check_dns(&resolved.conn, &qname);
+        if let Some(first) = decision.matched.first() {
+            rec.policy = Some(first.policy.clone());
+            rec.rule = Some(first.rule.clone());
+        }
+        if !decision.allowed {
+            let rcode = match self.inner.config.refuse_code {
+                RefuseCode::Refused => ResponseCode::Refused,
+                RefuseCode::Nxdomain => ResponseCode::NXDomain,
+            };
+            rec.reason = decision.reason;
+            return self.finish(rec, start, Verdict::Denied, error_reply(&msg, rcode), rcode);
+        }
+
+        let up_start = Instant::now();
+        let answer = match self
+            .inner
+            .upstream
+            .forward(query, ctx.server, ctx.transport)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                m.upstream_failures.with_label_values(&[e.reason()]).inc();
+                rec.reason = e.to_string();
+                let rcode = ResponseCode::ServFail;
+                return self.finish(rec, start, Verdict::Error, error_reply(&msg, rcode), rcode);
+            }
+        };
+        m.upstream_seconds
+            .with_label_values(&[ctx.transport.as_str()])
+            .observe(up_start.elapsed().as_secs_f64());
+
+        // An answer we cannot read, or that is not about this query (id, question),
+        // teaches nothing and is not passed on: SERVFAIL, as for any upstream failure.
+        let parsed = match Message::from_vec(&answer) {
+            Ok(a)
+                if a.id() == msg.id()
+                    && a.message_type() == MessageType::Response
+                    && answers_question(&a, question) =>
+            {
+                a
+            }
+            Ok(_) | Err(_) => {
+                m.malformed.with_label_values(&["answer"]).inc();
+                rec.reason = "malformed answer from upstream".into();
+                let rcode = ResponseCode::ServFail;
+                return self.finish(rec, start, Verdict::Error, error_reply(&msg, rcode), rcode);
+            }
+        };
+        let rcode = parsed.response_code();
+        let l = learned(&parsed);
+        if !l.ips.is_empty() {
+            let ttl = l.ttl.max(self.inner.config.min_ttl);
+            rec.ips = l.ips.clone();
+            rec.ttl = Some(ttl);
+            if let Some(ep) = &resolved.endpoint {
+                let mut names = vec![qname.clone()];
+                if self.inner.config.attribute_cname_targets {
+                    names.extend(l.cname_targets.iter().cloned());
+                }
+                let h = self
+                    .hand_off(&model, ep, &names, &l.ips, ttl, now_ms(now))
+                    .await;
+                rec.selectors = h.selectors;
+                rec.datapath_confirmed = h.confirmed;
+            }
+        }
+        self.finish(rec, start, Verdict::Forwarded, Some(answer), rcode)
+    }
+
+    fn finish(
+        &self,
+        mut rec: AuditRecord,
+        start: Instant,
+        verdict: Verdict,
+        reply: Option<Vec<u8>>,
+        rcode: ResponseCode,
+    ) -> Option<Vec<u8>> {
+        let rcode = reply.as_ref().map(|_| format!("{rcode:?}"));
+        self.inner
+            .metrics
+            .queries
+            .with_label_values(&[
+                match verdict {
+                    Verdict::Forwarded => "forwarded",
+                    Verdict::Denied => "denied",
+                    Verdict::Error => "error",
+                },
+                rcode.as_deref().unwrap_or("none"),
+            ])
+            .inc();
+        rec.verdict = verdict;
+        rec.rcode = rcode;
+        rec.latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.inner.audit.record(rec);
+        reply
+    }
+
+    /// Records the IPs and waits (bounded) until the datapath has them for every
+    /// selector matching each name.
+    async fn hand_off(
+        &self,
+        model: &Model,
+        endpoint: &str,
+        names: &[String],
+        ips: &[IpAddr],
+        ttl: u32,
+        now_ms: u64,
+    ) -> HandOff {
+        let mut waits = Vec::new();
+        let mut all_selectors = Vec::new();
+        for name in names {
+            let selectors: Vec<String> = model
+                .fqdn_selectors_matching(name)
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+            if selectors.is_empty() {
+                // Selected by no toFQDNs rule: nothing for the datapath (Cilium #30110).
+                continue;
+            }
+            for s in &selectors {
+                if !all_selectors.contains(s) {
+                    all_selectors.push(s.clone());
+                }
+            }
+            // Lock order: chains, then cache.
+            let mut chains = self.chains();
+            let (known, evicted) = {
+                let mut cache = self.cache();
+                let known = cache.covers(endpoint, name, ips, &selectors);
+                let evicted = cache.learn(endpoint, name, ips, ttl, now_ms);
+                cache.set_selectors(endpoint, name, selectors.clone());
+                (known, evicted)
+            };
+            self.inner.dirty.store(true, Ordering::Relaxed);
+            if !evicted.is_empty() {
+                self.inner.metrics.evictions.inc_by(evicted.len() as u64);
+                tracing::debug!(endpoint, name, ?evicted, "per-name IP limit reached");
+            }
+            // The datapath already holds these IPs under these selectors, and no update
+            // of this name is in flight (or failed): only the expiry moved, which is ours.
+            if known && !chains.contains_key(name) {
+                continue;
+            }
+            let update = Update {
+                endpoint: endpoint.to_string(),
+                name: name.clone(),
+                add: selectors
+                    .iter()
+                    .map(|s| SelectorIps {
+                        selector: s.clone(),
+                        label: fqdn_key(s, endpoint).to_string(),
+                        ips: ips.to_vec(),
+                    })
+                    .collect(),
+                remove: Vec::new(),
+            };
+            waits.push(self.queue_update_locked(&mut chains, name, update));
+        }
+        if waits.is_empty() {
+            // Either no selector matched, or the datapath already had everything.
+            let confirmed = (!all_selectors.is_empty()).then_some(true);
+            return HandOff {
+                selectors: all_selectors,
+                confirmed,
+            };
+        }
+        // Only when something changed for the datapath: the gauges walk the whole cache.
+        self.update_gauges();
+        let start = Instant::now();
+        let all = async {
+            for mut w in waits {
+                // An error means the update task is gone: nothing more to wait for.
+                let _ = w.wait_for(|done| *done).await;
+            }
+        };
+        let confirmed = tokio::time::timeout(self.inner.config.datapath_wait, all)
+            .await
+            .is_ok();
+        if confirmed {
+            self.inner
+                .metrics
+                .datapath_seconds
+                .observe(start.elapsed().as_secs_f64());
+        } else {
+            self.inner.metrics.datapath_timeouts.inc();
+            tracing::warn!(
+                endpoint,
+                name = names.first().map(String::as_str).unwrap_or_default(),
+                wait_ms = self.inner.config.datapath_wait.as_millis() as u64,
+                "datapath did not confirm in time; answer released anyway"
+            );
+        }
+        HandOff {
+            selectors: all_selectors,
+            confirmed: Some(confirmed),
+        }
+    }
+
+    fn chains(&self) -> MutexGuard<'_, HashMap<String, watch::Receiver<bool>>> {
+        match self.inner.chains.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn queue_update(&self, name: &str, update: Update) -> watch::Receiver<bool> {
+        let mut chains = self.chains();
+        self.queue_update_locked(&mut chains, name, update)
+    }
+
+    /// Queues `update` behind the previous update of the same name; the receiver turns
+    /// true once the datapath confirmed (or failed) it. The update runs to completion
+    /// even when the query stops waiting. A failed update leaves its entry, so the next
+    /// answer for the name is handed over again.
+    fn queue_update_locked(
+        &self,
+        chains: &mut HashMap<String, watch::Receiver<bool>>,
+        name: &str,
+        update: Update,
+    ) -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(false);
+        let prev = chains.insert(name.to_string(), rx.clone());
+        let inner = self.inner.clone();
+        let name = name.to_string();
+        let mine = rx.clone();
+        tokio::spawn(async move {
+            if let Some(mut prev) = prev {
+                let _ = prev.wait_for(|done| *done).await;
+            }
+            let ok = match inner.sink.apply(update).await {
+                Ok(()) => true,
+                Err(e) => {
+                    inner.metrics.datapath_errors.inc();
+                    tracing::warn!(name, "{e}");
+                    false
+                }
+            };
+            let _ = tx.send(true);
+            let mut chains = match inner.chains.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if ok && chains.get(&name).is_some_and(|r| r.same_channel(&mine)) {
+                chains.remove(&name);
+            }
+        });
+        rx
+    }
+
+    fn update_gauges(&self) {
+        let s = self.cache().stats();
+        let m = &self.inner.metrics;
+        m.cache_names
+            .set(i64::try_from(s.names).unwrap_or(i64::MAX));
+        m.cache_ips.set(i64::try_from(s.ips).unwrap_or(i64::MAX));
+        m.cache_zombies
+            .set(i64::try_from(s.zombies).unwrap_or(i64::MAX));
+    }
+
+    /// Expires IPs whose TTL ran out and that no live connection uses, and tells the
+    /// datapath. Returns how many IPs left.
+    pub async fn collect(&self) -> usize {
+        let now = now_ms(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        let in_use = self.inner.in_use.clone();
+        let removed = self.cache().collect(now, |ip| in_use.in_use(ip));
+        self.update_gauges();
+        if removed.is_empty() {
+            return 0;
+        }
+        self.inner.dirty.store(true, Ordering::Relaxed);
+        self.inner.metrics.expirations.inc_by(removed.len() as u64);
+        let mut grouped: BTreeMap<(String, String), Vec<IpAddr>> = BTreeMap::new();
+        for r in &removed {
+            grouped
+                .entry((r.endpoint.clone(), r.name.clone()))
+                .or_default()
+                .push(r.ip);
+        }
+        let model = self.inner.policy.current();
+        for ((endpoint, name), ips) in grouped {
+            let update = Update {
+                remove: model
+                    .fqdn_selectors_matching(&name)
+                    .into_iter()
+                    .map(|s| SelectorIps {
+                        selector: s.to_string(),
+                        label: fqdn_key(s, &endpoint).to_string(),
+                        ips: ips.clone(),
+                    })
+                    .collect(),
+                endpoint,
+                name: name.clone(),
+                add: Vec::new(),
+            };
+            let mut done = self.queue_update(&name, update);
+            let _ = done.wait_for(|d| *d).await;
+        }
+        removed.len()
+    }
+
+    /// Writes the cache to the state directory when it changed since the last write.
+    pub fn persist(&self) -> Result<bool, PersistError> {
+        let Some(dir) = &self.inner.config.state_dir else {
+            return Ok(false);
+        };
+        if !self.inner.dirty.swap(false, Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let entries = self.cache().entries().clone();
+        persist::save(dir, &entries).inspect_err(|_| {
+            self.inner.dirty.store(true, Ordering::Relaxed);
+            self.inner.metrics.persist_errors.inc();
+        })?;
+        Ok(true)
+    }
+
+    /// Loads the cache from the state directory and hands every restored IP to the
+    /// datapath again (it may have been rebuilt). Returns the number of names restored.
+    pub async fn restore(&self) -> Result<usize, PersistError> {
+        let Some(dir) = &self.inner.config.state_dir else {
+            return Ok(0);
+        };
+        let entries = persist::load(dir)?;
+        let model = self.inner.policy.current();
+        let mut updates = Vec::new();
+        for (endpoint, names) in &entries {
+            for (name, e) in names {
+                let ips: Vec<IpAddr> = e.ips.iter().chain(&e.zombies).map(|e| e.ip).collect();
+                let add: Vec<SelectorIps> = model
+                    .fqdn_selectors_matching(name)
+                    .into_iter()
+                    .map(|s| SelectorIps {
+                        selector: s.to_string(),
+                        label: fqdn_key(s, endpoint).to_string(),
+                        ips: ips.clone(),
+                    })
+                    .collect();
+                if !add.is_empty() {
+                    updates.push(Update {
+                        endpoint: endpoint.clone(),
+                        name: name.clone(),
+                        add,
+                        remove: Vec::new(),
+                    });
+                }
+            }
+        }
+        let count = entries.values().map(BTreeMap::len).sum();
+        self.cache().restore(entries);
+        self.update_gauges();
+        for u in updates {
+            let name = u.name.clone();
+            let mut done = self.queue_update(&name, u);
+            let _ = done.wait_for(|d| *d).await;
+        }
+        Ok(count)
+    }
+
+    /// Runs expiry and persistence every `maintenance_interval` until the proxy is
+    /// dropped by everyone else.
+    pub fn spawn_maintenance(&self) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(&self.inner);
+        let every = self
+            .inner
+            .config
+            .maintenance_interval
+            .max(Duration::from_millis(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let proxy = Proxy { inner };
+                proxy.collect().await;
+                let p = proxy.clone();
+                match tokio::task::spawn_blocking(move || p.persist()).await {
+                    Ok(Err(e)) => tracing::warn!("persisting the FQDN cache: {e}"),
+                    Ok(Ok(_)) => {}
+                    Err(e) => tracing::warn!("persist task: {e}"),
+                }
+            }
+        })
+    }
+}
+
+/// Whether an answer is about the question asked. One with records must repeat the
+/// question (any case); one without (errors, truncation) may leave it out.
+fn answers_question(answer: &Message, question: &hickory_proto::op::Query) -> bool {
+    match answer.queries() {
+        [] => answer.answers().is_empty(),
+        // Name equality is case-insensitive.
+        [q] => {
+            q.query_type() == question.query_type()
+                && q.query_class() == question.query_class()
+                && q.name() == question.name()
+        }
+        _ => false,
+    }
+}
+
+fn now_ms(since_epoch: Duration) -> u64 {
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
+}

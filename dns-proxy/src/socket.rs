@@ -1,0 +1,97 @@
+//! Transparent-mode sockets (need CAP_NET_ADMIN): a UDP listener that reports each
+//! datagram's original destination (`IP_RECVORIGDSTADDR`), replies sent from that
+//! original address (`IP_TRANSPARENT` + `SO_REUSEADDR`), and a TCP listener whose
+//! accepted sockets carry the original destination as their local address. Control
+//! messages are read through nix's safe `recvmsg`, so no `unsafe` is needed here.
+
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{
+    recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn, SockaddrIn6,
+    SockaddrStorage,
+};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::io::Interest;
+use tokio::net::{TcpListener, UdpSocket};
+
+fn new_socket(addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), ty, Some(protocol))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv4() {
+        s.set_ip_transparent_v4(true)?;
+    } else {
+        s.set_ip_transparent_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+/// A UDP listener in transparent mode that receives the original destination.
+pub fn transparent_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let s = new_socket(addr, Type::DGRAM, Protocol::UDP)?;
+    if addr.is_ipv4() {
+        setsockopt(&s, sockopt::Ipv4OrigDstAddr, &true)?;
+    } else {
+        setsockopt(&s, sockopt::Ipv6OrigDstAddr, &true)?;
+    }
+    s.bind(&SockAddr::from(addr))?;
+    UdpSocket::from_std(s.into())
+}
+
+/// A TCP listener in transparent mode.
+pub fn transparent_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = new_socket(addr, Type::STREAM, Protocol::TCP)?;
+    s.bind(&SockAddr::from(addr))?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+/// Receives one datagram: (length, client, original destination).
+pub async fn recv_orig_dst(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr, Option<SocketAddr>)> {
+    let fd = sock.as_raw_fd();
+    sock.async_io(Interest::READABLE, || {
+        let mut cmsg = [0u8; 128];
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
+            .map_err(io::Error::from)?;
+        let mut orig = None;
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            match c {
+                ControlMessageOwned::Ipv4OrigDstAddr(a) => {
+                    orig = Some(SocketAddr::from(SockaddrIn::from(a)));
+                }
+                ControlMessageOwned::Ipv6OrigDstAddr(a) => {
+                    orig = Some(SocketAddr::from(SockaddrIn6::from(a)));
+                }
+                _ => {}
+            }
+        }
+        let client = msg
+            .address
+            .and_then(|a| storage_to_std(&a))
+            .ok_or_else(|| io::Error::other("datagram without a source address"))?;
+        Ok((msg.bytes, client, orig))
+    })
+    .await
+}
+
+fn storage_to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::from(*v4));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6))
+}
+
+/// Sends `data` to `client` from `from` (an address that is not local: the server the
+/// client asked), through a transparent socket bound to it.
+pub async fn send_from(data: &[u8], client: SocketAddr, from: SocketAddr) -> io::Result<()> {
+    let s = new_socket(from, Type::DGRAM, Protocol::UDP)?;
+    s.bind(&SockAddr::from(from))?;
+    let s = UdpSocket::from_std(s.into())?;
+    s.send_to(data, client).await.map(|_| ())
+}

@@ -1,0 +1,200 @@
+//! Arbitrary bytes as queries and as upstream answers never panic the proxy, never get a
+//! reply with another id, and an answer is passed on byte for byte or not at all. A
+//! deterministic stand-in for the fuzz target (`fuzz/`), run on stable in CI. Also the
+//! node scope, whose client addresses (pod IPs) cannot send on loopback: with the same
+//! canned upstream, calling `Proxy::handle` directly.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use dns_proxy::audit::Audit;
+use dns_proxy::forward::{ForwardError, Upstream};
+use dns_proxy::metrics::Metrics;
+use dns_proxy::sink::BoxFuture;
+use dns_proxy::{Config, NeverInUse, NullSink, Proxy, QueryContext, Scope, Transport};
+use hickory_proto::op::{Message, MessageType, OpCode};
+use hickory_proto::rr::RecordType;
+
+/// Answers every query with the bytes it holds (with the query's id patched in).
+#[derive(Default)]
+struct Canned(Mutex<Vec<u8>>);
+
+impl Upstream for Canned {
+    fn forward<'a>(
+        &'a self,
+        query: &'a [u8],
+        _server: SocketAddr,
+        _transport: Transport,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ForwardError>> {
+        let mut a = self.0.lock().unwrap().clone();
+        if a.len() >= 2 && query.len() >= 2 {
+            a[..2].copy_from_slice(&query[..2]);
+        }
+        Box::pin(async move { Ok(a) })
+    }
+}
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    fn bytes(&mut self, max: usize) -> Vec<u8> {
+        let n = self.below(max + 1);
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+    fn mutate(&mut self, v: &[u8]) -> Vec<u8> {
+        let mut v = v.to_vec();
+        for _ in 0..=self.below(4) {
+            match self.below(3) {
+                0 if !v.is_empty() => {
+                    let i = self.below(v.len());
+                    v[i] = self.next() as u8;
+                }
+                1 if !v.is_empty() => v.truncate(self.below(v.len())),
+                _ => v.push(self.next() as u8),
+            }
+        }
+        v
+    }
+}
+
+fn valid_answer(id: u16) -> Vec<u8> {
+    answer_for("web.app.test", id)
+}
+
+/// `name` CNAME edge.cdn.test, which has two A records.
+fn answer_for(name: &str, id: u16) -> Vec<u8> {
+    let q = Message::from_vec(&query_bytes(name, RecordType::A, id)).unwrap();
+    let mut m = Message::new();
+    m.set_id(id)
+        .set_message_type(MessageType::Response)
+        .set_op_code(OpCode::Query);
+    m.add_query(q.queries()[0].clone());
+    let mut z = Zone::default();
+    z.cname(name, 60, "edge.cdn.test");
+    z.a("edge.cdn.test", 30, &["192.0.2.1", "192.0.2.2"]);
+    for recs in z.records.values() {
+        m.add_answers(recs.iter().cloned());
+    }
+    m.to_vec().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arbitrary_queries_and_answers_are_contained() {
+    let server: SocketAddr = ([127, 0, 0, 1], 53).into();
+    let canned = Arc::new(Canned::default());
+    let metrics = Metrics::new().unwrap();
+    let proxy = Proxy::new(
+        Config::default(),
+        model(53),
+        Scope::Endpoint(ENDPOINT.into()),
+        Arc::new(NullSink),
+        Arc::new(NeverInUse),
+        Audit::disabled(metrics.clone()),
+        metrics,
+    )
+    .with_upstream(canned.clone());
+    let ctx = QueryContext {
+        client: ([127, 0, 0, 1], 40000).into(),
+        server,
+        transport: Transport::Udp,
+    };
+    let good_query = query_bytes("web.app.test", RecordType::A, 0x4242);
+    let good_answer = valid_answer(0x4242);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for round in 0..20_000 {
+        let (query, answer) = match round % 4 {
+            0 => (rng.bytes(600), good_answer.clone()),
+            1 => (rng.mutate(&good_query), good_answer.clone()),
+            2 => (good_query.clone(), rng.bytes(600)),
+            _ => (good_query.clone(), rng.mutate(&good_answer)),
+        };
+        *canned.0.lock().unwrap() = answer.clone();
+        if let Some(reply) = proxy.handle(&query, ctx).await {
+            assert!(reply.len() >= 12, "round {round}: short reply");
+            assert_eq!(
+                reply[..2],
+                query[..2],
+                "round {round}: reply with another id"
+            );
+            // Whatever was forwarded is exactly what the upstream sent.
+            if Message::from_vec(&reply).is_ok_and(|m| m.answer_count() > 0) {
+                let mut sent = answer.clone();
+                sent[..2].copy_from_slice(&query[..2]);
+                assert_eq!(reply, sent, "round {round}");
+            }
+        }
+    }
+    // Still learning from a good answer afterwards.
+    *canned.0.lock().unwrap() = good_answer;
+    let reply = proxy.handle(&good_query, ctx).await.unwrap();
+    assert!(!ips(&Message::from_vec(&reply).unwrap()).is_empty());
+    // (mutated answers that still parse are valid DNS and taught IPs too)
+    let cached = proxy.cached_ips(ENDPOINT, "web.app.test");
+    assert!(
+        cached.ends_with(&[ip("192.0.2.1"), ip("192.0.2.2")]),
+        "{cached:?}"
+    );
+}
+
+/// Node scope (transparent mode): the client is the endpoint that owns the source IP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_scope_finds_the_client_endpoint_by_source_ip() {
+    let canned = Arc::new(Canned::default());
+    let sink = TestSink::default();
+    let metrics = Metrics::new().unwrap();
+    let proxy = Proxy::new(
+        Config::default(),
+        model(53),
+        Scope::Node { node: None },
+        Arc::new(sink.clone()),
+        Arc::new(NeverInUse),
+        Audit::disabled(metrics.clone()),
+        metrics,
+    )
+    .with_upstream(canned.clone());
+    *canned.0.lock().unwrap() = valid_answer(0x4242);
+    let from = |ip: [u8; 4]| QueryContext {
+        client: (ip, 40000).into(),
+        server: ([127, 0, 0, 1], 53).into(),
+        transport: Transport::Udp,
+    };
+    let denied = query_bytes("www.example.org", RecordType::A, 0x4242);
+    let allowed = query_bytes("web.app.test", RecordType::A, 0x4242);
+    // app/client (10.0.1.10) has DNS rules towards 127.0.0.1:53
+    let r = proxy.handle(&denied, from([10, 0, 1, 10])).await.unwrap();
+    assert_eq!(
+        Message::from_vec(&r).unwrap().response_code(),
+        hickory_proto::op::ResponseCode::Refused
+    );
+    let r = proxy.handle(&allowed, from([10, 0, 1, 10])).await.unwrap();
+    assert_eq!(ips(&Message::from_vec(&r).unwrap()).len(), 2);
+    assert_eq!(proxy.cached_ips(ENDPOINT, "web.app.test").len(), 2);
+    assert_eq!(sink.applied()[0].update.endpoint, ENDPOINT);
+    // app/free (10.0.1.11) has no DNS rules: everything passes
+    *canned.0.lock().unwrap() = answer_for("www.example.org", 0x4242);
+    let r = proxy.handle(&denied, from([10, 0, 1, 11])).await.unwrap();
+    assert_eq!(
+        Message::from_vec(&r).unwrap().response_code(),
+        hickory_proto::op::ResponseCode::NoError
+    );
+    // an address of no endpoint: forwarded, nothing learned
+    *canned.0.lock().unwrap() = valid_answer(0x4242);
+    let before = sink.applied().len();
+    proxy.handle(&allowed, from([10, 9, 9, 9])).await.unwrap();
+    assert_eq!(sink.applied().len(), before);
+}

@@ -1,0 +1,772 @@
+//! The DNS proxy end to end on loopback: a real upstream (scripted hickory-proto server
+//! in process, and dnsmasq), real clients (hickory-proto messages over UDP/TCP, and dig).
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use dns_proxy::audit::Verdict;
+use dns_proxy::{Config, RefuseCode};
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+
+/// Every row of reference 3.1 that the policy covers: (name, allowed).
+const TABLE: &[(&str, bool)] = &[
+    ("example.com", true),
+    ("EXAMPLE.com", true),
+    ("a.example.com", false),
+    ("a.star.test", true),
+    ("star.test", false),
+    ("a.b.star.test", false),
+    ("example.org", true),
+    ("subexample.org", true),
+    ("sub-example.org", true),
+    ("www.example.org", false),
+    ("sub.example.net", true),
+    ("subdomain.example.net", true),
+    ("www.example.net", false),
+    ("partial.com", true),
+    ("part-extra-ial.com", true),
+    ("a.deep.test", true),
+    ("a.b.deep.test", true),
+    ("deep.test", false),
+];
+
+fn zone_with_table() -> Zone {
+    let mut z = Zone::default();
+    for (i, (name, _)) in TABLE.iter().enumerate() {
+        z.a(name, 300, &[&format!("192.0.2.{}", i + 1)]);
+    }
+    z
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_table_allowed_and_refused() {
+    let up = Upstream::start(zone_with_table()).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    for (name, allowed) in TABLE {
+        let m = query(h.addr, name, RecordType::A, false).await;
+        let rec = h.audit_for(name).await;
+        if *allowed {
+            assert_eq!(m.response_code(), ResponseCode::NoError, "{name}");
+            assert_eq!(ips(&m).len(), 1, "{name}");
+            assert_eq!(rec.verdict, Verdict::Forwarded, "{name}");
+            assert_eq!(
+                rec.policy.as_deref(),
+                Some("CiliumNetworkPolicy app/dns-client")
+            );
+            assert!(
+                rec.rule
+                    .as_deref()
+                    .unwrap()
+                    .starts_with("spec.egress[0].toPorts[0].rules.dns["),
+                "{rec:?}"
+            );
+        } else {
+            assert_eq!(m.response_code(), ResponseCode::Refused, "{name}");
+            assert!(m.answers().is_empty());
+            assert_eq!(rec.verdict, Verdict::Denied, "{name}");
+            assert!(rec.reason.contains("no DNS rule"), "{}", rec.reason);
+        }
+    }
+    // Denied names never reach the upstream.
+    let seen = up.seen();
+    for (name, allowed) in TABLE {
+        let n = policy_model::fqdn::normalize(name);
+        assert_eq!(seen.iter().any(|s| s.name == n), *allowed, "{name}");
+    }
+    // The name is checked lower-cased: the question keeps the client's case.
+    let m = query(h.addr, "ExAmPlE.CoM", RecordType::A, false).await;
+    assert_eq!(m.queries()[0].name().to_ascii(), "ExAmPlE.CoM.");
+    let metrics = h.proxy.metrics().render();
+    assert!(
+        metrics.contains(r#"ward_dns_queries_total{rcode="Refused",verdict="denied"} 6"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_without_dns_rules_is_not_filtered() {
+    let up = Upstream::start(zone_with_table()).await;
+    let h = Harness::start_for(
+        Config::default(),
+        up.addr,
+        "app/free",
+        TestSink::default(),
+        TestInUse::default(),
+    )
+    .await;
+    let m = query(h.addr, "a.example.com", RecordType::A, false).await;
+    assert_eq!(m.response_code(), ResponseCode::NoError);
+    // No toFQDNs selector matches: nothing for the datapath.
+    assert!(h.sink.applied().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nxdomain_instead_of_refused_when_configured() {
+    let up = Upstream::start(zone_with_table()).await;
+    let config = Config {
+        refuse_code: RefuseCode::Nxdomain,
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    let m = query(h.addr, "www.example.org", RecordType::A, false).await;
+    assert_eq!(m.response_code(), ResponseCode::NXDomain);
+    let m = query(h.addr, "www.example.org", RecordType::A, true).await;
+    assert_eq!(m.response_code(), ResponseCode::NXDomain);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_queries_go_upstream_over_tcp_and_learn() {
+    let mut z = Zone::default();
+    z.a("web.app.test", 300, &["192.0.2.10", "192.0.2.11"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    let m = query(h.addr, "web.app.test", RecordType::A, true).await;
+    assert_eq!(ips(&m), vec![ip("192.0.2.10"), ip("192.0.2.11")]);
+    assert!(up.seen().iter().all(|s| s.tcp));
+    assert_eq!(
+        h.proxy.cached_ips(ENDPOINT, "web.app.test"),
+        vec![ip("192.0.2.10"), ip("192.0.2.11")]
+    );
+    let applied = h.sink.applied();
+    assert_eq!(applied.len(), 1);
+    let add = &applied[0].update.add;
+    assert_eq!(add.len(), 1);
+    assert_eq!(add[0].selector, "*.app.test.");
+    assert_eq!(add[0].label, "fqdn:*.app.test.@app/client");
+    // The same IPs again: the datapath has them already, no second update.
+    query(h.addr, "web.app.test", RecordType::A, false).await;
+    assert_eq!(h.sink.applied().len(), 1);
+    h.audit_for("web.app.test").await;
+    assert_eq!(
+        h.audit_for("web.app.test").await.datapath_confirmed,
+        Some(true)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aaaa_answers_are_learned() {
+    let mut z = Zone::default();
+    z.a("v6.app.test", 300, &["2001:db8::1", "2001:db8::2"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    let m = query(h.addr, "v6.app.test", RecordType::AAAA, false).await;
+    assert_eq!(ips(&m), vec![ip("2001:db8::1"), ip("2001:db8::2")]);
+    assert_eq!(
+        h.proxy.cached_ips(ENDPOINT, "v6.app.test"),
+        vec![ip("2001:db8::1"), ip("2001:db8::2")]
+    );
+    let rec = h.audit_for("v6.app.test").await;
+    assert_eq!(rec.qtype, "AAAA");
+    assert_eq!(rec.ips.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cname_chain_ips_go_to_the_question_name_only() {
+    let mut z = Zone::default();
+    z.cname("www.app.test", 300, "edge.cdn.test");
+    z.cname("edge.cdn.test", 30, "host.cdn.test");
+    z.a("host.cdn.test", 120, &["192.0.2.50"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    let m = query(h.addr, "www.app.test", RecordType::A, false).await;
+    assert_eq!(m.answers().len(), 3);
+    assert_eq!(ips(&m), vec![ip("192.0.2.50")]);
+    assert_eq!(
+        h.proxy.cached_ips(ENDPOINT, "www.app.test"),
+        vec![ip("192.0.2.50")]
+    );
+    assert!(h.proxy.cached_ips(ENDPOINT, "host.cdn.test").is_empty());
+    assert!(h.proxy.cached_ips(ENDPOINT, "edge.cdn.test").is_empty());
+    let rec = h.audit_for("www.app.test").await;
+    // the lowest TTL of the chain
+    assert_eq!(rec.ttl, Some(30));
+    assert_eq!(rec.selectors, vec!["*.app.test.".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cname_targets_learn_when_enabled() {
+    let mut z = Zone::default();
+    z.cname("www.app.test", 300, "edge.cdn.test");
+    z.a("edge.cdn.test", 120, &["192.0.2.51"]);
+    let up = Upstream::start(z).await;
+    let config = Config {
+        attribute_cname_targets: true,
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    query(h.addr, "www.app.test", RecordType::A, false).await;
+    assert_eq!(
+        h.proxy.cached_ips(ENDPOINT, "www.app.test"),
+        vec![ip("192.0.2.51")]
+    );
+    assert_eq!(
+        h.proxy.cached_ips(ENDPOINT, "edge.cdn.test"),
+        vec![ip("192.0.2.51")]
+    );
+    let selectors: Vec<String> = h
+        .sink
+        .applied()
+        .iter()
+        .flat_map(|a| a.update.add.iter().map(|s| s.selector.clone()))
+        .collect();
+    assert!(
+        selectors.contains(&"*.cdn.test.".to_string()),
+        "{selectors:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_udp_answer_is_passed_as_is() {
+    let mut z = Zone::default();
+    z.a("big.app.test", 300, &["192.0.2.60"]);
+    z.truncate.insert("big.app.test.".into());
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    let m = query(h.addr, "big.app.test", RecordType::A, false).await;
+    assert!(m.truncated());
+    assert!(m.answers().is_empty());
+    // nothing learned from a truncated answer without records
+    assert!(h.proxy.cached_ips(ENDPOINT, "big.app.test").is_empty());
+    let m = query(h.addr, "big.app.test", RecordType::A, true).await;
+    assert!(!m.truncated());
+    assert_eq!(
+        h.proxy.cached_ips(ENDPOINT, "big.app.test"),
+        vec![ip("192.0.2.60")]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servfail_on_dead_or_silent_upstream() {
+    // A port nobody listens on (bound, noted, released).
+    let dead = {
+        let (u, t) = bind_pair().await;
+        let a = u.local_addr().unwrap();
+        drop((u, t));
+        a
+    };
+    let h = Harness::start(Config::default(), dead).await;
+    for tcp in [false, true] {
+        let m = query(h.addr, "example.com", RecordType::A, tcp).await;
+        assert_eq!(m.response_code(), ResponseCode::ServFail, "tcp={tcp}");
+        let rec = h.audit_for("example.com").await;
+        assert_eq!(rec.verdict, Verdict::Error);
+    }
+
+    let mut z = Zone::default();
+    z.silent.insert("example.com.".into());
+    let up = Upstream::start(z).await;
+    let config = Config {
+        upstream_timeout: Duration::from_millis(300),
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    let start = Instant::now();
+    let m = query(h.addr, "example.com", RecordType::A, false).await;
+    assert_eq!(m.response_code(), ResponseCode::ServFail);
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    let metrics = h.proxy.metrics().render();
+    assert!(
+        metrics.contains(r#"ward_dns_upstream_failures_total{reason="timeout"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_queries_and_answers_are_contained() {
+    let mut z = Zone::default();
+    z.raw
+        .insert("a.app.test.".into(), vec![0, 0, 0x81, 0x80, 0xff]);
+    z.a("b.app.test", 60, &["192.0.2.70"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    // a header and garbage: FORMERR with the query's id
+    let r = udp_exchange(h.addr, &[0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0])
+        .await
+        .unwrap();
+    let m = hickory_proto::op::Message::from_vec(&r).unwrap();
+    assert_eq!(m.id(), 0x1234);
+    assert_eq!(m.response_code(), ResponseCode::FormErr);
+    // too short for a header: dropped; the proxy keeps serving
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.send_to(&[1, 2, 3], h.addr).await.unwrap();
+    // two questions: FORMERR
+    let mut two =
+        hickory_proto::op::Message::from_vec(&query_bytes("b.app.test", RecordType::A, 7)).unwrap();
+    two.add_query(two.queries()[0].clone());
+    let r = udp_exchange(h.addr, &two.to_vec().unwrap()).await.unwrap();
+    assert_eq!(
+        hickory_proto::op::Message::from_vec(&r)
+            .unwrap()
+            .response_code(),
+        ResponseCode::FormErr
+    );
+    // garbage from upstream: SERVFAIL, nothing learned
+    let m = query(h.addr, "a.app.test", RecordType::A, false).await;
+    assert_eq!(m.response_code(), ResponseCode::ServFail);
+    assert!(h.proxy.held_ips(ENDPOINT, "a.app.test").is_empty());
+    // still serving
+    let m = query(h.addr, "b.app.test", RecordType::A, true).await;
+    assert_eq!(ips(&m), vec![ip("192.0.2.70")]);
+    let metrics = h.proxy.metrics().render();
+    assert!(
+        metrics.contains(r#"ward_dns_malformed_total{kind="query"} 3"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"ward_dns_malformed_total{kind="answer"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_minimum_and_per_name_limit() {
+    let mut z = Zone::default();
+    z.a("lim.app.test", 5, &["192.0.2.1", "192.0.2.2"]);
+    let up = Upstream::start(z).await;
+    let config = Config {
+        min_ttl: 60,
+        max_ips_per_name: 3,
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    query(h.addr, "lim.app.test", RecordType::A, false).await;
+    let rec = h.audit_for("lim.app.test").await;
+    assert_eq!(rec.ttl, Some(60), "raised to the minimum");
+    up.zone
+        .lock()
+        .unwrap()
+        .a("lim.app.test", 120, &["192.0.2.3", "192.0.2.4"]);
+    query(h.addr, "lim.app.test", RecordType::A, false).await;
+    let rec = h.audit_for("lim.app.test").await;
+    assert_eq!(rec.ttl, Some(120), "above the minimum: kept");
+    // limit 3: the oldest (.1) was evicted
+    assert_eq!(
+        h.proxy.cached_ips(ENDPOINT, "lim.app.test"),
+        vec![ip("192.0.2.2"), ip("192.0.2.3"), ip("192.0.2.4")]
+    );
+    // the evicted IP leaves the datapath at the next collection (not in use)
+    assert_eq!(h.proxy.collect().await, 1);
+    let last = h.sink.applied().last().unwrap().update.clone();
+    assert_eq!(last.remove[0].ips, vec![ip("192.0.2.1")]);
+    let metrics = h.proxy.metrics().render();
+    assert!(
+        metrics.contains("ward_dns_cache_evictions_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ward_dns_cache_ips 3"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answer_is_released_only_after_the_datapath_update() {
+    let mut z = Zone::default();
+    z.a("slow.app.test", 60, &["192.0.2.80"]);
+    let up = Upstream::start(z).await;
+    let config = Config {
+        datapath_wait: Duration::from_secs(3),
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    h.sink.delay_next(Duration::from_millis(300));
+    let m = query(h.addr, "slow.app.test", RecordType::A, false).await;
+    let received = Instant::now();
+    assert_eq!(ips(&m), vec![ip("192.0.2.80")]);
+    let applied = h.sink.applied();
+    let finished = applied[0]
+        .finished
+        .expect("update finished before the answer");
+    assert!(finished <= received);
+    assert!(finished - applied[0].started >= Duration::from_millis(300));
+    assert_eq!(
+        h.audit_for("slow.app.test").await.datapath_confirmed,
+        Some(true)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answer_is_released_after_the_bound_when_the_datapath_hangs() {
+    let mut z = Zone::default();
+    z.a("hang.app.test", 60, &["192.0.2.81"]);
+    let up = Upstream::start(z).await;
+    let config = Config {
+        datapath_wait: Duration::from_millis(200),
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    h.sink.delay_next(Duration::from_secs(3600));
+    let start = Instant::now();
+    let m = query(h.addr, "hang.app.test", RecordType::A, false).await;
+    let took = start.elapsed();
+    assert_eq!(ips(&m), vec![ip("192.0.2.81")]);
+    assert!(took >= Duration::from_millis(200), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert!(h.sink.applied()[0].finished.is_none());
+    let rec = h.audit_for("hang.app.test").await;
+    assert_eq!(rec.datapath_confirmed, Some(false));
+    let metrics = h.proxy.metrics().render();
+    assert!(
+        metrics.contains("ward_dns_datapath_update_timeouts_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_queries_for_one_name_release_in_update_order() {
+    let mut z = Zone::default();
+    z.a("race.app.test", 60, &["192.0.2.90"]);
+    let up = Upstream::start(z).await;
+    let config = Config {
+        datapath_wait: Duration::from_secs(5),
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    // The first update is slow, the second instant.
+    h.sink.delay_next(Duration::from_millis(400));
+    h.sink.delay_next(Duration::ZERO);
+    let addr = h.addr;
+    let first = tokio::spawn(async move {
+        let m = query(addr, "race.app.test", RecordType::A, false).await;
+        (m, Instant::now())
+    });
+    // The second query is answered once the first update is under way.
+    assert!(wait_until(Duration::from_secs(5), || !h.sink.applied().is_empty()).await);
+    let m2 = query(h.addr, "race.app.test", RecordType::A, false).await;
+    let second_at = Instant::now();
+    let (m1, _) = first.await.unwrap();
+    assert_eq!(ips(&m1), ips(&m2));
+    let applied = h.sink.applied();
+    assert_eq!(applied.len(), 2);
+    let first_done = applied[0].finished.unwrap();
+    assert!(
+        second_at >= first_done,
+        "second answer released before the first update completed"
+    );
+    assert!(
+        applied[1].started >= first_done,
+        "updates of one name run in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_ips_leave_unless_in_use() {
+    let mut z = Zone::default();
+    z.a("exp.app.test", 1, &["192.0.2.100", "192.0.2.101"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    query(h.addr, "exp.app.test", RecordType::A, false).await;
+    h.in_use.ips.lock().unwrap().insert(ip("192.0.2.100"));
+    let mut removed = 0;
+    let end = Instant::now() + Duration::from_secs(5);
+    while removed == 0 && Instant::now() < end {
+        removed = h.proxy.collect().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(removed, 1);
+    assert!(h.in_use.asked.load(Ordering::Relaxed));
+    assert!(h.proxy.cached_ips(ENDPOINT, "exp.app.test").is_empty());
+    assert_eq!(
+        h.proxy.held_ips(ENDPOINT, "exp.app.test"),
+        vec![ip("192.0.2.100")]
+    );
+    let last = h.sink.applied().last().unwrap().update.clone();
+    assert_eq!(last.remove[0].ips, vec![ip("192.0.2.101")]);
+    // the connection ends: the IP leaves
+    h.in_use.ips.lock().unwrap().clear();
+    assert_eq!(h.proxy.collect().await, 1);
+    assert!(h.proxy.held_ips(ENDPOINT, "exp.app.test").is_empty());
+    let metrics = h.proxy.metrics().render();
+    assert!(
+        metrics.contains("ward_dns_cache_expirations_total 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_restores_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut z = Zone::default();
+    z.a("keep.app.test", 300, &["192.0.2.110"]);
+    let up = Upstream::start(z).await;
+    let config = Config {
+        state_dir: Some(dir.path().to_path_buf()),
+        ..Config::default()
+    };
+    {
+        let h = Harness::start(config.clone(), up.addr).await;
+        query(h.addr, "keep.app.test", RecordType::A, false).await;
+        assert!(h.proxy.persist().unwrap());
+        assert!(!h.proxy.persist().unwrap(), "unchanged: not written again");
+    }
+    let h = Harness::start(config, up.addr).await;
+    assert!(h.proxy.cached_ips(ENDPOINT, "keep.app.test").is_empty());
+    assert_eq!(h.proxy.restore().await.unwrap(), 1);
+    assert_eq!(
+        h.proxy.cached_ips(ENDPOINT, "keep.app.test"),
+        vec![ip("192.0.2.110")]
+    );
+    // the datapath gets the restored IPs again
+    let applied = h.sink.applied();
+    assert_eq!(applied.len(), 1);
+    assert_eq!(applied[0].update.add[0].ips, vec![ip("192.0.2.110")]);
+    assert_eq!(
+        applied[0].update.add[0].label,
+        "fqdn:*.app.test.@app/client"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_task_persists_and_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut z = Zone::default();
+    z.a("bg.app.test", 1, &["192.0.2.120"]);
+    let up = Upstream::start(z).await;
+    let config = Config {
+        state_dir: Some(dir.path().to_path_buf()),
+        maintenance_interval: Duration::from_millis(50),
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    let _task = h.proxy.spawn_maintenance();
+    query(h.addr, "bg.app.test", RecordType::A, false).await;
+    let file = dns_proxy::persist::path(dir.path());
+    assert!(wait_until(Duration::from_secs(5), || file.exists()).await);
+    assert!(
+        wait_until(Duration::from_secs(5), || h
+            .proxy
+            .held_ips(ENDPOINT, "bg.app.test")
+            .is_empty())
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answer_for_another_question_is_servfail() {
+    let mut z = Zone::default();
+    // A well-formed answer about another name, with an IP an attacker wants opened.
+    let mut other =
+        hickory_proto::op::Message::from_vec(&query_bytes("evil.app.test", RecordType::A, 0))
+            .unwrap();
+    other.set_message_type(hickory_proto::op::MessageType::Response);
+    let mut evil = Zone::default();
+    evil.a("evil.app.test", 60, &["203.0.113.66"]);
+    for r in evil.records.values() {
+        other.add_answers(r.iter().cloned());
+    }
+    z.raw.insert("c.app.test.".into(), other.to_vec().unwrap());
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    let m = query(h.addr, "c.app.test", RecordType::A, false).await;
+    assert_eq!(m.response_code(), ResponseCode::ServFail);
+    assert!(h.proxy.held_ips(ENDPOINT, "c.app.test").is_empty());
+    assert!(h.proxy.held_ips(ENDPOINT, "evil.app.test").is_empty());
+    assert!(h.sink.applied().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_policy_applies_to_the_next_query_on_a_kept_alive_connection() {
+    let mut z = Zone::default();
+    z.a("a.example.com", 60, &["192.0.2.130"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    async fn ask(conn: &mut tokio::net::TcpStream, id: u16) -> hickory_proto::op::Message {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let q = query_bytes("a.example.com", RecordType::A, id);
+        let mut out = (q.len() as u16).to_be_bytes().to_vec();
+        out.extend(q);
+        conn.write_all(&out).await.unwrap();
+        let n = conn.read_u16().await.unwrap();
+        let mut buf = vec![0u8; n as usize];
+        conn.read_exact(&mut buf).await.unwrap();
+        hickory_proto::op::Message::from_vec(&buf).unwrap()
+    }
+    assert_eq!(
+        ask(&mut conn, 1).await.response_code(),
+        ResponseCode::Refused
+    );
+    let wider = POLICY.replace(
+        "        - matchName: example.com\n",
+        "        - matchName: example.com\n        - matchPattern: \"*.example.com\"\n",
+    );
+    assert_ne!(wider, POLICY);
+    h.proxy.set_model(model_with(&wider, up.addr.port()));
+    let m = ask(&mut conn, 2).await;
+    assert_eq!(m.response_code(), ResponseCode::NoError);
+    assert_eq!(ips(&m), vec![ip("192.0.2.130")]);
+}
+
+/// Transparent sockets need CAP_NET_ADMIN; skipped without it. (A redirected datagram
+/// needs the datapath; here the original destination is the listener itself.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_udp_reports_the_original_destination_and_replies_from_it() {
+    use dns_proxy::listener::{is_self, TransparentUdp, UdpTransport};
+    let t = match TransparentUdp::bind(([127, 0, 0, 1], 0).into()) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            eprintln!("no CAP_NET_ADMIN: skipped");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let listen = t.socket.local_addr().unwrap();
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buf = [0u8; 64];
+    // IP_RECVORIGDSTADDR reports the destination the client used.
+    client.send_to(b"query", listen).await.unwrap();
+    let (n, from, orig) = tokio::time::timeout(
+        Duration::from_secs(5),
+        dns_proxy::socket::recv_orig_dst(&t.socket, &mut buf),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(&buf[..n], b"query");
+    assert_eq!(from, client.local_addr().unwrap());
+    assert_eq!(orig, Some(listen));
+    // Not redirected (sent to the listener itself): the transport drops it, since
+    // forwarding it would loop into the proxy.
+    assert!(is_self(orig.unwrap(), listen));
+    client.send_to(b"query", listen).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_millis(300), t.recv(&mut buf)).await;
+    assert!(
+        got.is_err(),
+        "a datagram to the listener itself is not handed over"
+    );
+    // The reply comes from the server the client asked, an address that is not local to
+    // this machine, not from the listener.
+    let server: std::net::SocketAddr = ([192, 0, 2, 53], 53).into();
+    t.send(b"answer", from, server).await.unwrap();
+    let (n, replied_from) =
+        tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(&buf[..n], b"answer");
+    assert_eq!(replied_from, server);
+}
+
+// ---------------------------------------------------------------- dig and dnsmasq
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_udp_tcp_edns_and_truncation_retry() {
+    let mut z = Zone::default();
+    z.a("web.app.test", 300, &["192.0.2.10"]);
+    z.a("big.app.test", 300, &["192.0.2.60"]);
+    z.truncate.insert("big.app.test.".into());
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    let Some(out) = dig(h.addr, &["web.app.test", "A", "+bufsize=3000"]).await else {
+        eprintln!("dig not installed: skipped");
+        return;
+    };
+    assert_eq!(dig_status(&out), "NOERROR", "{out}");
+    assert!(out.contains("192.0.2.10"), "{out}");
+    assert!(out.contains("OPT PSEUDOSECTION"), "EDNS passed back: {out}");
+    assert!(
+        up.seen().iter().any(|s| s.edns_payload == Some(3000)),
+        "EDNS passed through: {:?}",
+        up.seen()
+    );
+    let out = dig(h.addr, &["web.app.test", "A", "+tcp"]).await.unwrap();
+    assert_eq!(dig_status(&out), "NOERROR", "{out}");
+    assert!(up.seen().iter().any(|s| s.tcp));
+    let out = dig(h.addr, &["www.example.org", "A"]).await.unwrap();
+    assert_eq!(dig_status(&out), "REFUSED", "{out}");
+    // dig retries a truncated answer over TCP, through the proxy
+    let out = dig(h.addr, &["big.app.test", "A"]).await.unwrap();
+    assert!(out.contains("Truncated, retrying in TCP mode"), "{out}");
+    assert!(out.contains("192.0.2.60"), "{out}");
+    let big: Vec<bool> = up
+        .seen()
+        .iter()
+        .filter(|s| s.name == "big.app.test.")
+        .map(|s| s.tcp)
+        .collect();
+    assert_eq!(big, vec![false, true]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dnsmasq_upstream_with_dig_and_hickory_clients() {
+    let Some(dm) = Dnsmasq::start(&[
+        "--host-record=example.com,192.0.2.20",
+        "--host-record=api.deep.test,192.0.2.21,2001:db8::21",
+        "--host-record=a.example.com,192.0.2.22",
+        "--cname=alias.app.test,api.deep.test",
+    ])
+    .await
+    else {
+        eprintln!("dnsmasq not installed: skipped");
+        return;
+    };
+    let h = Harness::start(Config::default(), dm.addr).await;
+    let m = query(h.addr, "example.com", RecordType::A, false).await;
+    assert_eq!(ips(&m), vec![ip("192.0.2.20")]);
+    let m = query(h.addr, "api.deep.test", RecordType::AAAA, true).await;
+    assert_eq!(ips(&m), vec![ip("2001:db8::21")]);
+    let m = query(h.addr, "a.example.com", RecordType::A, false).await;
+    assert_eq!(m.response_code(), ResponseCode::Refused);
+    let m = query(h.addr, "alias.app.test", RecordType::A, false).await;
+    assert_eq!(ips(&m), vec![ip("192.0.2.21")]);
+    assert_eq!(
+        h.proxy.cached_ips(ENDPOINT, "alias.app.test"),
+        vec![ip("192.0.2.21")]
+    );
+    assert_eq!(
+        h.proxy.cached_ips(ENDPOINT, "example.com"),
+        vec![ip("192.0.2.20")]
+    );
+    assert_eq!(
+        h.proxy.cached_ips(ENDPOINT, "api.deep.test"),
+        vec![ip("2001:db8::21")]
+    );
+    if let Some(out) = dig(h.addr, &["example.com", "A"]).await {
+        assert_eq!(dig_status(&out), "NOERROR", "{out}");
+        assert!(out.contains("192.0.2.20"), "{out}");
+        let out = dig(h.addr, &["a.example.com", "A", "+tcp"]).await.unwrap();
+        assert_eq!(dig_status(&out), "REFUSED", "{out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_lines_are_json() {
+    let mut z = Zone::default();
+    z.a("web.app.test", 300, &["192.0.2.10"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    query(h.addr, "web.app.test", RecordType::A, false).await;
+    query(h.addr, "www.example.org", RecordType::A, false).await;
+    let a = h.audit().await;
+    let b = h.audit().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(a).await.unwrap();
+    tx.send(b).await.unwrap();
+    drop(tx);
+    let file = std::fs::File::create(&path).unwrap();
+    tokio::task::spawn_blocking(move || dns_proxy::audit::write_lines(rx, Box::new(file)))
+        .await
+        .unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["verdict"], "forwarded");
+    assert_eq!(lines[0]["source"], "app/client");
+    assert_eq!(lines[0]["qname"], "web.app.test.");
+    assert_eq!(lines[0]["qtype"], "A");
+    assert_eq!(lines[0]["rcode"], "NoError");
+    assert_eq!(lines[0]["ips"][0], "192.0.2.10");
+    assert_eq!(lines[0]["ttl"], 300);
+    assert_eq!(lines[0]["policy"], "CiliumNetworkPolicy app/dns-client");
+    assert_eq!(lines[0]["server"], up.addr.to_string());
+    assert!(lines[0]["latency_us"].is_u64());
+    assert!(lines[0]["time"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(lines[1]["verdict"], "denied");
+    assert_eq!(lines[1]["rcode"], "Refused");
+}
