@@ -28,6 +28,8 @@ enum Command {
         #[command(subcommand)]
         command: cmd::policy::Command,
     },
+    /// Run the L7 HTTP proxy in front of one workload (standalone mode).
+    Proxy(Box<cmd::proxy::ProxyArgs>),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Conformance { command } => cmd::conformance::run(command),
         Command::Policy { command } => cmd::policy::run(command),
+        Command::Proxy(args) => cmd::proxy::run(*args),
     };
     match result {
         Ok(code) => code,

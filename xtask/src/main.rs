@@ -87,7 +87,7 @@ fn ensure_components() -> Result {
 }
 
 /// Debian packages the tests drive as real peers (clients, servers, tools).
-const TEST_PACKAGES: &[&str] = &["curl"];
+const TEST_PACKAGES: &[&str] = &["curl", "nghttp2-client"];
 
 /// Installs missing Debian packages non-interactively.
 fn ensure_debs(packages: &[&str]) -> Result {

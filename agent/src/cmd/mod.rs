@@ -1,2 +1,3 @@
 pub mod conformance;
 pub mod policy;
+pub mod proxy;
