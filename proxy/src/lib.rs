@@ -12,6 +12,7 @@
 pub mod audit;
 pub mod config;
 pub mod detect;
+pub mod framing;
 pub mod idle;
 pub mod listener;
 pub mod metrics;

@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -26,6 +27,7 @@ use tokio::sync::Semaphore;
 use crate::audit::{self, AuditLog, Endpoint, Record, Rule, Verdict};
 use crate::config::Config;
 use crate::detect::{detect, HttpVersion};
+use crate::framing::{Ambiguous, Tracked, Tracker};
 use crate::idle::IdleTimeout;
 use crate::listener::{Accepted, Listener};
 use crate::metrics::Metrics;
@@ -152,20 +154,24 @@ impl Proxy {
             }
         };
         let snap = self.shared.store.load();
+        let ambiguous = Arc::new(Ambiguous::default());
         let conn = Arc::new(Conn {
             shared: self.shared.clone(),
             peer,
             orig_dst,
             version,
             policy: Mutex::new(self.shared.mode.resolve(&snap, peer, orig_dst)),
+            requests: AtomicU64::new(0),
+            ambiguous: ambiguous.clone(),
         });
         let svc = service_fn(move |req| {
             let conn = conn.clone();
             async move { Ok::<_, Infallible>(conn.handle(req).await) }
         });
-        let io = TokioIo::new(io);
         let result = match version {
             HttpVersion::Http1 => {
+                let tracker = Tracker::new(cfg.max_header_size.max(8192), ambiguous);
+                let io = TokioIo::new(Tracked::new(io, tracker));
                 hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(cfg.header_read_timeout())
@@ -176,6 +182,7 @@ impl Proxy {
                     .await
             }
             HttpVersion::H2c => {
+                let io = TokioIo::new(io);
                 hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_concurrent_streams(cfg.max_concurrent_streams)
@@ -205,6 +212,10 @@ struct Conn {
     orig_dst: SocketAddr,
     version: HttpVersion,
     policy: Mutex<ConnPolicy>,
+    /// Requests seen on this connection (HTTP/1.1 requests are handled in order).
+    requests: AtomicU64,
+    /// Which HTTP/1 request carried both Content-Length and Transfer-Encoding.
+    ambiguous: Arc<Ambiguous>,
 }
 
 /// What a request looks like to the rules: the normalised path and the authority.
@@ -287,8 +298,10 @@ impl Conn {
         };
 
         // Framing the upstream could read differently than we did: refuse.
-        if req.headers().contains_key(header::TRANSFER_ENCODING)
-            && req.headers().contains_key(header::CONTENT_LENGTH)
+        let n = self.requests.fetch_add(1, Ordering::AcqRel) + 1;
+        if (self.version == HttpVersion::Http1 && self.ambiguous.is(n))
+            || (req.headers().contains_key(header::TRANSFER_ENCODING)
+                && req.headers().contains_key(header::CONTENT_LENGTH))
         {
             return self.bad_request(&facts, "both Content-Length and Transfer-Encoding");
         }

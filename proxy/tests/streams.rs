@@ -108,9 +108,10 @@ async fn websocket_upgrade_is_passed_through_when_allowed() {
 async fn websocket_upgrade_is_refused_when_denied() {
     let up = upstream().await;
     let p = start_proxy(up.addr, POLICY_PUBLIC_ONLY).await;
-    let resp = raw(
+    let resp = raw_until(
         p.addr,
         b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        "Access denied\r\n",
     )
     .await;
     assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");

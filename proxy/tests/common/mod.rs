@@ -301,6 +301,22 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Sends raw bytes and reads until `needle` arrives (or 5 s pass, or the peer closes).
+pub async fn raw_until(addr: SocketAddr, bytes: &[u8], needle: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&out).contains(needle) {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The next audit record, waiting at most 5 s.
 pub async fn next_record(rx: &mut mpsc::Receiver<Record>) -> Record {
     tokio::time::timeout(Duration::from_secs(5), rx.recv())
