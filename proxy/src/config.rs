@@ -36,6 +36,11 @@ pub struct Config {
     /// the proxy's own traffic (Cilium: 0xb00 egress, 0xa00 ingress). Needs
     /// CAP_NET_ADMIN; off when absent.
     pub upstream_mark: Option<u32>,
+    /// `transparent_source`: upstream connections keep the client's source address
+    /// (IP_TRANSPARENT + bind), so the destination sees the real client. Needs
+    /// CAP_NET_ADMIN, and the datapath must deliver the replies to the proxy. Off by
+    /// default until the datapath does that.
+    pub transparent_source: bool,
     /// `node`: the node the proxy runs on (host vs remote-node identities).
     pub node: Option<String>,
 }
@@ -52,6 +57,7 @@ impl Default for Config {
             max_idle_upstream_per_destination: 256,
             audit_queue: 8192,
             upstream_mark: None,
+            transparent_source: false,
             node: None,
         }
     }

@@ -368,9 +368,15 @@ impl Conn {
                 req.headers_mut().insert(header::HOST, h);
             }
         }
+        let src = self
+            .shared
+            .config
+            .transparent_source
+            .then_some(self.peer.ip());
+        let up = &self.shared.upstream;
         let sent = match self.version {
-            HttpVersion::Http1 => self.shared.upstream.send_h1(self.orig_dst, req).await,
-            HttpVersion::H2c => self.shared.upstream.send_h2(self.orig_dst, req).await,
+            HttpVersion::Http1 => up.send_h1(src, self.orig_dst, req).await,
+            HttpVersion::H2c => up.send_h2(src, self.orig_dst, req).await,
         };
         let mut resp = match sent {
             Ok(r) => r,

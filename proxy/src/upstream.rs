@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,8 +50,11 @@ impl UpstreamError {
     }
 }
 
-type H1Pool = Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Incoming>>>>;
-type H2Pool = Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>;
+/// Upstream connections are shared only between requests with the same source address
+/// (when the pod's address is kept) and destination.
+type Key = (Option<IpAddr>, SocketAddr);
+type H1Pool = Mutex<HashMap<Key, Vec<http1::SendRequest<Incoming>>>>;
+type H2Pool = Mutex<HashMap<Key, http2::SendRequest<Incoming>>>;
 
 /// Upstream settings.
 #[derive(Clone, Debug)]
@@ -80,7 +83,14 @@ impl Upstream {
         }
     }
 
-    async fn connect(&self, dst: SocketAddr) -> Result<TcpStream, UpstreamError> {
+    /// Connects to `dst`, from `src` when given (transparent bind: the upstream sees the
+    /// client's address; needs CAP_NET_ADMIN and, off loopback, the datapath to route the
+    /// replies back to the proxy).
+    async fn connect(
+        &self,
+        src: Option<IpAddr>,
+        dst: SocketAddr,
+    ) -> Result<TcpStream, UpstreamError> {
         let socket = if dst.is_ipv4() {
             TcpSocket::new_v4()
         } else {
@@ -92,6 +102,18 @@ impl Upstream {
                 .set_mark(mark)
                 .map_err(|e| UpstreamError::Connect(dst, e))?;
         }
+        if let Some(ip) = src {
+            let sock = SockRef::from(&socket);
+            if ip.is_ipv4() {
+                sock.set_ip_transparent_v4(true)
+            } else {
+                sock.set_ip_transparent_v6(true)
+            }
+            .map_err(|e| UpstreamError::Connect(dst, e))?;
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .map_err(|e| UpstreamError::Connect(dst, e))?;
+        }
         let stream = tokio::time::timeout(self.cfg.connect_timeout, socket.connect(dst))
             .await
             .map_err(|_| UpstreamError::ConnectTimeout(dst))?
@@ -100,9 +122,9 @@ impl Upstream {
         Ok(stream)
     }
 
-    fn idle_h1(&self, dst: SocketAddr) -> Option<http1::SendRequest<Incoming>> {
+    fn idle_h1(&self, key: Key) -> Option<http1::SendRequest<Incoming>> {
         let mut pool = self.h1.lock().ok()?;
-        let idle = pool.get_mut(&dst)?;
+        let idle = pool.get_mut(&key)?;
         while let Some(s) = idle.pop() {
             if s.is_ready() && !s.is_closed() {
                 return Some(s);
@@ -115,13 +137,15 @@ impl Upstream {
     /// supported: the connection is then handed to the caller and not pooled.
     pub async fn send_h1(
         &self,
+        src: Option<IpAddr>,
         dst: SocketAddr,
         req: Request<Incoming>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = match self.idle_h1(dst) {
+        let key = (src, dst);
+        let mut sender = match self.idle_h1(key) {
             Some(s) => s,
             None => {
-                let io = TokioIo::new(self.connect(dst).await?);
+                let io = TokioIo::new(self.connect(src, dst).await?);
                 let (sender, conn) = http1::Builder::new()
                     .handshake(io)
                     .await
@@ -145,7 +169,7 @@ impl Upstream {
             tokio::spawn(async move {
                 if sender.ready().await.is_ok() {
                     if let Ok(mut pool) = pool.lock() {
-                        let idle = pool.entry(dst).or_default();
+                        let idle = pool.entry(key).or_default();
                         if idle.len() < max {
                             idle.push(sender);
                         }
@@ -159,18 +183,20 @@ impl Upstream {
     /// Sends an HTTP/2 request (absolute URI: its authority is the `:authority`) to `dst`.
     pub async fn send_h2(
         &self,
+        src: Option<IpAddr>,
         dst: SocketAddr,
         req: Request<Incoming>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        let key = (src, dst);
         let existing = self
             .h2
             .lock()
             .ok()
-            .and_then(|p| p.get(&dst).filter(|s| !s.is_closed()).cloned());
+            .and_then(|p| p.get(&key).filter(|s| !s.is_closed()).cloned());
         let mut sender = match existing {
             Some(s) => s,
             None => {
-                let io = TokioIo::new(self.connect(dst).await?);
+                let io = TokioIo::new(self.connect(src, dst).await?);
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .handshake(io)
@@ -182,7 +208,7 @@ impl Upstream {
                     }
                 });
                 if let Ok(mut p) = self.h2.lock() {
-                    p.insert(dst, sender.clone());
+                    p.insert(key, sender.clone());
                 }
                 sender
             }

@@ -141,3 +141,30 @@ async fn upstream_down_is_503_and_logged_as_error() {
         .encode()
         .contains("ward_proxy_upstream_errors_total{kind=\"connect\"} 1"));
 }
+
+#[tokio::test]
+async fn transparent_source_keeps_the_client_address() {
+    // IP_TRANSPARENT needs CAP_NET_ADMIN; without it there is nothing to test here.
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    if probe.set_ip_transparent_v4(true).is_err() {
+        eprintln!("skipped: no CAP_NET_ADMIN");
+        return;
+    }
+    for (transparent, want) in [(false, "127.0.0.1"), (true, "127.0.0.5")] {
+        let up = upstream().await;
+        let cfg = proxy::Config {
+            transparent_source: transparent,
+            ..proxy::Config::default()
+        };
+        let p = start_proxy_with(up.addr, POLICY, cfg).await;
+        let mut c = h1_from("127.0.0.5", p.addr).await;
+        let r = c.send_request(get("/public/x")).await.unwrap();
+        assert_eq!(r.status(), 200);
+        body_string(r).await;
+        assert_eq!(
+            up.seen()[0].peer.ip().to_string(),
+            want,
+            "transparent={transparent}"
+        );
+    }
+}

@@ -27,6 +27,7 @@ namespaces:
   - {name: default}
 pods:
   - {namespace: default, name: client, labels: {app: client}, ip: 127.0.0.1}
+  - {namespace: default, name: client2, labels: {app: client}, ip: 127.0.0.5}
   - {namespace: default, name: stranger, labels: {app: stranger}, ip: 127.0.0.3}
   - {namespace: default, name: web, labels: {app: web}, ip: 10.0.0.2}
 "#;
@@ -87,6 +88,8 @@ pub fn model(policy: &str) -> Model {
 /// A request as the upstream saw it.
 #[derive(Clone, Debug)]
 pub struct Seen {
+    /// The address the upstream saw the request come from.
+    pub peer: SocketAddr,
     pub method: String,
     pub uri: String,
     pub version: http::Version,
@@ -116,12 +119,12 @@ pub async fn upstream() -> Upstream {
     let s = seen.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, peer)) = listener.accept().await else {
                 return;
             };
             let seen = s.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| echo(req, seen.clone()));
+                let svc = service_fn(move |req| echo(req, peer, seen.clone()));
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
@@ -133,6 +136,7 @@ pub async fn upstream() -> Upstream {
 
 async fn echo(
     mut req: Request<Incoming>,
+    peer: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
 ) -> Result<Response<TestBody>, Infallible> {
     let upgrade = req.headers().contains_key(http::header::UPGRADE);
@@ -142,6 +146,7 @@ async fn echo(
     let trailers = collected.as_ref().and_then(|c| c.trailers().cloned());
     let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
     seen.lock().unwrap().push(Seen {
+        peer,
         method: parts.method.to_string(),
         uri: parts.uri.to_string(),
         version: parts.version,
@@ -261,6 +266,21 @@ pub async fn h1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Ful
         .await
         .unwrap();
     tokio::spawn(conn.with_upgrades());
+    sender
+}
+
+/// An HTTP/1.1 client on one connection from `src`.
+pub async fn h1_from(
+    src: &str,
+    addr: SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
     sender
 }
 
