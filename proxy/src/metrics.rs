@@ -26,6 +26,9 @@ pub struct Metrics {
     pub audit_dropped: IntCounter,
     /// `ward_proxy_policy_generation`: generation of the snapshot in force.
     pub policy_generation: IntGauge,
+    /// `ward_proxy_tunnels_closed_total`: upgraded connections closed because a policy
+    /// change denied them.
+    pub tunnels_closed: IntCounter,
 }
 
 impl Default for Metrics {
@@ -82,6 +85,10 @@ impl Metrics {
             "ward_proxy_policy_generation",
             "Generation of the policy snapshot in force.",
         );
+        let tunnels_closed = IntCounter::new(
+            "ward_proxy_tunnels_closed_total",
+            "Upgraded connections closed because a policy change denied them.",
+        );
         // The names and label sets above are constant and valid: registration can only
         // fail on a programming error, which the unit test below catches.
         let m = Metrics {
@@ -94,6 +101,7 @@ impl Metrics {
             open_connections: open_connections.unwrap_or_else(|_| unreachable!()),
             audit_dropped: audit_dropped.unwrap_or_else(|_| unreachable!()),
             policy_generation: policy_generation.unwrap_or_else(|_| unreachable!()),
+            tunnels_closed: tunnels_closed.unwrap_or_else(|_| unreachable!()),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.requests.clone()),
@@ -104,6 +112,7 @@ impl Metrics {
             Box::new(m.open_connections.clone()),
             Box::new(m.audit_dropped.clone()),
             Box::new(m.policy_generation.clone()),
+            Box::new(m.tunnels_closed.clone()),
         ];
         for c in collectors {
             if let Err(e) = m.registry.register(c) {
@@ -188,6 +197,7 @@ mod tests {
             "ward_proxy_open_connections 0",
             "ward_proxy_audit_dropped_total 0",
             "ward_proxy_policy_generation 0",
+            "ward_proxy_tunnels_closed_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -278,7 +278,7 @@ impl Conn {
         (snap, guard.clone())
     }
 
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
+    async fn handle(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
         let time = SystemTime::now();
         let protocol = protocol_name(req.version());
@@ -356,6 +356,13 @@ impl Conn {
         // header actions of the rules that matched.
         let upgrade = is_upgrade(&req);
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        // what a tunnel is re-checked against when the policy changes
+        let recheck = upgrade.then(|| Recheck {
+            method: req.method().as_str().to_string(),
+            path: path.clone(),
+            host: host.clone(),
+            headers: req.headers().clone(),
+        });
         strip_hop_by_hop(req.headers_mut(), upgrade);
         apply_actions(req.headers_mut(), &decision.actions);
         let uri = match self.upstream_uri(&path, host.as_deref()) {
@@ -385,7 +392,8 @@ impl Conn {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(down) = downstream_upgrade {
                 let up = hyper::upgrade::on(&mut resp);
-                tokio::spawn(tunnel(down, up));
+                let watch = recheck.map(|r| (self.clone(), r));
+                tokio::spawn(tunnel(down, up, watch));
             }
         } else {
             strip_hop_by_hop(resp.headers_mut(), false);
@@ -677,8 +685,39 @@ pub fn grpc_denied() -> Response<Body> {
     r
 }
 
-/// Copies bytes both ways between an upgraded downstream and upstream connection.
-async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+/// The request that opened a tunnel, kept to re-check it when the policy changes.
+struct Recheck {
+    method: String,
+    path: String,
+    host: Option<String>,
+    headers: HeaderMap,
+}
+
+impl Conn {
+    /// Whether the request that opened a tunnel is still allowed by the current policy.
+    fn still_allowed(&self, r: &Recheck) -> bool {
+        let (snap, policy) = self.current_policy();
+        snap.model
+            .check_http(
+                &policy.policy,
+                &View {
+                    method: &r.method,
+                    path: &r.path,
+                    host: r.host.as_deref(),
+                    headers: &r.headers,
+                },
+            )
+            .allowed
+    }
+}
+
+/// Copies bytes both ways between an upgraded downstream and upstream connection. A
+/// tunnel whose opening request a policy change denies is closed (both sides).
+async fn tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    watch: Option<(Arc<Conn>, Recheck)>,
+) {
     let (down, up) = match tokio::try_join!(down, up) {
         Ok(pair) => pair,
         Err(e) => {
@@ -688,8 +727,39 @@ async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) 
     };
     let mut down = TokioIo::new(down);
     let mut up = TokioIo::new(up);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        tracing::debug!("upgraded connection ended: {e}");
+    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    tokio::pin!(copy);
+    let Some((conn, recheck)) = watch else {
+        if let Err(e) = copy.await {
+            tracing::debug!("upgraded connection ended: {e}");
+        }
+        return;
+    };
+    let mut changes = conn.shared.store.subscribe();
+    loop {
+        tokio::select! {
+            r = &mut copy => {
+                if let Err(e) = r {
+                    tracing::debug!("upgraded connection ended: {e}");
+                }
+                return;
+            }
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    // the store is gone: nothing will change any more
+                    let _ = (&mut copy).await;
+                    return;
+                }
+                if !conn.still_allowed(&recheck) {
+                    tracing::info!(
+                        "{} -> {}: closing upgraded connection, {} {} is no longer allowed",
+                        conn.peer, conn.orig_dst, recheck.method, recheck.path
+                    );
+                    conn.shared.metrics.tunnels_closed.inc();
+                    return;
+                }
+            }
+        }
     }
 }
 

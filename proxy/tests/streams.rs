@@ -105,6 +105,47 @@ async fn websocket_upgrade_is_passed_through_when_allowed() {
 }
 
 #[tokio::test]
+async fn an_upgraded_connection_is_closed_when_a_policy_change_denies_it() {
+    let up = upstream().await;
+    let p = start_proxy(up.addr, POLICY).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    // a change that keeps /ws allowed keeps the tunnel
+    p.proxy.store().publish(model(POLICY));
+    s.write_all(b"still").await.unwrap();
+    let mut buf = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"still");
+    // a change that denies it closes the tunnel
+    p.proxy.store().publish(model(POLICY_PUBLIC_ONLY));
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "tunnel still open after the policy denied it"
+    );
+    assert!(p
+        .proxy
+        .metrics()
+        .encode()
+        .contains("ward_proxy_tunnels_closed_total 1"));
+}
+
+#[tokio::test]
 async fn websocket_upgrade_is_refused_when_denied() {
     let up = upstream().await;
     let p = start_proxy(up.addr, POLICY_PUBLIC_ONLY).await;

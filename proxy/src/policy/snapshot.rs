@@ -26,6 +26,9 @@ pub struct Snapshot {
 pub struct PolicyStore {
     current: ArcSwap<Snapshot>,
     next: AtomicU64,
+    /// The generation in force, for what must react to a change without a request
+    /// (upgraded tunnels).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl PolicyStore {
@@ -36,6 +39,7 @@ impl PolicyStore {
                 model,
             }),
             next: AtomicU64::new(2),
+            changes: tokio::sync::watch::Sender::new(1),
         }
     }
 
@@ -43,7 +47,13 @@ impl PolicyStore {
     pub fn publish(&self, model: Model) -> u64 {
         let generation = self.next.fetch_add(1, Ordering::Relaxed);
         self.current.store(Arc::new(Snapshot { generation, model }));
+        self.changes.send_replace(generation);
         generation
+    }
+
+    /// Notified after every `publish`.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub fn load(&self) -> Arc<Snapshot> {
