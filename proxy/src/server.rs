@@ -160,7 +160,7 @@ impl Proxy {
             peer,
             orig_dst,
             version,
-            policy: Mutex::new(self.shared.mode.resolve(&snap, peer, orig_dst)),
+            policy: Mutex::new(Arc::new(self.shared.mode.resolve(&snap, peer, orig_dst))),
             requests: AtomicU64::new(0),
             ambiguous: ambiguous.clone(),
         });
@@ -211,7 +211,7 @@ struct Conn {
     peer: SocketAddr,
     orig_dst: SocketAddr,
     version: HttpVersion,
-    policy: Mutex<ConnPolicy>,
+    policy: Mutex<Arc<ConnPolicy>>,
     /// Requests seen on this connection (HTTP/1.1 requests are handled in order).
     requests: AtomicU64,
     /// Which HTTP/1 request carried both Content-Length and Transfer-Encoding.
@@ -257,19 +257,19 @@ struct Facts {
     method: String,
     host: String,
     path: String,
-    policy: ConnPolicy,
+    policy: Arc<ConnPolicy>,
 }
 
 impl Conn {
     /// The connection's policy, re-resolved if the snapshot changed since.
-    fn current_policy(&self) -> (Arc<crate::policy::Snapshot>, ConnPolicy) {
+    fn current_policy(&self) -> (Arc<crate::policy::Snapshot>, Arc<ConnPolicy>) {
         let snap = self.shared.store.load();
         let mut guard = match self.policy.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
         if guard.generation != snap.generation {
-            *guard = self.shared.mode.resolve(&snap, self.peer, self.orig_dst);
+            *guard = Arc::new(self.shared.mode.resolve(&snap, self.peer, self.orig_dst));
             self.shared
                 .metrics
                 .policy_generation
