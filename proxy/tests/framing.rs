@@ -207,3 +207,25 @@ async fn slow_header_is_cut_off() {
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(up.seen().is_empty());
 }
+
+#[tokio::test]
+async fn oversized_request_head_is_refused() {
+    let up = upstream().await;
+    let cfg = proxy::Config {
+        max_header_size: 8192,
+        ..proxy::Config::default()
+    };
+    let p = start_proxy_with(up.addr, POLICY, cfg).await;
+    let big = "a".repeat(10_000);
+    let req = format!("GET /public/x HTTP/1.1\r\nHost: web\r\nX-Big: {big}\r\n\r\n");
+    let resp = raw(p.addr, req.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+    assert!(up.seen().is_empty());
+    // within the limit it passes
+    let req = format!(
+        "GET /public/x HTTP/1.1\r\nHost: web\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        &big[..4000]
+    );
+    let resp = raw(p.addr, req.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
