@@ -134,3 +134,35 @@ async fn metrics_are_exposed_over_http() {
     }
     assert!(!text.contains("/public"), "no paths in labels");
 }
+
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_until_one_closes() {
+    use std::time::Duration;
+    let up = upstream().await;
+    let cfg = proxy::Config {
+        max_connections: 1,
+        ..proxy::Config::default()
+    };
+    let p = start_proxy_with(up.addr, POLICY, cfg).await;
+    let mut first = h1(p.addr).await;
+    let r = first.send_request(get("/public/1")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    body_string(r).await;
+
+    let mut second = h1(p.addr).await;
+    let pending = tokio::spawn(async move {
+        let r = second.send_request(get("/public/2")).await.unwrap();
+        r.status()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !pending.is_finished(),
+        "a second connection was served beyond the limit"
+    );
+    drop(first);
+    let status = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .expect("the waiting connection was never served")
+        .unwrap();
+    assert_eq!(status, 200);
+}
