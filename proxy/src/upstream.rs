@@ -227,3 +227,41 @@ impl Upstream {
         &self.metrics
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn upstream_sockets_carry_the_configured_mark() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = l.local_addr().unwrap();
+        let up = Upstream::new(
+            UpstreamConfig {
+                connect_timeout: Duration::from_secs(2),
+                mark: Some(0xb00),
+                max_idle_per_destination: 1,
+            },
+            Metrics::new(),
+        );
+        match up.connect(None, dst).await {
+            Ok(s) => assert_eq!(SockRef::from(&s).mark().unwrap(), 0xb00),
+            // SO_MARK needs CAP_NET_ADMIN: without it, connecting must fail, not go
+            // out unmarked
+            Err(UpstreamError::Connect(_, e)) => {
+                assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}")
+            }
+            Err(e) => panic!("{e}"),
+        }
+        let plain = Upstream::new(
+            UpstreamConfig {
+                connect_timeout: Duration::from_secs(2),
+                mark: None,
+                max_idle_per_destination: 1,
+            },
+            Metrics::new(),
+        );
+        let s = plain.connect(None, dst).await.unwrap();
+        assert_eq!(SockRef::from(&s).mark().unwrap(), 0);
+    }
+}
