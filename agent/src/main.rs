@@ -35,6 +35,8 @@ enum Command {
         #[command(subcommand)]
         command: cmd::policy::Command,
     },
+    /// Run the L7 HTTP proxy in front of one workload (standalone mode).
+    Proxy(Box<cmd::proxy::ProxyArgs>),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         Command::Conformance { command } => cmd::conformance::run(command),
         Command::DnsProxy(args) => cmd::dns_proxy::run(args),
         Command::Policy { command } => cmd::policy::run(command),
+        Command::Proxy(args) => cmd::proxy::run(*args),
     };
     match result {
         Ok(code) => code,

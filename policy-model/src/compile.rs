@@ -409,10 +409,8 @@ impl Model {
                 for (gi, g) in r.ports.iter().enumerate() {
                     if let Some(l7) = &g.l7 {
                         let id = self.l7.len() as L7Id;
-                        self.l7.push(L7Set {
-                            rules: l7.clone(),
-                            path: format!("{}.rules", g.path),
-                        });
+                        self.l7
+                            .push(L7Set::new(l7.clone(), format!("{}.rules", g.path)));
                         self.l7_of.insert((pi as u32, ri as u32, gi as u32), id);
                     }
                 }

@@ -239,6 +239,12 @@ impl HttpRule {
                 return None;
             }
         }
+        self.evaluate_rest(req)
+    }
+
+    /// [`HttpRule::evaluate`] for a request whose method and path are already known to
+    /// match (the rule-set index checked them).
+    pub(crate) fn evaluate_rest(&self, req: &dyn Request) -> Option<RuleOutcome> {
         if let Some(h) = &self.host {
             if !h.is_match(req.host().unwrap_or("")) {
                 return None;

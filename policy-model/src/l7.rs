@@ -1,6 +1,14 @@
 //! L7 rule sets attached to ports: HTTP rules for the HTTP proxy, DNS rules for the DNS
 //! proxy. The compiler interns them; the proxies receive them in compiled snapshots.
 
+use std::fmt;
+use std::panic::{RefUnwindSafe, UnwindSafe};
+use std::sync::Arc;
+
+use regex_automata::hybrid::dfa::{Cache, DFA};
+use regex_automata::util::pool::Pool;
+use regex_automata::{Anchored, Input, MatchKind};
+
 use crate::fqdn::NamePattern;
 use crate::http::{HttpRule, Request, RuleOutcome};
 
@@ -43,6 +51,10 @@ pub struct L7Set {
     pub rules: L7Rules,
     /// Field path of the `rules` block, e.g. `spec.egress[0].toPorts[0].rules`.
     pub path: String,
+    /// Precomputed from `rules` (HTTP): which rules can match a method and a path.
+    index: Option<Arc<HttpIndex>>,
+    /// `rule_path(i)` of every rule, so a decision does not format per request.
+    rule_paths: Arc<[String]>,
 }
 
 /// Which rule of a set allowed a request.
@@ -54,6 +66,28 @@ pub struct L7Match {
 }
 
 impl L7Set {
+    pub fn new(rules: L7Rules, path: String) -> L7Set {
+        let index = match &rules {
+            L7Rules::Http(r) => Some(Arc::new(HttpIndex::new(r))),
+            L7Rules::Dns(_) => None,
+        };
+        let field = match &rules {
+            L7Rules::Http(_) => "http",
+            L7Rules::Dns(_) => "dns",
+        };
+        let n = match &rules {
+            L7Rules::Http(r) => r.len(),
+            L7Rules::Dns(p) => p.len(),
+        };
+        let rule_paths = (0..n).map(|i| format!("{path}.{field}[{i}]")).collect();
+        L7Set {
+            rules,
+            path,
+            index,
+            rule_paths,
+        }
+    }
+
     /// The HTTP rules that allow this request, in order. Evaluation stops at the first
     /// match unless some rule has side effects (LOG/ADD/DELETE/REPLACE), in which case
     /// every rule runs, as Envoy's Cilium filter does.
@@ -61,17 +95,12 @@ impl L7Set {
         let L7Rules::Http(rules) = &self.rules else {
             return Vec::new();
         };
-        let exhaustive = rules.iter().any(HttpRule::has_side_effects);
-        let mut out = Vec::new();
-        for (index, r) in rules.iter().enumerate() {
-            if let Some(outcome) = r.evaluate(req) {
-                out.push(L7Match { index, outcome });
-                if !exhaustive {
-                    break;
-                }
+        if let Some(ix) = &self.index {
+            if let Some(out) = ix.matches(rules, req) {
+                return out;
             }
         }
-        out
+        http_matches_linear(rules, req)
     }
 
     /// The first DNS rule that allows a (normalised) query name.
@@ -84,6 +113,9 @@ impl L7Set {
 
     /// The field path of rule `index`, e.g. `spec.egress[0].toPorts[0].rules.http[1]`.
     pub fn rule_path(&self, index: usize) -> String {
+        if let Some(p) = self.rule_paths.get(index) {
+            return p.clone();
+        }
         let field = match self.rules {
             L7Rules::Http(_) => "http",
             L7Rules::Dns(_) => "dns",
@@ -91,10 +123,295 @@ impl L7Set {
         format!("{}.{field}[{index}]", self.path)
     }
 
+    /// The rules the index could not narrow down and would scan one by one (tests).
+    #[cfg(test)]
+    fn indexed(&self) -> bool {
+        self.index.as_ref().is_some_and(|i| i.paths.is_some())
+    }
+
     pub fn describe_rule(&self, index: usize) -> String {
         match &self.rules {
             L7Rules::Http(r) => r.get(index).map(ToString::to_string).unwrap_or_default(),
             L7Rules::Dns(p) => p.get(index).map(ToString::to_string).unwrap_or_default(),
+        }
+    }
+}
+
+/// The reference semantics: every rule in order.
+fn http_matches_linear(rules: &[HttpRule], req: &dyn Request) -> Vec<L7Match> {
+    let exhaustive = rules.iter().any(HttpRule::has_side_effects);
+    let mut out = Vec::new();
+    for (index, r) in rules.iter().enumerate() {
+        if let Some(outcome) = r.evaluate(req) {
+            out.push(L7Match { index, outcome });
+            if !exhaustive {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Methods with a bit in the method mask; other methods fall back to the regex.
+const METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+fn method_bit(m: &str) -> Option<u16> {
+    METHODS.iter().position(|x| *x == m).map(|i| 1 << i)
+}
+
+type CachePool = Pool<Cache, Box<dyn Fn() -> Cache + Send + Sync + UnwindSafe + RefUnwindSafe>>;
+
+/// What makes a request's decision independent of the number of rules: a method bitmask
+/// per rule and one anchored multi-pattern lazy DFA over the distinct path regexes,
+/// whose final state names every path pattern that matches (all matches of a full-match
+/// pattern end at the end of the path). Candidates are then confirmed in rule order with
+/// the remaining fields, so the result is exactly the linear scan's.
+struct HttpIndex {
+    /// Some rule has side effects: every matching rule is reported.
+    exhaustive: bool,
+    /// Per rule: the standard methods its method regex accepts (all bits when none).
+    method_mask: Vec<u16>,
+    /// None when the DFA could not be built (the linear scan is used).
+    paths: Option<(DFA, CachePool)>,
+    /// Per distinct path pattern: the rules using it, ascending.
+    path_rules: Vec<Vec<u32>>,
+    /// Rules without a path (they match every path), ascending.
+    pathless: Vec<u32>,
+}
+
+impl fmt::Debug for HttpIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpIndex")
+            .field("patterns", &self.path_rules.len())
+            .field("pathless", &self.pathless.len())
+            .field("exhaustive", &self.exhaustive)
+            .finish()
+    }
+}
+
+impl PartialEq for HttpIndex {
+    /// Derived from the rules, which the set compares.
+    fn eq(&self, _: &HttpIndex) -> bool {
+        true
+    }
+}
+
+impl HttpIndex {
+    fn new(rules: &[HttpRule]) -> HttpIndex {
+        let mut texts: Vec<&str> = Vec::new();
+        let mut path_rules: Vec<Vec<u32>> = Vec::new();
+        let mut pathless = Vec::new();
+        let mut method_mask = Vec::with_capacity(rules.len());
+        for (i, r) in rules.iter().enumerate() {
+            let i = i as u32;
+            method_mask.push(match &r.method {
+                None => u16::MAX,
+                Some(m) => METHODS
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| m.is_match(x))
+                    .fold(0, |acc, (b, _)| acc | (1 << b)),
+            });
+            match &r.path {
+                None => pathless.push(i),
+                Some(p) => match texts.iter().position(|t| *t == p.text) {
+                    Some(k) => path_rules[k].push(i),
+                    None => {
+                        texts.push(&p.text);
+                        path_rules.push(vec![i]);
+                    }
+                },
+            }
+        }
+        let patterns: Vec<String> = texts.iter().map(|t| format!("^(?:{t})$")).collect();
+        let paths = if patterns.is_empty() {
+            None
+        } else {
+            DFA::builder()
+                .configure(
+                    DFA::config()
+                        .match_kind(MatchKind::All)
+                        .cache_capacity(4 << 20),
+                )
+                .build_many(&patterns)
+                .ok()
+                .map(|dfa| {
+                    let d = dfa.clone();
+                    let create: Box<dyn Fn() -> Cache + Send + Sync + UnwindSafe + RefUnwindSafe> =
+                        Box::new(move || d.create_cache());
+                    (dfa, Pool::new(create))
+                })
+        };
+        HttpIndex {
+            exhaustive: rules.iter().any(HttpRule::has_side_effects),
+            method_mask,
+            paths,
+            path_rules,
+            pathless,
+        }
+    }
+
+    /// Calls `found` with every path pattern that matches; None when the lazy DFA gave
+    /// up (then the caller scans linearly).
+    fn path_patterns(&self, path: &str, mut found: impl FnMut(usize)) -> Option<()> {
+        let (dfa, pool) = self.paths.as_ref()?;
+        let mut cache = pool.get();
+        let input = Input::new(path).anchored(Anchored::Yes);
+        let mut sid = dfa.start_state_forward(&mut cache, &input).ok()?;
+        for &b in path.as_bytes() {
+            sid = dfa.next_state(&mut cache, sid, b).ok()?;
+            if sid.is_tagged() {
+                if sid.is_dead() {
+                    return Some(());
+                }
+                if sid.is_quit() {
+                    return None;
+                }
+            }
+        }
+        sid = dfa.next_eoi_state(&mut cache, sid).ok()?;
+        if sid.is_quit() {
+            return None;
+        }
+        if sid.is_match() {
+            for i in 0..dfa.match_len(&cache, sid) {
+                found(dfa.match_pattern(&cache, sid, i).as_usize());
+            }
+        }
+        Some(())
+    }
+
+    fn matches(&self, rules: &[HttpRule], req: &dyn Request) -> Option<Vec<L7Match>> {
+        let mut candidates: Vec<u32> = Vec::new();
+        let mut sources = 0;
+        let mut missing = false;
+        self.path_patterns(req.path(), |p| {
+            sources += 1;
+            match self.path_rules.get(p) {
+                Some(r) => candidates.extend_from_slice(r),
+                None => missing = true,
+            }
+        })?;
+        if missing {
+            return None;
+        }
+        if !self.pathless.is_empty() {
+            sources += 1;
+            candidates.extend_from_slice(&self.pathless);
+        }
+        if sources > 1 {
+            // each source is ascending; rule order is what decides
+            candidates.sort_unstable();
+        }
+        let bit = method_bit(req.method());
+        let mut out = Vec::new();
+        for i in candidates {
+            let index = i as usize;
+            let r = rules.get(index)?;
+            let method_ok = match (bit, &r.method) {
+                (_, None) => true,
+                (Some(b), Some(_)) => self.method_mask.get(index)? & b != 0,
+                (None, Some(m)) => m.is_match(req.method()),
+            };
+            if !method_ok {
+                continue;
+            }
+            if let Some(outcome) = r.evaluate_rest(req) {
+                out.push(L7Match { index, outcome });
+                if !self.exhaustive {
+                    break;
+                }
+            }
+        }
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::{FullMatch, HeaderMatch, HeaderRule, Mismatch, SimpleRequest};
+
+    fn rule(method: Option<&str>, path: Option<&str>) -> HttpRule {
+        HttpRule {
+            method: method.map(|m| FullMatch::new(m).unwrap()),
+            path: path.map(|p| FullMatch::new(p).unwrap()),
+            host: None,
+            headers: vec![],
+            header_matches: vec![],
+        }
+    }
+
+    fn req(method: &str, path: &str) -> SimpleRequest {
+        SimpleRequest {
+            method: method.into(),
+            path: path.into(),
+            host: Some("h".into()),
+            headers: vec![("x-a".into(), "1".into())],
+        }
+    }
+
+    fn summary(v: &[L7Match]) -> Vec<(usize, RuleOutcome)> {
+        v.iter().map(|m| (m.index, m.outcome.clone())).collect()
+    }
+
+    /// The index gives exactly what the linear scan gives, over a mix of rules that
+    /// share paths, lack paths or methods, use method regexes and non-standard methods.
+    #[test]
+    fn index_agrees_with_the_linear_scan() {
+        let mut rules = vec![
+            rule(Some("GET"), Some("/a/.*")),
+            rule(Some("POST|PUT"), Some("/a/.*")),
+            rule(None, Some("/b")),
+            rule(Some("G.*"), None),
+            rule(Some("PURGE"), Some("/c(\\?.*)?")),
+            rule(Some("DELETE"), Some("/d/[0-9]+")),
+            rule(None, Some("/unicode/é+")),
+        ];
+        let mut with_header = rule(Some("GET"), Some("/h"));
+        with_header.headers = vec![HeaderRule::parse("X-A: 1").unwrap()];
+        rules.push(with_header);
+        let mut no_header = rule(Some("GET"), Some("/h"));
+        no_header.headers = vec![HeaderRule::parse("X-B").unwrap()];
+        rules.insert(0, no_header);
+        let requests = [
+            ("GET", "/a/x"),
+            ("PUT", "/a/x"),
+            ("PATCH", "/a/x"),
+            ("GET", "/b"),
+            ("POST", "/b"),
+            ("GET", "/zzz"),
+            ("PURGE", "/c?x"),
+            ("purge", "/c"),
+            ("DELETE", "/d/12"),
+            ("DELETE", "/d/x"),
+            ("GET", "/h"),
+            ("GET", "/unicode/éé"),
+            ("GET", ""),
+        ];
+        for exhaustive in [false, true] {
+            if exhaustive {
+                let mut r = rule(None, Some("/a/.*"));
+                r.header_matches = vec![HeaderMatch {
+                    name: "X-Z".into(),
+                    value: Some("v".into()),
+                    secret: None,
+                    mismatch: Mismatch::Add,
+                }];
+                rules.push(r);
+            }
+            let set = L7Set::new(L7Rules::Http(rules.clone()), "spec".into());
+            assert!(set.indexed());
+            for (m, p) in requests {
+                let r = req(m, p);
+                assert_eq!(
+                    summary(&set.http_matches(&r)),
+                    summary(&http_matches_linear(&rules, &r)),
+                    "{m} {p} exhaustive={exhaustive}"
+                );
+            }
         }
     }
 }

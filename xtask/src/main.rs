@@ -91,7 +91,7 @@ fn ensure_components() -> Result {
 }
 
 /// Debian packages the tests drive as real peers (clients, servers, tools).
-const TEST_PACKAGES: &[&str] = &["curl", "dnsutils", "dnsmasq-base"];
+const TEST_PACKAGES: &[&str] = &["curl", "nghttp2-client", "dnsutils", "dnsmasq-base"];
 
 /// Installs missing Debian packages non-interactively.
 fn ensure_debs(packages: &[&str]) -> Result {

@@ -1,0 +1,172 @@
+//! `ward proxy`: the L7 proxy in standalone mode, a policy-enforcing reverse proxy in
+//! front of one workload. The source identity comes from the client's IP through the
+//! cluster file; the rules are those of `--endpoint` in `--direction`. SIGHUP reloads the
+//! cluster file and the policies; the new rules apply to the next request.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use policy_model::{CompileOptions, Direction, Model};
+use proxy::{AuditLog, AuditOutput, Config, FixedListener, Metrics, Mode, PolicyStore, Proxy};
+
+use crate::inputs::{load_cluster, load_policies};
+
+#[derive(Args)]
+pub struct ProxyArgs {
+    /// Address to accept clients on.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The workload behind the proxy.
+    #[arg(long)]
+    upstream: SocketAddr,
+    /// Cluster state: the `cluster:` shape of a conformance case, or a whole case file.
+    #[arg(long)]
+    cluster: PathBuf,
+    /// Policy manifests (files or folders).
+    #[arg(long, required = true, num_args = 1..)]
+    policies: Vec<PathBuf>,
+    /// The endpoint whose rules apply, NAMESPACE/POD.
+    #[arg(long)]
+    endpoint: String,
+    /// Ingress: the clients are the peers (default). Egress: the endpoint is the client
+    /// and the upstream the peer.
+    #[arg(long, value_enum, default_value_t = Dir::Ingress)]
+    direction: Dir,
+    /// The port the policies name (default: the upstream's port).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Audit log: a file to append JSON lines to, or `-` for stdout.
+    #[arg(long)]
+    audit_log: Option<String>,
+    /// Address of the Prometheus metrics endpoint (GET /metrics).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Proxy settings (timeouts, limits) as a JSON object; keys as in the proxy README.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Worker threads (default: one per CPU).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Dir {
+    Ingress,
+    Egress,
+}
+
+pub fn run(a: ProxyArgs) -> Result<ExitCode> {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = a.threads {
+        rt.worker_threads(n.max(1));
+    }
+    rt.build()
+        .context("cannot start the runtime")?
+        .block_on(serve(a))
+}
+
+fn compile(a: &ProxyArgs) -> Result<Model> {
+    let cluster = load_cluster(&a.cluster)?;
+    let loaded = load_policies(&a.policies)?;
+    let mut policies = Vec::new();
+    let mut errors = loaded.errors;
+    for o in &loaded.objects {
+        match o.translate() {
+            Ok(p) => policies.extend(p),
+            Err(e) => errors.extend(e),
+        }
+    }
+    for e in &errors {
+        eprintln!("warning: left out: {e}");
+    }
+    let model = Model::compile(&cluster, policies, CompileOptions::default());
+    if model.pod_endpoint(&a.endpoint).is_none() {
+        bail!(
+            "--endpoint {}: no such pod in {}",
+            a.endpoint,
+            a.cluster.display()
+        );
+    }
+    Ok(model)
+}
+
+async fn serve(a: ProxyArgs) -> Result<ExitCode> {
+    let config: Config = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{}", p.display()))?
+        }
+        None => Config::default(),
+    };
+    let store = Arc::new(PolicyStore::new(compile(&a)?));
+    let metrics = Metrics::new();
+    let audit = match a.audit_log.as_deref() {
+        None => AuditLog::disabled(metrics.clone()),
+        Some("-") => {
+            AuditLog::start(AuditOutput::Stdout, config.audit_queue, metrics.clone()).await?
+        }
+        Some(f) => AuditLog::start(
+            AuditOutput::File(PathBuf::from(f)),
+            config.audit_queue,
+            metrics.clone(),
+        )
+        .await
+        .with_context(|| format!("cannot open audit log {f}"))?,
+    };
+    let mode = Mode::Standalone {
+        endpoint: a.endpoint.clone(),
+        direction: match a.direction {
+            Dir::Ingress => Direction::Ingress,
+            Dir::Egress => Direction::Egress,
+        },
+        port: a.port,
+    };
+    // before the listener accepts, so a SIGHUP never meets the default action (exit)
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot watch SIGHUP")?;
+    let proxy = Proxy::new(config, store.clone(), mode, audit, metrics.clone());
+    if let Some(addr) = a.metrics {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        tokio::spawn(proxy::metrics::serve(l, metrics.clone()));
+    }
+    let listener = FixedListener::bind(a.listen, a.upstream)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    eprintln!(
+        "ward proxy: {} -> {} enforcing {} {}",
+        a.listen,
+        a.upstream,
+        a.endpoint,
+        match a.direction {
+            Dir::Ingress => "ingress",
+            Dir::Egress => "egress",
+        }
+    );
+    let serving = proxy.serve(listener);
+    tokio::pin!(serving);
+    loop {
+        tokio::select! {
+            r = &mut serving => {
+                r?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            _ = hup.recv() => match compile(&a) {
+                Ok(m) => {
+                    let g = store.publish(m);
+                    metrics.policy_generation.set(i64::try_from(g).unwrap_or(i64::MAX));
+                    eprintln!("ward proxy: policies reloaded (generation {g})");
+                }
+                Err(e) => eprintln!("ward proxy: reload failed, keeping the last good policies: {e:#}"),
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+        }
+    }
+}

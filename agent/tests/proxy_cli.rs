@@ -1,0 +1,239 @@
+//! `ward proxy` as a process, driven by curl and h2load (Debian packages, installed by
+//! `cargo xtask test`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+const CLUSTER: &str = r#"
+cluster:
+  namespaces:
+    - {name: default}
+  pods:
+    - {namespace: default, name: client, labels: {app: client}, ip: 127.0.0.1}
+    - {namespace: default, name: web, labels: {app: web}, ip: 10.0.0.2}
+"#;
+
+fn policy(paths: &str) -> String {
+    format!(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: web-l7, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: web}}}}
+  ingress:
+  - fromEndpoints: [{{matchLabels: {{app: client}}}}]
+    toPorts:
+    - ports: [{{port: "80", protocol: TCP}}]
+      rules:
+        http:
+        - {{method: GET, path: "{paths}"}}
+"#
+    )
+}
+
+/// An upstream (HTTP/1.1 and h2c) answering 200 "hello" on its own thread.
+fn upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let svc = service_fn(|_req| async {
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
+                            b"hello",
+                        ))))
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn wait_for_port(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{addr} never accepted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Ward {
+    child: Child,
+    listen: SocketAddr,
+    metrics: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Drop for Ward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start(name: &str, paths: &str) -> Ward {
+    let dir = std::env::temp_dir().join(format!("ward-proxy-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cluster.yaml"), CLUSTER).unwrap();
+    std::fs::write(dir.join("policy.yaml"), policy(paths)).unwrap();
+    let up = upstream();
+    let listen = free_port();
+    let metrics = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_ward"))
+        .args(["proxy", "--listen", &listen.to_string()])
+        .args(["--upstream", &up.to_string()])
+        .arg("--cluster")
+        .arg(dir.join("cluster.yaml"))
+        .arg("--policies")
+        .arg(dir.join("policy.yaml"))
+        .args(["--endpoint", "default/web", "--port", "80"])
+        .arg("--audit-log")
+        .arg(dir.join("audit.jsonl"))
+        .args(["--metrics", &metrics.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(listen);
+    wait_for_port(metrics);
+    Ward {
+        child,
+        listen,
+        metrics,
+        dir,
+    }
+}
+
+fn curl(args: &[&str]) -> Output {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl is installed (cargo xtask test installs it)");
+    assert!(out.status.success(), "curl {args:?}: {out:?}");
+    out
+}
+
+/// `(status, body)`
+fn curl_get(extra: &[&str], url: &str) -> (String, String) {
+    let mut args = extra.to_vec();
+    args.extend(["-w", "\n%{http_code}", url]);
+    let out = String::from_utf8(curl(&args).stdout).unwrap();
+    let (body, code) = out.rsplit_once('\n').unwrap();
+    (code.to_string(), body.to_string())
+}
+
+fn wait_for_line(path: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains(needle)) {
+            return l.to_string();
+        }
+        assert!(Instant::now() < deadline, "no line with {needle} in {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn curl_http1_and_h2c_allowed_and_denied() {
+    let w = start("curl", "/public/.*");
+    let base = format!("http://{}", w.listen);
+    for extra in [&["--http1.1"][..], &["--http2-prior-knowledge"][..]] {
+        let (code, body) = curl_get(extra, &format!("{base}/public/a"));
+        assert_eq!(
+            (code.as_str(), body.as_str()),
+            ("200", "hello"),
+            "{extra:?}"
+        );
+        let (code, body) = curl_get(extra, &format!("{base}/admin"));
+        assert_eq!(code, "403", "{extra:?}");
+        assert_eq!(body, "Access denied\r\n");
+        // curl normalises dot segments itself unless told not to
+        let (code, _) = curl_get(
+            &[extra[0], "--path-as-is"],
+            &format!("{base}/public/../admin"),
+        );
+        assert_eq!(code, "403", "{extra:?}");
+    }
+    // the audit log and the metrics endpoint
+    let line = wait_for_line(&w.dir.join("audit.jsonl"), "\"/admin\"");
+    assert!(line.contains("\"Verdict\":\"Denied\""), "{line}");
+    let metrics =
+        String::from_utf8(curl(&[&format!("http://{}/metrics", w.metrics)]).stdout).unwrap();
+    assert!(
+        metrics.contains("ward_proxy_requests_total{direction=\"ingress\",protocol=\"HTTP/2\",verdict=\"denied\"} 2"),
+        "{metrics}"
+    );
+}
+
+fn h2load(url: &str) -> String {
+    let out = Command::new("h2load")
+        .args(["-n", "400", "-c", "4", "-m", "8", url])
+        .output()
+        .expect("h2load is installed (Debian nghttp2-client; cargo xtask test installs it)");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn h2load_through_the_proxy() {
+    let w = start("h2load", "/public/.*");
+    let out = h2load(&format!("http://{}/public/x", w.listen));
+    assert!(out.contains("400 succeeded, 0 failed, 0 errored"), "{out}");
+    assert!(out.contains("status codes: 400 2xx"), "{out}");
+    let out = h2load(&format!("http://{}/private", w.listen));
+    assert!(out.contains("status codes: 0 2xx, 0 3xx, 400 4xx"), "{out}");
+}
+
+#[test]
+fn sighup_reloads_policies() {
+    let w = start("reload", "/public/.*");
+    let url = format!("http://{}/public/a", w.listen);
+    assert_eq!(curl_get(&[], &url).0, "200");
+    std::fs::write(w.dir.join("policy.yaml"), policy("/other")).unwrap();
+    let ok = Command::new("kill")
+        .args(["-HUP", &w.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while curl_get(&[], &url).0 != "403" {
+        assert!(Instant::now() < deadline, "reload never applied");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        curl_get(&[], &format!("http://{}/other", w.listen)).0,
+        "200"
+    );
+}

@@ -1,0 +1,91 @@
+//! Limits and timeouts of the proxy. Every field has a default; the names are the config
+//! keys (serde, snake_case), and durations are given in milliseconds.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Proxy configuration.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `header_read_timeout_ms`: time a client has to send a complete request head
+    /// (slowloris protection, HTTP/1.1).
+    pub header_read_timeout_ms: u64,
+    /// `idle_timeout_ms`: a downstream connection with no bytes in either direction for
+    /// this long is closed.
+    pub idle_timeout_ms: u64,
+    /// `upstream_connect_timeout_ms`: time to establish an upstream TCP connection before
+    /// the request is answered with 503.
+    pub upstream_connect_timeout_ms: u64,
+    /// `max_header_size`: largest request head accepted (HTTP/1.1 read buffer, HTTP/2
+    /// header list). Larger heads get 431 (HTTP/1.1) or a stream reset (HTTP/2).
+    pub max_header_size: usize,
+    /// `max_concurrent_streams`: HTTP/2 streams per downstream connection.
+    pub max_concurrent_streams: u32,
+    /// `max_connections`: open downstream connections; further connections wait in the
+    /// kernel's accept queue.
+    pub max_connections: usize,
+    /// `max_idle_upstream_per_destination`: idle HTTP/1.1 upstream connections kept per
+    /// destination.
+    pub max_idle_upstream_per_destination: usize,
+    /// `audit_queue`: audit records buffered between the data path and the writer; when
+    /// full, records are dropped and counted.
+    pub audit_queue: usize,
+    /// `upstream_mark`: SO_MARK on upstream sockets so the datapath does not redirect
+    /// the proxy's own traffic (Cilium: 0xb00 egress, 0xa00 ingress). Needs
+    /// CAP_NET_ADMIN; off when absent.
+    pub upstream_mark: Option<u32>,
+    /// `transparent_source`: upstream connections keep the client's source address
+    /// (IP_TRANSPARENT + bind), so the destination sees the real client. Needs
+    /// CAP_NET_ADMIN, and the datapath must deliver the replies to the proxy. Off by
+    /// default until the datapath does that.
+    pub transparent_source: bool,
+    /// `node`: the node the proxy runs on (host vs remote-node identities).
+    pub node: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+            upstream_connect_timeout_ms: 2_000,
+            max_header_size: 64 * 1024,
+            max_concurrent_streams: 128,
+            max_connections: 50_000,
+            max_idle_upstream_per_destination: 256,
+            audit_queue: 8192,
+            upstream_mark: None,
+            transparent_source: false,
+            node: None,
+        }
+    }
+}
+
+impl Config {
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+    pub fn upstream_connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream_connect_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_override_defaults_and_unknown_keys_are_rejected() {
+        let c: Config =
+            serde_json::from_str(r#"{"idle_timeout_ms": 5, "upstream_mark": 2816}"#).unwrap();
+        assert_eq!(c.idle_timeout(), Duration::from_millis(5));
+        assert_eq!(c.upstream_mark, Some(0xb00));
+        assert_eq!(c.max_header_size, Config::default().max_header_size);
+        assert!(serde_json::from_str::<Config>(r#"{"idle_timeout": 5}"#).is_err());
+    }
+}

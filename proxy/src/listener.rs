@@ -1,0 +1,144 @@
+//! Where connections come from: a listener gives, per accepted connection, the peer
+//! address and the original destination. Behind a trait so the whole proxy runs in tests
+//! without root or a datapath.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One accepted downstream connection.
+#[derive(Debug)]
+pub struct Accepted {
+    pub stream: TcpStream,
+    /// The client.
+    pub peer: SocketAddr,
+    /// Where the client meant to connect: the upstream of this connection.
+    pub orig_dst: SocketAddr,
+}
+
+/// A source of downstream connections.
+pub trait Listener: Send + Sync + 'static {
+    fn accept(&self) -> impl Future<Output = io::Result<Accepted>> + Send;
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
+/// The node proxy's listener: `IP_TRANSPARENT`, so connections the datapath assigned to
+/// it (sk_assign / TPROXY) for any destination are accepted; the original destination is
+/// the accepted socket's local address. Needs CAP_NET_ADMIN.
+#[derive(Debug)]
+pub struct TransparentListener {
+    inner: TcpListener,
+}
+
+impl TransparentListener {
+    /// Binds `addr` with `IP_TRANSPARENT` (and `SO_REUSEPORT` when `reuse_port`, so
+    /// several proxy processes can share the port).
+    pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TransparentListener> {
+        let domain = if addr.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
+        let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        if reuse_port {
+            socket.set_reuse_port(true)?;
+        }
+        if addr.is_ipv4() {
+            socket.set_ip_transparent_v4(true)?;
+        } else {
+            socket.set_ip_transparent_v6(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let inner = TcpListener::from_std(socket.into())?;
+        Ok(TransparentListener { inner })
+    }
+}
+
+impl Listener for TransparentListener {
+    async fn accept(&self) -> io::Result<Accepted> {
+        let (stream, peer) = self.inner.accept().await?;
+        let orig_dst = stream.local_addr()?;
+        Ok(Accepted {
+            stream,
+            peer,
+            orig_dst,
+        })
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A plain listener whose connections all go to one upstream: standalone mode (a
+/// policy-enforcing reverse proxy in front of one workload) and tests.
+#[derive(Debug)]
+pub struct FixedListener {
+    inner: TcpListener,
+    upstream: SocketAddr,
+}
+
+impl FixedListener {
+    pub async fn bind(addr: SocketAddr, upstream: SocketAddr) -> io::Result<FixedListener> {
+        Ok(FixedListener {
+            inner: TcpListener::bind(addr).await?,
+            upstream,
+        })
+    }
+}
+
+impl Listener for FixedListener {
+    async fn accept(&self) -> io::Result<Accepted> {
+        let (stream, peer) = self.inner.accept().await?;
+        Ok(Accepted {
+            stream,
+            peer,
+            orig_dst: self.upstream,
+        })
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn fixed_listener_reports_peer_and_upstream() {
+        let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let l = FixedListener::bind("127.0.0.1:0".parse().unwrap(), up)
+            .await
+            .unwrap();
+        let addr = l.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let a = l.accept().await.unwrap();
+        assert_eq!(a.orig_dst, up);
+        assert_eq!(a.peer, client.local_addr().unwrap());
+    }
+
+    #[tokio::test]
+    async fn transparent_listener_orig_dst_is_local_addr() {
+        // IP_TRANSPARENT needs CAP_NET_ADMIN: without it, the error must be the
+        // permission error and nothing else.
+        let l = match TransparentListener::bind("127.0.0.1:0".parse().unwrap(), true) {
+            Ok(l) => l,
+            Err(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+                return;
+            }
+        };
+        let addr = l.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let a = l.accept().await.unwrap();
+        assert_eq!(a.orig_dst, addr);
+    }
+}

@@ -1,0 +1,175 @@
+//! Snapshots and per-connection resolution.
+//!
+//! The rule sets for a connection are resolved once, when it is accepted, and re-resolved
+//! when a request finds a newer snapshot generation than the one they came from: a policy
+//! change applies to the next request, also on kept-alive HTTP/1.1 and HTTP/2
+//! connections.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use policy_model::compile::IpOwner;
+use policy_model::flow::{ConnectionPolicy, SideDecision, SidePolicy};
+use policy_model::{Direction, Model, Protocol};
+
+/// One compiled model with its generation (strictly increasing per store).
+#[derive(Debug)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub model: Model,
+}
+
+/// The current snapshot. Readers never block; `publish` swaps atomically.
+#[derive(Debug)]
+pub struct PolicyStore {
+    current: ArcSwap<Snapshot>,
+    next: AtomicU64,
+    /// The generation in force, for what must react to a change without a request
+    /// (upgraded tunnels).
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl PolicyStore {
+    pub fn new(model: Model) -> PolicyStore {
+        PolicyStore {
+            current: ArcSwap::from_pointee(Snapshot {
+                generation: 1,
+                model,
+            }),
+            next: AtomicU64::new(2),
+            changes: tokio::sync::watch::Sender::new(1),
+        }
+    }
+
+    /// Installs a new model; returns its generation.
+    pub fn publish(&self, model: Model) -> u64 {
+        let generation = self.next.fetch_add(1, Ordering::Relaxed);
+        self.current.store(Arc::new(Snapshot { generation, model }));
+        self.changes.send_replace(generation);
+        generation
+    }
+
+    /// Notified after every `publish`.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.current.load().generation
+    }
+}
+
+/// How the rules of a connection are found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Node proxy: both sides of the connection, from the client's IP and the original
+    /// destination (`Model::connection_policy`), as seen from `node`.
+    Transparent { node: Option<String> },
+    /// Standalone reverse proxy in front of one workload: that endpoint's rules in one
+    /// direction, the peer being the client (ingress) or the upstream (egress), for
+    /// `port` (the policies' port; None: the upstream's port).
+    Standalone {
+        endpoint: String,
+        direction: Direction,
+        port: Option<u16>,
+    },
+}
+
+/// The resolved policy of one connection, tagged with the generation it came from.
+#[derive(Clone, Debug)]
+pub struct ConnPolicy {
+    pub generation: u64,
+    pub policy: Arc<ConnectionPolicy>,
+    /// Direction for logs and metrics: egress when the client is a local endpoint.
+    pub direction: Direction,
+    pub source: Peer,
+    pub destination: Peer,
+}
+
+/// What the snapshot knows of one side of a connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// Numeric security identity.
+    pub identity: u32,
+    /// `ns/pod`, `node:NAME`, or None (outside the cluster).
+    pub endpoint: Option<String>,
+}
+
+impl Mode {
+    /// Resolves the policy of a connection from `peer` to `orig_dst` in `snap`.
+    pub fn resolve(&self, snap: &Snapshot, peer: SocketAddr, orig_dst: SocketAddr) -> ConnPolicy {
+        let m = &snap.model;
+        let (policy, direction) = match self {
+            Mode::Transparent { node } => {
+                let p = m.connection_policy(
+                    peer.ip(),
+                    orig_dst.ip(),
+                    Protocol::Tcp,
+                    orig_dst.port(),
+                    node.as_deref(),
+                );
+                let dir = if p.sides.iter().any(|s| s.direction == Direction::Egress) {
+                    Direction::Egress
+                } else {
+                    Direction::Ingress
+                };
+                (p, dir)
+            }
+            Mode::Standalone {
+                endpoint,
+                direction,
+                port,
+            } => {
+                let port = port.unwrap_or(orig_dst.port());
+                let remote = match direction {
+                    Direction::Ingress => peer,
+                    Direction::Egress => orig_dst,
+                };
+                let side = match m.pod_endpoint(endpoint) {
+                    Some(ep) => {
+                        let peer_id = m.identity_of(remote.ip(), None);
+                        m.side_policy(ep, *direction, peer_id, Protocol::Tcp, port)
+                    }
+                    None => SidePolicy {
+                        direction: *direction,
+                        endpoint: endpoint.clone(),
+                        decision: SideDecision::Deny {
+                            reason: format!("endpoint {endpoint} is not in the cluster state"),
+                        },
+                    },
+                };
+                (ConnectionPolicy { sides: vec![side] }, *direction)
+            }
+        };
+        let node = match self {
+            Mode::Transparent { node } => node.as_deref(),
+            Mode::Standalone { .. } => None,
+        };
+        ConnPolicy {
+            generation: snap.generation,
+            policy: Arc::new(policy),
+            direction,
+            source: describe(m, peer, node),
+            destination: describe(m, orig_dst, node),
+        }
+    }
+}
+
+fn describe(m: &Model, addr: SocketAddr, node: Option<&str>) -> Peer {
+    let idx = m.identity_of(addr.ip(), node);
+    let endpoint = match m.owner(addr.ip()) {
+        IpOwner::Pod(p) => m.cluster.pods.get(p).map(|p| p.id()),
+        IpOwner::Node(n) => m.cluster.nodes.get(n).map(|n| format!("node:{}", n.name)),
+        IpOwner::World(_) => None,
+    };
+    Peer {
+        identity: m.identities.get(idx).id,
+        endpoint,
+    }
+}

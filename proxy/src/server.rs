@@ -1,0 +1,814 @@
+//! A connection's whole path, top to bottom: accept -> detect -> HTTP server -> policy ->
+//! forward or answer. Local answers (403, 400, 503) are made in one place each, and each
+//! request produces one audit record and one set of metric samples.
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use policy_model::flow::{L7Decision, SideDecision};
+use policy_model::http::{HeaderAction, Request as RuleRequest};
+use policy_model::Direction;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
+
+use crate::audit::{self, AuditLog, Endpoint, Record, Rule, Verdict};
+use crate::config::Config;
+use crate::detect::{detect, HttpVersion};
+use crate::framing::{Ambiguous, Tracked, Tracker};
+use crate::idle::IdleTimeout;
+use crate::listener::{Accepted, Listener};
+use crate::metrics::Metrics;
+use crate::normalize::normalize;
+use crate::policy::{ConnPolicy, Mode, PolicyStore};
+use crate::upstream::{Upstream, UpstreamConfig, UpstreamError};
+
+/// The body of every response the proxy sends downstream.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The Cilium deny body.
+pub const DENIED_BODY: &str = "Access denied\r\n";
+
+/// The proxy: configuration, the policy store and the shared parts of the data path.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: Config,
+    store: Arc<PolicyStore>,
+    mode: Mode,
+    upstream: Upstream,
+    audit: AuditLog,
+    metrics: Metrics,
+    connections: Arc<Semaphore>,
+}
+
+impl Proxy {
+    pub fn new(
+        config: Config,
+        store: Arc<PolicyStore>,
+        mode: Mode,
+        audit: AuditLog,
+        metrics: Metrics,
+    ) -> Proxy {
+        let upstream = Upstream::new(
+            UpstreamConfig {
+                connect_timeout: config.upstream_connect_timeout(),
+                mark: config.upstream_mark,
+                max_idle_per_destination: config.max_idle_upstream_per_destination,
+            },
+            metrics.clone(),
+        );
+        metrics
+            .policy_generation
+            .set(i64::try_from(store.generation()).unwrap_or(i64::MAX));
+        let connections = Arc::new(Semaphore::new(config.max_connections.max(1)));
+        Proxy {
+            shared: Arc::new(Shared {
+                config,
+                store,
+                mode,
+                upstream,
+                audit,
+                metrics,
+                connections,
+            }),
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    pub fn store(&self) -> &Arc<PolicyStore> {
+        &self.shared.store
+    }
+
+    /// Accepts connections forever (until the task is dropped). At most
+    /// `max_connections` are served at once; the rest wait in the accept queue.
+    pub async fn serve<L: Listener>(&self, listener: L) -> io::Result<()> {
+        loop {
+            let permit = match self.shared.connections.clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => return Ok(()),
+            };
+            let accepted = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Accepted {
+                stream,
+                peer,
+                orig_dst,
+            } = accepted;
+            let _ = stream.set_nodelay(true);
+            let proxy = self.clone();
+            tokio::spawn(async move {
+                proxy.serve_connection(stream, peer, orig_dst).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Serves one downstream connection from `peer` meant for `orig_dst` until it
+    /// closes. Generic over the stream so tests and the fuzz target can drive it.
+    pub async fn serve_connection<S>(&self, io: S, peer: SocketAddr, orig_dst: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let metrics = &self.shared.metrics;
+        metrics.open_connections.inc();
+        let _open = OpenGuard(metrics.open_connections.clone());
+        let cfg = &self.shared.config;
+        let io = IdleTimeout::new(io, cfg.idle_timeout());
+        let (version, io) = match tokio::time::timeout(cfg.header_read_timeout(), detect(io)).await
+        {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::debug!("{peer}: closed before a request: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("{peer}: no request within the header timeout");
+                return;
+            }
+        };
+        let snap = self.shared.store.load();
+        let ambiguous = Arc::new(Ambiguous::default());
+        let conn = Arc::new(Conn {
+            shared: self.shared.clone(),
+            peer,
+            orig_dst,
+            version,
+            policy: Mutex::new(Arc::new(self.shared.mode.resolve(&snap, peer, orig_dst))),
+            requests: AtomicU64::new(0),
+            ambiguous: ambiguous.clone(),
+        });
+        let svc = service_fn(move |req| {
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(conn.handle(req).await) }
+        });
+        let result = match version {
+            HttpVersion::Http1 => {
+                let tracker = Tracker::new(cfg.max_header_size.max(8192), ambiguous);
+                let io = TokioIo::new(Tracked::new(io, tracker));
+                hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(cfg.header_read_timeout())
+                    .max_buf_size(cfg.max_header_size.max(8192))
+                    .keep_alive(true)
+                    .serve_connection(io, svc)
+                    .with_upgrades()
+                    .await
+            }
+            HttpVersion::H2c => {
+                let io = TokioIo::new(io);
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(cfg.max_concurrent_streams)
+                    .max_header_list_size(u32::try_from(cfg.max_header_size).unwrap_or(u32::MAX))
+                    .serve_connection(io, svc)
+                    .await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!("{peer}: connection ended: {e}");
+        }
+    }
+}
+
+struct OpenGuard(prometheus::IntGauge);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// One downstream connection: who, where to, and the policy resolved for it.
+struct Conn {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    orig_dst: SocketAddr,
+    version: HttpVersion,
+    policy: Mutex<Arc<ConnPolicy>>,
+    /// Requests seen on this connection (HTTP/1.1 requests are handled in order).
+    requests: AtomicU64,
+    /// Which HTTP/1 request carried both Content-Length and Transfer-Encoding.
+    ambiguous: Arc<Ambiguous>,
+}
+
+/// What a request looks like to the rules: the normalised path and the authority.
+struct View<'a> {
+    method: &'a str,
+    path: &'a str,
+    host: Option<&'a str>,
+    headers: &'a HeaderMap,
+}
+
+impl RuleRequest for View<'_> {
+    fn method(&self) -> &str {
+        self.method
+    }
+    fn path(&self) -> &str {
+        self.path
+    }
+    fn host(&self) -> Option<&str> {
+        self.host
+    }
+    fn header(&self, name: &str) -> Option<Cow<'_, str>> {
+        let mut values = self.headers.get_all(name).iter();
+        let first = values.next()?;
+        let mut out = String::from_utf8_lossy(first.as_bytes());
+        for v in values {
+            let s = out.to_mut();
+            s.push(',');
+            s.push_str(&String::from_utf8_lossy(v.as_bytes()));
+        }
+        Some(out)
+    }
+}
+
+/// Facts about a request gathered for its audit record.
+struct Facts {
+    start: Instant,
+    time: SystemTime,
+    protocol: &'static str,
+    method: String,
+    host: String,
+    path: String,
+    policy: Arc<ConnPolicy>,
+}
+
+impl Conn {
+    /// The connection's policy, re-resolved if the snapshot changed since.
+    fn current_policy(&self) -> (Arc<crate::policy::Snapshot>, Arc<ConnPolicy>) {
+        let snap = self.shared.store.load();
+        let mut guard = match self.policy.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if guard.generation != snap.generation {
+            *guard = Arc::new(self.shared.mode.resolve(&snap, self.peer, self.orig_dst));
+            self.shared
+                .metrics
+                .policy_generation
+                .set(i64::try_from(snap.generation).unwrap_or(i64::MAX));
+        }
+        (snap, guard.clone())
+    }
+
+    async fn handle(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        let time = SystemTime::now();
+        let protocol = protocol_name(req.version());
+        let (snap, policy) = self.current_policy();
+        let mut facts = Facts {
+            start,
+            time,
+            protocol,
+            method: req.method().as_str().to_string(),
+            host: String::new(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_default(),
+            policy,
+        };
+
+        // Framing the upstream could read differently than we did: refuse.
+        let n = self.requests.fetch_add(1, Ordering::AcqRel) + 1;
+        if (self.version == HttpVersion::Http1 && self.ambiguous.is(n))
+            || (req.headers().contains_key(header::TRANSFER_ENCODING)
+                && req.headers().contains_key(header::CONTENT_LENGTH))
+        {
+            return self.bad_request(&facts, "both Content-Length and Transfer-Encoding");
+        }
+        let host = match authority(&req) {
+            Ok(h) => h,
+            Err(why) => return self.bad_request(&facts, why),
+        };
+        facts.host = host.clone().unwrap_or_default();
+        let raw_path = match req.uri().path_and_query() {
+            Some(p) => p.as_str().to_string(),
+            None if req.method() == Method::CONNECT => {
+                return self.bad_request(&facts, "CONNECT is not proxied")
+            }
+            None => "/".to_string(),
+        };
+        let path = match normalize(&raw_path) {
+            Ok(p) => p.into_owned(),
+            Err(e) => return self.bad_request(&facts, &e.to_string()),
+        };
+        facts.path = path.clone();
+
+        let t = Instant::now();
+        let decision = snap.model.check_http(
+            &facts.policy.policy,
+            &View {
+                method: req.method().as_str(),
+                path: &path,
+                host: host.as_deref(),
+                headers: req.headers(),
+            },
+        );
+        self.shared
+            .metrics
+            .decision
+            .observe(t.elapsed().as_secs_f64());
+        drop(snap);
+
+        if !decision.allowed {
+            let grpc = is_grpc(req.headers());
+            let resp = if grpc { grpc_denied() } else { denied() };
+            self.finish(
+                &facts,
+                Verdict::Denied,
+                resp.status(),
+                &decision,
+                decision.reason.clone(),
+            );
+            return resp;
+        }
+
+        // Forward: the normalised request, without hop-by-hop headers, with the
+        // header actions of the rules that matched.
+        let upgrade = is_upgrade(&req);
+        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        // what a tunnel is re-checked against when the policy changes
+        let recheck = upgrade.then(|| Recheck {
+            method: req.method().as_str().to_string(),
+            path: path.clone(),
+            host: host.clone(),
+            headers: req.headers().clone(),
+        });
+        strip_hop_by_hop(req.headers_mut(), upgrade);
+        apply_actions(req.headers_mut(), &decision.actions);
+        let uri = match self.upstream_uri(&path, host.as_deref()) {
+            Ok(u) => u,
+            Err(why) => return self.bad_request(&facts, why),
+        };
+        *req.uri_mut() = uri;
+        if self.version == HttpVersion::Http1 && !req.headers().contains_key(header::HOST) {
+            if let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
+                req.headers_mut().insert(header::HOST, h);
+            }
+        }
+        let src = self
+            .shared
+            .config
+            .transparent_source
+            .then_some(self.peer.ip());
+        let up = &self.shared.upstream;
+        let sent = match self.version {
+            HttpVersion::Http1 => up.send_h1(src, self.orig_dst, req).await,
+            HttpVersion::H2c => up.send_h2(src, self.orig_dst, req).await,
+        };
+        let mut resp = match sent {
+            Ok(r) => r,
+            Err(e) => return self.upstream_failed(&facts, &decision, &e),
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(down) = downstream_upgrade {
+                let up = hyper::upgrade::on(&mut resp);
+                let watch = recheck.map(|r| (self.clone(), r));
+                tokio::spawn(tunnel(down, up, watch));
+            }
+        } else {
+            strip_hop_by_hop(resp.headers_mut(), false);
+        }
+        let status = resp.status();
+        let info = allowed_info(&decision, &facts.policy);
+        self.finish(&facts, Verdict::Forwarded, status, &decision, info);
+        resp.map(|b| b.boxed())
+    }
+
+    /// The upstream request target: origin-form for HTTP/1.x, absolute for HTTP/2 (its
+    /// authority becomes `:authority`).
+    fn upstream_uri(&self, path: &str, host: Option<&str>) -> Result<Uri, &'static str> {
+        match self.version {
+            HttpVersion::Http1 => Uri::try_from(path).map_err(|_| "invalid request target"),
+            HttpVersion::H2c => {
+                let authority = match host {
+                    Some(h) => h.to_string(),
+                    None => self.orig_dst.to_string(),
+                };
+                Uri::builder()
+                    .scheme("http")
+                    .authority(authority)
+                    .path_and_query(path)
+                    .build()
+                    .map_err(|_| "invalid request target")
+            }
+        }
+    }
+
+    fn bad_request(&self, facts: &Facts, why: &str) -> Response<Body> {
+        self.shared.metrics.bad_requests.inc();
+        let mut resp = text(StatusCode::BAD_REQUEST, "Bad request\r\n");
+        if self.version == HttpVersion::Http1 {
+            // the rest of the stream cannot be trusted to be framed as we think
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        self.finish(
+            facts,
+            Verdict::Error,
+            resp.status(),
+            &L7Decision::default(),
+            format!("bad request: {why}"),
+        );
+        resp
+    }
+
+    fn upstream_failed(&self, facts: &Facts, d: &L7Decision, e: &UpstreamError) -> Response<Body> {
+        self.shared
+            .metrics
+            .upstream_errors
+            .with_label_values(&[e.kind()])
+            .inc();
+        let resp = if e.unreachable() {
+            text(StatusCode::SERVICE_UNAVAILABLE, "Upstream unavailable\r\n")
+        } else {
+            text(StatusCode::BAD_GATEWAY, "Upstream failed\r\n")
+        };
+        self.finish(facts, Verdict::Error, resp.status(), d, e.to_string());
+        resp
+    }
+
+    /// Metrics and the audit record of one request.
+    fn finish(
+        &self,
+        f: &Facts,
+        verdict: Verdict,
+        status: StatusCode,
+        d: &L7Decision,
+        info: String,
+    ) {
+        let elapsed = f.start.elapsed();
+        let dir = match f.policy.direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
+        let m = &self.shared.metrics;
+        m.requests
+            .with_label_values(&[dir, verdict.as_str(), f.protocol])
+            .inc();
+        m.duration
+            .with_label_values(&[dir, verdict.as_str()])
+            .observe(elapsed.as_secs_f64());
+        self.shared.audit.record(Record {
+            timestamp: audit::timestamp(f.time),
+            observation_point: match f.policy.direction {
+                Direction::Ingress => "Ingress",
+                Direction::Egress => "Egress",
+            },
+            verdict,
+            source_endpoint: Endpoint {
+                ip: self.peer.ip().to_string(),
+                port: self.peer.port(),
+                identity: f.policy.source.identity,
+                pod: f.policy.source.endpoint.clone(),
+            },
+            destination_endpoint: Endpoint {
+                ip: self.orig_dst.ip().to_string(),
+                port: self.orig_dst.port(),
+                identity: f.policy.destination.identity,
+                pod: f.policy.destination.endpoint.clone(),
+            },
+            http: audit::Http {
+                code: status.as_u16(),
+                method: f.method.clone(),
+                host: f.host.clone(),
+                path: f.path.clone(),
+                protocol: f.protocol,
+                missing_headers: d.missing_headers.clone(),
+                rejected_headers: d.rejected_headers.clone(),
+            },
+            latency_ns: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+            policy_generation: f.policy.generation,
+            allowed_by: d.matched.iter().map(Rule::from).collect(),
+            info,
+        });
+    }
+}
+
+/// For an allowed request with no L7 rule match to name: which side let it pass.
+fn allowed_info(d: &L7Decision, p: &ConnPolicy) -> String {
+    if !d.matched.is_empty() && d.matched.len() == p.policy.sides.len() {
+        return String::new();
+    }
+    let mut parts = Vec::new();
+    for s in &p.policy.sides {
+        if let SideDecision::AllowAll { policy, rule } = &s.decision {
+            parts.push(match (policy, rule) {
+                (Some(p), Some(r)) => {
+                    format!("{} of {}: L4 allow by {p} {r}", s.direction, s.endpoint)
+                }
+                _ => format!("{} of {}: no L7 policy", s.direction, s.endpoint),
+            });
+        }
+    }
+    if p.policy.sides.is_empty() {
+        parts.push("no endpoint of the cluster on either side".into());
+    }
+    parts.join("; ")
+}
+
+fn protocol_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        _ => "HTTP/?",
+    }
+}
+
+/// `:authority` (HTTP/2 or an absolute-form target) or the Host header.
+fn authority<B>(req: &Request<B>) -> Result<Option<String>, &'static str> {
+    if let Some(a) = req.uri().authority() {
+        return Ok(Some(a.as_str().to_string()));
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let Some(h) = hosts.next() else {
+        if req.version() == Version::HTTP_11 {
+            return Err("HTTP/1.1 request without Host");
+        }
+        return Ok(None);
+    };
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    h.to_str()
+        .map(|s| Some(s.to_string()))
+        .map_err(|_| "Host is not visible ASCII")
+}
+
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes the headers of this hop: the fixed list and whatever `Connection` names.
+/// `te: trailers` stays (gRPC needs it); Upgrade stays on an upgrade request.
+fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if upgrade && n == header::UPGRADE {
+            continue;
+        }
+        h.remove(n);
+    }
+    let te_trailers = h
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for n in ["keep-alive", "proxy-connection", "proxy-authorization"] {
+        h.remove(n);
+    }
+    h.remove(header::TRANSFER_ENCODING);
+    h.remove(header::TE);
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+}
+
+/// ADD appends, DELETE removes, REPLACE sets, as Cilium's Envoy filter does.
+fn apply_actions(h: &mut HeaderMap, actions: &[HeaderAction]) {
+    for a in actions {
+        match a {
+            HeaderAction::Add { name, value } => {
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(value),
+                ) {
+                    h.append(n, v);
+                }
+            }
+            HeaderAction::Delete { name } => {
+                if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+                    h.remove(n);
+                }
+            }
+            HeaderAction::Replace { name, value } => {
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(value),
+                ) {
+                    h.insert(n, v);
+                }
+            }
+        }
+    }
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// 403 with Cilium's body.
+pub fn denied() -> Response<Body> {
+    text(StatusCode::FORBIDDEN, DENIED_BODY)
+}
+
+/// gRPC's answer to a denied call: trailers-only, PERMISSION_DENIED.
+pub fn grpc_denied() -> Response<Body> {
+    let mut r = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from_static("7"));
+    h.insert(
+        "grpc-message",
+        HeaderValue::from_static("Access denied%0D%0A"),
+    );
+    r
+}
+
+/// The request that opened a tunnel, kept to re-check it when the policy changes.
+struct Recheck {
+    method: String,
+    path: String,
+    host: Option<String>,
+    headers: HeaderMap,
+}
+
+impl Conn {
+    /// Whether the request that opened a tunnel is still allowed by the current policy.
+    fn still_allowed(&self, r: &Recheck) -> bool {
+        let (snap, policy) = self.current_policy();
+        snap.model
+            .check_http(
+                &policy.policy,
+                &View {
+                    method: &r.method,
+                    path: &r.path,
+                    host: r.host.as_deref(),
+                    headers: &r.headers,
+                },
+            )
+            .allowed
+    }
+}
+
+/// Copies bytes both ways between an upgraded downstream and upstream connection. A
+/// tunnel whose opening request a policy change denies is closed (both sides).
+async fn tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    watch: Option<(Arc<Conn>, Recheck)>,
+) {
+    let (down, up) = match tokio::try_join!(down, up) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!("upgrade failed: {e}");
+            return;
+        }
+    };
+    let mut down = TokioIo::new(down);
+    let mut up = TokioIo::new(up);
+    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    tokio::pin!(copy);
+    let Some((conn, recheck)) = watch else {
+        if let Err(e) = copy.await {
+            tracing::debug!("upgraded connection ended: {e}");
+        }
+        return;
+    };
+    let mut changes = conn.shared.store.subscribe();
+    loop {
+        tokio::select! {
+            r = &mut copy => {
+                if let Err(e) = r {
+                    tracing::debug!("upgraded connection ended: {e}");
+                }
+                return;
+            }
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    // the store is gone: nothing will change any more
+                    let _ = (&mut copy).await;
+                    return;
+                }
+                if !conn.still_allowed(&recheck) {
+                    tracing::info!(
+                        "{} -> {}: closing upgraded connection, {} {} is no longer allowed",
+                        conn.peer, conn.orig_dst, recheck.method, recheck.path
+                    );
+                    conn.shared.metrics.tunnels_closed.inc();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_te_trailers_stays() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert("x-end-to-end", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert_eq!(h.get("x-end-to-end").unwrap(), "1");
+    }
+
+    #[test]
+    fn header_actions() {
+        let mut h = HeaderMap::new();
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("x-d", HeaderValue::from_static("1"));
+        h.insert("x-r", HeaderValue::from_static("wrong"));
+        apply_actions(
+            &mut h,
+            &[
+                HeaderAction::Add {
+                    name: "X-A".into(),
+                    value: "2".into(),
+                },
+                HeaderAction::Delete { name: "X-D".into() },
+                HeaderAction::Replace {
+                    name: "X-R".into(),
+                    value: "right".into(),
+                },
+            ],
+        );
+        let a: Vec<_> = h.get_all("x-a").iter().collect();
+        assert_eq!(a, ["1", "2"]);
+        assert!(h.get("x-d").is_none());
+        assert_eq!(h.get("x-r").unwrap(), "right");
+    }
+}

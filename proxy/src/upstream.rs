@@ -1,0 +1,267 @@
+//! Upstream connections: the downstream protocol is the upstream protocol. HTTP/1.1
+//! connections are pooled per destination and reused once their previous response is
+//! complete; one HTTP/2 connection per destination carries every stream. Upstream
+//! sockets carry SO_MARK when configured, so the datapath does not redirect the proxy's
+//! own traffic back to it.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use socket2::SockRef;
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to {0}: {1}")]
+    Connect(SocketAddr, io::Error),
+    #[error("connecting to {0} timed out")]
+    ConnectTimeout(SocketAddr),
+    #[error("HTTP handshake with {0} failed: {1}")]
+    Handshake(SocketAddr, hyper::Error),
+    #[error("upstream {0} failed: {1}")]
+    Request(SocketAddr, hyper::Error),
+}
+
+impl UpstreamError {
+    /// The label of `ward_proxy_upstream_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect(..) => "connect",
+            UpstreamError::ConnectTimeout(_) => "timeout",
+            UpstreamError::Handshake(..) | UpstreamError::Request(..) => "protocol",
+        }
+    }
+
+    /// Whether the upstream could not be reached at all (503) rather than misbehaved (502).
+    pub fn unreachable(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect(..) | UpstreamError::ConnectTimeout(_)
+        )
+    }
+}
+
+/// Upstream connections are shared only between requests with the same source address
+/// (when the pod's address is kept) and destination.
+type Key = (Option<IpAddr>, SocketAddr);
+type H1Pool = Mutex<HashMap<Key, Vec<http1::SendRequest<Incoming>>>>;
+type H2Pool = Mutex<HashMap<Key, http2::SendRequest<Incoming>>>;
+
+/// Upstream settings.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    pub connect_timeout: Duration,
+    pub mark: Option<u32>,
+    pub max_idle_per_destination: usize,
+}
+
+/// The upstream client shared by every connection of a proxy.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    cfg: UpstreamConfig,
+    h1: Arc<H1Pool>,
+    h2: Arc<H2Pool>,
+    metrics: Metrics,
+}
+
+impl Upstream {
+    pub fn new(cfg: UpstreamConfig, metrics: Metrics) -> Upstream {
+        Upstream {
+            cfg,
+            h1: Arc::default(),
+            h2: Arc::default(),
+            metrics,
+        }
+    }
+
+    /// Connects to `dst`, from `src` when given (transparent bind: the upstream sees the
+    /// client's address; needs CAP_NET_ADMIN and, off loopback, the datapath to route the
+    /// replies back to the proxy).
+    async fn connect(
+        &self,
+        src: Option<IpAddr>,
+        dst: SocketAddr,
+    ) -> Result<TcpStream, UpstreamError> {
+        let socket = if dst.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|e| UpstreamError::Connect(dst, e))?;
+        if let Some(mark) = self.cfg.mark {
+            SockRef::from(&socket)
+                .set_mark(mark)
+                .map_err(|e| UpstreamError::Connect(dst, e))?;
+        }
+        if let Some(ip) = src {
+            let sock = SockRef::from(&socket);
+            if ip.is_ipv4() {
+                sock.set_ip_transparent_v4(true)
+            } else {
+                sock.set_ip_transparent_v6(true)
+            }
+            .map_err(|e| UpstreamError::Connect(dst, e))?;
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .map_err(|e| UpstreamError::Connect(dst, e))?;
+        }
+        let stream = tokio::time::timeout(self.cfg.connect_timeout, socket.connect(dst))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(dst))?
+            .map_err(|e| UpstreamError::Connect(dst, e))?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    fn idle_h1(&self, key: Key) -> Option<http1::SendRequest<Incoming>> {
+        let mut pool = self.h1.lock().ok()?;
+        let idle = pool.get_mut(&key)?;
+        while let Some(s) = idle.pop() {
+            if s.is_ready() && !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Sends an HTTP/1.x request (origin-form URI) to `dst`. Upgrades (101) are
+    /// supported: the connection is then handed to the caller and not pooled.
+    pub async fn send_h1(
+        &self,
+        src: Option<IpAddr>,
+        dst: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let key = (src, dst);
+        let mut sender = match self.idle_h1(key) {
+            Some(s) => s,
+            None => {
+                let io = TokioIo::new(self.connect(src, dst).await?);
+                let (sender, conn) = http1::Builder::new()
+                    .handshake(io)
+                    .await
+                    .map_err(|e| UpstreamError::Handshake(dst, e))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        tracing::debug!("upstream connection: {e}");
+                    }
+                });
+                sender
+            }
+        };
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| UpstreamError::Request(dst, e))?;
+        if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+            // back to the pool once this response is read to the end
+            let pool = self.h1.clone();
+            let max = self.cfg.max_idle_per_destination;
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    if let Ok(mut pool) = pool.lock() {
+                        let idle = pool.entry(key).or_default();
+                        if idle.len() < max {
+                            idle.push(sender);
+                        }
+                    }
+                }
+            });
+        }
+        Ok(resp)
+    }
+
+    /// Sends an HTTP/2 request (absolute URI: its authority is the `:authority`) to `dst`.
+    pub async fn send_h2(
+        &self,
+        src: Option<IpAddr>,
+        dst: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let key = (src, dst);
+        let existing = self
+            .h2
+            .lock()
+            .ok()
+            .and_then(|p| p.get(&key).filter(|s| !s.is_closed()).cloned());
+        let mut sender = match existing {
+            Some(s) => s,
+            None => {
+                let io = TokioIo::new(self.connect(src, dst).await?);
+                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(io)
+                    .await
+                    .map_err(|e| UpstreamError::Handshake(dst, e))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!("upstream h2 connection: {e}");
+                    }
+                });
+                if let Ok(mut p) = self.h2.lock() {
+                    p.insert(key, sender.clone());
+                }
+                sender
+            }
+        };
+        sender
+            .ready()
+            .await
+            .map_err(|e| UpstreamError::Request(dst, e))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| UpstreamError::Request(dst, e))
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn upstream_sockets_carry_the_configured_mark() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = l.local_addr().unwrap();
+        let up = Upstream::new(
+            UpstreamConfig {
+                connect_timeout: Duration::from_secs(2),
+                mark: Some(0xb00),
+                max_idle_per_destination: 1,
+            },
+            Metrics::new(),
+        );
+        match up.connect(None, dst).await {
+            Ok(s) => assert_eq!(SockRef::from(&s).mark().unwrap(), 0xb00),
+            // SO_MARK needs CAP_NET_ADMIN: without it, connecting must fail, not go
+            // out unmarked
+            Err(UpstreamError::Connect(_, e)) => {
+                assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}")
+            }
+            Err(e) => panic!("{e}"),
+        }
+        let plain = Upstream::new(
+            UpstreamConfig {
+                connect_timeout: Duration::from_secs(2),
+                mark: None,
+                max_idle_per_destination: 1,
+            },
+            Metrics::new(),
+        );
+        let s = plain.connect(None, dst).await.unwrap();
+        assert_eq!(SockRef::from(&s).mark().unwrap(), 0);
+    }
+}
