@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use policy_model::api::{self, Object, Parsed};
-use policy_model::{Cluster, PolicyError};
+use policy_model::{Cluster, CompileOptions, Model, PolicyError};
 use serde_yaml::Value;
 
 /// The YAML files named by `paths`: files as given, folders searched recursively for
@@ -84,6 +84,29 @@ fn absorb(parsed: Parsed, file: &str, loaded: &mut Loaded) {
             });
         }
     }
+}
+
+/// Loads a cluster file and policy manifests and compiles them. Invalid objects are left
+/// out with a warning on stderr naming each error; the others are enforced.
+pub fn compile_model(
+    cluster: &Path,
+    policies: &[PathBuf],
+    options: CompileOptions,
+) -> Result<Model> {
+    let cluster = load_cluster(cluster)?;
+    let loaded = load_policies(policies)?;
+    let mut valid = Vec::new();
+    let mut errors = loaded.errors;
+    for o in &loaded.objects {
+        match o.translate() {
+            Ok(p) => valid.extend(p),
+            Err(e) => errors.extend(e),
+        }
+    }
+    for e in &errors {
+        eprintln!("warning: left out: {e}");
+    }
+    Ok(Model::compile(&cluster, valid, options))
 }
 
 /// Reads a cluster file: the `cluster:` shape on its own, or a whole case file.

@@ -15,9 +15,9 @@ use dns_proxy::audit::{write_lines, Audit};
 use dns_proxy::listener::{serve_tcp, serve_udp, FixedUpstream, ForwarderUdp};
 use dns_proxy::metrics::Metrics;
 use dns_proxy::{Config, NeverInUse, NullSink, Proxy, RefuseCode, Scope};
-use policy_model::{CompileOptions, Model};
+use policy_model::CompileOptions;
 
-use crate::inputs::{load_cluster, load_policies};
+use crate::inputs::compile_model;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -76,20 +76,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
 }
 
 async fn serve(a: Args) -> Result<ExitCode> {
-    let cluster = load_cluster(&a.cluster)?;
-    let loaded = load_policies(&a.policies)?;
-    let mut policies = Vec::new();
-    let mut errors = loaded.errors;
-    for o in &loaded.objects {
-        match o.translate() {
-            Ok(p) => policies.extend(p),
-            Err(e) => errors.extend(e),
-        }
-    }
-    for e in &errors {
-        eprintln!("warning: left out: {e}");
-    }
-    let model = Model::compile(&cluster, policies, CompileOptions::default());
+    let model = compile_model(&a.cluster, &a.policies, CompileOptions::default())?;
     if model.pod_endpoint(&a.endpoint).is_none() {
         bail!("no pod {} in {}", a.endpoint, a.cluster.display());
     }

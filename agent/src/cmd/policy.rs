@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
 use policy_model::http::SimpleRequest;
-use policy_model::{CompileOptions, EndpointRef, Model, Protocol, Query};
+use policy_model::{CompileOptions, EndpointRef, Protocol, Query};
 
-use crate::inputs::{load_cluster, load_policies};
+use crate::inputs::{compile_model, load_policies};
 
 #[derive(Subcommand)]
 pub enum Command {
@@ -103,19 +103,6 @@ fn check(paths: &[PathBuf]) -> Result<ExitCode> {
 }
 
 fn trace(a: TraceArgs) -> Result<ExitCode> {
-    let cluster = load_cluster(&a.cluster)?;
-    let loaded = load_policies(&a.policies)?;
-    let mut policies = Vec::new();
-    let mut errors = loaded.errors;
-    for o in &loaded.objects {
-        match o.translate() {
-            Ok(p) => policies.extend(p),
-            Err(e) => errors.extend(e),
-        }
-    }
-    for e in &errors {
-        eprintln!("warning: left out: {e}");
-    }
     let protocol = match Protocol::parse(&a.protocol) {
         Some(p @ (Protocol::Tcp | Protocol::Udp | Protocol::Sctp)) => p,
         _ => bail!("--protocol {}: expected TCP, UDP or SCTP", a.protocol),
@@ -145,13 +132,13 @@ fn trace(a: TraceArgs) -> Result<ExitCode> {
         http,
         dns: a.dns_query.clone(),
     };
-    let model = Model::compile(
-        &cluster,
-        policies,
+    let model = compile_model(
+        &a.cluster,
+        &a.policies,
         CompileOptions {
             cidr_matches_cluster: a.cidr_matches_cluster,
         },
-    );
+    )?;
     let verdict = model.query(&query)?;
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&verdict)?),

@@ -13,7 +13,7 @@ use clap::{Args, ValueEnum};
 use policy_model::{CompileOptions, Direction, Model};
 use proxy::{AuditLog, AuditOutput, Config, FixedListener, Metrics, Mode, PolicyStore, Proxy};
 
-use crate::inputs::{load_cluster, load_policies};
+use crate::inputs::compile_model;
 
 #[derive(Args)]
 pub struct ProxyArgs {
@@ -71,20 +71,7 @@ pub fn run(a: ProxyArgs) -> Result<ExitCode> {
 }
 
 fn compile(a: &ProxyArgs) -> Result<Model> {
-    let cluster = load_cluster(&a.cluster)?;
-    let loaded = load_policies(&a.policies)?;
-    let mut policies = Vec::new();
-    let mut errors = loaded.errors;
-    for o in &loaded.objects {
-        match o.translate() {
-            Ok(p) => policies.extend(p),
-            Err(e) => errors.extend(e),
-        }
-    }
-    for e in &errors {
-        eprintln!("warning: left out: {e}");
-    }
-    let model = Model::compile(&cluster, policies, CompileOptions::default());
+    let model = compile_model(&a.cluster, &a.policies, CompileOptions::default())?;
     if model.pod_endpoint(&a.endpoint).is_none() {
         bail!(
             "--endpoint {}: no such pod in {}",
