@@ -16,7 +16,9 @@ tasks:
   build-ebpf      install the eBPF toolchain when missing (nightly, rust-src, bpf-linker)
                   and build the datapath's eBPF object into target/bpf
   demo            the main job for now: conformance over the shared cases and a trace example
-  fuzz [SECONDS]  run the policy fuzz target (default 60 s) with cargo-fuzz on nightly
+  fuzz [TARGET [SECONDS]]
+                  run a fuzz target (policy, http1 or handle; default policy, 60 s)
+                  with cargo-fuzz on nightly
   bench           run the criterion benchmarks
 ";
 
@@ -26,7 +28,10 @@ fn main() -> ExitCode {
         Some("test") => test(),
         Some("build-ebpf") => build_ebpf(),
         Some("demo") => demo(),
-        Some("fuzz") => fuzz(args.get(1).map(String::as_str)),
+        Some("fuzz") => fuzz(
+            args.get(1).map(String::as_str),
+            args.get(2).map(String::as_str),
+        ),
         Some("bench") => bench(),
         _ => {
             eprint!("{USAGE}");
@@ -208,28 +213,54 @@ fn ensure_cargo_fuzz() -> Result {
     Ok(())
 }
 
-fn fuzz(seconds: Option<&str>) -> Result {
+/// The fuzz targets: (name, folder of its cargo-fuzz crate).
+const FUZZ_TARGETS: &[(&str, &str)] = &[
+    ("policy", "fuzz"),
+    ("http1", "proxy/fuzz"),
+    ("handle", "dns-proxy/fuzz"),
+];
+
+fn fuzz(target: Option<&str>, seconds: Option<&str>) -> Result {
+    let target = target.unwrap_or("policy");
+    let (name, dir) = FUZZ_TARGETS
+        .iter()
+        .find(|(n, _)| *n == target)
+        .ok_or_else(|| {
+            let names: Vec<&str> = FUZZ_TARGETS.iter().map(|(n, _)| *n).collect();
+            format!("no fuzz target {target:?} (targets: {})", names.join(", "))
+        })?;
     let seconds: u64 = seconds
         .unwrap_or("60")
         .parse()
         .map_err(|e| format!("SECONDS: {e}"))?;
     ensure_cargo_fuzz()?;
-    // seed the corpus with the shared conformance cases (kept out of the repository)
-    let corpus = root().join("fuzz/corpus/policy");
+    let dir = root().join(dir);
+    let corpus = dir.join("corpus").join(name);
     std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
-    if let Some(cases) = shared_cases() {
-        for e in std::fs::read_dir(&cases)
-            .map_err(|e| e.to_string())?
-            .flatten()
-        {
-            let _ = std::fs::copy(e.path(), corpus.join(e.file_name()));
+    // the policy target starts from the shared conformance cases (kept out of the repository)
+    if *name == "policy" {
+        if let Some(cases) = shared_cases() {
+            for e in std::fs::read_dir(&cases)
+                .map_err(|e| e.to_string())?
+                .flatten()
+            {
+                let _ = std::fs::copy(e.path(), corpus.join(e.file_name()));
+            }
         }
     }
-    run(Command::new("cargo")
-        .args(["+nightly", "fuzz", "run", "policy"])
+    let status = Command::new("cargo")
+        .args(["+nightly", "fuzz", "run", name])
         .arg(&corpus)
         .arg("--")
-        .arg(format!("-max_total_time={seconds}")))
+        .arg(format!("-max_total_time={seconds}"))
+        .current_dir(&dir)
+        .status()
+        .map_err(|e| format!("cannot start cargo fuzz: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("fuzz target {name} failed: {status}"))
+    }
 }
 
 fn bench() -> Result {
