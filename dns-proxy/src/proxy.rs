@@ -218,7 +218,7 @@ impl Proxy {
                 RefuseCode::Refused => ResponseCode::Refused,
                 RefuseCode::Nxdomain => ResponseCode::NXDomain,
             };
-            rec.reason = decision.reason;
+            rec.reason = decision.reason.to_string();
             return self.finish(rec, start, Verdict::Denied, error_reply(&msg, rcode), rcode);
         }
 

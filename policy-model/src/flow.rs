@@ -3,6 +3,7 @@
 //! rule decided (checked per request).
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -37,7 +38,12 @@ pub enum SideDecision {
         rule: Option<String>,
     },
     /// A request passes if one rule of one of these sets matches.
-    Rules { sets: Vec<RuleSetRef> },
+    Rules {
+        sets: Vec<RuleSetRef>,
+        /// Why a request that matches none is denied, built once per connection.
+        #[serde(skip)]
+        denial: Arc<str>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -73,8 +79,8 @@ pub struct L7Decision {
     pub actions: Vec<HeaderAction>,
     pub missing_headers: Vec<String>,
     pub rejected_headers: Vec<String>,
-    /// Why it was denied, or which side let everything pass.
-    pub reason: String,
+    /// Why it was denied (shared: denials are built once per connection).
+    pub reason: Arc<str>,
 }
 
 impl ConnectionPolicy {
@@ -137,15 +143,17 @@ impl Model {
             L4Decision::Redirect {
                 sets,
                 allow_all: None,
-            } => SideDecision::Rules {
-                sets: sets
+            } => {
+                let sets: Vec<RuleSetRef> = sets
                     .iter()
                     .map(|(i, l7)| RuleSetRef {
                         l7: *l7,
                         policy: policy_of(*i),
                     })
-                    .collect(),
-            },
+                    .collect();
+                let denial = self.denial(dir, &ep.name, &sets);
+                SideDecision::Rules { sets, denial }
+            }
         };
         SidePolicy {
             direction: dir,
@@ -195,10 +203,12 @@ impl Model {
         for side in &conn.sides {
             match &side.decision {
                 SideDecision::Deny { reason } => {
-                    return deny(format!("{} of {}: {reason}", side.direction, side.endpoint))
+                    return deny(
+                        format!("{} of {}: {reason}", side.direction, side.endpoint).into(),
+                    )
                 }
                 SideDecision::AllowAll { .. } => {}
-                SideDecision::Rules { sets } => {
+                SideDecision::Rules { sets, denial } => {
                     let mut found = false;
                     for s in sets {
                         let set = &self.l7[s.l7 as usize];
@@ -224,12 +234,7 @@ impl Model {
                         }
                     }
                     if !found {
-                        return deny(format!(
-                            "{} of {}: no rule of {} matches",
-                            side.direction,
-                            side.endpoint,
-                            self.describe_sets(sets)
-                        ));
+                        return deny(denial.clone());
                     }
                 }
             }
@@ -247,10 +252,12 @@ impl Model {
         for side in &conn.sides {
             match &side.decision {
                 SideDecision::Deny { reason } => {
-                    return deny(format!("{} of {}: {reason}", side.direction, side.endpoint))
+                    return deny(
+                        format!("{} of {}: {reason}", side.direction, side.endpoint).into(),
+                    )
                 }
                 SideDecision::AllowAll { .. } => {}
-                SideDecision::Rules { sets } => {
+                SideDecision::Rules { sets, denial } => {
                     let hit = sets.iter().find_map(|s| {
                         let set = &self.l7[s.l7 as usize];
                         set.dns_match(&qname).map(|i| (s, set.rule_path(i)))
@@ -261,14 +268,7 @@ impl Model {
                             policy: s.policy.clone(),
                             rule,
                         }),
-                        None => {
-                            return deny(format!(
-                                "{} of {}: no DNS rule of {} matches",
-                                side.direction,
-                                side.endpoint,
-                                self.describe_sets(sets)
-                            ));
-                        }
+                        None => return deny(denial.clone()),
                     }
                 }
             }
@@ -288,17 +288,25 @@ impl Model {
 }
 
 impl Model {
-    /// `Kind ns/name path; ...` of rule sets, for denial reasons.
-    fn describe_sets(&self, sets: &[RuleSetRef]) -> String {
+    /// Why a request matching none of `sets` is denied: `DIR of ENDPOINT: no HTTP rule
+    /// of Kind ns/name path; ... matches` (or DNS).
+    pub fn denial(&self, dir: Direction, endpoint: &str, sets: &[RuleSetRef]) -> Arc<str> {
         let v: Vec<String> = sets
             .iter()
             .map(|s| format!("{} {}", s.policy, self.l7[s.l7 as usize].path))
             .collect();
-        v.join("; ")
+        let proto = sets.first().map_or(L7Protocol::Http, |s| {
+            self.l7[s.l7 as usize].rules.protocol()
+        });
+        format!(
+            "{dir} of {endpoint}: no {proto} rule of {} matches",
+            v.join("; ")
+        )
+        .into()
     }
 }
 
-fn deny(reason: String) -> L7Decision {
+fn deny(reason: Arc<str>) -> L7Decision {
     L7Decision {
         allowed: false,
         reason,

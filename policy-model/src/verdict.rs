@@ -508,14 +508,16 @@ impl Model {
             sides: vec![SidePolicy {
                 direction: v.direction,
                 endpoint: v.endpoint.clone(),
-                decision: SideDecision::Rules {
-                    sets: sets
+                decision: {
+                    let sets: Vec<RuleSetRef> = sets
                         .iter()
                         .map(|(i, l7)| RuleSetRef {
                             l7: *l7,
                             policy: self.policy_name(entries[*i].origin.policy),
                         })
-                        .collect(),
+                        .collect();
+                    let denial = self.denial(v.direction, &v.endpoint, &sets);
+                    SideDecision::Rules { sets, denial }
                 },
             }],
         };

@@ -347,7 +347,7 @@ impl Conn {
                 Verdict::Denied,
                 resp.status(),
                 &decision,
-                decision.reason.clone(),
+                decision.reason.to_string(),
             );
             return resp;
         }

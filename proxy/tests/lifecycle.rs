@@ -98,7 +98,7 @@ async fn audit_records_name_verdict_endpoints_and_rule() {
     assert_eq!(denied.verdict, Verdict::Denied);
     assert_eq!(denied.http.code, 403);
     assert!(denied.allowed_by.is_empty());
-    assert!(denied.info.contains("no rule"), "{}", denied.info);
+    assert!(denied.info.contains("no HTTP rule"), "{}", denied.info);
 
     // the JSON line form
     let line = serde_json::to_value(&denied).unwrap();
