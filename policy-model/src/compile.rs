@@ -18,7 +18,7 @@ use crate::identity::{
     fqdn_key, Identities, IdentityKind, Idx, PeerSetId, SelectorCache, SelectorId,
 };
 use crate::l7::L7Set;
-use crate::labels::{Key, Label, LabelSet, Source};
+use crate::labels::{Label, LabelSet, Source};
 use crate::policy::{Action, Direction, Policy, Port, Protocol, Subject, Tier};
 use crate::selector::{Op, Selector};
 
@@ -638,9 +638,15 @@ impl Model {
     }
 
     pub fn endpoint(&self, key: EndpointKey) -> Option<&EndpointPolicy> {
+        self.endpoint_slot(key).map(|i| &self.endpoints[i])
+    }
+
+    /// Where an endpoint sits in `endpoints`: pods first, in cluster order, then nodes.
+    pub fn endpoint_slot(&self, key: EndpointKey) -> Option<usize> {
+        let pods = self.cluster.pods.len();
         match key {
-            EndpointKey::Pod(p) => self.pod_endpoint(&self.cluster.pods.get(p)?.id()),
-            EndpointKey::Node(n) => self.node_endpoint(&self.cluster.nodes.get(n)?.name),
+            EndpointKey::Pod(p) => (p < pods).then_some(p),
+            EndpointKey::Node(n) => (n < self.cluster.nodes.len()).then_some(pods + n),
         }
     }
 
@@ -703,7 +709,7 @@ impl Model {
         out
     }
 
-    /// Label key used for namespace scoping, exposed for explanations.
+    /// A readable form of a peer set, for explanations.
     pub fn describe_peers(&self, ps: PeerSetId) -> String {
         let sels = self.selectors.peer_set_selectors(ps);
         let parts: Vec<String> = sels
@@ -736,11 +742,7 @@ pub fn describe_selector(s: &Selector) -> String {
             }
         }
     }
-    let cidr_key = Key::new(Source::Cidr, String::new());
-    if s.requirements
-        .iter()
-        .any(|r| r.key.source == cidr_key.source)
-    {
+    if s.requirements.iter().any(|r| r.key.source == Source::Cidr) {
         let mut cidr = String::new();
         let mut except = Vec::new();
         for r in &s.requirements {

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::cluster::EndpointRef;
-use crate::compile::{EndpointPolicy, Entry, L7Id, Model, PortMatch};
+use crate::compile::{EndpointKey, EndpointPolicy, Entry, L7Id, Model, PortMatch};
 use crate::flow::{ConnectionPolicy, RuleSetRef, SideDecision, SidePolicy};
 use crate::fqdn::normalize;
 use crate::http::{Request, SimpleRequest};
@@ -279,22 +279,23 @@ impl Model {
                 Ok(Resolved {
                     ip: pick(pod.all_ips().collect(), &label)?,
                     node: pod.node.clone(),
-                    endpoint: self.pod_endpoint_index(pi),
+                    endpoint: self.endpoint_slot(EndpointKey::Pod(pi)),
                     label,
                 })
             }
             EndpointRef::Node(n) => {
-                let node = self
+                let (ni, node) = self
                     .cluster
                     .nodes
                     .iter()
-                    .find(|x| &x.name == n)
+                    .enumerate()
+                    .find(|(_, x)| &x.name == n)
                     .ok_or_else(|| QueryError::UnknownEndpoint(format!("node:{n}")))?;
                 Ok(Resolved {
                     label: format!("node:{n}"),
                     ip: node.ip,
                     node: Some(n.clone()),
-                    endpoint: self.node_endpoint_index(n),
+                    endpoint: self.endpoint_slot(EndpointKey::Node(ni)),
                 })
             }
             EndpointRef::External(n) => {
@@ -335,19 +336,6 @@ impl Model {
                 })
             }
         }
-    }
-
-    fn pod_endpoint_index(&self, pod: usize) -> Option<usize> {
-        self.endpoints
-            .iter()
-            .position(|e| e.key == crate::compile::EndpointKey::Pod(pod))
-    }
-
-    fn node_endpoint_index(&self, node: &str) -> Option<usize> {
-        let n = self.cluster.nodes.iter().position(|x| x.name == node)?;
-        self.endpoints
-            .iter()
-            .position(|e| e.key == crate::compile::EndpointKey::Node(n))
     }
 
     /// Answers a query with a verdict and its explanation.

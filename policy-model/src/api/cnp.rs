@@ -4,8 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::common::{
-    check_except, cidr_selector, in_namespace, node_selector, node_source, parse_cidr, parse_port,
-    reserved, IntOrString, PortValue,
+    check_except, cidr_selector, in_namespace, node_selector, parse_cidr, parse_port, reserved,
+    IntOrString, PortValue,
 };
 use crate::error::Errors;
 use crate::fqdn::NamePattern;
@@ -1284,9 +1284,4 @@ pub fn kind(cluster_wide: bool, namespace: Option<&str>) -> Kind {
     } else {
         Kind::CiliumNetworkPolicy
     }
-}
-
-/// The source label of node labels, re-exported for the identity allocator.
-pub fn node_label_source() -> Source {
-    node_source()
 }
