@@ -23,6 +23,21 @@ pub struct Snapshot {
     pub errors: Vec<PolicyError>,
 }
 
+/// A boxed future, so that `Source` stays object safe.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Where the agent learns cluster state and policies. The files source and the
+/// Kubernetes source (issue 7) both implement it; the agent loop sees only this trait.
+pub trait Source: Send {
+    /// A short name for logs and status: "files", "kubernetes".
+    fn name(&self) -> &'static str;
+
+    /// Waits for the next full snapshot. The first call returns the initial state once
+    /// the source has synced; later calls return when something changed. On an error the
+    /// agent logs it, keeps what is in force, and calls again.
+    fn next(&mut self) -> BoxFuture<'_, anyhow::Result<Snapshot>>;
+}
+
 /// A directory of YAML files, read recursively: cluster state (the `cluster:` shape of
 /// the conformance format, on its own or under a `cluster:` key) and policy manifests.
 /// Changes are found by polling a fingerprint of the files' names, sizes and times,
