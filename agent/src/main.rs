@@ -2,6 +2,9 @@
 
 mod cmd;
 mod inputs;
+// The Kubernetes source (issue 7); the agent wires it as `--source kubernetes`.
+#[allow(dead_code)]
+mod kube;
 // Building blocks of `ward agent` (issue 6), tested on their own until the agent uses them.
 #[allow(dead_code)]
 mod source;
@@ -37,6 +40,12 @@ enum Command {
     },
     /// Run the L7 HTTP proxy in front of one workload (standalone mode).
     Proxy(Box<cmd::proxy::ProxyArgs>),
+    /// Write the CNP/CCNP CRDs generated from the policy types (`cargo xtask crds`).
+    #[command(hide = true)]
+    KubeCrds {
+        /// Directory to write them into (deploy/crds).
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -46,6 +55,9 @@ fn main() -> ExitCode {
         Command::DnsProxy(args) => cmd::dns_proxy::run(args),
         Command::Policy { command } => cmd::policy::run(command),
         Command::Proxy(args) => cmd::proxy::run(*args),
+        Command::KubeCrds { dir } => crate::kube::crd::write(&dir)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| anyhow::anyhow!("cannot write the CRDs into {}: {e}", dir.display())),
     };
     match result {
         Ok(code) => code,

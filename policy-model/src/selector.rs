@@ -10,6 +10,7 @@ use crate::labels::{Key, LabelSet, Source};
 
 /// `metav1.LabelSelector` as written in manifests.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LabelSelector {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -19,9 +20,14 @@ pub struct LabelSelector {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LabelSelectorRequirement {
     pub key: String,
+    #[cfg_attr(
+        feature = "schema",
+        schemars(extend("enum" = ["In", "NotIn", "Exists", "DoesNotExist"]))
+    )]
     pub operator: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub values: Option<Vec<String>>,

@@ -20,6 +20,9 @@ tasks:
                   run a fuzz target (policy, http1 or handle; default policy, 60 s)
                   with cargo-fuzz on nightly
   bench           run the criterion benchmarks
+  crds            regenerate deploy/crds/ from policy-model's types
+  deploy-check    render deploy/ (kubectl kustomize), validate every object
+                  (kubernetes-validate) and the alert rules (promtool); part of test
 ";
 
 fn main() -> ExitCode {
@@ -33,6 +36,8 @@ fn main() -> ExitCode {
             args.get(2).map(String::as_str),
         ),
         Some("bench") => bench(),
+        Some("crds") => crds(),
+        Some("deploy-check") => deploy_check(),
         _ => {
             eprint!("{USAGE}");
             return ExitCode::from(2);
@@ -149,6 +154,7 @@ fn test() -> Result {
         "warnings",
     ]))?;
     run(cargo().args(["test", "--workspace", "--all-targets"]))?;
+    deploy_check()?;
     // Benchmarks must at least run once, so that a broken bench fails here and not later.
     run(cargo().args(["bench", "--workspace", "--", "--test"]))?;
     match shared_cases() {
@@ -370,4 +376,64 @@ fn build_ebpf() -> Result {
         return Err(format!("building the eBPF object failed: {status}"));
     }
     Ok(())
+}
+
+/// Writes the CRDs generated from policy-model's types into deploy/crds.
+fn crds() -> Result {
+    run(cargo()
+        .args(["run", "--quiet", "-p", "agent", "--bin", "ward", "--"])
+        .arg("kube-crds")
+        .arg(root().join("deploy/crds")))
+}
+
+/// The Kubernetes release whose schemas the rendered manifests are checked against.
+const KUBERNETES_VERSION: &str = "1.37.0";
+/// kubernetes-validate from PyPI, pinned so that CI is reproducible.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+/// `kubectl kustomize deploy/` renders; every object passes kubernetes-validate; the
+/// alert rules pass `promtool check rules`. (The example policies are checked against
+/// the CRD schema by agent's tests.)
+fn deploy_check() -> Result {
+    // kubectl: the one on PATH, else Debian 12's kubernetes-client (kubectl 1.20 with
+    // kustomize v2, enough for the plain base in deploy/).
+    if !succeeds(Command::new("kubectl").args(["version", "--client"])) {
+        ensure_debs(&["kubernetes-client"])?;
+    }
+    ensure_debs(&["prometheus"])?;
+    let out = root().join("target/deploy");
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    eprintln!("+ kubectl kustomize deploy/");
+    let rendered = Command::new("kubectl")
+        .args(["kustomize", "deploy/"])
+        .current_dir(root())
+        .output()
+        .map_err(|e| format!("cannot start kubectl: {e}"))?;
+    if !rendered.status.success() {
+        return Err(format!(
+            "kubectl kustomize deploy/ failed: {}",
+            String::from_utf8_lossy(&rendered.stderr)
+        ));
+    }
+    let file = out.join("rendered.yaml");
+    std::fs::write(&file, &rendered.stdout).map_err(|e| format!("{}: {e}", file.display()))?;
+
+    // a venv under target/, made once
+    let venv = root().join("target/deploy-venv");
+    let validate = venv.join("bin/kubernetes-validate");
+    if !validate.exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        run(Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(KUBERNETES_VALIDATE))?;
+    }
+    run(Command::new(&validate)
+        .args([
+            "--strict",
+            "--quiet",
+            "--kubernetes-version",
+            KUBERNETES_VERSION,
+        ])
+        .arg(&file))?;
+    run(Command::new("promtool").args(["check", "rules", "deploy/prometheus/ward.rules.yaml"]))
 }

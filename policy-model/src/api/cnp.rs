@@ -23,7 +23,15 @@ const MAX_ICMP_FIELDS: usize = 40;
 
 /// The `spec` / `specs[i]` of a CNP or CCNP (Cilium's `api.Rule`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(
+    feature = "schema",
+    schemars(extend("x-kubernetes-validations" = [{
+        "rule": "has(self.endpointSelector) != has(self.nodeSelector)",
+        "message": "exactly one of endpointSelector or nodeSelector is required"
+    }]))
+)]
 pub struct CiliumRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_selector: Option<LabelSelector>,
@@ -48,6 +56,7 @@ pub struct CiliumRule {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RuleLabel {
     pub key: String,
@@ -58,6 +67,7 @@ pub struct RuleLabel {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DefaultDenyConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,6 +77,7 @@ pub struct DefaultDenyConfig {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     #[serde(default)]
@@ -75,6 +86,7 @@ pub struct LogConfig {
 
 /// `ingress[i]` and `ingressDeny[i]`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct IngressRule {
     #[serde(
@@ -96,6 +108,7 @@ pub struct IngressRule {
         default,
         skip_serializing_if = "Option::is_none"
     )]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "entities_schema"))]
     pub from_entities: Option<Vec<String>>,
     #[serde(rename = "fromNodes", default, skip_serializing_if = "Option::is_none")]
     pub from_nodes: Option<Vec<LabelSelector>>,
@@ -121,6 +134,7 @@ pub struct IngressRule {
 
 /// `egress[i]` and `egressDeny[i]`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EgressRule {
     #[serde(
@@ -138,6 +152,7 @@ pub struct EgressRule {
         default,
         skip_serializing_if = "Option::is_none"
     )]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "entities_schema"))]
     pub to_entities: Option<Vec<String>>,
     #[serde(rename = "toNodes", default, skip_serializing_if = "Option::is_none")]
     pub to_nodes: Option<Vec<LabelSelector>>,
@@ -166,6 +181,7 @@ pub struct EgressRule {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CidrRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -187,6 +203,7 @@ pub struct CidrRule {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FqdnSelector {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -196,6 +213,7 @@ pub struct FqdnSelector {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Authentication {
     pub mode: String,
@@ -203,9 +221,11 @@ pub struct Authentication {
 
 /// `toPorts[i]`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PortRuleWire {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(length(max = 40)))]
     pub ports: Option<Vec<PortProtocol>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<L7RulesWire>,
@@ -228,6 +248,7 @@ pub struct PortRuleWire {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PortProtocol {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -235,10 +256,12 @@ pub struct PortProtocol {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_port: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(extend("enum" = ["TCP", "UDP", "SCTP", "ANY", ""])))]
     pub protocol: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TlsContext {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -252,6 +275,7 @@ pub struct TlsContext {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SecretRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -261,6 +285,7 @@ pub struct SecretRef {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct L7RulesWire {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -276,6 +301,7 @@ pub struct L7RulesWire {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRuleWire {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -291,6 +317,7 @@ pub struct HttpRuleWire {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HeaderMatchWire {
     #[serde(default)]
@@ -304,13 +331,16 @@ pub struct HeaderMatchWire {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct IcmpRule {
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(max = 40)))]
     pub fields: Vec<IcmpField>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct IcmpField {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -333,6 +363,15 @@ pub const ENTITIES: [&str; 11] = [
     "none",
     "kube-apiserver",
 ];
+
+/// `fromEntities` / `toEntities`: a list of the entities above.
+#[cfg(feature = "schema")]
+fn entities_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "items": { "type": "string", "enum": ENTITIES },
+    })
+}
 
 /// Selectors for an entity.
 pub fn entity_selectors(entity: &str) -> Vec<Selector> {

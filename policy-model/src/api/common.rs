@@ -16,6 +16,23 @@ pub enum IntOrString {
     Str(String),
 }
 
+/// `x-kubernetes-int-or-string`: a structural CRD schema cannot say `anyOf` integer or
+/// string, so it uses the Kubernetes extension as `intstr.IntOrString` does.
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for IntOrString {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "IntOrString".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "x-kubernetes-int-or-string": true })
+    }
+}
+
 impl fmt::Display for IntOrString {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
