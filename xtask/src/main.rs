@@ -435,5 +435,22 @@ fn deploy_check() -> Result {
             KUBERNETES_VERSION,
         ])
         .arg(&file))?;
+    // the examples' built-in kinds (NetworkPolicy) against Kubernetes' schemas; the CNPs
+    // are checked against the generated CRD schema by agent's tests
+    let mut examples: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/examples"))
+        .map_err(|e| format!("deploy/examples: {e}"))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    examples.sort();
+    run(Command::new(&validate)
+        .args([
+            "--strict",
+            "--quiet",
+            "--no-warn",
+            "--kubernetes-version",
+            KUBERNETES_VERSION,
+        ])
+        .args(&examples))?;
     run(Command::new("promtool").args(["check", "rules", "deploy/prometheus/ward.rules.yaml"]))
 }

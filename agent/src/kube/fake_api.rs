@@ -37,6 +37,10 @@ struct Res {
     generation: u64,
     lists: usize,
     watches: usize,
+    /// The resourceVersion the last watch started from.
+    last_from: u64,
+    /// The newest event a watch stream has handed to the connection.
+    queued: u64,
 }
 
 #[derive(Default)]
@@ -48,6 +52,11 @@ pub struct Inner {
 }
 
 impl Inner {
+    /// See `FakeApi::queued`.
+    pub fn queued(&self, collection: &str) -> u64 {
+        self.res.get(collection).map_or(0, |r| r.queued)
+    }
+
     /// An object of a watched collection by `namespace/name` (`/name` when cluster-scoped).
     pub fn item(&self, collection: &str, key: &str) -> Option<&Value> {
         self.res.get(collection)?.items.get(key)
@@ -224,18 +233,44 @@ impl FakeApi {
         self.change(|g| g.res.get_mut(collection).unwrap().generation += 1);
     }
 
-    /// Sends a BOOKMARK with the current resourceVersion to open watches.
-    pub fn bookmark(&self, collection: &str) {
+    /// Sends a BOOKMARK with a new resourceVersion to open watches; returns it.
+    pub fn bookmark(&self, collection: &str) -> u64 {
+        let mut out = 0;
         self.change(|g| {
             g.rv += 1;
             let rv = g.rv;
-            let bm = json!({"metadata": {"resourceVersion": rv.to_string()}});
+            // as the API server sends it: a type and only a resourceVersion
+            let bm = json!({"apiVersion": "v1", "kind": "Bookmark",
+                            "metadata": {"resourceVersion": rv.to_string()}});
             g.res
                 .get_mut(collection)
                 .unwrap()
                 .log
                 .push((rv, "BOOKMARK", bm));
+            out = rv;
         });
+        out
+    }
+
+    /// Compacts a collection's history: watches from before `rv` get `410 Gone`; open
+    /// streams end.
+    pub fn expire_before(&self, collection: &str, rv: u64) {
+        self.change(|g| {
+            let r = g.res.get_mut(collection).unwrap();
+            r.gone_before = rv;
+            r.log.retain(|(v, _, _)| *v >= rv);
+            r.generation += 1;
+        });
+    }
+
+    /// The resourceVersion the last watch of the collection started from.
+    pub fn last_watch_from(&self, collection: &str) -> u64 {
+        self.inner
+            .lock()
+            .unwrap()
+            .res
+            .get(collection)
+            .map_or(0, |r| r.last_from)
     }
 
     /// Installs or removes a collection (a CRD).
@@ -475,6 +510,7 @@ fn watch_stream(
             let mut g = inner.lock().unwrap();
             let r = g.res.get_mut(&collection).unwrap();
             r.watches += 1;
+            r.last_from = from;
             (r.generation, from < r.gone_before)
         };
         if gone {
@@ -501,6 +537,12 @@ fn watch_stream(
                     return;
                 }
                 sent = rv;
+                let mut g = inner.lock().unwrap();
+                if let Some(r) = g.res.get_mut(&collection) {
+                    r.queued = r.queued.max(rv);
+                }
+                drop(g);
+                changed.send_modify(|_| {});
             }
             if notify.changed().await.is_err() {
                 return;

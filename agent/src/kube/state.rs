@@ -132,6 +132,9 @@ impl WatchKind {
 }
 
 /// What a watcher task reports.
+// An update moves once, from a watcher task to the reconciler; boxing the common
+// variant would only add an allocation per event.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Update {
     Event(Event<DynamicObject>),

@@ -198,6 +198,14 @@ pub async fn run(client: Client, cfg: StatusConfig, mut rx: watch::Receiver<Vec<
         }
         if leader {
             let wants = rx.borrow_and_update().clone();
+            // forget what the watch has caught up with, so that a recreated object with
+            // the same error is written again
+            written.retain(|k, _| {
+                wants.iter().any(|w| {
+                    (w.item.kind.name(), &w.item.namespace, &w.item.name)
+                        == (k.0.as_str(), &k.1, &k.2)
+                })
+            });
             for w in wants {
                 let key = (
                     w.item.kind.name().to_string(),

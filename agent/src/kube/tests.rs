@@ -177,6 +177,30 @@ async fn a_dropped_stream_resumes_and_410_gone_lists_again() {
     next_until(&mut src, "no pods", |s| s.cluster.pods.is_empty()).await;
 }
 
+#[tokio::test]
+async fn a_bookmark_lets_the_watch_resume_after_compaction_without_listing() {
+    let fake = fake_with_core().await;
+    let mut src = KubeSource::with_options(fake.client(), options(None));
+    next(&mut src).await;
+    // other kinds change: the cluster's resourceVersion moves, pods see no event
+    for i in 0..5 {
+        fake.apply(NS, json!({"metadata": {"name": format!("n{i}")}}));
+    }
+    let rv = fake.bookmark(PODS);
+    fake.wait_for("the bookmark sent", 20, |g| g.queued(PODS) >= rv)
+        .await;
+    // history before the bookmark is compacted and the stream drops: a watcher that
+    // kept its old resourceVersion would get 410 and list again
+    fake.expire_before(PODS, rv);
+    fake.apply(PODS, pod("db", "10.0.0.2"));
+    next_until(&mut src, "the pod after the reconnect", |s| {
+        s.cluster.pods.len() == 2
+    })
+    .await;
+    assert_eq!(fake.lists(PODS), 1, "resumed from the bookmark");
+    assert_eq!(fake.last_watch_from(PODS), rv);
+}
+
 fn valid_condition(o: &Value) -> Option<(String, String)> {
     o["status"]["conditions"]
         .as_array()?
