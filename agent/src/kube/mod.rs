@@ -44,6 +44,8 @@ pub struct KubeOptions {
     pub max_delay: Duration,
     /// Write the `Valid` condition (when leader); off for tools and tests.
     pub status: Option<StatusConfig>,
+    /// This node: `NODE_NAME` (the DaemonSet sets it from the downward API).
+    pub node_name: Option<String>,
 }
 
 impl Default for KubeOptions {
@@ -53,6 +55,7 @@ impl Default for KubeOptions {
             debounce: Duration::from_millis(200),
             max_delay: Duration::from_secs(2),
             status: Some(StatusConfig::from_env()),
+            node_name: std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()),
         }
     }
 }
@@ -62,7 +65,6 @@ pub struct KubeSource {
     rx: mpsc::Receiver<(WatchKind, Update)>,
     state: State,
     options: KubeOptions,
-    node_name: Option<String>,
     delivered: bool,
     status_tx: Option<watch::Sender<Vec<StatusWant>>>,
     tasks: Vec<JoinHandle<()>>,
@@ -89,7 +91,6 @@ impl KubeSource {
             rx,
             state: State::new(&options.kinds),
             options,
-            node_name: std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()),
             delivered: false,
             status_tx,
             tasks,
@@ -98,7 +99,7 @@ impl KubeSource {
 
     /// This node (`NODE_NAME`): its pods are those with `spec.nodeName` equal to it.
     pub fn node_name(&self) -> Option<&str> {
-        self.node_name.as_deref()
+        self.options.node_name.as_deref()
     }
 
     /// Whether every watched kind finished its initial list (for `/readyz`).

@@ -41,6 +41,7 @@ fn options(status: Option<StatusConfig>) -> KubeOptions {
         debounce: Duration::from_millis(30),
         max_delay: Duration::from_millis(500),
         status,
+        node_name: Some("n1".into()),
     }
 }
 
@@ -199,6 +200,33 @@ async fn a_bookmark_lets_the_watch_resume_after_compaction_without_listing() {
     .await;
     assert_eq!(fake.lists(PODS), 1, "resumed from the bookmark");
     assert_eq!(fake.last_watch_from(PODS), rv);
+}
+
+#[tokio::test]
+async fn a_burst_of_changes_is_one_snapshot() {
+    let fake = fake_with_core().await;
+    let mut src = KubeSource::with_options(
+        fake.client(),
+        KubeOptions {
+            debounce: Duration::from_millis(500),
+            max_delay: Duration::from_secs(10),
+            ..options(None)
+        },
+    );
+    next(&mut src).await;
+    assert_eq!(src.node_name(), Some("n1"));
+    for i in 0..20 {
+        fake.apply(PODS, pod(&format!("p{i}"), &format!("10.0.1.{i}")));
+    }
+    let s = next(&mut src).await;
+    assert_eq!(s.cluster.pods.len(), 21, "the whole burst in one snapshot");
+    let local = s
+        .cluster
+        .pods
+        .iter()
+        .filter(|p| p.node.as_deref() == src.node_name())
+        .count();
+    assert_eq!(local, 21, "this node's pods by spec.nodeName");
 }
 
 fn valid_condition(o: &Value) -> Option<(String, String)> {
