@@ -182,53 +182,62 @@ pub async fn run(client: Client, cfg: StatusConfig, mut rx: watch::Receiver<Vec<
     let mut leader = false;
     // what this agent wrote, so that a lagging watch does not cause rewrites
     let mut written: HashMap<(String, Option<String>, String), Validity> = HashMap::new();
+    // The Lease is tried on its own clock only (not per snapshot), so that a thousand
+    // agents that are not leader cost the API server one GET each per period.
+    let mut tick = tokio::time::interval(renew);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match lock.try_acquire().await {
-            Ok(l) => {
-                if l != leader {
-                    tracing::info!(leader = l, "status writer leadership changed");
-                    written.clear();
-                }
-                leader = l;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot renew the status Lease; not writing status");
-                leader = false;
-            }
-        }
-        if leader {
-            let wants = rx.borrow_and_update().clone();
-            // forget what the watch has caught up with, so that a recreated object with
-            // the same error is written again
-            written.retain(|k, _| {
-                wants.iter().any(|w| {
-                    (w.item.kind.name(), &w.item.namespace, &w.item.name)
-                        == (k.0.as_str(), &k.1, &k.2)
-                })
-            });
-            for w in wants {
-                let key = (
-                    w.item.kind.name().to_string(),
-                    w.item.namespace.clone(),
-                    w.item.name.clone(),
-                );
-                if written.get(&key) == Some(&w.want) {
-                    continue;
-                }
-                match write(&client, &recorder, &w).await {
-                    Ok(()) => {
-                        written.insert(key, w.want);
+        tokio::select! {
+            _ = tick.tick() => match lock.try_acquire().await {
+                Ok(l) => {
+                    if l != leader {
+                        tracing::info!(leader = l, "status writer leadership changed");
+                        written.clear();
                     }
-                    Err(e) => tracing::warn!(
-                        object = %format!("{} {}", w.item.kind.name(), w.item.name),
-                        error = %e,
-                        "cannot write the Valid condition"
-                    ),
+                    leader = l;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot renew the status Lease; not writing status");
+                    leader = false;
+                }
+            },
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return; // the source is gone
                 }
             }
         }
-        // wake up on new wants or to renew the Lease
-        let _ = tokio::time::timeout(renew, rx.changed()).await;
+        if !leader {
+            continue;
+        }
+        let wants = rx.borrow_and_update().clone();
+        // forget what the watch has caught up with, so that a recreated object with the
+        // same error is written again
+        written.retain(|k, _| {
+            wants.iter().any(|w| {
+                (w.item.kind.name(), &w.item.namespace, &w.item.name) == (k.0.as_str(), &k.1, &k.2)
+            })
+        });
+        for w in wants {
+            let key = (
+                w.item.kind.name().to_string(),
+                w.item.namespace.clone(),
+                w.item.name.clone(),
+            );
+            if written.get(&key) == Some(&w.want) {
+                continue;
+            }
+            match write(&client, &recorder, &w).await {
+                Ok(()) => {
+                    written.insert(key, w.want);
+                }
+                Err(e) => tracing::warn!(
+                    object = %format!("{} {}", w.item.kind.name(), w.item.name),
+                    error = %e,
+                    "cannot write the Valid condition"
+                ),
+            }
+        }
     }
 }
 
