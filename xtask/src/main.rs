@@ -421,11 +421,13 @@ fn deploy_check() -> Result {
     // a venv under target/, made once
     let venv = root().join("target/deploy-venv");
     let validate = venv.join("bin/kubernetes-validate");
-    if !validate.exists() {
+    let pin = venv.join("ward-pin");
+    if std::fs::read_to_string(&pin).ok().as_deref() != Some(KUBERNETES_VALIDATE) {
         run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
         run(Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])
             .arg(KUBERNETES_VALIDATE))?;
+        std::fs::write(&pin, KUBERNETES_VALIDATE).map_err(|e| format!("{}: {e}", pin.display()))?;
     }
     run(Command::new(&validate)
         .args([
