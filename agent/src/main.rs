@@ -2,10 +2,8 @@
 
 mod cmd;
 mod inputs;
-// Building blocks of `ward agent` (issue 6), tested on their own until the agent uses them.
-#[allow(dead_code)]
+mod node;
 mod source;
-#[allow(dead_code)]
 mod store;
 
 use std::process::ExitCode;
@@ -23,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node agent: datapath, HTTP proxy, DNS proxy and admin endpoint.
+    Agent(Box<cmd::agent::Args>),
     /// Run netpol-oracle conformance cases against Ward's policy model.
     Conformance {
         #[command(subcommand)]
@@ -42,6 +42,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Agent(args) => cmd::agent::run(*args),
         Command::Conformance { command } => cmd::conformance::run(command),
         Command::DnsProxy(args) => cmd::dns_proxy::run(args),
         Command::Policy { command } => cmd::policy::run(command),

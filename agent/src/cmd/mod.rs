@@ -1,3 +1,4 @@
+pub mod agent;
 pub mod conformance;
 pub mod dns_proxy;
 pub mod policy;
