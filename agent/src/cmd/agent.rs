@@ -18,6 +18,11 @@ pub struct Args {
     /// YAML config file; flags override its keys.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Network namespace to run in (a name under /var/run/netns, or a path), entered at
+    /// start. Unlike `ip netns exec`, this keeps the host's /sys/fs/bpf in view, so pins
+    /// under the default bpffs survive the process.
+    #[arg(long)]
+    netns: Option<String>,
     /// This node's name: its pods (`node:` in cluster state) are enforced here.
     #[arg(long, env = "NODE_NAME")]
     node: Option<String>,
@@ -127,7 +132,12 @@ fn settings(a: Args) -> Result<Settings> {
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
+    // Before any thread starts: setns changes only the calling thread.
+    if let Some(ns) = &a.netns {
+        enter_netns(ns)?;
+    }
     let s = settings(a)?;
+    warn_private_bpffs(&s.bpf_root);
     std::fs::create_dir_all(&s.state_dir)
         .with_context(|| format!("cannot create {}", s.state_dir.display()))?;
     let source = Box::new(FilesSource::new(&s.source_dir).with_poll(s.poll));
@@ -138,6 +148,39 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let r = rt.block_on(node::run(s, source));
     rt.shutdown_timeout(Duration::from_secs(1));
     r.map(|()| ExitCode::SUCCESS)
+}
+
+fn enter_netns(ns: &str) -> Result<()> {
+    let path = if ns.contains('/') {
+        PathBuf::from(ns)
+    } else {
+        Path::new("/var/run/netns").join(ns)
+    };
+    let f = std::fs::File::open(&path)
+        .with_context(|| format!("--netns: cannot open {}", path.display()))?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("--netns: cannot enter {}", path.display()))?;
+    Ok(())
+}
+
+/// Pins under /sys/fs/bpf survive the agent only on the host's bpffs. Under `ip netns
+/// exec`, /sys is remounted without it, and the loader would mount a bpffs private to
+/// this process: say so, since a restart would then start from empty maps.
+fn warn_private_bpffs(root: &Path) {
+    if !root.starts_with("/sys/fs/bpf") {
+        return;
+    }
+    let mounted = std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    });
+    if !mounted {
+        eprintln!(
+            "ward agent: warning: no bpffs on /sys/fs/bpf in this mount namespace (ip netns exec?): \
+             the pins would not outlive this process; use --netns NAME instead, or a --bpf-root \
+             on a bpffs mounted outside /sys"
+        );
+    }
 }
 
 #[cfg(test)]

@@ -83,12 +83,9 @@ pub async fn veth_of(ip: IpAddr) -> Option<String> {
     r.dev.filter(|d| d != "lo")
 }
 
-/// The ifindex of an interface in this namespace (0 when it has none).
+/// The ifindex of an interface in this network namespace (0 when it has none).
 pub fn ifindex(iface: &str) -> u32 {
-    std::fs::read_to_string(format!("/sys/class/net/{iface}/ifindex"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+    nix::net::if_::if_nametoindex(iface).unwrap_or(0)
 }
 
 #[cfg(test)]
