@@ -679,7 +679,10 @@ fn sigkill_restart_keeps_enforcing_and_converges() {
     lab.start_agent();
     let ready = t0.elapsed();
     let dns = wait_for("DNS after the restart", Duration::from_secs(5), || {
-        lab.dig("ext.example.com") == OUTSIDE
+        let t = Instant::now();
+        let a = lab.dig("ext.example.com");
+        eprintln!("dig after restart: {a:?} in {:?}", t.elapsed());
+        a == OUTSIDE
     });
     println!(
         "restart: ready after {:.0} ms, DNS answered {:.0} ms after ready",
