@@ -37,6 +37,10 @@ enum Command {
     },
     /// Run the L7 HTTP proxy in front of one workload (standalone mode).
     Proxy(Box<cmd::proxy::ProxyArgs>),
+    /// Summarise a running agent: readiness, endpoints, policy errors, FQDN cache, drops.
+    Status(cmd::status::StatusArgs),
+    /// Show a running agent's drop events and proxy audit records as one timeline.
+    Observe(cmd::status::ObserveArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +51,8 @@ fn main() -> ExitCode {
         Command::DnsProxy(args) => cmd::dns_proxy::run(args),
         Command::Policy { command } => cmd::policy::run(command),
         Command::Proxy(args) => cmd::proxy::run(*args),
+        Command::Status(args) => cmd::status::status(args),
+        Command::Observe(args) => cmd::status::observe(args),
     };
     match result {
         Ok(code) => code,

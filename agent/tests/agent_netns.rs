@@ -614,6 +614,21 @@ fn dns_teaches_to_fqdns() {
         events.lines().any(|l| l.contains("\"type\":\"drop\"")),
         "the denied connect is a drop event: {events}"
     );
+
+    // ward status and ward observe read the same endpoint
+    let bin = env!("CARGO_BIN_EXE_ward");
+    let (ok, out) = output(&[bin, "status", "--netns", &lab.node]);
+    assert!(ok, "{out}");
+    assert!(out.contains("READY") && out.contains("fqdn cache: 1 names, 1 IPs"), "{out}");
+    let (ok, out) = output(&[
+        bin, "observe", "--netns", &lab.node, "--pod", "app/client", "--verdict", "denied",
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.lines().any(|l| l.contains("DROP") && l.contains("app/client") && l.contains("203.0.113.10:8443")),
+        "{out}"
+    );
+    assert!(!out.contains("DNS "), "only denied events: {out}");
 }
 
 #[test]

@@ -3,3 +3,4 @@ pub mod conformance;
 pub mod dns_proxy;
 pub mod policy;
 pub mod proxy;
+pub mod status;
