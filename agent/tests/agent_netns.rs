@@ -394,7 +394,9 @@ impl Lab {
     /// A TCP connect from the client pod, with a timeout.
     fn connects(&self, dst: &str, port: u16, timeout: Duration) -> bool {
         let addr: SocketAddr = format!("{dst}:{port}").parse().unwrap();
-        in_ns(self.client(), || TcpStream::connect_timeout(&addr, timeout).is_ok())
+        in_ns(self.client(), || {
+            TcpStream::connect_timeout(&addr, timeout).is_ok()
+        })
     }
 
     fn curl(&self, url: &str) -> (String, String) {
@@ -539,7 +541,10 @@ fn l3_l4_l7_and_an_invalid_policy() {
     // L7 through the node proxy, with the client's own source address upstream
     let (code, body) = lab.curl(&format!("http://{SERVER}/v1/x"));
     assert_eq!(code, "200", "{body}\n{}", lab.log());
-    assert!(body.contains(&format!("peer={CLIENT} ")), "transparent source: {body}");
+    assert!(
+        body.contains(&format!("peer={CLIENT} ")),
+        "transparent source: {body}"
+    );
     let (code, body) = lab.curl(&format!("http://{SERVER}/admin"));
     assert_eq!(code, "403");
     assert_eq!(body, "Access denied\r\n");
@@ -549,10 +554,19 @@ fn l3_l4_l7_and_an_invalid_policy() {
     assert_eq!(code, 200);
     let eps: serde_json::Value = serde_json::from_str(&eps).unwrap();
     assert_eq!(eps.as_array().unwrap().len(), 3, "{eps}");
-    assert!(eps.as_array().unwrap().iter().all(|e| e["attached"] == true), "{eps}");
+    assert!(
+        eps.as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["attached"] == true),
+        "{eps}"
+    );
     let (code, pol) = lab.admin("/v1/policy/app/server");
     assert_eq!(code, 200);
-    assert!(pol.contains("server-ingress") && pol.contains("/v1/.*"), "{pol}");
+    assert!(
+        pol.contains("server-ingress") && pol.contains("/v1/.*"),
+        "{pol}"
+    );
     let (_, metrics) = lab.admin("/metrics");
     for m in [
         "ward_agent_ready 1",
@@ -580,10 +594,19 @@ fn l3_l4_l7_and_an_invalid_policy() {
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     let err = status["errors"][0].as_str().unwrap();
     assert!(err.contains("server-ingress"), "{err}");
-    assert!(err.contains("spec.ingress[0].toPorts[0].ports[1].port"), "{err}");
+    assert!(
+        err.contains("spec.ingress[0].toPorts[0].ports[1].port"),
+        "{err}"
+    );
     assert!(lab.admin("/metrics").1.contains("ward_policies_invalid 1"));
-    assert!(lab.connects(SERVER, 8080, ALLOWED), "old version still allows 8080");
-    assert!(!lab.connects(SERVER, 8081, DENIED), "old version still denies 8081");
+    assert!(
+        lab.connects(SERVER, 8080, ALLOWED),
+        "old version still allows 8080"
+    );
+    assert!(
+        !lab.connects(SERVER, 8081, DENIED),
+        "old version still denies 8081"
+    );
 }
 
 #[test]
@@ -607,7 +630,9 @@ fn dns_teaches_to_fqdns() {
     // the query was audited and is in the event stream
     let (_, events) = lab.admin("/v1/events?follow=false");
     assert!(
-        events.lines().any(|l| l.contains("\"type\":\"dns\"") && l.contains("ext.example.com")),
+        events
+            .lines()
+            .any(|l| l.contains("\"type\":\"dns\"") && l.contains("ext.example.com")),
         "{events}"
     );
     assert!(
@@ -619,13 +644,25 @@ fn dns_teaches_to_fqdns() {
     let bin = env!("CARGO_BIN_EXE_ward");
     let (ok, out) = output(&[bin, "status", "--netns", &lab.node]);
     assert!(ok, "{out}");
-    assert!(out.contains("READY") && out.contains("fqdn cache: 1 names, 1 IPs"), "{out}");
+    assert!(
+        out.contains("READY") && out.contains("fqdn cache: 1 names, 1 IPs"),
+        "{out}"
+    );
     let (ok, out) = output(&[
-        bin, "observe", "--netns", &lab.node, "--pod", "app/client", "--verdict", "denied",
+        bin,
+        "observe",
+        "--netns",
+        &lab.node,
+        "--pod",
+        "app/client",
+        "--verdict",
+        "denied",
     ]);
     assert!(ok, "{out}");
     assert!(
-        out.lines().any(|l| l.contains("DROP") && l.contains("app/client") && l.contains("203.0.113.10:8443")),
+        out.lines().any(|l| l.contains("DROP")
+            && l.contains("app/client")
+            && l.contains("203.0.113.10:8443")),
         "{out}"
     );
     assert!(!out.contains("DNS "), "only denied events: {out}");
@@ -675,7 +712,9 @@ fn sigkill_restart_keeps_enforcing_and_converges() {
 
     // A long-lived allowed connection.
     let addr: SocketAddr = format!("{SERVER}:8080").parse().unwrap();
-    let mut conn = in_ns(lab.client(), || TcpStream::connect_timeout(&addr, ALLOWED).unwrap());
+    let mut conn = in_ns(lab.client(), || {
+        TcpStream::connect_timeout(&addr, ALLOWED).unwrap()
+    });
     conn.set_read_timeout(Some(ALLOWED)).unwrap();
     let echo = |conn: &mut TcpStream, msg: &[u8]| {
         conn.write_all(msg).unwrap();
@@ -687,8 +726,14 @@ fn sigkill_restart_keeps_enforcing_and_converges() {
 
     lab.kill_agent();
     echo(&mut conn, b"agent-down");
-    assert!(!lab.connects(SERVER, 8081, DENIED), "denied while the agent is down");
-    assert!(lab.connects(OUTSIDE, 8443, ALLOWED), "learned name still allowed");
+    assert!(
+        !lab.connects(SERVER, 8081, DENIED),
+        "denied while the agent is down"
+    );
+    assert!(
+        lab.connects(OUTSIDE, 8443, ALLOWED),
+        "learned name still allowed"
+    );
 
     let t0 = Instant::now();
     lab.start_agent();
@@ -704,9 +749,15 @@ fn sigkill_restart_keeps_enforcing_and_converges() {
         ready.as_secs_f64() * 1000.0,
         dns.as_secs_f64() * 1000.0
     );
-    assert!(dns < Duration::from_secs(1), "DNS within a second of the restart");
+    assert!(
+        dns < Duration::from_secs(1),
+        "DNS within a second of the restart"
+    );
     echo(&mut conn, b"after");
-    assert!(!lab.connects(SERVER, 8081, DENIED), "denied after the restart");
+    assert!(
+        !lab.connects(SERVER, 8081, DENIED),
+        "denied after the restart"
+    );
 
     // Converged without duplicates: one rule, one set of links per veth, same ids.
     let (_, rules) = output(&["ip", "-n", &lab.node, "rule", "show"]);
@@ -721,7 +772,10 @@ fn sigkill_restart_keeps_enforcing_and_converges() {
         .collect();
     for veth in ["lxc1", "lxc2", "lxc3"] {
         assert_eq!(
-            links.iter().filter(|l| l.starts_with(&format!("{veth}:"))).count(),
+            links
+                .iter()
+                .filter(|l| l.starts_with(&format!("{veth}:")))
+                .count(),
             2,
             "{links:?}"
         );

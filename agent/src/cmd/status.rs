@@ -147,11 +147,14 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
             m["ipcache"], m["endpoints"], m["policy"]
         );
     }
-    Ok(if v["ready"].as_bool().unwrap_or(false) && v["errors"].as_array().is_none_or(Vec::is_empty) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(
+        if v["ready"].as_bool().unwrap_or(false) && v["errors"].as_array().is_none_or(Vec::is_empty)
+        {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        },
+    )
 }
 
 /// Pods an event names (source and destination), whatever its type.
@@ -183,9 +186,15 @@ fn line(v: &Value) -> String {
             "{} DROP  {} {}:{} -> {}:{} proto {} ({}, {})",
             v["time"].as_str().unwrap_or(""),
             v["direction"].as_str().unwrap_or(""),
-            v["source"]["pod"].as_str().or(v["source"]["ip"].as_str()).unwrap_or("?"),
+            v["source"]["pod"]
+                .as_str()
+                .or(v["source"]["ip"].as_str())
+                .unwrap_or("?"),
             v["source"]["port"],
-            v["destination"]["pod"].as_str().or(v["destination"]["ip"].as_str()).unwrap_or("?"),
+            v["destination"]["pod"]
+                .as_str()
+                .or(v["destination"]["ip"].as_str())
+                .unwrap_or("?"),
             v["destination"]["port"],
             v["protocol"],
             v["reason"].as_str().unwrap_or(""),
@@ -194,8 +203,12 @@ fn line(v: &Value) -> String {
         Some("http") => format!(
             "{} HTTP  {} -> {} {} {} {} -> {} {}",
             v["Timestamp"].as_str().unwrap_or(""),
-            v["SourceEndpoint"]["Pod"].as_str().unwrap_or(v["SourceEndpoint"]["IP"].as_str().unwrap_or("?")),
-            v["DestinationEndpoint"]["Pod"].as_str().unwrap_or(v["DestinationEndpoint"]["IP"].as_str().unwrap_or("?")),
+            v["SourceEndpoint"]["Pod"]
+                .as_str()
+                .unwrap_or(v["SourceEndpoint"]["IP"].as_str().unwrap_or("?")),
+            v["DestinationEndpoint"]["Pod"]
+                .as_str()
+                .unwrap_or(v["DestinationEndpoint"]["IP"].as_str().unwrap_or("?")),
             v["Http"]["Method"].as_str().unwrap_or(""),
             v["Http"]["Host"].as_str().unwrap_or(""),
             v["Http"]["Path"].as_str().unwrap_or(""),

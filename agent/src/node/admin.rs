@@ -287,19 +287,18 @@ pub fn explain(model: &Model, ep: &EndpointPolicy) -> Value {
                 Tier::Namespace => "namespace",
                 Tier::Baseline => "baseline",
             };
-            let l7: Vec<String> = e
-                .l7
-                .and_then(|id| model.l7.get(id as usize))
-                .map(|set| {
-                    let n = match &set.rules {
-                        L7Rules::Http(r) => r.len(),
-                        L7Rules::Dns(p) => p.len(),
-                    };
-                    (0..n)
-                        .map(|i| format!("{}: {}", set.rule_path(i), set.describe_rule(i)))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let l7: Vec<String> =
+                e.l7.and_then(|id| model.l7.get(id as usize))
+                    .map(|set| {
+                        let n = match &set.rules {
+                            L7Rules::Http(r) => r.len(),
+                            L7Rules::Dns(p) => p.len(),
+                        };
+                        (0..n)
+                            .map(|i| format!("{}: {}", set.rule_path(i), set.describe_rule(i)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
             let peers = model.describe_peers(e.peers);
             lines.push(format!(
                 "    {action} {peers} {protocol}/{ports}{}  ({tier} tier, {policy} {rule_path})",

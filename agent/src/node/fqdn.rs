@@ -58,7 +58,11 @@ impl Observations {
 
     /// Applies an update; returns whether anything changed.
     pub fn apply(&mut self, u: &Update) -> bool {
-        let before = self.learned.get(&u.endpoint).and_then(|n| n.get(&u.name)).cloned();
+        let before = self
+            .learned
+            .get(&u.endpoint)
+            .and_then(|n| n.get(&u.name))
+            .cloned();
         let names = self.learned.entry(u.endpoint.clone()).or_default();
         let ips = names.entry(u.name.clone()).or_default();
         for s in &u.add {

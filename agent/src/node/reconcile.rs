@@ -243,7 +243,10 @@ impl Reconciler {
         for (pod, ips) in &local {
             let Some(ip) = ips.first() else { continue };
             if let Some(known) = self.veths.get(pod) {
-                if self.with_dp(|dp| Ok(dp.is_attached(known))).unwrap_or(false) {
+                if self
+                    .with_dp(|dp| Ok(dp.is_attached(known)))
+                    .unwrap_or(false)
+                {
                     continue;
                 }
             }
@@ -252,7 +255,9 @@ impl Reconciler {
             match (found, known) {
                 (Some(iface), known) => {
                     let fresh = known.as_deref() != Some(iface.as_str())
-                        || !self.with_dp(|dp| Ok(dp.is_attached(&iface))).unwrap_or(false);
+                        || !self
+                            .with_dp(|dp| Ok(dp.is_attached(&iface)))
+                            .unwrap_or(false);
                     if !fresh {
                         continue;
                     }
