@@ -175,69 +175,7 @@ impl Lab {
             "echo 1 > /proc/sys/net/ipv4/ip_forward",
         ]);
         for i in 1..=3u8 {
-            let ns = format!("{}-pod{i}", lab.name);
-            sh(&["ip", "netns", "add", &ns]);
-            lab.pods.push(ns.clone());
-            let veth = format!("lxc{i}");
-            let ip = format!("10.80.{i}.2");
-            sh(&[
-                "ip", "-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
-                "netns", &ns,
-            ]);
-            // The node side: a gateway address for the pod, and the pod's /32 route.
-            sh(&[
-                "ip",
-                "-n",
-                &node,
-                "addr",
-                "add",
-                &format!("10.80.{i}.1/32"),
-                "dev",
-                &veth,
-            ]);
-            sh(&["ip", "-n", &node, "link", "set", &veth, "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                &node,
-                "route",
-                "add",
-                &format!("{ip}/32"),
-                "dev",
-                &veth,
-            ]);
-            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{ip}/32"),
-                "dev",
-                "eth0",
-            ]);
-            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "route",
-                "add",
-                &format!("10.80.{i}.1"),
-                "dev",
-                "eth0",
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.80.{i}.1"),
-            ]);
+            lab.add_pod(i);
         }
         // The outside world behind the uplink.
         let world = lab.world.clone();
@@ -308,6 +246,74 @@ impl Lab {
             .expect("dnsmasq (Debian package dnsmasq-base)");
         lab.children.push(dns);
         lab
+    }
+
+    /// A pod namespace `pod{i}` with 10.80.{i}.2, its veth `lxc{i}` and /32 route.
+    fn add_pod(&mut self, i: u8) {
+        let node = self.node.clone();
+        let ns = format!("{}-pod{i}", self.name);
+        sh(&["ip", "netns", "add", &ns]);
+        self.pods.push(ns.clone());
+        let veth = format!("lxc{i}");
+        let ip = format!("10.80.{i}.2");
+        sh(&[
+            "ip", "-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns,
+        ]);
+        // The node side: a gateway address for the pod, and the pod's /32 route.
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("10.80.{i}.1/32"),
+            "dev",
+            &veth,
+        ]);
+        sh(&["ip", "-n", &node, "link", "set", &veth, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "route",
+            "add",
+            &format!("{ip}/32"),
+            "dev",
+            &veth,
+        ]);
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ip}/32"),
+            "dev",
+            "eth0",
+        ]);
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "route",
+            "add",
+            &format!("10.80.{i}.1"),
+            "dev",
+            "eth0",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.80.{i}.1"),
+        ]);
     }
 
     fn write(&self, file: &str, text: &str) {
@@ -792,4 +798,53 @@ fn sigkill_restart_keeps_enforcing_and_converges() {
     assert!(status.success(), "{}", lab.log());
     let (_, rules) = output(&["ip", "-n", &lab.node, "rule", "show"]);
     assert!(!rules.contains("lookup 100"), "{rules}");
+}
+
+#[test]
+fn pods_coming_and_going_are_attached_and_detached() {
+    let mut lab = Lab::new("pods");
+    lab.start_agent();
+    let late = format!(
+        "{CLUSTER}- {{namespace: app, name: late, ip: 10.80.4.2, node: n1, labels: {{app: late}}}}\n"
+    );
+    lab.write("cluster.yaml", &late);
+    let listed = |lab: &Lab| {
+        let (_, eps) = lab.admin("/v1/endpoints");
+        let v: serde_json::Value = serde_json::from_str(&eps).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["pod"] == "app/late")
+            .cloned()
+    };
+    wait_for("the new pod listed", Duration::from_secs(5), || {
+        listed(&lab).is_some()
+    });
+    assert_eq!(listed(&lab).unwrap()["attached"], false, "no veth yet");
+    // The CNI creates the veth later: found by the retry.
+    lab.add_pod(4);
+    let took = wait_for("the new pod attached", Duration::from_secs(5), || {
+        listed(&lab).is_some_and(|e| e["attached"] == true && e["interface"] == "lxc4")
+    });
+    println!("late veth attached after {took:?}");
+    let pins = |lab: &Lab| {
+        fs::read_dir(lab.root.join("links"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("lxc4:")
+            })
+            .count()
+    };
+    assert_eq!(pins(&lab), 2);
+    // The pod leaves: detached and gone from the endpoints.
+    lab.write("cluster.yaml", CLUSTER);
+    wait_for("the pod detached", Duration::from_secs(5), || {
+        pins(&lab) == 0 && listed(&lab).is_none()
+    });
+    let (_, status) = lab.admin("/v1/status");
+    assert!(status.contains("\"endpoints\": 3"), "{status}");
 }

@@ -155,7 +155,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
             http: s.proxy_port,
             dns: s.dns_proxy_port,
         },
-        http_store,
+        (http_store, http_metrics.clone()),
         dns.clone(),
         status.clone(),
         agent_metrics.clone(),

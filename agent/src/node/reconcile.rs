@@ -54,6 +54,12 @@ pub type SharedStatus = Arc<RwLock<Status>>;
 const DISCOVERY_EVERY: Duration = Duration::from_secs(1);
 /// How often drop events and counters are read.
 const EVENTS_EVERY: Duration = Duration::from_millis(200);
+/// How often conntrack is swept of idle and closed flows.
+const CT_SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// A flow idle this long leaves conntrack (Cilium's regular TCP timeout).
+const CT_IDLE: Duration = Duration::from_secs(6 * 3600);
+/// A closed TCP flow (FIN or RST seen) leaves after this much idleness.
+const CT_CLOSING: Duration = Duration::from_secs(10);
 
 pub struct Reconciler {
     pub node: String,
@@ -65,6 +71,7 @@ pub struct Reconciler {
     pub ids: EndpointIds,
     pub ports: ProxyPorts,
     pub http: Arc<proxy::PolicyStore>,
+    pub http_metrics: proxy::Metrics,
     pub dns: dns_proxy::Proxy,
     pub status: SharedStatus,
     pub metrics: AgentMetrics,
@@ -83,7 +90,7 @@ impl Reconciler {
         applied: MapState,
         fqdn: Observations,
         ports: ProxyPorts,
-        http: Arc<proxy::PolicyStore>,
+        http: (Arc<proxy::PolicyStore>, proxy::Metrics),
         dns: dns_proxy::Proxy,
         status: SharedStatus,
         metrics: AgentMetrics,
@@ -98,7 +105,8 @@ impl Reconciler {
             fqdn,
             ids: EndpointIds::default(),
             ports,
-            http,
+            http: http.0,
+            http_metrics: http.1,
             dns,
             status,
             metrics,
@@ -114,6 +122,7 @@ impl Reconciler {
         let mut tick = tokio::time::interval(EVENTS_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_discovery = Instant::now();
+        let mut last_sweep = Instant::now();
         loop {
             let mut dirty = false;
             let mut rediscover = false;
@@ -129,6 +138,12 @@ impl Reconciler {
                 }
                 _ = tick.tick() => {
                     self.read_events();
+                    if last_sweep.elapsed() >= CT_SWEEP_EVERY {
+                        last_sweep = Instant::now();
+                        if let Err(e) = self.with_dp(|dp| dp.expire_conntrack(CT_IDLE, CT_CLOSING)) {
+                            eprintln!("ward agent: conntrack sweep: {e}");
+                        }
+                    }
                     if last_discovery.elapsed() >= DISCOVERY_EVERY {
                         last_discovery = Instant::now();
                         rediscover = true;
@@ -365,6 +380,9 @@ impl Reconciler {
         };
         // The proxies get the model whatever the datapath did: they decide L7 and DNS.
         let generation = self.http.publish(model.clone());
+        self.http_metrics
+            .policy_generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
         let model = Arc::new(model);
         self.dns.set_model(model.clone());
         self.model = Some(model.clone());
