@@ -343,10 +343,25 @@ impl Lab {
     }
 
     fn start_agent(&mut self) {
+        self.start_agent_in(false);
+    }
+
+    /// Starts the agent in the node namespace: through `--netns`, or as the lab does,
+    /// under `ip netns exec`.
+    fn start_agent_in(&mut self, ip_netns_exec: bool) {
         let bin = env!("CARGO_BIN_EXE_ward");
         let log = File::create(self.dir.join("agent.log")).unwrap();
-        let child = Command::new(bin)
-            .args(["agent", "--netns", &self.node, "--node", "n1"])
+        let mut cmd = if ip_netns_exec {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &self.node, bin, "agent"]);
+            c
+        } else {
+            let mut c = Command::new(bin);
+            c.args(["agent", "--netns", &self.node]);
+            c
+        };
+        let child = cmd
+            .args(["--node", "n1"])
             .arg("--source-dir")
             .arg(self.dir.join("src"))
             .arg("--bpf-root")
@@ -847,4 +862,17 @@ fn pods_coming_and_going_are_attached_and_detached() {
     });
     let (_, status) = lab.admin("/v1/status");
     assert!(status.contains("\"endpoints\": 3"), "{status}");
+}
+
+#[test]
+fn runs_under_ip_netns_exec() {
+    let mut lab = Lab::new("exec");
+    lab.start_agent_in(true);
+    assert!(lab.connects(SERVER, 8080, ALLOWED), "8080 is allowed");
+    assert!(!lab.connects(SERVER, 8081, DENIED), "8081 is denied");
+    assert!(
+        lab.log().contains("no bpffs on /sys/fs/bpf"),
+        "warns that the pins are private: {}",
+        lab.log()
+    );
 }
