@@ -862,6 +862,22 @@ fn pods_coming_and_going_are_attached_and_detached() {
     });
     let (_, status) = lab.admin("/v1/status");
     assert!(status.contains("\"endpoints\": 3"), "{status}");
+
+    // Back, then deleted while no agent runs: the restarted agent removes its links.
+    lab.write("cluster.yaml", &late);
+    wait_for("attached again", Duration::from_secs(5), || pins(&lab) == 2);
+    lab.kill_agent();
+    let pod4 = lab.pods.pop().unwrap();
+    sh(&["ip", "netns", "del", &pod4]);
+    lab.write("cluster.yaml", CLUSTER);
+    lab.start_agent();
+    assert_eq!(
+        pins(&lab),
+        0,
+        "leftover links removed at start\n{}",
+        lab.log()
+    );
+    assert!(lab.connects(SERVER, 8080, ALLOWED));
 }
 
 #[test]

@@ -146,7 +146,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     tokio::spawn(serve_tcp(dns.clone(), tcp, Arc::new(LocalAddr)));
 
     // The reconciler: the one writer of the datapath.
-    let reconciler = Reconciler::new(
+    let mut reconciler = Reconciler::new(
         s.node.clone(),
         dp.clone(),
         applied,
@@ -161,6 +161,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         agent_metrics.clone(),
         events.clone(),
     );
+    reconciler.uplinks = s.uplinks.clone();
     tx.send(Msg::Snapshot(first))
         .await
         .map_err(|_| anyhow::anyhow!("reconciler gone"))?;

@@ -79,6 +79,8 @@ pub struct Reconciler {
     /// pod -> host-side interface carrying the programs.
     pub veths: BTreeMap<String, String>,
     pub model: Option<Arc<Model>>,
+    /// Uplink interfaces (attached at start, never detached here).
+    pub uplinks: Vec<String>,
     drops_seen: BTreeMap<u32, u64>,
 }
 
@@ -113,12 +115,32 @@ impl Reconciler {
             events,
             veths: BTreeMap::new(),
             model: None,
+            uplinks: Vec::new(),
             drops_seen: BTreeMap::new(),
         }
     }
 
-    /// Runs until the channel closes. The first message must be the first snapshot.
+    /// Runs until the channel closes. Nothing is written before the first snapshot: it
+    /// is taken, its pods' veths found, leftovers of an earlier run detached, and only
+    /// then the maps are moved to the new state, so that a restart never passes through
+    /// an empty policy.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let mut acks = Vec::new();
+        loop {
+            let Some(m) = rx.recv().await else { return };
+            let first = matches!(m, Msg::Snapshot(_));
+            let (mut dirty, mut rediscover) = (false, false);
+            self.take(m, &mut dirty, &mut rediscover, &mut acks);
+            if first {
+                break;
+            }
+        }
+        self.discover().await;
+        self.detach_leftovers();
+        let result = self.push();
+        for a in acks {
+            let _ = a.send(result.clone());
+        }
         let mut tick = tokio::time::interval(EVENTS_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_discovery = Instant::now();
@@ -153,11 +175,7 @@ impl Reconciler {
             if rediscover && self.discover().await {
                 dirty = true;
             }
-            let result = if dirty || self.model.is_none() {
-                self.push()
-            } else {
-                Ok(())
-            };
+            let result = if dirty { self.push() } else { Ok(()) };
             for a in acks {
                 let _ = a.send(result.clone());
             }
@@ -299,6 +317,31 @@ impl Reconciler {
             }
         }
         changed
+    }
+
+    /// At start, after the first discovery: links pinned by an earlier run on interfaces
+    /// that are no local pod's veth and no uplink any more (pods deleted while no agent
+    /// ran) are removed, so that nothing is attached twice or forever.
+    fn detach_leftovers(&mut self) {
+        let attached = match self.with_dp(|dp| dp.attached_interfaces()) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("ward agent: listing attachments: {e}");
+                return;
+            }
+        };
+        for iface in attached {
+            if self.uplinks.contains(&iface) || self.veths.values().any(|v| *v == iface) {
+                continue;
+            }
+            match self.with_dp(|dp| dp.detach(&iface)) {
+                Ok(()) => eprintln!("ward agent: detached leftover links of {iface}"),
+                Err(e) => {
+                    eprintln!("ward agent: detaching leftover {iface}: {e}");
+                    self.metrics.update_errors.inc();
+                }
+            }
+        }
     }
 
     fn with_dp<T>(
