@@ -745,6 +745,26 @@ fn sigkill_restart_keeps_enforcing_and_converges() {
     };
     echo(&mut conn, b"before");
 
+    // A prober of the denied flow, from the kill until the restarted agent is ready:
+    // no connect may ever succeed (no gap while down, none while the agent converges).
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let stop = stop.clone();
+        let ns = lab.client().to_string();
+        let addr: SocketAddr = format!("{SERVER}:8081").parse().unwrap();
+        thread::spawn(move || {
+            in_ns(&ns, || {
+                let (mut tries, mut leaks) = (0, 0);
+                while !stop.load(Ordering::Relaxed) {
+                    tries += 1;
+                    if TcpStream::connect_timeout(&addr, Duration::from_millis(20)).is_ok() {
+                        leaks += 1;
+                    }
+                }
+                (tries, leaks)
+            })
+        })
+    };
     lab.kill_agent();
     echo(&mut conn, b"agent-down");
     assert!(
@@ -775,6 +795,13 @@ fn sigkill_restart_keeps_enforcing_and_converges() {
         "DNS within a second of the restart"
     );
     echo(&mut conn, b"after");
+    stop.store(true, Ordering::Relaxed);
+    let (tries, leaks) = prober.join().unwrap();
+    assert!(tries > 10, "the prober ran ({tries} tries)");
+    assert_eq!(
+        leaks, 0,
+        "the denied flow got through {leaks} of {tries} times"
+    );
     assert!(
         !lab.connects(SERVER, 8081, DENIED),
         "denied after the restart"
