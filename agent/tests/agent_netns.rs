@@ -831,6 +831,11 @@ fn sigkill_restart_keeps_enforcing_and_converges() {
     assert_eq!(links.iter().filter(|l| l.starts_with("up0:")).count(), 1);
     let (_, eps_after) = lab.admin("/v1/endpoints");
     assert_eq!(eps_before, eps_after, "same endpoint ids and identities");
+    let (_, metrics) = lab.admin("/metrics");
+    assert!(
+        metrics.contains("ward_datapath_map_writes_total 0"),
+        "the restarted agent found the maps right and rewrote nothing:\n{metrics}"
+    );
 
     // A clean shutdown removes the routing.
     let pid = lab.agent.as_ref().unwrap().id();

@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod endpoints;
 pub mod events;
 pub mod fqdn;
+pub mod identities;
 pub mod metrics;
 pub mod reconcile;
 
@@ -93,7 +94,9 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         store.replace_all(&first.objects, first.errors.clone());
         let mut cluster = first.cluster.clone();
         cluster.dns.extend(obs.to_cluster());
-        Model::compile(&cluster, store.policies(), CompileOptions::default())
+        let mut m = Model::compile(&cluster, store.policies(), CompileOptions::default());
+        identities::StableIds::load(&s.state_dir).apply(&mut m);
+        m
     };
 
     let (tx, rx) = mpsc::channel::<Msg>(1024);
@@ -162,6 +165,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         events.clone(),
     );
     reconciler.uplinks = s.uplinks.clone();
+    reconciler.identities = identities::StableIds::load(&s.state_dir);
     tx.send(Msg::Snapshot(first))
         .await
         .map_err(|_| anyhow::anyhow!("reconciler gone"))?;

@@ -18,6 +18,7 @@ use super::datapath::{apply, MapState};
 use super::endpoints::{ifindex, veth_of, EndpointIds, EndpointStatus};
 use super::events::{drop_event, Events};
 use super::fqdn::{Learned, Observations};
+use super::identities::StableIds;
 use super::metrics::{reason_name, AgentMetrics};
 use crate::source::Snapshot;
 use crate::store::PolicyStore;
@@ -81,6 +82,8 @@ pub struct Reconciler {
     pub model: Option<Arc<Model>>,
     /// Uplink interfaces (attached at start, never detached here).
     pub uplinks: Vec<String>,
+    /// Numeric identities that stay put across compiles and restarts.
+    pub identities: StableIds,
     drops_seen: BTreeMap<u32, u64>,
 }
 
@@ -116,6 +119,7 @@ impl Reconciler {
             veths: BTreeMap::new(),
             model: None,
             uplinks: Vec::new(),
+            identities: StableIds::default(),
             drops_seen: BTreeMap::new(),
         }
     }
@@ -411,7 +415,12 @@ impl Reconciler {
         let start = Instant::now();
         let mut cluster = self.cluster.clone();
         cluster.dns.extend(self.fqdn.to_cluster());
-        let model = Model::compile(&cluster, self.store.policies(), CompileOptions::default());
+        let mut model = Model::compile(&cluster, self.store.policies(), CompileOptions::default());
+        if self.identities.apply(&mut model) {
+            if let Err(e) = self.identities.save() {
+                eprintln!("ward agent: saving the identity table: {e}");
+            }
+        }
         let (desired, endpoints) = self.desired(&model);
         let dp = self.dp.clone();
         let result = {
