@@ -36,7 +36,8 @@ pub struct Args {
     /// bpffs directory of the pinned maps and links [default: /sys/fs/bpf/ward].
     #[arg(long)]
     bpf_root: Option<PathBuf>,
-    /// State directory: DNS cache (`dns/`), learned FQDN observations [default: /var/lib/ward].
+    /// State directory: DNS cache (`dns/`), learned FQDN observations, identity numbers
+    /// [default: /var/lib/ward].
     #[arg(long)]
     state_dir: Option<PathBuf>,
     /// Admin HTTP endpoint: /metrics, /healthz, /readyz, /v1/... [default: 127.0.0.1:9890].
@@ -48,7 +49,8 @@ pub struct Args {
     /// Port of the transparent DNS proxy, UDP and TCP [default: 15053].
     #[arg(long)]
     dns_proxy_port: Option<u16>,
-    /// Uplink interface whose ingress carries traffic for local pods (repeatable).
+    /// Uplink interface whose ingress carries traffic for local pods (repeatable; the
+    /// config file key is `uplinks`).
     #[arg(long = "uplink")]
     uplinks: Vec<String>,
     /// Audit log of both proxies (JSON lines): a file, `-` for stdout, or `none` [default: -].
