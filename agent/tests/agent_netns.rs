@@ -687,6 +687,46 @@ fn dns_teaches_to_fqdns() {
         "{out}"
     );
     assert!(!out.contains("DNS "), "only denied events: {out}");
+
+    // --follow streams what happens from now on.
+    let mut follow = Command::new(bin)
+        .args([
+            "observe", "--netns", &lab.node, "--follow", "--output", "json",
+        ])
+        .args(["--pod", "app/client"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout).lines() {
+            let Ok(l) = l else { return };
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    assert_eq!(lab.dig("other.example.com"), "", "no such name");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = false;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains("other.example.com") => {
+                let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+                assert_eq!(v["type"], "dns");
+                seen = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(seen, "the new query was streamed");
 }
 
 #[test]
