@@ -52,6 +52,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether a map operation failed only because the key was not there (a removal
+    /// that has nothing to do).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Map(e) if matches!(**e, aya::maps::MapError::KeyNotFound))
+    }
+
     fn io(path: &Path, source: io::Error) -> Error {
         Error::Io {
             path: path.to_path_buf(),

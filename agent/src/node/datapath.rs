@@ -130,7 +130,8 @@ pub fn apply(
         .collect();
     for ip in gone {
         match dp.remove_endpoint(ip) {
-            Ok(()) | Err(redirect_bpf::Error::Map(_)) => {}
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e),
         }
         applied.endpoints.remove(&ip);
@@ -145,7 +146,8 @@ pub fn apply(
         .collect();
     for net in gone {
         match dp.remove_ipcache(net) {
-            Ok(()) | Err(redirect_bpf::Error::Map(_)) => {}
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e),
         }
         applied.ipcache.remove(&net);

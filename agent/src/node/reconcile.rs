@@ -84,6 +84,8 @@ pub struct Reconciler {
     pub uplinks: Vec<String>,
     /// Numeric identities that stay put across compiles and restarts.
     pub identities: StableIds,
+    /// Whether the last push failed to update the datapath.
+    failed: bool,
     drops_seen: BTreeMap<u32, u64>,
 }
 
@@ -120,6 +122,7 @@ impl Reconciler {
             model: None,
             uplinks: Vec::new(),
             identities: StableIds::default(),
+            failed: false,
             drops_seen: BTreeMap::new(),
         }
     }
@@ -164,6 +167,8 @@ impl Reconciler {
                 }
                 _ = tick.tick() => {
                     self.read_events();
+                    // A push that failed half way is tried again until it goes through.
+                    dirty = self.failed;
                     if last_sweep.elapsed() >= CT_SWEEP_EVERY {
                         last_sweep = Instant::now();
                         if let Err(e) = self.with_dp(|dp| dp.expire_conntrack(CT_IDLE, CT_CLOSING)) {
@@ -451,6 +456,7 @@ impl Reconciler {
         self.metrics
             .fqdn_names
             .set(i64::try_from(self.fqdn.names()).unwrap_or(i64::MAX));
+        self.failed = result.is_err();
         let outcome = match result {
             Ok(writes) => {
                 self.metrics.map_writes.inc_by(writes as u64);
