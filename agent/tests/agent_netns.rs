@@ -136,6 +136,11 @@ spec:
     toPorts:
     - ports: [{port: "8443", protocol: TCP}]
   - toEndpoints: [{matchLabels: {app: server}}]
+  - toCIDR: [203.0.113.0/24]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: "/ok"}]
 "#;
 
 impl Lab {
@@ -228,6 +233,7 @@ impl Lab {
             lab.serve(&server_ns, SERVER, port);
         }
         lab.serve(&world, OUTSIDE, 8443);
+        lab.serve(&world, OUTSIDE, 8080);
         // The DNS pod: dnsmasq answering ext.example.com with the outside address.
         let dns = Command::new("ip")
             .args(["netns", "exec", &lab.pods[2], "dnsmasq", "-k"])
@@ -569,6 +575,16 @@ fn l3_l4_l7_and_an_invalid_policy() {
     let (code, body) = lab.curl(&format!("http://{SERVER}/admin"));
     assert_eq!(code, "403");
     assert_eq!(body, "Access denied\r\n");
+    // Egress L7 to the outside: the replies come back through the uplink to the proxy's
+    // transparent upstream socket.
+    let (code, body) = lab.curl(&format!("http://{OUTSIDE}:8080/ok"));
+    assert_eq!(code, "200", "{body}\n{}", lab.log());
+    assert!(
+        body.contains(&format!("peer={CLIENT} ")),
+        "transparent source: {body}"
+    );
+    let (code, _) = lab.curl(&format!("http://{OUTSIDE}:8080/no"));
+    assert_eq!(code, "403");
 
     // the admin endpoint explains
     let (code, eps) = lab.admin("/v1/endpoints");
@@ -640,6 +656,21 @@ fn dns_teaches_to_fqdns() {
     );
     let answer = lab.dig("ext.example.com");
     assert_eq!(answer, OUTSIDE, "{}", lab.log());
+    // DNS over TCP through the proxy too
+    let (_, tcp) = output(&[
+        "ip",
+        "netns",
+        "exec",
+        lab.client(),
+        "dig",
+        "+tcp",
+        "+short",
+        "+time=2",
+        "+tries=1",
+        &format!("@{DNS}"),
+        "ext.example.com",
+    ]);
+    assert_eq!(tcp.trim(), OUTSIDE, "DNS over TCP\n{}", lab.log());
     assert!(
         lab.connects(OUTSIDE, 8443, ALLOWED),
         "allowed once learned\n{}",
