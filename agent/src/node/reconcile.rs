@@ -171,7 +171,8 @@ impl Reconciler {
                     dirty = self.failed;
                     if last_sweep.elapsed() >= CT_SWEEP_EVERY {
                         last_sweep = Instant::now();
-                        if let Err(e) = self.with_dp(|dp| dp.expire_conntrack(CT_IDLE, CT_CLOSING)) {
+                        let swept = self.with_dp(|dp| dp.expire_conntrack(CT_IDLE, CT_CLOSING));
+                        if let Err(e) = swept {
                             eprintln!("ward agent: conntrack sweep: {e}");
                         }
                     }
