@@ -251,6 +251,11 @@ impl Lab {
             .spawn()
             .expect("dnsmasq (Debian package dnsmasq-base)");
         lab.children.push(dns);
+        let dns_ns = lab.pods[2].clone();
+        wait_for("dnsmasq listening", Duration::from_secs(10), || {
+            let (_, out) = output(&["ip", "netns", "exec", &dns_ns, "ss", "-Hlun", "sport = :53"]);
+            !out.trim().is_empty()
+        });
         lab
     }
 
@@ -625,7 +630,9 @@ fn l3_l4_l7_and_an_invalid_policy() {
     let bad = server_policy(true).replace("\"8081\"", "\"99999\"");
     lab.write("server.yaml", &bad);
     wait_for("the rejection", Duration::from_secs(5), || {
-        lab.admin("/v1/status").1.contains("99999")
+        let (_, status) = lab.admin("/v1/status");
+        serde_json::from_str::<serde_json::Value>(&status)
+            .is_ok_and(|v| v["errors"].as_array().is_some_and(|e| !e.is_empty()))
     });
     let (_, status) = lab.admin("/v1/status");
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
