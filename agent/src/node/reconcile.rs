@@ -293,7 +293,8 @@ impl Reconciler {
                     continue;
                 }
             }
-            let found = veth_of(*ip).await;
+            // A route through an uplink means the pod is not (yet) on this node's veths.
+            let found = veth_of(*ip).await.filter(|i| !self.uplinks.contains(i));
             let known = self.veths.get(pod).cloned();
             match (found, known) {
                 (Some(iface), known) => {
