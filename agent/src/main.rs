@@ -2,13 +2,10 @@
 
 mod cmd;
 mod inputs;
-// The Kubernetes source (issue 7); the agent wires it as `--source kubernetes`.
-#[allow(dead_code)]
+// The Kubernetes source (issue 7): `ward agent --source kubernetes`.
 mod kube;
-// Building blocks of `ward agent` (issue 6), tested on their own until the agent uses them.
-#[allow(dead_code)]
+mod node;
 mod source;
-#[allow(dead_code)]
 mod store;
 
 use std::process::ExitCode;
@@ -26,6 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node agent: datapath, HTTP proxy, DNS proxy and admin endpoint.
+    Agent(Box<cmd::agent::Args>),
     /// Run netpol-oracle conformance cases against Ward's policy model.
     Conformance {
         #[command(subcommand)]
@@ -46,11 +45,16 @@ enum Command {
         /// Directory to write them into (deploy/crds).
         dir: std::path::PathBuf,
     },
+    /// Summarise a running agent: readiness, endpoints, policy errors, FQDN cache, drops.
+    Status(cmd::status::StatusArgs),
+    /// Show a running agent's drop events and proxy audit records as one timeline.
+    Observe(cmd::status::ObserveArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Agent(args) => cmd::agent::run(*args),
         Command::Conformance { command } => cmd::conformance::run(command),
         Command::DnsProxy(args) => cmd::dns_proxy::run(args),
         Command::Policy { command } => cmd::policy::run(command),
@@ -58,6 +62,8 @@ fn main() -> ExitCode {
         Command::KubeCrds { dir } => crate::kube::crd::write(&dir)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| anyhow::anyhow!("cannot write the CRDs into {}: {e}", dir.display())),
+        Command::Status(args) => cmd::status::status(args),
+        Command::Observe(args) => cmd::status::observe(args),
     };
     match result {
         Ok(code) => code,

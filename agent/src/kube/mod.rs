@@ -44,8 +44,6 @@ pub struct KubeOptions {
     pub max_delay: Duration,
     /// Write the `Valid` condition (when leader); off for tools and tests.
     pub status: Option<StatusConfig>,
-    /// This node: `NODE_NAME` (the DaemonSet sets it from the downward API).
-    pub node_name: Option<String>,
 }
 
 impl Default for KubeOptions {
@@ -55,7 +53,6 @@ impl Default for KubeOptions {
             debounce: Duration::from_millis(200),
             max_delay: Duration::from_secs(2),
             status: Some(StatusConfig::from_env()),
-            node_name: std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()),
         }
     }
 }
@@ -97,12 +94,8 @@ impl KubeSource {
         }
     }
 
-    /// This node (`NODE_NAME`): its pods are those with `spec.nodeName` equal to it.
-    pub fn node_name(&self) -> Option<&str> {
-        self.options.node_name.as_deref()
-    }
-
-    /// Whether every watched kind finished its initial list (for `/readyz`).
+    /// Whether every watched kind finished its initial list.
+    #[cfg(test)]
     pub fn ready(&self) -> bool {
         self.state.ready()
     }

@@ -100,24 +100,6 @@ impl WatchKind {
         }
     }
 
-    /// Kinds defined by CRDs, which may not be installed.
-    pub fn is_crd(self) -> bool {
-        matches!(
-            self,
-            WatchKind::CiliumNetworkPolicy
-                | WatchKind::CiliumClusterwideNetworkPolicy
-                | WatchKind::AdminNetworkPolicy
-                | WatchKind::BaselineAdminNetworkPolicy
-        )
-    }
-
-    pub fn is_namespaced(self) -> bool {
-        matches!(
-            self,
-            WatchKind::Pod | WatchKind::NetworkPolicy | WatchKind::CiliumNetworkPolicy
-        )
-    }
-
     /// Kinds whose status Ward writes (the `Valid` condition).
     pub fn has_valid_status(self) -> bool {
         matches!(
@@ -322,7 +304,8 @@ impl State {
         self.kinds.values().all(|k| k.synced || k.missing)
     }
 
-    /// Kinds not yet synced, for logs and the readiness message.
+    /// Kinds not yet synced.
+    #[cfg(test)]
     pub fn waiting_for(&self) -> Vec<WatchKind> {
         self.kinds
             .iter()
