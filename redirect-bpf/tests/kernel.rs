@@ -1639,13 +1639,37 @@ fn closed_tcp_flow_expires_under_the_closing_timeout() {
     echo_server(&b.ns, b.ip, 80);
     let mut open = connect(&a.ns, b.ip, 80, ALLOWED).expect("a -> b:80");
     round_trip(&mut open, b"stays open");
+    // a's second flow is half-closed: a sends its FIN, b keeps sending.
+    let half_server = in_ns(&b.ns, || TcpListener::bind((b.ip, 90)).expect("bind"));
+    let (eof_tx, eof_rx) = std::sync::mpsc::channel();
+    let (late_tx, late_rx) = std::sync::mpsc::channel::<()>();
+    thread::spawn(move || {
+        let Ok((mut conn, _)) = half_server.accept() else {
+            return;
+        };
+        let mut rest = Vec::new();
+        let _ = conn.read_to_end(&mut rest);
+        let _ = eof_tx.send(());
+        if late_rx.recv().is_ok() {
+            let _ = conn.write_all(b"after your FIN");
+        }
+    });
+    let mut half = connect(&a.ns, b.ip, 90, ALLOWED).expect("a -> b:90");
+    half.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    eof_rx.recv_timeout(ALLOWED).expect("b saw a's FIN");
+    let long = Duration::from_secs(3600);
+    // Closing only once both sides sent their FIN: the half-closed flow stays under a
+    // zero closing timeout.
+    assert_eq!(
+        dp.expire_conntrack(long, Duration::ZERO).expect("expire"),
+        0
+    );
+
     let mut closed = connect(&c.ns, b.ip, 80, ALLOWED).expect("c -> b:80");
     round_trip(&mut closed, b"closes");
-    // Only c's FIN: a half-closed flow is not closing yet.
     closed
         .shutdown(std::net::Shutdown::Write)
         .expect("shutdown");
-    let long = Duration::from_secs(3600);
     // The server answers the FIN with its own; c's kernel acknowledges it and the socket
     // waits in TIME_WAIT: both FINs crossed the programs.
     let mut rest = Vec::new();
@@ -1668,13 +1692,19 @@ fn closed_tcp_flow_expires_under_the_closing_timeout() {
     assert!(!dp.in_live_connection(IpAddr::V4(c.ip)));
     assert!(dp.in_live_connection(IpAddr::V4(a.ip)));
     round_trip(&mut open, b"the open flow is untouched");
+    late_tx.send(()).expect("the half-close server waits");
+    let mut late = [0u8; 14];
+    half.read_exact(&mut late)
+        .expect("the half-closed flow still carries data");
+    assert_eq!(&late, b"after your FIN");
 }
 
-/// An ICMP (v4) or ICMPv6 destination-unreachable/port-unreachable error sent from `ns`
-/// to `to`, quoting a UDP packet `quoted_src:sport -> quoted_dst:dport`.
+/// An ICMP (v4) or ICMPv6 error of `kind` (type, code) sent from `ns` to `to`, quoting a
+/// UDP packet `quoted_src:sport -> quoted_dst:dport`.
 fn send_icmp_error(
     ns: &str,
     to: IpAddr,
+    kind: (u8, u8),
     quoted_src: IpAddr,
     quoted_dst: IpAddr,
     ports: (u16, u16),
@@ -1689,8 +1719,8 @@ fn send_icmp_error(
             let sock = in_ns(ns, || {
                 Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).expect("raw")
             });
-            // type 3 code 3, then the quoted IPv4 header and UDP header.
-            let mut pkt = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+            // The ICMP header, then the quoted IPv4 header and UDP header.
+            let mut pkt = vec![kind.0, kind.1, 0, 0, 0, 0, 0x05, 0xdc];
             let mut ip = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, PROTO_UDP, 0, 0];
             ip.extend_from_slice(&s.octets());
             ip.extend_from_slice(&d.octets());
@@ -1706,8 +1736,9 @@ fn send_icmp_error(
             let sock = in_ns(ns, || {
                 Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)).expect("raw")
             });
-            // type 1 code 4 (the kernel fills ICMPv6 checksums of raw sockets).
-            let mut pkt = vec![1u8, 4, 0, 0, 0, 0, 0, 0];
+            // The kernel fills ICMPv6 checksums of raw sockets; 1280: an MTU for the
+            // packet-too-big error, unused by the others.
+            let mut pkt = vec![kind.0, kind.1, 0, 0, 0, 0, 0x05, 0x00];
             pkt.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, PROTO_UDP, 64]);
             pkt.extend_from_slice(&s.octets());
             pkt.extend_from_slice(&d.octets());
@@ -1734,8 +1765,15 @@ fn icmp_receiver(ns: &str, v6: bool) -> UdpSocket {
     UdpSocket::from(s) // only for its safe recv API
 }
 
-/// Whether `sock` receives an ICMP error quoting destination port `dport` in time.
-fn icmp_error_seen(sock: &UdpSocket, v6: bool, dport: u16, timeout: Duration) -> bool {
+/// Whether `sock` receives an ICMP error of `error_type` quoting destination port `dport`
+/// in time.
+fn icmp_error_seen(
+    sock: &UdpSocket,
+    v6: bool,
+    error_type: u8,
+    dport: u16,
+    timeout: Duration,
+) -> bool {
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 256];
     loop {
@@ -1753,11 +1791,7 @@ fn icmp_error_seen(sock: &UdpSocket, v6: bool, dport: u16, timeout: Duration) ->
         } else {
             usize::from(buf[0] & 0x0f) * 4
         };
-        let (error_type, quoted_l4) = if v6 {
-            (1, off + 8 + 40)
-        } else {
-            (3, off + 8 + 20)
-        };
+        let quoted_l4 = if v6 { off + 8 + 40 } else { off + 8 + 20 };
         if n >= quoted_l4 + 4
             && buf[off] == error_type
             && buf[quoted_l4 + 2..quoted_l4 + 4] == dport.to_be_bytes()
@@ -1808,18 +1842,27 @@ fn icmp_errors_pass_with_their_flow_only() {
         } else {
             IpAddr::V4(c.ip)
         };
+        // Destination unreachable, then fragmentation needed / packet too big, then time
+        // exceeded.
+        let kinds = if v6 {
+            [(1, 4), (2, 0), (3, 0)]
+        } else {
+            [(3, 3), (3, 4), (11, 0)]
+        };
         let before = dp.drops(drop_reason::ICMP_ERROR_UNRELATED).expect("drops");
-        send_icmp_error(&c.ns, src, src, dst, (sport, 7777));
+        send_icmp_error(&c.ns, src, kinds[0], src, dst, (sport, 7777));
         assert!(
-            !icmp_error_seen(&receiver, v6, 7777, DENIED),
+            !icmp_error_seen(&receiver, v6, kinds[0].0, 7777, DENIED),
             "{c_ip}: an error quoting no flow of a's is dropped"
         );
         assert!(dp.drops(drop_reason::ICMP_ERROR_UNRELATED).expect("drops") > before);
-        send_icmp_error(&c.ns, src, src, dst, (sport, 9999));
-        assert!(
-            icmp_error_seen(&receiver, v6, 9999, ALLOWED),
-            "{c_ip}: an error quoting a's flow passes"
-        );
+        for kind in kinds {
+            send_icmp_error(&c.ns, src, kind, src, dst, (sport, 9999));
+            assert!(
+                icmp_error_seen(&receiver, v6, kind.0, 9999, ALLOWED),
+                "{c_ip}: an error {kind:?} quoting a's flow passes"
+            );
+        }
     }
 }
 
