@@ -1806,7 +1806,8 @@ fn icmp_errors_pass_with_their_flow_only() {
     let lab = Lab::new("icmperr", 3);
     let mut dp = lab.datapath();
     let (a, b, c) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
-    // a takes nothing in: an ICMP error reaches it only as part of a flow of its own.
+    // a takes nothing in: an ICMP error reaches it only as part of a flow of its own
+    // (an unrelated one is decided by policy, and its drop counted as unrelated).
     lab.set_endpoint(&mut dp, 0, endpoint_flags::DEFAULT_DENY_INGRESS);
     lab.set_endpoint(&mut dp, 1, 0);
     for (src, dst) in [
@@ -1856,6 +1857,13 @@ fn icmp_errors_pass_with_their_flow_only() {
             "{c_ip}: an error quoting no flow of a's is dropped"
         );
         assert!(dp.drops(drop_reason::ICMP_ERROR_UNRELATED).expect("drops") > before);
+        // Unrelated errors are ICMP like any other for policy: b takes everything in.
+        let b_receiver = icmp_receiver(&b.ns, v6);
+        send_icmp_error(&c.ns, dst, kinds[0], dst, src, (7777, 7777));
+        assert!(
+            icmp_error_seen(&b_receiver, v6, kinds[0].0, 7777, ALLOWED),
+            "b, without ingress policy, gets an unrelated error"
+        );
         for kind in kinds {
             send_icmp_error(&c.ns, src, kind, src, dst, (sport, 9999));
             assert!(

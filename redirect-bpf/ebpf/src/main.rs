@@ -317,14 +317,15 @@ fn from_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>) -> i32 {
         return r;
     }
 
-    // An ICMP error passes with the flow it quotes, never on its own.
-    if pkt.icmp_error {
-        return icmp_error(ctx, &pkt, DIR_EGRESS);
-    }
-
     // 2. Conntrack: replies and established flows pass. Proxied flows without their
-    //    socket fall through to policy, which redirects again or fails closed.
-    if ct_hit(t, pkt.tcp_flags) {
+    //    socket fall through to policy, which redirects again or fails closed. An ICMP
+    //    error passes as part of the flow it quotes; one quoting no tracked flow is
+    //    decided by policy (as ICMP of its type), never by conntrack.
+    if pkt.icmp_error {
+        if pkt.quoted_tracked {
+            return TC_ACT_OK;
+        }
+    } else if ct_hit(t, pkt.tcp_flags) {
         return TC_ACT_OK;
     }
 
@@ -349,12 +350,34 @@ fn from_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>) -> i32 {
         v = v.combine(i);
     }
     match v.action {
-        action::DENY => drop(ctx, Some(t), v.reason, src_id, dst_id, dir, v.cookie),
+        action::DENY => drop(
+            ctx,
+            Some(t),
+            deny_reason(&pkt, v),
+            src_id,
+            dst_id,
+            dir,
+            v.cookie,
+        ),
         action::REDIRECT => redirect(ctx, t, v, src_id, dst_id, dir),
         _ => {
-            ct_create(t, 0, BPF_ANY);
+            // An allowed ICMP error opens no flow of its own.
+            if !pkt.icmp_error {
+                ct_create(t, 0, BPF_ANY);
+            }
             TC_ACT_OK
         }
+    }
+}
+
+/// The drop reason of a denied packet: an ICMP error that quotes no tracked flow is
+/// counted as such, whatever entry or default denied it.
+#[inline(always)]
+fn deny_reason<T>(pkt: &Packet<T>, v: Verdict) -> u32 {
+    if pkt.icmp_error {
+        drop_reason::ICMP_ERROR_UNRELATED
+    } else {
+        v.reason
     }
 }
 
@@ -397,13 +420,10 @@ fn to_local_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>, at_ingress: bool) -> i
         return TC_ACT_OK;
     }
     if pkt.icmp_error {
-        if t.dst_endpoint().is_none() {
-            // For the node itself or beyond it: not ours to judge.
+        if pkt.quoted_tracked {
             return TC_ACT_OK;
         }
-        return icmp_error(ctx, &pkt, DIR_INGRESS);
-    }
-    if ct_hit(t, pkt.tcp_flags) {
+    } else if ct_hit(t, pkt.tcp_flags) {
         return TC_ACT_OK;
     }
     let Some(dst) = t.dst_endpoint() else {
@@ -416,7 +436,7 @@ fn to_local_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>, at_ingress: bool) -> i
         action::DENY => drop(
             ctx,
             Some(t),
-            v.reason,
+            deny_reason(&pkt, v),
             src_id,
             dst_id,
             DIR_INGRESS,
@@ -435,7 +455,9 @@ fn to_local_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>, at_ingress: bool) -> i
             v.cookie,
         ),
         _ => {
-            ct_create(t, 0, BPF_ANY);
+            if !pkt.icmp_error {
+                ct_create(t, 0, BPF_ANY);
+            }
             TC_ACT_OK
         }
     }
@@ -796,26 +818,6 @@ fn side_verdict(
         }
     }
     v
-}
-
-/// An ICMP error passes when the packet it quotes belongs to a tracked flow; otherwise
-/// it is dropped, whatever policy says of ICMP, so that errors cannot be forged to probe
-/// or reset connections a pod does not have.
-#[inline(always)]
-fn icmp_error<T: Flow>(ctx: &TcContext, pkt: &Packet<T>, dir: u8) -> i32 {
-    if pkt.quoted_tracked {
-        return TC_ACT_OK;
-    }
-    let t = &pkt.tuple;
-    drop(
-        ctx,
-        Some(t),
-        drop_reason::ICMP_ERROR_UNRELATED,
-        t.src_identity(),
-        t.dst_identity(),
-        dir,
-        0,
-    )
 }
 
 /// Whether conntrack lets the packet through without a policy decision.
