@@ -360,7 +360,8 @@ fn entry_proto(
 }
 
 /// A TCP server in `ns` that echoes what it reads, until the test ends.
-fn echo_server(ns: &str, ip: Ipv4Addr, port: u16) {
+fn echo_server(ns: &str, ip: impl Into<IpAddr>, port: u16) {
+    let ip = ip.into();
     let listener = in_ns(ns, || TcpListener::bind((ip, port)).expect("bind"));
     thread::spawn(move || {
         for conn in listener.incoming() {
@@ -1315,8 +1316,22 @@ fn connect_nodes(a: &Lab, b: &Lab) {
         } else {
             "10.80.0.1"
         };
-        let range = format!("10.{}.0.0/16", other.pods[0].ip.octets()[1]);
+        let net = other.pods[0].ip.octets()[1];
+        let range = format!("10.{net}.0.0/16");
         sh(&["ip", "-n", &lab.node, "route", "add", &range, "via", via]);
+        // IPv6 beside: fd80::1 and fd80::2 on the link, fdNN::/16 to the other node.
+        let (addr6, via6) = if via == "10.80.0.2" {
+            ("fd80::1/64", "fd80::2")
+        } else {
+            ("fd80::2/64", "fd80::1")
+        };
+        sh(&[
+            "ip", "-n", &lab.node, "addr", "add", addr6, "dev", "up0", "nodad",
+        ]);
+        let range6 = format!("{:x}::/16", v6_prefix(net));
+        sh(&[
+            "ip", "-n", &lab.node, "-6", "route", "add", &range6, "via", via6,
+        ]);
     }
 }
 
@@ -1337,11 +1352,15 @@ fn cross_node_through_uplinks() {
         dpb.attach_uplink("up0").expect("attach B's uplink")
     });
     let (a1, a2, b) = (&la.pods[0], &la.pods[1], &lb.pods[0]);
-    dpa.set_ipcache(ipnet::IpNet::from(IpAddr::V4(b.ip)), b.identity)
-        .expect("ipcache");
-    for p in &la.pods {
-        dpb.set_ipcache(ipnet::IpNet::from(IpAddr::V4(p.ip)), p.identity)
+    for ip in [IpAddr::V4(b.ip), IpAddr::V6(b.ip6)] {
+        dpa.set_ipcache(ipnet::IpNet::from(ip), b.identity)
             .expect("ipcache");
+    }
+    for p in &la.pods {
+        for ip in [IpAddr::V4(p.ip), IpAddr::V6(p.ip6)] {
+            dpb.set_ipcache(ipnet::IpNet::from(ip), p.identity)
+                .expect("ipcache");
+        }
     }
     // A: a1 may only send to b's identity on port 80 and takes nothing in; a2 is open.
     la.set_endpoint(
@@ -1382,6 +1401,7 @@ fn cross_node_through_uplinks() {
     .expect("policy B");
     echo_server(&lb.pods[0].ns, b.ip, 80);
     echo_server(&lb.pods[0].ns, b.ip, 81);
+    echo_server(&lb.pods[0].ns, b.ip6, 80);
     echo_server(&a1.ns, a1.ip, 80);
 
     // Allowed by A's egress and B's ingress; the replies pass both nodes' programs
@@ -1409,6 +1429,16 @@ fn cross_node_through_uplinks() {
         && e.src_identity == b.identity
         && e.direction == DIR_INGRESS));
     round_trip(&mut s, b"still up");
+
+    // The same over IPv6.
+    let mut s6 = connect6(&a1.ns, b.ip6, 80, ALLOWED).expect("a1 -> b:80 over IPv6");
+    round_trip(&mut s6, b"across nodes over IPv6");
+    let err = connect6(&a2.ns, b.ip6, 80, DENIED).expect_err("a2 -> b:80 over IPv6");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    assert!(dpb
+        .drain_events()
+        .iter()
+        .any(|e| e.family == 6 && e.saddr6 == a2.ip6.octets() && e.src_identity == a2.identity));
 }
 
 /// Prefix of the lines a loader process prints for the test that spawned it.
