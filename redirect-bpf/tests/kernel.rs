@@ -1951,6 +1951,29 @@ fn sctp6_with_extension_headers(
     pkt
 }
 
+/// An IPv6 packet `src -> dst` whose SCTP header (to `port`) follows `n` destination
+/// options headers.
+fn sctp6_with_dstopts(src: Ipv6Addr, dst: Ipv6Addr, port: u16, n: usize) -> Vec<u8> {
+    let mut ext = Vec::new();
+    for i in 0..n {
+        let next = if i + 1 == n { PROTO_SCTP } else { 60 };
+        ext.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    let mut sctp = vec![0u8; 16];
+    sctp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    sctp[2..4].copy_from_slice(&port.to_be_bytes());
+    sctp[15] = 4;
+    let payload_len = (ext.len() + sctp.len()) as u16;
+    let mut pkt = vec![0x60, 0, 0, 0];
+    pkt.extend_from_slice(&payload_len.to_be_bytes());
+    pkt.extend_from_slice(&[60, 64]); // next: destination options; hop limit
+    pkt.extend_from_slice(&src.octets());
+    pkt.extend_from_slice(&dst.octets());
+    pkt.extend_from_slice(&ext);
+    pkt.extend_from_slice(&sctp);
+    pkt
+}
+
 /// Whether a raw SCTP socket (IPv6: no IP header delivered) sees a packet to `port`.
 fn sctp6_seen(receiver: &UdpSocket, port: u16, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
@@ -2032,6 +2055,25 @@ fn sctp_over_ipv6_with_extension_headers() {
             "SCTP/IPv6 to {port} behind extension headers"
         );
     }
+    // Eight extension headers are followed; a ninth would hide the ports from policy and
+    // the packet is dropped as malformed.
+    sender
+        .send_to(&sctp6_with_dstopts(a.ip6, b.ip6, 3868, 8), &to.into())
+        .expect("send");
+    assert!(
+        sctp6_seen(&receiver, 3868, ALLOWED),
+        "8 headers, allowed port"
+    );
+    let malformed = dp.drops(drop_reason::MALFORMED).expect("drops");
+    sender
+        .send_to(&sctp6_with_dstopts(a.ip6, b.ip6, 3868, 9), &to.into())
+        .expect("send");
+    assert!(
+        !sctp6_seen(&receiver, 3868, DENIED),
+        "9 headers are dropped"
+    );
+    assert!(dp.drops(drop_reason::MALFORMED).expect("drops") > malformed);
+
     // A later fragment has no ports: only a port-wildcard entry could let it through.
     let before = dp.drops(drop_reason::POLICY_DEFAULT_DENY).expect("drops");
     let pkt = sctp6_with_extension_headers(a.ip6, b.ip6, 3868, 100);

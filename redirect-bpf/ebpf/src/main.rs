@@ -100,7 +100,7 @@ const IPV6_FRAGMENT: u8 = 44;
 const IPV6_AH: u8 = 51;
 const IPV6_DSTOPTS: u8 = 60;
 /// Extension headers followed at most (a bounded loop for the verifier); a packet with
-/// more keeps the last header's number as its protocol and zero ports.
+/// more is dropped as malformed.
 const IPV6_MAX_EXT_HEADERS: usize = 8;
 const BPF_F_CURRENT_NETNS: u64 = u64::MAX; // -1
 const BPF_TCP_TIME_WAIT: u32 = 6;
@@ -631,7 +631,9 @@ fn parse_v6(ctx: &TcContext) -> Result<Parsed, ()> {
     let daddr: [u8; 16] = ctx.load(ETH_HLEN + 24).map_err(|_| ())?;
     let mut off = ETH_HLEN + 40;
     let mut later_fragment = false;
-    for _ in 0..IPV6_MAX_EXT_HEADERS {
+    let mut reached = false;
+    // One round more than headers: the last finds the transport header.
+    for _ in 0..IPV6_MAX_EXT_HEADERS + 1 {
         match protocol {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
                 let next: u8 = ctx.load(off).map_err(|_| ())?;
@@ -652,11 +654,21 @@ fn parse_v6(ctx: &TcContext) -> Result<Parsed, ()> {
                 off += 8;
                 if frag & 0xfff8 != 0 {
                     later_fragment = true;
+                    reached = true;
                     break;
                 }
             }
-            _ => break,
+            _ => {
+                reached = true;
+                break;
+            }
         }
+    }
+    if !reached {
+        // More extension headers than followed: the transport header (and its ports)
+        // would stay hidden from policy, so that a port deny could be passed by adding
+        // headers. Dropped as malformed.
+        return Err(());
     }
     let mut tuple = CtKeyV6 {
         saddr,
