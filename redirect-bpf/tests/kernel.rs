@@ -33,6 +33,11 @@ const ALLOWED: Duration = Duration::from_secs(5);
 /// at least two attempts dropped.
 const DENIED: Duration = Duration::from_millis(2500);
 
+/// fd77 for net 77: the decimal digits read as hex.
+fn v6_prefix(net: u8) -> u16 {
+    u16::from_str_radix(&format!("fd{net}"), 16).expect("hex")
+}
+
 fn require_root() {
     assert!(
         nix::unistd::Uid::effective().is_root(),
@@ -91,6 +96,12 @@ struct Lab {
 
 impl Lab {
     fn new(test: &str, npods: u8) -> Lab {
+        Lab::with_net(test, npods, 77)
+    }
+
+    /// A lab whose pods live in 10.`net`.x.0/24 and fd`net`:x::/64, with identities
+    /// offset by (`net` - 77) * 100, so that two labs can stand for two nodes.
+    fn with_net(test: &str, npods: u8, net: u8) -> Lab {
         require_root();
         let pid = std::process::id();
         let node = format!("ward-{test}-{pid}-node");
@@ -117,21 +128,21 @@ impl Lab {
             sh(&["ip", "netns", "add", &ns]);
             // Registered before it is configured, so Drop deletes it whatever fails next.
             let veth = format!("veth{i}");
-            let ip = Ipv4Addr::new(10, 77, i, 2);
-            let ip6 = Ipv6Addr::new(0xfd77, u16::from(i), 0, 0, 0, 0, 0, 2);
+            let ip = Ipv4Addr::new(10, net, i, 2);
+            let ip6 = Ipv6Addr::new(v6_prefix(net), u16::from(i), 0, 0, 0, 0, 0, 2);
             lab.pods.push(Pod {
                 ns: ns.clone(),
                 ip,
                 ip6,
                 veth: veth.clone(),
-                identity: 1000 * u32::from(i),
+                identity: 1000 * u32::from(i) + 100 * u32::from(net - 77),
                 endpoint_id: u32::from(i),
             });
             sh(&[
                 "ip", "-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
                 "netns", &ns,
             ]);
-            let gw = format!("10.77.{i}.1");
+            let gw = format!("10.{net}.{i}.1");
             sh(&[
                 "ip",
                 "-n",
@@ -157,7 +168,7 @@ impl Lab {
             sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
             sh(&["ip", "-n", &ns, "route", "add", "default", "via", &gw]);
             // IPv6 beside: nodad, so that the addresses are usable at once.
-            let gw6 = format!("fd77:{i}::1");
+            let gw6 = format!("{:x}:{i}::1", v6_prefix(net));
             sh(&[
                 "ip",
                 "-n",
@@ -349,7 +360,8 @@ fn entry_proto(
 }
 
 /// A TCP server in `ns` that echoes what it reads, until the test ends.
-fn echo_server(ns: &str, ip: Ipv4Addr, port: u16) {
+fn echo_server(ns: &str, ip: impl Into<IpAddr>, port: u16) {
+    let ip = ip.into();
     let listener = in_ns(ns, || TcpListener::bind((ip, port)).expect("bind"));
     thread::spawn(move || {
         for conn in listener.incoming() {
@@ -1286,4 +1298,791 @@ fn ipv6_redirect_to_transparent_listener() {
     let (peer, orig_dst) = rx.recv_timeout(ALLOWED).expect("the proxy accepted");
     assert_eq!(orig_dst, SocketAddr::V6(SocketAddrV6::new(b.ip6, 80, 0, 0)));
     assert_eq!(peer, s.local_addr().expect("local addr"));
+}
+
+/// Joins two labs' node namespaces by a veth named `up0` on both sides (10.80.0.1 on
+/// `a`, 10.80.0.2 on `b`) and routes each node's pod range to the other: two nodes of a
+/// cluster and the link between them. The link goes with the namespaces.
+fn connect_nodes(a: &Lab, b: &Lab) {
+    sh(&[
+        "ip", "-n", &a.node, "link", "add", "up0", "type", "veth", "peer", "name", "up0", "netns",
+        &b.node,
+    ]);
+    for (lab, addr, other) in [(a, "10.80.0.1/24", b), (b, "10.80.0.2/24", a)] {
+        sh(&["ip", "-n", &lab.node, "addr", "add", addr, "dev", "up0"]);
+        sh(&["ip", "-n", &lab.node, "link", "set", "up0", "up"]);
+        let via = if addr.starts_with("10.80.0.1") {
+            "10.80.0.2"
+        } else {
+            "10.80.0.1"
+        };
+        let net = other.pods[0].ip.octets()[1];
+        let range = format!("10.{net}.0.0/16");
+        sh(&["ip", "-n", &lab.node, "route", "add", &range, "via", via]);
+        // IPv6 beside: fd80::1 and fd80::2 on the link, fdNN::/16 to the other node.
+        let (addr6, via6) = if via == "10.80.0.2" {
+            ("fd80::1/64", "fd80::2")
+        } else {
+            ("fd80::2/64", "fd80::1")
+        };
+        sh(&[
+            "ip", "-n", &lab.node, "addr", "add", addr6, "dev", "up0", "nodad",
+        ]);
+        let range6 = format!("{:x}::/16", v6_prefix(net));
+        sh(&[
+            "ip", "-n", &lab.node, "-6", "route", "add", &range6, "via", via6,
+        ]);
+    }
+}
+
+#[test]
+fn cross_node_through_uplinks() {
+    // Node A: pods a1 (10.77.1.2, identity 1000) and a2 (10.77.2.2, identity 2000).
+    // Node B: pod b (10.79.1.2, identity 1200). Each node runs its own programs with its
+    // own bpffs root; each knows the other's pods from its ipcache only.
+    let la = Lab::with_net("xnodea", 2, 77);
+    let lb = Lab::with_net("xnodeb", 1, 79);
+    connect_nodes(&la, &lb);
+    let mut dpa = la.datapath();
+    let mut dpb = lb.datapath();
+    in_ns(&la.node, || {
+        dpa.attach_uplink("up0").expect("attach A's uplink")
+    });
+    in_ns(&lb.node, || {
+        dpb.attach_uplink("up0").expect("attach B's uplink")
+    });
+    let (a1, a2, b) = (&la.pods[0], &la.pods[1], &lb.pods[0]);
+    for ip in [IpAddr::V4(b.ip), IpAddr::V6(b.ip6)] {
+        dpa.set_ipcache(ipnet::IpNet::from(ip), b.identity)
+            .expect("ipcache");
+    }
+    for p in &la.pods {
+        for ip in [IpAddr::V4(p.ip), IpAddr::V6(p.ip6)] {
+            dpb.set_ipcache(ipnet::IpNet::from(ip), p.identity)
+                .expect("ipcache");
+        }
+    }
+    // A: a1 may only send to b's identity on port 80 and takes nothing in; a2 is open.
+    la.set_endpoint(
+        &mut dpa,
+        0,
+        endpoint_flags::DEFAULT_DENY_EGRESS | endpoint_flags::DEFAULT_DENY_INGRESS,
+    );
+    la.set_endpoint(&mut dpa, 1, 0);
+    dpa.insert_policy(&[entry(
+        a1.endpoint_id,
+        DIR_EGRESS,
+        b.identity,
+        Some(80),
+        action::ALLOW,
+        0,
+    )])
+    .expect("policy A");
+    // B: b takes ports 80 and 81 from a1's identity only.
+    lb.set_endpoint(&mut dpb, 0, endpoint_flags::DEFAULT_DENY_INGRESS);
+    dpb.insert_policy(&[
+        entry(
+            b.endpoint_id,
+            DIR_INGRESS,
+            a1.identity,
+            Some(80),
+            action::ALLOW,
+            0,
+        ),
+        entry(
+            b.endpoint_id,
+            DIR_INGRESS,
+            a1.identity,
+            Some(81),
+            action::ALLOW,
+            0,
+        ),
+    ])
+    .expect("policy B");
+    echo_server(&lb.pods[0].ns, b.ip, 80);
+    echo_server(&lb.pods[0].ns, b.ip, 81);
+    echo_server(&lb.pods[0].ns, b.ip6, 80);
+    echo_server(&a1.ns, a1.ip, 80);
+
+    // Allowed by A's egress and B's ingress; the replies pass both nodes' programs
+    // although a1 takes nothing in and no rule allows the reverse direction.
+    let mut s = connect(&a1.ns, b.ip, 80, ALLOWED).expect("a1 -> b:80 across nodes");
+    for _ in 0..3 {
+        round_trip(&mut s, b"node A to node B and back");
+    }
+    // B's ingress allows 81, A's egress does not: dropped on A.
+    let before_b = dpb.drops(drop_reason::POLICY_DEFAULT_DENY).expect("drops");
+    assert_denied(&a1.ns, b.ip, 81);
+    assert!(dpa.drain_events().iter().any(|e| e.saddr == a1.ip.octets()
+        && u16::from_be_bytes(e.dport) == 81
+        && e.dst_identity == b.identity
+        && e.direction == DIR_EGRESS));
+    // A lets a2 out; B's ingress denies a2's identity (learnt from B's ipcache).
+    assert_denied(&a2.ns, b.ip, 80);
+    assert!(dpb.drops(drop_reason::POLICY_DEFAULT_DENY).expect("drops") > before_b);
+    assert!(dpb.drain_events().iter().any(|e| e.saddr == a2.ip.octets()
+        && e.src_identity == a2.identity
+        && e.direction == DIR_INGRESS));
+    // The reverse direction, b -> a1, is a new flow: A's uplink denies it.
+    assert_denied(&lb.pods[0].ns, a1.ip, 80);
+    assert!(dpa.drain_events().iter().any(|e| e.saddr == b.ip.octets()
+        && e.src_identity == b.identity
+        && e.direction == DIR_INGRESS));
+    round_trip(&mut s, b"still up");
+
+    // The same over IPv6.
+    let mut s6 = connect6(&a1.ns, b.ip6, 80, ALLOWED).expect("a1 -> b:80 over IPv6");
+    round_trip(&mut s6, b"across nodes over IPv6");
+    let err = connect6(&a2.ns, b.ip6, 80, DENIED).expect_err("a2 -> b:80 over IPv6");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    assert!(dpb
+        .drain_events()
+        .iter()
+        .any(|e| e.family == 6 && e.saddr6 == a2.ip6.octets() && e.src_identity == a2.identity));
+}
+
+/// Prefix of the lines a loader process prints for the test that spawned it.
+const LOADER_LINE: &str = "WARD-LOADER ";
+
+/// Not a test of its own: the body of the separate loader process that
+/// `enforcement_survives_a_loader_process_restart` spawns (this test binary re-executed
+/// with `WARD_TEST_LOADER=mode;root;node`). Without that variable it does nothing.
+/// `setup` loads, attaches to veth1 and veth2, writes the lab's policy (pod 2 takes TCP
+/// 80 from pod 1 only) and exits; `serve` loads on the pinned maps, attaches (no-ops),
+/// prints the default-deny drop count and waits to be killed.
+#[test]
+fn loader_process() {
+    let Ok(spec) = std::env::var("WARD_TEST_LOADER") else {
+        return;
+    };
+    let mut parts = spec.split(';');
+    let (mode, root, node) = (
+        parts.next().expect("mode"),
+        PathBuf::from(parts.next().expect("root")),
+        parts.next().expect("node").to_string(),
+    );
+    let mut dp = in_ns(&node, || {
+        let mut dp = Datapath::load(&root).expect("load");
+        for veth in ["veth1", "veth2"] {
+            dp.attach(veth).expect("attach");
+        }
+        dp
+    });
+    if mode == "setup" {
+        for i in 1..=2u8 {
+            let ip = IpAddr::V4(Ipv4Addr::new(10, 77, i, 2));
+            let identity = 1000 * u32::from(i);
+            dp.set_ipcache(ipnet::IpNet::from(ip), identity)
+                .expect("ipcache");
+            let flags = if i == 2 {
+                endpoint_flags::DEFAULT_DENY_INGRESS
+            } else {
+                0
+            };
+            let info = EndpointInfo {
+                endpoint_id: u32::from(i),
+                identity,
+                ifindex: 0,
+                flags,
+            };
+            dp.set_endpoint(ip, info).expect("endpoint");
+        }
+        dp.insert_policy(&[entry(2, DIR_INGRESS, 1000, Some(80), action::ALLOW, 0)])
+            .expect("policy");
+        println!("{LOADER_LINE}ready");
+        return;
+    }
+    let drops = dp.drops(drop_reason::POLICY_DEFAULT_DENY).expect("drops");
+    println!("{LOADER_LINE}ready");
+    println!("{LOADER_LINE}drops={drops}");
+    // Until the test kills this process.
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    thread::park();
+}
+
+/// A loader process, killed (by its PID) when dropped.
+struct LoaderProcess {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl LoaderProcess {
+    /// Starts this test binary as a loader process and waits for its `ready` line.
+    fn start(mode: &str, lab: &Lab) -> LoaderProcess {
+        use std::io::BufRead;
+        let exe = std::env::current_exe().expect("current exe");
+        let mut child = Command::new(exe)
+            .args([
+                "--exact",
+                "loader_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(
+                "WARD_TEST_LOADER",
+                format!("{mode};{};{}", lab.root.display(), lab.node),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the loader process");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                // libtest may have begun the line ("test loader_process ... ").
+                if let Some(at) = line.find(LOADER_LINE) {
+                    if tx.send(line[at + LOADER_LINE.len()..].to_string()).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let mut p = LoaderProcess { child, lines };
+        p.expect_line("ready");
+        p
+    }
+
+    /// Waits for the next line of the process; returns it when it starts with `what`.
+    fn expect_line(&mut self, what: &str) -> String {
+        let line = self
+            .lines
+            .recv_timeout(ALLOWED)
+            .unwrap_or_else(|e| panic!("loader process: no `{what}` line: {e}"));
+        assert!(line.starts_with(what), "loader process said {line}");
+        line
+    }
+
+    fn kill(mut self) {
+        self.child.kill().expect("kill the loader process");
+        self.child.wait().expect("wait");
+    }
+}
+
+impl Drop for LoaderProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn enforcement_survives_a_loader_process_restart() {
+    let lab = Lab::new("procrestart", 2);
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    echo_server(&b.ns, b.ip, 80);
+    echo_server(&b.ns, b.ip, 81);
+
+    // A first loader process sets everything up and exits.
+    let mut setup = LoaderProcess::start("setup", &lab);
+    let status = setup.child.wait().expect("wait");
+    assert!(
+        status.success(),
+        "the setup loader process failed: {status}"
+    );
+    let mut s = connect(&a.ns, b.ip, 80, ALLOWED).expect("a -> b:80 is allowed");
+    round_trip(&mut s, b"no loader process runs");
+    assert_denied(&a.ns, b.ip, 81);
+
+    // A new process starts on the pinned maps (its load and attach change nothing).
+    let mut serve = LoaderProcess::start("serve", &lab);
+    let drops = serve.expect_line("drops=");
+    let n: u64 = drops["drops=".len()..].parse().expect("a count");
+    assert!(n >= 1, "the new process reads the pinned counters: {n}");
+    round_trip(&mut s, b"a new loader process runs");
+    connect(&a.ns, b.ip, 80, ALLOWED).expect("a new a -> b:80 is allowed");
+    assert_denied(&a.ns, b.ip, 81);
+
+    // Killed in turn: the kernel keeps enforcing.
+    serve.kill();
+    round_trip(&mut s, b"the loader process was killed");
+    assert_denied(&a.ns, b.ip, 81);
+    drop(setup);
+}
+
+#[test]
+fn dns_over_tcp_redirect_sees_original_destination() {
+    const DNS_PROXY: u16 = 15054;
+    let lab = Lab::new("dnstcp", 2);
+    lab.proxy_routing();
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    lab.set_endpoint(&mut dp, 0, endpoint_flags::DEFAULT_DENY_EGRESS);
+    dp.insert_policy(&[entry(
+        a.endpoint_id,
+        DIR_EGRESS,
+        b.identity,
+        Some(53),
+        action::REDIRECT,
+        DNS_PROXY,
+    )])
+    .expect("policy");
+    // The proxy answers every query over TCP with an empty NOERROR answer.
+    let proxy = transparent_listener(&lab.node, DNS_PROXY);
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let Ok((mut conn, peer)) = proxy.accept() else {
+            return;
+        };
+        let _ = tx.send((peer, conn.local_addr().expect("local addr")));
+        let mut len = [0u8; 2];
+        while conn.read_exact(&mut len).is_ok() {
+            let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            if conn.read_exact(&mut query).is_err() || query.len() < 12 {
+                return;
+            }
+            // QR, RA; the question is echoed, no answers.
+            query[2] |= 0x80;
+            query[3] = 0x80;
+            let mut reply = len.to_vec();
+            reply.extend_from_slice(&query);
+            if conn.write_all(&reply).is_err() {
+                return;
+            }
+        }
+    });
+    // Nothing listens on b:53; dig's TCP query reaches the proxy.
+    let b_ip = b.ip.to_string();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &a.ns, "dig", "+tcp", "+tries=1", "+time=5"])
+        .arg(format!("@{b_ip}"))
+        .arg("ward.test")
+        .output()
+        .expect("run dig");
+    let (peer, orig_dst) = rx.recv_timeout(ALLOWED).expect("the proxy accepted");
+    assert_eq!(orig_dst, SocketAddr::V4(SocketAddrV4::new(b.ip, 53)));
+    assert_eq!(peer.ip(), IpAddr::V4(a.ip));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("status: NOERROR") && stdout.contains(&format!("{b_ip}#53")),
+        "dig over TCP got the proxy's answer as from {b_ip}: {stdout}"
+    );
+}
+
+#[test]
+fn closed_tcp_flow_expires_under_the_closing_timeout() {
+    let lab = Lab::new("ctclose", 3);
+    let mut dp = lab.datapath();
+    let (a, b, c) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
+    echo_server(&b.ns, b.ip, 80);
+    let mut open = connect(&a.ns, b.ip, 80, ALLOWED).expect("a -> b:80");
+    round_trip(&mut open, b"stays open");
+    // a's second flow is half-closed: a sends its FIN, b keeps sending.
+    let half_server = in_ns(&b.ns, || TcpListener::bind((b.ip, 90)).expect("bind"));
+    let (eof_tx, eof_rx) = std::sync::mpsc::channel();
+    let (late_tx, late_rx) = std::sync::mpsc::channel::<()>();
+    thread::spawn(move || {
+        let Ok((mut conn, _)) = half_server.accept() else {
+            return;
+        };
+        let mut rest = Vec::new();
+        let _ = conn.read_to_end(&mut rest);
+        let _ = eof_tx.send(());
+        if late_rx.recv().is_ok() {
+            let _ = conn.write_all(b"after your FIN");
+        }
+    });
+    let mut half = connect(&a.ns, b.ip, 90, ALLOWED).expect("a -> b:90");
+    half.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    eof_rx.recv_timeout(ALLOWED).expect("b saw a's FIN");
+    let long = Duration::from_secs(3600);
+    // Closing only once both sides sent their FIN: the half-closed flow stays under a
+    // zero closing timeout.
+    assert_eq!(
+        dp.expire_conntrack(long, Duration::ZERO).expect("expire"),
+        0
+    );
+
+    let mut closed = connect(&c.ns, b.ip, 80, ALLOWED).expect("c -> b:80");
+    round_trip(&mut closed, b"closes");
+    closed
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shutdown");
+    // The server answers the FIN with its own; c's kernel acknowledges it and the socket
+    // waits in TIME_WAIT: both FINs crossed the programs.
+    let mut rest = Vec::new();
+    closed
+        .read_to_end(&mut rest)
+        .expect("the server closes too");
+    drop(closed);
+    eventually("c's socket in TIME_WAIT", || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &c.ns, "ss", "-Htn", "state", "time-wait"])
+            .output()
+            .expect("ss");
+        !out.stdout.is_empty()
+    });
+    // Under a long closing timeout both stay; under a zero one only the closed flow goes.
+    dp.expire_conntrack(long, long).expect("expire");
+    assert!(dp.in_live_connection(IpAddr::V4(c.ip)));
+    let removed = dp.expire_conntrack(long, Duration::ZERO).expect("expire");
+    assert_eq!(removed, 1, "exactly the closed flow expires");
+    assert!(!dp.in_live_connection(IpAddr::V4(c.ip)));
+    assert!(dp.in_live_connection(IpAddr::V4(a.ip)));
+    round_trip(&mut open, b"the open flow is untouched");
+    late_tx.send(()).expect("the half-close server waits");
+    let mut late = [0u8; 14];
+    half.read_exact(&mut late)
+        .expect("the half-closed flow still carries data");
+    assert_eq!(&late, b"after your FIN");
+}
+
+/// An ICMP (v4) or ICMPv6 error of `kind` (type, code) sent from `ns` to `to`, quoting a
+/// UDP packet `quoted_src:sport -> quoted_dst:dport`.
+fn send_icmp_error(
+    ns: &str,
+    to: IpAddr,
+    kind: (u8, u8),
+    quoted_src: IpAddr,
+    quoted_dst: IpAddr,
+    ports: (u16, u16),
+) {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&ports.0.to_be_bytes());
+    udp.extend_from_slice(&ports.1.to_be_bytes());
+    udp.extend_from_slice(&[0, 8, 0, 0]);
+    let (sock, pkt) = match (quoted_src, quoted_dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let sock = in_ns(ns, || {
+                Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).expect("raw")
+            });
+            // The ICMP header, then the quoted IPv4 header and UDP header.
+            let mut pkt = vec![kind.0, kind.1, 0, 0, 0, 0, 0x05, 0xdc];
+            let mut ip = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, PROTO_UDP, 0, 0];
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            let sum = checksum(&ip);
+            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+            pkt.extend_from_slice(&ip);
+            pkt.extend_from_slice(&udp);
+            let sum = checksum(&pkt);
+            pkt[2..4].copy_from_slice(&sum.to_be_bytes());
+            (sock, pkt)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let sock = in_ns(ns, || {
+                Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)).expect("raw")
+            });
+            // The kernel fills ICMPv6 checksums of raw sockets; 1280: an MTU for the
+            // packet-too-big error, unused by the others.
+            let mut pkt = vec![kind.0, kind.1, 0, 0, 0, 0, 0x05, 0x00];
+            pkt.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, PROTO_UDP, 64]);
+            pkt.extend_from_slice(&s.octets());
+            pkt.extend_from_slice(&d.octets());
+            pkt.extend_from_slice(&udp);
+            (sock, pkt)
+        }
+        _ => panic!("mixed families"),
+    };
+    let dst = SocketAddr::new(to, 0);
+    sock.send_to(&pkt, &dst.into())
+        .expect("send the ICMP error");
+}
+
+/// A raw ICMP socket of `ns` for `family` (4 or 6).
+fn icmp_receiver(ns: &str, v6: bool) -> UdpSocket {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = in_ns(ns, || {
+        if v6 {
+            Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)).expect("raw")
+        } else {
+            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).expect("raw")
+        }
+    });
+    UdpSocket::from(s) // only for its safe recv API
+}
+
+/// Whether `sock` receives an ICMP error of `error_type` quoting destination port `dport`
+/// in time.
+fn icmp_error_seen(
+    sock: &UdpSocket,
+    v6: bool,
+    error_type: u8,
+    dport: u16,
+    timeout: Duration,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        sock.set_read_timeout(Some(left)).expect("timeout");
+        let Ok(n) = sock.recv(&mut buf) else {
+            return false;
+        };
+        // IPv4 raw sockets deliver the IP header, IPv6 ones do not.
+        let off = if v6 {
+            0
+        } else {
+            usize::from(buf[0] & 0x0f) * 4
+        };
+        let quoted_l4 = if v6 { off + 8 + 40 } else { off + 8 + 20 };
+        if n >= quoted_l4 + 4
+            && buf[off] == error_type
+            && buf[quoted_l4 + 2..quoted_l4 + 4] == dport.to_be_bytes()
+        {
+            return true;
+        }
+    }
+}
+
+#[test]
+fn icmp_errors_pass_with_their_flow_only() {
+    let lab = Lab::new("icmperr", 3);
+    let mut dp = lab.datapath();
+    let (a, b, c) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
+    // a takes nothing in: an ICMP error reaches it only as part of a flow of its own
+    // (an unrelated one is decided by policy, and its drop counted as unrelated).
+    lab.set_endpoint(&mut dp, 0, endpoint_flags::DEFAULT_DENY_INGRESS);
+    lab.set_endpoint(&mut dp, 1, 0);
+    for (src, dst) in [
+        (IpAddr::V4(a.ip), IpAddr::V4(b.ip)),
+        (IpAddr::V6(a.ip6), IpAddr::V6(b.ip6)),
+    ] {
+        // Nothing listens on b:9999: b's kernel answers port unreachable, which the
+        // programs let back to a, whose connected socket sees the refusal.
+        let client = in_ns(&a.ns, || {
+            UdpSocket::bind(SocketAddr::new(src, 0)).expect("bind")
+        });
+        client.connect(SocketAddr::new(dst, 9999)).expect("connect");
+        client.set_read_timeout(Some(ALLOWED)).expect("timeout");
+        client.send(b"anyone?").expect("send");
+        let mut buf = [0u8; 16];
+        let err = client.recv(&mut buf).expect_err("nothing answers");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{src} -> {dst}:9999: the port unreachable error comes back"
+        );
+
+        // Forged errors from c: one quoting a's tracked flow passes, one quoting a flow
+        // a never had is dropped and counted.
+        let v6 = src.is_ipv6();
+        let sport = match client.local_addr().expect("local addr") {
+            SocketAddr::V4(x) => x.port(),
+            SocketAddr::V6(x) => x.port(),
+        };
+        let receiver = icmp_receiver(&a.ns, v6);
+        let c_ip = if v6 {
+            IpAddr::V6(c.ip6)
+        } else {
+            IpAddr::V4(c.ip)
+        };
+        // Destination unreachable, then fragmentation needed / packet too big, then time
+        // exceeded.
+        let kinds = if v6 {
+            [(1, 4), (2, 0), (3, 0)]
+        } else {
+            [(3, 3), (3, 4), (11, 0)]
+        };
+        let before = dp.drops(drop_reason::ICMP_ERROR_UNRELATED).expect("drops");
+        send_icmp_error(&c.ns, src, kinds[0], src, dst, (sport, 7777));
+        assert!(
+            !icmp_error_seen(&receiver, v6, kinds[0].0, 7777, DENIED),
+            "{c_ip}: an error quoting no flow of a's is dropped"
+        );
+        assert!(dp.drops(drop_reason::ICMP_ERROR_UNRELATED).expect("drops") > before);
+        // Unrelated errors are ICMP like any other for policy: b takes everything in.
+        let b_receiver = icmp_receiver(&b.ns, v6);
+        send_icmp_error(&c.ns, dst, kinds[0], dst, src, (7777, 7777));
+        assert!(
+            icmp_error_seen(&b_receiver, v6, kinds[0].0, 7777, ALLOWED),
+            "b, without ingress policy, gets an unrelated error"
+        );
+        for kind in kinds {
+            send_icmp_error(&c.ns, src, kind, src, dst, (sport, 9999));
+            assert!(
+                icmp_error_seen(&receiver, v6, kind.0, 9999, ALLOWED),
+                "{c_ip}: an error {kind:?} quoting a's flow passes"
+            );
+        }
+    }
+}
+
+/// A raw IPv6 socket of `ns` that sends whole packets (IPPROTO_RAW: header included).
+fn raw_ipv6_sender(ns: &str) -> socket2::Socket {
+    in_ns(ns, || {
+        socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(255)),
+        )
+        .expect("raw IPv6 socket")
+    })
+}
+
+/// An IPv6 packet `src -> dst` whose SCTP header (to `port`) follows hop-by-hop,
+/// destination options, routing (no segments left) and fragment headers. `frag_offset`
+/// (in 8-byte units) other than 0 makes it a later fragment.
+fn sctp6_with_extension_headers(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    port: u16,
+    frag_offset: u16,
+) -> Vec<u8> {
+    const SCTP: u8 = PROTO_SCTP;
+    let mut ext = Vec::new();
+    // hop-by-hop -> destination options: PadN of 4 bytes
+    ext.extend_from_slice(&[60, 0, 1, 4, 0, 0, 0, 0]);
+    // destination options -> routing
+    ext.extend_from_slice(&[43, 0, 1, 4, 0, 0, 0, 0]);
+    // routing (type 253, experimental, 0 segments left) -> fragment
+    ext.extend_from_slice(&[44, 0, 253, 0, 0, 0, 0, 0]);
+    // fragment -> SCTP: offset, M = 0, identification
+    let fo = (frag_offset << 3).to_be_bytes();
+    ext.extend_from_slice(&[SCTP, 0, fo[0], fo[1], 0, 0, 0x12, 0x34]);
+    let mut sctp = vec![0u8; 16];
+    sctp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    sctp[2..4].copy_from_slice(&port.to_be_bytes());
+    sctp[15] = 4; // an empty DATA chunk
+    let payload_len = (ext.len() + sctp.len()) as u16;
+    let mut pkt = vec![0x60, 0, 0, 0];
+    pkt.extend_from_slice(&payload_len.to_be_bytes());
+    pkt.extend_from_slice(&[0, 64]); // next: hop-by-hop; hop limit
+    pkt.extend_from_slice(&src.octets());
+    pkt.extend_from_slice(&dst.octets());
+    pkt.extend_from_slice(&ext);
+    pkt.extend_from_slice(&sctp);
+    pkt
+}
+
+/// An IPv6 packet `src -> dst` whose SCTP header (to `port`) follows `n` destination
+/// options headers.
+fn sctp6_with_dstopts(src: Ipv6Addr, dst: Ipv6Addr, port: u16, n: usize) -> Vec<u8> {
+    let mut ext = Vec::new();
+    for i in 0..n {
+        let next = if i + 1 == n { PROTO_SCTP } else { 60 };
+        ext.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    let mut sctp = vec![0u8; 16];
+    sctp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    sctp[2..4].copy_from_slice(&port.to_be_bytes());
+    sctp[15] = 4;
+    let payload_len = (ext.len() + sctp.len()) as u16;
+    let mut pkt = vec![0x60, 0, 0, 0];
+    pkt.extend_from_slice(&payload_len.to_be_bytes());
+    pkt.extend_from_slice(&[60, 64]); // next: destination options; hop limit
+    pkt.extend_from_slice(&src.octets());
+    pkt.extend_from_slice(&dst.octets());
+    pkt.extend_from_slice(&ext);
+    pkt.extend_from_slice(&sctp);
+    pkt
+}
+
+/// Whether a raw SCTP socket (IPv6: no IP header delivered) sees a packet to `port`.
+fn sctp6_seen(receiver: &UdpSocket, port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        receiver.set_read_timeout(Some(left)).expect("timeout");
+        let Ok(n) = receiver.recv(&mut buf) else {
+            return false;
+        };
+        if n >= 4 && buf[2..4] == port.to_be_bytes() {
+            return true;
+        }
+    }
+}
+
+#[test]
+fn sctp_over_ipv6_with_extension_headers() {
+    let lab = Lab::new("ipv6ext", 2);
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    lab.set_endpoint(&mut dp, 1, endpoint_flags::DEFAULT_DENY_INGRESS);
+    dp.insert_policy(&[entry_proto(
+        PROTO_SCTP,
+        b.endpoint_id,
+        DIR_INGRESS,
+        a.identity,
+        Some(3868),
+        action::ALLOW,
+        0,
+    )])
+    .expect("policy");
+    let receiver = in_ns(&b.ns, || {
+        socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(i32::from(PROTO_SCTP))),
+        )
+        .expect("raw SCTP socket")
+    });
+    let receiver = UdpSocket::from(receiver); // only for its safe recv API
+    let to = SocketAddr::V6(SocketAddrV6::new(b.ip6, 0, 0, 0));
+
+    // Plain SCTP over IPv6, by port.
+    let plain = in_ns(&a.ns, || {
+        socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(i32::from(PROTO_SCTP))),
+        )
+        .expect("raw SCTP socket")
+    });
+    for (port, allowed) in [(3868u16, true), (3869, false)] {
+        let mut sctp = vec![0u8; 16];
+        sctp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        sctp[2..4].copy_from_slice(&port.to_be_bytes());
+        sctp[15] = 4;
+        plain.send_to(&sctp, &to.into()).expect("send");
+        let wait = if allowed { ALLOWED } else { DENIED };
+        assert_eq!(
+            sctp6_seen(&receiver, port, wait),
+            allowed,
+            "plain SCTP/IPv6 to {port}"
+        );
+    }
+
+    // The same behind four extension headers: the programs find the SCTP header.
+    let sender = raw_ipv6_sender(&a.ns);
+    for (port, allowed) in [(3868u16, true), (3869, false)] {
+        let pkt = sctp6_with_extension_headers(a.ip6, b.ip6, port, 0);
+        sender.send_to(&pkt, &to.into()).expect("send");
+        let wait = if allowed { ALLOWED } else { DENIED };
+        assert_eq!(
+            sctp6_seen(&receiver, port, wait),
+            allowed,
+            "SCTP/IPv6 to {port} behind extension headers"
+        );
+    }
+    // Eight extension headers are followed; a ninth would hide the ports from policy and
+    // the packet is dropped as malformed.
+    sender
+        .send_to(&sctp6_with_dstopts(a.ip6, b.ip6, 3868, 8), &to.into())
+        .expect("send");
+    assert!(
+        sctp6_seen(&receiver, 3868, ALLOWED),
+        "8 headers, allowed port"
+    );
+    let malformed = dp.drops(drop_reason::MALFORMED).expect("drops");
+    sender
+        .send_to(&sctp6_with_dstopts(a.ip6, b.ip6, 3868, 9), &to.into())
+        .expect("send");
+    assert!(
+        !sctp6_seen(&receiver, 3868, DENIED),
+        "9 headers are dropped"
+    );
+    assert!(dp.drops(drop_reason::MALFORMED).expect("drops") > malformed);
+
+    // A later fragment has no ports: only a port-wildcard entry could let it through.
+    let before = dp.drops(drop_reason::POLICY_DEFAULT_DENY).expect("drops");
+    let pkt = sctp6_with_extension_headers(a.ip6, b.ip6, 3868, 100);
+    sender.send_to(&pkt, &to.into()).expect("send");
+    eventually("the later fragment is dropped", || {
+        dp.drops(drop_reason::POLICY_DEFAULT_DENY).expect("drops") > before
+    });
+    assert!(dp.drain_events().iter().any(|e| e.family == 6
+        && e.protocol == PROTO_SCTP
+        && e.dport == [0, 0]
+        && e.saddr6 == a.ip6.octets()));
 }

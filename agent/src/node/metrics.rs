@@ -129,6 +129,7 @@ pub fn reason_name(reason: u32) -> &'static str {
         r::REDIRECT_UNSUPPORTED => "redirect_unsupported",
         r::MALFORMED => "malformed",
         r::SK_ASSIGN_FAILED => "sk_assign_failed",
+        r::ICMP_ERROR_UNRELATED => "icmp_error_unrelated",
         _ => "other",
     }
 }

@@ -508,7 +508,7 @@ impl Reconciler {
                 Err(p) => p.into_inner(),
             };
             let events = dp.drain_events();
-            let counts: Vec<(u32, u64)> = (1..=drop_reason::SK_ASSIGN_FAILED)
+            let counts: Vec<(u32, u64)> = (1..drop_reason::COUNT)
                 .filter_map(|r| dp.drops(r).ok().map(|c| (r, c)))
                 .collect();
             (events, counts, dp.events_suppressed().unwrap_or(0))
@@ -534,7 +534,7 @@ impl Reconciler {
                     .inc_by(delta);
             }
             *seen = c;
-            by_name.insert(reason_name(r), c);
+            *by_name.entry(reason_name(r)).or_insert(0) += c;
         }
         self.metrics
             .events_suppressed

@@ -197,8 +197,14 @@ impl CtKeyV6 {
 pub mod ct_flags {
     /// The flow was redirected to a proxy.
     pub const PROXIED: u32 = 1 << 0;
-    /// A TCP FIN or RST was seen: the entry may be reused by a new flow.
+    /// The TCP flow is closed: an RST was seen, or a FIN in each direction. The entry
+    /// expires under the (short) closing timeout and a new SYN on the tuple is decided
+    /// by policy again.
     pub const CLOSING: u32 = 1 << 1;
+    /// A FIN from the side that opened the flow (the key's source) was seen.
+    pub const FIN_ORIGINAL: u32 = 1 << 2;
+    /// A FIN from the side that answered (the key's destination) was seen.
+    pub const FIN_REPLY: u32 = 1 << 3;
 }
 
 #[repr(C)]
@@ -220,6 +226,9 @@ pub mod drop_reason {
     pub const REDIRECT_UNSUPPORTED: u32 = 4;
     pub const MALFORMED: u32 = 5;
     pub const SK_ASSIGN_FAILED: u32 = 6;
+    /// An ICMP error (unreachable, packet too big, time exceeded, parameter problem)
+    /// whose quoted packet belongs to no tracked flow.
+    pub const ICMP_ERROR_UNRELATED: u32 = 7;
     pub const COUNT: u32 = 16;
 }
 

@@ -85,6 +85,23 @@ const ICMPV6_ECHO_REPLY: u8 = 129;
 /// ICMPv6 router solicitation .. redirect (133..=137).
 const ICMPV6_ND_FIRST: u8 = 133;
 const ICMPV6_ND_LAST: u8 = 137;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// ICMPv6 destination unreachable, packet too big, time exceeded, parameter problem.
+const ICMPV6_ERROR_FIRST: u8 = 1;
+const ICMPV6_ERROR_LAST: u8 = 4;
+/// The ICMP header before the quoted packet of an error.
+const ICMP_ERROR_HLEN: usize = 8;
+/// IPv6 extension headers skipped to reach the transport header.
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AH: u8 = 51;
+const IPV6_DSTOPTS: u8 = 60;
+/// Extension headers followed at most (a bounded loop for the verifier); a packet with
+/// more is dropped as malformed.
+const IPV6_MAX_EXT_HEADERS: usize = 8;
 const BPF_F_CURRENT_NETNS: u64 = u64::MAX; // -1
 const BPF_TCP_TIME_WAIT: u32 = 6;
 const BPF_TCP_LISTEN: u32 = 10;
@@ -100,6 +117,12 @@ struct Packet<T> {
     /// What policy keys call the port: the destination port, or the ICMP type.
     port: [u8; 2],
     tcp_flags: u8,
+    /// An ICMP error (destination unreachable, packet too big, time exceeded, parameter
+    /// problem): it passes only as part of the flow it quotes.
+    icmp_error: bool,
+    /// Whether the packet an ICMP error quotes belongs to a tracked flow (either
+    /// direction: the quoted packet is one the error's receiver sent).
+    quoted_tracked: bool,
 }
 
 enum Parsed {
@@ -253,8 +276,8 @@ impl Flow for CtKeyV6 {
 #[classifier]
 pub fn ward_from_pod(ctx: TcContext) -> i32 {
     let r = match parse(&ctx) {
-        Ok(Parsed::V4(p)) => from_pod(&ctx, p),
-        Ok(Parsed::V6(p)) => from_pod(&ctx, p),
+        Ok(Parsed::V4(p)) => Ok(from_pod(&ctx, p)),
+        Ok(Parsed::V6(p)) => Ok(from_pod(&ctx, p)),
         Ok(Parsed::Other) => Ok(TC_ACT_OK),
         Err(()) => Err(()),
     };
@@ -278,23 +301,32 @@ pub fn ward_to_pod(ctx: TcContext) -> i32 {
     }
 }
 
-#[inline(always)]
-fn from_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>) -> Result<i32, ()> {
+// Not inlined: the IPv4 and IPv6 instances get frames of their own rather than adding
+// up in the program's, which keeps the combined stack of the deepest call chain (with the
+// ICMP-error lookups called from `parse`) under the verifier's 512 bytes.
+#[inline(never)]
+fn from_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>) -> i32 {
     if proxy_marked(ctx) {
-        return Ok(TC_ACT_OK);
+        return TC_ACT_OK;
     }
     let t = &pkt.tuple;
 
     // 1. A local socket that owns this exact tuple: a flow that a proxy already took, or
     //    a reply to a proxy's transparent upstream connection.
     if let Some(r) = assign_established(ctx, t) {
-        return Ok(r);
+        return r;
     }
 
     // 2. Conntrack: replies and established flows pass. Proxied flows without their
-    //    socket fall through to policy, which redirects again or fails closed.
-    if ct_hit(t, pkt.tcp_flags) {
-        return Ok(TC_ACT_OK);
+    //    socket fall through to policy, which redirects again or fails closed. An ICMP
+    //    error passes as part of the flow it quotes; one quoting no tracked flow is
+    //    decided by policy (as ICMP of its type), never by conntrack.
+    if pkt.icmp_error {
+        if pkt.quoted_tracked {
+            return TC_ACT_OK;
+        }
+    } else if ct_hit(t, pkt.tcp_flags) {
+        return TC_ACT_OK;
     }
 
     // 3. Policy: the source's egress and, for a local destination, its ingress.
@@ -318,12 +350,34 @@ fn from_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>) -> Result<i32, ()> {
         v = v.combine(i);
     }
     match v.action {
-        action::DENY => Ok(drop(ctx, Some(t), v.reason, src_id, dst_id, dir, v.cookie)),
-        action::REDIRECT => Ok(redirect(ctx, t, v, src_id, dst_id, dir)),
+        action::DENY => drop(
+            ctx,
+            Some(t),
+            deny_reason(&pkt, v),
+            src_id,
+            dst_id,
+            dir,
+            v.cookie,
+        ),
+        action::REDIRECT => redirect(ctx, t, v, src_id, dst_id, dir),
         _ => {
-            ct_create(t, 0, BPF_ANY);
-            Ok(TC_ACT_OK)
+            // An allowed ICMP error opens no flow of its own.
+            if !pkt.icmp_error {
+                ct_create(t, 0, BPF_ANY);
+            }
+            TC_ACT_OK
         }
+    }
+}
+
+/// The drop reason of a denied packet: an ICMP error that quotes no tracked flow is
+/// counted as such, whatever entry or default denied it.
+#[inline(always)]
+fn deny_reason<T>(pkt: &Packet<T>, v: Verdict) -> u32 {
+    if pkt.icmp_error {
+        drop_reason::ICMP_ERROR_UNRELATED
+    } else {
+        v.reason
     }
 }
 
@@ -331,8 +385,8 @@ fn from_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>) -> Result<i32, ()> {
 #[classifier]
 pub fn ward_from_uplink(ctx: TcContext) -> i32 {
     let r = match parse(&ctx) {
-        Ok(Parsed::V4(p)) => to_local_pod(&ctx, p, true),
-        Ok(Parsed::V6(p)) => to_local_pod(&ctx, p, true),
+        Ok(Parsed::V4(p)) => Ok(to_local_pod(&ctx, p, true)),
+        Ok(Parsed::V6(p)) => Ok(to_local_pod(&ctx, p, true)),
         Ok(Parsed::Other) => Ok(TC_ACT_OK),
         Err(()) => Err(()),
     };
@@ -344,49 +398,54 @@ pub fn ward_from_uplink(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn to_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>) -> Result<i32, ()> {
-    to_local_pod(ctx, pkt, false)
+    Ok(to_local_pod(ctx, pkt, false))
 }
 
 /// The ingress policy of the local pod a packet is for. `at_ingress`: the hook can
 /// redirect (tc ingress of an uplink) and owns the exact-socket lookup for the replies
 /// to the proxies' transparent upstream connections.
-#[inline(always)]
-fn to_local_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>, at_ingress: bool) -> Result<i32, ()> {
+// Not inlined, as `from_pod`.
+#[inline(never)]
+fn to_local_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>, at_ingress: bool) -> i32 {
     let t = &pkt.tuple;
     if at_ingress {
         if let Some(r) = assign_established(ctx, t) {
-            return Ok(r);
+            return r;
         }
     }
     if proxy_marked(ctx) {
         // A proxy's upstream connection: the proxy enforced policy already. Tracked, so
         // that the pod's replies pass whatever its egress policy says.
         ct_create(t, 0, BPF_NOEXIST);
-        return Ok(TC_ACT_OK);
+        return TC_ACT_OK;
     }
-    if ct_hit(t, pkt.tcp_flags) {
-        return Ok(TC_ACT_OK);
+    if pkt.icmp_error {
+        if pkt.quoted_tracked {
+            return TC_ACT_OK;
+        }
+    } else if ct_hit(t, pkt.tcp_flags) {
+        return TC_ACT_OK;
     }
     let Some(dst) = t.dst_endpoint() else {
-        return Ok(TC_ACT_OK);
+        return TC_ACT_OK;
     };
     let src_id = t.src_identity();
     let dst_id = dst.identity;
     let v = side_verdict(Some(dst), DIR_INGRESS, src_id, t.protocol(), pkt.port);
     match v.action {
-        action::DENY => Ok(drop(
+        action::DENY => drop(
             ctx,
             Some(t),
-            v.reason,
+            deny_reason(&pkt, v),
             src_id,
             dst_id,
             DIR_INGRESS,
             v.cookie,
-        )),
-        action::REDIRECT if at_ingress => Ok(redirect(ctx, t, v, src_id, dst_id, DIR_INGRESS)),
+        ),
+        action::REDIRECT if at_ingress => redirect(ctx, t, v, src_id, dst_id, DIR_INGRESS),
         // bpf_sk_assign works only at ingress hooks; flows from other nodes are
         // redirected at the uplink's ingress, so reaching this is a configuration gap.
-        action::REDIRECT => Ok(drop(
+        action::REDIRECT => drop(
             ctx,
             Some(t),
             drop_reason::REDIRECT_UNSUPPORTED,
@@ -394,10 +453,12 @@ fn to_local_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>, at_ingress: bool) -> R
             dst_id,
             DIR_INGRESS,
             v.cookie,
-        )),
+        ),
         _ => {
-            ct_create(t, 0, BPF_ANY);
-            Ok(TC_ACT_OK)
+            if !pkt.icmp_error {
+                ct_create(t, 0, BPF_ANY);
+            }
+            TC_ACT_OK
         }
     }
 }
@@ -443,45 +504,200 @@ fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
     } else {
         ([0; 2], 0)
     };
+    let icmp_error = first_fragment
+        && protocol == PROTO_ICMP
+        && matches!(
+            port[1],
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+        );
+    let quoted_tracked = icmp_error && quoted_v4_tracked(ctx, ETH_HLEN + ihl + ICMP_ERROR_HLEN);
     Ok(Parsed::V4(Packet {
         tuple,
         port,
         tcp_flags,
+        icmp_error,
+        quoted_tracked,
     }))
 }
 
-/// IPv6 without extension headers: a packet whose next header is not a transport
-/// protocol (fragments, options) keeps zero ports and matches only wildcard entries.
+/// Whether the IPv4 packet an ICMP error quotes at `off` belongs to a tracked flow
+/// (either direction). Its own function (a BPF-to-BPF call), kept lean: its frame adds
+/// to the caller's under the verifier's 512-byte limit.
+#[inline(never)]
+fn quoted_v4_tracked(ctx: &TcContext, off: usize) -> bool {
+    let Ok(ver_ihl) = ctx.load::<u8>(off) else {
+        return false;
+    };
+    let ihl = ((ver_ihl & 0x0f) as usize) * 4;
+    if ver_ihl >> 4 != 4 || ihl < 20 {
+        return false;
+    }
+    let mut t = CtKeyV4::default();
+    let (Ok(saddr), Ok(daddr)) = (ctx.load(off + 12), ctx.load(off + 16)) else {
+        return false;
+    };
+    t.saddr = saddr;
+    t.daddr = daddr;
+    let Ok(protocol) = ctx.load::<u8>(off + 9) else {
+        return false;
+    };
+    t.protocol = protocol;
+    if quoted_ports(ctx, off + ihl, protocol, &mut t.sport, &mut t.dport).is_none() {
+        return false;
+    }
+    if CONNTRACK_V4.get_ptr(&t).is_some() {
+        return true;
+    }
+    core::mem::swap(&mut t.saddr, &mut t.daddr);
+    core::mem::swap(&mut t.sport, &mut t.dport);
+    CONNTRACK_V4.get_ptr(&t).is_some()
+}
+
+/// As `quoted_v4_tracked`, for IPv6 (the quoted transport header right after the fixed
+/// header).
+#[inline(never)]
+fn quoted_v6_tracked(ctx: &TcContext, off: usize) -> bool {
+    let Ok(ver) = ctx.load::<u8>(off) else {
+        return false;
+    };
+    if ver >> 4 != 6 {
+        return false;
+    }
+    let mut t = CtKeyV6::default();
+    let (Ok(saddr), Ok(daddr)) = (ctx.load(off + 8), ctx.load(off + 24)) else {
+        return false;
+    };
+    t.saddr = saddr;
+    t.daddr = daddr;
+    let Ok(protocol) = ctx.load::<u8>(off + 6) else {
+        return false;
+    };
+    t.protocol = protocol;
+    if quoted_ports(ctx, off + 40, protocol, &mut t.sport, &mut t.dport).is_none() {
+        return false;
+    }
+    if CONNTRACK_V6.get_ptr(&t).is_some() {
+        return true;
+    }
+    core::mem::swap(&mut t.saddr, &mut t.daddr);
+    core::mem::swap(&mut t.sport, &mut t.dport);
+    CONNTRACK_V6.get_ptr(&t).is_some()
+}
+
+/// The ports of a quoted packet, as `l4` puts them in a tuple. Only the first 8 bytes of
+/// the quoted transport header are read: that much every ICMP error carries.
+#[inline(always)]
+fn quoted_ports(
+    ctx: &TcContext,
+    off: usize,
+    protocol: u8,
+    sport: &mut [u8; 2],
+    dport: &mut [u8; 2],
+) -> Option<()> {
+    match protocol {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
+            *sport = ctx.load(off).ok()?;
+            *dport = ctx.load(off + 2).ok()?;
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let ty: u8 = ctx.load(off).ok()?;
+            let (request, reply) = if protocol == PROTO_ICMP {
+                (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY)
+            } else {
+                (ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY)
+            };
+            if ty == request {
+                *sport = ctx.load(off + 4).ok()?;
+            } else if ty == reply {
+                *dport = ctx.load(off + 4).ok()?;
+            }
+        }
+        _ => {}
+    }
+    Some(())
+}
+
+/// IPv6: extension headers (hop-by-hop, routing, destination options, AH, fragment) are
+/// skipped to reach the transport header, in a bounded loop. A later fragment carries no
+/// transport header: it keeps zero ports and matches only port-wildcard entries.
 #[inline(always)]
 fn parse_v6(ctx: &TcContext) -> Result<Parsed, ()> {
     let ver: u8 = ctx.load(ETH_HLEN).map_err(|_| ())?;
     if ver >> 4 != 6 {
         return Err(());
     }
-    let protocol: u8 = ctx.load(ETH_HLEN + 6).map_err(|_| ())?;
+    let mut protocol: u8 = ctx.load(ETH_HLEN + 6).map_err(|_| ())?;
     let saddr: [u8; 16] = ctx.load(ETH_HLEN + 8).map_err(|_| ())?;
     let daddr: [u8; 16] = ctx.load(ETH_HLEN + 24).map_err(|_| ())?;
+    let mut off = ETH_HLEN + 40;
+    let mut later_fragment = false;
+    let mut reached = false;
+    // One round more than headers: the last finds the transport header.
+    for _ in 0..IPV6_MAX_EXT_HEADERS + 1 {
+        match protocol {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                let next: u8 = ctx.load(off).map_err(|_| ())?;
+                let len: u8 = ctx.load(off + 1).map_err(|_| ())?;
+                protocol = next;
+                off += (len as usize + 1) * 8;
+            }
+            IPV6_AH => {
+                let next: u8 = ctx.load(off).map_err(|_| ())?;
+                let len: u8 = ctx.load(off + 1).map_err(|_| ())?;
+                protocol = next;
+                off += (len as usize + 2) * 4;
+            }
+            IPV6_FRAGMENT => {
+                let next: u8 = ctx.load(off).map_err(|_| ())?;
+                let frag: u16 = u16::from_be(ctx.load::<u16>(off + 2).map_err(|_| ())?);
+                protocol = next;
+                off += 8;
+                if frag & 0xfff8 != 0 {
+                    later_fragment = true;
+                    reached = true;
+                    break;
+                }
+            }
+            _ => {
+                reached = true;
+                break;
+            }
+        }
+    }
+    if !reached {
+        // More extension headers than followed: the transport header (and its ports)
+        // would stay hidden from policy, so that a port deny could be passed by adding
+        // headers. Dropped as malformed.
+        return Err(());
+    }
     let mut tuple = CtKeyV6 {
         saddr,
         daddr,
         protocol,
         ..CtKeyV6::default()
     };
-    let (port, tcp_flags) = l4(
-        ctx,
-        ETH_HLEN + 40,
-        protocol,
-        &mut tuple.sport,
-        &mut tuple.dport,
-    )?;
-    if protocol == PROTO_ICMPV6 && port[1] >= ICMPV6_ND_FIRST && port[1] <= ICMPV6_ND_LAST {
+    let (port, tcp_flags) = if later_fragment {
+        ([0; 2], 0)
+    } else {
+        l4(ctx, off, protocol, &mut tuple.sport, &mut tuple.dport)?
+    };
+    if later_fragment {
+        // No ICMPv6 header to read: not an error, not discovery.
+    } else if protocol == PROTO_ICMPV6 && port[1] >= ICMPV6_ND_FIRST && port[1] <= ICMPV6_ND_LAST {
         // Router and neighbour discovery: the link itself, never policy's business.
         return Ok(Parsed::Other);
     }
+    let icmp_error = !later_fragment
+        && protocol == PROTO_ICMPV6
+        && port[1] >= ICMPV6_ERROR_FIRST
+        && port[1] <= ICMPV6_ERROR_LAST;
+    let quoted_tracked = icmp_error && quoted_v6_tracked(ctx, off + ICMP_ERROR_HLEN);
     Ok(Parsed::V6(Packet {
         tuple,
         port,
         tcp_flags,
+        icmp_error,
+        quoted_tracked,
     }))
 }
 
@@ -635,7 +851,7 @@ fn ct_hit<T: Flow>(t: &T, tcp_flags: u8) -> bool {
         v.last_seen_ns = now();
         v.packets = v.packets.wrapping_add(1);
         if closing {
-            v.flags |= ct_flags::CLOSING;
+            v.flags = closing_flags(v.flags, tcp_flags, ct_flags::FIN_ORIGINAL);
         }
         return true;
     }
@@ -648,11 +864,26 @@ fn ct_hit<T: Flow>(t: &T, tcp_flags: u8) -> bool {
         }
         v.last_seen_ns = now();
         if closing {
-            v.flags |= ct_flags::CLOSING;
+            v.flags = closing_flags(v.flags, tcp_flags, ct_flags::FIN_REPLY);
         }
         return true;
     }
     false
+}
+
+/// The conntrack flags after a FIN or RST: a FIN marks its side; an RST, or FINs from
+/// both sides, close the flow.
+#[inline(always)]
+fn closing_flags(flags: u32, tcp_flags: u8, fin_side: u32) -> u32 {
+    let mut f = flags;
+    if tcp_flags & TCP_FIN != 0 {
+        f |= fin_side;
+    }
+    let both = ct_flags::FIN_ORIGINAL | ct_flags::FIN_REPLY;
+    if tcp_flags & TCP_RST != 0 || f & both == both {
+        f |= ct_flags::CLOSING;
+    }
+    f
 }
 
 #[inline(always)]
