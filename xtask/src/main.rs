@@ -3,6 +3,8 @@
 //! Every task installs what it needs when it is missing, so that a newcomer on a fresh
 //! machine (and CI) runs the same two commands the README shows.
 
+mod loadtest;
+
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -20,6 +22,10 @@ tasks:
                   run a fuzz target (policy, http1 or handle; default policy, 60 s)
                   with cargo-fuzz on nightly
   bench           run the criterion benchmarks
+  loadtest [proxy|datapath|dns|all] [--quick]
+                  Ward's proxies and datapath against their peers (HAProxy, nginx,
+                  dnsmasq, no program) in network namespaces; writes loadtests/REPORT.md
+                  (--quick: short runs, report in target/loadtest/REPORT-quick.md)
 ";
 
 fn main() -> ExitCode {
@@ -33,6 +39,7 @@ fn main() -> ExitCode {
             args.get(2).map(String::as_str),
         ),
         Some("bench") => bench(),
+        Some("loadtest") => loadtest::loadtest(&args[1..]),
         _ => {
             eprint!("{USAGE}");
             return ExitCode::from(2);
