@@ -14,9 +14,11 @@
 //! Each scenario measures iperf3 throughput (one TCP stream) and a netperf-style TCP_RR
 //! rate (one connection, one byte each way, client and server on different CPUs; netperf
 //! is in Debian's non-free section, so this is written here). It prints one line per
-//! scenario: `RESULT <scenario> <iperf3 Mbit/s> <transactions/s>`.
+//! scenario: `RESULT <scenario> <iperf3 Mbit/s> <transactions/s>`. With ROUNDS > 1 the
+//! three scenarios repeat in turn (programs detached and attached again, the 1,000
+//! entries removed and inserted again), so that the machine's drift touches all alike.
 //!
-//! Usage: `datapath_load SECONDS`
+//! Usage: `datapath_load SECONDS [ROUNDS]`
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -299,6 +301,10 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
+    let rounds: u32 = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     assert!(
         nix::unistd::Uid::effective().is_root(),
         "the datapath load test needs root (network namespaces, BPF)"
@@ -324,16 +330,9 @@ fn main() {
     rr_server(&lab, stop.clone());
     wait_listening(&b.ns, IPERF_PORT);
 
-    measure(&lab, "none", secs);
-
     let root = lab.root.clone();
-    let veths: Vec<String> = lab.pods.iter().map(|p| p.veth.clone()).collect();
     let mut dp = in_ns(&lab.node, None, move || {
-        let mut dp = Datapath::load(&root).expect("load the datapath");
-        for v in &veths {
-            dp.attach(v).expect("attach");
-        }
-        dp
+        Datapath::load(&root).expect("load the datapath")
     })
     .join()
     .expect("load thread");
@@ -354,15 +353,37 @@ fn main() {
         allow.push(entry(b.endpoint_id, DIR_INGRESS, a.identity, port));
     }
     dp.insert_policy(&allow).expect("policy");
-    measure(&lab, "allow", secs);
-
     let mut more = Vec::new();
     for i in 0..500u16 {
         let identity = 50_000 + u32::from(i);
         more.push(entry(a.endpoint_id, DIR_EGRESS, identity, 10_000 + i));
         more.push(entry(b.endpoint_id, DIR_INGRESS, identity, 10_000 + i));
     }
-    dp.insert_policy(&more).expect("policy");
-    measure(&lab, "allow+1k", secs);
+    let veths: Vec<String> = lab.pods.iter().map(|p| p.veth.clone()).collect();
+    for _ in 0..rounds {
+        measure(&lab, "none", secs);
+        let v = veths.clone();
+        dp = in_ns(&lab.node, None, move || {
+            for v in &v {
+                dp.attach(v).expect("attach");
+            }
+            dp
+        })
+        .join()
+        .expect("attach thread");
+        measure(&lab, "allow", secs);
+        dp.insert_policy(&more).expect("policy");
+        measure(&lab, "allow+1k", secs);
+        dp.remove_policy(&more).expect("policy");
+        let v = veths.clone();
+        dp = in_ns(&lab.node, None, move || {
+            for v in &v {
+                dp.detach(v).expect("detach");
+            }
+            dp
+        })
+        .join()
+        .expect("detach thread");
+    }
     stop.store(true, Ordering::Relaxed);
 }

@@ -7,7 +7,10 @@
 use std::fmt::Write as _;
 use std::process::Command;
 
+use super::parse::percentile;
 use super::{output, ratio, Ctx};
+
+const SCENARIOS: [&str; 3] = ["none", "allow", "allow+1k"];
 use crate::{build_ebpf, cargo, root, run as run_cmd, Result};
 
 struct Row {
@@ -34,7 +37,7 @@ fn rows(out: &str) -> Vec<Row> {
 }
 
 pub fn run(ctx: &mut Ctx) -> Result<String> {
-    let secs = if ctx.quick { 2 } else { 10 };
+    let (secs, rounds) = if ctx.quick { (2, 1) } else { (5, 3) };
     build_ebpf()?;
     run_cmd(cargo().args([
         "build",
@@ -47,8 +50,26 @@ pub fn run(ctx: &mut Ctx) -> Result<String> {
     ]))?;
     eprintln!("loadtest datapath: none, allow, allow+1k");
     let exe = root().join("target/release/examples/datapath_load");
-    let out = output(ctx, Command::new(&exe).arg(secs.to_string()))?;
-    let rows = rows(&out);
+    let out = output(
+        ctx,
+        Command::new(&exe).args([secs.to_string(), rounds.to_string()]),
+    )?;
+    let all = rows(&out);
+    // the median of the rounds, per scenario and measure
+    let rows: Vec<Row> = SCENARIOS
+        .iter()
+        .filter_map(|name| {
+            let of = |f: fn(&Row) -> f64| {
+                let mut v: Vec<f64> = all.iter().filter(|r| r.name == *name).map(f).collect();
+                percentile(&mut v, 50.0)
+            };
+            Some(Row {
+                name: name.to_string(),
+                mbps: of(|r| r.mbps)?,
+                rr: of(|r| r.rr)?,
+            })
+        })
+        .collect();
     let base = rows
         .iter()
         .find(|r| r.name == "none")
@@ -60,8 +81,10 @@ pub fn run(ctx: &mut Ctx) -> Result<String> {
          routes between them. Scenarios in one run: `none` (no program), `allow` (Ward's TC \
          programs on both pod veths, both endpoints default-deny both ways, allow entries \
          for the test ports: every packet goes through policy and conntrack), `allow+1k` \
-         (1,000 more policy entries). iperf3: one TCP stream for {secs} s, client on CPU \
-         0, server on CPU 1. TCP_RR: one connection, 1 byte each way, {secs} s, client \
+         (1,000 more policy entries), repeated in turn for {rounds} round(s) (programs \
+         detached and attached again between rounds); the table shows each measure's \
+         median over the rounds, every round is listed below it. iperf3: one TCP stream for \
+         {secs} s, client on CPU 0, server on CPU 1. TCP_RR: one connection, 1 byte each way, {secs} s, client \
          thread on CPU 0, server thread on CPU 1 (netperf is in Debian non-free; the \
          example measures TCP_RR itself). The redirect through a transparent proxy is not \
          measured.\n"
@@ -86,7 +109,13 @@ pub fn run(ctx: &mut Ctx) -> Result<String> {
             us - base_us
         );
     }
-    s.push('\n');
+    s.push_str("\nEvery round (scenario: Mbit/s, trans/s): ");
+    let each: Vec<String> = all
+        .iter()
+        .map(|r| format!("{} {:.0}, {:.0}", r.name, r.mbps, r.rr))
+        .collect();
+    s.push_str(&each.join("; "));
+    s.push_str("\n\n");
     Ok(s)
 }
 

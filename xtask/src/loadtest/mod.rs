@@ -295,14 +295,12 @@ fn machine() -> String {
     let _ = writeln!(
         s,
         "- tools: {}; {}; {}; {}; {}; {}",
-        sh_line("haproxy -v | head -1"),
+        sh_line("haproxy -v | head -1 | cut -d' ' -f1-3"),
         sh_line("nginx -v 2>&1"),
         sh_line("wrk -v 2>&1 | head -1"),
         sh_line("h2load --version"),
         sh_line("iperf3 -v | head -1"),
-        sh_line(
-            "dnsperf -h 2>&1 | grep -m1 -i version; dpkg-query -W -f='dnsperf ${Version}' dnsperf"
-        ),
+        sh_line("dpkg-query -W -f='dnsperf ${Version}' dnsperf"),
     );
     s
 }
