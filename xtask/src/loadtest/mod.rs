@@ -82,7 +82,8 @@ pub struct Ctx {
     pub ward: PathBuf,
     pub work: PathBuf,
     pub quick: bool,
-    /// Commands as the report shows them.
+    /// Commands as the report shows them (paths relative to the checkout, scratch files
+    /// under `$WORK`), each once.
     pub commands: Vec<String>,
 }
 
@@ -93,8 +94,13 @@ impl Ctx {
             s.push(' ');
             s.push_str(&a.to_string_lossy());
         }
-        self.commands
-            .push(s.replace(&self.work.display().to_string(), "$WORK"));
+        let s = s
+            .replace(&self.work.display().to_string(), "$WORK")
+            .replace(&format!("{}/", root().display()), "");
+        // each distinct command once, in the order first run
+        if !self.commands.contains(&s) {
+            self.commands.push(s);
+        }
     }
 }
 
