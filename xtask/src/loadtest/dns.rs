@@ -83,7 +83,7 @@ fn measure(
     subject: Option<&Proc>,
     queries: &Path,
 ) -> Result<Row> {
-    let (secs, lat_secs) = if ctx.quick { (2, 1) } else { (10, 5) };
+    let (secs, lat_secs, _) = durations(ctx.quick);
     let before = subject.map(Proc::cpu_seconds).transpose()?;
     let out = output(
         ctx,
@@ -196,16 +196,55 @@ spec:
         })?;
     }
     eprintln!("loadtest dns: direct, ward, dnsmasq");
-    let rows = [
-        measure(ctx, &ns, "direct", UPSTREAM, None, &queries)?,
-        measure(ctx, &ns, "ward", WARD, Some(&ward), &queries)?,
-        measure(ctx, &ns, "dnsmasq", FORWARDER, Some(&forwarder), &queries)?,
-    ];
-    Ok(report(&rows, ctx.quick))
+    let rounds = durations(ctx.quick).2;
+    let mut all = Vec::new();
+    for _ in 0..rounds {
+        all.push(measure(ctx, &ns, "direct", UPSTREAM, None, &queries)?);
+        all.push(measure(ctx, &ns, "ward", WARD, Some(&ward), &queries)?);
+        all.push(measure(
+            ctx,
+            &ns,
+            "dnsmasq",
+            FORWARDER,
+            Some(&forwarder),
+            &queries,
+        )?);
+    }
+    Ok(report(&all, ctx.quick))
 }
 
-fn report(rows: &[Row; 3], quick: bool) -> String {
-    let (secs, lat_secs) = if quick { (2, 1) } else { (10, 5) };
+/// (throughput seconds, latency seconds, rounds)
+fn durations(quick: bool) -> (u64, u64, u32) {
+    if quick {
+        (2, 1, 1)
+    } else {
+        (5, 3, 3)
+    }
+}
+
+/// The figure a round is ranked by: queries per subject CPU-second, or qps for direct.
+fn key(r: &Row) -> f64 {
+    if r.cpu.is_some() {
+        r.per_cpu()
+    } else {
+        r.qps
+    }
+}
+
+/// Per target, the round with the median key, and every round's key.
+fn median<'a>(all: &'a [Row], name: &str) -> Option<(&'a Row, Vec<f64>)> {
+    let mut rs: Vec<&Row> = all.iter().filter(|r| r.name == name).collect();
+    let keys = rs.iter().map(|r| key(r)).collect();
+    rs.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    rs.get(rs.len().saturating_sub(1) / 2).map(|r| (*r, keys))
+}
+
+fn report(all: &[Row], quick: bool) -> String {
+    let (secs, lat_secs, rounds) = durations(quick);
+    let picked: Vec<(&Row, Vec<f64>)> = ["direct", "ward", "dnsmasq"]
+        .iter()
+        .filter_map(|n| median(all, n))
+        .collect();
     let mut s = String::from("## DNS proxy\n\n");
     let _ = writeln!(
         s,
@@ -214,13 +253,15 @@ fn report(rows: &[Row; 3], quick: bool) -> String {
          rule `*.bench.test`, toFQDNs learning on, audit to /dev/null) and dnsmasq as a \
          forwarder with `--cache-size=0`. dnsperf on CPU {LOAD_CPU}: throughput with 100 \
          outstanding queries for {secs} s; latency from a second run at {LATENCY_QPS} \
-         queries/s for {lat_secs} s (`-v`, every NOERROR answer).\n"
+         queries/s for {lat_secs} s (`-v`, every NOERROR answer). {rounds} round(s), \
+         targets in turn; per target the round with the median queries per CPU-second \
+         (direct: median qps), and that figure for every round.\n"
     );
-    s.push_str("| target | completed | lost | qps | subject CPU s | queries per CPU-s | p50 | p90 | p99 |\n|---|---|---|---|---|---|---|---|---|\n");
-    for r in rows {
+    s.push_str("| target | completed | lost | qps | subject CPU s | queries per CPU-s | p50 | p90 | p99 | every round |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for (r, keys) in &picked {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.0} | {} | {} | {:.0} us | {:.0} us | {:.0} us |",
+            "| {} | {} | {} | {:.0} | {} | {} | {:.0} us | {:.0} us | {:.0} us | {} |",
             r.name,
             r.completed,
             r.lost,
@@ -235,10 +276,16 @@ fn report(rows: &[Row; 3], quick: bool) -> String {
             },
             r.p50,
             r.p90,
-            r.p99
+            r.p99,
+            keys.iter()
+                .map(|k| format!("{k:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
-    let [d, w, m] = rows;
+    let [(d, _), (w, _), (m, _)] = picked.as_slice() else {
+        return s;
+    };
     let _ = writeln!(
         s,
         "\nRatios (same run): ward/dnsmasq queries per CPU-second {}; qps ward/direct {}, \
