@@ -9,7 +9,11 @@
 //!   directions, and the entries that allow pod1 -> pod2 on the test ports (so every
 //!   packet is looked up in policy and conntrack);
 //! - `allow+1k`: the same plus 1,000 further policy entries (other identities and ports)
-//!   for both endpoints.
+//!   for both endpoints;
+//! - `redirect`: pod1's egress to the test ports redirected (`sk_assign`) to a
+//!   transparent listener in the node namespace, a plain relay (two copying threads per
+//!   connection, upstream sockets marked as the egress proxy's) that connects to the
+//!   original destination: the datapath's L7 path without any L7 work.
 //!
 //! Each scenario measures iperf3 throughput (one TCP stream) and a netperf-style TCP_RR
 //! rate (one connection, one byte each way, client and server on different CPUs; netperf
@@ -34,12 +38,14 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{sched_setaffinity, setns, CloneFlags, CpuSet};
 use nix::unistd::Pid;
-use redirect_bpf::common::PROTO_TCP;
 use redirect_bpf::common::{action, endpoint_flags, EndpointInfo, DIR_EGRESS, DIR_INGRESS};
+use redirect_bpf::common::{MARK_FROM_EGRESS_PROXY, PROTO_TCP};
 use redirect_bpf::{Datapath, PolicyEntry};
 
 const IPERF_PORT: u16 = 5201;
 const RR_PORT: u16 = 7000;
+/// The relay's transparent listener in the node namespace.
+const PROXY_PORT: u16 = 15001;
 
 fn sh(args: &[&str]) {
     let out = Command::new(args[0])
@@ -188,6 +194,81 @@ fn entry(endpoint_id: u32, direction: u8, identity: u32, port: u16) -> PolicyEnt
         proxy_port: 0,
         cookie: 1,
     }
+}
+
+/// Routes packets the datapath marked for the proxy to local sockets, in the node.
+fn proxy_routing(node: &str) {
+    sh(&[
+        "ip",
+        "-n",
+        node,
+        "rule",
+        "add",
+        "fwmark",
+        "0x200/0xf00",
+        "lookup",
+        "100",
+        "pref",
+        "90",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        node,
+        "route",
+        "add",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        "100",
+    ]);
+}
+
+/// Copies one direction until EOF, then half-closes the other side.
+fn pump(mut from: TcpStream, mut to: TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+/// A transparent relay in the node namespace: each redirected connection is accepted
+/// (its local address is the original destination) and relayed to that destination
+/// from a socket carrying the egress proxy's mark.
+fn relay(node: &str) {
+    let listener = in_ns(node, None, || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        s.set_ip_transparent(true).expect("IP_TRANSPARENT");
+        s.set_reuse_address(true).expect("SO_REUSEADDR");
+        let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PROXY_PORT);
+        s.bind(&any.into()).expect("bind");
+        s.listen(64).expect("listen");
+        TcpListener::from(s)
+    })
+    .join()
+    .expect("listener thread");
+    in_ns(node, Some(1), move || {
+        for conn in listener.incoming() {
+            let Ok(down) = conn else { return };
+            let Ok(orig) = down.local_addr() else {
+                continue;
+            };
+            let up = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .and_then(|s| {
+                    s.set_mark(MARK_FROM_EGRESS_PROXY)?;
+                    s.connect(&orig.into())?;
+                    Ok(TcpStream::from(s))
+                });
+            let Ok(up) = up else { continue };
+            let _ = (down.set_nodelay(true), up.set_nodelay(true));
+            let (Ok(d2), Ok(u2)) = (down.try_clone(), up.try_clone()) else {
+                continue;
+            };
+            thread::spawn(move || pump(down, up));
+            thread::spawn(move || pump(u2, d2));
+        }
+    });
 }
 
 /// iperf3, one TCP stream pod1 -> pod2 for `secs`: the receiver's Mbit/s.
@@ -359,6 +440,23 @@ fn main() {
         more.push(entry(a.endpoint_id, DIR_EGRESS, identity, 10_000 + i));
         more.push(entry(b.endpoint_id, DIR_INGRESS, identity, 10_000 + i));
     }
+    // pod1's egress to the test ports through the relay instead
+    let mut redirect: Vec<PolicyEntry> = allow
+        .iter()
+        .filter(|e| e.direction == DIR_EGRESS)
+        .copied()
+        .collect();
+    for e in &mut redirect {
+        e.action = action::REDIRECT;
+        e.proxy_port = PROXY_PORT;
+    }
+    let allow_egress: Vec<PolicyEntry> = allow
+        .iter()
+        .filter(|e| e.direction == DIR_EGRESS)
+        .copied()
+        .collect();
+    proxy_routing(&lab.node);
+    relay(&lab.node);
     let veths: Vec<String> = lab.pods.iter().map(|p| p.veth.clone()).collect();
     for _ in 0..rounds {
         measure(&lab, "none", secs);
@@ -375,6 +473,9 @@ fn main() {
         dp.insert_policy(&more).expect("policy");
         measure(&lab, "allow+1k", secs);
         dp.remove_policy(&more).expect("policy");
+        dp.update_policy(&allow_egress, &redirect).expect("policy");
+        measure(&lab, "redirect", secs);
+        dp.update_policy(&redirect, &allow_egress).expect("policy");
         let v = veths.clone();
         dp = in_ns(&lab.node, None, move || {
             for v in &v {

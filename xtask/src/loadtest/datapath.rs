@@ -1,6 +1,6 @@
 //! Datapath: iperf3 throughput and a TCP_RR rate between two pod namespaces through a
-//! node namespace, with no program, with Ward's TC programs and an allow policy, and with
-//! 1,000 more policy entries. The lab and the measurements live in
+//! node namespace, with no program, with Ward's TC programs and an allow policy, with
+//! 1,000 more policy entries, and redirected through a transparent relay. The lab and the measurements live in
 //! `redirect-bpf/examples/datapath_load.rs` (it needs the loader); this reads its
 //! `RESULT` lines and writes the ratios.
 
@@ -10,7 +10,7 @@ use std::process::Command;
 use super::parse::percentile;
 use super::{output, ratio, Ctx};
 
-const SCENARIOS: [&str; 3] = ["none", "allow", "allow+1k"];
+const SCENARIOS: [&str; 4] = ["none", "allow", "allow+1k", "redirect"];
 use crate::{build_ebpf, cargo, root, run as run_cmd, Result};
 
 struct Row {
@@ -48,7 +48,7 @@ pub fn run(ctx: &mut Ctx) -> Result<String> {
         "--example",
         "datapath_load",
     ]))?;
-    eprintln!("loadtest datapath: none, allow, allow+1k");
+    eprintln!("loadtest datapath: none, allow, allow+1k, redirect");
     let exe = root().join("target/release/examples/datapath_load");
     let out = output(
         ctx,
@@ -81,13 +81,15 @@ pub fn run(ctx: &mut Ctx) -> Result<String> {
          routes between them. Scenarios in one run: `none` (no program), `allow` (Ward's TC \
          programs on both pod veths, both endpoints default-deny both ways, allow entries \
          for the test ports: every packet goes through policy and conntrack), `allow+1k` \
-         (1,000 more policy entries), repeated in turn for {rounds} round(s) (programs \
+         (1,000 more policy entries), `redirect` (pod1's egress to the test ports \
+         redirected by `sk_assign` to a transparent listener in the node namespace, a plain \
+         relay of two copying threads per connection whose upstream sockets carry the \
+         egress proxy's mark: the datapath's L7 path with no L7 work), repeated in turn for {rounds} round(s) (programs \
          detached and attached again between rounds); the table shows each measure's \
          median over the rounds, every round is listed below it. iperf3: one TCP stream for \
          {secs} s, client on CPU 0, server on CPU 1. TCP_RR: one connection, 1 byte each way, {secs} s, client \
          thread on CPU 0, server thread on CPU 1 (netperf is in Debian non-free; the \
-         example measures TCP_RR itself). The redirect through a transparent proxy is not \
-         measured.\n"
+         example measures TCP_RR itself).\n"
     );
     s.push_str("| scenario | iperf3 Mbit/s | ratio | TCP_RR trans/s | ratio | us per transaction | added us |\n|---|---|---|---|---|---|---|\n");
     for r in &rows {
