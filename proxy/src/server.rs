@@ -478,6 +478,9 @@ impl Conn {
         m.duration
             .with_label_values(&[dir, verdict.as_str()])
             .observe(elapsed.as_secs_f64());
+        if !self.shared.audit.enabled() {
+            return;
+        }
         self.shared.audit.record(Record {
             timestamp: audit::timestamp(f.time),
             observation_point: match f.policy.direction {

@@ -3,6 +3,8 @@
 //! Every task installs what it needs when it is missing, so that a newcomer on a fresh
 //! machine (and CI) runs the same two commands the README shows.
 
+mod loadtest;
+
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -23,6 +25,10 @@ tasks:
   crds            regenerate deploy/crds/ from policy-model's types
   deploy-check    render deploy/ (kubectl kustomize), validate every object
                   (kubernetes-validate) and the alert rules (promtool); part of test
+  loadtest [proxy|datapath|dns|all] [--quick]
+                  Ward's proxies and datapath against their peers (HAProxy, nginx,
+                  dnsmasq, no program) in network namespaces; writes loadtests/REPORT.md
+                  (--quick: short runs, report in target/loadtest/REPORT-quick.md)
 ";
 
 fn main() -> ExitCode {
@@ -38,6 +44,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(),
         Some("crds") => crds(),
         Some("deploy-check") => deploy_check(),
+        Some("loadtest") => loadtest::loadtest(&args[1..]),
         _ => {
             eprint!("{USAGE}");
             return ExitCode::from(2);

@@ -1,0 +1,380 @@
+//! `cargo xtask loadtest [proxy|datapath|dns|all] [--quick]`: Ward's proxies and datapath
+//! against their peers, each in network namespaces this harness creates (names carry the
+//! PID; deleted afterwards, also on error), with one report, `loadtests/REPORT.md`
+//! (`--quick`: short runs for a smoke test, reported to `target/loadtest/REPORT-quick.md`
+//! so that the measured figures stay).
+//!
+//! Pinning: the subject (a proxy, or the receiving pod) runs on CPU 1, load generators
+//! and backends on CPU 0. On a 2-core machine shared with other work the absolute figures
+//! move from run to run; the ratios between subjects measured in the same run are what
+//! the report is for.
+
+mod datapath;
+mod dns;
+mod parse;
+mod proxy;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{cargo, ensure_debs, root, run, Result};
+
+/// Debian packages the load tests drive (netperf is in non-free: TCP_RR is measured by
+/// the datapath example itself).
+pub const LOADTEST_PACKAGES: &[&str] = &[
+    "haproxy",
+    "nginx-light",
+    "wrk",
+    "nghttp2-client",
+    "iperf3",
+    "dnsperf",
+    "dnsmasq-base",
+    "curl",
+    "iproute2",
+    "util-linux",
+];
+
+/// CPU of the measured subject and CPU of the load generators and backends.
+pub const SUBJECT_CPU: &str = "1";
+pub const LOAD_CPU: &str = "0";
+
+/// Options of one run.
+pub struct Opts {
+    pub quick: bool,
+    pub proxy: bool,
+    pub datapath: bool,
+    pub dns: bool,
+}
+
+impl Opts {
+    pub fn parse(args: &[String]) -> Result<Opts> {
+        let mut o = Opts {
+            quick: false,
+            proxy: false,
+            datapath: false,
+            dns: false,
+        };
+        for a in args {
+            match a.as_str() {
+                "--quick" => o.quick = true,
+                "proxy" => o.proxy = true,
+                "datapath" => o.datapath = true,
+                "dns" => o.dns = true,
+                "all" => (o.proxy, o.datapath, o.dns) = (true, true, true),
+                other => {
+                    return Err(format!(
+                        "loadtest: unknown argument {other:?} (proxy|datapath|dns|all, --quick)"
+                    ))
+                }
+            }
+        }
+        if !(o.proxy || o.datapath || o.dns) {
+            (o.proxy, o.datapath, o.dns) = (true, true, true);
+        }
+        Ok(o)
+    }
+}
+
+/// What every scenario needs: the release `ward`, a scratch folder, the command log.
+pub struct Ctx {
+    pub ward: PathBuf,
+    pub work: PathBuf,
+    pub quick: bool,
+    /// Commands as the report shows them (paths relative to the checkout, scratch files
+    /// under `$WORK`), each once.
+    pub commands: Vec<String>,
+}
+
+impl Ctx {
+    pub fn log(&mut self, cmd: &Command) {
+        let mut s = cmd.get_program().to_string_lossy().into_owned();
+        for a in cmd.get_args() {
+            s.push(' ');
+            s.push_str(&a.to_string_lossy());
+        }
+        let s = s
+            .replace(&self.work.display().to_string(), "$WORK")
+            .replace(&format!("{}/", root().display()), "");
+        // each distinct command once, in the order first run
+        if !self.commands.contains(&s) {
+            self.commands.push(s);
+        }
+    }
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+/// A network namespace of this run with loopback up; deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Result<Netns> {
+        let name = format!("ward-lt-{tag}-{}", std::process::id());
+        quiet(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Netns { name };
+        quiet(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
+        Ok(ns)
+    }
+
+    /// `prog args` inside the namespace, pinned to `cpu`.
+    pub fn cmd(&self, cpu: &str, prog: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, "taskset", "-c", cpu, prog]);
+        c
+    }
+
+    /// Waits until something accepts TCP connections on 127.0.0.1:`port` in the namespace.
+    pub fn wait_tcp(&self, port: u16) -> Result {
+        let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port}");
+        wait_until(
+            &format!("127.0.0.1:{port} accepting in {}", self.name),
+            || {
+                Command::new("ip")
+                    .args(["netns", "exec", &self.name, "bash", "-c", &probe])
+                    .stderr(Stdio::null())
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false)
+            },
+        )
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A process of this run, killed by its PID on drop. `ip netns exec` and `taskset` exec
+/// the program, so the child's PID is the program's (and its /proc stat is the one read).
+pub struct Proc {
+    child: Child,
+    what: String,
+}
+
+impl Proc {
+    pub fn spawn(ctx: &mut Ctx, what: &str, cmd: &mut Command, log: &Path) -> Result<Proc> {
+        ctx.log(cmd);
+        let err = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(err)
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {what}: {e}"))?;
+        Ok(Proc {
+            child,
+            what: what.to_string(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails when the process has exited (a bad configuration, a port in use).
+    pub fn alive(&mut self, log: &Path) -> Result {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            _ => Err(format!(
+                "{} exited: {}",
+                self.what,
+                std::fs::read_to_string(log).unwrap_or_default().trim()
+            )),
+        }
+    }
+
+    /// User + system CPU seconds of the process (all threads) so far.
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        let path = format!("/proc/{}/stat", self.pid());
+        let stat = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+        parse::stat_cpu_ticks(&stat)
+            .map(|t| t as f64 / clock_ticks() as f64)
+            .ok_or_else(|| format!("{path}: no utime/stime fields"))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn clock_ticks() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// Runs `cmd` (logged) and returns its standard output; fails with its standard error.
+pub fn output(ctx: &mut Ctx, cmd: &mut Command) -> Result<String> {
+    ctx.log(cmd);
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn quiet(cmd: &mut Command) -> Result {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Polls `f` every 20 ms for up to 20 s.
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) -> Result {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        if Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+pub fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 && a.is_finite() {
+        format!("{:.2}", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+fn sh_line(cmd: &str) -> String {
+    Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "- date: {}", sh_line("date -u +%Y-%m-%dT%H:%M:%SZ"));
+    let _ = writeln!(
+        s,
+        "- machine: {} CPUs ({}), kernel {}",
+        sh_line("nproc"),
+        sh_line("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'"),
+        sh_line("uname -r")
+    );
+    let _ = writeln!(
+        s,
+        "- load average at start: {}",
+        sh_line("cut -d' ' -f1-3 /proc/loadavg")
+    );
+    let _ = writeln!(
+        s,
+        "- tools: {}; {}; {}; {}; {}; {}",
+        sh_line("haproxy -v | head -1 | cut -d' ' -f1-3"),
+        sh_line("nginx -v 2>&1"),
+        sh_line("wrk -v 2>&1 | head -1"),
+        sh_line("h2load --version"),
+        sh_line("iperf3 -v | head -1"),
+        sh_line("dpkg-query -W -f='dnsperf ${Version}' dnsperf"),
+    );
+    s
+}
+
+/// The task.
+pub fn loadtest(args: &[String]) -> Result {
+    let opts = Opts::parse(args)?;
+    if !sh_line("id -u").eq("0") {
+        return Err("loadtest needs root (network namespaces, BPF, pinning)".into());
+    }
+    ensure_debs(LOADTEST_PACKAGES)?;
+    run(cargo().args(["build", "--quiet", "--release", "--bin", "ward"]))?;
+    let work = std::env::temp_dir().join(format!("ward-loadtest-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let mut ctx = Ctx {
+        ward: root().join("target/release/ward"),
+        work,
+        quick: opts.quick,
+        commands: Vec::new(),
+    };
+    let mut report = String::from("# Load test report\n\n");
+    let _ = writeln!(
+        report,
+        "Written by `cargo xtask loadtest{}{}`. Subjects (proxies, the receiving pod) pinned \
+         to CPU {SUBJECT_CPU}, load generators and backends to CPU {LOAD_CPU}; every \
+         process runs in network namespaces made for this run. The machine is shared with \
+         other builds: absolute numbers are noisy, ratios measured in the same run are what \
+         to compare.\n",
+        if opts.quick { " --quick" } else { "" },
+        match (opts.proxy, opts.datapath, opts.dns) {
+            (true, true, true) => String::new(),
+            (p, d, n) => [(p, " proxy"), (d, " datapath"), (n, " dns")]
+                .iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, s)| *s)
+                .collect(),
+        }
+    );
+    report.push_str(&machine());
+    report.push('\n');
+    if opts.proxy {
+        report.push_str(&proxy::run(&mut ctx)?);
+    }
+    if opts.dns {
+        report.push_str(&dns::run(&mut ctx)?);
+    }
+    if opts.datapath {
+        report.push_str(&datapath::run(&mut ctx)?);
+    }
+    let _ = writeln!(
+        report,
+        "load average at the end: {}\n",
+        sh_line("cut -d' ' -f1-3 /proc/loadavg")
+    );
+    report.push_str("## Commands\n\n```\n");
+    for c in &ctx.commands {
+        let _ = writeln!(report, "{c}");
+    }
+    report.push_str("```\n");
+    let path = if opts.quick {
+        let dir = root().join("target/loadtest");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        dir.join("REPORT-quick.md")
+    } else {
+        root().join("loadtests/REPORT.md")
+    };
+    std::fs::write(&path, &report).map_err(|e| format!("{}: {e}", path.display()))?;
+    print!("{report}");
+    eprintln!("loadtest: report written to {}", path.display());
+    Ok(())
+}
