@@ -728,6 +728,15 @@ impl Model {
         self.node_identity[node][if as_host { 0 } else { 1 }]
     }
 
+    /// The ipcache entry of one IP as [`Model::ipcache`] lists it: its numeric identity
+    /// if the IP has an entry of its own (a pod, node or learned FQDN IP), None if it
+    /// falls to its longest policy prefix or to world.
+    pub fn ipcache_entry(&self, ip: IpAddr, observer_node: Option<&str>) -> Option<u32> {
+        self.exact
+            .contains_key(&ip)
+            .then(|| self.identities.get(self.identity_of(ip, observer_node)).id)
+    }
+
     /// The ipcache as the datapath needs it: every prefix with its numeric identity.
     pub fn ipcache(&self, observer_node: Option<&str>) -> Vec<(IpNet, u32)> {
         let mut out: Vec<(IpNet, u32)> = self
