@@ -290,3 +290,25 @@ fn affected_endpoints_follow_pod_relabels() {
     assert_eq!(c.endpoints, scan(&m, &c.added));
     assert_same(&m, "relabel, then learning");
 }
+
+#[test]
+fn ips_learned_under_a_vanished_pattern_leave_the_ipcache() {
+    let mut m = start();
+    let ip: IpAddr = "192.0.2.5".parse().unwrap();
+    m.set_fqdn_ips("y/a", "x.cdn.example", [ip]);
+    assert!(
+        m.ipcache_entry(ip, None).is_some(),
+        "learned: its own entry"
+    );
+    // the policy naming **.cdn.example goes; the observation itself stays (the agent
+    // keeps what it learned), but nothing selects it any more
+    let without: String = POLICIES.replace("  - toFQDNs: [{matchPattern: '**.cdn.example'}]\n", "");
+    assert_ne!(without, POLICIES);
+    let full = Model::compile(&m.cluster, accept(&without), m.options);
+    assert_eq!(full.cluster.dns.len(), 1);
+    assert_eq!(full.ipcache_entry(ip, None), None, "falls back to world");
+    assert!(!full
+        .ipcache(Some("node-1"))
+        .iter()
+        .any(|(net, _)| net.addr() == ip));
+}
