@@ -790,6 +790,28 @@ fn dns_teaches_to_fqdns() {
     let _ = follow.kill();
     let _ = follow.wait();
     assert!(seen, "the new query was streamed");
+
+    // The selector the IP was learned under vanishes (the rule now names another
+    // host): the IP's own ipcache entry leaves the datapath and it is denied again.
+    let ipcache = |lab: &Lab| {
+        let (_, body) = lab.admin("/v1/status");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["map_entries"]["ipcache"].as_u64().unwrap()
+    };
+    let before = ipcache(&lab);
+    lab.write(
+        "client.yaml",
+        &CLIENT_POLICY.replace("matchName: ext.example.com", "matchName: gone.example.com"),
+    );
+    wait_for(
+        "the learned IP's entry to leave",
+        Duration::from_secs(5),
+        || ipcache(&lab) == before - 1,
+    );
+    assert!(
+        !lab.connects(OUTSIDE, 8443, DENIED),
+        "denied once its selector vanished"
+    );
 }
 
 #[test]

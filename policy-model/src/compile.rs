@@ -22,6 +22,10 @@ use crate::labels::{Label, LabelSet, Source};
 use crate::policy::{Action, Direction, Policy, Port, Protocol, Subject, Tier};
 use crate::selector::{Op, Selector};
 
+mod learn;
+pub use learn::FqdnChange;
+use learn::Learned;
+
 /// Choices where implementations differ.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CompileOptions {
@@ -148,6 +152,10 @@ pub struct Model {
     /// (prefix, identity), longest prefix first.
     prefix_identity: Vec<(IpNet, Idx)>,
     world: Idx,
+    /// The DNS observations by (client, name), indexed for incremental learning.
+    learned: Learned,
+    /// Peer set -> slots of the endpoints with an entry using it.
+    peer_set_users: HashMap<PeerSetId, BTreeSet<usize>>,
 }
 
 fn reserved_label(name: &str) -> Label {
@@ -180,6 +188,8 @@ impl Model {
             namespace_labels: HashMap::new(),
             prefix_identity: Vec::new(),
             world: 0,
+            learned: Learned::default(),
+            peer_set_users: HashMap::new(),
         };
         m.order_policies();
         m.collect_prefixes_and_patterns();
@@ -341,33 +351,15 @@ impl Model {
             self.prefix_identity.push((p, i));
         }
         // IPs learned from DNS answers carry the labels of the toFQDNs patterns that match
-        // the name, scoped to the endpoint that asked.
-        let mut fqdn: BTreeMap<IpAddr, BTreeSet<Label>> = BTreeMap::new();
-        for obs in &self.cluster.dns {
-            for (text, pat) in &self.fqdn_patterns {
-                if !pat.matches(&obs.name) {
-                    continue;
-                }
-                for ip in &obs.ips {
-                    if matches!(self.exact.get(ip), Some(IpOwner::Pod(_) | IpOwner::Node(_))) {
-                        continue; // toFQDNs never applies to cluster IPs
-                    }
-                    let key = fqdn_key(text, &obs.client);
-                    fqdn.entry(*ip).or_default().insert(Label {
-                        key,
-                        value: String::new(),
-                    });
-                }
-            }
+        // the name, scoped to the endpoint that asked (see `learn`).
+        let dns = std::mem::take(&mut self.cluster.dns);
+        let mut ips = BTreeSet::new();
+        for obs in &dns {
+            ips.extend(self.learned.add(&self.fqdn_patterns, obs));
         }
-        for (ip, fl) in fqdn {
-            let mut labels = vec![reserved_label("world")];
-            labels.extend(self.prefix_labels(std::iter::once(ip), false));
-            labels.extend(fl);
-            let (i, _) = self
-                .identities
-                .intern(LabelSet::new(labels), IdentityKind::Fqdn);
-            self.exact.insert(ip, IpOwner::World(i));
+        self.cluster.dns = dns;
+        for ip in ips {
+            self.relabel_fqdn_ip(ip, &mut FqdnChange::default());
         }
     }
 
@@ -435,6 +427,7 @@ impl Model {
             let ep = self.compile_endpoint(EndpointKey::Pod(pod), ident, &selecting);
             self.pod_endpoint
                 .insert(self.cluster.pods[pod].id(), self.endpoints.len());
+            self.index_peer_sets(self.endpoints.len(), &ep);
             self.endpoints.push(ep);
         }
         for node in 0..self.cluster.nodes.len() {
@@ -453,8 +446,45 @@ impl Model {
             );
             self.node_endpoint
                 .insert(self.cluster.nodes[node].name.clone(), self.endpoints.len());
+            self.index_peer_sets(self.endpoints.len(), &ep);
             self.endpoints.push(ep);
         }
+    }
+
+    /// Records which peer sets the entries of the endpoint in `slot` use.
+    fn index_peer_sets(&mut self, slot: usize, ep: &EndpointPolicy) {
+        for e in ep.dirs.iter().flat_map(|d| &d.entries) {
+            self.peer_set_users.entry(e.peers).or_default().insert(slot);
+        }
+    }
+
+    /// Forgets the peer sets of `old`, a former policy of the endpoint in `slot`, that
+    /// its current policy does not use.
+    fn unindex_peer_sets(&mut self, slot: usize, old: &EndpointPolicy) {
+        let current: BTreeSet<PeerSetId> = self.endpoints[slot]
+            .dirs
+            .iter()
+            .flat_map(|d| &d.entries)
+            .map(|e| e.peers)
+            .collect();
+        for e in old.dirs.iter().flat_map(|d| &d.entries) {
+            if !current.contains(&e.peers) {
+                if let Some(users) = self.peer_set_users.get_mut(&e.peers) {
+                    users.remove(&slot);
+                }
+            }
+        }
+    }
+
+    /// The endpoints with an entry whose peers include one of `identities`.
+    pub fn endpoints_selecting(&self, identities: &[Idx]) -> Vec<EndpointKey> {
+        let mut slots: BTreeSet<usize> = BTreeSet::new();
+        for &i in identities {
+            for ps in self.selectors.peer_sets_with(&self.identities, i) {
+                slots.extend(self.peer_set_users.get(&ps).into_iter().flatten());
+            }
+        }
+        slots.into_iter().map(|s| self.endpoints[s].key).collect()
     }
 
     fn endpoint_name(&self, key: EndpointKey) -> String {
@@ -600,6 +630,13 @@ impl Model {
         self.pod_identity[pod] = ident;
         if let Some(pods) = self.pods_by_identity.get_mut(&old) {
             pods.remove(&pod);
+            // An identity no pod holds any more leaves the selectors, as a compile would
+            // not know it; interning its labels again brings it back.
+            if pods.is_empty() && old != ident {
+                self.pods_by_identity.remove(&old);
+                self.selectors.remove_identity(&self.identities, old);
+                self.identities.retire(old);
+            }
         }
         self.pods_by_identity.entry(ident).or_default().insert(pod);
         // named ports of the old and new identity
@@ -625,7 +662,10 @@ impl Model {
                     .map(|_| pi as u32)
             })
             .collect();
-        self.endpoints[ep_index] = self.compile_endpoint(EndpointKey::Pod(pod), ident, &selecting);
+        let ep = self.compile_endpoint(EndpointKey::Pod(pod), ident, &selecting);
+        self.index_peer_sets(ep_index, &ep);
+        let old = std::mem::replace(&mut self.endpoints[ep_index], ep);
+        self.unindex_peer_sets(ep_index, &old);
         Ok(())
     }
 
@@ -686,6 +726,15 @@ impl Model {
 
     pub fn node_identity(&self, node: usize, as_host: bool) -> Idx {
         self.node_identity[node][if as_host { 0 } else { 1 }]
+    }
+
+    /// The ipcache entry of one IP as [`Model::ipcache`] lists it: its numeric identity
+    /// if the IP has an entry of its own (a pod, node or learned FQDN IP), None if it
+    /// falls to its longest policy prefix or to world.
+    pub fn ipcache_entry(&self, ip: IpAddr, observer_node: Option<&str>) -> Option<u32> {
+        self.exact
+            .contains_key(&ip)
+            .then(|| self.identities.get(self.identity_of(ip, observer_node)).id)
     }
 
     /// The ipcache as the datapath needs it: every prefix with its numeric identity.

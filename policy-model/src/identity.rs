@@ -108,6 +108,9 @@ pub struct Identities {
     index: HashMap<(String, String), Vec<Idx>>,
     /// key name -> identities carrying that key (any source, any value).
     by_key: HashMap<String, Vec<Idx>>,
+    /// Identities no IP holds any more (FQDN identities whose last IP was forgotten).
+    /// They keep their index and number but are selected by nothing until interned again.
+    retired: Bits,
     next_cluster: NumericId,
     next_local: NumericId,
 }
@@ -134,9 +137,14 @@ impl Identities {
     }
 
     /// The identity of a label set, allocating it if new. Returns the index and whether
-    /// it was created.
+    /// it was created, or brought back from retirement: either way, cached selectors do
+    /// not know it yet ([`SelectorCache::add_identity`]).
     pub fn intern(&mut self, labels: LabelSet, kind: IdentityKind) -> (Idx, bool) {
         if let Some(&i) = self.by_labels.get(&labels) {
+            if self.retired.contains(i) {
+                self.retired.set(i, false);
+                return (i, true);
+            }
             return (i, false);
         }
         let id = self.number_for(&labels, kind);
@@ -156,6 +164,18 @@ impl Identities {
             named_ports: Vec::new(),
         });
         (idx, true)
+    }
+
+    /// Marks an identity as held by nothing: selectors evaluated from now on skip it.
+    /// The caller removes it from the cached selectors ([`SelectorCache::remove_identity`]).
+    pub fn retire(&mut self, i: Idx) {
+        self.retired.set(i, true);
+    }
+
+    /// Whether an identity is in use (not retired). Consumers that walk every identity
+    /// (the datapath's policy entries, stable numbering) skip the others.
+    pub fn is_live(&self, i: Idx) -> bool {
+        !self.retired.contains(i)
     }
 
     fn number_for(&mut self, labels: &LabelSet, kind: IdentityKind) -> NumericId {
@@ -195,9 +215,10 @@ impl Identities {
     /// `In` or `Exists` requirement.
     pub fn select(&self, sel: &Selector) -> Bits {
         let mut bits = Bits::default();
+        let retired = &self.retired;
         let mut check = |list: &[Idx]| {
             for &i in list {
-                if sel.matches(&self.list[i as usize].labels) {
+                if !retired.contains(i) && sel.matches(&self.list[i as usize].labels) {
                     bits.set(i, true);
                 }
             }
@@ -234,7 +255,7 @@ impl Identities {
             }
             None => {
                 for (i, id) in self.list.iter().enumerate() {
-                    if sel.matches(&id.labels) {
+                    if !self.retired.contains(i as Idx) && sel.matches(&id.labels) {
                         bits.set(i as Idx, true);
                     }
                 }
@@ -340,6 +361,47 @@ impl SelectorCache {
     /// Evaluates every cached selector and peer set against a new identity.
     pub fn add_identity(&mut self, ids: &Identities, i: Idx) {
         let labels = &ids.get(i).labels;
+        for s in self.candidates(labels) {
+            let (sel, bits) = &mut self.selectors[s as usize];
+            if sel.matches(labels) {
+                bits.set(i, true);
+                for &p in &self.peer_sets_of[s as usize] {
+                    self.peer_sets[p as usize].1.set(i, true);
+                }
+            }
+        }
+    }
+
+    /// The peer sets that hold an identity.
+    pub fn peer_sets_with(&self, ids: &Identities, i: Idx) -> Vec<PeerSetId> {
+        let mut out: Vec<PeerSetId> = self
+            .candidates(&ids.get(i).labels)
+            .into_iter()
+            .filter(|&s| self.selectors[s as usize].1.contains(i))
+            .flat_map(|s| self.peer_sets_of[s as usize].iter().copied())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Takes an identity out of every cached selector and peer set (it is being retired).
+    /// Only selectors its labels can satisfy can hold it, so only those are visited.
+    pub fn remove_identity(&mut self, ids: &Identities, i: Idx) {
+        for s in self.candidates(&ids.get(i).labels) {
+            let bits = &mut self.selectors[s as usize].1;
+            if bits.contains(i) {
+                bits.set(i, false);
+                for &p in &self.peer_sets_of[s as usize] {
+                    self.peer_sets[p as usize].1.set(i, false);
+                }
+            }
+        }
+    }
+
+    /// The selectors a label set can satisfy: those indexed by one of its labels, and the
+    /// unindexed ones.
+    fn candidates(&self, labels: &LabelSet) -> Vec<SelectorId> {
         let mut candidates: Vec<SelectorId> = self.unindexed.clone();
         for l in labels.iter() {
             for k in [
@@ -353,15 +415,7 @@ impl SelectorCache {
         }
         candidates.sort_unstable();
         candidates.dedup();
-        for s in candidates {
-            let (sel, bits) = &mut self.selectors[s as usize];
-            if sel.matches(labels) {
-                bits.set(i, true);
-                for &p in &self.peer_sets_of[s as usize] {
-                    self.peer_sets[p as usize].1.set(i, true);
-                }
-            }
-        }
+        candidates
     }
 }
 

@@ -115,7 +115,8 @@ pub fn endpoint_entries(
         };
         // Per identity: the non-default pieces (protocol, first port, last port, piece).
         let mut per_identity: Vec<(u32, BTreeSet<Span>)> = Vec::new();
-        for idx in 0..model.identities.len() as Idx {
+        // Retired identities (no IP or pod holds them) are selected by nothing.
+        for idx in (0..model.identities.len() as Idx).filter(|&i| model.identities.is_live(i)) {
             let numeric = model.identities.get(idx).id;
             let mut pieces = BTreeSet::new();
             for (proto, proto_code) in PORT_PROTOCOLS {

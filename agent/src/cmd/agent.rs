@@ -170,9 +170,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
             (SourceKind::Files, Some(dir)) => Box::new(FilesSource::new(dir).with_poll(s.poll)),
             (SourceKind::Files, None) => bail!("the files source needs --source-dir"),
             (SourceKind::Kubernetes, _) => {
-                let client = ::kube::Client::try_default()
-                    .await
-                    .context("cannot reach the Kubernetes API server (in-cluster config or KUBECONFIG)")?;
+                let client = ::kube::Client::try_default().await.context(
+                    "cannot reach the Kubernetes API server (in-cluster config or KUBECONFIG)",
+                )?;
                 Box::new(crate::kube::KubeSource::new(client))
             }
         };

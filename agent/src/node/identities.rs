@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use policy_model::identity::{reserved, NumericId};
+use policy_model::identity::{reserved, Idx, NumericId};
 use policy_model::Model;
 use serde::{Deserialize, Serialize};
 
@@ -46,8 +46,11 @@ impl StableIds {
         self.next_local = self.next_local.max(reserved::FIRST_LOCAL);
         let mut changed = false;
         let mut seen = BTreeSet::new();
-        for ident in &mut model.identities.list {
-            if ident.id < reserved::FIRST_CLUSTER {
+        let retired: BTreeSet<usize> = (0..model.identities.len())
+            .filter(|&i| !model.identities.is_live(i as Idx))
+            .collect();
+        for (i, ident) in model.identities.list.iter_mut().enumerate() {
+            if ident.id < reserved::FIRST_CLUSTER || retired.contains(&i) {
                 continue;
             }
             let key = ident.labels.to_string();
@@ -72,6 +75,41 @@ impl StableIds {
         let before = self.by_labels.len();
         self.by_labels.retain(|k, _| seen.contains(k));
         changed |= self.by_labels.len() != before;
+        changed
+    }
+
+    /// Numbers identities that came into use in `model` since it was renumbered (an
+    /// incremental FQDN update): their label set's number, or a new one. Nothing is
+    /// forgotten here; the next full [`StableIds::apply`] forgets what left. Returns
+    /// whether the table changed.
+    pub fn apply_new(&mut self, model: &mut Model, added: &[Idx]) -> bool {
+        self.next_cluster = self.next_cluster.max(reserved::FIRST_CLUSTER);
+        self.next_local = self.next_local.max(reserved::FIRST_LOCAL);
+        let mut changed = false;
+        for &i in added {
+            let Some(ident) = model.identities.list.get_mut(i as usize) else {
+                continue;
+            };
+            if ident.id < reserved::FIRST_CLUSTER {
+                continue;
+            }
+            let key = ident.labels.to_string();
+            ident.id = match self.by_labels.get(&key) {
+                Some(id) => *id,
+                None => {
+                    let next = if ident.id >= reserved::FIRST_LOCAL {
+                        &mut self.next_local
+                    } else {
+                        &mut self.next_cluster
+                    };
+                    let id = *next;
+                    *next += 1;
+                    self.by_labels.insert(key, id);
+                    changed = true;
+                    id
+                }
+            };
+        }
         changed
     }
 

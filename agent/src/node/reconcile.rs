@@ -84,6 +84,8 @@ pub struct Reconciler {
     pub uplinks: Vec<String>,
     /// Numeric identities that stay put across compiles and restarts.
     pub identities: StableIds,
+    /// (endpoint, name) pairs whose learned IPs changed since the model was built.
+    learned_changes: BTreeSet<(String, String)>,
     /// Whether the last push failed to update the datapath.
     failed: bool,
     drops_seen: BTreeMap<u32, u64>,
@@ -122,6 +124,7 @@ impl Reconciler {
             model: None,
             uplinks: Vec::new(),
             identities: StableIds::default(),
+            learned_changes: BTreeSet::new(),
             failed: false,
             drops_seen: BTreeMap::new(),
         }
@@ -185,7 +188,13 @@ impl Reconciler {
             if rediscover && self.discover().await {
                 dirty = true;
             }
-            let result = if dirty { self.push() } else { Ok(()) };
+            let result = if dirty {
+                self.push()
+            } else if !self.learned_changes.is_empty() {
+                self.learn()
+            } else {
+                Ok(())
+            };
             for a in acks {
                 let _ = a.send(result.clone());
             }
@@ -227,7 +236,9 @@ impl Reconciler {
             }
             Msg::Dns(u, ack) => {
                 if self.fqdn.apply(&u) {
-                    *dirty = true;
+                    // learned incrementally unless something else asks for a compile
+                    self.learned_changes
+                        .insert((u.endpoint.clone(), u.name.clone()));
                     if let Err(e) = self.fqdn.save() {
                         eprintln!("ward agent: saving the FQDN observations: {e}");
                     }
@@ -417,8 +428,92 @@ impl Reconciler {
         (d, status)
     }
 
+    /// Applies learned FQDN IPs to the current model without a compile
+    /// (`Model::set_fqdn_ips`), and pushes only what changed: the ipcache entries of the
+    /// IPs whose identity moved, and the policy entries of the local endpoints whose
+    /// peers gained or lost an identity. Without a model yet, a full push.
+    fn learn(&mut self) -> Result<(), String> {
+        let Some(current) = self.model.clone() else {
+            return self.push();
+        };
+        let start = Instant::now();
+        // The proxies keep reading the model they hold; this is the next one.
+        let mut model = (*current).clone();
+        let mut ips = BTreeSet::new();
+        let mut added = Vec::new();
+        let mut endpoints = BTreeSet::new();
+        for (client, name) in std::mem::take(&mut self.learned_changes) {
+            let mut learned: BTreeSet<IpAddr> = self
+                .fqdn
+                .learned
+                .get(&client)
+                .and_then(|n| n.get(&name))
+                .cloned()
+                .unwrap_or_default();
+            // what the source itself observed for the name stays
+            learned.extend(
+                self.cluster
+                    .dns
+                    .iter()
+                    .filter(|o| o.client == client && o.name == name)
+                    .flat_map(|o| o.ips.iter().copied()),
+            );
+            let c = model.set_fqdn_ips(&client, &name, learned);
+            ips.extend(c.ips.iter().map(|(ip, _, _)| *ip));
+            added.extend(c.added);
+            endpoints.extend(c.endpoints);
+        }
+        if self.identities.apply_new(&mut model, &added) {
+            if let Err(e) = self.identities.save() {
+                eprintln!("ward agent: saving the identity table: {e}");
+            }
+        }
+        let mut desired = self.applied.clone();
+        for ip in &ips {
+            let net = ipnet::IpNet::from(*ip);
+            match model.ipcache_entry(*ip, Some(&self.node)) {
+                Some(id) => desired.ipcache.insert(net, id),
+                None => desired.ipcache.remove(&net),
+            };
+        }
+        for key in endpoints {
+            let Some(ep) = model.endpoint(key) else {
+                continue;
+            };
+            let policy_model::compile::EndpointKey::Pod(p) = key else {
+                continue;
+            };
+            let pod = &model.cluster.pods[p];
+            if pod.node.as_deref() != Some(self.node.as_str()) {
+                continue;
+            }
+            // the endpoint's id as the datapath knows it
+            let Some(id) = pod
+                .all_ips()
+                .find_map(|ip| self.applied.endpoints.get(&ip).map(|i| i.endpoint_id))
+            else {
+                continue;
+            };
+            let e = endpoint_entries(&model, ep, id, self.ports);
+            if e.entries.is_empty() {
+                desired.policy.remove(&id);
+            } else {
+                desired.policy.insert(id, e.entries.into_iter().collect());
+            }
+        }
+        let result = {
+            let mut dp = match self.dp.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            apply(&mut dp, &mut self.applied, &desired)
+        };
+        self.publish(model, start, None, result)
+    }
+
     /// Compiles and pushes to the datapath, the HTTP proxy and the DNS proxy.
     fn push(&mut self) -> Result<(), String> {
+        self.learned_changes.clear();
         let start = Instant::now();
         let mut cluster = self.cluster.clone();
         cluster.dns.extend(self.fqdn.to_cluster());
@@ -437,6 +532,18 @@ impl Reconciler {
             };
             apply(&mut dp, &mut self.applied, &desired)
         };
+        self.publish(model, start, Some(endpoints), result)
+    }
+
+    /// Hands `model` to the proxies and records the outcome of its datapath update in
+    /// the metrics and the status (`endpoints`: None keeps the endpoints shown).
+    fn publish(
+        &mut self,
+        model: Model,
+        start: Instant,
+        endpoints: Option<Vec<EndpointStatus>>,
+        result: Result<usize, redirect_bpf::Error>,
+    ) -> Result<(), String> {
         // The proxies get the model whatever the datapath did: they decide L7 and DNS.
         let generation = self.http.publish(model.clone());
         self.http_metrics
@@ -448,13 +555,15 @@ impl Reconciler {
         let elapsed = start.elapsed();
         self.metrics.pushes.inc();
         self.metrics.push_seconds.observe(elapsed.as_secs_f64());
-        let attached = endpoints.iter().filter(|e| e.attached).count();
-        self.metrics
-            .endpoints
-            .set(i64::try_from(endpoints.len()).unwrap_or(i64::MAX));
-        self.metrics
-            .endpoints_attached
-            .set(i64::try_from(attached).unwrap_or(i64::MAX));
+        if let Some(endpoints) = &endpoints {
+            let attached = endpoints.iter().filter(|e| e.attached).count();
+            self.metrics
+                .endpoints
+                .set(i64::try_from(endpoints.len()).unwrap_or(i64::MAX));
+            self.metrics
+                .endpoints_attached
+                .set(i64::try_from(attached).unwrap_or(i64::MAX));
+        }
         self.metrics
             .fqdn_names
             .set(i64::try_from(self.fqdn.names()).unwrap_or(i64::MAX));
@@ -473,7 +582,9 @@ impl Reconciler {
         if let Ok(mut s) = self.status.write() {
             s.pushes = generation;
             s.last_push_ms = elapsed.as_secs_f64() * 1000.0;
-            s.endpoints = endpoints;
+            if let Some(endpoints) = endpoints {
+                s.endpoints = endpoints;
+            }
             s.model = Some(model);
             s.learned = self.fqdn.learned.clone();
             s.map_entries = (

@@ -1,0 +1,266 @@
+//! Learning IPs from DNS answers without a full compile.
+//!
+//! An IP learned for a name carries, for every toFQDNs pattern matching the name, the
+//! label `fqdn:PATTERN@CLIENT` of the endpoint that asked. Teaching or forgetting IPs
+//! therefore changes only the identities of those IPs: the new label set is interned,
+//! evaluated against the cached selectors (as a pod relabel is), and an identity no IP
+//! holds any more is retired from them. Endpoint entries refer to peer sets, whose
+//! bitsets follow, so no endpoint is recompiled. The result names what the datapath must
+//! be told: the IPs whose identity changed, and the endpoints whose peer sets gained or
+//! lost an identity.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use super::{EndpointKey, IpOwner, Model};
+use crate::cluster::DnsObservation;
+use crate::fqdn::NamePattern;
+use crate::identity::{fqdn_key, IdentityKind, Idx};
+use crate::labels::{Label, LabelSet};
+
+/// (client endpoint `ns/pod`, name as observed).
+type ObsKey = (String, String);
+
+/// The observations behind the FQDN labels, indexed both ways.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Learned {
+    /// Per (client, name): the patterns (indices into `Model::fqdn_patterns`) matching the
+    /// name, and the IPs.
+    by_name: BTreeMap<ObsKey, (Vec<usize>, BTreeSet<IpAddr>)>,
+    /// Per IP: the observations naming it.
+    by_ip: HashMap<IpAddr, BTreeSet<ObsKey>>,
+    /// Per FQDN identity: how many IPs hold it.
+    holders: HashMap<Idx, usize>,
+}
+
+impl Learned {
+    /// Merges an observation (several for one client and name add up, as in a compile).
+    /// Returns the IPs it brought to that (client, name).
+    pub(super) fn add(
+        &mut self,
+        patterns: &[(String, NamePattern)],
+        obs: &DnsObservation,
+    ) -> Vec<IpAddr> {
+        let key = (obs.client.clone(), obs.name.clone());
+        let (_, ips) = self.by_name.entry(key.clone()).or_insert_with(|| {
+            let matching = patterns
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, p))| p.matches(&obs.name))
+                .map(|(i, _)| i)
+                .collect();
+            (matching, BTreeSet::new())
+        });
+        let mut new = Vec::new();
+        for ip in &obs.ips {
+            if ips.insert(*ip) {
+                self.by_ip.entry(*ip).or_default().insert(key.clone());
+                new.push(*ip);
+            }
+        }
+        if ips.is_empty() {
+            self.by_name.remove(&key);
+        }
+        new
+    }
+
+    /// Removes IPs from one (client, name). Returns those it held.
+    fn remove(&mut self, key: &ObsKey, gone: &[IpAddr]) -> Vec<IpAddr> {
+        let Some((_, ips)) = self.by_name.get_mut(key) else {
+            return Vec::new();
+        };
+        let mut removed = Vec::new();
+        for ip in gone {
+            if ips.remove(ip) {
+                removed.push(*ip);
+                if let Some(keys) = self.by_ip.get_mut(ip) {
+                    keys.remove(key);
+                    if keys.is_empty() {
+                        self.by_ip.remove(ip);
+                    }
+                }
+            }
+        }
+        if ips.is_empty() {
+            self.by_name.remove(key);
+        }
+        removed
+    }
+
+    /// The `fqdn:` labels an IP carries.
+    fn labels(&self, patterns: &[(String, NamePattern)], ip: IpAddr) -> BTreeSet<Label> {
+        let mut out = BTreeSet::new();
+        for key in self.by_ip.get(&ip).into_iter().flatten() {
+            let Some((matching, _)) = self.by_name.get(key) else {
+                continue;
+            };
+            for &p in matching {
+                out.insert(Label {
+                    key: fqdn_key(&patterns[p].0, &key.0),
+                    value: String::new(),
+                });
+            }
+        }
+        out
+    }
+}
+
+/// What one learning step changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FqdnChange {
+    /// IPs whose identity changed: (IP, identity before, identity after), as
+    /// [`Model::identity_of`] gives them. Their ipcache entries are to be rewritten.
+    pub ips: Vec<(IpAddr, Idx, Idx)>,
+    /// Identities that came into use (new to the cached selectors).
+    pub added: Vec<Idx>,
+    /// Identities no IP holds any more, taken out of the cached selectors.
+    pub retired: Vec<Idx>,
+    /// Endpoints with an entry whose peers gained or lost one of those identities: their
+    /// policy entries are to be rewritten. The others are unchanged.
+    pub endpoints: Vec<EndpointKey>,
+}
+
+impl FqdnChange {
+    pub fn is_empty(&self) -> bool {
+        self.ips.is_empty() && self.added.is_empty() && self.retired.is_empty()
+    }
+}
+
+impl Model {
+    /// Sets the IPs `client` (`ns/pod`) learned for `name`, replacing what it had learned
+    /// for that name (no IPs: the name is forgotten), and updates what depends on them.
+    /// Equivalent to a full compile with `cluster.dns` changed the same way, which
+    /// `self.cluster.dns` then reflects.
+    pub fn set_fqdn_ips(
+        &mut self,
+        client: &str,
+        name: &str,
+        ips: impl IntoIterator<Item = IpAddr>,
+    ) -> FqdnChange {
+        let ips: BTreeSet<IpAddr> = ips.into_iter().collect();
+        let key = (client.to_string(), name.to_string());
+        let before: BTreeSet<IpAddr> = self
+            .learned
+            .by_name
+            .get(&key)
+            .map(|(_, ips)| ips.clone())
+            .unwrap_or_default();
+        let gone: Vec<IpAddr> = before.difference(&ips).copied().collect();
+        let mut touched = self.learned.remove(&key, &gone);
+        touched.extend(self.learned.add(
+            &self.fqdn_patterns,
+            &DnsObservation {
+                client: key.0.clone(),
+                name: key.1.clone(),
+                ips: ips.difference(&before).copied().collect(),
+            },
+        ));
+        self.cluster
+            .dns
+            .retain(|o| !(o.client == client && o.name == name));
+        if !ips.is_empty() {
+            self.cluster.dns.push(DnsObservation {
+                client: key.0,
+                name: key.1,
+                ips: ips.into_iter().collect(),
+            });
+        }
+        self.relabel_fqdn_ips(touched)
+    }
+
+    /// Adds the IPs of an observation to what its client learned for its name.
+    pub fn observe_dns(&mut self, obs: &DnsObservation) -> FqdnChange {
+        let mut ips = self.fqdn_ips(&obs.client, &obs.name);
+        ips.extend(obs.ips.iter().copied());
+        self.set_fqdn_ips(&obs.client, &obs.name, ips)
+    }
+
+    /// Removes IPs from what `client` learned for `name` (an expiry).
+    pub fn forget_dns(&mut self, client: &str, name: &str, gone: &[IpAddr]) -> FqdnChange {
+        let mut ips = self.fqdn_ips(client, name);
+        for ip in gone {
+            ips.remove(ip);
+        }
+        self.set_fqdn_ips(client, name, ips)
+    }
+
+    /// The IPs `client` learned for `name` (as observed, not normalised).
+    pub fn fqdn_ips(&self, client: &str, name: &str) -> BTreeSet<IpAddr> {
+        self.learned
+            .by_name
+            .get(&(client.to_string(), name.to_string()))
+            .map(|(_, ips)| ips.clone())
+            .unwrap_or_default()
+    }
+
+    fn relabel_fqdn_ips(&mut self, ips: Vec<IpAddr>) -> FqdnChange {
+        let mut change = FqdnChange::default();
+        let mut released = Vec::new();
+        for ip in ips {
+            if let Some(old) = self.relabel_fqdn_ip(ip, &mut change) {
+                released.push(old);
+            }
+        }
+        released.sort_unstable();
+        released.dedup();
+        let retiring: Vec<Idx> = released
+            .into_iter()
+            .filter(|i| !self.learned.holders.contains_key(i))
+            .collect();
+        // Endpoints are found while the retiring identities are still in the bitsets.
+        let moved: Vec<Idx> = change.added.iter().chain(&retiring).copied().collect();
+        if !moved.is_empty() {
+            change.endpoints = self.endpoints_selecting(&moved);
+        }
+        for &i in &retiring {
+            self.selectors.remove_identity(&self.identities, i);
+            self.identities.retire(i);
+        }
+        change.retired = retiring;
+        change
+    }
+
+    /// Gives one IP the identity of its current FQDN labels (or none: it falls back to
+    /// its prefix or world). Cluster IPs are never relabelled. Returns the FQDN identity
+    /// the IP released, if any, for the caller to retire once nothing holds it.
+    pub(super) fn relabel_fqdn_ip(&mut self, ip: IpAddr, change: &mut FqdnChange) -> Option<Idx> {
+        let old_fqdn = match self.exact.get(&ip) {
+            Some(IpOwner::Pod(_) | IpOwner::Node(_)) => return None, // toFQDNs never applies
+            Some(IpOwner::World(i)) => Some(*i),
+            None => None,
+        };
+        let before = self.identity_of(ip, None);
+        let fqdn = self.learned.labels(&self.fqdn_patterns, ip);
+        if fqdn.is_empty() {
+            self.exact.remove(&ip);
+        } else {
+            let mut labels = vec![super::reserved_label("world")];
+            labels.extend(self.prefix_labels(std::iter::once(ip), false));
+            labels.extend(fqdn);
+            let (i, fresh) = self
+                .identities
+                .intern(LabelSet::new(labels), IdentityKind::Fqdn);
+            if fresh {
+                self.selectors.add_identity(&self.identities, i);
+                change.added.push(i);
+            }
+            *self.learned.holders.entry(i).or_insert(0) += 1;
+            self.exact.insert(ip, IpOwner::World(i));
+        }
+        let after = self.identity_of(ip, None);
+        if before != after {
+            change.ips.push((ip, before, after));
+        }
+        let old = old_fqdn?;
+        match self.learned.holders.get_mut(&old) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                None
+            }
+            _ => {
+                self.learned.holders.remove(&old);
+                Some(old)
+            }
+        }
+    }
+}
