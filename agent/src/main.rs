@@ -2,6 +2,7 @@
 
 mod cmd;
 mod inputs;
+mod lab;
 // Building blocks of `ward agent` (issue 6), tested on their own until the agent uses them.
 #[allow(dead_code)]
 mod source;
@@ -30,6 +31,9 @@ enum Command {
     },
     /// Run the DNS proxy as a standalone filtering forwarder for one endpoint.
     DnsProxy(cmd::dns_proxy::Args),
+    /// A whole cluster's datapath on this machine: namespaces as nodes and pods, real
+    /// agents, real traffic (`ward lab` = up, check, down).
+    Lab(cmd::lab::LabArgs),
     /// Validate policies and explain verdicts.
     Policy {
         #[command(subcommand)]
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Conformance { command } => cmd::conformance::run(command),
         Command::DnsProxy(args) => cmd::dns_proxy::run(args),
+        Command::Lab(args) => cmd::lab::run(args),
         Command::Policy { command } => cmd::policy::run(command),
         Command::Proxy(args) => cmd::proxy::run(*args),
     };

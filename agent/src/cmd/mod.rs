@@ -1,4 +1,5 @@
 pub mod conformance;
 pub mod dns_proxy;
+pub mod lab;
 pub mod policy;
 pub mod proxy;

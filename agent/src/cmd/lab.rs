@@ -1,0 +1,307 @@
+//! `ward lab`: up, check, exec, down, run-case (and the hidden pod server and probe
+//! client the lab starts inside its namespaces).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command as Process, ExitCode};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+
+use crate::inputs::yaml_files;
+use crate::lab::probes::{self, Outcome};
+use crate::lab::scenario::Scenario;
+use crate::lab::topology::LabState;
+use crate::lab::{self, UpOptions};
+
+/// Plain `ward lab [SCENARIO]` is up, check, down.
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct LabArgs {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    whole: WholeArgs,
+}
+
+#[derive(Args)]
+struct WholeArgs {
+    /// Scenario folder or case file (default: deploy/lab).
+    scenario: Option<PathBuf>,
+    /// Leave the lab running after the check (remove it with `ward lab down`).
+    #[arg(long)]
+    keep: bool,
+    #[command(flatten)]
+    up: UpArgs,
+}
+
+#[derive(Args, Clone)]
+struct UpArgs {
+    /// Apply a case's `variants.PROFILE` (e.g. cilium-default).
+    #[arg(long)]
+    profile: Option<String>,
+    /// Start no agents (topology and servers only; nothing is enforced).
+    #[arg(long)]
+    no_agent: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the lab: namespaces, veths, pod servers, one agent per node; then the DNS
+    /// lookups of the scenario. Prints the lab id.
+    Up {
+        /// Scenario folder or case file (default: deploy/lab).
+        scenario: Option<PathBuf>,
+        #[command(flatten)]
+        up: UpArgs,
+    },
+    /// Run the scenario's probes with real clients and print probe, expected, observed and
+    /// why; exit 1 on any mismatch.
+    Check {
+        /// Lab id (default: the newest lab).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Run a command inside a pod's namespace (NS/POD, node:NAME or external:NAME).
+    Exec {
+        #[arg(long)]
+        id: Option<String>,
+        target: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Remove a lab (default: the newest), or with --all every lab's leftovers.
+    Down {
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Run conformance cases on the real datapath: each case becomes a lab.
+    RunCase {
+        /// Case files or folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Keep a lab whose case failed, for inspection.
+        #[arg(long)]
+        keep_failed: bool,
+        #[command(flatten)]
+        up: UpArgs,
+    },
+    /// (internal) The server in every lab namespace.
+    #[command(hide = true)]
+    Serve(lab::serve::ServeArgs),
+    /// (internal) A probe client run inside a lab namespace.
+    #[command(hide = true)]
+    Probe(lab::client::ProbeArgs),
+}
+
+pub fn run(args: LabArgs) -> Result<ExitCode> {
+    match args.command {
+        None => whole(args.whole),
+        Some(Command::Up { scenario, up }) => {
+            let path = scenario_path(scenario)?;
+            let scenario = Scenario::load(&path, up.profile.as_deref())?;
+            let state = lab::up(&path.display().to_string(), &scenario, &options(&up, true))?;
+            println!("{}", state.id);
+            eprintln!(
+                "lab {} is up ({}); `ward lab check`, `ward lab exec NS/POD -- CMD`, `ward lab down`",
+                state.id,
+                state.run_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::Check { id }) => {
+            let state = lab::find_lab(id.as_deref())?;
+            let outcomes = check(&state)?;
+            print!("{}", probes::table(&outcomes));
+            Ok(verdict_line(&outcomes))
+        }
+        Some(Command::Exec {
+            id,
+            target,
+            command,
+        }) => {
+            let state = lab::find_lab(id.as_deref())?;
+            let ns = state
+                .endpoint(&target)
+                .map(|e| e.netns.clone())
+                .or_else(|| {
+                    state
+                        .nodes
+                        .iter()
+                        .find(|n| n.name == target)
+                        .map(|n| n.netns.clone())
+                })
+                .with_context(|| format!("lab {}: no pod, node or external {target}", state.id))?;
+            let status = Process::new("ip")
+                .args(["netns", "exec", &ns])
+                .args(&command)
+                .status()
+                .context("cannot run ip netns exec")?;
+            Ok(ExitCode::from(
+                status.code().unwrap_or(1).clamp(0, 255) as u8
+            ))
+        }
+        Some(Command::Down { id, all }) => {
+            lab::require_root()?;
+            if all {
+                let n = lab::down_all()?;
+                eprintln!("removed {n} lab(s) and every leftover");
+            } else {
+                let state = lab::find_lab(id.as_deref())?;
+                lab::down(&state)?;
+                eprintln!("lab {} removed", state.id);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::RunCase {
+            paths,
+            keep_failed,
+            up,
+        }) => run_cases(&paths, keep_failed, &up),
+        Some(Command::Serve(a)) => lab::serve::run(a).map(|()| ExitCode::SUCCESS),
+        Some(Command::Probe(a)) => lab::client::run(a).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+fn options(up: &UpArgs, verbose: bool) -> UpOptions {
+    UpOptions {
+        profile: up.profile.clone(),
+        no_agent: up.no_agent,
+        verbose,
+    }
+}
+
+/// The scenario given, else `deploy/lab` here or in the source tree ward was built from.
+fn scenario_path(given: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    let here = Path::new("deploy/lab");
+    if here.is_dir() {
+        return Ok(here.to_path_buf());
+    }
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/lab");
+    if built.is_dir() {
+        return Ok(built);
+    }
+    bail!("no scenario given and no deploy/lab folder here")
+}
+
+fn whole(args: WholeArgs) -> Result<ExitCode> {
+    let path = scenario_path(args.scenario)?;
+    let scenario = Scenario::load(&path, args.up.profile.as_deref())?;
+    let started = Instant::now();
+    let state = lab::up(
+        &path.display().to_string(),
+        &scenario,
+        &options(&args.up, true),
+    )?;
+    let result = check(&state);
+    if let Ok(outcomes) = &result {
+        print!("{}", probes::table(outcomes));
+    }
+    if args.keep {
+        eprintln!("lab {} kept; remove it with `ward lab down`", state.id);
+    } else {
+        lab::down(&state)?;
+    }
+    let outcomes = result?;
+    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(verdict_line(&outcomes))
+}
+
+fn verdict_line(outcomes: &[Outcome]) -> ExitCode {
+    let passed = outcomes.iter().filter(|o| o.passed).count();
+    let failed = outcomes.len() - passed;
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Runs a lab's probes; the explanations come from the policy model of its scenario.
+fn check(state: &LabState) -> Result<Vec<Outcome>> {
+    let scenario = Scenario::load(
+        &state.run_dir.join("scenario.yaml"),
+        state.profile.as_deref(),
+    )?;
+    let model = scenario
+        .case
+        .compile(state.profile.as_deref(), Some(&state.source))
+        .map_err(|e| eprintln!("warning: no explanations: {e}"))
+        .ok();
+    Ok(probes::run_all(state, &scenario.probes, model.as_ref()))
+}
+
+fn run_cases(paths: &[PathBuf], keep_failed: bool, up: &UpArgs) -> Result<ExitCode> {
+    lab::require_root()?;
+    let (mut passed, mut failed) = (0usize, 0usize);
+    for f in yaml_files(paths)? {
+        let file = f.display().to_string();
+        let started = Instant::now();
+        let scenario = match Scenario::load(&f, up.profile.as_deref()) {
+            Ok(s) => s,
+            Err(e) => {
+                println!("FAIL {file}: {e:#}");
+                failed += 1;
+                continue;
+            }
+        };
+        let state = match lab::up(&file, &scenario, &options(up, false)) {
+            Ok(s) => s,
+            Err(e) => {
+                println!("FAIL {file}: {e:#}");
+                failed += 1;
+                continue;
+            }
+        };
+        let outcomes = match check(&state) {
+            Ok(o) => o,
+            Err(e) => {
+                println!("FAIL {file}: {e:#}");
+                failed += 1;
+                let _ = lab::down(&state);
+                continue;
+            }
+        };
+        let bad: Vec<(usize, &Outcome)> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| !o.passed)
+            .collect();
+        passed += outcomes.len() - bad.len();
+        failed += bad.len();
+        if bad.is_empty() {
+            println!(
+                "ok   {file} ({} probes, {:.1} s)",
+                outcomes.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        for (i, o) in &bad {
+            let expect = format!("{:?}", o.probe.probe.expect).to_lowercase();
+            println!(
+                "FAIL {file} probe {i}: {}: expected {expect}, observed {} ({}); model: {}",
+                o.probe.probe.describe(),
+                if o.observed.allowed { "allow" } else { "deny" },
+                o.observed.detail,
+                o.why
+            );
+        }
+        if keep_failed && !bad.is_empty() {
+            println!("     lab {} kept for inspection", state.id);
+        } else if let Err(e) = lab::down(&state) {
+            println!("warning: {e:#}");
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

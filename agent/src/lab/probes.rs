@@ -1,0 +1,362 @@
+//! Executing a scenario's probes for real, with real clients inside the source
+//! namespace: curl (HTTP/1.1, h2c), dig (DNS over UDP and TCP) and `ward lab probe` (TCP
+//! and UDP echo, gRPC, raw SCTP). Every client has a deadline; probes run concurrently.
+
+use std::process::Command;
+use std::sync::Mutex;
+
+use policy_model::conformance::Expect;
+use policy_model::{Model, Protocol, Verdict};
+
+use super::scenario::{Client, LabProbe};
+use super::topology::{in_netns, LabState};
+
+/// Probes in flight at once.
+const PARALLEL: usize = 8;
+/// Connect deadline (a denied TCP connect is decided by this).
+const CONNECT_SECS: &str = "2";
+/// Whole-request deadline.
+const REQUEST_SECS: &str = "4";
+
+/// What a probe saw.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    pub allowed: bool,
+    pub detail: String,
+}
+
+/// One executed probe.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub probe: LabProbe,
+    pub observed: Observed,
+    pub passed: bool,
+    /// Why, as the policy model explains the verdict.
+    pub why: String,
+}
+
+/// Runs every probe (concurrently) and explains each with `model`.
+pub fn run_all(state: &LabState, probes: &[LabProbe], model: Option<&Model>) -> Vec<Outcome> {
+    let next = Mutex::new(0usize);
+    let results: Mutex<Vec<Option<Outcome>>> = Mutex::new(vec![None; probes.len()]);
+    std::thread::scope(|s| {
+        for _ in 0..PARALLEL.min(probes.len()) {
+            s.spawn(|| loop {
+                let i = {
+                    let Ok(mut n) = next.lock() else { return };
+                    let i = *n;
+                    *n += 1;
+                    i
+                };
+                let Some(lp) = probes.get(i) else { return };
+                let observed = execute(state, lp);
+                let passed = observed.allowed == (lp.probe.expect == Expect::Allow);
+                let why = explain(model, lp);
+                if let Ok(mut r) = results.lock() {
+                    r[i] = Some(Outcome {
+                        probe: lp.clone(),
+                        observed,
+                        passed,
+                        why,
+                    });
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+fn explain(model: Option<&Model>, lp: &LabProbe) -> String {
+    let Some(model) = model else {
+        return String::new();
+    };
+    match lp
+        .probe
+        .query()
+        .and_then(|q| model.query(&q).map_err(|e| e.to_string()))
+    {
+        Ok(v) => why(&v),
+        Err(e) => format!("model: {e}"),
+    }
+}
+
+/// The deciding policy of a verdict, in a few words.
+pub fn why(v: &Verdict) -> String {
+    if let Some(s) = v.sides.iter().find(|s| !s.allowed) {
+        let by = s.policy.clone().unwrap_or_else(|| s.reason.clone());
+        return format!("{} {}: {by}", s.endpoint, s.direction);
+    }
+    let policies: Vec<String> = v
+        .sides
+        .iter()
+        .filter_map(|s| {
+            s.policy
+                .as_ref()
+                .map(|p| format!("{} {}: {p}", s.endpoint, s.direction))
+        })
+        .collect();
+    if policies.is_empty() {
+        "no policy selects either side".into()
+    } else {
+        policies.join("; ")
+    }
+}
+
+fn denied(detail: impl Into<String>) -> Observed {
+    Observed {
+        allowed: false,
+        detail: detail.into(),
+    }
+}
+
+/// Executes one probe.
+pub fn execute(state: &LabState, lp: &LabProbe) -> Observed {
+    let p = &lp.probe;
+    let (Some(from), Some(to)) = (state.endpoint(&p.from), state.endpoint(&p.to)) else {
+        return denied(format!("unknown endpoint in {} -> {}", p.from, p.to));
+    };
+    // A probe from an external speaks from that external's address.
+    let bind = p.from.starts_with("external:").then(|| from.ip.to_string());
+    let ward = std::env::current_exe()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "ward".into());
+    let target = format!("{}:{}", to.ip, p.port);
+    let mut cmd;
+    let kind;
+    match (p.protocol, &p.dns, &p.http, lp.client) {
+        (Protocol::Tcp | Protocol::Udp, Some(dns), _, _) => {
+            kind = Kind::Dig;
+            cmd = timeout(in_netns(&from.netns, "dig"));
+            cmd.arg(format!("@{}", to.ip))
+                .args(["-p", &p.port.to_string(), "+time=2", "+tries=1"]);
+            if p.protocol == Protocol::Tcp {
+                cmd.arg("+tcp");
+            }
+            if let Some(b) = &bind {
+                cmd.args(["-b", b]);
+            }
+            cmd.arg(&dns.query).arg("A");
+        }
+        (Protocol::Tcp, None, http, Client::Grpc) => {
+            kind = Kind::Ward;
+            cmd = timeout(in_netns(&from.netns, &ward));
+            cmd.args(["lab", "probe", "grpc", &target]);
+            if let Some(h) = http {
+                cmd.args(["--path", &h.path]);
+                for (k, v) in &h.headers {
+                    cmd.arg("--header").arg(format!("{k}: {v}"));
+                }
+            }
+            if let Some(b) = &bind {
+                cmd.args(["--bind", b]);
+            }
+        }
+        (Protocol::Tcp, None, Some(http), client) => {
+            kind = Kind::Curl;
+            cmd = timeout(in_netns(&from.netns, "curl"));
+            cmd.args(["-sS", "--connect-timeout", CONNECT_SECS, "-m", REQUEST_SECS])
+                .args(["-w", "\n%{http_code}", "-X", &http.method]);
+            if client == Client::H2c {
+                cmd.arg("--http2-prior-knowledge");
+            }
+            for (k, v) in &http.headers {
+                cmd.arg("-H").arg(format!("{k}: {v}"));
+            }
+            if let Some(b) = &bind {
+                cmd.args(["--interface", b]);
+            }
+            let path = if http.path.starts_with('/') {
+                http.path.clone()
+            } else {
+                format!("/{}", http.path)
+            };
+            cmd.arg(format!("http://{target}{path}"));
+        }
+        (Protocol::Tcp | Protocol::Udp | Protocol::Sctp, None, _, _) => {
+            kind = Kind::Ward;
+            let k = match p.protocol {
+                Protocol::Tcp => "tcp",
+                Protocol::Udp => "udp",
+                _ => "sctp",
+            };
+            cmd = timeout(in_netns(&from.netns, &ward));
+            cmd.args(["lab", "probe", k, &target]);
+            if p.protocol == Protocol::Sctp {
+                cmd.arg("--sctp-log").arg(super::sctp_log(state, &to.netns));
+            }
+            if let Some(b) = &bind {
+                cmd.args(["--bind", b]);
+            }
+        }
+        (proto, _, _, _) => return denied(format!("the lab cannot probe {proto}")),
+    }
+    let out = match cmd.output() {
+        Ok(o) => o,
+        Err(e) => return denied(format!("cannot run the client: {e}")),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    match kind {
+        Kind::Ward => match stdout.trim().split_once(' ') {
+            Some(("allow", d)) => Observed {
+                allowed: true,
+                detail: d.to_string(),
+            },
+            Some(("deny", d)) => denied(d),
+            _ => denied(format!("client failed: {stderr}")),
+        },
+        Kind::Curl => curl_outcome(&stdout, &stderr, &from.ip.to_string()),
+        Kind::Dig => dig_outcome(&stdout),
+    }
+}
+
+enum Kind {
+    Curl,
+    Dig,
+    Ward,
+}
+
+/// Every client runs under coreutils `timeout`, a last line of defence behind the
+/// clients' own deadlines.
+fn timeout(inner: Command) -> Command {
+    let mut c = Command::new("timeout");
+    c.args(["-s", "KILL", "8"])
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    c
+}
+
+fn curl_outcome(stdout: &str, stderr: &str, source: &str) -> Observed {
+    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", stdout));
+    let code = code.trim();
+    match code {
+        "200" => {
+            // the server echoes the client address it saw: the proxy keeps the source?
+            let seen = body.rsplit(" from ").next().unwrap_or("").trim();
+            let detail = if seen.is_empty() || seen == source {
+                "HTTP 200".to_string()
+            } else {
+                format!("HTTP 200 (server saw {seen})")
+            };
+            Observed {
+                allowed: true,
+                detail,
+            }
+        }
+        "000" | "" => denied(short(stderr)),
+        other => denied(format!("HTTP {other} {}", short(body))),
+    }
+}
+
+fn dig_outcome(stdout: &str) -> Observed {
+    let status = stdout
+        .lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .map(|s| s.split(',').next().unwrap_or(s).trim().to_string());
+    match status.as_deref() {
+        Some("NOERROR") => {
+            let answers = stdout
+                .lines()
+                .skip_while(|l| !l.starts_with(";; ANSWER SECTION"))
+                .skip(1)
+                .take_while(|l| !l.trim().is_empty())
+                .filter_map(|l| l.split_whitespace().last())
+                .collect::<Vec<_>>()
+                .join(" ");
+            Observed {
+                allowed: true,
+                detail: if answers.is_empty() {
+                    "NOERROR".into()
+                } else {
+                    format!("NOERROR {answers}")
+                },
+            }
+        }
+        Some("NXDOMAIN") => Observed {
+            allowed: true,
+            detail: "NXDOMAIN".into(),
+        },
+        Some(s) => denied(s.to_string()),
+        None => denied(
+            stdout
+                .lines()
+                .find(|l| l.contains("timed out") || l.contains("no servers"))
+                .map_or("no answer", |l| l.trim_start_matches(";; ").trim()),
+        ),
+    }
+}
+
+fn short(s: &str) -> String {
+    let s = s.trim().replace(['\r', '\n'], " ");
+    let s = s.trim_start_matches("curl: ");
+    if s.len() > 60 {
+        format!(
+            "{}…",
+            &s[..s.char_indices().nth(59).map_or(s.len(), |(i, _)| i)]
+        )
+    } else {
+        s.to_string()
+    }
+}
+
+/// The table `ward lab check` prints.
+pub fn table(outcomes: &[Outcome]) -> String {
+    let rows: Vec<[String; 5]> = outcomes
+        .iter()
+        .map(|o| {
+            let expect = match o.probe.probe.expect {
+                Expect::Allow => "allow",
+                Expect::Deny => "deny",
+            };
+            let mut probe = o.probe.probe.describe();
+            match o.probe.client {
+                Client::H2c => probe.push_str(" (h2c)"),
+                Client::Grpc => probe.push_str(" (gRPC)"),
+                Client::Default => {}
+            }
+            [
+                if o.passed { "ok" } else { "FAIL" }.to_string(),
+                probe,
+                expect.to_string(),
+                format!(
+                    "{} ({})",
+                    if o.observed.allowed { "allow" } else { "deny" },
+                    o.observed.detail
+                ),
+                o.why.clone(),
+            ]
+        })
+        .collect();
+    let header = [
+        "".to_string(),
+        "PROBE".to_string(),
+        "EXPECTED".to_string(),
+        "OBSERVED".to_string(),
+        "WHY (policy model)".to_string(),
+    ];
+    let mut widths = [0usize; 5];
+    for r in std::iter::once(&header).chain(rows.iter()) {
+        for (w, c) in widths.iter_mut().zip(r.iter()) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in std::iter::once(&header).chain(rows.iter()) {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i < 4 {
+                line.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            } else {
+                line.push_str(c);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
