@@ -30,12 +30,17 @@ pub struct LabProbe {
 /// A loaded scenario.
 pub struct Scenario {
     pub case: Case,
-    /// The normalised case document (what `ward conformance run` would read).
+    /// The normalised case document, probes' `client` keys included.
     pub document: Value,
     pub probes: Vec<LabProbe>,
 }
 
 impl Scenario {
+    /// A scenario folder: `cluster.yaml` and `probes.yaml` side by side.
+    pub fn is_folder(path: &Path) -> bool {
+        path.join("cluster.yaml").is_file() && path.join("probes.yaml").is_file()
+    }
+
     /// Loads a case file or a scenario folder; `profile` applies the case's variants.
     pub fn load(path: &Path, profile: Option<&str>) -> Result<Scenario> {
         let document = if path.is_dir() {
@@ -52,9 +57,10 @@ impl Scenario {
 
     /// Builds a scenario from a case document (the `client` keys of probes are read and
     /// removed before the strict case parser sees them).
-    pub fn from_document(mut document: Value, profile: Option<&str>) -> Result<Scenario> {
+    pub fn from_document(document: Value, profile: Option<&str>) -> Result<Scenario> {
         let mut clients = Vec::new();
-        if let Some(Value::Sequence(probes)) = document.get_mut("probes") {
+        let mut strict = document.clone();
+        if let Some(Value::Sequence(probes)) = strict.get_mut("probes") {
             for (i, p) in probes.iter_mut().enumerate() {
                 let client = match p.as_mapping_mut().and_then(|m| m.remove("client")) {
                     None => Client::Default,
@@ -68,7 +74,7 @@ impl Scenario {
                 clients.push(client);
             }
         }
-        let text = serde_yaml::to_string(&document)?;
+        let text = serde_yaml::to_string(&strict)?;
         let case = parse_case(&text).map_err(|e| anyhow!("{e}"))?;
         let probes = case
             .probes_for(profile)
