@@ -11,8 +11,12 @@ const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
-  test            build the eBPF object, format check, clippy (-D warnings), all tests,
-                  and the conformance suite
+  lab [ARGS...]   the main job: a whole cluster's datapath on this machine (root): installs
+                  what it needs, builds the eBPF object and ward, runs `ward lab ARGS`
+                  (default: the deploy/lab scenario: up, check, down)
+  lab-cases       `ward lab run-case` over ../shared/conformance/cases (root)
+  test [--lab]    build the eBPF object, format check, clippy (-D warnings), all tests,
+                  and the conformance suite; with --lab also `lab` and `lab-cases`
   build-ebpf      install the eBPF toolchain when missing (nightly, rust-src, bpf-linker)
                   and build the datapath's eBPF object into target/bpf
   demo            the main job for now: conformance over the shared cases and a trace example
@@ -25,7 +29,9 @@ tasks:
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("test") => test(),
+        Some("test") => test(args.get(1).map(String::as_str) == Some("--lab")),
+        Some("lab") => lab(&args[1..]),
+        Some("lab-cases") => lab_cases(),
         Some("build-ebpf") => build_ebpf(),
         Some("demo") => demo(),
         Some("fuzz") => fuzz(
@@ -121,7 +127,44 @@ fn installed(p: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn test() -> Result {
+/// What `ward lab` drives inside its namespaces: ip, nsenter, curl, dig, timeout.
+const LAB_PACKAGES: &[&str] = &["iproute2", "util-linux", "coreutils", "curl", "dnsutils"];
+
+fn require_root(task: &str) -> Result {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0);
+    if uid != 0 {
+        return Err(format!(
+            "`cargo xtask {task}` needs root: the lab makes network namespaces, veths and \
+             raw sockets, and loads eBPF programs (try `sudo -E cargo xtask {task}`)"
+        ));
+    }
+    Ok(())
+}
+
+/// The release `ward`, built with the eBPF object it embeds.
+fn build_ward_for_lab(task: &str) -> Result<PathBuf> {
+    require_root(task)?;
+    ensure_debs(LAB_PACKAGES)?;
+    build_ebpf()?;
+    run(cargo().args(["build", "--quiet", "--release", "--bin", "ward"]))?;
+    Ok(root().join("target/release/ward"))
+}
+
+fn lab(args: &[String]) -> Result {
+    let ward = build_ward_for_lab("lab")?;
+    run(Command::new(ward).arg("lab").args(args))
+}
+
+fn lab_cases() -> Result {
+    let cases = shared_cases().ok_or("../shared/conformance/cases is missing")?;
+    let ward = build_ward_for_lab("lab-cases")?;
+    run(Command::new(ward).args(["lab", "run-case"]).arg(cases))
+}
+
+fn test(with_lab: bool) -> Result {
     ensure_components()?;
     ensure_debs(TEST_PACKAGES)?;
     // First, so that the user-space crate embeds the object the kernel tests load.
@@ -157,6 +200,10 @@ fn test() -> Result {
             .args(["conformance", "run"])
             .arg(cases))?,
         None => return Err("../shared/conformance/cases is missing".into()),
+    }
+    if with_lab {
+        lab(&[])?;
+        lab_cases()?;
     }
     Ok(())
 }

@@ -275,13 +275,6 @@ fn run_cases(paths: &[PathBuf], keep_failed: bool, up: &UpArgs) -> Result<ExitCo
             .collect();
         passed += outcomes.len() - bad.len();
         failed += bad.len();
-        if bad.is_empty() {
-            println!(
-                "ok   {file} ({} probes, {:.1} s)",
-                outcomes.len(),
-                started.elapsed().as_secs_f64()
-            );
-        }
         for (i, o) in &bad {
             let expect = format!("{:?}", o.probe.probe.expect).to_lowercase();
             println!(
@@ -292,6 +285,13 @@ fn run_cases(paths: &[PathBuf], keep_failed: bool, up: &UpArgs) -> Result<ExitCo
                 o.why
             );
         }
+        println!(
+            "{} {file} ({} probes, {} failed, {:.1} s)",
+            if bad.is_empty() { "ok  " } else { "FAIL" },
+            outcomes.len(),
+            bad.len(),
+            started.elapsed().as_secs_f64()
+        );
         if keep_failed && !bad.is_empty() {
             println!("     lab {} kept for inspection", state.id);
         } else if let Err(e) = lab::down(&state) {

@@ -192,7 +192,7 @@ fn start_servers(state: &mut LabState, scenario: &Scenario) -> Result<()> {
     fs::create_dir_all(&serve_dir)?;
     let ward = std::env::current_exe()?;
     let mut ready = Vec::new();
-    for (ns, ports) in &by_ns {
+    for (ns, ports) in by_ns.iter().filter(|(_, p)| !p.is_empty()) {
         let join = |s: &BTreeSet<u16>| s.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
         let ready_file = serve_dir.join(format!("{ns}.ready"));
         let log = fs::File::create(serve_dir.join(format!("{ns}.log")))?;
@@ -227,6 +227,12 @@ fn start_servers(state: &mut LabState, scenario: &Scenario) -> Result<()> {
 }
 
 use std::os::unix::process::CommandExt;
+
+impl Ports {
+    fn is_empty(&self) -> bool {
+        self.tcp.is_empty() && self.udp.is_empty() && !self.sctp
+    }
+}
 
 fn add_port(p: &mut Ports, proto: Protocol, port: u16) {
     match proto {
