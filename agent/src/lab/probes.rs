@@ -35,8 +35,101 @@ pub struct Outcome {
     pub why: String,
 }
 
-/// Runs every probe (concurrently) and explains each with `model`.
+/// Runs every probe (concurrently) and explains each with `model` and, when agents run,
+/// the audit or drop record the agents wrote for it.
 pub fn run_all(state: &LabState, probes: &[LabProbe], model: Option<&Model>) -> Vec<Outcome> {
+    let mut outcomes = run_probes(state, probes, model);
+    if state.agents {
+        let records = agent_records(state);
+        for o in &mut outcomes {
+            if let Some(r) = record_for(state, &o.probe, &records) {
+                if o.why.is_empty() {
+                    o.why = format!("agent: {r}");
+                } else {
+                    o.why = format!("{} | agent: {r}", o.why);
+                }
+            }
+        }
+    }
+    outcomes
+}
+
+/// Every event the agents have (`/v1/events?follow=false`): drops and audit records.
+pub fn agent_records(state: &LabState) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for n in &state.nodes {
+        if let Ok((200, body)) = super::admin_get(&n.netns, "/v1/events?follow=false") {
+            out.extend(
+                body.lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()),
+            );
+        }
+    }
+    out
+}
+
+/// The last record about a probe's flow, in a few words.
+fn record_for(state: &LabState, lp: &LabProbe, records: &[serde_json::Value]) -> Option<String> {
+    let p = &lp.probe;
+    let from = state.endpoint(&p.from)?.ip.to_string();
+    let to = state.endpoint(&p.to)?.ip.to_string();
+    let proto = match p.protocol {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+        Protocol::Sctp => 132,
+        _ => 0,
+    };
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    records
+        .iter()
+        .rev()
+        .find_map(|r| match r["type"].as_str()? {
+            "drop" => (s(&r["source"]["ip"]) == from
+                && s(&r["destination"]["ip"]) == to
+                && r["destination"]["port"].as_u64() == Some(u64::from(p.port))
+                && r["protocol"].as_u64() == Some(proto))
+            .then(|| format!("dropped at {} ({})", s(&r["direction"]), s(&r["reason"]))),
+            "http" => {
+                let path = p.http.as_ref().map(|h| h.path.as_str())?;
+                (s(&r["SourceEndpoint"]["IP"]) == from
+                    && s(&r["DestinationEndpoint"]["IP"]) == to
+                    && r["DestinationEndpoint"]["Port"].as_u64() == Some(u64::from(p.port))
+                    && s(&r["HTTP"]["Path"]).starts_with(path))
+                .then(|| {
+                    let by = r["AllowedBy"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|x| s(&x["Policy"]))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        })
+                        .filter(|b| !b.is_empty())
+                        .unwrap_or_else(|| s(&r["Info"]));
+                    format!("HTTP {} {} {by}", s(&r["Verdict"]), r["HTTP"]["Code"])
+                })
+            }
+            "dns" => {
+                let q = p
+                    .dns
+                    .as_ref()?
+                    .query
+                    .trim_end_matches('.')
+                    .to_ascii_lowercase();
+                (s(&r["client"]).starts_with(&format!("{from}:"))
+                    && s(&r["qname"]).trim_end_matches('.').to_ascii_lowercase() == q)
+                    .then(|| {
+                        let by = r["policy"]
+                            .as_str()
+                            .map_or_else(|| s(&r["reason"]), str::to_string);
+                        format!("DNS {} {} {by}", s(&r["verdict"]), s(&r["rcode"]))
+                    })
+            }
+            _ => None,
+        })
+}
+
+fn run_probes(state: &LabState, probes: &[LabProbe], model: Option<&Model>) -> Vec<Outcome> {
     let next = Mutex::new(0usize);
     let results: Mutex<Vec<Option<Outcome>>> = Mutex::new(vec![None; probes.len()]);
     std::thread::scope(|s| {
@@ -337,7 +430,7 @@ pub fn table(outcomes: &[Outcome]) -> String {
         "PROBE".to_string(),
         "EXPECTED".to_string(),
         "OBSERVED".to_string(),
-        "WHY (policy model)".to_string(),
+        "WHY (policy model | agent record)".to_string(),
     ];
     let mut widths = [0usize; 5];
     for r in std::iter::once(&header).chain(rows.iter()) {
