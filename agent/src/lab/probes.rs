@@ -42,7 +42,7 @@ pub fn run_all(state: &LabState, probes: &[LabProbe], model: Option<&Model>) -> 
     if state.agents {
         let records = agent_records(state);
         for o in &mut outcomes {
-            if let Some(r) = record_for(state, &o.probe, &records) {
+            if let Some(r) = record_for(state, &o.probe, o.observed.allowed, &records) {
                 if o.why.is_empty() {
                     o.why = format!("agent: {r}");
                 } else {
@@ -68,8 +68,36 @@ pub fn agent_records(state: &LabState) -> Vec<serde_json::Value> {
     out
 }
 
-/// The last record about a probe's flow, in a few words.
-fn record_for(state: &LabState, lp: &LabProbe, records: &[serde_json::Value]) -> Option<String> {
+/// The last record about a probe's flow, in a few words. Probes of the same flow run
+/// concurrently, so a record whose verdict agrees with what the probe saw is preferred.
+fn record_for(
+    state: &LabState,
+    lp: &LabProbe,
+    allowed: bool,
+    records: &[serde_json::Value],
+) -> Option<String> {
+    let agrees = |r: &serde_json::Value| {
+        let v = match r["type"].as_str() {
+            Some("http") => r["Verdict"].as_str(),
+            Some("dns") => r["verdict"].as_str(),
+            _ => Some("denied"),
+        };
+        v.is_some_and(|v| v.eq_ignore_ascii_case("forwarded") == allowed)
+    };
+    let about: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| describe_record(state, lp, r).is_some())
+        .collect();
+    let pick = about
+        .iter()
+        .rev()
+        .find(|r| agrees(r))
+        .or_else(|| about.last())?;
+    describe_record(state, lp, pick)
+}
+
+/// A record in a few words, when it is about the probe's flow.
+fn describe_record(state: &LabState, lp: &LabProbe, r: &serde_json::Value) -> Option<String> {
     let p = &lp.probe;
     let from = state.endpoint(&p.from)?.ip.to_string();
     let to = state.endpoint(&p.to)?.ip.to_string();
@@ -80,53 +108,52 @@ fn record_for(state: &LabState, lp: &LabProbe, records: &[serde_json::Value]) ->
         _ => 0,
     };
     let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
-    records
-        .iter()
-        .rev()
-        .find_map(|r| match r["type"].as_str()? {
-            "drop" => (s(&r["source"]["ip"]) == from
-                && s(&r["destination"]["ip"]) == to
-                && r["destination"]["port"].as_u64() == Some(u64::from(p.port))
-                && r["protocol"].as_u64() == Some(proto))
-            .then(|| format!("dropped at {} ({})", s(&r["direction"]), s(&r["reason"]))),
-            "http" => {
-                let path = p.http.as_ref().map(|h| h.path.as_str())?;
-                (s(&r["SourceEndpoint"]["IP"]) == from
-                    && s(&r["DestinationEndpoint"]["IP"]) == to
-                    && r["DestinationEndpoint"]["Port"].as_u64() == Some(u64::from(p.port))
-                    && s(&r["HTTP"]["Path"]).starts_with(path))
-                .then(|| {
-                    let by = r["AllowedBy"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .map(|x| s(&x["Policy"]))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        })
-                        .filter(|b| !b.is_empty())
-                        .unwrap_or_else(|| s(&r["Info"]));
-                    format!("HTTP {} {} {by}", s(&r["Verdict"]), r["HTTP"]["Code"])
-                })
-            }
-            "dns" => {
-                let q = p
-                    .dns
-                    .as_ref()?
-                    .query
-                    .trim_end_matches('.')
-                    .to_ascii_lowercase();
-                (s(&r["client"]).starts_with(&format!("{from}:"))
-                    && s(&r["qname"]).trim_end_matches('.').to_ascii_lowercase() == q)
-                    .then(|| {
-                        let by = r["policy"]
-                            .as_str()
-                            .map_or_else(|| s(&r["reason"]), str::to_string);
-                        format!("DNS {} {} {by}", s(&r["verdict"]), s(&r["rcode"]))
+    match r["type"].as_str()? {
+        "drop" => (s(&r["source"]["ip"]) == from
+            && s(&r["destination"]["ip"]) == to
+            && r["destination"]["port"].as_u64() == Some(u64::from(p.port))
+            && r["protocol"].as_u64() == Some(proto))
+        .then(|| format!("dropped at {} ({})", s(&r["direction"]), s(&r["reason"]))),
+        "http" => {
+            let h = p.http.as_ref()?;
+            let path = s(&r["HTTP"]["Path"]);
+            (s(&r["SourceEndpoint"]["IP"]) == from
+                && s(&r["DestinationEndpoint"]["IP"]) == to
+                && r["DestinationEndpoint"]["Port"].as_u64() == Some(u64::from(p.port))
+                && s(&r["HTTP"]["Method"]) == h.method
+                && (path == h.path || path.starts_with(&format!("{}?", h.path))))
+            .then(|| {
+                let by = r["AllowedBy"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|x| s(&x["Policy"]))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     })
-            }
-            _ => None,
-        })
+                    .filter(|b| !b.is_empty())
+                    .unwrap_or_else(|| s(&r["Info"]));
+                format!("HTTP {} {} {by}", s(&r["Verdict"]), r["HTTP"]["Code"])
+            })
+        }
+        "dns" => {
+            let q = p
+                .dns
+                .as_ref()?
+                .query
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
+            (s(&r["client"]).starts_with(&format!("{from}:"))
+                && s(&r["qname"]).trim_end_matches('.').to_ascii_lowercase() == q)
+                .then(|| {
+                    let by = r["policy"]
+                        .as_str()
+                        .map_or_else(|| s(&r["reason"]), str::to_string);
+                    format!("DNS {} {} {by}", s(&r["verdict"]), s(&r["rcode"]))
+                })
+        }
+        _ => None,
+    }
 }
 
 fn run_probes(state: &LabState, probes: &[LabProbe], model: Option<&Model>) -> Vec<Outcome> {
@@ -181,7 +208,10 @@ fn explain(model: Option<&Model>, lp: &LabProbe) -> String {
 /// The deciding policy of a verdict, in a few words.
 pub fn why(v: &Verdict) -> String {
     if let Some(s) = v.sides.iter().find(|s| !s.allowed) {
-        let by = s.policy.clone().unwrap_or_else(|| s.reason.clone());
+        let by = match &s.policy {
+            Some(p) => p.clone(),
+            None => compact_reason(&s.reason),
+        };
         return format!("{} {}: {by}", s.endpoint, s.direction);
     }
     let policies: Vec<String> = v
@@ -197,6 +227,20 @@ pub fn why(v: &Verdict) -> String {
         "no policy selects either side".into()
     } else {
         policies.join("; ")
+    }
+}
+
+/// "default deny: selected by A, B and no rule allows ..." -> "default deny (A +1)".
+fn compact_reason(reason: &str) -> String {
+    let Some(rest) = reason.strip_prefix("default deny: selected by ") else {
+        return reason.to_string();
+    };
+    let selectors = rest.split(" and no rule").next().unwrap_or(rest);
+    let mut names = selectors.split(", ");
+    let first = names.next().unwrap_or_default();
+    match names.count() {
+        0 => format!("default deny ({first})"),
+        n => format!("default deny ({first} +{n})"),
     }
 }
 
@@ -303,7 +347,7 @@ pub fn execute(state: &LabState, lp: &LabProbe) -> Observed {
             Some(("deny", d)) => denied(d),
             _ => denied(format!("client failed: {stderr}")),
         },
-        Kind::Curl => curl_outcome(&stdout, &stderr, &from.ip.to_string()),
+        Kind::Curl => curl_outcome(&stdout, &stderr, out.status.code(), &from.ip.to_string()),
         Kind::Dig => dig_outcome(&stdout),
     }
 }
@@ -324,7 +368,7 @@ fn timeout(inner: Command) -> Command {
     c
 }
 
-fn curl_outcome(stdout: &str, stderr: &str, source: &str) -> Observed {
+fn curl_outcome(stdout: &str, stderr: &str, exit: Option<i32>, source: &str) -> Observed {
     let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", stdout));
     let code = code.trim();
     match code {
@@ -341,7 +385,13 @@ fn curl_outcome(stdout: &str, stderr: &str, source: &str) -> Observed {
                 detail,
             }
         }
-        "000" | "" => denied(short(stderr)),
+        "000" | "" => denied(match exit {
+            Some(7) => "connection refused".to_string(),
+            Some(28) => format!("no answer within {REQUEST_SECS} s"),
+            Some(52) => "empty reply".to_string(),
+            Some(56) => "connection reset".to_string(),
+            _ => short(stderr),
+        }),
         other => denied(format!("HTTP {other} {}", short(body))),
     }
 }
