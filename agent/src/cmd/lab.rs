@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, ExitCode};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -85,6 +86,9 @@ enum Command {
         /// Keep a lab whose case failed, for inspection.
         #[arg(long)]
         keep_failed: bool,
+        /// Cases run at once (each in its own lab).
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
         #[command(flatten)]
         up: UpArgs,
     },
@@ -158,8 +162,9 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         Some(Command::RunCase {
             paths,
             keep_failed,
+            jobs,
             up,
-        }) => run_cases(&paths, keep_failed, &up),
+        }) => run_cases(&paths, keep_failed, jobs, &up),
         Some(Command::Serve(a)) => lab::serve::run(a).map(|()| ExitCode::SUCCESS),
         Some(Command::Probe(a)) => lab::client::run(a).map(|()| ExitCode::SUCCESS),
     }
@@ -237,71 +242,108 @@ fn check(state: &LabState) -> Result<Vec<Outcome>> {
     Ok(probes::run_all(state, &scenario.probes, model.as_ref()))
 }
 
-fn run_cases(paths: &[PathBuf], keep_failed: bool, up: &UpArgs) -> Result<ExitCode> {
+fn run_cases(paths: &[PathBuf], keep_failed: bool, jobs: usize, up: &UpArgs) -> Result<ExitCode> {
     lab::require_root()?;
-    let (mut passed, mut failed) = (0usize, 0usize);
-    for f in yaml_files(paths)? {
-        let file = f.display().to_string();
-        let started = Instant::now();
-        let scenario = match Scenario::load(&f, up.profile.as_deref()) {
-            Ok(s) => s,
-            Err(e) => {
-                println!("FAIL {file}: {e:#}");
-                failed += 1;
-                continue;
-            }
-        };
-        let state = match lab::up(&file, &scenario, &options(up, false)) {
-            Ok(s) => s,
-            Err(e) => {
-                println!("FAIL {file}: {e:#}");
-                failed += 1;
-                continue;
-            }
-        };
-        let outcomes = match check(&state) {
-            Ok(o) => o,
-            Err(e) => {
-                println!("FAIL {file}: {e:#}");
-                failed += 1;
-                let _ = lab::down(&state);
-                continue;
-            }
-        };
-        let bad: Vec<(usize, &Outcome)> = outcomes
-            .iter()
-            .enumerate()
-            .filter(|(_, o)| !o.passed)
-            .collect();
-        passed += outcomes.len() - bad.len();
-        failed += bad.len();
-        for (i, o) in &bad {
-            let expect = format!("{:?}", o.probe.probe.expect).to_lowercase();
-            println!(
-                "FAIL {file} probe {i}: {}: expected {expect}, observed {} ({}); model: {}",
-                o.probe.probe.describe(),
-                if o.observed.allowed { "allow" } else { "deny" },
-                o.observed.detail,
-                o.why
-            );
+    let files = yaml_files(paths)?;
+    let next = Mutex::new(0usize);
+    let done: Mutex<Vec<Option<CaseRun>>> = Mutex::new(vec![None; files.len()]);
+    let printed = Mutex::new(0usize);
+    // Cases run `jobs` at a time (each is its own lab); reports print in file order.
+    std::thread::scope(|s| {
+        for _ in 0..jobs.clamp(1, 8).min(files.len().max(1)) {
+            s.spawn(|| loop {
+                let i = {
+                    let Ok(mut n) = next.lock() else { return };
+                    *n += 1;
+                    *n - 1
+                };
+                let Some(f) = files.get(i) else { return };
+                let r = run_case(f, keep_failed, up);
+                let Ok(mut d) = done.lock() else { return };
+                d[i] = Some(r);
+                let Ok(mut p) = printed.lock() else { return };
+                while let Some(Some(r)) = d.get(*p) {
+                    print!("{}", r.report);
+                    *p += 1;
+                }
+            });
         }
-        println!(
-            "{} {file} ({} probes, {} failed, {:.1} s)",
-            if bad.is_empty() { "ok  " } else { "FAIL" },
-            outcomes.len(),
-            bad.len(),
-            started.elapsed().as_secs_f64()
-        );
-        if keep_failed && !bad.is_empty() {
-            println!("     lab {} kept for inspection", state.id);
-        } else if let Err(e) = lab::down(&state) {
-            println!("warning: {e:#}");
-        }
-    }
+    });
+    let runs: Vec<CaseRun> = done
+        .into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .collect();
+    let passed: usize = runs.iter().map(|r| r.passed).sum();
+    let failed: usize = runs.iter().map(|r| r.failed).sum::<usize>() + files.len() - runs.len();
     println!("{passed} passed, {failed} failed");
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// One case's result and its report lines.
+#[derive(Clone, Default)]
+struct CaseRun {
+    passed: usize,
+    failed: usize,
+    report: String,
+}
+
+fn run_case(f: &Path, keep_failed: bool, up: &UpArgs) -> CaseRun {
+    let file = f.display().to_string();
+    let started = Instant::now();
+    let broken = |e: anyhow::Error| CaseRun {
+        passed: 0,
+        failed: 1,
+        report: format!("FAIL {file}: {e:#}\n"),
+    };
+    let scenario = match Scenario::load(f, up.profile.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return broken(e),
+    };
+    let state = match lab::up(&file, &scenario, &options(up, false)) {
+        Ok(s) => s,
+        Err(e) => return broken(e),
+    };
+    let outcomes = match check(&state) {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = lab::down(&state);
+            return broken(e);
+        }
+    };
+    let mut run = CaseRun::default();
+    for (i, o) in outcomes.iter().enumerate() {
+        if o.passed {
+            run.passed += 1;
+            continue;
+        }
+        run.failed += 1;
+        let expect = format!("{:?}", o.probe.probe.expect).to_lowercase();
+        run.report.push_str(&format!(
+            "FAIL {file} probe {i}: {}: expected {expect}, observed {} ({}); model: {}\n",
+            o.probe.probe.describe(),
+            if o.observed.allowed { "allow" } else { "deny" },
+            o.observed.detail,
+            o.why
+        ));
+    }
+    run.report.push_str(&format!(
+        "{} {file} ({} probes, {} failed, {:.1} s)\n",
+        if run.failed == 0 { "ok  " } else { "FAIL" },
+        outcomes.len(),
+        run.failed,
+        started.elapsed().as_secs_f64()
+    ));
+    if keep_failed && run.failed > 0 {
+        run.report
+            .push_str(&format!("     lab {} kept for inspection\n", state.id));
+    } else if let Err(e) = lab::down(&state) {
+        run.report.push_str(&format!("warning: {e:#}\n"));
+    }
+    run
 }

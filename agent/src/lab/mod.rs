@@ -218,6 +218,7 @@ fn start_servers(state: &mut LabState, scenario: &Scenario) -> Result<()> {
             .spawn()
             .with_context(|| format!("cannot start the server in {ns}"))?;
         state.pids.push(child.id());
+        adopt(child);
         state.save()?;
         ready.push(ready_file);
     }
@@ -318,6 +319,7 @@ fn start_agents(state: &mut LabState) -> Result<()> {
             .with_context(|| format!("cannot start the agent of {}", node.name))?;
         state.nodes[i].agent_pid = Some(child.id());
         state.pids.push(child.id());
+        adopt(child);
         state.save()?;
     }
     for node in state.nodes.clone() {
@@ -570,6 +572,23 @@ fn cmdline(pid: u32) -> Option<String> {
         .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
 }
 
+/// The processes this `ward` started and has not reaped yet (a long `run-case` would
+/// otherwise collect zombies).
+static CHILDREN: std::sync::Mutex<Vec<std::process::Child>> = std::sync::Mutex::new(Vec::new());
+
+fn adopt(child: std::process::Child) {
+    if let Ok(mut c) = CHILDREN.lock() {
+        c.push(child);
+    }
+}
+
+/// Reaps the children that have exited.
+fn reap() {
+    if let Ok(mut c) = CHILDREN.lock() {
+        c.retain_mut(|ch| !matches!(ch.try_wait(), Ok(Some(_))));
+    }
+}
+
 /// SIGTERM, then SIGKILL for what is still there after two seconds.
 fn kill_all(pids: &[u32]) {
     if pids.is_empty() {
@@ -581,7 +600,10 @@ fn kill_all(pids: &[u32]) {
         .args(&list)
         .stderr(Stdio::null())
         .status();
-    let alive = || pids.iter().any(|p| !is_zombie(*p));
+    let alive = || {
+        reap();
+        pids.iter().any(|p| !is_zombie(*p))
+    };
     if wait_for("processes to exit", Duration::from_secs(2), || Ok(!alive())).is_err() {
         let _ = Command::new("kill")
             .arg("-KILL")
