@@ -128,7 +128,14 @@ fn installed(p: &str) -> bool {
 }
 
 /// What `ward lab` drives inside its namespaces: ip, nsenter, curl, dig, timeout.
-const LAB_PACKAGES: &[&str] = &["iproute2", "util-linux", "coreutils", "curl", "dnsutils"];
+const LAB_PACKAGES: &[&str] = &[
+    "iproute2",
+    "util-linux",
+    "procps",
+    "coreutils",
+    "curl",
+    "dnsutils",
+];
 
 fn require_root(task: &str) -> Result {
     use std::os::unix::fs::MetadataExt;

@@ -48,10 +48,38 @@ pub fn require_root() -> Result<()> {
     Ok(())
 }
 
+/// The programs the lab drives (Debian: iproute2, util-linux, procps, coreutils, curl,
+/// dnsutils).
+const TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("sysctl", "procps"),
+    ("timeout", "coreutils"),
+    ("curl", "curl"),
+    ("dig", "dnsutils"),
+];
+
+fn require_tools() -> Result<()> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let missing: Vec<String> = TOOLS
+        .iter()
+        .filter(|(t, _)| !std::env::split_paths(&path).any(|d| d.join(t).is_file()))
+        .map(|(t, pkg)| format!("{t} (Debian package {pkg})"))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "ward lab needs {}; `cargo xtask lab` installs them",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Builds a lab for `scenario` and returns its state. On failure, whatever was made is
 /// removed again.
 pub fn up(source: &str, scenario: &Scenario, opts: &UpOptions) -> Result<LabState> {
     require_root()?;
+    require_tools()?;
     let id = LabState::new_id();
     let run_dir = Path::new(RUN_ROOT).join(&id);
     fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
