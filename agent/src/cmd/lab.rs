@@ -106,7 +106,11 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         Some(Command::Up { scenario, up }) => {
             let path = scenario_path(scenario)?;
             let scenario = Scenario::load(&path, up.profile.as_deref())?;
-            let state = lab::up(&path.display().to_string(), &scenario, &options(&up, true))?;
+            let state = lab::up(
+                &path.display().to_string(),
+                &scenario,
+                &options(&up, true, true),
+            )?;
             println!("{}", state.id);
             eprintln!(
                 "lab {} is up ({}); `ward lab check`, `ward lab exec NS/POD -- CMD`, `ward lab down`",
@@ -117,7 +121,7 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
         }
         Some(Command::Check { id }) => {
             let state = lab::find_lab(id.as_deref())?;
-            let outcomes = check(&state)?;
+            let outcomes = check(&state, true)?;
             print!("{}", probes::table(&outcomes));
             Ok(verdict_line(&outcomes))
         }
@@ -170,11 +174,13 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
     }
 }
 
-fn options(up: &UpArgs, verbose: bool) -> UpOptions {
+/// `verbose` for a lab a person watches; `lookups` when no `check` follows right away.
+fn options(up: &UpArgs, verbose: bool, lookups: bool) -> UpOptions {
     UpOptions {
         profile: up.profile.clone(),
         no_agent: up.no_agent,
         verbose,
+        lookups,
     }
 }
 
@@ -201,9 +207,9 @@ fn whole(args: WholeArgs) -> Result<ExitCode> {
     let state = lab::up(
         &path.display().to_string(),
         &scenario,
-        &options(&args.up, true),
+        &options(&args.up, true, false),
     )?;
-    let result = check(&state);
+    let result = check(&state, true);
     if let Ok(outcomes) = &result {
         print!("{}", probes::table(outcomes));
     }
@@ -229,7 +235,7 @@ fn verdict_line(outcomes: &[Outcome]) -> ExitCode {
 }
 
 /// Runs a lab's probes; the explanations come from the policy model of its scenario.
-fn check(state: &LabState) -> Result<Vec<Outcome>> {
+fn check(state: &LabState, verbose: bool) -> Result<Vec<Outcome>> {
     let scenario = Scenario::load(
         &state.run_dir.join("scenario.yaml"),
         state.profile.as_deref(),
@@ -239,6 +245,7 @@ fn check(state: &LabState) -> Result<Vec<Outcome>> {
         .compile(state.profile.as_deref(), Some(&state.source))
         .map_err(|e| eprintln!("warning: no explanations: {e}"))
         .ok();
+    lab::lookups(state, &scenario, verbose)?;
     Ok(probes::run_all(state, &scenario.probes, model.as_ref()))
 }
 
@@ -305,11 +312,11 @@ fn run_case(f: &Path, keep_failed: bool, up: &UpArgs) -> CaseRun {
         Ok(s) => s,
         Err(e) => return broken(e),
     };
-    let state = match lab::up(&file, &scenario, &options(up, false)) {
+    let state = match lab::up(&file, &scenario, &options(up, false, false)) {
         Ok(s) => s,
         Err(e) => return broken(e),
     };
-    let outcomes = match check(&state) {
+    let outcomes = match check(&state, false) {
         Ok(o) => o,
         Err(e) => {
             let _ = lab::down(&state);

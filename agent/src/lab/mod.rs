@@ -35,6 +35,8 @@ pub struct UpOptions {
     pub no_agent: bool,
     /// Print progress lines.
     pub verbose: bool,
+    /// Make the scenario's DNS lookups at the end (`check` makes them anyway).
+    pub lookups: bool,
 }
 
 /// The lab needs root (namespaces, raw sockets, bpffs).
@@ -142,7 +144,9 @@ fn build(state: &mut LabState, scenario: &Scenario, opts: &UpOptions) -> Result<
         start_agents(state)?;
         say("agents ready");
     }
-    lookups(state, scenario, opts.verbose)?;
+    if opts.lookups {
+        lookups(state, scenario, opts.verbose)?;
+    }
     state.save()
 }
 
@@ -392,8 +396,9 @@ pub fn admin_get(netns: &str, path: &str) -> Result<(u16, String)> {
 }
 
 /// The DNS lookups of `cluster.dns`, made by the named clients through the lab DNS server
-/// (and the agents' DNS proxies on the way), so that toFQDNs learns the answers.
-fn lookups(state: &LabState, scenario: &Scenario, verbose: bool) -> Result<()> {
+/// (and the agents' DNS proxies on the way), so that toFQDNs learns the answers. `up`
+/// makes them, and `check` again before its probes (learned IPs expire with their TTL).
+pub fn lookups(state: &LabState, scenario: &Scenario, verbose: bool) -> Result<()> {
     let dns = &scenario.case.cluster.dns;
     if dns.is_empty() {
         return Ok(());
@@ -408,7 +413,7 @@ fn lookups(state: &LabState, scenario: &Scenario, verbose: bool) -> Result<()> {
         };
         let out = in_netns(&client.netns, "dig")
             .arg(format!("@{server}"))
-            .args(["+time=2", "+tries=2", "+short"])
+            .args(["+time=2", "+tries=1", "+short"])
             .arg(&d.name)
             .arg("A")
             .output()?;
