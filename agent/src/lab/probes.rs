@@ -503,3 +503,58 @@ pub fn table(outcomes: &[Outcome]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn dig_statuses_become_verdicts() {
+        let ok = ";; ->>HEADER<<- opcode: QUERY, status: NOERROR, id: 1\n\n;; ANSWER SECTION:\na.example.\t30\tIN\tA\t203.0.113.10\n\n";
+        let o = dig_outcome(ok);
+        assert!(o.allowed);
+        assert_eq!(o.detail, "NOERROR 203.0.113.10");
+        assert!(dig_outcome(";; ->>HEADER<<- opcode: QUERY, status: NXDOMAIN, id: 2\n").allowed);
+        let refused = dig_outcome(";; ->>HEADER<<- opcode: QUERY, status: REFUSED, id: 3\n");
+        assert!(!refused.allowed);
+        assert_eq!(refused.detail, "REFUSED");
+        let silent = dig_outcome(";; communications error to 10.0.0.1#53: timed out\n");
+        assert!(!silent.allowed);
+        assert!(silent.detail.contains("timed out"), "{}", silent.detail);
+    }
+
+    #[test]
+    fn curl_results_become_verdicts() {
+        let o = curl_outcome("GET / from 10.0.0.1\n\n200", "", Some(0), "10.0.0.1");
+        assert!(o.allowed);
+        assert_eq!(o.detail, "HTTP 200");
+        let o = curl_outcome("GET / from 172.18.0.2\n\n200", "", Some(0), "10.0.0.1");
+        assert_eq!(o.detail, "HTTP 200 (server saw 172.18.0.2)");
+        let o = curl_outcome("Access denied\r\n\n403", "", Some(0), "10.0.0.1");
+        assert!(!o.allowed);
+        assert_eq!(o.detail, "HTTP 403 Access denied");
+        let o = curl_outcome(
+            "\n000",
+            "curl: (28) Connection timed out",
+            Some(28),
+            "10.0.0.1",
+        );
+        assert!(!o.allowed);
+        assert!(o.detail.starts_with("no answer"), "{}", o.detail);
+        assert_eq!(
+            curl_outcome("\n000", "", Some(7), "x").detail,
+            "connection refused"
+        );
+    }
+
+    #[test]
+    fn default_deny_reasons_are_compacted() {
+        assert_eq!(
+            compact_reason("default deny: selected by NetworkPolicy x/a, CiliumNetworkPolicy x/b and no rule allows TCP/80 to identity 2 (World)"),
+            "default deny (NetworkPolicy x/a +1)"
+        );
+        assert_eq!(compact_reason("denied by rule"), "denied by rule");
+    }
+}

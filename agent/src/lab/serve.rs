@@ -304,3 +304,38 @@ pub fn dns_answer(query: &[u8], zone: &Zone) -> Option<Vec<u8>> {
     m.set_response_code(code);
     m.to_vec().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use hickory_proto::op::Query;
+
+    fn query(name: &str) -> Vec<u8> {
+        let mut m = Message::new();
+        m.set_id(7).set_recursion_desired(true);
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn the_zone_answers_known_names_case_insensitively_and_nxdomain_otherwise() {
+        let mut zone = Zone::new();
+        zone.insert(
+            "api.payments.example.".into(),
+            vec!["203.0.113.10".parse().unwrap()],
+        );
+        let a = Message::from_vec(&dns_answer(&query("API.Payments.Example."), &zone).unwrap())
+            .unwrap();
+        assert_eq!(a.id(), 7);
+        assert_eq!(a.response_code(), ResponseCode::NoError);
+        assert_eq!(a.answers().len(), 1);
+        let n = Message::from_vec(&dns_answer(&query("evil.example."), &zone).unwrap()).unwrap();
+        assert_eq!(n.response_code(), ResponseCode::NXDomain);
+        assert!(
+            dns_answer(b"ward-lab 1 2\n", &zone).is_none(),
+            "not DNS: no answer"
+        );
+    }
+}
