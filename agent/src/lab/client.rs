@@ -55,7 +55,10 @@ pub fn run(args: ProbeArgs) -> Result<()> {
     let outcome = rt.block_on(async {
         match tokio::time::timeout(deadline, probe(&args)).await {
             Ok(r) => r,
-            Err(_) => Ok((false, format!("no answer within {} ms", args.timeout_ms))),
+            Err(_) => Ok((
+                false,
+                format!("timed out after {:.1} s", deadline.as_secs_f64()),
+            )),
         }
     })?;
     println!("{} {}", if outcome.0 { "allow" } else { "deny" }, outcome.1);

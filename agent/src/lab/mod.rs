@@ -418,14 +418,17 @@ pub fn lookups(state: &LabState, scenario: &Scenario, verbose: bool) -> Result<(
             .arg("A")
             .output()?;
         if verbose {
+            let answer = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .replace('\n', " ");
+            let answer = if answer.is_empty() {
+                "no address (refused or unanswered)"
+            } else {
+                &answer
+            };
             eprintln!(
-                "lab {}: {} looked up {}: {}",
-                state.id,
-                d.client,
-                d.name,
-                String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .replace('\n', " ")
+                "lab {}: {} looked up {}: {answer}",
+                state.id, d.client, d.name
             );
         }
     }

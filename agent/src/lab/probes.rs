@@ -387,7 +387,7 @@ fn curl_outcome(stdout: &str, stderr: &str, exit: Option<i32>, source: &str) -> 
         }
         "000" | "" => denied(match exit {
             Some(7) => "connection refused".to_string(),
-            Some(28) => format!("no answer within {REQUEST_SECS} s"),
+            Some(28) => "timed out (curl)".to_string(),
             Some(52) => "empty reply".to_string(),
             Some(56) => "connection reset".to_string(),
             _ => short(stderr),
@@ -542,7 +542,7 @@ mod tests {
             "10.0.0.1",
         );
         assert!(!o.allowed);
-        assert!(o.detail.starts_with("no answer"), "{}", o.detail);
+        assert!(o.detail.starts_with("timed out"), "{}", o.detail);
         assert_eq!(
             curl_outcome("\n000", "", Some(7), "x").detail,
             "connection refused"
