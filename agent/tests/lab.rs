@@ -188,8 +188,14 @@ fn up_check_exec_down_leaves_nothing_behind() {
     let dir = Scratch::new("lifecycle");
     let case = dir.0.join("case.yaml");
     fs::write(&case, CASE).unwrap();
+    let root_before = root_namespace();
     let lab = Up::new(&case);
     let id = lab.0.clone();
+    assert_eq!(
+        root_namespace(),
+        root_before,
+        "the machine's own namespace got an interface, address, route or rule"
+    );
 
     // namespaces: fabric, world, 2 nodes, 3 pods; a server per pod, world; an agent per node
     assert_eq!(namespaces_of(&id).len(), 7, "{:?}", namespaces_of(&id));
@@ -251,6 +257,63 @@ fn up_check_exec_down_leaves_nothing_behind() {
     let o = ward(&["down", "--id", &id]);
     assert!(o.status.success(), "{}", text(&o));
     assert_gone(&id);
+}
+
+/// The machine's interfaces, addresses, routes and rules (v4 and v6), as `ip` prints them.
+fn root_namespace() -> String {
+    let mut out = String::new();
+    for args in [
+        &["-o", "link", "show"][..],
+        &["-o", "addr", "show"],
+        &["-4", "route", "show", "table", "all"],
+        &["-6", "route", "show", "table", "all"],
+        &["-4", "rule", "show"],
+        &["-6", "rule", "show"],
+    ] {
+        let o = Command::new("ip").args(args).output().unwrap();
+        // link statistics and lifetimes change by themselves; names and addresses do not
+        for line in String::from_utf8_lossy(&o.stdout).lines() {
+            let line: String = line
+                .split_whitespace()
+                .take_while(|w| !matches!(*w, "valid_lft" | "link/ether" | "qlen"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[test]
+fn two_labs_of_one_scenario_run_side_by_side() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    require_root();
+    let dir = Scratch::new("twins");
+    let case = dir.0.join("case.yaml");
+    fs::write(&case, CASE).unwrap();
+    // the same addresses and names in both: nothing may collide
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| Up::new(&case));
+        let b = s.spawn(|| Up::new(&case));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_ne!(a.0, b.0);
+    if !no_agent() {
+        for lab in [&a, &b] {
+            let o = ward(&["check", "--id", &lab.0]);
+            assert!(o.status.success(), "lab {}:\n{}", lab.0, text(&o));
+        }
+    }
+    let (ida, idb) = (a.0.clone(), b.0.clone());
+    drop(a);
+    assert_gone(&ida);
+    assert!(
+        !namespaces_of(&idb).is_empty(),
+        "bringing one lab down left the other alone"
+    );
+    drop(b);
+    assert_gone(&idb);
 }
 
 #[test]
