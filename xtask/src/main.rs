@@ -102,7 +102,15 @@ fn ensure_components() -> Result {
 }
 
 /// Debian packages the tests drive as real peers (clients, servers, tools).
-const TEST_PACKAGES: &[&str] = &["curl", "nghttp2-client", "dnsutils", "dnsmasq-base"];
+const TEST_PACKAGES: &[&str] = &[
+    "curl",
+    "nghttp2-client",
+    "dnsutils",
+    "dnsmasq-base",
+    // the lab tests (agent/tests/lab.rs): ip, sysctl in namespaces
+    "iproute2",
+    "procps",
+];
 
 /// Installs missing Debian packages non-interactively.
 fn ensure_debs(packages: &[&str]) -> Result {
