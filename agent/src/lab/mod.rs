@@ -407,24 +407,41 @@ pub fn lookups(state: &LabState, scenario: &Scenario, verbose: bool) -> Result<(
         eprintln!("warning: the scenario has DNS answers but no pod serving DNS on UDP/53");
         return Ok(());
     };
+    let mut clients = Vec::new();
     for d in dns {
         let Some(client) = state.endpoint(&d.client) else {
             bail!("cluster.dns: client {} is not a pod of the lab", d.client);
         };
-        let out = in_netns(&client.netns, "dig")
-            .arg(format!("@{server}"))
-            .args(["+time=2", "+tries=1", "+short"])
-            .arg(&d.name)
-            .arg("A")
-            .output()?;
-        if verbose {
-            let answer = String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .replace('\n', " ");
+        clients.push((d, client));
+    }
+    // concurrently: a lookup that is dropped waits out its whole deadline
+    let answers: Vec<String> = std::thread::scope(|s| {
+        let running: Vec<_> = clients
+            .iter()
+            .map(|(d, client)| {
+                s.spawn(move || {
+                    in_netns(&client.netns, "dig")
+                        .arg(format!("@{server}"))
+                        .args(["+time=2", "+tries=1", "+short"])
+                        .arg(&d.name)
+                        .arg("A")
+                        .output()
+                        .map(|o| String::from_utf8_lossy(&o.stdout).trim().replace('\n', " "))
+                        .unwrap_or_default()
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    if verbose {
+        for ((d, _), answer) in clients.iter().zip(&answers) {
             let answer = if answer.is_empty() {
                 "no address (refused or unanswered)"
             } else {
-                &answer
+                answer
             };
             eprintln!(
                 "lab {}: {} looked up {}: {answer}",
