@@ -101,6 +101,18 @@ enum Command {
 }
 
 pub fn run(args: LabArgs) -> Result<ExitCode> {
+    if matches!(
+        args.command,
+        None | Some(Command::Up { .. }) | Some(Command::RunCase { .. })
+    ) {
+        lab::down_on_interrupt();
+    }
+    let result = dispatch(args);
+    lab::park_if_stopping();
+    result
+}
+
+fn dispatch(args: LabArgs) -> Result<ExitCode> {
     match args.command {
         None => whole(args.whole),
         Some(Command::Up { scenario, up }) => {
@@ -111,6 +123,7 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
                 &scenario,
                 &options(&up, true, true),
             )?;
+            lab::disown(&state);
             println!("{}", state.id);
             eprintln!(
                 "lab {} is up ({}); `ward lab check`, `ward lab exec NS/POD -- CMD`, `ward lab down`",
@@ -218,6 +231,7 @@ fn whole(args: WholeArgs) -> Result<ExitCode> {
     } else {
         lab::down(&state)?;
     }
+    lab::disown(&state);
     let outcomes = result?;
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(verdict_line(&outcomes))
@@ -265,6 +279,9 @@ fn run_cases(paths: &[PathBuf], keep_failed: bool, jobs: usize, up: &UpArgs) -> 
                     *n - 1
                 };
                 let Some(f) = files.get(i) else { return };
+                if lab::stopping() {
+                    return;
+                }
                 let r = run_case(f, keep_failed, up);
                 let Ok(mut d) = done.lock() else { return };
                 d[i] = Some(r);
@@ -320,6 +337,7 @@ fn run_case(f: &Path, keep_failed: bool, up: &UpArgs) -> CaseRun {
         Ok(o) => o,
         Err(e) => {
             let _ = lab::down(&state);
+            lab::disown(&state);
             return broken(e);
         }
     };
@@ -352,5 +370,6 @@ fn run_case(f: &Path, keep_failed: bool, up: &UpArgs) -> CaseRun {
     } else if let Err(e) = lab::down(&state) {
         run.report.push_str(&format!("warning: {e:#}\n"));
     }
+    lab::disown(&state);
     run
 }

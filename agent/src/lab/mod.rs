@@ -77,8 +77,8 @@ fn require_tools() -> Result<()> {
     Ok(())
 }
 
-/// Builds a lab for `scenario` and returns its state. On failure, whatever was made is
-/// removed again.
+/// Builds a lab for `scenario` and returns its state, owned by this process (see `own`;
+/// `disown` it to leave it running). On failure, whatever was made is removed again.
 pub fn up(source: &str, scenario: &Scenario, opts: &UpOptions) -> Result<LabState> {
     require_root()?;
     require_tools()?;
@@ -94,17 +94,22 @@ pub fn up(source: &str, scenario: &Scenario, opts: &UpOptions) -> Result<LabStat
         ..LabState::default()
     };
     state.save()?;
+    own(&state);
     match build(&mut state, scenario, opts) {
         Ok(()) => Ok(state),
         Err(e) => {
             let logs = agent_log_tail(&state);
             let _ = down(&state);
+            disown(&state);
             Err(e.context(format!("lab {} failed to come up{logs}", state.id)))
         }
     }
 }
 
 fn build(state: &mut LabState, scenario: &Scenario, opts: &UpOptions) -> Result<()> {
+    if stopping() {
+        bail!("interrupted");
+    }
     let id = state.id.clone();
     let say = |m: &str| {
         if opts.verbose {
@@ -483,6 +488,9 @@ pub fn wait_for(
     let end = Instant::now() + deadline;
     let mut pause = Duration::from_millis(10);
     loop {
+        if stopping() {
+            bail!("interrupted while waiting for {what}");
+        }
         if cond()? {
             return Ok(());
         }
@@ -511,6 +519,80 @@ fn agent_log_tail(state: &LabState) -> String {
         }
     }
     out
+}
+
+/// Labs this process brings down itself (`ward lab`, `run-case`): on SIGINT or SIGTERM
+/// they are removed before the process exits, so an interrupted run leaves nothing.
+static OWNED: std::sync::Mutex<Vec<LabState>> = std::sync::Mutex::new(Vec::new());
+/// Set on SIGINT/SIGTERM: labs being built stop at their next step and remove themselves.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the process was interrupted (builders check it between steps).
+pub fn stopping() -> bool {
+    STOPPING.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// When interrupted, leaves the exit to the clean-up (which exits 130 when done): the
+/// main thread must not end the process while labs are being removed.
+pub fn park_if_stopping() {
+    while stopping() {
+        std::thread::park_timeout(Duration::from_secs(1));
+    }
+}
+
+/// Removes `state` when the process is interrupted, until `disown`.
+pub fn own(state: &LabState) {
+    if let Ok(mut o) = OWNED.lock() {
+        o.push(state.clone());
+    }
+}
+
+pub fn disown(state: &LabState) {
+    if let Ok(mut o) = OWNED.lock() {
+        o.retain(|s| s.id != state.id);
+    }
+}
+
+/// Starts the watcher that brings owned labs down on SIGINT/SIGTERM and exits 130.
+pub fn down_on_interrupt() {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            let ctrl_c = tokio::signal::ctrl_c();
+            let _ = tx.send(());
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        });
+        STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Builders notice within one step and clean up after themselves; whatever is
+        // still owned after that is removed here.
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end && !OWNED.lock().map(|o| o.is_empty()).unwrap_or(true) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let labs = OWNED.lock().map(|o| o.clone()).unwrap_or_default();
+        for l in &labs {
+            let latest = LabState::load(&l.run_dir).unwrap_or_else(|_| l.clone());
+            let _ = down(&latest);
+        }
+        eprintln!("interrupted: {} lab(s) removed", labs.len());
+        std::process::exit(130);
+    });
+    // the handlers are in place before any lab is made
+    let _ = rx.recv_timeout(Duration::from_secs(2));
 }
 
 /// Removes everything a lab made: its processes (by PID, after checking that the PID
@@ -642,6 +724,21 @@ fn reap() {
     }
 }
 
+/// Polls `cond` until it holds (true) or the deadline passes (false); unlike `wait_for`
+/// it keeps going during an interrupt, for the clean-up itself.
+fn settle(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// SIGTERM, then SIGKILL for what is still there after two seconds.
 fn kill_all(pids: &[u32]) {
     if pids.is_empty() {
@@ -657,13 +754,13 @@ fn kill_all(pids: &[u32]) {
         reap();
         pids.iter().any(|p| !is_zombie(*p))
     };
-    if wait_for("processes to exit", Duration::from_secs(2), || Ok(!alive())).is_err() {
+    if !settle(Duration::from_secs(2), || !alive()) {
         let _ = Command::new("kill")
             .arg("-KILL")
             .args(&list)
             .stderr(Stdio::null())
             .status();
-        let _ = wait_for("processes to exit", Duration::from_secs(2), || Ok(!alive()));
+        settle(Duration::from_secs(2), || !alive());
     }
 }
 

@@ -110,6 +110,9 @@ impl LabState {
     }
 
     fn add_ns(&mut self, name: &str) -> Result<()> {
+        if super::stopping() {
+            bail!("interrupted");
+        }
         if self.namespaces.iter().any(|n| n == name) {
             bail!("two lab objects map to the network namespace {name}");
         }
