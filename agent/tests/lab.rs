@@ -317,6 +317,60 @@ fn two_labs_of_one_scenario_run_side_by_side() {
 }
 
 #[test]
+fn an_interrupted_run_removes_its_lab() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    require_root();
+    let dir = Scratch::new("interrupt");
+    let case = dir.0.join("case.yaml");
+    fs::write(&case, CASE).unwrap();
+    let mut args = vec![case.to_str().unwrap().to_string()];
+    if no_agent() {
+        args.push("--no-agent".into());
+    }
+    let before: Vec<PathBuf> = lab_run_dirs();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ward"))
+        .arg("lab")
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // wait until its lab has servers running, then interrupt it
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let run_dir = loop {
+        let fresh = lab_run_dirs().into_iter().find(|d| {
+            !before.contains(d)
+                && fs::read_to_string(d.join("state.json"))
+                    .map(|s| s.contains("\"pids\": [\n"))
+                    .unwrap_or(false)
+        });
+        if let Some(d) = fresh {
+            break d;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lab never came up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let id = run_dir.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "interrupted runs exit 130");
+    assert_gone(&id);
+}
+
+fn lab_run_dirs() -> Vec<PathBuf> {
+    fs::read_dir("/run/ward-lab")
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
 fn down_all_cleans_up_after_a_crash() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     require_root();
