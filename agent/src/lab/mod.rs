@@ -111,9 +111,10 @@ fn build(state: &mut LabState, scenario: &Scenario, opts: &UpOptions) -> Result<
         bail!("interrupted");
     }
     let id = state.id.clone();
+    let started = Instant::now();
     let say = |m: &str| {
         if opts.verbose {
-            eprintln!("lab {id}: {m}");
+            eprintln!("lab {id}: {m} ({:.1} s)", started.elapsed().as_secs_f64());
         }
     };
     fs::write(
