@@ -3,10 +3,8 @@
 mod cmd;
 mod inputs;
 mod lab;
-// Building blocks of `ward agent` (issue 6), tested on their own until the agent uses them.
-#[allow(dead_code)]
+mod node;
 mod source;
-#[allow(dead_code)]
 mod store;
 
 use std::process::ExitCode;
@@ -24,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node agent: datapath, HTTP proxy, DNS proxy and admin endpoint.
+    Agent(Box<cmd::agent::Args>),
     /// Run netpol-oracle conformance cases against Ward's policy model.
     Conformance {
         #[command(subcommand)]
@@ -41,16 +41,23 @@ enum Command {
     },
     /// Run the L7 HTTP proxy in front of one workload (standalone mode).
     Proxy(Box<cmd::proxy::ProxyArgs>),
+    /// Summarise a running agent: readiness, endpoints, policy errors, FQDN cache, drops.
+    Status(cmd::status::StatusArgs),
+    /// Show a running agent's drop events and proxy audit records as one timeline.
+    Observe(cmd::status::ObserveArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Agent(args) => cmd::agent::run(*args),
         Command::Conformance { command } => cmd::conformance::run(command),
         Command::DnsProxy(args) => cmd::dns_proxy::run(args),
         Command::Lab(args) => cmd::lab::run(args),
         Command::Policy { command } => cmd::policy::run(command),
         Command::Proxy(args) => cmd::proxy::run(*args),
+        Command::Status(args) => cmd::status::status(args),
+        Command::Observe(args) => cmd::status::observe(args),
     };
     match result {
         Ok(code) => code,

@@ -44,11 +44,28 @@ pub trait Source: Send {
 /// which is cheap and needs no inotify limits.
 pub struct FilesSource {
     dir: PathBuf,
+    /// The fingerprint of what the last snapshot read; None before the first.
+    seen: Option<u64>,
+    poll: std::time::Duration,
 }
+
+/// How often [`FilesSource`] looks for changes: well under the 100 ms a policy change
+/// may take to be enforced, and a few `stat`s per file each time.
+pub const DEFAULT_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl FilesSource {
     pub fn new(dir: impl Into<PathBuf>) -> FilesSource {
-        FilesSource { dir: dir.into() }
+        FilesSource {
+            dir: dir.into(),
+            seen: None,
+            poll: DEFAULT_POLL,
+        }
+    }
+
+    /// Sets how often the directory is checked for changes.
+    pub fn with_poll(mut self, poll: std::time::Duration) -> FilesSource {
+        self.poll = poll.max(std::time::Duration::from_millis(1));
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -131,6 +148,38 @@ impl FilesSource {
                 snap.errors.extend(p.errors);
             }
         }
+    }
+}
+
+impl Source for FilesSource {
+    fn name(&self) -> &'static str {
+        "files"
+    }
+
+    /// The first call reads at once; later calls poll the fingerprint and read when it
+    /// changes. A read that races a writer is harmless: the writer's next change of
+    /// size or time changes the fingerprint again.
+    fn next(&mut self) -> BoxFuture<'_, anyhow::Result<Snapshot>> {
+        Box::pin(async move {
+            loop {
+                let fp = match self.fingerprint() {
+                    Ok(fp) => Some(fp),
+                    Err(e) if self.seen.is_none() => {
+                        return Err(anyhow::anyhow!("{}: {e}", self.dir().display()))
+                    }
+                    // A file vanished between listing and stat: look again.
+                    Err(_) => None,
+                };
+                if let Some(fp) = fp {
+                    if self.seen != Some(fp) {
+                        let snap = self.load()?;
+                        self.seen = Some(fp);
+                        return Ok(snap);
+                    }
+                }
+                tokio::time::sleep(self.poll).await;
+            }
+        })
     }
 }
 
@@ -218,6 +267,23 @@ mod tests {
         assert_ne!(f1, src.fingerprint().expect("fp"), "a changed file");
         fs::remove_file(d.0.join("a.yaml")).expect("rm");
         assert_eq!(f0, src.fingerprint().expect("fp"), "back to the start");
+    }
+
+    #[tokio::test]
+    async fn next_returns_at_once_then_on_change() {
+        let d = Dir::new("next");
+        fs::write(d.0.join("c.yaml"), "namespaces: [{name: a}]\n").expect("write");
+        let mut src = FilesSource::new(&d.0).with_poll(std::time::Duration::from_millis(5));
+        let first = src.next().await.expect("first");
+        assert_eq!(first.cluster.namespaces.len(), 1);
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(100), src.next()).await;
+        assert!(pending.is_err(), "no change, no snapshot");
+        fs::write(d.0.join("c.yaml"), "namespaces: [{name: a}, {name: b}]\n").expect("write");
+        let second = tokio::time::timeout(std::time::Duration::from_secs(5), src.next())
+            .await
+            .expect("a change is seen")
+            .expect("load");
+        assert_eq!(second.cluster.namespaces.len(), 2);
     }
 
     #[test]

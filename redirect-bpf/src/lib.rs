@@ -6,9 +6,12 @@
 //!   the maps.
 //! - [`compile::endpoint_entries`] turns policy-model's compiled endpoint policy into
 //!   policy map entries. Policy semantics stay in policy-model: the datapath executes.
+//! - [`routing`] installs the ip rule and local route that deliver redirected packets
+//!   to the proxies.
 
 pub mod compile;
 pub mod loader;
+pub mod routing;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -42,11 +45,19 @@ pub enum Error {
     Mount(nix::Error),
     #[error("reading CLOCK_MONOTONIC: {0}")]
     Clock(nix::Error),
+    #[error("redirect routing: {0}")]
+    Routing(String),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
 
 impl Error {
+    /// Whether a map operation failed only because the key was not there (a removal
+    /// that has nothing to do).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Map(e) if matches!(**e, aya::maps::MapError::KeyNotFound))
+    }
+
     fn io(path: &Path, source: io::Error) -> Error {
         Error::Io {
             path: path.to_path_buf(),

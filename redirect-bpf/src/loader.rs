@@ -289,6 +289,87 @@ impl Datapath {
         self.remove_policy(&gone)
     }
 
+    /// Every ipcache entry in the maps, so that an agent starting on pinned maps can diff
+    /// against what the previous run left.
+    pub fn ipcache_entries(&self) -> Result<Vec<(IpNet, u32)>, Error> {
+        let mut out = Vec::new();
+        for item in self.ipcache_v4.iter() {
+            let (k, v) = item.map_err(Error::map)?;
+            let len = u8::try_from(k.prefix_len()).unwrap_or(32);
+            if let Ok(n) = ipnet::Ipv4Net::new(k.data().into(), len) {
+                out.push((IpNet::V4(n), v.identity));
+            }
+        }
+        for item in self.ipcache_v6.iter() {
+            let (k, v) = item.map_err(Error::map)?;
+            let len = u8::try_from(k.prefix_len()).unwrap_or(128);
+            if let Ok(n) = ipnet::Ipv6Net::new(k.data().into(), len) {
+                out.push((IpNet::V6(n), v.identity));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every endpoints map entry: address and endpoint info.
+    pub fn endpoints(&self) -> Result<Vec<(IpAddr, EndpointInfo)>, Error> {
+        let mut out = Vec::new();
+        for item in self.endpoints_v4.iter() {
+            let (k, v) = item.map_err(Error::map)?;
+            out.push((IpAddr::from(k), v));
+        }
+        for item in self.endpoints_v6.iter() {
+            let (k, v) = item.map_err(Error::map)?;
+            out.push((IpAddr::from(k), v));
+        }
+        Ok(out)
+    }
+
+    /// Every policy map entry, as `insert_policy` takes them.
+    pub fn policy_entries(&self) -> Result<Vec<PolicyEntry>, Error> {
+        let mut out = Vec::new();
+        for item in self.policy.iter() {
+            let (k, v) = item.map_err(Error::map)?;
+            let d = k.data();
+            out.push(PolicyEntry {
+                endpoint_id: d.endpoint_id,
+                identity: d.identity,
+                direction: d.direction,
+                protocol: d.protocol,
+                port: u16::from_be_bytes(d.port),
+                port_prefix_len: u8::try_from(k.prefix_len().saturating_sub(POLICY_FIXED_BITS))
+                    .unwrap_or(16),
+                action: v.action,
+                proxy_port: v.proxy_port,
+                cookie: v.cookie,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Names of the interfaces that carry Ward's pinned links (pod veths and uplinks).
+    pub fn attached_interfaces(&self) -> Result<Vec<String>, Error> {
+        let links = self.root.join("links");
+        let mut out = std::collections::BTreeSet::new();
+        for entry in fs::read_dir(&links).map_err(|e| Error::io(&links, e))? {
+            let entry = entry.map_err(|e| Error::io(&links, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some((iface, _)) = name.split_once(':') {
+                out.insert(iface.to_string());
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// Whether `iface` (as it is now, by ifindex) has Ward's pod programs attached.
+    pub fn is_attached(&self, iface: &str) -> bool {
+        let Ok(ifindex) = ifindex(iface) else {
+            return false;
+        };
+        POD_HOOKS
+            .iter()
+            .all(|(_, _, hook)| self.link_pin(iface, ifindex, hook).exists())
+    }
+
     /// The drop count of a reason, summed over CPUs.
     pub fn drops(&self, reason: u32) -> Result<u64, Error> {
         let values = self.drops.get(&reason, 0).map_err(Error::map)?;

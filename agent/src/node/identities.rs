@@ -1,0 +1,139 @@
+//! Stable numeric identities. policy-model numbers identities in the order a compile
+//! meets them, so a new pod or a newly learned FQDN IP can shift the numbers of others
+//! from one compile to the next. The datapath keys policy entries and the ipcache by
+//! number: a shift would rewrite entries that did not change, and for the moment between
+//! two map writes give one peer another's number. The agent therefore keeps its own
+//! table, label set -> number, renumbers each compiled model with it (numbers are only
+//! read through `Identities::get(..).id`), and saves it in the state directory so a
+//! restarted agent reuses the same numbers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use policy_model::identity::{reserved, NumericId};
+use policy_model::Model;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct StableIds {
+    /// Label set (text form) -> number.
+    by_labels: BTreeMap<String, NumericId>,
+    next_cluster: NumericId,
+    next_local: NumericId,
+    #[serde(skip)]
+    file: Option<PathBuf>,
+}
+
+const FILE: &str = "identities.json";
+
+impl StableIds {
+    /// Loads `<dir>/identities.json`; absent or unreadable: an empty table.
+    pub fn load(dir: &std::path::Path) -> StableIds {
+        let file = dir.join(FILE);
+        let mut ids: StableIds = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        ids.file = Some(file);
+        ids
+    }
+
+    /// Renumbers `model`'s identities: reserved ones keep their number, the others get
+    /// the number their label set had before, or a new one never handed out. Label sets
+    /// gone from the model are forgotten. Returns whether the table changed.
+    pub fn apply(&mut self, model: &mut Model) -> bool {
+        self.next_cluster = self.next_cluster.max(reserved::FIRST_CLUSTER);
+        self.next_local = self.next_local.max(reserved::FIRST_LOCAL);
+        let mut changed = false;
+        let mut seen = BTreeSet::new();
+        for ident in &mut model.identities.list {
+            if ident.id < reserved::FIRST_CLUSTER {
+                continue;
+            }
+            let key = ident.labels.to_string();
+            let id = match self.by_labels.get(&key) {
+                Some(id) => *id,
+                None => {
+                    let next = if ident.id >= reserved::FIRST_LOCAL {
+                        &mut self.next_local
+                    } else {
+                        &mut self.next_cluster
+                    };
+                    let id = *next;
+                    *next += 1;
+                    self.by_labels.insert(key.clone(), id);
+                    changed = true;
+                    id
+                }
+            };
+            ident.id = id;
+            seen.insert(key);
+        }
+        let before = self.by_labels.len();
+        self.by_labels.retain(|k, _| seen.contains(k));
+        changed |= self.by_labels.len() != before;
+        changed
+    }
+
+    /// Writes the table (temporary file, then rename).
+    pub fn save(&self) -> std::io::Result<()> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let tmp = file.with_extension("json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(self).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::rename(&tmp, file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use policy_model::{Cluster, CompileOptions};
+
+    fn model(pods: &[(&str, &str)]) -> Model {
+        let mut yaml = String::from("namespaces: [{name: a}]\npods:\n");
+        for (i, (name, app)) in pods.iter().enumerate() {
+            yaml.push_str(&format!(
+                "- {{namespace: a, name: {name}, ip: 10.0.0.{}, labels: {{app: {app}}}}}\n",
+                i + 1
+            ));
+        }
+        let c: Cluster = serde_yaml::from_str(&yaml).unwrap();
+        Model::compile(&c, vec![], CompileOptions::default())
+    }
+
+    fn id_of(m: &Model, pod: &str) -> NumericId {
+        let ep = m.pod_endpoint(pod).unwrap();
+        m.identities.get(ep.identity).id
+    }
+
+    #[test]
+    fn numbers_survive_a_pod_inserted_before_others() {
+        let mut ids = StableIds::default();
+        let mut m1 = model(&[("x", "x"), ("y", "y")]);
+        assert!(ids.apply(&mut m1));
+        let (x, y) = (id_of(&m1, "a/x"), id_of(&m1, "a/y"));
+        // a new label set first in order: policy-model alone would shift x and y
+        let mut m2 = model(&[("w", "w"), ("x", "x"), ("y", "y")]);
+        let raw_x = id_of(&m2, "a/x");
+        ids.apply(&mut m2);
+        assert_ne!(raw_x, x, "the compile alone renumbers");
+        assert_eq!(id_of(&m2, "a/x"), x);
+        assert_eq!(id_of(&m2, "a/y"), y);
+        let w = id_of(&m2, "a/w");
+        assert!(w != x && w != y);
+        // and the ipcache carries the stable numbers
+        let ipc = m2.ipcache(None);
+        assert!(ipc
+            .iter()
+            .any(|(n, id)| n.to_string() == "10.0.0.2/32" && *id == x));
+        // nothing new: no change
+        let mut m3 = model(&[("w", "w"), ("x", "x"), ("y", "y")]);
+        assert!(!ids.apply(&mut m3));
+    }
+}
