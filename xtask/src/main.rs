@@ -13,8 +13,13 @@ const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
-  test            build the eBPF object, format check, clippy (-D warnings), all tests,
-                  and the conformance suite
+  lab [ARGS...]   the main job: a whole cluster's datapath on this machine (root): installs
+                  what it needs, builds the eBPF object and ward, runs `ward lab ARGS`
+                  (default: the deploy/lab scenario: up, check, down)
+  lab-cases       `ward lab run-case` over ../shared/conformance/cases (root)
+  test [--no-lab] build the eBPF object, format check, clippy (-D warnings), all tests,
+                  the conformance suite on the policy model, then `lab` and `lab-cases`
+                  (the default scenario and every conformance case on the real datapath)
   build-ebpf      install the eBPF toolchain when missing (nightly, rust-src, bpf-linker)
                   and build the datapath's eBPF object into target/bpf
   demo            the main job for now: conformance over the shared cases and a trace example
@@ -34,7 +39,9 @@ tasks:
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("test") => test(),
+        Some("test") => test(args.get(1).map(String::as_str) != Some("--no-lab")),
+        Some("lab") => lab(&args[1..]),
+        Some("lab-cases") => lab_cases(),
         Some("build-ebpf") => build_ebpf(),
         Some("demo") => demo(),
         Some("fuzz") => fuzz(
@@ -113,7 +120,15 @@ fn ensure_components() -> Result {
 }
 
 /// Debian packages the tests drive as real peers (clients, servers, tools).
-const TEST_PACKAGES: &[&str] = &["curl", "nghttp2-client", "dnsutils", "dnsmasq-base"];
+const TEST_PACKAGES: &[&str] = &[
+    "curl",
+    "nghttp2-client",
+    "dnsutils",
+    "dnsmasq-base",
+    // the lab tests (agent/tests/lab.rs): ip, sysctl in namespaces
+    "iproute2",
+    "procps",
+];
 
 /// Installs missing Debian packages non-interactively.
 fn ensure_debs(packages: &[&str]) -> Result {
@@ -138,7 +153,51 @@ fn installed(p: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn test() -> Result {
+/// What `ward lab` drives inside its namespaces: ip, nsenter, curl, dig, timeout.
+const LAB_PACKAGES: &[&str] = &[
+    "iproute2",
+    "util-linux",
+    "procps",
+    "coreutils",
+    "curl",
+    "dnsutils",
+];
+
+fn require_root(task: &str) -> Result {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0);
+    if uid != 0 {
+        return Err(format!(
+            "`cargo xtask {task}` needs root: the lab makes network namespaces, veths and \
+             raw sockets, and loads eBPF programs (try `sudo -E cargo xtask {task}`)"
+        ));
+    }
+    Ok(())
+}
+
+/// The release `ward`, built with the eBPF object it embeds.
+fn build_ward_for_lab(task: &str) -> Result<PathBuf> {
+    require_root(task)?;
+    ensure_debs(LAB_PACKAGES)?;
+    build_ebpf()?;
+    run(cargo().args(["build", "--quiet", "--release", "--bin", "ward"]))?;
+    Ok(root().join("target/release/ward"))
+}
+
+fn lab(args: &[String]) -> Result {
+    let ward = build_ward_for_lab("lab")?;
+    run(Command::new(ward).arg("lab").args(args))
+}
+
+fn lab_cases() -> Result {
+    let cases = shared_cases().ok_or("../shared/conformance/cases is missing")?;
+    let ward = build_ward_for_lab("lab-cases")?;
+    run(Command::new(ward).args(["lab", "run-case"]).arg(cases))
+}
+
+fn test(with_lab: bool) -> Result {
     ensure_components()?;
     ensure_debs(TEST_PACKAGES)?;
     // First, so that the user-space crate embeds the object the kernel tests load.
@@ -175,6 +234,10 @@ fn test() -> Result {
             .args(["conformance", "run"])
             .arg(cases))?,
         None => return Err("../shared/conformance/cases is missing".into()),
+    }
+    if with_lab {
+        lab(&[])?;
+        lab_cases()?;
     }
     Ok(())
 }

@@ -64,6 +64,11 @@ pub struct Args {
     /// the client's (transparent source is the default in agent mode).
     #[arg(long)]
     no_transparent_source: bool,
+    /// CIDR selectors (ipBlock, toCIDR, ANP networks) also match pod and node IPs, as the
+    /// Kubernetes NetworkPolicy conformance tests expect. Off by default, as in Cilium,
+    /// where a pod is selected by its labels only.
+    #[arg(long)]
+    cidr_matches_cluster: bool,
 }
 
 /// Where the agent learns cluster state and policies.
@@ -93,6 +98,7 @@ struct File {
     uplinks: Vec<String>,
     audit_log: Option<String>,
     transparent_source: Option<bool>,
+    cidr_matches_cluster: Option<bool>,
     /// HTTP proxy settings (timeouts, limits), keys as in proxy/README.md.
     proxy: Option<proxy::Config>,
     /// DNS proxy settings, keys as in dns-proxy/README.md.
@@ -149,6 +155,9 @@ fn settings(a: Args) -> Result<Settings> {
         transparent_source: !a.no_transparent_source && f.transparent_source.unwrap_or(true),
         proxy: f.proxy.unwrap_or_default(),
         dns: f.dns_proxy.unwrap_or_default(),
+        compile: policy_model::CompileOptions {
+            cidr_matches_cluster: a.cidr_matches_cluster || f.cidr_matches_cluster.unwrap_or(false),
+        },
     })
 }
 

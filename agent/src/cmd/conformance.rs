@@ -1,4 +1,5 @@
-//! `ward conformance run`: netpol-oracle cases against the policy model.
+//! `ward conformance run`: netpol-oracle cases (and `ward lab` scenario folders) against
+//! the policy model.
 
 use std::fs;
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use policy_model::conformance::{parse_case, ProbeResult};
 use serde::Serialize;
 
 use crate::inputs::yaml_files;
+use crate::lab::scenario::Scenario;
 
 #[derive(Subcommand)]
 pub enum Command {
@@ -48,15 +50,26 @@ pub fn run(cmd: Command) -> Result<ExitCode> {
         format,
     } = cmd;
     let mut reports = Vec::new();
-    for f in yaml_files(&paths)? {
+    // a lab scenario folder (cluster.yaml, policies/, probes.yaml) is one case
+    let (scenarios, paths): (Vec<PathBuf>, Vec<PathBuf>) =
+        paths.into_iter().partition(|p| Scenario::is_folder(p));
+    let mut files: Vec<PathBuf> = scenarios;
+    files.extend(yaml_files(&paths)?);
+    for f in files {
         let file = f.display().to_string();
-        let result = fs::read_to_string(&f)
-            .map_err(|e| e.to_string())
-            .and_then(|text| parse_case(&text).map_err(|e| e.to_string()))
-            .and_then(|case| {
-                case.run(profile.as_deref(), Some(&file))
-                    .map_err(|e| e.to_string())
-            });
+        let loaded = if Scenario::is_folder(&f) {
+            Scenario::load(&f, None)
+                .map(|s| s.case)
+                .map_err(|e| format!("{e:#}"))
+        } else {
+            fs::read_to_string(&f)
+                .map_err(|e| e.to_string())
+                .and_then(|text| parse_case(&text).map_err(|e| e.to_string()))
+        };
+        let result = loaded.and_then(|case| {
+            case.run(profile.as_deref(), Some(&file))
+                .map_err(|e| e.to_string())
+        });
         reports.push(match result {
             Ok(probes) => CaseReport {
                 file,

@@ -48,6 +48,8 @@ pub struct Settings {
     pub transparent_source: bool,
     pub proxy: proxy::Config,
     pub dns: dns_proxy::Config,
+    /// How policies are compiled.
+    pub compile: CompileOptions,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -97,7 +99,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         store.replace_all(&first.objects, first.errors.clone());
         let mut cluster = first.cluster.clone();
         cluster.dns.extend(obs.to_cluster());
-        let mut m = Model::compile(&cluster, store.policies(), CompileOptions::default());
+        let mut m = Model::compile(&cluster, store.policies(), s.compile);
         identities::StableIds::load(&s.state_dir).apply(&mut m);
         m
     };
@@ -168,6 +170,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         events.clone(),
     );
     reconciler.uplinks = s.uplinks.clone();
+    reconciler.compile = s.compile;
     reconciler.identities = identities::StableIds::load(&s.state_dir);
     tx.send(Msg::Snapshot(first))
         .await

@@ -84,6 +84,8 @@ pub struct Reconciler {
     pub uplinks: Vec<String>,
     /// Numeric identities that stay put across compiles and restarts.
     pub identities: StableIds,
+    /// How policies are compiled (whether CIDR selectors match cluster IPs).
+    pub compile: CompileOptions,
     /// (endpoint, name) pairs whose learned IPs changed since the model was built.
     learned_changes: BTreeSet<(String, String)>,
     /// Whether the last push failed to update the datapath.
@@ -124,6 +126,7 @@ impl Reconciler {
             model: None,
             uplinks: Vec::new(),
             identities: StableIds::default(),
+            compile: CompileOptions::default(),
             learned_changes: BTreeSet::new(),
             failed: false,
             drops_seen: BTreeMap::new(),
@@ -517,7 +520,7 @@ impl Reconciler {
         let start = Instant::now();
         let mut cluster = self.cluster.clone();
         cluster.dns.extend(self.fqdn.to_cluster());
-        let mut model = Model::compile(&cluster, self.store.policies(), CompileOptions::default());
+        let mut model = Model::compile(&cluster, self.store.policies(), self.compile);
         if self.identities.apply(&mut model) {
             if let Err(e) = self.identities.save() {
                 eprintln!("ward agent: saving the identity table: {e}");

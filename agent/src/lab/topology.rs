@@ -1,0 +1,386 @@
+//! The lab's network: namespaces, veths, a bridge, addresses and routes, all inside
+//! namespaces this lab created. The machine's root namespace gets nothing.
+//!
+//! ```text
+//!  pod ns: eth0 (POD_IP/32, default via NODE_IP) ── veth ── node ns: lxcN (route POD_IP/32)
+//!  node ns: up0 (NODE_IP/32) ── veth ── fabric ns: br0 ── veth ── world ns: eth0 (external IPs)
+//! ```
+//! Nodes reach each other and the world on the bridge (on-link /32 routes); remote pods
+//! via their node. Everything created is recorded in the run's `state.json` before it is
+//! made, so that `down` (and `down --all` after a crash) removes it.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use policy_model::Cluster;
+use serde::{Deserialize, Serialize};
+
+/// Where every lab keeps its run directory.
+pub const RUN_ROOT: &str = "/run/ward-lab";
+/// Prefix of every bpffs root a lab's agents pin under.
+pub const BPF_PREFIX: &str = "/sys/fs/bpf/ward-lab-";
+
+/// One network namespace of the lab and the address it speaks from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// `ns/pod`, `node:NAME` or `external:NAME`.
+    pub key: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub bpf_root: PathBuf,
+    pub agent_pid: Option<u32>,
+}
+
+/// Everything a lab made, saved as `state.json` in its run directory.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LabState {
+    pub id: String,
+    pub run_dir: PathBuf,
+    /// Where the scenario came from (for the record).
+    pub source: String,
+    pub profile: Option<String>,
+    pub agents: bool,
+    /// Namespaces in creation order (recorded before each is created).
+    pub namespaces: Vec<String>,
+    pub nodes: Vec<NodeState>,
+    pub endpoints: Vec<Endpoint>,
+    /// Every process the lab started (agents, servers), by PID.
+    pub pids: Vec<u32>,
+}
+
+impl LabState {
+    /// A fresh, unique lab id: `wl` and 8 hex digits from the PID and the clock.
+    pub fn new_id() -> String {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32).rotate_left(16))
+            .unwrap_or(0);
+        let mixed = nanos.wrapping_mul(2_654_435_761) ^ std::process::id().rotate_left(20);
+        format!("wl{mixed:08x}")
+    }
+
+    pub fn state_file(run_dir: &Path) -> PathBuf {
+        run_dir.join("state.json")
+    }
+
+    pub fn save(&self) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        let path = LabState::state_file(&self.run_dir);
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+        fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+
+    pub fn load(run_dir: &Path) -> Result<LabState> {
+        let path = LabState::state_file(run_dir);
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid state", path.display()))
+    }
+
+    pub fn endpoint(&self, key: &str) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.key == key)
+    }
+
+    fn netns(&self, suffix: &str) -> String {
+        let clean: String = suffix
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        format!("{}-{clean}", self.id)
+    }
+
+    fn add_ns(&mut self, name: &str) -> Result<()> {
+        if super::stopping() {
+            bail!("interrupted");
+        }
+        if self.namespaces.iter().any(|n| n == name) {
+            bail!("two lab objects map to the network namespace {name}");
+        }
+        self.namespaces.push(name.to_string());
+        self.save()?;
+        ip(&["netns", "add", name])
+    }
+
+    /// Creates the whole topology for `cluster`. Nodes without an IP in the cluster (and a
+    /// node for pods without one) get addresses from 172.31.255.0/24.
+    pub fn build(&mut self, cluster: &Cluster) -> Result<()> {
+        let nodes = lab_nodes(cluster);
+        let fabric = self.netns("fabric");
+        self.add_ns(&fabric)?;
+        ipn(&fabric, &["link", "set", "lo", "up"])?;
+        ipn(&fabric, &["link", "add", "br0", "type", "bridge"])?;
+        ipn(&fabric, &["link", "set", "br0", "up"])?;
+
+        for (i, (name, ip4)) in nodes.iter().enumerate() {
+            let ns = self.netns(name);
+            self.add_ns(&ns)?;
+            let port = format!("u{i}");
+            ipn(
+                &fabric,
+                &[
+                    "link", "add", &port, "type", "veth", "peer", "name", "up0", "netns", &ns,
+                ],
+            )?;
+            ipn(&fabric, &["link", "set", &port, "master", "br0", "up"])?;
+            sysctl(
+                &ns,
+                &[
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                ],
+            )?;
+            ipn(&ns, &["link", "set", "lo", "up"])?;
+            ipn(&ns, &["addr", "add", &format!("{ip4}/32"), "dev", "up0"])?;
+            ipn(&ns, &["link", "set", "up0", "up"])?;
+            self.nodes.push(NodeState {
+                name: name.clone(),
+                netns: ns.clone(),
+                ip: *ip4,
+                bpf_root: PathBuf::from(format!("{BPF_PREFIX}{}-{i}", self.id)),
+                agent_pid: None,
+            });
+            self.endpoints.push(Endpoint {
+                key: format!("node:{name}"),
+                netns: ns,
+                ip: *ip4,
+            });
+        }
+
+        let externals: Vec<(String, Ipv4Addr)> = cluster
+            .externals
+            .iter()
+            .filter_map(|e| match e.ip {
+                IpAddr::V4(v4) => Some((e.name.clone(), v4)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let world = self.netns("world");
+        self.add_ns(&world)?;
+        ipn(
+            &fabric,
+            &[
+                "link", "add", "w0", "type", "veth", "peer", "name", "eth0", "netns", &world,
+            ],
+        )?;
+        ipn(&fabric, &["link", "set", "w0", "master", "br0", "up"])?;
+        ipn(&world, &["link", "set", "lo", "up"])?;
+        sysctl(
+            &world,
+            &[
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            ],
+        )?;
+        let mut world_ips: Vec<Ipv4Addr> = Vec::new();
+        for (name, ip4) in &externals {
+            if !world_ips.contains(ip4) {
+                ipn(
+                    &world,
+                    &["addr", "add", &format!("{ip4}/32"), "dev", "eth0"],
+                )?;
+                world_ips.push(*ip4);
+            }
+            self.endpoints.push(Endpoint {
+                key: format!("external:{name}"),
+                netns: world.clone(),
+                ip: *ip4,
+            });
+        }
+        ipn(&world, &["link", "set", "eth0", "up"])?;
+
+        // Pods, each on its node.
+        let mut pods_of: BTreeMap<String, Vec<(String, Ipv4Addr)>> = BTreeMap::new();
+        for (i, p) in cluster.pods.iter().enumerate() {
+            let Some(ip4) = pod_ipv4(p) else { continue };
+            let node_name = p.node.clone().unwrap_or_else(|| nodes[0].0.clone());
+            let Some(node) = self.nodes.iter().find(|n| n.name == node_name).cloned() else {
+                bail!(
+                    "pod {}/{}: node {node_name} is not in the cluster",
+                    p.namespace,
+                    p.name
+                );
+            };
+            let ns = self.netns(&format!("{}-{}", p.namespace, p.name));
+            self.add_ns(&ns)?;
+            let veth = format!("lxc{i:x}");
+            ipn(
+                &node.netns,
+                &[
+                    "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                ],
+            )?;
+            ipn(&ns, &["link", "set", "lo", "up"])?;
+            ipn(&ns, &["addr", "add", &format!("{ip4}/32"), "dev", "eth0"])?;
+            ipn(&ns, &["link", "set", "eth0", "up"])?;
+            let gw = node.ip.to_string();
+            ipn(&ns, &["route", "add", &format!("{gw}/32"), "dev", "eth0"])?;
+            ipn(&ns, &["route", "add", "default", "via", &gw, "dev", "eth0"])?;
+            ipn(&node.netns, &["link", "set", &veth, "up"])?;
+            ipn(
+                &node.netns,
+                &["route", "add", &format!("{ip4}/32"), "dev", &veth],
+            )?;
+            pods_of
+                .entry(node.name.clone())
+                .or_default()
+                .push((ns.clone(), ip4));
+            self.endpoints.push(Endpoint {
+                key: format!("{}/{}", p.namespace, p.name),
+                netns: ns,
+                ip: ip4,
+            });
+        }
+
+        // Routes between nodes, to the world, and from the world back.
+        for n in &self.nodes {
+            for other in self.nodes.iter().filter(|o| o.name != n.name) {
+                let oip = other.ip.to_string();
+                ipn(
+                    &n.netns,
+                    &["route", "add", &format!("{oip}/32"), "dev", "up0"],
+                )?;
+                for (_, pip) in pods_of.get(&other.name).into_iter().flatten() {
+                    ipn(
+                        &n.netns,
+                        &[
+                            "route",
+                            "add",
+                            &format!("{pip}/32"),
+                            "via",
+                            &oip,
+                            "dev",
+                            "up0",
+                        ],
+                    )?;
+                }
+            }
+            for w in &world_ips {
+                ipn(
+                    &n.netns,
+                    &["route", "add", &format!("{w}/32"), "dev", "up0"],
+                )?;
+            }
+            let nip = n.ip.to_string();
+            ipn(
+                &world,
+                &["route", "add", &format!("{nip}/32"), "dev", "eth0"],
+            )?;
+            for (_, pip) in pods_of.get(&n.name).into_iter().flatten() {
+                ipn(
+                    &world,
+                    &[
+                        "route",
+                        "add",
+                        &format!("{pip}/32"),
+                        "via",
+                        &nip,
+                        "dev",
+                        "eth0",
+                    ],
+                )?;
+            }
+        }
+        self.save()
+    }
+}
+
+/// The lab's nodes: the cluster's, plus a generated `node-1` when pods name none.
+pub fn lab_nodes(cluster: &Cluster) -> Vec<(String, Ipv4Addr)> {
+    let mut nodes: Vec<(String, Ipv4Addr)> = Vec::new();
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        let ip4 = match n.ip {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(_) => generated_node_ip(i),
+        };
+        nodes.push((n.name.clone(), ip4));
+    }
+    let needs_default = nodes.is_empty()
+        || cluster.pods.iter().any(|p| {
+            p.node
+                .as_ref()
+                .is_some_and(|n| !nodes.iter().any(|(m, _)| m == n))
+        });
+    if needs_default && nodes.is_empty() {
+        nodes.push(("node-1".into(), generated_node_ip(0)));
+    }
+    // pods naming a node the cluster does not list: that node exists too
+    for p in &cluster.pods {
+        if let Some(n) = &p.node {
+            if !nodes.iter().any(|(m, _)| m == n) {
+                let i = nodes.len();
+                nodes.push((n.clone(), generated_node_ip(i)));
+            }
+        }
+    }
+    nodes
+}
+
+fn generated_node_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(172, 31, 255, 1 + (i % 250) as u8)
+}
+
+/// A pod's IPv4 address (the lab is IPv4 only).
+pub fn pod_ipv4(p: &policy_model::cluster::Pod) -> Option<Ipv4Addr> {
+    p.ip.iter().chain(p.ips.iter()).find_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    })
+}
+
+/// Runs a command, failing with its stderr.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args))
+}
+
+fn ipn(ns: &str, args: &[&str]) -> Result<()> {
+    run(Command::new("ip").arg("-n").arg(ns).args(args))
+}
+
+fn sysctl(ns: &str, settings: &[&str]) -> Result<()> {
+    run(in_netns(ns, "sysctl").arg("-qw").args(settings))
+}
+
+/// A command that runs `program` in the network namespace `ns` only (`nsenter --net`;
+/// unlike `ip netns exec` it keeps the machine's mounts, so the agents' pins under
+/// /sys/fs/bpf stay visible and outlive them).
+pub fn in_netns(ns: &str, program: &str) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{ns}"))
+        .arg("--")
+        .arg(program);
+    c
+}
