@@ -1,10 +1,67 @@
 //! Prometheus metrics of the proxy. Labels have low cardinality: direction, verdict,
 //! protocol and error kind; never paths, hosts or pod names.
 
+use std::sync::{Arc, OnceLock};
+
+use http::Version;
+use policy_model::Direction;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
 };
+
+use crate::audit::Verdict;
+
+/// The `protocol` label of a request (and the audit record's protocol).
+pub fn protocol_name(v: Version) -> &'static str {
+    PROTOCOLS[protocol_index(v)]
+}
+
+const PROTOCOLS: [&str; 5] = ["HTTP/0.9", "HTTP/1.0", "HTTP/1.1", "HTTP/2", "HTTP/?"];
+const VERDICTS: usize = 3;
+
+fn protocol_index(v: Version) -> usize {
+    match v {
+        Version::HTTP_09 => 0,
+        Version::HTTP_10 => 1,
+        Version::HTTP_11 => 2,
+        Version::HTTP_2 => 3,
+        _ => 4,
+    }
+}
+
+fn direction_index(d: Direction) -> usize {
+    match d {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
+}
+
+fn direction_name(d: Direction) -> &'static str {
+    match d {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+    }
+}
+
+fn verdict_index(v: Verdict) -> usize {
+    match v {
+        Verdict::Forwarded => 0,
+        Verdict::Denied => 1,
+        Verdict::Error => 2,
+    }
+}
+
+/// The per-request series, each resolved from its labels once, on first use: the data
+/// path then does no label hashing or map lookup. A series appears in the exposition
+/// only once a request used it, as with `with_label_values`.
+#[derive(Debug, Default)]
+struct Series {
+    /// `[direction][verdict][protocol]`
+    requests: [[[OnceLock<IntCounter>; PROTOCOLS.len()]; VERDICTS]; 2],
+    /// `[direction][verdict]`
+    duration: [[OnceLock<Histogram>; VERDICTS]; 2],
+}
 
 /// The proxy's metrics, registered in their own registry. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -29,6 +86,7 @@ pub struct Metrics {
     /// `ward_proxy_tunnels_closed_total`: upgraded connections closed because a policy
     /// change denied them.
     pub tunnels_closed: IntCounter,
+    series: Arc<Series>,
 }
 
 impl Default for Metrics {
@@ -102,6 +160,7 @@ impl Metrics {
             audit_dropped: audit_dropped.unwrap_or_else(|_| unreachable!()),
             policy_generation: policy_generation.unwrap_or_else(|_| unreachable!()),
             tunnels_closed: tunnels_closed.unwrap_or_else(|_| unreachable!()),
+            series: Arc::default(),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.requests.clone()),
@@ -120,6 +179,37 @@ impl Metrics {
             }
         }
         m
+    }
+
+    /// Counts one finished request in `ward_proxy_requests_total` and observes its
+    /// duration in `ward_proxy_request_duration_seconds`.
+    pub fn observe_request(
+        &self,
+        direction: Direction,
+        verdict: Verdict,
+        version: Version,
+        seconds: f64,
+    ) {
+        let (d, v, p) = (
+            direction_index(direction),
+            verdict_index(verdict),
+            protocol_index(version),
+        );
+        self.series.requests[d][v][p]
+            .get_or_init(|| {
+                self.requests.with_label_values(&[
+                    direction_name(direction),
+                    verdict.as_str(),
+                    PROTOCOLS[p],
+                ])
+            })
+            .inc();
+        self.series.duration[d][v]
+            .get_or_init(|| {
+                self.duration
+                    .with_label_values(&[direction_name(direction), verdict.as_str()])
+            })
+            .observe(seconds);
     }
 
     /// The text exposition format.
@@ -175,6 +265,35 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) -> std::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn observed_requests_land_in_their_labelled_series() {
+        let m = Metrics::new();
+        m.observe_request(
+            Direction::Egress,
+            Verdict::Forwarded,
+            Version::HTTP_2,
+            0.001,
+        );
+        m.observe_request(
+            Direction::Egress,
+            Verdict::Forwarded,
+            Version::HTTP_2,
+            0.001,
+        );
+        m.observe_request(Direction::Ingress, Verdict::Error, Version::HTTP_10, 0.001);
+        let text = m.encode();
+        for line in [
+            "ward_proxy_requests_total{direction=\"egress\",protocol=\"HTTP/2\",verdict=\"forwarded\"} 2",
+            "ward_proxy_requests_total{direction=\"ingress\",protocol=\"HTTP/1.0\",verdict=\"error\"} 1",
+            "ward_proxy_request_duration_seconds_count{direction=\"egress\",verdict=\"forwarded\"} 2",
+            "ward_proxy_request_duration_seconds_count{direction=\"ingress\",verdict=\"error\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        // series no request used stay out of the exposition
+        assert!(!text.contains("verdict=\"denied\""), "{text}");
+    }
 
     #[test]
     fn every_metric_is_exposed() {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
@@ -30,10 +31,10 @@ use crate::detect::{detect, HttpVersion};
 use crate::framing::{Ambiguous, Tracked, Tracker};
 use crate::idle::IdleTimeout;
 use crate::listener::{Accepted, Listener};
-use crate::metrics::Metrics;
+use crate::metrics::{protocol_name, Metrics};
 use crate::normalize::normalize;
 use crate::policy::{ConnPolicy, Mode, PolicyStore};
-use crate::upstream::{Upstream, UpstreamConfig, UpstreamError};
+use crate::upstream::{BoundH1, Upstream, UpstreamConfig, UpstreamError};
 
 /// The body of every response the proxy sends downstream.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -163,6 +164,7 @@ impl Proxy {
             policy: Mutex::new(Arc::new(self.shared.mode.resolve(&snap, peer, orig_dst))),
             requests: AtomicU64::new(0),
             ambiguous: ambiguous.clone(),
+            upstream_h1: Mutex::new(None),
         });
         let svc = service_fn(move |req| {
             let conn = conn.clone();
@@ -216,6 +218,20 @@ struct Conn {
     requests: AtomicU64,
     /// Which HTTP/1 request carried both Content-Length and Transfer-Encoding.
     ambiguous: Arc<Ambiguous>,
+    /// HTTP/1.1: the upstream connection this connection's requests go over.
+    upstream_h1: Mutex<Option<BoundH1>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let bound = match self.upstream_h1.get_mut() {
+            Ok(b) => b.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(b) = bound {
+            self.shared.upstream.release_h1(b);
+        }
+    }
 }
 
 /// What a request looks like to the rules: the normalised path and the authority.
@@ -249,11 +265,13 @@ impl RuleRequest for View<'_> {
     }
 }
 
-/// Facts about a request gathered for its audit record.
+/// Facts about a request gathered for its metrics and audit record. The strings are
+/// only filled in when an audit output is configured (`audit`).
 struct Facts {
     start: Instant,
+    audit: bool,
     time: SystemTime,
-    protocol: &'static str,
+    version: Version,
     method: String,
     host: String,
     path: String,
@@ -280,22 +298,30 @@ impl Conn {
 
     async fn handle(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
-        let time = SystemTime::now();
-        let protocol = protocol_name(req.version());
+        let audit = self.shared.audit.enabled();
         let (snap, policy) = self.current_policy();
         let mut facts = Facts {
             start,
-            time,
-            protocol,
-            method: req.method().as_str().to_string(),
+            audit,
+            time: if audit {
+                SystemTime::now()
+            } else {
+                SystemTime::UNIX_EPOCH
+            },
+            version: req.version(),
+            method: String::new(),
             host: String::new(),
-            path: req
+            path: String::new(),
+            policy,
+        };
+        if audit {
+            facts.method = req.method().as_str().to_string();
+            facts.path = req
                 .uri()
                 .path_and_query()
                 .map(|p| p.as_str().to_string())
-                .unwrap_or_default(),
-            policy,
-        };
+                .unwrap_or_default();
+        }
 
         // Framing the upstream could read differently than we did: refuse.
         let n = self.requests.fetch_add(1, Ordering::AcqRel) + 1;
@@ -309,26 +335,34 @@ impl Conn {
             Ok(h) => h,
             Err(why) => return self.bad_request(&facts, why),
         };
-        facts.host = host.clone().unwrap_or_default();
+        if audit {
+            facts.host = host.clone().unwrap_or_default();
+        }
+        // the request's own target (shared bytes, no copy) and, when normalising
+        // changed it, the normalised one
         let raw_path = match req.uri().path_and_query() {
-            Some(p) => p.as_str().to_string(),
+            Some(p) => p.clone(),
             None if req.method() == Method::CONNECT => {
                 return self.bad_request(&facts, "CONNECT is not proxied")
             }
-            None => "/".to_string(),
+            None => PathAndQuery::from_static("/"),
         };
-        let path = match normalize(&raw_path) {
-            Ok(p) => p.into_owned(),
+        let normalized = match normalize(raw_path.as_str()) {
+            Ok(Cow::Borrowed(_)) => None,
+            Ok(Cow::Owned(p)) => Some(p),
             Err(e) => return self.bad_request(&facts, &e.to_string()),
         };
-        facts.path = path.clone();
+        let path = normalized.as_deref().unwrap_or(raw_path.as_str());
+        if audit {
+            facts.path = path.to_string();
+        }
 
         let t = Instant::now();
         let decision = snap.model.check_http(
             &facts.policy.policy,
             &View {
                 method: req.method().as_str(),
-                path: &path,
+                path,
                 host: host.as_deref(),
                 headers: req.headers(),
             },
@@ -342,13 +376,9 @@ impl Conn {
         if !decision.allowed {
             let grpc = is_grpc(req.headers());
             let resp = if grpc { grpc_denied() } else { denied() };
-            self.finish(
-                &facts,
-                Verdict::Denied,
-                resp.status(),
-                &decision,
-                decision.reason.to_string(),
-            );
+            self.finish(&facts, Verdict::Denied, resp.status(), &decision, || {
+                decision.reason.to_string()
+            });
             return resp;
         }
 
@@ -359,17 +389,17 @@ impl Conn {
         // what a tunnel is re-checked against when the policy changes
         let recheck = upgrade.then(|| Recheck {
             method: req.method().as_str().to_string(),
-            path: path.clone(),
+            path: path.to_string(),
             host: host.clone(),
             headers: req.headers().clone(),
         });
         strip_hop_by_hop(req.headers_mut(), upgrade);
         apply_actions(req.headers_mut(), &decision.actions);
-        let uri = match self.upstream_uri(&path, host.as_deref()) {
-            Ok(u) => u,
+        match self.upstream_uri(req.uri(), raw_path, normalized, host.as_deref()) {
+            Ok(Some(u)) => *req.uri_mut() = u,
+            Ok(None) => {}
             Err(why) => return self.bad_request(&facts, why),
-        };
-        *req.uri_mut() = uri;
+        }
         if self.version == HttpVersion::Http1 && !req.headers().contains_key(header::HOST) {
             if let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
                 req.headers_mut().insert(header::HOST, h);
@@ -382,7 +412,10 @@ impl Conn {
             .then_some(self.peer.ip());
         let up = &self.shared.upstream;
         let sent = match self.version {
-            HttpVersion::Http1 => up.send_h1(src, self.orig_dst, req).await,
+            HttpVersion::Http1 => {
+                up.send_h1_bound(&self.upstream_h1, src, self.orig_dst, req)
+                    .await
+            }
             HttpVersion::H2c => up.send_h2(src, self.orig_dst, req).await,
         };
         let mut resp = match sent {
@@ -399,17 +432,48 @@ impl Conn {
             strip_hop_by_hop(resp.headers_mut(), false);
         }
         let status = resp.status();
-        let info = allowed_info(&decision, &facts.policy);
-        self.finish(&facts, Verdict::Forwarded, status, &decision, info);
+        self.finish(&facts, Verdict::Forwarded, status, &decision, || {
+            allowed_info(&decision, &facts.policy)
+        });
         resp.map(|b| b.boxed())
     }
 
     /// The upstream request target: origin-form for HTTP/1.x, absolute for HTTP/2 (its
-    /// authority becomes `:authority`).
-    fn upstream_uri(&self, path: &str, host: Option<&str>) -> Result<Uri, &'static str> {
+    /// authority becomes `:authority`), from the request's target `raw` or the
+    /// normalised one. `None` when the request's own URI `current` is already that (the
+    /// common case: nothing to parse or copy).
+    fn upstream_uri(
+        &self,
+        current: &Uri,
+        raw: PathAndQuery,
+        normalized: Option<String>,
+        host: Option<&str>,
+    ) -> Result<Option<Uri>, &'static str> {
+        let path = match normalized {
+            Some(p) => PathAndQuery::try_from(p).map_err(|_| "invalid request target")?,
+            None => raw,
+        };
         match self.version {
-            HttpVersion::Http1 => Uri::try_from(path).map_err(|_| "invalid request target"),
+            HttpVersion::Http1 => {
+                if current.scheme().is_none()
+                    && current.authority().is_none()
+                    && normalized_is_same(current, &path)
+                {
+                    return Ok(None);
+                }
+                Ok(Some(Uri::from(path)))
+            }
             HttpVersion::H2c => {
+                let same_authority = match (current.authority(), host) {
+                    (Some(a), Some(h)) => a.as_str() == h,
+                    _ => false,
+                };
+                if same_authority
+                    && current.scheme() == Some(&Scheme::HTTP)
+                    && normalized_is_same(current, &path)
+                {
+                    return Ok(None);
+                }
                 let authority = match host {
                     Some(h) => h.to_string(),
                     None => self.orig_dst.to_string(),
@@ -419,6 +483,7 @@ impl Conn {
                     .authority(authority)
                     .path_and_query(path)
                     .build()
+                    .map(Some)
                     .map_err(|_| "invalid request target")
             }
         }
@@ -437,7 +502,7 @@ impl Conn {
             Verdict::Error,
             resp.status(),
             &L7Decision::default(),
-            format!("bad request: {why}"),
+            || format!("bad request: {why}"),
         );
         resp
     }
@@ -453,32 +518,28 @@ impl Conn {
         } else {
             text(StatusCode::BAD_GATEWAY, "Upstream failed\r\n")
         };
-        self.finish(facts, Verdict::Error, resp.status(), d, e.to_string());
+        self.finish(facts, Verdict::Error, resp.status(), d, || e.to_string());
         resp
     }
 
-    /// Metrics and the audit record of one request.
+    /// Metrics and the audit record of one request. `info` is only made when there is
+    /// an audit record to put it in.
     fn finish(
         &self,
         f: &Facts,
         verdict: Verdict,
         status: StatusCode,
         d: &L7Decision,
-        info: String,
+        info: impl FnOnce() -> String,
     ) {
         let elapsed = f.start.elapsed();
-        let dir = match f.policy.direction {
-            Direction::Ingress => "ingress",
-            Direction::Egress => "egress",
-        };
-        let m = &self.shared.metrics;
-        m.requests
-            .with_label_values(&[dir, verdict.as_str(), f.protocol])
-            .inc();
-        m.duration
-            .with_label_values(&[dir, verdict.as_str()])
-            .observe(elapsed.as_secs_f64());
-        if !self.shared.audit.enabled() {
+        self.shared.metrics.observe_request(
+            f.policy.direction,
+            verdict,
+            f.version,
+            elapsed.as_secs_f64(),
+        );
+        if !f.audit {
             return;
         }
         self.shared.audit.record(Record {
@@ -505,14 +566,14 @@ impl Conn {
                 method: f.method.clone(),
                 host: f.host.clone(),
                 path: f.path.clone(),
-                protocol: f.protocol,
+                protocol: protocol_name(f.version),
                 missing_headers: d.missing_headers.clone(),
                 rejected_headers: d.rejected_headers.clone(),
             },
             latency_ns: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
             policy_generation: f.policy.generation,
             allowed_by: d.matched.iter().map(Rule::from).collect(),
-            info,
+            info: info(),
         });
     }
 }
@@ -539,14 +600,9 @@ fn allowed_info(d: &L7Decision, p: &ConnPolicy) -> String {
     parts.join("; ")
 }
 
-fn protocol_name(v: Version) -> &'static str {
-    match v {
-        Version::HTTP_09 => "HTTP/0.9",
-        Version::HTTP_10 => "HTTP/1.0",
-        Version::HTTP_11 => "HTTP/1.1",
-        Version::HTTP_2 => "HTTP/2",
-        _ => "HTTP/?",
-    }
+/// Whether `uri`'s path and query are `path`'s.
+fn normalized_is_same(uri: &Uri, path: &PathAndQuery) -> bool {
+    uri.path_and_query().map(PathAndQuery::as_str) == Some(path.as_str())
 }
 
 /// `:authority` (HTTP/2 or an absolute-form target) or the Host header.
@@ -587,6 +643,9 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 /// Removes the headers of this hop: the fixed list and whatever `Connection` names.
 /// `te: trailers` stays (gRPC needs it); Upgrade stays on an upgrade request.
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
@@ -610,7 +669,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
             v.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         });
-    for n in ["keep-alive", "proxy-connection", "proxy-authorization"] {
+    for n in [KEEP_ALIVE, PROXY_CONNECTION, header::PROXY_AUTHORIZATION] {
         h.remove(n);
     }
     h.remove(header::TRANSFER_ENCODING);

@@ -1,6 +1,9 @@
-//! Upstream connections: the downstream protocol is the upstream protocol. HTTP/1.1
-//! connections are pooled per destination and reused once their previous response is
-//! complete; one HTTP/2 connection per destination carries every stream. Upstream
+//! Upstream connections: the downstream protocol is the upstream protocol. An HTTP/1.1
+//! upstream connection is bound to the downstream connection that opened or took it
+//! (its requests are sequential, so the next one waits for the previous response to end
+//! on the same connection: no pool, lock or task per request) and goes back to the
+//! per-destination pool when the downstream connection ends; one HTTP/2 connection per
+//! destination carries every stream. Upstream
 //! sockets carry SO_MARK when configured, so the datapath does not redirect the proxy's
 //! own traffic back to it.
 
@@ -18,6 +21,18 @@ use socket2::SockRef;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::metrics::Metrics;
+
+/// An HTTP/1.1 upstream connection bound to one downstream connection.
+pub struct BoundH1 {
+    key: Key,
+    sender: http1::SendRequest<Incoming>,
+}
+
+impl std::fmt::Debug for BoundH1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundH1").field("key", &self.key).finish()
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -133,51 +148,85 @@ impl Upstream {
         None
     }
 
-    /// Sends an HTTP/1.x request (origin-form URI) to `dst`. Upgrades (101) are
-    /// supported: the connection is then handed to the caller and not pooled.
-    pub async fn send_h1(
+    /// Sends an HTTP/1.x request (origin-form URI) to `dst` over the upstream connection
+    /// bound to the caller's downstream connection in `bound` when it goes to the same
+    /// place and is still usable (waiting for its previous response to be read to the
+    /// end), otherwise over a pooled or new one, which is then bound. Upgrades (101) are
+    /// supported: the connection is then handed to the caller and not kept.
+    pub async fn send_h1_bound(
         &self,
+        bound: &Mutex<Option<BoundH1>>,
         src: Option<IpAddr>,
         dst: SocketAddr,
         req: Request<Incoming>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let key = (src, dst);
-        let mut sender = match self.idle_h1(key) {
-            Some(s) => s,
-            None => {
-                let io = TokioIo::new(self.connect(src, dst).await?);
-                let (sender, conn) = http1::Builder::new()
-                    .handshake(io)
-                    .await
-                    .map_err(|e| UpstreamError::Handshake(dst, e))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.with_upgrades().await {
-                        tracing::debug!("upstream connection: {e}");
-                    }
-                });
-                sender
+        let taken = match bound.lock() {
+            Ok(mut g) => g.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        let mut sender = None;
+        if let Some(mut b) = taken {
+            if b.key == key {
+                if b.sender.ready().await.is_ok() {
+                    sender = Some(b.sender);
+                }
+            } else {
+                self.release_h1(b);
             }
+        }
+        let mut sender = match sender {
+            Some(s) => s,
+            None => self.checkout_h1(src, dst).await?,
         };
         let resp = sender
             .send_request(req)
             .await
             .map_err(|e| UpstreamError::Request(dst, e))?;
         if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
-            // back to the pool once this response is read to the end
-            let pool = self.h1.clone();
-            let max = self.cfg.max_idle_per_destination;
-            tokio::spawn(async move {
-                if sender.ready().await.is_ok() {
-                    if let Ok(mut pool) = pool.lock() {
-                        let idle = pool.entry(key).or_default();
-                        if idle.len() < max {
-                            idle.push(sender);
-                        }
-                    }
-                }
-            });
+            let b = BoundH1 { key, sender };
+            match bound.lock() {
+                Ok(mut g) => *g = Some(b),
+                Err(poisoned) => *poisoned.into_inner() = Some(b),
+            }
         }
         Ok(resp)
+    }
+
+    /// Returns a bound upstream connection to the pool (its downstream connection
+    /// ended), when it is idle and open; otherwise it is closed.
+    pub fn release_h1(&self, b: BoundH1) {
+        if !b.sender.is_ready() || b.sender.is_closed() {
+            return;
+        }
+        if let Ok(mut pool) = self.h1.lock() {
+            let idle = pool.entry(b.key).or_default();
+            if idle.len() < self.cfg.max_idle_per_destination {
+                idle.push(b.sender);
+            }
+        }
+    }
+
+    /// An idle pooled connection to `dst`, or a new one.
+    async fn checkout_h1(
+        &self,
+        src: Option<IpAddr>,
+        dst: SocketAddr,
+    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
+        if let Some(s) = self.idle_h1((src, dst)) {
+            return Ok(s);
+        }
+        let io = TokioIo::new(self.connect(src, dst).await?);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Handshake(dst, e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!("upstream connection: {e}");
+            }
+        });
+        Ok(sender)
     }
 
     /// Sends an HTTP/2 request (absolute URI: its authority is the `:authority`) to `dst`.

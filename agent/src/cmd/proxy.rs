@@ -48,7 +48,7 @@ pub struct ProxyArgs {
     /// Proxy settings (timeouts, limits) as a JSON object; keys as in the proxy README.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Worker threads (default: one per CPU).
+    /// Worker threads (default: one per CPU); 1 runs everything on the main thread.
     #[arg(long)]
     threads: Option<usize>,
 }
@@ -60,12 +60,19 @@ enum Dir {
 }
 
 pub fn run(a: ProxyArgs) -> Result<ExitCode> {
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    rt.enable_all();
-    if let Some(n) = a.threads {
-        rt.worker_threads(n.max(1));
-    }
-    rt.build()
+    // One thread: a current-thread runtime, without the multi-thread scheduler's
+    // queues, wake-ups and state transitions on every task switch.
+    let mut rt = match a.threads {
+        Some(n) if n <= 1 => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    rt.enable_all()
+        .build()
         .context("cannot start the runtime")?
         .block_on(serve(a))
 }
