@@ -10,12 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, UdpSocket};
-
-use super::serve::OneShot;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum Kind {
@@ -136,7 +134,7 @@ async fn grpc(args: &ProbeArgs) -> Result<(bool, String)> {
         let (k, v) = h.split_once(':').unwrap_or((h.as_str(), ""));
         req = req.header(k.trim(), v.trim());
     }
-    let req = req.body(OneShot::new(Bytes::from_static(&[0, 0, 0, 0, 0]), None))?;
+    let req = req.body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))?;
     let resp = match sender.send_request(req).await {
         Ok(r) => r,
         Err(e) => return Ok((false, format!("request: {e}"))),

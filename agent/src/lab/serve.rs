@@ -12,9 +12,7 @@ use std::fs;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -22,7 +20,9 @@ use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use http::{HeaderMap, Request, Response};
-use hyper::body::{Body, Frame, Incoming};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -186,7 +186,7 @@ async fn echo(mut stream: TcpStream) {
 async fn respond(
     req: Request<Incoming>,
     peer: SocketAddr,
-) -> Result<Response<OneShot>, Infallible> {
+) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
     let grpc = req
         .headers()
         .get("content-type")
@@ -195,58 +195,22 @@ async fn respond(
     let line = format!("{} {} from {}\n", req.method(), req.uri().path(), peer.ip());
     let peer_header = peer.ip().to_string();
     // drain the request so that h2 streams finish cleanly
-    let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+    let _ = req.into_body().collect().await;
     let builder = Response::builder().header("x-ward-peer", peer_header);
     let resp = if grpc {
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-        builder
-            .header("content-type", "application/grpc")
-            .body(OneShot::new(
-                Bytes::from_static(&[0, 0, 0, 0, 0]),
-                Some(trailers),
-            ))
+        builder.header("content-type", "application/grpc").body(
+            Full::new(Bytes::from_static(&[0, 0, 0, 0, 0]))
+                .with_trailers(std::future::ready(Some(Ok(trailers))))
+                .boxed(),
+        )
     } else {
         builder
             .header("content-type", "text/plain")
-            .body(OneShot::new(Bytes::from(line), None))
+            .body(Full::new(Bytes::from(line)).boxed())
     };
-    Ok(resp.unwrap_or_else(|_| Response::new(OneShot::new(Bytes::new(), None))))
-}
-
-/// A body of one data frame and optional trailers (gRPC needs the trailers).
-pub struct OneShot {
-    data: Option<Bytes>,
-    trailers: Option<HeaderMap>,
-}
-
-impl OneShot {
-    pub fn new(data: Bytes, trailers: Option<HeaderMap>) -> OneShot {
-        OneShot {
-            data: (!data.is_empty()).then_some(data),
-            trailers,
-        }
-    }
-}
-
-impl Body for OneShot {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if let Some(d) = self.data.take() {
-            return Poll::Ready(Some(Ok(Frame::data(d))));
-        }
-        if let Some(t) = self.trailers.take() {
-            return Poll::Ready(Some(Ok(Frame::trailers(t))));
-        }
-        Poll::Ready(None)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.data.is_none() && self.trailers.is_none()
-    }
+    Ok(resp.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed())))
 }
 
 async fn dns_tcp(mut stream: TcpStream, zone: &Zone) -> std::io::Result<()> {
