@@ -350,11 +350,15 @@ fn run_case(f: &Path, keep_failed: bool, up: &UpArgs) -> CaseRun {
         run.failed += 1;
         let expect = format!("{:?}", o.probe.probe.expect).to_lowercase();
         run.report.push_str(&format!(
-            "FAIL {file} probe {i}: {}: expected {expect}, observed {} ({}); model: {}\n",
+            "FAIL {file} probe {i}: {}: expected {expect}, observed {} ({}); model: {}{}\n",
             o.probe.probe.describe(),
             if o.observed.allowed { "allow" } else { "deny" },
             o.observed.detail,
-            o.why
+            o.why,
+            o.record
+                .as_ref()
+                .map(|r| format!("; agent: {r}"))
+                .unwrap_or_default()
         ));
     }
     run.report.push_str(&format!(

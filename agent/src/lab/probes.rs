@@ -33,6 +33,8 @@ pub struct Outcome {
     pub passed: bool,
     /// Why, as the policy model explains the verdict.
     pub why: String,
+    /// The agent's own drop or audit record of the probe's flow, in a few words.
+    pub record: Option<String>,
 }
 
 /// Runs every probe (concurrently) and explains each with `model` and, when agents run,
@@ -42,13 +44,7 @@ pub fn run_all(state: &LabState, probes: &[LabProbe], model: Option<&Model>) -> 
     if state.agents {
         let records = agent_records(state);
         for o in &mut outcomes {
-            if let Some(r) = record_for(state, &o.probe, o.observed.allowed, &records) {
-                if o.why.is_empty() {
-                    o.why = format!("agent: {r}");
-                } else {
-                    o.why = format!("{} | agent: {r}", o.why);
-                }
-            }
+            o.record = record_for(state, &o.probe, o.observed.allowed, &records);
         }
     }
     outcomes
@@ -178,6 +174,7 @@ fn run_probes(state: &LabState, probes: &[LabProbe], model: Option<&Model>) -> V
                         observed,
                         passed,
                         why,
+                        record: None,
                     });
                 }
             });
@@ -447,9 +444,14 @@ fn short(s: &str) -> String {
     }
 }
 
-/// The table `ward lab check` prints.
+/// Where the explanations of [`table`] wrap.
+const WRAP: usize = 100;
+
+/// The table `ward lab check` prints: one line per probe (result, probe, expected,
+/// observed), then indented lines saying why: the policy model's explanation and the
+/// agent's own record of the flow, wrapped so that the table stays readable in a terminal.
 pub fn table(outcomes: &[Outcome]) -> String {
-    let rows: Vec<[String; 5]> = outcomes
+    let rows: Vec<[String; 4]> = outcomes
         .iter()
         .map(|o| {
             let expect = match o.probe.probe.expect {
@@ -471,36 +473,66 @@ pub fn table(outcomes: &[Outcome]) -> String {
                     if o.observed.allowed { "allow" } else { "deny" },
                     o.observed.detail
                 ),
-                o.why.clone(),
             ]
         })
         .collect();
     let header = [
-        "".to_string(),
+        String::new(),
         "PROBE".to_string(),
         "EXPECTED".to_string(),
         "OBSERVED".to_string(),
-        "WHY (policy model | agent record)".to_string(),
     ];
-    let mut widths = [0usize; 5];
+    let mut widths = [0usize; 4];
     for r in std::iter::once(&header).chain(rows.iter()) {
         for (w, c) in widths.iter_mut().zip(r.iter()) {
             *w = (*w).max(c.chars().count());
         }
     }
-    let mut out = String::new();
-    for r in std::iter::once(&header).chain(rows.iter()) {
+    let line = |r: &[String; 4]| {
         let mut line = String::new();
-        for (i, c) in r.iter().enumerate() {
-            if i < 4 {
-                line.push_str(&format!("{c:<w$}  ", w = widths[i]));
-            } else {
-                line.push_str(c);
+        for (c, w) in r.iter().zip(widths) {
+            line.push_str(&format!("{c:<w$}  "));
+        }
+        line.trim_end().to_string() + "\n"
+    };
+    let mut out = line(&header);
+    for (r, o) in rows.iter().zip(outcomes) {
+        out.push_str(&line(r));
+        let explanations = [("model", Some(&o.why)), ("agent", o.record.as_ref())];
+        for (label, text) in explanations {
+            match text {
+                Some(t) if !t.is_empty() => {
+                    out.push_str(&wrapped(widths[0] + 2, &format!("{label}: "), t, WRAP));
+                }
+                _ => {}
             }
         }
-        out.push_str(line.trim_end());
-        out.push('\n');
     }
+    out
+}
+
+/// `text` after `label` indented by `margin`, wrapped at spaces to lines of at most
+/// `width` characters where words allow; continuation lines are aligned under the text.
+fn wrapped(margin: usize, label: &str, text: &str, width: usize) -> String {
+    let indent = margin + label.chars().count();
+    let mut out = format!("{}{label}", " ".repeat(margin));
+    let mut col = indent;
+    for (i, word) in text.split(' ').enumerate() {
+        let len = word.chars().count();
+        if i > 0 {
+            if col + 1 + len > width {
+                out.push('\n');
+                out.push_str(&" ".repeat(indent));
+                col = indent;
+            } else {
+                out.push(' ');
+                col += 1;
+            }
+        }
+        out.push_str(word);
+        col += len;
+    }
+    out.push('\n');
     out
 }
 
@@ -509,6 +541,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use policy_model::conformance::Probe;
 
     #[test]
     fn dig_statuses_become_verdicts() {
@@ -556,5 +589,74 @@ mod tests {
             "default deny (NetworkPolicy x/a +1)"
         );
         assert_eq!(compact_reason("denied by rule"), "denied by rule");
+    }
+
+    #[test]
+    fn table_rows_are_followed_by_wrapped_explanations() {
+        let probe: Probe = serde_yaml::from_str(
+            "{from: prod/frontend, to: prod/api, port: 8080, expect: deny, http: {method: GET, path: /admin}}",
+        )
+        .unwrap();
+        let long = "ingress of prod/api: no HTTP rule of CiliumNetworkPolicy prod/api-l7 \
+                    spec.ingress[0].toPorts[0].rules matches, and this sentence goes on and on";
+        let outcomes = vec![
+            Outcome {
+                probe: LabProbe {
+                    probe: probe.clone(),
+                    client: Client::H2c,
+                },
+                observed: denied("HTTP 403 Access denied"),
+                passed: true,
+                why: "prod/api ingress: CiliumNetworkPolicy prod/api-l7".into(),
+                record: Some(format!("HTTP Denied 403 {long}")),
+            },
+            Outcome {
+                probe: LabProbe {
+                    probe,
+                    client: Client::Default,
+                },
+                observed: Observed {
+                    allowed: true,
+                    detail: "HTTP 200".into(),
+                },
+                passed: false,
+                why: String::new(),
+                record: None,
+            },
+        ];
+        let t = table(&outcomes);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("      PROBE"), "{t}");
+        assert!(
+            lines[0].contains("EXPECTED") && lines[0].contains("OBSERVED"),
+            "{t}"
+        );
+        assert!(
+            lines[1].starts_with("ok    prod/frontend -> prod/api"),
+            "{t}"
+        );
+        assert!(lines[1].contains("(h2c)") && lines[1].contains("deny (HTTP 403 Access denied)"));
+        assert_eq!(
+            lines[2],
+            "      model: prod/api ingress: CiliumNetworkPolicy prod/api-l7"
+        );
+        assert!(
+            lines[3].starts_with("      agent: HTTP Denied 403 ingress of prod/api"),
+            "{t}"
+        );
+        assert!(
+            lines[4].starts_with("             spec.ingress"),
+            "continuation aligned: {t}"
+        );
+        assert!(t.contains("on and on"), "nothing lost: {t}");
+        assert!(lines[5].starts_with("FAIL  prod/frontend"), "{t}");
+        assert_eq!(
+            lines.len(),
+            6,
+            "no explanation lines when there is none: {t}"
+        );
+        for l in &lines[2..5] {
+            assert!(l.chars().count() <= WRAP, "{l:?} longer than {WRAP}");
+        }
     }
 }
