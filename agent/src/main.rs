@@ -13,6 +13,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc's malloc: the proxies allocate and free small buffers and
+/// header maps per request from one thread, where mimalloc's thread-local free lists cost
+/// fewer instructions (measured with callgrind, loadtests/README.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Ward: per-node network-policy enforcement for Kubernetes (CiliumNetworkPolicy,
 /// NetworkPolicy, AdminNetworkPolicy), with verdicts that explain themselves.
 #[derive(Parser)]
