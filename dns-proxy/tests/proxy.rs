@@ -635,6 +635,7 @@ async fn transparent_ipv6_sockets_share_the_port_with_ipv4_ones() {
     dns_proxy::socket::transparent_tcp(([0, 0, 0, 0], port).into()).unwrap();
 }
 
+#[allow(clippy::unwrap_used)]
 async fn transparent_udp_round_trip(local: &str, server: &str) {
     use dns_proxy::listener::{is_self, TransparentUdp, UdpTransport};
     let local: std::net::IpAddr = local.parse().unwrap();
