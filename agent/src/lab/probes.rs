@@ -144,7 +144,9 @@ fn describe_record(state: &LabState, lp: &LabProbe, r: &serde_json::Value) -> Op
                 .query
                 .trim_end_matches('.')
                 .to_ascii_lowercase();
-            (s(&r["client"]).starts_with(&format!("{from}:"))
+            // `ip:port`, `[ip6]:port` for IPv6
+            let client = s(&r["client"]).parse::<SocketAddr>().ok()?;
+            (client.ip().to_string() == from
                 && s(&r["qname"]).trim_end_matches('.').to_ascii_lowercase() == q)
                 .then(|| {
                     let by = r["policy"]
