@@ -1,7 +1,8 @@
 //! `ward agent` end to end, on the real kernel datapath (root): a node namespace with
-//! three pod namespaces joined by veths (a /32 route per pod, as a CNI installs), a world
-//! namespace behind the node's uplink for an outside address, and the real `ward`
-//! binary running in the node namespace on a temporary source directory.
+//! three dual-stack pod namespaces joined by veths (a /32 and a /128 route per pod, as a
+//! CNI installs), a world namespace behind the node's uplink for outside addresses (IPv4
+//! and IPv6), and the real `ward` binary running in the node namespace on a temporary
+//! source directory.
 //!
 //! Names carry the test name and the PID; Drop kills what the test started (by PID),
 //! deletes the namespaces and the test's bpffs root.
@@ -10,7 +11,7 @@
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +25,15 @@ const CLIENT: &str = "10.80.1.2";
 const SERVER: &str = "10.80.2.2";
 const DNS: &str = "10.80.3.2";
 const OUTSIDE: &str = "203.0.113.10";
+const CLIENT6: &str = "fd00:80:1::2";
+const SERVER6: &str = "fd00:80:2::2";
+const DNS6: &str = "fd00:80:3::2";
+const OUTSIDE6: &str = "2001:db8::10";
+
+/// `ip:port`, bracketed for IPv6.
+fn sockaddr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse::<IpAddr>().expect("an IP address"), port)
+}
 
 fn sh(args: &[&str]) {
     let out = Command::new(args[0])
@@ -88,9 +98,9 @@ const CLUSTER: &str = r#"
 namespaces: [{name: app}]
 nodes: [{name: n1, ip: 203.0.113.1}]
 pods:
-- {namespace: app, name: client, ip: 10.80.1.2, node: n1, labels: {app: client}}
-- {namespace: app, name: server, ip: 10.80.2.2, node: n1, labels: {app: server}}
-- {namespace: app, name: dns, ip: 10.80.3.2, node: n1, labels: {app: dns}}
+- {namespace: app, name: client, ip: 10.80.1.2, ips: [fd00:80:1::2], node: n1, labels: {app: client}}
+- {namespace: app, name: server, ip: 10.80.2.2, ips: [fd00:80:2::2], node: n1, labels: {app: server}}
+- {namespace: app, name: dns, ip: 10.80.3.2, ips: [fd00:80:3::2], node: n1, labels: {app: dns}}
 "#;
 
 /// Server ingress: TCP 8080 (and optionally 8081) from the client; HTTP on 80 with
@@ -170,6 +180,10 @@ impl Lab {
         let node = lab.node.clone();
         sh(&["ip", "netns", "add", &node]);
         sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
+        // Forwarding for both families. No DAD on the node's fresh veths: neighbour
+        // solicitations for a pod need a usable link-local source address, and a tentative
+        // one would hold the first IPv6 packet to a pod for a second (as no CNI's
+        // long-lived veth does).
         sh(&[
             "ip",
             "netns",
@@ -177,7 +191,9 @@ impl Lab {
             &node,
             "sh",
             "-c",
-            "echo 1 > /proc/sys/net/ipv4/ip_forward",
+            "echo 1 > /proc/sys/net/ipv4/ip_forward; \
+             echo 1 > /proc/sys/net/ipv6/conf/all/forwarding; \
+             echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad",
         ]);
         for i in 1..=3u8 {
             lab.add_pod(i);
@@ -199,8 +215,31 @@ impl Lab {
             "dev",
             "up0",
         ]);
+        // nodad: usable at once, not tentative for a second.
+        sh(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            "2001:db8::1/64",
+            "dev",
+            "up0",
+            "nodad",
+        ]);
         sh(&["ip", "-n", &node, "link", "set", "up0", "up"]);
         sh(&["ip", "-n", &world, "link", "set", "lo", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &world,
+            "addr",
+            "add",
+            &format!("{OUTSIDE6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         sh(&[
             "ip",
             "-n",
@@ -222,6 +261,16 @@ impl Lab {
             "via",
             "203.0.113.1",
         ]);
+        sh(&[
+            "ip",
+            "-n",
+            &world,
+            "route",
+            "add",
+            "fd00:80::/32",
+            "via",
+            "2001:db8::1",
+        ]);
 
         lab.write("cluster.yaml", CLUSTER);
         lab.write("server.yaml", &server_policy(false));
@@ -232,8 +281,11 @@ impl Lab {
         for port in [80, 8080, 8081] {
             lab.serve(&server_ns, SERVER, port);
         }
-        lab.serve(&world, OUTSIDE, 8443);
-        lab.serve(&world, OUTSIDE, 8080);
+        lab.serve(&server_ns, SERVER6, 80);
+        for ip in [OUTSIDE, OUTSIDE6] {
+            lab.serve(&world, ip, 8443);
+            lab.serve(&world, ip, 8080);
+        }
         // The DNS pod: dnsmasq answering ext.example.com with the outside address.
         let dns = Command::new("ip")
             .args(["netns", "exec", &lab.pods[2], "dnsmasq", "-k"])
@@ -242,7 +294,9 @@ impl Lab {
                 "--no-hosts",
                 "--bind-interfaces",
                 "--listen-address=10.80.3.2",
+                "--listen-address=fd00:80:3::2",
                 "--address=/ext.example.com/203.0.113.10",
+                "--address=/ext6.example.com/2001:db8::10",
                 "--user=root",
             ])
             .arg(format!("--pid-file={}/dnsmasq.pid", lab.dir.display()))
@@ -254,12 +308,13 @@ impl Lab {
         let dns_ns = lab.pods[2].clone();
         wait_for("dnsmasq listening", Duration::from_secs(10), || {
             let (_, out) = output(&["ip", "netns", "exec", &dns_ns, "ss", "-Hlun", "sport = :53"]);
-            !out.trim().is_empty()
+            out.contains("10.80.3.2") && out.contains(DNS6)
         });
         lab
     }
 
-    /// A pod namespace `pod{i}` with 10.80.{i}.2, its veth `lxc{i}` and /32 route.
+    /// A pod namespace `pod{i}` with 10.80.{i}.2 and fd00:80:{i}::2, its veth `lxc{i}`
+    /// and /32 and /128 routes.
     fn add_pod(&mut self, i: u8) {
         let node = self.node.clone();
         let ns = format!("{}-pod{i}", self.name);
@@ -325,6 +380,20 @@ impl Lab {
             "via",
             &format!("10.80.{i}.1"),
         ]);
+        // IPv6, the same shape: a gateway address on the node side, a /128 each way.
+        let (gw6, ip6) = (format!("fd00:80:{i}::1"), format!("fd00:80:{i}::2"));
+        let v6 = [
+            vec!["-n", &node, "addr", "add", &gw6, "dev", &veth, "nodad"],
+            vec!["-n", &node, "-6", "route", "add", &ip6, "dev", &veth],
+            vec!["-n", &ns, "addr", "add", &ip6, "dev", "eth0", "nodad"],
+            vec!["-n", &ns, "-6", "route", "add", &gw6, "dev", "eth0"],
+            vec!["-n", &ns, "-6", "route", "add", "default", "via", &gw6],
+        ];
+        for args in v6 {
+            let mut a = vec!["ip"];
+            a.extend(args);
+            sh(&a);
+        }
     }
 
     fn write(&self, file: &str, text: &str) {
@@ -337,7 +406,7 @@ impl Lab {
     /// A TCP server in `ns`: HTTP requests get `peer=IP path=PATH`, anything else is
     /// echoed.
     fn serve(&mut self, ns: &str, ip: &str, port: u16) {
-        let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+        let addr = sockaddr(ip, port);
         let l = in_ns(ns, || TcpListener::bind(addr).expect("bind"));
         l.set_nonblocking(true).unwrap();
         let stop = self.stop.clone();
@@ -425,7 +494,7 @@ impl Lab {
 
     /// A TCP connect from the client pod, with a timeout.
     fn connects(&self, dst: &str, port: u16, timeout: Duration) -> bool {
-        let addr: SocketAddr = format!("{dst}:{port}").parse().unwrap();
+        let addr = sockaddr(dst, port);
         in_ns(self.client(), || {
             TcpStream::connect_timeout(&addr, timeout).is_ok()
         })
@@ -439,6 +508,7 @@ impl Lab {
             self.client(),
             "curl",
             "-s",
+            "-g",
             "--max-time",
             "5",
             "-w",
@@ -811,6 +881,178 @@ fn dns_teaches_to_fqdns() {
     assert!(
         !lab.connects(OUTSIDE, 8443, DENIED),
         "denied once its selector vanished"
+    );
+}
+
+/// `dig` in the client pod with `args`: its output.
+fn dig_with(lab: &Lab, args: &[&str]) -> String {
+    let mut a = vec![
+        "ip",
+        "netns",
+        "exec",
+        lab.client(),
+        "dig",
+        "+time=2",
+        "+tries=1",
+    ];
+    a.extend_from_slice(args);
+    output(&a).1
+}
+
+/// The audit log's records (one JSON object a line), once `ready` holds for one of them.
+fn audit_records(
+    lab: &Lab,
+    what: &str,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
+    let path = lab.dir.join("audit.log");
+    let read = || -> Vec<serde_json::Value> {
+        fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    wait_for(what, Duration::from_secs(5), || read().iter().any(&ready));
+    read()
+}
+
+/// IPv6 through both proxies: an L7 HTTP rule on an IPv6 pod (allowed and denied, audited
+/// with the IPv6 addresses, the client's own source address upstream), L7 egress to an
+/// outside IPv6 address, DNS over IPv6 (UDP and TCP) allowed and refused by the DNS rule,
+/// and an AAAA answer teaching a toFQDNs rule its IPv6 address.
+#[test]
+fn ipv6_l7_http_and_dns_through_the_proxies() {
+    let mut lab = Lab::new("v6");
+    lab.write(
+        "client.yaml",
+        &CLIENT_POLICY
+            .replace("matchPattern: \"*\"", "matchPattern: \"*.example.com\"")
+            .replace("matchName: ext.example.com", "matchName: ext6.example.com")
+            .replace(
+                "toCIDR: [203.0.113.0/24]",
+                "toCIDR: [203.0.113.0/24, 2001:db8::/32]",
+            ),
+    );
+    lab.start_agent();
+
+    // Ingress L7 on the IPv6 server pod, through the node proxy's IPv6 listener.
+    let (code, body) = lab.curl(&format!("http://[{SERVER6}]/v1/x"));
+    assert_eq!(code, "200", "{body}\n{}", lab.log());
+    assert!(
+        body.contains(&format!("peer={CLIENT6} ")),
+        "transparent IPv6 source: {body}"
+    );
+    let (code, body) = lab.curl(&format!("http://[{SERVER6}]/admin"));
+    assert_eq!(code, "403", "{body}");
+    assert_eq!(body, "Access denied\r\n");
+    let records = audit_records(&lab, "the IPv6 HTTP audit records", |r| {
+        r["HTTP"]["Path"] == "/admin"
+    });
+    for (path, verdict) in [("/v1/x", "Forwarded"), ("/admin", "Denied")] {
+        let r = records
+            .iter()
+            .find(|r| r["HTTP"]["Path"] == path)
+            .unwrap_or_else(|| panic!("no record of {path}: {records:?}"));
+        assert_eq!(r["Verdict"], verdict, "{r}");
+        assert_eq!(r["SourceEndpoint"]["IP"], CLIENT6, "{r}");
+        assert_eq!(r["SourceEndpoint"]["Pod"], "app/client", "{r}");
+        assert_eq!(r["DestinationEndpoint"]["IP"], SERVER6, "{r}");
+        assert_eq!(r["DestinationEndpoint"]["Port"], 80, "{r}");
+    }
+    // Egress L7 to an outside IPv6 address: the replies come back through the uplink to
+    // the proxy's transparent IPv6 upstream socket.
+    let (code, body) = lab.curl(&format!("http://[{OUTSIDE6}]:8080/ok"));
+    assert_eq!(code, "200", "{body}\n{}", lab.log());
+    assert!(body.contains(&format!("peer={CLIENT6} ")), "{body}");
+    let (code, _) = lab.curl(&format!("http://[{OUTSIDE6}]:8080/no"));
+    assert_eq!(code, "403");
+
+    // DNS over IPv6: the learned IPv6 address is denied before the lookup ...
+    assert!(
+        !lab.connects(OUTSIDE6, 8443, DENIED),
+        "the outside IPv6 address is denied before the lookup"
+    );
+    let server = format!("@{DNS6}");
+    // ... refused by the DNS rule over UDP and TCP ...
+    for transport in ["+notcp", "+tcp"] {
+        let out = dig_with(
+            &lab,
+            &["-6", transport, &server, "blocked.example.org", "AAAA"],
+        );
+        assert!(
+            out.contains("status: REFUSED"),
+            "{transport}: {out}\n{}",
+            lab.log()
+        );
+    }
+    // ... answered over UDP and TCP, and allowed once learned from the AAAA answer.
+    for transport in ["+notcp", "+tcp"] {
+        let out = dig_with(
+            &lab,
+            &[
+                "-6",
+                transport,
+                "+short",
+                &server,
+                "ext6.example.com",
+                "AAAA",
+            ],
+        );
+        assert_eq!(out.trim(), OUTSIDE6, "{transport}\n{}", lab.log());
+    }
+    assert!(
+        lab.connects(OUTSIDE6, 8443, ALLOWED),
+        "allowed once learned\n{}",
+        lab.log()
+    );
+    // Only what was learned: the IPv4 outside host stays denied on that port.
+    assert!(!lab.connects(OUTSIDE, 8443, DENIED));
+    let (_, fqdn) = lab.admin("/v1/fqdn");
+    let v: serde_json::Value = serde_json::from_str(&fqdn).unwrap();
+    assert_eq!(v["app/client"]["ext6.example.com."][0], OUTSIDE6, "{fqdn}");
+    // The queries are audited with the client's IPv6 address.
+    let records = audit_records(&lab, "the IPv6 DNS audit records", |r| {
+        r.to_string().contains("blocked.example.org")
+    });
+    let dns: Vec<_> = records
+        .iter()
+        .filter(|r| r.to_string().contains("example."))
+        .collect();
+    assert_eq!(dns.len(), 4, "two names, UDP and TCP each: {dns:?}");
+    for r in dns {
+        let text = r.to_string();
+        assert!(text.contains(&format!("[{CLIENT6}]:")), "{text}");
+        assert!(text.contains(&format!("[{DNS6}]:53")), "{text}");
+    }
+}
+
+/// IPv6 disabled in the node's namespace: the agent runs on IPv4 (routing and listeners),
+/// says once why IPv6 flows that need a proxy are dropped, and IPv4 L7 works.
+#[test]
+fn ipv6_disabled_node_runs_on_ipv4() {
+    let mut lab = Lab::new("nov6");
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.node,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.lo.disable_ipv6=1",
+    ]);
+    lab.start_agent();
+    let (code, body) = lab.curl(&format!("http://{SERVER}/v1/x"));
+    assert_eq!(code, "200", "{body}\n{}", lab.log());
+    assert_eq!(lab.curl(&format!("http://{SERVER}/admin")).0, "403");
+    assert_eq!(lab.dig("ext.example.com"), OUTSIDE);
+    let log = lab.log();
+    assert_eq!(
+        log.matches("IPv6 is disabled in this network namespace")
+            .count(),
+        1,
+        "{log}"
     );
 }
 

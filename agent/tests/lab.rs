@@ -25,9 +25,9 @@ cluster:
   - {name: node-1, ip: 172.18.0.2}
   - {name: node-2, ip: 172.18.0.3}
   pods:
-  - {namespace: x, name: a, labels: {pod: a}, ip: 10.1.0.10, node: node-1, ports: [{port: 80, protocol: TCP}]}
-  - {namespace: x, name: b, labels: {pod: b}, ip: 10.1.0.11, node: node-2, ports: [{port: 80, protocol: TCP}]}
-  - {namespace: y, name: c, labels: {pod: c}, ip: 10.2.0.10, node: node-1, ports: []}
+  - {namespace: x, name: a, labels: {pod: a}, ip: 10.1.0.10, ips: ["fd00:1::10"], node: node-1, ports: [{port: 80, protocol: TCP}]}
+  - {namespace: x, name: b, labels: {pod: b}, ip: 10.1.0.11, ips: ["fd00:1::11"], node: node-2, ports: [{port: 80, protocol: TCP}]}
+  - {namespace: y, name: c, labels: {pod: c}, ip: 10.2.0.10, ips: ["fd00:2::10"], node: node-1, ports: []}
   externals:
   - {name: ext, ip: 203.0.113.10}
 policies:
@@ -45,6 +45,8 @@ probes:
 - {from: x/b, to: x/a, port: 80, protocol: UDP, expect: allow}
 - {from: y/c, to: x/b, port: 80, protocol: TCP, expect: deny}
 - {from: y/c, to: x/b, port: 80, protocol: UDP, expect: deny}
+- {from: x/a, to: x/b, port: 80, protocol: TCP, expect: allow, http: {method: GET, path: /hello6}, family: ipv6}
+- {from: y/c, to: x/b, port: 80, protocol: TCP, expect: deny, family: ipv6}
 "#;
 
 fn no_agent() -> bool {
@@ -209,6 +211,11 @@ fn up_check_exec_down_leaves_nothing_behind() {
     ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("10.1.0.11/32"), "{}", text(&o));
+    // dual-stack: its IPv6 address too, and the neighbour on the other node answers it
+    let o = ward(&[
+        "exec", "--id", &id, "x/b", "--", "ip", "-6", "-o", "addr", "show", "dev", "eth0",
+    ]);
+    assert!(text(&o).contains("fd00:1::11/128"), "{}", text(&o));
     // and the pod's server answers the pod's neighbour over the lab network
     let o = ward(&[
         "exec",
@@ -227,6 +234,24 @@ fn up_check_exec_down_leaves_nothing_behind() {
         "{}",
         text(&o)
     );
+    let o = ward(&[
+        "exec",
+        "--id",
+        &id,
+        "x/a",
+        "--",
+        "curl",
+        "-sS",
+        "-g",
+        "-m",
+        "3",
+        "http://[fd00:1::11]/where",
+    ]);
+    assert!(
+        text(&o).contains("GET /where from fd00:1::10"),
+        "IPv6 across nodes: {}",
+        text(&o)
+    );
 
     let o = ward(&["check", "--id", &id]);
     let out = text(&o);
@@ -235,9 +260,13 @@ fn up_check_exec_down_leaves_nothing_behind() {
         "{out}"
     );
     assert!(out.contains("x/a -> x/b TCP/80 HTTP GET /hello"), "{out}");
+    assert!(
+        out.contains("x/a -> x/b TCP/80 HTTP GET /hello6 (IPv6)"),
+        "{out}"
+    );
     if !no_agent() {
         assert!(o.status.success(), "check failed:\n{out}");
-        assert!(out.contains("5 passed, 0 failed"), "{out}");
+        assert!(out.contains("7 passed, 0 failed"), "{out}");
         assert!(
             out.contains("NetworkPolicy x/b-from-a"),
             "the deciding policy is named: {out}"
@@ -425,7 +454,7 @@ fn run_case_executes_a_folder_of_cases() {
         assert!(o.status.success(), "{out}");
         assert!(last.ends_with(" 0 failed"), "{out}");
     }
-    assert!(out.contains("small.yaml (5 probes"), "{out}");
+    assert!(out.contains("small.yaml (7 probes"), "{out}");
     let left: Vec<String> = lab_namespaces()
         .into_iter()
         .filter(|n| !before.contains(n))

@@ -1,7 +1,9 @@
 //! Transparent-mode sockets (need CAP_NET_ADMIN): a UDP listener that reports each
-//! datagram's original destination (`IP_RECVORIGDSTADDR`), replies sent from that
-//! original address (`IP_TRANSPARENT` + `SO_REUSEADDR`), and a TCP listener whose
-//! accepted sockets carry the original destination as their local address. Control
+//! datagram's original destination (`IP_RECVORIGDSTADDR` / `IPV6_RECVORIGDSTADDR`),
+//! replies sent from that original address (`IP_TRANSPARENT` / `IPV6_TRANSPARENT` +
+//! `SO_REUSEADDR`), and a TCP listener whose accepted sockets carry the original
+//! destination as their local address. IPv6 sockets are `IPV6_V6ONLY`: the node binds one
+//! listener per family on the same port. Control
 //! messages are read through nix's safe `recvmsg`, so no `unsafe` is needed here.
 
 use std::io::{self, IoSliceMut};
@@ -22,6 +24,8 @@ fn new_socket(addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result<Sock
     if addr.is_ipv4() {
         s.set_ip_transparent_v4(true)?;
     } else {
+        // One socket per family on the port: IPv4 traffic never reaches an IPv6 socket.
+        s.set_only_v6(true)?;
         s.set_ip_transparent_v6(true)?;
     }
     s.set_nonblocking(true)?;

@@ -602,8 +602,44 @@ async fn new_policy_applies_to_the_next_query_on_a_kept_alive_connection() {
 /// needs the datapath; here the original destination is the listener itself.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transparent_udp_reports_the_original_destination_and_replies_from_it() {
+    transparent_udp_round_trip("127.0.0.1", "192.0.2.53").await;
+}
+
+/// The same over IPv6 (`IPV6_RECVORIGDSTADDR`, a reply from a non-local IPv6 address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_udp_over_ipv6_reports_the_original_destination_and_replies_from_it() {
+    transparent_udp_round_trip("::1", "2001:db8::53").await;
+}
+
+/// An IPv6 transparent socket takes IPv6 only, so that the node can bind one socket per
+/// family on the same port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_ipv6_sockets_share_the_port_with_ipv4_ones() {
+    use dns_proxy::listener::TransparentUdp;
+    let v6 = match TransparentUdp::bind(("::".parse::<std::net::IpAddr>().unwrap(), 0).into()) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            eprintln!("no CAP_NET_ADMIN: skipped");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let port = v6.socket.local_addr().unwrap().port();
+    // Without IPV6_V6ONLY the IPv6 wildcard owns the IPv4 port too: EADDRINUSE here.
+    let v4 = TransparentUdp::bind(([0, 0, 0, 0], port).into()).unwrap();
+    assert_eq!(v4.socket.local_addr().unwrap().port(), port);
+    let tcp6 =
+        dns_proxy::socket::transparent_tcp(("::".parse::<std::net::IpAddr>().unwrap(), 0).into())
+            .unwrap();
+    let port = tcp6.local_addr().unwrap().port();
+    dns_proxy::socket::transparent_tcp(([0, 0, 0, 0], port).into()).unwrap();
+}
+
+#[allow(clippy::unwrap_used)]
+async fn transparent_udp_round_trip(local: &str, server: &str) {
     use dns_proxy::listener::{is_self, TransparentUdp, UdpTransport};
-    let t = match TransparentUdp::bind(([127, 0, 0, 1], 0).into()) {
+    let local: std::net::IpAddr = local.parse().unwrap();
+    let t = match TransparentUdp::bind((local, 0).into()) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             eprintln!("no CAP_NET_ADMIN: skipped");
@@ -612,7 +648,7 @@ async fn transparent_udp_reports_the_original_destination_and_replies_from_it() 
         Err(e) => panic!("{e}"),
     };
     let listen = t.socket.local_addr().unwrap();
-    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let client = tokio::net::UdpSocket::bind((local, 0)).await.unwrap();
     let mut buf = [0u8; 64];
     // IP_RECVORIGDSTADDR reports the destination the client used.
     client.send_to(b"query", listen).await.unwrap();
@@ -637,7 +673,7 @@ async fn transparent_udp_reports_the_original_destination_and_replies_from_it() 
     );
     // The reply comes from the server the client asked, an address that is not local to
     // this machine, not from the listener.
-    let server: std::net::SocketAddr = ([192, 0, 2, 53], 53).into();
+    let server = std::net::SocketAddr::new(server.parse().unwrap(), 53);
     t.send(b"answer", from, server).await.unwrap();
     let (n, replied_from) =
         tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))

@@ -25,9 +25,12 @@ pub trait Listener: Send + Sync + 'static {
     fn local_addr(&self) -> io::Result<SocketAddr>;
 }
 
-/// The node proxy's listener: `IP_TRANSPARENT`, so connections the datapath assigned to
-/// it (sk_assign / TPROXY) for any destination are accepted; the original destination is
-/// the accepted socket's local address. Needs CAP_NET_ADMIN.
+/// The node proxy's listener: `IP_TRANSPARENT` (`IPV6_TRANSPARENT` for an IPv6 address),
+/// so connections the datapath assigned to it (sk_assign / TPROXY) for any destination are
+/// accepted; the original destination is the accepted socket's local address. An IPv6
+/// listener is `IPV6_V6ONLY`: the node binds one listener per family on the same port
+/// (the datapath looks up `127.0.0.1:port` for IPv4 flows and `[::1]:port` for IPv6 ones).
+/// Needs CAP_NET_ADMIN.
 #[derive(Debug)]
 pub struct TransparentListener {
     inner: TcpListener,
@@ -35,7 +38,7 @@ pub struct TransparentListener {
 
 impl TransparentListener {
     /// Binds `addr` with `IP_TRANSPARENT` (and `SO_REUSEPORT` when `reuse_port`, so
-    /// several proxy processes can share the port).
+    /// several proxy processes can share the port); IPv6 addresses only take IPv6.
     pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TransparentListener> {
         let domain = if addr.is_ipv4() {
             Domain::IPV4
@@ -50,6 +53,7 @@ impl TransparentListener {
         if addr.is_ipv4() {
             socket.set_ip_transparent_v4(true)?;
         } else {
+            socket.set_only_v6(true)?;
             socket.set_ip_transparent_v6(true)?;
         }
         socket.set_nonblocking(true)?;
@@ -140,5 +144,28 @@ mod tests {
         let _client = TcpStream::connect(addr).await.unwrap();
         let a = l.accept().await.unwrap();
         assert_eq!(a.orig_dst, addr);
+    }
+
+    #[tokio::test]
+    async fn transparent_ipv6_listener_takes_ipv6_only_and_shares_the_port() {
+        let v6 = match TransparentListener::bind("[::]:0".parse().unwrap(), false) {
+            Ok(l) => l,
+            Err(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+                return;
+            }
+        };
+        let port = v6.local_addr().unwrap().port();
+        // The IPv4 listener of the node on the same port (no SO_REUSEPORT to hide a
+        // conflict): without IPV6_V6ONLY the IPv6 wildcard would own it.
+        let v4 = TransparentListener::bind(SocketAddr::from(([0, 0, 0, 0], port)), false).unwrap();
+        let _c4 = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let a = v4.accept().await.unwrap();
+        assert!(a.peer.is_ipv4());
+        let addr6: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+        let c6 = TcpStream::connect(addr6).await.unwrap();
+        let a = v6.accept().await.unwrap();
+        assert_eq!(a.orig_dst, addr6);
+        assert_eq!(a.peer, c6.local_addr().unwrap());
     }
 }

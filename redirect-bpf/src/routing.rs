@@ -28,6 +28,17 @@ pub enum Family {
 impl Family {
     pub const BOTH: [Family; 2] = [Family::V4, Family::V6];
 
+    /// The families of this network namespace: IPv4, and IPv6 unless the kernel has none
+    /// or it is disabled here (`net.ipv6.conf.lo.disable_ipv6`), where `ip -6 route add`
+    /// fails and no IPv6 flow can reach a proxy anyway.
+    pub fn present() -> Vec<Family> {
+        let mut v = vec![Family::V4];
+        if ipv6_enabled() {
+            v.push(Family::V6);
+        }
+        v
+    }
+
     fn flag(self) -> &'static str {
         match self {
             Family::V4 => "-4",
@@ -41,6 +52,14 @@ impl Family {
             Family::V6 => "::/0",
         }
     }
+}
+
+/// Whether the calling thread's network namespace has IPv6 (compiled in, not disabled on
+/// loopback).
+pub fn ipv6_enabled() -> bool {
+    // /proc/sys/net shows the network namespace of the thread that opens it.
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6")
+        .is_ok_and(|v| v.trim() == "0")
 }
 
 fn ip(args: &[&str]) -> Result<String, Error> {
@@ -84,14 +103,14 @@ pub fn has_local_route(family: Family) -> Result<bool, Error> {
         .any(|l| l.starts_with("local default dev lo") || l.starts_with("local ::/0 dev lo")))
 }
 
-/// Installs the rule and the route of every family where they are absent. Returns
-/// whether anything was added.
+/// Installs the rule and the route of every family of the namespace
+/// ([`Family::present`]) where they are absent. Returns whether anything was added.
 pub fn ensure() -> Result<bool, Error> {
     let mut added = false;
     let table = TABLE.to_string();
     let pref = RULE_PREF.to_string();
     let mark = mark();
-    for f in Family::BOTH {
+    for f in Family::present() {
         if !has_local_route(f)? {
             ip(&[
                 f.flag(),
@@ -124,12 +143,13 @@ pub fn ensure() -> Result<bool, Error> {
     Ok(added)
 }
 
-/// Removes the rules and routes (every copy); what is absent is fine.
+/// Removes the rules and routes (every copy) of the namespace's families; what is absent
+/// is fine.
 pub fn remove() -> Result<(), Error> {
     let table = TABLE.to_string();
     let pref = RULE_PREF.to_string();
     let mark = mark();
-    for f in Family::BOTH {
+    for f in Family::present() {
         for _ in 0..rule_count(f)? {
             ip(&[
                 f.flag(),

@@ -80,3 +80,29 @@ fn ensure_installs_once_and_remove_cleans_up() {
         routing::remove().unwrap();
     });
 }
+
+/// A namespace with IPv6 disabled (where `ip -6 route add local ::/0 dev lo` fails): the
+/// IPv4 routing is installed and removed, IPv6 is left alone instead of failing.
+#[test]
+fn ipv6_disabled_namespace_gets_the_ipv4_routing() {
+    let ns = Netns::new("nov6");
+    ns.run(|| {
+        assert!(routing::ipv6_enabled(), "a fresh namespace has IPv6");
+        let ok = Command::new("sysctl")
+            .args([
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.lo.disable_ipv6=1",
+            ])
+            .status()
+            .expect("sysctl");
+        assert!(ok.success());
+        assert!(!routing::ipv6_enabled());
+        assert_eq!(Family::present(), vec![Family::V4]);
+        assert!(routing::ensure().unwrap(), "ensure adds the IPv4 routing");
+        assert_eq!(routing::rule_count(Family::V4).unwrap(), 1);
+        assert!(routing::has_local_route(Family::V4).unwrap());
+        routing::remove().unwrap();
+        assert_eq!(routing::rule_count(Family::V4).unwrap(), 0);
+    });
+}

@@ -834,6 +834,7 @@ mod tests {
         assert!(s.probes.len() >= 20);
         assert!(s.probes.iter().any(|p| p.client == scenario::Client::Grpc));
         assert!(s.probes.iter().any(|p| p.client == scenario::Client::H2c));
+        assert!(s.probes.iter().any(|p| p.ipv6), "IPv6 probes");
         assert!(!s.case.cluster.dns.is_empty());
         // the stored document keeps the clients, so `check` sees them too
         let again = Scenario::from_document(s.document.clone(), None).unwrap();
@@ -861,5 +862,27 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("probes[0].client"), "{e}");
+    }
+
+    #[test]
+    fn the_probe_family_is_read_and_checked() {
+        let doc = |family: &str| -> Value {
+            serde_yaml::from_str(&format!(
+                "format: netpol-oracle/v1\nsemantics: cilium\ncluster: {{}}\nprobes:\n- {{from: a/b, to: a/c, port: 1, expect: allow}}\n- {{from: a/b, to: a/c, port: 1, expect: allow, family: {family}}}\n"
+            ))
+            .unwrap()
+        };
+        let s = Scenario::from_document(doc("ipv6"), None).unwrap();
+        assert_eq!(
+            s.probes.iter().map(|p| p.ipv6).collect::<Vec<_>>(),
+            [false, true]
+        );
+        let s = Scenario::from_document(doc("ipv4"), None).unwrap();
+        assert!(s.probes.iter().all(|p| !p.ipv6));
+        let e = Scenario::from_document(doc("ipx"), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("probes[1].family"), "{e}");
     }
 }

@@ -2,6 +2,7 @@
 //! namespace: curl (HTTP/1.1, h2c), dig (DNS over UDP and TCP) and `ward lab probe` (TCP
 //! and UDP echo, gRPC, raw SCTP). Every client has a deadline; probes run concurrently.
 
+use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Mutex;
 
@@ -95,8 +96,8 @@ fn record_for(
 /// A record in a few words, when it is about the probe's flow.
 fn describe_record(state: &LabState, lp: &LabProbe, r: &serde_json::Value) -> Option<String> {
     let p = &lp.probe;
-    let from = state.endpoint(&p.from)?.ip.to_string();
-    let to = state.endpoint(&p.to)?.ip.to_string();
+    let from = state.endpoint(&p.from)?.addr(lp.ipv6)?.to_string();
+    let to = state.endpoint(&p.to)?.addr(lp.ipv6)?.to_string();
     let proto = match p.protocol {
         Protocol::Tcp => 6,
         Protocol::Udp => 17,
@@ -139,7 +140,9 @@ fn describe_record(state: &LabState, lp: &LabProbe, r: &serde_json::Value) -> Op
                 .query
                 .trim_end_matches('.')
                 .to_ascii_lowercase();
-            (s(&r["client"]).starts_with(&format!("{from}:"))
+            // `ip:port`, `[ip6]:port` for IPv6
+            let client = s(&r["client"]).parse::<SocketAddr>().ok()?;
+            (client.ip().to_string() == from
                 && s(&r["qname"]).trim_end_matches('.').to_ascii_lowercase() == q)
                 .then(|| {
                     let by = r["policy"]
@@ -254,19 +257,22 @@ pub fn execute(state: &LabState, lp: &LabProbe) -> Observed {
     let (Some(from), Some(to)) = (state.endpoint(&p.from), state.endpoint(&p.to)) else {
         return denied(format!("unknown endpoint in {} -> {}", p.from, p.to));
     };
+    let (Some(from_ip), Some(to_ip)) = (from.addr(lp.ipv6), to.addr(lp.ipv6)) else {
+        return denied(format!("no IPv6 address in {} -> {}", p.from, p.to));
+    };
     // A probe from an external speaks from that external's address.
-    let bind = p.from.starts_with("external:").then(|| from.ip.to_string());
+    let bind = p.from.starts_with("external:").then(|| from_ip.to_string());
     let ward = std::env::current_exe()
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "ward".into());
-    let target = format!("{}:{}", to.ip, p.port);
+    let target = SocketAddr::new(to_ip, p.port).to_string();
     let mut cmd;
     let kind;
     match (p.protocol, &p.dns, &p.http, lp.client) {
         (Protocol::Tcp | Protocol::Udp, Some(dns), _, _) => {
             kind = Kind::Dig;
             cmd = timeout(in_netns(&from.netns, "dig"));
-            cmd.arg(format!("@{}", to.ip))
+            cmd.arg(format!("@{to_ip}"))
                 .args(["-p", &p.port.to_string(), "+time=2", "+tries=1"]);
             if p.protocol == Protocol::Tcp {
                 cmd.arg("+tcp");
@@ -295,6 +301,10 @@ pub fn execute(state: &LabState, lp: &LabProbe) -> Observed {
             cmd = timeout(in_netns(&from.netns, "curl"));
             cmd.args(["-sS", "--connect-timeout", CONNECT_SECS, "-m", REQUEST_SECS])
                 .args(["-w", "\n%{http_code}", "-X", &http.method]);
+            if lp.ipv6 {
+                // `[` `]` of the IPv6 address are not a glob.
+                cmd.arg("--globoff");
+            }
             if client == Client::H2c {
                 cmd.arg("--http2-prior-knowledge");
             }
@@ -344,7 +354,7 @@ pub fn execute(state: &LabState, lp: &LabProbe) -> Observed {
             Some(("deny", d)) => denied(d),
             _ => denied(format!("client failed: {stderr}")),
         },
-        Kind::Curl => curl_outcome(&stdout, &stderr, out.status.code(), &from.ip.to_string()),
+        Kind::Curl => curl_outcome(&stdout, &stderr, out.status.code(), &from_ip.to_string()),
         Kind::Dig => dig_outcome(&stdout),
     }
 }
@@ -463,6 +473,9 @@ pub fn table(outcomes: &[Outcome]) -> String {
                 Client::H2c => probe.push_str(" (h2c)"),
                 Client::Grpc => probe.push_str(" (gRPC)"),
                 Client::Default => {}
+            }
+            if o.probe.ipv6 {
+                probe.push_str(" (IPv6)");
             }
             [
                 if o.passed { "ok" } else { "FAIL" }.to_string(),

@@ -25,6 +25,8 @@ pub enum Client {
 pub struct LabProbe {
     pub probe: Probe,
     pub client: Client,
+    /// `family: ipv6`: the probe goes between the pods' IPv6 addresses.
+    pub ipv6: bool,
 }
 
 /// A loaded scenario.
@@ -59,6 +61,7 @@ impl Scenario {
     /// removed before the strict case parser sees them).
     pub fn from_document(document: Value, profile: Option<&str>) -> Result<Scenario> {
         let mut clients = Vec::new();
+        let mut families = Vec::new();
         let mut strict = document.clone();
         if let Some(Value::Sequence(probes)) = strict.get_mut("probes") {
             for (i, p) in probes.iter_mut().enumerate() {
@@ -72,6 +75,15 @@ impl Scenario {
                     }
                 };
                 clients.push(client);
+                let ipv6 = match p.as_mapping_mut().and_then(|m| m.remove("family")) {
+                    None => false,
+                    Some(Value::String(s)) if s == "ipv4" => false,
+                    Some(Value::String(s)) if s == "ipv6" => true,
+                    Some(other) => {
+                        bail!("probes[{i}].family: {other:?} is not one of ipv4, ipv6")
+                    }
+                };
+                families.push(ipv6);
             }
         }
         let text = serde_yaml::to_string(&strict)?;
@@ -82,6 +94,7 @@ impl Scenario {
             .enumerate()
             .map(|(i, probe)| LabProbe {
                 client: clients.get(i).copied().unwrap_or(Client::Default),
+                ipv6: families.get(i).copied().unwrap_or(false),
                 probe,
             })
             .collect();

@@ -76,49 +76,21 @@ async fn serve(args: ServeArgs) -> Result<()> {
         let l = TcpListener::bind(SocketAddr::new(any, port))
             .await
             .with_context(|| format!("cannot listen on TCP port {port}"))?;
-        let zone = zone.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, peer)) = l.accept().await else {
-                    continue;
-                };
-                let zone = zone.clone();
-                tokio::spawn(async move {
-                    let mut head = [0u8; 8];
-                    let probe = matches!(
-                        tokio::time::timeout(std::time::Duration::from_secs(5), stream.peek(&mut head)).await,
-                        Ok(Ok(n)) if head[..n].starts_with(ECHO_PREFIX)
-                    );
-                    if port == 53 && !probe {
-                        let _ = dns_tcp(stream, &zone).await;
-                    } else {
-                        tcp_conn(stream, peer).await;
-                    }
-                });
-            }
-        });
+        tokio::spawn(accept_tcp(l, port, zone.clone()));
+        // IPv6 pods are served on the same port; a namespace without IPv6 is served on
+        // IPv4 only.
+        if let Ok(l6) = listen_v6only(port) {
+            tokio::spawn(accept_tcp(l6, port, zone.clone()));
+        }
     }
     for &port in &args.udp {
         let s = UdpSocket::bind(SocketAddr::new(any, port))
             .await
             .with_context(|| format!("cannot bind UDP port {port}"))?;
-        let zone = zone.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            loop {
-                let Ok((n, peer)) = s.recv_from(&mut buf).await else {
-                    continue;
-                };
-                let reply = if port == 53 && !buf[..n].starts_with(ECHO_PREFIX) {
-                    dns_answer(&buf[..n], &zone)
-                } else {
-                    Some(buf[..n].to_vec())
-                };
-                if let Some(r) = reply {
-                    let _ = s.send_to(&r, peer).await;
-                }
-            }
-        });
+        tokio::spawn(answer_udp(s, port, zone.clone()));
+        if let Ok(s6) = bind_udp_v6only(port) {
+            tokio::spawn(answer_udp(s6, port, zone.clone()));
+        }
     }
     if let Some(log) = args.sctp_log.clone() {
         let sock = socket2::Socket::new(
@@ -153,6 +125,74 @@ fn sctp_logger(sock: socket2::Socket, log: PathBuf) {
 }
 
 /// HTTP (h1 or h2c) when the first bytes look like a request, TCP echo otherwise.
+/// A TCP listener on `[::]:port` that takes IPv6 only, beside the IPv4 one.
+fn listen_v6only(port: u16) -> std::io::Result<TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_only_v6(true)?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+/// A UDP socket on `[::]:port` that takes IPv6 only, beside the IPv4 one.
+fn bind_udp_v6only(port: u16) -> std::io::Result<UdpSocket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    s.set_only_v6(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+    UdpSocket::from_std(s.into())
+}
+
+/// Answers the datagrams of one socket: DNS on port 53, else an echo.
+async fn answer_udp(s: UdpSocket, port: u16, zone: Arc<Zone>) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let Ok((n, peer)) = s.recv_from(&mut buf).await else {
+            continue;
+        };
+        let reply = if port == 53 && !buf[..n].starts_with(ECHO_PREFIX) {
+            dns_answer(&buf[..n], &zone)
+        } else {
+            Some(buf[..n].to_vec())
+        };
+        if let Some(r) = reply {
+            let _ = s.send_to(&r, peer).await;
+        }
+    }
+}
+
+/// Serves the connections of one listener: DNS over TCP on port 53, else HTTP or echo.
+async fn accept_tcp(l: TcpListener, port: u16, zone: Arc<Zone>) {
+    loop {
+        let Ok((stream, peer)) = l.accept().await else {
+            continue;
+        };
+        let zone = zone.clone();
+        tokio::spawn(async move {
+            let mut head = [0u8; 8];
+            let probe = matches!(
+                tokio::time::timeout(std::time::Duration::from_secs(5), stream.peek(&mut head)).await,
+                Ok(Ok(n)) if head[..n].starts_with(ECHO_PREFIX)
+            );
+            if port == 53 && !probe {
+                let _ = dns_tcp(stream, &zone).await;
+            } else {
+                tcp_conn(stream, peer).await;
+            }
+        });
+    }
+}
+
 async fn tcp_conn(stream: TcpStream, peer: SocketAddr) {
     let mut first = [0u8; 4];
     let looks_http = match tokio::time::timeout(

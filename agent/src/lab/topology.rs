@@ -6,12 +6,15 @@
 //!  node ns: up0 (NODE_IP/32) ── veth ── fabric ns: br0 ── veth ── world ns: eth0 (external IPs)
 //! ```
 //! Nodes reach each other and the world on the bridge (on-link /32 routes); remote pods
-//! via their node. Everything created is recorded in the run's `state.json` before it is
+//! via their node. Pods that the cluster gives an IPv6 address beside the IPv4 one get it
+//! too (POD_IP6/128, default via the link-local `fe80::1` of their veth, as CNIs do); their
+//! nodes then get `fd00:ffff::N` on up0 and /128 routes to each other's pods (the world
+//! stays IPv4). Everything created is recorded in the run's `state.json` before it is
 //! made, so that `down` (and `down --all` after a crash) removes it.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -32,6 +35,9 @@ pub struct Endpoint {
     pub key: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// The IPv6 address of a dual-stack pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -39,6 +45,9 @@ pub struct NodeState {
     pub name: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// The node's IPv6 address on up0, when it has dual-stack pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     pub bpf_root: PathBuf,
     pub agent_pid: Option<u32>,
 }
@@ -94,7 +103,21 @@ impl LabState {
     pub fn endpoint(&self, key: &str) -> Option<&Endpoint> {
         self.endpoints.iter().find(|e| e.key == key)
     }
+}
 
+impl Endpoint {
+    /// The address a probe uses: IPv4, or IPv6 for `family: ipv6` (None when the
+    /// endpoint has no IPv6 address).
+    pub fn addr(&self, ipv6: bool) -> Option<IpAddr> {
+        if ipv6 {
+            self.ip6.map(IpAddr::V6)
+        } else {
+            Some(IpAddr::V4(self.ip))
+        }
+    }
+}
+
+impl LabState {
     fn netns(&self, suffix: &str) -> String {
         let clean: String = suffix
             .chars()
@@ -125,6 +148,7 @@ impl LabState {
     /// node for pods without one) get addresses from 172.31.255.0/24.
     pub fn build(&mut self, cluster: &Cluster) -> Result<()> {
         let nodes = lab_nodes(cluster);
+        let dual = cluster.pods.iter().any(|p| pod_ipv6(p).is_some());
         let fabric = self.netns("fabric");
         self.add_ns(&fabric)?;
         ipn(&fabric, &["link", "set", "lo", "up"])?;
@@ -152,11 +176,22 @@ impl LabState {
             )?;
             ipn(&ns, &["link", "set", "lo", "up"])?;
             ipn(&ns, &["addr", "add", &format!("{ip4}/32"), "dev", "up0"])?;
+            let ip6 = dual.then(|| generated_node_ip6(i));
+            if let Some(ip6) = ip6 {
+                sysctl(&ns, &["net.ipv6.conf.all.forwarding=1"])?;
+                // nodad: usable at once. The link-local one is the source of neighbour
+                // solicitations for packets the node forwards, and a tentative one would
+                // hold them for a second.
+                for a in [format!("{ip6}/128"), format!("fe80::ffff:{:x}/64", i + 1)] {
+                    ipn(&ns, &["addr", "add", &a, "dev", "up0", "nodad"])?;
+                }
+            }
             ipn(&ns, &["link", "set", "up0", "up"])?;
             self.nodes.push(NodeState {
                 name: name.clone(),
                 netns: ns.clone(),
                 ip: *ip4,
+                ip6,
                 bpf_root: PathBuf::from(format!("{BPF_PREFIX}{}-{i}", self.id)),
                 agent_pid: None,
             });
@@ -164,6 +199,7 @@ impl LabState {
                 key: format!("node:{name}"),
                 netns: ns,
                 ip: *ip4,
+                ip6,
             });
         }
 
@@ -205,12 +241,14 @@ impl LabState {
                 key: format!("external:{name}"),
                 netns: world.clone(),
                 ip: *ip4,
+                ip6: None,
             });
         }
         ipn(&world, &["link", "set", "eth0", "up"])?;
 
         // Pods, each on its node.
         let mut pods_of: BTreeMap<String, Vec<(String, Ipv4Addr)>> = BTreeMap::new();
+        let mut pods6_of: BTreeMap<String, Vec<Ipv6Addr>> = BTreeMap::new();
         for (i, p) in cluster.pods.iter().enumerate() {
             let Some(ip4) = pod_ipv4(p) else { continue };
             let node_name = p.node.clone().unwrap_or_else(|| nodes[0].0.clone());
@@ -241,6 +279,29 @@ impl LabState {
                 &node.netns,
                 &["route", "add", &format!("{ip4}/32"), "dev", &veth],
             )?;
+            let ip6 = pod_ipv6(p);
+            if let Some(ip6) = ip6 {
+                let a = ip6.to_string();
+                ipn(
+                    &ns,
+                    &["addr", "add", &format!("{a}/128"), "dev", "eth0", "nodad"],
+                )?;
+                ipn(
+                    &node.netns,
+                    &["addr", "add", "fe80::1/64", "dev", &veth, "nodad"],
+                )?;
+                ipn(
+                    &ns,
+                    &[
+                        "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+                    ],
+                )?;
+                ipn(
+                    &node.netns,
+                    &["-6", "route", "add", &format!("{a}/128"), "dev", &veth],
+                )?;
+                pods6_of.entry(node.name.clone()).or_default().push(ip6);
+            }
             pods_of
                 .entry(node.name.clone())
                 .or_default()
@@ -249,12 +310,35 @@ impl LabState {
                 key: format!("{}/{}", p.namespace, p.name),
                 netns: ns,
                 ip: ip4,
+                ip6,
             });
         }
 
         // Routes between nodes, to the world, and from the world back.
         for n in &self.nodes {
             for other in self.nodes.iter().filter(|o| o.name != n.name) {
+                if let (Some(_), Some(o6)) = (n.ip6, other.ip6) {
+                    let o6 = o6.to_string();
+                    ipn(
+                        &n.netns,
+                        &["-6", "route", "add", &format!("{o6}/128"), "dev", "up0"],
+                    )?;
+                    for p6 in pods6_of.get(&other.name).into_iter().flatten() {
+                        ipn(
+                            &n.netns,
+                            &[
+                                "-6",
+                                "route",
+                                "add",
+                                &format!("{p6}/128"),
+                                "via",
+                                &o6,
+                                "dev",
+                                "up0",
+                            ],
+                        )?;
+                    }
+                }
                 let oip = other.ip.to_string();
                 ipn(
                     &n.netns,
@@ -340,7 +424,20 @@ fn generated_node_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(172, 31, 255, 1 + (i % 250) as u8)
 }
 
-/// A pod's IPv4 address (the lab is IPv4 only).
+/// The IPv6 address of the `i`th node of a lab with dual-stack pods (a ULA).
+fn generated_node_ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0xffff, 0, 0, 0, 0, 0, 1 + (i % 0xfff0) as u16)
+}
+
+/// A pod's IPv6 address, when the cluster gives it one.
+pub fn pod_ipv6(p: &policy_model::cluster::Pod) -> Option<Ipv6Addr> {
+    p.all_ips().find_map(|ip| match ip {
+        IpAddr::V6(v6) => Some(v6),
+        IpAddr::V4(_) => None,
+    })
+}
+
+/// A pod's IPv4 address: every lab pod has one; IPv6 comes beside it.
 pub fn pod_ipv4(p: &policy_model::cluster::Pod) -> Option<Ipv4Addr> {
     p.ip.iter().chain(p.ips.iter()).find_map(|ip| match ip {
         IpAddr::V4(v4) => Some(*v4),

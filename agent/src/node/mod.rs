@@ -12,7 +12,7 @@ pub mod identities;
 pub mod metrics;
 pub mod reconcile;
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -52,6 +52,38 @@ pub struct Settings {
     pub compile: CompileOptions,
 }
 
+/// Binds an IPv6 listener of a proxy when the node has IPv6 (`ipv6`). A node without it
+/// (disabled in the namespace, or a kernel without the family) gets None: the agent
+/// serves IPv4, and IPv6 flows that need the proxy stay dropped by the datapath (fail
+/// closed, counted as PROXY_UNAVAILABLE). Any other bind error is the agent's error, as
+/// for IPv4.
+fn bind_ipv6<T>(
+    ipv6: bool,
+    what: &str,
+    addr: SocketAddr,
+    bind: impl FnOnce() -> std::io::Result<T>,
+) -> Result<Option<T>> {
+    if !ipv6 {
+        return Ok(None);
+    }
+    match bind() {
+        Ok(l) => Ok(Some(l)),
+        Err(e)
+            if matches!(
+                e.raw_os_error().map(nix::errno::Errno::from_raw),
+                Some(nix::errno::Errno::EAFNOSUPPORT | nix::errno::Errno::EADDRNOTAVAIL)
+            ) =>
+        {
+            eprintln!(
+                "ward agent: {what}: no IPv6 listener on {addr} ({e}); IPv6 flows that need \
+                 it are dropped (proxy_unavailable)"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e).with_context(|| format!("{what}: cannot listen on {addr}")),
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     // The datapath: loaded on the pinned maps, which keep enforcing while no agent runs.
@@ -59,6 +91,13 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         .with_context(|| format!("loading the datapath at {}", s.bpf_root.display()))?;
     let applied = datapath::MapState::read(&dp).context("reading the pinned maps")?;
     let dp = Arc::new(Mutex::new(dp));
+    let ipv6 = routing::ipv6_enabled();
+    if !ipv6 {
+        eprintln!(
+            "ward agent: IPv6 is disabled in this network namespace: no IPv6 redirect routing \
+             or proxy listeners; IPv6 flows that need a proxy are dropped (proxy_unavailable)"
+        );
+    }
     if routing::ensure().context("installing the redirect routing")? {
         eprintln!(
             "ward agent: redirect routing installed (ip rule fwmark 0x200/0xf00 lookup {})",
@@ -121,14 +160,29 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         http_audit,
         http_metrics.clone(),
     );
-    let listen = SocketAddr::from(([0, 0, 0, 0], s.proxy_port));
+    // One listener per family on the port: the datapath hands IPv4 flows to the socket
+    // of 127.0.0.1:port and IPv6 flows to the one of [::1]:port. IPv4 is required; IPv6
+    // only where the node has it (see bind_ipv6).
+    let listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, s.proxy_port));
     let listener = proxy::TransparentListener::bind(listen, true)
         .with_context(|| format!("HTTP proxy: cannot listen on {listen}"))?;
+    let listen6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, s.proxy_port));
+    let listener6 = bind_ipv6(ipv6, "HTTP proxy", listen6, || {
+        proxy::TransparentListener::bind(listen6, true)
+    })?;
+    let p = http_proxy.clone();
     tokio::spawn(async move {
-        if let Err(e) = http_proxy.serve(listener).await {
+        if let Err(e) = p.serve(listener).await {
             eprintln!("ward agent: HTTP proxy stopped: {e}");
         }
     });
+    if let Some(listener6) = listener6 {
+        tokio::spawn(async move {
+            if let Err(e) = http_proxy.serve(listener6).await {
+                eprintln!("ward agent: HTTP proxy (IPv6) stopped: {e}");
+            }
+        });
+    }
 
     // The DNS proxy.
     let mut dcfg = s.dns.clone();
@@ -145,13 +199,24 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         dns_audit,
         dns_metrics.clone(),
     );
-    let dns_listen = SocketAddr::from(([0, 0, 0, 0], s.dns_proxy_port));
+    let dns_listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, s.dns_proxy_port));
     let udp = TransparentUdp::bind(dns_listen)
         .with_context(|| format!("DNS proxy: cannot bind udp {dns_listen}"))?;
     let tcp = dns_proxy::socket::transparent_tcp(dns_listen)
         .with_context(|| format!("DNS proxy: cannot bind tcp {dns_listen}"))?;
     tokio::spawn(serve_udp(dns.clone(), Arc::new(udp)));
     tokio::spawn(serve_tcp(dns.clone(), tcp, Arc::new(LocalAddr)));
+    let dns_listen6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, s.dns_proxy_port));
+    if let Some(udp6) = bind_ipv6(ipv6, "DNS proxy (udp)", dns_listen6, || {
+        TransparentUdp::bind(dns_listen6)
+    })? {
+        tokio::spawn(serve_udp(dns.clone(), Arc::new(udp6)));
+    }
+    if let Some(tcp6) = bind_ipv6(ipv6, "DNS proxy (tcp)", dns_listen6, || {
+        dns_proxy::socket::transparent_tcp(dns_listen6)
+    })? {
+        tokio::spawn(serve_tcp(dns.clone(), tcp6, Arc::new(LocalAddr)));
+    }
 
     // The reconciler: the one writer of the datapath.
     let mut reconciler = Reconciler::new(
