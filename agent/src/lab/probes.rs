@@ -617,6 +617,7 @@ mod tests {
                 probe: LabProbe {
                     probe: probe.clone(),
                     client: Client::H2c,
+                    ipv6: false,
                 },
                 observed: denied("HTTP 403 Access denied"),
                 passed: true,
@@ -627,6 +628,7 @@ mod tests {
                 probe: LabProbe {
                     probe,
                     client: Client::Default,
+                    ipv6: true,
                 },
                 observed: Observed {
                     allowed: true,
@@ -663,6 +665,7 @@ mod tests {
         );
         assert!(t.contains("on and on"), "nothing lost: {t}");
         assert!(lines[5].starts_with("FAIL  prod/frontend"), "{t}");
+        assert!(lines[5].contains("/admin (IPv6)"), "{t}");
         assert_eq!(
             lines.len(),
             6,
