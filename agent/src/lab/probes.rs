@@ -471,7 +471,8 @@ pub fn table(outcomes: &[Outcome]) -> String {
             let mut probe = o.probe.probe.describe();
             match o.probe.client {
                 Client::H2c => probe.push_str(" (h2c)"),
-                Client::Grpc => probe.push_str(" (gRPC)"),
+                // a gRPC call is always a POST of /package.Service/Method
+                Client::Grpc => probe = probe.replacen(" HTTP POST ", " gRPC ", 1),
                 Client::Default => {}
             }
             if o.probe.ipv6 {
