@@ -1292,3 +1292,67 @@ fn runs_under_ip_netns_exec() {
         lab.log()
     );
 }
+
+/// A round trip on an open connection, with a short deadline: whether the echo came back.
+fn round_trip(conn: &mut TcpStream, msg: &[u8]) -> bool {
+    let mut b = vec![0u8; msg.len()];
+    conn.write_all(msg).is_ok() && conn.read_exact(&mut b).is_ok() && b == msg
+}
+
+#[test]
+fn a_policy_change_stops_established_connections_it_denies() {
+    let mut lab = Lab::new("revoke");
+    lab.write("server.yaml", &server_policy(true));
+    lab.start_agent();
+    let open = |port: u16| {
+        let addr = sockaddr(SERVER, port);
+        in_ns(lab.client(), || {
+            let s = TcpStream::connect_timeout(&addr, ALLOWED).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            s
+        })
+    };
+    let mut kept = open(8080);
+    let mut revoked = open(8081);
+    assert!(round_trip(&mut kept, b"kept-1"));
+    assert!(round_trip(&mut revoked, b"revoked-1"));
+    let revoked_port = revoked.local_addr().unwrap().port();
+
+    // 8081 leaves the server's ingress policy.
+    lab.write("server.yaml", &server_policy(false));
+    wait_for(
+        "new connections to 8081 denied",
+        Duration::from_secs(5),
+        || !lab.connects(SERVER, 8081, Duration::from_millis(200)),
+    );
+    // The connection opened before the change stops too, and its packets are dropped
+    // by policy (a drop event of that very connection: the source port is its own).
+    wait_for(
+        "the established 8081 connection to stop",
+        Duration::from_secs(5),
+        || !round_trip(&mut revoked, b"x"),
+    );
+    wait_for(
+        "a drop event of the established connection",
+        Duration::from_secs(5),
+        || {
+            let (_, events) = lab.admin("/v1/events?follow=false");
+            events.lines().any(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+                v["type"] == "drop"
+                    && v["source"]["port"] == revoked_port
+                    && v["destination"]["port"] == 8081
+            })
+        },
+    );
+    // The still-allowed connection keeps working, on the same socket.
+    assert!(round_trip(&mut kept, b"kept-2"), "{}", lab.log());
+    let (_, metrics) = lab.admin("/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("ward_conntrack_revoked_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}

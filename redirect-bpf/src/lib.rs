@@ -17,7 +17,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub use compile::{endpoint_entries, EndpointEntries, PolicyEntry, ProxyPorts};
-pub use loader::{Datapath, DEFAULT_ROOT};
+pub use loader::{ConntrackFlow, Datapath, DEFAULT_ROOT};
 pub use redirect_bpf_common as common;
 
 #[derive(Debug, thiserror::Error)]

@@ -436,6 +436,59 @@ impl Datapath {
         Ok(removed)
     }
 
+    /// Removes the conntrack entries of the flows `revoke` says policy no longer allows,
+    /// and returns how many were removed. Without its entry, the next packet of such a
+    /// flow is decided by policy again as a new one and dropped: an established
+    /// connection that a policy change denies stops, as Cilium's per-packet policy
+    /// lookup makes it (the map is read once; entries created meanwhile are left alone).
+    pub fn revoke_conntrack(
+        &mut self,
+        mut revoke: impl FnMut(&ConntrackFlow) -> bool,
+    ) -> Result<usize, Error> {
+        let v4: Vec<CtKeyV4> = self
+            .conntrack_v4
+            .iter()
+            .flatten()
+            .filter(|(k, v)| {
+                revoke(&ConntrackFlow {
+                    src: IpAddr::from(k.saddr),
+                    dst: IpAddr::from(k.daddr),
+                    dport: u16::from_be_bytes(k.dport),
+                    protocol: k.protocol,
+                    flags: v.flags,
+                })
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let v6: Vec<CtKeyV6> = self
+            .conntrack_v6
+            .iter()
+            .flatten()
+            .filter(|(k, v)| {
+                revoke(&ConntrackFlow {
+                    src: IpAddr::from(k.saddr),
+                    dst: IpAddr::from(k.daddr),
+                    dport: u16::from_be_bytes(k.dport),
+                    protocol: k.protocol,
+                    flags: v.flags,
+                })
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let mut removed = 0;
+        for k in &v4 {
+            if self.conntrack_v4.remove(k).is_ok() {
+                removed += 1;
+            }
+        }
+        for k in &v6 {
+            if self.conntrack_v6.remove(k).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Whether `ip` is an endpoint of a live conntrack entry (either side).
     pub fn in_live_connection(&self, ip: IpAddr) -> bool {
         match ip {
@@ -455,6 +508,19 @@ impl Datapath {
             }
         }
     }
+}
+
+/// A conntrack entry as policy sees it: the flow in the direction that opened it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackFlow {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// The destination port (ICMP: the echo identifier, or 0).
+    pub dport: u16,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// `common::ct_flags`.
+    pub flags: u32,
 }
 
 /// What identifies a policy map entry (everything but its value).

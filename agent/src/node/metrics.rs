@@ -34,6 +34,9 @@ pub struct AgentMetrics {
     pub fqdn_names: IntGauge,
     /// `ward_events_suppressed`: drop events the datapath's rate limit held back.
     pub events_suppressed: IntGauge,
+    /// `ward_conntrack_revoked_total`: established flows a policy change denied, whose
+    /// conntrack entries were removed so that their next packet is dropped.
+    pub conntrack_revoked: IntCounter,
 }
 
 impl AgentMetrics {
@@ -87,6 +90,10 @@ impl AgentMetrics {
                 "ward_events_suppressed",
                 "Drop events held back by the datapath's rate limit.",
             )?,
+            conntrack_revoked: IntCounter::new(
+                "ward_conntrack_revoked_total",
+                "Established flows a policy change denied (conntrack entries removed).",
+            )?,
         };
         let r = &m.registry;
         r.register(Box::new(m.drops.clone()))?;
@@ -101,6 +108,7 @@ impl AgentMetrics {
         r.register(Box::new(m.map_writes.clone()))?;
         r.register(Box::new(m.fqdn_names.clone()))?;
         r.register(Box::new(m.events_suppressed.clone()))?;
+        r.register(Box::new(m.conntrack_revoked.clone()))?;
         Ok(m)
     }
 }

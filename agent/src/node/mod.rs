@@ -11,6 +11,7 @@ pub mod fqdn;
 pub mod identities;
 pub mod metrics;
 pub mod reconcile;
+pub mod revoke;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
