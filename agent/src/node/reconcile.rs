@@ -3,7 +3,7 @@
 //! new snapshot from the source or a DNS update it compiles once and pushes the result
 //! to the datapath maps (as a diff), the HTTP proxy and the DNS proxy together.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -533,9 +533,30 @@ impl Reconciler {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             };
-            apply(&mut dp, &mut self.applied, &desired)
+            let result = apply(&mut dp, &mut self.applied, &desired);
+            if result.is_ok() {
+                self.revoke_denied(&mut dp, &model);
+            }
+            result
         };
         self.publish(model, start, Some(endpoints), result)
+    }
+
+    /// Removes the conntrack entries of established flows that `model` denies on this
+    /// node (`revoke`), once the datapath has the new policy: their next packet is
+    /// decided again and dropped.
+    fn revoke_denied(&self, dp: &mut redirect_bpf::Datapath, model: &Model) {
+        let local: HashSet<IpAddr> = self.local_pods().flat_map(|p| p.all_ips()).collect();
+        let enforced = super::revoke::Enforced {
+            model,
+            node: &self.node,
+            local: &local,
+        };
+        match dp.revoke_conntrack(|f| enforced.denies(f)) {
+            Ok(0) => {}
+            Ok(n) => self.metrics.conntrack_revoked.inc_by(n as u64),
+            Err(e) => eprintln!("ward agent: revoking denied flows from conntrack: {e}"),
+        }
     }
 
     /// Hands `model` to the proxies and records the outcome of its datapath update in
