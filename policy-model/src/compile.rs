@@ -22,7 +22,9 @@ use crate::labels::{Label, LabelSet, Source};
 use crate::policy::{Action, Direction, Policy, Port, Protocol, Subject, Tier};
 use crate::selector::{Op, Selector};
 
+mod churn;
 mod learn;
+pub use churn::{ChurnChange, ChurnUnsupported};
 pub use learn::FqdnChange;
 use learn::Learned;
 
