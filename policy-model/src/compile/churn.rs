@@ -20,6 +20,7 @@ use std::net::IpAddr;
 use super::{EndpointKey, EndpointPolicy, FqdnChange, IpOwner, Model};
 use crate::cluster::{Cluster, ContainerPort};
 use crate::identity::{IdentityKind, Idx};
+use crate::labels::well_known;
 
 /// Why a cluster change needs a full compile instead.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -101,31 +102,53 @@ impl Model {
         let mut change = ChurnChange::default();
         let old = std::mem::replace(&mut self.cluster, new);
         let old_pods = old.pods.len();
-        let old_ns = std::mem::take(&mut self.namespace_labels);
-        self.namespace_labels = self
-            .cluster
-            .namespace_names()
-            .into_iter()
-            .map(|n| {
-                let labels = self.cluster.namespace_labels(&n);
-                (n, labels)
-            })
-            .collect();
-        let relabelled_ns: HashSet<&String> = self
-            .namespace_labels
-            .iter()
-            .filter(|(n, l)| old_ns.get(*n) != Some(*l))
-            .map(|(n, _)| n)
-            .collect();
+        // Namespace labels: looked up once per namespace (declared ones first, the first
+        // declaration winning as in `Cluster::namespace`), and only when they changed.
+        let relabelled_ns: HashSet<String> = if old.namespaces == self.cluster.namespaces {
+            for p in &self.cluster.pods {
+                if !self.namespace_labels.contains_key(&p.namespace) {
+                    let labels = self.cluster.namespace_labels(&p.namespace);
+                    self.namespace_labels.insert(p.namespace.clone(), labels);
+                }
+            }
+            HashSet::new()
+        } else {
+            let old_ns = std::mem::take(&mut self.namespace_labels);
+            for n in &self.cluster.namespaces {
+                if !self.namespace_labels.contains_key(&n.name) {
+                    let mut labels = n.labels.clone();
+                    labels.insert(well_known::NAMESPACE_NAME.to_string(), n.name.clone());
+                    self.namespace_labels.insert(n.name.clone(), labels);
+                }
+            }
+            for p in &self.cluster.pods {
+                if !self.namespace_labels.contains_key(&p.namespace) {
+                    let labels = self.cluster.namespace_labels(&p.namespace);
+                    self.namespace_labels.insert(p.namespace.clone(), labels);
+                }
+            }
+            self.namespace_labels
+                .iter()
+                .filter(|(n, l)| old_ns.get(*n) != Some(*l))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
 
-        // old slot of each new pod, and which pods must be recompiled
+        // old slot of each new pod, and which pods must be recompiled; a pod is looked
+        // for where the previous one's successor was before it is looked up by name
         let mut old_slot: Vec<Option<usize>> = Vec::with_capacity(self.cluster.pods.len());
         let mut dirty: Vec<bool> = Vec::with_capacity(self.cluster.pods.len());
         let mut kept = vec![false; old.pods.len()];
+        let mut guess = 0usize;
         for p in &self.cluster.pods {
-            let o = self.pod_endpoint.get(&p.id()).copied();
+            let same = |q: &crate::cluster::Pod| q.name == p.name && q.namespace == p.namespace;
+            let o = match old.pods.get(guess) {
+                Some(q) if same(q) => Some(guess),
+                _ => self.pod_endpoint.get(&p.id()).copied(),
+            };
             if let Some(o) = o {
                 kept[o] = true;
+                guess = o + 1;
             }
             let changed = match o {
                 None => true,
@@ -137,6 +160,19 @@ impl Model {
         let reordered = old_slot.iter().enumerate().any(|(j, o)| *o != Some(j))
             || old.pods.len() != self.cluster.pods.len();
         change.reordered = reordered;
+        // Pods kept in the same relative order (additions and removals only): slots are
+        // renumbered; otherwise which of two pods with one IP comes last may have changed,
+        // and every IP's owner is looked at again.
+        let mut new_slot: Vec<Option<usize>> = vec![None; old.pods.len()];
+        let mut monotonic = true;
+        let mut last_kept = None;
+        for (j, o) in old_slot.iter().enumerate() {
+            if let Some(o) = *o {
+                new_slot[o] = Some(j);
+                monotonic &= last_kept.is_none_or(|l| l < o);
+                last_kept = Some(o);
+            }
+        }
 
         // IPs whose owner may change: those of removed and changed pods, before and after
         let mut touched: BTreeSet<IpAddr> = BTreeSet::new();
@@ -175,10 +211,23 @@ impl Model {
             };
             pod_identity.push(ident);
         }
-        self.pod_identity = pod_identity;
-        self.pods_by_identity.clear();
-        for (pod, &i) in self.pod_identity.iter().enumerate() {
-            self.pods_by_identity.entry(i).or_default().insert(pod);
+        let old_identity = std::mem::replace(&mut self.pod_identity, pod_identity);
+        if reordered {
+            self.pods_by_identity.clear();
+            for (pod, &i) in self.pod_identity.iter().enumerate() {
+                self.pods_by_identity.entry(i).or_default().insert(pod);
+            }
+        } else {
+            for j in (0..self.pod_identity.len()).filter(|&j| dirty[j]) {
+                if let Some(pods) = self.pods_by_identity.get_mut(&old_identity[j]) {
+                    pods.remove(&j);
+                    if pods.is_empty() {
+                        self.pods_by_identity.remove(&old_identity[j]);
+                    }
+                }
+                let i = self.pod_identity[j];
+                self.pods_by_identity.entry(i).or_default().insert(j);
+            }
         }
         // Identities no pod holds leave the selectors, as a compile would not know them;
         // the others get the named ports of their pods.
@@ -204,7 +253,16 @@ impl Model {
             }
         }
 
-        let fqdn = self.reown_ips(&touched, reordered);
+        if reordered && monotonic {
+            for owner in self.exact.values_mut() {
+                if let IpOwner::Pod(o) = owner {
+                    if let Some(Some(j)) = new_slot.get(*o) {
+                        *o = *j;
+                    }
+                }
+            }
+        }
+        let fqdn = self.reown_ips(&touched, reordered && !monotonic);
         change.new_identities.extend(fqdn.added);
         change.retired.extend(fqdn.retired);
 
@@ -214,7 +272,6 @@ impl Model {
             .map(Some)
             .collect();
         let mut endpoints = Vec::with_capacity(self.cluster.pods.len() + self.cluster.nodes.len());
-        let mut recompiled = Vec::new();
         for j in 0..self.cluster.pods.len() {
             let reuse = match old_slot[j] {
                 Some(o) if !dirty[j] => old_eps[o].take(),
@@ -236,7 +293,6 @@ impl Model {
                                 .map(|_| pi as u32)
                         })
                         .collect();
-                    recompiled.push(j);
                     self.compile_endpoint(EndpointKey::Pod(j), ident, &selecting)
                 }
             };
@@ -253,43 +309,55 @@ impl Model {
             .collect();
         self.endpoints = endpoints;
 
+        let new_pods = self.cluster.pods.len();
+        let moved = |s: usize| {
+            if s < old_pods {
+                new_slot[s]
+            } else {
+                Some(s - old_pods + new_pods)
+            }
+        };
         if reordered {
             for (o, p) in old.pods.iter().enumerate() {
                 if !kept[o] {
                     self.pod_endpoint.remove(&p.id());
                 }
             }
-            for (j, p) in self.cluster.pods.iter().enumerate() {
-                match self.pod_endpoint.get_mut(&p.id()) {
-                    Some(slot) => *slot = j,
-                    None => {
-                        self.pod_endpoint.insert(p.id(), j);
-                    }
+            for slot in self.pod_endpoint.values_mut() {
+                if let Some(j) = moved(*slot) {
+                    *slot = j;
                 }
             }
-            let pods = self.cluster.pods.len();
-            for (n, node) in self.cluster.nodes.iter().enumerate() {
-                self.node_endpoint.insert(node.name.clone(), pods + n);
+            for j in (0..new_pods).filter(|&j| old_slot[j].is_none()) {
+                self.pod_endpoint.insert(self.cluster.pods[j].id(), j);
             }
-            self.peer_set_users.clear();
-            for slot in 0..self.endpoints.len() {
-                for e in self.endpoints[slot].dirs.iter().flat_map(|d| &d.entries) {
-                    self.peer_set_users.entry(e.peers).or_default().insert(slot);
-                }
+            for slot in self.node_endpoint.values_mut() {
+                *slot = *slot - old_pods + new_pods;
             }
-        } else {
-            for (slot, old) in stale {
-                let peers: Vec<_> = self.endpoints[slot]
-                    .dirs
-                    .iter()
-                    .flat_map(|d| &d.entries)
-                    .map(|e| e.peers)
-                    .collect();
-                for ps in peers {
-                    self.peer_set_users.entry(ps).or_default().insert(slot);
-                }
-                self.unindex_peer_sets(slot, &old);
+            for users in self.peer_set_users.values_mut() {
+                *users = users.iter().filter_map(|&s| moved(s)).collect();
             }
+        }
+        // the peer sets of recompiled endpoints, in their new slots
+        let index = |m: &mut Model, slot: usize| {
+            let peers: Vec<_> = m.endpoints[slot]
+                .dirs
+                .iter()
+                .flat_map(|d| &d.entries)
+                .map(|e| e.peers)
+                .collect();
+            for ps in peers {
+                m.peer_set_users.entry(ps).or_default().insert(slot);
+            }
+        };
+        for (o, old_ep) in stale {
+            if let Some(j) = moved(o) {
+                index(self, j);
+                self.unindex_peer_sets(j, &old_ep);
+            }
+        }
+        for j in (0..new_pods).filter(|&j| old_slot[j].is_none()) {
+            index(self, j);
         }
         change
     }
