@@ -396,7 +396,7 @@ fn random_churn_matches_a_full_compile() {
                     if rng.below(3) == 0 {
                         what.push(mutate(&mut rng, &mut c));
                     }
-                    let change = m.apply_cluster(c.clone()).unwrap();
+                    let change = m.apply_cluster(&c).unwrap();
                     assert_eq!(m.cluster, c, "the model's cluster is the new one");
                     format!("{what:?} -> {change:?}")
                 }
@@ -412,11 +412,11 @@ fn unsupported_changes_leave_the_model_as_it_was() {
     let mut m = Model::compile(&c, accept(POLICIES), CompileOptions::default());
     let mut nodes = c.clone();
     nodes.nodes[0].labels.insert("zone".into(), "a".into());
-    assert_eq!(m.apply_cluster(nodes), Err(ChurnUnsupported::Nodes));
+    assert_eq!(m.apply_cluster(&nodes), Err(ChurnUnsupported::Nodes));
     let mut twice = c.clone();
     twice.pods.push(twice.pods[0].clone());
     assert_eq!(
-        m.apply_cluster(twice),
+        m.apply_cluster(&twice),
         Err(ChurnUnsupported::DuplicatePod("x/a".into()))
     );
     assert_eq!(m.cluster, c);
@@ -432,7 +432,7 @@ fn a_removed_pod_gives_its_ip_back_to_what_was_learned_for_it() {
     let pod = m.identity_of(ip, None);
     let mut without = m.cluster.clone();
     without.pods.retain(|p| p.id() != "x/b");
-    let change = m.apply_cluster(without.clone()).unwrap();
+    let change = m.apply_cluster(&without).unwrap();
     assert_eq!(change.removed, vec!["x/b".to_string()]);
     assert!(change.reordered);
     assert!(
@@ -447,7 +447,7 @@ fn a_removed_pod_gives_its_ip_back_to_what_was_learned_for_it() {
     );
     assert_same(&m, POLICIES, "removal");
     // and a pod taking it again releases the FQDN identity
-    let back = m.apply_cluster(c.clone()).unwrap();
+    let back = m.apply_cluster(&c).unwrap();
     assert!(back.retired.contains(&learned), "{back:?}");
     assert_same(&m, POLICIES, "re-adding");
 }
@@ -456,6 +456,6 @@ fn a_removed_pod_gives_its_ip_back_to_what_was_learned_for_it() {
 fn nothing_changed_is_an_empty_change() {
     let c = cluster(CLUSTER);
     let mut m = Model::compile(&c, accept(POLICIES), CompileOptions::default());
-    let change = m.apply_cluster(c).unwrap();
+    let change = m.apply_cluster(&c).unwrap();
     assert!(change.is_empty() && !change.reordered, "{change:?}");
 }

@@ -64,17 +64,14 @@ impl Model {
     ///
     /// `new.dns` is ignored: the model keeps its DNS observations (the ones it was
     /// compiled with and the ones learned since through `set_fqdn_ips`).
-    pub fn apply_cluster(&mut self, new: Cluster) -> Result<ChurnChange, ChurnUnsupported> {
+    ///
+    /// Pods that did not change are compared, not copied: the cost is a pass over the
+    /// pods plus the work for the ones that changed.
+    pub fn apply_cluster(&mut self, new: &Cluster) -> Result<ChurnChange, ChurnUnsupported> {
         if new.nodes != self.cluster.nodes {
             return Err(ChurnUnsupported::Nodes);
         }
-        let mut new = new;
-        new.dns = std::mem::take(&mut self.cluster.dns);
-        let result = self.check_pod_names(&new);
-        if let Err(e) = result {
-            self.cluster.dns = new.dns;
-            return Err(e);
-        }
+        self.check_pod_names(new)?;
         Ok(self.apply_pods(new))
     }
 
@@ -98,14 +95,21 @@ impl Model {
         Ok(())
     }
 
-    fn apply_pods(&mut self, new: Cluster) -> ChurnChange {
+    fn apply_pods(&mut self, new: &Cluster) -> ChurnChange {
         let mut change = ChurnChange::default();
-        let old = std::mem::replace(&mut self.cluster, new);
-        let old_pods = old.pods.len();
+        let old_list = std::mem::take(&mut self.cluster.pods);
+        let old_pods = old_list.len();
+        let namespaces_same = self.cluster.namespaces == new.namespaces;
+        if !namespaces_same {
+            self.cluster.namespaces = new.namespaces.clone();
+        }
+        if self.cluster.externals != new.externals {
+            self.cluster.externals = new.externals.clone();
+        }
         // Namespace labels: looked up once per namespace (declared ones first, the first
         // declaration winning as in `Cluster::namespace`), and only when they changed.
-        let relabelled_ns: HashSet<String> = if old.namespaces == self.cluster.namespaces {
-            for p in &self.cluster.pods {
+        let relabelled_ns: HashSet<String> = if namespaces_same {
+            for p in &new.pods {
                 if !self.namespace_labels.contains_key(&p.namespace) {
                     let labels = self.cluster.namespace_labels(&p.namespace);
                     self.namespace_labels.insert(p.namespace.clone(), labels);
@@ -121,7 +125,7 @@ impl Model {
                     self.namespace_labels.insert(n.name.clone(), labels);
                 }
             }
-            for p in &self.cluster.pods {
+            for p in &new.pods {
                 if !self.namespace_labels.contains_key(&p.namespace) {
                     let labels = self.cluster.namespace_labels(&p.namespace);
                     self.namespace_labels.insert(p.namespace.clone(), labels);
@@ -136,13 +140,16 @@ impl Model {
 
         // old slot of each new pod, and which pods must be recompiled; a pod is looked
         // for where the previous one's successor was before it is looked up by name
-        let mut old_slot: Vec<Option<usize>> = Vec::with_capacity(self.cluster.pods.len());
-        let mut dirty: Vec<bool> = Vec::with_capacity(self.cluster.pods.len());
-        let mut kept = vec![false; old.pods.len()];
+        // IPs whose owner may change: those of removed and changed pods, before and after
+        let mut touched: BTreeSet<IpAddr> = BTreeSet::new();
+        let mut released: BTreeSet<Idx> = BTreeSet::new();
+        let mut old_slot: Vec<Option<usize>> = Vec::with_capacity(new.pods.len());
+        let mut dirty: Vec<bool> = Vec::with_capacity(new.pods.len());
+        let mut kept = vec![false; old_pods];
         let mut guess = 0usize;
-        for p in &self.cluster.pods {
+        for p in &new.pods {
             let same = |q: &crate::cluster::Pod| q.name == p.name && q.namespace == p.namespace;
-            let o = match old.pods.get(guess) {
+            let o = match old_list.get(guess) {
                 Some(q) if same(q) => Some(guess),
                 _ => self.pod_endpoint.get(&p.id()).copied(),
             };
@@ -151,19 +158,28 @@ impl Model {
                 guess = o + 1;
             }
             let changed = match o {
-                None => true,
-                Some(o) => old.pods[o] != *p || relabelled_ns.contains(&p.namespace),
+                None => {
+                    change.added.push(p.id());
+                    true
+                }
+                Some(o) if old_list[o] != *p || relabelled_ns.contains(&p.namespace) => {
+                    touched.extend(old_list[o].all_ips());
+                    released.insert(self.pod_identity[o]);
+                    change.changed.push(p.id());
+                    true
+                }
+                Some(_) => false,
             };
             old_slot.push(o);
             dirty.push(changed);
         }
-        let reordered = old_slot.iter().enumerate().any(|(j, o)| *o != Some(j))
-            || old.pods.len() != self.cluster.pods.len();
+        let reordered =
+            old_slot.iter().enumerate().any(|(j, o)| *o != Some(j)) || old_pods != new.pods.len();
         change.reordered = reordered;
         // Pods kept in the same relative order (additions and removals only): slots are
         // renumbered; otherwise which of two pods with one IP comes last may have changed,
         // and every IP's owner is looked at again.
-        let mut new_slot: Vec<Option<usize>> = vec![None; old.pods.len()];
+        let mut new_slot: Vec<Option<usize>> = vec![None; old_pods];
         let mut monotonic = true;
         let mut last_kept = None;
         for (j, o) in old_slot.iter().enumerate() {
@@ -174,29 +190,31 @@ impl Model {
             }
         }
 
-        // IPs whose owner may change: those of removed and changed pods, before and after
-        let mut touched: BTreeSet<IpAddr> = BTreeSet::new();
-        let mut released: BTreeSet<Idx> = BTreeSet::new();
-        for (o, p) in old.pods.iter().enumerate() {
+        for (o, p) in old_list.iter().enumerate() {
             if !kept[o] {
                 touched.extend(p.all_ips());
                 released.insert(self.pod_identity[o]);
                 change.removed.push(p.id());
             }
         }
+        // the new pod list: unchanged pods moved over, the others copied
+        let mut spare: Vec<Option<crate::cluster::Pod>> = old_list.into_iter().map(Some).collect();
+        self.cluster.pods = new
+            .pods
+            .iter()
+            .enumerate()
+            .map(|(j, p)| match old_slot[j] {
+                Some(o) if !dirty[j] => spare[o].take().unwrap_or_else(|| p.clone()),
+                _ => p.clone(),
+            })
+            .collect();
+        drop(spare);
         // identities of the new pods
         let mut pod_identity = Vec::with_capacity(self.cluster.pods.len());
         for j in 0..self.cluster.pods.len() {
             let ident = match old_slot[j] {
                 Some(o) if !dirty[j] => self.pod_identity[o],
-                o => {
-                    if let Some(o) = o {
-                        touched.extend(old.pods[o].all_ips());
-                        released.insert(self.pod_identity[o]);
-                        change.changed.push(self.cluster.pods[j].id());
-                    } else {
-                        change.added.push(self.cluster.pods[j].id());
-                    }
+                _ => {
                     touched.extend(self.cluster.pods[j].all_ips());
                     let (i, created) = self
                         .identities
@@ -318,10 +336,8 @@ impl Model {
             }
         };
         if reordered {
-            for (o, p) in old.pods.iter().enumerate() {
-                if !kept[o] {
-                    self.pod_endpoint.remove(&p.id());
-                }
+            for id in &change.removed {
+                self.pod_endpoint.remove(id);
             }
             for slot in self.pod_endpoint.values_mut() {
                 if let Some(j) = moved(*slot) {

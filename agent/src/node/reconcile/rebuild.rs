@@ -66,7 +66,7 @@ pub fn next_model(
         Some(m) => {
             // The proxies keep reading the current model; this copy becomes the next one.
             let mut model = m.clone();
-            match model.apply_cluster(cluster.clone()) {
+            match model.apply_cluster(cluster) {
                 Ok(change) => {
                     return Next {
                         model,
