@@ -71,31 +71,52 @@ impl Model {
         if new.nodes != self.cluster.nodes {
             return Err(ChurnUnsupported::Nodes);
         }
-        self.check_pod_names(new)?;
-        Ok(self.apply_pods(new))
+        let old_slot = self.match_pods(new)?;
+        Ok(self.apply_pods(new, old_slot))
     }
 
-    /// Checks that pod names are unique in the old and the new cluster (a compile would
-    /// keep only the last of two, which the incremental path does not reproduce).
-    fn check_pod_names(&self, new: &Cluster) -> Result<(), ChurnUnsupported> {
-        if self.pod_endpoint.len() != self.cluster.pods.len() {
+    /// The slot each pod of `new` had (None: added). Pod names must be unique in the old
+    /// and the new cluster (a compile would keep only the last of two, which the
+    /// incremental path does not reproduce). A pod is looked for where the previous one's
+    /// successor was before it is looked up by name, so unchanged order costs no lookup.
+    fn match_pods(&self, new: &Cluster) -> Result<Vec<Option<usize>>, ChurnUnsupported> {
+        let old = &self.cluster.pods;
+        if self.pod_endpoint.len() != old.len() {
             let mut seen = HashSet::new();
-            for p in &self.cluster.pods {
+            for p in old {
                 if !seen.insert(p.id()) {
                     return Err(ChurnUnsupported::DuplicatePod(p.id()));
                 }
             }
         }
-        let mut seen = HashSet::with_capacity(new.pods.len());
+        let mut old_slot = Vec::with_capacity(new.pods.len());
+        let mut kept = vec![false; old.len()];
+        // names of added pods (kept pods are unique as their old slots are)
+        let mut added = HashSet::new();
+        let mut guess = 0usize;
         for p in &new.pods {
-            if !seen.insert((p.namespace.as_str(), p.name.as_str())) {
-                return Err(ChurnUnsupported::DuplicatePod(p.id()));
+            let o = match old.get(guess) {
+                Some(q) if q.name == p.name && q.namespace == p.namespace => Some(guess),
+                _ => self.pod_endpoint.get(&p.id()).copied(),
+            };
+            match o {
+                Some(o) if kept[o] => return Err(ChurnUnsupported::DuplicatePod(p.id())),
+                Some(o) => {
+                    kept[o] = true;
+                    guess = o + 1;
+                }
+                None => {
+                    if !added.insert((p.namespace.as_str(), p.name.as_str())) {
+                        return Err(ChurnUnsupported::DuplicatePod(p.id()));
+                    }
+                }
             }
+            old_slot.push(o);
         }
-        Ok(())
+        Ok(old_slot)
     }
 
-    fn apply_pods(&mut self, new: &Cluster) -> ChurnChange {
+    fn apply_pods(&mut self, new: &Cluster, old_slot: Vec<Option<usize>>) -> ChurnChange {
         let mut change = ChurnChange::default();
         let old_list = std::mem::take(&mut self.cluster.pods);
         let old_pods = old_list.len();
@@ -108,13 +129,9 @@ impl Model {
         }
         // Namespace labels: looked up once per namespace (declared ones first, the first
         // declaration winning as in `Cluster::namespace`), and only when they changed.
+        // (with the same namespaces, only an added or changed pod can bring a namespace
+        // without a declaration: looked up below)
         let relabelled_ns: HashSet<String> = if namespaces_same {
-            for p in &new.pods {
-                if !self.namespace_labels.contains_key(&p.namespace) {
-                    let labels = self.cluster.namespace_labels(&p.namespace);
-                    self.namespace_labels.insert(p.namespace.clone(), labels);
-                }
-            }
             HashSet::new()
         } else {
             let old_ns = std::mem::take(&mut self.namespace_labels);
@@ -143,19 +160,11 @@ impl Model {
         // IPs whose owner may change: those of removed and changed pods, before and after
         let mut touched: BTreeSet<IpAddr> = BTreeSet::new();
         let mut released: BTreeSet<Idx> = BTreeSet::new();
-        let mut old_slot: Vec<Option<usize>> = Vec::with_capacity(new.pods.len());
         let mut dirty: Vec<bool> = Vec::with_capacity(new.pods.len());
         let mut kept = vec![false; old_pods];
-        let mut guess = 0usize;
-        for p in &new.pods {
-            let same = |q: &crate::cluster::Pod| q.name == p.name && q.namespace == p.namespace;
-            let o = match old_list.get(guess) {
-                Some(q) if same(q) => Some(guess),
-                _ => self.pod_endpoint.get(&p.id()).copied(),
-            };
+        for (p, &o) in new.pods.iter().zip(&old_slot) {
             if let Some(o) = o {
                 kept[o] = true;
-                guess = o + 1;
             }
             let changed = match o {
                 None => {
@@ -170,7 +179,10 @@ impl Model {
                 }
                 Some(_) => false,
             };
-            old_slot.push(o);
+            if changed && !self.namespace_labels.contains_key(&p.namespace) {
+                let labels = self.cluster.namespace_labels(&p.namespace);
+                self.namespace_labels.insert(p.namespace.clone(), labels);
+            }
             dirty.push(changed);
         }
         let reordered =
@@ -197,18 +209,26 @@ impl Model {
                 change.removed.push(p.id());
             }
         }
-        // the new pod list: unchanged pods moved over, the others copied
-        let mut spare: Vec<Option<crate::cluster::Pod>> = old_list.into_iter().map(Some).collect();
-        self.cluster.pods = new
-            .pods
-            .iter()
-            .enumerate()
-            .map(|(j, p)| match old_slot[j] {
-                Some(o) if !dirty[j] => spare[o].take().unwrap_or_else(|| p.clone()),
-                _ => p.clone(),
-            })
-            .collect();
-        drop(spare);
+        // the new pod list: unchanged pods moved over (or left in place), the others copied
+        if reordered {
+            let mut spare: Vec<Option<crate::cluster::Pod>> =
+                old_list.into_iter().map(Some).collect();
+            self.cluster.pods = new
+                .pods
+                .iter()
+                .enumerate()
+                .map(|(j, p)| match old_slot[j] {
+                    Some(o) if !dirty[j] => spare[o].take().unwrap_or_else(|| p.clone()),
+                    _ => p.clone(),
+                })
+                .collect();
+        } else {
+            let mut pods = old_list;
+            for (j, p) in new.pods.iter().enumerate().filter(|&(j, _)| dirty[j]) {
+                pods[j] = p.clone();
+            }
+            self.cluster.pods = pods;
+        }
         // identities of the new pods
         let mut pod_identity = Vec::with_capacity(self.cluster.pods.len());
         for j in 0..self.cluster.pods.len() {
