@@ -97,6 +97,12 @@ pub struct Reconciler {
     learned_changes: BTreeSet<(String, String)>,
     /// What changed since the model was built that asks for a full compile.
     pending: Pending,
+    /// A copy of the published model made on a thread of its own after each publish, so
+    /// that the next update (a DNS batch, pod churn) starts from a copy without waiting
+    /// for one: (generation of the model it copies, the copying thread).
+    spare: Option<(u64, std::thread::JoinHandle<Model>)>,
+    /// Generation of the published model.
+    generation: u64,
     /// Whether the last push failed to update the datapath.
     failed: bool,
     drops_seen: BTreeMap<u32, u64>,
@@ -138,6 +144,8 @@ impl Reconciler {
             compile: CompileOptions::default(),
             learned_changes: BTreeSet::new(),
             pending: Pending::default(),
+            spare: None,
+            generation: 0,
             failed: false,
             drops_seen: BTreeMap::new(),
         }
@@ -456,7 +464,7 @@ impl Reconciler {
         let start = Instant::now();
         // The proxies keep reading the model they hold; this is the next one (the one copy
         // of a DNS update batch: the proxies then share it).
-        let mut model = (*current).clone();
+        let mut model = working_copy(self.spare.take(), self.generation, &current);
         let (ips, added, endpoints) = self.apply_learned(&mut model);
         if self.identities.apply_new(&mut model, &added) {
             if let Err(e) = self.identities.save() {
@@ -544,8 +552,10 @@ impl Reconciler {
     /// compile) and pushes it to the datapath, the HTTP proxy and the DNS proxy.
     fn push(&mut self) -> Result<(), String> {
         let start = Instant::now();
+        let (spare, generation) = (self.spare.take(), self.generation);
         let next = rebuild::next_model(
             self.model.as_deref(),
+            |current| working_copy(spare, generation, current),
             std::mem::take(&mut self.pending),
             &self.cluster,
             self.compile,
@@ -610,6 +620,13 @@ impl Reconciler {
             .set(i64::try_from(generation).unwrap_or(i64::MAX));
         self.dns.set_model(model.clone());
         self.model = Some(model.clone());
+        self.generation = generation;
+        let source = model.clone();
+        self.spare = std::thread::Builder::new()
+            .name("ward-model-copy".into())
+            .spawn(move || (*source).clone())
+            .ok()
+            .map(|h| (generation, h));
         let elapsed = start.elapsed();
         self.metrics.pushes.inc();
         self.metrics.push_seconds.observe(elapsed.as_secs_f64());
@@ -714,7 +731,45 @@ impl Reconciler {
     }
 }
 
+/// A working copy of `current` (published as `generation`): the spare copy made after
+/// it was published if that is the one, else a copy made now.
+fn working_copy(
+    spare: Option<(u64, std::thread::JoinHandle<Model>)>,
+    generation: u64,
+    current: &Model,
+) -> Model {
+    match spare {
+        Some((g, copying)) if g == generation => copying.join().unwrap_or_else(|_| current.clone()),
+        _ => current.clone(),
+    }
+}
+
 /// Applied, removed and rejected objects together.
 fn changes_len(c: &crate::store::Changes) -> usize {
     c.applied.len() + c.removed.len() + c.rejected.len()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn model(yaml: &str) -> Model {
+        let c: Cluster = serde_yaml::from_str(yaml).unwrap();
+        Model::compile(&c, vec![], CompileOptions::default())
+    }
+
+    #[test]
+    fn the_spare_copy_is_used_only_for_its_own_generation() {
+        let current = model("pods: [{namespace: a, name: p, ip: 10.0.0.1}]");
+        let spare = || {
+            let m = model("pods: [{namespace: a, name: spare, ip: 10.0.0.2}]");
+            Some((7, std::thread::spawn(move || m)))
+        };
+        let names = |m: &Model| m.cluster.pods.iter().map(|p| p.id()).collect::<Vec<_>>();
+        assert_eq!(names(&working_copy(spare(), 7, &current)), vec!["a/spare"]);
+        assert_eq!(names(&working_copy(spare(), 8, &current)), vec!["a/p"]);
+        assert_eq!(names(&working_copy(None, 7, &current)), vec!["a/p"]);
+    }
 }

@@ -49,9 +49,11 @@ pub struct Next {
 }
 
 /// Builds the model for the source's `cluster` (without learned DNS observations) and the
-/// policies in force. `learned` and `policies` are only asked for on a full compile.
+/// policies in force. `copy` gives a working copy of the current model for the incremental
+/// path; `learned` and `policies` are only asked for on a full compile.
 pub fn next_model(
     current: Option<&Model>,
+    copy: impl FnOnce(&Model) -> Model,
     pending: Pending,
     cluster: &Cluster,
     options: CompileOptions,
@@ -65,7 +67,7 @@ pub fn next_model(
         Some(m) if m.options != options => Full::Options,
         Some(m) => {
             // The proxies keep reading the current model; this copy becomes the next one.
-            let mut model = m.clone();
+            let mut model = copy(m);
             match model.apply_cluster(cluster) {
                 Ok(change) => {
                     return Next {
@@ -151,6 +153,7 @@ spec:
     fn next(current: Option<&Model>, pending: Pending, c: &Cluster) -> Next {
         next_model(
             current,
+            Model::clone,
             pending,
             c,
             CompileOptions::default(),
@@ -250,6 +253,7 @@ spec:
         assert_eq!(view(&n.model), view(&compile(&nodes)));
         let cidr = next_model(
             Some(&start),
+            Model::clone,
             Pending::default(),
             &c,
             CompileOptions {
@@ -274,6 +278,7 @@ spec:
         };
         let n = next_model(
             None,
+            Model::clone,
             Pending::default(),
             &c,
             CompileOptions::default(),
