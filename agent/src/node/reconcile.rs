@@ -573,7 +573,8 @@ impl Reconciler {
                 let (_, learned, _) = self.apply_learned(&mut model);
                 let mut added = next.new_identities;
                 added.extend(learned);
-                self.identities.apply_new(&mut model, &added)
+                let forgotten = self.identities.forget(&model, &next.retired);
+                self.identities.apply_new(&mut model, &added) || forgotten
             }
             Plan::Full(why) => {
                 self.metrics.compiles.with_label_values(&["full"]).inc();

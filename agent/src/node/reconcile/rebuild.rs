@@ -46,6 +46,9 @@ pub struct Next {
     /// Identities that came into use on the incremental path, to be numbered
     /// (`StableIds::apply_new`); a full compile is renumbered as a whole.
     pub new_identities: Vec<Idx>,
+    /// Identities the incremental path retired, whose numbers are to be forgotten
+    /// (`StableIds::forget`).
+    pub retired: Vec<Idx>,
 }
 
 /// Builds the model for the source's `cluster` (without learned DNS observations) and the
@@ -74,6 +77,7 @@ pub fn next_model(
                         model,
                         plan: Plan::Incremental,
                         new_identities: change.new_identities,
+                        retired: change.retired,
                     }
                 }
                 Err(e) => Full::Unsupported(e),
@@ -86,6 +90,7 @@ pub fn next_model(
         model: Model::compile(&full, policies(), options),
         plan: Plan::Full(why),
         new_identities: Vec::new(),
+        retired: Vec::new(),
     }
 }
 
