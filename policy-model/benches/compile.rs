@@ -5,6 +5,8 @@
 //! Targets (issue 2): full compile under 2 s, recompile after one pod's labels change under
 //! 5 ms, one verdict lookup under 200 ns. Learning one FQDN IP must fit well inside the
 //! DNS proxy's 100 ms wait for the datapath (the full compile it replaces does not).
+//! Cluster churn (issue 6): a pod added, removed, relabelled or moved to another IP through
+//! `Model::apply_cluster`, against the full compile, and the cost of a model copy.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // benchmark harness: a broken setup should stop it
 
