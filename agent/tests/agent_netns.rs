@@ -1255,6 +1255,29 @@ fn pods_coming_and_going_are_attached_and_detached() {
             .count()
     };
     assert_eq!(pins(&lab), 2);
+    // Pod churn updates the model incrementally, and what it changes is enforced: the
+    // late pod is no client, then relabelled to one, the server's ingress takes it.
+    let from_late = |lab: &Lab, timeout: Duration| {
+        let addr: SocketAddr = format!("{SERVER}:8080").parse().unwrap();
+        in_ns(lab.pods.last().unwrap(), || {
+            TcpStream::connect_timeout(&addr, timeout).is_ok()
+        })
+    };
+    assert!(!from_late(&lab, DENIED), "app=late is no client");
+    lab.write("cluster.yaml", &late.replace("app: late", "app: client"));
+    wait_for(
+        "the relabelled pod allowed",
+        Duration::from_secs(10),
+        || from_late(&lab, Duration::from_millis(300)),
+    );
+    let (_, metrics) = lab.admin("/metrics");
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("ward_policy_compiles_total{kind=\"incremental\"}")
+                && !l.ends_with(" 0")
+        ),
+        "pod churn went through the incremental path:\n{metrics}"
+    );
     // The pod leaves: detached and gone from the endpoints.
     lab.write("cluster.yaml", CLUSTER);
     wait_for("the pod detached", Duration::from_secs(5), || {

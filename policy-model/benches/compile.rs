@@ -5,6 +5,8 @@
 //! Targets (issue 2): full compile under 2 s, recompile after one pod's labels change under
 //! 5 ms, one verdict lookup under 200 ns. Learning one FQDN IP must fit well inside the
 //! DNS proxy's 100 ms wait for the datapath (the full compile it replaces does not).
+//! Cluster churn (issue 6): a pod added, removed, relabelled or moved to another IP through
+//! `Model::apply_cluster`, against the full compile, and the cost of a model copy.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // benchmark harness: a broken setup should stop it
 
@@ -94,6 +96,56 @@ fn bench(c: &mut Criterion) {
             black_box(c)
         })
     });
+    g.finish();
+
+    // Cluster churn through `Model::apply_cluster` (the agent's path for a source change
+    // that only touches pods and namespaces), against the full compile above. The agent
+    // applies it to a working copy of the model: `model_clone` below is that copy's cost.
+    let base = model.cluster.clone();
+    let middle = base
+        .pods
+        .iter()
+        .position(|p| p.namespace == "ns-1000")
+        .expect("pod");
+    let mut with = base.clone();
+    let mut added = with.pods[middle].clone();
+    added.name = "pod-new".into();
+    added.ip = Some(std::net::IpAddr::from([10, 200, 0, 1]));
+    with.pods.insert(middle, added);
+    let mut g = c.benchmark_group("churn");
+    g.sample_size(20);
+    let mut timed =
+        |b: &mut criterion::Bencher, to: &policy_model::Cluster, back: &policy_model::Cluster| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = std::time::Instant::now();
+                    black_box(model.apply_cluster(to).expect("pods only"));
+                    total += t.elapsed();
+                    model.apply_cluster(back).expect("pods only");
+                }
+                total
+            })
+        };
+    g.bench_function("pod_add_20k", |b| timed(b, &with, &base));
+    g.bench_function("pod_remove_20k", |b| timed(b, &base, &with));
+    let mut relabelled = base.clone();
+    relabelled.pods[middle]
+        .labels
+        .insert("tier".into(), "db".into());
+    g.bench_function("pod_relabel_known_identity_20k", |b| {
+        timed(b, &relabelled, &base)
+    });
+    let mut fresh = base.clone();
+    fresh.pods[middle]
+        .labels
+        .insert("version".into(), "v2".into());
+    g.bench_function("pod_relabel_new_identity_20k", |b| timed(b, &fresh, &base));
+    let mut moved = base.clone();
+    moved.pods[middle].ip = Some(std::net::IpAddr::from([10, 200, 0, 2]));
+    g.bench_function("pod_ip_change_20k", |b| timed(b, &moved, &base));
+    // what the agent pays to keep the proxies' snapshot while it builds the next model
+    g.bench_function("model_clone_20k", |b| b.iter(|| black_box(model.clone())));
     g.finish();
 
     // lookups: a mix of allowed, L7-redirected, default-denied and unselected flows

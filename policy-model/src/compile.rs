@@ -4,7 +4,9 @@
 //!
 //! Entries refer to peer sets (unions of selectors) whose selected identities are cached
 //! as bitsets, so a pod label change costs one selector pass over a new identity plus the
-//! recompilation of that pod, not a full compile.
+//! recompilation of that pod, not a full compile. Cluster churn (pods added, removed or
+//! changed, namespaces relabelled) goes the same way (`Model::apply_cluster`, in `churn`),
+//! and so do IPs learned from DNS (`learn`); a policy change compiles in full.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -22,7 +24,9 @@ use crate::labels::{Label, LabelSet, Source};
 use crate::policy::{Action, Direction, Policy, Port, Protocol, Subject, Tier};
 use crate::selector::{Op, Selector};
 
+mod churn;
 mod learn;
+pub use churn::{ChurnChange, ChurnUnsupported};
 pub use learn::FqdnChange;
 use learn::Learned;
 

@@ -114,14 +114,16 @@ impl fmt::Display for Label {
 }
 
 /// A sorted, duplicate-free set of labels: the identity of an endpoint or a prefix.
+/// Immutable and shared (`Arc`), so copying a model's identity table does not copy its
+/// labels.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct LabelSet(Vec<Label>);
+pub struct LabelSet(std::sync::Arc<[Label]>);
 
 impl LabelSet {
     pub fn new(mut labels: Vec<Label>) -> LabelSet {
         labels.sort();
         labels.dedup_by(|a, b| a.key == b.key);
-        LabelSet(labels)
+        LabelSet(labels.into())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Label> {

@@ -113,6 +113,21 @@ impl StableIds {
         changed
     }
 
+    /// Forgets the label sets of identities an incremental update retired (no pod holds
+    /// them any more), as the next full [`StableIds::apply`] would: a label set that
+    /// comes back later gets a new number, as after a full compile. Live identities are
+    /// kept. Returns whether the table changed.
+    pub fn forget(&mut self, model: &Model, retired: &[Idx]) -> bool {
+        let mut changed = false;
+        for &i in retired {
+            if (i as usize) < model.identities.len() && !model.identities.is_live(i) {
+                let key = model.identities.get(i).labels.to_string();
+                changed |= self.by_labels.remove(&key).is_some();
+            }
+        }
+        changed
+    }
+
     /// Writes the table (temporary file, then rename).
     pub fn save(&self) -> std::io::Result<()> {
         let Some(file) = &self.file else {
@@ -173,5 +188,32 @@ mod tests {
         // nothing new: no change
         let mut m3 = model(&[("w", "w"), ("x", "x"), ("y", "y")]);
         assert!(!ids.apply(&mut m3));
+    }
+
+    #[test]
+    fn label_sets_retired_by_churn_are_forgotten_live_ones_kept() {
+        let mut ids = StableIds::default();
+        let mut m = model(&[("x", "x"), ("y", "y")]);
+        ids.apply(&mut m);
+        let (x, y) = (id_of(&m, "a/x"), id_of(&m, "a/y"));
+        let retired_x = m.pod_endpoint("a/x").unwrap().identity;
+        let live_y = m.pod_endpoint("a/y").unwrap().identity;
+        let mut c = m.cluster.clone();
+        c.pods.retain(|p| p.name != "x");
+        let change = m.apply_cluster(&c).unwrap();
+        assert_eq!(change.retired, vec![retired_x]);
+        assert!(ids.forget(&m, &[retired_x, live_y]));
+        assert!(!ids.forget(&m, &[retired_x]), "forgotten once");
+        assert_eq!(id_of(&m, "a/y"), y, "the live one keeps its number");
+        // x back: a new number, as a full compile after it left would give
+        let mut back = m.cluster.clone();
+        back.pods.push(
+            serde_yaml::from_str("{namespace: a, name: x, ip: 10.0.0.9, labels: {app: x}}")
+                .unwrap(),
+        );
+        let change = m.apply_cluster(&back).unwrap();
+        assert!(ids.apply_new(&mut m, &change.new_identities));
+        assert_ne!(id_of(&m, "a/x"), x);
+        assert_eq!(id_of(&m, "a/y"), y);
     }
 }

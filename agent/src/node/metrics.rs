@@ -26,6 +26,9 @@ pub struct AgentMetrics {
     pub endpoints_attached: IntGauge,
     /// `ward_policy_pushes_total`: compiled policies pushed to datapath and proxies.
     pub pushes: IntCounter,
+    /// `ward_policy_compiles_total{kind}`: models built for pushes, `full` (policy
+    /// changes, first push) or `incremental` (pod and namespace churn).
+    pub compiles: IntCounterVec,
     /// `ward_policy_push_seconds`: compile + datapath diff + proxy publish.
     pub push_seconds: Histogram,
     /// `ward_datapath_map_writes_total`: map entries written or removed by pushes.
@@ -69,6 +72,13 @@ impl AgentMetrics {
                 "ward_policy_pushes_total",
                 "Compiled policies pushed to the datapath and the proxies.",
             )?,
+            compiles: IntCounterVec::new(
+                Opts::new(
+                    "ward_policy_compiles_total",
+                    "Models built for pushes: full compiles and incremental updates.",
+                ),
+                &["kind"],
+            )?,
             push_seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "ward_policy_push_seconds",
@@ -104,6 +114,7 @@ impl AgentMetrics {
         r.register(Box::new(m.endpoints.clone()))?;
         r.register(Box::new(m.endpoints_attached.clone()))?;
         r.register(Box::new(m.pushes.clone()))?;
+        r.register(Box::new(m.compiles.clone()))?;
         r.register(Box::new(m.push_seconds.clone()))?;
         r.register(Box::new(m.map_writes.clone()))?;
         r.register(Box::new(m.fqdn_names.clone()))?;

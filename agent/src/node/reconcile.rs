@@ -1,7 +1,11 @@
 //! The single place where a new compiled policy goes out: the reconciler task owns the
 //! datapath (the only writer), the policy store and the learned FQDN observations. On a
-//! new snapshot from the source or a DNS update it compiles once and pushes the result
-//! to the datapath maps (as a diff), the HTTP proxy and the DNS proxy together.
+//! new snapshot from the source or a DNS update it builds the next model once and pushes
+//! it to the datapath maps (as a diff), the HTTP proxy and the DNS proxy together. A
+//! snapshot that only changed pods and namespaces updates the current model
+//! incrementally (`rebuild`); policy changes compile in full.
+
+mod rebuild;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
@@ -9,6 +13,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use dns_proxy::Update;
+use policy_model::compile::EndpointKey;
+use policy_model::identity::Idx;
 use policy_model::{Cluster, CompileOptions, Model, PolicyError};
 use redirect_bpf::common::{drop_reason, EndpointInfo};
 use redirect_bpf::{endpoint_entries, Datapath, ProxyPorts};
@@ -22,6 +28,7 @@ use super::identities::StableIds;
 use super::metrics::{reason_name, AgentMetrics};
 use crate::source::Snapshot;
 use crate::store::PolicyStore;
+use rebuild::{Pending, Plan};
 
 /// What the reconciler is told.
 pub enum Msg {
@@ -88,6 +95,14 @@ pub struct Reconciler {
     pub compile: CompileOptions,
     /// (endpoint, name) pairs whose learned IPs changed since the model was built.
     learned_changes: BTreeSet<(String, String)>,
+    /// What changed since the model was built that asks for a full compile.
+    pending: Pending,
+    /// A copy of the published model made on a thread of its own after each publish, so
+    /// that the next update (a DNS batch, pod churn) starts from a copy without waiting
+    /// for one: (generation of the model it copies, the copying thread).
+    spare: Option<(u64, std::thread::JoinHandle<Model>)>,
+    /// Generation of the published model.
+    generation: u64,
     /// Whether the last push failed to update the datapath.
     failed: bool,
     drops_seen: BTreeMap<u32, u64>,
@@ -128,6 +143,9 @@ impl Reconciler {
             identities: StableIds::default(),
             compile: CompileOptions::default(),
             learned_changes: BTreeSet::new(),
+            pending: Pending::default(),
+            spare: None,
+            generation: 0,
             failed: false,
             drops_seen: BTreeMap::new(),
         }
@@ -228,11 +246,15 @@ impl Reconciler {
                     );
                 }
                 if snap.cluster != self.cluster {
+                    if snap.cluster.dns != self.cluster.dns {
+                        self.pending.source_dns = true;
+                    }
                     self.cluster = snap.cluster;
                     *rediscover = true;
                     *dirty = true;
                 }
                 if !changes.is_empty() && changes.rejected.len() < changes_len(&changes) {
+                    self.pending.policies = true;
                     *dirty = true;
                 }
                 self.update_policy_status();
@@ -440,32 +462,10 @@ impl Reconciler {
             return self.push();
         };
         let start = Instant::now();
-        // The proxies keep reading the model they hold; this is the next one.
-        let mut model = (*current).clone();
-        let mut ips = BTreeSet::new();
-        let mut added = Vec::new();
-        let mut endpoints = BTreeSet::new();
-        for (client, name) in std::mem::take(&mut self.learned_changes) {
-            let mut learned: BTreeSet<IpAddr> = self
-                .fqdn
-                .learned
-                .get(&client)
-                .and_then(|n| n.get(&name))
-                .cloned()
-                .unwrap_or_default();
-            // what the source itself observed for the name stays
-            learned.extend(
-                self.cluster
-                    .dns
-                    .iter()
-                    .filter(|o| o.client == client && o.name == name)
-                    .flat_map(|o| o.ips.iter().copied()),
-            );
-            let c = model.set_fqdn_ips(&client, &name, learned);
-            ips.extend(c.ips.iter().map(|(ip, _, _)| *ip));
-            added.extend(c.added);
-            endpoints.extend(c.endpoints);
-        }
+        // The proxies keep reading the model they hold; this is the next one (the one copy
+        // of a DNS update batch: the proxies then share it).
+        let mut model = working_copy(self.spare.take(), self.generation, &current);
+        let (ips, added, endpoints) = self.apply_learned(&mut model);
         if self.identities.apply_new(&mut model, &added) {
             if let Err(e) = self.identities.save() {
                 eprintln!("ward agent: saving the identity table: {e}");
@@ -483,7 +483,7 @@ impl Reconciler {
             let Some(ep) = model.endpoint(key) else {
                 continue;
             };
-            let policy_model::compile::EndpointKey::Pod(p) = key else {
+            let EndpointKey::Pod(p) = key else {
                 continue;
             };
             let pod = &model.cluster.pods[p];
@@ -514,14 +514,79 @@ impl Reconciler {
         self.publish(model, start, None, result)
     }
 
-    /// Compiles and pushes to the datapath, the HTTP proxy and the DNS proxy.
+    /// Applies the learned FQDN IPs that changed since `model` was built
+    /// (`Model::set_fqdn_ips`). Returns the IPs whose identity moved, the identities
+    /// that came into use, and the endpoints whose peers gained or lost one.
+    fn apply_learned(
+        &mut self,
+        model: &mut Model,
+    ) -> (BTreeSet<IpAddr>, Vec<Idx>, BTreeSet<EndpointKey>) {
+        let mut ips = BTreeSet::new();
+        let mut added = Vec::new();
+        let mut endpoints = BTreeSet::new();
+        for (client, name) in std::mem::take(&mut self.learned_changes) {
+            let mut learned: BTreeSet<IpAddr> = self
+                .fqdn
+                .learned
+                .get(&client)
+                .and_then(|n| n.get(&name))
+                .cloned()
+                .unwrap_or_default();
+            // what the source itself observed for the name stays
+            learned.extend(
+                self.cluster
+                    .dns
+                    .iter()
+                    .filter(|o| o.client == client && o.name == name)
+                    .flat_map(|o| o.ips.iter().copied()),
+            );
+            let c = model.set_fqdn_ips(&client, &name, learned);
+            ips.extend(c.ips.iter().map(|(ip, _, _)| *ip));
+            added.extend(c.added);
+            endpoints.extend(c.endpoints);
+        }
+        (ips, added, endpoints)
+    }
+
+    /// Builds the next model (incrementally for pod and namespace churn, else by a full
+    /// compile) and pushes it to the datapath, the HTTP proxy and the DNS proxy.
     fn push(&mut self) -> Result<(), String> {
-        self.learned_changes.clear();
         let start = Instant::now();
-        let mut cluster = self.cluster.clone();
-        cluster.dns.extend(self.fqdn.to_cluster());
-        let mut model = Model::compile(&cluster, self.store.policies(), self.compile);
-        if self.identities.apply(&mut model) {
+        let (spare, generation) = (self.spare.take(), self.generation);
+        let next = rebuild::next_model(
+            self.model.as_deref(),
+            |current| working_copy(spare, generation, current),
+            std::mem::take(&mut self.pending),
+            &self.cluster,
+            self.compile,
+            || self.fqdn.to_cluster(),
+            || self.store.policies(),
+        );
+        let mut model = next.model;
+        let renumbered = match next.plan {
+            Plan::Incremental => {
+                self.metrics
+                    .compiles
+                    .with_label_values(&["incremental"])
+                    .inc();
+                // learned since the current model was built
+                let (_, learned, _) = self.apply_learned(&mut model);
+                let mut added = next.new_identities;
+                added.extend(learned);
+                let forgotten = self.identities.forget(&model, &next.retired);
+                self.identities.apply_new(&mut model, &added) || forgotten
+            }
+            Plan::Full(why) => {
+                self.metrics.compiles.with_label_values(&["full"]).inc();
+                if why != rebuild::Full::NoModel && why != rebuild::Full::Policies {
+                    eprintln!("ward agent: full compile: {why:?}");
+                }
+                // the compile took every learned observation
+                self.learned_changes.clear();
+                self.identities.apply(&mut model)
+            }
+        };
+        if renumbered {
             if let Err(e) = self.identities.save() {
                 eprintln!("ward agent: saving the identity table: {e}");
             }
@@ -569,13 +634,21 @@ impl Reconciler {
         result: Result<usize, redirect_bpf::Error>,
     ) -> Result<(), String> {
         // The proxies get the model whatever the datapath did: they decide L7 and DNS.
+        // They share one copy.
+        let model = Arc::new(model);
         let generation = self.http.publish(model.clone());
         self.http_metrics
             .policy_generation
             .set(i64::try_from(generation).unwrap_or(i64::MAX));
-        let model = Arc::new(model);
         self.dns.set_model(model.clone());
         self.model = Some(model.clone());
+        self.generation = generation;
+        let source = model.clone();
+        self.spare = std::thread::Builder::new()
+            .name("ward-model-copy".into())
+            .spawn(move || (*source).clone())
+            .ok()
+            .map(|h| (generation, h));
         let elapsed = start.elapsed();
         self.metrics.pushes.inc();
         self.metrics.push_seconds.observe(elapsed.as_secs_f64());
@@ -680,7 +753,45 @@ impl Reconciler {
     }
 }
 
+/// A working copy of `current` (published as `generation`): the spare copy made after
+/// it was published if that is the one, else a copy made now.
+fn working_copy(
+    spare: Option<(u64, std::thread::JoinHandle<Model>)>,
+    generation: u64,
+    current: &Model,
+) -> Model {
+    match spare {
+        Some((g, copying)) if g == generation => copying.join().unwrap_or_else(|_| current.clone()),
+        _ => current.clone(),
+    }
+}
+
 /// Applied, removed and rejected objects together.
 fn changes_len(c: &crate::store::Changes) -> usize {
     c.applied.len() + c.removed.len() + c.rejected.len()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn model(yaml: &str) -> Model {
+        let c: Cluster = serde_yaml::from_str(yaml).unwrap();
+        Model::compile(&c, vec![], CompileOptions::default())
+    }
+
+    #[test]
+    fn the_spare_copy_is_used_only_for_its_own_generation() {
+        let current = model("pods: [{namespace: a, name: p, ip: 10.0.0.1}]");
+        let spare = || {
+            let m = model("pods: [{namespace: a, name: spare, ip: 10.0.0.2}]");
+            Some((7, std::thread::spawn(move || m)))
+        };
+        let names = |m: &Model| m.cluster.pods.iter().map(|p| p.id()).collect::<Vec<_>>();
+        assert_eq!(names(&working_copy(spare(), 7, &current)), vec!["a/spare"]);
+        assert_eq!(names(&working_copy(spare(), 8, &current)), vec!["a/p"]);
+        assert_eq!(names(&working_copy(None, 7, &current)), vec!["a/p"]);
+    }
 }

@@ -87,6 +87,26 @@ impl Learned {
         removed
     }
 
+    /// Lets go of one IP's hold on an FQDN identity. Returns whether nothing holds it any
+    /// more (the caller retires it).
+    pub(super) fn release(&mut self, i: Idx) -> bool {
+        match self.holders.get_mut(&i) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                self.holders.remove(&i);
+                true
+            }
+        }
+    }
+
+    /// Whether an IP holds the FQDN identity `i`.
+    pub(super) fn is_held(&self, i: Idx) -> bool {
+        self.holders.contains_key(&i)
+    }
+
     /// The `fqdn:` labels an IP carries.
     fn labels(&self, patterns: &[(String, NamePattern)], ip: IpAddr) -> BTreeSet<Label> {
         let mut out = BTreeSet::new();

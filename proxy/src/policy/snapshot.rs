@@ -14,11 +14,13 @@ use policy_model::compile::IpOwner;
 use policy_model::flow::{ConnectionPolicy, SideDecision, SidePolicy};
 use policy_model::{Direction, Model, Protocol};
 
-/// One compiled model with its generation (strictly increasing per store).
+/// One compiled model with its generation (strictly increasing per store). The model is
+/// shared (`Arc`) with whoever published it (the agent hands the same model to the DNS
+/// proxy and its status), so publishing never copies it.
 #[derive(Debug)]
 pub struct Snapshot {
     pub generation: u64,
-    pub model: Model,
+    pub model: Arc<Model>,
 }
 
 /// The current snapshot. Readers never block; `publish` swaps atomically.
@@ -32,21 +34,24 @@ pub struct PolicyStore {
 }
 
 impl PolicyStore {
-    pub fn new(model: Model) -> PolicyStore {
+    pub fn new(model: impl Into<Arc<Model>>) -> PolicyStore {
         PolicyStore {
             current: ArcSwap::from_pointee(Snapshot {
                 generation: 1,
-                model,
+                model: model.into(),
             }),
             next: AtomicU64::new(2),
             changes: tokio::sync::watch::Sender::new(1),
         }
     }
 
-    /// Installs a new model; returns its generation.
-    pub fn publish(&self, model: Model) -> u64 {
+    /// Installs a new model (owned, or shared without a copy); returns its generation.
+    pub fn publish(&self, model: impl Into<Arc<Model>>) -> u64 {
         let generation = self.next.fetch_add(1, Ordering::Relaxed);
-        self.current.store(Arc::new(Snapshot { generation, model }));
+        self.current.store(Arc::new(Snapshot {
+            generation,
+            model: model.into(),
+        }));
         self.changes.send_replace(generation);
         generation
     }
