@@ -623,7 +623,11 @@ fn measure_programs(lab: &Lab, dp: &Datapath, scenario: &str) {
             })
             .collect();
         v.sort_unstable();
-        println!("PROG {scenario} new_flow_from_pod {} {}", v[v.len() / 2], v[0]);
+        println!(
+            "PROG {scenario} new_flow_from_pod {} {}",
+            v[v.len() / 2],
+            v[0]
+        );
     })
     .join()
     .expect("test run thread");

@@ -1,12 +1,12 @@
 //! The agent's own metrics, and the one `/metrics` page that joins them with the HTTP
 //! proxy's and the DNS proxy's registries.
 
-/// Name of a datapath drop reason, for labels and events: the datapath's own table.
-pub use redirect_bpf::common::drop_reason::name as reason_name;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
+/// Name of a datapath drop reason, for labels and events: the datapath's own table.
+pub use redirect_bpf::common::drop_reason::name as reason_name;
 
 /// Handles to the agent's metrics; cheap to clone.
 #[derive(Clone)]

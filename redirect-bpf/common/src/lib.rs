@@ -205,15 +205,21 @@ pub mod ct_flags {
     pub const FIN_ORIGINAL: u32 = 1 << 2;
     /// A FIN from the side that answered (the key's destination) was seen.
     pub const FIN_REPLY: u32 = 1 << 3;
+    /// A proxy's upstream connection (created from its marked packets): the replies
+    /// belong to the proxy's socket, so they never pass on this entry alone.
+    pub const PROXY_UPSTREAM: u32 = 1 << 4;
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
-    /// `bpf_ktime_get_ns` of creation and of the last packet.
+    /// `bpf_ktime_get_ns` of creation and of the last packet (refreshed at most once a
+    /// second, which the idle and closing timeouts allow).
     pub created_ns: u64,
     pub last_seen_ns: u64,
     pub flags: u32,
+    /// 1 at creation. Not counted per packet: that write, from both ends of a flow and
+    /// so from different CPUs, was a shared cache line on the hot path.
     pub packets: u32,
 }
 
