@@ -736,7 +736,10 @@ fn main() {
 
     let root = lab.root.clone();
     let mut dp = in_ns(&lab.node, None, move || {
-        Datapath::load(&root).expect("load the datapath")
+        let started = Instant::now();
+        let dp = Datapath::load(&root).expect("load the datapath");
+        eprintln!("datapath loaded (and verified) in {:?}", started.elapsed());
+        dp
     })
     .join()
     .expect("load thread");

@@ -102,6 +102,11 @@ const IPV6_DSTOPTS: u8 = 60;
 /// Extension headers followed at most (a bounded loop for the verifier); a packet with
 /// more is dropped as malformed.
 const IPV6_MAX_EXT_HEADERS: usize = 8;
+/// Extension headers followed at most in the packet an ICMPv6 error quotes: an error
+/// quoting more matches no flow and is decided by policy. Fewer than for the packet
+/// itself, as each round multiplies the verifier's work on the error path (and the
+/// programs' load time).
+const IPV6_MAX_QUOTED_EXT_HEADERS: usize = 3;
 /// How stale a conntrack entry's `last_seen_ns` may get before a packet refreshes it:
 /// far below the idle (hours) and closing (seconds) timeouts it serves.
 const CT_REFRESH_NS: u64 = 1_000_000_000;
@@ -583,9 +588,10 @@ fn quoted_v6_tracked(ctx: &TcContext, off: usize) -> bool {
     let Ok(next) = load::<u8>(ctx, off + 6) else {
         return false;
     };
-    // The quoted packet's extension headers are skipped as the outer packet's; a quoted
-    // later fragment has no ports to match a flow by.
-    let Ok((protocol, l4, false)) = skip_v6_ext(ctx, next, off + 40) else {
+    // The quoted packet's extension headers are skipped as the outer packet's, fewer of
+    // them; a quoted later fragment has no ports to match a flow by.
+    let Ok((protocol, l4, false)) = skip_v6_ext::<IPV6_MAX_QUOTED_EXT_HEADERS>(ctx, next, off + 40)
+    else {
         return false;
     };
     t.protocol = protocol;
@@ -637,28 +643,34 @@ fn quoted_ports(
 /// AH, fragment) from `protocol`, the fixed header's next header, at `off`, just after
 /// the fixed header, to the transport header: (its protocol, its offset, whether the
 /// packet is a later fragment, which has none). A bounded loop for the verifier; more
-/// than IPV6_MAX_EXT_HEADERS headers, or one that cannot be read, is an error.
+/// than `MAX` headers, or one that cannot be read, is an error. Read
+/// through the helper only: extension headers are rare, and the two ways of `load`
+/// in each of the unrolled rounds multiplied the verifier's work (and the load time).
 #[inline(always)]
-fn skip_v6_ext(ctx: &TcContext, protocol: u8, off: usize) -> Result<(u8, usize, bool), ()> {
+fn skip_v6_ext<const MAX: usize>(
+    ctx: &TcContext,
+    protocol: u8,
+    off: usize,
+) -> Result<(u8, usize, bool), ()> {
     let (mut protocol, mut off) = (protocol, off);
     // One round more than headers: the last finds the transport header.
-    for _ in 0..IPV6_MAX_EXT_HEADERS + 1 {
+    for _ in 0..MAX + 1 {
         match protocol {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
-                let next: u8 = load(ctx, off)?;
-                let len: u8 = load(ctx, off + 1)?;
+                let next: u8 = load_bytes(ctx, off)?;
+                let len: u8 = load_bytes(ctx, off + 1)?;
                 protocol = next;
                 off += (len as usize + 1) * 8;
             }
             IPV6_AH => {
-                let next: u8 = load(ctx, off)?;
-                let len: u8 = load(ctx, off + 1)?;
+                let next: u8 = load_bytes(ctx, off)?;
+                let len: u8 = load_bytes(ctx, off + 1)?;
                 protocol = next;
                 off += (len as usize + 2) * 4;
             }
             IPV6_FRAGMENT => {
-                let next: u8 = load(ctx, off)?;
-                let frag: u16 = u16::from_be(load::<u16>(ctx, off + 2)?);
+                let next: u8 = load_bytes(ctx, off)?;
+                let frag: u16 = u16::from_be(load_bytes::<u16>(ctx, off + 2)?);
                 protocol = next;
                 off += 8;
                 if frag & 0xfff8 != 0 {
@@ -686,7 +698,8 @@ fn parse_v6(ctx: &TcContext) -> Result<Parsed, ()> {
     // More extension headers than followed: the transport header (and its ports) would
     // stay hidden from policy, so that a port deny could be passed by adding headers.
     // Dropped as malformed.
-    let (protocol, off, later_fragment) = skip_v6_ext(ctx, protocol, ETH_HLEN + 40)?;
+    let (protocol, off, later_fragment) =
+        skip_v6_ext::<IPV6_MAX_EXT_HEADERS>(ctx, protocol, ETH_HLEN + 40)?;
     let mut tuple = CtKeyV6 {
         saddr,
         daddr,
@@ -736,6 +749,12 @@ fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
         // any bytes, read unaligned as headers need not be aligned.
         return Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) });
     }
+    ctx.load(off).map_err(|_| ())
+}
+
+/// Reads a `T` at `off` through `bpf_skb_load_bytes`, wherever it lies.
+#[inline(always)]
+fn load_bytes<T>(ctx: &TcContext, off: usize) -> Result<T, ()> {
     ctx.load(off).map_err(|_| ())
 }
 
