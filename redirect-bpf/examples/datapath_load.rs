@@ -1,8 +1,14 @@
 //! Datapath load test, driven by `cargo xtask loadtest datapath` (root needed).
 //!
 //! Two pod namespaces joined through a node namespace by veths (10.77.{1,2}.0/24, nothing
-//! routes out of them, names carry the PID and are deleted on exit, also on panic), then,
-//! in one run and in this order:
+//! routes out of them, names carry the PID and are deleted on exit, also on panic).
+//!
+//! First, what the programs cost: `BPF_PROG_TEST_RUN` of the loaded `ward_from_pod` and
+//! `ward_to_pod` on the frames of a TCP_RR request and response (conntrack hits) and on
+//! new flows' SYNs, with the maps of `allow` and of `allow+1k`, and of an empty program
+//! as the floor: `PROG <scenario> <case> <median ns> <least ns>`.
+//!
+//! Then, by wall clock, the scenarios:
 //!
 //! - `none`: no program attached;
 //! - `allow`: Ward's TC programs on both pod veths, both endpoints default-deny in both
@@ -17,10 +23,13 @@
 //!
 //! Each scenario measures iperf3 throughput (one TCP stream) and a netperf-style TCP_RR
 //! rate (one connection, one byte each way, client and server on different CPUs; netperf
-//! is in Debian's non-free section, so this is written here). It prints one line per
-//! scenario: `RESULT <scenario> <iperf3 Mbit/s> <transactions/s>`. With ROUNDS > 1 the
-//! three scenarios repeat in turn (programs detached and attached again, the 1,000
-//! entries removed and inserted again), so that the machine's drift touches all alike.
+//! is in Debian's non-free section, so this is written here): `RESULT <round> <scenario>
+//! <iperf3 Mbit/s> <transactions/s>`, and for the scenarios with programs how often each
+//! ran per transaction, from the veths' packet counters: `HOOKS <round> <scenario>
+//! <ward_from_pod runs> <ward_to_pod runs>`. ROUNDS rounds (0: the test runs only), the
+//! order of the scenarios rotated each round (programs attached and entries written
+//! before a scenario, removed after), so that the machine's drift touches all alike and
+//! each round has its own `none` to compare with.
 //!
 //! Usage: `datapath_load SECONDS [ROUNDS]`
 
@@ -791,7 +800,7 @@ fn main() {
     };
 
     // The programs' own cost first: noise-robust, and the rounds then run on a conntrack
-    // that holds these few extra flows only.
+    // that holds these flows too (about 4,000 idle entries of 262,144).
     measure_programs(&lab, &dp, "allow");
     dp.insert_policy(&st.more).expect("policy");
     measure_programs(&lab, &dp, "allow+1k");
