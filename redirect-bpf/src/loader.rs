@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::net::IpAddr;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -118,6 +119,14 @@ impl Datapath {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The file descriptor of a loaded program (one of `program_names`), for measuring
+    /// it with `BPF_PROG_TEST_RUN` on packets of one's own (the datapath load test).
+    pub fn program_fd(&self, name: &'static str) -> Result<BorrowedFd<'_>, Error> {
+        let prog = self.ebpf.program(name).ok_or(Error::NoSuchProgram(name))?;
+        let fd = prog.fd().map_err(|e| Error::program(name, e))?;
+        Ok(fd.as_fd())
     }
 
     fn link_pin(&self, iface: &str, ifindex: u32, hook: &str) -> PathBuf {

@@ -2086,3 +2086,161 @@ fn sctp_over_ipv6_with_extension_headers() {
         && e.dport == [0, 0]
         && e.saddr6 == a.ip6.octets()));
 }
+
+/// An ICMPv6 error of `kind` from the raw socket of `ns` to `to`, quoting a UDP packet
+/// `quoted_src -> quoted_dst` (`ports`) whose UDP header follows a hop-by-hop and a
+/// destination options header.
+fn send_icmpv6_error_quoting_ext_headers(
+    ns: &str,
+    to: Ipv6Addr,
+    kind: (u8, u8),
+    quoted_src: Ipv6Addr,
+    quoted_dst: Ipv6Addr,
+    ports: (u16, u16),
+) {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = in_ns(ns, || {
+        Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)).expect("raw")
+    });
+    // The kernel fills the checksum; 1280: the MTU of a packet-too-big error.
+    let mut pkt = vec![kind.0, kind.1, 0, 0, 0, 0, 0x05, 0x00];
+    // payload: hop-by-hop (8) + destination options (8) + UDP (8); next: hop-by-hop
+    pkt.extend_from_slice(&[0x60, 0, 0, 0, 0, 24, 0, 64]);
+    pkt.extend_from_slice(&quoted_src.octets());
+    pkt.extend_from_slice(&quoted_dst.octets());
+    // hop-by-hop -> destination options, destination options -> UDP: PadN of 4 bytes
+    pkt.extend_from_slice(&[60, 0, 1, 4, 0, 0, 0, 0]);
+    pkt.extend_from_slice(&[PROTO_UDP, 0, 1, 4, 0, 0, 0, 0]);
+    pkt.extend_from_slice(&ports.0.to_be_bytes());
+    pkt.extend_from_slice(&ports.1.to_be_bytes());
+    pkt.extend_from_slice(&[0, 8, 0, 0]);
+    let dst = SocketAddr::new(IpAddr::V6(to), 0);
+    sock.send_to(&pkt, &dst.into())
+        .expect("send the ICMPv6 error");
+}
+
+/// Whether the raw ICMPv6 socket `sock` receives an error of `error_type` whose quoted
+/// packet (with two extension headers of 8 bytes) has destination port `dport`, in time.
+fn icmpv6_error_with_ext_headers_seen(
+    sock: &UdpSocket,
+    error_type: u8,
+    dport: u16,
+    timeout: Duration,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 256];
+    let quoted_l4 = 8 + 40 + 16;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        sock.set_read_timeout(Some(left)).expect("timeout");
+        let Ok(n) = sock.recv(&mut buf) else {
+            return false;
+        };
+        if n >= quoted_l4 + 4
+            && buf[0] == error_type
+            && buf[quoted_l4 + 2..quoted_l4 + 4] == dport.to_be_bytes()
+        {
+            return true;
+        }
+    }
+}
+
+#[test]
+fn icmpv6_error_quoting_extension_headers_passes_with_its_flow() {
+    const PACKET_TOO_BIG: (u8, u8) = (2, 0);
+    let lab = Lab::new("icmp6ext", 3);
+    let mut dp = lab.datapath();
+    let (a, b, c) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
+    // a takes nothing in: an ICMP error reaches it only as part of a flow of its own.
+    lab.set_endpoint(&mut dp, 0, endpoint_flags::DEFAULT_DENY_INGRESS);
+    lab.set_endpoint(&mut dp, 1, 0);
+    // a's UDP flow to b:9999, tracked by its first datagram.
+    let client = in_ns(&a.ns, || {
+        UdpSocket::bind(SocketAddr::new(IpAddr::V6(a.ip6), 0)).expect("bind")
+    });
+    client
+        .connect(SocketAddr::new(IpAddr::V6(b.ip6), 9999))
+        .expect("connect");
+    client.send(b"anyone?").expect("send");
+    let sport = client.local_addr().expect("local addr").port();
+    let receiver = icmp_receiver(&a.ns, true);
+
+    // A packet too big from a router (c) quoting a's packet, extension headers and all:
+    // matched to a's flow, it passes.
+    send_icmpv6_error_quoting_ext_headers(
+        &c.ns,
+        a.ip6,
+        PACKET_TOO_BIG,
+        a.ip6,
+        b.ip6,
+        (sport, 9999),
+    );
+    assert!(
+        icmpv6_error_with_ext_headers_seen(&receiver, PACKET_TOO_BIG.0, 9999, ALLOWED),
+        "a packet too big quoting a's flow behind extension headers passes"
+    );
+    // The same quoting a flow a never had is dropped and counted as unrelated.
+    let before = dp.drops(drop_reason::ICMP_ERROR_UNRELATED).expect("drops");
+    send_icmpv6_error_quoting_ext_headers(
+        &c.ns,
+        a.ip6,
+        PACKET_TOO_BIG,
+        a.ip6,
+        b.ip6,
+        (sport, 7777),
+    );
+    assert!(
+        !icmpv6_error_with_ext_headers_seen(&receiver, PACKET_TOO_BIG.0, 7777, DENIED),
+        "an error quoting no flow of a's is dropped"
+    );
+    assert!(dp.drops(drop_reason::ICMP_ERROR_UNRELATED).expect("drops") > before);
+}
+
+/// A proxy's upstream connection that keeps the client's address (IP_TRANSPARENT bound
+/// to `src`, marked `mark`), from the node namespace to `to`.
+fn transparent_upstream(
+    ns: &str,
+    src: Ipv4Addr,
+    to: Ipv4Addr,
+    port: u16,
+    mark: u32,
+) -> std::io::Result<TcpStream> {
+    in_ns(ns, || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_ip_transparent(true)?;
+        s.set_mark(mark)?;
+        s.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
+        let addr = SocketAddr::V4(SocketAddrV4::new(to, port));
+        s.connect_timeout(&addr.into(), ALLOWED)?;
+        let s = TcpStream::from(s);
+        s.set_read_timeout(Some(ALLOWED))?;
+        Ok(s)
+    })
+}
+
+#[test]
+fn replies_to_a_transparent_upstream_reach_the_proxy_not_the_client() {
+    let lab = Lab::new("tproxyup", 2);
+    lab.proxy_routing();
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    lab.set_endpoint(&mut dp, 0, 0);
+    echo_server(&b.ns, b.ip, 80);
+    // The proxies' upstream connections from a's address to b: b's replies are for the
+    // proxy's socket in the node. The conntrack entry of such a flow must not let them
+    // pass on to a, whose kernel knows no such connection (the fast path for established
+    // flows skips the socket lookup only for flows without a proxy).
+    for mark in [0xa00, 0xb00] {
+        let mut s = transparent_upstream(&lab.node, a.ip, b.ip, 80, mark)
+            .expect("the upstream connects: b's SYN-ACK reaches the proxy");
+        for i in 0..3 {
+            round_trip(
+                &mut s,
+                format!("packet {i} of an established flow").as_bytes(),
+            );
+        }
+    }
+}

@@ -5,6 +5,8 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
+/// Name of a datapath drop reason, for labels and events: the datapath's own table.
+pub use redirect_bpf::common::drop_reason::name as reason_name;
 
 /// Handles to the agent's metrics; cheap to clone.
 #[derive(Clone)]
@@ -136,19 +138,4 @@ pub fn render(registries: &[&Registry]) -> String {
         return format!("# encoding failed: {e}\n");
     }
     String::from_utf8_lossy(&buf).into_owned()
-}
-
-/// Name of a datapath drop reason, for labels and events.
-pub fn reason_name(reason: u32) -> &'static str {
-    use redirect_bpf::common::drop_reason as r;
-    match reason {
-        r::POLICY_DENY => "policy_deny",
-        r::POLICY_DEFAULT_DENY => "policy_default_deny",
-        r::PROXY_UNAVAILABLE => "proxy_unavailable",
-        r::REDIRECT_UNSUPPORTED => "redirect_unsupported",
-        r::MALFORMED => "malformed",
-        r::SK_ASSIGN_FAILED => "sk_assign_failed",
-        r::ICMP_ERROR_UNRELATED => "icmp_error_unrelated",
-        _ => "other",
-    }
 }

@@ -205,31 +205,80 @@ pub mod ct_flags {
     pub const FIN_ORIGINAL: u32 = 1 << 2;
     /// A FIN from the side that answered (the key's destination) was seen.
     pub const FIN_REPLY: u32 = 1 << 3;
+    /// A proxy's upstream connection (created from its marked packets): the replies
+    /// belong to the proxy's socket, so they never pass on this entry alone.
+    pub const PROXY_UPSTREAM: u32 = 1 << 4;
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
-    /// `bpf_ktime_get_ns` of creation and of the last packet.
+    /// `bpf_ktime_get_ns` of creation and of the last packet (refreshed at most once a
+    /// second, which the idle and closing timeouts allow).
     pub created_ns: u64,
     pub last_seen_ns: u64,
     pub flags: u32,
+    /// 1 at creation. Not counted per packet: that write, from both ends of a flow and
+    /// so from different CPUs, was a shared cache line on the hot path.
     pub packets: u32,
+}
+
+/// Declares the drop reasons and their names together, so that no reason can exist
+/// without the name that metrics labels and events carry.
+macro_rules! drop_reasons {
+    ($($(#[$doc:meta])* $name:ident = $num:literal => $label:literal,)+) => {
+        $($(#[$doc])* pub const $name: u32 = $num;)+
+        /// Every reason with its name (label of `ward_datapath_drops_total`, `reason` of
+        /// events), in number order.
+        pub const ALL: &[(u32, &str)] = &[$(($num, $label),)+];
+    };
 }
 
 /// Drop reasons: indices of the per-CPU `DROPS` counters and the `reason` of events.
 pub mod drop_reason {
-    pub const POLICY_DENY: u32 = 1;
-    pub const POLICY_DEFAULT_DENY: u32 = 2;
-    pub const PROXY_UNAVAILABLE: u32 = 3;
-    /// A redirect decided on a hook where `bpf_sk_assign` cannot run (tc egress).
-    pub const REDIRECT_UNSUPPORTED: u32 = 4;
-    pub const MALFORMED: u32 = 5;
-    pub const SK_ASSIGN_FAILED: u32 = 6;
-    /// An ICMP error (unreachable, packet too big, time exceeded, parameter problem)
-    /// whose quoted packet belongs to no tracked flow.
-    pub const ICMP_ERROR_UNRELATED: u32 = 7;
+    drop_reasons! {
+        POLICY_DENY = 1 => "policy_deny",
+        POLICY_DEFAULT_DENY = 2 => "policy_default_deny",
+        PROXY_UNAVAILABLE = 3 => "proxy_unavailable",
+        /// A redirect decided on a hook where `bpf_sk_assign` cannot run (tc egress).
+        REDIRECT_UNSUPPORTED = 4 => "redirect_unsupported",
+        MALFORMED = 5 => "malformed",
+        SK_ASSIGN_FAILED = 6 => "sk_assign_failed",
+        /// An ICMP error (unreachable, packet too big, time exceeded, parameter problem)
+        /// whose quoted packet belongs to no tracked flow.
+        ICMP_ERROR_UNRELATED = 7 => "icmp_error_unrelated",
+    }
+
+    /// Slots of the `DROPS` array (reason numbers are below it).
     pub const COUNT: u32 = 16;
+
+    /// The name of a reason, for metric labels and events; `"other"` for a number no
+    /// reason has (a newer program than this user space, or a corrupt event).
+    pub fn name(reason: u32) -> &'static str {
+        ALL.iter()
+            .find(|(n, _)| *n == reason)
+            .map_or("other", |(_, label)| label)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn every_reason_has_a_distinct_name_and_a_counter_slot() {
+            for (i, (n, label)) in ALL.iter().enumerate() {
+                // numbered 1, 2, ... without gaps, each below the array's size
+                assert_eq!(*n as usize, i + 1, "{label}");
+                assert!(*n < COUNT, "{label}: no DROPS slot");
+                assert_eq!(name(*n), *label);
+                assert!(!label.is_empty() && *label != "other");
+                assert_eq!(ALL.iter().filter(|(_, l)| l == label).count(), 1, "{label}");
+            }
+            assert_eq!(name(ICMP_ERROR_UNRELATED), "icmp_error_unrelated");
+            assert_eq!(name(0), "other");
+            assert_eq!(name(COUNT), "other");
+        }
+    }
 }
 
 /// Events each CPU may emit per second; drops beyond are counted, not reported.

@@ -102,6 +102,14 @@ const IPV6_DSTOPTS: u8 = 60;
 /// Extension headers followed at most (a bounded loop for the verifier); a packet with
 /// more is dropped as malformed.
 const IPV6_MAX_EXT_HEADERS: usize = 8;
+/// Extension headers followed at most in the packet an ICMPv6 error quotes: an error
+/// quoting more matches no flow and is decided by policy. Fewer than for the packet
+/// itself, as each round multiplies the verifier's work on the error path (and the
+/// programs' load time).
+const IPV6_MAX_QUOTED_EXT_HEADERS: usize = 3;
+/// How stale a conntrack entry's `last_seen_ns` may get before a packet refreshes it:
+/// far below the idle (hours) and closing (seconds) timeouts it serves.
+const CT_REFRESH_NS: u64 = 1_000_000_000;
 const BPF_F_CURRENT_NETNS: u64 = u64::MAX; // -1
 const BPF_TCP_TIME_WAIT: u32 = 6;
 const BPF_TCP_LISTEN: u32 = 10;
@@ -311,6 +319,13 @@ fn from_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>) -> i32 {
     }
     let t = &pkt.tuple;
 
+    // 0. The hot path: a packet of an established flow that no proxy takes part in
+    //    passes on its conntrack entry alone, without the socket lookup below (it finds
+    //    only proxies' sockets, and such flows' entries carry PROXIED or PROXY_UPSTREAM).
+    if !pkt.icmp_error && ct_hit(t, pkt.tcp_flags, true) {
+        return TC_ACT_OK;
+    }
+
     // 1. A local socket that owns this exact tuple: a flow that a proxy already took, or
     //    a reply to a proxy's transparent upstream connection.
     if let Some(r) = assign_established(ctx, t) {
@@ -325,7 +340,7 @@ fn from_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>) -> i32 {
         if pkt.quoted_tracked {
             return TC_ACT_OK;
         }
-    } else if ct_hit(t, pkt.tcp_flags) {
+    } else if ct_hit(t, pkt.tcp_flags, false) {
         return TC_ACT_OK;
     }
 
@@ -415,15 +430,16 @@ fn to_local_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>, at_ingress: bool) -> i
     }
     if proxy_marked(ctx) {
         // A proxy's upstream connection: the proxy enforced policy already. Tracked, so
-        // that the pod's replies pass whatever its egress policy says.
-        ct_create(t, 0, BPF_NOEXIST);
+        // that the pod's replies pass whatever its egress policy says, and flagged, so
+        // that they are looked up for the proxy's socket rather than passed on conntrack.
+        ct_create(t, ct_flags::PROXY_UPSTREAM, BPF_NOEXIST);
         return TC_ACT_OK;
     }
     if pkt.icmp_error {
         if pkt.quoted_tracked {
             return TC_ACT_OK;
         }
-    } else if ct_hit(t, pkt.tcp_flags) {
+    } else if ct_hit(t, pkt.tcp_flags, false) {
         return TC_ACT_OK;
     }
     let Some(dst) = t.dst_endpoint() else {
@@ -465,14 +481,14 @@ fn to_local_pod<T: Flow>(ctx: &TcContext, pkt: Packet<T>, at_ingress: bool) -> i
 
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
-    let proto: u16 = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
+    let proto: u16 = u16::from_be(load::<u16>(ctx, 12)?);
     if proto == ETH_P_IPV6 {
         return parse_v6(ctx);
     }
     if proto != ETH_P_IP {
         return Ok(Parsed::Other);
     }
-    let ver_ihl: u8 = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    let ver_ihl: u8 = load(ctx, ETH_HLEN)?;
     if ver_ihl >> 4 != 4 {
         return Err(());
     }
@@ -480,10 +496,10 @@ fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
     if ihl < 20 {
         return Err(());
     }
-    let protocol: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| ())?;
-    let saddr: [u8; 4] = ctx.load(ETH_HLEN + 12).map_err(|_| ())?;
-    let daddr: [u8; 4] = ctx.load(ETH_HLEN + 16).map_err(|_| ())?;
-    let frag: u16 = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).map_err(|_| ())?);
+    let protocol: u8 = load(ctx, ETH_HLEN + 9)?;
+    let saddr: [u8; 4] = load(ctx, ETH_HLEN + 12)?;
+    let daddr: [u8; 4] = load(ctx, ETH_HLEN + 16)?;
+    let frag: u16 = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
     let mut tuple = CtKeyV4 {
         saddr,
         daddr,
@@ -525,7 +541,7 @@ fn parse(ctx: &TcContext) -> Result<Parsed, ()> {
 /// to the caller's under the verifier's 512-byte limit.
 #[inline(never)]
 fn quoted_v4_tracked(ctx: &TcContext, off: usize) -> bool {
-    let Ok(ver_ihl) = ctx.load::<u8>(off) else {
+    let Ok(ver_ihl) = load::<u8>(ctx, off) else {
         return false;
     };
     let ihl = ((ver_ihl & 0x0f) as usize) * 4;
@@ -533,12 +549,12 @@ fn quoted_v4_tracked(ctx: &TcContext, off: usize) -> bool {
         return false;
     }
     let mut t = CtKeyV4::default();
-    let (Ok(saddr), Ok(daddr)) = (ctx.load(off + 12), ctx.load(off + 16)) else {
+    let (Ok(saddr), Ok(daddr)) = (load(ctx, off + 12), load(ctx, off + 16)) else {
         return false;
     };
     t.saddr = saddr;
     t.daddr = daddr;
-    let Ok(protocol) = ctx.load::<u8>(off + 9) else {
+    let Ok(protocol) = load::<u8>(ctx, off + 9) else {
         return false;
     };
     t.protocol = protocol;
@@ -553,27 +569,33 @@ fn quoted_v4_tracked(ctx: &TcContext, off: usize) -> bool {
     CONNTRACK_V4.get_ptr(&t).is_some()
 }
 
-/// As `quoted_v4_tracked`, for IPv6 (the quoted transport header right after the fixed
-/// header).
+/// As `quoted_v4_tracked`, for IPv6 (the quoted transport header after the fixed header
+/// and any extension headers).
 #[inline(never)]
 fn quoted_v6_tracked(ctx: &TcContext, off: usize) -> bool {
-    let Ok(ver) = ctx.load::<u8>(off) else {
+    let Ok(ver) = load::<u8>(ctx, off) else {
         return false;
     };
     if ver >> 4 != 6 {
         return false;
     }
     let mut t = CtKeyV6::default();
-    let (Ok(saddr), Ok(daddr)) = (ctx.load(off + 8), ctx.load(off + 24)) else {
+    let (Ok(saddr), Ok(daddr)) = (load(ctx, off + 8), load(ctx, off + 24)) else {
         return false;
     };
     t.saddr = saddr;
     t.daddr = daddr;
-    let Ok(protocol) = ctx.load::<u8>(off + 6) else {
+    let Ok(next) = load::<u8>(ctx, off + 6) else {
+        return false;
+    };
+    // The quoted packet's extension headers are skipped as the outer packet's, fewer of
+    // them; a quoted later fragment has no ports to match a flow by.
+    let Ok((protocol, l4, false)) = skip_v6_ext::<IPV6_MAX_QUOTED_EXT_HEADERS>(ctx, next, off + 40)
+    else {
         return false;
     };
     t.protocol = protocol;
-    if quoted_ports(ctx, off + 40, protocol, &mut t.sport, &mut t.dport).is_none() {
+    if quoted_ports(ctx, l4, protocol, &mut t.sport, &mut t.dport).is_none() {
         return false;
     }
     if CONNTRACK_V6.get_ptr(&t).is_some() {
@@ -596,20 +618,20 @@ fn quoted_ports(
 ) -> Option<()> {
     match protocol {
         PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
-            *sport = ctx.load(off).ok()?;
-            *dport = ctx.load(off + 2).ok()?;
+            *sport = load(ctx, off).ok()?;
+            *dport = load(ctx, off + 2).ok()?;
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
-            let ty: u8 = ctx.load(off).ok()?;
+            let ty: u8 = load(ctx, off).ok()?;
             let (request, reply) = if protocol == PROTO_ICMP {
                 (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY)
             } else {
                 (ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY)
             };
             if ty == request {
-                *sport = ctx.load(off + 4).ok()?;
+                *sport = load(ctx, off + 4).ok()?;
             } else if ty == reply {
-                *dport = ctx.load(off + 4).ok()?;
+                *dport = load(ctx, off + 4).ok()?;
             }
         }
         _ => {}
@@ -617,59 +639,67 @@ fn quoted_ports(
     Some(())
 }
 
+/// Follows an IPv6 packet's extension headers (hop-by-hop, routing, destination options,
+/// AH, fragment) from `protocol`, the fixed header's next header, at `off`, just after
+/// the fixed header, to the transport header: (its protocol, its offset, whether the
+/// packet is a later fragment, which has none). A bounded loop for the verifier; more
+/// than `MAX` headers, or one that cannot be read, is an error. Read
+/// through the helper only: extension headers are rare, and the two ways of `load`
+/// in each of the unrolled rounds multiplied the verifier's work (and the load time).
+#[inline(always)]
+fn skip_v6_ext<const MAX: usize>(
+    ctx: &TcContext,
+    protocol: u8,
+    off: usize,
+) -> Result<(u8, usize, bool), ()> {
+    let (mut protocol, mut off) = (protocol, off);
+    // One round more than headers: the last finds the transport header.
+    for _ in 0..MAX + 1 {
+        match protocol {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                let next: u8 = load_bytes(ctx, off)?;
+                let len: u8 = load_bytes(ctx, off + 1)?;
+                protocol = next;
+                off += (len as usize + 1) * 8;
+            }
+            IPV6_AH => {
+                let next: u8 = load_bytes(ctx, off)?;
+                let len: u8 = load_bytes(ctx, off + 1)?;
+                protocol = next;
+                off += (len as usize + 2) * 4;
+            }
+            IPV6_FRAGMENT => {
+                let next: u8 = load_bytes(ctx, off)?;
+                let frag: u16 = u16::from_be(load_bytes::<u16>(ctx, off + 2)?);
+                protocol = next;
+                off += 8;
+                if frag & 0xfff8 != 0 {
+                    return Ok((protocol, off, true));
+                }
+            }
+            _ => return Ok((protocol, off, false)),
+        }
+    }
+    Err(())
+}
+
 /// IPv6: extension headers (hop-by-hop, routing, destination options, AH, fragment) are
 /// skipped to reach the transport header, in a bounded loop. A later fragment carries no
 /// transport header: it keeps zero ports and matches only port-wildcard entries.
 #[inline(always)]
 fn parse_v6(ctx: &TcContext) -> Result<Parsed, ()> {
-    let ver: u8 = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    let ver: u8 = load(ctx, ETH_HLEN)?;
     if ver >> 4 != 6 {
         return Err(());
     }
-    let mut protocol: u8 = ctx.load(ETH_HLEN + 6).map_err(|_| ())?;
-    let saddr: [u8; 16] = ctx.load(ETH_HLEN + 8).map_err(|_| ())?;
-    let daddr: [u8; 16] = ctx.load(ETH_HLEN + 24).map_err(|_| ())?;
-    let mut off = ETH_HLEN + 40;
-    let mut later_fragment = false;
-    let mut reached = false;
-    // One round more than headers: the last finds the transport header.
-    for _ in 0..IPV6_MAX_EXT_HEADERS + 1 {
-        match protocol {
-            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
-                let next: u8 = ctx.load(off).map_err(|_| ())?;
-                let len: u8 = ctx.load(off + 1).map_err(|_| ())?;
-                protocol = next;
-                off += (len as usize + 1) * 8;
-            }
-            IPV6_AH => {
-                let next: u8 = ctx.load(off).map_err(|_| ())?;
-                let len: u8 = ctx.load(off + 1).map_err(|_| ())?;
-                protocol = next;
-                off += (len as usize + 2) * 4;
-            }
-            IPV6_FRAGMENT => {
-                let next: u8 = ctx.load(off).map_err(|_| ())?;
-                let frag: u16 = u16::from_be(ctx.load::<u16>(off + 2).map_err(|_| ())?);
-                protocol = next;
-                off += 8;
-                if frag & 0xfff8 != 0 {
-                    later_fragment = true;
-                    reached = true;
-                    break;
-                }
-            }
-            _ => {
-                reached = true;
-                break;
-            }
-        }
-    }
-    if !reached {
-        // More extension headers than followed: the transport header (and its ports)
-        // would stay hidden from policy, so that a port deny could be passed by adding
-        // headers. Dropped as malformed.
-        return Err(());
-    }
+    let protocol: u8 = load(ctx, ETH_HLEN + 6)?;
+    let saddr: [u8; 16] = load(ctx, ETH_HLEN + 8)?;
+    let daddr: [u8; 16] = load(ctx, ETH_HLEN + 24)?;
+    // More extension headers than followed: the transport header (and its ports) would
+    // stay hidden from policy, so that a port deny could be passed by adding headers.
+    // Dropped as malformed.
+    let (protocol, off, later_fragment) =
+        skip_v6_ext::<IPV6_MAX_EXT_HEADERS>(ctx, protocol, ETH_HLEN + 40)?;
     let mut tuple = CtKeyV6 {
         saddr,
         daddr,
@@ -701,6 +731,33 @@ fn parse_v6(ctx: &TcContext) -> Result<Parsed, ()> {
     }))
 }
 
+/// Reads a `T` at `off` of the packet: straight from the linear data when it is there
+/// (the headers of nearly every packet), else through `bpf_skb_load_bytes`. A helper call
+/// per field was most of the cost of parsing.
+#[inline(always)]
+fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    // One byte is checked as two: LLVM turns `p + 1 <= end` into `p < end`, which the
+    // verifier does not take as a bound when `p` has a variable offset. A byte that ends
+    // the linear data takes the helper instead; the result is the same.
+    let size = core::mem::size_of::<T>();
+    let checked = if size == 1 { 2 } else { size };
+    if start + off + checked <= end {
+        // SAFETY: the bounds check above (the one the verifier follows) keeps the read
+        // inside the packet's linear data; `T` is an integer or a byte array, valid for
+        // any bytes, read unaligned as headers need not be aligned.
+        return Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) });
+    }
+    ctx.load(off).map_err(|_| ())
+}
+
+/// Reads a `T` at `off` through `bpf_skb_load_bytes`, wherever it lies.
+#[inline(always)]
+fn load_bytes<T>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+    ctx.load(off).map_err(|_| ())
+}
+
 /// Reads ports (into the tuple) or the ICMP type: (policy port, TCP flags).
 #[inline(always)]
 fn l4(
@@ -712,17 +769,17 @@ fn l4(
 ) -> Result<([u8; 2], u8), ()> {
     match protocol {
         PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
-            *sport = ctx.load(off).map_err(|_| ())?;
-            *dport = ctx.load(off + 2).map_err(|_| ())?;
+            *sport = load(ctx, off)?;
+            *dport = load(ctx, off + 2)?;
             let flags = if protocol == PROTO_TCP {
-                ctx.load(off + 13).map_err(|_| ())?
+                load(ctx, off + 13)?
             } else {
                 0
             };
             Ok((*dport, flags))
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
-            let ty: u8 = ctx.load(off).map_err(|_| ())?;
+            let ty: u8 = load(ctx, off)?;
             // Echo request and reply carry their identifier in the tuple (request as the
             // source "port", reply as the destination), so that only the reply to a
             // tracked request passes as a reply; other ICMP keeps zero ports.
@@ -732,9 +789,9 @@ fn l4(
                 (ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY)
             };
             if ty == request {
-                *sport = ctx.load(off + 4).map_err(|_| ())?;
+                *sport = load(ctx, off + 4)?;
             } else if ty == reply {
-                *dport = ctx.load(off + 4).map_err(|_| ())?;
+                *dport = load(ctx, off + 4)?;
             }
             Ok(([0, ty], 0))
         }
@@ -832,43 +889,57 @@ fn side_verdict(
     v
 }
 
-/// Whether conntrack lets the packet through without a policy decision.
+/// Whether conntrack lets the packet through without a policy decision. `plain`: only
+/// for flows without a proxy (neither entry flagged PROXIED or PROXY_UPSTREAM), and
+/// nothing is written when the answer is no, so that the full path can ask again.
 #[inline(always)]
-fn ct_hit<T: Flow>(t: &T, tcp_flags: u8) -> bool {
+fn ct_hit<T: Flow>(t: &T, tcp_flags: u8, plain: bool) -> bool {
     let closing = tcp_flags & (TCP_FIN | TCP_RST) != 0;
     let new_syn = tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0;
+    let proxy = if plain {
+        ct_flags::PROXIED | ct_flags::PROXY_UPSTREAM
+    } else {
+        ct_flags::PROXIED
+    };
     if let Some(v) = t.ct() {
         // SAFETY: the pointer comes from a successful map lookup; the fields are plain
-        // integers and racing updates from other CPUs only lose a count.
+        // integers and racing updates from other CPUs only lose a refresh.
         let v = unsafe { &mut *v };
-        if v.flags & ct_flags::PROXIED != 0 {
+        if v.flags & proxy != 0 {
             return false;
         }
         // A new SYN on a closed tuple is a new connection: decide it again.
         if new_syn && v.flags & ct_flags::CLOSING != 0 {
             return false;
         }
-        v.last_seen_ns = now();
-        v.packets = v.packets.wrapping_add(1);
-        if closing {
-            v.flags = closing_flags(v.flags, tcp_flags, ct_flags::FIN_ORIGINAL);
-        }
+        ct_touch(v, closing, tcp_flags, ct_flags::FIN_ORIGINAL);
         return true;
     }
     if let Some(v) = t.reverse().ct() {
         // SAFETY: as above.
         let v = unsafe { &mut *v };
-        if new_syn {
-            // A SYN is never a reply.
+        // A SYN is never a reply.
+        if new_syn || (plain && v.flags & proxy != 0) {
             return false;
         }
-        v.last_seen_ns = now();
-        if closing {
-            v.flags = closing_flags(v.flags, tcp_flags, ct_flags::FIN_REPLY);
-        }
+        ct_touch(v, closing, tcp_flags, ct_flags::FIN_REPLY);
         return true;
     }
     false
+}
+
+/// Records a packet of a tracked flow: FIN and RST always; the time of the last packet
+/// only when it is older than CT_REFRESH_NS, so that the packets of a busy flow, from
+/// both ends and so from different CPUs, do not all write the entry's cache line.
+#[inline(always)]
+fn ct_touch(v: &mut CtValue, closing: bool, tcp_flags: u8, fin_side: u32) {
+    let n = now();
+    if n.wrapping_sub(v.last_seen_ns) >= CT_REFRESH_NS {
+        v.last_seen_ns = n;
+    }
+    if closing {
+        v.flags = closing_flags(v.flags, tcp_flags, fin_side);
+    }
 }
 
 /// The conntrack flags after a FIN or RST: a FIN marks its side; an RST, or FINs from

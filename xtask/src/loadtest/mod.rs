@@ -318,7 +318,10 @@ pub fn loadtest(args: &[String]) -> Result {
         return Err("loadtest needs root (network namespaces, BPF, pinning)".into());
     }
     ensure_debs(LOADTEST_PACKAGES)?;
-    run(cargo().args(["build", "--quiet", "--release", "--bin", "ward"]))?;
+    // The datapath part drives its own example, not `ward`.
+    if opts.proxy || opts.dns {
+        run(cargo().args(["build", "--quiet", "--release", "--bin", "ward"]))?;
+    }
     let work = std::env::temp_dir().join(format!("ward-loadtest-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let mut ctx = Ctx {
