@@ -27,7 +27,7 @@ impl Enforced<'_> {
     /// against the current policy; ICMP and other protocols are left to their (short)
     /// idle expiry.
     pub fn denies(&self, f: &ConntrackFlow) -> bool {
-        if f.flags & ct_flags::PROXIED != 0 {
+        if f.flags & (ct_flags::PROXIED | ct_flags::PROXY_UPSTREAM) != 0 {
             return false;
         }
         let protocol = match f.protocol {
@@ -127,6 +127,14 @@ spec:
         );
         // a proxied flow is the proxy's to check
         assert!(!e.denies(&flow("10.80.1.2", "10.80.2.2", 8081, 6, ct_flags::PROXIED)));
+        // and so is the proxy's upstream connection to the pod
+        assert!(!e.denies(&flow(
+            "10.80.1.2",
+            "10.80.2.2",
+            8081,
+            6,
+            ct_flags::PROXY_UPSTREAM
+        )));
         // ICMP is left to expiry
         assert!(!e.denies(&flow("10.80.1.2", "10.80.2.2", 0, 1, 0)));
         // the remote pod's ingress is its own node's to enforce
