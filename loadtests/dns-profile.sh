@@ -36,7 +36,7 @@ for i in $(seq 1 100); do
     records+=("--host-record=h$i.bench.test,192.0.2.$i")
     echo "h$i.bench.test A" >>"$WORK/queries"
 done
-inns dnsmasq --keep-in-foreground --conf-file=/dev/null --no-hosts --bind-interfaces \
+ip netns exec "$NS" dnsmasq --keep-in-foreground --conf-file=/dev/null --no-hosts --bind-interfaces \
     --listen-address=127.0.0.1 --user=root --log-facility=/dev/null --no-resolv \
     --pid-file="$WORK/up.pid" --port=5301 --cache-size=1000 "${records[@]}" &
 PIDS+=($!)
@@ -79,7 +79,7 @@ passes=$((N / 100))
 # divided by the difference of their query counts: start-up, the warm-up and the shutdown
 # cancel out.
 cg_run() {
-    inns valgrind --tool=callgrind --callgrind-out-file="$WORK/cg-$1.out" "$WARD" "${WARD_ARGS[@]}" \
+    ip netns exec "$NS" valgrind --tool=callgrind --callgrind-out-file="$WORK/cg-$1.out" "$WARD" "${WARD_ARGS[@]}" \
         2>"$WORK/cg-$1.log" &
     local pid=$!
     PIDS+=("$pid")
@@ -102,7 +102,7 @@ if [[ $WHAT == callgrind || $WHAT == both ]]; then
 fi
 
 if [[ $WHAT == strace || $WHAT == both ]]; then
-    inns strace -c -f -o "$WORK/strace.out" "$WARD" "${WARD_ARGS[@]}" 2>/dev/null &
+    ip netns exec "$NS" strace -c -f -o "$WORK/strace.out" "$WARD" "${WARD_ARGS[@]}" 2>/dev/null &
     WPID=$!
     PIDS+=("$WPID")
     wait_up

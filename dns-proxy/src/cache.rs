@@ -115,7 +115,10 @@ impl FqdnCache {
     /// Whether every IP is live for `name` and was handed over under these selectors.
     pub fn covers(&self, endpoint: &str, name: &str, ips: &[IpAddr], selectors: &[&str]) -> bool {
         self.entry(endpoint, name).is_some_and(|e| {
-            e.selectors.iter().map(String::as_str).eq(selectors.iter().copied())
+            e.selectors
+                .iter()
+                .map(String::as_str)
+                .eq(selectors.iter().copied())
                 && ips.iter().all(|ip| e.ips.iter().any(|x| x.ip == *ip))
         })
     }
@@ -127,7 +130,11 @@ impl FqdnCache {
             .get_mut(endpoint)
             .and_then(|names| names.get_mut(name))
         {
-            if e.selectors.iter().map(String::as_str).ne(selectors.iter().copied()) {
+            if e.selectors
+                .iter()
+                .map(String::as_str)
+                .ne(selectors.iter().copied())
+            {
                 e.selectors = selectors.iter().map(|s| s.to_string()).collect();
             }
         }
@@ -193,7 +200,11 @@ impl FqdnCache {
                     dropped += 1;
                     return false;
                 }
-                if e.selectors.iter().map(String::as_str).ne(now.iter().copied()) {
+                if e.selectors
+                    .iter()
+                    .map(String::as_str)
+                    .ne(now.iter().copied())
+                {
                     e.selectors = now.iter().map(|s| s.to_string()).collect();
                 }
                 true

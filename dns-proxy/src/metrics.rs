@@ -100,9 +100,9 @@ fn fine_hopts(name: &str, help: &str) -> HistogramOpts {
         .namespace("ward")
         .subsystem("dns")
         .buckets(vec![
-            0.000_002, 0.000_004, 0.000_006, 0.000_008, 0.000_01, 0.000_012, 0.000_015,
-            0.000_02, 0.000_025, 0.000_03, 0.000_04, 0.000_05, 0.000_075, 0.000_1, 0.000_15,
-            0.000_2, 0.000_3, 0.000_5, 0.001, 0.002_5, 0.01, 0.1,
+            0.000_002, 0.000_004, 0.000_006, 0.000_008, 0.000_01, 0.000_012, 0.000_015, 0.000_02,
+            0.000_025, 0.000_03, 0.000_04, 0.000_05, 0.000_075, 0.000_1, 0.000_15, 0.000_2,
+            0.000_3, 0.000_5, 0.001, 0.002_5, 0.01, 0.1,
         ])
 }
 
@@ -137,10 +137,9 @@ impl Metrics {
         for v in VERDICTS {
             let mut row = Vec::new();
             for r in RCODES.iter().map(|r| Some(*r)).chain([None]) {
-                row.push(queries.get_metric_with_label_values(&[
-                    verdict_label(v),
-                    &rcode_label(r),
-                ])?);
+                row.push(
+                    queries.get_metric_with_label_values(&[verdict_label(v), &rcode_label(r)])?,
+                );
             }
             by_verdict.push(row);
         }

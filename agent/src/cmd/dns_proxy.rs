@@ -77,7 +77,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
         }
         None => tokio::runtime::Builder::new_multi_thread(),
     };
-    let rt = rt.enable_all().build().context("cannot start the runtime")?;
+    let rt = rt
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
     let r = rt.block_on(serve(a));
     // Lets the audit writer drain what is queued.
     rt.shutdown_timeout(Duration::from_secs(1));

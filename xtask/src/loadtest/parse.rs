@@ -169,7 +169,11 @@ pub fn histogram_percentile(before: &[(f64, f64)], after: &[(f64, f64)], p: f64)
                 return None;
             }
             let inside = n - below;
-            let frac = if inside > 0.0 { (rank - below) / inside } else { 1.0 };
+            let frac = if inside > 0.0 {
+                (rank - below) / inside
+            } else {
+                1.0
+            };
             return Some(lo + (le - lo) * frac);
         }
         (lo, below) = (le, n);
