@@ -90,7 +90,7 @@ cg_run() {
     # background jobs of a non-interactive shell)
     kill -TERM "$pid"
     wait "$pid" || true
-    callgrind_annotate "$WORK/cg-$1.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}'
+    callgrind_annotate "$WORK/cg-$1.out" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}'
 }
 
 if [[ $WHAT == callgrind || $WHAT == both ]]; then
@@ -98,7 +98,8 @@ if [[ $WHAT == callgrind || $WHAT == both ]]; then
     total=$(cg_run $((10 + passes)))
     echo "callgrind: $base instructions for 1000 queries, $total for $((1000 + N))"
     echo "callgrind: $(((total - base) / N)) instructions per query"
-    callgrind_annotate --inclusive=no "$WORK/cg-$((10 + passes)).out" 2>/dev/null | sed -n '/^Ir/,$p' | head -40
+    cp "$WORK/cg-$((10 + passes)).out" "${CG_KEEP:-/dev/null}"
+    callgrind_annotate --inclusive=no "$WORK/cg-$((10 + passes)).out" 2>/dev/null | sed -n '/^Ir/,$p' | head -40 || true
 fi
 
 if [[ $WHAT == strace || $WHAT == both ]]; then
