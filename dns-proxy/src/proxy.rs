@@ -115,8 +115,13 @@ impl Proxy {
     /// leaves the cache (the datapath drops its IPs with the selector), the others keep
     /// the selectors that still match.
     pub fn set_model(&self, model: Arc<Model>) {
+        let mut cache = self.cache();
+        // Swapped under the cache lock: answers learn under it with the current model's
+        // selectors (`hand_off`), so none learns with the old ones after the prune.
         self.inner.policy.swap(model.clone());
-        self.follow_selectors(&model);
+        let dropped = cache.retain_selected(|name| model.fqdn_selectors_matching(name));
+        drop(cache);
+        self.pruned(dropped);
     }
 
     /// Drops the names no selector of `model` matches and records the current
@@ -125,6 +130,10 @@ impl Proxy {
         let dropped = self
             .cache()
             .retain_selected(|name| model.fqdn_selectors_matching(name));
+        self.pruned(dropped);
+    }
+
+    fn pruned(&self, dropped: usize) {
         if dropped > 0 {
             self.inner.dirty.store(true, Ordering::Relaxed);
             self.update_gauges();
@@ -195,8 +204,8 @@ impl Proxy {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let m = &self.inner.metrics;
-        // Without an audit output the record's strings are not built (it is still
-        // finished: its fields feed the metrics).
+        // Without an audit output the record's strings are not built (the record is
+        // only sent when there is an output).
         let audit = self.inner.audit.enabled();
 
         let mut rec = AuditRecord {
@@ -334,9 +343,7 @@ impl Proxy {
                 if self.inner.config.attribute_cname_targets {
                     names.extend(l.cname_targets.iter().cloned());
                 }
-                let h = self
-                    .hand_off(&model, ep, &names, &l.ips, ttl, now_ms(now))
-                    .await;
+                let h = self.hand_off(ep, &names, &l.ips, ttl, now_ms(now)).await;
                 rec.selectors = h.selectors;
                 rec.datapath_confirmed = h.confirmed;
             }
@@ -367,7 +374,6 @@ impl Proxy {
     /// selector matching each name.
     async fn hand_off(
         &self,
-        model: &Model,
         endpoint: &str,
         names: &[String],
         ips: &[IpAddr],
@@ -380,6 +386,13 @@ impl Proxy {
         // The selectors only go to the audit record: not built without an audit output.
         let audit = self.inner.audit.enabled();
         for name in names {
+            // Lock order: chains, then cache. The selectors come from the current model,
+            // read under the cache lock: `set_model` swaps and prunes under it too, so an
+            // answer matched against selectors that just left is not learned after the
+            // prune.
+            let mut chains = self.chains();
+            let mut cache = self.cache();
+            let model = self.inner.policy.current();
             let selectors = model.fqdn_selectors_matching(name);
             if selectors.is_empty() {
                 // Selected by no toFQDNs rule: nothing for the datapath (Cilium #30110).
@@ -393,17 +406,12 @@ impl Proxy {
                     }
                 }
             }
-            // Lock order: chains, then cache.
-            let mut chains = self.chains();
-            let (known, evicted) = {
-                let mut cache = self.cache();
-                let known = cache.covers(endpoint, name, ips, &selectors);
-                let evicted = cache.learn(endpoint, name, ips, ttl, now_ms);
-                if !known {
-                    cache.set_selectors(endpoint, name, &selectors);
-                }
-                (known, evicted)
-            };
+            let known = cache.covers(endpoint, name, ips, &selectors);
+            let evicted = cache.learn(endpoint, name, ips, ttl, now_ms);
+            if !known {
+                cache.set_selectors(endpoint, name, &selectors);
+            }
+            drop(cache);
             self.inner.dirty.store(true, Ordering::Relaxed);
             if !evicted.is_empty() {
                 self.inner.metrics.evictions.inc_by(evicted.len() as u64);
