@@ -81,6 +81,12 @@ impl Audit {
         Audit { tx: None, metrics }
     }
 
+    /// Whether records go anywhere: without an output, the query path builds none of
+    /// the record's strings.
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
     pub fn record(&self, r: AuditRecord) {
         if let Some(tx) = &self.tx {
             if tx.try_send(r).is_err() {

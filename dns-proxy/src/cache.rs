@@ -74,12 +74,24 @@ impl FqdnCache {
         now_ms: u64,
     ) -> Vec<IpAddr> {
         let expires_ms = now_ms.saturating_add(u64::from(ttl) * 1000);
-        let entry = self
+        // A known name (the common case) costs no key allocation.
+        let known = self
             .entries
-            .entry(endpoint.to_string())
-            .or_default()
-            .entry(name.to_string())
-            .or_default();
+            .get(endpoint)
+            .is_some_and(|names| names.contains_key(name));
+        if !known {
+            self.entries
+                .entry(endpoint.to_string())
+                .or_default()
+                .insert(name.to_string(), NameEntry::default());
+        }
+        let Some(entry) = self
+            .entries
+            .get_mut(endpoint)
+            .and_then(|names| names.get_mut(name))
+        else {
+            return Vec::new();
+        };
         for &ip in ips {
             entry.ips.retain(|e| e.ip != ip);
             entry.zombies.retain(|e| e.ip != ip);
@@ -101,20 +113,30 @@ impl FqdnCache {
     }
 
     /// Whether every IP is live for `name` and was handed over under these selectors.
-    pub fn covers(&self, endpoint: &str, name: &str, ips: &[IpAddr], selectors: &[String]) -> bool {
+    pub fn covers(&self, endpoint: &str, name: &str, ips: &[IpAddr], selectors: &[&str]) -> bool {
         self.entry(endpoint, name).is_some_and(|e| {
-            e.selectors == selectors && ips.iter().all(|ip| e.ips.iter().any(|x| x.ip == *ip))
+            e.selectors
+                .iter()
+                .map(String::as_str)
+                .eq(selectors.iter().copied())
+                && ips.iter().all(|ip| e.ips.iter().any(|x| x.ip == *ip))
         })
     }
 
     /// Records the selectors the IPs of `name` were handed over under.
-    pub fn set_selectors(&mut self, endpoint: &str, name: &str, selectors: Vec<String>) {
+    pub fn set_selectors(&mut self, endpoint: &str, name: &str, selectors: &[&str]) {
         if let Some(e) = self
             .entries
             .get_mut(endpoint)
             .and_then(|names| names.get_mut(name))
         {
-            e.selectors = selectors;
+            if e.selectors
+                .iter()
+                .map(String::as_str)
+                .ne(selectors.iter().copied())
+            {
+                e.selectors = selectors.iter().map(|s| s.to_string()).collect();
+            }
         }
     }
 
@@ -165,6 +187,31 @@ impl FqdnCache {
 
     pub fn entries(&self) -> &Entries {
         &self.entries
+    }
+
+    /// Keeps the names for which `selectors` (the toFQDNs selectors matching a name)
+    /// is not empty, recording those selectors; returns how many names left.
+    pub fn retain_selected<'m>(&mut self, selectors: impl Fn(&str) -> Vec<&'m str>) -> usize {
+        let mut dropped = 0;
+        for names in self.entries.values_mut() {
+            names.retain(|name, e| {
+                let now = selectors(name);
+                if now.is_empty() {
+                    dropped += 1;
+                    return false;
+                }
+                if e.selectors
+                    .iter()
+                    .map(String::as_str)
+                    .ne(now.iter().copied())
+                {
+                    e.selectors = now.iter().map(|s| s.to_string()).collect();
+                }
+                true
+            });
+        }
+        self.entries.retain(|_, names| !names.is_empty());
+        dropped
     }
 
     /// Replaces the content (restore at start).
@@ -233,5 +280,24 @@ mod tests {
         );
         assert_eq!(c.collect(5000, |_| false).len(), 1);
         assert!(c.entries().is_empty());
+    }
+
+    #[test]
+    fn names_follow_the_selectors() {
+        let mut c = FqdnCache::new(10);
+        c.learn("ns/a", "x.app.", &[ip("192.0.2.1")], 60, 0);
+        c.set_selectors("ns/a", "x.app.", &["*.app.", "x.app."]);
+        c.learn("ns/b", "y.gone.", &[ip("192.0.2.2")], 60, 0);
+        let dropped = c.retain_selected(|name| match name {
+            "x.app." => vec!["*.app."],
+            _ => Vec::new(),
+        });
+        assert_eq!(dropped, 1);
+        assert!(c.entries().get("ns/b").is_none(), "no empty endpoint left");
+        assert_eq!(
+            c.entry("ns/a", "x.app.").unwrap().selectors,
+            vec!["*.app.".to_string()]
+        );
+        assert_eq!(c.ips("ns/a", "x.app."), vec![ip("192.0.2.1")]);
     }
 }

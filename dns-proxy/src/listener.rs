@@ -5,7 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -152,6 +152,7 @@ pub async fn serve_udp(proxy: Proxy, io: Arc<dyn UdpTransport>) -> io::Result<()
             }
             Err(e) => return Err(e),
         };
+        let received = Instant::now();
         let query = buf.get(..d.len).unwrap_or_default().to_vec();
         let proxy = proxy.clone();
         let io = io.clone();
@@ -161,11 +162,13 @@ pub async fn serve_udp(proxy: Proxy, io: Arc<dyn UdpTransport>) -> io::Result<()
                 server: d.server,
                 transport: Transport::Udp,
             };
-            if let Some(reply) = proxy.handle(&query, ctx).await {
+            let (reply, upstream) = proxy.handle_timed(&query, ctx).await;
+            if let Some(reply) = reply {
                 if let Err(e) = io.send(&reply, d.client, d.server).await {
                     tracing::debug!(client = %d.client, "udp reply failed: {e}");
                 }
             }
+            proxy.observe_processing(received, upstream);
         });
     }
 }
@@ -238,7 +241,10 @@ async fn serve_connection(
         tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query))
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-        let Some(reply) = proxy.handle(&query, ctx).await else {
+        let received = Instant::now();
+        let (reply, upstream) = proxy.handle_timed(&query, ctx).await;
+        let Some(reply) = reply else {
+            proxy.observe_processing(received, upstream);
             continue;
         };
         let Ok(n) = u16::try_from(reply.len()) else {
@@ -248,5 +254,6 @@ async fn serve_connection(
         out.extend_from_slice(&n.to_be_bytes());
         out.extend_from_slice(&reply);
         stream.write_all(&out).await?;
+        proxy.observe_processing(received, upstream);
     }
 }

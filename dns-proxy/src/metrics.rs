@@ -1,8 +1,13 @@
 //! Prometheus metrics of the DNS proxy, in their own registry (the agent merges it).
 
+use std::sync::Arc;
+
+use hickory_proto::op::ResponseCode;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
+
+use crate::audit::Verdict;
 
 /// Handles to every metric; cheap to clone.
 #[derive(Clone)]
@@ -25,10 +30,80 @@ pub struct Metrics {
     pub expirations: IntCounter,
     pub evictions: IntCounter,
     pub persist_errors: IntCounter,
+    /// The proxy's own time per query: from the query's receipt to the reply's send,
+    /// minus the wait for the upstream.
+    pub processing_seconds: Histogram,
+    /// Series of the per-query path, resolved once (no label hashing per query).
+    pub series: Arc<Series>,
+}
+
+/// Rcodes with a pre-resolved `queries_total` series; others are resolved per query.
+const RCODES: [ResponseCode; 6] = [
+    ResponseCode::NoError,
+    ResponseCode::FormErr,
+    ResponseCode::ServFail,
+    ResponseCode::NXDomain,
+    ResponseCode::NotImp,
+    ResponseCode::Refused,
+];
+const VERDICTS: [Verdict; 3] = [Verdict::Forwarded, Verdict::Denied, Verdict::Error];
+
+/// The label series every query touches, looked up once at start.
+pub struct Series {
+    /// `[verdict][rcode index in RCODES, or RCODES.len() for none]`.
+    queries: Vec<Vec<IntCounter>>,
+    pub malformed_query: IntCounter,
+    pub malformed_answer: IntCounter,
+    pub upstream_udp: Histogram,
+    pub upstream_tcp: Histogram,
+}
+
+impl Metrics {
+    /// Counts one query by verdict and the rcode sent (None: no reply was sent).
+    pub fn count_query(&self, verdict: Verdict, rcode: Option<ResponseCode>) {
+        let v = VERDICTS.iter().position(|x| *x == verdict).unwrap_or(0);
+        let r = match rcode {
+            None => Some(RCODES.len()),
+            Some(rc) => RCODES.iter().position(|x| *x == rc),
+        };
+        match r.and_then(|r| self.series.queries.get(v)?.get(r)) {
+            Some(c) => c.inc(),
+            None => self
+                .queries
+                .with_label_values(&[verdict_label(verdict), &rcode_label(rcode)])
+                .inc(),
+        }
+    }
+}
+
+/// The `verdict` label of a verdict.
+pub fn verdict_label(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Forwarded => "forwarded",
+        Verdict::Denied => "denied",
+        Verdict::Error => "error",
+    }
+}
+
+/// The `rcode` label (and audit field) of the rcode sent: `NoError`, `Refused`, ...
+pub fn rcode_label(rcode: Option<ResponseCode>) -> String {
+    rcode.map_or_else(|| "none".to_string(), |r| format!("{r:?}"))
 }
 
 fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help).namespace("ward").subsystem("dns")
+}
+
+/// Buckets of the processing time: microseconds matter there.
+fn fine_hopts(name: &str, help: &str) -> HistogramOpts {
+    HistogramOpts::new(name, help)
+        .namespace("ward")
+        .subsystem("dns")
+        .buckets(vec![
+            0.000_002, 0.000_004, 0.000_006, 0.000_008, 0.000_01, 0.000_012, 0.000_015, 0.000_02,
+            0.000_025, 0.000_03, 0.000_04, 0.000_05, 0.000_075, 0.000_1, 0.000_15, 0.000_2,
+            0.000_3, 0.000_5, 0.001, 0.002_5, 0.01, 0.1,
+        ])
 }
 
 fn hopts(name: &str, help: &str) -> HistogramOpts {
@@ -43,23 +118,43 @@ fn hopts(name: &str, help: &str) -> HistogramOpts {
 
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
+        let queries = IntCounterVec::new(
+            opts("queries_total", "DNS queries by verdict and rcode sent"),
+            &["verdict", "rcode"],
+        )?;
+        let malformed = IntCounterVec::new(
+            opts("malformed_total", "Malformed DNS messages by kind"),
+            &["kind"],
+        )?;
+        let upstream_seconds = HistogramVec::new(
+            hopts(
+                "upstream_seconds",
+                "Upstream round trip of forwarded queries",
+            ),
+            &["transport"],
+        )?;
+        let mut by_verdict = Vec::new();
+        for v in VERDICTS {
+            let mut row = Vec::new();
+            for r in RCODES.iter().map(|r| Some(*r)).chain([None]) {
+                row.push(
+                    queries.get_metric_with_label_values(&[verdict_label(v), &rcode_label(r)])?,
+                );
+            }
+            by_verdict.push(row);
+        }
+        let series = Arc::new(Series {
+            queries: by_verdict,
+            malformed_query: malformed.get_metric_with_label_values(&["query"])?,
+            malformed_answer: malformed.get_metric_with_label_values(&["answer"])?,
+            upstream_udp: upstream_seconds.get_metric_with_label_values(&["udp"])?,
+            upstream_tcp: upstream_seconds.get_metric_with_label_values(&["tcp"])?,
+        });
         let m = Metrics {
             registry: Registry::new(),
-            queries: IntCounterVec::new(
-                opts("queries_total", "DNS queries by verdict and rcode sent"),
-                &["verdict", "rcode"],
-            )?,
-            malformed: IntCounterVec::new(
-                opts("malformed_total", "Malformed DNS messages by kind"),
-                &["kind"],
-            )?,
-            upstream_seconds: HistogramVec::new(
-                hopts(
-                    "upstream_seconds",
-                    "Upstream round trip of forwarded queries",
-                ),
-                &["transport"],
-            )?,
+            queries,
+            malformed,
+            upstream_seconds,
             upstream_failures: IntCounterVec::new(
                 opts("upstream_failures_total", "Upstream errors and timeouts"),
                 &["reason"],
@@ -98,6 +193,11 @@ impl Metrics {
                 "persist_errors_total",
                 "Failed writes of the FQDN cache",
             ))?,
+            processing_seconds: Histogram::with_opts(fine_hopts(
+                "processing_seconds",
+                "The proxy's own time per query: receipt to reply, minus the upstream wait",
+            ))?,
+            series,
         };
         let r = &m.registry;
         r.register(Box::new(m.queries.clone()))?;
@@ -114,6 +214,7 @@ impl Metrics {
         r.register(Box::new(m.expirations.clone()))?;
         r.register(Box::new(m.evictions.clone()))?;
         r.register(Box::new(m.persist_errors.clone()))?;
+        r.register(Box::new(m.processing_seconds.clone()))?;
         Ok(m)
     }
 

@@ -2,8 +2,9 @@
 //! The compiled model is an immutable snapshot; a new one is swapped in atomically and
 //! applies from the next query on.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use policy_model::flow::{ConnectionPolicy, SideDecision, SidePolicy};
 use policy_model::{Direction, Model, Protocol};
@@ -32,13 +33,34 @@ pub struct Resolved {
 pub struct PolicyStore {
     current: RwLock<Arc<Model>>,
     scope: Scope,
+    /// Resolved policies of the model they were resolved with: a query's connection
+    /// policy depends only on (client IP in node scope, server, transport) and the model,
+    /// so it is computed once per model instead of once per query.
+    resolved: Mutex<ResolvedCache>,
 }
+
+/// Client IP (node scope only), server, transport.
+type ResolvedKey = (Option<IpAddr>, SocketAddr, Transport);
+
+/// Connections resolved with one model; emptied when another model is asked about.
+struct ResolvedCache {
+    model: Option<Arc<Model>>,
+    map: HashMap<ResolvedKey, Arc<Resolved>>,
+}
+
+/// Resolved connections kept per model; past it the cache starts over (many clients in
+/// node scope), which costs a resolve per query, never a wrong answer.
+const RESOLVED_LIMIT: usize = 4096;
 
 impl PolicyStore {
     pub fn new(model: Arc<Model>, scope: Scope) -> PolicyStore {
         PolicyStore {
             current: RwLock::new(model),
             scope,
+            resolved: Mutex::new(ResolvedCache {
+                model: None,
+                map: HashMap::new(),
+            }),
         }
     }
 
@@ -54,14 +76,49 @@ impl PolicyStore {
             Ok(mut g) => *g = model,
             Err(poisoned) => *poisoned.into_inner() = model,
         }
+        // The old model's resolved connections are of no further use.
+        let mut cache = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+        cache.model = None;
+        cache.map.clear();
     }
 
     pub fn scope(&self) -> &Scope {
         &self.scope
     }
 
-    /// The policy for a query from `client` to `server` over `transport`.
+    /// The policy for a query from `client` to `server` over `transport`, from the cache
+    /// of `model`'s resolved connections.
     pub fn resolve(
+        &self,
+        model: &Arc<Model>,
+        client: IpAddr,
+        server: SocketAddr,
+        transport: Transport,
+    ) -> Arc<Resolved> {
+        let key = match self.scope {
+            Scope::Node { .. } => (Some(client), server, transport),
+            Scope::Endpoint(_) => (None, server, transport),
+        };
+        let mut cache = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+        if !cache.model.as_ref().is_some_and(|m| Arc::ptr_eq(m, model)) {
+            // Entries of another model: never reused (the cache holds that model, so its
+            // address cannot come back for a new one while entries refer to it).
+            cache.map.clear();
+            cache.model = Some(model.clone());
+        }
+        if let Some(r) = cache.map.get(&key) {
+            return r.clone();
+        }
+        let r = Arc::new(self.resolve_uncached(model, client, server, transport));
+        if cache.map.len() >= RESOLVED_LIMIT {
+            cache.map.clear();
+        }
+        cache.map.insert(key, r.clone());
+        r
+    }
+
+    /// The policy for a query from `client` to `server` over `transport`, computed.
+    pub fn resolve_uncached(
         &self,
         model: &Model,
         client: IpAddr,

@@ -19,13 +19,13 @@ use crate::cache::FqdnCache;
 use crate::config::{Config, RefuseCode};
 use crate::forward::{Forwarder, Upstream};
 use crate::message::{error_reply, formerr_from_bytes, learned};
-use crate::metrics::Metrics;
+use crate::metrics::{rcode_label, Metrics};
 use crate::persist::{self, PersistError};
 use crate::policy::{PolicyStore, Scope};
 use crate::sink::{DatapathSink, InUse, SelectorIps, Update};
 
 /// Transport of a query: the upstream gets the same.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Transport {
     Udp,
     Tcp,
@@ -110,9 +110,35 @@ impl Proxy {
         self
     }
 
-    /// Swaps in a new policy snapshot; it applies from the next query on.
+    /// Swaps in a new policy snapshot; it applies from the next query on. The cache's
+    /// names follow the new selectors: a name no toFQDNs selector matches any more
+    /// leaves the cache (the datapath drops its IPs with the selector), the others keep
+    /// the selectors that still match.
     pub fn set_model(&self, model: Arc<Model>) {
-        self.inner.policy.swap(model);
+        let mut cache = self.cache();
+        // Swapped under the cache lock: answers learn under it with the current model's
+        // selectors (`hand_off`), so none learns with the old ones after the prune.
+        self.inner.policy.swap(model.clone());
+        let dropped = cache.retain_selected(|name| model.fqdn_selectors_matching(name));
+        drop(cache);
+        self.pruned(dropped);
+    }
+
+    /// Drops the names no selector of `model` matches and records the current
+    /// selectors of the others.
+    fn follow_selectors(&self, model: &Model) {
+        let dropped = self
+            .cache()
+            .retain_selected(|name| model.fqdn_selectors_matching(name));
+        self.pruned(dropped);
+    }
+
+    fn pruned(&self, dropped: usize) {
+        if dropped > 0 {
+            self.inner.dirty.store(true, Ordering::Relaxed);
+            self.update_gauges();
+            tracing::debug!(dropped, "names no toFQDNs selector matches left the cache");
+        }
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -142,15 +168,53 @@ impl Proxy {
 
     /// Handles one query; returns the reply to send, if any.
     pub async fn handle(&self, query: &[u8], ctx: QueryContext) -> Option<Vec<u8>> {
+        self.handle_timed(query, ctx).await.0
+    }
+
+    /// Handles one query; returns the reply to send, if any, and how long the query
+    /// waited for the upstream (zero when it was not forwarded), so that the caller can
+    /// record the proxy's own time with [`Proxy::observe_processing`].
+    pub async fn handle_timed(
+        &self,
+        query: &[u8],
+        ctx: QueryContext,
+    ) -> (Option<Vec<u8>>, Duration) {
+        let mut upstream = Duration::ZERO;
+        let reply = self.process(query, ctx, &mut upstream).await;
+        (reply, upstream)
+    }
+
+    /// Records the proxy's own time for a query received at `received` whose reply just
+    /// left: the time since, minus the `upstream` wait.
+    pub fn observe_processing(&self, received: Instant, upstream: Duration) {
+        self.inner
+            .metrics
+            .processing_seconds
+            .observe(received.elapsed().saturating_sub(upstream).as_secs_f64());
+    }
+
+    async fn process(
+        &self,
+        query: &[u8],
+        ctx: QueryContext,
+        upstream: &mut Duration,
+    ) -> Option<Vec<u8>> {
         let start = Instant::now();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let m = &self.inner.metrics;
+        // Without an audit output the record's strings are not built (the record is
+        // only sent when there is an output).
+        let audit = self.inner.audit.enabled();
 
         let mut rec = AuditRecord {
-            time: rfc3339(now),
-            source: ctx.client.ip().to_string(),
+            time: if audit { rfc3339(now) } else { String::new() },
+            source: if audit {
+                ctx.client.ip().to_string()
+            } else {
+                String::new()
+            },
             client: ctx.client,
             server: ctx.server,
             transport: ctx.transport.as_str(),
@@ -171,7 +235,7 @@ impl Proxy {
         let msg = match Message::from_vec(query) {
             Ok(msg) => msg,
             Err(e) => {
-                m.malformed.with_label_values(&["query"]).inc();
+                m.series.malformed_query.inc();
                 rec.reason = format!("malformed query: {e}");
                 let reply = formerr_from_bytes(query);
                 return self.finish(rec, start, Verdict::Error, reply, ResponseCode::FormErr);
@@ -181,7 +245,7 @@ impl Proxy {
             || msg.op_code() != OpCode::Query
             || msg.queries().len() != 1
         {
-            m.malformed.with_label_values(&["query"]).inc();
+            m.series.malformed_query.inc();
             if msg.message_type() != MessageType::Query {
                 // Never answer a response: that is how reflection loops start.
                 rec.reason = "a response, not a query".into();
@@ -197,21 +261,25 @@ impl Proxy {
         }
         let question = &msg.queries()[0];
         let qname = normalize(&question.name().to_ascii());
-        rec.qname = qname.clone();
-        rec.qtype = question.query_type().to_string();
+        if audit {
+            rec.qname = qname.clone();
+            rec.qtype = question.query_type().to_string();
+        }
 
         let model = self.inner.policy.current();
         let resolved =
             self.inner
                 .policy
                 .resolve(&model, ctx.client.ip(), ctx.server, ctx.transport);
-        if let Some(ep) = &resolved.endpoint {
-            rec.source = ep.clone();
-        }
         let decision = model.check_dns(&resolved.conn, &qname);
-        if let Some(first) = decision.matched.first() {
-            rec.policy = Some(first.policy.clone());
-            rec.rule = Some(first.rule.clone());
+        if audit {
+            if let Some(ep) = &resolved.endpoint {
+                rec.source = ep.clone();
+            }
+            if let Some(first) = decision.matched.first() {
+                rec.policy = Some(first.policy.clone());
+                rec.rule = Some(first.rule.clone());
+            }
         }
         if !decision.allowed {
             let rcode = match self.inner.config.refuse_code {
@@ -231,15 +299,19 @@ impl Proxy {
         {
             Ok(a) => a,
             Err(e) => {
+                *upstream = up_start.elapsed();
                 m.upstream_failures.with_label_values(&[e.reason()]).inc();
                 rec.reason = e.to_string();
                 let rcode = ResponseCode::ServFail;
                 return self.finish(rec, start, Verdict::Error, error_reply(&msg, rcode), rcode);
             }
         };
-        m.upstream_seconds
-            .with_label_values(&[ctx.transport.as_str()])
-            .observe(up_start.elapsed().as_secs_f64());
+        *upstream = up_start.elapsed();
+        match ctx.transport {
+            Transport::Udp => &m.series.upstream_udp,
+            Transport::Tcp => &m.series.upstream_tcp,
+        }
+        .observe(upstream.as_secs_f64());
 
         // An answer we cannot read, or that is not about this query (id, question),
         // teaches nothing and is not passed on: SERVFAIL, as for any upstream failure.
@@ -252,7 +324,7 @@ impl Proxy {
                 a
             }
             Ok(_) | Err(_) => {
-                m.malformed.with_label_values(&["answer"]).inc();
+                m.series.malformed_answer.inc();
                 rec.reason = "malformed answer from upstream".into();
                 let rcode = ResponseCode::ServFail;
                 return self.finish(rec, start, Verdict::Error, error_reply(&msg, rcode), rcode);
@@ -262,16 +334,16 @@ impl Proxy {
         let l = learned(&parsed);
         if !l.ips.is_empty() {
             let ttl = l.ttl.max(self.inner.config.min_ttl);
-            rec.ips = l.ips.clone();
+            if audit {
+                rec.ips = l.ips.clone();
+            }
             rec.ttl = Some(ttl);
             if let Some(ep) = &resolved.endpoint {
                 let mut names = vec![qname.clone()];
                 if self.inner.config.attribute_cname_targets {
                     names.extend(l.cname_targets.iter().cloned());
                 }
-                let h = self
-                    .hand_off(&model, ep, &names, &l.ips, ttl, now_ms(now))
-                    .await;
+                let h = self.hand_off(ep, &names, &l.ips, ttl, now_ms(now)).await;
                 rec.selectors = h.selectors;
                 rec.datapath_confirmed = h.confirmed;
             }
@@ -287,23 +359,14 @@ impl Proxy {
         reply: Option<Vec<u8>>,
         rcode: ResponseCode,
     ) -> Option<Vec<u8>> {
-        let rcode = reply.as_ref().map(|_| format!("{rcode:?}"));
-        self.inner
-            .metrics
-            .queries
-            .with_label_values(&[
-                match verdict {
-                    Verdict::Forwarded => "forwarded",
-                    Verdict::Denied => "denied",
-                    Verdict::Error => "error",
-                },
-                rcode.as_deref().unwrap_or("none"),
-            ])
-            .inc();
-        rec.verdict = verdict;
-        rec.rcode = rcode;
-        rec.latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.inner.audit.record(rec);
+        let rcode = reply.as_ref().map(|_| rcode);
+        self.inner.metrics.count_query(verdict, rcode);
+        if self.inner.audit.enabled() {
+            rec.verdict = verdict;
+            rec.rcode = rcode.map(|r| rcode_label(Some(r)));
+            rec.latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.inner.audit.record(rec);
+        }
         reply
     }
 
@@ -311,7 +374,6 @@ impl Proxy {
     /// selector matching each name.
     async fn hand_off(
         &self,
-        model: &Model,
         endpoint: &str,
         names: &[String],
         ips: &[IpAddr],
@@ -319,31 +381,37 @@ impl Proxy {
         now_ms: u64,
     ) -> HandOff {
         let mut waits = Vec::new();
-        let mut all_selectors = Vec::new();
+        let mut all_selectors: Vec<String> = Vec::new();
+        let mut any_selector = false;
+        // The selectors only go to the audit record: not built without an audit output.
+        let audit = self.inner.audit.enabled();
         for name in names {
-            let selectors: Vec<String> = model
-                .fqdn_selectors_matching(name)
-                .into_iter()
-                .map(str::to_string)
-                .collect();
+            // Lock order: chains, then cache. The selectors come from the current model,
+            // read under the cache lock: `set_model` swaps and prunes under it too, so an
+            // answer matched against selectors that just left is not learned after the
+            // prune.
+            let mut chains = self.chains();
+            let mut cache = self.cache();
+            let model = self.inner.policy.current();
+            let selectors = model.fqdn_selectors_matching(name);
             if selectors.is_empty() {
                 // Selected by no toFQDNs rule: nothing for the datapath (Cilium #30110).
                 continue;
             }
-            for s in &selectors {
-                if !all_selectors.contains(s) {
-                    all_selectors.push(s.clone());
+            any_selector = true;
+            if audit {
+                for s in &selectors {
+                    if !all_selectors.iter().any(|a| a == s) {
+                        all_selectors.push(s.to_string());
+                    }
                 }
             }
-            // Lock order: chains, then cache.
-            let mut chains = self.chains();
-            let (known, evicted) = {
-                let mut cache = self.cache();
-                let known = cache.covers(endpoint, name, ips, &selectors);
-                let evicted = cache.learn(endpoint, name, ips, ttl, now_ms);
-                cache.set_selectors(endpoint, name, selectors.clone());
-                (known, evicted)
-            };
+            let known = cache.covers(endpoint, name, ips, &selectors);
+            let evicted = cache.learn(endpoint, name, ips, ttl, now_ms);
+            if !known {
+                cache.set_selectors(endpoint, name, &selectors);
+            }
+            drop(cache);
             self.inner.dirty.store(true, Ordering::Relaxed);
             if !evicted.is_empty() {
                 self.inner.metrics.evictions.inc_by(evicted.len() as u64);
@@ -360,7 +428,7 @@ impl Proxy {
                 add: selectors
                     .iter()
                     .map(|s| SelectorIps {
-                        selector: s.clone(),
+                        selector: s.to_string(),
                         label: fqdn_key(s, endpoint).to_string(),
                         ips: ips.to_vec(),
                     })
@@ -371,7 +439,7 @@ impl Proxy {
         }
         if waits.is_empty() {
             // Either no selector matched, or the datapath already had everything.
-            let confirmed = (!all_selectors.is_empty()).then_some(true);
+            let confirmed = any_selector.then_some(true);
             return HandOff {
                 selectors: all_selectors,
                 confirmed,
@@ -562,8 +630,10 @@ impl Proxy {
                 }
             }
         }
-        let count = entries.values().map(BTreeMap::len).sum();
         self.cache().restore(entries);
+        // What the policy no longer selects is not restored.
+        self.follow_selectors(&model);
+        let count = self.cache().entries().values().map(BTreeMap::len).sum();
         self.update_gauges();
         for u in updates {
             let name = u.name.clone();

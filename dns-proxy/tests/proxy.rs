@@ -806,3 +806,44 @@ async fn audit_lines_are_json() {
     assert_eq!(lines[1]["verdict"], "denied");
     assert_eq!(lines[1]["rcode"], "Refused");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_names_follow_the_current_selectors() {
+    let mut z = Zone::default();
+    z.a("web.app.test", 300, &["192.0.2.140"]);
+    z.a("x.deep.test", 300, &["192.0.2.141"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    query(h.addr, "web.app.test", RecordType::A, false).await;
+    query(h.addr, "x.deep.test", RecordType::A, false).await;
+    assert_eq!(
+        h.proxy.cached_ips(ENDPOINT, "web.app.test"),
+        vec![ip("192.0.2.140")]
+    );
+    // The toFQDNs selector `*.app.test` leaves the policy; its DNS rule stays.
+    let without = POLICY.replace(
+        "    - matchPattern: \"**.deep.test\"\n    - matchPattern: \"*.app.test\"\n",
+        "    - matchPattern: \"**.deep.test\"\n",
+    );
+    assert_ne!(without, POLICY);
+    h.proxy.set_model(model_with(&without, up.addr.port()));
+    assert!(h.proxy.held_ips(ENDPOINT, "web.app.test").is_empty());
+    // The name another selector still matches stays.
+    assert_eq!(
+        h.proxy.cached_ips(ENDPOINT, "x.deep.test"),
+        vec![ip("192.0.2.141")]
+    );
+    // Still answered (the DNS rule allows it), but nothing is learned for it.
+    let m = query(h.addr, "web.app.test", RecordType::A, false).await;
+    assert_eq!(ips(&m), vec![ip("192.0.2.140")]);
+    assert!(h.proxy.cached_ips(ENDPOINT, "web.app.test").is_empty());
+    // The selector back: the next answer is learned and handed to the datapath again.
+    let applied = h.sink.applied().len();
+    h.proxy.set_model(model(up.addr.port()));
+    query(h.addr, "web.app.test", RecordType::A, false).await;
+    assert_eq!(
+        h.proxy.cached_ips(ENDPOINT, "web.app.test"),
+        vec![ip("192.0.2.140")]
+    );
+    assert_eq!(h.sink.applied().len(), applied + 1);
+}

@@ -51,9 +51,12 @@ pub struct Args {
     /// Upstream timeout in milliseconds (then SERVFAIL).
     #[arg(long, default_value_t = 10_000)]
     upstream_timeout_ms: u64,
-    /// Worker threads (default: one per CPU).
+    /// Worker threads (default: one per CPU); 1 runs everything on the main thread.
     #[arg(long)]
     threads: Option<usize>,
+    /// Address of the Prometheus metrics endpoint (GET /metrics).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -63,12 +66,21 @@ pub enum Refuse {
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    rt.enable_all();
-    if let Some(n) = a.threads {
-        rt.worker_threads(n.max(1));
-    }
-    let rt = rt.build().context("cannot start the runtime")?;
+    // One thread: a current-thread runtime, without the multi-thread scheduler's
+    // queues and cross-thread wake-ups on every task switch.
+    let mut rt = match a.threads {
+        Some(n) if n <= 1 => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let rt = rt
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
     let r = rt.block_on(serve(a));
     // Lets the audit writer drain what is queued.
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -113,6 +125,12 @@ async fn serve(a: Args) -> Result<ExitCode> {
         metrics,
     );
     let restored = proxy.restore().await.context("restoring the FQDN cache")?;
+    if let Some(addr) = a.metrics {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind the metrics endpoint {addr}"))?;
+        tokio::spawn(serve_metrics(l, proxy.metrics().clone()));
+    }
     let _maintenance = proxy.spawn_maintenance();
     let udp = tokio::net::UdpSocket::bind(a.listen)
         .await
@@ -145,4 +163,44 @@ async fn serve(a: Args) -> Result<ExitCode> {
         eprintln!("ward dns-proxy: persisting the FQDN cache: {e}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serves `GET /metrics` (the DNS proxy's registry, text exposition) until the listener
+/// fails; anything else is 404.
+async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Metrics) {
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                eprintln!("ward dns-proxy: metrics endpoint: {e}");
+                return;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    let mut resp = hyper::Response::new(Full::new(bytes::Bytes::new()));
+                    if req.uri().path() == "/metrics" {
+                        *resp.body_mut() = Full::new(bytes::Bytes::from(metrics.render()));
+                        resp.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                        );
+                    } else {
+                        *resp.status_mut() = http::StatusCode::NOT_FOUND;
+                    }
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
 }

@@ -15,8 +15,13 @@ use crate::Result;
 const UPSTREAM: u16 = 5301;
 const FORWARDER: u16 = 5302;
 const WARD: u16 = 5303;
-/// Rate of the latency run (queries per second), well below every target's capacity.
-const LATENCY_QPS: &str = "2000";
+/// Ward's Prometheus endpoint (its processing-time histogram).
+const WARD_METRICS: u16 = 5304;
+/// Ward's histogram of its own time per query (receipt to reply, minus the upstream wait).
+const PROCESSING: &str = "ward_dns_processing_seconds";
+/// Rate of the latency run (queries per second), well below every target's capacity, so
+/// that queries rarely wait behind each other: the figure is one query's path.
+const LATENCY_QPS: &str = "1000";
 
 struct Row {
     name: &'static str,
@@ -27,6 +32,8 @@ struct Row {
     p50: f64,
     p90: f64,
     p99: f64,
+    /// Ward's own processing time per query in the latency run (p50, p90), microseconds.
+    processing: Option<(f64, f64)>,
 }
 
 impl Row {
@@ -75,6 +82,20 @@ fn wait_dns(ctx: &mut Ctx, ns: &Netns, port: u16, queries: &Path) -> Result {
     Ok(())
 }
 
+/// The buckets of Ward's processing-time histogram, scraped from its metrics endpoint.
+fn processing_buckets(ctx: &mut Ctx, ns: &Netns) -> Result<Vec<(f64, f64)>> {
+    let out = output(
+        ctx,
+        ns.cmd(LOAD_CPU, "curl")
+            .args(["-sf", &format!("http://127.0.0.1:{WARD_METRICS}/metrics")]),
+    )?;
+    let b = parse::histogram_buckets(&out, PROCESSING);
+    if b.is_empty() {
+        return Err(format!("no {PROCESSING} in ward's metrics: {out}"));
+    }
+    Ok(b)
+}
+
 fn measure(
     ctx: &mut Ctx,
     ns: &Netns,
@@ -83,6 +104,7 @@ fn measure(
     subject: Option<&Proc>,
     queries: &Path,
 ) -> Result<Row> {
+    let is_ward = port == WARD;
     let (secs, lat_secs, _) = durations(ctx.quick);
     let before = subject.map(Proc::cpu_seconds).transpose()?;
     let out = output(
@@ -92,6 +114,11 @@ fn measure(
     let after = subject.map(Proc::cpu_seconds).transpose()?;
     let (completed, lost, qps) =
         parse::dnsperf(&out).ok_or_else(|| format!("cannot read dnsperf's output: {out}"))?;
+    let hist_before = if is_ward {
+        Some(processing_buckets(ctx, ns)?)
+    } else {
+        None
+    };
     let out = output(
         ctx,
         dnsperf(ns, port, queries).args([
@@ -104,6 +131,14 @@ fn measure(
             "-v",
         ]),
     )?;
+    let processing = match hist_before {
+        Some(before) => {
+            let after = processing_buckets(ctx, ns)?;
+            let p = |q| parse::histogram_percentile(&before, &after, q).map(|s| s * 1e6);
+            p(50.0).zip(p(90.0))
+        }
+        None => None,
+    };
     let mut lat = parse::dnsperf_latencies(&out);
     let pct = |v: &mut Vec<f64>, p| parse::percentile(v, p).unwrap_or(f64::NAN);
     Ok(Row {
@@ -115,6 +150,7 @@ fn measure(
         p50: pct(&mut lat, 50.0),
         p90: pct(&mut lat, 90.0),
         p99: pct(&mut lat, 99.0),
+        processing,
     })
 }
 
@@ -183,7 +219,8 @@ spec:
         .arg("--policies")
         .arg(&policy)
         .args(["--endpoint", "bench/client", "--threads", "1"])
-        .args(["--audit-log", "/dev/null"]);
+        .args(["--audit-log", "/dev/null"])
+        .args(["--metrics", &format!("127.0.0.1:{WARD_METRICS}")]);
     let mut ward = Proc::spawn(ctx, "ward dns-proxy", &mut ward_cmd, &ward_log)?;
     for (port, p, l) in [
         (UPSTREAM, &mut upstream, &up_log),
@@ -218,7 +255,7 @@ fn durations(quick: bool) -> (u64, u64, u32) {
     if quick {
         (2, 1, 1)
     } else {
-        (5, 3, 3)
+        (5, 5, 3)
     }
 }
 
@@ -239,6 +276,35 @@ fn median<'a>(all: &'a [Row], name: &str) -> Option<(&'a Row, Vec<f64>)> {
     rs.get(rs.len().saturating_sub(1) / 2).map(|r| (*r, keys))
 }
 
+/// The median of some figures (the lower middle one of an even count); NaN when empty.
+fn mid(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+/// A figure of `name` in every round, in round order.
+fn per_round(all: &[Row], name: &str, f: impl Fn(&Row) -> f64) -> Vec<f64> {
+    all.iter().filter(|r| r.name == name).map(f).collect()
+}
+
+fn list(v: &[f64]) -> String {
+    v.iter()
+        .map(|k| format!("{k:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The latency `name` adds over direct, per round (both measured in the same round).
+fn added(all: &[Row], name: &str) -> Vec<f64> {
+    per_round(all, name, |r| r.p50)
+        .iter()
+        .zip(per_round(all, "direct", |r| r.p50))
+        .map(|(t, d)| t - d)
+        .collect()
+}
+
 fn report(all: &[Row], quick: bool) -> String {
     let (secs, lat_secs, rounds) = durations(quick);
     let picked: Vec<(&Row, Vec<f64>)> = ["direct", "ward", "dnsmasq"]
@@ -253,15 +319,20 @@ fn report(all: &[Row], quick: bool) -> String {
          rule `*.bench.test`, toFQDNs learning on, audit to /dev/null) and dnsmasq as a \
          forwarder with `--cache-size=0`. dnsperf on CPU {LOAD_CPU}: throughput with 100 \
          outstanding queries for {secs} s; latency from a second run at {LATENCY_QPS} \
-         queries/s for {lat_secs} s (`-v`, every NOERROR answer). {rounds} round(s), \
-         targets in turn; per target the round with the median queries per CPU-second \
-         (direct: median qps), and that figure for every round.\n"
+         queries/s for {lat_secs} s (`-v`, every NOERROR answer), the same for every \
+         target. {rounds} round(s), targets in turn. Throughput columns: per target the \
+         round with the median queries per CPU-second (direct: median qps), that figure \
+         for every round. Latency columns: the median over rounds of each round's \
+         percentile. Ward's processing time: its own time per query (from the query's \
+         receipt to the reply's send, minus the wait for the upstream; histogram \
+         `{PROCESSING}` scraped before and after the latency run), median over rounds.\n"
     );
-    s.push_str("| target | completed | lost | qps | subject CPU s | queries per CPU-s | p50 | p90 | p99 | every round |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| target | completed | lost | qps | subject CPU s | queries per CPU-s | p50 | p90 | p99 | every round (q/CPU-s or qps) | p50 every round |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (r, keys) in &picked {
+        let lat = |f: fn(&Row) -> f64| mid(per_round(all, r.name, f));
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.0} | {} | {} | {:.0} us | {:.0} us | {:.0} us | {} |",
+            "| {} | {} | {} | {:.0} | {} | {} | {:.0} us | {:.0} us | {:.0} us | {} | {} |",
             r.name,
             r.completed,
             r.lost,
@@ -274,29 +345,46 @@ fn report(all: &[Row], quick: bool) -> String {
             } else {
                 "-".into()
             },
-            r.p50,
-            r.p90,
-            r.p99,
-            keys.iter()
-                .map(|k| format!("{k:.0}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            lat(|r| r.p50),
+            lat(|r| r.p90),
+            lat(|r| r.p99),
+            list(keys),
+            list(&per_round(all, r.name, |r| r.p50)),
         );
     }
-    let [(d, _), (w, _), (m, _)] = picked.as_slice() else {
+    let proc50 = per_round(all, "ward", |r| r.processing.map_or(f64::NAN, |p| p.0));
+    let proc90 = per_round(all, "ward", |r| r.processing.map_or(f64::NAN, |p| p.1));
+    let _ = writeln!(
+        s,
+        "\nWard's processing time per query (latency run): p50 {:.1} us, p90 {:.1} us \
+         (every round p50: {}).",
+        mid(proc50.clone()),
+        mid(proc90),
+        proc50
+            .iter()
+            .map(|k| format!("{k:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let [_, (w, _), (m, _)] = picked.as_slice() else {
         return s;
     };
+    let d = picked[0].0;
+    let (aw, am) = (added(all, "ward"), added(all, "dnsmasq"));
     let _ = writeln!(
         s,
         "\nRatios (same run): ward/dnsmasq queries per CPU-second {}; qps ward/direct {}, \
-         dnsmasq/direct {}, ward/dnsmasq {}. Median latency added over direct: ward {:.0} us, \
-         dnsmasq {:.0} us.\n",
+         dnsmasq/direct {}, ward/dnsmasq {}. Median latency added over direct (median over \
+         rounds of each round's p50 minus direct's): ward {:.0} us, dnsmasq {:.0} us \
+         (every round: ward {}; dnsmasq {}).\n",
         ratio(w.per_cpu(), m.per_cpu()),
         ratio(w.qps, d.qps),
         ratio(m.qps, d.qps),
         ratio(w.qps, m.qps),
-        w.p50 - d.p50,
-        m.p50 - d.p50
+        mid(aw.clone()),
+        mid(am.clone()),
+        list(&aw),
+        list(&am),
     );
     s
 }

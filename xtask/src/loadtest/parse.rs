@@ -123,6 +123,64 @@ pub fn dnsperf_latencies(out: &str) -> Vec<f64> {
         .collect()
 }
 
+/// The cumulative buckets `(upper bound, count)` of Prometheus histogram `name` in a text
+/// exposition, in the exposition's order (ascending `le`, `+Inf` last).
+pub fn histogram_buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{");
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let le = rest.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count = l.split_whitespace().last()?.parse().ok()?;
+            Some((le, count))
+        })
+        .collect()
+}
+
+/// The `p`th percentile of the observations between two scrapes of one histogram
+/// (`before`, `after` from [`histogram_buckets`]), interpolated linearly inside the bucket
+/// that holds it (the first bucket starts at 0). None without observations, or when the
+/// percentile falls in the `+Inf` bucket.
+pub fn histogram_percentile(before: &[(f64, f64)], after: &[(f64, f64)], p: f64) -> Option<f64> {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|&(le, n)| {
+            let b = before
+                .iter()
+                .find(|(l, _)| *l == le)
+                .map_or(0.0, |(_, n)| *n);
+            (le, n - b)
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = p / 100.0 * total;
+    let (mut lo, mut below) = (0.0, 0.0);
+    for (le, n) in delta {
+        if n >= rank {
+            if le.is_infinite() {
+                return None;
+            }
+            let inside = n - below;
+            let frac = if inside > 0.0 {
+                (rank - below) / inside
+            } else {
+                1.0
+            };
+            return Some(lo + (le - lo) * frac);
+        }
+        (lo, below) = (le, n);
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -194,5 +252,30 @@ status codes: 50000 2xx, 0 3xx, 0 4xx, 0 5xx
         assert_eq!(percentile(&mut v, 50.0), Some(50.0));
         assert_eq!(percentile(&mut v, 99.0), Some(99.0));
         assert_eq!(percentile(&mut [], 50.0), None);
+    }
+
+    #[test]
+    fn histogram_median_between_scrapes() {
+        let text = |a: u32, b: u32, c: u32| {
+            format!(
+                "# TYPE ward_dns_processing_seconds histogram\n\
+                 ward_dns_processing_seconds_bucket{{le=\"0.00001\"}} {a}\n\
+                 ward_dns_processing_seconds_bucket{{le=\"0.00002\"}} {b}\n\
+                 ward_dns_processing_seconds_bucket{{le=\"+Inf\"}} {c}\n\
+                 ward_dns_processing_seconds_sum 0.1\n\
+                 ward_dns_processing_seconds_count {c}\n\
+                 ward_dns_upstream_seconds_bucket{{transport=\"udp\",le=\"0.00001\"}} 99\n"
+            )
+        };
+        let before = histogram_buckets(&text(5, 5, 5), "ward_dns_processing_seconds");
+        assert_eq!(before.len(), 3);
+        // 10 new observations: 2 under 10 us, 8 in (10, 20] us
+        let after = histogram_buckets(&text(7, 15, 15), "ward_dns_processing_seconds");
+        let p50 = histogram_percentile(&before, &after, 50.0).unwrap();
+        // rank 5: the 3rd of 8 in (10, 20] -> 10 + 10 * 3/8
+        assert!((p50 - 0.000_013_75).abs() < 1e-12, "{p50}");
+        assert_eq!(histogram_percentile(&after, &after, 50.0), None);
+        let tail = histogram_buckets(&text(0, 0, 4), "ward_dns_processing_seconds");
+        assert_eq!(histogram_percentile(&[], &tail, 50.0), None);
     }
 }
