@@ -11,6 +11,7 @@
 
 pub mod compile;
 pub mod loader;
+pub mod ringbuf;
 pub mod routing;
 
 use std::io;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::maps::lpm_trie::Key;
-use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
@@ -20,6 +20,7 @@ use redirect_bpf_common::{
 };
 
 use crate::compile::PolicyEntry;
+use crate::ringbuf::EventRing;
 use crate::Error;
 
 /// The default bpffs root of Ward's pins.
@@ -45,7 +46,9 @@ pub struct Datapath {
     conntrack_v4: HashMap<MapData, CtKeyV4, CtValue>,
     conntrack_v6: HashMap<MapData, CtKeyV6, CtValue>,
     drops: PerCpuArray<MapData, u64>,
-    events: RingBuf<MapData>,
+    events: EventRing,
+    /// The map behind `events` (its mappings outlive the fd, but keep the map open).
+    _events_map: MapData,
     event_rate: PerCpuArray<MapData, EventRate>,
 }
 
@@ -99,7 +102,13 @@ impl Datapath {
         let conntrack_v4 = take(map_names::CONNTRACK_V4)?;
         let conntrack_v6 = take(map_names::CONNTRACK_V6)?;
         let drops = take(map_names::DROPS)?;
-        let events = take(map_names::EVENTS)?;
+        let events_map = match take(map_names::EVENTS)? {
+            aya::maps::Map::RingBuf(m) => m,
+            _ => return Err(Error::NoSuchMap(map_names::EVENTS)),
+        };
+        let size = events_map.info().map_err(Error::map)?.max_entries();
+        let events = EventRing::new(events_map.fd().as_fd(), size)
+            .map_err(|e| Error::io(&root.join(map_names::EVENTS), e))?;
         let event_rate = take(map_names::EVENT_RATE)?;
         Ok(Datapath {
             root: root.to_path_buf(),
@@ -111,7 +120,8 @@ impl Datapath {
             conntrack_v4: HashMap::try_from(conntrack_v4).map_err(Error::map)?,
             conntrack_v6: HashMap::try_from(conntrack_v6).map_err(Error::map)?,
             drops: PerCpuArray::try_from(drops).map_err(Error::map)?,
-            events: RingBuf::try_from(events).map_err(Error::map)?,
+            events,
+            _events_map: events_map,
             event_rate: PerCpuArray::try_from(event_rate).map_err(Error::map)?,
             ebpf,
         })
@@ -394,11 +404,11 @@ impl Datapath {
     /// Drains the drop events queued so far.
     pub fn drain_events(&mut self) -> Vec<DropEvent> {
         let mut out = Vec::new();
-        while let Some(item) = self.events.next() {
-            if let Some(ev) = decode_event(&item) {
+        self.events.drain(|item| {
+            if let Some(ev) = decode_event(item) {
                 out.push(ev);
             }
-        }
+        });
         out
     }
 

@@ -625,6 +625,14 @@ fn enforcement_survives_a_loader_restart() {
     let mut s = connect(&a.ns, b.ip, 80, ALLOWED).expect("a -> b:80 is allowed");
     round_trip(&mut s, b"before");
 
+    // The first loader reads the events so far: the pinned ring buffer's consumer
+    // position is no longer 0 for the next one.
+    assert_denied(&a.ns, b.ip, 81);
+    assert!(
+        !dp.drain_events().is_empty(),
+        "the denied connect is an event"
+    );
+
     // The loader goes away: pinned links and maps keep enforcing.
     drop(dp);
     round_trip(&mut s, b"while no loader runs");
@@ -642,6 +650,28 @@ fn enforcement_survives_a_loader_restart() {
     round_trip(&mut s, b"after");
     connect(&a.ns, b.ip, 80, ALLOWED).expect("a new a -> b:80 is allowed");
     assert_denied(&a.ns, b.ip, 81);
+    // It reads the events from where the first one stopped: those of the drops while no
+    // loader ran and since, each once. (aya 0.13's reader looped forever here.) Drained
+    // on a thread with a deadline, so that a reader that spins fails the test.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let drained = thread::spawn(move || {
+        let mut dp = dp;
+        let events = dp.drain_events();
+        let _ = tx.send(events);
+        dp
+    });
+    let events = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("draining the reopened ring buffer ends");
+    let dp = drained.join().expect("drain thread");
+    let to_81: Vec<_> = events
+        .iter()
+        .filter(|e| e.saddr == a.ip.octets() && u16::from_be_bytes(e.dport) == 81)
+        .collect();
+    assert!(
+        !to_81.is_empty() && events.iter().all(|e| e.family == 4),
+        "the drops to 81 since the first loader read: {events:?}"
+    );
 
     // A policy update: 80 -> 81. New flows follow it; the established one is tracked.
     let mut dp = dp;
