@@ -417,42 +417,15 @@ impl Datapath {
     /// is an LRU as well, so this keeps it accurate rather than merely bounded.
     pub fn expire_conntrack(&mut self, idle: Duration, closing: Duration) -> Result<usize, Error> {
         let now = monotonic_ns()?;
-        let expired = |v: &CtValue| {
-            let age = now.saturating_sub(v.last_seen_ns);
-            let limit = if v.flags & ct_flags::CLOSING != 0 {
+        self.remove_conntrack(|f| {
+            let age = now.saturating_sub(f.last_seen_ns);
+            let limit = if f.flags & ct_flags::CLOSING != 0 {
                 closing
             } else {
                 idle
             };
             u128::from(age) > limit.as_nanos()
-        };
-        let v4: Vec<CtKeyV4> = self
-            .conntrack_v4
-            .iter()
-            .flatten()
-            .filter(|(_, v)| expired(v))
-            .map(|(k, _)| k)
-            .collect();
-        let v6: Vec<CtKeyV6> = self
-            .conntrack_v6
-            .iter()
-            .flatten()
-            .filter(|(_, v)| expired(v))
-            .map(|(k, _)| k)
-            .collect();
-        let mut removed = 0;
-        for k in &v4 {
-            // Gone already (LRU eviction, a concurrent run): nothing to do.
-            if self.conntrack_v4.remove(k).is_ok() {
-                removed += 1;
-            }
-        }
-        for k in &v6 {
-            if self.conntrack_v6.remove(k).is_ok() {
-                removed += 1;
-            }
-        }
-        Ok(removed)
+        })
     }
 
     /// Removes the conntrack entries of the flows `revoke` says policy no longer allows,
@@ -462,20 +435,25 @@ impl Datapath {
     /// lookup makes it (the map is read once; entries created meanwhile are left alone).
     pub fn revoke_conntrack(
         &mut self,
-        mut revoke: impl FnMut(&ConntrackFlow) -> bool,
+        revoke: impl FnMut(&ConntrackFlow) -> bool,
+    ) -> Result<usize, Error> {
+        self.remove_conntrack(revoke)
+    }
+
+    /// Removes the entries of both families that `doomed` picks; returns how many were
+    /// removed (an entry gone meanwhile, by LRU eviction or a concurrent run, is fine).
+    fn remove_conntrack(
+        &mut self,
+        mut doomed: impl FnMut(&ConntrackFlow) -> bool,
     ) -> Result<usize, Error> {
         let v4: Vec<CtKeyV4> = self
             .conntrack_v4
             .iter()
             .flatten()
             .filter(|(k, v)| {
-                revoke(&ConntrackFlow {
-                    src: IpAddr::from(k.saddr),
-                    dst: IpAddr::from(k.daddr),
-                    dport: u16::from_be_bytes(k.dport),
-                    protocol: k.protocol,
-                    flags: v.flags,
-                })
+                doomed(&ConntrackFlow::new(
+                    k.saddr, k.daddr, k.dport, k.protocol, v,
+                ))
             })
             .map(|(k, _)| k)
             .collect();
@@ -484,27 +462,19 @@ impl Datapath {
             .iter()
             .flatten()
             .filter(|(k, v)| {
-                revoke(&ConntrackFlow {
-                    src: IpAddr::from(k.saddr),
-                    dst: IpAddr::from(k.daddr),
-                    dport: u16::from_be_bytes(k.dport),
-                    protocol: k.protocol,
-                    flags: v.flags,
-                })
+                doomed(&ConntrackFlow::new(
+                    k.saddr, k.daddr, k.dport, k.protocol, v,
+                ))
             })
             .map(|(k, _)| k)
             .collect();
-        let mut removed = 0;
-        for k in &v4 {
-            if self.conntrack_v4.remove(k).is_ok() {
-                removed += 1;
-            }
-        }
-        for k in &v6 {
-            if self.conntrack_v6.remove(k).is_ok() {
-                removed += 1;
-            }
-        }
+        let removed = v4
+            .iter()
+            .filter(|k| self.conntrack_v4.remove(k).is_ok())
+            .count()
+            + v6.iter()
+                .filter(|k| self.conntrack_v6.remove(k).is_ok())
+                .count();
         Ok(removed)
     }
 
@@ -540,6 +510,27 @@ pub struct ConntrackFlow {
     pub protocol: u8,
     /// `common::ct_flags`.
     pub flags: u32,
+    /// `bpf_ktime_get_ns` of the flow's last refresh (at most a second old while it is busy).
+    pub last_seen_ns: u64,
+}
+
+impl ConntrackFlow {
+    fn new(
+        src: impl Into<IpAddr>,
+        dst: impl Into<IpAddr>,
+        dport: [u8; 2],
+        protocol: u8,
+        v: &CtValue,
+    ) -> ConntrackFlow {
+        ConntrackFlow {
+            src: src.into(),
+            dst: dst.into(),
+            dport: u16::from_be_bytes(dport),
+            protocol,
+            flags: v.flags,
+            last_seen_ns: v.last_seen_ns,
+        }
+    }
 }
 
 /// What identifies a policy map entry (everything but its value).

@@ -98,6 +98,7 @@ spec:
             dport,
             protocol,
             flags,
+            last_seen_ns: 0,
         }
     }
 
