@@ -498,6 +498,19 @@ impl Model {
         }
     }
 
+    /// The pod-subject policies whose selector selects `ident` (the full compile builds
+    /// this for every identity at once; incremental updates ask for one).
+    pub(crate) fn policies_selecting(&self, ident: Idx) -> Vec<u32> {
+        self.subjects
+            .iter()
+            .enumerate()
+            .filter_map(|(pi, s)| {
+                s.filter(|s| self.selectors.members(*s).contains(ident))
+                    .map(|_| pi as u32)
+            })
+            .collect()
+    }
+
     fn compile_endpoint(
         &mut self,
         key: EndpointKey,
@@ -657,15 +670,7 @@ impl Model {
             }
             self.identities.list[i as usize].named_ports = ports.into_iter().collect();
         }
-        let selecting: Vec<u32> = self
-            .subjects
-            .iter()
-            .enumerate()
-            .filter_map(|(pi, s)| {
-                s.filter(|s| self.selectors.members(*s).contains(ident))
-                    .map(|_| pi as u32)
-            })
-            .collect();
+        let selecting = self.policies_selecting(ident);
         let ep = self.compile_endpoint(EndpointKey::Pod(pod), ident, &selecting);
         self.index_peer_sets(ep_index, &ep);
         let old = std::mem::replace(&mut self.endpoints[ep_index], ep);

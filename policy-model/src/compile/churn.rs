@@ -322,15 +322,7 @@ impl Model {
                 }
                 None => {
                     let ident = self.pod_identity[j];
-                    let selecting: Vec<u32> = self
-                        .subjects
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(pi, s)| {
-                            s.filter(|s| self.selectors.members(*s).contains(ident))
-                                .map(|_| pi as u32)
-                        })
-                        .collect();
+                    let selecting = self.policies_selecting(ident);
                     self.compile_endpoint(EndpointKey::Pod(j), ident, &selecting)
                 }
             };
