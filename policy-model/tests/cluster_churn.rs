@@ -9,10 +9,10 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use common::{accept, cluster, CLUSTER};
+use common::{accept, cluster, ipcache, labels, peers, CLUSTER};
 use policy_model::cluster::{Cluster, ContainerPort, Namespace, Pod};
 use policy_model::compile::ChurnUnsupported;
 use policy_model::identity::Idx;
@@ -152,32 +152,6 @@ impl Rng {
             ports: self.ports(),
         }
     }
-}
-
-fn labels(m: &Model, i: Idx) -> String {
-    m.identities.get(i).labels.to_string()
-}
-
-fn peers(m: &Model, ps: u32) -> BTreeSet<String> {
-    m.selectors
-        .peer_set_members(ps)
-        .iter()
-        .map(|i| labels(m, i))
-        .collect()
-}
-
-fn ipcache(m: &Model) -> Vec<(String, String)> {
-    let by_number: std::collections::HashMap<u32, String> = (0..m.identities.len() as Idx)
-        .filter(|&i| m.identities.is_live(i))
-        .map(|i| (m.identities.get(i).id, labels(m, i)))
-        .collect();
-    let mut out: Vec<(String, String)> = m
-        .ipcache(Some("node-1"))
-        .into_iter()
-        .map(|(p, id)| (p.to_string(), by_number[&id].clone()))
-        .collect();
-    out.sort();
-    out
 }
 
 /// Live identities by labels, with their named ports.

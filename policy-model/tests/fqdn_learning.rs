@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use common::{accept, cluster, CLUSTER};
+use common::{accept, cluster, ipcache, labels, peers, CLUSTER};
 use policy_model::cluster::DnsObservation;
 use policy_model::identity::Idx;
 use policy_model::{CompileOptions, Direction, Model, Protocol};
@@ -91,33 +91,6 @@ impl Rng {
             .map(|(_, s)| s.parse().unwrap())
             .collect()
     }
-}
-
-fn labels(m: &Model, i: Idx) -> String {
-    m.identities.get(i).labels.to_string()
-}
-
-/// The identities of a peer set, by labels (a retired identity must have left it).
-fn peers(m: &Model, ps: u32) -> BTreeSet<String> {
-    m.selectors
-        .peer_set_members(ps)
-        .iter()
-        .map(|i| labels(m, i))
-        .collect()
-}
-
-fn ipcache(m: &Model) -> Vec<(String, String)> {
-    let by_number: std::collections::HashMap<u32, String> = (0..m.identities.len() as Idx)
-        .filter(|&i| m.identities.is_live(i))
-        .map(|i| (m.identities.get(i).id, labels(m, i)))
-        .collect();
-    let mut out: Vec<(String, String)> = m
-        .ipcache(Some("node-1"))
-        .into_iter()
-        .map(|(p, id)| (p.to_string(), by_number[&id].clone()))
-        .collect();
-    out.sort();
-    out
 }
 
 fn assert_same(inc: &Model, step: &str) {

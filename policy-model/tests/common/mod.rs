@@ -6,6 +6,7 @@
 use policy_model::api::load;
 use policy_model::cluster::Cluster;
 use policy_model::http::SimpleRequest;
+use policy_model::identity::Idx;
 use policy_model::policy::Policy;
 use policy_model::verdict::Verdict;
 use policy_model::{CompileOptions, EndpointRef, Model, PolicyError, Protocol, Query};
@@ -346,4 +347,33 @@ impl Env {
         })
         .allowed
     }
+}
+
+/// An identity by its labels, so that models compiled apart can be compared.
+pub fn labels(m: &Model, i: Idx) -> String {
+    m.identities.get(i).labels.to_string()
+}
+
+/// The identities of a peer set, by labels (a retired identity must have left it).
+pub fn peers(m: &Model, ps: u32) -> std::collections::BTreeSet<String> {
+    m.selectors
+        .peer_set_members(ps)
+        .iter()
+        .map(|i| labels(m, i))
+        .collect()
+}
+
+/// node-1's ipcache, prefixes with the labels of their identities, sorted.
+pub fn ipcache(m: &Model) -> Vec<(String, String)> {
+    let by_number: std::collections::HashMap<u32, String> = (0..m.identities.len() as Idx)
+        .filter(|&i| m.identities.is_live(i))
+        .map(|i| (m.identities.get(i).id, labels(m, i)))
+        .collect();
+    let mut out: Vec<(String, String)> = m
+        .ipcache(Some("node-1"))
+        .into_iter()
+        .map(|(p, id)| (p.to_string(), by_number[&id].clone()))
+        .collect();
+    out.sort();
+    out
 }
