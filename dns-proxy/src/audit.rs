@@ -1,10 +1,12 @@
 //! One JSON line per query, through a bounded channel: a slow log never slows DNS; when
 //! the channel is full the record is dropped and counted.
 
+use std::fmt;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
@@ -17,18 +19,45 @@ pub enum Verdict {
     Error,
 }
 
-/// One audit record. Field meanings are documented in the crate README.
+/// Who sent a query. Written as a string: `ns/pod`, or the address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A known endpoint, `ns/pod`.
+    Endpoint(String),
+    /// No known endpoint: the client's address.
+    Address(IpAddr),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Endpoint(e) => f.write_str(e),
+            Source::Address(a) => a.fmt(f),
+        }
+    }
+}
+
+impl Serialize for Source {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// One audit record. Field meanings are documented in the crate README. The query path
+/// fills it with plain values; the text (time, addresses) is made when the record is
+/// written, on the writer's thread, not while the client waits.
 #[derive(Clone, Debug, Serialize)]
 pub struct AuditRecord {
-    /// RFC 3339 UTC time the query arrived.
-    pub time: String,
-    /// `ns/pod` of the client, or its address when it is no known endpoint.
-    pub source: String,
+    /// When the query arrived; written as RFC 3339 UTC.
+    #[serde(serialize_with = "serialize_time")]
+    pub time: SystemTime,
+    pub source: Source,
     pub client: SocketAddr,
     pub server: SocketAddr,
     pub transport: &'static str,
     pub qname: String,
-    pub qtype: String,
+    /// Query type mnemonic (`A`, `AAAA`, ..., `Unknown`).
+    pub qtype: &'static str,
     pub verdict: Verdict,
     /// Rcode sent to the client (`NoError`, `Refused`, ...); none when nothing was sent.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -133,6 +162,10 @@ pub fn write_lines(mut rx: mpsc::Receiver<AuditRecord>, mut out: Box<dyn Write +
         }
         std::thread::sleep(DRAIN_EVERY);
     }
+}
+
+fn serialize_time<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339(t.duration_since(UNIX_EPOCH).unwrap_or_default()))
 }
 
 /// RFC 3339 time (UTC, microseconds) of a Unix timestamp, without a date crate.

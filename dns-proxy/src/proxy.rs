@@ -14,7 +14,7 @@ use policy_model::identity::fqdn_key;
 use policy_model::Model;
 use tokio::sync::watch;
 
-use crate::audit::{rfc3339, Audit, AuditRecord, Verdict};
+use crate::audit::{Audit, AuditRecord, Source, Verdict};
 use crate::cache::FqdnCache;
 use crate::config::{Config, RefuseCode};
 use crate::forward::{Forwarder, Upstream};
@@ -200,26 +200,20 @@ impl Proxy {
         upstream: &mut Duration,
     ) -> Option<Vec<u8>> {
         let start = Instant::now();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = SystemTime::now();
         let m = &self.inner.metrics;
         // Without an audit output the record's strings are not built (the record is
         // only sent when there is an output).
         let audit = self.inner.audit.enabled();
 
         let mut rec = AuditRecord {
-            time: if audit { rfc3339(now) } else { String::new() },
-            source: if audit {
-                ctx.client.ip().to_string()
-            } else {
-                String::new()
-            },
+            time: now,
+            source: Source::Address(ctx.client.ip()),
             client: ctx.client,
             server: ctx.server,
             transport: ctx.transport.as_str(),
             qname: String::new(),
-            qtype: String::new(),
+            qtype: "",
             verdict: Verdict::Error,
             rcode: None,
             ips: Vec::new(),
@@ -263,7 +257,7 @@ impl Proxy {
         let qname = normalize(&question.name().to_ascii());
         if audit {
             rec.qname = qname.clone();
-            rec.qtype = question.query_type().to_string();
+            rec.qtype = question.query_type().into();
         }
 
         let model = self.inner.policy.current();
@@ -274,7 +268,7 @@ impl Proxy {
         let decision = model.check_dns(&resolved.conn, &qname);
         if audit {
             if let Some(ep) = &resolved.endpoint {
-                rec.source = ep.clone();
+                rec.source = Source::Endpoint(ep.clone());
             }
             if let Some(first) = decision.matched.first() {
                 rec.policy = Some(first.policy.clone());
@@ -541,11 +535,7 @@ impl Proxy {
     /// Expires IPs whose TTL ran out and that no live connection uses, and tells the
     /// datapath. Returns how many IPs left.
     pub async fn collect(&self) -> usize {
-        let now = now_ms(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default(),
-        );
+        let now = now_ms(SystemTime::now());
         let in_use = self.inner.in_use.clone();
         let removed = self.cache().collect(now, |ip| in_use.in_use(ip));
         self.update_gauges();
@@ -686,6 +676,8 @@ fn answers_question(answer: &Message, question: &hickory_proto::op::Query) -> bo
     }
 }
 
-fn now_ms(since_epoch: Duration) -> u64 {
+/// Milliseconds since the Unix epoch (the cache's clock).
+fn now_ms(t: SystemTime) -> u64 {
+    let since_epoch = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
 }
