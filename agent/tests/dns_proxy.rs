@@ -74,6 +74,36 @@ fn wait_for(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn standalone_proxy_filters_forwards_and_audits() {
+    standalone(&[]);
+}
+
+/// Busy polling changes when the thread sleeps, nothing else: the same answers, refusals
+/// and audit records.
+#[test]
+fn standalone_proxy_with_busy_polling_filters_forwards_and_audits() {
+    standalone(&["--threads", "1", "--busy-poll-us", "1000"]);
+}
+
+#[test]
+fn busy_polling_without_one_thread_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ward"))
+        .args([
+            "dns-proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:53",
+        ])
+        .args(["--cluster", "/nonexistent", "--policies", "/nonexistent"])
+        .args(["--endpoint", "app/client", "--busy-poll-us", "100"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--busy-poll-us needs --threads 1"), "{err}");
+}
+
+fn standalone(extra: &[&str]) {
     let dnsmasq = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
         .into_iter()
         .find(|p| Path::new(p).exists());
@@ -131,6 +161,7 @@ fn standalone_proxy_filters_forwards_and_audits() {
             .args(["--endpoint", "app/client", "--refuse-code", "nxdomain"])
             .arg("--audit-log")
             .arg(&audit)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -154,5 +185,12 @@ fn standalone_proxy_filters_forwards_and_audits() {
         .find(|v| v["verdict"] == "forwarded")
         .unwrap();
     assert_eq!(forwarded["source"], "app/client");
+    assert_eq!(forwarded["qtype"], "A");
+    // RFC 3339 UTC with microseconds, e.g. 2026-11-26T14:30:00.123456Z
+    let time = forwarded["time"].as_str().unwrap();
+    assert!(
+        time.len() == 27 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
+        "{time}"
+    );
     assert_eq!(forwarded["selectors"][0], "*.allowed.test.");
 }

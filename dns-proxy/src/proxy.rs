@@ -15,6 +15,7 @@ use policy_model::Model;
 use tokio::sync::watch;
 
 use crate::audit::{Audit, AuditRecord, Source, Verdict};
+use crate::busy_poll::BusyPoll;
 use crate::cache::FqdnCache;
 use crate::config::{Config, RefuseCode};
 use crate::forward::{Forwarder, Upstream};
@@ -67,6 +68,7 @@ struct Inner {
     audit: Audit,
     metrics: Metrics,
     upstream: Arc<dyn Upstream>,
+    busy_poll: Option<Arc<BusyPoll>>,
 }
 
 /// What the datapath hand-off of one answer came to.
@@ -89,6 +91,7 @@ impl Proxy {
         Proxy {
             inner: Arc::new(Inner {
                 cache: Mutex::new(FqdnCache::new(config.max_ips_per_name)),
+                busy_poll: None,
                 config,
                 policy: PolicyStore::new(model, scope),
                 sink,
@@ -100,6 +103,15 @@ impl Proxy {
                 upstream: Arc::new(forwarder),
             }),
         }
+    }
+
+    /// Makes every query open `busy`'s polling window. Has no effect once the proxy is
+    /// shared; run [`BusyPoll::run`] on the runtime that serves the proxy's sockets.
+    pub fn with_busy_poll(mut self, busy: Arc<BusyPoll>) -> Proxy {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.busy_poll = Some(busy);
+        }
+        self
     }
 
     /// Replaces the forwarder (tests, fuzzing). Has no effect once the proxy is shared.
@@ -199,6 +211,9 @@ impl Proxy {
         ctx: QueryContext,
         upstream: &mut Duration,
     ) -> Option<Vec<u8>> {
+        if let Some(b) = &self.inner.busy_poll {
+            b.touch();
+        }
         let start = Instant::now();
         let now = SystemTime::now();
         let m = &self.inner.metrics;
