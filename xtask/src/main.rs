@@ -34,6 +34,8 @@ tasks:
                   Ward's proxies and datapath against their peers (HAProxy, nginx,
                   dnsmasq, no program) in network namespaces; writes loadtests/REPORT.md
                   (--quick: short runs, report in target/loadtest/REPORT-quick.md)
+  udp-relay LISTEN UPSTREAM
+                  the DNS load test's floor: a blocking one-at-a-time UDP relay
 ";
 
 fn main() -> ExitCode {
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         Some("crds") => crds(),
         Some("deploy-check") => deploy_check(),
         Some("loadtest") => loadtest::loadtest(&args[1..]),
+        Some("udp-relay") => loadtest::relay::run(&args[1..]),
         _ => {
             eprint!("{USAGE}");
             return ExitCode::from(2);

@@ -2,7 +2,16 @@
 //! directly, through `ward dns-proxy` (standalone, one worker thread, a DNS rule
 //! `*.bench.test` and toFQDNs learning on, audit lines to /dev/null), and through dnsmasq
 //! as a forwarder without cache: queries per second, queries per CPU-second of the
-//! subject, and latency percentiles at a fixed rate.
+//! subject, and latency percentiles at a fixed rate. Two more targets explain the
+//! latency: Ward with busy polling (its CPU does not sleep between a query and its answer,
+//! nor for 2 ms after), and a blocking relay that only passes datagrams (the floor: what
+//! the extra hop costs on this machine).
+//!
+//! Two placements. `split` (the main one): the upstream on the load's CPU, the subjects on
+//! the other. There direct never crosses CPUs and every proxied query crosses four times,
+//! each crossing waking an idle vCPU. `shared`: the upstream on the subjects' CPU, so that
+//! direct and proxied queries cross twice alike and what is added is the subject's own
+//! work; latency only.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -12,18 +21,57 @@ use super::parse;
 use super::{output, ratio, Ctx, Netns, Proc, LOAD_CPU, SUBJECT_CPU};
 use crate::Result;
 
-const UPSTREAM: u16 = 5301;
-const FORWARDER: u16 = 5302;
-const WARD: u16 = 5303;
-/// Ward's Prometheus endpoint (its processing-time histogram).
-const WARD_METRICS: u16 = 5304;
 /// Ward's histogram of its own time per query (receipt to reply, minus the upstream wait).
 const PROCESSING: &str = "ward_dns_processing_seconds";
+/// Ward's busy-polling window in the `ward busy-poll` target, microseconds: longer than
+/// the latency run's gap between queries, so its CPU does not sleep during that run.
+const BUSY_POLL_US: &str = "2000";
+/// The targets of a placement, in the order they run in each round.
+const TARGETS: [&str; 5] = ["direct", "ward", "ward busy-poll", "dnsmasq", "relay"];
+
+/// Where the upstream runs, and the ports of one placement's processes.
+struct Placement {
+    name: &'static str,
+    upstream_cpu: &'static str,
+    /// Ports from here on: upstream, dnsmasq forwarder, ward, ward's metrics, ward
+    /// busy-poll, its metrics, relay.
+    base: u16,
+    /// Throughput runs too (else latency only).
+    throughput: bool,
+}
+
+const PLACEMENTS: [Placement; 2] = [
+    Placement {
+        name: "split",
+        upstream_cpu: LOAD_CPU,
+        base: 5301,
+        throughput: true,
+    },
+    Placement {
+        name: "shared",
+        upstream_cpu: SUBJECT_CPU,
+        base: 5321,
+        throughput: false,
+    },
+];
+
+/// One running target: its port, its process (for direct: the upstream) and Ward's
+/// metrics port.
+struct Target {
+    name: &'static str,
+    port: u16,
+    proc: Proc,
+    /// Whether `proc` is the subject whose CPU time counts (not for direct).
+    subject: bool,
+    metrics: Option<u16>,
+}
+
 /// Rate of the latency run (queries per second), well below every target's capacity, so
 /// that queries rarely wait behind each other: the figure is one query's path.
 const LATENCY_QPS: &str = "1000";
 
 struct Row {
+    placement: &'static str,
     name: &'static str,
     completed: u64,
     lost: u64,
@@ -83,11 +131,11 @@ fn wait_dns(ctx: &mut Ctx, ns: &Netns, port: u16, queries: &Path) -> Result {
 }
 
 /// The buckets of Ward's processing-time histogram, scraped from its metrics endpoint.
-fn processing_buckets(ctx: &mut Ctx, ns: &Netns) -> Result<Vec<(f64, f64)>> {
+fn processing_buckets(ctx: &mut Ctx, ns: &Netns, port: u16) -> Result<Vec<(f64, f64)>> {
     let out = output(
         ctx,
         ns.cmd(LOAD_CPU, "curl")
-            .args(["-sf", &format!("http://127.0.0.1:{WARD_METRICS}/metrics")]),
+            .args(["-sf", &format!("http://127.0.0.1:{port}/metrics")]),
     )?;
     let b = parse::histogram_buckets(&out, PROCESSING);
     if b.is_empty() {
@@ -99,29 +147,31 @@ fn processing_buckets(ctx: &mut Ctx, ns: &Netns) -> Result<Vec<(f64, f64)>> {
 fn measure(
     ctx: &mut Ctx,
     ns: &Netns,
-    name: &'static str,
-    port: u16,
-    subject: Option<&Proc>,
+    placement: &Placement,
+    t: &Target,
     queries: &Path,
 ) -> Result<Row> {
-    let is_ward = port == WARD;
     let (secs, lat_secs, _) = durations(ctx.quick);
-    let before = subject.map(Proc::cpu_seconds).transpose()?;
-    let out = output(
-        ctx,
-        dnsperf(ns, port, queries).args(["-l", &secs.to_string(), "-q", "100", "-c", "4"]),
-    )?;
-    let after = subject.map(Proc::cpu_seconds).transpose()?;
-    let (completed, lost, qps) =
-        parse::dnsperf(&out).ok_or_else(|| format!("cannot read dnsperf's output: {out}"))?;
-    let hist_before = if is_ward {
-        Some(processing_buckets(ctx, ns)?)
-    } else {
-        None
+    let (mut completed, mut lost, mut qps, mut cpu) = (0, 0, f64::NAN, None);
+    if placement.throughput {
+        let subject = t.subject.then_some(&t.proc);
+        let before = subject.map(Proc::cpu_seconds).transpose()?;
+        let out = output(
+            ctx,
+            dnsperf(ns, t.port, queries).args(["-l", &secs.to_string(), "-q", "100", "-c", "4"]),
+        )?;
+        let after = subject.map(Proc::cpu_seconds).transpose()?;
+        (completed, lost, qps) =
+            parse::dnsperf(&out).ok_or_else(|| format!("cannot read dnsperf's output: {out}"))?;
+        cpu = before.zip(after).map(|(b, a)| a - b);
+    }
+    let hist_before = match t.metrics {
+        Some(m) => Some(processing_buckets(ctx, ns, m)?),
+        None => None,
     };
     let out = output(
         ctx,
-        dnsperf(ns, port, queries).args([
+        dnsperf(ns, t.port, queries).args([
             "-l",
             &lat_secs.to_string(),
             "-Q",
@@ -131,22 +181,23 @@ fn measure(
             "-v",
         ]),
     )?;
-    let processing = match hist_before {
-        Some(before) => {
-            let after = processing_buckets(ctx, ns)?;
+    let processing = match (hist_before, t.metrics) {
+        (Some(before), Some(m)) => {
+            let after = processing_buckets(ctx, ns, m)?;
             let p = |q| parse::histogram_percentile(&before, &after, q).map(|s| s * 1e6);
             p(50.0).zip(p(90.0))
         }
-        None => None,
+        _ => None,
     };
     let mut lat = parse::dnsperf_latencies(&out);
     let pct = |v: &mut Vec<f64>, p| parse::percentile(v, p).unwrap_or(f64::NAN);
     Ok(Row {
-        name,
+        placement: placement.name,
+        name: t.name,
         completed,
         lost,
         qps,
-        cpu: before.zip(after).map(|(b, a)| a - b),
+        cpu,
         p50: pct(&mut lat, 50.0),
         p90: pct(&mut lat, 90.0),
         p99: pct(&mut lat, 99.0),
@@ -154,38 +205,38 @@ fn measure(
     })
 }
 
-pub fn run(ctx: &mut Ctx) -> Result<String> {
-    let ns = Netns::new("dns")?;
+/// Starts a placement's upstream and subjects and waits until each answers.
+fn start(
+    ctx: &mut Ctx,
+    ns: &Netns,
+    p: &Placement,
+    records: &[String],
+    policy_dir: &Path,
+    queries: &Path,
+) -> Result<Vec<Target>> {
     let work = ctx.work.clone();
-    let queries = ctx.work.join("queries");
-    let mut records = Vec::new();
-    let mut qtext = String::new();
-    for i in 1..=100 {
-        records.push(format!("--host-record=h{i}.bench.test,192.0.2.{i}"));
-        let _ = writeln!(qtext, "h{i}.bench.test A");
-    }
-    std::fs::write(&queries, qtext).map_err(|e| format!("{}: {e}", queries.display()))?;
-    records.push("--cache-size=1000".into());
-    let log = |n: &str| ctx.work.join(format!("{n}.log"));
-    let (up_log, fwd_log, ward_log) = (log("upstream"), log("forwarder"), log("ward-dns"));
-    let mut upstream = Proc::spawn(
+    let b = p.base;
+    let (up, fwd, ward, ward_m, busy, busy_m, relay) =
+        (b, b + 1, b + 2, b + 3, b + 4, b + 5, b + 6);
+    let log = |n: &str| work.join(format!("{}-{n}.log", p.name));
+    let upstream = Proc::spawn(
         ctx,
         "dnsmasq upstream",
-        &mut dnsmasq(&ns, &work, LOAD_CPU, UPSTREAM, &records),
-        &up_log,
+        &mut dnsmasq(ns, &work, p.upstream_cpu, up, records),
+        &log("upstream"),
     )?;
     let fwd_args = [
         "--cache-size=0".to_string(),
-        format!("--server=127.0.0.1#{UPSTREAM}"),
+        format!("--server=127.0.0.1#{up}"),
     ];
-    let mut forwarder = Proc::spawn(
+    let forwarder = Proc::spawn(
         ctx,
         "dnsmasq forwarder",
-        &mut dnsmasq(&ns, &work, SUBJECT_CPU, FORWARDER, &fwd_args),
-        &fwd_log,
+        &mut dnsmasq(ns, &work, SUBJECT_CPU, fwd, &fwd_args),
+        &log("forwarder"),
     )?;
-    let cluster = ctx.work.join("dns-cluster.yaml");
-    let policy = ctx.work.join("dns-policy.yaml");
+    let cluster = policy_dir.join("dns-cluster.yaml");
+    let policy = policy_dir.join(format!("dns-policy-{up}.yaml"));
     let write =
         |p: &Path, t: String| std::fs::write(p, t).map_err(|e| format!("{}: {e}", p.display()));
     write(
@@ -203,49 +254,100 @@ spec:
   egress:
   - toCIDR: [127.0.0.1/32]
     toPorts:
-    - ports: [{{port: \"{UPSTREAM}\", protocol: ANY}}]
+    - ports: [{{port: \"{up}\", protocol: ANY}}]
       rules:
         dns: [{{matchPattern: \"*.bench.test\"}}]
   - toFQDNs: [{{matchPattern: \"*.bench.test\"}}]
 "
         ),
     )?;
-    let mut ward_cmd = ns.cmd(SUBJECT_CPU, &ctx.ward.display().to_string());
-    ward_cmd
-        .args(["dns-proxy", "--listen", &format!("127.0.0.1:{WARD}")])
-        .args(["--upstream", &format!("127.0.0.1:{UPSTREAM}")])
-        .arg("--cluster")
-        .arg(&cluster)
-        .arg("--policies")
-        .arg(&policy)
-        .args(["--endpoint", "bench/client", "--threads", "1"])
-        .args(["--audit-log", "/dev/null"])
-        .args(["--metrics", &format!("127.0.0.1:{WARD_METRICS}")]);
-    let mut ward = Proc::spawn(ctx, "ward dns-proxy", &mut ward_cmd, &ward_log)?;
-    for (port, p, l) in [
-        (UPSTREAM, &mut upstream, &up_log),
-        (FORWARDER, &mut forwarder, &fwd_log),
-        (WARD, &mut ward, &ward_log),
-    ] {
-        wait_dns(ctx, &ns, port, &queries).or_else(|e| {
-            p.alive(l)?;
+    let ward_bin = ctx.ward.display().to_string();
+    let ward_cmd = |port: u16, metrics: u16, extra: &[&str]| {
+        let mut c = ns.cmd(SUBJECT_CPU, &ward_bin);
+        c.args(["dns-proxy", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--upstream", &format!("127.0.0.1:{up}")])
+            .arg("--cluster")
+            .arg(&cluster)
+            .arg("--policies")
+            .arg(&policy)
+            .args(["--endpoint", "bench/client", "--threads", "1"])
+            .args(["--audit-log", "/dev/null"])
+            .args(["--metrics", &format!("127.0.0.1:{metrics}")])
+            .args(extra);
+        c
+    };
+    let w = Proc::spawn(
+        ctx,
+        "ward dns-proxy",
+        &mut ward_cmd(ward, ward_m, &[]),
+        &log("ward"),
+    )?;
+    let wb = Proc::spawn(
+        ctx,
+        "ward dns-proxy --busy-poll-us",
+        &mut ward_cmd(busy, busy_m, &["--busy-poll-us", BUSY_POLL_US]),
+        &log("ward-busy-poll"),
+    )?;
+    let xtask = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
+    let mut relay_cmd = ns.cmd(SUBJECT_CPU, &xtask.display().to_string());
+    relay_cmd.args([
+        "udp-relay",
+        &format!("127.0.0.1:{relay}"),
+        &format!("127.0.0.1:{up}"),
+    ]);
+    let r = Proc::spawn(ctx, "udp relay", &mut relay_cmd, &log("relay"))?;
+    let procs = [
+        (upstream, up, "upstream", None),
+        (w, ward, "ward", Some(ward_m)),
+        (wb, busy, "ward-busy-poll", Some(busy_m)),
+        (forwarder, fwd, "forwarder", None),
+        (r, relay, "relay", None),
+    ];
+    let mut targets = Vec::new();
+    for (name, (mut proc, port, log_name, metrics)) in TARGETS.into_iter().zip(procs) {
+        wait_dns(ctx, ns, port, queries).or_else(|e| {
+            proc.alive(&log(log_name))?;
             Err(e)
         })?;
+        targets.push(Target {
+            name,
+            port,
+            proc,
+            subject: name != "direct",
+            metrics,
+        });
     }
-    eprintln!("loadtest dns: direct, ward, dnsmasq");
+    Ok(targets)
+}
+
+pub fn run(ctx: &mut Ctx) -> Result<String> {
+    let ns = Netns::new("dns")?;
+    let queries = ctx.work.join("queries");
+    let mut records = Vec::new();
+    let mut qtext = String::new();
+    for i in 1..=100 {
+        records.push(format!("--host-record=h{i}.bench.test,192.0.2.{i}"));
+        let _ = writeln!(qtext, "h{i}.bench.test A");
+    }
+    std::fs::write(&queries, qtext).map_err(|e| format!("{}: {e}", queries.display()))?;
+    records.push("--cache-size=1000".into());
+    let work = ctx.work.clone();
+    let mut running = Vec::new();
+    for p in &PLACEMENTS {
+        running.push(start(ctx, &ns, p, &records, &work, &queries)?);
+    }
+    eprintln!(
+        "loadtest dns: {} in placements split, shared",
+        TARGETS.join(", ")
+    );
     let rounds = durations(ctx.quick).2;
     let mut all = Vec::new();
     for _ in 0..rounds {
-        all.push(measure(ctx, &ns, "direct", UPSTREAM, None, &queries)?);
-        all.push(measure(ctx, &ns, "ward", WARD, Some(&ward), &queries)?);
-        all.push(measure(
-            ctx,
-            &ns,
-            "dnsmasq",
-            FORWARDER,
-            Some(&forwarder),
-            &queries,
-        )?);
+        for (p, targets) in PLACEMENTS.iter().zip(&running) {
+            for t in targets {
+                all.push(measure(ctx, &ns, p, t, &queries)?);
+            }
+        }
     }
     Ok(report(&all, ctx.quick))
 }
@@ -268,9 +370,12 @@ fn key(r: &Row) -> f64 {
     }
 }
 
-/// Per target, the round with the median key, and every round's key.
+/// Per target of the split placement, the round with the median key, and every round's key.
 fn median<'a>(all: &'a [Row], name: &str) -> Option<(&'a Row, Vec<f64>)> {
-    let mut rs: Vec<&Row> = all.iter().filter(|r| r.name == name).collect();
+    let mut rs: Vec<&Row> = all
+        .iter()
+        .filter(|r| r.placement == "split" && r.name == name)
+        .collect();
     let keys = rs.iter().map(|r| key(r)).collect();
     rs.sort_by(|a, b| key(a).total_cmp(&key(b)));
     rs.get(rs.len().saturating_sub(1) / 2).map(|r| (*r, keys))
@@ -284,9 +389,12 @@ fn mid(mut v: Vec<f64>) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// A figure of `name` in every round, in round order.
-fn per_round(all: &[Row], name: &str, f: impl Fn(&Row) -> f64) -> Vec<f64> {
-    all.iter().filter(|r| r.name == name).map(f).collect()
+/// A figure of `name` in `placement` in every round, in round order.
+fn per_round(all: &[Row], placement: &str, name: &str, f: impl Fn(&Row) -> f64) -> Vec<f64> {
+    all.iter()
+        .filter(|r| r.placement == placement && r.name == name)
+        .map(f)
+        .collect()
 }
 
 fn list(v: &[f64]) -> String {
@@ -296,40 +404,48 @@ fn list(v: &[f64]) -> String {
         .join(", ")
 }
 
-/// The latency `name` adds over direct, per round (both measured in the same round).
-fn added(all: &[Row], name: &str) -> Vec<f64> {
-    per_round(all, name, |r| r.p50)
+/// Per round, `name`'s median latency minus direct's, in `placement`.
+fn added(all: &[Row], placement: &str, name: &str) -> Vec<f64> {
+    per_round(all, placement, name, |r| r.p50)
         .iter()
-        .zip(per_round(all, "direct", |r| r.p50))
+        .zip(per_round(all, placement, "direct", |r| r.p50))
         .map(|(t, d)| t - d)
         .collect()
 }
 
 fn report(all: &[Row], quick: bool) -> String {
     let (secs, lat_secs, rounds) = durations(quick);
-    let picked: Vec<(&Row, Vec<f64>)> = ["direct", "ward", "dnsmasq"]
-        .iter()
-        .filter_map(|n| median(all, n))
-        .collect();
+    let picked: Vec<(&Row, Vec<f64>)> = TARGETS.iter().filter_map(|n| median(all, n)).collect();
     let mut s = String::from("## DNS proxy\n\n");
     let _ = writeln!(
         s,
-        "Upstream: dnsmasq (CPU {LOAD_CPU}) answering 100 names from `--host-record`. \
-         Subjects on CPU {SUBJECT_CPU}: `ward dns-proxy` (standalone, `--threads 1`, DNS \
-         rule `*.bench.test`, toFQDNs learning on, audit to /dev/null) and dnsmasq as a \
-         forwarder with `--cache-size=0`. dnsperf on CPU {LOAD_CPU}: throughput with 100 \
-         outstanding queries for {secs} s; latency from a second run at {LATENCY_QPS} \
-         queries/s for {lat_secs} s (`-v`, every NOERROR answer), the same for every \
-         target. {rounds} round(s), targets in turn. Throughput columns: per target the \
-         round with the median queries per CPU-second (direct: median qps), that figure \
-         for every round. Latency columns: the median over rounds of each round's \
-         percentile. Ward's processing time: its own time per query (from the query's \
-         receipt to the reply's send, minus the wait for the upstream; histogram \
-         `{PROCESSING}` scraped before and after the latency run), median over rounds.\n"
+        "Upstream: dnsmasq answering 100 names from `--host-record`. Subjects on CPU \
+         {SUBJECT_CPU}: `ward dns-proxy` (standalone, `--threads 1`, DNS rule \
+         `*.bench.test`, toFQDNs learning on, audit to /dev/null); the same with \
+         `--busy-poll-us {BUSY_POLL_US}` (`ward busy-poll`: after each query its thread \
+         polls instead of sleeping for 2 ms, longer than the latency run's gap between \
+         queries); dnsmasq as a forwarder with `--cache-size=0`; `relay`, the floor: \
+         `cargo xtask udp-relay`, a blocking relay that only passes each datagram on and \
+         the answer back, one at a time (what the extra hop and its wake-ups cost on this \
+         machine, with no work of its own). dnsperf on CPU {LOAD_CPU}: throughput with \
+         100 outstanding queries for {secs} s; latency from a second run at \
+         {LATENCY_QPS} queries/s for {lat_secs} s (`-v`, every NOERROR answer), the same \
+         for every target. {rounds} round(s), targets in turn. Throughput columns: per \
+         target the round with the median queries per CPU-second (direct: median qps), \
+         that figure for every round. Latency columns: the median over rounds of each \
+         round's percentile. Ward's processing time: its own time per query (from the \
+         query's receipt to the reply's send, minus the wait for the upstream; histogram \
+         `{PROCESSING}` scraped before and after the latency run), median over rounds.\n\n\
+         Two placements of the upstream. **split**: upstream on CPU {LOAD_CPU} with \
+         dnsperf. A direct query never leaves CPU {LOAD_CPU}; a proxied one crosses \
+         between the CPUs four times, and each crossing wakes a halted vCPU (an \
+         inter-processor interrupt through the hypervisor). **shared**: upstream on CPU \
+         {SUBJECT_CPU} with the subjects (latency only). Direct and proxied queries both \
+         cross twice; what a subject adds is its own work and two same-CPU switches.\n"
     );
-    s.push_str("| target | completed | lost | qps | subject CPU s | queries per CPU-s | p50 | p90 | p99 | every round (q/CPU-s or qps) | p50 every round |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("### split: throughput and latency\n\n| target | completed | lost | qps | subject CPU s | queries per CPU-s | p50 | p90 | p99 | every round (q/CPU-s or qps) | p50 every round |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (r, keys) in &picked {
-        let lat = |f: fn(&Row) -> f64| mid(per_round(all, r.name, f));
+        let lat = |f: fn(&Row) -> f64| mid(per_round(all, "split", r.name, f));
         let _ = writeln!(
             s,
             "| {} | {} | {} | {:.0} | {} | {} | {:.0} us | {:.0} us | {:.0} us | {} | {} |",
@@ -349,42 +465,81 @@ fn report(all: &[Row], quick: bool) -> String {
             lat(|r| r.p90),
             lat(|r| r.p99),
             list(keys),
-            list(&per_round(all, r.name, |r| r.p50)),
+            list(&per_round(all, "split", r.name, |r| r.p50)),
         );
     }
-    let proc50 = per_round(all, "ward", |r| r.processing.map_or(f64::NAN, |p| p.0));
-    let proc90 = per_round(all, "ward", |r| r.processing.map_or(f64::NAN, |p| p.1));
-    let _ = writeln!(
-        s,
-        "\nWard's processing time per query (latency run): p50 {:.1} us, p90 {:.1} us \
-         (every round p50: {}).",
-        mid(proc50.clone()),
-        mid(proc90),
-        proc50
-            .iter()
-            .map(|k| format!("{k:.1}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let [_, (w, _), (m, _)] = picked.as_slice() else {
+    s.push_str("\n### shared: latency\n\n| target | p50 | p90 | p99 | p50 every round | added p50 over direct |\n|---|---|---|---|---|---|\n");
+    for name in TARGETS {
+        let lat = |f: fn(&Row) -> f64| mid(per_round(all, "shared", name, f));
+        let _ = writeln!(
+            s,
+            "| {name} | {:.0} us | {:.0} us | {:.0} us | {} | {} |",
+            lat(|r| r.p50),
+            lat(|r| r.p90),
+            lat(|r| r.p99),
+            list(&per_round(all, "shared", name, |r| r.p50)),
+            if name == "direct" {
+                "-".to_string()
+            } else {
+                format!("{:.0} us", mid(added(all, "shared", name)))
+            },
+        );
+    }
+    s.push('\n');
+    for placement in ["split", "shared"] {
+        for name in ["ward", "ward busy-poll"] {
+            let proc50 = per_round(all, placement, name, |r| {
+                r.processing.map_or(f64::NAN, |p| p.0)
+            });
+            let proc90 = per_round(all, placement, name, |r| {
+                r.processing.map_or(f64::NAN, |p| p.1)
+            });
+            let _ = writeln!(
+                s,
+                "{placement}, {name}: processing time per query (latency run) p50 {:.1} us, \
+                 p90 {:.1} us (every round p50: {}).",
+                mid(proc50.clone()),
+                mid(proc90),
+                proc50
+                    .iter()
+                    .map(|k| format!("{k:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    let row = |n: &str| picked.iter().find(|(r, _)| r.name == n).map(|(r, _)| *r);
+    let (Some(d), Some(w), Some(b), Some(m)) = (
+        row("direct"),
+        row("ward"),
+        row("ward busy-poll"),
+        row("dnsmasq"),
+    ) else {
         return s;
     };
-    let d = picked[0].0;
-    let (aw, am) = (added(all, "ward"), added(all, "dnsmasq"));
+    let added_in = |placement: &str| {
+        TARGETS[1..]
+            .iter()
+            .map(|n| {
+                let a = added(all, placement, n);
+                format!("{n} {:.0} us ({})", mid(a.clone()), list(&a))
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
     let _ = writeln!(
         s,
-        "\nRatios (same run): ward/dnsmasq queries per CPU-second {}; qps ward/direct {}, \
-         dnsmasq/direct {}, ward/dnsmasq {}. Median latency added over direct (median over \
-         rounds of each round's p50 minus direct's): ward {:.0} us, dnsmasq {:.0} us \
-         (every round: ward {}; dnsmasq {}).\n",
+        "\nRatios (same run, split): queries per CPU-second ward/dnsmasq {}, ward \
+         busy-poll/dnsmasq {}; qps ward/direct {}, dnsmasq/direct {}, ward/dnsmasq {}.\n\n\
+         Median latency added over direct (median over rounds of each round's p50 minus \
+         direct's; every round in brackets). split: {}. shared: {}.\n",
         ratio(w.per_cpu(), m.per_cpu()),
+        ratio(b.per_cpu(), m.per_cpu()),
         ratio(w.qps, d.qps),
         ratio(m.qps, d.qps),
         ratio(w.qps, m.qps),
-        mid(aw.clone()),
-        mid(am.clone()),
-        list(&aw),
-        list(&am),
+        added_in("split"),
+        added_in("shared"),
     );
     s
 }

@@ -13,6 +13,7 @@ mod datapath;
 mod dns;
 mod parse;
 mod proxy;
+pub mod relay;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
