@@ -81,8 +81,9 @@ impl BusyPoll {
                 tokio::task::yield_now().await;
             }
             self.asleep.store(true, Ordering::SeqCst);
-            // A query between the check above and here left a permit in `wake`
-            // (notify_one stores one when nobody waits), so it is not missed.
+            // No query is missed: one that comes after `asleep` is set sees it and
+            // notifies (a permit is stored if the task is not waiting yet); one before is
+            // seen by `open()` (all four accesses are SeqCst).
             if !self.open() {
                 self.wake.notified().await;
             }
