@@ -92,6 +92,8 @@ struct Lab {
     children: Vec<Child>,
     stop: Arc<AtomicBool>,
     servers: Vec<thread::JoinHandle<()>>,
+    /// More arguments for `ward agent`.
+    agent_args: Vec<String>,
 }
 
 const CLUSTER: &str = r#"
@@ -176,6 +178,7 @@ impl Lab {
             children: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
+            agent_args: Vec::new(),
         };
         let node = lab.node.clone();
         sh(&["ip", "netns", "add", &node]);
@@ -451,6 +454,7 @@ impl Lab {
             .args(["--admin", "127.0.0.1:9890", "--uplink", "up0"])
             .arg("--audit-log")
             .arg(self.dir.join("audit.log"))
+            .args(&self.agent_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -882,6 +886,72 @@ fn dns_teaches_to_fqdns() {
         !lab.connects(OUTSIDE, 8443, DENIED),
         "denied once its selector vanished"
     );
+}
+
+/// With busy polling on, the agent serves DNS on a thread of its own (a current-thread
+/// runtime that polls): queries are answered over UDP and TCP, the answer's IP reaches the
+/// datapath before the answer, and the poller sleeps once queries stop.
+#[test]
+fn dns_with_busy_polling_teaches_to_fqdns() {
+    let mut lab = Lab::new("fqdnbp");
+    let config = lab.dir.join("agent.yaml");
+    fs::write(&config, "dns_proxy:\n  busy_poll_us: 1000\n").unwrap();
+    lab.agent_args = vec!["--config".into(), config.display().to_string()];
+    lab.start_agent();
+    let pid = lab.agent.as_ref().map(Child::id).unwrap();
+    let threads = fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .collect::<Vec<_>>();
+    assert!(
+        threads.iter().any(|t| t.trim() == "ward-dns"),
+        "a DNS thread: {threads:?}"
+    );
+    assert!(
+        !lab.connects(OUTSIDE, 8443, DENIED),
+        "the outside address is denied before the lookup"
+    );
+    assert_eq!(lab.dig("ext.example.com"), OUTSIDE, "{}", lab.log());
+    let tcp = dig_with(
+        &lab,
+        &["+tcp", "+short", &format!("@{DNS}"), "ext.example.com"],
+    );
+    assert_eq!(tcp.trim(), OUTSIDE, "DNS over TCP\n{}", lab.log());
+    assert!(
+        lab.connects(OUTSIDE, 8443, ALLOWED),
+        "allowed once learned\n{}",
+        lab.log()
+    );
+    // Idle again: the DNS thread stops using CPU (it polled only within the window).
+    let cpu = || {
+        let stat = fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| {
+                let dir = t.ok()?.path();
+                let comm = fs::read_to_string(dir.join("comm")).ok()?;
+                (comm.trim() == "ward-dns").then(|| fs::read_to_string(dir.join("stat")).ok())?
+            })
+            .next()
+            .unwrap_or_default();
+        // utime and stime: fields 14 and 15; after the command's closing paren the
+        // fields start at 3 (the state)
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |n: usize| {
+            f.get(n - 3)
+                .and_then(|x| x.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        field(14) + field(15)
+    };
+    let mut last = cpu();
+    wait_for("the DNS thread to go idle", Duration::from_secs(10), || {
+        thread::sleep(Duration::from_millis(300));
+        let now = cpu();
+        let idle = now == last;
+        last = now;
+        idle
+    });
 }
 
 /// `dig` in the client pod with `args`: its output.

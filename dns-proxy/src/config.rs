@@ -42,6 +42,11 @@ pub struct Config {
     pub audit_capacity: usize,
     /// `SO_MARK` of upstream sockets, so the datapath does not redirect them again.
     pub upstream_mark: Option<u32>,
+    /// Busy polling (see `busy_poll.rs`): after each query the proxy's thread polls its
+    /// sockets instead of sleeping for this many microseconds; 0: off. Needs the
+    /// proxy's sockets on a current-thread runtime (`ward agent` gives the DNS proxy
+    /// its own thread then; `ward dns-proxy` needs `--threads 1`).
+    pub busy_poll_us: u64,
 }
 
 impl Default for Config {
@@ -57,6 +62,7 @@ impl Default for Config {
             maintenance_interval: Duration::from_secs(5),
             audit_capacity: 4096,
             upstream_mark: None,
+            busy_poll_us: 0,
         }
     }
 }

@@ -91,7 +91,7 @@ impl Proxy {
         Proxy {
             inner: Arc::new(Inner {
                 cache: Mutex::new(FqdnCache::new(config.max_ips_per_name)),
-                busy_poll: None,
+                busy_poll: BusyPoll::new(Duration::from_micros(config.busy_poll_us)),
                 config,
                 policy: PolicyStore::new(model, scope),
                 sink,
@@ -105,13 +105,11 @@ impl Proxy {
         }
     }
 
-    /// Makes every query open `busy`'s polling window. Has no effect once the proxy is
-    /// shared; run [`BusyPoll::run`] on the runtime that serves the proxy's sockets.
-    pub fn with_busy_poll(mut self, busy: Arc<BusyPoll>) -> Proxy {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.busy_poll = Some(busy);
-        }
-        self
+    /// The busy-polling window when the configuration turns it on: spawn
+    /// [`BusyPoll::run`] on the runtime that serves the proxy's sockets (a current-thread
+    /// one).
+    pub fn busy_poll(&self) -> Option<Arc<BusyPoll>> {
+        self.inner.busy_poll.clone()
     }
 
     /// Replaces the forwarder (tests, fuzzing). Has no effect once the proxy is shared.

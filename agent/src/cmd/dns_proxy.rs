@@ -12,7 +12,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use dns_proxy::audit::{write_lines, Audit};
-use dns_proxy::busy_poll::BusyPoll;
 use dns_proxy::listener::{serve_tcp, serve_udp, FixedUpstream, ForwarderUdp};
 use dns_proxy::metrics::Metrics;
 use dns_proxy::{Config, NeverInUse, NullSink, Proxy, RefuseCode, Scope};
@@ -111,6 +110,7 @@ async fn serve(a: Args) -> Result<ExitCode> {
         min_ttl: a.min_ttl,
         state_dir: a.state_dir,
         upstream_timeout: Duration::from_millis(a.upstream_timeout_ms),
+        busy_poll_us: a.busy_poll_us,
         ..Config::default()
     };
     let metrics = Metrics::new().context("metrics")?;
@@ -126,7 +126,7 @@ async fn serve(a: Args) -> Result<ExitCode> {
         Box::new(std::io::BufWriter::new(f))
     };
     tokio::task::spawn_blocking(move || write_lines(rx, out));
-    let mut proxy = Proxy::new(
+    let proxy = Proxy::new(
         config,
         Arc::new(model),
         Scope::Endpoint(a.endpoint.clone()),
@@ -135,8 +135,7 @@ async fn serve(a: Args) -> Result<ExitCode> {
         audit,
         metrics,
     );
-    if let Some(busy) = BusyPoll::new(Duration::from_micros(a.busy_poll_us)) {
-        proxy = proxy.with_busy_poll(busy.clone());
+    if let Some(busy) = proxy.busy_poll() {
         tokio::spawn(busy.run());
     }
     let restored = proxy.restore().await.context("restoring the FQDN cache")?;

@@ -53,6 +53,30 @@ pub struct Settings {
     pub compile: CompileOptions,
 }
 
+/// Binds the DNS proxy's UDP and TCP listeners (IPv4, and IPv6 when the node has it) and
+/// serves them on the current runtime.
+fn serve_dns(dns: &dns_proxy::Proxy, port: u16, ipv6: bool) -> Result<()> {
+    let dns_listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let udp = TransparentUdp::bind(dns_listen)
+        .with_context(|| format!("DNS proxy: cannot bind udp {dns_listen}"))?;
+    let tcp = dns_proxy::socket::transparent_tcp(dns_listen)
+        .with_context(|| format!("DNS proxy: cannot bind tcp {dns_listen}"))?;
+    tokio::spawn(serve_udp(dns.clone(), Arc::new(udp)));
+    tokio::spawn(serve_tcp(dns.clone(), tcp, Arc::new(LocalAddr)));
+    let dns_listen6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    if let Some(udp6) = bind_ipv6(ipv6, "DNS proxy (udp)", dns_listen6, || {
+        TransparentUdp::bind(dns_listen6)
+    })? {
+        tokio::spawn(serve_udp(dns.clone(), Arc::new(udp6)));
+    }
+    if let Some(tcp6) = bind_ipv6(ipv6, "DNS proxy (tcp)", dns_listen6, || {
+        dns_proxy::socket::transparent_tcp(dns_listen6)
+    })? {
+        tokio::spawn(serve_tcp(dns.clone(), tcp6, Arc::new(LocalAddr)));
+    }
+    Ok(())
+}
+
 /// Binds an IPv6 listener of a proxy when the node has IPv6 (`ipv6`). A node without it
 /// (disabled in the namespace, or a kernel without the family) gets None: the agent
 /// serves IPv4, and IPv6 flows that need the proxy stay dropped by the datapath (fail
@@ -200,23 +224,40 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         dns_audit,
         dns_metrics.clone(),
     );
-    let dns_listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, s.dns_proxy_port));
-    let udp = TransparentUdp::bind(dns_listen)
-        .with_context(|| format!("DNS proxy: cannot bind udp {dns_listen}"))?;
-    let tcp = dns_proxy::socket::transparent_tcp(dns_listen)
-        .with_context(|| format!("DNS proxy: cannot bind tcp {dns_listen}"))?;
-    tokio::spawn(serve_udp(dns.clone(), Arc::new(udp)));
-    tokio::spawn(serve_tcp(dns.clone(), tcp, Arc::new(LocalAddr)));
-    let dns_listen6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, s.dns_proxy_port));
-    if let Some(udp6) = bind_ipv6(ipv6, "DNS proxy (udp)", dns_listen6, || {
-        TransparentUdp::bind(dns_listen6)
-    })? {
-        tokio::spawn(serve_udp(dns.clone(), Arc::new(udp6)));
-    }
-    if let Some(tcp6) = bind_ipv6(ipv6, "DNS proxy (tcp)", dns_listen6, || {
-        dns_proxy::socket::transparent_tcp(dns_listen6)
-    })? {
-        tokio::spawn(serve_tcp(dns.clone(), tcp6, Arc::new(LocalAddr)));
+    match dns.busy_poll() {
+        None => serve_dns(&dns, s.dns_proxy_port, ipv6)?,
+        // Busy polling works only where the polling thread is the one that reads the
+        // sockets: the DNS proxy gets its own current-thread runtime on its own thread.
+        Some(busy) => {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let (d, port) = (dns.clone(), s.dns_proxy_port);
+            std::thread::Builder::new()
+                .name("ward-dns".into())
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(anyhow::anyhow!(e)));
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        let started = serve_dns(&d, port, ipv6);
+                        let ok = started.is_ok();
+                        let _ = ready_tx.send(started);
+                        if ok {
+                            busy.run().await;
+                        }
+                    });
+                })
+                .context("DNS proxy: cannot start its thread")?;
+            ready_rx
+                .recv()
+                .context("DNS proxy: its thread ended before it started")??;
+        }
     }
 
     // The reconciler: the one writer of the datapath.
