@@ -756,32 +756,7 @@ fn l3_l4_l7_and_an_invalid_policy() {
 fn dns_teaches_to_fqdns() {
     let mut lab = Lab::new("fqdn");
     lab.start_agent();
-    assert!(
-        !lab.connects(OUTSIDE, 8443, DENIED),
-        "the outside address is denied before the lookup"
-    );
-    let answer = lab.dig("ext.example.com");
-    assert_eq!(answer, OUTSIDE, "{}", lab.log());
-    // DNS over TCP through the proxy too
-    let (_, tcp) = output(&[
-        "ip",
-        "netns",
-        "exec",
-        lab.client(),
-        "dig",
-        "+tcp",
-        "+short",
-        "+time=2",
-        "+tries=1",
-        &format!("@{DNS}"),
-        "ext.example.com",
-    ]);
-    assert_eq!(tcp.trim(), OUTSIDE, "DNS over TCP\n{}", lab.log());
-    assert!(
-        lab.connects(OUTSIDE, 8443, ALLOWED),
-        "allowed once learned\n{}",
-        lab.log()
-    );
+    learns_ext_over_udp_and_tcp(&lab);
     let (_, fqdn) = lab.admin("/v1/fqdn");
     let v: serde_json::Value = serde_json::from_str(&fqdn).unwrap();
     assert_eq!(v["app/client"]["ext.example.com."][0], OUTSIDE, "{fqdn}");
@@ -888,6 +863,26 @@ fn dns_teaches_to_fqdns() {
     );
 }
 
+/// The outside address is denied until the client looks `ext.example.com` up (over UDP,
+/// then TCP) through the agent's DNS proxy, and allowed after.
+fn learns_ext_over_udp_and_tcp(lab: &Lab) {
+    assert!(
+        !lab.connects(OUTSIDE, 8443, DENIED),
+        "the outside address is denied before the lookup"
+    );
+    assert_eq!(lab.dig("ext.example.com"), OUTSIDE, "{}", lab.log());
+    let tcp = dig_with(
+        lab,
+        &["+tcp", "+short", &format!("@{DNS}"), "ext.example.com"],
+    );
+    assert_eq!(tcp.trim(), OUTSIDE, "DNS over TCP\n{}", lab.log());
+    assert!(
+        lab.connects(OUTSIDE, 8443, ALLOWED),
+        "allowed once learned\n{}",
+        lab.log()
+    );
+}
+
 /// With busy polling on, the agent serves DNS on a thread of its own (a current-thread
 /// runtime that polls): queries are answered over UDP and TCP, the answer's IP reaches the
 /// datapath before the answer, and the poller sleeps once queries stop.
@@ -907,21 +902,7 @@ fn dns_with_busy_polling_teaches_to_fqdns() {
         threads.iter().any(|t| t.trim() == "ward-dns"),
         "a DNS thread: {threads:?}"
     );
-    assert!(
-        !lab.connects(OUTSIDE, 8443, DENIED),
-        "the outside address is denied before the lookup"
-    );
-    assert_eq!(lab.dig("ext.example.com"), OUTSIDE, "{}", lab.log());
-    let tcp = dig_with(
-        &lab,
-        &["+tcp", "+short", &format!("@{DNS}"), "ext.example.com"],
-    );
-    assert_eq!(tcp.trim(), OUTSIDE, "DNS over TCP\n{}", lab.log());
-    assert!(
-        lab.connects(OUTSIDE, 8443, ALLOWED),
-        "allowed once learned\n{}",
-        lab.log()
-    );
+    learns_ext_over_udp_and_tcp(&lab);
     // Idle again: the DNS thread stops using CPU (it polled only within the window).
     let cpu = || {
         let stat = fs::read_dir(format!("/proc/{pid}/task"))
