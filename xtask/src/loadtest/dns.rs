@@ -211,7 +211,6 @@ fn start(
     ns: &Netns,
     p: &Placement,
     records: &[String],
-    policy_dir: &Path,
     queries: &Path,
 ) -> Result<Vec<Target>> {
     let work = ctx.work.clone();
@@ -235,8 +234,8 @@ fn start(
         &mut dnsmasq(ns, &work, SUBJECT_CPU, fwd, &fwd_args),
         &log("forwarder"),
     )?;
-    let cluster = policy_dir.join("dns-cluster.yaml");
-    let policy = policy_dir.join(format!("dns-policy-{up}.yaml"));
+    let cluster = work.join("dns-cluster.yaml");
+    let policy = work.join(format!("dns-policy-{up}.yaml"));
     let write =
         |p: &Path, t: String| std::fs::write(p, t).map_err(|e| format!("{}: {e}", p.display()));
     write(
@@ -331,10 +330,9 @@ pub fn run(ctx: &mut Ctx) -> Result<String> {
     }
     std::fs::write(&queries, qtext).map_err(|e| format!("{}: {e}", queries.display()))?;
     records.push("--cache-size=1000".into());
-    let work = ctx.work.clone();
     let mut running = Vec::new();
     for p in &PLACEMENTS {
-        running.push(start(ctx, &ns, p, &records, &work, &queries)?);
+        running.push(start(ctx, &ns, p, &records, &queries)?);
     }
     eprintln!(
         "loadtest dns: {} in placements split, shared",
