@@ -34,8 +34,9 @@ tasks:
                   Ward's proxies and datapath against their peers (HAProxy, nginx,
                   dnsmasq, no program) in network namespaces; writes loadtests/REPORT.md
                   (--quick: short runs, report in target/loadtest/REPORT-quick.md)
-  udp-relay LISTEN UPSTREAM
-                  the DNS load test's floor: a blocking one-at-a-time UDP relay
+  udp-relay LISTEN UPSTREAM [--busy-poll-us US]
+                  the DNS load test's floors: a one-at-a-time UDP relay, blocking or
+                  busy-polling for US microseconds after each datagram
 ";
 
 fn main() -> ExitCode {

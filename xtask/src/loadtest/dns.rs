@@ -4,8 +4,8 @@
 //! as a forwarder without cache: queries per second, queries per CPU-second of the
 //! subject, and latency percentiles at a fixed rate. Two more targets explain the
 //! latency: Ward with busy polling (its CPU does not sleep between a query and its answer,
-//! nor for 2 ms after), and a blocking relay that only passes datagrams (the floor: what
-//! the extra hop costs on this machine).
+//! nor for 2 ms after), and a relay that only passes datagrams, blocking and busy-polling
+//! (the floors: what the extra hop costs on this machine, sleeping and not).
 //!
 //! Two placements. `split` (the main one): the upstream on the load's CPU, the subjects on
 //! the other. There direct never crosses CPUs and every proxied query crosses four times,
@@ -27,14 +27,21 @@ const PROCESSING: &str = "ward_dns_processing_seconds";
 /// the latency run's gap between queries, so its CPU does not sleep during that run.
 const BUSY_POLL_US: &str = "2000";
 /// The targets of a placement, in the order they run in each round.
-const TARGETS: [&str; 5] = ["direct", "ward", "ward busy-poll", "dnsmasq", "relay"];
+const TARGETS: [&str; 6] = [
+    "direct",
+    "ward",
+    "ward busy-poll",
+    "dnsmasq",
+    "relay",
+    "relay busy-poll",
+];
 
 /// Where the upstream runs, and the ports of one placement's processes.
 struct Placement {
     name: &'static str,
     upstream_cpu: &'static str,
     /// Ports from here on: upstream, dnsmasq forwarder, ward, ward's metrics, ward
-    /// busy-poll, its metrics, relay.
+    /// busy-poll, its metrics, relay, relay busy-poll.
     base: u16,
     /// Throughput runs too (else latency only).
     throughput: bool,
@@ -215,8 +222,8 @@ fn start(
 ) -> Result<Vec<Target>> {
     let work = ctx.work.clone();
     let b = p.base;
-    let (up, fwd, ward, ward_m, busy, busy_m, relay) =
-        (b, b + 1, b + 2, b + 3, b + 4, b + 5, b + 6);
+    let (up, fwd, ward, ward_m, busy, busy_m, relay, relay_busy) =
+        (b, b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7);
     let log = |n: &str| work.join(format!("{}-{n}.log", p.name));
     let upstream = Proc::spawn(
         ctx,
@@ -288,19 +295,30 @@ spec:
         &log("ward-busy-poll"),
     )?;
     let xtask = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
-    let mut relay_cmd = ns.cmd(SUBJECT_CPU, &xtask.display().to_string());
-    relay_cmd.args([
-        "udp-relay",
-        &format!("127.0.0.1:{relay}"),
-        &format!("127.0.0.1:{up}"),
-    ]);
-    let r = Proc::spawn(ctx, "udp relay", &mut relay_cmd, &log("relay"))?;
+    let relay_cmd = |port: u16, extra: &[&str]| {
+        let mut c = ns.cmd(SUBJECT_CPU, &xtask.display().to_string());
+        c.args([
+            "udp-relay",
+            &format!("127.0.0.1:{port}"),
+            &format!("127.0.0.1:{up}"),
+        ])
+        .args(extra);
+        c
+    };
+    let r = Proc::spawn(ctx, "udp relay", &mut relay_cmd(relay, &[]), &log("relay"))?;
+    let rb = Proc::spawn(
+        ctx,
+        "udp relay --busy-poll-us",
+        &mut relay_cmd(relay_busy, &["--busy-poll-us", BUSY_POLL_US]),
+        &log("relay-busy-poll"),
+    )?;
     let procs = [
         (upstream, up, "upstream", None),
         (w, ward, "ward", Some(ward_m)),
         (wb, busy, "ward-busy-poll", Some(busy_m)),
         (forwarder, fwd, "forwarder", None),
         (r, relay, "relay", None),
+        (rb, relay_busy, "relay-busy-poll", None),
     ];
     let mut targets = Vec::new();
     for (name, (mut proc, port, log_name, metrics)) in TARGETS.into_iter().zip(procs) {
@@ -425,7 +443,9 @@ fn report(all: &[Row], quick: bool) -> String {
          queries); dnsmasq as a forwarder with `--cache-size=0`; `relay`, the floor: \
          `cargo xtask udp-relay`, a blocking relay that only passes each datagram on and \
          the answer back, one at a time (what the extra hop and its wake-ups cost on this \
-         machine, with no work of its own). dnsperf on CPU {LOAD_CPU}: throughput with \
+         machine, with no work of its own); `relay busy-poll`, the floor of `ward \
+         busy-poll`: the same relay with `--busy-poll-us {BUSY_POLL_US}` (it spins on \
+         non-blocking reads while a query is out and for 2 ms after each datagram). dnsperf on CPU {LOAD_CPU}: throughput with \
          100 outstanding queries for {secs} s; latency from a second run at \
          {LATENCY_QPS} queries/s for {lat_secs} s (`-v`, every NOERROR answer), the same \
          for every target. {rounds} round(s), targets in turn. Throughput columns: per \
