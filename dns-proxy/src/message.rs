@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use hickory_proto::op::{Edns, Message, MessageType, ResponseCode};
-use hickory_proto::rr::{RData, RecordType};
+use hickory_proto::rr::{Name, RData, RecordType};
 use policy_model::fqdn::normalize;
 
 /// EDNS payload size we advertise in replies we make ourselves.
@@ -38,6 +38,43 @@ pub fn error_reply(query: &Message, rcode: ResponseCode) -> Option<Vec<u8>> {
     m.to_vec().ok()
 }
 
+/// A name as policy matches it: its text as `Name::to_ascii` writes it (escapes and all),
+/// lower-cased, with its trailing dot. Names made only of letters, digits, `_`, `-` (not
+/// first in a label) and `*` (first) are written straight from their labels; any other
+/// goes the long way, through hickory's escaping.
+pub fn name_text(name: &Name) -> String {
+    let mut s = String::with_capacity(name.len() + 1);
+    for label in name.iter() {
+        let plain = !label.is_empty()
+            && label.iter().enumerate().all(|(i, &b)| {
+                b.is_ascii_alphanumeric()
+                    || b == b'_'
+                    || (b == b'-' && i > 0)
+                    || (b == b'*' && i == 0)
+            });
+        if !plain {
+            return normalize(&name.to_ascii());
+        }
+        s.extend(label.iter().map(|b| char::from(b.to_ascii_lowercase())));
+        s.push('.');
+    }
+    if s.is_empty() {
+        return normalize(&name.to_ascii());
+    }
+    s
+}
+
+/// Whether two names are the same name: hickory's `Name` equality (labels compared
+/// without regard to ASCII case, same number of labels, both fully qualified or neither)
+/// without copying each label as that does.
+pub fn same_name(a: &Name, b: &Name) -> bool {
+    a.is_fqdn() == b.is_fqdn()
+        && a.num_labels() == b.num_labels()
+        && a.iter()
+            .zip(b.iter())
+            .all(|(x, y)| x.eq_ignore_ascii_case(y))
+}
+
 /// What an answer carries for the FQDN cache.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Learned {
@@ -61,7 +98,7 @@ pub fn learned(answer: &Message) -> Learned {
             RData::A(a) => Some(IpAddr::V4(a.0)),
             RData::AAAA(a) => Some(IpAddr::V6(a.0)),
             RData::CNAME(c) => {
-                let t = normalize(&c.0.to_ascii());
+                let t = name_text(&c.0);
                 if !l.cname_targets.contains(&t) {
                     l.cname_targets.push(t);
                 }
@@ -88,6 +125,61 @@ pub fn learned(answer: &Message) -> Learned {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Names built from wire bytes (labels as given), covering the plain and the escaped
+    /// paths.
+    fn wire_names() -> Vec<Name> {
+        let labels: &[&[&[u8]]] = &[
+            &[b"www", b"Example", b"COM"],
+            &[b"_sip", b"_tcp", b"x-y", b"z"],
+            &[b"*", b"cdn", b"test"],
+            &[b"a*b", b"test"],
+            &[b"-lead", b"test"],
+            &[b"tail-", b"test"],
+            &[b"do.t", b"test"],
+            &[b"sp ace", b"test"],
+            &[b"caf\xc3\xa9", b"test"],
+            &[b"xn--caf-dma", b"test"],
+            &[b"ctl\x01", b"test"],
+            &[b"back\\slash", b"test"],
+            &[],
+        ];
+        labels
+            .iter()
+            .map(|ls| {
+                let mut n = Name::from_labels(ls.iter().copied()).expect("labels");
+                n.set_fqdn(true);
+                n
+            })
+            .collect()
+    }
+
+    #[test]
+    fn name_text_is_normalized_to_ascii() {
+        for n in wire_names() {
+            assert_eq!(name_text(&n), normalize(&n.to_ascii()), "{n:?}");
+        }
+        assert_eq!(
+            name_text(&Name::from_ascii("WWW.Example.com.").unwrap()),
+            "www.example.com."
+        );
+    }
+
+    #[test]
+    fn same_name_is_hickory_equality() {
+        let mut names = wire_names();
+        let mut relative = Name::from_ascii("www.example.com").unwrap();
+        relative.set_fqdn(false);
+        names.push(relative);
+        names.push(Name::from_ascii("WWW.EXAMPLE.COM.").unwrap());
+        names.push(Name::from_ascii("www.example.co.").unwrap());
+        names.push(Name::from_ascii("example.com.").unwrap());
+        for a in &names {
+            for b in &names {
+                assert_eq!(same_name(a, b), a == b, "{a:?} vs {b:?}");
+            }
+        }
+    }
 
     #[test]
     fn formerr_from_garbage() {

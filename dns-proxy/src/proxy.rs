@@ -19,7 +19,7 @@ use crate::busy_poll::BusyPoll;
 use crate::cache::FqdnCache;
 use crate::config::{Config, RefuseCode};
 use crate::forward::{Forwarder, Upstream};
-use crate::message::{error_reply, formerr_from_bytes, learned};
+use crate::message::{error_reply, formerr_from_bytes, learned, name_text, same_name};
 use crate::metrics::{rcode_label, Metrics};
 use crate::persist::{self, PersistError};
 use crate::policy::{PolicyStore, Scope};
@@ -267,7 +267,7 @@ impl Proxy {
             return self.finish(rec, start, Verdict::Error, error_reply(&msg, rcode), rcode);
         }
         let question = &msg.queries()[0];
-        let qname = normalize(&question.name().to_ascii());
+        let qname = name_text(question.name());
         if audit {
             rec.qname = qname.clone();
             rec.qtype = question.query_type().into();
@@ -683,7 +683,7 @@ fn answers_question(answer: &Message, question: &hickory_proto::op::Query) -> bo
         [q] => {
             q.query_type() == question.query_type()
                 && q.query_class() == question.query_class()
-                && q.name() == question.name()
+                && same_name(q.name(), question.name())
         }
         _ => false,
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::compile::{EndpointPolicy, L7Id, Model};
-use crate::fqdn::normalize;
+use crate::fqdn::normalized;
 use crate::http::{HeaderAction, Request};
 use crate::identity::Idx;
 use crate::l7::L7Protocol;
@@ -244,7 +244,7 @@ impl Model {
 
     /// Checks one DNS query name against a connection's policy (the client's egress).
     pub fn check_dns(&self, conn: &ConnectionPolicy, qname: &str) -> L7Decision {
-        let qname = normalize(qname);
+        let qname = normalized(qname);
         let mut d = L7Decision {
             allowed: true,
             ..L7Decision::default()
@@ -279,7 +279,7 @@ impl Model {
     /// The toFQDNs patterns (normalised text) that match a name: the selectors whose
     /// identities the IPs of an answer join.
     pub fn fqdn_selectors_matching(&self, qname: &str) -> Vec<&str> {
-        let n = normalize(qname);
+        let n = normalized(qname);
         self.fqdn_patterns()
             .filter(|(_, p)| p.matches_normalized(&n))
             .map(|(t, _)| t)

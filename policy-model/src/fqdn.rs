@@ -2,6 +2,7 @@
 //! fully qualified with a trailing dot, `*` within one label, a leading `**.` for one or
 //! more labels.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use regex::Regex;
@@ -16,6 +17,19 @@ pub fn normalize(name: &str) -> String {
         n.push('.');
     }
     n
+}
+
+/// [`normalize`] without a copy when `name` already is normalised (lower case, trailing
+/// dot, no surrounding space): the per-query path hands over names normalised once.
+pub fn normalized(name: &str) -> Cow<'_, str> {
+    let is_normal = name.ends_with('.')
+        && !name.bytes().any(|b| b.is_ascii_uppercase())
+        && name.trim().len() == name.len();
+    if is_normal {
+        Cow::Borrowed(name)
+    } else {
+        Cow::Owned(normalize(name))
+    }
 }
 
 /// A compiled `matchName` or `matchPattern`.
@@ -103,7 +117,7 @@ impl NamePattern {
 
     /// Whether a name (in any case, with or without trailing dot) matches.
     pub fn matches(&self, name: &str) -> bool {
-        self.matches_normalized(&normalize(name))
+        self.matches_normalized(&normalized(name))
     }
 
     /// Whether an already normalised name matches (the per-query fast path).
@@ -135,6 +149,23 @@ fn check_chars(s: &str, star: bool) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn normalized_borrows_only_what_needs_no_change() {
+        for name in ["www.example.com.", "a-b_c.example.", ".", "*.x."] {
+            assert!(matches!(normalized(name), Cow::Borrowed(_)), "{name}");
+            assert_eq!(normalized(name), normalize(name));
+        }
+        for name in [
+            "WWW.example.com.",
+            "www.example.com",
+            " www.example.com. ",
+            "",
+        ] {
+            assert!(matches!(normalized(name), Cow::Owned(_)), "{name}");
+            assert_eq!(normalized(name), normalize(name));
+        }
+    }
 
     fn pat(p: &str) -> NamePattern {
         NamePattern::pattern(p).unwrap()
