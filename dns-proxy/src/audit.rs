@@ -133,15 +133,19 @@ const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 /// 10 ms and flushing after each batch. Blocking: run it on a blocking thread
 /// (`tokio::task::spawn_blocking`).
 pub fn write_lines(mut rx: mpsc::Receiver<AuditRecord>, mut out: Box<dyn Write + Send>) {
+    // One line's bytes, reused: the whole line is written or none of it.
+    let mut line = Vec::with_capacity(512);
     loop {
         let mut wrote = false;
         let closed = loop {
             match rx.try_recv() {
                 Ok(r) => {
                     wrote = true;
-                    match serde_json::to_string(&r) {
-                        Ok(line) => {
-                            if let Err(e) = writeln!(out, "{line}") {
+                    line.clear();
+                    match serde_json::to_writer(&mut line, &r) {
+                        Ok(()) => {
+                            line.push(b'\n');
+                            if let Err(e) = out.write_all(&line) {
                                 tracing::warn!("audit log write failed: {e}");
                             }
                         }
