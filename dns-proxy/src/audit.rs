@@ -133,7 +133,7 @@ const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 /// 10 ms and flushing after each batch. Blocking: run it on a blocking thread
 /// (`tokio::task::spawn_blocking`).
 pub fn write_lines(mut rx: mpsc::Receiver<AuditRecord>, mut out: Box<dyn Write + Send>) {
-    // One line's bytes, reused: the whole line is written or none of it.
+    // One line's bytes, reused; a record that does not serialise writes nothing.
     let mut line = Vec::with_capacity(512);
     loop {
         let mut wrote = false;

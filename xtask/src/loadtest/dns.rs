@@ -436,24 +436,23 @@ fn report(all: &[Row], quick: bool) -> String {
     let _ = writeln!(
         s,
         "Upstream: dnsmasq answering 100 names from `--host-record`. Subjects on CPU \
-         {SUBJECT_CPU}: `ward dns-proxy` (standalone, `--threads 1`, DNS rule \
-         `*.bench.test`, toFQDNs learning on, audit to /dev/null); the same with \
-         `--busy-poll-us {BUSY_POLL_US}` (`ward busy-poll`: after each query its thread \
-         polls instead of sleeping for 2 ms, longer than the latency run's gap between \
-         queries); dnsmasq as a forwarder with `--cache-size=0`; `relay`, the floor: \
-         `cargo xtask udp-relay`, a blocking relay that only passes each datagram on and \
-         the answer back, one at a time (what the extra hop and its wake-ups cost on this \
-         machine, with no work of its own); `relay busy-poll`, the floor of `ward \
-         busy-poll`: the same relay with `--busy-poll-us {BUSY_POLL_US}` (it spins on \
-         non-blocking reads while a query is out and for 2 ms after each datagram). dnsperf on CPU {LOAD_CPU}: throughput with \
-         100 outstanding queries for {secs} s; latency from a second run at \
-         {LATENCY_QPS} queries/s for {lat_secs} s (`-v`, every NOERROR answer), the same \
-         for every target. {rounds} round(s), targets in turn. Throughput columns: per \
-         target the round with the median queries per CPU-second (direct: median qps), \
-         that figure for every round. Latency columns: the median over rounds of each \
-         round's percentile. Ward's processing time: its own time per query (from the \
-         query's receipt to the reply's send, minus the wait for the upstream; histogram \
-         `{PROCESSING}` scraped before and after the latency run), median over rounds.\n\n\
+         {SUBJECT_CPU}: `ward dns-proxy` (standalone, `--threads 1`, DNS rule `*.bench.test`, \
+         toFQDNs learning on, audit to /dev/null); the same with `--busy-poll-us {BUSY_POLL_US}` \
+         (`ward busy-poll`: after each query its thread polls instead of sleeping for 2 ms, longer \
+         than the latency run's gap between queries); dnsmasq as a forwarder with \
+         `--cache-size=0`; `relay`, the floor: `cargo xtask udp-relay`, a blocking relay that only \
+         passes each datagram on and the answer back, one at a time (what the extra hop and its \
+         wake-ups cost on this machine, with no work of its own); `relay busy-poll`, the floor of \
+         `ward busy-poll`: the same relay with `--busy-poll-us {BUSY_POLL_US}` (it spins on \
+         non-blocking reads while a query is out and for 2 ms after each datagram). dnsperf on CPU \
+         {LOAD_CPU}: throughput with 100 outstanding queries for {secs} s; latency from a second \
+         run at {LATENCY_QPS} queries/s for {lat_secs} s (`-v`, every NOERROR answer), the same \
+         for every target. {rounds} round(s), targets in turn. Throughput columns: per target the \
+         round with the median queries per CPU-second (direct: median qps), that figure for every \
+         round. Latency columns: the median over rounds of each round's percentile. Ward's \
+         processing time: its own time per query (from the query's receipt to the reply's send, \
+         minus the wait for the upstream; histogram `{PROCESSING}` scraped before and after the \
+         latency run), median over rounds.\n\n\
          Two placements of the upstream. **split**: upstream on CPU {LOAD_CPU} with \
          dnsperf. A direct query never leaves CPU {LOAD_CPU}; a proxied one crosses \
          between the CPUs four times, and each crossing wakes a halted vCPU (an \

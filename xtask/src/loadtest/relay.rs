@@ -3,8 +3,8 @@
 //! wake-ups as any forwarder that sleeps while it waits, and nothing else, so the latency
 //! it adds over direct is what the machine charges for the extra hop. With
 //! `--busy-poll-us` it spins on non-blocking reads while a query is out and for that long
-//! after each answer (as `ward dns-proxy --busy-poll-us` does), then sleeps again: the
-//! floor of a busy-polling forwarder.
+//! after each datagram (as `ward dns-proxy --busy-poll-us` does after each query), then
+//! sleeps again: the floor of a busy-polling forwarder.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
