@@ -7,6 +7,10 @@
 //! nor for 2 ms after), and a relay that only passes datagrams, blocking and busy-polling
 //! (the floors: what the extra hop costs on this machine, sleeping and not).
 //!
+//! The added latency comes twice: from the rounds (each round's median minus direct's in
+//! the same round), and from paired runs (a 1-second direct run, then 1 second through
+//! the target, repeated), which take the machine's drift between rounds out.
+//!
 //! Two placements. `split` (the main one): the upstream on the load's CPU, the subjects on
 //! the other. There direct never crosses CPUs and every proxied query crosses four times,
 //! each crossing waking an idle vCPU. `shared`: the upstream on the subjects' CPU, so that
@@ -76,6 +80,12 @@ struct Target {
 /// Rate of the latency run (queries per second), well below every target's capacity, so
 /// that queries rarely wait behind each other: the figure is one query's path.
 const LATENCY_QPS: &str = "1000";
+
+/// Paired latency runs: per target and placement this many pairs of a 1-second direct run
+/// and, right after it, a 1-second run through the target. The machine's drift between
+/// rounds (tens of microseconds on this shared VM) moves both runs of a pair alike, so
+/// the median of the pairs' differences is the added latency with the drift taken out.
+const PAIRS: u32 = 9;
 
 struct Row {
     placement: &'static str,
@@ -176,18 +186,7 @@ fn measure(
         Some(m) => Some(processing_buckets(ctx, ns, m)?),
         None => None,
     };
-    let out = output(
-        ctx,
-        dnsperf(ns, t.port, queries).args([
-            "-l",
-            &lat_secs.to_string(),
-            "-Q",
-            LATENCY_QPS,
-            "-q",
-            "10",
-            "-v",
-        ]),
-    )?;
+    let mut lat = latencies(ctx, ns, t.port, queries, lat_secs)?;
     let processing = match (hist_before, t.metrics) {
         (Some(before), Some(m)) => {
             let after = processing_buckets(ctx, ns, m)?;
@@ -196,7 +195,6 @@ fn measure(
         }
         _ => None,
     };
-    let mut lat = parse::dnsperf_latencies(&out);
     let pct = |v: &mut Vec<f64>, p| parse::percentile(v, p).unwrap_or(f64::NAN);
     Ok(Row {
         placement: placement.name,
@@ -365,7 +363,57 @@ pub fn run(ctx: &mut Ctx) -> Result<String> {
             }
         }
     }
-    Ok(report(&all, ctx.quick))
+    eprintln!("loadtest dns: paired latency runs, direct then each target");
+    let pairs = if ctx.quick { 1 } else { PAIRS };
+    let mut pair_diffs = Vec::new();
+    for (p, targets) in PLACEMENTS.iter().zip(&running) {
+        pair_diffs.push((p.name, paired(ctx, &ns, targets, &queries, pairs)?));
+    }
+    Ok(report(&all, &pair_diffs, ctx.quick))
+}
+
+/// One latency run of `secs` seconds at [`LATENCY_QPS`]: the answers' latencies (us).
+fn latencies(ctx: &mut Ctx, ns: &Netns, port: u16, queries: &Path, secs: u64) -> Result<Vec<f64>> {
+    let out = output(
+        ctx,
+        dnsperf(ns, port, queries).args([
+            "-l",
+            &secs.to_string(),
+            "-Q",
+            LATENCY_QPS,
+            "-q",
+            "10",
+            "-v",
+        ]),
+    )?;
+    Ok(parse::dnsperf_latencies(&out))
+}
+
+/// Per target but direct, the differences of the pairs' median latencies (target minus
+/// the direct run just before it), pair by pair (see [`PAIRS`]).
+fn paired(
+    ctx: &mut Ctx,
+    ns: &Netns,
+    targets: &[Target],
+    queries: &Path,
+    pairs: u32,
+) -> Result<Vec<(&'static str, Vec<f64>)>> {
+    let Some((direct, others)) = targets.split_first() else {
+        return Ok(Vec::new());
+    };
+    let mut diffs: Vec<(&'static str, Vec<f64>)> =
+        others.iter().map(|t| (t.name, Vec::new())).collect();
+    for _ in 0..pairs {
+        for (t, (_, d)) in others.iter().zip(&mut diffs) {
+            let p50 = |mut v: Vec<f64>| parse::percentile(&mut v, 50.0);
+            let base = p50(latencies(ctx, ns, direct.port, queries, 1)?);
+            let through = p50(latencies(ctx, ns, t.port, queries, 1)?);
+            if let (Some(b), Some(x)) = (base, through) {
+                d.push(x - b);
+            }
+        }
+    }
+    Ok(diffs)
 }
 
 /// (throughput seconds, latency seconds, rounds)
@@ -429,7 +477,10 @@ fn added(all: &[Row], placement: &str, name: &str) -> Vec<f64> {
         .collect()
 }
 
-fn report(all: &[Row], quick: bool) -> String {
+/// One placement's paired runs: per target, the pairs' differences (us).
+type Paired = (&'static str, Vec<(&'static str, Vec<f64>)>);
+
+fn report(all: &[Row], pairs: &[Paired], quick: bool) -> String {
     let (secs, lat_secs, rounds) = durations(quick);
     let picked: Vec<(&Row, Vec<f64>)> = TARGETS.iter().filter_map(|n| median(all, n)).collect();
     let mut s = String::from("## DNS proxy\n\n");
@@ -532,6 +583,7 @@ fn report(all: &[Row], quick: bool) -> String {
         row("ward busy-poll"),
         row("dnsmasq"),
     ) else {
+        s.push_str(&paired_text(pairs));
         return s;
     };
     let added_in = |placement: &str| {
@@ -558,5 +610,66 @@ fn report(all: &[Row], quick: bool) -> String {
         added_in("split"),
         added_in("shared"),
     );
+    s.push_str(&paired_text(pairs));
     s
+}
+
+/// The paired latency paragraph (see [`PAIRS`]).
+fn paired_text(pairs: &[Paired]) -> String {
+    let mut s = String::new();
+    let n = pairs
+        .first()
+        .and_then(|(_, t)| t.first())
+        .map_or(0, |(_, d)| d.len());
+    let _ = write!(
+        s,
+        "Median latency added over direct, paired ({n} pair(s) per target: a 1 s direct run \
+         at {LATENCY_QPS} queries/s, then right after it 1 s through the target; the median \
+         of the pairs' differences of p50, the middle half of them in brackets; drift between \
+         rounds moves both runs of a pair alike)."
+    );
+    for (placement, targets) in pairs {
+        let figures: Vec<String> = targets
+            .iter()
+            .map(|(name, d)| {
+                let mut d = d.clone();
+                let mut q = |p| parse::percentile(&mut d, p).unwrap_or(f64::NAN);
+                let (lo, mid, hi) = (q(25.0), q(50.0), q(75.0));
+                format!("{name} {mid:.0} us ({lo:.0} to {hi:.0})")
+            })
+            .collect();
+        let _ = write!(s, " {placement}: {}.", figures.join("; "));
+    }
+    s.push('\n');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paired_figures_are_median_and_middle_half_of_the_differences() {
+        let pairs: Vec<Paired> = vec![
+            (
+                "split",
+                vec![
+                    ("ward", vec![70.0, 40.0, 45.0, 50.0, 42.0, 48.0, 44.0, 90.0]),
+                    ("relay", vec![20.0]),
+                ],
+            ),
+            ("shared", vec![("ward", vec![-3.0, 5.0, 1.0])]),
+        ];
+        let text = report(&[], &pairs, false);
+        assert!(
+            text.contains("paired (8 pair(s) per target"),
+            "pair count: {text}"
+        );
+        // sorted: 40 42 44 45 48 50 70 90 -> nearest-rank p25 42, p50 45, p75 50
+        assert!(
+            text.contains("split: ward 45 us (42 to 50); relay 20 us (20 to 20)."),
+            "{text}"
+        );
+        assert!(text.contains("shared: ward 1 us (-3 to 5)."), "{text}");
+    }
 }
