@@ -43,6 +43,9 @@ pub fn error_reply(query: &Message, rcode: ResponseCode) -> Option<Vec<u8>> {
 /// first in a label) and `*` (first) are written straight from their labels; any other
 /// goes the long way, through hickory's escaping.
 pub fn name_text(name: &Name) -> String {
+    if name.num_labels() == 0 {
+        return normalize(&name.to_ascii());
+    }
     let mut s = String::with_capacity(name.len() + 1);
     for label in name.iter() {
         let plain = !label.is_empty()
@@ -57,9 +60,6 @@ pub fn name_text(name: &Name) -> String {
         }
         s.extend(label.iter().map(|b| char::from(b.to_ascii_lowercase())));
         s.push('.');
-    }
-    if s.is_empty() {
-        return normalize(&name.to_ascii());
     }
     s
 }

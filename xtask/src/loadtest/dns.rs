@@ -403,9 +403,9 @@ fn paired(
     };
     let mut diffs: Vec<(&'static str, Vec<f64>)> =
         others.iter().map(|t| (t.name, Vec::new())).collect();
+    let p50 = |mut v: Vec<f64>| parse::percentile(&mut v, 50.0);
     for _ in 0..pairs {
         for (t, (_, d)) in others.iter().zip(&mut diffs) {
-            let p50 = |mut v: Vec<f64>| parse::percentile(&mut v, 50.0);
             let base = p50(latencies(ctx, ns, direct.port, queries, 1)?);
             let through = p50(latencies(ctx, ns, t.port, queries, 1)?);
             if let (Some(b), Some(x)) = (base, through) {
