@@ -7,8 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::runtime::{Handle, RuntimeFlavor};
 
 use crate::proxy::{Proxy, QueryContext, Transport};
 use crate::sink::BoxFuture;
@@ -140,37 +142,84 @@ impl OrigDst for LocalAddr {
     }
 }
 
-/// Serves UDP until the socket fails; each datagram is handled in its own task.
+/// Serves UDP until the socket fails. On a current-thread runtime (`ward dns-proxy
+/// --threads 1`, the agent's `ward-dns` thread) the queries in flight are futures of this
+/// task ([`serve_udp_inline`]); on a multi-thread runtime each datagram is handled in a
+/// task of its own, so queries spread over the workers.
 pub async fn serve_udp(proxy: Proxy, io: Arc<dyn UdpTransport>) -> io::Result<()> {
+    if Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread {
+        return serve_udp_inline(proxy, io).await;
+    }
     let mut buf = vec![0u8; 65_535];
     loop {
-        let d = match io.recv(&mut buf).await {
-            Ok(d) => d,
-            Err(e) if transient(&e) => {
-                tracing::debug!("udp receive: {e}");
-                continue;
-            }
-            Err(e) => return Err(e),
+        let Some(d) = recv_datagram(&*io, &mut buf).await? else {
+            continue;
         };
         let received = Instant::now();
         let query = buf.get(..d.len).unwrap_or_default().to_vec();
-        let proxy = proxy.clone();
-        let io = io.clone();
-        tokio::spawn(async move {
-            let ctx = QueryContext {
-                client: d.client,
-                server: d.server,
-                transport: Transport::Udp,
-            };
-            let (reply, upstream) = proxy.handle_timed(&query, ctx).await;
-            if let Some(reply) = reply {
-                if let Err(e) = io.send(&reply, d.client, d.server).await {
-                    tracing::debug!(client = %d.client, "udp reply failed: {e}");
-                }
-            }
-            proxy.observe_processing(received, upstream);
-        });
+        tokio::spawn(answer(proxy.clone(), io.clone(), query, d, received));
     }
+}
+
+/// Serves UDP with every query in flight a future of this one task. A new query is
+/// polled (parsed, checked, sent upstream) before the socket is read again, and an
+/// upstream answer wakes this task, not a task of its own: no spawn, and no hop through
+/// the scheduler, on the query's way. Only for a current-thread runtime, where a task per
+/// query would run on the same thread anyway.
+pub async fn serve_udp_inline(proxy: Proxy, io: Arc<dyn UdpTransport>) -> io::Result<()> {
+    let mut buf = vec![0u8; 65_535];
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            // Queries first: a new one goes upstream before the next read, and answers
+            // that came in are released before more queries are taken.
+            biased;
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            d = recv_datagram(&*io, &mut buf) => {
+                let Some(d) = d? else {
+                    continue;
+                };
+                let received = Instant::now();
+                let query = buf.get(..d.len).unwrap_or_default().to_vec();
+                in_flight.push(answer(proxy.clone(), io.clone(), query, d, received));
+            }
+        }
+    }
+}
+
+/// The next datagram; `None` after a transient receive error (logged), which does not
+/// stop the listener.
+async fn recv_datagram(io: &dyn UdpTransport, buf: &mut [u8]) -> io::Result<Option<Datagram>> {
+    match io.recv(buf).await {
+        Ok(d) => Ok(Some(d)),
+        Err(e) if transient(&e) => {
+            tracing::debug!("udp receive: {e}");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Handles one datagram's query and sends the reply, if any.
+async fn answer(
+    proxy: Proxy,
+    io: Arc<dyn UdpTransport>,
+    query: Vec<u8>,
+    d: Datagram,
+    received: Instant,
+) {
+    let ctx = QueryContext {
+        client: d.client,
+        server: d.server,
+        transport: Transport::Udp,
+    };
+    let (reply, upstream) = proxy.handle_timed(&query, ctx).await;
+    if let Some(reply) = reply {
+        if let Err(e) = io.send(&reply, d.client, d.server).await {
+            tracing::debug!(client = %d.client, "udp reply failed: {e}");
+        }
+    }
+    proxy.observe_processing(received, upstream);
 }
 
 fn transient(e: &io::Error) -> bool {

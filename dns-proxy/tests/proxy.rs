@@ -847,3 +847,50 @@ async fn cache_names_follow_the_current_selectors() {
     );
     assert_eq!(h.sink.applied().len(), applied + 1);
 }
+
+/// On a current-thread runtime (`ward dns-proxy --threads 1`, the agent's `ward-dns`
+/// thread) the UDP listener keeps its queries in flight inside its own task instead of a
+/// task each: a query waiting for the datapath must not hold up the next one, and still
+/// gets its answer once the update is done.
+#[tokio::test(flavor = "current_thread")]
+async fn one_thread_answers_queries_while_another_waits() {
+    let mut z = Zone::default();
+    z.a("slow.app.test", 60, &["192.0.2.82"]);
+    z.a("fast.app.test", 60, &["192.0.2.83"]);
+    let up = Upstream::start(z).await;
+    let config = Config {
+        datapath_wait: Duration::from_secs(20),
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    let hold = Duration::from_secs(3);
+    h.sink.delay_next(hold);
+    let addr = h.addr;
+    let slow =
+        tokio::spawn(async move { query(addr, "slow.app.test", RecordType::A, false).await });
+    // The slow query is in flight: its update has started and is held.
+    assert!(
+        wait_until_async(Duration::from_secs(10), || async {
+            !h.sink.applied().is_empty()
+        })
+        .await,
+        "the slow query's update did not start"
+    );
+    let held_since = h.sink.applied()[0].started;
+    let m = query(h.addr, "fast.app.test", RecordType::A, false).await;
+    assert_eq!(ips(&m), vec![ip("192.0.2.83")]);
+    assert!(
+        held_since.elapsed() < hold,
+        "the second answer waited for the first query's update"
+    );
+    assert!(!slow.is_finished(), "the first answer left before its update");
+    let m = slow.await.expect("slow query task");
+    assert_eq!(ips(&m), vec![ip("192.0.2.82")]);
+    let applied = h.sink.applied();
+    let slow_update = applied
+        .iter()
+        .find(|a| a.update.name == "slow.app.test.")
+        .expect("an update for the slow name");
+    assert!(slow_update.started.elapsed() >= hold);
+    assert!(slow_update.finished.is_some());
+}
