@@ -48,6 +48,15 @@ pub struct Stats {
     pub zombies: usize,
 }
 
+/// What [`FqdnCache::learn_under`] found and did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Learned {
+    /// The datapath held every IP under these selectors already: only the expiry moved.
+    pub covered: bool,
+    /// IPs past the per-name limit, now zombies.
+    pub evicted: Vec<IpAddr>,
+}
+
 #[derive(Clone, Debug)]
 pub struct FqdnCache {
     max_ips_per_name: usize,
@@ -73,8 +82,48 @@ impl FqdnCache {
         ttl: u32,
         now_ms: u64,
     ) -> Vec<IpAddr> {
-        let expires_ms = now_ms.saturating_add(u64::from(ttl) * 1000);
-        // A known name (the common case) costs no key allocation.
+        let max = self.max_ips_per_name;
+        match self.entry_mut(endpoint, name) {
+            Some(entry) => refresh(entry, max, ips, ttl, now_ms),
+            None => Vec::new(),
+        }
+    }
+
+    /// [`FqdnCache::learn`] for IPs handed to the datapath under `selectors`, which it
+    /// records. Also says whether the datapath held them already: every IP was live for
+    /// `name` and handed over under these same selectors before. One lookup of the name.
+    pub fn learn_under(
+        &mut self,
+        endpoint: &str,
+        name: &str,
+        ips: &[IpAddr],
+        selectors: &[&str],
+        ttl: u32,
+        now_ms: u64,
+    ) -> Learned {
+        let max = self.max_ips_per_name;
+        let Some(entry) = self.entry_mut(endpoint, name) else {
+            return Learned {
+                covered: false,
+                evicted: Vec::new(),
+            };
+        };
+        let same_selectors = entry
+            .selectors
+            .iter()
+            .map(String::as_str)
+            .eq(selectors.iter().copied());
+        let covered = same_selectors && ips.iter().all(|ip| entry.ips.iter().any(|x| x.ip == *ip));
+        if !same_selectors {
+            entry.selectors = selectors.iter().map(|s| s.to_string()).collect();
+        }
+        let evicted = refresh(entry, max, ips, ttl, now_ms);
+        Learned { covered, evicted }
+    }
+
+    /// The entry of `name` for `endpoint`, made when missing (always `Some`). A known
+    /// name (the common case) costs no key allocation.
+    fn entry_mut(&mut self, endpoint: &str, name: &str) -> Option<&mut NameEntry> {
         let known = self
             .entries
             .get(endpoint)
@@ -85,59 +134,9 @@ impl FqdnCache {
                 .or_default()
                 .insert(name.to_string(), NameEntry::default());
         }
-        let Some(entry) = self
-            .entries
+        self.entries
             .get_mut(endpoint)
             .and_then(|names| names.get_mut(name))
-        else {
-            return Vec::new();
-        };
-        for &ip in ips {
-            entry.ips.retain(|e| e.ip != ip);
-            entry.zombies.retain(|e| e.ip != ip);
-            entry.ips.push(IpEntry {
-                ip,
-                learned_ms: now_ms,
-                expires_ms,
-            });
-        }
-        let mut evicted = Vec::new();
-        if entry.ips.len() > self.max_ips_per_name {
-            let n = entry.ips.len() - self.max_ips_per_name;
-            for e in entry.ips.drain(..n) {
-                evicted.push(e.ip);
-                entry.zombies.push(e);
-            }
-        }
-        evicted
-    }
-
-    /// Whether every IP is live for `name` and was handed over under these selectors.
-    pub fn covers(&self, endpoint: &str, name: &str, ips: &[IpAddr], selectors: &[&str]) -> bool {
-        self.entry(endpoint, name).is_some_and(|e| {
-            e.selectors
-                .iter()
-                .map(String::as_str)
-                .eq(selectors.iter().copied())
-                && ips.iter().all(|ip| e.ips.iter().any(|x| x.ip == *ip))
-        })
-    }
-
-    /// Records the selectors the IPs of `name` were handed over under.
-    pub fn set_selectors(&mut self, endpoint: &str, name: &str, selectors: &[&str]) {
-        if let Some(e) = self
-            .entries
-            .get_mut(endpoint)
-            .and_then(|names| names.get_mut(name))
-        {
-            if e.selectors
-                .iter()
-                .map(String::as_str)
-                .ne(selectors.iter().copied())
-            {
-                e.selectors = selectors.iter().map(|s| s.to_string()).collect();
-            }
-        }
     }
 
     /// Turns expired IPs into zombies and removes the zombies no live connection uses.
@@ -232,6 +231,36 @@ impl FqdnCache {
     }
 }
 
+/// Refreshes `ips` in `entry` (they become the newest, live until `ttl` from `now_ms`)
+/// and turns the oldest past `max` into zombies, which it returns.
+fn refresh(
+    entry: &mut NameEntry,
+    max: usize,
+    ips: &[IpAddr],
+    ttl: u32,
+    now_ms: u64,
+) -> Vec<IpAddr> {
+    let expires_ms = now_ms.saturating_add(u64::from(ttl) * 1000);
+    for &ip in ips {
+        entry.ips.retain(|e| e.ip != ip);
+        entry.zombies.retain(|e| e.ip != ip);
+        entry.ips.push(IpEntry {
+            ip,
+            learned_ms: now_ms,
+            expires_ms,
+        });
+    }
+    let mut evicted = Vec::new();
+    if entry.ips.len() > max {
+        let n = entry.ips.len() - max;
+        for e in entry.ips.drain(..n) {
+            evicted.push(e.ip);
+            entry.zombies.push(e);
+        }
+    }
+    evicted
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,10 +312,43 @@ mod tests {
     }
 
     #[test]
+    fn learn_under_says_whether_the_datapath_held_the_ips() {
+        let mut c = FqdnCache::new(10);
+        let one = [ip("192.0.2.1")];
+        let l = c.learn_under("ns/a", "x.app.", &one, &["*.app."], 60, 0);
+        assert_eq!((l.covered, l.evicted.len()), (false, 0), "a new name");
+        assert_eq!(c.entry("ns/a", "x.app.").unwrap().selectors, ["*.app."]);
+        let l = c.learn_under("ns/a", "x.app.", &one, &["*.app."], 60, 1000);
+        assert!(l.covered, "same IP, same selectors");
+        assert_eq!(c.entry("ns/a", "x.app.").unwrap().ips[0].expires_ms, 61_000);
+        let l = c.learn_under("ns/a", "x.app.", &one, &["*.app.", "x.app."], 60, 2000);
+        assert!(!l.covered, "another selector matches now");
+        assert_eq!(
+            c.entry("ns/a", "x.app.").unwrap().selectors,
+            ["*.app.", "x.app."]
+        );
+        let two = [ip("192.0.2.1"), ip("192.0.2.2")];
+        let l = c.learn_under("ns/a", "x.app.", &two, &["*.app.", "x.app."], 60, 3000);
+        assert!(!l.covered, "a new IP");
+        let l = c.learn_under("ns/b", "x.app.", &one, &["*.app.", "x.app."], 60, 3000);
+        assert!(!l.covered, "known to another endpoint only");
+        let mut small = FqdnCache::new(1);
+        small.learn_under("ns/a", "x.app.", &one, &["*.app."], 60, 0);
+        let l = small.learn_under("ns/a", "x.app.", &[ip("192.0.2.2")], &["*.app."], 60, 1);
+        assert_eq!(l.evicted, vec![ip("192.0.2.1")]);
+    }
+
+    #[test]
     fn names_follow_the_selectors() {
         let mut c = FqdnCache::new(10);
-        c.learn("ns/a", "x.app.", &[ip("192.0.2.1")], 60, 0);
-        c.set_selectors("ns/a", "x.app.", &["*.app.", "x.app."]);
+        c.learn_under(
+            "ns/a",
+            "x.app.",
+            &[ip("192.0.2.1")],
+            &["*.app.", "x.app."],
+            60,
+            0,
+        );
         c.learn("ns/b", "y.gone.", &[ip("192.0.2.2")], 60, 0);
         let dropped = c.retain_selected(|name| match name {
             "x.app." => vec!["*.app."],

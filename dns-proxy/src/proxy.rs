@@ -413,12 +413,9 @@ impl Proxy {
                     }
                 }
             }
-            let known = cache.covers(endpoint, name, ips, &selectors);
-            let evicted = cache.learn(endpoint, name, ips, ttl, now_ms);
-            if !known {
-                cache.set_selectors(endpoint, name, &selectors);
-            }
+            let learned = cache.learn_under(endpoint, name, ips, &selectors, ttl, now_ms);
             drop(cache);
+            let (known, evicted) = (learned.covered, learned.evicted);
             self.inner.dirty.store(true, Ordering::Relaxed);
             if !evicted.is_empty() {
                 self.inner.metrics.evictions.inc_by(evicted.len() as u64);
