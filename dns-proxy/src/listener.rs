@@ -213,13 +213,13 @@ async fn answer(
         server: d.server,
         transport: Transport::Udp,
     };
-    let (reply, upstream) = proxy.handle_timed(&query, ctx).await;
-    if let Some(reply) = reply {
-        if let Err(e) = io.send(&reply, d.client, d.server).await {
+    let handled = proxy.serve(&query, ctx).await;
+    if let Some(reply) = &handled.reply {
+        if let Err(e) = io.send(reply, d.client, d.server).await {
             tracing::debug!(client = %d.client, "udp reply failed: {e}");
         }
     }
-    proxy.observe_processing(received, upstream);
+    proxy.record(handled, Some(received));
 }
 
 fn transient(e: &io::Error) -> bool {
@@ -291,18 +291,23 @@ async fn serve_connection(
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         let received = Instant::now();
-        let (reply, upstream) = proxy.handle_timed(&query, ctx).await;
-        let Some(reply) = reply else {
-            proxy.observe_processing(received, upstream);
-            continue;
+        let handled = proxy.serve(&query, ctx).await;
+        let sent = match handled.reply.as_deref() {
+            Some(reply) => write_framed(&mut stream, reply).await,
+            None => Ok(()),
         };
-        let Ok(n) = u16::try_from(reply.len()) else {
-            continue;
-        };
-        let mut out = Vec::with_capacity(reply.len() + 2);
-        out.extend_from_slice(&n.to_be_bytes());
-        out.extend_from_slice(&reply);
-        stream.write_all(&out).await?;
-        proxy.observe_processing(received, upstream);
+        // Recorded whether or not the reply could be written: the query happened.
+        proxy.record(handled, Some(received));
+        sent?;
     }
+}
+
+/// Writes one DNS message with its two-byte length, in one write.
+async fn write_framed(stream: &mut TcpStream, msg: &[u8]) -> io::Result<()> {
+    let n = u16::try_from(msg.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "reply over 65535 bytes"))?;
+    let mut out = Vec::with_capacity(msg.len() + 2);
+    out.extend_from_slice(&n.to_be_bytes());
+    out.extend_from_slice(msg);
+    stream.write_all(&out).await
 }

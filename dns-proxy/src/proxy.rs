@@ -77,6 +77,21 @@ struct HandOff {
     confirmed: Option<bool>,
 }
 
+/// A served query: the reply to send (none for a datagram that gets none), and what
+/// [`Proxy::record`] records once it left.
+#[derive(Debug)]
+pub struct Handled {
+    pub reply: Option<Vec<u8>>,
+    /// How long the query waited for the upstream; zero when it was not forwarded.
+    pub upstream: Duration,
+    start: Instant,
+    /// The audit record, when there is an audit output.
+    rec: Option<AuditRecord>,
+    verdict: Verdict,
+    /// The rcode sent, when a reply was.
+    rcode: Option<ResponseCode>,
+}
+
 impl Proxy {
     pub fn new(
         config: Config,
@@ -176,39 +191,51 @@ impl Proxy {
         }
     }
 
-    /// Handles one query; returns the reply to send, if any.
+    /// Handles one query and records it; returns the reply to send, if any.
     pub async fn handle(&self, query: &[u8], ctx: QueryContext) -> Option<Vec<u8>> {
-        self.handle_timed(query, ctx).await.0
+        let mut handled = self.serve(query, ctx).await;
+        let reply = handled.reply.take();
+        self.record(handled, None);
+        reply
     }
 
-    /// Handles one query; returns the reply to send, if any, and how long the query
-    /// waited for the upstream (zero when it was not forwarded), so that the caller can
-    /// record the proxy's own time with [`Proxy::observe_processing`].
-    pub async fn handle_timed(
-        &self,
-        query: &[u8],
-        ctx: QueryContext,
-    ) -> (Option<Vec<u8>>, Duration) {
+    /// Handles one query without recording it yet: send [`Handled::reply`], then pass
+    /// the rest to [`Proxy::record`], so the query's count and audit record are not on
+    /// the client's way.
+    pub async fn serve(&self, query: &[u8], ctx: QueryContext) -> Handled {
         let mut upstream = Duration::ZERO;
-        let reply = self.process(query, ctx, &mut upstream).await;
-        (reply, upstream)
+        let mut handled = self.process(query, ctx, &mut upstream).await;
+        handled.upstream = upstream;
+        handled
     }
 
-    /// Records the proxy's own time for a query received at `received` whose reply just
-    /// left: the time since, minus the `upstream` wait.
-    pub fn observe_processing(&self, received: Instant, upstream: Duration) {
-        self.inner
-            .metrics
-            .processing_seconds
-            .observe(received.elapsed().saturating_sub(upstream).as_secs_f64());
+    /// Counts a served query, sends its audit record and, given when it was received,
+    /// observes the proxy's own time: the time since, minus the wait for the upstream.
+    pub fn record(&self, handled: Handled, received: Option<Instant>) {
+        let Handled {
+            reply: _,
+            upstream,
+            start,
+            rec,
+            verdict,
+            rcode,
+        } = handled;
+        self.inner.metrics.count_query(verdict, rcode);
+        if let Some(mut rec) = rec {
+            rec.verdict = verdict;
+            rec.rcode = rcode.map(|r| rcode_label(Some(r)));
+            rec.latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.inner.audit.record(rec);
+        }
+        if let Some(received) = received {
+            self.inner
+                .metrics
+                .processing_seconds
+                .observe(received.elapsed().saturating_sub(upstream).as_secs_f64());
+        }
     }
 
-    async fn process(
-        &self,
-        query: &[u8],
-        ctx: QueryContext,
-        upstream: &mut Duration,
-    ) -> Option<Vec<u8>> {
+    async fn process(&self, query: &[u8], ctx: QueryContext, upstream: &mut Duration) -> Handled {
         if let Some(b) = &self.inner.busy_poll {
             b.touch();
         }
@@ -358,23 +385,23 @@ impl Proxy {
         self.finish(rec, start, Verdict::Forwarded, Some(answer), rcode)
     }
 
+    /// What a query came to; recorded by [`Proxy::record`].
     fn finish(
         &self,
-        mut rec: AuditRecord,
+        rec: AuditRecord,
         start: Instant,
         verdict: Verdict,
         reply: Option<Vec<u8>>,
         rcode: ResponseCode,
-    ) -> Option<Vec<u8>> {
-        let rcode = reply.as_ref().map(|_| rcode);
-        self.inner.metrics.count_query(verdict, rcode);
-        if self.inner.audit.enabled() {
-            rec.verdict = verdict;
-            rec.rcode = rcode.map(|r| rcode_label(Some(r)));
-            rec.latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-            self.inner.audit.record(rec);
+    ) -> Handled {
+        Handled {
+            rcode: reply.as_ref().map(|_| rcode),
+            reply,
+            upstream: Duration::ZERO,
+            start,
+            rec: self.inner.audit.enabled().then_some(rec),
+            verdict,
         }
-        reply
     }
 
     /// Records the IPs and waits (bounded) until the datapath has them for every

@@ -883,7 +883,10 @@ async fn one_thread_answers_queries_while_another_waits() {
         held_since.elapsed() < hold,
         "the second answer waited for the first query's update"
     );
-    assert!(!slow.is_finished(), "the first answer left before its update");
+    assert!(
+        !slow.is_finished(),
+        "the first answer left before its update"
+    );
     let m = slow.await.expect("slow query task");
     assert_eq!(ips(&m), vec![ip("192.0.2.82")]);
     let applied = h.sink.applied();
