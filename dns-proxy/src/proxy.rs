@@ -305,14 +305,14 @@ impl Proxy {
             self.inner
                 .policy
                 .resolve(&model, ctx.client.ip(), ctx.server, ctx.transport);
-        let decision = model.check_dns(&resolved.conn, &qname);
+        let mut decision = model.check_dns(&resolved.conn, &qname);
         if audit {
             if let Some(ep) = &resolved.endpoint {
                 rec.source = Source::Endpoint(ep.clone());
             }
-            if let Some(first) = decision.matched.first() {
-                rec.policy = Some(first.policy.clone());
-                rec.rule = Some(first.rule.clone());
+            if let Some(first) = std::mem::take(&mut decision.matched).into_iter().next() {
+                rec.policy = Some(first.policy);
+                rec.rule = Some(first.rule);
             }
         }
         if !decision.allowed {
@@ -368,18 +368,21 @@ impl Proxy {
         let l = learned(&parsed);
         if !l.ips.is_empty() {
             let ttl = l.ttl.max(self.inner.config.min_ttl);
-            if audit {
-                rec.ips = l.ips.clone();
-            }
             rec.ttl = Some(ttl);
             if let Some(ep) = &resolved.endpoint {
-                let mut names = vec![qname.clone()];
-                if self.inner.config.attribute_cname_targets {
-                    names.extend(l.cname_targets.iter().cloned());
-                }
-                let h = self.hand_off(ep, &names, &l.ips, ttl, now_ms(now)).await;
+                let targets: &[String] = if self.inner.config.attribute_cname_targets {
+                    &l.cname_targets
+                } else {
+                    &[]
+                };
+                let h = self
+                    .hand_off(ep, &qname, targets, &l.ips, ttl, now_ms(now))
+                    .await;
                 rec.selectors = h.selectors;
                 rec.datapath_confirmed = h.confirmed;
+            }
+            if audit {
+                rec.ips = l.ips;
             }
         }
         self.finish(rec, start, Verdict::Forwarded, Some(answer), rcode)
@@ -405,11 +408,12 @@ impl Proxy {
     }
 
     /// Records the IPs and waits (bounded) until the datapath has them for every
-    /// selector matching each name.
+    /// selector matching the question name and each of `cname_targets`.
     async fn hand_off(
         &self,
         endpoint: &str,
-        names: &[String],
+        qname: &str,
+        cname_targets: &[String],
         ips: &[IpAddr],
         ttl: u32,
         now_ms: u64,
@@ -419,6 +423,7 @@ impl Proxy {
         let mut any_selector = false;
         // The selectors only go to the audit record: not built without an audit output.
         let audit = self.inner.audit.enabled();
+        let names = std::iter::once(qname).chain(cname_targets.iter().map(String::as_str));
         for name in names {
             // Lock order: chains, then cache. The selectors come from the current model,
             // read under the cache lock: `set_model` swaps and prunes under it too, so an
@@ -455,7 +460,7 @@ impl Proxy {
             }
             let update = Update {
                 endpoint: endpoint.to_string(),
-                name: name.clone(),
+                name: name.to_string(),
                 add: selectors
                     .iter()
                     .map(|s| SelectorIps {
@@ -497,7 +502,7 @@ impl Proxy {
             self.inner.metrics.datapath_timeouts.inc();
             tracing::warn!(
                 endpoint,
-                name = names.first().map(String::as_str).unwrap_or_default(),
+                name = qname,
                 wait_ms = self.inner.config.datapath_wait.as_millis() as u64,
                 "datapath did not confirm in time; answer released anyway"
             );
