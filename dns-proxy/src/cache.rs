@@ -2,7 +2,7 @@
 //! IPs that expire or are evicted become zombies; a zombie leaves once no live connection
 //! uses it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -30,8 +30,12 @@ pub struct NameEntry {
     pub selectors: Vec<String>,
 }
 
-/// endpoint -> name -> IPs.
+/// endpoint -> name -> IPs, in order: what is persisted and restored.
 pub type Entries = BTreeMap<String, BTreeMap<String, NameEntry>>;
+
+/// endpoint -> name -> IPs, as the cache holds them: hashed, since every forwarded answer
+/// looks its name up (a sorted map compares the name with a string per tree level).
+type Live = HashMap<String, HashMap<String, NameEntry>>;
 
 /// An IP that left the cache.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,14 +64,14 @@ pub struct Learned {
 #[derive(Clone, Debug)]
 pub struct FqdnCache {
     max_ips_per_name: usize,
-    entries: Entries,
+    entries: Live,
 }
 
 impl FqdnCache {
     pub fn new(max_ips_per_name: usize) -> FqdnCache {
         FqdnCache {
             max_ips_per_name: max_ips_per_name.max(1),
-            entries: Entries::new(),
+            entries: Live::new(),
         }
     }
 
@@ -184,8 +188,20 @@ impl FqdnCache {
         self.entries.get(endpoint)?.get(name)
     }
 
-    pub fn entries(&self) -> &Entries {
-        &self.entries
+    /// A sorted copy of the content (persistence).
+    pub fn snapshot(&self) -> Entries {
+        self.entries
+            .iter()
+            .map(|(endpoint, names)| {
+                let names = names.iter().map(|(n, e)| (n.clone(), e.clone()));
+                (endpoint.clone(), names.collect())
+            })
+            .collect()
+    }
+
+    /// How many names the cache holds, over all endpoints.
+    pub fn names(&self) -> usize {
+        self.entries.values().map(HashMap::len).sum()
     }
 
     /// Keeps the names for which `selectors` (the toFQDNs selectors matching a name)
@@ -215,7 +231,10 @@ impl FqdnCache {
 
     /// Replaces the content (restore at start).
     pub fn restore(&mut self, entries: Entries) {
-        self.entries = entries;
+        self.entries = entries
+            .into_iter()
+            .map(|(endpoint, names)| (endpoint, names.into_iter().collect()))
+            .collect();
     }
 
     pub fn stats(&self) -> Stats {
@@ -308,7 +327,7 @@ mod tests {
             }
         );
         assert_eq!(c.collect(5000, |_| false).len(), 1);
-        assert!(c.entries().is_empty());
+        assert!(c.snapshot().is_empty());
     }
 
     #[test]
@@ -355,7 +374,7 @@ mod tests {
             _ => Vec::new(),
         });
         assert_eq!(dropped, 1);
-        assert!(c.entries().get("ns/b").is_none(), "no empty endpoint left");
+        assert!(!c.snapshot().contains_key("ns/b"), "no empty endpoint left");
         assert_eq!(
             c.entry("ns/a", "x.app.").unwrap().selectors,
             vec!["*.app.".to_string()]

@@ -102,9 +102,9 @@ mod tests {
         assert!(load(dir.path()).unwrap().is_empty());
         let mut c = FqdnCache::new(10);
         c.learn("ns/a", "x.", &["192.0.2.1".parse().unwrap()], 30, 5);
-        save(dir.path(), c.entries()).unwrap();
-        save(dir.path(), c.entries()).unwrap();
-        assert_eq!(&load(dir.path()).unwrap(), c.entries());
+        save(dir.path(), &c.snapshot()).unwrap();
+        save(dir.path(), &c.snapshot()).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), c.snapshot());
         assert!(!dir.path().join(format!("{FILE}.tmp")).exists());
         fs::write(path(dir.path()), b"{").unwrap();
         assert!(matches!(load(dir.path()), Err(PersistError::Format { .. })));

@@ -623,7 +623,7 @@ impl Proxy {
         if !self.inner.dirty.swap(false, Ordering::Relaxed) {
             return Ok(false);
         }
-        let entries = self.cache().entries().clone();
+        let entries = self.cache().snapshot();
         persist::save(dir, &entries).inspect_err(|_| {
             self.inner.dirty.store(true, Ordering::Relaxed);
             self.inner.metrics.persist_errors.inc();
@@ -665,7 +665,7 @@ impl Proxy {
         self.cache().restore(entries);
         // What the policy no longer selects is not restored.
         self.follow_selectors(&model);
-        let count = self.cache().entries().values().map(BTreeMap::len).sum();
+        let count = self.cache().names();
         self.update_gauges();
         for u in updates {
             let name = u.name.clone();
