@@ -47,6 +47,10 @@ pub struct Config {
     /// proxy's sockets on a current-thread runtime (`ward agent` gives the DNS proxy
     /// its own thread then; `ward dns-proxy` needs `--threads 1`).
     pub busy_poll_us: u64,
+    /// How many queries the proxy handles at once (from the parsed query to the reply);
+    /// past it a query gets `SERVFAIL` at once (Cilium's `dnsproxy-concurrency-limit`).
+    /// 0: no limit.
+    pub concurrency_limit: usize,
 }
 
 impl Default for Config {
@@ -63,6 +67,7 @@ impl Default for Config {
             audit_capacity: 4096,
             upstream_mark: None,
             busy_poll_us: 0,
+            concurrency_limit: 0,
         }
     }
 }

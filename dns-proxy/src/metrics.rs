@@ -30,6 +30,8 @@ pub struct Metrics {
     pub expirations: IntCounter,
     pub evictions: IntCounter,
     pub persist_errors: IntCounter,
+    /// Queries answered `SERVFAIL` because `concurrency_limit` queries were in hand.
+    pub over_limit: IntCounter,
     /// The proxy's own time per query: from the query's receipt to the reply's send,
     /// minus the wait for the upstream.
     pub processing_seconds: Histogram,
@@ -193,6 +195,10 @@ impl Metrics {
                 "persist_errors_total",
                 "Failed writes of the FQDN cache",
             ))?,
+            over_limit: IntCounter::with_opts(opts(
+                "concurrency_limited_total",
+                "Queries answered SERVFAIL because the concurrency limit was reached",
+            ))?,
             processing_seconds: Histogram::with_opts(fine_hopts(
                 "processing_seconds",
                 "The proxy's own time per query: receipt to reply, minus the upstream wait",
@@ -214,6 +220,7 @@ impl Metrics {
         r.register(Box::new(m.expirations.clone()))?;
         r.register(Box::new(m.evictions.clone()))?;
         r.register(Box::new(m.persist_errors.clone()))?;
+        r.register(Box::new(m.over_limit.clone()))?;
         r.register(Box::new(m.processing_seconds.clone()))?;
         Ok(m)
     }

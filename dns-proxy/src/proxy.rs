@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -69,12 +69,41 @@ struct Inner {
     metrics: Metrics,
     upstream: Arc<dyn Upstream>,
     busy_poll: Option<Arc<BusyPoll>>,
+    /// Queries in hand, for `concurrency_limit`.
+    in_hand: AtomicUsize,
 }
 
 /// What the datapath hand-off of one answer came to.
 struct HandOff {
     selectors: Vec<String>,
     confirmed: Option<bool>,
+}
+
+/// One of the `concurrency_limit` places for a query in hand; given back on drop, also
+/// when the query's handling is dropped half-way.
+struct Slot<'a>(Option<&'a AtomicUsize>);
+
+impl<'a> Slot<'a> {
+    /// A place, or none when `limit` queries are in hand (a zero limit: always a place).
+    fn take(count: &'a AtomicUsize, limit: usize) -> Option<Slot<'a>> {
+        if limit == 0 {
+            return Some(Slot(None));
+        }
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(Some(count)))
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if let Some(count) = self.0 {
+            count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// A served query: the reply to send (none for a datagram that gets none), and what
@@ -116,6 +145,7 @@ impl Proxy {
                 audit,
                 metrics,
                 upstream: Arc::new(forwarder),
+                in_hand: AtomicUsize::new(0),
             }),
         }
     }
@@ -299,6 +329,17 @@ impl Proxy {
             rec.qname = qname.clone();
             rec.qtype = question.query_type().into();
         }
+        // Held until the query is answered (or its handling is dropped).
+        let Some(_slot) = Slot::take(&self.inner.in_hand, self.inner.config.concurrency_limit)
+        else {
+            m.over_limit.inc();
+            rec.reason = format!(
+                "concurrency limit reached: {} queries in hand",
+                self.inner.config.concurrency_limit
+            );
+            let rcode = ResponseCode::ServFail;
+            return self.finish(rec, start, Verdict::Error, error_reply(&msg, rcode), rcode);
+        };
 
         let model = self.inner.policy.current();
         let resolved =

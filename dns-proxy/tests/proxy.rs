@@ -275,6 +275,56 @@ async fn servfail_on_dead_or_silent_upstream() {
     );
 }
 
+/// Past `concurrency_limit` queries in hand a query gets SERVFAIL at once, without being
+/// forwarded (Cilium's `dnsproxy-concurrency-limit`); the place comes back when the held
+/// query ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_past_the_concurrency_limit_get_servfail() {
+    let mut z = Zone::default();
+    z.silent.insert("held.app.test.".into());
+    z.a("www.app.test", 60, &["192.0.2.84"]);
+    let up = Upstream::start(z).await;
+    let timeout = Duration::from_secs(3);
+    let config = Config {
+        concurrency_limit: 1,
+        upstream_timeout: timeout,
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    let addr = h.addr;
+    let held =
+        tokio::spawn(async move { query(addr, "held.app.test", RecordType::A, false).await });
+    assert!(
+        wait_until(Duration::from_secs(10), || up
+            .seen()
+            .iter()
+            .any(|s| s.name == "held.app.test."))
+        .await,
+        "the held query did not reach the upstream"
+    );
+    let start = Instant::now();
+    let m = query(h.addr, "www.app.test", RecordType::A, false).await;
+    assert_eq!(m.response_code(), ResponseCode::ServFail);
+    assert!(start.elapsed() < timeout, "waited for the held query");
+    let rec = h.audit_for("www.app.test").await;
+    assert_eq!(rec.verdict, Verdict::Error);
+    assert!(rec.reason.contains("concurrency limit"), "{}", rec.reason);
+    assert!(
+        !up.seen().iter().any(|s| s.name == "www.app.test."),
+        "forwarded past the limit"
+    );
+    // The held query times out; its place is free again.
+    let m = held.await.expect("held query task");
+    assert_eq!(m.response_code(), ResponseCode::ServFail);
+    let m = query(h.addr, "www.app.test", RecordType::A, false).await;
+    assert_eq!(ips(&m), vec![ip("192.0.2.84")]);
+    let metrics = h.proxy.metrics().render();
+    assert!(
+        metrics.contains("ward_dns_concurrency_limited_total 1"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_queries_and_answers_are_contained() {
     let mut z = Zone::default();

@@ -59,6 +59,9 @@ pub struct Args {
     /// virtual machines) at the price of the CPU time spent polling. Needs `--threads 1`.
     #[arg(long, default_value_t = 0)]
     busy_poll_us: u64,
+    /// Queries handled at once; past it a query gets SERVFAIL (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    concurrency_limit: usize,
     /// Address of the Prometheus metrics endpoint (GET /metrics).
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -111,6 +114,7 @@ async fn serve(a: Args) -> Result<ExitCode> {
         state_dir: a.state_dir,
         upstream_timeout: Duration::from_millis(a.upstream_timeout_ms),
         busy_poll_us: a.busy_poll_us,
+        concurrency_limit: a.concurrency_limit,
         ..Config::default()
     };
     let metrics = Metrics::new().context("metrics")?;
