@@ -176,8 +176,15 @@ pub async fn serve_udp_inline(proxy: Proxy, io: Arc<dyn UdpTransport>) -> io::Re
             biased;
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
             d = recv_datagram(&*io, &mut buf) => {
-                let Some(d) = d? else {
-                    continue;
+                let d = match d {
+                    Ok(Some(d)) => d,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        // The queries in flight still get their replies and records,
+                        // as they would in tasks of their own.
+                        while in_flight.next().await.is_some() {}
+                        return Err(e);
+                    }
                 };
                 let received = Instant::now();
                 let query = buf.get(..d.len).unwrap_or_default().to_vec();

@@ -947,3 +947,82 @@ async fn one_thread_answers_queries_while_another_waits() {
     assert!(slow_update.started.elapsed() >= hold);
     assert!(slow_update.finished.is_some());
 }
+
+/// A listening socket whose second read fails for good (as a closed descriptor would).
+struct FailsAfterOneQuery {
+    socket: tokio::net::UdpSocket,
+    upstream: std::net::SocketAddr,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+impl dns_proxy::listener::UdpTransport for FailsAfterOneQuery {
+    fn recv<'a>(
+        &'a self,
+        buf: &'a mut [u8],
+    ) -> dns_proxy::sink::BoxFuture<'a, std::io::Result<dns_proxy::listener::Datagram>> {
+        Box::pin(async move {
+            if self.reads.fetch_add(1, Ordering::SeqCst) > 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+            }
+            let (len, client) = self.socket.recv_from(buf).await?;
+            Ok(dns_proxy::listener::Datagram {
+                len,
+                client,
+                server: self.upstream,
+            })
+        })
+    }
+
+    fn send<'a>(
+        &'a self,
+        data: &'a [u8],
+        client: std::net::SocketAddr,
+        _server: std::net::SocketAddr,
+    ) -> dns_proxy::sink::BoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async move { self.socket.send_to(data, client).await.map(|_| ()) })
+    }
+}
+
+/// When the listening socket fails, the one-thread listener still answers and records the
+/// queries it has in flight before it returns the error (as tasks of their own would).
+#[tokio::test(flavor = "current_thread")]
+async fn one_thread_listener_finishes_its_queries_when_the_socket_fails() {
+    let mut z = Zone::default();
+    z.a("last.app.test", 60, &["192.0.2.85"]);
+    let up = Upstream::start(z).await;
+    let sink = TestSink::default();
+    // The query is still in flight (its update held) when the socket's next read fails.
+    sink.delay_next(Duration::from_millis(300));
+    let metrics = dns_proxy::metrics::Metrics::new().unwrap();
+    let (audit, mut rx) = dns_proxy::audit::Audit::channel(16, metrics.clone());
+    let proxy = dns_proxy::Proxy::new(
+        Config::default(),
+        model(up.addr.port()),
+        dns_proxy::Scope::Endpoint(ENDPOINT.into()),
+        std::sync::Arc::new(sink.clone()),
+        std::sync::Arc::new(TestInUse::default()),
+        audit,
+        metrics,
+    );
+    let (udp, _tcp) = bind_pair().await;
+    let addr = udp.local_addr().unwrap();
+    let io = std::sync::Arc::new(FailsAfterOneQuery {
+        socket: udp,
+        upstream: up.addr,
+        reads: Default::default(),
+    });
+    let listener = tokio::spawn(dns_proxy::listener::serve_udp(proxy, io));
+    let m = query(addr, "last.app.test", RecordType::A, false).await;
+    assert_eq!(ips(&m), vec![ip("192.0.2.85")]);
+    let ended = tokio::time::timeout(Duration::from_secs(10), listener)
+        .await
+        .expect("the listener ends")
+        .expect("listener task");
+    assert_eq!(
+        ended.expect_err("the socket's error").kind(),
+        std::io::ErrorKind::BrokenPipe
+    );
+    let rec = rx.try_recv().expect("the query's audit record");
+    assert_eq!(rec.qname, "last.app.test.");
+    assert_eq!(rec.verdict, Verdict::Forwarded);
+}
