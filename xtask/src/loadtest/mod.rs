@@ -1,8 +1,9 @@
 //! `cargo xtask loadtest [proxy|datapath|dns|all] [--quick]`: Ward's proxies and datapath
 //! against their peers, each in network namespaces this harness creates (names carry the
 //! PID; deleted afterwards, also on error), with one report, `loadtests/REPORT.md`
-//! (`--quick`: short runs for a smoke test, reported to `target/loadtest/REPORT-quick.md`
-//! so that the measured figures stay).
+//! (a run of some parts: `loadtests/REPORT-PART.md`; `--quick`: short runs for a smoke
+//! test, reported to `target/loadtest/REPORT-quick.md` so that the measured figures stay;
+//! [`report_path`]).
 //!
 //! Pinning: the subject (a proxy, or the receiving pod) runs on CPU 1, load generators
 //! and backends on CPU 0. On a 2-core machine shared with other work the absolute figures
@@ -75,6 +76,31 @@ impl Opts {
             (o.proxy, o.datapath, o.dns) = (true, true, true);
         }
         Ok(o)
+    }
+}
+
+/// Where a run's report goes, from the repository's root: `loadtests/REPORT.md` for a run
+/// of every part, `loadtests/REPORT-PART.md` for a run of some (`REPORT-dns.md`,
+/// `REPORT-proxy-dns.md`), so that a partial run does not replace the full run's report
+/// and each report holds one run; `--quick` runs to `target/loadtest/REPORT-quick.md`,
+/// so that the measured figures stay.
+pub fn report_path(opts: &Opts) -> PathBuf {
+    if opts.quick {
+        return PathBuf::from("target/loadtest/REPORT-quick.md");
+    }
+    let parts: Vec<&str> = [
+        (opts.proxy, "proxy"),
+        (opts.datapath, "datapath"),
+        (opts.dns, "dns"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, name)| *name)
+    .collect();
+    if parts.len() == 3 {
+        PathBuf::from("loadtests/REPORT.md")
+    } else {
+        PathBuf::from(format!("loadtests/REPORT-{}.md", parts.join("-")))
     }
 }
 
@@ -370,15 +396,40 @@ pub fn loadtest(args: &[String]) -> Result {
         let _ = writeln!(report, "{c}");
     }
     report.push_str("```\n");
-    let path = if opts.quick {
-        let dir = root().join("target/loadtest");
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        dir.join("REPORT-quick.md")
-    } else {
-        root().join("loadtests/REPORT.md")
-    };
+    let path = root().join(report_path(&opts));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
     std::fs::write(&path, &report).map_err(|e| format!("{}: {e}", path.display()))?;
     print!("{report}");
     eprintln!("loadtest: report written to {}", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path_of(args: &[&str]) -> String {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let opts = Opts::parse(&args).expect("valid arguments");
+        report_path(&opts).display().to_string()
+    }
+
+    #[test]
+    fn a_partial_run_does_not_replace_the_full_report() {
+        assert_eq!(path_of(&[]), "loadtests/REPORT.md");
+        assert_eq!(path_of(&["all"]), "loadtests/REPORT.md");
+        assert_eq!(
+            path_of(&["dns", "proxy", "datapath"]),
+            "loadtests/REPORT.md"
+        );
+        assert_eq!(path_of(&["dns"]), "loadtests/REPORT-dns.md");
+        assert_eq!(path_of(&["dns", "proxy"]), "loadtests/REPORT-proxy-dns.md");
+        assert_eq!(path_of(&["datapath"]), "loadtests/REPORT-datapath.md");
+        assert_eq!(
+            path_of(&["dns", "--quick"]),
+            "target/loadtest/REPORT-quick.md"
+        );
+    }
 }
