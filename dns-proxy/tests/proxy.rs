@@ -948,10 +948,9 @@ async fn one_thread_answers_queries_while_another_waits() {
     assert!(slow_update.finished.is_some());
 }
 
-/// A listening socket whose second read fails for good (as a closed descriptor would).
+/// A standalone listener whose second read fails for good (as a closed descriptor would).
 struct FailsAfterOneQuery {
-    socket: tokio::net::UdpSocket,
-    upstream: std::net::SocketAddr,
+    inner: dns_proxy::listener::ForwarderUdp,
     reads: std::sync::atomic::AtomicUsize,
 }
 
@@ -960,26 +959,19 @@ impl dns_proxy::listener::UdpTransport for FailsAfterOneQuery {
         &'a self,
         buf: &'a mut [u8],
     ) -> dns_proxy::sink::BoxFuture<'a, std::io::Result<dns_proxy::listener::Datagram>> {
-        Box::pin(async move {
-            if self.reads.fetch_add(1, Ordering::SeqCst) > 0 {
-                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
-            }
-            let (len, client) = self.socket.recv_from(buf).await?;
-            Ok(dns_proxy::listener::Datagram {
-                len,
-                client,
-                server: self.upstream,
-            })
-        })
+        if self.reads.fetch_add(1, Ordering::SeqCst) > 0 {
+            return Box::pin(async { Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe)) });
+        }
+        self.inner.recv(buf)
     }
 
     fn send<'a>(
         &'a self,
         data: &'a [u8],
         client: std::net::SocketAddr,
-        _server: std::net::SocketAddr,
+        server: std::net::SocketAddr,
     ) -> dns_proxy::sink::BoxFuture<'a, std::io::Result<()>> {
-        Box::pin(async move { self.socket.send_to(data, client).await.map(|_| ()) })
+        self.inner.send(data, client, server)
     }
 }
 
@@ -1007,8 +999,10 @@ async fn one_thread_listener_finishes_its_queries_when_the_socket_fails() {
     let (udp, _tcp) = bind_pair().await;
     let addr = udp.local_addr().unwrap();
     let io = std::sync::Arc::new(FailsAfterOneQuery {
-        socket: udp,
-        upstream: up.addr,
+        inner: dns_proxy::listener::ForwarderUdp {
+            socket: udp,
+            upstream: up.addr,
+        },
         reads: Default::default(),
     });
     let listener = tokio::spawn(dns_proxy::listener::serve_udp(proxy, io));
