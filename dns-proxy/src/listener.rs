@@ -188,7 +188,9 @@ pub async fn serve_udp_inline(proxy: Proxy, io: Arc<dyn UdpTransport>) -> io::Re
                 };
                 let received = Instant::now();
                 let query = buf.get(..d.len).unwrap_or_default().to_vec();
-                in_flight.push(answer(proxy.clone(), io.clone(), query, d, received));
+                // Boxed: the future is moved in and out of the set as a pointer, not
+                // copied (it is a few kilobytes).
+                in_flight.push(Box::pin(answer(proxy.clone(), io.clone(), query, d, received)));
             }
         }
     }
