@@ -55,12 +55,15 @@ pub fn name_text(name: &Name) -> String {
                     || (b == b'-' && i > 0)
                     || (b == b'*' && i == 0)
             });
-        if !plain {
+        // A plain label is ASCII, so it is text as it stands.
+        let Some(text) = plain.then(|| std::str::from_utf8(label).ok()).flatten() else {
             return normalize(&name.to_ascii());
-        }
-        s.extend(label.iter().map(|b| char::from(b.to_ascii_lowercase())));
+        };
+        s.push_str(text);
         s.push('.');
     }
+    // Lower-cased once, in place, rather than char by char.
+    s.make_ascii_lowercase();
     s
 }
 
