@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod persist;
 pub mod policy;
 pub mod proxy;
+pub mod read;
 pub mod sink;
 pub mod socket;
 

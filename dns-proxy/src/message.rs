@@ -1,9 +1,7 @@
-//! DNS message helpers: error replies and what an answer teaches.
+//! DNS message helpers: error replies, names as policy reads them.
 
-use std::net::IpAddr;
-
-use hickory_proto::op::{Edns, Message, MessageType, ResponseCode};
-use hickory_proto::rr::{Name, RData, RecordType};
+use hickory_proto::op::{Edns, Header, Message, MessageType, Query, ResponseCode};
+use hickory_proto::rr::Name;
 use policy_model::fqdn::normalize;
 
 /// EDNS payload size we advertise in replies we make ourselves.
@@ -22,15 +20,21 @@ pub fn formerr_from_bytes(bytes: &[u8]) -> Option<Vec<u8>> {
     Some(vec![id0, id1, flags0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0])
 }
 
-/// A reply to a parsed query with `rcode` and no records.
-pub fn error_reply(query: &Message, rcode: ResponseCode) -> Option<Vec<u8>> {
+/// A reply with `rcode` and no records to a query with this header and these questions
+/// (an EDNS record of our own when the query had one).
+pub fn error_reply(
+    query: &Header,
+    questions: &[Query],
+    edns: bool,
+    rcode: ResponseCode,
+) -> Option<Vec<u8>> {
     let mut m = Message::error_msg(query.id(), query.op_code(), rcode);
     m.set_message_type(MessageType::Response)
         .set_recursion_desired(query.recursion_desired())
         .set_recursion_available(true)
         .set_checking_disabled(query.checking_disabled());
-    m.add_queries(query.queries().iter().cloned());
-    if query.extensions().is_some() {
+    m.add_queries(questions.iter().cloned());
+    if edns {
         let mut e = Edns::new();
         e.set_max_payload(OUR_PAYLOAD);
         m.set_edns(e);
@@ -76,53 +80,6 @@ pub fn same_name(a: &Name, b: &Name) -> bool {
         && a.iter()
             .zip(b.iter())
             .all(|(x, y)| x.eq_ignore_ascii_case(y))
-}
-
-/// What an answer carries for the FQDN cache.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Learned {
-    pub ips: Vec<IpAddr>,
-    /// Minimum TTL over the A, AAAA and CNAME records of the answer section.
-    pub ttl: u32,
-    /// Normalised CNAME targets, in answer order.
-    pub cname_targets: Vec<String>,
-}
-
-/// The IPs of a NOERROR answer (every A/AAAA of the answer section, whatever its owner
-/// name, as Cilium does), the minimum TTL, and the CNAME targets.
-pub fn learned(answer: &Message) -> Learned {
-    let mut l = Learned::default();
-    if answer.response_code() != ResponseCode::NoError {
-        return l;
-    }
-    let mut ttl: Option<u32> = None;
-    for r in answer.answers() {
-        let ip = match r.data() {
-            RData::A(a) => Some(IpAddr::V4(a.0)),
-            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
-            RData::CNAME(c) => {
-                let t = name_text(&c.0);
-                if !l.cname_targets.contains(&t) {
-                    l.cname_targets.push(t);
-                }
-                None
-            }
-            _ => None,
-        };
-        if matches!(
-            r.record_type(),
-            RecordType::A | RecordType::AAAA | RecordType::CNAME
-        ) {
-            ttl = Some(ttl.map_or(r.ttl(), |t| t.min(r.ttl())));
-        }
-        if let Some(ip) = ip {
-            if !l.ips.contains(&ip) {
-                l.ips.push(ip);
-            }
-        }
-    }
-    l.ttl = ttl.unwrap_or(0);
-    l
 }
 
 #[cfg(test)]

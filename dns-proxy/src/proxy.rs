@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::ResponseCode;
 use policy_model::fqdn::normalize;
 use policy_model::identity::fqdn_key;
 use policy_model::Model;
@@ -19,10 +19,11 @@ use crate::busy_poll::BusyPoll;
 use crate::cache::FqdnCache;
 use crate::config::{Config, RefuseCode};
 use crate::forward::{Forwarder, Upstream};
-use crate::message::{error_reply, formerr_from_bytes, learned, name_text, same_name};
+use crate::message::name_text;
 use crate::metrics::{rcode_label, Metrics};
 use crate::persist::{self, PersistError};
 use crate::policy::{PolicyStore, Scope};
+use crate::read::{read_answer, read_query, AnswerRead};
 use crate::sink::{DatapathSink, InUse, SelectorIps, Update};
 
 /// Transport of a query: the upstream gets the same.
@@ -306,38 +307,18 @@ impl Proxy {
             latency_us: 0,
         };
 
-        let msg = match Message::from_vec(query) {
-            Ok(msg) => msg,
-            Err(e) => {
+        let q = match read_query(query) {
+            Ok(q) => q,
+            Err(u) => {
                 m.series.malformed_query.inc();
-                rec.reason = format!("malformed query: {e}");
-                let reply = formerr_from_bytes(query);
-                return self.finish(rec, start, Verdict::Error, reply, ResponseCode::FormErr);
+                rec.reason = u.reason;
+                return self.finish(rec, start, Verdict::Error, u.reply, u.rcode);
             }
         };
-        if msg.message_type() != MessageType::Query
-            || msg.op_code() != OpCode::Query
-            || msg.queries().len() != 1
-        {
-            m.series.malformed_query.inc();
-            if msg.message_type() != MessageType::Query {
-                // Never answer a response: that is how reflection loops start.
-                rec.reason = "a response, not a query".into();
-                return self.finish(rec, start, Verdict::Error, None, ResponseCode::NoError);
-            }
-            let rcode = if msg.op_code() == OpCode::Query {
-                ResponseCode::FormErr
-            } else {
-                ResponseCode::NotImp
-            };
-            rec.reason = "not a query with exactly one question".into();
-            return self.finish(rec, start, Verdict::Error, error_reply(&msg, rcode), rcode);
-        }
-        let question = &msg.queries()[0];
-        let qname = name_text(question.name());
+        let qname = name_text(q.question.name());
         if audit {
             rec.qname = qname.clone();
-            rec.qtype = question.query_type().into();
+            rec.qtype = q.question.query_type().into();
         }
         // Held until the query is answered (or its handling is dropped).
         let Some(_slot) = Slot::take(&self.inner.in_hand, self.inner.config.concurrency_limit)
@@ -348,7 +329,7 @@ impl Proxy {
                 self.inner.config.concurrency_limit
             );
             let rcode = ResponseCode::ServFail;
-            return self.finish(rec, start, Verdict::Error, error_reply(&msg, rcode), rcode);
+            return self.finish(rec, start, Verdict::Error, q.error_reply(rcode), rcode);
         };
 
         let model = self.inner.policy.current();
@@ -372,7 +353,7 @@ impl Proxy {
                 RefuseCode::Nxdomain => ResponseCode::NXDomain,
             };
             rec.reason = decision.reason.to_string();
-            return self.finish(rec, start, Verdict::Denied, error_reply(&msg, rcode), rcode);
+            return self.finish(rec, start, Verdict::Denied, q.error_reply(rcode), rcode);
         }
 
         let up_start = Instant::now();
@@ -389,7 +370,7 @@ impl Proxy {
                 rec.reason = e.to_string();
                 let rcode = ResponseCode::ServFail;
                 return self
-                    .finish(rec, start, Verdict::Error, error_reply(&msg, rcode), rcode)
+                    .finish(rec, start, Verdict::Error, q.error_reply(rcode), rcode)
                     .waited(upstream);
             }
         };
@@ -402,25 +383,14 @@ impl Proxy {
 
         // An answer we cannot read, or that is not about this query (id, question),
         // teaches nothing and is not passed on: SERVFAIL, as for any upstream failure.
-        let parsed = match Message::from_vec(&answer) {
-            Ok(a)
-                if a.id() == msg.id()
-                    && a.message_type() == MessageType::Response
-                    && answers_question(&a, question) =>
-            {
-                a
-            }
-            Ok(_) | Err(_) => {
-                m.series.malformed_answer.inc();
-                rec.reason = "malformed answer from upstream".into();
-                let rcode = ResponseCode::ServFail;
-                return self
-                    .finish(rec, start, Verdict::Error, error_reply(&msg, rcode), rcode)
-                    .waited(upstream);
-            }
+        let Some(AnswerRead { rcode, learned: l }) = read_answer(&answer, &q) else {
+            m.series.malformed_answer.inc();
+            rec.reason = "malformed answer from upstream".into();
+            let rcode = ResponseCode::ServFail;
+            return self
+                .finish(rec, start, Verdict::Error, q.error_reply(rcode), rcode)
+                .waited(upstream);
         };
-        let rcode = parsed.response_code();
-        let l = learned(&parsed);
         if !l.ips.is_empty() {
             let ttl = l.ttl.max(self.inner.config.min_ttl);
             rec.ttl = Some(ttl);
@@ -777,19 +747,6 @@ impl Proxy {
 
 /// Whether an answer is about the question asked. One with records must repeat the
 /// question (any case); one without (errors, truncation) may leave it out.
-fn answers_question(answer: &Message, question: &hickory_proto::op::Query) -> bool {
-    match answer.queries() {
-        [] => answer.answers().is_empty(),
-        // Name equality is case-insensitive.
-        [q] => {
-            q.query_type() == question.query_type()
-                && q.query_class() == question.query_class()
-                && same_name(q.name(), question.name())
-        }
-        _ => false,
-    }
-}
-
 /// Milliseconds since the Unix epoch (the cache's clock).
 fn now_ms(t: SystemTime) -> u64 {
     let since_epoch = t.duration_since(UNIX_EPOCH).unwrap_or_default();
