@@ -383,7 +383,7 @@ impl Proxy {
 
         // An answer we cannot read, or that is not about this query (id, question),
         // teaches nothing and is not passed on: SERVFAIL, as for any upstream failure.
-        let Some(AnswerRead { rcode, learned: l }) = read_answer(&answer, &q) else {
+        let Some(AnswerRead { rcode, learned: l }) = read_answer(&answer, query, &q) else {
             m.series.malformed_answer.inc();
             rec.reason = "malformed answer from upstream".into();
             let rcode = ResponseCode::ServFail;

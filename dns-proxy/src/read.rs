@@ -22,6 +22,9 @@ pub struct QueryRead {
     pub question: Query,
     /// Whether it carries an EDNS (OPT) record; a reply made for it then carries one too.
     pub edns: bool,
+    /// Where the question ends in the query's bytes (it starts after the header); 0 when
+    /// not known.
+    question_end: usize,
 }
 
 impl QueryRead {
@@ -78,6 +81,7 @@ pub fn read_query(bytes: &[u8]) -> Result<QueryRead, Unusual> {
             header: *msg.header(),
             question: question.clone(),
             edns,
+            question_end: 0,
         }),
         queries => {
             let rcode = if msg.op_code() == OpCode::Query {
@@ -105,6 +109,7 @@ fn read_usual_query(bytes: &[u8]) -> Option<QueryRead> {
         return None;
     }
     let question = Query::read(&mut d).ok()?;
+    let question_end = d.index();
     let opt = read_records(&mut d, &header, |_| {}).ok()?;
     let mut header = header;
     if let Some(opt_ttl) = opt {
@@ -114,6 +119,7 @@ fn read_usual_query(bytes: &[u8]) -> Option<QueryRead> {
         header,
         question,
         edns: opt.is_some(),
+        question_end,
     })
 }
 
@@ -137,10 +143,10 @@ pub struct AnswerRead {
     pub learned: Learned,
 }
 
-/// Reads the upstream's answer to `query` in one pass. None when it does not parse or is
-/// not the answer to this query: not a response, another id, or another question (an
-/// answer without a question must have no answers).
-pub fn read_answer(bytes: &[u8], query: &QueryRead) -> Option<AnswerRead> {
+/// Reads the upstream's answer to `query` (read from `query_bytes`) in one pass. None when
+/// it does not parse or is not the answer to this query: not a response, another id, or
+/// another question (an answer without a question must have no answers).
+pub fn read_answer(bytes: &[u8], query_bytes: &[u8], query: &QueryRead) -> Option<AnswerRead> {
     let mut d = BinDecoder::new(bytes);
     let mut header = Header::read(&mut d).ok()?;
     if header.id() != query.header.id() || header.message_type() != MessageType::Response {
@@ -148,6 +154,9 @@ pub fn read_answer(bytes: &[u8], query: &QueryRead) -> Option<AnswerRead> {
     }
     match header.query_count() {
         0 if header.answer_count() == 0 => {}
+        1 if same_question_bytes(bytes, query_bytes, query.question_end) => {
+            d.read_slice(query.question_end - HEADER_LEN).ok()?;
+        }
         1 => {
             let q = Query::read(&mut d).ok()?;
             let asked = &query.question;
@@ -199,6 +208,26 @@ pub fn read_answer(bytes: &[u8], query: &QueryRead) -> Option<AnswerRead> {
         l.ttl = ttl.unwrap_or(0);
     }
     Some(AnswerRead { rcode, learned: l })
+}
+
+/// The length of a DNS header; the question follows it.
+const HEADER_LEN: usize = 12;
+
+/// Whether the answer's question is written as the query's (a server echoes it): the same
+/// bytes but for the name's ASCII case, the type and class exactly. Then it is the same
+/// question without reading it; otherwise (a compressed name, say) it is read and
+/// compared as names. A length byte (below 64) is never changed by ASCII case.
+fn same_question_bytes(answer: &[u8], query: &[u8], question_end: usize) -> bool {
+    let (Some(a), Some(q)) = (
+        answer.get(HEADER_LEN..question_end),
+        query.get(HEADER_LEN..question_end),
+    ) else {
+        return false;
+    };
+    let name_len = a.len().saturating_sub(4);
+    !a.is_empty()
+        && a[..name_len].eq_ignore_ascii_case(&q[..name_len])
+        && a[name_len..] == q[name_len..]
 }
 
 /// Gives `header` the response code's high bits, which EDNS carries in the top byte of
@@ -406,6 +435,14 @@ mod tests {
         let mut a_query = base.clone();
         a_query.set_message_type(MessageType::Query);
         answers.push(a_query);
+        // The question echoed in another case (0x20 randomisation): the same question.
+        let mut other_case = answer_msg(
+            &query_msg("WwW.ExAmPlE.CoM.", RecordType::A, false),
+            vec![a("www.example.com.", [192, 0, 2, 77])],
+            ResponseCode::NoError,
+        );
+        other_case.set_id(base.id());
+        answers.push(other_case);
 
         let bytes = |ms: Vec<Message>| ms.iter().map(|m| m.to_vec().expect("emit")).collect();
         (bytes(queries), bytes(answers))
@@ -524,7 +561,7 @@ mod tests {
         let (mut read, mut learned) = (0, 0);
         for original in &answers {
             for b in mutations(original) {
-                let ours = read_answer(&b, &q).map(|a| (a.rcode, a.learned));
+                let ours = read_answer(&b, &queries[0], &q).map(|a| (a.rcode, a.learned));
                 assert_eq!(ours, answer_by_message(&b, &q), "{b:02x?}");
                 read += usize::from(ours.is_some());
                 learned += usize::from(ours.is_some_and(|(_, l)| !l.ips.is_empty()));
@@ -537,7 +574,7 @@ mod tests {
     fn answer_teaches_ips_min_ttl_and_cname_targets() {
         let (queries, answers) = corpus();
         let q = read_usual_query(&queries[0]).expect("usual query");
-        let a = read_answer(&answers[0], &q).expect("answer");
+        let a = read_answer(&answers[0], &queries[0], &q).expect("answer");
         assert_eq!(a.rcode, ResponseCode::NoError);
         assert_eq!(
             a.learned.ips,
@@ -550,23 +587,31 @@ mod tests {
         assert_eq!(a.learned.cname_targets, ["edge.cdn.test.", "x.cdn.test."]);
         // NXDOMAIN and SERVFAIL teach nothing, whatever they carry.
         for i in [1, 2] {
-            let a = read_answer(&answers[i], &q).expect("answer");
+            let a = read_answer(&answers[i], &queries[0], &q).expect("answer");
             assert_ne!(a.rcode, ResponseCode::NoError);
             assert_eq!(a.learned, Learned::default());
         }
         // The response code's high bits come from EDNS: BADVERS is not NOERROR.
-        let a = read_answer(&answers[3], &q).expect("answer");
+        let a = read_answer(&answers[3], &queries[0], &q).expect("answer");
         assert_eq!(u16::from(a.rcode), 16, "{:?}", a.rcode);
         assert!(a.learned.ips.is_empty());
         // Another id, name or type, or answers without the question: not this answer.
         for i in [5, 6, 7, 8] {
-            assert!(read_answer(&answers[i], &q).is_none(), "answer {i}");
+            assert!(
+                read_answer(&answers[i], &queries[0], &q).is_none(),
+                "answer {i}"
+            );
         }
         // No question and no answers (some servers' REFUSED) is an answer.
         assert_eq!(
-            read_answer(&answers[9], &q).map(|a| a.rcode),
+            read_answer(&answers[9], &queries[0], &q).map(|a| a.rcode),
             Some(ResponseCode::Refused)
         );
+        // The question in another case is the same question, and read as bytes.
+        let last = answers.last().expect("answers");
+        assert!(same_question_bytes(last, &queries[0], q.question_end));
+        let a = read_answer(last, &queries[0], &q).expect("same question, other case");
+        assert_eq!(a.learned.ips, [IpAddr::V4(Ipv4Addr::new(192, 0, 2, 77))]);
     }
 
     #[test]
