@@ -125,6 +125,22 @@ impl FqdnCache {
         Learned { covered, evicted }
     }
 
+    /// Whether every IP in `ips` is live for `name` of `endpoint` until `until_ms` at
+    /// least: then the datapath holds them. The selectors need no comparing: a name's
+    /// entry carries the current model's selectors (set when learned, updated at every
+    /// model swap under the same lock, `retain_selected`), and a name no selector matches
+    /// has no entry, or one with no selectors.
+    pub fn holds(&self, endpoint: &str, name: &str, ips: &[IpAddr], until_ms: u64) -> bool {
+        self.entry(endpoint, name).is_some_and(|e| {
+            !e.selectors.is_empty()
+                && ips.iter().all(|ip| {
+                    e.ips
+                        .iter()
+                        .any(|x| x.ip == *ip && x.expires_ms >= until_ms)
+                })
+        })
+    }
+
     /// The entry of `name` for `endpoint`, made when missing (always `Some`). A known
     /// name (the common case) costs no key allocation.
     fn entry_mut(&mut self, endpoint: &str, name: &str) -> Option<&mut NameEntry> {
@@ -174,6 +190,13 @@ impl FqdnCache {
     pub fn ips(&self, endpoint: &str, name: &str) -> Vec<IpAddr> {
         self.entry(endpoint, name)
             .map(|e| e.ips.iter().map(|e| e.ip).collect())
+            .unwrap_or_default()
+    }
+
+    /// The live IPs of a name with when each expires (ms since the Unix epoch).
+    pub fn expiries(&self, endpoint: &str, name: &str) -> Vec<(IpAddr, u64)> {
+        self.entry(endpoint, name)
+            .map(|e| e.ips.iter().map(|e| (e.ip, e.expires_ms)).collect())
             .unwrap_or_default()
     }
 
@@ -286,6 +309,27 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn holds_only_live_ips_under_selectors_until_the_given_time() {
+        let mut c = FqdnCache::new(2);
+        let (a, b, d) = (ip("192.0.2.1"), ip("192.0.2.2"), ip("192.0.2.3"));
+        // Learned without selectors (no toFQDNs selector): not held for the datapath.
+        c.learn("ns/a", "plain.", &[a], 60, 0);
+        assert!(!c.holds("ns/a", "plain.", &[a], 0));
+        c.learn_under("ns/a", "x.", &[a, b], &["sel"], 60, 0);
+        assert!(c.holds("ns/a", "x.", &[a, b], 60_000));
+        assert!(c.holds("ns/a", "x.", &[b], 1));
+        // Not past its expiry, not another IP, name or endpoint.
+        assert!(!c.holds("ns/a", "x.", &[a, b], 60_001));
+        assert!(!c.holds("ns/a", "x.", &[a, d], 0));
+        assert!(!c.holds("ns/a", "y.", &[a], 0));
+        assert!(!c.holds("ns/b", "x.", &[a], 0));
+        // An evicted IP (a zombie) is no longer held for new answers.
+        c.learn_under("ns/a", "x.", &[d], &["sel"], 60, 1);
+        assert!(!c.holds("ns/a", "x.", &[a], 0));
+        assert!(c.holds("ns/a", "x.", &[b, d], 0));
     }
 
     #[test]

@@ -111,6 +111,67 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// How much longer than the moment of the check an IP must stay held for an answer to be
+/// released before its hand-off ([`Proxy::datapath_holds`]): the refresh runs right after
+/// the reply, so a second is far more than it needs, and no expiry falls in between.
+const HELD_MARGIN_MS: u64 = 1_000;
+
+/// The hand-off of an answer whose IPs the datapath already held: run after the reply
+/// ([`Proxy::record`]), or when dropped, so that a query dropped on its way still
+/// refreshes the cache. It only moves the expiry: nothing is queued for the datapath
+/// unless the cache changed since the check.
+struct LateHandOff {
+    proxy: Proxy,
+    endpoint: String,
+    qname: String,
+    cname_targets: Vec<String>,
+    ips: Vec<IpAddr>,
+    ttl: u32,
+    now_ms: u64,
+    done: bool,
+}
+
+impl LateHandOff {
+    fn run(&mut self) -> Option<HandOff> {
+        if std::mem::replace(&mut self.done, true) {
+            return None;
+        }
+        let h = self.proxy.hand_off(
+            &self.endpoint,
+            &self.qname,
+            &self.cname_targets,
+            &self.ips,
+            self.ttl,
+            self.now_ms,
+        );
+        if h.waits.is_some() {
+            tracing::debug!(
+                endpoint = self.endpoint,
+                name = self.qname,
+                "the cache changed between the check and the refresh; datapath update queued"
+            );
+        }
+        Some(h)
+    }
+}
+
+impl Drop for LateHandOff {
+    fn drop(&mut self) {
+        self.run();
+    }
+}
+
+impl std::fmt::Debug for LateHandOff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LateHandOff")
+            .field("endpoint", &self.endpoint)
+            .field("qname", &self.qname)
+            .field("ips", &self.ips)
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
 /// A served query: the reply to send (none for a datagram that gets none), and what
 /// [`Proxy::record`] records once it left.
 #[derive(Debug)]
@@ -124,6 +185,8 @@ pub struct Handled {
     verdict: Verdict,
     /// The rcode sent, when a reply was.
     rcode: Option<ResponseCode>,
+    /// A hand-off left for after the reply.
+    late: Option<LateHandOff>,
 }
 
 impl Handled {
@@ -222,6 +285,12 @@ impl Proxy {
         self.cache().ips(endpoint, &normalize(name))
     }
 
+    /// The live IPs learned for `name` by `endpoint`, with when each expires (ms since the
+    /// Unix epoch).
+    pub fn cached_expiries(&self, endpoint: &str, name: &str) -> Vec<(IpAddr, u64)> {
+        self.cache().expiries(endpoint, &normalize(name))
+    }
+
     /// Live IPs and zombies of `name` for `endpoint`.
     pub fn held_ips(&self, endpoint: &str, name: &str) -> Vec<IpAddr> {
         self.cache().held_ips(endpoint, &normalize(name))
@@ -244,27 +313,37 @@ impl Proxy {
 
     /// Counts a served query, sends its audit record and, given when it was received,
     /// observes the proxy's own time: the time since, minus the wait for the upstream.
+    ///
+    /// A hand-off left for after the reply runs here, after the times are taken.
     pub fn record(&self, handled: Handled, received: Option<Instant>) {
         let Handled {
             reply: _,
             upstream,
             start,
-            rec,
+            mut rec,
             verdict,
             rcode,
+            late,
         } = handled;
         self.inner.metrics.count_query(verdict, rcode);
-        if let Some(mut rec) = rec {
-            rec.verdict = verdict;
-            rec.rcode = rcode.map(|r| rcode_label(Some(r)));
+        if let Some(rec) = &mut rec {
             rec.latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-            self.inner.audit.record(rec);
         }
         if let Some(received) = received {
             self.inner
                 .metrics
                 .processing_seconds
                 .observe(received.elapsed().saturating_sub(upstream).as_secs_f64());
+        }
+        if let Some(h) = late.and_then(|mut l| l.run()) {
+            if let Some(rec) = &mut rec {
+                rec.selectors = h.selectors;
+            }
+        }
+        if let Some(mut rec) = rec {
+            rec.verdict = verdict;
+            rec.rcode = rcode.map(|r| rcode_label(Some(r)));
+            self.inner.audit.record(rec);
         }
     }
 
@@ -383,7 +462,11 @@ impl Proxy {
 
         // An answer we cannot read, or that is not about this query (id, question),
         // teaches nothing and is not passed on: SERVFAIL, as for any upstream failure.
-        let Some(AnswerRead { rcode, learned: l }) = read_answer(&answer, query, &q) else {
+        let Some(AnswerRead {
+            rcode,
+            learned: mut l,
+        }) = read_answer(&answer, query, &q)
+        else {
             m.series.malformed_answer.inc();
             rec.reason = "malformed answer from upstream".into();
             let rcode = ResponseCode::ServFail;
@@ -391,6 +474,7 @@ impl Proxy {
                 .finish(rec, start, Verdict::Error, q.error_reply(rcode), rcode)
                 .waited(upstream);
         };
+        let mut late = None;
         if !l.ips.is_empty() {
             let ttl = l.ttl.max(self.inner.config.min_ttl);
             rec.ttl = Some(ttl);
@@ -400,20 +484,44 @@ impl Proxy {
                 } else {
                     &[]
                 };
-                let h = self.hand_off(ep, &qname, targets, &l.ips, ttl, now_ms(now));
-                rec.datapath_confirmed = match h.waits {
-                    // Boxed: its state (timer, receivers) is not part of every query's.
-                    Some(waits) => Some(Box::pin(self.await_datapath(waits, ep, &qname)).await),
-                    None => h.confirmed,
-                };
-                rec.selectors = h.selectors;
+                let now_ms = now_ms(now);
+                if self.datapath_holds(ep, &qname, targets, &l.ips, now_ms) {
+                    // Nothing for the datapath to learn: the answer leaves first, and
+                    // the cache's refresh follows it (`record`).
+                    rec.datapath_confirmed = Some(true);
+                    late = Some(LateHandOff {
+                        proxy: self.clone(),
+                        endpoint: ep.to_string(),
+                        qname: qname.clone(),
+                        cname_targets: targets.to_vec(),
+                        ips: if audit {
+                            l.ips.clone()
+                        } else {
+                            std::mem::take(&mut l.ips)
+                        },
+                        ttl,
+                        now_ms,
+                        done: false,
+                    });
+                } else {
+                    let h = self.hand_off(ep, &qname, targets, &l.ips, ttl, now_ms);
+                    rec.datapath_confirmed = match h.waits {
+                        // Boxed: its state (timer, receivers) is not part of every query's.
+                        Some(waits) => Some(Box::pin(self.await_datapath(waits, ep, &qname)).await),
+                        None => h.confirmed,
+                    };
+                    rec.selectors = h.selectors;
+                }
             }
             if audit {
                 rec.ips = l.ips;
             }
         }
-        self.finish(rec, start, Verdict::Forwarded, Some(answer), rcode)
-            .waited(upstream)
+        let mut handled = self
+            .finish(rec, start, Verdict::Forwarded, Some(answer), rcode)
+            .waited(upstream);
+        handled.late = late;
+        handled
     }
 
     /// What a query came to; recorded by [`Proxy::record`].
@@ -429,10 +537,33 @@ impl Proxy {
             rcode: reply.as_ref().map(|_| rcode),
             reply,
             upstream: Duration::ZERO,
+            late: None,
             start,
             rec: self.inner.audit.enabled().then_some(rec),
             verdict,
         }
+    }
+
+    /// Whether the datapath holds every IP of an answer already, for the question name
+    /// and each of `cname_targets`, for [`HELD_MARGIN_MS`] more at least, with no update
+    /// of these names in flight: then the answer can leave before the hand-off, which
+    /// only refreshes the expiry. What [`FqdnCache::learn_under`] calls covered, checked
+    /// without computing the names' selectors (see [`FqdnCache::holds`]).
+    fn datapath_holds(
+        &self,
+        endpoint: &str,
+        qname: &str,
+        cname_targets: &[String],
+        ips: &[IpAddr],
+        now_ms: u64,
+    ) -> bool {
+        // Lock order as in `hand_off`: chains, then cache.
+        let chains = self.chains();
+        let cache = self.cache();
+        let until_ms = now_ms.saturating_add(HELD_MARGIN_MS);
+        std::iter::once(qname)
+            .chain(cname_targets.iter().map(String::as_str))
+            .all(|name| !chains.contains_key(name) && cache.holds(endpoint, name, ips, until_ms))
     }
 
     /// Records the IPs and queues the datapath updates for every selector matching the

@@ -4,11 +4,11 @@
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use dns_proxy::audit::Verdict;
-use dns_proxy::{Config, RefuseCode};
+use dns_proxy::{Config, QueryContext, RefuseCode, Transport};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 
@@ -461,6 +461,93 @@ async fn answer_is_released_after_the_bound_when_the_datapath_hangs() {
         metrics.contains("ward_dns_datapath_update_timeouts_total 1"),
         "{metrics}"
     );
+}
+
+/// Milliseconds since the Unix epoch.
+fn epoch_ms() -> u64 {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_ips_leave_before_the_refresh_and_new_ones_after_the_update() {
+    let mut z = Zone::default();
+    z.a("known.app.test", 60, &["192.0.2.85"]);
+    let up = Upstream::start(z).await;
+    let config = Config {
+        datapath_wait: Duration::from_secs(3),
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    query(h.addr, "known.app.test", RecordType::A, false).await;
+    assert_eq!(h.sink.applied().len(), 1);
+    let first = h.proxy.cached_expiries(ENDPOINT, "known.app.test");
+    assert_eq!(first.len(), 1);
+    assert!(h.audit_for("known.app.test").await.datapath_confirmed == Some(true));
+
+    // The same IP again: nothing for the datapath, and the cache's refresh (after the
+    // reply) still moves the expiry and fills the audit record's selectors.
+    let later = epoch_ms() + 5;
+    assert!(wait_until(Duration::from_secs(5), || epoch_ms() > later).await);
+    let m = query(h.addr, "known.app.test", RecordType::A, false).await;
+    assert_eq!(ips(&m), vec![ip("192.0.2.85")]);
+    let rec = h.audit_for("known.app.test").await;
+    assert_eq!(rec.datapath_confirmed, Some(true));
+    assert_eq!(rec.selectors, vec!["*.app.test.".to_string()]);
+    assert_eq!(
+        h.sink.applied().len(),
+        1,
+        "no update for IPs the datapath holds"
+    );
+    let refreshed = h.proxy.cached_expiries(ENDPOINT, "known.app.test");
+    assert_eq!(refreshed.len(), 1);
+    assert!(refreshed[0].1 > first[0].1, "{first:?} -> {refreshed:?}");
+
+    // A new IP for the known name: the answer waits for the update, as for a new name.
+    up.zone
+        .lock()
+        .unwrap()
+        .a("known.app.test", 60, &["192.0.2.85", "192.0.2.86"]);
+    h.sink.delay_next(Duration::from_millis(300));
+    let m = query(h.addr, "known.app.test", RecordType::A, false).await;
+    let received = Instant::now();
+    assert_eq!(ips(&m), vec![ip("192.0.2.85"), ip("192.0.2.86")]);
+    let applied = h.sink.applied();
+    assert_eq!(applied.len(), 2);
+    let finished = applied[1]
+        .finished
+        .expect("update finished before the answer");
+    assert!(finished <= received);
+    assert!(finished - applied[1].started >= Duration::from_millis(300));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_query_dropped_before_its_record_still_refreshes_the_cache() {
+    let mut z = Zone::default();
+    z.a("drop.app.test", 60, &["192.0.2.87"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    query(h.addr, "drop.app.test", RecordType::A, false).await;
+    let first = h.proxy.cached_expiries(ENDPOINT, "drop.app.test");
+    assert_eq!(first.len(), 1);
+    let later = epoch_ms() + 5;
+    assert!(wait_until(Duration::from_secs(5), || epoch_ms() > later).await);
+    // Served straight through the proxy (as the listeners do) and dropped unrecorded.
+    let ctx = QueryContext {
+        client: "10.0.9.10:5353".parse().unwrap(),
+        server: up.addr,
+        transport: Transport::Udp,
+    };
+    let handled = h
+        .proxy
+        .serve(&query_bytes("drop.app.test", RecordType::A, 7), ctx)
+        .await;
+    assert!(handled.reply.is_some());
+    drop(handled);
+    let refreshed = h.proxy.cached_expiries(ENDPOINT, "drop.app.test");
+    assert!(refreshed[0].1 > first[0].1, "{first:?} -> {refreshed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
