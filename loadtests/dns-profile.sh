@@ -5,15 +5,15 @@
 # moves a lot; instruction and syscall counts do not.
 #
 # usage (root): loadtests/dns-profile.sh [QUERIES] [callgrind|strace|both]
-# Needs target/release/ward, valgrind, strace, dnsperf, dnsmasq (dnsmasq-base). Everything
-# runs in a network namespace named ward-prof-PID, deleted on exit; processes are killed
-# by PID.
+# Needs target/dist/ward (`cargo build --profile dist -p agent`, the shipped build; WARD=
+# another binary), valgrind, strace, dnsperf, dnsmasq (dnsmasq-base). Everything runs in a
+# network namespace named ward-prof-PID, deleted on exit; processes are killed by PID.
 set -euo pipefail
 
 N=${1:-20000}
 WHAT=${2:-both}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-WARD=${WARD:-$ROOT/target/release/ward}
+WARD=${WARD:-$ROOT/target/dist/ward}
 NS=ward-prof-$$
 WORK=$(mktemp -d /tmp/ward-prof-XXXXXX)
 PIDS=()

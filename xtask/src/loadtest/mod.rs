@@ -346,13 +346,14 @@ pub fn loadtest(args: &[String]) -> Result {
     }
     ensure_debs(LOADTEST_PACKAGES)?;
     // The datapath part drives its own example, not `ward`.
+    // The build the image ships (`profile.dist`: release with fat LTO).
     if opts.proxy || opts.dns {
-        run(cargo().args(["build", "--quiet", "--release", "--bin", "ward"]))?;
+        run(cargo().args(["build", "--quiet", "--profile", "dist", "--bin", "ward"]))?;
     }
     let work = std::env::temp_dir().join(format!("ward-loadtest-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let mut ctx = Ctx {
-        ward: root().join("target/release/ward"),
+        ward: root().join("target/dist/ward"),
         work,
         quick: opts.quick,
         commands: Vec::new(),
