@@ -13,7 +13,7 @@ use hickory_proto::rr::{RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use hickory_proto::ProtoError;
 
-use crate::message::{error_reply, name_text, same_name};
+use crate::message::{error_reply, formerr_from_bytes, name_text, same_name};
 
 /// A query of the usual shape: a query (not a response), opcode QUERY, one question.
 #[derive(Clone, Debug)]
@@ -61,7 +61,7 @@ pub fn read_query(bytes: &[u8]) -> Result<QueryRead, Unusual> {
         Err(e) => {
             return Err(Unusual {
                 reason: format!("malformed query: {e}"),
-                reply: crate::message::formerr_from_bytes(bytes),
+                reply: formerr_from_bytes(bytes),
                 rcode: ResponseCode::FormErr,
             })
         }
@@ -101,7 +101,7 @@ pub fn read_query(bytes: &[u8]) -> Result<QueryRead, Unusual> {
 /// The one-pass read of a query of the usual shape; None for anything else.
 fn read_usual_query(bytes: &[u8]) -> Option<QueryRead> {
     let mut d = BinDecoder::new(bytes);
-    let header = Header::read(&mut d).ok()?;
+    let mut header = Header::read(&mut d).ok()?;
     if header.message_type() != MessageType::Query
         || header.op_code() != OpCode::Query
         || header.query_count() != 1
@@ -111,7 +111,6 @@ fn read_usual_query(bytes: &[u8]) -> Option<QueryRead> {
     let question = Query::read(&mut d).ok()?;
     let question_end = d.index();
     let opt = read_records(&mut d, &header, |_| {}).ok()?;
-    let mut header = header;
     if let Some(opt_ttl) = opt {
         merge_rcode_high(&mut header, opt_ttl);
     }
