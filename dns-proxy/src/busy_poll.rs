@@ -5,15 +5,26 @@
 //! without those wake-ups, at the price of the CPU time spent polling. It is HAProxy's
 //! `busy-polling`, bounded by a window instead of forever. Off by default.
 //!
-//! How: a task that yields while the window is open. Tokio runs a yielded task only
-//! after polling the I/O driver without a timeout (`epoll_wait(.., 0)`), so while the
-//! task spins the runtime's thread polls the sockets instead of parking. When the window
-//! closes the task sleeps until the next query opens it again. It needs a current-thread
-//! runtime: with several workers the one that spins may not hold the I/O driver, so the
-//! wake-ups it is meant to save happen anyway (`ward dns-proxy` refuses the combination).
+//! How, on two levels. The UDP query path reads its sockets itself while the window is
+//! open ([`BusyPoll::recv`]): a non-blocking receive, and if nothing was waiting the task
+//! wakes itself and lets the runtime run the others, without parking the thread. A
+//! datagram is read as soon as it arrives, not after the runtime's `epoll_wait` saw it
+//! and woke the task that waits for it (each step a microsecond or so before the next
+//! `sendto`, which the partner's halted vCPU turns into several). Everything else (TCP,
+//! timers, the metrics endpoint) is kept polling by a task that yields while the window
+//! is open ([`BusyPoll::run`]): tokio runs a yielded task only after polling the I/O
+//! driver without a timeout (`epoll_wait(.., 0)`), so the thread polls instead of
+//! parking. When the window closes both go back to waiting until the next query opens
+//! it again. It needs a current-thread runtime: with several workers the one that spins
+//! may not hold the I/O driver, so the wake-ups it is meant to save happen anyway
+//! (`ward dns-proxy` refuses the combination).
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -30,8 +41,11 @@ pub struct BusyPoll {
     last: AtomicU64,
     asleep: AtomicBool,
     wake: Notify,
-    /// Times the task yielded to poll: how busy polling shows (tests, profiles).
+    /// Turns spent polling, by the yielding task and by receives: how busy polling
+    /// shows (tests, profiles).
     polls: AtomicU64,
+    /// Datagrams read by [`BusyPoll::recv`] (not waited for through the runtime).
+    caught: AtomicU64,
 }
 
 impl BusyPoll {
@@ -45,6 +59,7 @@ impl BusyPoll {
                 asleep: AtomicBool::new(false),
                 wake: Notify::new(),
                 polls: AtomicU64::new(0),
+                caught: AtomicU64::new(0),
             })
         })
     }
@@ -61,15 +76,47 @@ impl BusyPoll {
         }
     }
 
-    /// How many times the task has polled so far.
+    /// How many turns were spent polling so far.
     pub fn polls(&self) -> u64 {
         self.polls.load(Ordering::Relaxed)
     }
 
-    fn open(&self) -> bool {
+    /// How many datagrams [`BusyPoll::recv`] has read so far.
+    pub fn caught(&self) -> u64 {
+        self.caught.load(Ordering::Relaxed)
+    }
+
+    /// Whether the window is open: a query came less than a window ago.
+    pub fn open(&self) -> bool {
         let last = self.last.load(Ordering::SeqCst);
         let window = u64::try_from(self.window.as_nanos()).unwrap_or(u64::MAX);
         last != NEVER && self.now().saturating_sub(last) < window
+    }
+
+    /// Receives with `now` while the window is open: `now` is a non-blocking receive that
+    /// makes the system call whatever the runtime last saw of the socket (tokio's own
+    /// `try_recv` answers from its readiness cache, which only `epoll_wait` fills). When
+    /// nothing is waiting the task wakes itself and returns to the runtime, which runs
+    /// its other tasks and polls its driver every few dozen turns but does not park.
+    /// `None` once the window is closed with nothing received: then wait on the socket
+    /// through the runtime.
+    pub async fn recv<T>(&self, mut now: impl FnMut() -> io::Result<T>) -> Option<io::Result<T>> {
+        loop {
+            match now() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => {
+                    if r.is_ok() {
+                        self.caught.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Some(r);
+                }
+            }
+            if !self.open() {
+                return None;
+            }
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            Spin(false).await;
+        }
     }
 
     /// Polls while the window is open, sleeps while it is closed; runs until the
@@ -92,6 +139,23 @@ impl BusyPoll {
     }
 }
 
+/// Pending once, with the task woken at once: back to the runtime's run queue, not to
+/// its I/O driver (as `yield_now`, which waits for the driver's next poll).
+struct Spin(bool);
+
+impl Future for Spin {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +167,67 @@ mod tests {
             assert!(Instant::now() < end, "timed out waiting for {what}");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// A receive that succeeds on its `n`th try.
+    fn ready_on(n: u32) -> impl FnMut() -> io::Result<u32> {
+        let mut tries = 0;
+        move || {
+            tries += 1;
+            if tries < n {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(tries)
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn recv_tries_while_the_window_is_open_and_lets_other_tasks_run() {
+        let b = BusyPoll::new(Duration::from_secs(60)).expect("a window");
+        b.touch();
+        // Another task on this thread runs meanwhile, a timer's included: the runtime
+        // keeps running its tasks and its driver while the receive spins.
+        let slept = tokio::spawn(tokio::time::sleep(Duration::from_millis(20)));
+        let mut n = 0u32;
+        let mut tries = ready_on(u32::MAX);
+        let got = b
+            .recv(|| {
+                n += 1;
+                if slept.is_finished() {
+                    Ok(n)
+                } else {
+                    tries()
+                }
+            })
+            .await;
+        assert!(matches!(got, Some(Ok(n)) if n > 1), "{got:?}");
+        assert!(b.polls() > 0);
+        assert_eq!(b.caught(), 1);
+        // Ready at once: no turn spent.
+        let polls = b.polls();
+        assert_eq!(b.recv(ready_on(1)).await.map(|r| r.ok()), Some(Some(1)));
+        assert_eq!(b.polls(), polls);
+        // Errors other than "nothing yet" end the receive.
+        let got = b
+            .recv(|| Err::<(), _>(io::ErrorKind::ConnectionRefused.into()))
+            .await;
+        assert!(matches!(got, Some(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused));
+        assert_eq!(b.caught(), 2);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn recv_gives_up_once_the_window_closes() {
+        let b = BusyPoll::new(Duration::from_millis(30)).expect("a window");
+        // Never opened: one try, then back to waiting on the runtime.
+        assert!(b.recv(ready_on(u32::MAX)).await.is_none());
+        assert_eq!(b.polls(), 0);
+        let opened = Instant::now();
+        b.touch();
+        assert!(b.recv(ready_on(u32::MAX)).await.is_none());
+        assert!(opened.elapsed() >= Duration::from_millis(30));
+        assert!(b.polls() > 0);
+        assert_eq!(b.caught(), 0);
     }
 
     #[test]

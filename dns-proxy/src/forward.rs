@@ -4,15 +4,17 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, UdpSocket};
 
+use crate::busy_poll::BusyPoll;
 use crate::proxy::Transport;
 use crate::sink::BoxFuture;
+use crate::socket;
 
 /// Where allowed queries go. The real one is [`Forwarder`]; tests and the fuzz target
 /// plug in their own.
@@ -67,6 +69,8 @@ pub struct Forwarder {
     /// the answer it waited for (a timed-out one is closed), so no stale answer is
     /// pending on a reused socket; answers are still matched by id.
     pool: Mutex<HashMap<SocketAddr, Vec<Pooled>>>,
+    /// Busy polling: answers are read directly while the window is open.
+    busy: Option<Arc<BusyPoll>>,
 }
 
 impl Upstream for Forwarder {
@@ -81,11 +85,12 @@ impl Upstream for Forwarder {
 }
 
 impl Forwarder {
-    pub fn new(timeout: Duration, mark: Option<u32>) -> Forwarder {
+    pub fn new(timeout: Duration, mark: Option<u32>, busy: Option<Arc<BusyPoll>>) -> Forwarder {
         Forwarder {
             timeout,
             mark,
             pool: Mutex::new(HashMap::new()),
+            busy,
         }
     }
 
@@ -135,7 +140,14 @@ impl Forwarder {
         };
         p.sock.send(query).await?;
         loop {
-            let n = p.sock.recv(&mut p.buf).await?;
+            let got = match &self.busy {
+                Some(b) => b.recv(|| socket::recv_now(&p.sock, &mut p.buf)).await,
+                None => None,
+            };
+            let n = match got {
+                Some(got) => got?,
+                None => p.sock.recv(&mut p.buf).await?,
+            };
             let answer = p.buf.get(..n).unwrap_or_default();
             // A datagram with another id is not our answer (stale or spoofed): keep waiting.
             if n >= 2 && answer.get(..2) == query.get(..2) {

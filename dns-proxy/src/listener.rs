@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::runtime::{Handle, RuntimeFlavor};
 
+use crate::busy_poll::BusyPoll;
 use crate::proxy::{Proxy, QueryContext, Transport};
 use crate::sink::BoxFuture;
 use crate::socket;
@@ -31,6 +32,9 @@ pub struct Datagram {
 /// The UDP side: receive with the original server, reply as that server.
 pub trait UdpTransport: Send + Sync + 'static {
     fn recv<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<Datagram>>;
+    /// The next datagram if one is waiting, else `WouldBlock`; the system call is made
+    /// whatever the runtime last saw of the socket (busy polling, [`BusyPoll::recv`]).
+    fn recv_now(&self, buf: &mut [u8]) -> io::Result<Datagram>;
     fn send<'a>(
         &'a self,
         data: &'a [u8],
@@ -54,6 +58,15 @@ impl UdpTransport for ForwarderUdp {
                 client,
                 server: self.upstream,
             })
+        })
+    }
+
+    fn recv_now(&self, buf: &mut [u8]) -> io::Result<Datagram> {
+        let (len, client) = socket::recv_from_now(&self.socket, buf)?;
+        Ok(Datagram {
+            len,
+            client,
+            server: self.upstream,
         })
     }
 
@@ -88,25 +101,47 @@ pub fn is_self(server: SocketAddr, listen: SocketAddr) -> bool {
     server.port() == listen.port() && (listen.ip().is_unspecified() || server.ip() == listen.ip())
 }
 
+impl TransparentUdp {
+    /// The datagram, unless it was sent to the listener itself, not redirected: then
+    /// there is no server to forward to (forwarding would loop into the proxy) and it is
+    /// dropped.
+    fn redirected(
+        &self,
+        (len, client, orig): (usize, SocketAddr, Option<SocketAddr>),
+    ) -> Option<Datagram> {
+        match orig {
+            Some(server) if !is_self(server, self.local) => Some(Datagram {
+                len,
+                client,
+                server,
+            }),
+            _ => {
+                tracing::debug!(%client, "datagram not redirected: dropped");
+                None
+            }
+        }
+    }
+}
+
 impl UdpTransport for TransparentUdp {
     fn recv<'a>(&'a self, buf: &'a mut [u8]) -> BoxFuture<'a, io::Result<Datagram>> {
         Box::pin(async move {
             loop {
-                let (len, client, orig) = socket::recv_orig_dst(&self.socket, buf).await?;
-                match orig {
-                    Some(server) if !is_self(server, self.local) => {
-                        return Ok(Datagram {
-                            len,
-                            client,
-                            server,
-                        })
-                    }
-                    // Sent to the listener itself, not redirected: no server to forward
-                    // to (forwarding would loop into the proxy).
-                    _ => tracing::debug!(%client, "datagram not redirected: dropped"),
+                let got = socket::recv_orig_dst(&self.socket, buf).await?;
+                if let Some(d) = self.redirected(got) {
+                    return Ok(d);
                 }
             }
         })
+    }
+
+    fn recv_now(&self, buf: &mut [u8]) -> io::Result<Datagram> {
+        loop {
+            let got = socket::recv_orig_dst_now(&self.socket, buf)?;
+            if let Some(d) = self.redirected(got) {
+                return Ok(d);
+            }
+        }
     }
 
     fn send<'a>(
@@ -152,7 +187,7 @@ pub async fn serve_udp(proxy: Proxy, io: Arc<dyn UdpTransport>) -> io::Result<()
     }
     let mut buf = vec![0u8; 65_535];
     loop {
-        let Some(d) = recv_datagram(&*io, &mut buf).await? else {
+        let Some(d) = recv_datagram(&*io, &mut buf, None).await? else {
             continue;
         };
         let received = Instant::now();
@@ -169,13 +204,14 @@ pub async fn serve_udp(proxy: Proxy, io: Arc<dyn UdpTransport>) -> io::Result<()
 pub async fn serve_udp_inline(proxy: Proxy, io: Arc<dyn UdpTransport>) -> io::Result<()> {
     let mut buf = vec![0u8; 65_535];
     let mut in_flight = FuturesUnordered::new();
+    let busy = proxy.busy_poll();
     loop {
         tokio::select! {
             // Queries first: a new one goes upstream before the next read, and answers
             // that came in are released before more queries are taken.
             biased;
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-            d = recv_datagram(&*io, &mut buf) => {
+            d = recv_datagram(&*io, &mut buf, busy.as_deref()) => {
                 let d = match d {
                     Ok(Some(d)) => d,
                     Ok(None) => continue,
@@ -197,9 +233,22 @@ pub async fn serve_udp_inline(proxy: Proxy, io: Arc<dyn UdpTransport>) -> io::Re
 }
 
 /// The next datagram; `None` after a transient receive error (logged), which does not
-/// stop the listener.
-async fn recv_datagram(io: &dyn UdpTransport, buf: &mut [u8]) -> io::Result<Option<Datagram>> {
-    match io.recv(buf).await {
+/// stop the listener. With busy polling the socket is read directly while the window is
+/// open.
+async fn recv_datagram(
+    io: &dyn UdpTransport,
+    buf: &mut [u8],
+    busy: Option<&BusyPoll>,
+) -> io::Result<Option<Datagram>> {
+    let got = match busy {
+        Some(b) => b.recv(|| io.recv_now(buf)).await,
+        None => None,
+    };
+    let got = match got {
+        Some(got) => got,
+        None => io.recv(buf).await,
+    };
+    match got {
         Ok(d) => Ok(Some(d)),
         Err(e) if transient(&e) => {
             tracing::debug!("udp receive: {e}");

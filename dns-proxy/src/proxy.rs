@@ -207,11 +207,16 @@ impl Proxy {
         audit: Audit,
         metrics: Metrics,
     ) -> Proxy {
-        let forwarder = Forwarder::new(config.upstream_timeout, config.upstream_mark);
+        let busy_poll = BusyPoll::new(Duration::from_micros(config.busy_poll_us));
+        let forwarder = Forwarder::new(
+            config.upstream_timeout,
+            config.upstream_mark,
+            busy_poll.clone(),
+        );
         Proxy {
             inner: Arc::new(Inner {
                 cache: Mutex::new(FqdnCache::new(config.max_ips_per_name)),
-                busy_poll: BusyPoll::new(Duration::from_micros(config.busy_poll_us)),
+                busy_poll,
                 config,
                 policy: PolicyStore::new(model, scope),
                 sink,

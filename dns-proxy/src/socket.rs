@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 
 use nix::sys::socket::{
-    recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn, SockaddrIn6,
-    SockaddrStorage,
+    recv, recvfrom, recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn,
+    SockaddrIn6, SockaddrStorage,
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::io::Interest;
@@ -57,31 +57,58 @@ pub async fn recv_orig_dst(
     sock: &UdpSocket,
     buf: &mut [u8],
 ) -> io::Result<(usize, SocketAddr, Option<SocketAddr>)> {
-    let fd = sock.as_raw_fd();
-    sock.async_io(Interest::READABLE, || {
-        let mut cmsg = [0u8; 128];
-        let mut iov = [IoSliceMut::new(buf)];
-        let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
-            .map_err(io::Error::from)?;
-        let mut orig = None;
-        for c in msg.cmsgs().map_err(io::Error::from)? {
-            match c {
-                ControlMessageOwned::Ipv4OrigDstAddr(a) => {
-                    orig = Some(SocketAddr::from(SockaddrIn::from(a)));
-                }
-                ControlMessageOwned::Ipv6OrigDstAddr(a) => {
-                    orig = Some(SocketAddr::from(SockaddrIn6::from(a)));
-                }
-                _ => {}
+    sock.async_io(Interest::READABLE, || recv_orig_dst_now(sock, buf))
+        .await
+}
+
+/// Receives one datagram if one is waiting (`WouldBlock` if none), with the system call
+/// made whatever the runtime last saw of the socket (busy polling).
+pub fn recv_orig_dst_now(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr, Option<SocketAddr>)> {
+    let mut cmsg = [0u8; 128];
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)?;
+    let mut orig = None;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        match c {
+            ControlMessageOwned::Ipv4OrigDstAddr(a) => {
+                orig = Some(SocketAddr::from(SockaddrIn::from(a)));
             }
+            ControlMessageOwned::Ipv6OrigDstAddr(a) => {
+                orig = Some(SocketAddr::from(SockaddrIn6::from(a)));
+            }
+            _ => {}
         }
-        let client = msg
-            .address
-            .and_then(|a| storage_to_std(&a))
-            .ok_or_else(|| io::Error::other("datagram without a source address"))?;
-        Ok((msg.bytes, client, orig))
-    })
-    .await
+    }
+    let client = msg
+        .address
+        .and_then(|a| storage_to_std(&a))
+        .ok_or_else(|| io::Error::other("datagram without a source address"))?;
+    Ok((msg.bytes, client, orig))
+}
+
+/// Receives one datagram and its source if one is waiting (`WouldBlock` if none), with
+/// the system call made whatever the runtime last saw of the socket (busy polling).
+pub fn recv_from_now(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+    let (n, from) = recvfrom::<SockaddrStorage>(sock.as_raw_fd(), buf).map_err(io::Error::from)?;
+    let from = from
+        .and_then(|a| storage_to_std(&a))
+        .ok_or_else(|| io::Error::other("datagram without a source address"))?;
+    Ok((n, from))
+}
+
+/// Receives one datagram on a connected socket if one is waiting (`WouldBlock` if none),
+/// with the system call made whatever the runtime last saw of the socket (busy polling).
+pub fn recv_now(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<usize> {
+    recv(sock.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
 }
 
 fn storage_to_std(a: &SockaddrStorage) -> Option<SocketAddr> {

@@ -808,6 +808,19 @@ async fn transparent_udp_round_trip(local: &str, server: &str) {
         got.is_err(),
         "a datagram to the listener itself is not handed over"
     );
+    // The same from the busy-polling read, which also drops it and finds nothing else.
+    client.send_to(b"query", listen).await.unwrap();
+    assert!(wait_until(Duration::from_secs(5), || has_datagram(&t.socket)).await);
+    let got = t.recv_now(&mut buf);
+    assert_eq!(
+        got.map(|d| d.len).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock),
+        "a datagram to the listener itself is not handed over"
+    );
+    assert!(
+        !has_datagram(&t.socket),
+        "the datagram was dropped, not left"
+    );
     // The reply comes from the server the client asked, an address that is not local to
     // this machine, not from the listener.
     let server = std::net::SocketAddr::new(server.parse().unwrap(), 53);
@@ -819,6 +832,116 @@ async fn transparent_udp_round_trip(local: &str, server: &str) {
             .unwrap();
     assert_eq!(&buf[..n], b"answer");
     assert_eq!(replied_from, server);
+}
+
+/// Whether a datagram waits on `sock` (peeked, left in place).
+fn has_datagram(sock: &tokio::net::UdpSocket) -> bool {
+    socket2::SockRef::from(sock).peek_sender().is_ok()
+}
+
+/// The busy-polling reads make the system call whatever the runtime last saw of the
+/// socket: they find a datagram that arrived while this task never gave the runtime a
+/// turn, so its driver has not polled (tokio's own `try_recv` answers "would block" from
+/// its readiness cache until then).
+#[tokio::test(flavor = "current_thread")]
+#[allow(clippy::unwrap_used)]
+async fn busy_polling_reads_see_datagrams_the_runtime_has_not() {
+    use dns_proxy::listener::{ForwarderUdp, UdpTransport};
+    use dns_proxy::socket::recv_now;
+    let listener = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let upstream: std::net::SocketAddr = "127.0.0.1:53".parse().unwrap();
+    let listen = listener.local_addr().unwrap();
+    let t = ForwarderUdp {
+        socket: listener,
+        upstream,
+    };
+    let connected = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    connected.connect(peer.local_addr().unwrap()).await.unwrap();
+    let mut buf = [0u8; 64];
+    // Nothing yet: "would block", and tokio's readiness for both is cleared.
+    assert_eq!(
+        t.recv_now(&mut buf).map(|d| d.len).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock)
+    );
+    assert_eq!(
+        t.socket.try_recv_from(&mut buf).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock)
+    );
+    assert_eq!(
+        connected.try_recv(&mut buf).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock)
+    );
+    // Sent by plain blocking sockets, read without an await in between.
+    peer.send_to(b"query", listen).unwrap();
+    peer.send_to(b"answer", connected.local_addr().unwrap())
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    let d = loop {
+        match t.recv_now(&mut buf) {
+            Ok(d) => break d,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(&buf[..d.len], b"query");
+    assert_eq!(d.client, peer.local_addr().unwrap());
+    assert_eq!(d.server, upstream);
+    let n = loop {
+        match recv_now(&connected, &mut buf) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(&buf[..n], b"answer");
+}
+
+/// With busy polling the one-thread listener reads the listening socket and the upstream
+/// sockets itself while the window is open: queries back to back are each read that way,
+/// as are the upstream's answers, while the other tasks of the thread (here the client
+/// and the upstream) keep running. Once the window has closed it waits on the runtime
+/// again: the next query is still answered, and nothing polls in between.
+#[tokio::test(flavor = "current_thread")]
+async fn busy_polling_listener_reads_its_sockets_while_the_window_is_open() {
+    let mut z = Zone::default();
+    z.a("busy.app.test", 60, &["192.0.2.86"]);
+    let up = Upstream::start(z).await;
+    let window = Duration::from_secs(1);
+    let config = Config {
+        busy_poll_us: u64::try_from(window.as_micros()).unwrap(),
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    let busy = h.proxy.busy_poll().expect("busy polling is on");
+    let check = |m: &hickory_proto::op::Message| assert_eq!(ips(m), vec![ip("192.0.2.86")]);
+    // The first query opens the window; it was read through the runtime.
+    check(&query(h.addr, "busy.app.test", RecordType::A, false).await);
+    let (caught, polls) = (busy.caught(), busy.polls());
+    assert!(polls > 0, "the upstream's answer was polled for");
+    let n = 20;
+    for _ in 0..n {
+        check(&query(h.addr, "busy.app.test", RecordType::A, false).await);
+    }
+    assert!(busy.open(), "the window closed within {n} queries");
+    assert_eq!(
+        busy.caught() - caught,
+        2 * n,
+        "each query and its upstream answer read by polling"
+    );
+    // Closed: the next query is read through the runtime (only its upstream answer is
+    // polled for, the window being open again by then).
+    assert!(wait_until(window * 10, || !busy.open()).await);
+    let idle = busy.polls();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(busy.polls(), idle, "polled with the window closed");
+    let caught = busy.caught();
+    check(&query(h.addr, "busy.app.test", RecordType::A, false).await);
+    assert_eq!(busy.caught() - caught, 1);
 }
 
 // ---------------------------------------------------------------- dig and dnsmasq
@@ -1050,6 +1173,11 @@ impl dns_proxy::listener::UdpTransport for FailsAfterOneQuery {
             return Box::pin(async { Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe)) });
         }
         self.inner.recv(buf)
+    }
+
+    fn recv_now(&self, buf: &mut [u8]) -> std::io::Result<dns_proxy::listener::Datagram> {
+        // Busy polling is off in the test that uses this transport.
+        self.inner.recv_now(buf)
     }
 
     fn send<'a>(
