@@ -22,7 +22,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -31,6 +31,13 @@ use tokio::sync::Notify;
 
 /// `last` before the first query: the window has never opened.
 const NEVER: u64 = u64::MAX;
+
+/// How many receives poll their sockets at once ([`BusyPoll::recv`]): enough for the
+/// listeners (one per family on a node) and a query's upstream socket. The others wait
+/// on the runtime, whose driver the polling task ([`BusyPoll::run`]) keeps polling while
+/// the window is open. A loaded proxy would otherwise make a failing system call per
+/// query in flight each turn; it has work anyway, so its CPU does not halt.
+const SPINNERS: usize = 4;
 
 /// The polling window, shared by the query path (which opens it) and the polling task.
 #[derive(Debug)]
@@ -46,6 +53,10 @@ pub struct BusyPoll {
     polls: AtomicU64,
     /// Datagrams read by [`BusyPoll::recv`] (not waited for through the runtime).
     caught: AtomicU64,
+    /// Receives polling now, at most [`SPINNERS`].
+    spinning: AtomicUsize,
+    /// Receives waiting on the runtime for want of a place to poll.
+    waiting: AtomicUsize,
 }
 
 impl BusyPoll {
@@ -60,6 +71,8 @@ impl BusyPoll {
                 wake: Notify::new(),
                 polls: AtomicU64::new(0),
                 caught: AtomicU64::new(0),
+                spinning: AtomicUsize::new(0),
+                waiting: AtomicUsize::new(0),
             })
         })
     }
@@ -97,10 +110,19 @@ impl BusyPoll {
     /// makes the system call whatever the runtime last saw of the socket (tokio's own
     /// `try_recv` answers from its readiness cache, which only `epoll_wait` fills). When
     /// nothing is waiting the task wakes itself and returns to the runtime, which runs
-    /// its other tasks and polls its driver every few dozen turns but does not park.
-    /// `None` once the window is closed with nothing received: then wait on the socket
-    /// through the runtime.
-    pub async fn recv<T>(&self, mut now: impl FnMut() -> io::Result<T>) -> Option<io::Result<T>> {
+    /// its other tasks but does not park.
+    ///
+    /// `Err` when nothing was received and the window is closed, or [`SPINNERS`]
+    /// receives are polling already: then wait on the socket through the runtime, holding
+    /// the [`Wait`]. While a receive waits for want of a place, the polling ones yield
+    /// to the runtime's driver each turn (`epoll_wait(.., 0)`), so it is served as soon
+    /// as its datagram comes; otherwise they leave the driver to its usual rhythm (every
+    /// few dozen turns), as nothing they are waiting for depends on it.
+    pub async fn recv<T>(
+        &self,
+        mut now: impl FnMut() -> io::Result<T>,
+    ) -> Result<io::Result<T>, Wait<'_>> {
+        let mut turn = None;
         loop {
             match now() {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -108,15 +130,30 @@ impl BusyPoll {
                     if r.is_ok() {
                         self.caught.fetch_add(1, Ordering::Relaxed);
                     }
-                    return Some(r);
+                    return Ok(r);
                 }
             }
             if !self.open() {
-                return None;
+                return Err(Wait::NONE);
+            }
+            if turn.is_none() {
+                turn = Some(Spinner::take(&self.spinning).ok_or_else(|| {
+                    self.waiting.fetch_add(1, Ordering::AcqRel);
+                    Wait(Some(&self.waiting))
+                })?);
             }
             self.polls.fetch_add(1, Ordering::Relaxed);
-            Spin(false).await;
+            if self.waiting.load(Ordering::Acquire) > 0 {
+                tokio::task::yield_now().await;
+            } else {
+                Spin(false).await;
+            }
         }
+    }
+
+    /// How many receives are polling now.
+    pub fn spinning(&self) -> usize {
+        self.spinning.load(Ordering::Relaxed)
     }
 
     /// Polls while the window is open, sleeps while it is closed; runs until the
@@ -136,6 +173,46 @@ impl BusyPoll {
             }
             self.asleep.store(false, Ordering::SeqCst);
         }
+    }
+}
+
+/// A receive that waits on the runtime after [`BusyPoll::recv`]; counted, while held,
+/// when it waits for want of a place to poll. Hold it until the datagram is read.
+#[must_use = "held while the receive waits"]
+#[derive(Debug)]
+pub struct Wait<'a>(Option<&'a AtomicUsize>);
+
+impl Wait<'_> {
+    /// Not counted: busy polling is off, or its window closed.
+    pub const NONE: Wait<'static> = Wait(None);
+}
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        if let Some(count) = self.0 {
+            count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// One of the [`SPINNERS`] places of a polling receive; given back on drop, also when
+/// the receive is dropped half-way.
+struct Spinner<'a>(&'a AtomicUsize);
+
+impl<'a> Spinner<'a> {
+    fn take(count: &'a AtomicUsize) -> Option<Spinner<'a>> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < SPINNERS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Spinner(count))
+    }
+}
+
+impl Drop for Spinner<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -201,18 +278,21 @@ mod tests {
                 }
             })
             .await;
-        assert!(matches!(got, Some(Ok(n)) if n > 1), "{got:?}");
+        assert!(matches!(got, Ok(Ok(n)) if n > 1), "{got:?}");
         assert!(b.polls() > 0);
         assert_eq!(b.caught(), 1);
         // Ready at once: no turn spent.
         let polls = b.polls();
-        assert_eq!(b.recv(ready_on(1)).await.map(|r| r.ok()), Some(Some(1)));
+        assert_eq!(
+            b.recv(ready_on(1)).await.ok().map(|r| r.ok()),
+            Some(Some(1))
+        );
         assert_eq!(b.polls(), polls);
         // Errors other than "nothing yet" end the receive.
         let got = b
             .recv(|| Err::<(), _>(io::ErrorKind::ConnectionRefused.into()))
             .await;
-        assert!(matches!(got, Some(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused));
+        assert!(matches!(got, Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused));
         assert_eq!(b.caught(), 2);
     }
 
@@ -220,14 +300,68 @@ mod tests {
     async fn recv_gives_up_once_the_window_closes() {
         let b = BusyPoll::new(Duration::from_millis(30)).expect("a window");
         // Never opened: one try, then back to waiting on the runtime.
-        assert!(b.recv(ready_on(u32::MAX)).await.is_none());
+        assert!(b.recv(ready_on(u32::MAX)).await.is_err());
         assert_eq!(b.polls(), 0);
         let opened = Instant::now();
         b.touch();
-        assert!(b.recv(ready_on(u32::MAX)).await.is_none());
+        let wait = b
+            .recv(ready_on(u32::MAX))
+            .await
+            .expect_err("nothing received");
+        // Waiting because the window closed does not count as waiting for a place.
+        assert!(wait.0.is_none());
+        assert_eq!(b.waiting.load(Ordering::SeqCst), 0);
         assert!(opened.elapsed() >= Duration::from_millis(30));
         assert!(b.polls() > 0);
         assert_eq!(b.caught(), 0);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn only_a_few_receives_poll_at_once() {
+        let b = BusyPoll::new(Duration::from_secs(60)).expect("a window");
+        b.touch();
+        let spinners: Vec<_> = (0..SPINNERS)
+            .map(|_| {
+                let b = b.clone();
+                tokio::spawn(async move { b.recv(ready_on(u32::MAX)).await.is_ok() })
+            })
+            .collect();
+        until("every place taken", || b.spinning() == SPINNERS).await;
+        // One more tries once and goes to wait on the runtime, counted while it waits:
+        // the polling ones then let the driver poll each turn.
+        let mut tries = 0;
+        let got = tokio::time::timeout(
+            Duration::from_secs(10),
+            b.recv(|| {
+                tries += 1;
+                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+            }),
+        )
+        .await
+        .expect("polled with every place taken");
+        let wait = got.expect_err("no place to poll");
+        assert_eq!(tries, 1);
+        assert_eq!(b.waiting.load(Ordering::SeqCst), 1);
+        let polls = b.polls();
+        until("the pollers turning", || b.polls() > polls + 10).await;
+        drop(wait);
+        assert_eq!(b.waiting.load(Ordering::SeqCst), 0);
+        // A receive dropped half-way gives its place back.
+        spinners[0].abort();
+        until("a place given back", || b.spinning() == SPINNERS - 1).await;
+        let mut tries = 0;
+        let got = b
+            .recv(|| {
+                tries += 1;
+                if tries < 3 {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(tries)
+                }
+            })
+            .await;
+        assert_eq!(got.ok().map(|r| r.ok()), Some(Some(3)));
+        assert_eq!(b.spinning(), SPINNERS - 1);
     }
 
     #[test]

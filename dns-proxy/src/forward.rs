@@ -11,7 +11,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, UdpSocket};
 
-use crate::busy_poll::BusyPoll;
+use crate::busy_poll::{BusyPoll, Wait};
 use crate::proxy::Transport;
 use crate::sink::BoxFuture;
 use crate::socket;
@@ -142,11 +142,15 @@ impl Forwarder {
         loop {
             let got = match &self.busy {
                 Some(b) => b.recv(|| socket::recv_now(&p.sock, &mut p.buf)).await,
-                None => None,
+                None => Err(Wait::NONE),
             };
             let n = match got {
-                Some(got) => got?,
-                None => p.sock.recv(&mut p.buf).await?,
+                Ok(got) => got?,
+                Err(wait) => {
+                    let n = p.sock.recv(&mut p.buf).await?;
+                    drop(wait);
+                    n
+                }
             };
             let answer = p.buf.get(..n).unwrap_or_default();
             // A datagram with another id is not our answer (stale or spoofed): keep waiting.

@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::runtime::{Handle, RuntimeFlavor};
 
-use crate::busy_poll::BusyPoll;
+use crate::busy_poll::{BusyPoll, Wait};
 use crate::proxy::{Proxy, QueryContext, Transport};
 use crate::sink::BoxFuture;
 use crate::socket;
@@ -242,11 +242,15 @@ async fn recv_datagram(
 ) -> io::Result<Option<Datagram>> {
     let got = match busy {
         Some(b) => b.recv(|| io.recv_now(buf)).await,
-        None => None,
+        None => Err(Wait::NONE),
     };
     let got = match got {
-        Some(got) => got,
-        None => io.recv(buf).await,
+        Ok(got) => got,
+        Err(wait) => {
+            let got = io.recv(buf).await;
+            drop(wait);
+            got
+        }
     };
     match got {
         Ok(d) => Ok(Some(d)),
