@@ -176,6 +176,18 @@ impl BusyPoll {
     }
 }
 
+/// [`BusyPoll::recv`] when busy polling is on; without it, straight to waiting on the
+/// runtime.
+pub async fn recv<T>(
+    busy: Option<&BusyPoll>,
+    now: impl FnMut() -> io::Result<T>,
+) -> Result<io::Result<T>, Wait<'_>> {
+    match busy {
+        Some(b) => b.recv(now).await,
+        None => Err(Wait::NONE),
+    }
+}
+
 /// A receive that waits on the runtime after [`BusyPoll::recv`]; counted, while held,
 /// when it waits for want of a place to poll. Hold it until the datagram is read.
 #[must_use = "held while the receive waits"]

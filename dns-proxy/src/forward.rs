@@ -11,7 +11,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, UdpSocket};
 
-use crate::busy_poll::{BusyPoll, Wait};
+use crate::busy_poll::{self, BusyPoll};
 use crate::proxy::Transport;
 use crate::sink::BoxFuture;
 use crate::socket;
@@ -140,10 +140,10 @@ impl Forwarder {
         };
         p.sock.send(query).await?;
         loop {
-            let got = match &self.busy {
-                Some(b) => b.recv(|| socket::recv_now(&p.sock, &mut p.buf)).await,
-                None => Err(Wait::NONE),
-            };
+            let got = busy_poll::recv(self.busy.as_deref(), || {
+                socket::recv_now(&p.sock, &mut p.buf)
+            })
+            .await;
             let n = match got {
                 Ok(got) => got?,
                 Err(wait) => {

@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::runtime::{Handle, RuntimeFlavor};
 
-use crate::busy_poll::{BusyPoll, Wait};
+use crate::busy_poll::{self, BusyPoll};
 use crate::proxy::{Proxy, QueryContext, Transport};
 use crate::sink::BoxFuture;
 use crate::socket;
@@ -240,11 +240,7 @@ async fn recv_datagram(
     buf: &mut [u8],
     busy: Option<&BusyPoll>,
 ) -> io::Result<Option<Datagram>> {
-    let got = match busy {
-        Some(b) => b.recv(|| io.recv_now(buf)).await,
-        None => Err(Wait::NONE),
-    };
-    let got = match got {
+    let got = match busy_poll::recv(busy, || io.recv_now(buf)).await {
         Ok(got) => got,
         Err(wait) => {
             let got = io.recv(buf).await;
