@@ -69,6 +69,21 @@ pub struct Matched {
     pub rule: String,
 }
 
+/// The rule that allowed a DNS query name, by position in the connection's policy
+/// ([`Model::dns_allows`]): its side, the rule set within the side and the rule within
+/// the set. Plain numbers, so deciding allocates nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsHit {
+    side: u32,
+    set: u32,
+    rule: u32,
+}
+
+/// A position as a [`DnsHit`] holds it (policies have far fewer than 2^32 rules).
+fn index(i: usize) -> u32 {
+    u32::try_from(i).unwrap_or(u32::MAX)
+}
+
 /// The decision for one HTTP request or DNS query.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct L7Decision {
@@ -244,36 +259,82 @@ impl Model {
 
     /// Checks one DNS query name against a connection's policy (the client's egress).
     pub fn check_dns(&self, conn: &ConnectionPolicy, qname: &str) -> L7Decision {
+        let mut matched = Vec::new();
+        match self.dns_hits(conn, qname, |hit| matched.push(self.dns_matched(conn, hit))) {
+            Ok(()) => L7Decision {
+                allowed: true,
+                matched,
+                ..L7Decision::default()
+            },
+            Err(reason) => deny(reason),
+        }
+    }
+
+    /// What [`Model::check_dns`] decides, without building its strings: the first rule
+    /// that allowed the name (none when no side has DNS rules), or why it was denied.
+    /// The DNS proxy decides with it before forwarding and names the rule
+    /// ([`Model::dns_matched`]) once the answer left.
+    pub fn dns_allows(
+        &self,
+        conn: &ConnectionPolicy,
+        qname: &str,
+    ) -> Result<Option<DnsHit>, Arc<str>> {
+        let mut first = None;
+        self.dns_hits(conn, qname, |hit| {
+            first.get_or_insert(hit);
+        })?;
+        Ok(first)
+    }
+
+    /// The rule `hit` points at, in `conn` (the connection it was found in).
+    pub fn dns_matched(&self, conn: &ConnectionPolicy, hit: DnsHit) -> Matched {
+        let side = conn.sides.get(hit.side as usize);
+        let set = side.and_then(|s| match &s.decision {
+            SideDecision::Rules { sets, .. } => sets.get(hit.set as usize),
+            _ => None,
+        });
+        Matched {
+            direction: side.map_or(Direction::Egress, |s| s.direction),
+            policy: set.map(|s| s.policy.clone()).unwrap_or_default(),
+            rule: set
+                .map(|s| self.l7[s.l7 as usize].rule_path(hit.rule as usize))
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Calls `hit` with the first matching rule of each side that has DNS rules, in the
+    /// order of the sides; the reason of the denial when a side denies.
+    fn dns_hits(
+        &self,
+        conn: &ConnectionPolicy,
+        qname: &str,
+        mut hit: impl FnMut(DnsHit),
+    ) -> Result<(), Arc<str>> {
         let qname = normalized(qname);
-        let mut d = L7Decision {
-            allowed: true,
-            ..L7Decision::default()
-        };
-        for side in &conn.sides {
+        for (i, side) in conn.sides.iter().enumerate() {
             match &side.decision {
                 SideDecision::Deny { reason } => {
-                    return deny(
-                        format!("{} of {}: {reason}", side.direction, side.endpoint).into(),
-                    )
+                    return Err(format!("{} of {}: {reason}", side.direction, side.endpoint).into())
                 }
                 SideDecision::AllowAll { .. } => {}
                 SideDecision::Rules { sets, denial } => {
-                    let hit = sets.iter().find_map(|s| {
-                        let set = &self.l7[s.l7 as usize];
-                        set.dns_match(&qname).map(|i| (s, set.rule_path(i)))
+                    let found = sets.iter().enumerate().find_map(|(j, s)| {
+                        self.l7[s.l7 as usize]
+                            .dns_match(&qname)
+                            .map(|rule| (j, rule))
                     });
-                    match hit {
-                        Some((s, rule)) => d.matched.push(Matched {
-                            direction: side.direction,
-                            policy: s.policy.clone(),
-                            rule,
+                    match found {
+                        Some((set, rule)) => hit(DnsHit {
+                            side: index(i),
+                            set: index(set),
+                            rule: index(rule),
                         }),
-                        None => return deny(denial.clone()),
+                        None => return Err(denial.clone()),
                     }
                 }
             }
         }
-        d
+        Ok(())
     }
 
     /// The toFQDNs patterns (normalised text) that match a name: the selectors whose

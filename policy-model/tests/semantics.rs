@@ -1645,3 +1645,64 @@ fn anp_nodes_peer_selects_only_nodes() {
         assert!(e.tcp("x/a", "external:ext", 443), "{nodes}: outside hosts are not nodes");
     }
 }
+
+#[test]
+fn dns_allows_decides_and_names_the_rule_as_check_dns_does() {
+    let e = env(&[
+        cnp(
+            "y",
+            "dns",
+            "endpointSelector: {matchLabels: {app: a}}\negress:\n- toEndpoints: [{matchLabels: {app: b, io.kubernetes.pod.namespace: x}}]\n  toPorts:\n  - ports: [{port: '53', protocol: UDP}]\n    rules:\n      dns: [{matchName: allowed.example.com}]\n",
+        ),
+        cnp(
+            "y",
+            "dns2",
+            "endpointSelector: {matchLabels: {app: a}}\negress:\n- toEndpoints: [{matchLabels: {app: b, io.kubernetes.pod.namespace: x}}]\n  toPorts:\n  - ports: [{port: '53', protocol: UDP}]\n    rules:\n      dns: [{matchName: nothing.test}, {matchPattern: '*.example.org'}]\n",
+        ),
+    ]);
+    let m = &e.model;
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    // y/a -> x/b: y/a's egress has the DNS rules of both policies.
+    let conn = m.connection_policy(
+        ip("10.0.1.1"),
+        ip("10.0.0.2"),
+        policy_model::Protocol::Udp,
+        53,
+        None,
+    );
+    for (name, policy, rule) in [
+        (
+            "allowed.example.com",
+            "CiliumNetworkPolicy y/dns",
+            "spec.egress[0].toPorts[0].rules.dns[0]",
+        ),
+        (
+            "WWW.Example.Org.",
+            "CiliumNetworkPolicy y/dns2",
+            "spec.egress[0].toPorts[0].rules.dns[1]",
+        ),
+    ] {
+        let full = m.check_dns(&conn, name);
+        assert!(full.allowed, "{name}");
+        let hit = m.dns_allows(&conn, name).unwrap().expect("a rule decided");
+        let matched = m.dns_matched(&conn, hit);
+        assert_eq!(matched.policy, policy, "{name}");
+        assert_eq!(matched.rule, rule, "{name}");
+        assert_eq!(full.matched, vec![matched], "{name}");
+    }
+    let full = m.check_dns(&conn, "other.test");
+    assert!(!full.allowed);
+    let reason = m.dns_allows(&conn, "other.test").unwrap_err();
+    assert_eq!(reason, full.reason);
+    assert!(reason.contains("no DNS rule"), "{reason}");
+    // x/a -> y/b: no side has DNS rules, so every name passes and no rule decided.
+    let open = m.connection_policy(
+        ip("10.0.0.1"),
+        ip("10.0.1.2"),
+        policy_model::Protocol::Udp,
+        53,
+        None,
+    );
+    assert_eq!(m.dns_allows(&open, "any.test"), Ok(None));
+    assert!(m.check_dns(&open, "any.test").matched.is_empty());
+}
