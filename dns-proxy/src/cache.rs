@@ -59,6 +59,8 @@ pub struct Learned {
     pub covered: bool,
     /// IPs past the per-name limit, now zombies.
     pub evicted: Vec<IpAddr>,
+    /// Some IP that was live expires sooner than before (the answer had a lower TTL).
+    pub sooner: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -88,7 +90,7 @@ impl FqdnCache {
     ) -> Vec<IpAddr> {
         let max = self.max_ips_per_name;
         match self.entry_mut(endpoint, name) {
-            Some(entry) => refresh(entry, max, ips, ttl, now_ms),
+            Some(entry) => refresh(entry, max, ips, ttl, now_ms).0,
             None => Vec::new(),
         }
     }
@@ -110,6 +112,7 @@ impl FqdnCache {
             return Learned {
                 covered: false,
                 evicted: Vec::new(),
+                sooner: false,
             };
         };
         let same_selectors = entry
@@ -121,8 +124,20 @@ impl FqdnCache {
         if !same_selectors {
             entry.selectors = selectors.iter().map(|s| s.to_string()).collect();
         }
-        let evicted = refresh(entry, max, ips, ttl, now_ms);
-        Learned { covered, evicted }
+        let (evicted, sooner) = refresh(entry, max, ips, ttl, now_ms);
+        Learned {
+            covered,
+            evicted,
+            sooner,
+        }
+    }
+
+    /// The live IPs of `name` for `endpoint` with their expiry (ms since the Unix epoch),
+    /// when the datapath was handed them (the entry has selectors): what
+    /// [`FqdnCache::holds`] looks at, taken ahead of an answer.
+    pub fn held(&self, endpoint: &str, name: &str) -> Option<Vec<(IpAddr, u64)>> {
+        let e = self.entry(endpoint, name)?;
+        (!e.selectors.is_empty()).then(|| e.ips.iter().map(|x| (x.ip, x.expires_ms)).collect())
     }
 
     /// Whether every IP in `ips` is live for `name` of `endpoint` until `until_ms` at
@@ -275,14 +290,20 @@ impl FqdnCache {
 
 /// Refreshes `ips` in `entry` (they become the newest, live until `ttl` from `now_ms`)
 /// and turns the oldest past `max` into zombies, which it returns.
+/// Refreshes `ips` in `entry`; returns the IPs evicted past `max`, and whether some live
+/// IP now expires sooner than before.
 fn refresh(
     entry: &mut NameEntry,
     max: usize,
     ips: &[IpAddr],
     ttl: u32,
     now_ms: u64,
-) -> Vec<IpAddr> {
+) -> (Vec<IpAddr>, bool) {
     let expires_ms = now_ms.saturating_add(u64::from(ttl) * 1000);
+    let sooner = entry
+        .ips
+        .iter()
+        .any(|e| e.expires_ms > expires_ms && ips.contains(&e.ip));
     for &ip in ips {
         entry.ips.retain(|e| e.ip != ip);
         entry.zombies.retain(|e| e.ip != ip);
@@ -300,7 +321,7 @@ fn refresh(
             entry.zombies.push(e);
         }
     }
-    evicted
+    (evicted, sooner)
 }
 
 #[cfg(test)]
@@ -309,6 +330,22 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn learning_says_when_a_live_ip_now_expires_sooner() {
+        let mut c = FqdnCache::new(10);
+        let (a, b) = (ip("192.0.2.1"), ip("192.0.2.2"));
+        let sel = ["*.app.test."];
+        let l = c.learn_under("app/client", "x.app.test.", &[a], &sel, 60, 1_000);
+        assert!(!l.sooner, "nothing was live");
+        // Later, a longer expiry: not sooner; a new IP: not sooner.
+        let l = c.learn_under("app/client", "x.app.test.", &[a, b], &sel, 60, 2_000);
+        assert!(!l.sooner);
+        // A lower TTL for a live IP: it now expires sooner.
+        let l = c.learn_under("app/client", "x.app.test.", &[b], &sel, 10, 3_000);
+        assert!(l.sooner);
+        assert!(!c.holds("app/client", "x.app.test.", &[b], 14_000));
     }
 
     #[test]

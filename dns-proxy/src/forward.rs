@@ -25,6 +25,26 @@ pub trait Upstream: Send + Sync + 'static {
         server: SocketAddr,
         transport: Transport,
     ) -> BoxFuture<'a, Result<Vec<u8>, ForwardError>>;
+
+    /// [`Upstream::forward`], showing `watch` the answer as soon as it is read, before
+    /// the exchange winds down (pooled socket, timer) and returns it. By default it is
+    /// not shown.
+    fn forward_watching<'a>(
+        &'a self,
+        query: &'a [u8],
+        server: SocketAddr,
+        transport: Transport,
+        watch: &'a dyn WatchAnswer,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ForwardError>> {
+        let _ = watch;
+        self.forward(query, server, transport)
+    }
+}
+
+/// Sees an upstream answer (one with the query's id) the moment it is read: the proxy
+/// releases a known answer's repeat from there ([`crate::proxy::Proxy::serve_with`]).
+pub trait WatchAnswer: Sync {
+    fn answer(&self, answer: &[u8]);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +100,17 @@ impl Upstream for Forwarder {
         server: SocketAddr,
         transport: Transport,
     ) -> BoxFuture<'a, Result<Vec<u8>, ForwardError>> {
-        Box::pin(self.exchange(query, server, transport))
+        Box::pin(self.exchange(query, server, transport, None))
+    }
+
+    fn forward_watching<'a>(
+        &'a self,
+        query: &'a [u8],
+        server: SocketAddr,
+        transport: Transport,
+        watch: &'a dyn WatchAnswer,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ForwardError>> {
+        Box::pin(self.exchange(query, server, transport, Some(watch)))
     }
 }
 
@@ -107,12 +137,14 @@ impl Forwarder {
         }
     }
 
-    /// Sends `query` to `server` and returns the answer with the query's id.
+    /// Sends `query` to `server` and returns the answer with the query's id, shown to
+    /// `watch` first.
     pub async fn exchange(
         &self,
         query: &[u8],
         server: SocketAddr,
         transport: Transport,
+        watch: Option<&dyn WatchAnswer>,
     ) -> Result<Vec<u8>, ForwardError> {
         if query.len() < 2 {
             return Err(ForwardError::ShortQuery);
@@ -120,8 +152,8 @@ impl Forwarder {
         let io = |source| ForwardError::Io { server, source };
         let fut = async {
             match transport {
-                Transport::Udp => self.udp(query, server).await,
-                Transport::Tcp => self.tcp(query, server).await,
+                Transport::Udp => self.udp(query, server, watch).await,
+                Transport::Tcp => self.tcp(query, server, watch).await,
             }
         };
         match tokio::time::timeout(self.timeout, fut).await {
@@ -130,7 +162,12 @@ impl Forwarder {
         }
     }
 
-    async fn udp(&self, query: &[u8], server: SocketAddr) -> io::Result<Vec<u8>> {
+    async fn udp(
+        &self,
+        query: &[u8],
+        server: SocketAddr,
+        watch: Option<&dyn WatchAnswer>,
+    ) -> io::Result<Vec<u8>> {
         let mut p = match self.take(server) {
             Some(p) => p,
             None => Pooled {
@@ -155,6 +192,9 @@ impl Forwarder {
             let answer = p.buf.get(..n).unwrap_or_default();
             // A datagram with another id is not our answer (stale or spoofed): keep waiting.
             if n >= 2 && answer.get(..2) == query.get(..2) {
+                if let Some(w) = watch {
+                    w.answer(answer);
+                }
                 let answer = answer.to_vec();
                 self.put(server, p);
                 return Ok(answer);
@@ -183,7 +223,12 @@ impl Forwarder {
         Ok(sock)
     }
 
-    async fn tcp(&self, query: &[u8], server: SocketAddr) -> io::Result<Vec<u8>> {
+    async fn tcp(
+        &self,
+        query: &[u8],
+        server: SocketAddr,
+        watch: Option<&dyn WatchAnswer>,
+    ) -> io::Result<Vec<u8>> {
         let sock = if server.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
@@ -205,6 +250,9 @@ impl Forwarder {
             let mut buf = vec![0u8; n];
             stream.read_exact(&mut buf).await?;
             if n >= 2 && buf.get(..2) == query.get(..2) {
+                if let Some(w) = watch {
+                    w.answer(&buf);
+                }
                 return Ok(buf);
             }
         }

@@ -10,6 +10,7 @@ pub mod busy_poll;
 pub mod cache;
 pub mod config;
 pub mod forward;
+pub mod known;
 pub mod listener;
 pub mod message;
 pub mod metrics;

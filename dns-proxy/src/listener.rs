@@ -2,9 +2,11 @@
 //! reply leaves are behind traits, so the whole proxy runs unprivileged in tests
 //! (standalone mode: one fixed upstream, replies from the listening socket).
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -13,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::runtime::{Handle, RuntimeFlavor};
 
 use crate::busy_poll::{self, BusyPoll};
-use crate::proxy::{Proxy, QueryContext, Transport};
+use crate::proxy::{Proxy, QueryContext, ReplyNow, Transport};
 use crate::sink::BoxFuture;
 use crate::socket;
 
@@ -35,6 +37,10 @@ pub trait UdpTransport: Send + Sync + 'static {
     /// The next datagram if one is waiting, else `WouldBlock`; the system call is made
     /// whatever the runtime last saw of the socket (busy polling, [`BusyPoll::recv`]).
     fn recv_now(&self, buf: &mut [u8]) -> io::Result<Datagram>;
+    /// Sends the reply at once if the socket takes it without waiting, else
+    /// `WouldBlock` (then [`UdpTransport::send`] waits): a reply leaves without a future
+    /// of its own.
+    fn send_now(&self, data: &[u8], client: SocketAddr, server: SocketAddr) -> io::Result<()>;
     fn send<'a>(
         &'a self,
         data: &'a [u8],
@@ -68,6 +74,10 @@ impl UdpTransport for ForwarderUdp {
             client,
             server: self.upstream,
         })
+    }
+
+    fn send_now(&self, data: &[u8], client: SocketAddr, _server: SocketAddr) -> io::Result<()> {
+        self.socket.try_send_to(data, client).map(|_| ())
     }
 
     fn send<'a>(
@@ -142,6 +152,10 @@ impl UdpTransport for TransparentUdp {
                 return Ok(d);
             }
         }
+    }
+
+    fn send_now(&self, data: &[u8], client: SocketAddr, server: SocketAddr) -> io::Result<()> {
+        socket::send_from_now(data, client, server)
     }
 
     fn send<'a>(
@@ -225,8 +239,15 @@ pub async fn serve_udp_inline(proxy: Proxy, io: Arc<dyn UdpTransport>) -> io::Re
                 let received = Instant::now();
                 let query = buf.get(..d.len).unwrap_or_default().to_vec();
                 // Boxed: the future is moved in and out of the set as a pointer, not
-                // copied (it is a few kilobytes).
-                in_flight.push(Box::pin(answer(proxy.clone(), io.clone(), query, d, received)));
+                // copied (it is a kilobyte or more).
+                let mut query = Box::pin(answer(proxy.clone(), io.clone(), query, d, received));
+                // Polled here first, up to its upstream send (or to its reply): the query
+                // leaves before the loop and the set are gone through. The set polls it
+                // again once it holds it, with its own waker.
+                let first = std::future::poll_fn(|cx| Poll::Ready(query.as_mut().poll(cx))).await;
+                if first.is_pending() {
+                    in_flight.push(query);
+                }
             }
         }
     }
@@ -271,13 +292,37 @@ async fn answer(
         server: d.server,
         transport: Transport::Udp,
     };
-    let handled = proxy.serve(&query, ctx).await;
-    if let Some(reply) = &handled.reply {
-        if let Err(e) = io.send(reply, d.client, d.server).await {
+    let to = ReplyTo {
+        io: &*io,
+        client: d.client,
+        server: d.server,
+    };
+    let handled = proxy.serve_with(&query, ctx, Some(&to)).await;
+    if let Some(reply) = handled.reply.as_ref().filter(|_| !handled.replied) {
+        let sent = match io.send_now(reply, d.client, d.server) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                io.send(reply, d.client, d.server).await
+            }
+            sent => sent,
+        };
+        if let Err(e) = sent {
             tracing::debug!(client = %d.client, "udp reply failed: {e}");
         }
     }
-    proxy.record(handled, Some(received));
+    proxy.record(handled, &query, Some(received));
+}
+
+/// A UDP query's client, to reply to at once.
+struct ReplyTo<'a> {
+    io: &'a dyn UdpTransport,
+    client: SocketAddr,
+    server: SocketAddr,
+}
+
+impl ReplyNow for ReplyTo<'_> {
+    fn reply_now(&self, reply: &[u8]) -> io::Result<()> {
+        self.io.send_now(reply, self.client, self.server)
+    }
 }
 
 fn transient(e: &io::Error) -> bool {
@@ -355,7 +400,7 @@ async fn serve_connection(
             None => Ok(()),
         };
         // Recorded whether or not the reply could be written: the query happened.
-        proxy.record(handled, Some(received));
+        proxy.record(handled, &query, Some(received));
         sent?;
     }
 }

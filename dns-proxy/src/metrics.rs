@@ -32,8 +32,11 @@ pub struct Metrics {
     pub persist_errors: IntCounter,
     /// Queries answered `SERVFAIL` because `concurrency_limit` queries were in hand.
     pub over_limit: IntCounter,
+    /// Answers released as a known answer's repeat, read after the reply.
+    pub known_answers: IntCounter,
     /// The proxy's own time per query: from the query's receipt to the reply's send,
-    /// minus the wait for the upstream.
+    /// minus the wait for the upstream. A known answer's repeat leaves from within the
+    /// upstream exchange: its reply's send is part of that wait.
     pub processing_seconds: Histogram,
     /// Series of the per-query path, resolved once (no label hashing per query).
     pub series: Arc<Series>,
@@ -199,6 +202,10 @@ impl Metrics {
                 "concurrency_limited_total",
                 "Queries answered SERVFAIL because the concurrency limit was reached",
             ))?,
+            known_answers: IntCounter::with_opts(opts(
+                "known_answers_total",
+                "Answers that repeated a known one and left before they were read",
+            ))?,
             processing_seconds: Histogram::with_opts(fine_hopts(
                 "processing_seconds",
                 "The proxy's own time per query: receipt to reply, minus the upstream wait",
@@ -221,6 +228,7 @@ impl Metrics {
         r.register(Box::new(m.evictions.clone()))?;
         r.register(Box::new(m.persist_errors.clone()))?;
         r.register(Box::new(m.over_limit.clone()))?;
+        r.register(Box::new(m.known_answers.clone()))?;
         r.register(Box::new(m.processing_seconds.clone()))?;
         Ok(m)
     }

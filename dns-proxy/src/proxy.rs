@@ -4,11 +4,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hickory_proto::op::ResponseCode;
+use policy_model::flow::DnsHit;
 use policy_model::fqdn::normalize;
 use policy_model::identity::fqdn_key;
 use policy_model::Model;
@@ -18,12 +19,13 @@ use crate::audit::{Audit, AuditRecord, Source, Verdict};
 use crate::busy_poll::BusyPoll;
 use crate::cache::FqdnCache;
 use crate::config::{Config, RefuseCode};
-use crate::forward::{Forwarder, Upstream};
+use crate::forward::{Forwarder, Upstream, WatchAnswer};
+use crate::known::{Known, KnownAnswers};
 use crate::message::name_text;
 use crate::metrics::{rcode_label, Metrics};
 use crate::persist::{self, PersistError};
-use crate::policy::{PolicyStore, Scope};
-use crate::read::{read_answer, read_query, AnswerRead};
+use crate::policy::{PolicyStore, Resolved, Scope};
+use crate::read::{read_answer, read_query, read_repeat, AnswerRead, HEADER_LEN};
 use crate::sink::{DatapathSink, InUse, SelectorIps, Update};
 
 /// Transport of a query: the upstream gets the same.
@@ -72,6 +74,69 @@ struct Inner {
     busy_poll: Option<Arc<BusyPoll>>,
     /// Queries in hand, for `concurrency_limit`.
     in_hand: AtomicUsize,
+    /// Moves on whatever may take an IP away from the datapath, or hold an answer back
+    /// behind an update: every update queued, every model swap, an IP evicted or made to
+    /// expire sooner. A [`Held`] taken while the query was upstream stands while it has
+    /// not moved.
+    generation: AtomicU64,
+    /// Answers read before, per server and question: a repeat of one whose IPs the
+    /// datapath holds leaves as soon as it is compared.
+    known: KnownAnswers,
+}
+
+/// What the datapath held of a query's name when the query went upstream: the live IPs
+/// with their expiry, at cache generation `generation`. Taken while the upstream works,
+/// so that an answer with only these IPs leaves without looking at the cache and the
+/// update chains again ([`Proxy::datapath_holds`]) on its way.
+#[derive(Debug)]
+struct Held {
+    generation: u64,
+    ips: Vec<(IpAddr, u64)>,
+}
+
+/// Sends a reply to the client at once, without waiting: how a known answer's repeat
+/// leaves from the upstream exchange itself ([`Proxy::serve_with`]).
+pub trait ReplyNow: Sync {
+    /// `WouldBlock` when the socket does not take it at once.
+    fn reply_now(&self, reply: &[u8]) -> std::io::Result<()>;
+}
+
+/// Releases a known answer's repeat the moment the upstream exchange reads it, before the
+/// exchange winds down and the query's handling goes on: on a virtual machine every
+/// microsecond before the reply's `sendto` lets the client's idle vCPU halt deeper.
+struct Early<'a> {
+    query: &'a [u8],
+    reply: &'a dyn ReplyNow,
+    generation: &'a AtomicU64,
+    /// The known answer, and the generation the datapath's hold of its IPs was seen at;
+    /// set once the query is out.
+    ahead: OnceLock<(Arc<Known>, u64)>,
+    /// Whether the reply left from here (or failed to for good).
+    sent: AtomicBool,
+}
+
+impl WatchAnswer for Early<'_> {
+    fn answer(&self, answer: &[u8]) {
+        let Some((known, generation)) = self.ahead.get() else {
+            return;
+        };
+        // As `serve` checks a repeat: the query's id, the known bytes, nothing moved.
+        if answer.get(..2) != self.query.get(..2)
+            || !known.matches(answer)
+            || self.generation.load(Ordering::Acquire) != *generation
+        {
+            return;
+        }
+        match self.reply.reply_now(answer) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            sent => {
+                if let Err(e) = sent {
+                    tracing::debug!("udp reply failed: {e}");
+                }
+                self.sent.store(true, Ordering::Release);
+            }
+        }
+    }
 }
 
 /// What the datapath hand-off of one answer came to.
@@ -122,10 +187,16 @@ const HELD_MARGIN_MS: u64 = 1_000;
 /// unless the cache changed since the check.
 struct LateHandOff {
     proxy: Proxy,
-    endpoint: String,
+    /// The connection's policy, whose endpoint learned the answer (shared, not copied:
+    /// this is built on the answer's way out).
+    resolved: Arc<Resolved>,
+    /// The question name and the answer's IPs, moved here; the audit record takes them
+    /// back once the hand-off ran ([`Proxy::record`]).
     qname: String,
     cname_targets: Vec<String>,
     ips: Vec<IpAddr>,
+    /// The known answer the reply repeated, whose IPs these are (then `ips` is empty).
+    known: Option<Arc<Known>>,
     ttl: u32,
     now_ms: u64,
     done: bool,
@@ -136,17 +207,22 @@ impl LateHandOff {
         if std::mem::replace(&mut self.done, true) {
             return None;
         }
+        let endpoint = self.resolved.endpoint.as_deref()?;
+        let ips = match &self.known {
+            Some(k) => &k.ips,
+            None => &self.ips,
+        };
         let h = self.proxy.hand_off(
-            &self.endpoint,
+            endpoint,
             &self.qname,
             &self.cname_targets,
-            &self.ips,
+            ips,
             self.ttl,
             self.now_ms,
         );
         if h.waits.is_some() {
             tracing::debug!(
-                endpoint = self.endpoint,
+                endpoint,
                 name = self.qname,
                 "the cache changed between the check and the refresh; datapath update queued"
             );
@@ -164,7 +240,7 @@ impl Drop for LateHandOff {
 impl std::fmt::Debug for LateHandOff {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LateHandOff")
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &self.resolved.endpoint)
             .field("qname", &self.qname)
             .field("ips", &self.ips)
             .field("done", &self.done)
@@ -177,6 +253,9 @@ impl std::fmt::Debug for LateHandOff {
 #[derive(Debug)]
 pub struct Handled {
     pub reply: Option<Vec<u8>>,
+    /// The reply left already, from the upstream exchange ([`ReplyNow`]); `reply` holds
+    /// it for the record.
+    pub replied: bool,
     /// How long the query waited for the upstream; zero when it was not forwarded.
     pub upstream: Duration,
     start: Instant,
@@ -187,12 +266,63 @@ pub struct Handled {
     rcode: Option<ResponseCode>,
     /// A hand-off left for after the reply.
     late: Option<LateHandOff>,
+    /// What the audit record names, written into it after the reply.
+    about: About,
+    /// The transport an upstream answer came over, for its latency histogram.
+    answered: Option<Transport>,
+    /// What the reply is to the known answers ([`Proxy::record`] reads or keeps it).
+    known: KnownReply,
+}
+
+/// What a reply is to the known answers.
+#[derive(Debug, Default)]
+enum KnownReply {
+    /// Nothing to them.
+    #[default]
+    None,
+    /// A known answer's repeat, released before it was read: read after the reply.
+    Repeat { server: SocketAddr },
+    /// Read, handed to the datapath and confirmed: known from now on for the question
+    /// that ends at `question_end` in the query's bytes.
+    Learn {
+        server: SocketAddr,
+        question_end: usize,
+    },
+}
+
+/// What a query was about, kept as it was found for its audit record, which
+/// [`Proxy::record`] fills in after the reply: the strings are built (and copied) off
+/// the query's way.
+#[derive(Debug, Default)]
+struct About {
+    /// The question name; empty when the query could not be read, or when a late
+    /// hand-off holds it.
+    qname: String,
+    /// The connection's policy, whose endpoint is the record's source.
+    resolved: Option<Arc<Resolved>>,
+    /// The rule that allowed the query, in the model it was decided with.
+    hit: Option<(Arc<Model>, DnsHit)>,
+    /// The answer's IPs (in the late hand-off when there is one).
+    ips: Vec<IpAddr>,
 }
 
 impl Handled {
     /// The same, having waited `upstream` for the upstream.
     fn waited(mut self, upstream: Duration) -> Handled {
         self.upstream = upstream;
+        self
+    }
+
+    /// The same, answered by the upstream over `transport` (its latency is observed
+    /// after the reply).
+    fn answered_over(mut self, transport: Transport) -> Handled {
+        self.answered = Some(transport);
+        self
+    }
+
+    /// The same, about `about`.
+    fn about(mut self, about: About) -> Handled {
+        self.about = about;
         self
     }
 }
@@ -227,6 +357,8 @@ impl Proxy {
                 metrics,
                 upstream: Arc::new(forwarder),
                 in_hand: AtomicUsize::new(0),
+                generation: AtomicU64::new(0),
+                known: KnownAnswers::default(),
             }),
         }
     }
@@ -256,6 +388,7 @@ impl Proxy {
         // selectors (`hand_off`), so none learns with the old ones after the prune.
         self.inner.policy.swap(model.clone());
         let dropped = cache.retain_selected(|name| model.fqdn_selectors_matching(name));
+        self.moved();
         drop(cache);
         self.pruned(dropped);
     }
@@ -263,9 +396,10 @@ impl Proxy {
     /// Drops the names no selector of `model` matches and records the current
     /// selectors of the others.
     fn follow_selectors(&self, model: &Model) {
-        let dropped = self
-            .cache()
-            .retain_selected(|name| model.fqdn_selectors_matching(name));
+        let mut cache = self.cache();
+        let dropped = cache.retain_selected(|name| model.fqdn_selectors_matching(name));
+        self.moved();
+        drop(cache);
         self.pruned(dropped);
     }
 
@@ -301,6 +435,65 @@ impl Proxy {
         self.cache().held_ips(endpoint, &normalize(name))
     }
 
+    /// Moves the cache's generation: a [`Held`] taken before no longer stands. Called
+    /// under the lock of what changed.
+    fn moved(&self) {
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// What the datapath holds of `qname` for `endpoint` now, when it holds some IPs
+    /// and no update of the name is in flight.
+    fn held(&self, endpoint: &str, qname: &str) -> Option<Held> {
+        // Read before the looks: a change in between moves it again, and the `Held` does
+        // not stand.
+        let generation = self.inner.generation.load(Ordering::Acquire);
+        // Lock order as in `hand_off`: chains, then cache.
+        let chains = self.chains();
+        if chains.contains_key(qname) {
+            return None;
+        }
+        let ips = self.cache().held(endpoint, qname)?;
+        Some(Held { generation, ips })
+    }
+
+    /// Whether nothing moved since `held` was taken.
+    fn unmoved(&self, held: &Held) -> bool {
+        self.inner.generation.load(Ordering::Acquire) == held.generation
+    }
+
+    /// The known answer to `question` from `server` when the datapath holds all of its
+    /// IPs (per `held`) until `until_ms`: an answer that repeats it may leave unread.
+    fn known_ahead(
+        &self,
+        held: &Held,
+        server: SocketAddr,
+        question: &[u8],
+        until_ms: u64,
+    ) -> Option<Arc<Known>> {
+        if self.inner.config.attribute_cname_targets {
+            // Its IPs would also go to the CNAME targets, which `held` does not cover.
+            return None;
+        }
+        let k = self.inner.known.get(server, question)?;
+        let covered = !k.ips.is_empty()
+            && k.ips.iter().all(|ip| {
+                held.ips
+                    .iter()
+                    .any(|&(x, expires_ms)| x == *ip && expires_ms >= until_ms)
+            });
+        covered.then_some(k)
+    }
+
+    /// Whether `held` still stands and covers every IP in `ips` until `until_ms`: what
+    /// [`Proxy::datapath_holds`] would say, from what was taken ahead.
+    fn still_holds(&self, held: &Held, ips: &[IpAddr], until_ms: u64) -> bool {
+        ips.iter().all(|ip| {
+            held.ips
+                .iter()
+                .any(|&(x, expires_ms)| x == *ip && expires_ms >= until_ms)
+        }) && self.unmoved(held)
+    }
+
     fn cache(&self) -> MutexGuard<'_, FqdnCache> {
         match self.inner.cache.lock() {
             Ok(g) => g,
@@ -310,27 +503,41 @@ impl Proxy {
 
     /// Handles one query and records it; returns the reply to send, if any.
     pub async fn handle(&self, query: &[u8], ctx: QueryContext) -> Option<Vec<u8>> {
-        let mut handled = self.serve(query, ctx).await;
-        let reply = handled.reply.take();
-        self.record(handled, None);
+        let handled = self.serve(query, ctx).await;
+        let reply = handled.reply.clone();
+        self.record(handled, query, None);
         reply
     }
 
     /// Counts a served query, sends its audit record and, given when it was received,
     /// observes the proxy's own time: the time since, minus the wait for the upstream.
     ///
-    /// A hand-off left for after the reply runs here, after the times are taken.
-    pub fn record(&self, handled: Handled, received: Option<Instant>) {
+    /// A hand-off left for after the reply runs here, after the times are taken, and the
+    /// reply becomes a known answer, or, when it was one's repeat, is read. `query` is the
+    /// query served.
+    pub fn record(&self, handled: Handled, query: &[u8], received: Option<Instant>) {
         let Handled {
-            reply: _,
+            reply,
+            replied: _,
             upstream,
             start,
             mut rec,
             verdict,
             rcode,
             late,
+            mut about,
+            answered,
+            known,
         } = handled;
-        self.inner.metrics.count_query(verdict, rcode);
+        let m = &self.inner.metrics;
+        m.count_query(verdict, rcode);
+        if let Some(t) = answered {
+            match t {
+                Transport::Udp => &m.series.upstream_udp,
+                Transport::Tcp => &m.series.upstream_tcp,
+            }
+            .observe(upstream.as_secs_f64());
+        }
         if let Some(rec) = &mut rec {
             rec.latency_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
         }
@@ -340,15 +547,74 @@ impl Proxy {
                 .processing_seconds
                 .observe(received.elapsed().saturating_sub(upstream).as_secs_f64());
         }
-        if let Some(h) = late.and_then(|mut l| l.run()) {
-            if let Some(rec) = &mut rec {
-                rec.selectors = h.selectors;
+        if let Some(mut l) = late {
+            if let Some(h) = l.run() {
+                if let Some(rec) = &mut rec {
+                    rec.selectors = h.selectors;
+                }
+            }
+            about.qname = std::mem::take(&mut l.qname);
+            about.ips = match &l.known {
+                Some(k) => k.ips.clone(),
+                None => std::mem::take(&mut l.ips),
+            };
+        }
+        match known {
+            KnownReply::None => {}
+            KnownReply::Repeat { server } => {
+                m.known_answers.inc();
+                self.check_repeat(reply.as_deref(), query, server, &about.ips);
+            }
+            KnownReply::Learn {
+                server,
+                question_end,
+            } => {
+                let question = query.get(HEADER_LEN..question_end);
+                if let (Some(answer), Some(question)) = (reply.as_deref(), question) {
+                    if let Some(k) = Known::of(answer, about.ips.clone()) {
+                        self.inner.known.put(server, question, k);
+                    }
+                }
             }
         }
         if let Some(mut rec) = rec {
+            rec.qname = about.qname;
+            rec.ips = about.ips;
+            if let Some(r) = &about.resolved {
+                if let Some(ep) = &r.endpoint {
+                    rec.source = Source::Endpoint(ep.clone());
+                }
+                if let Some((model, hit)) = &about.hit {
+                    let matched = model.dns_matched(&r.conn, *hit);
+                    rec.policy = Some(matched.policy);
+                    rec.rule = Some(matched.rule);
+                }
+            }
             rec.verdict = verdict;
             rec.rcode = rcode.map(|r| rcode_label(Some(r)));
             self.inner.audit.record(rec);
+        }
+    }
+
+    /// Reads a known answer's repeat after it left: it must read as the known one did
+    /// (it differs in its id and TTLs only, so it always does unless a name in it points
+    /// into a TTL). If not, it is counted as malformed and its question is known no more.
+    fn check_repeat(
+        &self,
+        answer: Option<&[u8]>,
+        query: &[u8],
+        server: SocketAddr,
+        ips: &[IpAddr],
+    ) {
+        let read = answer.and_then(read_repeat);
+        if read.is_some_and(|a| a.rcode == ResponseCode::NoError && a.learned.ips == ips) {
+            return;
+        }
+        self.inner.metrics.series.malformed_answer.inc();
+        tracing::warn!(%server, "an answer that repeated a known one does not read as it did");
+        let q = read_query(query).ok();
+        if let Some(question) = q.as_ref().and_then(|q| q.question_bytes(query)) {
+            self.inner.known.forget(server, question);
         }
     }
 
@@ -361,6 +627,17 @@ impl Proxy {
     /// future is moved (copied) less on its way (`memcpy` was ~8% of a query's
     /// instructions with the hand-off inline).
     pub async fn serve(&self, query: &[u8], ctx: QueryContext) -> Handled {
+        self.serve_with(query, ctx, None).await
+    }
+
+    /// [`Proxy::serve`], with a way to reply at once: a known answer's repeat then leaves
+    /// as soon as the upstream exchange reads it ([`Handled::replied`]).
+    pub async fn serve_with(
+        &self,
+        query: &[u8],
+        ctx: QueryContext,
+        reply_now: Option<&dyn ReplyNow>,
+    ) -> Handled {
         if let Some(b) = &self.inner.busy_poll {
             b.touch();
         }
@@ -399,9 +676,8 @@ impl Proxy {
                 return self.finish(rec, start, Verdict::Error, u.reply, u.rcode);
             }
         };
-        let qname = name_text(q.question.name());
+        let mut qname = name_text(q.question.name());
         if audit {
-            rec.qname = qname.clone();
             rec.qtype = q.question.query_type().into();
         }
         // Held until the query is answered (or its handling is dropped).
@@ -413,7 +689,12 @@ impl Proxy {
                 self.inner.config.concurrency_limit
             );
             let rcode = ResponseCode::ServFail;
-            return self.finish(rec, start, Verdict::Error, q.error_reply(rcode), rcode);
+            return self
+                .finish(rec, start, Verdict::Error, q.error_reply(rcode), rcode)
+                .about(About {
+                    qname,
+                    ..About::default()
+                });
         };
 
         let model = self.inner.policy.current();
@@ -421,32 +702,66 @@ impl Proxy {
             self.inner
                 .policy
                 .resolve(&model, ctx.client.ip(), ctx.server, ctx.transport);
-        let mut decision = model.check_dns(&resolved.conn, &qname);
-        if audit {
-            if let Some(ep) = &resolved.endpoint {
-                rec.source = Source::Endpoint(ep.clone());
+        // Only positions: the rule's strings are built for the audit record after the
+        // reply (`record`).
+        let hit = match model.dns_allows(&resolved.conn, &qname) {
+            Ok(hit) => hit,
+            Err(reason) => {
+                let rcode = match self.inner.config.refuse_code {
+                    RefuseCode::Refused => ResponseCode::Refused,
+                    RefuseCode::Nxdomain => ResponseCode::NXDomain,
+                };
+                rec.reason = reason.to_string();
+                return self
+                    .finish(rec, start, Verdict::Denied, q.error_reply(rcode), rcode)
+                    .about(About {
+                        qname,
+                        resolved: Some(resolved),
+                        ..About::default()
+                    });
             }
-            if let Some(first) = std::mem::take(&mut decision.matched).into_iter().next() {
-                rec.policy = Some(first.policy);
-                rec.rule = Some(first.rule);
-            }
-        }
-        if !decision.allowed {
-            let rcode = match self.inner.config.refuse_code {
-                RefuseCode::Refused => ResponseCode::Refused,
-                RefuseCode::Nxdomain => ResponseCode::NXDomain,
-            };
-            rec.reason = decision.reason.to_string();
-            return self.finish(rec, start, Verdict::Denied, q.error_reply(rcode), rcode);
-        }
+        };
+        let hit = hit.map(|h| (model, h));
 
         let up_start = Instant::now();
-        let answer = match self
-            .inner
-            .upstream
-            .forward(query, ctx.server, ctx.transport)
-            .await
-        {
+        let early = reply_now.map(|reply| Early {
+            query,
+            reply,
+            generation: &self.inner.generation,
+            ahead: OnceLock::new(),
+            sent: AtomicBool::new(false),
+        });
+        let upstream = &self.inner.upstream;
+        let mut forward = match &early {
+            Some(e) => upstream.forward_watching(query, ctx.server, ctx.transport, e),
+            None => upstream.forward(query, ctx.server, ctx.transport),
+        };
+        // Once the query is out (the first poll sends it) and while the upstream works:
+        // what the datapath holds of the name, so that the answer's way back need not
+        // look at the cache (`still_holds`).
+        let mut ahead = resolved.endpoint.as_deref();
+        let mut held = None;
+        let mut known = None;
+        let until_ms = now_ms(now).saturating_add(HELD_MARGIN_MS);
+        let got = std::future::poll_fn(|cx| {
+            let p = forward.as_mut().poll(cx);
+            // After the first poll, which sent the query (on the answer's way only when
+            // the answer was there at once).
+            if let Some(ep) = ahead.take() {
+                held = self.held(ep, &qname);
+                known = held.as_ref().and_then(|h| {
+                    self.known_ahead(h, ctx.server, q.question_bytes(query)?, until_ms)
+                });
+                if let (Some(e), Some(k), Some(h)) = (&early, &known, &held) {
+                    let _ = e.ahead.set((k.clone(), h.generation));
+                }
+            }
+            p
+        })
+        .await;
+        drop(forward);
+        let replied = early.is_some_and(|e| e.sent.load(Ordering::Acquire));
+        let answer = match got {
             Ok(a) => a,
             Err(e) => {
                 let upstream = up_start.elapsed();
@@ -455,15 +770,60 @@ impl Proxy {
                 let rcode = ResponseCode::ServFail;
                 return self
                     .finish(rec, start, Verdict::Error, q.error_reply(rcode), rcode)
-                    .waited(upstream);
+                    .waited(upstream)
+                    .about(About {
+                        qname,
+                        resolved: Some(resolved),
+                        hit,
+                        ips: Vec::new(),
+                    });
             }
         };
         let upstream = up_start.elapsed();
-        match ctx.transport {
-            Transport::Udp => &m.series.upstream_udp,
-            Transport::Tcp => &m.series.upstream_tcp,
+
+        // A known answer's repeat whose IPs the datapath still holds: it leaves now, and
+        // is read after the reply (`record`).
+        if let (Some(k), Some(h)) = (known, &held) {
+            // Released already when the exchange read it (`Early`), with the same checks.
+            if replied
+                || (answer.get(..2) == query.get(..2) && k.matches(&answer) && self.unmoved(h))
+            {
+                let ttl = k.ttl(&answer).max(self.inner.config.min_ttl);
+                rec.ttl = Some(ttl);
+                rec.datapath_confirmed = Some(true);
+                let late = LateHandOff {
+                    proxy: self.clone(),
+                    resolved: resolved.clone(),
+                    qname: std::mem::take(&mut qname),
+                    cname_targets: Vec::new(),
+                    ips: Vec::new(),
+                    known: Some(k),
+                    ttl,
+                    now_ms: now_ms(now),
+                    done: false,
+                };
+                let mut handled = self
+                    .finish(
+                        rec,
+                        start,
+                        Verdict::Forwarded,
+                        Some(answer),
+                        ResponseCode::NoError,
+                    )
+                    .waited(upstream)
+                    .answered_over(ctx.transport)
+                    .about(About {
+                        qname,
+                        resolved: Some(resolved),
+                        hit,
+                        ips: Vec::new(),
+                    });
+                handled.late = Some(late);
+                handled.known = KnownReply::Repeat { server: ctx.server };
+                handled.replied = replied;
+                return handled;
+            }
         }
-        .observe(upstream.as_secs_f64());
 
         // An answer we cannot read, or that is not about this query (id, question),
         // teaches nothing and is not passed on: SERVFAIL, as for any upstream failure.
@@ -477,33 +837,46 @@ impl Proxy {
             let rcode = ResponseCode::ServFail;
             return self
                 .finish(rec, start, Verdict::Error, q.error_reply(rcode), rcode)
-                .waited(upstream);
+                .waited(upstream)
+                .about(About {
+                    qname,
+                    resolved: Some(resolved),
+                    hit,
+                    ips: Vec::new(),
+                });
         };
         let mut late = None;
         if !l.ips.is_empty() {
             let ttl = l.ttl.max(self.inner.config.min_ttl);
             rec.ttl = Some(ttl);
-            if let Some(ep) = &resolved.endpoint {
+            if let Some(ep) = resolved.endpoint.as_deref() {
                 let targets: &[String] = if self.inner.config.attribute_cname_targets {
                     &l.cname_targets
                 } else {
                     &[]
                 };
                 let now_ms = now_ms(now);
-                if self.datapath_holds(ep, &qname, targets, &l.ips, now_ms) {
+                let holds = targets.is_empty()
+                    && held
+                        .as_ref()
+                        .is_some_and(|h| self.still_holds(h, &l.ips, until_ms));
+                if holds || self.datapath_holds(ep, &qname, targets, &l.ips, now_ms) {
                     // Nothing for the datapath to learn: the answer leaves first, and
-                    // the cache's refresh follows it (`record`).
+                    // the cache's refresh follows it (`record`). What the refresh needs
+                    // is moved into it, not copied.
                     rec.datapath_confirmed = Some(true);
+                    let cname_targets = if targets.is_empty() {
+                        Vec::new()
+                    } else {
+                        std::mem::take(&mut l.cname_targets)
+                    };
                     late = Some(LateHandOff {
                         proxy: self.clone(),
-                        endpoint: ep.to_string(),
-                        qname: qname.clone(),
-                        cname_targets: targets.to_vec(),
-                        ips: if audit {
-                            l.ips.clone()
-                        } else {
-                            std::mem::take(&mut l.ips)
-                        },
+                        resolved: resolved.clone(),
+                        qname: std::mem::take(&mut qname),
+                        cname_targets,
+                        ips: std::mem::take(&mut l.ips),
+                        known: None,
                         ttl,
                         now_ms,
                         done: false,
@@ -518,14 +891,30 @@ impl Proxy {
                     rec.selectors = h.selectors;
                 }
             }
-            if audit {
-                rec.ips = l.ips;
-            }
         }
+        // Confirmed (or held already) for every selector of the name, and attributed to
+        // the question name only: known for the question from now on.
+        let learn =
+            rec.datapath_confirmed == Some(true) && !self.inner.config.attribute_cname_targets;
         let mut handled = self
             .finish(rec, start, Verdict::Forwarded, Some(answer), rcode)
-            .waited(upstream);
+            .waited(upstream)
+            .answered_over(ctx.transport)
+            .about(About {
+                qname,
+                resolved: Some(resolved),
+                hit,
+                ips: l.ips,
+            });
         handled.late = late;
+        if learn {
+            if let Some(question_end) = q.question_end() {
+                handled.known = KnownReply::Learn {
+                    server: ctx.server,
+                    question_end,
+                };
+            }
+        }
         handled
     }
 
@@ -543,6 +932,10 @@ impl Proxy {
             reply,
             upstream: Duration::ZERO,
             late: None,
+            replied: false,
+            about: About::default(),
+            answered: None,
+            known: KnownReply::None,
             start,
             rec: self.inner.audit.enabled().then_some(rec),
             verdict,
@@ -611,6 +1004,10 @@ impl Proxy {
                 }
             }
             let learned = cache.learn_under(endpoint, name, ips, &selectors, ttl, now_ms);
+            if learned.sooner || !learned.evicted.is_empty() {
+                // IPs others may have counted on leave sooner.
+                self.moved();
+            }
             drop(cache);
             let (known, evicted) = (learned.covered, learned.evicted);
             self.inner.dirty.store(true, Ordering::Relaxed);
@@ -715,6 +1112,8 @@ impl Proxy {
     ) -> watch::Receiver<bool> {
         let (tx, rx) = watch::channel(false);
         let prev = chains.insert(name.to_string(), rx.clone());
+        // An answer for this name now waits for the update.
+        self.moved();
         let inner = self.inner.clone();
         let name = name.to_string();
         let mine = rx.clone();
@@ -730,14 +1129,18 @@ impl Proxy {
                     false
                 }
             };
-            let _ = tx.send(true);
-            let mut chains = match inner.chains.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            if ok && chains.get(&name).is_some_and(|r| r.same_channel(&mine)) {
-                chains.remove(&name);
+            // The entry goes before the answers waiting for it are released: the next
+            // query for the name then finds nothing in flight.
+            {
+                let mut chains = match inner.chains.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                if ok && chains.get(&name).is_some_and(|r| r.same_channel(&mine)) {
+                    chains.remove(&name);
+                }
             }
+            let _ = tx.send(true);
         });
         rx
     }
@@ -757,7 +1160,14 @@ impl Proxy {
     pub async fn collect(&self) -> usize {
         let now = now_ms(SystemTime::now());
         let in_use = self.inner.in_use.clone();
-        let removed = self.cache().collect(now, |ip| in_use.in_use(ip));
+        let removed = {
+            let mut cache = self.cache();
+            let removed = cache.collect(now, |ip| in_use.in_use(ip));
+            if !removed.is_empty() {
+                self.moved();
+            }
+            removed
+        };
         self.update_gauges();
         if removed.is_empty() {
             return 0;
@@ -840,7 +1250,11 @@ impl Proxy {
                 }
             }
         }
-        self.cache().restore(entries);
+        {
+            let mut cache = self.cache();
+            cache.restore(entries);
+            self.moved();
+        }
         // What the policy no longer selects is not restored.
         self.follow_selectors(&model);
         let count = self.cache().names();

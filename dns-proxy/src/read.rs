@@ -28,6 +28,17 @@ pub struct QueryRead {
 }
 
 impl QueryRead {
+    /// The question's bytes in `query_bytes` (the bytes this was read from), as the
+    /// query wrote them; None when not known.
+    pub fn question_bytes<'a>(&self, query_bytes: &'a [u8]) -> Option<&'a [u8]> {
+        query_bytes.get(HEADER_LEN..self.question_end()?)
+    }
+
+    /// Where the question ends in the query's bytes, when known.
+    pub fn question_end(&self) -> Option<usize> {
+        (self.question_end > HEADER_LEN).then_some(self.question_end)
+    }
+
     /// A reply to this query with `rcode` and no records.
     pub fn error_reply(&self, rcode: ResponseCode) -> Option<Vec<u8>> {
         error_reply(
@@ -147,7 +158,7 @@ pub struct AnswerRead {
 /// another question (an answer without a question must have no answers).
 pub fn read_answer(bytes: &[u8], query_bytes: &[u8], query: &QueryRead) -> Option<AnswerRead> {
     let mut d = BinDecoder::new(bytes);
-    let mut header = Header::read(&mut d).ok()?;
+    let header = Header::read(&mut d).ok()?;
     if header.id() != query.header.id() || header.message_type() != MessageType::Response {
         return None;
     }
@@ -169,9 +180,26 @@ pub fn read_answer(bytes: &[u8], query_bytes: &[u8], query: &QueryRead) -> Optio
         }
         _ => return None,
     }
+    read_learned(&mut d, header)
+}
+
+/// Reads an answer whose question is known to be the query's (a known answer's repeat,
+/// [`crate::known`]): as [`read_answer`] does, without a query to compare with.
+pub fn read_repeat(bytes: &[u8]) -> Option<AnswerRead> {
+    let mut d = BinDecoder::new(bytes);
+    let header = Header::read(&mut d).ok()?;
+    if header.message_type() != MessageType::Response || header.query_count() != 1 {
+        return None;
+    }
+    Query::read(&mut d).ok()?;
+    read_learned(&mut d, header)
+}
+
+/// Reads an answer's records after its question: what it teaches.
+fn read_learned(d: &mut BinDecoder<'_>, mut header: Header) -> Option<AnswerRead> {
     let mut l = Learned::default();
     let mut ttl: Option<u32> = None;
-    let opt = read_records(&mut d, &header, |r| {
+    let opt = read_records(d, &header, |r| {
         let ip = match r.data() {
             RData::A(a) => Some(IpAddr::V4(a.0)),
             RData::AAAA(a) => Some(IpAddr::V6(a.0)),
@@ -210,7 +238,7 @@ pub fn read_answer(bytes: &[u8], query_bytes: &[u8], query: &QueryRead) -> Optio
 }
 
 /// The length of a DNS header; the question follows it.
-const HEADER_LEN: usize = 12;
+pub const HEADER_LEN: usize = 12;
 
 /// Whether the answer's question is written as the query's (a server echoes it): the same
 /// bytes but for the name's ASCII case, the type and class exactly. Then it is the same

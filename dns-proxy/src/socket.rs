@@ -118,6 +118,15 @@ fn storage_to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
     a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6))
 }
 
+/// [`send_from`] without waiting: `WouldBlock` if the new socket does not take the
+/// datagram at once (it has an empty buffer, so it does unless the system is short of
+/// memory). Not registered with the runtime: two system calls fewer than [`send_from`].
+pub fn send_from_now(data: &[u8], client: SocketAddr, from: SocketAddr) -> io::Result<()> {
+    let s = new_socket(from, Type::DGRAM, Protocol::UDP)?;
+    s.bind(&SockAddr::from(from))?;
+    s.send_to(data, &SockAddr::from(client)).map(|_| ())
+}
+
 /// Sends `data` to `client` from `from` (an address that is not local: the server the
 /// client asked), through a transparent socket bound to it.
 pub async fn send_from(data: &[u8], client: SocketAddr, from: SocketAddr) -> io::Result<()> {

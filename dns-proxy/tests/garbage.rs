@@ -20,7 +20,9 @@ use dns_proxy::{Config, NeverInUse, NullSink, Proxy, QueryContext, Scope, Transp
 use hickory_proto::op::{Message, MessageType, OpCode};
 use hickory_proto::rr::RecordType;
 
-/// Answers every query with the bytes it holds (with the query's id patched in).
+/// Answers every query with the bytes it holds (with the query's id patched in), after
+/// one turn of the runtime: as a real upstream, it is not ready when first polled (the
+/// proxy looks for a known answer meanwhile).
 #[derive(Default)]
 struct Canned(Mutex<Vec<u8>>);
 
@@ -35,7 +37,10 @@ impl Upstream for Canned {
         if a.len() >= 2 && query.len() >= 2 {
             a[..2].copy_from_slice(&query[..2]);
         }
-        Box::pin(async move { Ok(a) })
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            Ok(a)
+        })
     }
 }
 
@@ -197,4 +202,140 @@ async fn node_scope_finds_the_client_endpoint_by_source_ip() {
     let before = sink.applied().len();
     proxy.handle(&allowed, from([10, 9, 9, 9])).await.unwrap();
     assert_eq!(sink.applied().len(), before);
+}
+
+/// An answer of two A records for `query`'s question, the second owned by a name that
+/// points at the first record's TTL, whose first byte is `ttl_byte` (0: the root name).
+fn pointer_answer(query: &[u8], ttl_byte: u8) -> Vec<u8> {
+    let mut a = query[..2].to_vec();
+    a.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 2, 0, 0, 0, 0]);
+    a.extend_from_slice(&query[12..]);
+    let ttl_at = u8::try_from(a.len() + 6).unwrap();
+    a.extend_from_slice(&[
+        0xc0, 12, 0, 1, 0, 1, ttl_byte, 0, 0, 60, 0, 4, 192, 0, 2, 97,
+    ]);
+    a.extend_from_slice(&[0xc0, ttl_at, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 98]);
+    a
+}
+
+/// An answer that repeats a known one but for its id and TTLs leaves before it is read,
+/// and is read after the reply. One that then does not read as the known one did (a name
+/// in it points into a TTL, which the comparison skips) is counted as malformed and its
+/// question is known no more: the next such answer is read first, and refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_answers_repeat_that_does_not_read_is_caught_after_the_reply() {
+    let canned = Arc::new(Canned::default());
+    let metrics = Metrics::new().unwrap();
+    let proxy = Proxy::new(
+        Config::default(),
+        model(53),
+        Scope::Endpoint(ENDPOINT.into()),
+        Arc::new(NullSink),
+        Arc::new(NeverInUse),
+        Audit::disabled(metrics.clone()),
+        metrics.clone(),
+    )
+    .with_upstream(canned.clone());
+    let ctx = QueryContext {
+        client: ([127, 0, 0, 1], 40000).into(),
+        server: ([127, 0, 0, 1], 53).into(),
+        transport: Transport::Udp,
+    };
+    let query = query_bytes("ptr.app.test", RecordType::A, 0x4242);
+    let malformed = || metrics.series.malformed_answer.get();
+    // Read, learned and confirmed: known from now on.
+    *canned.0.lock().unwrap() = pointer_answer(&query, 0);
+    let r = proxy.handle(&query, ctx).await.unwrap();
+    assert_eq!(ips(&Message::from_vec(&r).unwrap()).len(), 2);
+    assert_eq!(proxy.cached_ips(ENDPOINT, "ptr.app.test").len(), 2);
+    // The same known answer again: released unread, and reads as before.
+    let r = proxy.handle(&query, ctx).await.unwrap();
+    assert_eq!(r, pointer_answer(&query, 0));
+    assert_eq!((metrics.known_answers.get(), malformed()), (1, 0));
+    // Another first byte of that TTL: still a repeat by its bytes, so it leaves unread;
+    // read after the reply, the name at 0x40 is no label.
+    let bad = pointer_answer(&query, 0x40);
+    *canned.0.lock().unwrap() = bad.clone();
+    let r = proxy.handle(&query, ctx).await.unwrap();
+    assert_eq!(r, bad);
+    assert_eq!((metrics.known_answers.get(), malformed()), (2, 1));
+    // Known no more: read first, and SERVFAIL.
+    let r = proxy.handle(&query, ctx).await.unwrap();
+    assert_eq!(
+        Message::from_vec(&r).unwrap().response_code(),
+        hickory_proto::op::ResponseCode::ServFail
+    );
+    assert_eq!((metrics.known_answers.get(), malformed()), (2, 2));
+}
+
+/// Answers as [`Canned`] does, running `meanwhile` (once) while the query is upstream.
+#[derive(Default)]
+struct Meanwhile {
+    canned: Canned,
+    meanwhile: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Upstream for Meanwhile {
+    fn forward<'a>(
+        &'a self,
+        query: &'a [u8],
+        server: SocketAddr,
+        transport: Transport,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ForwardError>> {
+        let answer = self.canned.forward(query, server, transport);
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            let meanwhile = self.meanwhile.lock().unwrap().take();
+            if let Some(f) = meanwhile {
+                f();
+            }
+            answer.await
+        })
+    }
+}
+
+/// A policy change while a query is upstream: its answer, a known one's repeat, is read
+/// and handed over under the new policy before it leaves, not released as known.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_while_upstream_stops_a_known_answers_early_release() {
+    let upstream = Arc::new(Meanwhile::default());
+    let metrics = Metrics::new().unwrap();
+    let sink = TestSink::default();
+    let proxy = Proxy::new(
+        Config::default(),
+        model(53),
+        Scope::Endpoint(ENDPOINT.into()),
+        Arc::new(sink.clone()),
+        Arc::new(NeverInUse),
+        Audit::disabled(metrics.clone()),
+        metrics.clone(),
+    )
+    .with_upstream(upstream.clone());
+    let ctx = QueryContext {
+        client: ([127, 0, 0, 1], 40000).into(),
+        server: ([127, 0, 0, 1], 53).into(),
+        transport: Transport::Udp,
+    };
+    let query = query_bytes("web.app.test", RecordType::A, 0x4242);
+    *upstream.canned.0.lock().unwrap() = valid_answer(0x4242);
+    proxy.handle(&query, ctx).await.unwrap();
+    proxy.handle(&query, ctx).await.unwrap();
+    assert_eq!(metrics.known_answers.get(), 1, "a repeat leaves as known");
+    // The toFQDNs selector of the name leaves the policy while the next query is out.
+    let without = POLICY.replace(
+        "    - matchPattern: \"**.deep.test\"\n    - matchPattern: \"*.app.test\"\n",
+        "    - matchPattern: \"**.deep.test\"\n",
+    );
+    assert_ne!(without, POLICY);
+    let p = proxy.clone();
+    *upstream.meanwhile.lock().unwrap() =
+        Some(Box::new(move || p.set_model(model_with(&without, 53))));
+    let r = proxy.handle(&query, ctx).await.unwrap();
+    assert_eq!(ips(&Message::from_vec(&r).unwrap()).len(), 2);
+    assert!(
+        upstream.meanwhile.lock().unwrap().is_none(),
+        "the change ran"
+    );
+    assert_eq!(metrics.known_answers.get(), 1, "read before it left");
+    assert!(proxy.cached_ips(ENDPOINT, "web.app.test").is_empty());
 }

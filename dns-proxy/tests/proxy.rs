@@ -496,6 +496,17 @@ async fn known_ips_leave_before_the_refresh_and_new_ones_after_the_update() {
     let rec = h.audit_for("known.app.test").await;
     assert_eq!(rec.datapath_confirmed, Some(true));
     assert_eq!(rec.selectors, vec!["*.app.test.".to_string()]);
+    // The record is completed after the reply, from what the refresh was handed.
+    assert_eq!(rec.ips, vec![ip("192.0.2.85")]);
+    assert_eq!(rec.source.to_string(), ENDPOINT);
+    assert_eq!(
+        rec.policy.as_deref(),
+        Some("CiliumNetworkPolicy app/dns-client")
+    );
+    assert_eq!(
+        rec.rule.as_deref(),
+        Some("spec.egress[0].toPorts[0].rules.dns[6]")
+    );
     assert_eq!(
         h.sink.applied().len(),
         1,
@@ -832,6 +843,16 @@ async fn transparent_udp_round_trip(local: &str, server: &str) {
             .unwrap();
     assert_eq!(&buf[..n], b"answer");
     assert_eq!(replied_from, server);
+    // The same without a future (the one-thread listener's way), from another server.
+    let other = std::net::SocketAddr::new(server.ip(), 5353);
+    t.send_now(b"answer 2", from, other).unwrap();
+    let (n, replied_from) =
+        tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(&buf[..n], b"answer 2");
+    assert_eq!(replied_from, other);
 }
 
 /// Whether a datagram waits on `sock` (peeked, left in place).
@@ -1180,6 +1201,15 @@ impl dns_proxy::listener::UdpTransport for FailsAfterOneQuery {
         self.inner.recv_now(buf)
     }
 
+    fn send_now(
+        &self,
+        data: &[u8],
+        client: std::net::SocketAddr,
+        server: std::net::SocketAddr,
+    ) -> std::io::Result<()> {
+        self.inner.send_now(data, client, server)
+    }
+
     fn send<'a>(
         &'a self,
         data: &'a [u8],
@@ -1234,4 +1264,190 @@ async fn one_thread_listener_finishes_its_queries_when_the_socket_fails() {
     let rec = rx.try_recv().expect("the query's audit record");
     assert_eq!(rec.qname, "last.app.test.");
     assert_eq!(rec.verdict, Verdict::Forwarded);
+}
+
+/// An answer that repeats a known one (the same bytes but for the id and the TTLs) leaves
+/// before it is read while the datapath holds its IPs, and is read after the reply: the
+/// cache's refresh and the audit record take its own TTL, as for any answer. One with
+/// other records, or after the policy changed, is read first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_answers_leave_as_known_ones_and_are_read_after_the_reply() {
+    let mut z = Zone::default();
+    z.a("rep.app.test", 60, &["192.0.2.95"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    let known = || h.proxy.metrics().known_answers.get();
+    query(h.addr, "rep.app.test", RecordType::A, false).await;
+    assert_eq!(h.audit_for("rep.app.test").await.ttl, Some(60));
+    assert_eq!((known(), h.sink.applied().len()), (0, 1));
+
+    // Again, with a lower TTL (a cache counting down): a repeat.
+    up.zone
+        .lock()
+        .unwrap()
+        .a("rep.app.test", 30, &["192.0.2.95"]);
+    let before = h.proxy.cached_expiries(ENDPOINT, "rep.app.test");
+    let m = query(h.addr, "rep.app.test", RecordType::A, false).await;
+    assert_eq!(ips(&m), vec![ip("192.0.2.95")]);
+    assert_eq!(m.answers()[0].ttl(), 30);
+    assert_eq!(known(), 1);
+    let rec = h.audit_for("rep.app.test").await;
+    assert_eq!(rec.ttl, Some(30));
+    assert_eq!(rec.ips, vec![ip("192.0.2.95")]);
+    assert_eq!(rec.datapath_confirmed, Some(true));
+    assert_eq!(rec.selectors, vec!["*.app.test.".to_string()]);
+    assert_eq!(
+        rec.rule.as_deref(),
+        Some("spec.egress[0].toPorts[0].rules.dns[6]")
+    );
+    let after = h.proxy.cached_expiries(ENDPOINT, "rep.app.test");
+    assert!(
+        after[0].1 < before[0].1,
+        "refreshed with the answer's own TTL: {before:?} -> {after:?}"
+    );
+    assert_eq!(h.sink.applied().len(), 1, "nothing new for the datapath");
+    query(h.addr, "rep.app.test", RecordType::A, false).await;
+    h.audit_for("rep.app.test").await;
+    assert_eq!(known(), 2);
+
+    // Another IP: read first, and released after the datapath took it.
+    up.zone
+        .lock()
+        .unwrap()
+        .a("rep.app.test", 30, &["192.0.2.95", "192.0.2.96"]);
+    let m = query(h.addr, "rep.app.test", RecordType::A, false).await;
+    assert_eq!(ips(&m).len(), 2);
+    assert_eq!((known(), h.sink.applied().len()), (2, 2));
+    h.audit_for("rep.app.test").await;
+    // ... and that answer is the known one from now on.
+    query(h.addr, "rep.app.test", RecordType::A, false).await;
+    h.audit_for("rep.app.test").await;
+    assert_eq!(known(), 3);
+
+    // The toFQDNs selector leaves the policy: the datapath holds nothing for the name any
+    // more, so the same answer is read first and hands nothing over.
+    let without = POLICY.replace(
+        "    - matchPattern: \"**.deep.test\"\n    - matchPattern: \"*.app.test\"\n",
+        "    - matchPattern: \"**.deep.test\"\n",
+    );
+    assert_ne!(without, POLICY);
+    h.proxy.set_model(model_with(&without, up.addr.port()));
+    query(h.addr, "rep.app.test", RecordType::A, false).await;
+    assert_eq!(known(), 3);
+    let rec = h.audit_for("rep.app.test").await;
+    assert_eq!(rec.datapath_confirmed, None);
+    assert!(rec.selectors.is_empty());
+}
+
+/// Records what it is given to send, or takes nothing (`WouldBlock`).
+struct Replies {
+    take: bool,
+    sent: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl dns_proxy::proxy::ReplyNow for Replies {
+    fn reply_now(&self, reply: &[u8]) -> std::io::Result<()> {
+        if !self.take {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(reply.to_vec());
+        Ok(())
+    }
+}
+
+/// Given a way to reply at once, a known answer's repeat leaves from the upstream
+/// exchange, the moment it is read; the caller does not send it again. A first answer
+/// does not (it is read and handed over first), nor does a repeat the socket does not
+/// take at once (the caller sends it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_answers_repeat_leaves_from_the_exchange_itself() {
+    let mut z = Zone::default();
+    z.a("early.app.test", 60, &["192.0.2.97"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    let ctx = QueryContext {
+        client: "10.0.9.10:5353".parse().unwrap(),
+        server: up.addr,
+        transport: Transport::Udp,
+    };
+    let replies = Replies {
+        take: true,
+        sent: std::sync::Mutex::new(Vec::new()),
+    };
+    let q = query_bytes("early.app.test", RecordType::A, 41);
+    let first = h.proxy.serve_with(&q, ctx, Some(&replies)).await;
+    assert!(!first.replied);
+    assert!(replies.sent.lock().unwrap().is_empty());
+    h.proxy.record(first, &q, None);
+
+    // A repeat whose answer is there at once, before the exchange was first left, is
+    // released by `serve` instead (the caller sends it): asked until one comes later.
+    let mut id = 42u16;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (reply, id) = loop {
+        let q = query_bytes("early.app.test", RecordType::A, id);
+        let repeat = h.proxy.serve_with(&q, ctx, Some(&replies)).await;
+        let (replied, reply) = (repeat.replied, repeat.reply.clone());
+        h.proxy.record(repeat, &q, None);
+        if replied {
+            break (reply, id);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no repeat left from the exchange"
+        );
+        replies.sent.lock().unwrap().clear();
+        id += 1;
+    };
+    let sent = replies.sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1, "sent once");
+    assert_eq!(Some(&sent[0]), reply.as_ref());
+    assert_eq!(sent[0][..2], id.to_be_bytes());
+    assert_eq!(
+        h.proxy.metrics().known_answers.get(),
+        u64::from(id - 41),
+        "every repeat left as a known answer"
+    );
+
+    let busy = Replies {
+        take: false,
+        sent: std::sync::Mutex::new(Vec::new()),
+    };
+    let q = query_bytes("early.app.test", RecordType::A, 43);
+    let repeat = h.proxy.serve_with(&q, ctx, Some(&busy)).await;
+    assert!(!repeat.replied, "not taken at once: the caller sends it");
+    assert_eq!(
+        ips(&hickory_proto::op::Message::from_vec(repeat.reply.as_ref().unwrap()).unwrap()).len(),
+        1
+    );
+    h.proxy.record(repeat, &q, None);
+    assert_eq!(h.proxy.metrics().known_answers.get(), u64::from(id - 40));
+}
+
+/// Through the listener, a repeat released from the exchange reaches the client once:
+/// the next datagram the client gets is the answer to its next query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_released_early_is_sent_once() {
+    let mut z = Zone::default();
+    z.a("once.app.test", 60, &["192.0.2.98"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    for id in 1..=5u16 {
+        client
+            .send_to(&query_bytes("once.app.test", RecordType::A, id), h.addr)
+            .await
+            .unwrap();
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert_eq!(buf[..2], id.to_be_bytes(), "the answer to query {id}, once");
+        assert!(n > 12);
+    }
+    assert!(h.proxy.metrics().known_answers.get() >= 3);
 }

@@ -30,6 +30,9 @@ const PROCESSING: &str = "ward_dns_processing_seconds";
 /// Ward's busy-polling window in the `ward busy-poll` target, microseconds: longer than
 /// the latency run's gap between queries, so its CPU does not sleep during that run.
 const BUSY_POLL_US: &str = "2000";
+/// The TTL of the upstream's answers, seconds: an ordinary one (a TTL of 0 would have an
+/// FQDN proxy hand every answer over again before releasing it, see `run`).
+const UPSTREAM_TTL: u32 = 30;
 /// The targets of a placement, in the order they run in each round.
 const TARGETS: [&str; 6] = [
     "direct",
@@ -346,6 +349,10 @@ pub fn run(ctx: &mut Ctx) -> Result<String> {
     }
     std::fs::write(&queries, qtext).map_err(|e| format!("{}: {e}", queries.display()))?;
     records.push("--cache-size=1000".into());
+    // Answers with a TTL, as real ones carry: dnsmasq gives its own records a TTL of 0 by
+    // default, which would make every IP an FQDN proxy learns expire at once, so that it
+    // hands each answer over again before releasing it.
+    records.push(format!("--local-ttl={UPSTREAM_TTL}"));
     let mut running = Vec::new();
     for p in &PLACEMENTS {
         running.push(start(ctx, &ns, p, &records, &queries)?);
@@ -486,7 +493,8 @@ fn report(all: &[Row], pairs: &[Paired], quick: bool) -> String {
     let mut s = String::from("## DNS proxy\n\n");
     let _ = writeln!(
         s,
-        "Upstream: dnsmasq answering 100 names from `--host-record`. Subjects on CPU \
+        "Upstream: dnsmasq answering 100 names from `--host-record`, TTL {UPSTREAM_TTL} s \
+         (`--local-ttl`). Subjects on CPU \
          {SUBJECT_CPU}: `ward dns-proxy` (standalone, `--threads 1`, DNS rule `*.bench.test`, \
          toFQDNs learning on, audit to /dev/null); the same with `--busy-poll-us {BUSY_POLL_US}` \
          (`ward busy-poll`: after each query its thread polls instead of sleeping for 2 ms, longer \
