@@ -571,8 +571,16 @@ impl Proxy {
             } => {
                 let question = query.get(HEADER_LEN..question_end);
                 if let (Some(answer), Some(question)) = (reply.as_deref(), question) {
-                    if let Some(k) = Known::of(answer, about.ips.clone()) {
-                        self.inner.known.put(server, question, k);
+                    // Kept as it is when it already is this answer's pattern.
+                    let same = self
+                        .inner
+                        .known
+                        .get(server, question)
+                        .is_some_and(|k| k.matches(answer) && k.ips == about.ips);
+                    if !same {
+                        if let Some(k) = Known::of(answer, about.ips.clone()) {
+                            self.inner.known.put(server, question, k);
+                        }
                     }
                 }
             }
@@ -893,9 +901,14 @@ impl Proxy {
             }
         }
         // Confirmed (or held already) for every selector of the name, and attributed to
-        // the question name only: known for the question from now on.
-        let learn =
-            rec.datapath_confirmed == Some(true) && !self.inner.config.attribute_cname_targets;
+        // the question name only: known for the question from now on. Not when its IPs
+        // live no longer than the margin a repeat needs (a TTL of 0, say): no repeat could
+        // ever leave early.
+        let learn = rec.datapath_confirmed == Some(true)
+            && !self.inner.config.attribute_cname_targets
+            && rec
+                .ttl
+                .is_some_and(|t| u64::from(t) * 1000 > HELD_MARGIN_MS);
         let mut handled = self
             .finish(rec, start, Verdict::Forwarded, Some(answer), rcode)
             .waited(upstream)

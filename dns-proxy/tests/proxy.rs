@@ -1451,3 +1451,22 @@ async fn a_repeat_released_early_is_sent_once() {
     }
     assert!(h.proxy.metrics().known_answers.get() >= 3);
 }
+
+/// Answers whose IPs live no longer than a repeat's margin (TTL 0: each IP expires as it
+/// is learned) never leave as known ones: each is handed over (the cache refreshed)
+/// before it leaves, and still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_with_ttl_0_are_handed_over_before_they_leave() {
+    let mut z = Zone::default();
+    z.a("zero.app.test", 0, &["192.0.2.99"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    for _ in 0..3 {
+        let m = query(h.addr, "zero.app.test", RecordType::A, false).await;
+        assert_eq!(ips(&m), vec![ip("192.0.2.99")]);
+        let rec = h.audit_for("zero.app.test").await;
+        assert_eq!(rec.datapath_confirmed, Some(true));
+        assert_eq!(rec.ttl, Some(0));
+    }
+    assert_eq!(h.proxy.metrics().known_answers.get(), 0);
+}
