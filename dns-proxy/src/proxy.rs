@@ -25,7 +25,7 @@ use crate::message::name_text;
 use crate::metrics::{rcode_label, Metrics};
 use crate::persist::{self, PersistError};
 use crate::policy::{PolicyStore, Resolved, Scope};
-use crate::read::{read_answer, read_query, read_repeat, AnswerRead, HEADER_LEN};
+use crate::read::{read_answer, read_query, read_repeat, AnswerRead, QueryRead, HEADER_LEN};
 use crate::sink::{DatapathSink, InUse, SelectorIps, Update};
 
 /// Transport of a query: the upstream gets the same.
@@ -775,16 +775,13 @@ impl Proxy {
                 let upstream = up_start.elapsed();
                 m.upstream_failures.with_label_values(&[e.reason()]).inc();
                 rec.reason = e.to_string();
-                let rcode = ResponseCode::ServFail;
-                return self
-                    .finish(rec, start, Verdict::Error, q.error_reply(rcode), rcode)
-                    .waited(upstream)
-                    .about(About {
-                        qname,
-                        resolved: Some(resolved),
-                        hit,
-                        ips: Vec::new(),
-                    });
+                let about = About {
+                    qname,
+                    resolved: Some(resolved),
+                    hit,
+                    ips: Vec::new(),
+                };
+                return self.servfail(rec, start, &q, upstream, about);
             }
         };
         let upstream = up_start.elapsed();
@@ -842,16 +839,13 @@ impl Proxy {
         else {
             m.series.malformed_answer.inc();
             rec.reason = "malformed answer from upstream".into();
-            let rcode = ResponseCode::ServFail;
-            return self
-                .finish(rec, start, Verdict::Error, q.error_reply(rcode), rcode)
-                .waited(upstream)
-                .about(About {
-                    qname,
-                    resolved: Some(resolved),
-                    hit,
-                    ips: Vec::new(),
-                });
+            let about = About {
+                qname,
+                resolved: Some(resolved),
+                hit,
+                ips: Vec::new(),
+            };
+            return self.servfail(rec, start, &q, upstream, about);
         };
         let mut late = None;
         if !l.ips.is_empty() {
@@ -929,6 +923,21 @@ impl Proxy {
             }
         }
         handled
+    }
+
+    /// `SERVFAIL` for a query forwarded without a usable answer (`rec` says why).
+    fn servfail(
+        &self,
+        rec: AuditRecord,
+        start: Instant,
+        q: &QueryRead,
+        upstream: Duration,
+        about: About,
+    ) -> Handled {
+        let rcode = ResponseCode::ServFail;
+        self.finish(rec, start, Verdict::Error, q.error_reply(rcode), rcode)
+            .waited(upstream)
+            .about(about)
     }
 
     /// What a query came to; recorded by [`Proxy::record`].

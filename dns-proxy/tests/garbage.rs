@@ -44,6 +44,35 @@ impl Upstream for Canned {
     }
 }
 
+/// A proxy for `scope` with `upstream` and `sink` (no audit output), and its metrics.
+fn proxy_with(
+    scope: Scope,
+    upstream: Arc<dyn Upstream>,
+    sink: Arc<dyn dns_proxy::DatapathSink>,
+) -> (Proxy, Metrics) {
+    let metrics = Metrics::new().unwrap();
+    let proxy = Proxy::new(
+        Config::default(),
+        model(53),
+        scope,
+        sink,
+        Arc::new(NeverInUse),
+        Audit::disabled(metrics.clone()),
+        metrics.clone(),
+    )
+    .with_upstream(upstream);
+    (proxy, metrics)
+}
+
+/// A query from 127.0.0.1 to the upstream of `model(53)`, over UDP.
+fn local_query() -> QueryContext {
+    QueryContext {
+        client: ([127, 0, 0, 1], 40000).into(),
+        server: ([127, 0, 0, 1], 53).into(),
+        transport: Transport::Udp,
+    }
+}
+
 /// xorshift64*: deterministic, no dependency.
 struct Rng(u64);
 
@@ -100,24 +129,13 @@ fn answer_for(name: &str, id: u16) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn arbitrary_queries_and_answers_are_contained() {
-    let server: SocketAddr = ([127, 0, 0, 1], 53).into();
     let canned = Arc::new(Canned::default());
-    let metrics = Metrics::new().unwrap();
-    let proxy = Proxy::new(
-        Config::default(),
-        model(53),
+    let (proxy, _) = proxy_with(
         Scope::Endpoint(ENDPOINT.into()),
+        canned.clone(),
         Arc::new(NullSink),
-        Arc::new(NeverInUse),
-        Audit::disabled(metrics.clone()),
-        metrics,
-    )
-    .with_upstream(canned.clone());
-    let ctx = QueryContext {
-        client: ([127, 0, 0, 1], 40000).into(),
-        server,
-        transport: Transport::Udp,
-    };
+    );
+    let ctx = local_query();
     let good_query = query_bytes("web.app.test", RecordType::A, 0x4242);
     let good_answer = valid_answer(0x4242);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -161,17 +179,11 @@ async fn arbitrary_queries_and_answers_are_contained() {
 async fn node_scope_finds_the_client_endpoint_by_source_ip() {
     let canned = Arc::new(Canned::default());
     let sink = TestSink::default();
-    let metrics = Metrics::new().unwrap();
-    let proxy = Proxy::new(
-        Config::default(),
-        model(53),
+    let (proxy, _) = proxy_with(
         Scope::Node { node: None },
+        canned.clone(),
         Arc::new(sink.clone()),
-        Arc::new(NeverInUse),
-        Audit::disabled(metrics.clone()),
-        metrics,
-    )
-    .with_upstream(canned.clone());
+    );
     *canned.0.lock().unwrap() = valid_answer(0x4242);
     let from = |ip: [u8; 4]| QueryContext {
         client: (ip, 40000).into(),
@@ -225,22 +237,12 @@ fn pointer_answer(query: &[u8], ttl_byte: u8) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_known_answers_repeat_that_does_not_read_is_caught_after_the_reply() {
     let canned = Arc::new(Canned::default());
-    let metrics = Metrics::new().unwrap();
-    let proxy = Proxy::new(
-        Config::default(),
-        model(53),
+    let (proxy, metrics) = proxy_with(
         Scope::Endpoint(ENDPOINT.into()),
+        canned.clone(),
         Arc::new(NullSink),
-        Arc::new(NeverInUse),
-        Audit::disabled(metrics.clone()),
-        metrics.clone(),
-    )
-    .with_upstream(canned.clone());
-    let ctx = QueryContext {
-        client: ([127, 0, 0, 1], 40000).into(),
-        server: ([127, 0, 0, 1], 53).into(),
-        transport: Transport::Udp,
-    };
+    );
+    let ctx = local_query();
     let query = query_bytes("ptr.app.test", RecordType::A, 0x4242);
     let malformed = || metrics.series.malformed_answer.get();
     // Read, learned and confirmed: known from now on.
@@ -299,23 +301,12 @@ impl Upstream for Meanwhile {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_change_while_upstream_stops_a_known_answers_early_release() {
     let upstream = Arc::new(Meanwhile::default());
-    let metrics = Metrics::new().unwrap();
-    let sink = TestSink::default();
-    let proxy = Proxy::new(
-        Config::default(),
-        model(53),
+    let (proxy, metrics) = proxy_with(
         Scope::Endpoint(ENDPOINT.into()),
-        Arc::new(sink.clone()),
-        Arc::new(NeverInUse),
-        Audit::disabled(metrics.clone()),
-        metrics.clone(),
-    )
-    .with_upstream(upstream.clone());
-    let ctx = QueryContext {
-        client: ([127, 0, 0, 1], 40000).into(),
-        server: ([127, 0, 0, 1], 53).into(),
-        transport: Transport::Udp,
-    };
+        upstream.clone(),
+        Arc::new(TestSink::default()),
+    );
+    let ctx = local_query();
     let query = query_bytes("web.app.test", RecordType::A, 0x4242);
     *upstream.canned.0.lock().unwrap() = valid_answer(0x4242);
     proxy.handle(&query, ctx).await.unwrap();
