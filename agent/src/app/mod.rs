@@ -1,17 +1,9 @@
 //! `ward agent`: the node daemon. One process (tokio) that takes cluster state and
 //! policies from a [`Source`], compiles them, and pushes the result from one place (the
-//! [`reconcile`] task) to the datapath, the HTTP proxy and the DNS proxy it hosts; plus
-//! endpoint discovery, the redirect routing, and the admin endpoint.
+//! [`reconcile`](crate::reconcile) tasks) to the datapath, the HTTP proxy and the DNS
+//! proxy it hosts; plus endpoint discovery, the redirect routing, and the admin endpoint.
 
-pub mod admin;
-pub mod datapath;
-pub mod endpoints;
-pub mod events;
-pub mod fqdn;
-pub mod identities;
-pub mod metrics;
-pub mod reconcile;
-pub mod revoke;
+pub mod config;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -26,15 +18,18 @@ use redirect_bpf::common::MARK_FROM_EGRESS_PROXY;
 use redirect_bpf::{routing, Datapath, ProxyPorts};
 use tokio::sync::mpsc;
 
+use crate::admin;
+use crate::reconcile::publisher::{Msg, Reconciler, Status};
+use crate::reconcile::{fqdn, identities, maps as datapath};
 use crate::source::Source;
-use reconcile::{Msg, Reconciler, Status};
+use crate::telemetry::{events, metrics};
 
 /// Everything `ward agent` needs, after the config file and the flags are merged.
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub node: String,
     /// Where cluster state comes from.
-    pub source: crate::cmd::agent::SourceKind,
+    pub source: config::SourceKind,
     /// The files source's directory.
     pub source_dir: Option<PathBuf>,
     pub poll: Duration,

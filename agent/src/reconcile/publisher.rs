@@ -5,8 +5,6 @@
 //! snapshot that only changed pods and namespaces updates the current model
 //! incrementally (`rebuild`); policy changes compile in full.
 
-mod rebuild;
-
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
@@ -20,15 +18,15 @@ use redirect_bpf::common::{drop_reason, EndpointInfo};
 use redirect_bpf::{endpoint_entries, Datapath, ProxyPorts};
 use tokio::sync::{mpsc, oneshot};
 
-use super::datapath::{apply, MapState};
 use super::endpoints::{ifindex, veth_of, EndpointIds, EndpointStatus};
-use super::events::{drop_event, Events};
 use super::fqdn::{Learned, Observations};
 use super::identities::StableIds;
-use super::metrics::{reason_name, AgentMetrics};
+use super::maps::{apply, MapState};
+use super::rebuild::{self, Pending, Plan};
 use crate::source::Snapshot;
 use crate::store::PolicyStore;
-use rebuild::{Pending, Plan};
+use crate::telemetry::events::{drop_event, Events};
+use crate::telemetry::metrics::{reason_name, AgentMetrics};
 
 /// What the reconciler is told.
 pub enum Msg {

@@ -32,9 +32,9 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 
-use super::events::Events;
-use super::metrics::render;
-use super::reconcile::SharedStatus;
+use crate::reconcile::publisher::SharedStatus;
+use crate::telemetry::events::Events;
+use crate::telemetry::metrics::render;
 
 type RespBody = BoxBody<Bytes, Infallible>;
 

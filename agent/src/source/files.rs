@@ -1,42 +1,17 @@
-//! Sources of cluster state and policies. A source delivers full snapshots; the agent
-//! diffs them through the policy store. `files` (a directory of YAML) is the embedded
-//! default; the Kubernetes source will deliver the same `Snapshot`.
+//! The files source: a directory of YAML files (cluster state and policy manifests),
+//! the embedded default of `ward agent`.
 
 use std::collections::hash_map::DefaultHasher;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
-use policy_model::api::{self, Object};
+use policy_model::api;
 use policy_model::{Cluster, PolicyError};
 use serde_yaml::Value;
 
+use super::{BoxFuture, Snapshot, Source};
 use crate::inputs::yaml_files;
-
-/// Everything a source knows at one moment.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    pub cluster: Cluster,
-    pub objects: Vec<Object>,
-    /// Input problems that name no valid object (YAML errors, unknown kinds, bad cluster
-    /// files). Invalid objects are in `objects` and report through the store.
-    pub errors: Vec<PolicyError>,
-}
-
-/// A boxed future, so that `Source` stays object safe.
-pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
-
-/// Where the agent learns cluster state and policies. The files source and the
-/// Kubernetes source (issue 7) both implement it; the agent loop sees only this trait.
-pub trait Source: Send {
-    /// A short name for logs and status: "files", "kubernetes".
-    fn name(&self) -> &'static str;
-
-    /// Waits for the next full snapshot. The first call returns the initial state once
-    /// the source has synced; later calls return when something changed. On an error the
-    /// agent logs it, keeps what is in force, and calls again.
-    fn next(&mut self) -> BoxFuture<'_, anyhow::Result<Snapshot>>;
-}
 
 /// A directory of YAML files, read recursively: cluster state (the `cluster:` shape of
 /// the conformance format, on its own or under a `cluster:` key) and policy manifests.

@@ -15,7 +15,7 @@ use policy_model::cluster::DnsObservation;
 use redirect_bpf::Datapath;
 use tokio::sync::{mpsc, oneshot};
 
-use super::reconcile::Msg;
+use super::publisher::Msg;
 
 /// endpoint (`ns/pod`) -> name -> IPs.
 pub type Learned = BTreeMap<String, BTreeMap<String, BTreeSet<IpAddr>>>;
