@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod datapath;
 pub mod inputs;
 pub mod reconcile;
 pub mod source;

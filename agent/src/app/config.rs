@@ -171,10 +171,10 @@ pub fn warn_private_bpffs(root: &Path) {
             .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
     });
     if !mounted {
-        eprintln!(
-            "ward agent: warning: no bpffs on /sys/fs/bpf in this mount namespace (ip netns exec?): \
-             the pins would not outlive this process; use --netns NAME instead, or a --bpf-root \
-             on a bpffs mounted outside /sys"
+        tracing::warn!(
+            "no bpffs on /sys/fs/bpf in this mount namespace (ip netns exec?): the pins would \
+             not outlive this process; use --netns NAME instead, or a --bpf-root on a bpffs \
+             mounted outside /sys"
         );
     }
 }

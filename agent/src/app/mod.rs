@@ -7,7 +7,7 @@ pub mod config;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -16,11 +16,11 @@ use dns_proxy::Scope;
 use policy_model::{CompileOptions, Model};
 use redirect_bpf::common::MARK_FROM_EGRESS_PROXY;
 use redirect_bpf::{routing, Datapath, ProxyPorts};
-use tokio::sync::mpsc;
 
 use crate::admin;
-use crate::reconcile::publisher::{Msg, Reconciler, Status};
-use crate::reconcile::{fqdn, identities, maps as datapath};
+use crate::datapath::Shared;
+use crate::reconcile::publisher::{NodeProxies, Start};
+use crate::reconcile::{self, attacher, dns, fqdn, identities, maps, Timing, Wiring};
 use crate::source::Source;
 use crate::telemetry::{events, metrics};
 
@@ -94,9 +94,11 @@ fn bind_ipv6<T>(
                 Some(nix::errno::Errno::EAFNOSUPPORT | nix::errno::Errno::EADDRNOTAVAIL)
             ) =>
         {
-            eprintln!(
-                "ward agent: {what}: no IPv6 listener on {addr} ({e}); IPv6 flows that need \
-                 it are dropped (proxy_unavailable)"
+            tracing::warn!(
+                listener = what,
+                %addr,
+                error = %e,
+                "no IPv6 listener; IPv6 flows that need it are dropped (proxy_unavailable)"
             );
             Ok(None)
         }
@@ -109,36 +111,30 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     // The datapath: loaded on the pinned maps, which keep enforcing while no agent runs.
     let dp = Datapath::load(&s.bpf_root)
         .with_context(|| format!("loading the datapath at {}", s.bpf_root.display()))?;
-    let applied = datapath::MapState::read(&dp).context("reading the pinned maps")?;
-    let dp = Arc::new(Mutex::new(dp));
+    let applied = maps::MapState::read(&dp).context("reading the pinned maps")?;
+    let dp = Shared::new(dp);
     let ipv6 = routing::ipv6_enabled();
     if !ipv6 {
-        eprintln!(
-            "ward agent: IPv6 is disabled in this network namespace: no IPv6 redirect routing \
-             or proxy listeners; IPv6 flows that need a proxy are dropped (proxy_unavailable)"
+        tracing::warn!(
+            "IPv6 is disabled in this network namespace: no IPv6 redirect routing or proxy \
+             listeners; IPv6 flows that need a proxy are dropped (proxy_unavailable)"
         );
     }
     if routing::ensure().context("installing the redirect routing")? {
-        eprintln!(
-            "ward agent: redirect routing installed (ip rule fwmark 0x200/0xf00 lookup {})",
-            routing::TABLE
+        tracing::info!(
+            rule = "fwmark 0x200/0xf00",
+            table = routing::TABLE,
+            "redirect routing installed"
         );
     }
     for up in &s.uplinks {
-        let mut g = dp
-            .lock()
-            .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?;
-        g.attach_uplink(up)
+        dp.lock()
+            .attach_uplink(up)
             .with_context(|| format!("attaching to uplink {up}"))?;
     }
 
     let agent_metrics = metrics::AgentMetrics::new().context("agent metrics")?;
     let events = events::Events::new();
-    let status = Arc::new(RwLock::new(Status {
-        node: s.node.clone(),
-        source: source.name(),
-        ..Status::default()
-    }));
 
     // Audit: both proxies' records to the audit log and the event stream.
     let http_metrics = proxy::Metrics::new();
@@ -163,7 +159,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         m
     };
 
-    let (tx, rx) = mpsc::channel::<Msg>(1024);
+    let (lane, lane_rx) = dns::lane();
 
     // The HTTP proxy.
     let http_store = Arc::new(proxy::PolicyStore::new(initial.clone()));
@@ -193,13 +189,13 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     let p = http_proxy.clone();
     tokio::spawn(async move {
         if let Err(e) = p.serve(listener).await {
-            eprintln!("ward agent: HTTP proxy stopped: {e}");
+            tracing::error!(error = %e, "HTTP proxy stopped");
         }
     });
     if let Some(listener6) = listener6 {
         tokio::spawn(async move {
             if let Err(e) = http_proxy.serve(listener6).await {
-                eprintln!("ward agent: HTTP proxy (IPv6) stopped: {e}");
+                tracing::error!(error = %e, "HTTP proxy (IPv6) stopped");
             }
         });
     }
@@ -214,8 +210,8 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         Scope::Node {
             node: Some(s.node.clone()),
         },
-        Arc::new(fqdn::Sink { tx: tx.clone() }),
-        Arc::new(fqdn::Conntrack(dp.clone())),
+        Arc::new(lane),
+        Arc::new(dns::Conntrack(dp.clone())),
         dns_audit,
         dns_metrics.clone(),
     );
@@ -255,42 +251,56 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         }
     }
 
-    // The reconciler: the one writer of the datapath.
-    let mut reconciler = Reconciler::new(
-        s.node.clone(),
-        dp.clone(),
-        applied,
-        obs,
-        ProxyPorts {
-            http: s.proxy_port,
-            dns: s.dns_proxy_port,
+    // The reconcile tasks; the publisher is the one writer of the policy maps.
+    let handles = reconcile::spawn(
+        Start {
+            node: s.node.clone(),
+            dp: dp.clone(),
+            applied,
+            fqdn: obs,
+            identities: identities::StableIds::load(&s.state_dir),
+            ports: ProxyPorts {
+                http: s.proxy_port,
+                dns: s.dns_proxy_port,
+            },
+            compile: s.compile,
+            proxies: NodeProxies {
+                http: http_store,
+                http_metrics: http_metrics.clone(),
+                dns: dns.clone(),
+            },
+            metrics: agent_metrics.clone(),
         },
-        (http_store, http_metrics.clone()),
-        dns.clone(),
-        status.clone(),
-        agent_metrics.clone(),
-        events.clone(),
+        Wiring {
+            discovery: attacher::Routes,
+            uplinks: s.uplinks.clone(),
+            events: events.clone(),
+            timing: Timing::default(),
+            dns: lane_rx,
+        },
     );
-    reconciler.uplinks = s.uplinks.clone();
-    reconciler.compile = s.compile;
-    reconciler.identities = identities::StableIds::load(&s.state_dir);
-    tx.send(Msg::Snapshot(first))
+    let snapshots = handles.snapshots.clone();
+    snapshots
+        .send(first)
         .await
-        .map_err(|_| anyhow::anyhow!("reconciler gone"))?;
-    tokio::spawn(reconciler.run(rx));
+        .map_err(|_| anyhow::anyhow!("the policy publisher stopped"))?;
 
     // The source feeds snapshots from now on.
-    let stx = tx.clone();
+    let source_name = source.name();
     tokio::spawn(async move {
         loop {
             match source.next().await {
                 Ok(snap) => {
-                    if stx.send(Msg::Snapshot(snap)).await.is_err() {
+                    if snapshots.send(snap).await.is_err() {
                         return;
                     }
                 }
                 Err(e) => {
-                    eprintln!("ward agent: source {}: {e:#}", source.name());
+                    tracing::warn!(
+                        source = source.name(),
+                        error = format!("{e:#}"),
+                        "source failed; retrying"
+                    );
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
@@ -301,15 +311,18 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     let d = dns.clone();
     tokio::spawn(async move {
         match d.restore().await {
-            Ok(n) => eprintln!("ward agent: DNS cache restored: {n} names"),
-            Err(e) => eprintln!("ward agent: DNS cache not restored: {e}"),
+            Ok(n) => tracing::info!(names = n, "DNS cache restored"),
+            Err(e) => tracing::warn!(error = %e, "DNS cache not restored"),
         }
         let _maintenance = d.spawn_maintenance();
         std::future::pending::<()>().await;
     });
 
     let admin = admin::Admin {
-        status,
+        node: s.node.clone(),
+        source: source_name,
+        policy: handles.status.clone(),
+        drops: handles.drops.clone(),
         registries: vec![
             agent_metrics.registry.clone(),
             http_metrics.registry.clone(),
@@ -321,9 +334,12 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         .await
         .with_context(|| format!("admin: cannot listen on {}", s.admin))?;
     tokio::spawn(admin.serve(l));
-    eprintln!(
-        "ward agent: node {} serving: HTTP proxy :{}, DNS proxy :{}, admin {}",
-        s.node, s.proxy_port, s.dns_proxy_port, s.admin
+    tracing::info!(
+        node = %s.node,
+        http_proxy_port = s.proxy_port,
+        dns_proxy_port = s.dns_proxy_port,
+        admin = %s.admin,
+        "serving"
     );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -332,9 +348,9 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    eprintln!("ward agent: shutting down; the pinned maps keep enforcing");
+    tracing::info!("shutting down; the pinned maps keep enforcing");
     if let Err(e) = dns.persist() {
-        eprintln!("ward agent: persisting the DNS cache: {e}");
+        tracing::warn!(error = %e, "cannot persist the DNS cache");
     }
     routing::remove().context("removing the redirect routing")?;
     Ok(())

@@ -45,7 +45,7 @@ impl EndpointIds {
 }
 
 /// One local endpoint as `/v1/endpoints` shows it.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointStatus {
     pub pod: String,
     pub ips: Vec<IpAddr>,

@@ -1,48 +1,76 @@
-//! The single place where a new compiled policy goes out: the reconciler task owns the
-//! datapath (the only writer), the policy store and the learned FQDN observations. On a
-//! new snapshot from the source or a DNS update it builds the next model once and pushes
-//! it to the datapath maps (as a diff), the HTTP proxy and the DNS proxy together. A
-//! snapshot that only changed pods and namespaces updates the current model
-//! incrementally (`rebuild`); policy changes compile in full.
+//! The policy publisher: the single place where a new compiled policy goes out, and the
+//! only writer of the policy, ipcache and endpoints maps. It owns the policy store, the
+//! cluster state of the last snapshot, the learned FQDN observations, the identity table
+//! and the model. On a new snapshot or a DNS hand-off it builds the next model once and
+//! hands it to the datapath (one diff against what the maps hold), the HTTP proxy and
+//! the DNS proxy together. A snapshot that only changed pods and namespaces updates the
+//! current model incrementally (`rebuild`); policy changes compile in full; learned DNS
+//! IPs are applied to the current model without a compile.
+//!
+//! It never waits on anything but its inputs: endpoint discovery, conntrack and drop
+//! events are other tasks', so a DNS hand-off is confirmed as soon as its write is done.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dns_proxy::Update;
 use policy_model::compile::EndpointKey;
 use policy_model::identity::Idx;
 use policy_model::{Cluster, CompileOptions, Model, PolicyError};
-use redirect_bpf::common::{drop_reason, EndpointInfo};
-use redirect_bpf::{endpoint_entries, Datapath, ProxyPorts};
-use tokio::sync::{mpsc, oneshot};
+use redirect_bpf::common::EndpointInfo;
+use redirect_bpf::{endpoint_entries, ProxyPorts};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
 
-use super::endpoints::{ifindex, veth_of, EndpointIds, EndpointStatus};
+use super::dns::Request;
+use super::endpoints::{EndpointIds, EndpointStatus};
 use super::fqdn::{Learned, Observations};
 use super::identities::StableIds;
 use super::maps::{apply, MapState};
 use super::rebuild::{self, Pending, Plan};
+use super::{Attachments, LocalPods, Published};
+use crate::datapath::{Datapath, Shared};
 use crate::source::Snapshot;
 use crate::store::PolicyStore;
-use crate::telemetry::events::{drop_event, Events};
-use crate::telemetry::metrics::{reason_name, AgentMetrics};
+use crate::telemetry::metrics::AgentMetrics;
 
-/// What the reconciler is told.
-pub enum Msg {
-    /// A full snapshot from the source.
-    Snapshot(Snapshot),
-    /// IPs the DNS proxy learned or let go; answered once the datapath enforces them.
-    Dns(Update, oneshot::Sender<Result<(), String>>),
+/// How soon a push that failed half way is tried again.
+const RETRY_EVERY: Duration = Duration::from_millis(200);
+
+/// Where a published model goes besides the datapath: the proxies, which decide L7 and
+/// DNS on it.
+pub trait Proxies: Send + 'static {
+    /// Hands over the next model; returns its generation.
+    fn publish(&mut self, model: &Arc<Model>) -> u64;
 }
 
-/// What the admin endpoint shows; written by the reconciler only.
-#[derive(Default)]
-pub struct Status {
-    pub node: String,
-    pub source: &'static str,
+/// The proxies the agent hosts.
+pub struct NodeProxies {
+    pub http: Arc<proxy::PolicyStore>,
+    pub http_metrics: proxy::Metrics,
+    pub dns: dns_proxy::Proxy,
+}
+
+impl Proxies for NodeProxies {
+    fn publish(&mut self, model: &Arc<Model>) -> u64 {
+        let generation = self.http.publish(model.clone());
+        self.http_metrics
+            .policy_generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+        self.dns.set_model(model.clone());
+        generation
+    }
+}
+
+/// What the publisher shows of itself (`/v1/status`, `/v1/endpoints`, `/v1/fqdn`,
+/// `/v1/policy/...`).
+#[derive(Clone, Debug, Default)]
+pub struct PolicyStatus {
+    /// The first full policy is in the datapath and the first endpoint discovery is done.
     pub ready: bool,
-    pub pushes: u64,
+    /// Generation of the published model.
+    pub generation: u64,
     pub last_push_ms: f64,
     pub last_error: Option<String>,
     pub endpoints: Vec<EndpointStatus>,
@@ -50,47 +78,53 @@ pub struct Status {
     pub errors: Vec<PolicyError>,
     pub model: Option<Arc<Model>>,
     pub learned: Learned,
-    pub drops: BTreeMap<&'static str, u64>,
-    pub map_entries: (usize, usize, usize),
+    pub map_entries: MapEntries,
 }
 
-pub type SharedStatus = Arc<RwLock<Status>>;
+/// How many entries the maps the publisher owns hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct MapEntries {
+    pub ipcache: usize,
+    pub endpoints: usize,
+    pub policy: usize,
+}
 
-/// How often endpoints not found yet are looked for again.
-const DISCOVERY_EVERY: Duration = Duration::from_secs(1);
-/// How often drop events and counters are read.
-const EVENTS_EVERY: Duration = Duration::from_millis(200);
-/// How often conntrack is swept of idle and closed flows.
-const CT_SWEEP_EVERY: Duration = Duration::from_secs(10);
-/// A flow idle this long leaves conntrack (Cilium's regular TCP timeout).
-const CT_IDLE: Duration = Duration::from_secs(6 * 3600);
-/// A closed TCP flow (FIN or RST seen) leaves after this much idleness.
-const CT_CLOSING: Duration = Duration::from_secs(10);
+/// The publisher's inputs.
+pub struct Inputs {
+    /// Full snapshots from the source.
+    pub snapshots: mpsc::Receiver<Snapshot>,
+    /// The DNS hand-off lane.
+    pub dns: mpsc::Receiver<Request>,
+    /// Where the pods' programs are attached (the endpoint attacher's view).
+    pub attachments: watch::Receiver<Attachments>,
+}
 
-pub struct Reconciler {
-    pub node: String,
-    pub dp: Arc<Mutex<Datapath>>,
-    pub applied: MapState,
-    pub store: PolicyStore,
-    pub cluster: Cluster,
-    pub fqdn: Observations,
-    pub ids: EndpointIds,
-    pub ports: ProxyPorts,
-    pub http: Arc<proxy::PolicyStore>,
-    pub http_metrics: proxy::Metrics,
-    pub dns: dns_proxy::Proxy,
-    pub status: SharedStatus,
-    pub metrics: AgentMetrics,
-    pub events: Events,
-    /// pod -> host-side interface carrying the programs.
-    pub veths: BTreeMap<String, String>,
-    pub model: Option<Arc<Model>>,
-    /// Uplink interfaces (attached at start, never detached here).
-    pub uplinks: Vec<String>,
-    /// Numeric identities that stay put across compiles and restarts.
-    pub identities: StableIds,
-    /// How policies are compiled (whether CIDR selectors match cluster IPs).
-    pub compile: CompileOptions,
+/// The publisher's outputs.
+pub struct Outputs {
+    /// The local pods and their IPs, for the endpoint attacher (None before the first
+    /// snapshot).
+    pub local_pods: watch::Sender<Option<LocalPods>>,
+    /// Each model once the datapath has it.
+    pub published: watch::Sender<Option<Published>>,
+    pub status: watch::Sender<PolicyStatus>,
+}
+
+/// The policy publisher's state (see the module documentation).
+pub struct Publisher<D, P> {
+    node: String,
+    dp: Shared<D>,
+    /// What the maps hold (read back at start).
+    applied: MapState,
+    store: PolicyStore,
+    cluster: Cluster,
+    fqdn: Observations,
+    ids: EndpointIds,
+    identities: StableIds,
+    ports: ProxyPorts,
+    compile: CompileOptions,
+    proxies: P,
+    metrics: AgentMetrics,
+    model: Option<Arc<Model>>,
     /// (endpoint, name) pairs whose learned IPs changed since the model was built.
     learned_changes: BTreeSet<(String, String)>,
     /// What changed since the model was built that asks for a full compile.
@@ -99,176 +133,177 @@ pub struct Reconciler {
     /// that the next update (a DNS batch, pod churn) starts from a copy without waiting
     /// for one: (generation of the model it copies, the copying thread).
     spare: Option<(u64, std::thread::JoinHandle<Model>)>,
-    /// Generation of the published model.
     generation: u64,
+    /// Pushes of policy and cluster changes that reached the datapath.
+    pushes: u64,
     /// Whether the last push failed to update the datapath.
     failed: bool,
-    drops_seen: BTreeMap<u32, u64>,
+    attachments: Attachments,
+    outputs: Outputs,
 }
 
-impl Reconciler {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        node: String,
-        dp: Arc<Mutex<Datapath>>,
-        applied: MapState,
-        fqdn: Observations,
-        ports: ProxyPorts,
-        http: (Arc<proxy::PolicyStore>, proxy::Metrics),
-        dns: dns_proxy::Proxy,
-        status: SharedStatus,
-        metrics: AgentMetrics,
-        events: Events,
-    ) -> Reconciler {
-        Reconciler {
-            node,
-            dp,
-            applied,
+/// Everything a publisher starts from.
+pub struct Start<D, P> {
+    pub node: String,
+    pub dp: Shared<D>,
+    /// What the maps hold (`MapState::read`).
+    pub applied: MapState,
+    pub fqdn: Observations,
+    pub identities: StableIds,
+    pub ports: ProxyPorts,
+    pub compile: CompileOptions,
+    pub proxies: P,
+    pub metrics: AgentMetrics,
+}
+
+/// What one round of inputs asks for.
+#[derive(Default)]
+struct Work {
+    /// Build the next model and push it.
+    push: bool,
+    /// The attachments changed: the endpoints map's interfaces.
+    endpoints: bool,
+    acks: Vec<Request>,
+}
+
+impl<D: Datapath, P: Proxies> Publisher<D, P> {
+    pub fn new(start: Start<D, P>, outputs: Outputs) -> Publisher<D, P> {
+        Publisher {
+            node: start.node,
+            dp: start.dp,
+            applied: start.applied,
             store: PolicyStore::default(),
             cluster: Cluster::default(),
-            fqdn,
+            fqdn: start.fqdn,
             ids: EndpointIds::default(),
-            ports,
-            http: http.0,
-            http_metrics: http.1,
-            dns,
-            status,
-            metrics,
-            events,
-            veths: BTreeMap::new(),
+            identities: start.identities,
+            ports: start.ports,
+            compile: start.compile,
+            proxies: start.proxies,
+            metrics: start.metrics,
             model: None,
-            uplinks: Vec::new(),
-            identities: StableIds::default(),
-            compile: CompileOptions::default(),
             learned_changes: BTreeSet::new(),
             pending: Pending::default(),
             spare: None,
             generation: 0,
+            pushes: 0,
             failed: false,
-            drops_seen: BTreeMap::new(),
+            attachments: Attachments::default(),
+            outputs,
         }
     }
 
-    /// Runs until the channel closes. Nothing is written before the first snapshot: it
-    /// is taken, its pods' veths found, leftovers of an earlier run detached, and only
-    /// then the maps are moved to the new state, so that a restart never passes through
-    /// an empty policy.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
-        let mut acks = Vec::new();
-        loop {
-            let Some(m) = rx.recv().await else { return };
-            let first = matches!(m, Msg::Snapshot(_));
-            let (mut dirty, mut rediscover) = (false, false);
-            self.take(m, &mut dirty, &mut rediscover, &mut acks);
-            if first {
-                break;
-            }
-        }
-        self.discover().await;
-        self.detach_leftovers();
-        let result = self.push();
-        for a in acks {
-            let _ = a.send(result.clone());
-        }
-        let mut tick = tokio::time::interval(EVENTS_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_discovery = Instant::now();
-        let mut last_sweep = Instant::now();
-        loop {
-            let mut dirty = false;
-            let mut rediscover = false;
-            let mut acks = Vec::new();
+    /// Runs until the source's channel closes. Nothing is written before the first
+    /// snapshot: DNS hand-offs that come earlier go into the first push, so that a
+    /// restart never passes through an empty policy.
+    pub async fn run(mut self, mut inputs: Inputs) {
+        let mut work = Work::default();
+        let first = loop {
             tokio::select! {
-                m = rx.recv() => {
-                    let Some(m) = m else { return };
-                    self.take(m, &mut dirty, &mut rediscover, &mut acks);
-                    // Everything queued meanwhile goes into the same push.
-                    while let Ok(m) = rx.try_recv() {
-                        self.take(m, &mut dirty, &mut rediscover, &mut acks);
-                    }
-                }
-                _ = tick.tick() => {
-                    self.read_events();
-                    // A push that failed half way is tried again until it goes through.
-                    dirty = self.failed;
-                    if last_sweep.elapsed() >= CT_SWEEP_EVERY {
-                        last_sweep = Instant::now();
-                        let swept = self.with_dp(|dp| dp.expire_conntrack(CT_IDLE, CT_CLOSING));
-                        if let Err(e) = swept {
-                            eprintln!("ward agent: conntrack sweep: {e}");
-                        }
-                    }
-                    if last_discovery.elapsed() >= DISCOVERY_EVERY {
-                        last_discovery = Instant::now();
-                        rediscover = true;
-                    }
-                }
+                s = inputs.snapshots.recv() => match s {
+                    Some(s) => break s,
+                    None => return,
+                },
+                Some(r) = inputs.dns.recv() => self.take_dns(r, &mut work),
             }
-            if rediscover && self.discover().await {
-                dirty = true;
+        };
+        self.take_snapshot(first, &mut work);
+        self.attachments = inputs.attachments.borrow_and_update().clone();
+        let result = self.push();
+        confirm(work.acks, &result);
+        self.update_ready();
+        let mut retry = tokio::time::interval(RETRY_EVERY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut work = Work::default();
+            tokio::select! {
+                // DNS first: a pod waits for its answer.
+                biased;
+                Some(r) = inputs.dns.recv() => self.take_dns(r, &mut work),
+                s = inputs.snapshots.recv() => match s {
+                    Some(s) => self.take_snapshot(s, &mut work),
+                    None => return,
+                },
+                Ok(()) = inputs.attachments.changed() => work.endpoints = true,
+                _ = retry.tick(), if self.failed => work.push = true,
             }
-            let result = if dirty {
+            // Everything queued meanwhile goes into the same push.
+            while let Ok(r) = inputs.dns.try_recv() {
+                self.take_dns(r, &mut work);
+            }
+            while let Ok(s) = inputs.snapshots.try_recv() {
+                self.take_snapshot(s, &mut work);
+            }
+            if work.endpoints || inputs.attachments.has_changed().unwrap_or(false) {
+                self.attachments = inputs.attachments.borrow_and_update().clone();
+                work.endpoints = true;
+            }
+            let result = if work.push || self.failed {
                 self.push()
-            } else if !self.learned_changes.is_empty() {
-                self.learn()
             } else {
-                Ok(())
+                let learned = if self.learned_changes.is_empty() {
+                    Ok(())
+                } else {
+                    self.learn()
+                };
+                let endpoints = if work.endpoints {
+                    self.refresh_endpoints()
+                } else {
+                    Ok(())
+                };
+                learned.and(endpoints)
             };
-            for a in acks {
-                let _ = a.send(result.clone());
-            }
+            confirm(work.acks, &result);
+            self.update_ready();
         }
     }
 
-    fn take(
-        &mut self,
-        m: Msg,
-        dirty: &mut bool,
-        rediscover: &mut bool,
-        acks: &mut Vec<oneshot::Sender<Result<(), String>>>,
-    ) {
-        match m {
-            Msg::Snapshot(snap) => {
-                let changes = self.store.replace_all(&snap.objects, snap.errors);
-                for k in &changes.rejected {
-                    eprintln!(
-                        "ward agent: rejected {} {}/{}: {}",
-                        k.kind,
-                        k.namespace.as_deref().unwrap_or(""),
-                        k.name,
-                        if self.store.is_stale(k) {
-                            "the last good version stays in force"
-                        } else {
-                            "no version of it is enforced"
-                        }
-                    );
-                }
-                if snap.cluster != self.cluster {
-                    if snap.cluster.dns != self.cluster.dns {
-                        self.pending.source_dns = true;
-                    }
-                    self.cluster = snap.cluster;
-                    *rediscover = true;
-                    *dirty = true;
-                }
-                if !changes.is_empty() && changes.rejected.len() < changes_len(&changes) {
-                    self.pending.policies = true;
-                    *dirty = true;
-                }
-                self.update_policy_status();
+    fn take_snapshot(&mut self, snap: Snapshot, work: &mut Work) {
+        let changes = self.store.replace_all(&snap.objects, snap.errors);
+        for k in &changes.rejected {
+            tracing::warn!(
+                kind = %k.kind,
+                namespace = k.namespace.as_deref().unwrap_or(""),
+                name = %k.name,
+                in_force = if self.store.is_stale(k) {
+                    "the last good version"
+                } else {
+                    "no version"
+                },
+                "policy rejected"
+            );
+        }
+        if snap.cluster != self.cluster {
+            if snap.cluster.dns != self.cluster.dns {
+                self.pending.source_dns = true;
             }
-            Msg::Dns(u, ack) => {
-                if self.fqdn.apply(&u) {
-                    // learned incrementally unless something else asks for a compile
-                    self.learned_changes
-                        .insert((u.endpoint.clone(), u.name.clone()));
-                    if let Err(e) = self.fqdn.save() {
-                        eprintln!("ward agent: saving the FQDN observations: {e}");
-                    }
-                }
-                acks.push(ack);
+            self.cluster = snap.cluster;
+            work.push = true;
+        }
+        // The first snapshot's local pods start the attacher, even when there are none.
+        let now = Some(local_pods(&self.cluster, &self.node));
+        self.outputs.local_pods.send_if_modified(|pods| {
+            let changed = *pods != now;
+            *pods = now;
+            changed
+        });
+        if !changes.is_empty() && changes.rejected.len() < changes_len(&changes) {
+            self.pending.policies = true;
+            work.push = true;
+        }
+        self.update_policy_status();
+    }
+
+    fn take_dns(&mut self, r: Request, work: &mut Work) {
+        if self.fqdn.apply(&r.update) {
+            // learned incrementally unless something else asks for a compile
+            self.learned_changes
+                .insert((r.update.endpoint.clone(), r.update.name.clone()));
+            if let Err(e) = self.fqdn.save() {
+                tracing::warn!(error = %e, "cannot save the FQDN observations");
             }
         }
+        work.acks.push(r);
     }
 
     fn update_policy_status(&self) {
@@ -280,10 +315,32 @@ impl Reconciler {
         self.metrics
             .policies
             .set(i64::try_from(policies).unwrap_or(i64::MAX));
-        if let Ok(mut s) = self.status.write() {
+        self.outputs.status.send_modify(|s| {
             s.errors = errors;
             s.policies = policies;
+        });
+    }
+
+    /// Ready once the first push went through and the attacher finished its first round
+    /// (the local pods found are attached): from then on the node enforces.
+    fn update_ready(&self) {
+        if self.failed || self.model.is_none() || !self.attachments.discovered {
+            return;
         }
+        self.outputs.status.send_if_modified(|s| {
+            if s.ready {
+                return false;
+            }
+            s.ready = true;
+            tracing::info!(
+                endpoints = s.endpoints.len(),
+                policies = s.policies,
+                push_ms = s.last_push_ms,
+                "ready"
+            );
+            true
+        });
+        self.metrics.ready.set(1);
     }
 
     fn local_pods(&self) -> impl Iterator<Item = &policy_model::cluster::Pod> {
@@ -291,113 +348,6 @@ impl Reconciler {
             .pods
             .iter()
             .filter(|p| p.node.as_deref() == Some(self.node.as_str()))
-    }
-
-    /// Attaches the programs to the veths of local pods found in the routing table, and
-    /// detaches them from pods that left. Returns whether anything changed.
-    async fn discover(&mut self) -> bool {
-        let mut changed = false;
-        let local: BTreeMap<String, Vec<IpAddr>> = self
-            .local_pods()
-            .map(|p| (p.id(), p.all_ips().collect()))
-            .collect();
-        // pods that left (or moved): detach
-        let gone: Vec<(String, String)> = self
-            .veths
-            .iter()
-            .filter(|(p, _)| !local.contains_key(*p))
-            .map(|(p, i)| (p.clone(), i.clone()))
-            .collect();
-        for (pod, iface) in gone {
-            self.veths.remove(&pod);
-            let r = self.with_dp(|dp| dp.detach(&iface));
-            if let Err(e) = r {
-                eprintln!("ward agent: detaching {iface} of {pod}: {e}");
-                self.metrics.update_errors.inc();
-            }
-            changed = true;
-        }
-        for (pod, ips) in &local {
-            let Some(ip) = ips.first() else { continue };
-            if let Some(known) = self.veths.get(pod) {
-                if self
-                    .with_dp(|dp| Ok(dp.is_attached(known)))
-                    .unwrap_or(false)
-                {
-                    continue;
-                }
-            }
-            // A route through an uplink means the pod is not (yet) on this node's veths.
-            let found = veth_of(*ip).await.filter(|i| !self.uplinks.contains(i));
-            let known = self.veths.get(pod).cloned();
-            match (found, known) {
-                (Some(iface), known) => {
-                    let fresh = known.as_deref() != Some(iface.as_str())
-                        || !self
-                            .with_dp(|dp| Ok(dp.is_attached(&iface)))
-                            .unwrap_or(false);
-                    if !fresh {
-                        continue;
-                    }
-                    if let Some(old) = known.filter(|o| *o != iface) {
-                        let _ = self.with_dp(|dp| dp.detach(&old));
-                    }
-                    match self.with_dp(|dp| dp.attach(&iface)) {
-                        Ok(()) => {
-                            self.veths.insert(pod.clone(), iface);
-                            changed = true;
-                        }
-                        Err(e) => {
-                            eprintln!("ward agent: attaching to {iface} of {pod}: {e}");
-                            self.metrics.update_errors.inc();
-                        }
-                    }
-                }
-                (None, Some(_)) => {
-                    // the veth went away with the pod's sandbox; its links went with it
-                    self.veths.remove(pod);
-                    changed = true;
-                }
-                (None, None) => {}
-            }
-        }
-        changed
-    }
-
-    /// At start, after the first discovery: links pinned by an earlier run on interfaces
-    /// that are no local pod's veth and no uplink any more (pods deleted while no agent
-    /// ran) are removed, so that nothing is attached twice or forever.
-    fn detach_leftovers(&mut self) {
-        let attached = match self.with_dp(|dp| dp.attached_interfaces()) {
-            Ok(a) => a,
-            Err(e) => {
-                eprintln!("ward agent: listing attachments: {e}");
-                return;
-            }
-        };
-        for iface in attached {
-            if self.uplinks.contains(&iface) || self.veths.values().any(|v| *v == iface) {
-                continue;
-            }
-            match self.with_dp(|dp| dp.detach(&iface)) {
-                Ok(()) => eprintln!("ward agent: detached leftover links of {iface}"),
-                Err(e) => {
-                    eprintln!("ward agent: detaching leftover {iface}: {e}");
-                    self.metrics.update_errors.inc();
-                }
-            }
-        }
-    }
-
-    fn with_dp<T>(
-        &self,
-        f: impl FnOnce(&mut Datapath) -> Result<T, redirect_bpf::Error>,
-    ) -> Result<T, redirect_bpf::Error> {
-        let mut dp = match self.dp.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        f(&mut dp)
     }
 
     /// What the maps must hold for `model`.
@@ -423,12 +373,20 @@ impl Reconciler {
             let id = self.ids.id(&pod, &ips, &recovered);
             let e = endpoint_entries(model, ep, id, self.ports);
             let identity = model.identities.get(ep.identity).id;
-            let iface = self.veths.get(&pod).cloned();
-            let ifx = iface.as_deref().map(ifindex).unwrap_or(0);
+            let attached = self.attachments.by_pod.get(&pod);
+            let ifindex = match attached {
+                Some(a) => a.ifindex,
+                // Before the first discovery round, what the maps hold stays.
+                None if !self.attachments.discovered => ips
+                    .iter()
+                    .find_map(|ip| self.applied.endpoints.get(ip).map(|i| i.ifindex))
+                    .unwrap_or(0),
+                None => 0,
+            };
             let info = EndpointInfo {
                 endpoint_id: id,
                 identity,
-                ifindex: ifx,
+                ifindex,
                 flags: e.flags,
             };
             for ip in &ips {
@@ -442,9 +400,9 @@ impl Reconciler {
                 ips,
                 endpoint_id: id,
                 identity,
-                attached: iface.is_some(),
-                interface: iface,
-                ifindex: ifx,
+                attached: attached.is_some(),
+                interface: attached.map(|a| a.iface.clone()),
+                ifindex,
             });
         }
         d.ipcache = model.ipcache(Some(&self.node)).into_iter().collect();
@@ -465,9 +423,7 @@ impl Reconciler {
         let mut model = working_copy(self.spare.take(), self.generation, &current);
         let (ips, added, endpoints) = self.apply_learned(&mut model);
         if self.identities.apply_new(&mut model, &added) {
-            if let Err(e) = self.identities.save() {
-                eprintln!("ward agent: saving the identity table: {e}");
-            }
+            self.save_identities();
         }
         let mut desired = self.applied.clone();
         for ip in &ips {
@@ -502,14 +458,8 @@ impl Reconciler {
                 desired.policy.insert(id, e.entries.into_iter().collect());
             }
         }
-        let result = {
-            let mut dp = match self.dp.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            apply(&mut dp, &mut self.applied, &desired)
-        };
-        self.publish(model, start, None, result)
+        let result = apply(&mut *self.dp.lock(), &mut self.applied, &desired);
+        self.publish(model, start, None, false, result)
     }
 
     /// Applies the learned FQDN IPs that changed since `model` was built
@@ -577,7 +527,7 @@ impl Reconciler {
             Plan::Full(why) => {
                 self.metrics.compiles.with_label_values(&["full"]).inc();
                 if why != rebuild::Full::NoModel && why != rebuild::Full::Policies {
-                    eprintln!("ward agent: full compile: {why:?}");
+                    tracing::info!(reason = ?why, "full compile");
                 }
                 // the compile took every learned observation
                 self.learned_changes.clear();
@@ -585,60 +535,80 @@ impl Reconciler {
             }
         };
         if renumbered {
-            if let Err(e) = self.identities.save() {
-                eprintln!("ward agent: saving the identity table: {e}");
-            }
+            self.save_identities();
         }
         let (desired, endpoints) = self.desired(&model);
-        let dp = self.dp.clone();
-        let result = {
-            let mut dp = match dp.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            let result = apply(&mut dp, &mut self.applied, &desired);
-            if result.is_ok() {
-                self.revoke_denied(&mut dp, &model);
-            }
-            result
-        };
-        self.publish(model, start, Some(endpoints), result)
+        let result = apply(&mut *self.dp.lock(), &mut self.applied, &desired);
+        self.publish(model, start, Some(endpoints), true, result)
     }
 
-    /// Removes the conntrack entries of established flows that `model` denies on this
-    /// node (`revoke`), once the datapath has the new policy: their next packet is
-    /// decided again and dropped.
-    fn revoke_denied(&self, dp: &mut redirect_bpf::Datapath, model: &Model) {
-        let local: HashSet<IpAddr> = self.local_pods().flat_map(|p| p.all_ips()).collect();
-        let enforced = super::revoke::Enforced {
-            model,
-            node: &self.node,
-            local: &local,
+    /// Rewrites the endpoints map for new attachments (interfaces found or gone), without
+    /// a new model.
+    fn refresh_endpoints(&mut self) -> Result<(), String> {
+        let Some(model) = self.model.clone() else {
+            return Ok(());
         };
-        match dp.revoke_conntrack(|f| enforced.denies(f)) {
-            Ok(0) => {}
-            Ok(n) => self.metrics.conntrack_revoked.inc_by(n as u64),
-            Err(e) => eprintln!("ward agent: revoking denied flows from conntrack: {e}"),
+        let (desired, endpoints) = self.desired(&model);
+        let result = apply(&mut *self.dp.lock(), &mut self.applied, &desired);
+        let outcome = self.record(result);
+        self.metrics.set_endpoints(&endpoints);
+        let entries = self.map_entries();
+        self.outputs.status.send_modify(|s| {
+            s.endpoints = endpoints;
+            s.map_entries = entries;
+            if let Err(e) = &outcome {
+                s.last_error = Some(e.clone());
+            }
+        });
+        outcome
+    }
+
+    fn save_identities(&self) {
+        if let Err(e) = self.identities.save() {
+            tracing::warn!(error = %e, "cannot save the identity table");
         }
     }
 
-    /// Hands `model` to the proxies and records the outcome of its datapath update in
-    /// the metrics and the status (`endpoints`: None keeps the endpoints shown).
+    /// Counts the outcome of a datapath update.
+    fn record(&mut self, result: Result<usize, redirect_bpf::Error>) -> Result<(), String> {
+        self.failed = result.is_err();
+        match result {
+            Ok(writes) => {
+                self.metrics.map_writes.inc_by(writes as u64);
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.update_errors.inc();
+                tracing::error!(error = %e, "datapath update failed; retrying");
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn map_entries(&self) -> MapEntries {
+        MapEntries {
+            ipcache: self.applied.ipcache.len(),
+            endpoints: self.applied.endpoints.len(),
+            policy: self.applied.policy_len(),
+        }
+    }
+
+    /// Hands `model` to the proxies and to the tasks that follow the published model, and
+    /// records the outcome of its datapath update in the metrics and the status
+    /// (`endpoints`: None keeps the endpoints shown). `revoke`: established flows the
+    /// model denies are to be cut.
     fn publish(
         &mut self,
         model: Model,
         start: Instant,
         endpoints: Option<Vec<EndpointStatus>>,
+        revoke: bool,
         result: Result<usize, redirect_bpf::Error>,
     ) -> Result<(), String> {
         // The proxies get the model whatever the datapath did: they decide L7 and DNS.
         // They share one copy.
         let model = Arc::new(model);
-        let generation = self.http.publish(model.clone());
-        self.http_metrics
-            .policy_generation
-            .set(i64::try_from(generation).unwrap_or(i64::MAX));
-        self.dns.set_model(model.clone());
+        let generation = self.proxies.publish(&model);
         self.model = Some(model.clone());
         self.generation = generation;
         let source = model.clone();
@@ -651,104 +621,61 @@ impl Reconciler {
         self.metrics.pushes.inc();
         self.metrics.push_seconds.observe(elapsed.as_secs_f64());
         if let Some(endpoints) = &endpoints {
-            let attached = endpoints.iter().filter(|e| e.attached).count();
-            self.metrics
-                .endpoints
-                .set(i64::try_from(endpoints.len()).unwrap_or(i64::MAX));
-            self.metrics
-                .endpoints_attached
-                .set(i64::try_from(attached).unwrap_or(i64::MAX));
+            self.metrics.set_endpoints(endpoints);
         }
         self.metrics
             .fqdn_names
             .set(i64::try_from(self.fqdn.names()).unwrap_or(i64::MAX));
-        self.failed = result.is_err();
-        let outcome = match result {
-            Ok(writes) => {
-                self.metrics.map_writes.inc_by(writes as u64);
-                Ok(())
-            }
-            Err(e) => {
-                self.metrics.update_errors.inc();
-                eprintln!("ward agent: datapath update failed: {e}");
-                Err(e.to_string())
-            }
-        };
-        if let Ok(mut s) = self.status.write() {
-            s.pushes = generation;
+        let outcome = self.record(result);
+        if outcome.is_ok() {
+            // Only a model the datapath enforces: the conntrack task revokes on it.
+            self.pushes += u64::from(revoke);
+            self.outputs.published.send_replace(Some(Published {
+                model: model.clone(),
+                generation,
+                pushes: self.pushes,
+            }));
+        }
+        let entries = self.map_entries();
+        let learned = self.fqdn.learned.clone();
+        self.outputs.status.send_modify(|s| {
+            s.generation = generation;
             s.last_push_ms = elapsed.as_secs_f64() * 1000.0;
             if let Some(endpoints) = endpoints {
                 s.endpoints = endpoints;
             }
             s.model = Some(model);
-            s.learned = self.fqdn.learned.clone();
-            s.map_entries = (
-                self.applied.ipcache.len(),
-                self.applied.endpoints.len(),
-                self.applied.policy_len(),
-            );
-            match &outcome {
-                Ok(()) => {
-                    if !s.ready {
-                        eprintln!(
-                            "ward agent: ready: {} endpoints, {} policies, first push in {:.1} ms",
-                            s.endpoints.len(),
-                            s.policies,
-                            s.last_push_ms
-                        );
-                    }
-                    s.ready = true;
-                    self.metrics.ready.set(1);
-                }
-                Err(e) => s.last_error = Some(e.clone()),
+            s.learned = learned;
+            s.map_entries = entries;
+            if let Err(e) = &outcome {
+                s.last_error = Some(e.clone());
             }
-        }
+        });
+        tracing::debug!(
+            generation,
+            ms = elapsed.as_secs_f64() * 1000.0,
+            ok = outcome.is_ok(),
+            "published"
+        );
         outcome
     }
+}
 
-    /// Moves drop events to the event stream and kernel drop counters to the metrics.
-    fn read_events(&mut self) {
-        let (events, counts, suppressed) = {
-            let mut dp = match self.dp.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            let events = dp.drain_events();
-            let counts: Vec<(u32, u64)> = (1..drop_reason::COUNT)
-                .filter_map(|r| dp.drops(r).ok().map(|c| (r, c)))
-                .collect();
-            (events, counts, dp.events_suppressed().unwrap_or(0))
-        };
-        let model = self.model.clone();
-        let pod_of = |ip: IpAddr| {
-            model
-                .as_ref()
-                .and_then(|m| m.endpoint_of_ip(ip).map(|e| e.name.clone()))
-        };
-        for e in &events {
-            self.events.publish(&drop_event(e, pod_of));
-        }
-        let mut by_name = BTreeMap::new();
-        for (r, c) in counts {
-            let seen = self.drops_seen.entry(r).or_insert(0);
-            // Counters restart from zero when the maps are recreated.
-            let delta = c.checked_sub(*seen).unwrap_or(c);
-            if delta > 0 {
-                self.metrics
-                    .drops
-                    .with_label_values(&[reason_name(r)])
-                    .inc_by(delta);
-            }
-            *seen = c;
-            *by_name.entry(reason_name(r)).or_insert(0) += c;
-        }
-        self.metrics
-            .events_suppressed
-            .set(i64::try_from(suppressed).unwrap_or(i64::MAX));
-        if let Ok(mut s) = self.status.write() {
-            s.drops = by_name;
-        }
+/// Answers the DNS hand-offs of a round with its outcome.
+fn confirm(acks: Vec<Request>, result: &Result<(), String>) {
+    for r in acks {
+        let _ = r.done.send(result.clone());
     }
+}
+
+/// The pods of `node` in `cluster` with their IPs.
+pub fn local_pods(cluster: &Cluster, node: &str) -> LocalPods {
+    cluster
+        .pods
+        .iter()
+        .filter(|p| p.node.as_deref() == Some(node))
+        .map(|p| (p.id(), p.all_ips().collect()))
+        .collect()
 }
 
 /// A working copy of `current` (published as `generation`): the spare copy made after

@@ -10,10 +10,11 @@ use std::time::SystemTime;
 
 use redirect_bpf::common::{DropEvent, DIR_INGRESS};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tokio::sync::{broadcast, mpsc};
 
 use super::metrics::reason_name;
+use crate::admin::api::{self, Event, Peer};
 
 /// Events kept for a client that asks for what happened recently.
 const RECENT: usize = 1024;
@@ -39,9 +40,15 @@ impl Events {
         }
     }
 
-    /// Publishes one JSON object (a line without its newline).
-    pub fn publish(&self, v: &Value) {
-        let line: Arc<str> = Arc::from(v.to_string());
+    /// Publishes one event (a JSON line without its newline).
+    pub fn publish(&self, e: &Event) {
+        let line: Arc<str> = match serde_json::to_string(e) {
+            Ok(l) => Arc::from(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "event not serialisable; left out");
+                return;
+            }
+        };
         if let Ok(mut r) = self.recent.lock() {
             if r.len() == RECENT {
                 r.pop_front();
@@ -64,8 +71,8 @@ impl Events {
     }
 }
 
-/// A drop event as JSON.
-pub fn drop_event(e: &DropEvent, pod_of: impl Fn(IpAddr) -> Option<String>) -> Value {
+/// A drop event as the event stream carries it.
+pub fn drop_event(e: &DropEvent, pod_of: impl Fn(IpAddr) -> Option<String>) -> Event {
     let (src, dst) = if e.family == 6 {
         (
             IpAddr::V6(Ipv6Addr::from(e.saddr6)),
@@ -77,17 +84,31 @@ pub fn drop_event(e: &DropEvent, pod_of: impl Fn(IpAddr) -> Option<String>) -> V
             IpAddr::V4(Ipv4Addr::from(e.daddr)),
         )
     };
-    serde_json::json!({
-        "type": "drop",
-        "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        "verdict": "denied",
-        "reason": reason_name(e.reason),
-        "direction": if e.direction == DIR_INGRESS { "ingress" } else { "egress" },
-        "protocol": e.protocol,
-        "source": {"ip": src, "port": u16::from_be_bytes(e.sport), "identity": e.src_identity, "pod": pod_of(src)},
-        "destination": {"ip": dst, "port": u16::from_be_bytes(e.dport), "identity": e.dst_identity, "pod": pod_of(dst)},
-        "ifindex": e.ifindex,
-        "cookie": e.cookie,
+    Event::Drop(api::Drop {
+        time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        verdict: "denied".into(),
+        reason: reason_name(e.reason).into(),
+        direction: if e.direction == DIR_INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        }
+        .into(),
+        protocol: e.protocol,
+        source: Peer {
+            ip: src,
+            port: u16::from_be_bytes(e.sport),
+            identity: e.src_identity,
+            pod: pod_of(src),
+        },
+        destination: Peer {
+            ip: dst,
+            port: u16::from_be_bytes(e.dport),
+            identity: e.dst_identity,
+            pod: pod_of(dst),
+        },
+        ifindex: e.ifindex,
+        cookie: e.cookie,
     })
 }
 
@@ -123,7 +144,7 @@ impl AuditSink {
             AuditSink::File(f) => writeln!(f, "{line}"),
         };
         if let Err(e) = r {
-            eprintln!("ward agent: audit log write failed: {e}");
+            tracing::warn!(error = %e, "audit log write failed");
         }
     }
 }
@@ -136,34 +157,33 @@ pub fn pump_audit(
     mut sink: AuditSink,
     events: Events,
 ) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(&'static str, Value)>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(bool, Map<String, Value>)>();
     let t1 = tx.clone();
     tokio::spawn(async move {
         while let Some(r) = http.recv().await {
-            if t1.send(("http", to_value(&r))).is_err() {
+            if t1.send((true, to_map(&r))).is_err() {
                 return;
             }
         }
     });
     tokio::spawn(async move {
         while let Some(r) = dns.recv().await {
-            if tx.send(("dns", to_value(&r))).is_err() {
+            if tx.send((false, to_map(&r))).is_err() {
                 return;
             }
         }
     });
     tokio::task::spawn_blocking(move || {
-        while let Some((kind, v)) = rx.blocking_recv() {
-            sink.write(&v.to_string());
-            let mut v = v;
-            if let Value::Object(m) = &mut v {
-                m.insert("type".into(), Value::String(kind.into()));
-            }
-            events.publish(&v);
+        while let Some((http, m)) = rx.blocking_recv() {
+            sink.write(&Value::Object(m.clone()).to_string());
+            events.publish(&if http { Event::Http(m) } else { Event::Dns(m) });
         }
     });
 }
 
-fn to_value<T: Serialize>(r: &T) -> Value {
-    serde_json::to_value(r).unwrap_or(Value::Null)
+fn to_map<T: Serialize>(r: &T) -> Map<String, Value> {
+    match serde_json::to_value(r) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    }
 }
