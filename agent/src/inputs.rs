@@ -87,7 +87,7 @@ fn absorb(parsed: Parsed, file: &str, loaded: &mut Loaded) {
 }
 
 /// Loads a cluster file and policy manifests and compiles them. Invalid objects are left
-/// out with a warning on stderr naming each error; the others are enforced.
+/// out with a warning (a log event) naming each error; the others are enforced.
 pub fn compile_model(
     cluster: &Path,
     policies: &[PathBuf],
@@ -104,7 +104,7 @@ pub fn compile_model(
         }
     }
     for e in &errors {
-        eprintln!("warning: left out: {e}");
+        tracing::warn!(error = %e, "left out");
     }
     Ok(Model::compile(&cluster, valid, options))
 }

@@ -24,6 +24,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: agent::telemetry::LogArgs,
 }
 
 #[derive(Subcommand)]
@@ -61,6 +63,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = agent::telemetry::init(&cli.log) {
+        eprintln!("ward: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Agent(args) => cmd::agent::run(*args),
         Command::Conformance { command } => cmd::conformance::run(command),

@@ -32,7 +32,8 @@ pub struct Args {
     /// manifests, read recursively and watched for changes.
     #[arg(long)]
     source_dir: Option<PathBuf>,
-    /// How often the source directory is checked for changes, in milliseconds [default: 20].
+    /// How often the source directory is re-read in full, in milliseconds, as a safety
+    /// net behind the change notifications (inotify); at least 1000 [default: 30000].
     #[arg(long)]
     source_poll_ms: Option<u64>,
     /// bpffs directory of the pinned maps and links [default: /sys/fs/bpf/ward].
@@ -129,7 +130,10 @@ pub fn settings(a: Args) -> Result<Settings> {
         node,
         source,
         source_dir,
-        poll: Duration::from_millis(a.source_poll_ms.or(f.source_poll_ms).unwrap_or(20)),
+        rescan: a
+            .source_poll_ms
+            .or(f.source_poll_ms)
+            .map_or(crate::source::files::DEFAULT_RESCAN, Duration::from_millis),
         bpf_root: a
             .bpf_root
             .or(f.bpf_root)

@@ -22,7 +22,7 @@ use crate::datapath::Shared;
 use crate::reconcile::publisher::{NodeProxies, Start};
 use crate::reconcile::{self, attacher, dns, fqdn, identities, maps, Timing, Wiring};
 use crate::source::Source;
-use crate::telemetry::{events, metrics};
+use crate::telemetry::{audit, events, metrics};
 
 /// Everything `ward agent` needs, after the config file and the flags are merged.
 #[derive(Clone, Debug)]
@@ -32,7 +32,8 @@ pub struct Settings {
     pub source: config::SourceKind,
     /// The files source's directory.
     pub source_dir: Option<PathBuf>,
-    pub poll: Duration,
+    /// How often the files source re-reads its directory behind the notifications.
+    pub rescan: Duration,
     pub bpf_root: PathBuf,
     pub state_dir: PathBuf,
     pub admin: SocketAddr,
@@ -142,9 +143,9 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     let (http_audit, http_rx) = proxy::AuditLog::channel(s.proxy.audit_queue, http_metrics.clone());
     let (dns_audit, dns_rx) =
         dns_proxy::audit::Audit::channel(s.dns.audit_capacity, dns_metrics.clone());
-    let sink = events::AuditSink::open(&s.audit_log)
+    let sink = audit::AuditSink::open(&s.audit_log)
         .with_context(|| format!("cannot open audit log {}", s.audit_log))?;
-    events::pump_audit(http_rx, dns_rx, sink, events.clone());
+    audit::pump_audit(http_rx, dns_rx, sink, events.clone());
 
     // The first snapshot, so the proxies start with real policy.
     let first = source.next().await.context("reading the first snapshot")?;

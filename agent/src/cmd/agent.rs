@@ -24,7 +24,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         .context("cannot start the runtime")?;
     let r = rt.block_on(async {
         let source: Box<dyn Source> = match (s.source, &s.source_dir) {
-            (SourceKind::Files, Some(dir)) => Box::new(FilesSource::new(dir).with_poll(s.poll)),
+            (SourceKind::Files, Some(dir)) => Box::new(FilesSource::new(dir).with_rescan(s.rescan)),
             (SourceKind::Files, None) => bail!("the files source needs --source-dir"),
             (SourceKind::Kubernetes, _) => {
                 let client = ::kube::Client::try_default().await.context(

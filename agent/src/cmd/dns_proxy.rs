@@ -156,9 +156,12 @@ async fn serve(a: Args) -> Result<ExitCode> {
     let tcp = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("cannot bind tcp {}", a.listen))?;
-    eprintln!(
-        "ward dns-proxy: {} -> {} for {} ({restored} names restored)",
-        a.listen, a.upstream, a.endpoint
+    tracing::info!(
+        listen = %a.listen,
+        upstream = %a.upstream,
+        endpoint = %a.endpoint,
+        restored,
+        "DNS proxy serving"
     );
     let udp_task = tokio::spawn(serve_udp(
         proxy.clone(),
@@ -178,7 +181,7 @@ async fn serve(a: Args) -> Result<ExitCode> {
         r = tokio::signal::ctrl_c() => r.context("signal")?,
     }
     if let Err(e) = proxy.persist() {
-        eprintln!("ward dns-proxy: persisting the FQDN cache: {e}");
+        tracing::warn!(error = %e, "cannot persist the FQDN cache");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -194,7 +197,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Metrics) {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
-                eprintln!("ward dns-proxy: metrics endpoint: {e}");
+                tracing::error!(error = %e, "metrics endpoint stopped");
                 return;
             }
         };

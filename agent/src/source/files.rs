@@ -5,41 +5,71 @@ use std::collections::hash_map::DefaultHasher;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use policy_model::api;
 use policy_model::{Cluster, PolicyError};
 use serde_yaml::Value;
+use tokio::sync::mpsc;
 
 use super::{BoxFuture, Snapshot, Source};
 use crate::inputs::yaml_files;
 
 /// A directory of YAML files, read recursively: cluster state (the `cluster:` shape of
 /// the conformance format, on its own or under a `cluster:` key) and policy manifests.
-/// Changes are found by polling a fingerprint of the files' names, sizes and times,
-/// which is cheap and needs no inotify limits.
+/// Changes are noticed through the kernel's file notifications (`notify`: inotify);
+/// a burst of writes becomes one snapshot once the directory is quiet for [`DEBOUNCE`],
+/// and the whole directory is also re-read every [`DEFAULT_RESCAN`] as a safety net
+/// (notifications can be lost when the kernel's queue overflows). A snapshot is
+/// delivered only when the files' content changed. Files are read on a blocking thread.
 pub struct FilesSource {
     dir: PathBuf,
-    /// The fingerprint of what the last snapshot read; None before the first.
+    /// Hash of the content the last snapshot was read from; None before the first.
     seen: Option<u64>,
-    poll: std::time::Duration,
+    rescan: Duration,
+    /// The watcher (kept alive) and its notifications; None before the first snapshot,
+    /// or when watching failed (then the directory is re-read every [`FALLBACK_RESCAN`]).
+    watch: Option<(RecommendedWatcher, mpsc::UnboundedReceiver<()>)>,
+    watching: bool,
+    /// Whether to ask for notifications at all.
+    notify: bool,
 }
 
-/// How often [`FilesSource`] looks for changes: well under the 100 ms a policy change
-/// may take to be enforced, and a few `stat`s per file each time.
-pub const DEFAULT_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+/// How often the directory is re-read in full when nothing was notified.
+pub const DEFAULT_RESCAN: Duration = Duration::from_secs(30);
+/// The shortest re-read interval (`--source-poll-ms` below it is raised to it).
+pub const MIN_RESCAN: Duration = Duration::from_secs(1);
+/// The re-read interval when the directory cannot be watched (inotify limits).
+pub const FALLBACK_RESCAN: Duration = Duration::from_secs(1);
+/// Quiet time after a notification before the directory is read.
+pub const DEBOUNCE: Duration = Duration::from_millis(5);
+/// Longest a burst of writes may delay a snapshot.
+pub const MAX_DELAY: Duration = Duration::from_millis(200);
 
 impl FilesSource {
     pub fn new(dir: impl Into<PathBuf>) -> FilesSource {
         FilesSource {
             dir: dir.into(),
             seen: None,
-            poll: DEFAULT_POLL,
+            rescan: DEFAULT_RESCAN,
+            watch: None,
+            watching: false,
+            notify: true,
         }
     }
 
-    /// Sets how often the directory is checked for changes.
-    pub fn with_poll(mut self, poll: std::time::Duration) -> FilesSource {
-        self.poll = poll.max(std::time::Duration::from_millis(1));
+    /// Re-reads periodically only, without notifications: for file systems that send
+    /// none (some network file systems).
+    pub fn polling_only(mut self) -> FilesSource {
+        self.notify = false;
+        self
+    }
+
+    /// Sets how often the directory is re-read in full behind the notifications (at
+    /// least [`MIN_RESCAN`]).
+    pub fn with_rescan(mut self, every: Duration) -> FilesSource {
+        self.rescan = every.max(MIN_RESCAN);
         self
     }
 
@@ -47,81 +77,149 @@ impl FilesSource {
         &self.dir
     }
 
-    /// A value that changes when any YAML file is added, removed or modified.
-    pub fn fingerprint(&self) -> std::io::Result<u64> {
-        let mut h = DefaultHasher::new();
-        let files = yaml_files(std::slice::from_ref(&self.dir)).map_err(std::io::Error::other)?;
-        for f in files {
-            let m = fs::metadata(&f)?;
-            f.hash(&mut h);
-            m.len().hash(&mut h);
-            m.modified()?.hash(&mut h);
-        }
-        Ok(h.finish())
-    }
-
     /// Reads everything. Only an unreadable directory is an error; bad files are reported
     /// in the snapshot and the rest is used.
     pub fn load(&self) -> anyhow::Result<Snapshot> {
-        let mut snap = Snapshot::default();
-        for f in yaml_files(std::slice::from_ref(&self.dir))? {
-            let name = f.display().to_string();
-            let text = match fs::read_to_string(&f) {
-                Ok(t) => t,
-                Err(e) => {
-                    snap.errors
-                        .push(loose(&name, None, format!("cannot read: {e}")));
-                    continue;
-                }
-            };
-            let parsed = api::parse(&text, Some(&name));
-            snap.objects.extend(parsed.objects);
-            snap.errors.extend(parsed.errors);
-            for (value, line) in parsed.other {
-                self.other(value, line, &name, &mut snap);
-            }
-        }
-        Ok(snap)
+        load(&self.dir).map(|(snap, _)| snap)
     }
 
-    fn other(&self, value: Value, line: Option<usize>, file: &str, snap: &mut Snapshot) {
-        let cluster_value = match value.get("cluster") {
-            Some(c) => c.clone(),
-            None if ["namespaces", "pods", "nodes", "externals", "dns"]
-                .iter()
-                .any(|k| value.get(k).is_some()) =>
-            {
-                value.clone()
+    /// Starts watching the directory; a failure leaves the periodic re-read.
+    fn start_watching(&mut self) {
+        if !self.notify {
+            return;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            // Any event (or error: lost events) means "read again".
+            let _ = event;
+            let _ = tx.send(());
+        })
+        .and_then(|mut w| {
+            w.watch(&self.dir, RecursiveMode::Recursive)?;
+            Ok(w)
+        });
+        match watcher {
+            Ok(w) => {
+                self.watch = Some((w, rx));
+                self.watching = true;
             }
-            None => {
-                snap.errors.push(loose(
-                    file,
-                    line,
-                    "not a Kubernetes object (no apiVersion) and not cluster state".into(),
-                ));
-                return;
-            }
-        };
-        match serde_path_to_error::deserialize::<_, Cluster>(cluster_value) {
-            Ok(c) => merge(&mut snap.cluster, c),
             Err(e) => {
-                let path = e.path().to_string();
-                snap.errors.push(PolicyError {
-                    file: Some(file.to_string()),
-                    line,
-                    object: Some("cluster state".into()),
-                    path,
-                    reason: e.into_inner().to_string(),
-                });
+                tracing::warn!(
+                    dir = %self.dir.display(),
+                    error = %e,
+                    every = ?FALLBACK_RESCAN,
+                    "cannot watch the source directory; re-reading it periodically"
+                );
+                self.watching = false;
             }
         }
-        // a conformance case also carries policies
-        if let Some(Value::Sequence(items)) = value.get("policies") {
-            for item in items {
-                let p = api::parse_value(item.clone(), Some(file));
-                snap.objects.extend(p.objects);
-                snap.errors.extend(p.errors);
+    }
+
+    /// Waits for a notification (then for the burst to end) or for the re-read timer.
+    async fn changed(&mut self) {
+        let every = if self.watching || !self.notify {
+            self.rescan
+        } else {
+            FALLBACK_RESCAN
+        };
+        let Some((_, rx)) = self.watch.as_mut() else {
+            tokio::time::sleep(every).await;
+            return;
+        };
+        match tokio::time::timeout(every, rx.recv()).await {
+            Err(_) => return,
+            Ok(None) => {
+                // the watcher stopped: re-read periodically from now on
+                self.watch = None;
+                self.watching = false;
+                return;
             }
+            Ok(Some(())) => {}
+        }
+        let deadline = tokio::time::Instant::now() + MAX_DELAY;
+        loop {
+            let quiet = tokio::time::Instant::now() + DEBOUNCE;
+            match tokio::time::timeout_at(quiet.min(deadline), rx.recv()).await {
+                Ok(Some(())) => continue,
+                Ok(None) | Err(_) => return,
+            }
+        }
+    }
+
+    /// Reads the directory on a blocking thread.
+    async fn read(&self) -> anyhow::Result<(Snapshot, u64)> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || load(&dir))
+            .await
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", self.dir.display()))?
+    }
+}
+
+/// Reads everything under `dir`, and a hash of the files' names and content.
+fn load(dir: &Path) -> anyhow::Result<(Snapshot, u64)> {
+    let mut snap = Snapshot::default();
+    let mut h = DefaultHasher::new();
+    for f in yaml_files(&[dir.to_path_buf()])? {
+        let name = f.display().to_string();
+        let text = match fs::read_to_string(&f) {
+            Ok(t) => t,
+            // gone between listing and reading: the next notification reads again
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                snap.errors
+                    .push(loose(&name, None, format!("cannot read: {e}")));
+                continue;
+            }
+        };
+        name.hash(&mut h);
+        text.hash(&mut h);
+        let parsed = api::parse(&text, Some(&name));
+        snap.objects.extend(parsed.objects);
+        snap.errors.extend(parsed.errors);
+        for (value, line) in parsed.other {
+            other(value, line, &name, &mut snap);
+        }
+    }
+    Ok((snap, h.finish()))
+}
+
+fn other(value: Value, line: Option<usize>, file: &str, snap: &mut Snapshot) {
+    let cluster_value = match value.get("cluster") {
+        Some(c) => c.clone(),
+        None if ["namespaces", "pods", "nodes", "externals", "dns"]
+            .iter()
+            .any(|k| value.get(k).is_some()) =>
+        {
+            value.clone()
+        }
+        None => {
+            snap.errors.push(loose(
+                file,
+                line,
+                "not a Kubernetes object (no apiVersion) and not cluster state".into(),
+            ));
+            return;
+        }
+    };
+    match serde_path_to_error::deserialize::<_, Cluster>(cluster_value) {
+        Ok(c) => merge(&mut snap.cluster, c),
+        Err(e) => {
+            let path = e.path().to_string();
+            snap.errors.push(PolicyError {
+                file: Some(file.to_string()),
+                line,
+                object: Some("cluster state".into()),
+                path,
+                reason: e.into_inner().to_string(),
+            });
+        }
+    }
+    // a conformance case also carries policies
+    if let Some(Value::Sequence(items)) = value.get("policies") {
+        for item in items {
+            let p = api::parse_value(item.clone(), Some(file));
+            snap.objects.extend(p.objects);
+            snap.errors.extend(p.errors);
         }
     }
 }
@@ -131,28 +229,32 @@ impl Source for FilesSource {
         "files"
     }
 
-    /// The first call reads at once; later calls poll the fingerprint and read when it
-    /// changes. A read that races a writer is harmless: the writer's next change of
-    /// size or time changes the fingerprint again.
+    /// The first call reads at once (and starts watching, before the read, so no change
+    /// falls between); later calls return when the files' content changed.
     fn next(&mut self) -> BoxFuture<'_, anyhow::Result<Snapshot>> {
         Box::pin(async move {
+            if self.seen.is_none() && self.watch.is_none() {
+                self.start_watching();
+            }
             loop {
-                let fp = match self.fingerprint() {
-                    Ok(fp) => Some(fp),
-                    Err(e) if self.seen.is_none() => {
-                        return Err(anyhow::anyhow!("{}: {e}", self.dir().display()))
+                if self.seen.is_some() {
+                    self.changed().await;
+                }
+                match self.read().await {
+                    Ok((snap, hash)) => {
+                        if self.seen != Some(hash) {
+                            self.seen = Some(hash);
+                            return Ok(snap);
+                        }
                     }
-                    // A file vanished between listing and stat: look again.
-                    Err(_) => None,
-                };
-                if let Some(fp) = fp {
-                    if self.seen != Some(fp) {
-                        let snap = self.load()?;
-                        self.seen = Some(fp);
-                        return Ok(snap);
+                    Err(e) if self.seen.is_none() => {
+                        return Err(anyhow::anyhow!("{}: {e:#}", self.dir.display()))
+                    }
+                    // the directory went away meanwhile: keep what is in force, look again
+                    Err(e) => {
+                        tracing::warn!(dir = %self.dir.display(), error = format!("{e:#}"), "cannot read the source directory")
                     }
                 }
-                tokio::time::sleep(self.poll).await;
             }
         })
     }
@@ -229,36 +331,80 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_fingerprint_follows_changes() {
-        let d = Dir::new("fingerprint");
-        let src = FilesSource::new(&d.0);
-        let f0 = src.fingerprint().expect("fp");
-        assert_eq!(f0, src.fingerprint().expect("fp"), "stable without changes");
-        fs::write(d.0.join("a.yaml"), "namespaces: []\n").expect("write");
-        let f1 = src.fingerprint().expect("fp");
-        assert_ne!(f0, f1, "a new file");
-        fs::write(d.0.join("a.yaml"), "namespaces: [{name: x}]\n").expect("write");
-        assert_ne!(f1, src.fingerprint().expect("fp"), "a changed file");
-        fs::remove_file(d.0.join("a.yaml")).expect("rm");
-        assert_eq!(f0, src.fingerprint().expect("fp"), "back to the start");
+    fn write(d: &Dir, file: &str, text: &str) {
+        // as the tests and editors do: a temporary file renamed over the old one
+        let tmp = d.0.join(format!(".{}.tmp", file.replace('/', "_")));
+        fs::write(&tmp, text).expect("write");
+        fs::rename(&tmp, d.0.join(file)).expect("rename");
+    }
+
+    async fn within(src: &mut FilesSource, secs: u64) -> Snapshot {
+        tokio::time::timeout(Duration::from_secs(secs), src.next())
+            .await
+            .expect("a snapshot in time")
+            .expect("load")
     }
 
     #[tokio::test]
-    async fn next_returns_at_once_then_on_change() {
+    async fn next_returns_at_once_then_on_a_notified_change() {
         let d = Dir::new("next");
-        fs::write(d.0.join("c.yaml"), "namespaces: [{name: a}]\n").expect("write");
-        let mut src = FilesSource::new(&d.0).with_poll(std::time::Duration::from_millis(5));
-        let first = src.next().await.expect("first");
+        write(&d, "c.yaml", "namespaces: [{name: a}]\n");
+        // no re-read in the test's time: only a notification can bring the change
+        let mut src = FilesSource::new(&d.0).with_rescan(Duration::from_secs(3600));
+        let first = within(&mut src, 5).await;
         assert_eq!(first.cluster.namespaces.len(), 1);
-        let pending = tokio::time::timeout(std::time::Duration::from_millis(100), src.next()).await;
+        let pending = tokio::time::timeout(Duration::from_millis(200), src.next()).await;
         assert!(pending.is_err(), "no change, no snapshot");
-        fs::write(d.0.join("c.yaml"), "namespaces: [{name: a}, {name: b}]\n").expect("write");
-        let second = tokio::time::timeout(std::time::Duration::from_secs(5), src.next())
-            .await
-            .expect("a change is seen")
-            .expect("load");
-        assert_eq!(second.cluster.namespaces.len(), 2);
+        write(&d, "c.yaml", "namespaces: [{name: a}, {name: b}]\n");
+        assert_eq!(within(&mut src, 5).await.cluster.namespaces.len(), 2);
+        // a new file in a new subdirectory
+        fs::create_dir_all(d.0.join("sub/deeper")).expect("mkdir");
+        write(&d, "sub/deeper/more.yaml", "namespaces: [{name: c}]\n");
+        let mut seen = within(&mut src, 5).await.cluster.namespaces.len();
+        // the new directory's notification may come before its file's
+        while seen < 3 {
+            seen = within(&mut src, 5).await.cluster.namespaces.len();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_writes_is_one_read_and_a_rewrite_of_the_same_content_none() {
+        let d = Dir::new("burst");
+        write(&d, "c.yaml", "namespaces: []\n");
+        let mut src = FilesSource::new(&d.0).with_rescan(Duration::from_secs(3600));
+        within(&mut src, 5).await;
+        for i in 0..20 {
+            write(
+                &d,
+                &format!("n{i}.yaml"),
+                &format!("namespaces: [{{name: n{i}}}]\n"),
+            );
+        }
+        let mut snapshots = 1;
+        let mut seen = within(&mut src, 5).await.cluster.namespaces.len();
+        while seen < 20 {
+            seen = within(&mut src, 5).await.cluster.namespaces.len();
+            snapshots += 1;
+        }
+        assert!(
+            snapshots < 20,
+            "each write read on its own: {snapshots} snapshots"
+        );
+        write(&d, "n0.yaml", "namespaces: [{name: n0}]\n");
+        let again = tokio::time::timeout(Duration::from_millis(300), src.next()).await;
+        assert!(again.is_err(), "the same content again is no change");
+    }
+
+    #[tokio::test]
+    async fn without_notifications_the_periodic_read_finds_the_change() {
+        let d = Dir::new("poll");
+        write(&d, "c.yaml", "namespaces: [{name: a}]\n");
+        let mut src = FilesSource::new(&d.0)
+            .polling_only()
+            .with_rescan(MIN_RESCAN);
+        within(&mut src, 5).await;
+        write(&d, "c.yaml", "namespaces: [{name: a}, {name: b}]\n");
+        assert_eq!(within(&mut src, 5).await.cluster.namespaces.len(), 2);
     }
 
     #[test]

@@ -1,17 +1,14 @@
 //! One stream of what happened, for `/v1/events` and `ward observe`: datapath drop
 //! events and the audit records of both proxies, as JSON lines with a `type` field
-//! (`drop`, `http`, `dns`). The audit records also go to the audit log, unchanged.
+//! (`drop`, `http`, `dns`); see `admin::api::Event`.
 
 use std::collections::VecDeque;
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use redirect_bpf::common::{DropEvent, DIR_INGRESS};
-use serde::Serialize;
-use serde_json::{Map, Value};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 
 use super::metrics::reason_name;
 use crate::admin::api::{self, Event, Peer};
@@ -110,80 +107,4 @@ pub fn drop_event(e: &DropEvent, pod_of: impl Fn(IpAddr) -> Option<String>) -> E
         ifindex: e.ifindex,
         cookie: e.cookie,
     })
-}
-
-/// Where audit records are written.
-pub enum AuditSink {
-    None,
-    Stdout,
-    File(std::fs::File),
-}
-
-impl AuditSink {
-    /// `-` is stdout, `none` disables the log, anything else is a file appended to.
-    pub fn open(spec: &str) -> std::io::Result<AuditSink> {
-        Ok(match spec {
-            "-" => AuditSink::Stdout,
-            "none" => AuditSink::None,
-            path => AuditSink::File(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            ),
-        })
-    }
-
-    fn write(&mut self, line: &str) {
-        let r = match self {
-            AuditSink::None => Ok(()),
-            AuditSink::Stdout => {
-                let mut out = std::io::stdout().lock();
-                writeln!(out, "{line}").and_then(|_| out.flush())
-            }
-            AuditSink::File(f) => writeln!(f, "{line}"),
-        };
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "audit log write failed");
-        }
-    }
-}
-
-/// Writes the records of both proxies to the audit log and the event stream, until both
-/// channels close. Runs on a blocking thread: file writes never stall the data path.
-pub fn pump_audit(
-    mut http: mpsc::Receiver<proxy::Record>,
-    mut dns: mpsc::Receiver<dns_proxy::audit::AuditRecord>,
-    mut sink: AuditSink,
-    events: Events,
-) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(bool, Map<String, Value>)>();
-    let t1 = tx.clone();
-    tokio::spawn(async move {
-        while let Some(r) = http.recv().await {
-            if t1.send((true, to_map(&r))).is_err() {
-                return;
-            }
-        }
-    });
-    tokio::spawn(async move {
-        while let Some(r) = dns.recv().await {
-            if tx.send((false, to_map(&r))).is_err() {
-                return;
-            }
-        }
-    });
-    tokio::task::spawn_blocking(move || {
-        while let Some((http, m)) = rx.blocking_recv() {
-            sink.write(&Value::Object(m.clone()).to_string());
-            events.publish(&if http { Event::Http(m) } else { Event::Dns(m) });
-        }
-    });
-}
-
-fn to_map<T: Serialize>(r: &T) -> Map<String, Value> {
-    match serde_json::to_value(r) {
-        Ok(Value::Object(m)) => m,
-        _ => Map::new(),
-    }
 }
