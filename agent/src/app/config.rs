@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use super::Settings;
@@ -104,27 +103,54 @@ struct File {
     dns_proxy: Option<dns_proxy::Config>,
 }
 
-fn read_file(path: &Path) -> Result<File> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+/// Why the settings are not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {field}: {reason}")]
+    Parse {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+    #[error("{0} is required")]
+    Missing(&'static str),
+}
+
+fn read_file(path: &Path) -> Result<File, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let de = serde_yaml::Deserializer::from_str(&text);
-    serde_path_to_error::deserialize(de)
-        .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))
+    serde_path_to_error::deserialize(de).map_err(|e| Error::Parse {
+        path: path.to_path_buf(),
+        field: e.path().to_string(),
+        reason: e.inner().to_string(),
+    })
 }
 
 /// Merges flags over the file over the defaults.
-pub fn settings(a: Args) -> Result<Settings> {
+pub fn settings(a: Args) -> Result<Settings, Error> {
     let f = match &a.config {
         Some(p) => read_file(p)?,
         None => File::default(),
     };
     let Some(node) = a.node.or(f.node) else {
-        bail!("--node (or NODE_NAME, or `node:` in --config) is required");
+        return Err(Error::Missing(
+            "--node (or NODE_NAME, or `node:` in --config)",
+        ));
     };
     let source = a.source.or(f.source).unwrap_or_default();
     let source_dir = a.source_dir.or(f.source_dir);
     if source == SourceKind::Files && source_dir.is_none() {
-        bail!("--source-dir (or `source_dir:` in --config) is required with the files source");
+        return Err(Error::Missing(
+            "--source-dir (or `source_dir:` in --config) with the files source",
+        ));
     }
     Ok(Settings {
         node,

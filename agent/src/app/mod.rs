@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use dns_proxy::listener::{serve_tcp, serve_udp, LocalAddr, TransparentUdp};
 use dns_proxy::Scope;
 use policy_model::{CompileOptions, Model};
@@ -49,14 +48,59 @@ pub struct Settings {
     pub compile: CompileOptions,
 }
 
+/// Why the agent could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {source}")]
+    Datapath {
+        what: String,
+        source: redirect_bpf::Error,
+    },
+    #[error("{what}: cannot listen on {addr}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("reading the first snapshot: {0}")]
+    FirstSnapshot(#[source] crate::source::Error),
+    #[error("the policy publisher stopped")]
+    PublisherStopped,
+    #[error("the DNS proxy's thread ended before it started")]
+    DnsThread,
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+fn dp_error(what: impl Into<String>) -> impl FnOnce(redirect_bpf::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Datapath { what, source }
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+fn listen_error(what: &'static str, addr: SocketAddr) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Listen { what, addr, source }
+}
+
 /// Binds the DNS proxy's UDP and TCP listeners (IPv4, and IPv6 when the node has it) and
 /// serves them on the current runtime.
 fn serve_dns(dns: &dns_proxy::Proxy, port: u16, ipv6: bool) -> Result<()> {
     let dns_listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let udp = TransparentUdp::bind(dns_listen)
-        .with_context(|| format!("DNS proxy: cannot bind udp {dns_listen}"))?;
+    let udp =
+        TransparentUdp::bind(dns_listen).map_err(listen_error("DNS proxy (udp)", dns_listen))?;
     let tcp = dns_proxy::socket::transparent_tcp(dns_listen)
-        .with_context(|| format!("DNS proxy: cannot bind tcp {dns_listen}"))?;
+        .map_err(listen_error("DNS proxy (tcp)", dns_listen))?;
     tokio::spawn(serve_udp(dns.clone(), Arc::new(udp)));
     tokio::spawn(serve_tcp(dns.clone(), tcp, Arc::new(LocalAddr)));
     let dns_listen6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
@@ -80,7 +124,7 @@ fn serve_dns(dns: &dns_proxy::Proxy, port: u16, ipv6: bool) -> Result<()> {
 /// for IPv4.
 fn bind_ipv6<T>(
     ipv6: bool,
-    what: &str,
+    what: &'static str,
     addr: SocketAddr,
     bind: impl FnOnce() -> std::io::Result<T>,
 ) -> Result<Option<T>> {
@@ -103,16 +147,18 @@ fn bind_ipv6<T>(
             );
             Ok(None)
         }
-        Err(e) => Err(e).with_context(|| format!("{what}: cannot listen on {addr}")),
+        Err(e) => Err(listen_error(what, addr)(e)),
     }
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     // The datapath: loaded on the pinned maps, which keep enforcing while no agent runs.
-    let dp = Datapath::load(&s.bpf_root)
-        .with_context(|| format!("loading the datapath at {}", s.bpf_root.display()))?;
-    let applied = maps::MapState::read(&dp).context("reading the pinned maps")?;
+    let dp = Datapath::load(&s.bpf_root).map_err(dp_error(format!(
+        "loading the datapath at {}",
+        s.bpf_root.display()
+    )))?;
+    let applied = maps::MapState::read(&dp).map_err(dp_error("reading the pinned maps"))?;
     let dp = Shared::new(dp);
     let ipv6 = routing::ipv6_enabled();
     if !ipv6 {
@@ -121,7 +167,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
              listeners; IPv6 flows that need a proxy are dropped (proxy_unavailable)"
         );
     }
-    if routing::ensure().context("installing the redirect routing")? {
+    if routing::ensure().map_err(dp_error("installing the redirect routing"))? {
         tracing::info!(
             rule = "fwmark 0x200/0xf00",
             table = routing::TABLE,
@@ -131,24 +177,26 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     for up in &s.uplinks {
         dp.lock()
             .attach_uplink(up)
-            .with_context(|| format!("attaching to uplink {up}"))?;
+            .map_err(dp_error(format!("attaching to uplink {up}")))?;
     }
 
-    let agent_metrics = metrics::AgentMetrics::new().context("agent metrics")?;
+    let agent_metrics = metrics::AgentMetrics::new()?;
     let events = events::Events::new();
 
     // Audit: both proxies' records to the audit log and the event stream.
     let http_metrics = proxy::Metrics::new();
-    let dns_metrics = dns_proxy::metrics::Metrics::new().context("DNS proxy metrics")?;
+    let dns_metrics = dns_proxy::metrics::Metrics::new()?;
     let (http_audit, http_rx) = proxy::AuditLog::channel(s.proxy.audit_queue, http_metrics.clone());
     let (dns_audit, dns_rx) =
         dns_proxy::audit::Audit::channel(s.dns.audit_capacity, dns_metrics.clone());
-    let sink = audit::AuditSink::open(&s.audit_log)
-        .with_context(|| format!("cannot open audit log {}", s.audit_log))?;
+    let sink = audit::AuditSink::open(&s.audit_log).map_err(io_error(format!(
+        "cannot open the audit log {}",
+        s.audit_log
+    )))?;
     audit::pump_audit(http_rx, dns_rx, sink, events.clone());
 
     // The first snapshot, so the proxies start with real policy.
-    let first = source.next().await.context("reading the first snapshot")?;
+    let first = source.next().await.map_err(Error::FirstSnapshot)?;
     let obs = fqdn::Observations::load(&s.state_dir, &s.state_dir.join("dns"));
     let initial = {
         let mut store = crate::store::PolicyStore::default();
@@ -182,7 +230,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     // only where the node has it (see bind_ipv6).
     let listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, s.proxy_port));
     let listener = proxy::TransparentListener::bind(listen, true)
-        .with_context(|| format!("HTTP proxy: cannot listen on {listen}"))?;
+        .map_err(listen_error("HTTP proxy", listen))?;
     let listen6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, s.proxy_port));
     let listener6 = bind_ipv6(ipv6, "HTTP proxy", listen6, || {
         proxy::TransparentListener::bind(listen6, true)
@@ -232,7 +280,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
                     {
                         Ok(rt) => rt,
                         Err(e) => {
-                            let _ = ready_tx.send(Err(anyhow::anyhow!(e)));
+                            let _ = ready_tx.send(Err(io_error("DNS proxy runtime")(e)));
                             return;
                         }
                     };
@@ -245,10 +293,8 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
                         }
                     });
                 })
-                .context("DNS proxy: cannot start its thread")?;
-            ready_rx
-                .recv()
-                .context("DNS proxy: its thread ended before it started")??;
+                .map_err(io_error("DNS proxy: cannot start its thread"))?;
+            ready_rx.recv().map_err(|_| Error::DnsThread)??;
         }
     }
 
@@ -284,7 +330,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     snapshots
         .send(first)
         .await
-        .map_err(|_| anyhow::anyhow!("the policy publisher stopped"))?;
+        .map_err(|_| Error::PublisherStopped)?;
 
     // The source feeds snapshots from now on.
     let source_name = source.name();
@@ -299,7 +345,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
                 Err(e) => {
                     tracing::warn!(
                         source = source.name(),
-                        error = format!("{e:#}"),
+                        error = %e,
                         "source failed; retrying"
                     );
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -333,7 +379,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     };
     let l = tokio::net::TcpListener::bind(s.admin)
         .await
-        .with_context(|| format!("admin: cannot listen on {}", s.admin))?;
+        .map_err(listen_error("admin endpoint", s.admin))?;
     tokio::spawn(admin.serve(l));
     tracing::info!(
         node = %s.node,
@@ -344,7 +390,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot watch SIGTERM")?;
+        .map_err(io_error("cannot watch SIGTERM"))?;
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -353,6 +399,6 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     if let Err(e) = dns.persist() {
         tracing::warn!(error = %e, "cannot persist the DNS cache");
     }
-    routing::remove().context("removing the redirect routing")?;
+    routing::remove().map_err(dp_error("removing the redirect routing"))?;
     Ok(())
 }

@@ -33,7 +33,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 Box::new(agent::source::kube::KubeSource::new(client))
             }
         };
-        agent::app::run(s, source).await
+        Ok(agent::app::run(s, source).await?)
     });
     rt.shutdown_timeout(Duration::from_secs(1));
     r.map(|()| ExitCode::SUCCESS)

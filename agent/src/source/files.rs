@@ -13,7 +13,7 @@ use policy_model::{Cluster, PolicyError};
 use serde_yaml::Value;
 use tokio::sync::mpsc;
 
-use super::{BoxFuture, Snapshot, Source};
+use super::{BoxFuture, Error, Snapshot, Source};
 use crate::inputs::yaml_files;
 
 /// A directory of YAML files, read recursively: cluster state (the `cluster:` shape of
@@ -79,7 +79,7 @@ impl FilesSource {
 
     /// Reads everything. Only an unreadable directory is an error; bad files are reported
     /// in the snapshot and the rest is used.
-    pub fn load(&self) -> anyhow::Result<Snapshot> {
+    pub fn load(&self) -> Result<Snapshot, Error> {
         load(&self.dir).map(|(snap, _)| snap)
     }
 
@@ -147,19 +147,26 @@ impl FilesSource {
     }
 
     /// Reads the directory on a blocking thread.
-    async fn read(&self) -> anyhow::Result<(Snapshot, u64)> {
+    async fn read(&self) -> Result<(Snapshot, u64), Error> {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || load(&dir))
             .await
-            .map_err(|e| anyhow::anyhow!("reading {}: {e}", self.dir.display()))?
+            .map_err(|e| Error::ReadTask {
+                dir: self.dir.clone(),
+                reason: e.to_string(),
+            })?
     }
 }
 
 /// Reads everything under `dir`, and a hash of the files' names and content.
-fn load(dir: &Path) -> anyhow::Result<(Snapshot, u64)> {
+fn load(dir: &Path) -> Result<(Snapshot, u64), Error> {
     let mut snap = Snapshot::default();
     let mut h = DefaultHasher::new();
-    for f in yaml_files(&[dir.to_path_buf()])? {
+    let files = yaml_files(&[dir.to_path_buf()]).map_err(|source| Error::Files {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    for f in files {
         let name = f.display().to_string();
         let text = match fs::read_to_string(&f) {
             Ok(t) => t,
@@ -231,7 +238,7 @@ impl Source for FilesSource {
 
     /// The first call reads at once (and starts watching, before the read, so no change
     /// falls between); later calls return when the files' content changed.
-    fn next(&mut self) -> BoxFuture<'_, anyhow::Result<Snapshot>> {
+    fn next(&mut self) -> BoxFuture<'_, Result<Snapshot, Error>> {
         Box::pin(async move {
             if self.seen.is_none() && self.watch.is_none() {
                 self.start_watching();
@@ -247,12 +254,10 @@ impl Source for FilesSource {
                             return Ok(snap);
                         }
                     }
-                    Err(e) if self.seen.is_none() => {
-                        return Err(anyhow::anyhow!("{}: {e:#}", self.dir.display()))
-                    }
+                    Err(e) if self.seen.is_none() => return Err(e),
                     // the directory went away meanwhile: keep what is in force, look again
                     Err(e) => {
-                        tracing::warn!(dir = %self.dir.display(), error = format!("{e:#}"), "cannot read the source directory")
+                        tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read the source directory")
                     }
                 }
             }

@@ -10,6 +10,24 @@ use policy_model::{Cluster, PolicyError};
 
 pub use files::FilesSource;
 
+/// Why a source has no snapshot. The agent logs it, keeps what is in force, and asks
+/// again.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{dir}: {source}")]
+    Files {
+        dir: std::path::PathBuf,
+        source: crate::inputs::Error,
+    },
+    #[error("{dir}: the read stopped: {reason}")]
+    ReadTask {
+        dir: std::path::PathBuf,
+        reason: String,
+    },
+    #[error("every Kubernetes watch stopped")]
+    WatchesStopped,
+}
+
 /// Everything a source knows at one moment.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -32,5 +50,5 @@ pub trait Source: Send {
     /// Waits for the next full snapshot. The first call returns the initial state once
     /// the source has synced; later calls return when something changed. On an error the
     /// agent logs it, keeps what is in force, and calls again.
-    fn next(&mut self) -> BoxFuture<'_, anyhow::Result<Snapshot>>;
+    fn next(&mut self) -> BoxFuture<'_, Result<Snapshot, Error>>;
 }
