@@ -354,3 +354,125 @@ pub fn explain(model: &Model, ep: &EndpointPolicy) -> api::PodPolicy {
         text: lines,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::client::Client;
+    use super::*;
+    use crate::datapath::{FakeDatapath, Shared};
+    use crate::reconcile::drops::DropReader;
+    use crate::reconcile::Published;
+    use crate::telemetry::metrics::AgentMetrics;
+    use redirect_bpf::common::{drop_reason, DropEvent, DIR_INGRESS};
+
+    /// The admin endpoint on a free port, with the drop reader over a fake datapath.
+    #[tokio::test]
+    async fn status_and_events_reach_the_client_as_the_server_typed_them() {
+        let cluster: policy_model::Cluster = serde_yaml::from_str(
+            "namespaces: [{name: app}]\npods: [{namespace: app, name: web, ip: 10.80.2.2}]\n",
+        )
+        .unwrap();
+        let model = Arc::new(Model::compile(&cluster, vec![], Default::default()));
+        let (_policy_tx, policy) = watch::channel(PolicyStatus {
+            ready: true,
+            generation: 3,
+            model: Some(model.clone()),
+            ..PolicyStatus::default()
+        });
+        let (_published_tx, published) = watch::channel(Some(Published {
+            model,
+            generation: 3,
+            pushes: 1,
+        }));
+        let (drops_tx, drops) = watch::channel(DropCounts::new());
+        let events = Events::new();
+        let metrics = AgentMetrics::new().unwrap();
+        let dp = Shared::new(FakeDatapath::new());
+        {
+            let mut d = dp.lock();
+            d.drop_counts.insert(drop_reason::POLICY_DEFAULT_DENY, 4);
+            d.events.push(DropEvent {
+                reason: drop_reason::POLICY_DEFAULT_DENY,
+                saddr: [10, 80, 1, 2],
+                daddr: [10, 80, 2, 2],
+                dport: 8081u16.to_be_bytes(),
+                protocol: 6,
+                direction: DIR_INGRESS,
+                family: 4,
+                ..DropEvent::default()
+            });
+        }
+        let mut reader = DropReader::new(
+            dp.clone(),
+            events.clone(),
+            metrics.clone(),
+            published,
+            drops_tx,
+        );
+        reader.read();
+        dp.lock()
+            .drop_counts
+            .insert(drop_reason::POLICY_DEFAULT_DENY, 6);
+        reader.read();
+        let counted = metrics
+            .drops
+            .with_label_values(&["policy_default_deny"])
+            .get();
+        assert_eq!(counted, 6, "the kernel's count, added by deltas");
+
+        let admin = Admin {
+            node: "n1".into(),
+            source: "files",
+            policy,
+            drops,
+            registries: vec![metrics.registry.clone()],
+            events,
+        };
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = Client::new(l.local_addr().unwrap());
+        tokio::spawn(admin.serve(l));
+
+        let s = client.status().await.unwrap();
+        assert!(s.ready && s.healthy());
+        assert_eq!((s.node.as_str(), s.policy_generation), ("n1", 3));
+        assert_eq!(s.drops.get("policy_default_deny"), Some(&6));
+
+        let mut stream = client.events(false).await.unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("the drop event");
+        let api::Event::Drop(d) = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(d.destination.pod.as_deref(), Some("app/web"));
+        assert_eq!(d.destination.port, 8081);
+        assert_eq!(d.reason, "policy_default_deny");
+        assert_eq!(e.pods(), vec!["app/web"]);
+        assert!(
+            e.line()
+                .contains("DROP  ingress 10.80.1.2:0 -> app/web:8081"),
+            "{}",
+            e.line()
+        );
+        assert!(stream.next().await.unwrap().is_none(), "follow=false ends");
+
+        let missing = client
+            .get_json::<api::PodPolicy>("/v1/policy/app/nope")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("404") && missing.contains("app/nope"),
+            "{missing}"
+        );
+        let pod: api::PodPolicy = client.get_json("/v1/policy/app/web").await.unwrap();
+        assert_eq!(pod.pod, "app/web");
+    }
+}
