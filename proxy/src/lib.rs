@@ -14,6 +14,7 @@ pub mod audit;
 pub mod config;
 pub mod detect;
 pub mod framing;
+pub mod h2budget;
 pub mod idle;
 pub mod listener;
 pub mod metrics;

@@ -29,6 +29,7 @@ use crate::audit::{self, AuditLog, Endpoint, Record, Rule, Verdict};
 use crate::config::Config;
 use crate::detect::{detect, HttpVersion};
 use crate::framing::{Ambiguous, Tracked, Tracker};
+use crate::h2budget::{Budgeted, Budgets};
 use crate::idle::IdleTimeout;
 use crate::listener::{Accepted, Listener};
 use crate::metrics::{protocol_name, Metrics};
@@ -224,7 +225,13 @@ impl Proxy {
                     .await
             }
             HttpVersion::H2c => {
-                let io = TokioIo::new(io);
+                let budgets = Budgets {
+                    priority_per_stream: cfg.h2_max_inbound_priority_frames_per_stream,
+                    window_updates_per_data_frame: cfg
+                        .h2_max_inbound_window_update_frames_per_data_frame_sent,
+                    control: cfg.h2_max_inbound_control_frames,
+                };
+                let io = TokioIo::new(Budgeted::new(io, budgets));
                 hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_concurrent_streams(cfg.max_concurrent_streams)
