@@ -365,12 +365,21 @@ impl Conn {
             policy,
         };
         if audit {
+            // as sent, for the record of a request refused before it is normalised
             facts.method = req.method().as_str().to_string();
             facts.path = req
                 .uri()
                 .path_and_query()
                 .map(|p| p.as_str().to_string())
                 .unwrap_or_default();
+            facts.host = match req.uri().authority() {
+                Some(a) => a.as_str().to_string(),
+                None => req
+                    .headers()
+                    .get(header::HOST)
+                    .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+                    .unwrap_or_default(),
+            };
         }
 
         // Framing the upstream could read differently than we did: refuse.

@@ -511,10 +511,115 @@ async fn the_upstream_check_catches_what_the_decision_did_not_see() {
     other_path.uri = "/admin".into();
     for bad in [other_host, stripped, added, other_path] {
         assert!(
-            check_upstream_saw_decisions(&decided, &[bad.clone()]).is_err(),
+            check_upstream_saw_decisions(&decided, std::slice::from_ref(&bad)).is_err(),
             "{bad:?}"
         );
     }
     // and one decision accounts for one request only
     assert!(check_upstream_saw_decisions(&decided, &[seen[0].clone(), seen[0].clone()]).is_err());
+}
+
+// ---- the knobs, and the HTTP/2 side of findings 6 and 7 ----
+
+#[tokio::test]
+async fn backslash_reads_as_slash_when_configured() {
+    let up = upstream().await;
+    let cfg = proxy::Config {
+        path_backslash: proxy::normalize::Backslash::Slash,
+        ..proxy::Config::default()
+    };
+    let p = start_proxy_with(up.addr, POLICY_PUBLIC_ONLY, cfg).await;
+    let resp = send(
+        &p,
+        b"GET /public/..\\admin HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        status_of(&resp),
+        "403",
+        "read as /public/../admin = /admin: {resp}"
+    );
+    let resp = send(
+        &p,
+        b"GET /public\\a\\b HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&resp), "200", "{resp}");
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].uri, "/public/a/b", "what goes up has slashes");
+}
+
+#[tokio::test]
+async fn header_names_with_underscores_are_dropped_when_configured() {
+    let up = upstream().await;
+    let cfg = proxy::Config {
+        headers_with_underscores: proxy::request::Underscores::Drop,
+        ..proxy::Config::default()
+    };
+    let p = start_proxy_with(up.addr, POLICY, cfg).await;
+    let resp = send(
+        &p,
+        b"GET /public/x HTTP/1.1\r\nHost: web\r\nX_User: admin\r\nX-Kept: 1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&resp), "200", "{resp}");
+    let mut c = h2::<Full<Bytes>>(p.addr).await;
+    let r = c
+        .send_request(
+            Request::get("http://web/public/y")
+                .header("x_user", "admin")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = up.seen();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        assert!(s.headers.get("x_user").is_none(), "{:?}", s.headers);
+    }
+    assert_eq!(seen[0].headers["x-kept"], "1");
+}
+
+#[tokio::test]
+async fn h2_backslash_and_content_length() {
+    let up = upstream().await;
+    let p = start_proxy(up.addr, POLICY).await;
+    let mut s = h2raw::connect(p.addr).await;
+    let req = |path: &'static [u8], extra: &[(&'static [u8], &'static [u8])]| {
+        let mut h: Vec<(&[u8], &[u8])> = vec![
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":authority", b"web.example"),
+            (b":path", path),
+        ];
+        h.extend_from_slice(extra);
+        h
+    };
+    // a raw backslash: 400
+    s.write_all(&h2raw::headers(1, &req(b"/public/..\\admin", &[]), true))
+        .await
+        .unwrap();
+    let f = h2raw::read_until(&mut s, Duration::from_secs(5), |f| {
+        f.stream == 1 && (f.kind == h2raw::HEADERS || f.kind == h2raw::RST_STREAM)
+    })
+    .await
+    .expect("no answer on stream 1");
+    assert_eq!(f.status(), Some(400), "{f:?}");
+    // content-length 045 goes up as 45
+    let mut frames = h2raw::headers(3, &req(b"/submit", &[(b"content-length", b"045")]), false);
+    frames.extend(h2raw::frame(h2raw::DATA, h2raw::END_STREAM, 3, &[b'x'; 45]));
+    s.write_all(&frames).await.unwrap();
+    let f = h2raw::read_until(&mut s, Duration::from_secs(5), |f| {
+        f.stream == 3 && (f.kind == h2raw::HEADERS || f.kind == h2raw::RST_STREAM)
+    })
+    .await
+    .expect("no answer on stream 3");
+    assert_eq!(f.status(), Some(200), "{f:?}");
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].headers["content-length"], "45");
+    assert_eq!(seen[0].body.len(), 45);
 }

@@ -399,18 +399,21 @@ fn corpus() -> Vec<Mutation> {
 
 // ---------------------------------------------------------------- the upstream
 
+/// Per upstream connection: the bytes received and whether it has ended.
+type Logs = Arc<Mutex<Vec<(Vec<u8>, bool)>>>;
+
 /// A raw-socket upstream: logs every byte of every connection, answers each request its
 /// strict reading finds with `200` and an empty body.
 struct RawUpstream {
     addr: SocketAddr,
     /// Per connection: the bytes and whether it has ended.
-    logs: Arc<Mutex<Vec<(Vec<u8>, bool)>>>,
+    logs: Logs,
 }
 
 async fn raw_upstream() -> RawUpstream {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let logs: Arc<Mutex<Vec<(Vec<u8>, bool)>>> = Arc::default();
+    let logs: Logs = Arc::default();
     let all = logs.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -646,15 +649,16 @@ fn lenient_head(b: &[u8], r: &Reading) -> Result<Head, String> {
     let te = headers
         .iter()
         .any(|(n, v)| n == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
-    let mut cls = headers
+    let cls: Vec<u64> = headers
         .iter()
         .filter(|(n, _)| n == "content-length")
         .filter_map(|(_, v)| {
             let v = v.trim_start_matches('+');
             let digits: String = v.chars().take_while(char::is_ascii_digit).collect();
             digits.parse::<u64>().ok()
-        });
-    let cl = if r.cl_last { cls.last() } else { cls.next() };
+        })
+        .collect();
+    let cl = if r.cl_last { cls.last() } else { cls.first() }.copied();
     let framing = match (te, cl) {
         (true, Some(_)) if r.te_wins => Framing::Chunked,
         (_, Some(n)) => Framing::Length(n),

@@ -115,8 +115,10 @@ impl Upstream {
 
 /// The recording upstreams of this test binary by address, so a proxy started in front
 /// of one can compare what it decided with what the upstream received.
-fn registry() -> &'static Mutex<HashMap<SocketAddr, Arc<Mutex<Vec<Seen>>>>> {
-    static R: OnceLock<Mutex<HashMap<SocketAddr, Arc<Mutex<Vec<Seen>>>>>> = OnceLock::new();
+type Registry = Mutex<HashMap<SocketAddr, Arc<Mutex<Vec<Seen>>>>>;
+
+fn registry() -> &'static Registry {
+    static R: OnceLock<Registry> = OnceLock::new();
     R.get_or_init(Mutex::default)
 }
 
