@@ -61,9 +61,7 @@ async fn upstream() -> SocketAddr {
             tokio::spawn(async move {
                 let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
                     let body = req.into_body().collect().await.map(|c| c.to_bytes());
-                    Ok::<_, Infallible>(hyper::Response::new(Full::new(
-                        body.unwrap_or_default(),
-                    )))
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(body.unwrap_or_default())))
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(s), svc)
@@ -162,7 +160,9 @@ fn request_headers(inp: &mut Input<'_>) -> Vec<u8> {
     let method = inp.pick(&[b"GET", b"POST", b"HEAD", b"DELETE", b"CONNECT", b"OPTIONS"]);
     literal(&mut block, b":method", method);
     literal(&mut block, b":scheme", inp.pick(&[b"http", b"https", b""]));
-    let path = inp.pick(&[b"/public/", b"/h", b"/r", b"/admin", b"", b"*"]).to_vec();
+    let path = inp
+        .pick(&[b"/public/", b"/h", b"/r", b"/admin", b"", b"*"])
+        .to_vec();
     let mut path = path;
     path.extend(inp.bytes(40));
     literal(&mut block, b":path", &path);
@@ -176,9 +176,22 @@ fn request_headers(inp: &mut Input<'_>) -> Vec<u8> {
     }
     for _ in 0..inp.byte() % 5 {
         let name = inp
-            .pick(&[b"host", b"x-a", b"x-t", b"content-length", b"te", b"connection", b"x_a", b"cookie"])
+            .pick(&[
+                b"host",
+                b"x-a",
+                b"x-t",
+                b"content-length",
+                b"te",
+                b"connection",
+                b"x_a",
+                b"cookie",
+            ])
             .to_vec();
-        let name = if inp.byte() % 4 == 0 { inp.bytes(10) } else { name };
+        let name = if inp.byte() % 4 == 0 {
+            inp.bytes(10)
+        } else {
+            name
+        };
         let value = inp.bytes(20);
         literal(&mut block, &name, &value);
     }
