@@ -302,6 +302,7 @@ fn ensure_cargo_fuzz() -> Result {
 const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("policy", "fuzz"),
     ("http1", "proxy/fuzz"),
+    ("h2", "proxy/fuzz"),
     ("handle", "dns-proxy/fuzz"),
 ];
 
