@@ -6,18 +6,21 @@
 //!   the maps.
 //! - [`compile::endpoint_entries`] turns policy-model's compiled endpoint policy into
 //!   policy map entries. Policy semantics stay in policy-model: the datapath executes.
+//! - [`events`] reads the drop events of the `EVENTS` ring buffer, synchronously or on
+//!   tokio.
 //! - [`routing`] installs the ip rule and local route that deliver redirected packets
 //!   to the proxies.
 
 pub mod compile;
+pub mod events;
 pub mod loader;
-pub mod ringbuf;
 pub mod routing;
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 pub use compile::{endpoint_entries, EndpointEntries, PolicyEntry, ProxyPorts};
+pub use events::{AsyncDropEvents, DropEvents};
 pub use loader::{ConntrackFlow, Datapath, DEFAULT_ROOT};
 pub use redirect_bpf_common as common;
 

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod datapath;
+pub mod drops;
 pub mod endpoints;
 pub mod events;
 pub mod fqdn;
@@ -112,8 +113,13 @@ fn bind_ipv6<T>(
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     // The datapath: loaded on the pinned maps, which keep enforcing while no agent runs.
-    let dp = Datapath::load(&s.bpf_root)
+    let mut dp = Datapath::load(&s.bpf_root)
         .with_context(|| format!("loading the datapath at {}", s.bpf_root.display()))?;
+    let drop_events = dp
+        .take_drop_events()
+        .context("the datapath's drop events")?
+        .into_async()
+        .context("watching the drop event ring buffer")?;
     let applied = datapath::MapState::read(&dp).context("reading the pinned maps")?;
     let dp = Arc::new(Mutex::new(dp));
     let ipv6 = routing::ipv6_enabled();
@@ -172,6 +178,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
 
     // The HTTP proxy.
     let http_store = Arc::new(proxy::PolicyStore::new(initial.clone()));
+    tokio::spawn(drops::read(drop_events, events.clone(), http_store.clone()));
     let mut pcfg = s.proxy.clone();
     pcfg.node = Some(s.node.clone());
     pcfg.upstream_mark = Some(pcfg.upstream_mark.unwrap_or(MARK_FROM_EGRESS_PROXY));
@@ -274,7 +281,6 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         dns.clone(),
         status.clone(),
         agent_metrics.clone(),
-        events.clone(),
     );
     reconciler.uplinks = s.uplinks.clone();
     reconciler.compile = s.compile;

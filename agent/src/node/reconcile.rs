@@ -22,7 +22,6 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::datapath::{apply, MapState};
 use super::endpoints::{ifindex, veth_of, EndpointIds, EndpointStatus};
-use super::events::{drop_event, Events};
 use super::fqdn::{Learned, Observations};
 use super::identities::StableIds;
 use super::metrics::{reason_name, AgentMetrics};
@@ -60,8 +59,8 @@ pub type SharedStatus = Arc<RwLock<Status>>;
 
 /// How often endpoints not found yet are looked for again.
 const DISCOVERY_EVERY: Duration = Duration::from_secs(1);
-/// How often drop events and counters are read.
-const EVENTS_EVERY: Duration = Duration::from_millis(200);
+/// How often the drop counters are read.
+const COUNTERS_EVERY: Duration = Duration::from_millis(200);
 /// How often conntrack is swept of idle and closed flows.
 const CT_SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// A flow idle this long leaves conntrack (Cilium's regular TCP timeout).
@@ -83,7 +82,6 @@ pub struct Reconciler {
     pub dns: dns_proxy::Proxy,
     pub status: SharedStatus,
     pub metrics: AgentMetrics,
-    pub events: Events,
     /// pod -> host-side interface carrying the programs.
     pub veths: BTreeMap<String, String>,
     pub model: Option<Arc<Model>>,
@@ -120,7 +118,6 @@ impl Reconciler {
         dns: dns_proxy::Proxy,
         status: SharedStatus,
         metrics: AgentMetrics,
-        events: Events,
     ) -> Reconciler {
         Reconciler {
             node,
@@ -136,7 +133,6 @@ impl Reconciler {
             dns,
             status,
             metrics,
-            events,
             veths: BTreeMap::new(),
             model: None,
             uplinks: Vec::new(),
@@ -172,7 +168,7 @@ impl Reconciler {
         for a in acks {
             let _ = a.send(result.clone());
         }
-        let mut tick = tokio::time::interval(EVENTS_EVERY);
+        let mut tick = tokio::time::interval(COUNTERS_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_discovery = Instant::now();
         let mut last_sweep = Instant::now();
@@ -190,7 +186,7 @@ impl Reconciler {
                     }
                 }
                 _ = tick.tick() => {
-                    self.read_events();
+                    self.read_drop_counters();
                     // A push that failed half way is tried again until it goes through.
                     dirty = self.failed;
                     if last_sweep.elapsed() >= CT_SWEEP_EVERY {
@@ -708,28 +704,19 @@ impl Reconciler {
         outcome
     }
 
-    /// Moves drop events to the event stream and kernel drop counters to the metrics.
-    fn read_events(&mut self) {
-        let (events, counts, suppressed) = {
-            let mut dp = match self.dp.lock() {
+    /// Moves the kernel's drop counters to the metrics (the drop events themselves have
+    /// a reader of their own, `drops::read`).
+    fn read_drop_counters(&mut self) {
+        let (counts, suppressed) = {
+            let dp = match self.dp.lock() {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             };
-            let events = dp.drain_events();
             let counts: Vec<(u32, u64)> = (1..drop_reason::COUNT)
                 .filter_map(|r| dp.drops(r).ok().map(|c| (r, c)))
                 .collect();
-            (events, counts, dp.events_suppressed().unwrap_or(0))
+            (counts, dp.events_suppressed().unwrap_or(0))
         };
-        let model = self.model.clone();
-        let pod_of = |ip: IpAddr| {
-            model
-                .as_ref()
-                .and_then(|m| m.endpoint_of_ip(ip).map(|e| e.name.clone()))
-        };
-        for e in &events {
-            self.events.publish(&drop_event(e, pod_of));
-        }
         let mut by_name = BTreeMap::new();
         for (r, c) in counts {
             let seen = self.drops_seen.entry(r).or_insert(0);
