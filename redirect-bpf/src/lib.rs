@@ -10,10 +10,13 @@
 //!   tokio.
 //! - [`routing`] installs the ip rule and local route that deliver redirected packets
 //!   to the proxies.
+//! - [`netlink`] is the node's network namespace through rtnetlink: route lookups
+//!   (which veth leads to a pod), links, and a stream of route and link changes.
 
 pub mod compile;
 pub mod events;
 pub mod loader;
+pub mod netlink;
 pub mod routing;
 
 use std::io;
@@ -49,8 +52,6 @@ pub enum Error {
     Mount(nix::Error),
     #[error("reading CLOCK_MONOTONIC: {0}")]
     Clock(nix::Error),
-    #[error("redirect routing: {0}")]
-    Routing(String),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }

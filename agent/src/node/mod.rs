@@ -24,6 +24,7 @@ use dns_proxy::listener::{serve_tcp, serve_udp, LocalAddr, TransparentUdp};
 use dns_proxy::Scope;
 use policy_model::{CompileOptions, Model};
 use redirect_bpf::common::MARK_FROM_EGRESS_PROXY;
+use redirect_bpf::netlink::Netlink;
 use redirect_bpf::{routing, Datapath, ProxyPorts};
 use tokio::sync::mpsc;
 
@@ -122,6 +123,8 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         .context("watching the drop event ring buffer")?;
     let applied = datapath::MapState::read(&dp).context("reading the pinned maps")?;
     let dp = Arc::new(Mutex::new(dp));
+    // The node's namespace (entered before the runtime started).
+    let netlink = Netlink::connect().context("netlink")?;
     let ipv6 = routing::ipv6_enabled();
     if !ipv6 {
         eprintln!(
@@ -129,7 +132,10 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
              or proxy listeners; IPv6 flows that need a proxy are dropped (proxy_unavailable)"
         );
     }
-    if routing::ensure().context("installing the redirect routing")? {
+    if routing::ensure(&netlink)
+        .await
+        .context("installing the redirect routing")?
+    {
         eprintln!(
             "ward agent: redirect routing installed (ip rule fwmark 0x200/0xf00 lookup {})",
             routing::TABLE
@@ -347,6 +353,8 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     if let Err(e) = dns.persist() {
         eprintln!("ward agent: persisting the DNS cache: {e}");
     }
-    routing::remove().context("removing the redirect routing")?;
+    routing::remove(&netlink)
+        .await
+        .context("removing the redirect routing")?;
     Ok(())
 }
