@@ -4,6 +4,9 @@
 //! and IPv6), and the real `ward` binary running in the node namespace on a temporary
 //! source directory.
 //!
+//! The agent runs with a `PATH` that holds no `ip` (an empty directory): it reaches the
+//! kernel through netlink only. The tests' own set-up uses `ip`.
+//!
 //! Names carry the test name and the PID; Drop kills what the test started (by PID),
 //! deletes the namespaces and the test's bpffs root.
 
@@ -69,6 +72,16 @@ fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
         .join()
         .expect("namespace thread panicked")
     })
+}
+
+/// Where `ip` is for the test's own use (the agent's `PATH` has none).
+fn ip_binary() -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join("ip"))
+        .find(|p| p.is_file())
+        .expect("ip (iproute2) on the test's PATH")
 }
 
 /// Waits for `cond` with a deadline; returns how long it took.
@@ -438,8 +451,11 @@ impl Lab {
     fn start_agent_in(&mut self, ip_netns_exec: bool) {
         let bin = env!("CARGO_BIN_EXE_ward");
         let log = File::create(self.dir.join("agent.log")).unwrap();
+        // The agent's PATH: an empty directory, so that any `ip` it ran would fail.
+        let path = self.dir.join("no-ip");
+        fs::create_dir_all(&path).unwrap();
         let mut cmd = if ip_netns_exec {
-            let mut c = Command::new("ip");
+            let mut c = Command::new(ip_binary());
             c.args(["netns", "exec", &self.node, bin, "agent"]);
             c
         } else {
@@ -448,6 +464,7 @@ impl Lab {
             c
         };
         let child = cmd
+            .env("PATH", &path)
             .args(["--node", "n1"])
             .arg("--source-dir")
             .arg(self.dir.join("src"))
@@ -1266,13 +1283,22 @@ fn sigkill_restart_keeps_enforcing_and_converges() {
     let mut c = lab.agent.take().unwrap();
     let status = c.wait().unwrap();
     assert!(status.success(), "{}", lab.log());
-    let (_, rules) = output(&["ip", "-n", &lab.node, "rule", "show"]);
-    assert!(!rules.contains("lookup 100"), "{rules}");
+    for family in ["-4", "-6"] {
+        let (_, rules) = output(&["ip", "-n", &lab.node, family, "rule", "show"]);
+        assert!(!rules.contains("lookup 100"), "{family}: {rules}");
+        let (_, routes) = output(&[
+            "ip", "-n", &lab.node, family, "route", "show", "table", "all",
+        ]);
+        assert!(!routes.contains("table 100"), "{family}: {routes}");
+    }
 }
 
 #[test]
 fn pods_coming_and_going_are_attached_and_detached() {
     let mut lab = Lab::new("pods");
+    // No periodic re-check within the test: only the netlink watch of routes and links
+    // can find the late veth.
+    lab.agent_args = vec!["--endpoint-recheck-ms".into(), "3600000".into()];
     lab.start_agent();
     let late = format!(
         "{CLUSTER}- {{namespace: app, name: late, ip: 10.80.4.2, node: n1, labels: {{app: late}}}}\n"
@@ -1291,8 +1317,9 @@ fn pods_coming_and_going_are_attached_and_detached() {
         listed(&lab).is_some()
     });
     assert_eq!(listed(&lab).unwrap()["attached"], false, "no veth yet");
-    // The CNI creates the veth later. Watched while it does, so that the time from its
-    // route to the attachment is measured, not the rest of the pod's set-up.
+    // The CNI creates the veth later: its route announced over netlink wakes discovery.
+    // Watched while it does, so that the time from its route to the attachment is
+    // measured, not the rest of the pod's set-up.
     let attached = {
         let node = lab.node.clone();
         thread::spawn(move || {

@@ -24,7 +24,7 @@ use dns_proxy::listener::{serve_tcp, serve_udp, LocalAddr, TransparentUdp};
 use dns_proxy::Scope;
 use policy_model::{CompileOptions, Model};
 use redirect_bpf::common::MARK_FROM_EGRESS_PROXY;
-use redirect_bpf::netlink::Netlink;
+use redirect_bpf::netlink::{NetChanges, Netlink};
 use redirect_bpf::{routing, Datapath, ProxyPorts};
 use tokio::sync::mpsc;
 
@@ -40,6 +40,8 @@ pub struct Settings {
     /// The files source's directory.
     pub source_dir: Option<PathBuf>,
     pub poll: Duration,
+    /// How often endpoints are looked for when no route or link change woke discovery.
+    pub endpoint_recheck: Duration,
     pub bpf_root: PathBuf,
     pub state_dir: PathBuf,
     pub admin: SocketAddr,
@@ -123,8 +125,11 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         .context("watching the drop event ring buffer")?;
     let applied = datapath::MapState::read(&dp).context("reading the pinned maps")?;
     let dp = Arc::new(Mutex::new(dp));
-    // The node's namespace (entered before the runtime started).
+    // The node's namespace (entered before the runtime started): route lookups, the
+    // redirect routing, and the route and link changes that wake endpoint discovery,
+    // watched from before the first discovery so that no change falls in between.
     let netlink = Netlink::connect().context("netlink")?;
+    let net_changes = NetChanges::watch().context("netlink")?;
     let ipv6 = routing::ipv6_enabled();
     if !ipv6 {
         eprintln!(
@@ -287,14 +292,16 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         dns.clone(),
         status.clone(),
         agent_metrics.clone(),
+        netlink.clone(),
     );
+    reconciler.endpoint_recheck = s.endpoint_recheck;
     reconciler.uplinks = s.uplinks.clone();
     reconciler.compile = s.compile;
     reconciler.identities = identities::StableIds::load(&s.state_dir);
     tx.send(Msg::Snapshot(first))
         .await
         .map_err(|_| anyhow::anyhow!("reconciler gone"))?;
-    tokio::spawn(reconciler.run(rx));
+    tokio::spawn(reconciler.run(rx, net_changes));
 
     // The source feeds snapshots from now on.
     let stx = tx.clone();
