@@ -37,6 +37,11 @@ pub struct Args {
     /// How often the source directory is checked for changes, in milliseconds [default: 20].
     #[arg(long)]
     source_poll_ms: Option<u64>,
+    /// How often local pods whose veth is not found yet are looked for again, in
+    /// milliseconds, when no route or link change in the node's namespace (watched over
+    /// netlink) prompted a look [default: 10000].
+    #[arg(long)]
+    endpoint_recheck_ms: Option<u64>,
     /// bpffs directory of the pinned maps and links [default: /sys/fs/bpf/ward].
     #[arg(long)]
     bpf_root: Option<PathBuf>,
@@ -90,6 +95,7 @@ struct File {
     source: Option<SourceKind>,
     source_dir: Option<PathBuf>,
     source_poll_ms: Option<u64>,
+    endpoint_recheck_ms: Option<u64>,
     bpf_root: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     admin: Option<SocketAddr>,
@@ -132,6 +138,10 @@ fn settings(a: Args) -> Result<Settings> {
         source,
         source_dir,
         poll: Duration::from_millis(a.source_poll_ms.or(f.source_poll_ms).unwrap_or(20)),
+        endpoint_recheck: a
+            .endpoint_recheck_ms
+            .or(f.endpoint_recheck_ms)
+            .map_or(node::reconcile::ENDPOINT_RECHECK, Duration::from_millis),
         bpf_root: a
             .bpf_root
             .or(f.bpf_root)

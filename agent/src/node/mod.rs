@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod datapath;
+pub mod drops;
 pub mod endpoints;
 pub mod events;
 pub mod fqdn;
@@ -23,6 +24,7 @@ use dns_proxy::listener::{serve_tcp, serve_udp, LocalAddr, TransparentUdp};
 use dns_proxy::Scope;
 use policy_model::{CompileOptions, Model};
 use redirect_bpf::common::MARK_FROM_EGRESS_PROXY;
+use redirect_bpf::netlink::{NetChanges, Netlink};
 use redirect_bpf::{routing, Datapath, ProxyPorts};
 use tokio::sync::mpsc;
 
@@ -38,6 +40,8 @@ pub struct Settings {
     /// The files source's directory.
     pub source_dir: Option<PathBuf>,
     pub poll: Duration,
+    /// How often endpoints are looked for when no route or link change woke discovery.
+    pub endpoint_recheck: Duration,
     pub bpf_root: PathBuf,
     pub state_dir: PathBuf,
     pub admin: SocketAddr,
@@ -112,10 +116,20 @@ fn bind_ipv6<T>(
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     // The datapath: loaded on the pinned maps, which keep enforcing while no agent runs.
-    let dp = Datapath::load(&s.bpf_root)
+    let mut dp = Datapath::load(&s.bpf_root)
         .with_context(|| format!("loading the datapath at {}", s.bpf_root.display()))?;
+    let drop_events = dp
+        .take_drop_events()
+        .context("the datapath's drop events")?
+        .into_async()
+        .context("watching the drop event ring buffer")?;
     let applied = datapath::MapState::read(&dp).context("reading the pinned maps")?;
     let dp = Arc::new(Mutex::new(dp));
+    // The node's namespace (entered before the runtime started): route lookups, the
+    // redirect routing, and the route and link changes that wake endpoint discovery,
+    // watched from before the first discovery so that no change falls in between.
+    let netlink = Netlink::connect().context("netlink")?;
+    let net_changes = NetChanges::watch().context("netlink")?;
     let ipv6 = routing::ipv6_enabled();
     if !ipv6 {
         eprintln!(
@@ -123,7 +137,10 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
              or proxy listeners; IPv6 flows that need a proxy are dropped (proxy_unavailable)"
         );
     }
-    if routing::ensure().context("installing the redirect routing")? {
+    if routing::ensure(&netlink)
+        .await
+        .context("installing the redirect routing")?
+    {
         eprintln!(
             "ward agent: redirect routing installed (ip rule fwmark 0x200/0xf00 lookup {})",
             routing::TABLE
@@ -172,6 +189,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
 
     // The HTTP proxy.
     let http_store = Arc::new(proxy::PolicyStore::new(initial.clone()));
+    tokio::spawn(drops::read(drop_events, events.clone(), http_store.clone()));
     let mut pcfg = s.proxy.clone();
     pcfg.node = Some(s.node.clone());
     pcfg.upstream_mark = Some(pcfg.upstream_mark.unwrap_or(MARK_FROM_EGRESS_PROXY));
@@ -274,15 +292,16 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         dns.clone(),
         status.clone(),
         agent_metrics.clone(),
-        events.clone(),
+        netlink.clone(),
     );
+    reconciler.endpoint_recheck = s.endpoint_recheck;
     reconciler.uplinks = s.uplinks.clone();
     reconciler.compile = s.compile;
     reconciler.identities = identities::StableIds::load(&s.state_dir);
     tx.send(Msg::Snapshot(first))
         .await
         .map_err(|_| anyhow::anyhow!("reconciler gone"))?;
-    tokio::spawn(reconciler.run(rx));
+    tokio::spawn(reconciler.run(rx, net_changes));
 
     // The source feeds snapshots from now on.
     let stx = tx.clone();
@@ -341,6 +360,8 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     if let Err(e) = dns.persist() {
         eprintln!("ward agent: persisting the DNS cache: {e}");
     }
-    routing::remove().context("removing the redirect routing")?;
+    routing::remove(&netlink)
+        .await
+        .context("removing the redirect routing")?;
     Ok(())
 }

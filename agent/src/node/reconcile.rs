@@ -13,16 +13,17 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use dns_proxy::Update;
+use futures_util::{FutureExt, StreamExt};
 use policy_model::compile::EndpointKey;
 use policy_model::identity::Idx;
 use policy_model::{Cluster, CompileOptions, Model, PolicyError};
 use redirect_bpf::common::{drop_reason, EndpointInfo};
+use redirect_bpf::netlink::{NetChange, NetChanges, Netlink};
 use redirect_bpf::{endpoint_entries, Datapath, ProxyPorts};
 use tokio::sync::{mpsc, oneshot};
 
 use super::datapath::{apply, MapState};
 use super::endpoints::{ifindex, veth_of, EndpointIds, EndpointStatus};
-use super::events::{drop_event, Events};
 use super::fqdn::{Learned, Observations};
 use super::identities::StableIds;
 use super::metrics::{reason_name, AgentMetrics};
@@ -58,10 +59,12 @@ pub struct Status {
 
 pub type SharedStatus = Arc<RwLock<Status>>;
 
-/// How often endpoints not found yet are looked for again.
-const DISCOVERY_EVERY: Duration = Duration::from_secs(1);
-/// How often drop events and counters are read.
-const EVENTS_EVERY: Duration = Duration::from_millis(200);
+/// How often endpoints not found yet are looked for again without a route or link
+/// change announced: the safety net of the netlink watch (`Reconciler::endpoint_recheck`
+/// defaults to it).
+pub const ENDPOINT_RECHECK: Duration = Duration::from_secs(10);
+/// How often the drop counters are read.
+const COUNTERS_EVERY: Duration = Duration::from_millis(200);
 /// How often conntrack is swept of idle and closed flows.
 const CT_SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// A flow idle this long leaves conntrack (Cilium's regular TCP timeout).
@@ -83,7 +86,10 @@ pub struct Reconciler {
     pub dns: dns_proxy::Proxy,
     pub status: SharedStatus,
     pub metrics: AgentMetrics,
-    pub events: Events,
+    /// The node namespace's rtnetlink: route lookups of endpoint discovery.
+    pub netlink: Netlink,
+    /// How often discovery runs when no route or link change woke it.
+    pub endpoint_recheck: Duration,
     /// pod -> host-side interface carrying the programs.
     pub veths: BTreeMap<String, String>,
     pub model: Option<Arc<Model>>,
@@ -120,7 +126,7 @@ impl Reconciler {
         dns: dns_proxy::Proxy,
         status: SharedStatus,
         metrics: AgentMetrics,
-        events: Events,
+        netlink: Netlink,
     ) -> Reconciler {
         Reconciler {
             node,
@@ -136,7 +142,8 @@ impl Reconciler {
             dns,
             status,
             metrics,
-            events,
+            netlink,
+            endpoint_recheck: ENDPOINT_RECHECK,
             veths: BTreeMap::new(),
             model: None,
             uplinks: Vec::new(),
@@ -154,8 +161,10 @@ impl Reconciler {
     /// Runs until the channel closes. Nothing is written before the first snapshot: it
     /// is taken, its pods' veths found, leftovers of an earlier run detached, and only
     /// then the maps are moved to the new state, so that a restart never passes through
-    /// an empty policy.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+    /// an empty policy. Endpoint discovery runs again when the node's routes or links
+    /// change (`net`), and every `endpoint_recheck` in any case.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Msg>, net: NetChanges) {
+        let mut net = Some(net);
         let mut acks = Vec::new();
         loop {
             let Some(m) = rx.recv().await else { return };
@@ -172,7 +181,7 @@ impl Reconciler {
         for a in acks {
             let _ = a.send(result.clone());
         }
-        let mut tick = tokio::time::interval(EVENTS_EVERY);
+        let mut tick = tokio::time::interval(COUNTERS_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_discovery = Instant::now();
         let mut last_sweep = Instant::now();
@@ -189,8 +198,17 @@ impl Reconciler {
                         self.take(m, &mut dirty, &mut rediscover, &mut acks);
                     }
                 }
+                _ = net_change(&mut net) => {
+                    // One discovery for a burst of announcements (a CNI adds a veth, its
+                    // addresses and routes in a row).
+                    if let Some(n) = net.as_mut() {
+                        while n.next().now_or_never().flatten().is_some() {}
+                    }
+                    last_discovery = Instant::now();
+                    rediscover = true;
+                }
                 _ = tick.tick() => {
-                    self.read_events();
+                    self.read_drop_counters();
                     // A push that failed half way is tried again until it goes through.
                     dirty = self.failed;
                     if last_sweep.elapsed() >= CT_SWEEP_EVERY {
@@ -200,7 +218,7 @@ impl Reconciler {
                             eprintln!("ward agent: conntrack sweep: {e}");
                         }
                     }
-                    if last_discovery.elapsed() >= DISCOVERY_EVERY {
+                    if last_discovery.elapsed() >= self.endpoint_recheck {
                         last_discovery = Instant::now();
                         rediscover = true;
                     }
@@ -330,7 +348,9 @@ impl Reconciler {
                 }
             }
             // A route through an uplink means the pod is not (yet) on this node's veths.
-            let found = veth_of(*ip).await.filter(|i| !self.uplinks.contains(i));
+            let found = veth_of(&self.netlink, *ip)
+                .await
+                .filter(|i| !self.uplinks.contains(i));
             let known = self.veths.get(pod).cloned();
             match (found, known) {
                 (Some(iface), known) => {
@@ -708,28 +728,19 @@ impl Reconciler {
         outcome
     }
 
-    /// Moves drop events to the event stream and kernel drop counters to the metrics.
-    fn read_events(&mut self) {
-        let (events, counts, suppressed) = {
-            let mut dp = match self.dp.lock() {
+    /// Moves the kernel's drop counters to the metrics (the drop events themselves have
+    /// a reader of their own, `drops::read`).
+    fn read_drop_counters(&mut self) {
+        let (counts, suppressed) = {
+            let dp = match self.dp.lock() {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             };
-            let events = dp.drain_events();
             let counts: Vec<(u32, u64)> = (1..drop_reason::COUNT)
                 .filter_map(|r| dp.drops(r).ok().map(|c| (r, c)))
                 .collect();
-            (events, counts, dp.events_suppressed().unwrap_or(0))
+            (counts, dp.events_suppressed().unwrap_or(0))
         };
-        let model = self.model.clone();
-        let pod_of = |ip: IpAddr| {
-            model
-                .as_ref()
-                .and_then(|m| m.endpoint_of_ip(ip).map(|e| e.name.clone()))
-        };
-        for e in &events {
-            self.events.publish(&drop_event(e, pod_of));
-        }
         let mut by_name = BTreeMap::new();
         for (r, c) in counts {
             let seen = self.drops_seen.entry(r).or_insert(0);
@@ -751,6 +762,22 @@ impl Reconciler {
             s.drops = by_name;
         }
     }
+}
+
+/// The next route or link change of the node's namespace; never, once the watch ended
+/// (its socket failed: the periodic re-check goes on alone).
+async fn net_change(net: &mut Option<NetChanges>) -> NetChange {
+    if let Some(changes) = net {
+        if let Some(c) = changes.next().await {
+            return c;
+        }
+        tracing::warn!(
+            "the netlink watch of routes and links ended: endpoints are looked for only \
+             by the periodic re-check from now on"
+        );
+        *net = None;
+    }
+    std::future::pending().await
 }
 
 /// A working copy of `current` (published as `generation`): the spare copy made after
