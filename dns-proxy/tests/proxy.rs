@@ -320,7 +320,7 @@ async fn queries_past_the_concurrency_limit_get_servfail() {
     assert_eq!(ips(&m), vec![ip("192.0.2.84")]);
     let metrics = h.proxy.metrics().render();
     assert!(
-        metrics.contains("ward_dns_concurrency_limited_total 1"),
+        metrics.contains(r#"ward_dns_concurrency_limited_total{limit="global"} 1"#),
         "{metrics}"
     );
 }
@@ -328,11 +328,23 @@ async fn queries_past_the_concurrency_limit_get_servfail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_queries_and_answers_are_contained() {
     let mut z = Zone::default();
+    // The answer's header and question, then a record cut short.
+    let mut cut = query_bytes("a.app.test", RecordType::A, 0);
+    cut[2] = 0x81;
+    cut[3] = 0x80;
+    cut[7] = 1;
+    cut.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+    z.raw.insert("a.app.test.".into(), cut);
+    // Not even a header: not the answer to anything.
     z.raw
-        .insert("a.app.test.".into(), vec![0, 0, 0x81, 0x80, 0xff]);
+        .insert("short.app.test.".into(), vec![0, 0, 0x81, 0x80, 0xff]);
     z.a("b.app.test", 60, &["192.0.2.70"]);
     let up = Upstream::start(z).await;
-    let h = Harness::start(Config::default(), up.addr).await;
+    let config = Config {
+        upstream_timeout: Duration::from_millis(500),
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
     // a header and garbage: FORMERR with the query's id
     let r = udp_exchange(h.addr, &[0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0])
         .await
@@ -358,6 +370,9 @@ async fn malformed_queries_and_answers_are_contained() {
     let m = query(h.addr, "a.app.test", RecordType::A, false).await;
     assert_eq!(m.response_code(), ResponseCode::ServFail);
     assert!(h.proxy.held_ips(ENDPOINT, "a.app.test").is_empty());
+    // bytes that are no answer are dropped: SERVFAIL once the upstream timed out
+    let m = query(h.addr, "short.app.test", RecordType::A, false).await;
+    assert_eq!(m.response_code(), ResponseCode::ServFail);
     // still serving
     let m = query(h.addr, "b.app.test", RecordType::A, true).await;
     assert_eq!(ips(&m), vec![ip("192.0.2.70")]);
@@ -368,6 +383,10 @@ async fn malformed_queries_and_answers_are_contained() {
     );
     assert!(
         metrics.contains(r#"ward_dns_malformed_total{kind="answer"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ward_dns_upstream_unexpected_total 1"),
         "{metrics}"
     );
 }
@@ -690,8 +709,11 @@ async fn maintenance_task_persists_and_expires() {
     );
 }
 
+/// An answer with the id sent but about another question is not the answer: it is
+/// dropped (and counted), and the query waits for its answer (here in vain: SERVFAIL once
+/// the upstream timed out), so a forger who guessed the id still teaches nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answer_for_another_question_is_servfail() {
+async fn answer_for_another_question_is_not_taken() {
     let mut z = Zone::default();
     // A well-formed answer about another name, with an IP an attacker wants opened.
     let mut other =
@@ -705,12 +727,25 @@ async fn answer_for_another_question_is_servfail() {
     }
     z.raw.insert("c.app.test.".into(), other.to_vec().unwrap());
     let up = Upstream::start(z).await;
-    let h = Harness::start(Config::default(), up.addr).await;
+    let config = Config {
+        upstream_timeout: Duration::from_millis(300),
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
     let m = query(h.addr, "c.app.test", RecordType::A, false).await;
     assert_eq!(m.response_code(), ResponseCode::ServFail);
     assert!(h.proxy.held_ips(ENDPOINT, "c.app.test").is_empty());
     assert!(h.proxy.held_ips(ENDPOINT, "evil.app.test").is_empty());
     assert!(h.sink.applied().is_empty());
+    let metrics = h.proxy.metrics().render();
+    assert!(
+        metrics.contains("ward_dns_upstream_unexpected_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"ward_dns_upstream_failures_total{reason="timeout"} 1"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
