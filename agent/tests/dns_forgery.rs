@@ -124,7 +124,16 @@ impl World {
             threads: Vec::new(),
         };
         sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        sh(&["ip", "-n", &ns, "addr", "add", "198.51.100.53/32", "dev", "lo"]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            "198.51.100.53/32",
+            "dev",
+            "lo",
+        ]);
         w.start_slow_server();
         let dir = w.dir.path().to_owned();
         w.children.push(
@@ -145,7 +154,13 @@ impl World {
         std::fs::write(dir.join("policy.yaml"), POLICY).unwrap();
         w.ward = Some(
             Command::new("ip")
-                .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_ward"), "dns-proxy"])
+                .args([
+                    "netns",
+                    "exec",
+                    &ns,
+                    env!("CARGO_BIN_EXE_ward"),
+                    "dns-proxy",
+                ])
                 .args(["--listen", LISTEN, "--upstream", "198.51.100.53:53"])
                 .arg("--cluster")
                 .arg(dir.join("cluster.yaml"))
@@ -177,7 +192,11 @@ impl World {
 
     /// The name's real server: answers `slow.example.com A 192.0.2.10` after [`DELAY`].
     fn start_slow_server(&mut self) {
-        let (ns, stop, count) = (self.ns.clone(), self.stop.clone(), self.slow_queries.clone());
+        let (ns, stop, count) = (
+            self.ns.clone(),
+            self.stop.clone(),
+            self.slow_queries.clone(),
+        );
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         self.threads.push(thread::spawn(move || {
             enter(&ns);
@@ -382,7 +401,10 @@ impl Spoofer {
 /// cache, and that the real one did.
 fn assert_not_poisoned(w: &mut World, got: Option<Vec<Ipv4Addr>>) {
     let got = got.expect("the client got a reply");
-    assert!(!got.contains(&FORGED), "the client got the forged IP: {got:?}");
+    assert!(
+        !got.contains(&FORGED),
+        "the client got the forged IP: {got:?}"
+    );
     assert_eq!(got, [REAL], "the client got the real answer");
     let end = Instant::now() + Duration::from_secs(5);
     while !w.audit().contains("slow.example.com") {
