@@ -325,6 +325,153 @@ async fn queries_past_the_concurrency_limit_get_servfail() {
     );
 }
 
+/// One client IP may hold `client_concurrency_limit` queries at once: past it its query
+/// gets SERVFAIL at once, while another client's is forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_past_the_client_limit_get_servfail_and_others_pass() {
+    let mut z = Zone::default();
+    z.silent.insert("held.app.test.".into());
+    z.a("www.app.test", 60, &["192.0.2.85"]);
+    let up = Upstream::start(z).await;
+    let timeout = Duration::from_secs(3);
+    let config = Config {
+        concurrency_limit: 0,
+        client_concurrency_limit: 1,
+        upstream_timeout: timeout,
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    let addr = h.addr;
+    let held =
+        tokio::spawn(async move { query(addr, "held.app.test", RecordType::A, false).await });
+    assert!(
+        wait_until(Duration::from_secs(10), || up
+            .seen()
+            .iter()
+            .any(|s| s.name == "held.app.test."))
+        .await
+    );
+    // The same client (127.0.0.1): SERVFAIL at once, not forwarded.
+    let start = Instant::now();
+    let m = query(h.addr, "www.app.test", RecordType::A, false).await;
+    assert_eq!(m.response_code(), ResponseCode::ServFail);
+    assert!(start.elapsed() < timeout);
+    let rec = h.audit_for("www.app.test").await;
+    assert!(
+        rec.reason.contains("client concurrency limit"),
+        "{}",
+        rec.reason
+    );
+    assert!(!up.seen().iter().any(|s| s.name == "www.app.test."));
+    // Another client (127.0.0.2) is served meanwhile.
+    let other = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    other
+        .send_to(&query_bytes("www.app.test", RecordType::A, 0x77), h.addr)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), other.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let m = hickory_proto::op::Message::from_vec(&buf[..n]).unwrap();
+    assert_eq!(ips(&m), vec![ip("192.0.2.85")]);
+    held.await.unwrap();
+    let metrics = h.proxy.metrics().render();
+    assert!(
+        metrics.contains(r#"ward_dns_concurrency_limited_total{limit="client"} 1"#),
+        "{metrics}"
+    );
+}
+
+/// Over TCP every query to a server shares one upstream connection (RFC 7766
+/// pipelining), each with an id of its own; a connection the server closed is replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_queries_share_one_pipelined_upstream_connection() {
+    let mut z = Zone::default();
+    for i in 0..20 {
+        z.a(
+            &format!("p{i}.app.test"),
+            60,
+            &[&format!("192.0.2.{}", 100 + i)],
+        );
+    }
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    // Twenty clients at once, each on its own connection to the proxy.
+    let queries = (0..20).map(|i| {
+        let addr = h.addr;
+        tokio::spawn(async move {
+            let m = query(addr, &format!("p{i}.app.test"), RecordType::A, true).await;
+            assert_eq!(ips(&m), vec![ip(&format!("192.0.2.{}", 100 + i))]);
+        })
+    });
+    for q in queries.collect::<Vec<_>>() {
+        q.await.unwrap();
+    }
+    assert_eq!(up.tcp_connections.load(Ordering::SeqCst), 1);
+    let ids: std::collections::HashSet<u16> = up.seen().iter().map(|s| s.id).collect();
+    assert_eq!(ids.len(), 20, "an id per query in flight");
+    // The server closes each connection after one answer: every query still gets its
+    // answer, over a new connection.
+    up.zone.lock().unwrap().tcp_close_after = Some(1);
+    let before = up.tcp_connections.load(Ordering::SeqCst);
+    for i in 0..3 {
+        let m = query(h.addr, &format!("p{i}.app.test"), RecordType::A, true).await;
+        assert_eq!(ips(&m), vec![ip(&format!("192.0.2.{}", 100 + i))]);
+    }
+    assert!(up.tcp_connections.load(Ordering::SeqCst) > before);
+}
+
+/// With `randomize_case` (DNS 0x20) the upstream sees the name in a random case, dnsmasq
+/// repeats it, and the client gets its own case back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_case_through_dnsmasq() {
+    let Some(dm) = Dnsmasq::start(&["--host-record=www.app.test,192.0.2.23"]).await else {
+        eprintln!("dnsmasq not installed: skipped");
+        return;
+    };
+    let config = Config {
+        randomize_case: true,
+        ..Config::default()
+    };
+    let h = Harness::start(config, dm.addr).await;
+    for (i, tcp) in [(0x11, false), (0x12, true)] {
+        let q = query_bytes("www.app.test", RecordType::A, i);
+        let r = if tcp {
+            tcp_exchange(h.addr, &q).await
+        } else {
+            udp_exchange(h.addr, &q).await
+        }
+        .expect("a reply");
+        let m = hickory_proto::op::Message::from_vec(&r).unwrap();
+        assert_eq!(m.id(), i);
+        assert_eq!(ips(&m), vec![ip("192.0.2.23")], "tcp={tcp}");
+        // The question in the client's case, byte for byte.
+        assert_eq!(r[12..12 + 14], q[12..12 + 14]);
+    }
+}
+
+/// What the upstream got with case randomisation: the names seen vary in case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_case_is_what_the_upstream_sees() {
+    let mut z = Zone::default();
+    z.a("www.app.test", 60, &["192.0.2.24"]);
+    let up = Upstream::start(z).await;
+    let config = Config {
+        randomize_case: true,
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    for _ in 0..8 {
+        let m = query(h.addr, "www.app.test", RecordType::A, false).await;
+        assert_eq!(ips(&m), vec![ip("192.0.2.24")]);
+    }
+    let names: std::collections::HashSet<String> =
+        up.seen().iter().map(|s| s.raw_name.clone()).collect();
+    assert!(names.len() > 1, "{names:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_queries_and_answers_are_contained() {
     let mut z = Zone::default();
@@ -389,6 +536,32 @@ async fn malformed_queries_and_answers_are_contained() {
         metrics.contains("ward_dns_upstream_unexpected_total 1"),
         "{metrics}"
     );
+}
+
+/// Bytes after the question (a smuggled second message, say) make the query a FORMERR:
+/// it is not forwarded, so the upstream never reads what policy did not check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailing_bytes_after_the_question_are_a_formerr_and_not_forwarded() {
+    let mut z = Zone::default();
+    z.a("t.app.test", 60, &["192.0.2.71"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    let mut q = query_bytes("t.app.test", RecordType::A, 0x5151);
+    q.extend_from_slice(&query_bytes("evil.example.org", RecordType::A, 0x5252)[2..]);
+    for tcp in [false, true] {
+        let r = if tcp {
+            tcp_exchange(h.addr, &q).await
+        } else {
+            udp_exchange(h.addr, &q).await
+        };
+        let m = hickory_proto::op::Message::from_vec(&r.expect("a reply")).unwrap();
+        assert_eq!(m.id(), 0x5151);
+        assert_eq!(m.response_code(), ResponseCode::FormErr, "tcp={tcp}");
+    }
+    assert!(up.seen().is_empty(), "forwarded: {:?}", up.seen());
+    // Without them, the same query is answered.
+    let m = query(h.addr, "t.app.test", RecordType::A, false).await;
+    assert_eq!(ips(&m), vec![ip("192.0.2.71")]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
