@@ -303,6 +303,7 @@ const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("policy", "fuzz"),
     ("http1", "proxy/fuzz"),
     ("handle", "dns-proxy/fuzz"),
+    ("answer", "dns-proxy/fuzz"),
 ];
 
 fn fuzz(target: Option<&str>, seconds: Option<&str>) -> Result {
