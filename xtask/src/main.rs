@@ -304,6 +304,7 @@ const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("http1", "proxy/fuzz"),
     ("h2", "proxy/fuzz"),
     ("handle", "dns-proxy/fuzz"),
+    ("answer", "dns-proxy/fuzz"),
 ];
 
 fn fuzz(target: Option<&str>, seconds: Option<&str>) -> Result {

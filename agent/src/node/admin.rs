@@ -21,13 +21,12 @@ use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use policy_model::compile::{EndpointPolicy, PortMatch};
 use policy_model::l7::L7Rules;
 use policy_model::policy::{Action, Tier};
 use policy_model::{Direction, Model};
 use prometheus::Registry;
+use proxy::metrics::{serve_endpoint, EndpointLimits, EndpointMetrics};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
@@ -47,28 +46,16 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Serves until the listener fails.
-    pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(a) => a,
-                Err(e) => {
-                    eprintln!("ward agent: admin accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let admin = self.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.handle(&req)) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
+    /// Serves until the task is dropped, within the default [`EndpointLimits`]
+    /// (connection cap, header and idle timeout, accept errors followed by a pause).
+    pub async fn serve(self, listener: TcpListener, metrics: EndpointMetrics) {
+        serve_endpoint(
+            listener,
+            EndpointLimits::default(),
+            metrics,
+            move |req: Request<Incoming>| self.handle(&req),
+        )
+        .await;
     }
 
     fn handle(&self, req: &Request<Incoming>) -> Response<RespBody> {

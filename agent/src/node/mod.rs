@@ -332,6 +332,8 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         std::future::pending::<()>().await;
     });
 
+    let admin_metrics = proxy::metrics::EndpointMetrics::register(&agent_metrics.registry, "admin")
+        .context("admin endpoint metrics")?;
     let admin = admin::Admin {
         status,
         registries: vec![
@@ -344,7 +346,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     let l = tokio::net::TcpListener::bind(s.admin)
         .await
         .with_context(|| format!("admin: cannot listen on {}", s.admin))?;
-    tokio::spawn(admin.serve(l));
+    tokio::spawn(admin.serve(l, admin_metrics));
     eprintln!(
         "ward agent: node {} serving: HTTP proxy :{}, DNS proxy :{}, admin {}",
         s.node, s.proxy_port, s.dns_proxy_port, s.admin
