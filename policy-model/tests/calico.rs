@@ -9,23 +9,28 @@ mod common;
 use common::{reject, Env, CLUSTER};
 use policy_model::Protocol;
 
+/// A spec written as `first line\n   more lines` (the later lines indented alike), under
+/// `spec:`.
+fn body(spec: &str) -> String {
+    let (first, rest) = spec.split_once('\n').unwrap_or((spec, ""));
+    format!("{}\n{}", first.trim(), common::dedent(rest))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| format!("  {l}\n"))
+        .collect()
+}
+
 fn gnp(name: &str, spec: &str) -> String {
     format!(
         "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n{}",
-        common::dedent(spec)
-            .lines()
-            .map(|l| format!("  {l}\n"))
-            .collect::<String>()
+        body(spec)
     )
 }
 
 fn cnp_calico(ns: &str, name: &str, spec: &str) -> String {
     format!(
         "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{}",
-        common::dedent(spec)
-            .lines()
-            .map(|l| format!("  {l}\n"))
-            .collect::<String>()
+        body(spec)
     )
 }
 
@@ -464,7 +469,7 @@ fn log_rules_decide_nothing_and_types_default() {
         gnp(
             "egress-only",
             "selector: app == 'b'
-             egress: [{action: Deny, destination: {selector: app == 'c'}}]",
+             egress: [{action: Deny, destination: {selector: app == 'c'}}, {action: Allow}]",
         ),
     ]);
     assert!(e.tcp("x/b", "x/a", 80));
@@ -608,7 +613,11 @@ fn invalid_calico_policies_name_the_field() {
         "spec.egress[0].destination.notPorts",
         "named ports in notPorts",
     );
-    reject(&bad("selectr: all()"), "spec", "unknown field `selectr`");
+    reject(
+        &bad("selectr: all()"),
+        "spec.selectr",
+        "unknown field `selectr`",
+    );
     reject(
         &cnp_calico("default", "bad", "namespaceSelector: all()"),
         "spec.namespaceSelector",

@@ -451,6 +451,11 @@ fn pod(o: &DynamicObject, name: String) -> Option<Pod> {
             .and_then(Value::as_str)
             .map(str::to_string),
         ports,
+        service_account: spec
+            .and_then(|s| s.get("serviceAccountName"))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string),
     })
 }
 

@@ -195,7 +195,7 @@ pub const CALICO_V3: &str = "projectcalico.org/v3";
 pub const CALICO_CRD: &str = "crd.projectcalico.org/v1";
 
 /// Splits a YAML stream into documents with their first line (1-based).
-fn documents(text: &str) -> Vec<(usize, String)> {
+pub(crate) fn documents(text: &str) -> Vec<(usize, String)> {
     let mut docs = Vec::new();
     let mut start = 1;
     let mut cur = String::new();

@@ -356,20 +356,28 @@ impl Ctx<'_> {
             return None;
         }
         let (sel, not_sel, ns_sel, sa) = (sel?, not_sel?, ns_sel?, sa?);
-        let mut all = Vec::new();
+        // rules.go getEndpointSelector: the namespace scope (the rule's namespaceSelector,
+        // else a NetworkPolicy's own namespace) applies as soon as any selector field is
+        // given, notSelector included; a GlobalNetworkPolicy rule with only a notSelector
+        // keeps matching outside addresses.
         let any_selector = given(&e.selector)
             || given(&e.not_selector)
             || given(&e.namespace_selector)
             || e.service_accounts.is_some();
+        let mut positive: Vec<Expr> = Vec::new();
+        positive.extend(sa);
+        positive.extend(sel);
         if any_selector {
-            all.push(Expr::pod());
             match (ns_sel, self.namespace) {
-                (Some(ns), _) => all.push(ns),
-                (None, Some(own)) => all.push(in_namespace(own)),
+                (Some(ns), _) => positive.push(ns),
+                (None, Some(own)) => positive.push(in_namespace(own)),
                 (None, None) => {}
             }
-            all.extend(sa);
-            all.extend(sel);
+        }
+        let mut all = Vec::new();
+        if !positive.is_empty() {
+            all.push(Expr::pod());
+            all.extend(positive);
         }
         if let Some(n) = not_sel {
             all.push(Expr::not(Expr::And(vec![Expr::pod(), n])));
