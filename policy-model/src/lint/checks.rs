@@ -28,7 +28,6 @@ pub(super) struct Raw {
 /// Every translated policy with its item, and (with a cluster) the pods it selects.
 struct Ctx<'a> {
     policies: Vec<(usize, &'a Policy)>,
-    items: &'a [Item],
     pods: Option<Vec<LabelSet>>,
     selected: Vec<Option<BTreeSet<usize>>>,
 }
@@ -57,7 +56,6 @@ impl<'a> Ctx<'a> {
             .collect();
         Ctx {
             policies,
-            items,
             pods,
             selected,
         }
@@ -325,12 +323,23 @@ fn overlapping(a: &PortProto, b: &PortProto) -> bool {
         }
 }
 
-fn share_peers(a: &Rule, b: &Rule) -> bool {
-    b.peers.selectors.iter().any(|s| s.is_all())
-        || a.peers
-            .selectors
-            .iter()
-            .any(|s| b.peers.selectors.contains(s))
+impl Ctx<'_> {
+    /// Whether two rules may name the same peer: one names every peer, they share a
+    /// selector, or (with a cluster) a pod matches a selector of each.
+    fn share_peers(&self, a: &Rule, b: &Rule) -> bool {
+        let by_pods = self.pods.as_ref().is_some_and(|pods| {
+            pods.iter().any(|l| {
+                a.peers.selectors.iter().any(|s| s.matches(l))
+                    && b.peers.selectors.iter().any(|s| s.matches(l))
+            })
+        });
+        by_pods
+            || b.peers.selectors.iter().any(|s| s.is_all())
+            || a.peers
+                .selectors
+                .iter()
+                .any(|s| b.peers.selectors.contains(s))
+    }
 }
 
 /// An L7 rule on a port that another rule allows without L7 rules for the same peers:
@@ -349,7 +358,7 @@ fn moot_l7(ctx: &Ctx, out: &mut Vec<Raw>) {
                         rb.direction == ra.direction
                             && rb.action == Action::Allow
                             && !std::ptr::eq(*rb, ra)
-                            && share_peers(ra, rb)
+                            && ctx.share_peers(ra, rb)
                     }) {
                         let hit = ga.ports.iter().find(|pp| {
                             rb.ports.is_empty()
@@ -544,7 +553,6 @@ fn selectors_match_nothing(ctx: &Ctx, out: &mut Vec<Raw>) {
                 .map(ToString::to_string)
                 .collect();
             if !empty.is_empty() {
-                let _ = ctx.items;
                 out.push(Raw {
                     item: *i,
                     path: r.path.clone(),

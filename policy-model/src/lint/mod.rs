@@ -102,7 +102,13 @@ pub fn lint(sources: &[Source], cluster: Option<&Cluster>) -> Vec<Finding> {
                     policies,
                     doc,
                 }),
-                Err(errors) => out.extend(errors.iter().map(invalid)),
+                Err(errors) => out.extend(errors.iter().map(|e| {
+                    let mut f = invalid(e);
+                    if let Some((start, text)) = &doc {
+                        f.line = Some(locate::line_of(text, *start, &e.path));
+                    }
+                    f
+                })),
             }
         }
     }
