@@ -105,7 +105,18 @@ fn sample_ports(model: &Model, ep: &EndpointPolicy) -> BTreeSet<u16> {
 
 #[test]
 fn entries_reproduce_every_conformance_case() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/cases");
+    check_folder("cases");
+}
+
+#[test]
+fn entries_reproduce_every_calico_case() {
+    check_folder("cases-calico");
+}
+
+fn check_folder(folder: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/conformance")
+        .join(folder);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| {
             panic!(

@@ -343,7 +343,12 @@ mod tests {
                 policy_model::api::load(&text, Some(&path.display().to_string()));
             assert!(errors.is_empty(), "{errors:?}");
             for o in &objects {
-                assert!(o.translate().is_ok(), "{}: {:?}", o.reference, o.translate());
+                assert!(
+                    o.translate().is_ok(),
+                    "{}: {:?}",
+                    o.reference,
+                    o.translate()
+                );
             }
             n += objects.len();
         }
