@@ -629,8 +629,7 @@ fn invalid_calico_policies_name_the_field() {
         "not Deny or Pass",
     );
     reject(
-        &"apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: default}\nspec: {order: 5}\n"
-            .replace("name: default", "name: default"),
+        &tier("default", "{order: 5}"),
         "spec.order",
         "default tier's order must be",
     );

@@ -565,7 +565,7 @@ impl Expr {
         Expr::lit(Key::new(Source::K8s, well_known::POD_NAMESPACE), Op::Exists)
     }
 
-    pub fn not(e: Expr) -> Expr {
+    pub fn negation(e: Expr) -> Expr {
         Expr::Not(Box::new(e))
     }
 
@@ -615,7 +615,7 @@ impl Expr {
                 let op = Op::In(values.clone());
                 lit(key, if *negated { op.negated() } else { op })
             }
-            Node::Not(n) => Expr::not(Expr::from_node(n, scope)),
+            Node::Not(n) => Expr::negation(Expr::from_node(n, scope)),
             Node::And(v) => Expr::And(v.iter().map(|n| Expr::from_node(n, scope)).collect()),
             Node::Or(v) => Expr::Or(v.iter().map(|n| Expr::from_node(n, scope)).collect()),
         }

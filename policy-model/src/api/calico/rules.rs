@@ -380,7 +380,7 @@ impl Ctx<'_> {
             all.extend(positive);
         }
         if let Some(n) = not_sel {
-            all.push(Expr::not(Expr::And(vec![Expr::pod(), n])));
+            all.push(Expr::negation(Expr::And(vec![Expr::pod(), n])));
         }
         if !nets.is_empty() {
             all.push(Expr::Or(
@@ -646,7 +646,7 @@ impl Ctx<'_> {
         Some(match ty {
             [Some(t), Some(n)] if t == n => Vec::new(),
             [Some(t), _] => vec![(t, t)],
-            [None, Some(n)] if n == 0 => vec![(1, u16::MAX)],
+            [None, Some(0)] => vec![(1, u16::MAX)],
             [None, Some(n)] => vec![(0, n - 1), (n + 1, u16::MAX)],
             [None, None] => vec![(0, u16::MAX)],
         })
