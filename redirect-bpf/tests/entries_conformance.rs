@@ -131,7 +131,8 @@ fn check_folder(folder: &str) {
     assert!(!files.is_empty(), "no cases in {}", dir.display());
     let mut checked = 0u64;
     for file in &files {
-        let text = std::fs::read_to_string(file).expect("read");
+        let text =
+            std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let case = parse_case(&text).unwrap_or_else(|e| panic!("{}: {e:?}", file.display()));
         let model = case
             .compile(None, file.to_str())
