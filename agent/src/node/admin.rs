@@ -271,6 +271,7 @@ pub fn explain(model: &Model, ep: &EndpointPolicy) -> Value {
             };
             let tier = match e.tier {
                 Tier::Admin => "admin",
+                Tier::Calico => "calico",
                 Tier::Namespace => "namespace",
                 Tier::Baseline => "baseline",
             };
