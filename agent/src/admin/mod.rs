@@ -26,13 +26,12 @@ use http::{Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use policy_model::compile::{EndpointPolicy, PortMatch};
 use policy_model::l7::L7Rules;
 use policy_model::policy::{Action, Tier};
 use policy_model::{Direction, Model};
 use prometheus::Registry;
+use proxy::metrics::{serve_endpoint, EndpointLimits, EndpointMetrics};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -59,28 +58,16 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Serves until the listener fails.
-    pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin endpoint: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let admin = self.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.handle(&req)) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
+    /// Serves until the task is dropped, within the default [`EndpointLimits`]
+    /// (connection cap, header and idle timeout, accept errors followed by a pause).
+    pub async fn serve(self, listener: TcpListener, metrics: EndpointMetrics) {
+        serve_endpoint(
+            listener,
+            EndpointLimits::default(),
+            metrics,
+            move |req: Request<Incoming>| self.handle(&req),
+        )
+        .await;
     }
 
     fn handle(&self, req: &Request<Incoming>) -> Response<RespBody> {
@@ -302,6 +289,7 @@ pub fn explain(model: &Model, ep: &EndpointPolicy) -> api::PodPolicy {
             };
             let tier = match e.tier {
                 Tier::Admin => "admin",
+                Tier::Calico => "calico",
                 Tier::Namespace => "namespace",
                 Tier::Baseline => "baseline",
             };
@@ -365,12 +353,12 @@ mod tests {
     use super::client::Client;
     use super::*;
     use crate::datapath::{FakeDatapath, Shared};
-    use crate::reconcile::drops::DropReader;
+    use crate::reconcile::drops::{DropCounters, EventReader};
     use crate::reconcile::Published;
     use crate::telemetry::metrics::AgentMetrics;
     use redirect_bpf::common::{drop_reason, DropEvent, DIR_INGRESS};
 
-    /// The admin endpoint on a free port, with the drop reader over a fake datapath.
+    /// The admin endpoint on a free port, with the drop readers over a fake datapath.
     #[tokio::test]
     async fn status_and_events_reach_the_client_as_the_server_typed_them() {
         let cluster: policy_model::Cluster = serde_yaml::from_str(
@@ -393,10 +381,11 @@ mod tests {
         let events = Events::new();
         let metrics = AgentMetrics::new().unwrap();
         let dp = Shared::new(FakeDatapath::new());
+        let ring = dp.lock().take_drop_events();
         {
             let mut d = dp.lock();
             d.drop_counts.insert(drop_reason::POLICY_DEFAULT_DENY, 4);
-            d.events.push(DropEvent {
+            d.record_drop(DropEvent {
                 reason: drop_reason::POLICY_DEFAULT_DENY,
                 saddr: [10, 80, 1, 2],
                 daddr: [10, 80, 2, 2],
@@ -407,18 +396,23 @@ mod tests {
                 ..DropEvent::default()
             });
         }
-        let mut reader = DropReader::new(
-            dp.clone(),
-            events.clone(),
-            metrics.clone(),
-            published,
-            drops_tx,
-        );
-        reader.read();
+        let event_reader = EventReader::new(Box::new(ring), events.clone(), published.clone());
+        let reading = tokio::spawn(event_reader.run());
+        // the reader moves the recorded event to the stream
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while events.recent().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the drop event read from the ring buffer");
+        reading.abort();
+        let mut counters = DropCounters::new(dp.clone(), metrics.clone(), published, drops_tx);
+        counters.read();
         dp.lock()
             .drop_counts
             .insert(drop_reason::POLICY_DEFAULT_DENY, 6);
-        reader.read();
+        counters.read();
         let counted = metrics
             .drops
             .with_label_values(&["policy_default_deny"])
@@ -435,7 +429,8 @@ mod tests {
         };
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = Client::new(l.local_addr().unwrap());
-        tokio::spawn(admin.serve(l));
+        let endpoint = EndpointMetrics::register(&metrics.registry, "admin").unwrap();
+        tokio::spawn(admin.serve(l, endpoint));
 
         let s = client.status().await.unwrap();
         assert!(s.ready && s.healthy());

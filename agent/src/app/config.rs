@@ -35,6 +35,11 @@ pub struct Args {
     /// net behind the change notifications (inotify); at least 1000 [default: 30000].
     #[arg(long)]
     source_poll_ms: Option<u64>,
+    /// How often local pods whose interface is not found yet are looked for again, in
+    /// milliseconds, when no route or link change in the node's namespace (watched over
+    /// netlink) prompted a look [default: 10000].
+    #[arg(long)]
+    endpoint_recheck_ms: Option<u64>,
     /// bpffs directory of the pinned maps and links [default: /sys/fs/bpf/ward].
     #[arg(long)]
     bpf_root: Option<PathBuf>,
@@ -88,6 +93,7 @@ struct File {
     source: Option<SourceKind>,
     source_dir: Option<PathBuf>,
     source_poll_ms: Option<u64>,
+    endpoint_recheck_ms: Option<u64>,
     bpf_root: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     admin: Option<SocketAddr>,
@@ -160,6 +166,10 @@ pub fn settings(a: Args) -> Result<Settings, Error> {
             .source_poll_ms
             .or(f.source_poll_ms)
             .map_or(crate::source::files::DEFAULT_RESCAN, Duration::from_millis),
+        endpoint_recheck: a.endpoint_recheck_ms.or(f.endpoint_recheck_ms).map_or(
+            crate::reconcile::attacher::ENDPOINT_RECHECK,
+            Duration::from_millis,
+        ),
         bpf_root: a
             .bpf_root
             .or(f.bpf_root)
@@ -220,7 +230,7 @@ mod tests {
         let cfg = dir.path().join("agent.yaml");
         std::fs::write(
             &cfg,
-            "node: n1\nsource_dir: /src\nproxy_port: 1000\nuplinks: [up0]\nproxy: {idle_timeout_ms: 5}\n",
+            "node: n1\nsource_dir: /src\nproxy_port: 1000\nuplinks: [up0]\nendpoint_recheck_ms: 2500\nproxy: {idle_timeout_ms: 5}\n",
         )
         .unwrap();
         let s = settings(Args {
@@ -236,6 +246,7 @@ mod tests {
         assert_eq!(s.proxy.idle_timeout_ms, 5);
         assert!(s.transparent_source);
         assert_eq!(s.bpf_root, PathBuf::from("/sys/fs/bpf/ward"));
+        assert_eq!(s.endpoint_recheck, Duration::from_millis(2500));
 
         std::fs::write(&cfg, "node: n1\nsource_dir: /src\nproxy_prot: 1\n").unwrap();
         let e = settings(Args {

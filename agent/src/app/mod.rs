@@ -14,6 +14,7 @@ use dns_proxy::listener::{serve_tcp, serve_udp, LocalAddr, TransparentUdp};
 use dns_proxy::Scope;
 use policy_model::{CompileOptions, Model};
 use redirect_bpf::common::MARK_FROM_EGRESS_PROXY;
+use redirect_bpf::netlink::{NetChanges, Netlink, NetlinkError};
 use redirect_bpf::{routing, Datapath, ProxyPorts};
 
 use crate::admin;
@@ -33,6 +34,8 @@ pub struct Settings {
     pub source_dir: Option<PathBuf>,
     /// How often the files source re-reads its directory behind the notifications.
     pub rescan: Duration,
+    /// How often endpoints are looked for when no route or link change woke discovery.
+    pub endpoint_recheck: Duration,
     pub bpf_root: PathBuf,
     pub state_dir: PathBuf,
     pub admin: SocketAddr,
@@ -67,6 +70,13 @@ pub enum Error {
         what: String,
         source: std::io::Error,
     },
+    #[error("{what}: {source}")]
+    Netlink {
+        what: &'static str,
+        source: NetlinkError,
+    },
+    #[error("the datapath's drop event ring buffer was already handed out")]
+    DropEventsTaken,
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("reading the first snapshot: {0}")]
@@ -82,6 +92,10 @@ type Result<T> = std::result::Result<T, Error>;
 fn dp_error(what: impl Into<String>) -> impl FnOnce(redirect_bpf::Error) -> Error {
     let what = what.into();
     move |source| Error::Datapath { what, source }
+}
+
+fn netlink_error(what: &'static str) -> impl FnOnce(NetlinkError) -> Error {
+    move |source| Error::Netlink { what, source }
 }
 
 fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -154,12 +168,22 @@ fn bind_ipv6<T>(
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     // The datapath: loaded on the pinned maps, which keep enforcing while no agent runs.
-    let dp = Datapath::load(&s.bpf_root).map_err(dp_error(format!(
+    let mut dp = Datapath::load(&s.bpf_root).map_err(dp_error(format!(
         "loading the datapath at {}",
         s.bpf_root.display()
     )))?;
+    let drop_events = dp
+        .take_drop_events()
+        .ok_or(Error::DropEventsTaken)?
+        .into_async()
+        .map_err(io_error("watching the drop event ring buffer"))?;
     let applied = maps::MapState::read(&dp).map_err(dp_error("reading the pinned maps"))?;
     let dp = Shared::new(dp);
+    // The node's namespace (entered before the runtime started): route lookups, the
+    // redirect routing, and the route and link changes that wake endpoint discovery,
+    // watched from before the first discovery so that no change falls in between.
+    let netlink = Netlink::connect().map_err(netlink_error("netlink"))?;
+    let net_changes = NetChanges::watch().map_err(netlink_error("watching routes and links"))?;
     let ipv6 = routing::ipv6_enabled();
     if !ipv6 {
         tracing::warn!(
@@ -167,7 +191,10 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
              listeners; IPv6 flows that need a proxy are dropped (proxy_unavailable)"
         );
     }
-    if routing::ensure().map_err(dp_error("installing the redirect routing"))? {
+    if routing::ensure(&netlink)
+        .await
+        .map_err(netlink_error("installing the redirect routing"))?
+    {
         tracing::info!(
             rule = "fwmark 0x200/0xf00",
             table = routing::TABLE,
@@ -319,10 +346,15 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
             metrics: agent_metrics.clone(),
         },
         Wiring {
-            discovery: attacher::Routes,
+            discovery: attacher::Routes::new(netlink.clone()),
+            wakeups: Some(attacher::net_wakeups(net_changes)),
             uplinks: s.uplinks.clone(),
+            drop_events: Box::new(drop_events),
             events: events.clone(),
-            timing: Timing::default(),
+            timing: Timing {
+                endpoint_recheck: s.endpoint_recheck,
+                ..Timing::default()
+            },
             dns: lane_rx,
         },
     );
@@ -365,6 +397,8 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         std::future::pending::<()>().await;
     });
 
+    let admin_metrics =
+        proxy::metrics::EndpointMetrics::register(&agent_metrics.registry, "admin")?;
     let admin = admin::Admin {
         node: s.node.clone(),
         source: source_name,
@@ -380,7 +414,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     let l = tokio::net::TcpListener::bind(s.admin)
         .await
         .map_err(listen_error("admin endpoint", s.admin))?;
-    tokio::spawn(admin.serve(l));
+    tokio::spawn(admin.serve(l, admin_metrics));
     tracing::info!(
         node = %s.node,
         http_proxy_port = s.proxy_port,
@@ -399,6 +433,8 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     if let Err(e) = dns.persist() {
         tracing::warn!(error = %e, "cannot persist the DNS cache");
     }
-    routing::remove().map_err(dp_error("removing the redirect routing"))?;
+    routing::remove(&netlink)
+        .await
+        .map_err(netlink_error("removing the redirect routing"))?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! An in-memory datapath for tests of the reconcile tasks: maps, attachments, conntrack
-//! and drop events as plain collections, and a journal of every change in the order it
+//! and drop counters as plain collections, drop events through a channel that stands for
+//! the ring buffer ([`FakeDatapath::record_drop`], [`FakeDatapath::take_drop_events`]), and a journal of every change in the order it
 //! happened, so a test can check what was written, in which order, and that nothing was
 //! written at all.
 
@@ -11,8 +12,11 @@ use std::time::Duration;
 use ipnet::IpNet;
 use redirect_bpf::common::{ct_flags, DropEvent, EndpointInfo};
 use redirect_bpf::{ConntrackFlow, Error, PolicyEntry};
+use tokio::sync::mpsc;
 
 use super::Datapath;
+use crate::reconcile::drops::DropEventSource;
+use crate::source::BoxFuture;
 
 /// One change to the fake datapath, or a mark a test put between changes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,7 +68,7 @@ fn entry_key(e: &PolicyEntry) -> EntryKey {
 }
 
 /// The fake datapath. Its fields are the state; tests set them up and read them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FakeDatapath {
     pub ipcache: BTreeMap<IpNet, u32>,
     pub endpoints: BTreeMap<IpAddr, EndpointInfo>,
@@ -74,8 +78,10 @@ pub struct FakeDatapath {
     pub conntrack: Vec<ConntrackFlow>,
     /// The clock `expire_conntrack` compares `last_seen_ns` with.
     pub now_ns: u64,
-    /// Queued drop events.
-    pub events: Vec<DropEvent>,
+    /// The drop event "ring buffer": recorded events wait here for the reader.
+    drop_tx: mpsc::UnboundedSender<DropEvent>,
+    /// Its reading end, until [`FakeDatapath::take_drop_events`] hands it out.
+    drop_rx: Option<mpsc::UnboundedReceiver<DropEvent>>,
     /// Kernel drop counters by reason.
     pub drop_counts: BTreeMap<u32, u64>,
     pub suppressed: u64,
@@ -85,9 +91,48 @@ pub struct FakeDatapath {
     pub fail_writes: usize,
 }
 
+impl Default for FakeDatapath {
+    fn default() -> FakeDatapath {
+        let (drop_tx, drop_rx) = mpsc::unbounded_channel();
+        FakeDatapath {
+            ipcache: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            policy: BTreeMap::new(),
+            attached: BTreeSet::new(),
+            conntrack: Vec::new(),
+            now_ns: 0,
+            drop_counts: BTreeMap::new(),
+            suppressed: 0,
+            drop_tx,
+            drop_rx: Some(drop_rx),
+            journal: Vec::new(),
+            fail_writes: 0,
+        }
+    }
+}
+
 impl FakeDatapath {
     pub fn new() -> FakeDatapath {
         FakeDatapath::default()
+    }
+
+    /// Records a drop event, as the programs do into the ring buffer: it waits there
+    /// until the reader takes it.
+    pub fn record_drop(&mut self, e: DropEvent) {
+        // the receiver is only gone when the reader was dropped: nobody to tell
+        let _ = self.drop_tx.send(e);
+    }
+
+    /// Hands the drop events' reading end out, as the real datapath's `take_drop_events`
+    /// does. A later call stands for a new agent process opening the pinned ring buffer:
+    /// it gets a new reading end, and the earlier one gets nothing more.
+    pub fn take_drop_events(&mut self) -> FakeDropEvents {
+        let rx = self.drop_rx.take().unwrap_or_else(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.drop_tx = tx;
+            rx
+        });
+        FakeDropEvents { rx }
     }
 
     /// Appends a mark to the journal.
@@ -235,15 +280,34 @@ impl Datapath for FakeDatapath {
         self.conntrack.iter().any(|f| f.src == ip || f.dst == ip)
     }
 
-    fn drain_events(&mut self) -> Vec<DropEvent> {
-        std::mem::take(&mut self.events)
-    }
-
     fn drops(&self, reason: u32) -> Result<u64, Error> {
         Ok(self.drop_counts.get(&reason).copied().unwrap_or(0))
     }
 
     fn events_suppressed(&self) -> Result<u64, Error> {
         Ok(self.suppressed)
+    }
+}
+
+/// The reading end of the fake's drop events ([`FakeDatapath::take_drop_events`]).
+#[derive(Debug)]
+pub struct FakeDropEvents {
+    rx: mpsc::UnboundedReceiver<DropEvent>,
+}
+
+impl DropEventSource for FakeDropEvents {
+    fn next_batch(&mut self) -> BoxFuture<'_, std::io::Result<Vec<DropEvent>>> {
+        Box::pin(async move {
+            // The datapath is gone or has a newer reader: like a ring buffer nothing
+            // writes to any more, this one stays empty.
+            let Some(first) = self.rx.recv().await else {
+                return std::future::pending().await;
+            };
+            let mut batch = vec![first];
+            while let Ok(e) = self.rx.try_recv() {
+                batch.push(e);
+            }
+            Ok(batch)
+        })
     }
 }

@@ -1,5 +1,7 @@
 //! The datapath as the reconcile tasks see it: the operations they perform on the maps,
-//! the attachments, conntrack and the drop events, behind one trait. The kernel loader
+//! the attachments, conntrack and the drop counters, behind one trait. (The drop events
+//! are not in it: their ring buffer is handed out of the datapath at start, to a reader
+//! of its own, [`crate::reconcile::drops::EventReader`].) The kernel loader
 //! ([`redirect_bpf::Datapath`]) implements it; [`fake::FakeDatapath`] keeps everything in
 //! memory and journals every write, so that the tasks are tested without root.
 //!
@@ -13,10 +15,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use redirect_bpf::common::{DropEvent, EndpointInfo};
+use redirect_bpf::common::EndpointInfo;
 use redirect_bpf::{ConntrackFlow, Error, PolicyEntry};
 
-pub use fake::FakeDatapath;
+pub use fake::{FakeDatapath, FakeDropEvents};
 
 /// What the reconcile tasks do with the datapath. Map writes are synchronous: when a write
 /// returns, the kernel enforces it. Removals of absent keys succeed (nothing to do).
@@ -61,8 +63,6 @@ pub trait Datapath: Send + 'static {
     /// Whether a live conntrack entry has `ip` on either side.
     fn in_live_connection(&self, ip: IpAddr) -> bool;
 
-    /// Takes the drop events queued so far.
-    fn drain_events(&mut self) -> Vec<DropEvent>;
     /// The kernel's drop counter of a reason.
     fn drops(&self, reason: u32) -> Result<u64, Error>;
     /// Drop events the rate limit held back.
@@ -161,10 +161,6 @@ impl Datapath for redirect_bpf::Datapath {
 
     fn in_live_connection(&self, ip: IpAddr) -> bool {
         redirect_bpf::Datapath::in_live_connection(self, ip)
-    }
-
-    fn drain_events(&mut self) -> Vec<DropEvent> {
-        redirect_bpf::Datapath::drain_events(self)
     }
 
     fn drops(&self, reason: u32) -> Result<u64, Error> {

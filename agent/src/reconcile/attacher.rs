@@ -3,11 +3,18 @@
 //! interface table and publishes it ([`Attachments`]) for the policy publisher, which
 //! writes the interfaces into the endpoints map and shows them in the status. Nothing
 //! else waits on it: a slow or stuck lookup delays only the attachment of new pods.
+//!
+//! A round runs when the local pods change, when the node's routes or links change
+//! ([`Wakeups`], the netlink watch: a CNI adding a pod's veth and route), and every
+//! [`ENDPOINT_RECHECK`] in any case, the safety net of the watch.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
+use futures_util::{FutureExt, Stream, StreamExt};
+use redirect_bpf::netlink::{NetChanges, Netlink};
 use tokio::sync::watch;
 
 use super::endpoints::{ifindex, veth_of};
@@ -16,8 +23,9 @@ use crate::datapath::{Datapath, Shared};
 use crate::source::BoxFuture;
 use crate::telemetry::metrics::AgentMetrics;
 
-/// How often pods not found yet are looked for again, and attachments checked.
-pub const DISCOVERY_EVERY: Duration = Duration::from_secs(1);
+/// How often pods not found yet are looked for again, and attachments checked, when no
+/// route or link change woke the attacher (`--endpoint-recheck-ms`).
+pub const ENDPOINT_RECHECK: Duration = Duration::from_secs(10);
 
 /// Where a pod's interface is found.
 pub trait Discovery: Send + Sync + 'static {
@@ -28,17 +36,35 @@ pub trait Discovery: Send + Sync + 'static {
     fn ifindex(&self, iface: &str) -> u32;
 }
 
-/// The node's routing table: the route the CNI installed for the pod's IP.
-pub struct Routes;
+/// The node's routing table, asked over rtnetlink: the route the CNI installed for the
+/// pod's IP.
+pub struct Routes {
+    netlink: Netlink,
+}
+
+impl Routes {
+    pub fn new(netlink: Netlink) -> Routes {
+        Routes { netlink }
+    }
+}
 
 impl Discovery for Routes {
     fn interface_of(&self, ip: IpAddr) -> BoxFuture<'_, Option<String>> {
-        Box::pin(veth_of(ip))
+        Box::pin(veth_of(&self.netlink, ip))
     }
 
     fn ifindex(&self, iface: &str) -> u32 {
         ifindex(iface)
     }
+}
+
+/// What wakes the attacher between re-checks: one item per change that may have given a
+/// pod its interface (or taken it away).
+pub type Wakeups = Pin<Box<dyn Stream<Item = ()> + Send>>;
+
+/// The node namespace's route and link changes (announced over netlink) as wake-ups.
+pub fn net_wakeups(changes: NetChanges) -> Wakeups {
+    Box::pin(changes.map(|_| ()))
 }
 
 /// The endpoint attacher's state (see the module documentation).
@@ -48,7 +74,9 @@ pub struct Attacher<D, R> {
     /// Uplink interfaces: attached at start by the agent, never a pod's.
     uplinks: Vec<String>,
     metrics: AgentMetrics,
-    every: Duration,
+    recheck: Duration,
+    /// None when nothing but the re-check wakes the attacher (or the watch ended).
+    wakeups: Option<Wakeups>,
     /// pod -> the interface carrying its programs.
     attached: BTreeMap<String, Attached>,
     pods: watch::Receiver<Option<LocalPods>>,
@@ -69,16 +97,23 @@ impl<D: Datapath, R: Discovery> Attacher<D, R> {
             discovery,
             uplinks,
             metrics,
-            every: DISCOVERY_EVERY,
+            recheck: ENDPOINT_RECHECK,
+            wakeups: None,
             attached: BTreeMap::new(),
             pods,
             out,
         }
     }
 
-    /// Sets how often pods not found are looked for again.
-    pub fn every(mut self, every: Duration) -> Self {
-        self.every = every;
+    /// Sets how often pods not found are looked for again without a wake-up.
+    pub fn recheck(mut self, recheck: Duration) -> Self {
+        self.recheck = recheck;
+        self
+    }
+
+    /// Sets what wakes the attacher between re-checks.
+    pub fn wakeups(mut self, wakeups: Option<Wakeups>) -> Self {
+        self.wakeups = wakeups;
         self
     }
 
@@ -97,7 +132,7 @@ impl<D: Datapath, R: Discovery> Attacher<D, R> {
         self.round(&pods).await;
         self.detach_leftovers();
         self.publish(true);
-        let mut tick = tokio::time::interval(self.every);
+        let mut tick = tokio::time::interval(self.recheck);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
         loop {
@@ -110,8 +145,11 @@ impl<D: Datapath, R: Discovery> Attacher<D, R> {
                         pods = p;
                     }
                 }
+                () = woken(&mut self.wakeups) => {}
                 _ = tick.tick() => {}
             }
+            // every round counts as the re-check
+            tick.reset();
             if self.round(&pods).await {
                 self.publish(false);
             }
@@ -217,5 +255,55 @@ impl<D: Datapath, R: Discovery> Attacher<D, R> {
                 }
             }
         }
+    }
+}
+
+/// Waits for the next wake-up, and takes the ones already queued behind it: a burst (a
+/// CNI adds a veth, its addresses and its routes in a row) makes one round. Never
+/// returns once the wake-ups ended (the watch's socket failed): the re-check goes on
+/// alone.
+async fn woken(wakeups: &mut Option<Wakeups>) {
+    if let Some(w) = wakeups {
+        if w.next().await.is_some() {
+            while let Some(Some(())) = w.next().now_or_never() {}
+            return;
+        }
+        tracing::warn!(
+            "the netlink watch of routes and links ended: endpoints are looked for only by \
+             the periodic re-check from now on"
+        );
+        *wakeups = None;
+    }
+    std::future::pending().await
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::stream;
+
+    use super::*;
+
+    /// Resolves `f` if it is ready now; None if it would wait.
+    fn ready_now<F: std::future::Future>(f: F) -> Option<F::Output> {
+        Box::pin(f).now_or_never()
+    }
+
+    #[test]
+    fn a_burst_of_wakeups_makes_one_round() {
+        let burst = stream::iter([(), (), ()]).chain(stream::pending());
+        let mut w: Option<Wakeups> = Some(Box::pin(burst));
+        assert_eq!(ready_now(woken(&mut w)), Some(()), "the burst wakes");
+        assert_eq!(ready_now(woken(&mut w)), None, "and is taken whole");
+        assert!(w.is_some());
+    }
+
+    #[test]
+    fn ended_wakeups_leave_the_recheck_alone() {
+        let mut w: Option<Wakeups> = Some(Box::pin(stream::iter([()])));
+        assert_eq!(ready_now(woken(&mut w)), Some(()));
+        assert_eq!(ready_now(woken(&mut w)), None, "never wakes again");
+        assert!(w.is_none(), "the ended watch is dropped");
+        let mut none: Option<Wakeups> = None;
+        assert_eq!(ready_now(woken(&mut none)), None);
     }
 }

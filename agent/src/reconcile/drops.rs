@@ -1,29 +1,96 @@
-//! The drop-event reader: moves the datapath's drop events to the event stream (named
-//! with the pods of the published model) and its per-reason drop counters to the
-//! metrics and the status.
+//! The datapath's drops, in two tasks:
+//!
+//! - [`EventReader`]: sleeps on the drop event ring buffer ([`DropEventSource`]; the
+//!   kernel's is read on tokio's `AsyncFd`, woken when a drop is recorded) and moves each
+//!   event to the event stream, named with the pods of the published model. It holds no
+//!   lock of the datapath: the ring buffer was handed out of it at start.
+//! - [`DropCounters`]: reads the per-reason drop counters into the metrics and the
+//!   status, every [`COUNTERS_EVERY`].
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use redirect_bpf::common::drop_reason;
+use redirect_bpf::common::{drop_reason, DropEvent};
+use redirect_bpf::AsyncDropEvents;
 use tokio::sync::watch;
 
 use super::Published;
 use crate::datapath::{Datapath, Shared};
+use crate::source::BoxFuture;
 use crate::telemetry::events::{drop_event, Events};
 use crate::telemetry::metrics::{reason_name, AgentMetrics};
 
-/// How often drop events and counters are read.
-pub const EVENTS_EVERY: Duration = Duration::from_millis(200);
+/// How often the drop counters are read.
+pub const COUNTERS_EVERY: Duration = Duration::from_millis(200);
 
 /// Drops by reason name, as the kernel counts them.
 pub type DropCounts = BTreeMap<&'static str, u64>;
 
-/// The drop-event reader's state.
-pub struct DropReader<D> {
-    dp: Shared<D>,
+/// Where drop events come from: the datapath's ring buffer (or a test's stand-in,
+/// [`crate::datapath::fake::FakeDropEvents`]).
+pub trait DropEventSource: Send + 'static {
+    /// Waits until at least one event is queued and returns every queued one, oldest
+    /// first. An error ends the reader.
+    fn next_batch(&mut self) -> BoxFuture<'_, std::io::Result<Vec<DropEvent>>>;
+}
+
+impl DropEventSource for AsyncDropEvents {
+    fn next_batch(&mut self) -> BoxFuture<'_, std::io::Result<Vec<DropEvent>>> {
+        Box::pin(AsyncDropEvents::next_batch(self))
+    }
+}
+
+/// The drop event reader's state.
+pub struct EventReader {
+    ring: Box<dyn DropEventSource>,
     events: Events,
+    published: watch::Receiver<Option<Published>>,
+}
+
+impl EventReader {
+    pub fn new(
+        ring: Box<dyn DropEventSource>,
+        events: Events,
+        published: watch::Receiver<Option<Published>>,
+    ) -> EventReader {
+        EventReader {
+            ring,
+            events,
+            published,
+        }
+    }
+
+    /// Publishes drop events until the ring buffer cannot be read any more.
+    pub async fn run(mut self) {
+        loop {
+            match self.ring.next_batch().await {
+                Ok(batch) => self.publish(&batch),
+                Err(e) => {
+                    tracing::error!(error = %e, "reading drop events stopped");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Moves a batch of events to the event stream.
+    fn publish(&self, batch: &[DropEvent]) {
+        let model = self.published.borrow().as_ref().map(|p| p.model.clone());
+        let pod_of = |ip: IpAddr| {
+            model
+                .as_ref()
+                .and_then(|m| m.endpoint_of_ip(ip).map(|e| e.name.clone()))
+        };
+        for e in batch {
+            self.events.publish(&drop_event(e, pod_of));
+        }
+    }
+}
+
+/// The drop counter reader's state.
+pub struct DropCounters<D> {
+    dp: Shared<D>,
     metrics: AgentMetrics,
     every: Duration,
     published: watch::Receiver<Option<Published>>,
@@ -32,26 +99,24 @@ pub struct DropReader<D> {
     seen: BTreeMap<u32, u64>,
 }
 
-impl<D: Datapath> DropReader<D> {
+impl<D: Datapath> DropCounters<D> {
     pub fn new(
         dp: Shared<D>,
-        events: Events,
         metrics: AgentMetrics,
         published: watch::Receiver<Option<Published>>,
         out: watch::Sender<DropCounts>,
-    ) -> DropReader<D> {
-        DropReader {
+    ) -> DropCounters<D> {
+        DropCounters {
             dp,
-            events,
             metrics,
-            every: EVENTS_EVERY,
+            every: COUNTERS_EVERY,
             published,
             out,
             seen: BTreeMap::new(),
         }
     }
 
-    /// Sets how often the events are read.
+    /// Sets how often the counters are read.
     pub fn every(mut self, every: Duration) -> Self {
         self.every = every;
         self
@@ -70,25 +135,15 @@ impl<D: Datapath> DropReader<D> {
         }
     }
 
-    /// Reads the events and counters once.
+    /// Reads the counters once.
     pub fn read(&mut self) {
-        let (events, counts, suppressed) = {
-            let mut dp = self.dp.lock();
-            let events = dp.drain_events();
+        let (counts, suppressed) = {
+            let dp = self.dp.lock();
             let counts: Vec<(u32, u64)> = (1..drop_reason::COUNT)
                 .filter_map(|r| dp.drops(r).ok().map(|c| (r, c)))
                 .collect();
-            (events, counts, dp.events_suppressed().unwrap_or(0))
+            (counts, dp.events_suppressed().unwrap_or(0))
         };
-        let model = self.published.borrow().as_ref().map(|p| p.model.clone());
-        let pod_of = |ip: IpAddr| {
-            model
-                .as_ref()
-                .and_then(|m| m.endpoint_of_ip(ip).map(|e| e.name.clone()))
-        };
-        for e in &events {
-            self.events.publish(&drop_event(e, pod_of));
-        }
         let mut by_name = DropCounts::new();
         for (r, c) in counts {
             let seen = self.seen.entry(r).or_insert(0);

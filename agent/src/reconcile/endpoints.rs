@@ -1,12 +1,13 @@
 //! Endpoint discovery: which host-side interface leads to a local pod. The CNI (here the
 //! lab and the tests) installs a route `POD_IP dev VETH` in the node's namespace; the
-//! kernel's own route lookup (`ip -j route get`) answers, so whatever route shape the CNI
-//! chose (a /32 per pod, a subnet per veth) is understood the same way. iproute2 rather
-//! than a netlink crate: one lookup per new pod, and the output is stable JSON.
+//! kernel's own route lookup (RTM_GETROUTE over netlink, what `ip route get` asks)
+//! answers, so whatever route shape the CNI chose (a /32 per pod, a subnet per veth) is
+//! understood the same way.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use redirect_bpf::netlink::Netlink;
 use serde::{Deserialize, Serialize};
 
 /// Endpoint ids: stable per pod across restarts. They are recovered from the endpoints
@@ -57,30 +58,17 @@ pub struct EndpointStatus {
     pub attached: bool,
 }
 
-#[derive(Deserialize)]
-struct RouteGet {
-    dev: Option<String>,
-    #[serde(rename = "type")]
-    kind: Option<String>,
-}
-
 /// The interface the node's routing table sends `ip` to, when it is a plain unicast
-/// route through an interface other than loopback; None when there is none (yet).
-pub async fn veth_of(ip: IpAddr) -> Option<String> {
-    let out = tokio::process::Command::new("ip")
-        .args(["-j", "route", "get", &ip.to_string()])
-        .output()
-        .await
-        .ok()?;
-    if !out.status.success() {
-        return None;
+/// route through an interface other than loopback; None when there is none (yet), and
+/// when the lookup fails (logged; the pod is looked for again later).
+pub async fn veth_of(netlink: &Netlink, ip: IpAddr) -> Option<String> {
+    match netlink.unicast_interface(ip).await {
+        Ok(veth) => veth,
+        Err(e) => {
+            tracing::warn!(%ip, error = %e, "endpoint discovery: route lookup failed");
+            None
+        }
     }
-    let routes: Vec<RouteGet> = serde_json::from_slice(&out.stdout).ok()?;
-    let r = routes.into_iter().next()?;
-    if r.kind.as_deref().is_some_and(|k| k != "unicast") {
-        return None;
-    }
-    r.dev.filter(|d| d != "lo")
 }
 
 /// The ifindex of an interface in this network namespace (0 when it has none).

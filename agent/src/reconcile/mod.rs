@@ -3,14 +3,16 @@
 //!
 //! ```text
 //!  source ──snapshots──▶ publisher ──published model──▶ conntrack (sweep, revoke)
-//!  DNS proxy ──dns lane──▶   │  ▲                   └──▶ drop reader ──▶ events
-//!                  local pods│  │attachments
-//!                            ▼  │
+//!  DNS proxy ──dns lane──▶   │  ▲                   ├──▶ drop counters ──▶ metrics
+//!                  local pods│  │attachments        └──▶ event reader ──▶ events
+//!                            ▼  │                          ▲ ring buffer
 //!                          attacher (discovery, attach/detach)
+//!                            ▲ route and link changes (netlink)
 //! ```
 //!
 //! - [`publisher`]: store -> model -> one diff to the maps, and the model to the proxies.
-//! - [`attacher`]: finds the pods' interfaces and attaches the programs.
+//! - [`attacher`]: finds the pods' interfaces and attaches the programs, woken by the
+//!   node's route and link changes.
 //! - [`conntrack`]: expires idle flows, revokes flows a new policy denies.
 //! - [`drops`]: drop events to the event stream, drop counters to the metrics.
 //! - [`dns`]: the DNS proxy's hand-off lane into the publisher.
@@ -43,9 +45,9 @@ use crate::datapath::{Datapath, Shared};
 use crate::source::Snapshot;
 use crate::telemetry::events::Events;
 use crate::telemetry::metrics::AgentMetrics;
-use attacher::{Attacher, Discovery};
+use attacher::{Attacher, Discovery, Wakeups};
 use conntrack::{ConntrackTask, Sweep};
-use drops::{DropCounts, DropReader};
+use drops::{DropCounters, DropCounts, DropEventSource, EventReader};
 use publisher::{Inputs, Outputs, PolicyStatus, Proxies, Publisher, Start};
 
 /// A model the datapath enforces, as the publisher handed it out.
@@ -79,16 +81,18 @@ pub struct Attachments {
 /// How often the periodic tasks run (shortened in tests).
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
-    pub discovery: Duration,
-    pub events: Duration,
+    /// Endpoint discovery without a wake-up ([`attacher::ENDPOINT_RECHECK`]).
+    pub endpoint_recheck: Duration,
+    /// Reading the drop counters ([`drops::COUNTERS_EVERY`]).
+    pub counters: Duration,
     pub sweep: Sweep,
 }
 
 impl Default for Timing {
     fn default() -> Timing {
         Timing {
-            discovery: attacher::DISCOVERY_EVERY,
-            events: drops::EVENTS_EVERY,
+            endpoint_recheck: attacher::ENDPOINT_RECHECK,
+            counters: drops::COUNTERS_EVERY,
             sweep: Sweep::default(),
         }
     }
@@ -97,7 +101,11 @@ impl Default for Timing {
 /// What the tasks need besides the publisher's start.
 pub struct Wiring<R> {
     pub discovery: R,
+    /// What wakes discovery between re-checks (the node's route and link changes).
+    pub wakeups: Option<Wakeups>,
     pub uplinks: Vec<String>,
+    /// The drop event ring buffer, read by its own task into `events`.
+    pub drop_events: Box<dyn DropEventSource>,
     pub events: Events,
     pub timing: Timing,
     /// The publisher's end of the DNS lane ([`dns::lane`]).
@@ -159,7 +167,8 @@ pub fn spawn<D: Datapath, P: Proxies, R: Discovery>(
         local_pods_rx,
         attachments_tx,
     )
-    .every(wiring.timing.discovery);
+    .recheck(wiring.timing.endpoint_recheck)
+    .wakeups(wiring.wakeups);
     let conntrack = ConntrackTask::new(
         dp.clone(),
         node,
@@ -167,13 +176,15 @@ pub fn spawn<D: Datapath, P: Proxies, R: Discovery>(
         metrics.clone(),
         published.clone(),
     );
-    let reader = DropReader::new(dp, wiring.events, metrics, published.clone(), drops_tx)
-        .every(wiring.timing.events);
+    let counters =
+        DropCounters::new(dp, metrics, published.clone(), drops_tx).every(wiring.timing.counters);
+    let events = EventReader::new(wiring.drop_events, wiring.events, published.clone());
     let tasks = vec![
         tokio::spawn(publisher.run(inputs)),
         tokio::spawn(attacher.run()),
         tokio::spawn(conntrack.run()),
-        tokio::spawn(reader.run()),
+        tokio::spawn(counters.run()),
+        tokio::spawn(events.run()),
     ];
     Handles {
         snapshots,

@@ -1,7 +1,8 @@
 //! The reconcile tasks together on the in-memory datapath (`FakeDatapath`), without root:
 //! what a policy change writes, when a DNS hand-off is confirmed, which established flows
-//! a change revokes, what a restart on recovered maps rewrites, and that the DNS lane
-//! does not wait for endpoint discovery.
+//! a change revokes, what a restart on recovered maps rewrites, that the DNS lane does
+//! not wait for endpoint discovery, that a route or link change wakes discovery, and that
+//! drop events reach the event stream.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,15 +10,17 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dns_proxy::{DatapathSink, SelectorIps, Update};
 use policy_model::{CompileOptions, Model};
-use redirect_bpf::common::{ct_flags, DIR_INGRESS};
+use redirect_bpf::common::{ct_flags, drop_reason, DropEvent, DIR_INGRESS};
 use redirect_bpf::{ConntrackFlow, PolicyEntry, ProxyPorts};
+use tokio::sync::mpsc;
 
-use super::attacher::Discovery;
+use super::attacher::{Discovery, Wakeups};
 use super::conntrack::Sweep;
 use super::fqdn::Observations;
 use super::identities::StableIds;
@@ -93,11 +96,12 @@ fn snapshot(policies: &[&str]) -> Snapshot {
 }
 
 /// The interfaces of the pods, as the node's routes would show them; `blocked`: every
-/// lookup hangs forever.
+/// lookup hangs forever. `lookups` counts the lookups.
 #[derive(Clone, Default)]
 struct FakeRoutes {
     routes: Arc<Mutex<BTreeMap<IpAddr, String>>>,
     blocked: bool,
+    lookups: Arc<AtomicUsize>,
 }
 
 impl FakeRoutes {
@@ -118,6 +122,7 @@ impl FakeRoutes {
 
 impl Discovery for FakeRoutes {
     fn interface_of(&self, ip: IpAddr) -> BoxFuture<'_, Option<String>> {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
         if self.blocked {
             return Box::pin(std::future::pending());
         }
@@ -149,11 +154,26 @@ struct Node {
     dp: Shared<FakeDatapath>,
     handles: Handles,
     lane: dns::Lane,
+    events: Events,
 }
 
 impl Node {
+    /// The tasks with discovery re-checked every 20 ms, and no wake-ups.
     fn start(dp: &Shared<FakeDatapath>, state: &Path, routes: FakeRoutes) -> Node {
+        Node::start_woken(dp, state, routes, None, Duration::from_millis(20))
+    }
+
+    /// The tasks with discovery woken by `wakeups` and re-checked every `recheck`.
+    fn start_woken(
+        dp: &Shared<FakeDatapath>,
+        state: &Path,
+        routes: FakeRoutes,
+        wakeups: Option<Wakeups>,
+        recheck: Duration,
+    ) -> Node {
         let applied = MapState::read(&*dp.lock()).unwrap();
+        let drop_events = dp.lock().take_drop_events();
+        let events = Events::new();
         let (lane, lane_rx) = dns::lane();
         let handles = spawn(
             Start {
@@ -172,11 +192,13 @@ impl Node {
             },
             Wiring {
                 discovery: routes,
+                wakeups,
                 uplinks: Vec::new(),
-                events: Events::new(),
+                drop_events: Box::new(drop_events),
+                events: events.clone(),
                 timing: Timing {
-                    discovery: Duration::from_millis(20),
-                    events: Duration::from_millis(20),
+                    endpoint_recheck: recheck,
+                    counters: Duration::from_millis(20),
                     sweep: Sweep {
                         every: Duration::from_secs(3600),
                         ..Sweep::default()
@@ -189,6 +211,7 @@ impl Node {
             dp: dp.clone(),
             handles,
             lane,
+            events,
         }
     }
 
@@ -476,4 +499,95 @@ async fn pods_are_attached_leftovers_and_leavers_detached() {
     })
     .await;
     assert!(!dp.lock().endpoints.contains_key(&ip(SERVER)));
+}
+
+/// Wake-ups the test sends, as the netlink watch would announce route and link changes.
+fn wakeups() -> (mpsc::UnboundedSender<()>, Wakeups) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stream =
+        futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|()| ((), rx)) },
+        );
+    (tx, Box::pin(stream))
+}
+
+#[tokio::test]
+async fn a_route_change_wakes_discovery_without_waiting_for_the_recheck() {
+    let state = tempfile::tempdir().unwrap();
+    let dp = Shared::new(FakeDatapath::new());
+    let routes = FakeRoutes::default();
+    routes.route(CLIENT, "veth-client");
+    let (wake, w) = wakeups();
+    // no re-check in the test's time: only a wake-up can find the server's interface
+    let node = Node::start_woken(
+        &dp,
+        state.path(),
+        routes.clone(),
+        Some(w),
+        Duration::from_secs(3600),
+    );
+    node.send(snapshot(&[])).await;
+    node.ready().await;
+    assert_eq!(
+        dp.lock().attached.iter().cloned().collect::<Vec<_>>(),
+        vec!["veth-client"]
+    );
+    // the CNI adds the server's veth and route: the change is announced
+    routes.route(SERVER, "veth-server");
+    wake.send(()).unwrap();
+    until("the server's interface attached", || {
+        dp.lock().attached.contains("veth-server")
+    })
+    .await;
+    until("the server's interface in the endpoints map", || {
+        dp.lock().endpoints.get(&ip(SERVER)).map(|i| i.ifindex) == Some(12)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_wakeups_the_recheck_finds_a_late_interface() {
+    let state = tempfile::tempdir().unwrap();
+    let dp = Shared::new(FakeDatapath::new());
+    let routes = FakeRoutes::default();
+    let node = Node::start(&dp, state.path(), routes.clone());
+    node.send(snapshot(&[])).await;
+    node.ready().await;
+    let before = routes.lookups.load(Ordering::SeqCst);
+    routes.route(SERVER, "veth-server");
+    until("the server's interface attached", || {
+        dp.lock().attached.contains("veth-server")
+    })
+    .await;
+    assert!(routes.lookups.load(Ordering::SeqCst) > before);
+}
+
+#[tokio::test]
+async fn drop_events_reach_the_stream_named_with_the_pods() {
+    let state = tempfile::tempdir().unwrap();
+    let dp = Shared::new(FakeDatapath::new());
+    let node = Node::start(&dp, state.path(), FakeRoutes::of_the_pods());
+    node.send(snapshot(&[&server_policy(&[8080])])).await;
+    node.ready().await;
+    let mut sub = node.events.subscribe();
+    dp.lock().record_drop(DropEvent {
+        reason: drop_reason::POLICY_DEFAULT_DENY,
+        saddr: [10, 80, 1, 2],
+        daddr: [10, 80, 2, 2],
+        dport: 9090u16.to_be_bytes(),
+        protocol: 6,
+        direction: DIR_INGRESS,
+        family: 4,
+        ..DropEvent::default()
+    });
+    let line = within("the drop event", sub.recv()).await.unwrap();
+    let e: crate::admin::api::Event = serde_json::from_str(&line).unwrap();
+    let crate::admin::api::Event::Drop(d) = e else {
+        panic!("not a drop: {line}")
+    };
+    assert_eq!(d.reason, "policy_default_deny");
+    assert_eq!(d.source.pod.as_deref(), Some("app/client"));
+    assert_eq!(d.destination.pod.as_deref(), Some("app/server"));
+    assert_eq!(d.destination.port, 9090);
 }

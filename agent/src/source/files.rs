@@ -281,6 +281,7 @@ fn merge(into: &mut Cluster, c: Cluster) {
     into.pods.extend(c.pods);
     into.externals.extend(c.externals);
     into.dns.extend(c.dns);
+    into.service_accounts.extend(c.service_accounts);
 }
 
 #[cfg(test)]
@@ -334,6 +335,41 @@ mod tests {
             "{:?}",
             snap.errors[0]
         );
+    }
+
+    #[test]
+    fn reads_calico_manifests_and_service_accounts() {
+        let d = Dir::new("calico");
+        fs::write(
+            d.0.join("cluster.yaml"),
+            "namespaces: [{name: a}]\npods: [{namespace: a, name: p, ip: 10.0.0.1, serviceAccount: robot}]\nserviceAccounts: [{namespace: a, name: robot, labels: {role: ci}}]\n",
+        )
+        .expect("write");
+        fs::write(
+            d.0.join("calico.yaml"),
+            "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: security}\nspec: {order: 100}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: deny-ssh-external}\nspec:\n  tier: security\n  order: 10\n  selector: all()\n  ingress: [{action: Deny, protocol: TCP, source: {nets: [0.0.0.0/0], notNets: [10.0.0.0/8]}, destination: {ports: [22]}}]\n---\napiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: api, namespace: a}\nspec:\n  selector: app == 'api'\n  ingress: [{action: Allow, source: {serviceAccounts: {selector: role == 'ci'}}}]\n",
+        )
+        .expect("write");
+        let snap = FilesSource::new(&d.0).load().expect("load");
+        assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+        assert_eq!(snap.cluster.service_accounts.len(), 1);
+        assert_eq!(snap.cluster.pods[0].service_account(), "robot");
+        let kinds: Vec<String> = snap
+            .objects
+            .iter()
+            .map(|o| o.reference.to_string())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "Tier security",
+                "GlobalNetworkPolicy deny-ssh-external",
+                "CalicoNetworkPolicy a/api"
+            ]
+        );
+        for o in &snap.objects {
+            assert!(o.translate().is_ok(), "{}", o.reference);
+        }
     }
 
     fn write(d: &Dir, file: &str, text: &str) {

@@ -342,9 +342,17 @@ mod tests {
             let (_, errors, objects) =
                 policy_model::api::load(&text, Some(&path.display().to_string()));
             assert!(errors.is_empty(), "{errors:?}");
+            for o in &objects {
+                assert!(
+                    o.translate().is_ok(),
+                    "{}: {:?}",
+                    o.reference,
+                    o.translate()
+                );
+            }
             n += objects.len();
         }
-        assert!(n >= 10, "{n}");
+        assert!(n >= 12, "{n}");
     }
 
     /// What Ward's validation rejects and the schema can express is rejected by both.

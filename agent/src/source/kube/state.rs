@@ -31,10 +31,16 @@ pub enum WatchKind {
     CiliumClusterwideNetworkPolicy,
     AdminNetworkPolicy,
     BaselineAdminNetworkPolicy,
+    /// ServiceAccounts, for their labels (Calico selects them).
+    ServiceAccount,
+    /// Calico's objects as stored in its `crd.projectcalico.org/v1` CRDs.
+    CalicoNetworkPolicy,
+    CalicoGlobalNetworkPolicy,
+    CalicoTier,
 }
 
 impl WatchKind {
-    pub const ALL: [WatchKind; 8] = [
+    pub const ALL: [WatchKind; 12] = [
         WatchKind::Namespace,
         WatchKind::Pod,
         WatchKind::Node,
@@ -43,6 +49,10 @@ impl WatchKind {
         WatchKind::CiliumClusterwideNetworkPolicy,
         WatchKind::AdminNetworkPolicy,
         WatchKind::BaselineAdminNetworkPolicy,
+        WatchKind::ServiceAccount,
+        WatchKind::CalicoNetworkPolicy,
+        WatchKind::CalicoGlobalNetworkPolicy,
+        WatchKind::CalicoTier,
     ];
 
     /// (group, version, kind, plural)
@@ -81,6 +91,20 @@ impl WatchKind {
                 "BaselineAdminNetworkPolicy",
                 "baselineadminnetworkpolicies",
             ),
+            WatchKind::ServiceAccount => ("", "v1", "ServiceAccount", "serviceaccounts"),
+            WatchKind::CalicoNetworkPolicy => (
+                "crd.projectcalico.org",
+                "v1",
+                "NetworkPolicy",
+                "networkpolicies",
+            ),
+            WatchKind::CalicoGlobalNetworkPolicy => (
+                "crd.projectcalico.org",
+                "v1",
+                "GlobalNetworkPolicy",
+                "globalnetworkpolicies",
+            ),
+            WatchKind::CalicoTier => ("crd.projectcalico.org", "v1", "Tier", "tiers"),
         }
     }
 
@@ -109,7 +133,10 @@ impl WatchKind {
     }
 
     pub fn name(self) -> &'static str {
-        self.gvkp().2
+        match self {
+            WatchKind::CalicoNetworkPolicy => "CalicoNetworkPolicy",
+            _ => self.gvkp().2,
+        }
     }
 }
 
@@ -200,6 +227,7 @@ enum Item {
     Namespace(Namespace),
     Pod(Pod),
     Node(Node),
+    ServiceAccount(cluster::ServiceAccount),
     Policy(Box<PolicyItem>),
 }
 
@@ -335,6 +363,7 @@ impl State {
                     Item::Namespace(n) => cluster.namespaces.push(n.clone()),
                     Item::Pod(p) => cluster.pods.push(p.clone()),
                     Item::Node(n) => cluster.nodes.push(n.clone()),
+                    Item::ServiceAccount(sa) => cluster.service_accounts.push(sa.clone()),
                     Item::Policy(p) => {
                         objects.extend(p.object.clone());
                         errors.extend(p.parse_errors.iter().cloned());
@@ -374,6 +403,11 @@ fn convert(kind: WatchKind, o: &DynamicObject) -> Option<(String, Item)> {
         }),
         WatchKind::Pod => Item::Pod(pod(o, name)?),
         WatchKind::Node => Item::Node(node(o, name)?),
+        WatchKind::ServiceAccount => Item::ServiceAccount(cluster::ServiceAccount {
+            namespace: o.metadata.namespace.clone().unwrap_or_default(),
+            name,
+            labels: labels(o),
+        }),
         _ => Item::Policy(Box::new(policy(kind, o, name))),
     };
     Some((key, item))
@@ -451,6 +485,11 @@ fn pod(o: &DynamicObject, name: String) -> Option<Pod> {
             .and_then(Value::as_str)
             .map(str::to_string),
         ports,
+        service_account: spec
+            .and_then(|s| s.get("serviceAccountName"))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string),
     })
 }
 

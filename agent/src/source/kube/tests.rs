@@ -21,6 +21,10 @@ const CNP: &str = "/apis/cilium.io/v2/ciliumnetworkpolicies";
 const CCNP: &str = "/apis/cilium.io/v2/ciliumclusterwidenetworkpolicies";
 const ANP: &str = "/apis/policy.networking.k8s.io/v1alpha1/adminnetworkpolicies";
 const BANP: &str = "/apis/policy.networking.k8s.io/v1alpha1/baselineadminnetworkpolicies";
+const SA: &str = "/api/v1/serviceaccounts";
+const CALICO_NP: &str = "/apis/crd.projectcalico.org/v1/networkpolicies";
+const CALICO_GNP: &str = "/apis/crd.projectcalico.org/v1/globalnetworkpolicies";
+const CALICO_TIER: &str = "/apis/crd.projectcalico.org/v1/tiers";
 
 fn pod(name: &str, ip: &str) -> Value {
     json!({"metadata": {"name": name, "namespace": "a", "labels": {"app": name}},
@@ -92,6 +96,109 @@ async fn fake_with_core() -> FakeApi {
     fake.apply(PODS, pod("web", "10.0.0.1"));
     fake.apply(CNP, cnp("db", "5432"));
     fake
+}
+
+#[tokio::test]
+async fn calico_policies_service_accounts_and_pod_accounts_are_read() {
+    let fake = FakeApi::start(&[
+        NS,
+        PODS,
+        NODES,
+        NETPOL,
+        CNP,
+        CCNP,
+        ANP,
+        BANP,
+        SA,
+        CALICO_NP,
+        CALICO_GNP,
+        CALICO_TIER,
+    ])
+    .await;
+    for c in [ANP, BANP, CALICO_NP, CALICO_GNP, CALICO_TIER] {
+        fake.set_missing(c, true);
+    }
+    fake.apply(NS, json!({"metadata": {"name": "a"}}));
+    fake.apply(
+        SA,
+        json!({"metadata": {"name": "robot", "namespace": "a", "labels": {"role": "ci"}}}),
+    );
+    let mut p = pod("web", "10.0.0.1");
+    p["spec"]["serviceAccountName"] = json!("robot");
+    fake.apply(PODS, p);
+    let mut src = KubeSource::with_options(fake.client(), options(None));
+    let s = next(&mut src).await;
+    assert_eq!(s.cluster.service_accounts.len(), 1);
+    assert_eq!(s.cluster.service_accounts[0].labels["role"], "ci");
+    assert_eq!(s.cluster.pods[0].service_account(), "robot");
+    assert!(
+        s.objects.is_empty(),
+        "the Calico CRDs are not installed yet"
+    );
+
+    // Calico gets installed: its CRDs appear and their watches start
+    for c in [CALICO_NP, CALICO_GNP, CALICO_TIER] {
+        fake.set_missing(c, false);
+    }
+    fake.apply(
+        CALICO_TIER,
+        json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "Tier",
+               "metadata": {"name": "security"}, "spec": {"order": 100}}),
+    );
+    fake.apply(
+        CALICO_GNP,
+        json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "GlobalNetworkPolicy",
+               "metadata": {"name": "deny-ssh-external"},
+               "spec": {"tier": "security", "order": 10, "selector": "all()",
+                        "ingress": [{"action": "Deny", "protocol": "TCP",
+                                     "source": {"nets": ["0.0.0.0/0"], "notNets": ["10.0.0.0/8"]},
+                                     "destination": {"ports": [22]}}]}}),
+    );
+    fake.apply(
+        CALICO_NP,
+        json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "NetworkPolicy",
+               "metadata": {"name": "api", "namespace": "a"},
+               "spec": {"selector": "app == 'api'",
+                        "ingress": [{"action": "Allow",
+                                     "source": {"serviceAccounts": {"selector": "role == 'ci'"}}}]}}),
+    );
+    let s = next_until(&mut src, "the Calico objects", |s| s.objects.len() == 3).await;
+    let mut names: Vec<String> = s.objects.iter().map(|o| o.reference.to_string()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "CalicoNetworkPolicy a/api",
+            "GlobalNetworkPolicy deny-ssh-external",
+            "Tier security"
+        ]
+    );
+    for o in &s.objects {
+        assert!(
+            o.translate().is_ok(),
+            "{}: {:?}",
+            o.reference,
+            o.translate()
+        );
+    }
+    // a selector error names the object and the field
+    fake.apply(
+        CALICO_NP,
+        json!({"apiVersion": "crd.projectcalico.org/v1", "kind": "NetworkPolicy",
+               "metadata": {"name": "api", "namespace": "a"},
+               "spec": {"selector": "app = 'api'"}}),
+    );
+    let s = next_until(&mut src, "the broken policy", |s| {
+        s.objects.iter().any(|o| o.translate().is_err())
+    })
+    .await;
+    let bad = s
+        .objects
+        .iter()
+        .find_map(|o| o.translate().err())
+        .expect("an invalid object");
+    assert_eq!(bad[0].path, "spec.selector");
+    assert_eq!(bad[0].object.as_deref(), Some("CalicoNetworkPolicy a/api"));
 }
 
 #[tokio::test]
