@@ -8,36 +8,7 @@ use policy_model::api::{self, Object, Parsed};
 use policy_model::{Cluster, CompileOptions, Model, PolicyError};
 use serde_yaml::Value;
 
-/// The YAML files named by `paths`: files as given, folders searched recursively for
-/// `*.yaml` / `*.yml`, in name order.
-pub fn yaml_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for p in paths {
-        let meta = fs::metadata(p).with_context(|| format!("cannot read {}", p.display()))?;
-        if meta.is_dir() {
-            walk(p, &mut out)?;
-        } else {
-            out.push(p.clone());
-        }
-    }
-    Ok(out)
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries: Vec<PathBuf> = fs::read_dir(dir)
-        .with_context(|| format!("cannot read folder {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    entries.sort();
-    for e in entries {
-        if e.is_dir() {
-            walk(&e, out)?;
-        } else if matches!(e.extension().and_then(|x| x.to_str()), Some("yaml" | "yml")) {
-            out.push(e);
-        }
-    }
-    Ok(())
-}
+pub use scenario::yaml_files;
 
 /// Every policy object in the given files (case files contribute their `policies`).
 pub struct Loaded {

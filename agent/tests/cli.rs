@@ -97,6 +97,45 @@ fn conformance_passes_the_shared_cases() {
     assert!(passed >= 600, "{last}");
 }
 
+/// The lab is its own binary (`ward-lab`): the `ward` the DaemonSet ships has no `lab`
+/// command and carries none of the lab's code.
+#[test]
+fn ward_has_no_lab() {
+    let o = ward(&["lab"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("unrecognized subcommand 'lab'"), "{err}");
+    let help = stdout(&ward(&["--help"]));
+    assert!(help.contains("  conformance "), "{help}");
+    assert!(
+        !help.lines().any(|l| l.trim_start().starts_with("lab ")),
+        "{help}"
+    );
+    // the run directory every lab makes (lab/src/topology.rs)
+    let bin = std::fs::read(env!("CARGO_BIN_EXE_ward")).expect("the ward binary");
+    assert!(
+        !bin.windows(13).any(|w| w == b"/run/ward-lab"),
+        "lab code is linked into ward"
+    );
+}
+
+/// A lab scenario folder (deploy/lab) is one case for `ward conformance run`.
+#[test]
+fn conformance_runs_the_lab_scenario_folder() {
+    let lab = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/lab");
+    let o = ward(&["conformance", "run", lab.to_str().expect("utf-8 path")]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}");
+    let last = out.lines().last().unwrap_or_default();
+    assert!(last.ends_with(" passed, 0 failed"), "{last}");
+    let passed: usize = last
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("count");
+    assert!(passed >= 38, "{last}");
+}
+
 #[test]
 fn conformance_reports_a_failing_probe_with_its_explanation() {
     let s = Scratch::new("failing");

@@ -14,9 +14,10 @@ usage: cargo xtask <task>
 
 tasks:
   lab [ARGS...]   the main job: a whole cluster's datapath on this machine (root): installs
-                  what it needs, builds the eBPF object and ward, runs `ward lab ARGS`
+                  what it needs, builds the eBPF object, ward and ward-lab, runs
+                  `target/release/ward-lab ARGS`
                   (default: the deploy/lab scenario: up, check, down)
-  lab-cases       `ward lab run-case` over ../shared/conformance/cases (root)
+  lab-cases       `ward-lab run-case` over ../shared/conformance/cases (root)
   test [--no-lab] build the eBPF object, format check, clippy (-D warnings), all tests,
                   the conformance suite on the policy model, then `lab` and `lab-cases`
                   (the default scenario and every conformance case on the real datapath)
@@ -129,7 +130,7 @@ const TEST_PACKAGES: &[&str] = &[
     "nghttp2-client",
     "dnsutils",
     "dnsmasq-base",
-    // the lab tests (agent/tests/lab.rs): ip, sysctl in namespaces
+    // the lab tests (lab/tests/lab.rs): ip, sysctl in namespaces
     "iproute2",
     "procps",
 ];
@@ -157,7 +158,7 @@ fn installed(p: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// What `ward lab` drives inside its namespaces: ip, nsenter, curl, dig, timeout.
+/// What `ward-lab` drives inside its namespaces: ip, nsenter, curl, dig, timeout.
 const LAB_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
@@ -181,24 +182,33 @@ fn require_root(task: &str) -> Result {
     Ok(())
 }
 
-/// The release `ward`, built with the eBPF object it embeds.
-fn build_ward_for_lab(task: &str) -> Result<PathBuf> {
+/// The release `ward-lab` and the `ward` (with the eBPF object it embeds) whose agents
+/// it runs, side by side in target/release.
+fn build_lab(task: &str) -> Result<PathBuf> {
     require_root(task)?;
     ensure_debs(LAB_PACKAGES)?;
     build_ebpf()?;
-    run(cargo().args(["build", "--quiet", "--release", "--bin", "ward"]))?;
-    Ok(root().join("target/release/ward"))
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "--bin",
+        "ward",
+        "--bin",
+        "ward-lab",
+    ]))?;
+    Ok(root().join("target/release/ward-lab"))
 }
 
 fn lab(args: &[String]) -> Result {
-    let ward = build_ward_for_lab("lab")?;
-    run(Command::new(ward).arg("lab").args(args))
+    let lab = build_lab("lab")?;
+    run(Command::new(lab).args(args))
 }
 
 fn lab_cases() -> Result {
     let cases = shared_cases().ok_or("../shared/conformance/cases is missing")?;
-    let ward = build_ward_for_lab("lab-cases")?;
-    run(Command::new(ward).args(["lab", "run-case"]).arg(cases))
+    let lab = build_lab("lab-cases")?;
+    run(Command::new(lab).arg("run-case").arg(cases))
 }
 
 fn test(with_lab: bool) -> Result {

@@ -1,13 +1,7 @@
-//! `ward lab`: a whole cluster's datapath on one machine. Every node of a scenario is a
+//! The labs themselves: a whole cluster's datapath on one machine. Every node of a scenario is a
 //! network namespace running its own `ward agent` (files source), every pod a namespace
 //! with a veth into its node and a small built-in server, outside hosts live in a `world`
 //! namespace; probes run real clients inside the source namespace.
-
-pub mod client;
-pub mod probes;
-pub mod scenario;
-pub mod serve;
-pub mod topology;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -22,7 +16,9 @@ use policy_model::Protocol;
 use serde_yaml::{Mapping, Value};
 
 use scenario::Scenario;
-use topology::{in_netns, run, LabState, BPF_PREFIX, RUN_ROOT};
+
+use crate::serve;
+use crate::topology::{in_netns, run, LabState, BPF_PREFIX, RUN_ROOT};
 
 /// The port every agent's admin endpoint listens on, inside its node namespace.
 pub const ADMIN: &str = "127.0.0.1:9890";
@@ -33,6 +29,8 @@ pub struct UpOptions {
     pub profile: Option<String>,
     /// Start no agents: the topology and servers only (no enforcement).
     pub no_agent: bool,
+    /// The `ward` binary the agents run (default: see `ward_binary`).
+    pub ward: Option<PathBuf>,
     /// Print progress lines.
     pub verbose: bool,
     /// Make the scenario's DNS lookups at the end (`check` makes them anyway).
@@ -44,7 +42,7 @@ pub fn require_root() -> Result<()> {
     let uid = fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
     if uid != 0 {
         bail!(
-            "ward lab needs root (network namespaces, veths, raw sockets, bpffs); run it with sudo"
+            "ward-lab needs root (network namespaces, veths, raw sockets, bpffs); run it with sudo"
         );
     }
     Ok(())
@@ -70,7 +68,7 @@ fn require_tools() -> Result<()> {
         .collect();
     if !missing.is_empty() {
         bail!(
-            "ward lab needs {}; `cargo xtask lab` installs them",
+            "ward-lab needs {}; `cargo xtask lab` installs them",
             missing.join(", ")
         );
     }
@@ -153,7 +151,8 @@ fn build(state: &mut LabState, scenario: &Scenario, opts: &UpOptions) -> Result<
             scenario.case.semantics,
             opts.profile.as_deref(),
         );
-        start_agents(state, options)?;
+        let ward = ward_binary(opts.ward.as_deref())?;
+        start_agents(state, &ward, options)?;
         say("agents ready");
     }
     if opts.lookups {
@@ -234,14 +233,14 @@ fn start_servers(state: &mut LabState, scenario: &Scenario) -> Result<()> {
     )?;
     let serve_dir = state.run_dir.join("serve");
     fs::create_dir_all(&serve_dir)?;
-    let ward = std::env::current_exe()?;
+    let lab = std::env::current_exe()?;
     let mut ready = Vec::new();
     for (ns, ports) in by_ns.iter().filter(|(_, p)| !p.is_empty()) {
         let join = |s: &BTreeSet<u16>| s.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
         let ready_file = serve_dir.join(format!("{ns}.ready"));
         let log = fs::File::create(serve_dir.join(format!("{ns}.log")))?;
-        let mut cmd = in_netns(ns, &ward.to_string_lossy());
-        cmd.args(["lab", "serve", "--dns-zone"])
+        let mut cmd = in_netns(ns, &lab.to_string_lossy());
+        cmd.args(["serve", "--dns-zone"])
             .arg(&zone)
             .arg("--ready")
             .arg(&ready_file);
@@ -339,8 +338,38 @@ fn mount_bpffs() -> Result<()> {
     Ok(())
 }
 
-fn start_agents(state: &mut LabState, options: policy_model::CompileOptions) -> Result<()> {
-    let ward = std::env::current_exe()?;
+/// The `ward` whose agents the lab runs: the one given, else `ward` beside this
+/// `ward-lab` (cargo builds both into target/release), else `ward` on PATH.
+pub fn ward_binary(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(w) = given {
+        if !w.is_file() {
+            bail!("--ward {}: no such file", w.display());
+        }
+        return Ok(w.to_path_buf());
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|lab| Some(lab.parent()?.join("ward")))
+        .filter(|w| w.is_file());
+    let on_path = || {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .map(|d| d.join("ward"))
+            .find(|w| w.is_file())
+    };
+    beside.or_else(on_path).ok_or_else(|| {
+        anyhow!(
+            "no ward binary beside ward-lab or on PATH: build it (`cargo build --release --bin ward`; \
+             `cargo xtask lab` does) or name it with --ward"
+        )
+    })
+}
+
+fn start_agents(
+    state: &mut LabState,
+    ward: &Path,
+    options: policy_model::CompileOptions,
+) -> Result<()> {
     let source = state.run_dir.join("source");
     for i in 0..state.nodes.len() {
         let node = state.nodes[i].clone();
@@ -533,7 +562,7 @@ fn agent_log_tail(state: &LabState) -> String {
     out
 }
 
-/// Labs this process brings down itself (`ward lab`, `run-case`): on SIGINT or SIGTERM
+/// Labs this process brings down itself (`ward-lab`, `run-case`): on SIGINT or SIGTERM
 /// they are removed before the process exits, so an interrupted run leaves nothing.
 static OWNED: std::sync::Mutex<Vec<LabState>> = std::sync::Mutex::new(Vec::new());
 /// Set on SIGINT/SIGTERM: labs being built stop at their next step and remove themselves.
@@ -719,7 +748,7 @@ fn cmdline(pid: u32) -> Option<String> {
         .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
 }
 
-/// The processes this `ward` started and has not reaped yet (a long `run-case` would
+/// The processes this `ward-lab` started and has not reaped yet (a long `run-case` would
 /// otherwise collect zombies).
 static CHILDREN: std::sync::Mutex<Vec<std::process::Child>> = std::sync::Mutex::new(Vec::new());
 
@@ -796,7 +825,7 @@ pub fn find_lab(id: Option<&str>) -> Result<LabState> {
         None => {
             let labs = running_labs();
             match labs.first() {
-                None => bail!("no lab is up (ward lab up first)"),
+                None => bail!("no lab is up (ward-lab up first)"),
                 Some(d) => {
                     if labs.len() > 1 {
                         eprintln!(
@@ -817,6 +846,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use scenario::Client;
 
     #[test]
     fn lab_names_are_recognised_and_nothing_else() {
@@ -832,8 +862,8 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/lab");
         let s = Scenario::load(&dir, None).unwrap();
         assert!(s.probes.len() >= 20);
-        assert!(s.probes.iter().any(|p| p.client == scenario::Client::Grpc));
-        assert!(s.probes.iter().any(|p| p.client == scenario::Client::H2c));
+        assert!(s.probes.iter().any(|p| p.client == Client::Grpc));
+        assert!(s.probes.iter().any(|p| p.client == Client::H2c));
         assert!(s.probes.iter().any(|p| p.ipv6), "IPv6 probes");
         assert!(!s.case.cluster.dns.is_empty());
         // the stored document keeps the clients, so `check` sees them too
@@ -842,11 +872,11 @@ mod tests {
             again
                 .probes
                 .iter()
-                .filter(|p| p.client != scenario::Client::Default)
+                .filter(|p| p.client != Client::Default)
                 .count(),
             s.probes
                 .iter()
-                .filter(|p| p.client != scenario::Client::Default)
+                .filter(|p| p.client != Client::Default)
                 .count()
         );
     }

@@ -1,4 +1,4 @@
-//! `ward lab probe`: the small clients the lab runs inside a source namespace for what
+//! `ward-lab probe`: the small clients the lab runs inside a source namespace for what
 //! curl and dig do not cover: TCP echo, UDP echo, a unary gRPC call, and a raw SCTP
 //! packet. Each prints one line, `allow DETAIL` or `deny DETAIL`, and exits 0; only a
 //! broken invocation exits non-zero.

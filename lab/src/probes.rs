@@ -1,5 +1,5 @@
 //! Executing a scenario's probes for real, with real clients inside the source
-//! namespace: curl (HTTP/1.1, h2c), dig (DNS over UDP and TCP) and `ward lab probe` (TCP
+//! namespace: curl (HTTP/1.1, h2c), dig (DNS over UDP and TCP) and `ward-lab probe` (TCP
 //! and UDP echo, gRPC, raw SCTP). Every client has a deadline; probes run concurrently.
 
 use std::net::SocketAddr;
@@ -9,8 +9,9 @@ use std::sync::Mutex;
 use policy_model::conformance::Expect;
 use policy_model::{Model, Protocol, Verdict};
 
-use super::scenario::{Client, LabProbe};
-use super::topology::{in_netns, LabState};
+use scenario::{Client, LabProbe};
+
+use crate::topology::{in_netns, LabState};
 
 /// Probes in flight at once.
 const PARALLEL: usize = 8;
@@ -55,7 +56,7 @@ pub fn run_all(state: &LabState, probes: &[LabProbe], model: Option<&Model>) -> 
 pub fn agent_records(state: &LabState) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     for n in &state.nodes {
-        if let Ok((200, body)) = super::admin_get(&n.netns, "/v1/events?follow=false") {
+        if let Ok((200, body)) = crate::lifecycle::admin_get(&n.netns, "/v1/events?follow=false") {
             out.extend(
                 body.lines()
                     .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()),
@@ -262,9 +263,9 @@ pub fn execute(state: &LabState, lp: &LabProbe) -> Observed {
     };
     // A probe from an external speaks from that external's address.
     let bind = p.from.starts_with("external:").then(|| from_ip.to_string());
-    let ward = std::env::current_exe()
+    let lab = std::env::current_exe()
         .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "ward".into());
+        .unwrap_or_else(|_| "ward-lab".into());
     let target = SocketAddr::new(to_ip, p.port).to_string();
     let mut cmd;
     let kind;
@@ -283,9 +284,9 @@ pub fn execute(state: &LabState, lp: &LabProbe) -> Observed {
             cmd.arg(&dns.query).arg("A");
         }
         (Protocol::Tcp, None, http, Client::Grpc) => {
-            kind = Kind::Ward;
-            cmd = timeout(in_netns(&from.netns, &ward));
-            cmd.args(["lab", "probe", "grpc", &target]);
+            kind = Kind::Lab;
+            cmd = timeout(in_netns(&from.netns, &lab));
+            cmd.args(["probe", "grpc", &target]);
             if let Some(h) = http {
                 cmd.args(["--path", &h.path]);
                 for (k, v) in &h.headers {
@@ -322,16 +323,17 @@ pub fn execute(state: &LabState, lp: &LabProbe) -> Observed {
             cmd.arg(format!("http://{target}{path}"));
         }
         (Protocol::Tcp | Protocol::Udp | Protocol::Sctp, None, _, _) => {
-            kind = Kind::Ward;
+            kind = Kind::Lab;
             let k = match p.protocol {
                 Protocol::Tcp => "tcp",
                 Protocol::Udp => "udp",
                 _ => "sctp",
             };
-            cmd = timeout(in_netns(&from.netns, &ward));
-            cmd.args(["lab", "probe", k, &target]);
+            cmd = timeout(in_netns(&from.netns, &lab));
+            cmd.args(["probe", k, &target]);
             if p.protocol == Protocol::Sctp {
-                cmd.arg("--sctp-log").arg(super::sctp_log(state, &to.netns));
+                cmd.arg("--sctp-log")
+                    .arg(crate::lifecycle::sctp_log(state, &to.netns));
             }
             if let Some(b) = &bind {
                 cmd.args(["--bind", b]);
@@ -346,7 +348,7 @@ pub fn execute(state: &LabState, lp: &LabProbe) -> Observed {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
     match kind {
-        Kind::Ward => match stdout.trim().split_once(' ') {
+        Kind::Lab => match stdout.trim().split_once(' ') {
             Some(("allow", d)) => Observed {
                 allowed: true,
                 detail: d.to_string(),
@@ -362,7 +364,7 @@ pub fn execute(state: &LabState, lp: &LabProbe) -> Observed {
 enum Kind {
     Curl,
     Dig,
-    Ward,
+    Lab,
 }
 
 /// Every client runs under coreutils `timeout`, a last line of defence behind the
@@ -457,7 +459,7 @@ fn short(s: &str) -> String {
 /// Where the explanations of [`table`] wrap.
 const WRAP: usize = 100;
 
-/// The table `ward lab check` prints: one line per probe (result, probe, expected,
+/// The table `ward-lab check` prints: one line per probe (result, probe, expected,
 /// observed), then indented lines saying why: the policy model's explanation and the
 /// agent's own record of the flow, wrapped so that the table stays readable in a terminal.
 pub fn table(outcomes: &[Outcome]) -> String {

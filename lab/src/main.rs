@@ -1,5 +1,11 @@
-//! `ward lab`: up, check, exec, down, run-case (and the hidden pod server and probe
+//! `ward-lab`: up, check, exec, down, run-case (and the hidden pod server and probe
 //! client the lab starts inside its namespaces).
+
+mod client;
+mod lifecycle;
+mod probes;
+mod serve;
+mod topology;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, ExitCode};
@@ -7,18 +13,37 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use scenario::{yaml_files, Scenario};
 
-use crate::inputs::yaml_files;
-use crate::lab::probes::{self, Outcome};
-use crate::lab::scenario::Scenario;
-use crate::lab::topology::LabState;
-use crate::lab::{self, UpOptions};
+use crate::lifecycle::{self as lab, UpOptions};
+use crate::probes::Outcome;
+use crate::topology::LabState;
 
-/// Plain `ward lab [SCENARIO]` is up, check, down.
+/// A whole cluster's datapath on this machine: namespaces as nodes and pods, real
+/// agents, real traffic (`ward-lab` = up, check, down).
+#[derive(Parser)]
+#[command(name = "ward-lab", version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    lab: LabArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.lab) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ward-lab: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Plain `ward-lab [SCENARIO]` is up, check, down.
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
-pub struct LabArgs {
+struct LabArgs {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
@@ -29,7 +54,7 @@ pub struct LabArgs {
 struct WholeArgs {
     /// Scenario folder or case file (default: deploy/lab).
     scenario: Option<PathBuf>,
-    /// Leave the lab running after the check (remove it with `ward lab down`).
+    /// Leave the lab running after the check (remove it with `ward-lab down`).
     #[arg(long)]
     keep: bool,
     #[command(flatten)]
@@ -44,6 +69,9 @@ struct UpArgs {
     /// Start no agents (topology and servers only; nothing is enforced).
     #[arg(long)]
     no_agent: bool,
+    /// The `ward` binary the agents run (default: `ward` beside ward-lab, else on PATH).
+    #[arg(long, value_name = "PATH")]
+    ward: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -94,13 +122,13 @@ enum Command {
     },
     /// (internal) The server in every lab namespace.
     #[command(hide = true)]
-    Serve(lab::serve::ServeArgs),
+    Serve(serve::ServeArgs),
     /// (internal) A probe client run inside a lab namespace.
     #[command(hide = true)]
-    Probe(lab::client::ProbeArgs),
+    Probe(client::ProbeArgs),
 }
 
-pub fn run(args: LabArgs) -> Result<ExitCode> {
+fn run(args: LabArgs) -> Result<ExitCode> {
     if matches!(
         args.command,
         None | Some(Command::Up { .. }) | Some(Command::RunCase { .. })
@@ -126,7 +154,7 @@ fn dispatch(args: LabArgs) -> Result<ExitCode> {
             lab::disown(&state);
             println!("{}", state.id);
             eprintln!(
-                "lab {} is up ({}); `ward lab check`, `ward lab exec NS/POD -- CMD`, `ward lab down`",
+                "lab {} is up ({}); `ward-lab check`, `ward-lab exec NS/POD -- CMD`, `ward-lab down`",
                 state.id,
                 state.run_dir.display()
             );
@@ -182,8 +210,8 @@ fn dispatch(args: LabArgs) -> Result<ExitCode> {
             jobs,
             up,
         }) => run_cases(&paths, keep_failed, jobs, &up),
-        Some(Command::Serve(a)) => lab::serve::run(a).map(|()| ExitCode::SUCCESS),
-        Some(Command::Probe(a)) => lab::client::run(a).map(|()| ExitCode::SUCCESS),
+        Some(Command::Serve(a)) => serve::run(a).map(|()| ExitCode::SUCCESS),
+        Some(Command::Probe(a)) => client::run(a).map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -192,12 +220,13 @@ fn options(up: &UpArgs, verbose: bool, lookups: bool) -> UpOptions {
     UpOptions {
         profile: up.profile.clone(),
         no_agent: up.no_agent,
+        ward: up.ward.clone(),
         verbose,
         lookups,
     }
 }
 
-/// The scenario given, else `deploy/lab` here or in the source tree ward was built from.
+/// The scenario given, else `deploy/lab` here or in the source tree ward-lab was built from.
 fn scenario_path(given: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(p) = given {
         return Ok(p);
@@ -227,7 +256,7 @@ fn whole(args: WholeArgs) -> Result<ExitCode> {
         print!("{}", probes::table(outcomes));
     }
     if args.keep {
-        eprintln!("lab {} kept; remove it with `ward lab down`", state.id);
+        eprintln!("lab {} kept; remove it with `ward-lab down`", state.id);
     } else {
         lab::down(&state)?;
     }

@@ -1,4 +1,4 @@
-//! `ward lab serve`: the server in every lab pod (and in the world and node namespaces
+//! `ward-lab serve`: the server in every lab pod (and in the world and node namespaces
 //! when probes target them). On each TCP port it answers HTTP/1.1 and h2c (hyper-util's
 //! auto server: method, path and the client address seen are echoed; a gRPC call gets an
 //! empty message and `grpc-status: 0`), and echoes anything that is not HTTP. On each UDP
@@ -29,7 +29,7 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-/// What one `ward lab serve` process serves.
+/// What one `ward-lab serve` process serves.
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
     /// TCP ports (HTTP/h2c/gRPC with echo fallback; DNS on 53).

@@ -3,13 +3,11 @@
 //! the lab, `ward conformance run` and the agents read the same thing.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use policy_model::conformance::{parse_case, Case, Probe, FORMAT};
 use serde_yaml::{Mapping, Value};
-
-use crate::inputs::yaml_files;
 
 /// Which client a probe uses beyond the default for its protocol (curl for HTTP/1.1).
 /// Lab scenarios may say `client: h2c` or `client: grpc` on a probe; case files never do.
@@ -157,4 +155,35 @@ fn folder_document(dir: &Path) -> Result<Value> {
     m.insert("policies".into(), Value::Sequence(policies));
     m.insert("probes".into(), probes);
     Ok(Value::Mapping(m))
+}
+
+/// The YAML files named by `paths`: files as given, folders searched recursively for
+/// `*.yaml` / `*.yml`, in name order.
+pub fn yaml_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let meta = fs::metadata(p).with_context(|| format!("cannot read {}", p.display()))?;
+        if meta.is_dir() {
+            walk(p, &mut out)?;
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries: Vec<PathBuf> = fs::read_dir(dir)
+        .with_context(|| format!("cannot read folder {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for e in entries {
+        if e.is_dir() {
+            walk(&e, out)?;
+        } else if matches!(e.extension().and_then(|x| x.to_str()), Some("yaml" | "yml")) {
+            out.push(e);
+        }
+    }
+    Ok(())
 }

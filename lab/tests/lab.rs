@@ -1,4 +1,4 @@
-//! `ward lab` end to end: real namespaces, real agents, real clients. Root only (CI runs
+//! `ward-lab` end to end: real namespaces, real agents, real clients. Root only (CI runs
 //! as root). The tests of this file run one at a time (`down --all` removes every lab).
 //! `WARD_LAB_TEST_NO_AGENT=1` runs them without agents (mechanics only: expectations
 //! that need enforcement are then skipped).
@@ -64,16 +64,65 @@ fn require_root() {
     );
 }
 
-fn ward(args: &[&str]) -> Output {
+/// `ward-lab ARGS`. Its agents run the `ward` that cargo built beside it
+/// (`cargo test --workspace` builds both).
+fn ward_lab(args: &[&str]) -> Output {
     let mut all: Vec<&str> = args.to_vec();
     if no_agent() && matches!(args.first(), Some(&"up") | Some(&"run-case")) {
         all.push("--no-agent");
     }
-    Command::new(env!("CARGO_BIN_EXE_ward"))
-        .arg("lab")
-        .args(&all)
-        .output()
-        .expect("ward runs")
+    lab_command().args(&all).output().expect("ward-lab runs")
+}
+
+fn lab_command() -> Command {
+    let lab = Path::new(env!("CARGO_BIN_EXE_ward-lab"));
+    if !no_agent() {
+        require_fresh(&lab.with_file_name("ward"));
+    }
+    Command::new(lab)
+}
+
+/// `cargo test -p lab` builds ward-lab but not the `ward` beside it: a missing or stale
+/// one (older than a source file it is built from, or than the eBPF object it embeds)
+/// would test old agent code, so it stops the test instead.
+fn require_fresh(ward: &Path) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let build = "build it first (`cargo build -p agent --bin ward`; `cargo test --workspace` does)";
+    let built = fs::metadata(ward)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} is missing: {build}", ward.display()));
+    let mut sources = vec![
+        repo.join("Cargo.lock"),
+        repo.join("target/bpf/bpfel-unknown-none/release/ward-redirect"),
+    ];
+    for dir in [
+        "agent/src",
+        "policy-model/src",
+        "proxy/src",
+        "dns-proxy/src",
+        "redirect-bpf/src",
+        "redirect-bpf/common/src",
+        "lab/scenario/src",
+    ] {
+        files_under(&repo.join(dir), &mut sources);
+    }
+    for f in sources {
+        let changed = fs::metadata(&f).and_then(|m| m.modified());
+        if changed.is_ok_and(|c| c > built) {
+            panic!("{} is older than {}: {build}", ward.display(), f.display());
+        }
+    }
+}
+
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files_under(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
 }
 
 fn text(o: &Output) -> String {
@@ -107,8 +156,8 @@ struct Up(String);
 
 impl Up {
     fn new(case: &Path) -> Up {
-        let o = ward(&["up", case.to_str().unwrap()]);
-        assert!(o.status.success(), "ward lab up failed:\n{}", text(&o));
+        let o = ward_lab(&["up", case.to_str().unwrap()]);
+        assert!(o.status.success(), "ward-lab up failed:\n{}", text(&o));
         let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
         assert!(id.starts_with("wl") && id.len() == 10, "lab id {id:?}");
         Up(id)
@@ -126,7 +175,7 @@ impl Up {
 
 impl Drop for Up {
     fn drop(&mut self) {
-        let _ = ward(&["down", "--id", &self.0]);
+        let _ = ward_lab(&["down", "--id", &self.0]);
     }
 }
 
@@ -206,18 +255,18 @@ fn up_check_exec_down_leaves_nothing_behind() {
     assert_eq!(pids, if no_agent() { 3 } else { 5 }, "{state}");
 
     // exec runs in the pod: it sees its own address on eth0
-    let o = ward(&[
+    let o = ward_lab(&[
         "exec", "--id", &id, "x/b", "--", "ip", "-4", "-o", "addr", "show", "dev", "eth0",
     ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("10.1.0.11/32"), "{}", text(&o));
     // dual-stack: its IPv6 address too, and the neighbour on the other node answers it
-    let o = ward(&[
+    let o = ward_lab(&[
         "exec", "--id", &id, "x/b", "--", "ip", "-6", "-o", "addr", "show", "dev", "eth0",
     ]);
     assert!(text(&o).contains("fd00:1::11/128"), "{}", text(&o));
     // and the pod's server answers the pod's neighbour over the lab network
-    let o = ward(&[
+    let o = ward_lab(&[
         "exec",
         "--id",
         &id,
@@ -234,7 +283,7 @@ fn up_check_exec_down_leaves_nothing_behind() {
         "{}",
         text(&o)
     );
-    let o = ward(&[
+    let o = ward_lab(&[
         "exec",
         "--id",
         &id,
@@ -253,7 +302,7 @@ fn up_check_exec_down_leaves_nothing_behind() {
         text(&o)
     );
 
-    let o = ward(&["check", "--id", &id]);
+    let o = ward_lab(&["check", "--id", &id]);
     let out = text(&o);
     assert!(
         out.contains("PROBE") && out.contains("EXPECTED") && out.contains("OBSERVED"),
@@ -279,11 +328,11 @@ fn up_check_exec_down_leaves_nothing_behind() {
     let flipped = s.replacen("expect: allow", "expect: deny", 1);
     assert_ne!(s, flipped);
     fs::write(&scenario, flipped).unwrap();
-    let o = ward(&["check", "--id", &id]);
+    let o = ward_lab(&["check", "--id", &id]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("FAIL"), "{}", text(&o));
 
-    let o = ward(&["down", "--id", &id]);
+    let o = ward_lab(&["down", "--id", &id]);
     assert!(o.status.success(), "{}", text(&o));
     assert_gone(&id);
 }
@@ -330,7 +379,7 @@ fn two_labs_of_one_scenario_run_side_by_side() {
     assert_ne!(a.0, b.0);
     if !no_agent() {
         for lab in [&a, &b] {
-            let o = ward(&["check", "--id", &lab.0]);
+            let o = ward_lab(&["check", "--id", &lab.0]);
             assert!(o.status.success(), "lab {}:\n{}", lab.0, text(&o));
         }
     }
@@ -357,8 +406,7 @@ fn an_interrupted_run_removes_its_lab() {
         args.push("--no-agent".into());
     }
     let before: Vec<PathBuf> = lab_run_dirs();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ward"))
-        .arg("lab")
+    let mut child = lab_command()
         .args(&args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -423,7 +471,7 @@ fn down_all_cleans_up_after_a_crash() {
     fs::remove_file(lab.run_dir().join("state.json")).unwrap();
     assert!(!namespaces_of(&id).is_empty());
 
-    let o = ward(&["down", "--all"]);
+    let o = ward_lab(&["down", "--all"]);
     assert!(o.status.success(), "{}", text(&o));
     assert_gone(&id);
 }
@@ -442,7 +490,7 @@ fn run_case_executes_a_folder_of_cases() {
         fs::copy(shared.join(f), dir.0.join(f)).unwrap();
     }
     let before = lab_namespaces();
-    let o = ward(&["run-case", dir.0.to_str().unwrap()]);
+    let o = ward_lab(&["run-case", dir.0.to_str().unwrap()]);
     let out = text(&o);
     let last = String::from_utf8_lossy(&o.stdout)
         .lines()

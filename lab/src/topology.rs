@@ -133,7 +133,7 @@ impl LabState {
     }
 
     fn add_ns(&mut self, name: &str) -> Result<()> {
-        if super::stopping() {
+        if crate::lifecycle::stopping() {
             bail!("interrupted");
         }
         if self.namespaces.iter().any(|n| n == name) {
