@@ -846,7 +846,6 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use scenario::Client;
 
     #[test]
     fn lab_names_are_recognised_and_nothing_else() {
@@ -855,64 +854,5 @@ mod tests {
         assert!(!is_lab_name("wlan0"));
         assert!(!is_lab_name("wlzzzzzzzz-x"));
         assert!(!is_lab_name("ward-test-1234"));
-    }
-
-    #[test]
-    fn the_default_scenario_loads_with_its_clients() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/lab");
-        let s = Scenario::load(&dir, None).unwrap();
-        assert!(s.probes.len() >= 20);
-        assert!(s.probes.iter().any(|p| p.client == Client::Grpc));
-        assert!(s.probes.iter().any(|p| p.client == Client::H2c));
-        assert!(s.probes.iter().any(|p| p.ipv6), "IPv6 probes");
-        assert!(!s.case.cluster.dns.is_empty());
-        // the stored document keeps the clients, so `check` sees them too
-        let again = Scenario::from_document(s.document.clone(), None).unwrap();
-        assert_eq!(
-            again
-                .probes
-                .iter()
-                .filter(|p| p.client != Client::Default)
-                .count(),
-            s.probes
-                .iter()
-                .filter(|p| p.client != Client::Default)
-                .count()
-        );
-    }
-
-    #[test]
-    fn an_unknown_client_is_an_error_naming_the_probe() {
-        let doc: Value = serde_yaml::from_str(
-            "format: netpol-oracle/v1\nsemantics: cilium\ncluster: {}\nprobes:\n- {from: a/b, to: a/c, port: 1, expect: allow, client: telnet}\n",
-        )
-        .unwrap();
-        let e = Scenario::from_document(doc, None)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("probes[0].client"), "{e}");
-    }
-
-    #[test]
-    fn the_probe_family_is_read_and_checked() {
-        let doc = |family: &str| -> Value {
-            serde_yaml::from_str(&format!(
-                "format: netpol-oracle/v1\nsemantics: cilium\ncluster: {{}}\nprobes:\n- {{from: a/b, to: a/c, port: 1, expect: allow}}\n- {{from: a/b, to: a/c, port: 1, expect: allow, family: {family}}}\n"
-            ))
-            .unwrap()
-        };
-        let s = Scenario::from_document(doc("ipv6"), None).unwrap();
-        assert_eq!(
-            s.probes.iter().map(|p| p.ipv6).collect::<Vec<_>>(),
-            [false, true]
-        );
-        let s = Scenario::from_document(doc("ipv4"), None).unwrap();
-        assert!(s.probes.iter().all(|p| !p.ipv6));
-        let e = Scenario::from_document(doc("ipx"), None)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("probes[1].family"), "{e}");
     }
 }

@@ -356,7 +356,7 @@ fn run_case(f: &Path, keep_failed: bool, up: &UpArgs) -> CaseRun {
     };
     let scenario = match Scenario::load(f, up.profile.as_deref()) {
         Ok(s) => s,
-        Err(e) => return broken(e),
+        Err(e) => return broken(e.into()),
     };
     let state = match lab::up(&file, &scenario, &options(up, false, false)) {
         Ok(s) => s,

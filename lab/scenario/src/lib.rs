@@ -5,9 +5,56 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
-use policy_model::conformance::{parse_case, Case, Probe, FORMAT};
+use policy_model::conformance::{parse_case, Case, CaseError, Probe, FORMAT};
 use serde_yaml::{Mapping, Value};
+
+/// Why a scenario (or a folder of YAML files) could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: invalid YAML: {source}", path.display())]
+    Yaml {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("{}: no `{key}:` key", path.display())]
+    MissingKey { path: PathBuf, key: &'static str },
+    /// A probe's `client` or `family` names no known choice.
+    #[error("probes[{index}].{field}: {value} is not one of {choices}")]
+    ProbeOption {
+        index: usize,
+        field: &'static str,
+        value: String,
+        choices: &'static str,
+    },
+    #[error("{0}")]
+    Case(#[from] CaseError),
+    #[error("the normalised case does not serialise: {0}")]
+    Serialise(serde_yaml::Error),
+    /// Any of the above, for the scenario at `path`.
+    #[error("scenario {}: {source}", path.display())]
+    Scenario { path: PathBuf, source: Box<Error> },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn read_text(path: &Path) -> Result<String> {
+    fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn yaml(path: &Path, text: &str) -> Result<Value> {
+    serde_yaml::from_str(text).map_err(|source| Error::Yaml {
+        path: path.to_path_buf(),
+        source,
+    })
+}
 
 /// Which client a probe uses beyond the default for its protocol (curl for HTTP/1.1).
 /// Lab scenarios may say `client: h2c` or `client: grpc` on a probe; case files never do.
@@ -44,15 +91,16 @@ impl Scenario {
     /// Loads a case file or a scenario folder; `profile` applies the case's variants.
     pub fn load(path: &Path, profile: Option<&str>) -> Result<Scenario> {
         let document = if path.is_dir() {
-            folder_document(path)?
+            folder_document(path)
         } else {
-            let text = fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            serde_yaml::from_str(&text)
-                .with_context(|| format!("{}: invalid YAML", path.display()))?
+            read_text(path).and_then(|text| yaml(path, &text))
         };
-        Scenario::from_document(document, profile)
-            .with_context(|| format!("scenario {}", path.display()))
+        document
+            .and_then(|d| Scenario::from_document(d, profile))
+            .map_err(|e| Error::Scenario {
+                path: path.to_path_buf(),
+                source: Box::new(e),
+            })
     }
 
     /// Builds a scenario from a case document (the `client` keys of probes are read and
@@ -69,7 +117,12 @@ impl Scenario {
                     Some(Value::String(s)) if s == "grpc" => Client::Grpc,
                     Some(Value::String(s)) if s == "curl" => Client::Default,
                     Some(other) => {
-                        bail!("probes[{i}].client: {other:?} is not one of curl, h2c, grpc")
+                        return Err(Error::ProbeOption {
+                            index: i,
+                            field: "client",
+                            value: format!("{other:?}"),
+                            choices: "curl, h2c, grpc",
+                        })
                     }
                 };
                 clients.push(client);
@@ -78,14 +131,19 @@ impl Scenario {
                     Some(Value::String(s)) if s == "ipv4" => false,
                     Some(Value::String(s)) if s == "ipv6" => true,
                     Some(other) => {
-                        bail!("probes[{i}].family: {other:?} is not one of ipv4, ipv6")
+                        return Err(Error::ProbeOption {
+                            index: i,
+                            field: "family",
+                            value: format!("{other:?}"),
+                            choices: "ipv4, ipv6",
+                        })
                     }
                 };
                 families.push(ipv6);
             }
         }
-        let text = serde_yaml::to_string(&strict)?;
-        let case = parse_case(&text).map_err(|e| anyhow!("{e}"))?;
+        let text = serde_yaml::to_string(&strict).map_err(Error::Serialise)?;
+        let case = parse_case(&text)?;
         let probes = case
             .probes_for(profile)
             .into_iter()
@@ -107,34 +165,34 @@ impl Scenario {
 /// `cluster.yaml` (the `cluster:` shape, optionally with `semantics:` and `name:`),
 /// every manifest under `policies/`, and `probes.yaml` (`probes:`).
 fn folder_document(dir: &Path) -> Result<Value> {
-    let read = |p: &Path| -> Result<Value> {
-        let text = fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-        serde_yaml::from_str(&text).with_context(|| format!("{}: invalid YAML", p.display()))
+    let read = |p: &Path| read_text(p).and_then(|text| yaml(p, &text));
+    let key = |file: &Path, v: &Value, key: &'static str| {
+        v.get(key).cloned().ok_or_else(|| Error::MissingKey {
+            path: file.to_path_buf(),
+            key,
+        })
     };
-    let cluster_file = read(&dir.join("cluster.yaml"))?;
-    let cluster = cluster_file
-        .get("cluster")
-        .cloned()
-        .ok_or_else(|| anyhow!("{}/cluster.yaml: no `cluster:` key", dir.display()))?;
+    let cluster_path = dir.join("cluster.yaml");
+    let cluster_file = read(&cluster_path)?;
+    let cluster = key(&cluster_path, &cluster_file, "cluster")?;
     let mut policies = Vec::new();
     let policy_dir = dir.join("policies");
     if policy_dir.is_dir() {
         for f in yaml_files(&[policy_dir])? {
-            let text =
-                fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?;
+            let text = read_text(&f)?;
             for doc in serde_yaml::Deserializer::from_str(&text) {
-                let v = serde::Deserialize::deserialize(doc)
-                    .map_err(|e| anyhow!("{}: invalid YAML: {e}", f.display()))?;
+                let v = serde::Deserialize::deserialize(doc).map_err(|source| Error::Yaml {
+                    path: f.clone(),
+                    source,
+                })?;
                 if !matches!(v, Value::Null) {
                     policies.push(v);
                 }
             }
         }
     }
-    let probes = read(&dir.join("probes.yaml"))?
-        .get("probes")
-        .cloned()
-        .ok_or_else(|| anyhow!("{}/probes.yaml: no `probes:` key", dir.display()))?;
+    let probes_path = dir.join("probes.yaml");
+    let probes = key(&probes_path, &read(&probes_path)?, "probes")?;
     let mut m = Mapping::new();
     m.insert("format".into(), FORMAT.into());
     let name = cluster_file.get("name").cloned().unwrap_or_else(|| {
@@ -162,7 +220,10 @@ fn folder_document(dir: &Path) -> Result<Value> {
 pub fn yaml_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in paths {
-        let meta = fs::metadata(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let meta = fs::metadata(p).map_err(|source| Error::Read {
+            path: p.clone(),
+            source,
+        })?;
         if meta.is_dir() {
             walk(p, &mut out)?;
         } else {
@@ -174,7 +235,10 @@ pub fn yaml_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let mut entries: Vec<PathBuf> = fs::read_dir(dir)
-        .with_context(|| format!("cannot read folder {}", dir.display()))?
+        .map_err(|source| Error::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     entries.sort();
@@ -186,4 +250,82 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_default_scenario_loads_with_its_clients() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/lab");
+        let s = Scenario::load(&dir, None).unwrap();
+        assert!(s.probes.len() >= 20);
+        assert!(s.probes.iter().any(|p| p.client == Client::Grpc));
+        assert!(s.probes.iter().any(|p| p.client == Client::H2c));
+        assert!(s.probes.iter().any(|p| p.ipv6), "IPv6 probes");
+        assert!(!s.case.cluster.dns.is_empty());
+        // the stored document keeps the clients, so `check` sees them too
+        let again = Scenario::from_document(s.document.clone(), None).unwrap();
+        assert_eq!(
+            again
+                .probes
+                .iter()
+                .filter(|p| p.client != Client::Default)
+                .count(),
+            s.probes
+                .iter()
+                .filter(|p| p.client != Client::Default)
+                .count()
+        );
+    }
+
+    #[test]
+    fn an_unknown_client_is_an_error_naming_the_probe() {
+        let doc: Value = serde_yaml::from_str(
+            "format: netpol-oracle/v1\nsemantics: cilium\ncluster: {}\nprobes:\n- {from: a/b, to: a/c, port: 1, expect: allow, client: telnet}\n",
+        )
+        .unwrap();
+        let e = Scenario::from_document(doc, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("probes[0].client"), "{e}");
+    }
+
+    #[test]
+    fn the_probe_family_is_read_and_checked() {
+        let doc = |family: &str| -> Value {
+            serde_yaml::from_str(&format!(
+                "format: netpol-oracle/v1\nsemantics: cilium\ncluster: {{}}\nprobes:\n- {{from: a/b, to: a/c, port: 1, expect: allow}}\n- {{from: a/b, to: a/c, port: 1, expect: allow, family: {family}}}\n"
+            ))
+            .unwrap()
+        };
+        let s = Scenario::from_document(doc("ipv6"), None).unwrap();
+        assert_eq!(
+            s.probes.iter().map(|p| p.ipv6).collect::<Vec<_>>(),
+            [false, true]
+        );
+        let s = Scenario::from_document(doc("ipv4"), None).unwrap();
+        assert!(s.probes.iter().all(|p| !p.ipv6));
+        let e = Scenario::from_document(doc("ipx"), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("probes[1].family"), "{e}");
+    }
+
+    #[test]
+    fn a_folder_without_probes_names_the_file_and_the_key() {
+        let dir = std::env::temp_dir().join(format!("ward-scenario-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("cluster.yaml"), "cluster: {}\n").unwrap();
+        fs::write(dir.join("probes.yaml"), "checks: []\n").unwrap();
+        let e = Scenario::load(&dir, None).err().unwrap().to_string();
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(e.contains("probes.yaml: no `probes:` key"), "{e}");
+        assert!(e.starts_with("scenario "), "{e}");
+    }
 }
