@@ -3,58 +3,19 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::fs::File;
 use std::process::Command;
-use std::thread;
 
-use nix::sched::{setns, CloneFlags};
 use redirect_bpf::routing::{self, Family};
+use testkit::Netns;
 
-struct Netns(String);
-
-impl Netns {
-    fn new(name: &str) -> Netns {
-        assert!(
-            nix::unistd::Uid::effective().is_root(),
-            "routing tests need root (network namespaces): run them as root, as CI does"
-        );
-        let ns = format!("ward-routing-{name}-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &ns])
-            .status()
-            .expect("ip netns add");
-        assert!(ok.success());
-        let ns = Netns(ns);
-        let ok = Command::new("ip")
-            .args(["-n", &ns.0, "link", "set", "lo", "up"])
-            .status()
-            .expect("ip link");
-        assert!(ok.success());
-        ns
-    }
-
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/var/run/netns/{}", self.0);
-        thread::scope(|s| {
-            s.spawn(|| {
-                setns(File::open(&path).expect("netns"), CloneFlags::CLONE_NEWNET).expect("setns");
-                f()
-            })
-            .join()
-            .expect("namespace thread")
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+fn netns(name: &str) -> Netns {
+    testkit::require_root("routing tests", "network namespaces");
+    Netns::new(testkit::unique(&format!("ward-routing-{name}"))).unwrap()
 }
 
 #[test]
 fn ensure_installs_once_and_remove_cleans_up() {
-    let ns = Netns::new("once");
+    let ns = netns("once");
     ns.run(|| {
         for f in Family::BOTH {
             assert_eq!(routing::rule_count(f).unwrap(), 0);
@@ -85,7 +46,7 @@ fn ensure_installs_once_and_remove_cleans_up() {
 /// IPv4 routing is installed and removed, IPv6 is left alone instead of failing.
 #[test]
 fn ipv6_disabled_namespace_gets_the_ipv4_routing() {
-    let ns = Netns::new("nov6");
+    let ns = netns("nov6");
     ns.run(|| {
         assert!(routing::ipv6_enabled(), "a fresh namespace has IPv6");
         let ok = Command::new("sysctl")

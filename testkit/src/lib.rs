@@ -23,7 +23,7 @@ pub use netns::{
 pub use wait::Poll;
 
 /// Why a set-up step failed: the command and what it said, or what a wait waited for.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 pub enum Error {
     #[error("cannot start {command}: {source}")]
     Start {
@@ -38,6 +38,14 @@ pub enum Error {
     },
     #[error("timed out after {within:?} waiting for {what}")]
     Timeout { what: String, within: Duration },
+}
+
+/// The message, so that a test's `.expect("...")` on a set-up step prints the command and
+/// what it said.
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
