@@ -207,7 +207,10 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        // the namespaces go after this, with the field
+        // the last made first: other nodes and pods, then the node
+        while let Some(ns) = self.namespaces.pop() {
+            drop(ns);
+        }
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
