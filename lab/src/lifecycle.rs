@@ -17,8 +17,10 @@ use serde_yaml::{Mapping, Value};
 
 use scenario::Scenario;
 
+use testkit::{nsenter, run, Poll};
+
 use crate::serve;
-use crate::topology::{in_netns, run, LabState, BPF_PREFIX, RUN_ROOT};
+use crate::topology::{LabState, BPF_PREFIX, RUN_ROOT};
 
 /// The port every agent's admin endpoint listens on, inside its node namespace.
 pub const ADMIN: &str = "127.0.0.1:9890";
@@ -239,7 +241,7 @@ fn start_servers(state: &mut LabState, scenario: &Scenario) -> Result<()> {
         let join = |s: &BTreeSet<u16>| s.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
         let ready_file = serve_dir.join(format!("{ns}.ready"));
         let log = fs::File::create(serve_dir.join(format!("{ns}.log")))?;
-        let mut cmd = in_netns(ns, &lab.to_string_lossy());
+        let mut cmd = nsenter(ns, &lab.to_string_lossy());
         cmd.args(["serve", "--dns-zone"])
             .arg(&zone)
             .arg("--ready")
@@ -376,7 +378,7 @@ fn start_agents(
         let state_dir = state.run_dir.join("agent").join(&node.name);
         fs::create_dir_all(&state_dir)?;
         let log = fs::File::create(state.run_dir.join(format!("agent-{}.log", node.name)))?;
-        let mut cmd = in_netns(&node.netns, &ward.to_string_lossy());
+        let mut cmd = nsenter(&node.netns, &ward.to_string_lossy());
         cmd.arg("agent");
         if options.cidr_matches_cluster {
             cmd.arg("--cidr-matches-cluster");
@@ -428,7 +430,7 @@ fn is_zombie(pid: u32) -> bool {
 
 /// GET on an agent's admin endpoint (curl inside the node namespace): status and body.
 pub fn admin_get(netns: &str, path: &str) -> Result<(u16, String)> {
-    let out = in_netns(netns, "curl")
+    let out = nsenter(netns, "curl")
         .args(["-sS", "-m", "2", "-w", "\n%{http_code}"])
         .arg(format!("http://{ADMIN}{path}"))
         .output()?;
@@ -466,7 +468,7 @@ pub fn lookups(state: &LabState, scenario: &Scenario, verbose: bool) -> Result<(
             .iter()
             .map(|(d, client)| {
                 s.spawn(move || {
-                    in_netns(&client.netns, "dig")
+                    nsenter(&client.netns, "dig")
                         .arg(format!("@{server}"))
                         .args(["+time=2", "+tries=1", "+short"])
                         .arg(&d.name)
@@ -520,27 +522,22 @@ pub fn dns_server(state: &LabState, scenario: &Scenario) -> Option<IpAddr> {
         .map(|e| IpAddr::V4(e.ip))
 }
 
-/// Polls `cond` until it holds or the deadline passes.
+/// Polls `cond` until it holds or the deadline passes (from 10 ms between looks,
+/// doubling up to 200 ms); an interrupt ends the wait.
 pub fn wait_for(
     what: &str,
     deadline: Duration,
     mut cond: impl FnMut() -> Result<bool>,
 ) -> Result<()> {
-    let end = Instant::now() + deadline;
-    let mut pause = Duration::from_millis(10);
-    loop {
-        if stopping() {
-            bail!("interrupted while waiting for {what}");
-        }
-        if cond()? {
-            return Ok(());
-        }
-        if Instant::now() >= end {
-            bail!("timed out after {deadline:?} waiting for {what}");
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(200));
-    }
+    Poll::within(deadline)
+        .backoff(Duration::from_millis(10), Duration::from_millis(200))
+        .try_until(what, || {
+            if stopping() {
+                bail!("interrupted while waiting for {what}");
+            }
+            cond()
+        })
+        .map(drop)
 }
 
 fn agent_log_tail(state: &LabState) -> String {
@@ -649,7 +646,7 @@ pub fn down(state: &LabState) -> Result<()> {
     kill_all(&ours);
     for ns in state.namespaces.iter().rev() {
         if Path::new("/run/netns").join(ns).exists() {
-            if let Err(e) = run(Command::new("ip").args(["netns", "del", ns])) {
+            if let Err(e) = testkit::delete(ns) {
                 errors.push(e.to_string());
             }
         }
@@ -712,7 +709,7 @@ pub fn down_all() -> Result<usize> {
         for e in list.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if is_lab_name(&name) {
-                run(Command::new("ip").args(["netns", "del", &name]))?;
+                testkit::delete(&name)?;
             }
         }
     }
@@ -767,17 +764,11 @@ fn reap() {
 
 /// Polls `cond` until it holds (true) or the deadline passes (false); unlike `wait_for`
 /// it keeps going during an interrupt, for the clean-up itself.
-fn settle(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + deadline;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn settle(deadline: Duration, cond: impl FnMut() -> bool) -> bool {
+    Poll::within(deadline)
+        .every(Duration::from_millis(20))
+        .until("the lab's processes to end", cond)
+        .is_ok()
 }
 
 /// SIGTERM, then SIGKILL for what is still there after two seconds.

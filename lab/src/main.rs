@@ -8,7 +8,7 @@ mod serve;
 mod topology;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command as Process, ExitCode};
+use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -183,9 +183,9 @@ fn dispatch(args: LabArgs) -> Result<ExitCode> {
                         .map(|n| n.netns.clone())
                 })
                 .with_context(|| format!("lab {}: no pod, node or external {target}", state.id))?;
-            let status = Process::new("ip")
-                .args(["netns", "exec", &ns])
-                .args(&command)
+            let (program, args) = command.split_first().context("no command to run")?;
+            let status = testkit::ip_netns_exec(&ns, program)
+                .args(args)
                 .status()
                 .context("cannot run ip netns exec")?;
             Ok(ExitCode::from(

@@ -11,7 +11,9 @@ use policy_model::{Model, Protocol, Verdict};
 
 use scenario::{Client, LabProbe};
 
-use crate::topology::{in_netns, LabState};
+use testkit::nsenter;
+
+use crate::topology::LabState;
 
 /// Probes in flight at once.
 const PARALLEL: usize = 8;
@@ -272,7 +274,7 @@ pub fn execute(state: &LabState, lp: &LabProbe) -> Observed {
     match (p.protocol, &p.dns, &p.http, lp.client) {
         (Protocol::Tcp | Protocol::Udp, Some(dns), _, _) => {
             kind = Kind::Dig;
-            cmd = timeout(in_netns(&from.netns, "dig"));
+            cmd = timeout(nsenter(&from.netns, "dig"));
             cmd.arg(format!("@{to_ip}"))
                 .args(["-p", &p.port.to_string(), "+time=2", "+tries=1"]);
             if p.protocol == Protocol::Tcp {
@@ -285,7 +287,7 @@ pub fn execute(state: &LabState, lp: &LabProbe) -> Observed {
         }
         (Protocol::Tcp, None, http, Client::Grpc) => {
             kind = Kind::Lab;
-            cmd = timeout(in_netns(&from.netns, &lab));
+            cmd = timeout(nsenter(&from.netns, &lab));
             cmd.args(["probe", "grpc", &target]);
             if let Some(h) = http {
                 cmd.args(["--path", &h.path]);
@@ -299,7 +301,7 @@ pub fn execute(state: &LabState, lp: &LabProbe) -> Observed {
         }
         (Protocol::Tcp, None, Some(http), client) => {
             kind = Kind::Curl;
-            cmd = timeout(in_netns(&from.netns, "curl"));
+            cmd = timeout(nsenter(&from.netns, "curl"));
             cmd.args(["-sS", "--connect-timeout", CONNECT_SECS, "-m", REQUEST_SECS])
                 .args(["-w", "\n%{http_code}", "-X", &http.method]);
             if lp.ipv6 {
@@ -329,7 +331,7 @@ pub fn execute(state: &LabState, lp: &LabProbe) -> Observed {
                 Protocol::Udp => "udp",
                 _ => "sctp",
             };
-            cmd = timeout(in_netns(&from.netns, &lab));
+            cmd = timeout(nsenter(&from.netns, &lab));
             cmd.args(["probe", k, &target]);
             if p.protocol == Protocol::Sctp {
                 cmd.arg("--sctp-log")

@@ -16,12 +16,12 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use policy_model::Cluster;
 use serde::{Deserialize, Serialize};
+use testkit::{addr, ip as ipn, sysctl, veth};
 
 /// Where every lab keeps its run directory.
 pub const RUN_ROOT: &str = "/run/ward-lab";
@@ -141,7 +141,7 @@ impl LabState {
         }
         self.namespaces.push(name.to_string());
         self.save()?;
-        ip(&["netns", "add", name])
+        Ok(testkit::create(name)?)
     }
 
     /// Creates the whole topology for `cluster`. Nodes without an IP in the cluster (and a
@@ -151,7 +151,6 @@ impl LabState {
         let dual = cluster.pods.iter().any(|p| pod_ipv6(p).is_some());
         let fabric = self.netns("fabric");
         self.add_ns(&fabric)?;
-        ipn(&fabric, &["link", "set", "lo", "up"])?;
         ipn(&fabric, &["link", "add", "br0", "type", "bridge"])?;
         ipn(&fabric, &["link", "set", "br0", "up"])?;
 
@@ -159,12 +158,7 @@ impl LabState {
             let ns = self.netns(name);
             self.add_ns(&ns)?;
             let port = format!("u{i}");
-            ipn(
-                &fabric,
-                &[
-                    "link", "add", &port, "type", "veth", "peer", "name", "up0", "netns", &ns,
-                ],
-            )?;
+            veth(&fabric, &port, &ns, "up0")?;
             ipn(&fabric, &["link", "set", &port, "master", "br0", "up"])?;
             sysctl(
                 &ns,
@@ -174,8 +168,7 @@ impl LabState {
                     "net.ipv4.conf.default.rp_filter=0",
                 ],
             )?;
-            ipn(&ns, &["link", "set", "lo", "up"])?;
-            ipn(&ns, &["addr", "add", &format!("{ip4}/32"), "dev", "up0"])?;
+            addr(&ns, "up0", &format!("{ip4}/32"))?;
             let ip6 = dual.then(|| generated_node_ip6(i));
             if let Some(ip6) = ip6 {
                 sysctl(&ns, &["net.ipv6.conf.all.forwarding=1"])?;
@@ -183,7 +176,7 @@ impl LabState {
                 // solicitations for packets the node forwards, and a tentative one would
                 // hold them for a second.
                 for a in [format!("{ip6}/128"), format!("fe80::ffff:{:x}/64", i + 1)] {
-                    ipn(&ns, &["addr", "add", &a, "dev", "up0", "nodad"])?;
+                    addr(&ns, "up0", &a)?;
                 }
             }
             ipn(&ns, &["link", "set", "up0", "up"])?;
@@ -213,14 +206,8 @@ impl LabState {
             .collect();
         let world = self.netns("world");
         self.add_ns(&world)?;
-        ipn(
-            &fabric,
-            &[
-                "link", "add", "w0", "type", "veth", "peer", "name", "eth0", "netns", &world,
-            ],
-        )?;
+        veth(&fabric, "w0", &world, "eth0")?;
         ipn(&fabric, &["link", "set", "w0", "master", "br0", "up"])?;
-        ipn(&world, &["link", "set", "lo", "up"])?;
         sysctl(
             &world,
             &[
@@ -231,10 +218,7 @@ impl LabState {
         let mut world_ips: Vec<Ipv4Addr> = Vec::new();
         for (name, ip4) in &externals {
             if !world_ips.contains(ip4) {
-                ipn(
-                    &world,
-                    &["addr", "add", &format!("{ip4}/32"), "dev", "eth0"],
-                )?;
+                addr(&world, "eth0", &format!("{ip4}/32"))?;
                 world_ips.push(*ip4);
             }
             self.endpoints.push(Endpoint {
@@ -261,35 +245,23 @@ impl LabState {
             };
             let ns = self.netns(&format!("{}-{}", p.namespace, p.name));
             self.add_ns(&ns)?;
-            let veth = format!("lxc{i:x}");
-            ipn(
-                &node.netns,
-                &[
-                    "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-                ],
-            )?;
-            ipn(&ns, &["link", "set", "lo", "up"])?;
-            ipn(&ns, &["addr", "add", &format!("{ip4}/32"), "dev", "eth0"])?;
+            let veth_name = format!("lxc{i:x}");
+            veth(&node.netns, &veth_name, &ns, "eth0")?;
+            addr(&ns, "eth0", &format!("{ip4}/32"))?;
             ipn(&ns, &["link", "set", "eth0", "up"])?;
             let gw = node.ip.to_string();
             ipn(&ns, &["route", "add", &format!("{gw}/32"), "dev", "eth0"])?;
             ipn(&ns, &["route", "add", "default", "via", &gw, "dev", "eth0"])?;
-            ipn(&node.netns, &["link", "set", &veth, "up"])?;
+            ipn(&node.netns, &["link", "set", &veth_name, "up"])?;
             ipn(
                 &node.netns,
-                &["route", "add", &format!("{ip4}/32"), "dev", &veth],
+                &["route", "add", &format!("{ip4}/32"), "dev", &veth_name],
             )?;
             let ip6 = pod_ipv6(p);
             if let Some(ip6) = ip6 {
                 let a = ip6.to_string();
-                ipn(
-                    &ns,
-                    &["addr", "add", &format!("{a}/128"), "dev", "eth0", "nodad"],
-                )?;
-                ipn(
-                    &node.netns,
-                    &["addr", "add", "fe80::1/64", "dev", &veth, "nodad"],
-                )?;
+                addr(&ns, "eth0", &format!("{a}/128"))?;
+                addr(&node.netns, &veth_name, "fe80::1/64")?;
                 ipn(
                     &ns,
                     &[
@@ -298,7 +270,7 @@ impl LabState {
                 )?;
                 ipn(
                     &node.netns,
-                    &["-6", "route", "add", &format!("{a}/128"), "dev", &veth],
+                    &["-6", "route", "add", &format!("{a}/128"), "dev", &veth_name],
                 )?;
                 pods6_of.entry(node.name.clone()).or_default().push(ip6);
             }
@@ -443,41 +415,4 @@ pub fn pod_ipv4(p: &policy_model::cluster::Pod) -> Option<Ipv4Addr> {
         IpAddr::V4(v4) => Some(*v4),
         IpAddr::V6(_) => None,
     })
-}
-
-/// Runs a command, failing with its stderr.
-pub fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    run(Command::new("ip").args(args))
-}
-
-fn ipn(ns: &str, args: &[&str]) -> Result<()> {
-    run(Command::new("ip").arg("-n").arg(ns).args(args))
-}
-
-fn sysctl(ns: &str, settings: &[&str]) -> Result<()> {
-    run(in_netns(ns, "sysctl").arg("-qw").args(settings))
-}
-
-/// A command that runs `program` in the network namespace `ns` only (`nsenter --net`;
-/// unlike `ip netns exec` it keeps the machine's mounts, so the agents' pins under
-/// /sys/fs/bpf stay visible and outlive them).
-pub fn in_netns(ns: &str, program: &str) -> Command {
-    let mut c = Command::new("nsenter");
-    c.arg(format!("--net=/run/netns/{ns}"))
-        .arg("--")
-        .arg(program);
-    c
 }

@@ -54,14 +54,7 @@ fn no_agent() -> bool {
 }
 
 fn require_root() {
-    let uid = {
-        use std::os::unix::fs::MetadataExt;
-        fs::metadata("/proc/self").unwrap().uid()
-    };
-    assert_eq!(
-        uid, 0,
-        "lab tests need root (network namespaces): run them as root, as CI does"
-    );
+    testkit::require_root("lab tests", "network namespaces");
 }
 
 /// `ward-lab ARGS`. Its agents run the `ward` that cargo built beside it
@@ -91,10 +84,7 @@ fn require_fresh(ward: &Path) {
     let built = fs::metadata(ward)
         .and_then(|m| m.modified())
         .unwrap_or_else(|_| panic!("{} is missing: {build}", ward.display()));
-    let mut sources = vec![
-        repo.join("Cargo.lock"),
-        repo.join("target/bpf/bpfel-unknown-none/release/ward-redirect"),
-    ];
+    let mut sources = vec![repo.join("target/bpf/bpfel-unknown-none/release/ward-redirect")];
     for dir in [
         "agent/src",
         "policy-model/src",
@@ -413,23 +403,17 @@ fn an_interrupted_run_removes_its_lab() {
         .spawn()
         .unwrap();
     // wait until its lab has servers running, then interrupt it
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let run_dir = loop {
-        let fresh = lab_run_dirs().into_iter().find(|d| {
+    let mut fresh = None;
+    testkit::Poll::within(std::time::Duration::from_secs(60)).expect("the lab to come up", || {
+        fresh = lab_run_dirs().into_iter().find(|d| {
             !before.contains(d)
                 && fs::read_to_string(d.join("state.json"))
                     .map(|s| s.contains("\"pids\": [\n"))
                     .unwrap_or(false)
         });
-        if let Some(d) = fresh {
-            break d;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the lab never came up"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+        fresh.is_some()
+    });
+    let run_dir = fresh.unwrap();
     let id = run_dir.file_name().unwrap().to_string_lossy().into_owned();
     assert!(Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
