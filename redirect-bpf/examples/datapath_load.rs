@@ -161,27 +161,7 @@ fn entry(endpoint_id: u32, direction: u8, identity: u32, port: u16) -> PolicyEnt
 
 /// Routes packets the datapath marked for the proxy to local sockets, in the node.
 fn proxy_routing(node: &str) {
-    let ip = |args: &[&str]| testkit::ip(node, args).expect("proxy routing");
-    ip(&[
-        "rule",
-        "add",
-        "fwmark",
-        "0x200/0xf00",
-        "lookup",
-        "100",
-        "pref",
-        "90",
-    ]);
-    ip(&[
-        "route",
-        "add",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        "100",
-    ]);
+    testkit::local_delivery(node, false, "0x200/0xf00", 100, 90).expect("proxy routing");
 }
 
 /// Copies one direction until EOF, then half-closes the other side.

@@ -28,6 +28,9 @@ use redirect_bpf::{Datapath, PolicyEntry};
 use testkit::{link_pod, run_in as in_ns, Netns, Poll, Subnet};
 
 const ALLOWED: Duration = Duration::from_secs(5);
+/// The marks of packets the datapath steers to a proxy (value/mask), as the agent routes
+/// them.
+const PROXY_MARK: &str = "0x200/0xf00";
 /// How long a denied connect is given: the SYN is retransmitted after 1 s, so this sees
 /// at least two attempts dropped.
 const DENIED: Duration = Duration::from_millis(2500);
@@ -157,33 +160,7 @@ impl Lab {
 
     /// Routes marked packets to local sockets, as the agent will do on a node.
     fn proxy_routing(&self) {
-        let n = &self.node;
-        ip(
-            n,
-            &[
-                "rule",
-                "add",
-                "fwmark",
-                "0x200/0xf00",
-                "lookup",
-                "100",
-                "pref",
-                "90",
-            ],
-        );
-        ip(
-            n,
-            &[
-                "route",
-                "add",
-                "local",
-                "0.0.0.0/0",
-                "dev",
-                "lo",
-                "table",
-                "100",
-            ],
-        );
+        testkit::local_delivery(&self.node, false, PROXY_MARK, 100, 90).expect("proxy routing");
     }
 }
 
@@ -1162,27 +1139,7 @@ fn ipv6_redirect_to_transparent_listener() {
     const PROXY_PORT: u16 = 15006;
     let lab = Lab::new("ipv6redirect", 2);
     lab.proxy_routing();
-    let n = &lab.node;
-    ip(
-        n,
-        &[
-            "-6",
-            "rule",
-            "add",
-            "fwmark",
-            "0x200/0xf00",
-            "lookup",
-            "100",
-            "pref",
-            "90",
-        ],
-    );
-    ip(
-        n,
-        &[
-            "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100",
-        ],
-    );
+    testkit::local_delivery(&lab.node, true, PROXY_MARK, 100, 90).expect("proxy routing");
     let mut dp = lab.datapath();
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
     lab.set_endpoint(&mut dp, 0, 0);

@@ -17,8 +17,8 @@ use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
 pub use netns::{
-    addr, create, delete, ip, ip_netns_exec, link_pod, nsenter, run_in, spawn_in, sysctl, veth,
-    Netns, Subnet,
+    addr, create, delete, ip, ip_netns_exec, link_pod, local_delivery, nsenter, run_in, spawn_in,
+    sysctl, veth, Netns, Subnet,
 };
 pub use wait::Poll;
 

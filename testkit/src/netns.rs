@@ -123,6 +123,30 @@ pub fn veth(ns: &str, name: &str, peer_ns: &str, peer_name: &str) -> Result<()> 
     )
 }
 
+/// Delivers packets that carry `fwmark` (`VALUE/MASK`) to local sockets in `ns`, as a
+/// transparent proxy needs: a rule at `pref` that looks them up in `table`, whose
+/// default route is local (for IPv6 with `ipv6`, else IPv4).
+pub fn local_delivery(ns: &str, ipv6: bool, fwmark: &str, table: u32, pref: u32) -> Result<()> {
+    let (family, any) = if ipv6 {
+        ("-6", "::/0")
+    } else {
+        ("-4", "0.0.0.0/0")
+    };
+    let (table, pref) = (table.to_string(), pref.to_string());
+    ip(
+        ns,
+        &[
+            family, "rule", "add", "fwmark", fwmark, "lookup", &table, "pref", &pref,
+        ],
+    )?;
+    ip(
+        ns,
+        &[
+            family, "route", "add", "local", any, "dev", "lo", "table", &table,
+        ],
+    )
+}
+
 /// Sets sysctls (`key=value`) of the namespace `ns`.
 pub fn sysctl(ns: &str, settings: &[&str]) -> Result<()> {
     run(nsenter(ns, "sysctl").arg("-qw").args(settings))

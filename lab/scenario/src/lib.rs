@@ -29,7 +29,7 @@ pub enum Error {
         index: usize,
         field: &'static str,
         value: String,
-        choices: &'static str,
+        choices: String,
     },
     #[error("{0}")]
     Case(#[from] CaseError),
@@ -111,35 +111,19 @@ impl Scenario {
         let mut strict = document.clone();
         if let Some(Value::Sequence(probes)) = strict.get_mut("probes") {
             for (i, p) in probes.iter_mut().enumerate() {
-                let client = match p.as_mapping_mut().and_then(|m| m.remove("client")) {
-                    None => Client::Default,
-                    Some(Value::String(s)) if s == "h2c" => Client::H2c,
-                    Some(Value::String(s)) if s == "grpc" => Client::Grpc,
-                    Some(Value::String(s)) if s == "curl" => Client::Default,
-                    Some(other) => {
-                        return Err(Error::ProbeOption {
-                            index: i,
-                            field: "client",
-                            value: format!("{other:?}"),
-                            choices: "curl, h2c, grpc",
-                        })
-                    }
-                };
-                clients.push(client);
-                let ipv6 = match p.as_mapping_mut().and_then(|m| m.remove("family")) {
-                    None => false,
-                    Some(Value::String(s)) if s == "ipv4" => false,
-                    Some(Value::String(s)) if s == "ipv6" => true,
-                    Some(other) => {
-                        return Err(Error::ProbeOption {
-                            index: i,
-                            field: "family",
-                            value: format!("{other:?}"),
-                            choices: "ipv4, ipv6",
-                        })
-                    }
-                };
-                families.push(ipv6);
+                let client = take_option(
+                    p,
+                    i,
+                    "client",
+                    &[
+                        ("curl", Client::Default),
+                        ("h2c", Client::H2c),
+                        ("grpc", Client::Grpc),
+                    ],
+                )?;
+                clients.push(client.unwrap_or(Client::Default));
+                let ipv6 = take_option(p, i, "family", &[("ipv4", false), ("ipv6", true)])?;
+                families.push(ipv6.unwrap_or(false));
             }
         }
         let text = serde_yaml::to_string(&strict).map_err(Error::Serialise)?;
@@ -160,6 +144,33 @@ impl Scenario {
             probes,
         })
     }
+}
+
+/// Removes the lab option `field` from probe `index` (`p`) and returns the value of the
+/// choice it names, or None when the probe has none.
+fn take_option<T: Copy>(
+    p: &mut Value,
+    index: usize,
+    field: &'static str,
+    choices: &[(&str, T)],
+) -> Result<Option<T>> {
+    let Some(given) = p.as_mapping_mut().and_then(|m| m.remove(field)) else {
+        return Ok(None);
+    };
+    let chosen = choices
+        .iter()
+        .find(|(name, _)| given.as_str() == Some(name))
+        .map(|(_, v)| *v);
+    chosen.map(Some).ok_or_else(|| Error::ProbeOption {
+        index,
+        field,
+        value: format!("{given:?}"),
+        choices: choices
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
 }
 
 /// `cluster.yaml` (the `cluster:` shape, optionally with `semantics:` and `name:`),
