@@ -16,14 +16,9 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn shared_cases() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/cases");
-    assert!(
-        p.is_dir(),
-        "the shared conformance cases are expected at {}",
-        p.display()
-    );
-    p
+/// The conformance cases of the repository (`conformance/cases`).
+fn cases() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance/cases")
 }
 
 /// A scratch folder unique to this test process and name, removed on drop.
@@ -79,12 +74,8 @@ probes:
 "#;
 
 #[test]
-fn conformance_passes_the_shared_cases() {
-    let o = ward(&[
-        "conformance",
-        "run",
-        shared_cases().to_str().expect("utf-8 path"),
-    ]);
+fn conformance_passes_the_cases() {
+    let o = ward(&["conformance", "run", cases().to_str().expect("utf-8 path")]);
     assert!(all_passed(&o) >= 600);
 }
 

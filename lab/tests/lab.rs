@@ -466,12 +466,12 @@ fn run_case_executes_a_folder_of_cases() {
     require_root();
     let dir = Scratch::new("cases");
     fs::write(dir.0.join("small.yaml"), CASE).unwrap();
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/cases");
+    let cases = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance/cases");
     for f in [
         "002-np-default-deny-all.yaml",
         "073-cnp-tofqdns-matchname.yaml",
     ] {
-        fs::copy(shared.join(f), dir.0.join(f)).unwrap();
+        fs::copy(cases.join(f), dir.0.join(f)).unwrap();
     }
     let before = lab_namespaces();
     let o = ward_lab(&["run-case", dir.0.to_str().unwrap()]);

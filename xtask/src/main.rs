@@ -3,6 +3,7 @@
 //! Every task installs what it needs when it is missing, so that a newcomer on a fresh
 //! machine (and CI) runs the same two commands the README shows.
 
+mod cases;
 mod loadtest;
 
 use std::env;
@@ -17,7 +18,7 @@ tasks:
                   what it needs, builds the eBPF object, ward and ward-lab, runs
                   `target/release/ward-lab ARGS`
                   (default: the deploy/lab scenario: up, check, down)
-  lab-cases       `ward-lab run-case` over ../shared/conformance/cases (root)
+  lab-cases       `ward-lab run-case` over conformance/cases (root)
   test [--no-lab] build the eBPF object, format check, clippy (-D warnings), all tests,
                   the conformance suite on the policy model, then `lab` and `lab-cases`
                   (the default scenario and every conformance case on the real datapath)
@@ -29,6 +30,7 @@ tasks:
                   with cargo-fuzz on nightly
   bench           run the criterion benchmarks
   crds            regenerate deploy/crds/ from policy-model's types
+  sync-cases      refresh conformance/ (the cases the tests use) from ../shared/conformance
   deploy-check    render deploy/ (kubectl kustomize), validate every object
                   (kubernetes-validate) and the alert rules (promtool); part of test
   loadtest [proxy|datapath|dns|all] [--quick]
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
         ),
         Some("bench") => bench(),
         Some("crds") => crds(),
+        Some("sync-cases") => cases::sync(),
         Some("deploy-check") => deploy_check(),
         Some("loadtest") => loadtest::loadtest(&args[1..]),
         Some("udp-relay") => loadtest::relay::run(&args[1..]),
@@ -84,13 +87,6 @@ fn root() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
-}
-
-/// The shared conformance cases sit beside the checkout (`../shared`), on developer
-/// machines and in CI alike.
-fn shared_cases() -> Option<PathBuf> {
-    let p = root().join("../shared/conformance/cases");
-    p.is_dir().then_some(p)
 }
 
 fn run(cmd: &mut Command) -> Result {
@@ -206,9 +202,8 @@ fn lab(args: &[String]) -> Result {
 }
 
 fn lab_cases() -> Result {
-    let cases = shared_cases().ok_or("../shared/conformance/cases is missing")?;
     let lab = build_lab("lab-cases")?;
-    run(Command::new(lab).arg("run-case").arg(cases))
+    run(Command::new(lab).arg("run-case").arg(cases::cases()))
 }
 
 fn test(with_lab: bool) -> Result {
@@ -242,13 +237,10 @@ fn test(with_lab: bool) -> Result {
     deploy_check()?;
     // Benchmarks must at least run once, so that a broken bench fails here and not later.
     run(cargo().args(["bench", "--workspace", "--", "--test"]))?;
-    match shared_cases() {
-        Some(cases) => run(cargo()
-            .args(["run", "--quiet", "--release", "--bin", "ward", "--"])
-            .args(["conformance", "run"])
-            .arg(cases))?,
-        None => return Err("../shared/conformance/cases is missing".into()),
-    }
+    run(cargo()
+        .args(["run", "--quiet", "--release", "--bin", "ward", "--"])
+        .args(["conformance", "run"])
+        .arg(cases::cases()))?;
     if with_lab {
         lab(&[])?;
         lab_cases()?;
@@ -257,7 +249,7 @@ fn test(with_lab: bool) -> Result {
 }
 
 fn demo() -> Result {
-    let cases = shared_cases().ok_or("../shared/conformance/cases is missing")?;
+    let cases = cases::cases();
     run(cargo().args(["build", "--quiet", "--release", "--bin", "ward"]))?;
     let ward = root().join("target/release/ward");
     run(Command::new(&ward).args(["conformance", "run"]).arg(&cases))?;
@@ -332,15 +324,13 @@ fn fuzz(target: Option<&str>, seconds: Option<&str>) -> Result {
     let dir = root().join(dir);
     let corpus = dir.join("corpus").join(name);
     std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
-    // the policy target starts from the shared conformance cases (kept out of the repository)
+    // the policy target starts from the conformance cases
     if *name == "policy" {
-        if let Some(cases) = shared_cases() {
-            for e in std::fs::read_dir(&cases)
-                .map_err(|e| e.to_string())?
-                .flatten()
-            {
-                let _ = std::fs::copy(e.path(), corpus.join(e.file_name()));
-            }
+        for e in std::fs::read_dir(cases::cases())
+            .map_err(|e| e.to_string())?
+            .flatten()
+        {
+            let _ = std::fs::copy(e.path(), corpus.join(e.file_name()));
         }
     }
     let status = Command::new("cargo")
