@@ -24,7 +24,8 @@ tasks:
                   (the default scenario and every conformance case on the real datapath)
   build-ebpf      install the eBPF toolchain when missing (nightly, rust-src, bpf-linker)
                   and build the datapath's eBPF object into target/bpf
-  demo            the main job for now: conformance over the shared cases and a trace example
+  demo            a quick look without root: the conformance cases on the policy model and
+                  a `ward policy trace` example
   fuzz [TARGET [SECONDS]]
                   run a fuzz target (policy, http1 or handle; default policy, 60 s)
                   with cargo-fuzz on nightly
@@ -178,21 +179,24 @@ fn require_root(task: &str) -> Result {
     Ok(())
 }
 
+/// `cargo build --release` of `bins`, with cargo's progress shown: a first build takes
+/// minutes, and a silent one looks hung.
+fn release_build(bins: &[&str]) -> Command {
+    let mut c = cargo();
+    c.args(["build", "--release"]);
+    for b in bins {
+        c.args(["--bin", b]);
+    }
+    c
+}
+
 /// The release `ward-lab` and the `ward` (with the eBPF object it embeds) whose agents
 /// it runs, side by side in target/release.
 fn build_lab(task: &str) -> Result<PathBuf> {
     require_root(task)?;
     ensure_debs(LAB_PACKAGES)?;
     build_ebpf()?;
-    run(cargo().args([
-        "build",
-        "--quiet",
-        "--release",
-        "--bin",
-        "ward",
-        "--bin",
-        "ward-lab",
-    ]))?;
+    run(&mut release_build(&["ward", "ward-lab"]))?;
     Ok(root().join("target/release/ward-lab"))
 }
 
@@ -237,8 +241,8 @@ fn test(with_lab: bool) -> Result {
     deploy_check()?;
     // Benchmarks must at least run once, so that a broken bench fails here and not later.
     run(cargo().args(["bench", "--workspace", "--", "--test"]))?;
-    run(cargo()
-        .args(["run", "--quiet", "--release", "--bin", "ward", "--"])
+    run(&mut release_build(&["ward"]))?;
+    run(Command::new(root().join("target/release/ward"))
         .args(["conformance", "run"])
         .arg(cases::cases()))?;
     if with_lab {
@@ -250,7 +254,7 @@ fn test(with_lab: bool) -> Result {
 
 fn demo() -> Result {
     let cases = cases::cases();
-    run(cargo().args(["build", "--quiet", "--release", "--bin", "ward"]))?;
+    run(&mut release_build(&["ward"]))?;
     let ward = root().join("target/release/ward");
     run(Command::new(&ward).args(["conformance", "run"]).arg(&cases))?;
     let case = cases.join("069-cnp-l7-http-get-root.yaml");
@@ -460,7 +464,7 @@ fn build_ebpf() -> Result {
 /// Writes the CRDs generated from policy-model's types into deploy/crds.
 fn crds() -> Result {
     run(cargo()
-        .args(["run", "--quiet", "-p", "agent", "--bin", "ward", "--"])
+        .args(["run", "-p", "agent", "--bin", "ward", "--"])
         .arg("kube-crds")
         .arg(root().join("deploy/crds")))
 }
@@ -479,7 +483,8 @@ fn deploy_check() -> Result {
     if !succeeds(Command::new("kubectl").args(["version", "--client"])) {
         ensure_debs(&["kubernetes-client"])?;
     }
-    ensure_debs(&["prometheus"])?;
+    // promtool; `python3 -m venv` for kubernetes-validate (Debian splits venv off python3)
+    ensure_debs(&["prometheus", "python3-venv"])?;
     let out = root().join("target/deploy");
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     eprintln!("+ kubectl kustomize deploy/");
@@ -534,4 +539,31 @@ fn deploy_check() -> Result {
         ])
         .args(&examples))?;
     run(Command::new("promtool").args(["check", "rules", "deploy/prometheus/ward.rules.yaml"]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lab's first release build takes minutes: cargo's progress must show.
+    #[test]
+    fn release_builds_show_cargo_progress() {
+        let c = release_build(&["ward", "ward-lab"]);
+        let args: Vec<String> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            ["build", "--release", "--bin", "ward", "--bin", "ward-lab"]
+        );
+    }
+
+    /// `cargo xtask` without a task shows the usage: the lab is the main job, nothing else.
+    #[test]
+    fn the_usage_names_the_lab_the_main_job() {
+        let main_job: Vec<&str> = USAGE.lines().filter(|l| l.contains("main job")).collect();
+        assert_eq!(main_job.len(), 1, "{main_job:?}");
+        assert!(main_job[0].trim_start().starts_with("lab "), "{main_job:?}");
+    }
 }

@@ -314,7 +314,7 @@ pub fn loadtest(args: &[String]) -> Result {
     // The datapath part drives its own example, not `ward`.
     // The build the image ships (`profile.dist`: release with fat LTO).
     if opts.proxy || opts.dns {
-        run(cargo().args(["build", "--quiet", "--profile", "dist", "--bin", "ward"]))?;
+        run(cargo().args(["build", "--profile", "dist", "--bin", "ward"]))?;
     }
     let work = std::env::temp_dir().join(format!("ward-loadtest-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
