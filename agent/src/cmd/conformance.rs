@@ -1,4 +1,4 @@
-//! `ward conformance run`: netpol-oracle cases (and `ward lab` scenario folders) against
+//! `ward conformance run`: netpol-oracle cases (and `ward-lab` scenario folders) against
 //! the policy model.
 
 use std::fs;
