@@ -377,6 +377,26 @@ pub fn loadtest(args: &[String]) -> Result {
 mod tests {
     use super::*;
 
+    /// The load tests' namespace (root): commands run pinned inside it, and wait_tcp sees
+    /// a listener on the namespace's own loopback.
+    #[test]
+    fn commands_and_tcp_waits_run_in_the_namespace() {
+        testkit::require_root("the load tests' namespace test", "network namespaces");
+        let ns = Netns::new("selftest").expect("namespace");
+        let out = ns
+            .cmd(LOAD_CPU, "ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .expect("ip runs");
+        let links = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(links.lines().count(), 1, "only the namespace's lo: {links}");
+        let listener =
+            ns.0.run(|| std::net::TcpListener::bind("127.0.0.1:0"))
+                .expect("listener");
+        let port = listener.local_addr().expect("port").port();
+        assert_eq!(ns.wait_tcp(port), Ok(()));
+    }
+
     fn path_of(args: &[&str]) -> String {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let opts = Opts::parse(&args).expect("valid arguments");
