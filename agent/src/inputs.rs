@@ -3,12 +3,49 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
 use policy_model::api::{self, Object, Parsed};
 use policy_model::{Cluster, CompileOptions, Model, PolicyError};
 use serde_yaml::Value;
 
-pub use scenario::yaml_files;
+/// Why inputs could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid YAML: {source}")]
+    Yaml {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("{path}: {field}: {reason}")]
+    Cluster {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+    /// A file or folder of YAML files could not be listed (the walk the lab shares).
+    #[error(transparent)]
+    Files(Box<scenario::Error>),
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+fn read_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The YAML files named by `paths`: files as given, folders searched recursively for
+/// `*.yaml` / `*.yml`, in name order (the scenario crate's walk, which `ward-lab` reads
+/// its scenario folders with too).
+pub fn yaml_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    scenario::yaml_files(paths).map_err(|e| Error::Files(Box::new(e)))
+}
 
 /// Every policy object in the given files (case files contribute their `policies`).
 pub struct Loaded {
@@ -25,7 +62,7 @@ pub fn load_policies(paths: &[PathBuf]) -> Result<Loaded> {
         files: files.len(),
     };
     for f in &files {
-        let text = fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        let text = fs::read_to_string(f).map_err(read_error(f))?;
         let name = f.display().to_string();
         let parsed = api::parse(&text, Some(&name));
         absorb(parsed, &name, &mut loaded);
@@ -58,7 +95,7 @@ fn absorb(parsed: Parsed, file: &str, loaded: &mut Loaded) {
 }
 
 /// Loads a cluster file and policy manifests and compiles them. Invalid objects are left
-/// out with a warning on stderr naming each error; the others are enforced.
+/// out with a warning (a log event) naming each error; the others are enforced.
 pub fn compile_model(
     cluster: &Path,
     policies: &[PathBuf],
@@ -75,21 +112,25 @@ pub fn compile_model(
         }
     }
     for e in &errors {
-        eprintln!("warning: left out: {e}");
+        tracing::warn!(error = %e, "left out");
     }
     Ok(Model::compile(&cluster, valid, options))
 }
 
 /// Reads a cluster file: the `cluster:` shape on its own, or a whole case file.
 pub fn load_cluster(path: &Path) -> Result<Cluster> {
-    let text =
-        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let value: Value =
-        serde_yaml::from_str(&text).with_context(|| format!("{}: invalid YAML", path.display()))?;
+    let text = fs::read_to_string(path).map_err(read_error(path))?;
+    let value: Value = serde_yaml::from_str(&text).map_err(|source| Error::Yaml {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let value = match value.get("cluster") {
         Some(c) => c.clone(),
         None => value,
     };
-    serde_path_to_error::deserialize(value)
-        .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))
+    serde_path_to_error::deserialize(value).map_err(|e| Error::Cluster {
+        path: path.to_path_buf(),
+        field: e.path().to_string(),
+        reason: e.inner().to_string(),
+    })
 }

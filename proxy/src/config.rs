@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::normalize::Backslash;
+use crate::request::Underscores;
+
 /// Proxy configuration.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -43,6 +46,24 @@ pub struct Config {
     pub transparent_source: bool,
     /// `node`: the node the proxy runs on (host vs remote-node identities).
     pub node: Option<String>,
+    /// `path_backslash`: `reject` (400, the default) or `slash` (a raw `\` in the path
+    /// reads as `/` before normalising, and goes upstream as `/`).
+    pub path_backslash: Backslash,
+    /// `headers_with_underscores`: `reject` (400, the default) or `drop` (removed before
+    /// the decision).
+    pub headers_with_underscores: Underscores,
+    /// `h2_max_inbound_priority_frames_per_stream`: an HTTP/2 connection may send this
+    /// many PRIORITY frames per stream it opened, plus this many, before it gets GOAWAY
+    /// ENHANCE_YOUR_CALM (Envoy's option of the same name and default).
+    pub h2_max_inbound_priority_frames_per_stream: u32,
+    /// `h2_max_inbound_window_update_frames_per_data_frame_sent`: WINDOW_UPDATE frames
+    /// allowed per DATA frame the proxy sent on the connection, beyond 5 + 2 per stream
+    /// opened (Envoy's option of the same name and default).
+    pub h2_max_inbound_window_update_frames_per_data_frame_sent: u32,
+    /// `h2_max_inbound_control_frames`: PING and SETTINGS frames (not acknowledgements)
+    /// allowed on an HTTP/2 connection beyond one per stream opened, one per DATA frame
+    /// sent and one per second of the connection's age.
+    pub h2_max_inbound_control_frames: u32,
 }
 
 impl Default for Config {
@@ -59,6 +80,11 @@ impl Default for Config {
             upstream_mark: None,
             transparent_source: false,
             node: None,
+            path_backslash: Backslash::Reject,
+            headers_with_underscores: Underscores::Reject,
+            h2_max_inbound_priority_frames_per_stream: 100,
+            h2_max_inbound_window_update_frames_per_data_frame_sent: 10,
+            h2_max_inbound_control_frames: 100,
         }
     }
 }
@@ -87,5 +113,13 @@ mod tests {
         assert_eq!(c.upstream_mark, Some(0xb00));
         assert_eq!(c.max_header_size, Config::default().max_header_size);
         assert!(serde_json::from_str::<Config>(r#"{"idle_timeout": 5}"#).is_err());
+        let c: Config = serde_json::from_str(
+            r#"{"path_backslash": "slash", "headers_with_underscores": "drop"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.path_backslash, Backslash::Slash);
+        assert_eq!(c.headers_with_underscores, Underscores::Drop);
+        let bad = serde_json::from_str::<Config>(r#"{"headers_with_underscores": "allow"}"#);
+        assert!(bad.unwrap_err().to_string().contains("unknown variant"));
     }
 }

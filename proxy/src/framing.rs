@@ -6,6 +6,9 @@
 //! length or chunks) and records which request of the connection was ambiguous; the
 //! service answers that request with 400 instead of forwarding it.
 //!
+//! It also records which request's chunked body it saw to be malformed, so that request
+//! is answered 400 before anything of it goes upstream.
+//!
 //! Whenever the tracker is unsure (a head it cannot parse, an upgrade, a malformed
 //! chunk) it stops: hyper's own handling, which is safe, then applies alone.
 
@@ -18,14 +21,35 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Shared between the stream and the service: the number (1-based) of the first request
-/// of the connection that carried both framing headers, or 0.
+/// of the connection that carried both framing headers, of the first whose chunked body
+/// was seen to be malformed, and of the first with more than one Content-Length (0: none).
 #[derive(Debug, Default)]
-pub struct Ambiguous(AtomicU64);
+pub struct Ambiguous {
+    both: AtomicU64,
+    bad_chunks: AtomicU64,
+    repeated_length: AtomicU64,
+}
 
 impl Ambiguous {
     /// Whether request `n` (1-based) of the connection is the ambiguous one.
     pub fn is(&self, n: u64) -> bool {
-        n != 0 && self.0.load(Ordering::Acquire) == n
+        n != 0 && self.both.load(Ordering::Acquire) == n
+    }
+
+    /// Whether request `n` (1-based) has a malformed chunked body (seen so far: bytes
+    /// read with or before the head are known when the request is handled).
+    pub fn bad_chunks(&self, n: u64) -> bool {
+        n != 0 && self.bad_chunks.load(Ordering::Acquire) == n
+    }
+
+    /// Whether request `n` (1-based) carried more than one Content-Length value (several
+    /// fields, or a list), which hyper merges into one when they agree.
+    pub fn repeated_length(&self, n: u64) -> bool {
+        n != 0 && self.repeated_length.load(Ordering::Acquire) == n
+    }
+
+    fn mark(slot: &AtomicU64, n: u64) {
+        let _ = slot.compare_exchange(0, n, Ordering::AcqRel, Ordering::Acquire);
     }
 }
 
@@ -109,6 +133,7 @@ impl Tracker {
                         break;
                     }
                     Err(_) => {
+                        Ambiguous::mark(&self.ambiguous.bad_chunks, self.heads);
                         self.state = State::Off;
                         break;
                     }
@@ -120,6 +145,7 @@ impl Tracker {
                     } else if data.len() < 2 && data == b"\r" {
                         break;
                     } else {
+                        Ambiguous::mark(&self.ambiguous.bad_chunks, self.heads);
                         self.state = State::Off;
                         break;
                     }
@@ -177,24 +203,24 @@ impl Tracker {
         };
         self.heads += 1;
         let mut cl: Option<&[u8]> = None;
+        let mut lengths = 0;
         let mut te = false;
         let mut upgrade = req.method == Some("CONNECT");
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
                 cl = Some(h.value);
+                lengths += 1 + h.value.iter().filter(|&&c| c == b',').count();
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 te = true;
             } else if h.name.eq_ignore_ascii_case("upgrade") {
                 upgrade = true;
             }
         }
+        if lengths > 1 {
+            Ambiguous::mark(&self.ambiguous.repeated_length, self.heads);
+        }
         if te && cl.is_some() {
-            let _ = self.ambiguous.0.compare_exchange(
-                0,
-                self.heads,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+            Ambiguous::mark(&self.ambiguous.both, self.heads);
             self.state = State::Off;
             return None;
         }
@@ -277,7 +303,7 @@ mod tests {
         for c in chunks {
             t.feed(c);
         }
-        (a.0.load(Ordering::Acquire), t.state, t.heads)
+        (a.both.load(Ordering::Acquire), t.state, t.heads)
     }
 
     fn bytewise(all: &[u8]) -> (u64, State, u64) {
@@ -301,6 +327,36 @@ GET /c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\
             b"GET / HTTP/1.1\r\nHost: x\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi";
         assert_eq!(run(&[two]), (0, State::Head, 2));
         assert_eq!(bytewise(two), (0, State::Head, 2));
+    }
+
+    #[test]
+    fn marks_the_request_whose_chunks_are_malformed() {
+        for body in [
+            &b"zz\r\n"[..],
+            b"3\r\nabcXX",
+            b"3\r\nabc\r\nfffffffffffffffffff\r\n",
+        ] {
+            let a = Arc::new(Ambiguous::default());
+            let mut t = Tracker::new(65536, a.clone());
+            t.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nPOST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+            t.feed(body);
+            assert!(a.bad_chunks(2), "{body:?}");
+            assert!(!a.bad_chunks(1));
+        }
+    }
+
+    #[test]
+    fn marks_repeated_content_lengths() {
+        for head in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 1, 1\r\n\r\nx",
+        ] {
+            let a = Arc::new(Ambiguous::default());
+            let mut t = Tracker::new(65536, a.clone());
+            t.feed(b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+            t.feed(head);
+            assert!(a.repeated_length(2) && !a.repeated_length(1));
+        }
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! denied with 403, and writes one audit record per request.
 //!
 //! The path of a connection: [`listener`] -> [`detect`] -> [`server`] (hyper HTTP/1.1 or
-//! h2c) -> [`policy`] (resolved per connection, re-checked per request against the
-//! snapshot generation) -> [`normalize`] -> [`upstream`] -> [`audit`] and [`metrics`].
+//! h2c) -> [`request`] (one normalised form, decided on and forwarded) -> [`policy`]
+//! (resolved per connection, re-checked per request against the snapshot generation) ->
+//! [`upstream`] -> [`audit`] and [`metrics`].
 
 #![forbid(unsafe_code)]
 
@@ -13,11 +14,13 @@ pub mod audit;
 pub mod config;
 pub mod detect;
 pub mod framing;
+pub mod h2budget;
 pub mod idle;
 pub mod listener;
 pub mod metrics;
 pub mod normalize;
 pub mod policy;
+pub mod request;
 pub mod server;
 pub mod upstream;
 
@@ -26,4 +29,4 @@ pub use config::Config;
 pub use listener::{Accepted, FixedListener, Listener, TransparentListener};
 pub use metrics::Metrics;
 pub use policy::{Mode, PolicyStore, Snapshot};
-pub use server::Proxy;
+pub use server::{Decided, Observer, Proxy};

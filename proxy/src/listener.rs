@@ -9,6 +9,17 @@ use std::net::SocketAddr;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The listen backlog: the system's maximum (`net.core.somaxconn` of the network
+/// namespace; the kernel caps any larger value to it), or 4096 when it cannot be read.
+/// Bursts of connections wait in the accept queue instead of being refused.
+pub fn system_backlog() -> i32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(4096)
+}
+
 /// One accepted downstream connection.
 #[derive(Debug)]
 pub struct Accepted {
@@ -58,7 +69,7 @@ impl TransparentListener {
         }
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
-        socket.listen(1024)?;
+        socket.listen(system_backlog())?;
         let inner = TcpListener::from_std(socket.into())?;
         Ok(TransparentListener { inner })
     }
@@ -90,8 +101,18 @@ pub struct FixedListener {
 
 impl FixedListener {
     pub async fn bind(addr: SocketAddr, upstream: SocketAddr) -> io::Result<FixedListener> {
+        let domain = if addr.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
+        let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(system_backlog())?;
         Ok(FixedListener {
-            inner: TcpListener::bind(addr).await?,
+            inner: TcpListener::from_std(socket.into())?,
             upstream,
         })
     }

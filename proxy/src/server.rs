@@ -7,13 +7,13 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
@@ -29,11 +29,12 @@ use crate::audit::{self, AuditLog, Endpoint, Record, Rule, Verdict};
 use crate::config::Config;
 use crate::detect::{detect, HttpVersion};
 use crate::framing::{Ambiguous, Tracked, Tracker};
+use crate::h2budget::{Budgeted, Budgets};
 use crate::idle::IdleTimeout;
 use crate::listener::{Accepted, Listener};
 use crate::metrics::{protocol_name, Metrics};
-use crate::normalize::normalize;
 use crate::policy::{ConnPolicy, Mode, PolicyStore};
+use crate::request;
 use crate::upstream::{BoundH1, Upstream, UpstreamConfig, UpstreamError};
 
 /// The body of every response the proxy sends downstream.
@@ -57,7 +58,34 @@ struct Shared {
     audit: AuditLog,
     metrics: Metrics,
     connections: Arc<Semaphore>,
+    options: request::Options,
+    observer: OnceLock<Watcher>,
 }
+
+/// The installed [`Observer`] (a function has no `Debug`).
+struct Watcher(Observer);
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
+}
+
+/// An allowed request as the decision saw it, just before it is forwarded (the header
+/// actions of the matching rules still to be applied).
+#[derive(Debug)]
+pub struct Decided<'a> {
+    pub method: &'a str,
+    /// `:authority` / Host.
+    pub authority: Option<&'a str>,
+    /// The normalised path with query.
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+    pub actions: &'a [HeaderAction],
+}
+
+/// Sees every allowed request before it is forwarded ([`Proxy::set_observer`]).
+pub type Observer = Arc<dyn Fn(&Decided<'_>) + Send + Sync>;
 
 impl Proxy {
     pub fn new(
@@ -79,8 +107,14 @@ impl Proxy {
             .policy_generation
             .set(i64::try_from(store.generation()).unwrap_or(i64::MAX));
         let connections = Arc::new(Semaphore::new(config.max_connections.max(1)));
+        let options = request::Options {
+            backslash: config.path_backslash,
+            underscores: config.headers_with_underscores,
+        };
         Proxy {
             shared: Arc::new(Shared {
+                options,
+                observer: OnceLock::new(),
                 config,
                 store,
                 mode,
@@ -98,6 +132,13 @@ impl Proxy {
 
     pub fn store(&self) -> &Arc<PolicyStore> {
         &self.shared.store
+    }
+
+    /// Installs a function that sees every allowed request as decided, before it is
+    /// forwarded (tests compare it with what the upstream received). Only the first
+    /// call has an effect; returns whether it was the first.
+    pub fn set_observer(&self, observer: Observer) -> bool {
+        self.shared.observer.set(Watcher(observer)).is_ok()
     }
 
     /// Accepts connections forever (until the task is dropped). At most
@@ -184,7 +225,13 @@ impl Proxy {
                     .await
             }
             HttpVersion::H2c => {
-                let io = TokioIo::new(io);
+                let budgets = Budgets {
+                    priority_per_stream: cfg.h2_max_inbound_priority_frames_per_stream,
+                    window_updates_per_data_frame: cfg
+                        .h2_max_inbound_window_update_frames_per_data_frame_sent,
+                    control: cfg.h2_max_inbound_control_frames,
+                };
+                let io = TokioIo::new(Budgeted::new(io, budgets));
                 hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_concurrent_streams(cfg.max_concurrent_streams)
@@ -272,6 +319,8 @@ struct Facts {
     audit: bool,
     time: SystemTime,
     version: Version,
+    /// A HEAD request: local answers carry no body.
+    head: bool,
     method: String,
     host: String,
     path: String,
@@ -309,64 +358,67 @@ impl Conn {
                 SystemTime::UNIX_EPOCH
             },
             version: req.version(),
+            head: req.method() == Method::HEAD,
             method: String::new(),
             host: String::new(),
             path: String::new(),
             policy,
         };
         if audit {
+            // as sent, for the record of a request refused before it is normalised
             facts.method = req.method().as_str().to_string();
             facts.path = req
                 .uri()
                 .path_and_query()
                 .map(|p| p.as_str().to_string())
                 .unwrap_or_default();
+            facts.host = match req.uri().authority() {
+                Some(a) => a.as_str().to_string(),
+                None => req
+                    .headers()
+                    .get(header::HOST)
+                    .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+                    .unwrap_or_default(),
+            };
         }
 
         // Framing the upstream could read differently than we did: refuse.
+        let h2 = self.version == HttpVersion::H2c;
         let n = self.requests.fetch_add(1, Ordering::AcqRel) + 1;
-        if (self.version == HttpVersion::Http1 && self.ambiguous.is(n))
+        if (!h2 && self.ambiguous.is(n))
             || (req.headers().contains_key(header::TRANSFER_ENCODING)
                 && req.headers().contains_key(header::CONTENT_LENGTH))
         {
             return self.bad_request(&facts, "both Content-Length and Transfer-Encoding");
         }
-        let host = match authority(&req) {
-            Ok(h) => h,
-            Err(why) => return self.bad_request(&facts, why),
+        if !h2 && self.ambiguous.bad_chunks(n) {
+            return self.bad_request(&facts, "malformed chunked body");
+        }
+        if !h2 && self.ambiguous.repeated_length(n) {
+            return self.bad_request(&facts, "more than one Content-Length");
+        }
+        // One representation from here on: what the rules see is what goes upstream.
+        let prepared = match request::prepare(
+            &mut req,
+            h2,
+            &self.shared.options,
+            &facts.policy.rule_headers,
+        ) {
+            Ok(p) => p,
+            Err(why) => return self.bad_request(&facts, &why.to_string()),
+        };
+        let view = View {
+            method: req.method().as_str(),
+            path: req.uri().path_and_query().map_or("/", PathAndQuery::as_str),
+            host: request::authority_of(&req, h2),
+            headers: req.headers(),
         };
         if audit {
-            facts.host = host.clone().unwrap_or_default();
+            facts.host = view.host.unwrap_or_default().to_string();
+            facts.path = view.path.to_string();
         }
-        // the request's own target (shared bytes, no copy) and, when normalising
-        // changed it, the normalised one
-        let raw_path = match req.uri().path_and_query() {
-            Some(p) => p.clone(),
-            None if req.method() == Method::CONNECT => {
-                return self.bad_request(&facts, "CONNECT is not proxied")
-            }
-            None => PathAndQuery::from_static("/"),
-        };
-        let normalized = match normalize(raw_path.as_str()) {
-            Ok(Cow::Borrowed(_)) => None,
-            Ok(Cow::Owned(p)) => Some(p),
-            Err(e) => return self.bad_request(&facts, &e.to_string()),
-        };
-        let path = normalized.as_deref().unwrap_or(raw_path.as_str());
-        if audit {
-            facts.path = path.to_string();
-        }
-
         let t = Instant::now();
-        let decision = snap.model.check_http(
-            &facts.policy.policy,
-            &View {
-                method: req.method().as_str(),
-                path,
-                host: host.as_deref(),
-                headers: req.headers(),
-            },
-        );
+        let decision = snap.model.check_http(&facts.policy.policy, &view);
         self.shared
             .metrics
             .decision
@@ -376,35 +428,33 @@ impl Conn {
         if !decision.allowed {
             let grpc = is_grpc(req.headers());
             let resp = if grpc { grpc_denied() } else { denied() };
+            let resp = headless(&facts, resp);
             self.finish(&facts, Verdict::Denied, resp.status(), &decision, || {
                 decision.reason.to_string()
             });
             return resp;
         }
-
-        // Forward: the normalised request, without hop-by-hop headers, with the
-        // header actions of the rules that matched.
-        let upgrade = is_upgrade(&req);
-        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        if let Some(Watcher(observe)) = self.shared.observer.get() {
+            observe(&Decided {
+                method: view.method,
+                authority: view.host,
+                path: view.path,
+                headers: view.headers,
+                actions: &decision.actions,
+            });
+        }
         // what a tunnel is re-checked against when the policy changes
-        let recheck = upgrade.then(|| Recheck {
-            method: req.method().as_str().to_string(),
-            path: path.to_string(),
-            host: host.clone(),
-            headers: req.headers().clone(),
+        let recheck = prepared.websocket.then(|| Recheck {
+            method: view.method.to_string(),
+            path: view.path.to_string(),
+            host: view.host.map(str::to_string),
+            headers: view.headers.clone(),
         });
-        strip_hop_by_hop(req.headers_mut(), upgrade);
+        let downstream_upgrade = prepared.websocket.then(|| hyper::upgrade::on(&mut req));
+
+        // Forward the request as decided, with the header actions of the rules that
+        // matched.
         apply_actions(req.headers_mut(), &decision.actions);
-        match self.upstream_uri(req.uri(), raw_path, normalized, host.as_deref()) {
-            Ok(Some(u)) => *req.uri_mut() = u,
-            Ok(None) => {}
-            Err(why) => return self.bad_request(&facts, why),
-        }
-        if self.version == HttpVersion::Http1 && !req.headers().contains_key(header::HOST) {
-            if let Some(h) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
-                req.headers_mut().insert(header::HOST, h);
-            }
-        }
         let src = self
             .shared
             .config
@@ -420,16 +470,30 @@ impl Conn {
         };
         let mut resp = match sent {
             Ok(r) => r,
+            Err(e) if e.downstream_body_failed() => {
+                // the head went upstream; the record keeps the rule that allowed it
+                return self.refused(&facts, &decision, &format!("request body: {e}"));
+            }
             Err(e) => return self.upstream_failed(&facts, &decision, &e),
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(down) = downstream_upgrade {
-                let up = hyper::upgrade::on(&mut resp);
-                let watch = recheck.map(|r| (self.clone(), r));
-                tokio::spawn(tunnel(down, up, watch));
+            // only a switch to the WebSocket the request asked for is relayed
+            match downstream_upgrade {
+                Some(down) if switches_to_websocket(&resp) => {
+                    let up = hyper::upgrade::on(&mut resp);
+                    let watch = recheck.map(|r| (self.clone(), r));
+                    tokio::spawn(tunnel(down, up, watch));
+                }
+                _ => {
+                    return self.upstream_failed(
+                        &facts,
+                        &decision,
+                        &UpstreamError::UnaskedSwitch(self.orig_dst),
+                    )
+                }
             }
         } else {
-            strip_hop_by_hop(resp.headers_mut(), false);
+            strip_hop_by_hop(resp.headers_mut());
         }
         let status = resp.status();
         self.finish(&facts, Verdict::Forwarded, status, &decision, || {
@@ -438,72 +502,23 @@ impl Conn {
         resp.map(|b| b.boxed())
     }
 
-    /// The upstream request target: origin-form for HTTP/1.x, absolute for HTTP/2 (its
-    /// authority becomes `:authority`), from the request's target `raw` or the
-    /// normalised one. `None` when the request's own URI `current` is already that (the
-    /// common case: nothing to parse or copy).
-    fn upstream_uri(
-        &self,
-        current: &Uri,
-        raw: PathAndQuery,
-        normalized: Option<String>,
-        host: Option<&str>,
-    ) -> Result<Option<Uri>, &'static str> {
-        let path = match normalized {
-            Some(p) => PathAndQuery::try_from(p).map_err(|_| "invalid request target")?,
-            None => raw,
-        };
-        match self.version {
-            HttpVersion::Http1 => {
-                if current.scheme().is_none()
-                    && current.authority().is_none()
-                    && normalized_is_same(current, &path)
-                {
-                    return Ok(None);
-                }
-                Ok(Some(Uri::from(path)))
-            }
-            HttpVersion::H2c => {
-                let same_authority = match (current.authority(), host) {
-                    (Some(a), Some(h)) => a.as_str() == h,
-                    _ => false,
-                };
-                if same_authority
-                    && current.scheme() == Some(&Scheme::HTTP)
-                    && normalized_is_same(current, &path)
-                {
-                    return Ok(None);
-                }
-                let authority = match host {
-                    Some(h) => h.to_string(),
-                    None => self.orig_dst.to_string(),
-                };
-                Uri::builder()
-                    .scheme("http")
-                    .authority(authority)
-                    .path_and_query(path)
-                    .build()
-                    .map(Some)
-                    .map_err(|_| "invalid request target")
-            }
-        }
+    /// 400 before any decision: the request is malformed or ambiguous.
+    fn bad_request(&self, facts: &Facts, why: &str) -> Response<Body> {
+        self.refused(facts, &L7Decision::default(), why)
     }
 
-    fn bad_request(&self, facts: &Facts, why: &str) -> Response<Body> {
+    /// 400 for a request decided as `d`.
+    fn refused(&self, facts: &Facts, d: &L7Decision, why: &str) -> Response<Body> {
         self.shared.metrics.bad_requests.inc();
-        let mut resp = text(StatusCode::BAD_REQUEST, "Bad request\r\n");
+        let mut resp = headless(facts, text(StatusCode::BAD_REQUEST, "Bad request\r\n"));
         if self.version == HttpVersion::Http1 {
             // the rest of the stream cannot be trusted to be framed as we think
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        self.finish(
-            facts,
-            Verdict::Error,
-            resp.status(),
-            &L7Decision::default(),
-            || format!("bad request: {why}"),
-        );
+        self.finish(facts, Verdict::Error, resp.status(), d, || {
+            format!("bad request: {why}")
+        });
         resp
     }
 
@@ -513,11 +528,14 @@ impl Conn {
             .upstream_errors
             .with_label_values(&[e.kind()])
             .inc();
-        let resp = if e.unreachable() {
-            text(StatusCode::SERVICE_UNAVAILABLE, "Upstream unavailable\r\n")
-        } else {
-            text(StatusCode::BAD_GATEWAY, "Upstream failed\r\n")
-        };
+        let resp = headless(
+            facts,
+            if e.unreachable() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "Upstream unavailable\r\n")
+            } else {
+                text(StatusCode::BAD_GATEWAY, "Upstream failed\r\n")
+            },
+        );
         self.finish(facts, Verdict::Error, resp.status(), d, || e.to_string());
         resp
     }
@@ -600,29 +618,20 @@ fn allowed_info(d: &L7Decision, p: &ConnPolicy) -> String {
     parts.join("; ")
 }
 
-/// Whether `uri`'s path and query are `path`'s.
-fn normalized_is_same(uri: &Uri, path: &PathAndQuery) -> bool {
-    uri.path_and_query().map(PathAndQuery::as_str) == Some(path.as_str())
+/// A local answer to a HEAD request has no body (HTTP/2 would send it as DATA).
+fn headless(f: &Facts, resp: Response<Body>) -> Response<Body> {
+    if !f.head {
+        return resp;
+    }
+    resp.map(|_| Empty::new().map_err(|never| match never {}).boxed())
 }
 
-/// `:authority` (HTTP/2 or an absolute-form target) or the Host header.
-fn authority<B>(req: &Request<B>) -> Result<Option<String>, &'static str> {
-    if let Some(a) = req.uri().authority() {
-        return Ok(Some(a.as_str().to_string()));
-    }
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    let Some(h) = hosts.next() else {
-        if req.version() == Version::HTTP_11 {
-            return Err("HTTP/1.1 request without Host");
-        }
-        return Ok(None);
-    };
-    if hosts.next().is_some() {
-        return Err("more than one Host header");
-    }
-    h.to_str()
-        .map(|s| Some(s.to_string()))
-        .map_err(|_| "Host is not visible ASCII")
+/// Whether a 101 switches to WebSocket (the only upgrade relayed).
+fn switches_to_websocket<B>(resp: &Response<B>) -> bool {
+    let mut upgrades = resp.headers().get_all(header::UPGRADE).iter();
+    let one = upgrades.next();
+    upgrades.next().is_none()
+        && one.is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"))
 }
 
 fn is_grpc(h: &HeaderMap) -> bool {
@@ -631,57 +640,33 @@ fn is_grpc(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes the headers of this hop from a response: the fixed list and whatever
+/// `Connection` names.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
-
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Removes the headers of this hop: the fixed list and whatever `Connection` names.
-/// `te: trailers` stays (gRPC needs it); Upgrade stays on an upgrade request.
-fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        if upgrade && n == header::UPGRADE {
-            continue;
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
         }
+    }
+    for n in [
+        header::CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+    ] {
         h.remove(n);
-    }
-    let te_trailers = h
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    for n in [KEEP_ALIVE, PROXY_CONNECTION, header::PROXY_AUTHORIZATION] {
-        h.remove(n);
-    }
-    h.remove(header::TRANSFER_ENCODING);
-    h.remove(header::TE);
-    if te_trailers {
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-    if upgrade {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        h.remove(header::CONNECTION);
-        h.remove(header::UPGRADE);
     }
 }
 
@@ -830,7 +815,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hop_by_hop_headers_go_and_te_trailers_stays() {
+    fn response_hop_by_hop_headers_go() {
         let mut h = HeaderMap::new();
         h.insert(
             header::CONNECTION,
@@ -838,13 +823,13 @@ mod tests {
         );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
         h.insert("x-end-to-end", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h);
         assert!(h.get("x-secret").is_none());
         assert!(h.get(header::CONNECTION).is_none());
         assert!(h.get("keep-alive").is_none());
-        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert!(h.get(header::UPGRADE).is_none());
         assert_eq!(h.get("x-end-to-end").unwrap(), "1");
     }
 

@@ -44,6 +44,8 @@ pub enum UpstreamError {
     Handshake(SocketAddr, hyper::Error),
     #[error("upstream {0} failed: {1}")]
     Request(SocketAddr, hyper::Error),
+    #[error("upstream {0} switched protocols without a WebSocket request asking for it")]
+    UnaskedSwitch(SocketAddr),
 }
 
 impl UpstreamError {
@@ -52,7 +54,22 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect(..) => "connect",
             UpstreamError::ConnectTimeout(_) => "timeout",
-            UpstreamError::Handshake(..) | UpstreamError::Request(..) => "protocol",
+            UpstreamError::Handshake(..)
+            | UpstreamError::Request(..)
+            | UpstreamError::UnaskedSwitch(_) => "protocol",
+        }
+    }
+
+    /// Whether the request failed because the client's own body broke off or was
+    /// malformed (the proxy read it as it forwarded it): the client's fault, 400.
+    pub fn downstream_body_failed(&self) -> bool {
+        match self {
+            UpstreamError::Request(_, e) => {
+                e.is_user()
+                    && std::error::Error::source(e)
+                        .is_some_and(|s| s.downcast_ref::<hyper::Error>().is_some())
+            }
+            _ => false,
         }
     }
 

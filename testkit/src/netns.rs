@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::thread;
+use std::time::Instant;
 
 use nix::sched::{setns, CloneFlags};
 
@@ -235,7 +236,15 @@ impl Subnet {
 /// on `eth0` and the pod's default route via the gateway. A host prefix (/32, /128) gets
 /// the routes a CNI installs instead of a shared subnet: the pod's address via `veth` in
 /// the node, the gateway on-link in the pod.
-pub fn link_pod(node: &str, veth_name: &str, pod: &str, subnets: &[Subnet]) -> Result<()> {
+///
+/// Returns when the node's first route to the pod was added (None without a host
+/// prefix): the moment a CNI announces the pod, which endpoint discovery reacts to.
+pub fn link_pod(
+    node: &str,
+    veth_name: &str,
+    pod: &str,
+    subnets: &[Subnet],
+) -> Result<Option<Instant>> {
     veth(node, veth_name, pod, "eth0")?;
     for s in subnets {
         addr(node, veth_name, &format!("{}/{}", s.gateway, s.prefix))?;
@@ -245,6 +254,7 @@ pub fn link_pod(node: &str, veth_name: &str, pod: &str, subnets: &[Subnet]) -> R
         addr(pod, "eth0", &format!("{}/{}", s.ip, s.prefix))?;
     }
     ip(pod, &["link", "set", "eth0", "up"])?;
+    let mut routed = None;
     for s in subnets {
         let (pod_ip, gw) = (s.ip.to_string(), s.gateway.to_string());
         if s.is_host() {
@@ -252,9 +262,10 @@ pub fn link_pod(node: &str, veth_name: &str, pod: &str, subnets: &[Subnet]) -> R
                 node,
                 &[s.family(), "route", "add", &pod_ip, "dev", veth_name],
             )?;
+            routed.get_or_insert_with(Instant::now);
             ip(pod, &[s.family(), "route", "add", &gw, "dev", "eth0"])?;
         }
         ip(pod, &[s.family(), "route", "add", "default", "via", &gw])?;
     }
-    Ok(())
+    Ok(routed)
 }

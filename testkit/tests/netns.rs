@@ -4,16 +4,19 @@
 
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use testkit::{link_pod, unique, Netns, Poll, Subnet};
 
-fn pod_link(name: &str, subnets: &[Subnet]) -> (Netns, Netns) {
+/// The node and pod namespaces, and what `link_pod` said about when it routed the pod.
+fn pod_link(name: &str, subnets: &[Subnet]) -> (Netns, Netns, Option<Instant>) {
     testkit::require_root("testkit's namespace tests", "network namespaces");
     let node = Netns::new(unique(&format!("ward-testkit-{name}-node"))).unwrap();
     let pod = Netns::new(unique(&format!("ward-testkit-{name}-pod"))).unwrap();
-    link_pod(node.name(), "veth1", pod.name(), subnets).unwrap();
-    (node, pod)
+    let before = Instant::now();
+    let routed = link_pod(node.name(), "veth1", pod.name(), subnets).unwrap();
+    assert!(routed.is_none_or(|t| t >= before && t <= Instant::now()));
+    (node, pod, routed)
 }
 
 /// A TCP connect from the pod to a listener on the node side's address.
@@ -37,7 +40,11 @@ fn a_pod_on_a_subnet_reaches_its_gateway_and_its_namespaces_go_with_it() {
             prefix: 64,
         },
     ];
-    let (node, pod) = pod_link("subnet", &subnets);
+    let (node, pod, routed) = pod_link("subnet", &subnets);
+    assert_eq!(
+        routed, None,
+        "a shared subnet: no route to the pod in the node"
+    );
     assert!(connects(&node, &pod, "10.79.1.1"));
     assert!(connects(&node, &pod, "fd79:1::1"), "nodad: usable at once");
     // closures and commands run in the namespace: the pod's address is theirs alone
@@ -70,7 +77,11 @@ fn a_pod_with_host_prefixes_gets_the_routes_a_cni_installs() {
             prefix: 128,
         },
     ];
-    let (node, pod) = pod_link("host", &subnets);
+    let (node, pod, routed) = pod_link("host", &subnets);
+    assert!(
+        routed.is_some(),
+        "the node's host routes: when the first was added"
+    );
     assert!(connects(&node, &pod, "10.79.2.1"));
     assert!(connects(&node, &pod, "fd79:2::1"));
     let routes = testkit::output(node.exec("ip").args(["-6", "route", "show"])).unwrap();

@@ -20,6 +20,12 @@ pub fn cases() -> PathBuf {
     copy_dir().join("cases")
 }
 
+/// The case folders run in full on the policy model, the datapath and the lab: `cases/`
+/// and, beside it, the additions that Ward implements (`cases-calico/`).
+pub fn case_folders() -> Vec<PathBuf> {
+    vec![cases(), copy_dir().join("cases-calico")]
+}
+
 /// `../shared/conformance`, when it is there.
 pub fn shared_dir() -> Option<PathBuf> {
     let p = root().join("../shared/conformance");

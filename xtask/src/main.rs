@@ -18,10 +18,11 @@ tasks:
                   what it needs, builds the eBPF object, ward and ward-lab, runs
                   `target/release/ward-lab ARGS`
                   (default: the deploy/lab scenario: up, check, down)
-  lab-cases       `ward-lab run-case` over conformance/cases (root)
+  lab-cases       `ward-lab run-case` over conformance/cases and cases-calico (root)
   test [--no-lab] build the eBPF object, format check, clippy (-D warnings), all tests,
-                  the conformance suite on the policy model, then `lab` and `lab-cases`
-                  (the default scenario and every conformance case on the real datapath)
+                  the conformance suite on the policy model, then `lab` (deploy/lab and
+                  deploy/lab-calico) and `lab-cases` (every conformance case on the real
+                  datapath)
   build-ebpf      install the eBPF toolchain when missing (nightly, rust-src, bpf-linker)
                   and build the datapath's eBPF object into target/bpf
   demo            a quick look without root: the conformance cases on the policy model and
@@ -207,7 +208,9 @@ fn lab(args: &[String]) -> Result {
 
 fn lab_cases() -> Result {
     let lab = build_lab("lab-cases")?;
-    run(Command::new(lab).arg("run-case").arg(cases::cases()))
+    run(Command::new(lab)
+        .arg("run-case")
+        .args(cases::case_folders()))
 }
 
 fn test(with_lab: bool) -> Result {
@@ -244,9 +247,10 @@ fn test(with_lab: bool) -> Result {
     run(&mut release_build(&["ward"]))?;
     run(Command::new(root().join("target/release/ward"))
         .args(["conformance", "run"])
-        .arg(cases::cases()))?;
+        .args(cases::case_folders()))?;
     if with_lab {
         lab(&[])?;
+        lab(&["deploy/lab-calico".to_string()])?;
         lab_cases()?;
     }
     Ok(())
@@ -308,7 +312,9 @@ fn ensure_cargo_fuzz() -> Result {
 const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("policy", "fuzz"),
     ("http1", "proxy/fuzz"),
+    ("h2", "proxy/fuzz"),
     ("handle", "dns-proxy/fuzz"),
+    ("answer", "dns-proxy/fuzz"),
 ];
 
 fn fuzz(target: Option<&str>, seconds: Option<&str>) -> Result {

@@ -525,6 +525,7 @@ pub fn translate_rule(
         subject: subject?,
         default_deny,
         rules,
+        calico: None,
     })
 }
 
@@ -638,6 +639,8 @@ impl RuleCtx<'_> {
             peers,
             ports,
             path: path.to_string(),
+            subject_filter: None,
+            not_ports: Vec::new(),
         })
     }
 
@@ -717,6 +720,8 @@ impl RuleCtx<'_> {
             peers,
             ports,
             path: path.to_string(),
+            subject_filter: None,
+            not_ports: Vec::new(),
         })
     }
 

@@ -10,8 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use http::HeaderName;
 use policy_model::compile::IpOwner;
 use policy_model::flow::{ConnectionPolicy, SideDecision, SidePolicy};
+use policy_model::l7::L7Rules;
 use policy_model::{Direction, Model, Protocol};
 
 /// One compiled model with its generation (strictly increasing per store). The model is
@@ -95,6 +97,9 @@ pub struct ConnPolicy {
     pub direction: Direction,
     pub source: Peer,
     pub destination: Peer,
+    /// Every header name (lower case) the connection's HTTP rules look at (`headers`,
+    /// `headerMatches`): a `Connection` option may not remove these.
+    pub rule_headers: Vec<HeaderName>,
 }
 
 /// What the snapshot knows of one side of a connection.
@@ -158,12 +163,40 @@ impl Mode {
         };
         ConnPolicy {
             generation: snap.generation,
+            rule_headers: rule_headers(m, &policy),
             policy: Arc::new(policy),
             direction,
             source: describe(m, peer, node),
             destination: describe(m, orig_dst, node),
         }
     }
+}
+
+/// The header names the HTTP rules of `p` name, once each.
+fn rule_headers(m: &Model, p: &ConnectionPolicy) -> Vec<HeaderName> {
+    let mut out: Vec<HeaderName> = Vec::new();
+    for side in &p.sides {
+        let SideDecision::Rules { sets, .. } = &side.decision else {
+            continue;
+        };
+        for s in sets {
+            let Some(L7Rules::Http(rules)) = m.l7.get(s.l7 as usize).map(|set| &set.rules) else {
+                continue;
+            };
+            for r in rules {
+                let names = r.headers.iter().map(|h| h.name.as_str());
+                let matches = r.header_matches.iter().map(|h| h.name.as_str());
+                for n in names.chain(matches) {
+                    if let Ok(n) = HeaderName::from_bytes(n.as_bytes()) {
+                        if !out.contains(&n) {
+                            out.push(n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 fn describe(m: &Model, addr: SocketAddr, node: Option<&str>) -> Peer {

@@ -3,10 +3,11 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -112,10 +113,20 @@ impl Upstream {
     }
 }
 
+/// The recording upstreams of this test binary by address, so a proxy started in front
+/// of one can compare what it decided with what the upstream received.
+type Registry = Mutex<HashMap<SocketAddr, Arc<Mutex<Vec<Seen>>>>>;
+
+fn registry() -> &'static Registry {
+    static R: OnceLock<Registry> = OnceLock::new();
+    R.get_or_init(Mutex::default)
+}
+
 pub async fn upstream() -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    registry().lock().unwrap().insert(addr, seen.clone());
     let s = seen.clone();
     tokio::spawn(async move {
         loop {
@@ -229,11 +240,149 @@ impl Body for TestBody {
 }
 
 /// A running proxy in standalone mode in front of `upstream`, for default/web ingress
-/// on port 80.
+/// on port 80. When it is dropped at the end of a test (that did not fail otherwise), and
+/// the upstream is a recording one, every request the upstream received is checked
+/// against the requests the proxy allowed ([`check_upstream_saw_decisions`]).
 pub struct Running {
     pub addr: SocketAddr,
     pub proxy: Proxy,
     pub audit: mpsc::Receiver<Record>,
+    /// Every allowed request as the decision saw it.
+    pub decided: Arc<Mutex<Vec<DecidedCopy>>>,
+    upstream_seen: Option<Arc<Mutex<Vec<Seen>>>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        if let Some(seen) = &self.upstream_seen {
+            let seen = seen.lock().unwrap().clone();
+            let decided = self.decided.lock().unwrap().clone();
+            if let Err(e) = check_upstream_saw_decisions(&decided, &seen) {
+                panic!("{e}");
+            }
+        }
+    }
+}
+
+/// An allowed request as the proxy decided on it ([`proxy::Decided`], owned).
+#[derive(Clone, Debug)]
+pub struct DecidedCopy {
+    pub method: String,
+    pub authority: Option<String>,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub actions: Vec<policy_model::http::HeaderAction>,
+}
+
+/// Headers the upstream may see that the decision did not: the framing the proxy's
+/// HTTP client writes for the body it forwards.
+fn framing_header(name: &http::HeaderName, value: &http::HeaderValue, s: &Seen) -> bool {
+    (name == http::header::TRANSFER_ENCODING && value == "chunked")
+        || (name == http::header::CONTENT_LENGTH
+            && value.to_str().ok() == Some(s.body.len().to_string().as_str()))
+}
+
+/// The decision's headers with the rules' header actions applied, as the proxy does.
+fn expected_headers(d: &DecidedCopy) -> HeaderMap {
+    use policy_model::http::HeaderAction;
+    let mut h = d.headers.clone();
+    for a in &d.actions {
+        match a {
+            HeaderAction::Add { name, value } => {
+                h.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    value.parse().unwrap(),
+                );
+            }
+            HeaderAction::Delete { name } => {
+                h.remove(name.as_str());
+            }
+            HeaderAction::Replace { name, value } => {
+                h.insert(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    value.parse().unwrap(),
+                );
+            }
+        }
+    }
+    h
+}
+
+/// Why `s` (received upstream) is not the request `d` the decision saw, or None.
+fn differs(d: &DecidedCopy, s: &Seen) -> Option<String> {
+    if d.method != s.method {
+        return Some(format!("method {} vs {}", d.method, s.method));
+    }
+    let uri: http::Uri = s.uri.parse().unwrap();
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    if d.path != path {
+        return Some(format!("path {} vs {path}", d.path));
+    }
+    let authority = if s.version == http::Version::HTTP_2 {
+        if s.headers.contains_key("host") {
+            return Some("a host header beside :authority".into());
+        }
+        uri.authority().map(|a| a.as_str().to_string())
+    } else {
+        let hosts: Vec<_> = s.headers.get_all("host").iter().collect();
+        if hosts.len() > 1 {
+            return Some(format!("several Host headers {hosts:?}"));
+        }
+        hosts.first().map(|h| h.to_str().unwrap().to_string())
+    };
+    if d.authority != authority {
+        return Some(format!("authority {:?} vs {authority:?}", d.authority));
+    }
+    let want = expected_headers(d);
+    for name in want.keys() {
+        let a: Vec<_> = want.get_all(name).iter().collect();
+        let b: Vec<_> = s.headers.get_all(name).iter().collect();
+        if a != b {
+            return Some(format!("header {name}: decided {a:?}, received {b:?}"));
+        }
+    }
+    for (name, value) in &s.headers {
+        if !want.contains_key(name) && !framing_header(name, value, s) {
+            return Some(format!("header {name}: {value:?} was not in the decision"));
+        }
+    }
+    None
+}
+
+/// Every request the upstream received is one the proxy allowed, exactly as the
+/// decision saw it: method, authority, path and every header (after the rules' own
+/// header actions), nothing added but body framing. Each decision accounts for at most
+/// one received request.
+pub fn check_upstream_saw_decisions(decided: &[DecidedCopy], seen: &[Seen]) -> Result<(), String> {
+    let mut used = vec![false; decided.len()];
+    for s in seen {
+        let mut why = Vec::new();
+        let found = decided.iter().enumerate().position(|(i, d)| {
+            if used[i] {
+                return false;
+            }
+            match differs(d, s) {
+                None => true,
+                Some(w) => {
+                    why.push(w);
+                    false
+                }
+            }
+        });
+        match found {
+            Some(i) => used[i] = true,
+            None => {
+                return Err(format!(
+                    "the upstream received {} {} {:?} that no decision saw: {why:?}",
+                    s.method, s.uri, s.headers
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 pub async fn start_proxy(upstream: SocketAddr, policy: &str) -> Running {
@@ -250,13 +399,31 @@ pub async fn start_proxy_with(upstream: SocketAddr, policy: &str, config: Config
         port: Some(80),
     };
     let proxy = Proxy::new(config, store, mode, audit_log, metrics);
+    let decided: Arc<Mutex<Vec<DecidedCopy>>> = Arc::default();
+    let record = decided.clone();
+    proxy.set_observer(Arc::new(move |d: &proxy::Decided<'_>| {
+        record.lock().unwrap().push(DecidedCopy {
+            method: d.method.to_string(),
+            authority: d.authority.map(str::to_string),
+            path: d.path.to_string(),
+            headers: d.headers.clone(),
+            actions: d.actions.to_vec(),
+        });
+    }));
     let listener = FixedListener::bind("127.0.0.1:0".parse().unwrap(), upstream)
         .await
         .unwrap();
     let addr = proxy::Listener::local_addr(&listener).unwrap();
     let p = proxy.clone();
     tokio::spawn(async move { p.serve(listener).await });
-    Running { addr, proxy, audit }
+    let upstream_seen = registry().lock().unwrap().get(&upstream).cloned();
+    Running {
+        addr,
+        proxy,
+        audit,
+        decided,
+        upstream_seen,
+    }
 }
 
 /// An HTTP/1.1 client on one connection.
@@ -344,3 +511,5 @@ pub async fn next_record(rx: &mut mpsc::Receiver<Record>) -> Record {
         .expect("no audit record within 5 s")
         .expect("audit channel closed")
 }
+
+pub mod h2raw;
