@@ -368,10 +368,10 @@ fn a_stalled_audit_reader_costs_records_not_requests() {
             }
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut bytes = Vec::new();
     while (bytes.iter().filter(|&&b| b == b'\n').count() as u64) + dropped < REQUESTS {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
         match chunks.recv_timeout(left) {
             Ok(chunk) => bytes.extend_from_slice(&chunk),
             Err(_) => panic!(
