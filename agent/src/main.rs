@@ -53,8 +53,9 @@ enum Command {
     },
     /// Summarise a running agent: readiness, endpoints, policy errors, FQDN cache, drops.
     Status(cmd::status::StatusArgs),
-    /// Show a running agent's drop events and proxy audit records as one timeline.
-    Observe(cmd::status::ObserveArgs),
+    /// Show the drops and proxy records of running agents as one timeline, filtered as
+    /// `hubble observe` filters flows.
+    Observe(Box<cmd::observe::ObserveArgs>),
 }
 
 fn main() -> ExitCode {
@@ -73,7 +74,7 @@ fn main() -> ExitCode {
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| anyhow::anyhow!("cannot write the CRDs into {}: {e}", dir.display())),
         Command::Status(args) => cmd::status::status(args),
-        Command::Observe(args) => cmd::status::observe(args),
+        Command::Observe(args) => cmd::observe::run(*args),
     };
     match result {
         Ok(code) => code,

@@ -98,6 +98,10 @@ pub enum Event {
     Dns(audit::dns::Record),
     /// A follower fell behind: this many events were not sent to it.
     Lost { events: u64 },
+    /// A follower has been sent every recent event; what follows happens from now on.
+    /// (Clients that do not know it skip the line.)
+    #[serde(rename = "caught_up")]
+    CaughtUp,
 }
 
 pub use audit::drop::{Peer, Record as Drop};
@@ -128,7 +132,7 @@ impl Event {
                 audit::dns::Source::Endpoint(p) => vec![p.as_str()],
                 audit::dns::Source::Address(_) => Vec::new(),
             },
-            Event::Lost { .. } => Vec::new(),
+            Event::Lost { .. } | Event::CaughtUp => Vec::new(),
         }
     }
 
@@ -138,7 +142,7 @@ impl Event {
             Event::Drop(d) => d.verdict.to_lowercase(),
             Event::Http(r) => r.verdict.as_str().into(),
             Event::Dns(r) => r.verdict.as_str().into(),
-            Event::Lost { .. } => String::new(),
+            Event::Lost { .. } | Event::CaughtUp => String::new(),
         }
     }
 
@@ -190,6 +194,7 @@ impl Event {
                 r.reason,
             ),
             Event::Lost { events } => format!("(lost {events} events)"),
+            Event::CaughtUp => "(caught up; following)".into(),
         }
     }
 }

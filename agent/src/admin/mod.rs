@@ -157,6 +157,10 @@ impl Admin {
             if !follow {
                 return;
             }
+            let mark = serde_json::to_string(&api::Event::CaughtUp).unwrap_or_default();
+            if tx.send(Bytes::from(format!("{mark}\n"))).await.is_err() {
+                return;
+            }
             loop {
                 match sub.recv().await {
                     Ok(l) => {
