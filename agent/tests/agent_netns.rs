@@ -1356,3 +1356,192 @@ fn a_policy_change_stops_established_connections_it_denies() {
         "{metrics}"
     );
 }
+
+/// `ward observe ARGS` against the lab's agent (from outside its namespace): its stdout
+/// lines, after checking it succeeded.
+fn observe(lab: &Lab, args: &[&str]) -> Vec<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_ward"))
+        .args(["observe", "--netns", &lab.node])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ward observe {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn json_lines(lines: &[String]) -> Vec<serde_json::Value> {
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+/// A denied connection and two HTTP requests (one denied) through the real agent, then
+/// `ward observe` with Hubble's filters and printers: each filter keeps exactly the
+/// records it names, a drop names the policy decision, several agents merge, and
+/// `--follow` prints what happens after it started.
+#[test]
+fn observe_filters_a_real_agent_s_drops_and_requests() {
+    let mut lab = Lab::new("obs");
+    lab.start_agent();
+    assert!(!lab.connects(SERVER, 8081, DENIED), "8081 is denied");
+    assert_eq!(lab.curl(&format!("http://{SERVER}/v1/x")).0, "200");
+    assert_eq!(lab.curl(&format!("http://{SERVER}/admin")).0, "403");
+    wait_for("the drop and both requests", Duration::from_secs(5), || {
+        let all = observe(&lab, &["-o", "json"]).join("\n");
+        all.contains("\"type\":\"drop\"") && all.contains("/v1/x") && all.contains("/admin")
+    });
+
+    // DROPPED: the datapath's drop and the proxy's denial, nothing forwarded
+    let dropped = json_lines(&observe(
+        &lab,
+        &["--verdict", "DROPPED", "-o", "json", "--last", "10"],
+    ));
+    assert!(!dropped.is_empty() && dropped.len() <= 10, "{dropped:?}");
+    assert!(
+        dropped
+            .iter()
+            .all(|v| v["type"] == "drop" || v["Verdict"] == "Denied"),
+        "{dropped:?}"
+    );
+    let drop = dropped
+        .iter()
+        .find(|v| v["type"] == "drop" && v["destination"]["port"] == 8081)
+        .unwrap_or_else(|| panic!("the drop to 8081: {dropped:?}"));
+    assert_eq!(drop["node"], "n1");
+    assert_eq!(drop["destination"]["pod"], "app/server");
+    let why = drop["explanation"].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("ingress of app/server: denied at L4: default deny: selected by CiliumNetworkPolicy app/server-ingress"),
+        "the trace's words: {drop}"
+    );
+    assert!(
+        dropped.iter().any(|v| v["HTTP"]["Path"] == "/admin"),
+        "{dropped:?}"
+    );
+    assert!(
+        !dropped.iter().any(|v| v["HTTP"]["Path"] == "/v1/x"),
+        "{dropped:?}"
+    );
+    // the lower-case name of today's flag is the same verdict
+    assert_eq!(
+        observe(&lab, &["--verdict", "denied", "-o", "json", "--last", "10"]).len(),
+        dropped.len()
+    );
+
+    // L7 by path (a regular expression), by method, and the forwarded ones
+    let l7 = json_lines(&observe(
+        &lab,
+        &["--type", "l7", "--http-path", "^/v1/", "-o", "json"],
+    ));
+    assert_eq!(l7.len(), 1, "{l7:?}");
+    assert_eq!(l7[0]["HTTP"]["Path"], "/v1/x");
+    assert_eq!(l7[0]["Verdict"], "Forwarded");
+    let forwarded = observe(&lab, &["--verdict", "FORWARDED", "--type", "http"]);
+    assert!(
+        forwarded.len() == 1
+            && forwarded[0].contains("http-request FORWARDED (HTTP/1.1 GET http://"),
+        "{forwarded:?}"
+    );
+    assert!(observe(&lab, &["--verdict", "FORWARDED", "--type", "drop"]).is_empty());
+    assert!(observe(&lab, &["--http-method", "POST"]).is_empty());
+
+    // the compact line of the drop, by destination pod and port
+    let lines = observe(&lab, &["--to-pod", "app/server", "--port", "8081"]);
+    assert!(
+        lines.iter().any(|l| l.contains(&format!("-> app/server:8081"))
+            && l.contains("drop DROPPED (TCP, policy_default_deny, ingress): ingress of app/server: denied at L4")),
+        "{lines:?}"
+    );
+    assert!(
+        observe(&lab, &["--from-pod", "app/server", "--type", "drop"]).is_empty(),
+        "the server sent nothing that was dropped"
+    );
+    assert!(observe(&lab, &["--namespace", "other"]).is_empty());
+    assert!(observe(
+        &lab,
+        &[
+            "--since",
+            "2000-01-01T00:00:00Z",
+            "--until",
+            "2000-01-02T00:00:00Z"
+        ]
+    )
+    .is_empty());
+
+    // Hubble's flow shape
+    let pb = json_lines(&observe(
+        &lab,
+        &[
+            "-o",
+            "jsonpb",
+            "--type",
+            "drop",
+            "--to-port",
+            "8081",
+            "--last",
+            "1",
+        ],
+    ));
+    assert_eq!(pb.len(), 1, "{pb:?}");
+    assert_eq!(pb[0]["flow"]["verdict"], "DROPPED");
+    assert_eq!(pb[0]["flow"]["destination"]["pod_name"], "server");
+    assert_eq!(pb[0]["flow"]["l4"]["TCP"]["destination_port"], 8081);
+
+    // two agents (here the same one twice): merged, every record from each
+    let once = observe(&lab, &["--type", "drop", "-o", "json"]).len();
+    let twice = observe(
+        &lab,
+        &["--netns", &lab.node, "--type", "drop", "-o", "json"],
+    )
+    .len();
+    assert_eq!(twice, 2 * once);
+
+    // --follow with --last 0: nothing of what the agent holds, then the new drops
+    let started = std::time::SystemTime::now();
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_ward"))
+        .args([
+            "observe", "--netns", &lab.node, "-f", "--last", "0", "-o", "json",
+        ])
+        .args(["--type", "drop", "--to-port", "8081"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout).lines() {
+            let Ok(l) = l else { return };
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    // the follower prints nothing until a new drop comes: send drops until one is printed
+    let mut got = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.is_none() && Instant::now() < deadline {
+        assert!(!lab.connects(SERVER, 8081, Duration::from_millis(300)));
+        got = rx.recv_timeout(Duration::from_millis(500)).ok();
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let got = got.expect("a new drop printed by the follower");
+    let v: serde_json::Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(v["type"], "drop");
+    assert_eq!(v["destination"]["port"], 8081);
+    let at = humantime::parse_rfc3339_weak(v["time"].as_str().unwrap()).unwrap();
+    assert!(
+        at >= started,
+        "a drop from after the follower started: {got}"
+    );
+}

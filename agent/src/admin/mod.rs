@@ -467,6 +467,15 @@ mod tests {
             e.line()
         );
         assert!(stream.next().await.unwrap().is_none(), "follow=false ends");
+        // following: the recent events, then the mark that what follows is new
+        let mut stream = client.events(true).await.unwrap();
+        let first = stream.next().await.unwrap().expect("the drop event");
+        assert!(matches!(first, api::Event::Drop(_)), "{first:?}");
+        let mark = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(mark, Some(api::Event::CaughtUp));
 
         let missing = client
             .get_json::<api::PodPolicy>("/v1/policy/app/nope")
