@@ -99,6 +99,19 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// `ward observe` against every agent of a running lab at once (their records merged
+    /// by time); ARGS are ward observe's (`-f`, `--verdict DROPPED`, `--pod NS/POD`, ...).
+    Observe {
+        /// Lab id (default: the newest lab).
+        #[arg(long)]
+        id: Option<String>,
+        /// The `ward` binary to run (default: `ward` beside ward-lab, else on PATH).
+        #[arg(long, value_name = "PATH")]
+        ward: Option<PathBuf>,
+        /// Arguments for `ward observe`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Remove a lab (default: the newest), or with --all every lab's leftovers.
     Down {
         #[arg(long)]
@@ -192,6 +205,15 @@ fn dispatch(args: LabArgs) -> Result<ExitCode> {
                 status.code().unwrap_or(1).clamp(0, 255) as u8
             ))
         }
+        Some(Command::Observe { id, ward, args }) => {
+            let state = lab::find_lab(id.as_deref())?;
+            let status = observe_command(&state, &lab::ward_binary(ward.as_deref())?, &args)?
+                .status()
+                .context("cannot run ward observe")?;
+            Ok(ExitCode::from(
+                status.code().unwrap_or(1).clamp(0, 255) as u8
+            ))
+        }
         Some(Command::Down { id, all }) => {
             lab::require_root()?;
             if all {
@@ -213,6 +235,28 @@ fn dispatch(args: LabArgs) -> Result<ExitCode> {
         Some(Command::Serve(a)) => serve::run(a).map(|()| ExitCode::SUCCESS),
         Some(Command::Probe(a)) => client::run(a).map(|()| ExitCode::SUCCESS),
     }
+}
+
+/// `ward observe` on every agent of the lab: one `--netns` per node (every agent listens
+/// on the same admin address inside its node's namespace), then the user's arguments.
+fn observe_command(
+    state: &LabState,
+    ward: &Path,
+    args: &[String],
+) -> Result<std::process::Command> {
+    if !state.agents || state.nodes.is_empty() {
+        bail!(
+            "lab {} runs no agents (it was started with --no-agent)",
+            state.id
+        );
+    }
+    let mut cmd = std::process::Command::new(ward);
+    cmd.arg("observe");
+    for n in &state.nodes {
+        cmd.args(["--netns", &n.netns]);
+    }
+    cmd.args(args);
+    Ok(cmd)
 }
 
 /// `verbose` for a lab a person watches; `lookups` when no `check` follows right away.
