@@ -131,6 +131,8 @@ const TEST_PACKAGES: &[&str] = &[
     // the lab tests (lab/tests/lab.rs): ip, sysctl in namespaces
     "iproute2",
     "procps",
+    // `ward policy show --graph svg` runs graphviz's dot (agent/tests/cli.rs)
+    "graphviz",
 ];
 
 /// Installs missing Debian packages non-interactively.
