@@ -1545,3 +1545,54 @@ fn observe_filters_a_real_agent_s_drops_and_requests() {
         "a drop from after the follower started: {got}"
     );
 }
+
+/// `ward policy show` asks the running agent: the policy it enforces, the same listing
+/// as from files.
+#[test]
+fn policy_show_asks_the_running_agent() {
+    let mut lab = Lab::new("show");
+    lab.start_agent();
+    let bin = env!("CARGO_BIN_EXE_ward");
+    let (ok, out) = output(&[bin, "policy", "show", "--netns", &lab.node, "app/server"]);
+    assert!(ok, "{out}");
+    for line in [
+        "  ingress: isolated (default deny) by CiliumNetworkPolicy app/server-ingress",
+        "    CiliumNetworkPolicy app/server-ingress [namespace, default deny]",
+        "        spec.ingress[1].toPorts[0].rules.http[0]: method=GET path=/v1/.*",
+        "  egress: not isolated: no policy selects it for egress; everything allowed",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line:?} not in:\n{out}");
+    }
+    let (ok, out) = output(&[
+        bin,
+        "policy",
+        "show",
+        "--netns",
+        &lab.node,
+        "-n",
+        "app",
+        "-l",
+        "app in (client,dns)",
+        "-o",
+        "json",
+    ]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let pods: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["endpoint"].as_str().unwrap())
+        .collect();
+    assert_eq!(pods, vec!["app/client", "app/dns"]);
+    let o = Command::new(bin)
+        .args(["policy", "show", "--netns", &lab.node, "app/nope"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no pod app/nope"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

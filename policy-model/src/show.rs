@@ -187,7 +187,35 @@ fn requirement(part: &str) -> Result<Requirement, String> {
     Ok(Requirement::Exists(key(part)?))
 }
 
+/// Which pods to show: one by name, or those of a namespace (every namespace when None)
+/// whose labels match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// `namespace/pod`.
+    pub pod: Option<String>,
+    pub namespace: Option<String>,
+    pub labels: LabelQuery,
+}
+
+/// A selection that names a pod the cluster does not have.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("no pod {0} in the cluster (expected NAMESPACE/POD)")]
+pub struct NoSuchPod(pub String);
+
 impl Model {
+    /// What the policies say about every pod of the selection.
+    pub fn show_selection(&self, s: &Selection) -> Result<Vec<EndpointView>, NoSuchPod> {
+        if let Some(p) = &s.pod {
+            let ep = self.pod_endpoint(p).ok_or_else(|| NoSuchPod(p.clone()))?;
+            return Ok(vec![self.show(ep)]);
+        }
+        Ok(self
+            .select_pods(s.namespace.as_deref(), &s.labels)
+            .into_iter()
+            .map(|ep| self.show(ep))
+            .collect())
+    }
+
     /// The pods of `namespace` (every namespace when None) whose labels match `labels`,
     /// in the cluster's order.
     pub fn select_pods(

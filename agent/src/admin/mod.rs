@@ -90,6 +90,7 @@ impl Admin {
             "/v1/endpoints" => json_resp(StatusCode::OK, &self.policy.borrow().endpoints),
             "/v1/fqdn" => json_resp(StatusCode::OK, &self.policy.borrow().learned),
             "/v1/events" => self.events(!query.split('&').any(|kv| kv == "follow=false")),
+            "/v1/show" => self.show(query),
             p if p.starts_with("/v1/policy/") => {
                 let pod = p.trim_start_matches("/v1/policy/");
                 let model = self.policy.borrow().model.clone();
@@ -140,6 +141,34 @@ impl Admin {
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
             map_entries: s.map_entries,
+        }
+    }
+
+    /// `GET /v1/show?pod=NS/POD` or `?namespace=NS&selector=SEL` (each optional): what
+    /// the policies say about the selected pods (`ward policy show --admin`).
+    fn show(&self, query: &str) -> Response<RespBody> {
+        let mut sel = policy_model::show::Selection::default();
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            match &*k {
+                "pod" => sel.pod = Some(v.into_owned()),
+                "namespace" => sel.namespace = Some(v.into_owned()),
+                "selector" => match policy_model::show::LabelQuery::parse(&v) {
+                    Ok(q) => sel.labels = q,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+                },
+                other => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("unknown parameter {other:?} (pod, namespace, selector)"),
+                    )
+                }
+            }
+        }
+        let model = self.policy.borrow().model.clone();
+        match model.map(|m| m.show_selection(&sel)) {
+            None => unavailable(),
+            Some(Ok(views)) => json_resp(StatusCode::OK, &views),
+            Some(Err(e)) => error(StatusCode::NOT_FOUND, e.to_string()),
         }
     }
 
@@ -223,6 +252,10 @@ fn json_resp(code: StatusCode, v: &impl Serialize) -> Response<RespBody> {
         http::HeaderValue::from_static("application/json"),
     );
     r
+}
+
+fn error(code: StatusCode, error: String) -> Response<RespBody> {
+    json_resp(code, &api::Error { error })
 }
 
 fn unavailable() -> Response<RespBody> {
@@ -488,5 +521,30 @@ mod tests {
         );
         let pod: api::PodPolicy = client.get_json("/v1/policy/app/web").await.unwrap();
         assert_eq!(pod.pod, "app/web");
+        let shown: Vec<policy_model::show::EndpointView> = client
+            .get_json("/v1/show?namespace=app&selector=")
+            .await
+            .unwrap();
+        assert_eq!(shown.len(), 1);
+        assert_eq!(shown[0].endpoint, "app/web");
+        assert!(!shown[0].ingress.isolated, "no policy: {shown:?}");
+        let bad = client
+            .get_json::<Vec<policy_model::show::EndpointView>>("/v1/show?selector=a%20b%3Dc")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("400") && bad.contains("not a label key"),
+            "{bad}"
+        );
+        let missing = client
+            .get_json::<Vec<policy_model::show::EndpointView>>("/v1/show?pod=app%2Fnope")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("404") && missing.contains("no pod app/nope"),
+            "{missing}"
+        );
     }
 }

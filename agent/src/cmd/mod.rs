@@ -4,4 +4,5 @@ pub mod dns_proxy;
 pub mod observe;
 pub mod policy;
 pub mod proxy;
+pub mod show;
 pub mod status;

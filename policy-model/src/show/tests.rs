@@ -186,6 +186,35 @@ fn label_queries_select_pods_as_kubectl_does() {
     assert!(pods(None, "app=api").contains(&"production/api".to_string()));
     assert!(pods(Some("nowhere"), "").is_empty());
 
+    let by_name = Selection {
+        pod: Some("production/api".into()),
+        ..Selection::default()
+    };
+    assert_eq!(
+        m.show_selection(&by_name).unwrap()[0].endpoint,
+        "production/api"
+    );
+    let missing = Selection {
+        pod: Some("production/nope".into()),
+        ..Selection::default()
+    };
+    assert_eq!(
+        m.show_selection(&missing).unwrap_err().to_string(),
+        "no pod production/nope in the cluster (expected NAMESPACE/POD)"
+    );
+    let by_labels = Selection {
+        namespace: Some("production".into()),
+        labels: LabelQuery::parse("tier=backend").unwrap(),
+        ..Selection::default()
+    };
+    let shown: Vec<String> = m
+        .show_selection(&by_labels)
+        .unwrap()
+        .into_iter()
+        .map(|v| v.endpoint)
+        .collect();
+    assert_eq!(shown, vec!["production/api", "production/payments"]);
+
     let labels: BTreeMap<String, String> = [("app".to_string(), "api".to_string())].into();
     assert!(LabelQuery::parse("app").unwrap().matches(&labels));
     assert!(!LabelQuery::parse("!app").unwrap().matches(&labels));
