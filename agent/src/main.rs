@@ -2,6 +2,8 @@
 //! here; the agent itself is the `agent` library.
 
 mod cmd;
+#[cfg(test)]
+mod docs_tests;
 
 // `crate::inputs` for the modules of this binary (the command-line tools).
 use agent::inputs;
