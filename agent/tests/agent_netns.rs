@@ -1456,7 +1456,7 @@ fn observe_filters_a_real_agent_s_drops_and_requests() {
     // the compact line of the drop, by destination pod and port
     let lines = observe(&lab, &["--to-pod", "app/server", "--port", "8081"]);
     assert!(
-        lines.iter().any(|l| l.contains(&format!("-> app/server:8081"))
+        lines.iter().any(|l| l.contains("-> app/server:8081")
             && l.contains("drop DROPPED (TCP, policy_default_deny, ingress): ingress of app/server: denied at L4")),
         "{lines:?}"
     );

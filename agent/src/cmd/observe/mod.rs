@@ -237,7 +237,7 @@ impl ObserveArgs {
 enum Msg {
     /// Everything the agent held (and, following, the mark that it caught up).
     Held(Vec<Flow>),
-    Live(Flow),
+    Live(Box<Flow>),
     Failed(anyhow::Error),
 }
 
@@ -268,7 +268,7 @@ async fn observe(a: &ObserveArgs, filter: &Filter, targets: Vec<Target>) -> Resu
                 held.extend(flows);
                 caught_up += 1;
             }
-            Some(Msg::Live(f)) => early.push(f),
+            Some(Msg::Live(f)) => early.push(*f),
             Some(Msg::Failed(e)) => return Err(e),
             None => break,
         }
@@ -325,7 +325,7 @@ async fn read(t: Target, follow: bool, tx: mpsc::Sender<Msg>) {
             Ok(Some(e)) if holding => held.push(Flow::new(node.clone(), e)),
             Ok(Some(e)) => {
                 if tx
-                    .send(Msg::Live(Flow::new(node.clone(), e)))
+                    .send(Msg::Live(Box::new(Flow::new(node.clone(), e))))
                     .await
                     .is_err()
                 {
