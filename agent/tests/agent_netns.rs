@@ -1596,3 +1596,114 @@ fn policy_show_asks_the_running_agent() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// Headless Chromium (Debian package `chromium`) inside the node namespace loads `url`
+/// of the agent's admin listener, runs its scripts for a few seconds of virtual time and
+/// prints the resulting DOM; with `screenshot`, saves a PNG there instead.
+fn chromium(lab: &Lab, url: &str, screenshot: Option<&std::path::Path>) -> String {
+    let profile = lab.dir.join("chromium");
+    let mut cmd = testkit::ip_netns_exec(&lab.node, "chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--virtual-time-budget=5000",
+        "--window-size=1400,700",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()));
+    match screenshot {
+        Some(p) => cmd.arg(format!("--screenshot={}", p.display())),
+        None => cmd.arg("--dump-dom"),
+    };
+    let out = cmd
+        .arg(url)
+        .output()
+        .expect("chromium (Debian package chromium)");
+    assert!(
+        out.status.success(),
+        "chromium {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The rows of the flow table in a dumped DOM: (class = verdict, text).
+fn table_rows(dom: &str) -> Vec<(String, String)> {
+    let body = dom.split("<tbody>").nth(1).unwrap_or("");
+    let body = body.split("</tbody>").next().unwrap_or("");
+    body.split("<tr class=\"")
+        .skip(1)
+        .map(|r| {
+            let (class, rest) = r.split_once('"').unwrap();
+            (class.to_string(), rest.to_string())
+        })
+        .collect()
+}
+
+/// The web view in a real browser: the flow table holds the agent's records and its
+/// filters keep what `ward observe`'s do; the pod page lists the selecting policies.
+#[test]
+fn web_view_shows_flows_and_a_pod_s_policies_in_chromium() {
+    let mut lab = Lab::new("ui");
+    lab.start_agent();
+    assert!(!lab.connects(SERVER, 8081, DENIED), "8081 is denied");
+    assert_eq!(lab.curl(&format!("http://{SERVER}/v1/x")).0, "200");
+    assert_eq!(lab.curl(&format!("http://{SERVER}/admin")).0, "403");
+    wait_for("the drop and both requests", Duration::from_secs(5), || {
+        let all = observe(&lab, &["-o", "json"]).join("\n");
+        all.contains("\"type\":\"drop\"") && all.contains("/v1/x") && all.contains("/admin")
+    });
+    let (code, _) = lab.admin("/ui/app.js");
+    assert_eq!(code, 200);
+
+    let dom = chromium(&lab, "http://127.0.0.1:9890/ui/?verdict=DROPPED", None);
+    assert!(dom.contains("data-flows-ready=\"1\""), "{dom}");
+    assert!(dom.contains("node n1"), "{dom}");
+    let rows = table_rows(&dom);
+    assert!(rows.iter().all(|(v, _)| v == "DROPPED"), "{rows:?}");
+    assert!(
+        rows.iter()
+            .any(|(_, t)| t.contains("app/server:8081") && t.contains("policy_default_deny")),
+        "the drop: {rows:?}"
+    );
+    assert!(
+        rows.iter().any(|(_, t)| t.contains("/admin")),
+        "the denied request: {rows:?}"
+    );
+    let want = observe(&lab, &["--verdict", "DROPPED"]).len();
+    assert_eq!(
+        rows.len(),
+        want,
+        "the same records as ward observe: {rows:?}"
+    );
+
+    let dom = chromium(
+        &lab,
+        "http://127.0.0.1:9890/ui/?type=http&verdict=FORWARDED",
+        None,
+    );
+    let rows = table_rows(&dom);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(
+        rows[0].1.contains("GET http://") && rows[0].1.contains("/v1/x"),
+        "{rows:?}"
+    );
+
+    let dom = chromium(&lab, "http://127.0.0.1:9890/ui/#pod=app%2Fserver", None);
+    assert!(dom.contains("data-pod-ready=\"1\""), "{dom}");
+    let pod = dom.split("<section id=\"pod\"").nth(1).unwrap_or("");
+    assert!(
+        pod.contains("ingress: isolated by CiliumNetworkPolicy app/server-ingress")
+            && pod.contains(
+                "CiliumNetworkPolicy app/server-ingress [namespace]: allow TCP/8080 app/client"
+            ),
+        "{pod}"
+    );
+
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ward-ui-flows.png");
+    let _ = fs::remove_file(&shot);
+    chromium(&lab, "http://127.0.0.1:9890/ui/", Some(&shot));
+    let png = fs::read(&shot).expect("the screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG at {}", shot.display());
+}

@@ -133,6 +133,8 @@ const TEST_PACKAGES: &[&str] = &[
     "procps",
     // `ward policy show --graph svg` runs graphviz's dot (agent/tests/cli.rs)
     "graphviz",
+    // the agent's web view in a real browser (agent/tests/agent_netns.rs)
+    "chromium",
 ];
 
 /// Installs missing Debian packages non-interactively.

@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod client;
+pub mod ui;
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -91,6 +92,11 @@ impl Admin {
             "/v1/fqdn" => json_resp(StatusCode::OK, &self.policy.borrow().learned),
             "/v1/events" => self.events(!query.split('&').any(|kv| kv == "follow=false")),
             "/v1/show" => self.show(query),
+            "/ui" => redirect("/ui/"),
+            p if p.starts_with("/ui/") => match ui::asset(&p["/ui/".len()..]) {
+                Some(a) => static_file(a),
+                None => text(StatusCode::NOT_FOUND, "not found\n".into()),
+            },
             p if p.starts_with("/v1/policy/") => {
                 let pod = p.trim_start_matches("/v1/policy/");
                 let model = self.policy.borrow().model.clone();
@@ -251,6 +257,33 @@ fn json_resp(code: StatusCode, v: &impl Serialize) -> Response<RespBody> {
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
+    r
+}
+
+/// A file of the web view, kept to this origin (no inline script, no other source).
+fn static_file(a: ui::Asset) -> Response<RespBody> {
+    let mut r = Response::new(Full::new(Bytes::from_static(a.body)).boxed());
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(a.content_type),
+    );
+    h.insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        http::HeaderValue::from_static("default-src 'self'"),
+    );
+    h.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        http::HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+fn redirect(to: &'static str) -> Response<RespBody> {
+    let mut r = Response::new(Full::new(Bytes::new()).boxed());
+    *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    r.headers_mut()
+        .insert(http::header::LOCATION, http::HeaderValue::from_static(to));
     r
 }
 
