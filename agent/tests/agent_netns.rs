@@ -1701,6 +1701,52 @@ fn web_view_shows_flows_and_a_pod_s_policies_in_chromium() {
         "{pod}"
     );
 
+    // the map: the namespace's workloads as boxes, the pair's edge red (drops and a
+    // denied request among its flows) with the counts ward observe finds
+    let dom = chromium(&lab, "http://127.0.0.1:9890/ui/", None);
+    for w in ["app/client", "app/server"] {
+        assert!(
+            dom.contains(&format!("data-workload=\"{w}\"")),
+            "{w}: {dom}"
+        );
+    }
+    assert!(dom.contains("data-namespace=\"app\""), "{dom}");
+    let edge = dom
+        .split("<path ")
+        .find(|e| e.contains("data-from=\"app/client\" data-to=\"app/server\""))
+        .unwrap_or_else(|| panic!("the client's edge to the server: {dom}"));
+    assert!(edge.contains("class=\"edge DROPPED\""), "red: {edge}");
+    let count = |verdict: &str| {
+        observe(
+            &lab,
+            &[
+                "--from-pod",
+                "app/client",
+                "--to-pod",
+                "app/server",
+                "--verdict",
+                verdict,
+            ],
+        )
+        .len()
+    };
+    assert!(
+        edge.contains(&format!("data-dropped=\"{}\"", count("DROPPED"))),
+        "{edge}"
+    );
+    assert!(
+        edge.contains(&format!("data-forwarded=\"{}\"", count("FORWARDED"))),
+        "{edge}"
+    );
+    // one edge's flows (what a click on it shows), here the forwarded one
+    let dom = chromium(
+        &lab,
+        "http://127.0.0.1:9890/ui/?from=app/client&to=app/server&verdict=FORWARDED",
+        None,
+    );
+    let rows = table_rows(&dom);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ward-ui-flows.png");
     let _ = fs::remove_file(&shot);
     chromium(&lab, "http://127.0.0.1:9890/ui/", Some(&shot));

@@ -1,5 +1,6 @@
-// Ward's view of one node: the flows the agent holds (/v1/events) with ward observe's
-// filters, and a pod's policies (/v1/show). Plain JavaScript, no network but the agent.
+// Ward's view of one node: a map and a table of the flows the agent holds (/v1/events)
+// with ward observe's filters, and a pod's policies (/v1/show). Plain JavaScript, no
+// network but the agent.
 "use strict";
 
 const form = document.getElementById("filters");
@@ -93,8 +94,10 @@ let flows = [];
 function render() {
   const want = filters();
   const rows = flows.filter((f) => matches(f, want));
+  drawMap(rows);
+  const shown = pair ? rows.filter((f) => key(f.src) === pair.from && key(f.dst) === pair.to) : rows;
   tbody.replaceChildren();
-  for (const f of rows) {
+  for (const f of shown) {
     const tr = document.createElement("tr");
     tr.className = f.verdict;
     cell(tr, f.time);
@@ -105,8 +108,96 @@ function render() {
     cell(tr, f.summary);
     tbody.appendChild(tr);
   }
-  document.body.dataset.rows = String(rows.length);
+  document.body.dataset.rows = String(shown.length);
 }
+
+// The service map: the workloads of the filtered flows as boxes grouped by namespace
+// (addresses without a pod under "outside"), an edge per pair coloured by the worst
+// verdict (DROPPED red, ERROR orange, FORWARDED green) with the counts; a click on an
+// edge shows only that pair's flows in the table.
+const SVG = "http://www.w3.org/2000/svg";
+let pair = null;
+
+function svgEl(name, attrs, text) {
+  const el = document.createElementNS(SVG, name);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+  if (text !== undefined) el.textContent = text;
+  return el;
+}
+
+const key = (s) => s.pod || s.text.replace(/:\d+$/, "");
+const group = (k) => (k.includes("/") ? ns(k) : "outside");
+
+function drawMap(rows) {
+  const svg = document.getElementById("map");
+  svg.replaceChildren();
+  // an arrowhead at the destination's end of every edge
+  const marker = svgEl("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 10, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto" });
+  marker.appendChild(svgEl("path", { d: "M 0 0 L 10 5 L 0 10 z", fill: "#334155" }));
+  const defs = svgEl("defs", {});
+  defs.appendChild(marker);
+  svg.appendChild(defs);
+  const edges = new Map();
+  const groups = new Map();
+  for (const f of rows) {
+    const [a, b] = [key(f.src), key(f.dst)];
+    for (const k of [a, b]) {
+      if (!groups.has(group(k))) groups.set(group(k), new Set());
+      groups.get(group(k)).add(k);
+    }
+    const id = a + "\u0000" + b;
+    if (!edges.has(id)) edges.set(id, { from: a, to: b, DROPPED: 0, FORWARDED: 0, ERROR: 0 });
+    edges.get(id)[f.verdict] = (edges.get(id)[f.verdict] || 0) + 1;
+  }
+  const pos = new Map();
+  const names = [...groups.keys()].sort();
+  let height = 60;
+  names.forEach((name, i) => {
+    const x = 20 + i * 240;
+    const members = [...groups.get(name)].sort();
+    const g = svgEl("g", { class: "ns", "data-namespace": name });
+    g.appendChild(svgEl("rect", { x: x - 10, y: 10, width: 200, height: 40 + members.length * 44, class: "nsbox" }));
+    g.appendChild(svgEl("text", { x: x, y: 30, class: "nslabel" }, name));
+    members.forEach((m, j) => {
+      const y = 42 + j * 44;
+      pos.set(m, { x: x, y: y });
+      const w = svgEl("g", { class: "workload", "data-workload": m });
+      w.appendChild(svgEl("rect", { x: x, y: y, width: 180, height: 32, rx: 4 }));
+      w.appendChild(svgEl("text", { x: x + 8, y: y + 21 }, m.includes("/") ? m.split("/")[1] : m));
+      g.appendChild(w);
+    });
+    height = Math.max(height, 60 + members.length * 44);
+    svg.appendChild(g);
+  });
+  for (const e of edges.values()) {
+    const [p, q] = [pos.get(e.from), pos.get(e.to)];
+    const worst = e.DROPPED ? "DROPPED" : e.ERROR ? "ERROR" : "FORWARDED";
+    const same = p.x === q.x;
+    const [x1, y1] = [p.x + 180, p.y + 16];
+    const [x2, y2] = [same ? q.x + 180 : q.x, q.y + 16];
+    // another column: straight; the same column: a curve on the right of the boxes
+    const d = same
+      ? `M ${x1} ${y1} C ${x1 + 50} ${y1}, ${x2 + 50} ${y2}, ${x2} ${y2}`
+      : `M ${x1} ${y1} L ${x2} ${y2}`;
+    const line = svgEl("path", {
+      d: d, class: "edge " + worst, "marker-end": "url(#arrow)", "data-from": e.from, "data-to": e.to,
+      "data-dropped": e.DROPPED, "data-forwarded": e.FORWARDED, "data-error": e.ERROR,
+    });
+    line.appendChild(svgEl("title", {}, e.from + " -> " + e.to + ": " +
+      e.DROPPED + " dropped, " + e.FORWARDED + " forwarded, " + e.ERROR + " error"));
+    line.addEventListener("click", () => {
+      pair = pair && pair.from === e.from && pair.to === e.to ? null : e;
+      render();
+    });
+    svg.appendChild(line);
+    const count = e.DROPPED + e.FORWARDED + e.ERROR;
+    const cx = same ? x1 + 40 : (x1 + x2) / 2;
+    svg.appendChild(svgEl("text", { x: cx, y: (y1 + y2) / 2 - 4, class: "count " + worst }, String(count)));
+  }
+  svg.setAttribute("width", String(40 + names.length * 240));
+  svg.setAttribute("height", String(height + 10));
+}
+
 
 async function load() {
   try {
@@ -163,9 +254,14 @@ async function showPod() {
   document.body.dataset.podReady = "1";
 }
 
-// Filters from the address (`/ui/?verdict=DROPPED&namespace=app`), as links share them.
-for (const [k, v] of new URLSearchParams(location.search)) {
+// Filters from the address (`/ui/?verdict=DROPPED&namespace=app`), as links share them;
+// `from` and `to` pick one edge of the map, as a click on it does.
+const params = new URLSearchParams(location.search);
+for (const [k, v] of params) {
   if (form.elements[k]) form.elements[k].value = v;
+}
+if (params.get("from") && params.get("to")) {
+  pair = { from: params.get("from"), to: params.get("to") };
 }
 form.addEventListener("input", render);
 window.addEventListener("hashchange", showPod);
