@@ -112,6 +112,18 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Open every node's web view (`/ui/` of its agent, on loopback inside the node's
+    /// namespace) on this machine: one local port per node, forwarded into the node's
+    /// namespace; prints each node's URL and serves until interrupted.
+    Ui {
+        /// Lab id (default: the newest lab).
+        #[arg(long)]
+        id: Option<String>,
+        /// The first node's port on 127.0.0.1 (the next nodes take the next ones; 0: any
+        /// free ports).
+        #[arg(long, default_value_t = 9891)]
+        port: u16,
+    },
     /// Remove a lab (default: the newest), or with --all every lab's leftovers.
     Down {
         #[arg(long)]
@@ -214,6 +226,10 @@ fn dispatch(args: LabArgs) -> Result<ExitCode> {
                 status.code().unwrap_or(1).clamp(0, 255) as u8
             ))
         }
+        Some(Command::Ui { id, port }) => {
+            let state = lab::find_lab(id.as_deref())?;
+            ui(&state, port)
+        }
         Some(Command::Down { id, all }) => {
             lab::require_root()?;
             if all {
@@ -257,6 +273,66 @@ fn observe_command(
     }
     cmd.args(args);
     Ok(cmd)
+}
+
+/// `ward-lab ui`: a listener on 127.0.0.1 per node whose connections are forwarded to
+/// the node's agent (its admin address inside the node's namespace).
+fn ui(state: &LabState, base: u16) -> Result<ExitCode> {
+    if !state.agents || state.nodes.is_empty() {
+        bail!(
+            "lab {} runs no agents (it was started with --no-agent)",
+            state.id
+        );
+    }
+    let mut serving = Vec::new();
+    for (i, n) in state.nodes.iter().enumerate() {
+        let port = if base == 0 {
+            0
+        } else {
+            base.checked_add(i as u16)
+                .context("--port: no port left for every node")?
+        };
+        let l = std::net::TcpListener::bind(("127.0.0.1", port))
+            .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
+        println!("{}: http://{}/ui/", n.name, l.local_addr()?);
+        let netns = n.netns.clone();
+        serving.push(std::thread::spawn(move || forward(&l, &netns)));
+    }
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    for s in serving {
+        let _ = s.join();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Forwards every connection of `l` to the agent's admin address inside `netns`.
+fn forward(l: &std::net::TcpListener, netns: &str) {
+    for client in l.incoming().flatten() {
+        let netns = netns.to_string();
+        std::thread::spawn(move || {
+            let addr: std::net::SocketAddr = match lab::ADMIN.parse() {
+                Ok(a) => a,
+                Err(_) => return,
+            };
+            let Ok(agent) = testkit::run_in(&netns, || {
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))
+            }) else {
+                return;
+            };
+            let (Ok(mut c2), Ok(mut a2)) = (client.try_clone(), agent.try_clone()) else {
+                return;
+            };
+            let up = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut a2);
+                let _ = a2.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut a, mut c) = (agent, client);
+            let _ = std::io::copy(&mut a, &mut c);
+            let _ = c.shutdown(std::net::Shutdown::Write);
+            let _ = up.join();
+        });
+    }
 }
 
 /// `verbose` for a lab a person watches; `lookups` when no `check` follows right away.

@@ -353,6 +353,38 @@ fn up_check_exec_down_leaves_nothing_behind() {
             "y",
         ]);
         assert!(o.status.success() && o.stdout.is_empty(), "{}", text(&o));
+
+        // ward-lab ui: each node's web view on a local port, forwarded to its agent
+        let mut ui = lab_command()
+            .args(["ui", "--id", &id, "--port", "0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(ui.stdout.take().unwrap()));
+        for node in ["node-1", "node-2"] {
+            let line = lines.next().unwrap().unwrap();
+            let url = line
+                .strip_prefix(&format!("{node}: "))
+                .unwrap_or_else(|| panic!("{line}"));
+            let page = Command::new("curl")
+                .args(["-sS", "-m", "5", url])
+                .output()
+                .unwrap();
+            assert!(
+                text(&page).contains("<title>Ward</title>"),
+                "{}",
+                text(&page)
+            );
+            let status = url.replace("/ui/", "/v1/status");
+            let o = Command::new("curl")
+                .args(["-sS", "-m", "5", &status])
+                .output()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(v["node"], node, "the node's own agent: {v}");
+        }
+        let _ = ui.kill();
+        let _ = ui.wait();
     }
 
     // a wrong expectation is caught: flip the first probe to `deny`
