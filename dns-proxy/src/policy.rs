@@ -159,6 +159,7 @@ impl PolicyStore {
                         decision: SideDecision::Deny {
                             reason: format!("endpoint {name} is not in the cluster"),
                         },
+                        tls: None,
                     },
                 };
                 Resolved {

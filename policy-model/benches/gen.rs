@@ -68,6 +68,7 @@ pub fn cluster() -> Cluster {
                     protocol: Protocol::Tcp,
                 },
             ],
+            tls: None,
         });
     }
     c.pods.push(Pod {
@@ -78,6 +79,7 @@ pub fn cluster() -> Cluster {
         ips: vec![],
         node: Some("node-0".into()),
         ports: vec![],
+        tls: None,
     });
     for i in (0..POLICIES).filter(|i| i % 10 == 3) {
         c.dns.push(DnsObservation {

@@ -18,6 +18,7 @@ pub mod l7;
 pub mod labels;
 pub mod policy;
 pub mod selector;
+pub mod tls;
 pub mod verdict;
 
 pub use cluster::{Cluster, EndpointRef};

@@ -677,7 +677,7 @@ fn apply_actions(h: &mut HeaderMap, actions: &[HeaderAction]) {
             HeaderAction::Add { name, value } => {
                 if let (Ok(n), Ok(v)) = (
                     HeaderName::from_bytes(name.as_bytes()),
-                    HeaderValue::from_str(value),
+                    HeaderValue::from_str(value.as_str()),
                 ) {
                     h.append(n, v);
                 }
@@ -690,7 +690,7 @@ fn apply_actions(h: &mut HeaderMap, actions: &[HeaderAction]) {
             HeaderAction::Replace { name, value } => {
                 if let (Ok(n), Ok(v)) = (
                     HeaderName::from_bytes(name.as_bytes()),
-                    HeaderValue::from_str(value),
+                    HeaderValue::from_str(value.as_str()),
                 ) {
                     h.insert(n, v);
                 }

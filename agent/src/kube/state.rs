@@ -451,6 +451,7 @@ fn pod(o: &DynamicObject, name: String) -> Option<Pod> {
             .and_then(Value::as_str)
             .map(str::to_string),
         ports,
+        tls: None,
     })
 }
 

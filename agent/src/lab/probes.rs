@@ -195,11 +195,7 @@ fn explain(model: Option<&Model>, lp: &LabProbe) -> String {
     let Some(model) = model else {
         return String::new();
     };
-    match lp
-        .probe
-        .query()
-        .and_then(|q| model.query(&q).map_err(|e| e.to_string()))
-    {
+    match lp.probe.verdict(model) {
         Ok(v) => why(&v),
         Err(e) => format!("model: {e}"),
     }

@@ -200,6 +200,7 @@ fn rule(
         vec![PortRule {
             ports,
             l7: None,
+            tls: None,
             path: format!("{path}.ports"),
         }]
     };

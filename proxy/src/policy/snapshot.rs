@@ -152,6 +152,7 @@ impl Mode {
                         decision: SideDecision::Deny {
                             reason: format!("endpoint {endpoint} is not in the cluster state"),
                         },
+                        tls: None,
                     },
                 };
                 (ConnectionPolicy { sides: vec![side] }, *direction)
