@@ -51,6 +51,8 @@ pub struct Endpoint {
 pub struct Http {
     /// Response status sent to the client (0 when none was sent).
     pub code: u16,
+    /// `http`, or `https` for a request of an intercepted TLS session.
+    pub scheme: &'static str,
     pub method: String,
     /// `:authority` / `Host`.
     pub host: String,
@@ -83,6 +85,26 @@ impl From<&Matched> for Rule {
     }
 }
 
+/// The TLS session of a record: for a request of an intercepted session, or a session
+/// decided as a whole (spliced or reset; those records have no `HTTP`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Tls {
+    /// The ClientHello's SNI (lower-cased); absent without one.
+    #[serde(rename = "SNI", skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// `splice` (bytes passed untouched), `intercept` (terminated and originated) or
+    /// `reset`.
+    pub mode: &'static str,
+    /// The rule that decided the session (admitted, intercepted, or whose check
+    /// failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<Rule>,
+    /// The secret of the material in use or at fault (`namespace/name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
 /// One access-log record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "PascalCase")]
@@ -94,8 +116,11 @@ pub struct Record {
     pub verdict: Verdict,
     pub source_endpoint: Endpoint,
     pub destination_endpoint: Endpoint,
-    #[serde(rename = "HTTP")]
-    pub http: Http,
+    /// The request; absent from a record of a whole TLS session.
+    #[serde(rename = "HTTP", skip_serializing_if = "Option::is_none")]
+    pub http: Option<Http>,
+    #[serde(rename = "TLS", skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
     /// From the request head to the response head (or the local reply), nanoseconds.
     pub latency_ns: u64,
     /// Policy generation the request was checked against.
@@ -228,15 +253,17 @@ mod tests {
                 identity: 70000,
                 pod: Some("ns/web".into()),
             },
-            http: Http {
+            http: Some(Http {
                 code: 403,
+                scheme: "http",
                 method: "GET".into(),
                 host: "web".into(),
                 path: "/admin".into(),
                 protocol: "HTTP/1.1",
                 missing_headers: vec![],
                 rejected_headers: vec![],
-            },
+            }),
+            tls: None,
             latency_ns: 5,
             policy_generation: 1,
             allowed_by: vec![],
@@ -254,8 +281,23 @@ mod tests {
         assert_eq!(v["DestinationEndpoint"]["Pod"], "ns/web");
         assert_eq!(v["HTTP"]["Code"], 403);
         assert_eq!(v["HTTP"]["Path"], "/admin");
+        assert_eq!(v["HTTP"]["Scheme"], "http");
         assert_eq!(v["Info"], "no rule matches");
         assert!(v.get("AllowedBy").is_none());
+        assert!(v.get("TLS").is_none());
+        let mut r = record();
+        r.http = None;
+        r.tls = Some(Tls {
+            sni: Some("api.example".into()),
+            mode: "reset",
+            rule: None,
+            secret: Some("ns/ca".into()),
+        });
+        let v = serde_json::to_value(r).unwrap();
+        assert!(v.get("HTTP").is_none());
+        assert_eq!(v["TLS"]["SNI"], "api.example");
+        assert_eq!(v["TLS"]["Mode"], "reset");
+        assert_eq!(v["TLS"]["Secret"], "ns/ca");
     }
 
     #[tokio::test]
