@@ -131,6 +131,43 @@ fn check_label(label: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The SNI of a ClientHello as the proxy reads it (rustls, whose rules this follows):
+/// lower-cased and without one trailing dot (the same DNS name; Cilium's proxy compares
+/// the dot and resets); an IP address is no server name (RFC 6066: as if none was sent,
+/// `Ok(None)`); anything else that is not a DNS name (labels of 1 to 63 letters, digits,
+/// `_` and inner `-`, at most 253 characters, the last label not a number) fails the
+/// handshake (`Err`).
+pub fn client_sni(raw: &str) -> Result<Option<String>, String> {
+    if raw.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(None);
+    }
+    let invalid = || Err(format!("{raw:?} is not a DNS name"));
+    if raw.is_empty() || raw.len() > MAX_LEN {
+        return invalid();
+    }
+    let name = raw.strip_suffix('.').unwrap_or(raw);
+    let labels: Vec<&str> = name.split('.').collect();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if !labels.iter().all(|l| label_ok(l)) {
+        return invalid();
+    }
+    let last = labels.last().copied().unwrap_or_default();
+    let numeric = last.bytes().all(|b| b.is_ascii_digit())
+        || ((last.starts_with("0x") || last.starts_with("0X"))
+            && last[2..].bytes().all(|b| b.is_ascii_hexdigit()));
+    if numeric {
+        return invalid();
+    }
+    Ok(Some(name.to_ascii_lowercase()))
+}
+
 /// A secret a policy names, with its namespace resolved (the policy's when omitted).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct SecretRef {
@@ -624,6 +661,42 @@ mod tests {
         ] {
             SniPattern::parse(ok).unwrap();
         }
+    }
+
+    #[test]
+    fn client_sni_is_what_rustls_reports() {
+        assert_eq!(
+            client_sni("API.Example.com"),
+            Ok(Some("api.example.com".into()))
+        );
+        assert_eq!(
+            client_sni("api.example.com."),
+            Ok(Some("api.example.com".into()))
+        );
+        assert_eq!(
+            client_sni("my_host.example"),
+            Ok(Some("my_host.example".into()))
+        );
+        assert_eq!(client_sni("192.0.2.1"), Ok(None));
+        assert_eq!(client_sni("2001:db8::1"), Ok(None));
+        let long = format!("{}.example", "a".repeat(63));
+        assert_eq!(client_sni(&long), Ok(Some(long.clone())));
+        for bad in [
+            "",
+            "a..b",
+            ".a",
+            "a.example..",
+            "-a.example",
+            "a-.example",
+            "a b.example",
+            "a.123",
+            "a.0x1f",
+            "é.example",
+        ] {
+            assert!(client_sni(bad).is_err(), "{bad:?}");
+        }
+        assert!(client_sni(&format!("{}.example", "a".repeat(64))).is_err());
+        assert!(client_sni(&format!("{}a", "a.".repeat(127))).is_err());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::fqdn::normalize;
 use crate::http::{Request, SimpleRequest};
 use crate::identity::Idx;
 use crate::policy::{Action, Direction, Protocol, Tier};
-use crate::tls::{missing_material, TlsSession};
+use crate::tls::{client_sni, missing_material, TlsSession};
 
 /// The L3/L4 decision of one endpoint in one direction. Entry indices point into the
 /// endpoint's `DirPolicy::entries`.
@@ -521,12 +521,22 @@ impl Model {
         let mut conn = ConnectionPolicy { sides: vec![side] };
         let mut what_tls = String::new();
         if let Some(probe) = tls {
-            let sni = probe.sni.as_deref();
-            let hello = match sni {
+            let hello = match &probe.sni {
                 Some(n) => format!("TLS SNI {n}"),
                 None => "TLS without SNI".to_string(),
             };
-            match self.tls_session(&conn, sni) {
+            let sni = match probe.sni.as_deref().map(client_sni) {
+                None => None,
+                Some(Ok(sni)) => sni,
+                Some(Err(why)) => {
+                    v.tls = Some(TlsMode::Reset);
+                    v.allowed = false;
+                    v.layer = Some(Layer::L7);
+                    v.reason = format!("{hello}: {why}: the handshake fails (reset)");
+                    return;
+                }
+            };
+            match self.tls_session(&conn, sni.as_deref()) {
                 TlsSession::Reset { reason, rule } => {
                     v.tls = Some(TlsMode::Reset);
                     v.allowed = false;
@@ -595,7 +605,9 @@ impl Model {
         let (d, what, denial) = if let Some(req) = &q.http {
             let mut req = req.clone();
             if req.host().is_none() {
-                req.host = Some(match (tls.and_then(|t| t.sni.as_deref()), q.port) {
+                let sni =
+                    tls.and_then(|t| t.sni.as_deref().and_then(|n| client_sni(n).ok().flatten()));
+                req.host = Some(match (sni.as_deref(), q.port) {
                     (Some(n), 443) => n.to_string(),
                     (Some(n), p) => format!("{n}:{p}"),
                     (None, 80) => dst.ip.to_string(),

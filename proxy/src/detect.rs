@@ -203,7 +203,10 @@ mod tests {
         s.read_to_end(&mut all).await.unwrap();
         assert_eq!(all, b"\x16\x03\x01\x00\x05hello");
         for (input, want) in [
-            (&b"GET / HTTP/1.1\r\n\r\n"[..], Protocol::Http(HttpVersion::Http1)),
+            (
+                &b"GET / HTTP/1.1\r\n\r\n"[..],
+                Protocol::Http(HttpVersion::Http1),
+            ),
             (H2_PREFACE, Protocol::Http(HttpVersion::H2c)),
         ] {
             let (mut a, b) = tokio::io::duplex(1024);

@@ -31,4 +31,4 @@ pub use listener::{Accepted, FixedListener, Listener, TransparentListener};
 pub use metrics::Metrics;
 pub use policy::{Mode, PolicyStore, Snapshot};
 pub use server::{Decided, Downstream, Observer, Proxy};
-pub use tls::{SecretStore, Materials};
+pub use tls::{Materials, SecretStore};

@@ -358,10 +358,16 @@ mod tests {
             .observe(0.001);
         m.upstream_errors.with_label_values(&["connect"]).inc();
         m.decision.observe(1e-6);
-        m.tls_sessions.with_label_values(&["egress", "spliced"]).inc();
+        m.tls_sessions
+            .with_label_values(&["egress", "spliced"])
+            .inc();
         m.tls_handshake_errors.with_label_values(&["timeout"]).inc();
         m.tls_material_resets
-            .with_label_values(&["CiliumNetworkPolicy a/b", "spec.egress[0].toPorts[0]", "a/s"])
+            .with_label_values(&[
+                "CiliumNetworkPolicy a/b",
+                "spec.egress[0].toPorts[0]",
+                "a/s",
+            ])
             .inc();
         let text = m.encode();
         for name in [

@@ -35,7 +35,7 @@ use crate::listener::{Accepted, Listener};
 use crate::metrics::{protocol_name, Metrics};
 use crate::policy::{ConnPolicy, Mode, PolicyStore};
 use crate::request;
-use crate::tls::{Materials, MaterialSettings, SecretStore, TlsConn};
+use crate::tls::{MaterialSettings, Materials, SecretStore, TlsConn};
 use crate::upstream::{BoundH1, Upstream, UpstreamConfig, UpstreamError};
 
 /// The body of every response the proxy sends downstream.

@@ -111,7 +111,11 @@ pub struct UpstreamTls {
 type Key = (Option<IpAddr>, SocketAddr, Option<(u64, String)>);
 
 fn key(src: Option<IpAddr>, dst: SocketAddr, tls: Option<&UpstreamTls>) -> Key {
-    (src, dst, tls.map(|t| (t.trust, t.name.to_str().into_owned())))
+    (
+        src,
+        dst,
+        tls.map(|t| (t.trust, t.name.to_str().into_owned())),
+    )
 }
 
 /// An upstream connection: plain TCP, or TLS over it.
@@ -217,11 +221,13 @@ impl Upstream {
             return Ok(UpstreamIo::Plain(tcp));
         };
         let connector = tokio_rustls::TlsConnector::from(t.config.clone());
-        let stream =
-            tokio::time::timeout(self.cfg.connect_timeout, connector.connect(t.name.clone(), tcp))
-                .await
-                .map_err(|_| UpstreamError::TlsTimeout(dst))?
-                .map_err(|e| UpstreamError::Tls(dst, t.name.to_str().into_owned(), e))?;
+        let stream = tokio::time::timeout(
+            self.cfg.connect_timeout,
+            connector.connect(t.name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| UpstreamError::TlsTimeout(dst))?
+        .map_err(|e| UpstreamError::Tls(dst, t.name.to_str().into_owned(), e))?;
         Ok(UpstreamIo::Tls(Box::new(stream)))
     }
 

@@ -40,7 +40,7 @@ impl std::fmt::Debug for Hello {
 pub enum HelloError {
     #[error("connection closed before a complete ClientHello")]
     Eof,
-    #[error("not a TLS ClientHello: {0}")]
+    #[error("ClientHello refused: {0}")]
     NotHello(String),
     #[error("ClientHello larger than {MAX_HELLO_BYTES} bytes")]
     TooLarge,

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 use lru::LruCache;
 use policy_model::tls::{SecretRef, TlsContext};
 use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -451,8 +451,14 @@ impl Minter {
         let public = cert.public_key().subject_public_key.data.to_vec();
         let ca_not_after = cert.validity().not_after.to_datetime();
         let (scheme, algorithm) = [
-            (SignatureScheme::ECDSA_NISTP256_SHA256, &rcgen::PKCS_ECDSA_P256_SHA256),
-            (SignatureScheme::ECDSA_NISTP384_SHA384, &rcgen::PKCS_ECDSA_P384_SHA384),
+            (
+                SignatureScheme::ECDSA_NISTP256_SHA256,
+                &rcgen::PKCS_ECDSA_P256_SHA256,
+            ),
+            (
+                SignatureScheme::ECDSA_NISTP384_SHA384,
+                &rcgen::PKCS_ECDSA_P384_SHA384,
+            ),
             (SignatureScheme::ED25519, &rcgen::PKCS_ED25519),
             (SignatureScheme::RSA_PKCS1_SHA256, &rcgen::PKCS_RSA_SHA256),
         ]
@@ -483,9 +489,7 @@ impl Minter {
         dn.push(DnType::CommonName, name.to_string());
         params.distinguished_name = dn;
         params.subject_alt_names = vec![match name {
-            LeafName::Dns(n) => {
-                SanType::DnsName(n.clone().try_into().map_err(|e| format!("{e}"))?)
-            }
+            LeafName::Dns(n) => SanType::DnsName(n.clone().try_into().map_err(|e| format!("{e}"))?),
             LeafName::Ip(ip) => SanType::IpAddress(*ip),
         }];
         let now = time::OffsetDateTime::now_utc();
@@ -502,8 +506,8 @@ impl Minter {
         let leaf = params
             .signed_by(&self.leaf_key, &self.issuer)
             .map_err(|e| e.to_string())?;
-        let key = PrivateKeyDer::try_from(self.leaf_key.serialize_der())
-            .map_err(|e| e.to_string())?;
+        let key =
+            PrivateKeyDer::try_from(self.leaf_key.serialize_der()).map_err(|e| e.to_string())?;
         let signer = self
             .provider
             .key_provider
@@ -598,7 +602,7 @@ mod tests {
         match r {
             Ok(_) => panic!("expected an error"),
             Err(e) => {
-                assert_eq!(e.secret.as_ref().map(|s| s.name.as_str()).is_some(), true);
+                assert!(e.secret.is_some(), "{e}");
                 e.reason
             }
         }
@@ -613,11 +617,26 @@ mod tests {
         let (_, other_key) = leaf("api.example", &b);
         let m = materials(vec![
             ("no-key", vec![("tls.crt", cert.clone())]),
-            ("bad-pem", vec![("tls.crt", "garbage".into()), ("tls.key", key.clone())]),
-            ("not-a-key", vec![("tls.crt", cert.clone()), ("tls.key", cert.clone())]),
-            ("mismatch", vec![("tls.crt", cert.clone()), ("tls.key", other_key)]),
+            (
+                "bad-pem",
+                vec![("tls.crt", "garbage".into()), ("tls.key", key.clone())],
+            ),
+            (
+                "not-a-key",
+                vec![("tls.crt", cert.clone()), ("tls.key", cert.clone())],
+            ),
+            (
+                "mismatch",
+                vec![("tls.crt", cert.clone()), ("tls.key", other_key)],
+            ),
             ("no-ca", vec![("tls.crt", cert.clone())]),
-            ("bad-ca", vec![("ca.crt", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into())]),
+            (
+                "bad-ca",
+                vec![(
+                    "ca.crt",
+                    "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into(),
+                )],
+            ),
         ]);
         let name = LeafName::Dns("api.example".into());
         let t = |n| m.server_config(&ctx(TlsRole::Terminating, n), &name);
@@ -645,9 +664,14 @@ mod tests {
         let c = ctx(TlsRole::Terminating, "ca");
         let x = LeafName::Dns("x.example".into());
         let one = m.server_config(&c, &x).unwrap();
-        assert!(Arc::ptr_eq(&one, &m.server_config(&c, &x).unwrap()), "cached");
-        m.server_config(&c, &LeafName::Dns("y.example".into())).unwrap();
-        m.server_config(&c, &LeafName::Ip("192.0.2.1".parse().unwrap())).unwrap();
+        assert!(
+            Arc::ptr_eq(&one, &m.server_config(&c, &x).unwrap()),
+            "cached"
+        );
+        m.server_config(&c, &LeafName::Dns("y.example".into()))
+            .unwrap();
+        m.server_config(&c, &LeafName::Ip("192.0.2.1".parse().unwrap()))
+            .unwrap();
         assert_eq!(m.metrics.tls_leaves_minted.get(), 3);
         // the cache holds two: x.example was the least recently used and went
         let again = m.server_config(&c, &x).unwrap();

@@ -163,12 +163,21 @@ mod tests {
     #[test]
     fn versions_change_with_content_only() {
         let store = SecretStore::new();
-        assert!(store.publish(HashMap::from([(r("a"), one("k", "1")), (r("b"), one("k", "2"))])));
+        assert!(store.publish(HashMap::from([
+            (r("a"), one("k", "1")),
+            (r("b"), one("k", "2"))
+        ])));
         let (a, b) = (store.get(&r("a")).unwrap(), store.get(&r("b")).unwrap());
         let g = store.generation();
-        assert!(!store.publish(HashMap::from([(r("a"), one("k", "1")), (r("b"), one("k", "2"))])));
+        assert!(!store.publish(HashMap::from([
+            (r("a"), one("k", "1")),
+            (r("b"), one("k", "2"))
+        ])));
         assert_eq!(store.generation(), g, "nothing changed");
-        assert!(store.publish(HashMap::from([(r("a"), one("k", "1")), (r("b"), one("k", "3"))])));
+        assert!(store.publish(HashMap::from([
+            (r("a"), one("k", "1")),
+            (r("b"), one("k", "3"))
+        ])));
         assert_eq!(store.get(&r("a")).unwrap().version, a.version);
         assert_ne!(store.get(&r("b")).unwrap().version, b.version);
         assert!(store.publish(HashMap::from([(r("a"), one("k", "1"))])));
@@ -184,7 +193,10 @@ mod tests {
             (r("tok"), one("value", "s3cr3t\n")),
             (r("crlf"), one("value", "v\r\n")),
             (r("two"), two),
-            (r("bin"), BTreeMap::from([("v".to_string(), vec![0xff, 0xfe])])),
+            (
+                r("bin"),
+                BTreeMap::from([("v".to_string(), vec![0xff, 0xfe])]),
+            ),
         ]));
         assert_eq!(store.value(&r("tok")).as_deref(), Some("s3cr3t"));
         assert_eq!(store.value(&r("crlf")).as_deref(), Some("v"));

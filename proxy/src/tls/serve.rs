@@ -52,9 +52,17 @@ pub(crate) async fn serve<S: Downstream>(
             let snap = sh.store.load();
             let cp = sh.mode.resolve(&snap, peer, orig_dst);
             let tls = session_tls(None, "reset", None, None);
-            record(proxy, &cp, peer, orig_dst, start, Verdict::Error, tls, Vec::new(), || {
-                e.to_string()
-            });
+            record(
+                proxy,
+                &cp,
+                peer,
+                orig_dst,
+                start,
+                Verdict::Error,
+                tls,
+                Vec::new(),
+                || e.to_string(),
+            );
             reset(&io);
             return;
         }
@@ -74,9 +82,17 @@ pub(crate) async fn serve<S: Downstream>(
         TlsSession::Reset { reason, rule } => {
             sessions.with_label_values(&[&direction, "reset"]).inc();
             let tls = session_tls(hello.sni.clone(), "reset", rule.as_ref(), None);
-            record(proxy, &cp, peer, orig_dst, start, Verdict::Denied, tls, Vec::new(), || {
-                reason.to_string()
-            });
+            record(
+                proxy,
+                &cp,
+                peer,
+                orig_dst,
+                start,
+                Verdict::Denied,
+                tls,
+                Vec::new(),
+                || reason.to_string(),
+            );
             reset(&io);
         }
         TlsSession::Splice { allowed_by } => {
@@ -97,12 +113,15 @@ pub(crate) async fn serve<S: Downstream>(
 /// Why plaintext may not pass on this connection: a side whose rules carry TLS refuses
 /// plaintext (a listed SNI is required, or every rule for the peer needs TLS).
 pub(crate) fn plaintext_refused(p: &ConnPolicy) -> Option<String> {
-    p.policy.sides.iter().find_map(|s| match (&s.tls, &s.decision) {
-        (Some(_), SideDecision::Deny { reason }) => {
-            Some(format!("{} of {}: {reason}", s.direction, s.endpoint))
-        }
-        _ => None,
-    })
+    p.policy
+        .sides
+        .iter()
+        .find_map(|s| match (&s.tls, &s.decision) {
+            (Some(_), SideDecision::Deny { reason }) => {
+                Some(format!("{} of {}: {reason}", s.direction, s.endpoint))
+            }
+            _ => None,
+        })
 }
 
 /// The record of a plaintext connection refused by [`plaintext_refused`] (reset).
@@ -220,15 +239,33 @@ async fn splice<S: Downstream>(
                 .upstream_errors
                 .with_label_values(&[e.kind()])
                 .inc();
-            record(proxy, &cp, peer, orig_dst, start, Verdict::Error, tls(), Vec::new(), || {
-                e.to_string()
-            });
+            record(
+                proxy,
+                &cp,
+                peer,
+                orig_dst,
+                start,
+                Verdict::Error,
+                tls(),
+                Vec::new(),
+                || e.to_string(),
+            );
             reset(&io);
             return;
         }
     };
     let rules = allowed_by.iter().map(Rule::from).collect();
-    record(proxy, &cp, peer, orig_dst, start, Verdict::Forwarded, tls(), rules, String::new);
+    record(
+        proxy,
+        &cp,
+        peer,
+        orig_dst,
+        start,
+        Verdict::Forwarded,
+        tls(),
+        rules,
+        String::new,
+    );
     if let Err(e) = up.write_all(&hello.bytes).await {
         tracing::debug!("{peer} -> {orig_dst}: splice: {e}");
         reset(&io);
@@ -336,9 +373,17 @@ async fn intercept<S: Downstream>(
                 .with_label_values(&["handshake"])
                 .inc();
             let t = session_tls(sni, "intercept", Some(&i.rule), None);
-            record(proxy, &cp, peer, orig_dst, start, Verdict::Error, t, Vec::new(), || {
-                format!("TLS handshake with the client failed: {e}")
-            });
+            record(
+                proxy,
+                &cp,
+                peer,
+                orig_dst,
+                start,
+                Verdict::Error,
+                t,
+                Vec::new(),
+                || format!("TLS handshake with the client failed: {e}"),
+            );
             return;
         }
         Err(_) => {
@@ -427,10 +472,20 @@ fn fail_closed(
         rule.rule
     );
     let tls = session_tls(hello.sni.clone(), "reset", Some(rule), secret);
-    record(proxy, cp, peer, orig_dst, start, Verdict::Error, tls, Vec::new(), || {
-        format!(
-            "fail closed: {} {}: TLS material unusable: {e}",
-            rule.policy, rule.rule
-        )
-    });
+    record(
+        proxy,
+        cp,
+        peer,
+        orig_dst,
+        start,
+        Verdict::Error,
+        tls,
+        Vec::new(),
+        || {
+            format!(
+                "fail closed: {} {}: TLS material unusable: {e}",
+                rule.policy, rule.rule
+            )
+        },
+    );
 }
