@@ -126,6 +126,64 @@ fn conformance_reports_a_failing_probe_with_its_explanation() {
     assert_eq!(v["cases"][0]["probes"][1]["passed"], false);
 }
 
+fn lint_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy-model/tests/lint")
+}
+
+#[test]
+fn policy_lint_exits_1_on_errors_and_0_on_the_clean_set() {
+    let fixtures = lint_fixtures();
+    let cluster = fixtures.join("cluster.yaml").display().to_string();
+    let clean = fixtures.join("clean").display().to_string();
+    let o = ward(&["policy", "lint", &clean, "--cluster", &cluster]);
+    assert!(o.status.success(), "{}", stdout(&o));
+    assert_eq!(stdout(&o).trim(), "0 errors, 0 warnings in 1 files");
+
+    // a warning alone does not fail the run; an error does
+    let or = fixtures.join("or-peers.yaml").display().to_string();
+    let o = ward(&["policy", "lint", &or]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{or}:14: warning [or-peers] NetworkPolicy shop/api-from-web: spec.ingress[0].from[1]:"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("\n  fix: "), "{out}");
+    let dns = fixtures
+        .join("egress-without-dns.yaml")
+        .display()
+        .to_string();
+    let o = ward(&["policy", "lint", &dns, "-o", "json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["errors"], 1);
+    let f = &v["findings"][0];
+    assert_eq!(f["check"], "egress-without-dns");
+    assert_eq!(f["severity"], "error");
+    assert_eq!(f["line"], 9);
+    assert_eq!(f["path"], "spec.policyTypes");
+    assert_eq!(f["object"], "NetworkPolicy shop/default-deny-egress");
+    assert!(f["fix"].as_str().is_some_and(|x| x.contains("53")), "{f}");
+}
+
+#[test]
+fn conformance_run_passes_the_calico_cases() {
+    let dir = shared_cases().with_file_name("cases-calico");
+    let o = ward(&[
+        "conformance",
+        "run",
+        &dir.display().to_string(),
+        "--format",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert!(o.status.success(), "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    assert!(v["passed"].as_u64().unwrap_or_default() >= 100, "{v}");
+}
+
 #[test]
 fn policy_check_reports_errors_with_file_line_object_and_path() {
     let s = Scratch::new("check");

@@ -16,6 +16,16 @@ pub enum RefuseCode {
     Nxdomain,
 }
 
+/// Queries in hand at once by default: several times what a busy node has forwarded at
+/// once (queries a second times the upstream's latency), and within a process's usual
+/// limit of open files once raised from 1,024 (`ward dns-proxy` raises it). dnsmasq
+/// forwards at most 150 at once (`dns-forward-max`), Cilium sets no limit by default.
+pub const DEFAULT_CONCURRENCY_LIMIT: usize = 1024;
+
+/// Queries in hand at once from one client IP by default: a quarter of the whole, so that
+/// one pod flooding a slow zone leaves the others room.
+pub const DEFAULT_CLIENT_CONCURRENCY_LIMIT: usize = 256;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -49,8 +59,17 @@ pub struct Config {
     pub busy_poll_us: u64,
     /// How many queries the proxy handles at once (from the parsed query to the reply);
     /// past it a query gets `SERVFAIL` at once (Cilium's `dnsproxy-concurrency-limit`).
-    /// 0: no limit.
+    /// Each forwarded UDP query holds a socket: this bounds the proxy's open files. 0: no
+    /// limit.
     pub concurrency_limit: usize,
+    /// How many of them may come from one client IP at once; past it that client's query
+    /// gets `SERVFAIL` at once. 0: no limit.
+    pub client_concurrency_limit: usize,
+    /// DNS 0x20 (draft-vixie-dnsext-dns0x20): the question's name goes upstream in a random
+    /// case that the answer must repeat exactly, more bits for a forger to guess than the
+    /// id and port. Off by default: a server that does not echo the case exactly (rare)
+    /// would get every query `SERVFAIL`.
+    pub randomize_case: bool,
 }
 
 impl Default for Config {
@@ -67,7 +86,9 @@ impl Default for Config {
             audit_capacity: 4096,
             upstream_mark: None,
             busy_poll_us: 0,
-            concurrency_limit: 0,
+            concurrency_limit: DEFAULT_CONCURRENCY_LIMIT,
+            client_concurrency_limit: DEFAULT_CLIENT_CONCURRENCY_LIMIT,
+            randomize_case: false,
         }
     }
 }

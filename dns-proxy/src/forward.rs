@@ -1,20 +1,33 @@
-//! Forwarding a query to the server the client asked, over the client's transport. The
-//! query bytes go out unchanged (EDNS and all) and the answer comes back unchanged.
+//! Forwarding a query to the server the client asked, over the client's transport.
+//!
+//! The upstream never sees the client's query id: each query goes out with a fresh id
+//! from a CSPRNG ([`Sent`]), over UDP from a socket of its own (bound to a port the
+//! kernel picks at random, connected to the server, closed once the query ends) or over
+//! TCP through the server's pipelined connection ([`crate::pipeline`]). An answer counts
+//! only when it comes from that server, carries the id sent and repeats the question
+//! (with `randomize_case`, DNS 0x20, in the very case sent); anything else on the socket
+//! is dropped and counted. The answer then gets the client's id (and case) back and is
+//! otherwise passed on unchanged (EDNS and all).
 
-use std::collections::HashMap;
+use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, UdpSocket};
+use prometheus::IntCounter;
+use rand::RngCore;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
 
 use crate::busy_poll::{self, BusyPoll};
+use crate::pipeline::Pipelines;
 use crate::proxy::Transport;
 use crate::sink::BoxFuture;
 use crate::socket;
+use crate::wire::{self, HEADER_LEN};
 
 /// Where allowed queries go. The real one is [`Forwarder`]; tests and the fuzz target
 /// plug in their own.
@@ -27,8 +40,8 @@ pub trait Upstream: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<u8>, ForwardError>>;
 
     /// [`Upstream::forward`], showing `watch` the answer as soon as it is read, before
-    /// the exchange winds down (pooled socket, timer) and returns it. By default it is
-    /// not shown.
+    /// the exchange winds down (socket, timer) and returns it. By default it is not
+    /// shown.
     fn forward_watching<'a>(
         &'a self,
         query: &'a [u8],
@@ -41,8 +54,9 @@ pub trait Upstream: Send + Sync + 'static {
     }
 }
 
-/// Sees an upstream answer (one with the query's id) the moment it is read: the proxy
-/// releases a known answer's repeat from there ([`crate::proxy::Proxy::serve_with`]).
+/// Sees an upstream answer (the answer to the query, with the client's id back) the
+/// moment it is read: the proxy releases a known answer's repeat from there
+/// ([`crate::proxy::Proxy::serve_with`]).
 pub trait WatchAnswer: Sync {
     fn answer(&self, answer: &[u8]);
 }
@@ -56,8 +70,8 @@ pub enum ForwardError {
     },
     #[error("upstream {0} timed out")]
     Timeout(SocketAddr),
-    #[error("query too short to carry an id")]
-    ShortQuery,
+    #[error("query without one question written as labels: not forwarded")]
+    BadQuery,
 }
 
 impl ForwardError {
@@ -65,32 +79,172 @@ impl ForwardError {
         match self {
             ForwardError::Io { .. } => "io",
             ForwardError::Timeout(_) => "timeout",
-            ForwardError::ShortQuery => "short",
+            ForwardError::BadQuery => "query",
         }
     }
 }
 
-/// A connected UDP socket with its receive buffer (64 KiB, allocated once).
+/// One query as it goes upstream, and what an answer must show to be its answer.
+///
+/// The upstream sees a fresh id (and with case randomisation its name in a random
+/// case), never the client's: an attacker who knows the client's query, or sent it,
+/// still has to guess the id and the port of a socket that exists only while the query
+/// is out (and the case).
 #[derive(Debug)]
-struct Pooled {
-    sock: UdpSocket,
-    buf: Vec<u8>,
+pub struct Sent<'q> {
+    /// The client's query.
+    query: &'q [u8],
+    /// The bytes that go upstream.
+    wire: Vec<u8>,
+    /// Where the question's name ends (it starts after the header).
+    name_end: usize,
+    question_end: usize,
+    /// The name's case was randomised: the answer must repeat it exactly.
+    exact_case: bool,
+    /// The largest UDP answer the query lets the server send.
+    max_udp: usize,
 }
 
-/// Connected UDP sockets kept per server for reuse (bounded).
-const POOL_PER_SERVER: usize = 256;
+impl<'q> Sent<'q> {
+    /// `query` with an id from `rng` and, when `randomize_case`, each letter of its name
+    /// in a case from `rng`. `BadQuery` for a query without one question written as
+    /// labels (the proxy only forwards queries it read as having one).
+    pub fn new(
+        query: &'q [u8],
+        rng: &mut dyn RngCore,
+        randomize_case: bool,
+    ) -> Result<Sent<'q>, ForwardError> {
+        let (name_end, question_end) =
+            wire::question_bounds(query).ok_or(ForwardError::BadQuery)?;
+        let mut sent = Sent {
+            query,
+            wire: query.to_vec(),
+            name_end,
+            question_end,
+            exact_case: randomize_case,
+            max_udp: wire::udp_payload(query, question_end),
+        };
+        sent.set_id(rng.next_u32() as u16);
+        if randomize_case {
+            let (mut bits, mut left) = (0u64, 0);
+            // Length bytes (below 64) are never letters.
+            for b in sent.wire[HEADER_LEN..name_end]
+                .iter_mut()
+                .filter(|b| b.is_ascii_alphabetic())
+            {
+                if left == 0 {
+                    (bits, left) = (rng.next_u64(), 64);
+                }
+                if bits & 1 == 1 {
+                    *b ^= 0x20;
+                }
+                (bits, left) = (bits >> 1, left - 1);
+            }
+        }
+        Ok(sent)
+    }
 
-#[derive(Debug, Default)]
+    /// The bytes that go upstream.
+    pub fn wire(&self) -> &[u8] {
+        &self.wire
+    }
+
+    /// The id sent.
+    pub fn id(&self) -> u16 {
+        u16::from_be_bytes([self.wire[0], self.wire[1]])
+    }
+
+    /// Sends the query with `id` instead (a pipelined connection's ids must differ).
+    pub fn set_id(&mut self, id: u16) {
+        self.wire[..2].copy_from_slice(&id.to_be_bytes());
+    }
+
+    /// The largest UDP answer the query allows: its EDNS payload size, or 512.
+    pub fn max_udp(&self) -> usize {
+        self.max_udp
+    }
+
+    /// Whether `answer` is the answer to the query as sent: a response with the id sent
+    /// and the query's opcode that repeats the question (its name in any case, or exactly
+    /// as sent when the case was randomised; type and class exactly). An answer without
+    /// a question counts only when it has no answer records (some servers' errors).
+    pub fn answers(&self, answer: &[u8]) -> bool {
+        let (Some(head), Some(sent)) = (answer.get(..HEADER_LEN), self.wire.get(..HEADER_LEN))
+        else {
+            return false;
+        };
+        // Same id, QR set, same opcode.
+        if head[..2] != sent[..2] || head[2] & 0x80 == 0 || (head[2] ^ sent[2]) & 0x78 != 0 {
+            return false;
+        }
+        match wire::u16_at(answer, 4) {
+            Some(1) => {
+                let (Some(a), Some(q)) = (
+                    answer.get(HEADER_LEN..self.question_end),
+                    self.wire.get(HEADER_LEN..self.question_end),
+                ) else {
+                    return false;
+                };
+                let n = self.name_end - HEADER_LEN;
+                let name = if self.exact_case {
+                    a[..n] == q[..n]
+                } else {
+                    a[..n].eq_ignore_ascii_case(&q[..n])
+                };
+                name && a[n..] == q[n..]
+            }
+            Some(0) => wire::u16_at(answer, 6) == Some(0),
+            _ => false,
+        }
+    }
+
+    /// Makes `answer` (one that [`Sent::answers`]) the client's: the client's id, and
+    /// the client's case in its question when the case was randomised.
+    pub fn restore(&self, answer: &mut [u8]) {
+        if let (Some(id), Some(client)) = (answer.get_mut(..2), self.query.get(..2)) {
+            id.copy_from_slice(client);
+        }
+        if self.exact_case && wire::u16_at(answer, 4) == Some(1) {
+            if let (Some(name), Some(client)) = (
+                answer.get_mut(HEADER_LEN..self.name_end),
+                self.query.get(HEADER_LEN..self.name_end),
+            ) {
+                name.copy_from_slice(client);
+            }
+        }
+    }
+
+    /// [`Sent::answers`], and then the answer as the client's ([`Sent::restore`]).
+    pub fn accept(&self, answer: &[u8]) -> Option<Vec<u8>> {
+        if !self.answers(answer) {
+            return None;
+        }
+        let mut a = answer.to_vec();
+        self.restore(&mut a);
+        Some(a)
+    }
+}
+
+thread_local! {
+    /// Where UDP answers are read into before their size is known; each answer then gets
+    /// a buffer of its own size.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; 65_536]);
+}
+
+/// The real upstream: UDP from a fresh socket per query, TCP over one pipelined
+/// connection per server.
+#[derive(Debug)]
 pub struct Forwarder {
     pub timeout: Duration,
     /// `SO_MARK` of upstream sockets.
     pub mark: Option<u32>,
-    /// Idle connected UDP sockets per server. A socket goes back only after it received
-    /// the answer it waited for (a timed-out one is closed), so no stale answer is
-    /// pending on a reused socket; answers are still matched by id.
-    pool: Mutex<HashMap<SocketAddr, Vec<Pooled>>>,
+    /// DNS 0x20: the name goes out in a random case that the answer must repeat.
+    randomize_case: bool,
     /// Busy polling: answers are read directly while the window is open.
     busy: Option<Arc<BusyPoll>>,
+    tcp: Pipelines,
+    /// Datagrams on an upstream socket that were not its answer.
+    unexpected: IntCounter,
 }
 
 impl Upstream for Forwarder {
@@ -114,31 +268,58 @@ impl Upstream for Forwarder {
     }
 }
 
+/// An upstream UDP socket: not known to the runtime until a receive has to wait on it
+/// (with busy polling the answer is mostly read before that, and the socket is only
+/// ever opened, used and closed).
+enum UdpUp {
+    Plain(Socket),
+    Registered(UdpSocket),
+    /// Only while registering.
+    Gone,
+}
+
+impl UdpUp {
+    fn fd(&self) -> RawFd {
+        match self {
+            UdpUp::Plain(s) => s.as_raw_fd(),
+            UdpUp::Registered(s) => s.as_raw_fd(),
+            UdpUp::Gone => -1,
+        }
+    }
+
+    fn registered(&mut self) -> io::Result<&UdpSocket> {
+        if let UdpUp::Plain(_) = self {
+            if let UdpUp::Plain(s) = std::mem::replace(self, UdpUp::Gone) {
+                *self = UdpUp::Registered(UdpSocket::from_std(s.into())?);
+            }
+        }
+        match self {
+            UdpUp::Registered(s) => Ok(s),
+            _ => Err(io::Error::other("upstream socket lost")),
+        }
+    }
+}
+
 impl Forwarder {
-    pub fn new(timeout: Duration, mark: Option<u32>, busy: Option<Arc<BusyPoll>>) -> Forwarder {
+    pub fn new(
+        timeout: Duration,
+        mark: Option<u32>,
+        busy: Option<Arc<BusyPoll>>,
+        randomize_case: bool,
+        unexpected: IntCounter,
+    ) -> Forwarder {
         Forwarder {
             timeout,
             mark,
-            pool: Mutex::new(HashMap::new()),
+            randomize_case,
             busy,
+            tcp: Pipelines::new(mark),
+            unexpected,
         }
     }
 
-    fn take(&self, server: SocketAddr) -> Option<Pooled> {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        pool.get_mut(&server)?.pop()
-    }
-
-    fn put(&self, server: SocketAddr, sock: Pooled) {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        let idle = pool.entry(server).or_default();
-        if idle.len() < POOL_PER_SERVER {
-            idle.push(sock);
-        }
-    }
-
-    /// Sends `query` to `server` and returns the answer with the query's id, shown to
-    /// `watch` first.
+    /// Sends `query` to `server` and returns the answer to it with the client's id,
+    /// shown to `watch` first.
     pub async fn exchange(
         &self,
         query: &[u8],
@@ -146,14 +327,18 @@ impl Forwarder {
         transport: Transport,
         watch: Option<&dyn WatchAnswer>,
     ) -> Result<Vec<u8>, ForwardError> {
-        if query.len() < 2 {
-            return Err(ForwardError::ShortQuery);
-        }
+        let mut sent = Sent::new(query, &mut rand::rng(), self.randomize_case)?;
         let io = |source| ForwardError::Io { server, source };
         let fut = async {
             match transport {
-                Transport::Udp => self.udp(query, server, watch).await,
-                Transport::Tcp => self.tcp(query, server, watch).await,
+                Transport::Udp => self.udp(&sent, server, watch).await,
+                Transport::Tcp => {
+                    let answer = self.tcp.exchange(&mut sent, server).await?;
+                    if let Some(w) = watch {
+                        w.answer(&answer);
+                    }
+                    Ok(answer)
+                }
             }
         };
         match tokio::time::timeout(self.timeout, fut).await {
@@ -164,51 +349,73 @@ impl Forwarder {
 
     async fn udp(
         &self,
-        query: &[u8],
+        sent: &Sent<'_>,
         server: SocketAddr,
         watch: Option<&dyn WatchAnswer>,
     ) -> io::Result<Vec<u8>> {
-        let mut p = match self.take(server) {
-            Some(p) => p,
-            None => Pooled {
-                sock: self.connect_udp(server).await?,
-                buf: vec![0u8; 65_535],
-            },
+        let s = self.open_udp(server)?;
+        let mut sock = match s.send(sent.wire()) {
+            Ok(_) => UdpUp::Plain(s),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut sock = UdpUp::Plain(s);
+                sock.registered()?.send(sent.wire()).await?;
+                sock
+            }
+            Err(e) => return Err(e),
         };
-        p.sock.send(query).await?;
         loop {
-            let got = busy_poll::recv(self.busy.as_deref(), || {
-                socket::recv_now(&p.sock, &mut p.buf)
-            })
-            .await;
-            let n = match got {
+            let fd = sock.fd();
+            let got = busy_poll::recv(self.busy.as_deref(), || self.take_answer(fd, sent)).await;
+            let answer = match got {
                 Ok(got) => got?,
                 Err(wait) => {
-                    let n = p.sock.recv(&mut p.buf).await?;
+                    let s = sock.registered()?;
+                    // An error (the server's port unreachable) wakes the receive too.
+                    let got = s
+                        .async_io(Interest::READABLE | Interest::ERROR, || {
+                            self.take_answer(s.as_raw_fd(), sent)
+                        })
+                        .await;
                     drop(wait);
-                    n
+                    got?
                 }
             };
-            let answer = p.buf.get(..n).unwrap_or_default();
-            // A datagram with another id is not our answer (stale or spoofed): keep waiting.
-            if n >= 2 && answer.get(..2) == query.get(..2) {
+            if let Some(answer) = answer {
                 if let Some(w) = watch {
-                    w.answer(answer);
+                    w.answer(&answer);
                 }
-                let answer = answer.to_vec();
-                self.put(server, p);
                 return Ok(answer);
             }
         }
     }
 
-    async fn connect_udp(&self, server: SocketAddr) -> io::Result<UdpSocket> {
+    /// Reads the datagram waiting on `fd`, if any (`WouldBlock` if none): the answer
+    /// with the client's id when it is the answer to `sent`, else None (dropped and
+    /// counted: another id or question, or longer than the query allowed).
+    fn take_answer(&self, fd: RawFd, sent: &Sent<'_>) -> io::Result<Option<Vec<u8>>> {
+        SCRATCH.with_borrow_mut(|buf| {
+            let limit = sent.max_udp().min(buf.len() - 1);
+            let n = socket::recv_fd_now(fd, &mut buf[..=limit])?;
+            let answer = buf
+                .get(..n)
+                .filter(|_| n <= limit)
+                .and_then(|a| sent.accept(a));
+            if answer.is_none() {
+                self.unexpected.inc();
+            }
+            Ok(answer)
+        })
+    }
+
+    /// A UDP socket for one query: bound to a port the kernel picks (at random, from the
+    /// ephemeral range) and connected to `server`, so only datagrams from the server's
+    /// address and port reach it.
+    fn open_udp(&self, server: SocketAddr) -> io::Result<Socket> {
         let s = Socket::new(
             Domain::for_address(server),
-            Type::DGRAM,
+            Type::DGRAM.nonblocking(),
             Some(Protocol::UDP),
         )?;
-        s.set_nonblocking(true)?;
         if let Some(m) = self.mark {
             s.set_mark(m)?;
         }
@@ -218,43 +425,173 @@ impl Forwarder {
             ([0u16; 8], 0).into()
         };
         s.bind(&any.into())?;
-        let sock = UdpSocket::from_std(s.into())?;
-        sock.connect(server).await?;
-        Ok(sock)
+        s.connect(&server.into())?;
+        Ok(s)
     }
+}
 
-    async fn tcp(
-        &self,
-        query: &[u8],
-        server: SocketAddr,
-        watch: Option<&dyn WatchAnswer>,
-    ) -> io::Result<Vec<u8>> {
-        let sock = if server.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        if let Some(m) = self.mark {
-            SockRef::from(&sock).set_mark(m)?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::{Edns, Message, MessageType, Query};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+    /// A deterministic stand-in for the CSPRNG.
+    struct Counter(u64);
+
+    impl RngCore for Counter {
+        fn next_u32(&mut self) -> u32 {
+            self.next_u64() as u32
         }
-        let mut stream = sock.connect(server).await?;
-        stream.set_nodelay(true)?;
-        let len = u16::try_from(query.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "query over 65535 bytes"))?;
-        let mut out = Vec::with_capacity(query.len() + 2);
-        out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(query);
-        stream.write_all(&out).await?;
-        loop {
-            let n = usize::from(stream.read_u16().await?);
-            let mut buf = vec![0u8; n];
-            stream.read_exact(&mut buf).await?;
-            if n >= 2 && buf.get(..2) == query.get(..2) {
-                if let Some(w) = watch {
-                    w.answer(&buf);
-                }
-                return Ok(buf);
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            self.0
+        }
+        fn fill_bytes(&mut self, dst: &mut [u8]) {
+            for b in dst {
+                *b = self.next_u32() as u8;
             }
         }
+    }
+
+    fn query(id: u16, name: &str, edns: Option<u16>) -> Vec<u8> {
+        let mut m = Message::new();
+        m.set_id(id);
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        if let Some(size) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    /// The server's answer to the bytes it got.
+    fn answer(to: &[u8]) -> Vec<u8> {
+        let q = Message::from_vec(to).unwrap();
+        let mut m = Message::new();
+        m.set_id(q.id()).set_message_type(MessageType::Response);
+        m.add_queries(q.queries().iter().cloned());
+        m.add_answer(Record::from_rdata(
+            q.queries()[0].name().clone(),
+            60,
+            RData::A(A::new(192, 0, 2, 1)),
+        ));
+        m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn the_id_sent_is_random_and_the_clients_comes_back() {
+        let q = query(0x4242, "www.example.com.", Some(1232));
+        let mut rng = Counter(1);
+        let sent = Sent::new(&q, &mut rng, false).unwrap();
+        assert_ne!(sent.id(), 0x4242);
+        assert_eq!(sent.wire()[2..], q[2..], "only the id differs");
+        assert_eq!(sent.max_udp(), 1232);
+        let ids: std::collections::HashSet<u16> = (0..100)
+            .map(|_| Sent::new(&q, &mut rng, false).unwrap().id())
+            .collect();
+        assert!(ids.len() > 90, "{ids:?}");
+        let a = answer(sent.wire());
+        let got = sent.accept(&a).expect("the answer to what was sent");
+        assert_eq!(got[..2], [0x42, 0x42]);
+        assert_eq!(got[2..], a[2..]);
+        // The client's id is not the one sent: an answer with it is not the answer.
+        let mut with_client_id = a.clone();
+        with_client_id[..2].copy_from_slice(&[0x42, 0x42]);
+        assert!(!sent.answers(&with_client_id));
+        // Nor one with another id, or a query, or another opcode.
+        let mut other = a.clone();
+        other[1] ^= 1;
+        assert!(!sent.answers(&other));
+        let mut not_response = a.clone();
+        not_response[2] &= 0x7f;
+        assert!(!sent.answers(&not_response));
+        let mut opcode = a.clone();
+        opcode[2] |= 0x10;
+        assert!(!sent.answers(&opcode));
+        assert!(!sent.answers(&a[..11]));
+    }
+
+    #[test]
+    fn the_question_must_be_repeated() {
+        let q = query(7, "www.example.com.", None);
+        let sent = Sent::new(&q, &mut Counter(2), false).unwrap();
+        assert_eq!(sent.max_udp(), 512);
+        let mut a = answer(sent.wire());
+        // Another case is the same name (no case randomisation).
+        a[13] = b'W';
+        assert!(sent.answers(&a));
+        // Another name, type or class is not.
+        for at in [14, sent.question_end - 3, sent.question_end - 1] {
+            let mut b = answer(sent.wire());
+            b[at] ^= 0x01;
+            assert!(!sent.answers(&b), "byte {at}");
+        }
+        // Another question entirely, with the right id.
+        let other = query(sent.id(), "evil.example.com.", None);
+        assert!(!sent.answers(&answer(&other)));
+        // No question: only without answer records.
+        let mut bare = answer(sent.wire());
+        bare.truncate(HEADER_LEN);
+        bare[4..12].fill(0);
+        assert!(sent.answers(&bare));
+        bare[7] = 1;
+        assert!(!sent.answers(&bare));
+        // Two questions: no.
+        let mut two = answer(sent.wire());
+        two[5] = 2;
+        assert!(!sent.answers(&two));
+    }
+
+    #[test]
+    fn randomised_case_must_come_back_exactly_and_the_clients_is_restored() {
+        let q = query(9, "www.example.com.", None);
+        let mut rng = Counter(3);
+        let sent = Sent::new(&q, &mut rng, true).unwrap();
+        let (name, client) = (
+            &sent.wire()[HEADER_LEN..sent.name_end],
+            &q[HEADER_LEN..sent.name_end],
+        );
+        assert!(name.eq_ignore_ascii_case(client));
+        assert_ne!(name, client, "some letters changed case");
+        let a = answer(sent.wire());
+        let got = sent.accept(&a).expect("the case sent");
+        assert_eq!(
+            got[HEADER_LEN..sent.name_end],
+            *client,
+            "the client's case back"
+        );
+        // The same name in the client's case (or lower case) is not the answer.
+        let mut lower = a.clone();
+        lower[HEADER_LEN..sent.name_end].make_ascii_lowercase();
+        assert!(!sent.answers(&lower));
+        let mut clients = a.clone();
+        clients[HEADER_LEN..sent.name_end].copy_from_slice(client);
+        assert!(!sent.answers(&clients));
+        // Over many queries each letter's case varies.
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..64 {
+            let s = Sent::new(&q, &mut rng, true).unwrap();
+            seen.insert(s.wire()[HEADER_LEN..s.name_end].to_vec());
+        }
+        assert!(seen.len() > 32, "{}", seen.len());
+    }
+
+    #[test]
+    fn a_query_without_a_plain_question_is_not_sent() {
+        let mut q = query(9, "www.example.com.", None);
+        q[5] = 0;
+        assert!(matches!(
+            Sent::new(&q, &mut Counter(4), false),
+            Err(ForwardError::BadQuery)
+        ));
+        let mut pointer = query(9, "www.example.com.", None);
+        pointer[HEADER_LEN] = 0xc0;
+        assert!(Sent::new(&pointer, &mut Counter(4), false).is_err());
     }
 }

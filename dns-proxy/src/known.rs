@@ -13,13 +13,11 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-/// The length of a DNS header.
-const HEADER_LEN: usize = 12;
+use crate::wire::{skip_name, HEADER_LEN, TYPE_OPT};
 
 const TYPE_A: u16 = 1;
 const TYPE_CNAME: u16 = 5;
 const TYPE_AAAA: u16 = 28;
-const TYPE_OPT: u16 = 41;
 
 /// An answer read before, as a pattern for the next answers to the same question.
 #[derive(Debug)]
@@ -100,20 +98,6 @@ fn ttl_offsets(msg: &[u8]) -> Option<(Vec<usize>, Vec<usize>)> {
         p += 10 + rdlen;
     }
     (p == msg.len()).then_some((ttls, learned))
-}
-
-/// The position after the name at `p`: labels up to the root, or up to a pointer.
-fn skip_name(msg: &[u8], mut p: usize) -> Option<usize> {
-    loop {
-        let len = *msg.get(p)?;
-        match len >> 6 {
-            0 if len == 0 => return Some(p + 1),
-            0 => p += 1 + usize::from(len),
-            // A compression pointer ends the name.
-            3 => return Some(p + 2),
-            _ => return None,
-        }
-    }
 }
 
 /// Known answers per server and question (the question's bytes as the query wrote

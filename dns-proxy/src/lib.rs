@@ -11,15 +11,18 @@ pub mod cache;
 pub mod config;
 pub mod forward;
 pub mod known;
+pub mod limits;
 pub mod listener;
 pub mod message;
 pub mod metrics;
 pub mod persist;
+pub mod pipeline;
 pub mod policy;
 pub mod proxy;
 pub mod read;
 pub mod sink;
 pub mod socket;
+pub mod wire;
 
 pub use config::{Config, RefuseCode};
 pub use policy::Scope;

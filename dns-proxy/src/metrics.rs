@@ -30,8 +30,13 @@ pub struct Metrics {
     pub expirations: IntCounter,
     pub evictions: IntCounter,
     pub persist_errors: IntCounter,
-    /// Queries answered `SERVFAIL` because `concurrency_limit` queries were in hand.
-    pub over_limit: IntCounter,
+    /// Queries answered `SERVFAIL` at once because `concurrency_limit` queries were in
+    /// hand (`limit="global"`), or `client_concurrency_limit` of the client's
+    /// (`limit="client"`).
+    pub over_limit: IntCounterVec,
+    /// Datagrams on an upstream socket that were not the answer to its query (another
+    /// id or question, longer than the query allowed): stale, broken or forged.
+    pub upstream_unexpected: IntCounter,
     /// Answers released as a known answer's repeat, read after the reply.
     pub known_answers: IntCounter,
     /// The proxy's own time per query: from the query's receipt to the reply's send,
@@ -61,6 +66,8 @@ pub struct Series {
     pub malformed_answer: IntCounter,
     pub upstream_udp: Histogram,
     pub upstream_tcp: Histogram,
+    pub over_global_limit: IntCounter,
+    pub over_client_limit: IntCounter,
 }
 
 impl Metrics {
@@ -138,6 +145,13 @@ impl Metrics {
             ),
             &["transport"],
         )?;
+        let over_limit = IntCounterVec::new(
+            opts(
+                "concurrency_limited_total",
+                "Queries answered SERVFAIL at once because a concurrency limit was reached",
+            ),
+            &["limit"],
+        )?;
         let mut by_verdict = Vec::new();
         for v in VERDICTS {
             let mut row = Vec::new();
@@ -154,6 +168,8 @@ impl Metrics {
             malformed_answer: malformed.get_metric_with_label_values(&["answer"])?,
             upstream_udp: upstream_seconds.get_metric_with_label_values(&["udp"])?,
             upstream_tcp: upstream_seconds.get_metric_with_label_values(&["tcp"])?,
+            over_global_limit: over_limit.get_metric_with_label_values(&["global"])?,
+            over_client_limit: over_limit.get_metric_with_label_values(&["client"])?,
         });
         let m = Metrics {
             registry: Registry::new(),
@@ -198,9 +214,10 @@ impl Metrics {
                 "persist_errors_total",
                 "Failed writes of the FQDN cache",
             ))?,
-            over_limit: IntCounter::with_opts(opts(
-                "concurrency_limited_total",
-                "Queries answered SERVFAIL because the concurrency limit was reached",
+            over_limit,
+            upstream_unexpected: IntCounter::with_opts(opts(
+                "upstream_unexpected_total",
+                "Datagrams on an upstream socket that were not the answer to its query",
             ))?,
             known_answers: IntCounter::with_opts(opts(
                 "known_answers_total",
@@ -228,6 +245,7 @@ impl Metrics {
         r.register(Box::new(m.evictions.clone()))?;
         r.register(Box::new(m.persist_errors.clone()))?;
         r.register(Box::new(m.over_limit.clone()))?;
+        r.register(Box::new(m.upstream_unexpected.clone()))?;
         r.register(Box::new(m.known_answers.clone()))?;
         r.register(Box::new(m.processing_seconds.clone()))?;
         Ok(m)

@@ -37,6 +37,9 @@ pub struct PolicyStore {
     /// policy depends only on (client IP in node scope, server, transport) and the model,
     /// so it is computed once per model instead of once per query.
     resolved: Mutex<ResolvedCache>,
+    /// In endpoint scope: the port the policy names for the server, checked instead of
+    /// the port the server really listens on (`ward dns-proxy --port`).
+    port: Option<u16>,
 }
 
 /// Client IP (node scope only), server, transport.
@@ -61,7 +64,14 @@ impl PolicyStore {
                 model: None,
                 map: HashMap::new(),
             }),
+            port: None,
         }
+    }
+
+    /// In endpoint scope, checks rules against `port` instead of the server's own port
+    /// (a standalone proxy whose upstream listens elsewhere than the policy says).
+    pub fn set_policy_port(&mut self, port: Option<u16>) {
+        self.port = port;
     }
 
     pub fn current(&self) -> Arc<Model> {
@@ -150,7 +160,7 @@ impl PolicyStore {
                         Direction::Egress,
                         model.identity_of(server.ip(), None),
                         proto,
-                        server.port(),
+                        self.port.unwrap_or(server.port()),
                     ),
                     // The endpoint left the model: fail closed.
                     None => SidePolicy {

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -21,6 +21,7 @@ use crate::cache::FqdnCache;
 use crate::config::{Config, RefuseCode};
 use crate::forward::{Forwarder, Upstream, WatchAnswer};
 use crate::known::{Known, KnownAnswers};
+use crate::limits::{InHand, Over};
 use crate::message::name_text;
 use crate::metrics::{rcode_label, Metrics};
 use crate::persist::{self, PersistError};
@@ -72,8 +73,8 @@ struct Inner {
     metrics: Metrics,
     upstream: Arc<dyn Upstream>,
     busy_poll: Option<Arc<BusyPoll>>,
-    /// Queries in hand, for `concurrency_limit`.
-    in_hand: AtomicUsize,
+    /// Queries in hand, for `concurrency_limit` and `client_concurrency_limit`.
+    in_hand: InHand,
     /// Moves on whatever may take an IP away from the datapath, or hold an answer back
     /// behind an update: every update queued, every model swap, an IP evicted or made to
     /// expire sooner. A [`Held`] taken while the query was upstream stands while it has
@@ -147,33 +148,6 @@ struct HandOff {
     confirmed: Option<bool>,
     /// The updates to wait for ([`Proxy::await_datapath`]), when any was queued.
     waits: Option<Vec<watch::Receiver<bool>>>,
-}
-
-/// One of the `concurrency_limit` places for a query in hand; given back on drop, also
-/// when the query's handling is dropped half-way.
-struct Slot<'a>(Option<&'a AtomicUsize>);
-
-impl<'a> Slot<'a> {
-    /// A place, or none when `limit` queries are in hand (a zero limit: always a place).
-    fn take(count: &'a AtomicUsize, limit: usize) -> Option<Slot<'a>> {
-        if limit == 0 {
-            return Some(Slot(None));
-        }
-        count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Slot(Some(count)))
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        if let Some(count) = self.0 {
-            count.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
 }
 
 /// How much longer than the moment of the check an IP must stay held for an answer to be
@@ -342,7 +316,10 @@ impl Proxy {
             config.upstream_timeout,
             config.upstream_mark,
             busy_poll.clone(),
+            config.randomize_case,
+            metrics.upstream_unexpected.clone(),
         );
+        let in_hand = InHand::new(config.concurrency_limit, config.client_concurrency_limit);
         Proxy {
             inner: Arc::new(Inner {
                 cache: Mutex::new(FqdnCache::new(config.max_ips_per_name)),
@@ -356,7 +333,7 @@ impl Proxy {
                 audit,
                 metrics,
                 upstream: Arc::new(forwarder),
-                in_hand: AtomicUsize::new(0),
+                in_hand,
                 generation: AtomicU64::new(0),
                 known: KnownAnswers::default(),
             }),
@@ -374,6 +351,16 @@ impl Proxy {
     pub fn with_upstream(mut self, upstream: Arc<dyn Upstream>) -> Proxy {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.upstream = upstream;
+        }
+        self
+    }
+
+    /// In endpoint scope, checks DNS rules against `port`, the port the policy names for
+    /// the server, instead of the port the server listens on. Has no effect once the
+    /// proxy is shared.
+    pub fn with_policy_port(mut self, port: Option<u16>) -> Proxy {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.policy.set_policy_port(port);
         }
         self
     }
@@ -689,20 +676,28 @@ impl Proxy {
             rec.qtype = q.question.query_type().into();
         }
         // Held until the query is answered (or its handling is dropped).
-        let Some(_slot) = Slot::take(&self.inner.in_hand, self.inner.config.concurrency_limit)
-        else {
-            m.over_limit.inc();
-            rec.reason = format!(
-                "concurrency limit reached: {} queries in hand",
-                self.inner.config.concurrency_limit
-            );
-            let rcode = ResponseCode::ServFail;
-            return self
-                .finish(rec, start, Verdict::Error, q.error_reply(rcode), rcode)
-                .about(About {
-                    qname,
-                    ..About::default()
-                });
+        let _place = match self.inner.in_hand.take(ctx.client.ip()) {
+            Ok(place) => place,
+            Err(over) => {
+                let limit = self.inner.in_hand.limit(over);
+                rec.reason = match over {
+                    Over::Global => {
+                        m.series.over_global_limit.inc();
+                        format!("concurrency limit reached: {limit} queries in hand")
+                    }
+                    Over::Client => {
+                        m.series.over_client_limit.inc();
+                        format!("client concurrency limit reached: {limit} queries of this client in hand")
+                    }
+                };
+                let rcode = ResponseCode::ServFail;
+                return self
+                    .finish(rec, start, Verdict::Error, q.error_reply(rcode), rcode)
+                    .about(About {
+                        qname,
+                        ..About::default()
+                    });
+            }
         };
 
         let model = self.inner.policy.current();

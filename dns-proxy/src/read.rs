@@ -60,14 +60,24 @@ pub struct Unusual {
 }
 
 /// Reads a query. Of the usual shape it is read in one pass; anything else (rare) is
-/// parsed whole, which says why it is refused: FORMERR for bytes that do not parse or a
-/// query without exactly one question, NOTIMP for another opcode, no answer at all to a
+/// parsed whole, which says why it is refused: FORMERR for bytes that do not parse, bytes
+/// after the message (they would go upstream unchecked) or a query without exactly one
+/// question, NOTIMP for another opcode, no answer at all to a
 /// response (that is how reflection loops start).
 pub fn read_query(bytes: &[u8]) -> Result<QueryRead, Unusual> {
     if let Some(q) = read_usual_query(bytes) {
         return Ok(q);
     }
-    let msg = match Message::from_vec(bytes) {
+    let mut d = BinDecoder::new(bytes);
+    let msg = match Message::read(&mut d) {
+        // Bytes after the message would reach the upstream unchecked.
+        Ok(_) if !d.is_empty() => {
+            return Err(Unusual {
+                reason: format!("malformed query: {} bytes after the message", d.len()),
+                reply: formerr_from_bytes(bytes),
+                rcode: ResponseCode::FormErr,
+            })
+        }
         Ok(msg) => msg,
         Err(e) => {
             return Err(Unusual {
@@ -122,6 +132,9 @@ fn read_usual_query(bytes: &[u8]) -> Option<QueryRead> {
     let question = Query::read(&mut d).ok()?;
     let question_end = d.index();
     let opt = read_records(&mut d, &header, |_| {}).ok()?;
+    if !d.is_empty() {
+        return None;
+    }
     if let Some(opt_ttl) = opt {
         merge_rcode_high(&mut header, opt_ttl);
     }
@@ -493,7 +506,9 @@ mod tests {
 
     /// The query as the proxy took it from a whole `Message`.
     fn query_by_message(bytes: &[u8]) -> Option<(Header, Query, bool)> {
-        let m = Message::from_vec(bytes).ok()?;
+        // The whole message, and nothing after it.
+        let mut d = BinDecoder::new(bytes);
+        let m = Message::read(&mut d).ok().filter(|_| d.is_empty())?;
         (m.message_type() == MessageType::Query
             && m.op_code() == OpCode::Query
             && m.queries().len() == 1)
@@ -663,5 +678,15 @@ mod tests {
         assert!(u.reason.starts_with("malformed query"), "{}", u.reason);
         // A query carrying an answer record is still a query.
         assert!(read_query(&queries[11]).is_ok());
+        // Bytes after the message (after the question, here): FORMERR, whatever they are.
+        for tail in [&[0u8][..], &[0xc0, 0x0c], b"GET / HTTP/1.1\r\n"] {
+            let mut b = queries[0].clone();
+            b.extend_from_slice(tail);
+            let u = read_query(&b).expect_err("trailing bytes");
+            assert_eq!(u.rcode, ResponseCode::FormErr);
+            assert!(u.reason.contains("after the message"), "{}", u.reason);
+            let reply = Message::from_vec(&u.reply.expect("a reply")).expect("parses");
+            assert_eq!(reply.id(), 0x1234);
+        }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use nix::sys::socket::{
     recv, recvfrom, recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn,
@@ -109,6 +109,11 @@ pub fn recv_from_now(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, Soc
 /// with the system call made whatever the runtime last saw of the socket (busy polling).
 pub fn recv_now(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<usize> {
     recv(sock.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
+}
+
+/// Receives one datagram on the socket `fd` if one is waiting (`WouldBlock` if none).
+pub fn recv_fd_now(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    recv(fd, buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
 }
 
 fn storage_to_std(a: &SockaddrStorage) -> Option<SocketAddr> {

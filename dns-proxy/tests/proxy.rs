@@ -320,19 +320,178 @@ async fn queries_past_the_concurrency_limit_get_servfail() {
     assert_eq!(ips(&m), vec![ip("192.0.2.84")]);
     let metrics = h.proxy.metrics().render();
     assert!(
-        metrics.contains("ward_dns_concurrency_limited_total 1"),
+        metrics.contains(r#"ward_dns_concurrency_limited_total{limit="global"} 1"#),
         "{metrics}"
     );
+}
+
+/// One client IP may hold `client_concurrency_limit` queries at once: past it its query
+/// gets SERVFAIL at once, while another client's is forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_past_the_client_limit_get_servfail_and_others_pass() {
+    let mut z = Zone::default();
+    z.silent.insert("held.app.test.".into());
+    z.a("www.app.test", 60, &["192.0.2.85"]);
+    let up = Upstream::start(z).await;
+    let timeout = Duration::from_secs(3);
+    let config = Config {
+        concurrency_limit: 0,
+        client_concurrency_limit: 1,
+        upstream_timeout: timeout,
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    let addr = h.addr;
+    let held =
+        tokio::spawn(async move { query(addr, "held.app.test", RecordType::A, false).await });
+    assert!(
+        wait_until(Duration::from_secs(10), || up
+            .seen()
+            .iter()
+            .any(|s| s.name == "held.app.test."))
+        .await
+    );
+    // The same client (127.0.0.1): SERVFAIL at once, not forwarded.
+    let start = Instant::now();
+    let m = query(h.addr, "www.app.test", RecordType::A, false).await;
+    assert_eq!(m.response_code(), ResponseCode::ServFail);
+    assert!(start.elapsed() < timeout);
+    let rec = h.audit_for("www.app.test").await;
+    assert!(
+        rec.reason.contains("client concurrency limit"),
+        "{}",
+        rec.reason
+    );
+    assert!(!up.seen().iter().any(|s| s.name == "www.app.test."));
+    // Another client (127.0.0.2) is served meanwhile.
+    let other = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    other
+        .send_to(&query_bytes("www.app.test", RecordType::A, 0x77), h.addr)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), other.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let m = hickory_proto::op::Message::from_vec(&buf[..n]).unwrap();
+    assert_eq!(ips(&m), vec![ip("192.0.2.85")]);
+    held.await.unwrap();
+    let metrics = h.proxy.metrics().render();
+    assert!(
+        metrics.contains(r#"ward_dns_concurrency_limited_total{limit="client"} 1"#),
+        "{metrics}"
+    );
+}
+
+/// Over TCP every query to a server shares one upstream connection (RFC 7766
+/// pipelining), each with an id of its own; a connection the server closed is replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_queries_share_one_pipelined_upstream_connection() {
+    let mut z = Zone::default();
+    for i in 0..20 {
+        z.a(
+            &format!("p{i}.app.test"),
+            60,
+            &[&format!("192.0.2.{}", 100 + i)],
+        );
+    }
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    // Twenty clients at once, each on its own connection to the proxy.
+    let queries = (0..20).map(|i| {
+        let addr = h.addr;
+        tokio::spawn(async move {
+            let m = query(addr, &format!("p{i}.app.test"), RecordType::A, true).await;
+            assert_eq!(ips(&m), vec![ip(&format!("192.0.2.{}", 100 + i))]);
+        })
+    });
+    for q in queries.collect::<Vec<_>>() {
+        q.await.unwrap();
+    }
+    assert_eq!(up.tcp_connections.load(Ordering::SeqCst), 1);
+    let ids: std::collections::HashSet<u16> = up.seen().iter().map(|s| s.id).collect();
+    assert_eq!(ids.len(), 20, "an id per query in flight");
+    // The server closes each connection after one answer: every query still gets its
+    // answer, over a new connection.
+    up.zone.lock().unwrap().tcp_close_after = Some(1);
+    let before = up.tcp_connections.load(Ordering::SeqCst);
+    for i in 0..3 {
+        let m = query(h.addr, &format!("p{i}.app.test"), RecordType::A, true).await;
+        assert_eq!(ips(&m), vec![ip(&format!("192.0.2.{}", 100 + i))]);
+    }
+    assert!(up.tcp_connections.load(Ordering::SeqCst) > before);
+}
+
+/// With `randomize_case` (DNS 0x20) the upstream sees the name in a random case, dnsmasq
+/// repeats it, and the client gets its own case back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_case_through_dnsmasq() {
+    let Some(dm) = Dnsmasq::start(&["--host-record=www.app.test,192.0.2.23"]).await else {
+        eprintln!("dnsmasq not installed: skipped");
+        return;
+    };
+    let config = Config {
+        randomize_case: true,
+        ..Config::default()
+    };
+    let h = Harness::start(config, dm.addr).await;
+    for (i, tcp) in [(0x11, false), (0x12, true)] {
+        let q = query_bytes("www.app.test", RecordType::A, i);
+        let r = if tcp {
+            tcp_exchange(h.addr, &q).await
+        } else {
+            udp_exchange(h.addr, &q).await
+        }
+        .expect("a reply");
+        let m = hickory_proto::op::Message::from_vec(&r).unwrap();
+        assert_eq!(m.id(), i);
+        assert_eq!(ips(&m), vec![ip("192.0.2.23")], "tcp={tcp}");
+        // The question in the client's case, byte for byte.
+        assert_eq!(r[12..12 + 14], q[12..12 + 14]);
+    }
+}
+
+/// What the upstream got with case randomisation: the names seen vary in case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_case_is_what_the_upstream_sees() {
+    let mut z = Zone::default();
+    z.a("www.app.test", 60, &["192.0.2.24"]);
+    let up = Upstream::start(z).await;
+    let config = Config {
+        randomize_case: true,
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    for _ in 0..8 {
+        let m = query(h.addr, "www.app.test", RecordType::A, false).await;
+        assert_eq!(ips(&m), vec![ip("192.0.2.24")]);
+    }
+    let names: std::collections::HashSet<String> =
+        up.seen().iter().map(|s| s.raw_name.clone()).collect();
+    assert!(names.len() > 1, "{names:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_queries_and_answers_are_contained() {
     let mut z = Zone::default();
+    // The answer's header and question, then a record cut short.
+    let mut cut = query_bytes("a.app.test", RecordType::A, 0);
+    cut[2] = 0x81;
+    cut[3] = 0x80;
+    cut[7] = 1;
+    cut.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+    z.raw.insert("a.app.test.".into(), cut);
+    // Not even a header: not the answer to anything.
     z.raw
-        .insert("a.app.test.".into(), vec![0, 0, 0x81, 0x80, 0xff]);
+        .insert("short.app.test.".into(), vec![0, 0, 0x81, 0x80, 0xff]);
     z.a("b.app.test", 60, &["192.0.2.70"]);
     let up = Upstream::start(z).await;
-    let h = Harness::start(Config::default(), up.addr).await;
+    let config = Config {
+        upstream_timeout: Duration::from_millis(500),
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
     // a header and garbage: FORMERR with the query's id
     let r = udp_exchange(h.addr, &[0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0])
         .await
@@ -358,6 +517,9 @@ async fn malformed_queries_and_answers_are_contained() {
     let m = query(h.addr, "a.app.test", RecordType::A, false).await;
     assert_eq!(m.response_code(), ResponseCode::ServFail);
     assert!(h.proxy.held_ips(ENDPOINT, "a.app.test").is_empty());
+    // bytes that are no answer are dropped: SERVFAIL once the upstream timed out
+    let m = query(h.addr, "short.app.test", RecordType::A, false).await;
+    assert_eq!(m.response_code(), ResponseCode::ServFail);
     // still serving
     let m = query(h.addr, "b.app.test", RecordType::A, true).await;
     assert_eq!(ips(&m), vec![ip("192.0.2.70")]);
@@ -370,6 +532,36 @@ async fn malformed_queries_and_answers_are_contained() {
         metrics.contains(r#"ward_dns_malformed_total{kind="answer"} 1"#),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("ward_dns_upstream_unexpected_total 1"),
+        "{metrics}"
+    );
+}
+
+/// Bytes after the question (a smuggled second message, say) make the query a FORMERR:
+/// it is not forwarded, so the upstream never reads what policy did not check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailing_bytes_after_the_question_are_a_formerr_and_not_forwarded() {
+    let mut z = Zone::default();
+    z.a("t.app.test", 60, &["192.0.2.71"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    let mut q = query_bytes("t.app.test", RecordType::A, 0x5151);
+    q.extend_from_slice(&query_bytes("evil.example.org", RecordType::A, 0x5252)[2..]);
+    for tcp in [false, true] {
+        let r = if tcp {
+            tcp_exchange(h.addr, &q).await
+        } else {
+            udp_exchange(h.addr, &q).await
+        };
+        let m = hickory_proto::op::Message::from_vec(&r.expect("a reply")).unwrap();
+        assert_eq!(m.id(), 0x5151);
+        assert_eq!(m.response_code(), ResponseCode::FormErr, "tcp={tcp}");
+    }
+    assert!(up.seen().is_empty(), "forwarded: {:?}", up.seen());
+    // Without them, the same query is answered.
+    let m = query(h.addr, "t.app.test", RecordType::A, false).await;
+    assert_eq!(ips(&m), vec![ip("192.0.2.71")]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -690,8 +882,11 @@ async fn maintenance_task_persists_and_expires() {
     );
 }
 
+/// An answer with the id sent but about another question is not the answer: it is
+/// dropped (and counted), and the query waits for its answer (here in vain: SERVFAIL once
+/// the upstream timed out), so a forger who guessed the id still teaches nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answer_for_another_question_is_servfail() {
+async fn answer_for_another_question_is_not_taken() {
     let mut z = Zone::default();
     // A well-formed answer about another name, with an IP an attacker wants opened.
     let mut other =
@@ -705,12 +900,25 @@ async fn answer_for_another_question_is_servfail() {
     }
     z.raw.insert("c.app.test.".into(), other.to_vec().unwrap());
     let up = Upstream::start(z).await;
-    let h = Harness::start(Config::default(), up.addr).await;
+    let config = Config {
+        upstream_timeout: Duration::from_millis(300),
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
     let m = query(h.addr, "c.app.test", RecordType::A, false).await;
     assert_eq!(m.response_code(), ResponseCode::ServFail);
     assert!(h.proxy.held_ips(ENDPOINT, "c.app.test").is_empty());
     assert!(h.proxy.held_ips(ENDPOINT, "evil.app.test").is_empty());
     assert!(h.sink.applied().is_empty());
+    let metrics = h.proxy.metrics().render();
+    assert!(
+        metrics.contains("ward_dns_upstream_unexpected_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"ward_dns_upstream_failures_total{reason="timeout"} 1"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -69,6 +69,7 @@ pub fn cluster() -> Cluster {
                 },
             ],
             tls: None,
+            service_account: None,
         });
     }
     c.pods.push(Pod {
@@ -80,6 +81,7 @@ pub fn cluster() -> Cluster {
         node: Some("node-0".into()),
         ports: vec![],
         tls: None,
+        service_account: None,
     });
     for i in (0..POLICIES).filter(|i| i % 10 == 3) {
         c.dns.push(DnsObservation {

@@ -27,6 +27,24 @@ pub struct Cluster {
     /// Secrets that policies name (TLS contexts, `headerMatches`): which keys they hold.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<Secret>,
+    /// ServiceAccounts with labels (Calico's `serviceAccountSelector` and
+    /// `serviceAccounts.selector` select them); a pod's account need not be listed.
+    #[serde(
+        default,
+        rename = "serviceAccounts",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub service_accounts: Vec<ServiceAccount>,
+}
+
+/// A ServiceAccount's labels.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAccount {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,9 +83,26 @@ pub struct Pod {
     /// The pod serves TLS (for runners that start real servers; the model needs nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ServesTls>,
+    /// `spec.serviceAccountName`; None is `default`, as the API server fills it in.
+    #[serde(
+        default,
+        rename = "serviceAccount",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub service_account: Option<String>,
 }
 
+/// The service account of a pod that names none.
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+
 impl Pod {
+    /// The pod's service account name.
+    pub fn service_account(&self) -> &str {
+        self.service_account
+            .as_deref()
+            .unwrap_or(DEFAULT_SERVICE_ACCOUNT)
+    }
+
     pub fn all_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.ip.into_iter().chain(self.ips.iter().copied())
     }
@@ -187,14 +222,35 @@ impl Cluster {
     }
 
     /// The labels of a pod as Cilium's identity sees them: its own labels, the namespace
-    /// name, the namespace's labels, and the cluster name, all of source `k8s`.
+    /// name, the namespace's labels, the service account's name and the cluster name, all
+    /// of source `k8s`; and the service account's labels (which Calico selects).
     pub fn pod_labels(&self, pod: &Pod) -> LabelSet {
-        Self::pod_labels_in(pod, &self.namespace_labels(&pod.namespace))
+        Self::pod_labels_in(
+            pod,
+            &self.namespace_labels(&pod.namespace),
+            self.service_account_labels(&pod.namespace, pod.service_account()),
+        )
     }
 
-    /// [`Cluster::pod_labels`] with the namespace's labels (implicit name included)
-    /// already looked up, for callers that index namespaces.
-    pub fn pod_labels_in(pod: &Pod, namespace_labels: &BTreeMap<String, String>) -> LabelSet {
+    /// The labels of a ServiceAccount (none if it is not listed).
+    pub fn service_account_labels(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> Option<&BTreeMap<String, String>> {
+        self.service_accounts
+            .iter()
+            .find(|s| s.namespace == ns && s.name == name)
+            .map(|s| &s.labels)
+    }
+
+    /// [`Cluster::pod_labels`] with the namespace's labels (implicit name included) and
+    /// the service account's labels already looked up, for callers that index them.
+    pub fn pod_labels_in(
+        pod: &Pod,
+        namespace_labels: &BTreeMap<String, String>,
+        service_account_labels: Option<&BTreeMap<String, String>>,
+    ) -> LabelSet {
         // A pod cannot claim another namespace or namespace labels through its own labels:
         // the keys Ward derives itself are dropped from what the pod says (as Cilium does).
         let mut labels: Vec<Label> = pod
@@ -211,6 +267,16 @@ impl Cluster {
         for (k, v) in namespace_labels {
             labels.push(Label::k8s(
                 format!("{}{k}", well_known::NAMESPACE_LABELS_PREFIX),
+                v,
+            ));
+        }
+        labels.push(Label::k8s(
+            well_known::SERVICE_ACCOUNT,
+            pod.service_account(),
+        ));
+        for (k, v) in service_account_labels.into_iter().flatten() {
+            labels.push(Label::k8s(
+                format!("{}{k}", well_known::SERVICE_ACCOUNT_LABELS_PREFIX),
                 v,
             ));
         }
@@ -323,6 +389,29 @@ mod tests {
         assert_eq!(
             get("io.cilium.k8s.policy.cluster").as_deref(),
             Some("default")
+        );
+        assert_eq!(
+            get("io.cilium.k8s.policy.serviceaccount").as_deref(),
+            Some("default")
+        );
+    }
+
+    #[test]
+    fn pods_carry_their_service_account_and_its_labels() {
+        let c: Cluster = serde_yaml::from_str(
+            "serviceAccounts: [{namespace: x, name: api, labels: {tier: gold}}, {namespace: y, name: api, labels: {tier: lead}}]\npods: [{namespace: x, name: p, serviceAccount: api, labels: {io.cilium.k8s.policy.serviceaccount: forged}}]",
+        )
+        .unwrap();
+        let l = c.pod_labels(&c.pods[0]);
+        let get = |k: &str| l.get(&Key::new(Source::K8s, k)).map(str::to_string);
+        assert_eq!(get(well_known::SERVICE_ACCOUNT).as_deref(), Some("api"));
+        assert_eq!(
+            get(&format!(
+                "{}tier",
+                well_known::SERVICE_ACCOUNT_LABELS_PREFIX
+            ))
+            .as_deref(),
+            Some("gold")
         );
     }
 

@@ -16,19 +16,19 @@ use ipnet::IpNet;
 use crate::api::common::network_source;
 use crate::cluster::{Cluster, ContainerPort};
 use crate::fqdn::NamePattern;
-use crate::identity::{
-    fqdn_key, Identities, IdentityKind, Idx, PeerSetId, SelectorCache, SelectorId,
-};
+use crate::identity::{fqdn_key, Identities, IdentityKind, Idx, PeerSetId, SelectorCache};
 use crate::l7::L7Set;
 use crate::labels::{Label, LabelSet, Source};
-use crate::policy::{Action, Direction, Policy, Port, Protocol, Subject, Tier};
+use crate::policy::{Action, Calico, Direction, Policy, Port, Protocol, Rule, Subject, Tier};
 use crate::selector::{Op, Selector};
 
 mod churn;
 mod learn;
+mod tiers;
 pub use churn::{ChurnChange, ChurnUnsupported};
 pub use learn::FqdnChange;
 use learn::Learned;
+pub use tiers::{CalicoTier, TierEnd};
 
 /// Choices where implementations differ.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -74,7 +74,8 @@ pub struct Entry {
     pub port: PortMatch,
     pub action: Action,
     pub tier: Tier,
-    /// Order inside the admin and baseline tiers: (priority, policy order, rule index).
+    /// Order of evaluation: (priority for the admin and baseline tiers, or the index of
+    /// the Calico tier; policy order; rule index).
     pub rank: (i64, u32, u32),
     pub l7: Option<L7Id>,
     pub origin: Origin,
@@ -96,6 +97,11 @@ pub struct DirPolicy {
     pub default_deny: Vec<u32>,
     /// Every policy that selects the endpoint and has something to say in this direction.
     pub selected_by: Vec<u32>,
+    /// The Calico tiers that select the endpoint in this direction, in evaluation order.
+    /// When there are any, the namespace tier decides inside the `default` tier and its
+    /// default deny is that tier's end; `default_deny` then lists the policies of every
+    /// tier here that ends in `Deny`.
+    pub tiers: Vec<TierEnd>,
 }
 
 #[derive(Clone, Debug)]
@@ -134,12 +140,18 @@ pub struct Model {
     pub selectors: SelectorCache,
     pub l7: Vec<L7Set>,
     pub endpoints: Vec<EndpointPolicy>,
+    /// Calico's tiers in evaluation order (the `default` tier always among them).
+    pub calico_tiers: Vec<CalicoTier>,
+    /// Index of the `default` tier in `calico_tiers`.
+    pub default_tier: u32,
     pod_endpoint: HashMap<String, usize>,
     node_endpoint: HashMap<String, usize>,
     /// Order of each policy inside its tier (ties of priority broken by kind and name).
     policy_order: Vec<u32>,
-    /// Subject selector of each pod-subject policy.
-    subjects: Vec<Option<SelectorId>>,
+    /// Subject (a union of selectors) of each pod-subject policy.
+    subjects: Vec<Option<PeerSetId>>,
+    /// Labels of the listed service accounts by (namespace, name).
+    service_account_labels: HashMap<(String, String), BTreeMap<String, String>>,
     /// Peer set per (policy, rule), except rules naming FQDNs (built per endpoint).
     rule_peers: Vec<Vec<Option<PeerSetId>>>,
     l7_of: HashMap<(u32, u32, u32), L7Id>,
@@ -177,10 +189,13 @@ impl Model {
             selectors: SelectorCache::default(),
             l7: Vec::new(),
             endpoints: Vec::new(),
+            calico_tiers: Vec::new(),
+            default_tier: 0,
             pod_endpoint: HashMap::new(),
             node_endpoint: HashMap::new(),
             policy_order: Vec::new(),
             subjects: Vec::new(),
+            service_account_labels: HashMap::new(),
             rule_peers: Vec::new(),
             l7_of: HashMap::new(),
             prefixes: Vec::new(),
@@ -204,20 +219,21 @@ impl Model {
     }
 
     fn order_policies(&mut self) {
-        let mut idx: Vec<usize> = (0..self.policies.len()).collect();
-        idx.sort_by(|&a, &b| {
-            let (pa, pb) = (&self.policies[a], &self.policies[b]);
-            (pa.tier, pa.priority, &pa.object, &pa.path).cmp(&(
-                pb.tier,
-                pb.priority,
-                &pb.object,
-                &pb.path,
-            ))
-        });
-        self.policy_order = vec![0; idx.len()];
-        for (order, i) in idx.into_iter().enumerate() {
-            self.policy_order[i] = order as u32;
-        }
+        self.calico_tiers = tiers::tier_table(&self.policies);
+        self.default_tier = self
+            .calico_tiers
+            .iter()
+            .position(|t| t.name == crate::api::calico::DEFAULT_TIER)
+            .unwrap_or(0) as u32;
+        self.policy_order = tiers::policy_order(&self.policies, &self.calico_tiers);
+    }
+
+    /// The index of a Calico tier by name.
+    fn tier_index(&self, name: &str) -> u32 {
+        self.calico_tiers
+            .iter()
+            .position(|t| t.name == name)
+            .unwrap_or(self.default_tier as usize) as u32
     }
 
     fn collect_prefixes_and_patterns(&mut self) {
@@ -254,7 +270,12 @@ impl Model {
     fn pod_label_set(&self, pod: usize) -> LabelSet {
         let p = &self.cluster.pods[pod];
         let base = match self.namespace_labels.get(&p.namespace) {
-            Some(ns) => Cluster::pod_labels_in(p, ns),
+            Some(ns) => Cluster::pod_labels_in(
+                p,
+                ns,
+                self.service_account_labels
+                    .get(&(p.namespace.clone(), p.service_account().to_string())),
+            ),
             None => self.cluster.pod_labels(p),
         };
         if self.prefixes.is_empty() {
@@ -281,6 +302,13 @@ impl Model {
     }
 
     fn allocate_identities(&mut self) {
+        self.service_account_labels = self
+            .cluster
+            .service_accounts
+            .iter()
+            .rev()
+            .map(|s| ((s.namespace.clone(), s.name.clone()), s.labels.clone()))
+            .collect();
         self.namespace_labels = self
             .cluster
             .namespace_names()
@@ -389,7 +417,11 @@ impl Model {
     fn intern_rules(&mut self) {
         for (pi, p) in self.policies.iter().enumerate() {
             self.subjects.push(match &p.subject {
-                Subject::Pods(sel) => Some(self.selectors.selector(&self.identities, sel)),
+                Subject::Pods(sel) => Some(
+                    self.selectors
+                        .peer_set(&self.identities, std::slice::from_ref(sel)),
+                ),
+                Subject::AnyPods(sels) => Some(self.selectors.peer_set(&self.identities, sels)),
                 Subject::Nodes(_) => None,
             });
             let mut peers = Vec::new();
@@ -422,7 +454,7 @@ impl Model {
         let mut by_identity: HashMap<Idx, Vec<u32>> = HashMap::new();
         for (pi, s) in self.subjects.iter().enumerate() {
             if let Some(s) = s {
-                for i in self.selectors.members(*s).iter() {
+                for i in self.selectors.peer_set_members(*s).iter() {
                     by_identity.entry(i).or_default().push(pi as u32);
                 }
             }
@@ -507,7 +539,7 @@ impl Model {
             .iter()
             .enumerate()
             .filter_map(|(pi, s)| {
-                s.filter(|s| self.selectors.members(*s).contains(ident))
+                s.filter(|s| self.selectors.peer_set_contains(*s, ident))
                     .map(|_| pi as u32)
             })
             .collect()
@@ -525,10 +557,17 @@ impl Model {
             EndpointKey::Node(_) => Vec::new(),
         };
         let mut dirs = [DirPolicy::default(), DirPolicy::default()];
+        // Calico tiers selecting the endpoint, per direction: tier index -> policies.
+        let mut calico: [BTreeMap<u32, Vec<u32>>; 2] = [BTreeMap::new(), BTreeMap::new()];
         for &pi in selecting {
             let order = self.policy_order[pi as usize];
             let p = &self.policies[pi as usize];
-            let (tier, priority) = (p.tier, p.priority);
+            let tier = p.tier;
+            let tier_index = match &p.calico {
+                Some(Calico::Policy { tier, .. }) => Some(self.tier_index(tier)),
+                _ => None,
+            };
+            let rank0 = tier_index.map_or(p.priority, i64::from);
             for d in Direction::BOTH {
                 let has_rules = p.rules.iter().any(|r| r.direction == d);
                 if p.default_deny[d.index()] && tier == Tier::Namespace {
@@ -537,8 +576,17 @@ impl Model {
                 if has_rules || p.default_deny[d.index()] {
                     dirs[d.index()].selected_by.push(pi);
                 }
+                if let (Some(t), true) = (tier_index, p.default_deny[d.index()]) {
+                    calico[d.index()].entry(t).or_default().push(pi);
+                }
             }
             for (ri, r) in p.rules.iter().enumerate() {
+                if let Some(filter) = &r.subject_filter {
+                    let own = &self.identities.get(identity).labels;
+                    if !filter.iter().any(|s| s.matches(own)) {
+                        continue;
+                    }
+                }
                 let peers = match self.rule_peers[pi as usize][ri] {
                     Some(ps) => ps,
                     None => {
@@ -558,7 +606,7 @@ impl Model {
                     port: PortMatch::Range(0, u16::MAX),
                     action: r.action,
                     tier,
-                    rank: (priority, order, ri as u32),
+                    rank: (rank0, order, ri as u32),
                     l7: None,
                     origin: Origin {
                         policy: pi,
@@ -580,8 +628,12 @@ impl Model {
                         e.protocol = Some(pp.protocol);
                         match &pp.port {
                             Port::Range(a, b) => {
-                                e.port = PortMatch::Range(*a, *b);
-                                out.push(e);
+                                let excluded = excluded_ports(r, pp.protocol, &container_ports);
+                                for (a, b) in subtract(*a, *b, &excluded) {
+                                    let mut e = e.clone();
+                                    e.port = PortMatch::Range(a, b);
+                                    out.push(e);
+                                }
                             }
                             Port::Named(n) if r.direction == Direction::Ingress => {
                                 // resolved on the endpoint itself
@@ -591,10 +643,13 @@ impl Model {
                                         .is_some_and(|x| x.eq_ignore_ascii_case(n))
                                         && pp.protocol.covers(cp.protocol)
                                 }) {
-                                    let mut e = e.clone();
-                                    e.protocol = Some(cp.protocol);
-                                    e.port = PortMatch::Range(cp.port, cp.port);
-                                    out.push(e);
+                                    let excluded = excluded_ports(r, cp.protocol, &container_ports);
+                                    for (a, b) in subtract(cp.port, cp.port, &excluded) {
+                                        let mut e = e.clone();
+                                        e.protocol = Some(cp.protocol);
+                                        e.port = PortMatch::Range(a, b);
+                                        out.push(e);
+                                    }
                                 }
                             }
                             Port::Named(n) => {
@@ -606,12 +661,14 @@ impl Model {
                 }
             }
         }
-        for d in &mut dirs {
+        for (d, tiers) in dirs.iter_mut().zip(calico) {
+            self.place_tiers(d, tiers);
             d.entries.sort_by(|a, b| {
                 let key = |e: &Entry| match e.tier {
-                    Tier::Admin => (0, e.rank),
-                    Tier::Namespace => (1, (0, 0, 0)),
-                    Tier::Baseline => (2, e.rank),
+                    Tier::Admin => (0, e.rank.1, e.rank.2),
+                    Tier::Calico => (1, e.rank.1, e.rank.2),
+                    Tier::Namespace => (1, e.rank.1, 0),
+                    Tier::Baseline => (2, e.rank.1, e.rank.2),
                 };
                 key(a).cmp(&key(b))
             });
@@ -621,6 +678,35 @@ impl Model {
             name,
             identity,
             dirs,
+        }
+    }
+
+    /// Records the Calico tiers that select an endpoint in one direction. With any, the
+    /// namespace tier's default deny becomes the `default` tier's, and `default_deny`
+    /// lists the selecting policies of every tier that ends in `Deny`.
+    fn place_tiers(&self, d: &mut DirPolicy, mut tiers: BTreeMap<u32, Vec<u32>>) {
+        if tiers.is_empty() {
+            return;
+        }
+        if !d.default_deny.is_empty() {
+            tiers
+                .entry(self.default_tier)
+                .or_default()
+                .extend(d.default_deny.iter().copied());
+        }
+        d.default_deny.clear();
+        for (t, mut selected_by) in tiers {
+            selected_by.sort_unstable();
+            selected_by.dedup();
+            let action = self.calico_tiers[t as usize].default_action;
+            if action == Action::Deny {
+                d.default_deny.extend(selected_by.iter().copied());
+            }
+            d.tiers.push(TierEnd {
+                tier: t,
+                action,
+                selected_by,
+            });
         }
     }
 
@@ -782,6 +868,54 @@ impl Model {
             parts.join(" | ")
         }
     }
+}
+
+/// The port ranges a rule's `notPorts` take out for `protocol` (named ones resolved on
+/// the endpoint's own container ports).
+fn excluded_ports(r: &Rule, protocol: Protocol, own: &[ContainerPort]) -> Vec<(u16, u16)> {
+    let mut out = Vec::new();
+    for p in &r.not_ports {
+        match p {
+            Port::Range(a, b) => out.push((*a, *b)),
+            Port::Named(n) => out.extend(
+                own.iter()
+                    .filter(|cp| {
+                        cp.name
+                            .as_deref()
+                            .is_some_and(|x| x.eq_ignore_ascii_case(n))
+                            && protocol.covers(cp.protocol)
+                    })
+                    .map(|cp| (cp.port, cp.port)),
+            ),
+        }
+    }
+    out
+}
+
+/// `lo..=hi` without the `excluded` ranges, as ranges in order.
+fn subtract(lo: u16, hi: u16, excluded: &[(u16, u16)]) -> Vec<(u16, u16)> {
+    let mut out = vec![(u32::from(lo), u32::from(hi))];
+    for &(a, b) in excluded {
+        let (a, b) = (u32::from(a), u32::from(b));
+        out = out
+            .into_iter()
+            .flat_map(|(x, y)| {
+                let mut keep = Vec::new();
+                if b < x || a > y {
+                    keep.push((x, y));
+                } else {
+                    if a > x {
+                        keep.push((x, a - 1));
+                    }
+                    if b < y {
+                        keep.push((b + 1, y));
+                    }
+                }
+                keep
+            })
+            .collect();
+    }
+    out.into_iter().map(|(a, b)| (a as u16, b as u16)).collect()
 }
 
 /// A readable form of a peer selector: entities, CIDRs and FQDNs by name.

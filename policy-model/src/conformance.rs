@@ -21,6 +21,10 @@ pub const FORMAT: &str = "netpol-oracle/v1";
 pub enum Semantics {
     Kubernetes,
     Cilium,
+    /// Calico's (`projectcalico.org/v3` policies; Kubernetes NetworkPolicies in the
+    /// `default` tier at order 1000, their ipBlocks matching pod addresses as Calico's
+    /// `nets` do).
+    Calico,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -221,7 +225,7 @@ pub struct ProbeResult {
 /// Whether CIDR selectors match cluster IPs under a case's semantics and profile.
 pub fn options_for(semantics: Semantics, profile: Option<&str>) -> CompileOptions {
     CompileOptions {
-        cidr_matches_cluster: semantics == Semantics::Kubernetes
+        cidr_matches_cluster: matches!(semantics, Semantics::Kubernetes | Semantics::Calico)
             && profile != Some("cilium-default"),
     }
 }

@@ -186,11 +186,19 @@ pub mod well_known {
     pub const POLICY_CLUSTER: &str = "io.cilium.k8s.policy.cluster";
     pub const NAMESPACE_NAME: &str = "kubernetes.io/metadata.name";
     pub const CLUSTER_NAME: &str = "default";
+    /// The pod's service account name (Cilium's label).
+    pub const SERVICE_ACCOUNT: &str = "io.cilium.k8s.policy.serviceaccount";
+    /// The labels of the pod's service account (Ward's; Calico selects them as `pcsa.*`).
+    pub const SERVICE_ACCOUNT_LABELS_PREFIX: &str = "io.ward.k8s.serviceaccount.labels.";
 
-    /// Whether a pod label key is one Ward derives from the pod's namespace and cluster,
-    /// which a pod must not set itself.
+    /// Whether a pod label key is one Ward derives from the pod's namespace, service
+    /// account and cluster, which a pod must not set itself.
     pub fn is_derived(key: &str) -> bool {
-        key == POD_NAMESPACE || key == POLICY_CLUSTER || key.starts_with(NAMESPACE_LABELS_PREFIX)
+        key == POD_NAMESPACE
+            || key == POLICY_CLUSTER
+            || key == SERVICE_ACCOUNT
+            || key.starts_with(NAMESPACE_LABELS_PREFIX)
+            || key.starts_with(SERVICE_ACCOUNT_LABELS_PREFIX)
     }
 }
 

@@ -16,6 +16,7 @@ pub mod http;
 pub mod identity;
 pub mod l7;
 pub mod labels;
+pub mod lint;
 pub mod policy;
 pub mod selector;
 pub mod tls;

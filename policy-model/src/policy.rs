@@ -105,6 +105,12 @@ pub enum Kind {
     AdminNetworkPolicy,
     BaselineAdminNetworkPolicy,
     ClusterNetworkPolicy,
+    /// `projectcalico.org/v3` NetworkPolicy (namespaced).
+    CalicoNetworkPolicy,
+    /// `projectcalico.org/v3` GlobalNetworkPolicy.
+    GlobalNetworkPolicy,
+    /// `projectcalico.org/v3` Tier.
+    Tier,
 }
 
 impl fmt::Display for Kind {
@@ -131,11 +137,14 @@ impl fmt::Display for ObjectRef {
     }
 }
 
-/// Evaluation tiers, in order: Admin (ANP, ClusterNetworkPolicy tier Admin), the
-/// namespace tier (NetworkPolicy, CNP, CCNP), Baseline (BANP, tier Baseline).
+/// Evaluation tiers, in order: Admin (ANP, ClusterNetworkPolicy tier Admin), Calico's
+/// ordered tiers (`projectcalico.org/v3` policies; the namespace tier sits inside Calico's
+/// `default` tier at order 1000), the namespace tier (NetworkPolicy, CNP, CCNP), Baseline
+/// (BANP, tier Baseline).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Tier {
     Admin,
+    Calico,
     Namespace,
     Baseline,
 }
@@ -145,8 +154,27 @@ pub enum Tier {
 pub enum Action {
     Allow,
     Deny,
-    /// Admin tier only: skip the rest of the admin tier and decide in the namespace tier.
+    /// Admin tier: skip the rest of the admin tier and decide in the next tier. Calico
+    /// tiers: skip the rest of this Calico tier.
     Pass,
+}
+
+/// Where a `projectcalico.org/v3` object sits in Calico's ordered tiers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Calico {
+    /// A NetworkPolicy or GlobalNetworkPolicy: its tier and its order in the tier (None:
+    /// after every ordered policy). Ties are broken by `name`.
+    Policy {
+        tier: String,
+        order: Option<f64>,
+        name: String,
+    },
+    /// A Tier object: its order among the tiers (None: after every ordered tier) and what a
+    /// flow gets that reaches the end of the tier undecided (`Deny` or `Pass`).
+    Tier {
+        order: Option<f64>,
+        default_action: Action,
+    },
 }
 
 /// Who a policy applies to.
@@ -156,6 +184,9 @@ pub enum Subject {
     Pods(Selector),
     /// Nodes (host policies of a CCNP `nodeSelector`) whose node labels match.
     Nodes(Selector),
+    /// Pods whose identity labels match one of the selectors (Calico selector
+    /// expressions with `||`); none selects nothing.
+    AnyPods(Vec<Selector>),
 }
 
 /// A set of peers: the union of its selectors over identity labels. Entities, CIDRs and
@@ -234,6 +265,13 @@ pub struct Rule {
     pub ports: Vec<PortRule>,
     /// Field path, e.g. `spec.egress[1]` or `spec.ingress[0] (allow-from-x)`.
     pub path: String,
+    /// Calico: which of the policy's subjects the rule applies to (the rule's own side,
+    /// `destination` of an ingress rule and `source` of an egress rule), as a union of
+    /// selectors over the subject's identity labels. None: every subject.
+    pub subject_filter: Option<Vec<Selector>>,
+    /// Calico `notPorts`: ports excluded from `ports` (ranges, and named ports of the
+    /// subject itself, resolved per endpoint).
+    pub not_ports: Vec<Port>,
 }
 
 /// One policy (one `spec` of a CNP) after translation.
@@ -250,4 +288,6 @@ pub struct Policy {
     /// (`[ingress, egress]`).
     pub default_deny: [bool; 2],
     pub rules: Vec<Rule>,
+    /// Calico objects: their place in Calico's tiers.
+    pub calico: Option<Calico>,
 }

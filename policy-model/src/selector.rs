@@ -33,13 +33,39 @@ pub struct LabelSelectorRequirement {
     pub values: Option<Vec<String>>,
 }
 
-/// A set-based operator of a requirement.
+/// An operator of a requirement: Kubernetes' set-based ones, and the string matches of
+/// Calico's selector language. The negative forms (`NotIn`, `DoesNotExist`, `Not*`) also
+/// match a label set without the key, as Calico's `!=` and `not in` do.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Op {
     In(Vec<String>),
     NotIn(Vec<String>),
     Exists,
     DoesNotExist,
+    Contains(String),
+    NotContains(String),
+    StartsWith(String),
+    NotStartsWith(String),
+    EndsWith(String),
+    NotEndsWith(String),
+}
+
+impl Op {
+    /// The operator that matches exactly the label sets this one does not.
+    pub fn negated(&self) -> Op {
+        match self {
+            Op::In(v) => Op::NotIn(v.clone()),
+            Op::NotIn(v) => Op::In(v.clone()),
+            Op::Exists => Op::DoesNotExist,
+            Op::DoesNotExist => Op::Exists,
+            Op::Contains(s) => Op::NotContains(s.clone()),
+            Op::NotContains(s) => Op::Contains(s.clone()),
+            Op::StartsWith(s) => Op::NotStartsWith(s.clone()),
+            Op::NotStartsWith(s) => Op::StartsWith(s.clone()),
+            Op::EndsWith(s) => Op::NotEndsWith(s.clone()),
+            Op::NotEndsWith(s) => Op::EndsWith(s.clone()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -56,6 +82,12 @@ impl Requirement {
             Op::NotIn(vs) => values.all(|v| !vs.iter().any(|w| w == v)),
             Op::Exists => values.next().is_some(),
             Op::DoesNotExist => values.next().is_none(),
+            Op::Contains(s) => values.any(|v| v.contains(s.as_str())),
+            Op::NotContains(s) => values.all(|v| !v.contains(s.as_str())),
+            Op::StartsWith(s) => values.any(|v| v.starts_with(s.as_str())),
+            Op::NotStartsWith(s) => values.all(|v| !v.starts_with(s.as_str())),
+            Op::EndsWith(s) => values.any(|v| v.ends_with(s.as_str())),
+            Op::NotEndsWith(s) => values.all(|v| !v.ends_with(s.as_str())),
         }
     }
 }
@@ -214,6 +246,12 @@ impl fmt::Display for Selector {
                 Op::NotIn(v) => write!(f, "{} notin ({})", r.key, v.join(","))?,
                 Op::Exists => write!(f, "{}", r.key)?,
                 Op::DoesNotExist => write!(f, "!{}", r.key)?,
+                Op::Contains(s) => write!(f, "{} contains {s:?}", r.key)?,
+                Op::NotContains(s) => write!(f, "{} !contains {s:?}", r.key)?,
+                Op::StartsWith(s) => write!(f, "{} starts with {s:?}", r.key)?,
+                Op::NotStartsWith(s) => write!(f, "{} !starts with {s:?}", r.key)?,
+                Op::EndsWith(s) => write!(f, "{} ends with {s:?}", r.key)?,
+                Op::NotEndsWith(s) => write!(f, "{} !ends with {s:?}", r.key)?,
             }
         }
         Ok(())
@@ -264,6 +302,32 @@ mod tests {
         let dne = sel("matchExpressions: [{key: a, operator: DoesNotExist}]");
         assert!(dne.matches(&labels(&[("b", "")])));
         assert!(!dne.matches(&labels(&[("a", "x")])));
+    }
+
+    #[test]
+    fn string_operators_and_their_negations() {
+        let req = |op: Op| Requirement {
+            key: Key::new(Source::K8s, "a"),
+            op,
+        };
+        let l = labels(&[("a", "prod-eu")]);
+        let none = labels(&[]);
+        for (op, on_l) in [
+            (Op::Contains("d-e".into()), true),
+            (Op::StartsWith("prod".into()), true),
+            (Op::EndsWith("-us".into()), false),
+        ] {
+            let r = req(op.clone());
+            assert_eq!(r.matches(&l), on_l, "{op:?}");
+            assert!(!r.matches(&none), "{op:?} needs the label");
+            let n = req(op.negated());
+            assert_eq!(n.matches(&l), !on_l, "{op:?} negated");
+            assert!(
+                n.matches(&none),
+                "the negation of {op:?} matches an absent key"
+            );
+            assert_eq!(op.negated().negated(), op);
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::cluster::EndpointRef;
-use crate::compile::{EndpointKey, EndpointPolicy, Entry, L7Id, Model, PortMatch};
+use crate::compile::{DirPolicy, EndpointKey, EndpointPolicy, Entry, L7Id, Model, PortMatch};
 use crate::flow::{ConnectionPolicy, SideDecision, SidePolicy};
 use crate::fqdn::normalize;
 use crate::http::{Request, SimpleRequest};
@@ -34,9 +34,11 @@ pub enum L4Decision {
     },
     Deny(usize),
     /// Default deny and no rule allows. `peer_known`: some rule names the peer on
-    /// another port (the deny is at L4, not L3).
+    /// another port (the deny is at L4, not L3). `tier`: the Calico tier whose end denied
+    /// (an index into the direction's `tiers`).
     DefaultDeny {
         peer_known: bool,
+        tier: Option<usize>,
     },
 }
 
@@ -88,7 +90,8 @@ impl Model {
     /// The L3/L4 decision for traffic of `endpoint` in `dir` with a peer of identity
     /// `peer` on `protocol`/`port` (the destination port). Tiers in order: Admin (first
     /// match; Pass skips to the next tier), namespace (deny over allow, allows add up,
-    /// default deny if a selecting policy asks for it), Baseline (first match).
+    /// default deny if a selecting policy asks for it), Baseline (first match). With
+    /// Calico tiers selecting the endpoint, see [`Model::decide_tiered`].
     pub fn decide(
         &self,
         endpoint: &EndpointPolicy,
@@ -98,6 +101,9 @@ impl Model {
         port: u16,
     ) -> L4Decision {
         let d = &endpoint.dirs[dir.index()];
+        if !d.tiers.is_empty() {
+            return self.decide_tiered(d, peer, protocol, port);
+        }
         let mut allow = None;
         let mut sets: Vec<(usize, L7Id)> = Vec::new();
         let mut passed = false;
@@ -125,6 +131,8 @@ impl Model {
                         }
                     }
                 }
+                // only present with Calico tiers (decide_tiered)
+                Tier::Calico => {}
                 Tier::Baseline => break,
             }
         }
@@ -141,9 +149,24 @@ impl Model {
             let peer_known = d.entries.iter().any(|e| {
                 e.tier == Tier::Namespace && self.selectors.peer_set_contains(e.peers, peer)
             });
-            return L4Decision::DefaultDeny { peer_known };
+            return L4Decision::DefaultDeny {
+                peer_known,
+                tier: None,
+            };
         }
-        for (i, e) in d.entries.iter().enumerate() {
+        self.decide_baseline(d, 0, peer, protocol, port)
+    }
+
+    /// Baseline (first match from entry `from`), else allowed.
+    fn decide_baseline(
+        &self,
+        d: &DirPolicy,
+        from: usize,
+        peer: Idx,
+        protocol: Protocol,
+        port: u16,
+    ) -> L4Decision {
+        for (i, e) in d.entries.iter().enumerate().skip(from) {
             if e.tier == Tier::Baseline && self.entry_matches(e, peer, protocol, port) {
                 return match e.action {
                     Action::Deny => L4Decision::Deny(i),
@@ -155,6 +178,139 @@ impl Model {
             L4Decision::NoPolicy
         } else {
             L4Decision::DefaultAllow
+        }
+    }
+
+    /// The decision with Calico tiers: Admin (first match), then every tier in order
+    /// (policies by order, rules in order: Allow and Deny decide, Pass skips the rest of
+    /// the tier; the namespace tier, inside `default`, decides as one policy when one of
+    /// its rules matches; a selecting tier left undecided ends with its default action),
+    /// then Baseline. HTTP rules of Allow rules met on the way are kept: the flow goes to
+    /// the proxy, where a request they allow passes and any other gets what the flow got.
+    pub fn decide_tiered(
+        &self,
+        d: &DirPolicy,
+        peer: Idx,
+        protocol: Protocol,
+        port: u16,
+    ) -> L4Decision {
+        let entries = &d.entries;
+        let mut i = 0;
+        let mut passed = false;
+        while let Some(e) = entries.get(i).filter(|e| e.tier == Tier::Admin) {
+            if !passed && self.entry_matches(e, peer, protocol, port) {
+                match e.action {
+                    Action::Allow => return L4Decision::Allow(i),
+                    Action::Deny => return L4Decision::Deny(i),
+                    Action::Pass => passed = true,
+                }
+            }
+            i += 1;
+        }
+        let mut sets: Vec<(usize, L7Id)> = Vec::new();
+        let with_sets = |sets: Vec<(usize, L7Id)>, d: L4Decision| -> L4Decision {
+            if sets.is_empty() {
+                return d;
+            }
+            match d {
+                L4Decision::Allow(i) => L4Decision::Redirect {
+                    sets,
+                    allow_all: Some(i),
+                },
+                L4Decision::Redirect {
+                    sets: more,
+                    allow_all,
+                } => {
+                    let mut all = sets;
+                    all.extend(more);
+                    L4Decision::Redirect {
+                        sets: all,
+                        allow_all,
+                    }
+                }
+                L4Decision::Deny(_) | L4Decision::DefaultDeny { .. } => L4Decision::Redirect {
+                    sets,
+                    allow_all: None,
+                },
+                other => other,
+            }
+        };
+        let tier_of = |e: &Entry| {
+            if e.tier == Tier::Namespace {
+                self.default_tier
+            } else {
+                e.rank.0 as u32
+            }
+        };
+        let mut next_end = 0;
+        let mut passed_tier: Option<u32> = None;
+        let mut ns_allow: Option<usize> = None;
+        let mut ns_sets: Vec<(usize, L7Id)> = Vec::new();
+        while let Some(e) = entries
+            .get(i)
+            .filter(|e| matches!(e.tier, Tier::Calico | Tier::Namespace))
+        {
+            let t = tier_of(e);
+            while let Some(end) = d.tiers.get(next_end).filter(|end| end.tier < t) {
+                if passed_tier != Some(end.tier) && end.action == Action::Deny {
+                    return with_sets(sets, self.tier_end(d, next_end, peer));
+                }
+                next_end += 1;
+            }
+            if passed_tier != Some(t) && self.entry_matches(e, peer, protocol, port) {
+                match (e.tier, e.action, e.l7) {
+                    (_, Action::Deny, _) => return with_sets(sets, L4Decision::Deny(i)),
+                    (Tier::Calico, Action::Pass, _) => passed_tier = Some(t),
+                    (Tier::Calico, _, Some(set)) => sets.push((i, set)),
+                    (Tier::Calico, _, None) => return with_sets(sets, L4Decision::Allow(i)),
+                    (_, _, Some(set)) => ns_sets.push((i, set)),
+                    (_, _, None) => {
+                        ns_allow.get_or_insert(i);
+                    }
+                }
+            }
+            i += 1;
+            let block_ends = e.tier == Tier::Namespace
+                && entries.get(i).is_none_or(|n| n.tier != Tier::Namespace);
+            if block_ends && !ns_sets.is_empty() {
+                let ns = L4Decision::Redirect {
+                    sets: std::mem::take(&mut ns_sets),
+                    allow_all: ns_allow,
+                };
+                return with_sets(sets, ns);
+            }
+            if let (true, Some(a)) = (block_ends, ns_allow) {
+                return with_sets(sets, L4Decision::Allow(a));
+            }
+        }
+        while let Some(end) = d.tiers.get(next_end) {
+            if passed_tier != Some(end.tier) && end.action == Action::Deny {
+                return with_sets(sets, self.tier_end(d, next_end, peer));
+            }
+            next_end += 1;
+        }
+        match self.decide_baseline(d, i, peer, protocol, port) {
+            // allowed after every tier: the HTTP rules met on the way restrict nothing
+            allowed @ (L4Decision::NoPolicy | L4Decision::DefaultAllow) => allowed,
+            other => with_sets(sets, other),
+        }
+    }
+
+    /// The end-of-tier deny of `d.tiers[k]`: at L4 when a rule of the tier names the
+    /// peer on another port.
+    fn tier_end(&self, d: &DirPolicy, k: usize, peer: Idx) -> L4Decision {
+        let t = d.tiers[k].tier;
+        let peer_known = d.entries.iter().any(|e| {
+            let in_tier = match e.tier {
+                Tier::Calico => e.rank.0 as u32 == t,
+                Tier::Namespace => t == self.default_tier,
+                _ => false,
+            };
+            in_tier && self.selectors.peer_set_contains(e.peers, peer)
+        });
+        L4Decision::DefaultDeny {
+            peer_known,
+            tier: Some(k),
         }
     }
 }
@@ -467,7 +623,7 @@ impl Model {
                     "allowed by {} {} ({} {traffic} from peers {})",
                     self.policy_name(e.origin.policy),
                     self.rule_path(e),
-                    tier_word(e),
+                    self.tier_word(e),
                     self.describe_peers(e.peers)
                 );
             }
@@ -480,26 +636,32 @@ impl Model {
                     "denied by {} {} ({} deny of {traffic} for peers {})",
                     self.policy_name(e.origin.policy),
                     self.rule_path(e),
-                    tier_word(e),
+                    self.tier_word(e),
                     self.describe_peers(e.peers)
                 );
             }
-            L4Decision::DefaultDeny { peer_known } => {
+            L4Decision::DefaultDeny { peer_known, tier } => {
                 v.layer = Some(if peer_known { Layer::L4 } else { Layer::L3 });
-                let names: Vec<String> = ep.dirs[dir.index()]
-                    .default_deny
-                    .iter()
-                    .map(|p| self.policy_name(*p))
-                    .collect();
-                v.reason = format!(
-                    "default deny: selected by {} and no rule allows {traffic} {} {peer_desc}",
-                    names.join(", "),
-                    if dir == Direction::Egress {
-                        "to"
-                    } else {
-                        "from"
-                    }
-                );
+                let d = &ep.dirs[dir.index()];
+                let end = tier.and_then(|k| d.tiers.get(k));
+                let policies = end.map_or(&d.default_deny, |t| &t.selected_by);
+                let names: Vec<String> = policies.iter().map(|p| self.policy_name(*p)).collect();
+                let to = if dir == Direction::Egress {
+                    "to"
+                } else {
+                    "from"
+                };
+                v.reason = match end {
+                    Some(t) => format!(
+                        "end of Calico tier {}: selected by {} and no rule decides {traffic} {to} {peer_desc}",
+                        self.calico_tiers[t.tier as usize].name,
+                        names.join(", "),
+                    ),
+                    None => format!(
+                        "default deny: selected by {} and no rule allows {traffic} {to} {peer_desc}",
+                        names.join(", "),
+                    ),
+                };
             }
             L4Decision::Redirect { .. } => {
                 v.proxied = true;
@@ -694,10 +856,16 @@ impl Model {
     }
 }
 
-fn tier_word(e: &Entry) -> &'static str {
-    match e.tier {
-        Tier::Admin => "admin tier,",
-        Tier::Namespace => "",
-        Tier::Baseline => "baseline tier,",
+impl Model {
+    fn tier_word(&self, e: &Entry) -> String {
+        match e.tier {
+            Tier::Admin => "admin tier,".into(),
+            Tier::Calico => self
+                .calico_tiers
+                .get(e.rank.0 as usize)
+                .map_or_else(String::new, |t| format!("Calico tier {},", t.name)),
+            Tier::Namespace => String::new(),
+            Tier::Baseline => "baseline tier,".into(),
+        }
     }
 }

@@ -12,6 +12,10 @@ use prometheus::{
 
 use crate::audit::Verdict;
 
+mod endpoint;
+
+pub use endpoint::{serve_endpoint, EndpointLimits, EndpointMetrics};
+
 /// The `protocol` label of a request (and the audit record's protocol).
 pub fn protocol_name(v: Version) -> &'static str {
     PROTOCOLS[protocol_index(v)]
@@ -277,40 +281,36 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` (text exposition) on `listener` until the task is dropped.
+/// Serves `GET /metrics` (text exposition) on `listener` until the task is dropped,
+/// within the default [`EndpointLimits`].
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) -> std::io::Result<()> {
-    use http_body_util::Full;
-    use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
+    let counted = EndpointMetrics::register(&metrics.registry, "metrics")
+        .unwrap_or_else(|_| EndpointMetrics::unregistered());
+    serve_endpoint(listener, EndpointLimits::default(), counted, move |req| {
+        metrics_response(req.uri().path(), || metrics.encode())
+    })
+    .await;
+    Ok(())
+}
 
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
-                async move {
-                    let mut resp = if req.uri().path() == "/metrics" {
-                        let mut r =
-                            hyper::Response::new(Full::new(bytes::Bytes::from(metrics.encode())));
-                        r.headers_mut().insert(
-                            http::header::CONTENT_TYPE,
-                            http::HeaderValue::from_static("text/plain; version=0.0.4"),
-                        );
-                        r
-                    } else {
-                        hyper::Response::new(Full::new(bytes::Bytes::from_static(b"not found\n")))
-                    };
-                    if req.uri().path() != "/metrics" {
-                        *resp.status_mut() = http::StatusCode::NOT_FOUND;
-                    }
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
+/// The answer of a metrics endpoint to `path`: the text exposition `render` makes at
+/// `/metrics`, 404 elsewhere.
+pub fn metrics_response(
+    path: &str,
+    render: impl FnOnce() -> String,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use http_body_util::Full;
+    if path == "/metrics" {
+        let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(render())));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        r
+    } else {
+        let mut r = hyper::Response::new(Full::new(bytes::Bytes::from_static(b"not found\n")));
+        *r.status_mut() = http::StatusCode::NOT_FOUND;
+        r
     }
 }
 

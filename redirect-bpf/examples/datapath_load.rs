@@ -249,7 +249,7 @@ fn relay(node: &str) {
     let listener = in_ns(node, None, || {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
             .expect("socket");
-        s.set_ip_transparent(true).expect("IP_TRANSPARENT");
+        s.set_ip_transparent_v4(true).expect("IP_TRANSPARENT");
         s.set_reuse_address(true).expect("SO_REUSEADDR");
         let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PROXY_PORT);
         s.bind(&any.into()).expect("bind");
@@ -469,15 +469,15 @@ struct ProgLoadAttr {
     expected_attach_type: u32,
 }
 
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_LOAD: nix::libc::c_long = 5;
+const BPF_PROG_TEST_RUN: nix::libc::c_long = 10;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 
 /// Runs a program `repeat` times on `packet` (an Ethernet frame) in the calling thread's
 /// network namespace: (its return value, the kernel's mean ns per run). The kernel times
 /// only the runs and stops its clock while the thread is rescheduled, so a loaded machine
 /// moves this far less than a wall-clock rate.
-#[allow(unsafe_code)] // the bpf(2) system call, which aya 0.13 does not wrap
+#[allow(unsafe_code)] // the bpf(2) system call on a program fd of the loaded datapath
 fn test_run(fd: BorrowedFd<'_>, packet: &[u8], repeat: u32) -> (u32, u32) {
     let mut attr = TestRunAttr {
         prog_fd: u32::try_from(fd.as_raw_fd()).expect("fd"),
@@ -491,8 +491,8 @@ fn test_run(fd: BorrowedFd<'_>, packet: &[u8], repeat: u32) -> (u32, u32) {
     // `packet.len()` readable bytes that outlive the call; `data_out`, `ctx_in` and
     // `ctx_out` are null, so the kernel reads and writes no other memory of ours.
     let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
             BPF_PROG_TEST_RUN,
             &mut attr as *mut TestRunAttr,
             std::mem::size_of::<TestRunAttr>(),
@@ -523,8 +523,8 @@ fn empty_program() -> OwnedFd {
     // SAFETY: `attr` is a prefix of bpf_attr's `BPF_PROG_LOAD` member (its size passed);
     // `insns` and `license` point to live arrays of the sizes given; no log buffer.
     let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
             BPF_PROG_LOAD,
             &attr as *const ProgLoadAttr,
             std::mem::size_of::<ProgLoadAttr>(),

@@ -6,18 +6,24 @@
 //!   the maps.
 //! - [`compile::endpoint_entries`] turns policy-model's compiled endpoint policy into
 //!   policy map entries. Policy semantics stay in policy-model: the datapath executes.
+//! - [`events`] reads the drop events of the `EVENTS` ring buffer, synchronously or on
+//!   tokio.
 //! - [`routing`] installs the ip rule and local route that deliver redirected packets
 //!   to the proxies.
+//! - [`netlink`] is the node's network namespace through rtnetlink: route lookups
+//!   (which veth leads to a pod), links, and a stream of route and link changes.
 
 pub mod compile;
+pub mod events;
 pub mod loader;
-pub mod ringbuf;
+pub mod netlink;
 pub mod routing;
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 pub use compile::{endpoint_entries, EndpointEntries, PolicyEntry, ProxyPorts};
+pub use events::{AsyncDropEvents, DropEvents};
 pub use loader::{ConntrackFlow, Datapath, DEFAULT_ROOT};
 pub use redirect_bpf_common as common;
 
@@ -46,8 +52,6 @@ pub enum Error {
     Mount(nix::Error),
     #[error("reading CLOCK_MONOTONIC: {0}")]
     Clock(nix::Error),
-    #[error("redirect routing: {0}")]
-    Routing(String),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }

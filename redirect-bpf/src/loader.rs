@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::maps::lpm_trie::Key;
-use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray};
+use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
@@ -20,7 +20,7 @@ use redirect_bpf_common::{
 };
 
 use crate::compile::PolicyEntry;
-use crate::ringbuf::EventRing;
+use crate::events::DropEvents;
 use crate::Error;
 
 /// The default bpffs root of Ward's pins.
@@ -46,9 +46,8 @@ pub struct Datapath {
     conntrack_v4: HashMap<MapData, CtKeyV4, CtValue>,
     conntrack_v6: HashMap<MapData, CtKeyV6, CtValue>,
     drops: PerCpuArray<MapData, u64>,
-    events: EventRing,
-    /// The map behind `events` (its mappings outlive the fd, but keep the map open).
-    _events_map: MapData,
+    /// None once [`Datapath::take_drop_events`] handed it out.
+    events: Option<DropEvents>,
     event_rate: PerCpuArray<MapData, EventRate>,
 }
 
@@ -82,7 +81,7 @@ impl Datapath {
         ensure_bpffs(root)?;
         fs::create_dir_all(root.join("links")).map_err(|e| Error::io(root, e))?;
         let mut ebpf = EbpfLoader::new()
-            .map_pin_path(root)
+            .default_map_pin_directory(root)
             .load(OBJECT)
             .map_err(|e| Error::Load(Box::new(e)))?;
         for name in PROGRAMS {
@@ -102,13 +101,8 @@ impl Datapath {
         let conntrack_v4 = take(map_names::CONNTRACK_V4)?;
         let conntrack_v6 = take(map_names::CONNTRACK_V6)?;
         let drops = take(map_names::DROPS)?;
-        let events_map = match take(map_names::EVENTS)? {
-            aya::maps::Map::RingBuf(m) => m,
-            _ => return Err(Error::NoSuchMap(map_names::EVENTS)),
-        };
-        let size = events_map.info().map_err(Error::map)?.max_entries();
-        let events = EventRing::new(events_map.fd().as_fd(), size)
-            .map_err(|e| Error::io(&root.join(map_names::EVENTS), e))?;
+        let events =
+            DropEvents::new(RingBuf::try_from(take(map_names::EVENTS)?).map_err(Error::map)?);
         let event_rate = take(map_names::EVENT_RATE)?;
         Ok(Datapath {
             root: root.to_path_buf(),
@@ -120,8 +114,7 @@ impl Datapath {
             conntrack_v4: HashMap::try_from(conntrack_v4).map_err(Error::map)?,
             conntrack_v6: HashMap::try_from(conntrack_v6).map_err(Error::map)?,
             drops: PerCpuArray::try_from(drops).map_err(Error::map)?,
-            events,
-            _events_map: events_map,
+            events: Some(events),
             event_rate: PerCpuArray::try_from(event_rate).map_err(Error::map)?,
             ebpf,
         })
@@ -401,15 +394,20 @@ impl Datapath {
         Ok(values.iter().map(|r| r.suppressed).sum())
     }
 
-    /// Drains the drop events queued so far.
+    /// Drains the drop events queued so far (none once [`Datapath::take_drop_events`]
+    /// handed the ring buffer out).
     pub fn drain_events(&mut self) -> Vec<DropEvent> {
-        let mut out = Vec::new();
-        self.events.drain(|item| {
-            if let Some(ev) = decode_event(item) {
-                out.push(ev);
-            }
-        });
-        out
+        self.events
+            .as_mut()
+            .map(DropEvents::drain)
+            .unwrap_or_default()
+    }
+
+    /// Hands the drop event ring buffer to a reader of its own (the agent reads it
+    /// asynchronously, [`DropEvents::into_async`], without holding the datapath). A ring
+    /// buffer has one consumer: the first call gets it, later ones None.
+    pub fn take_drop_events(&mut self) -> Option<DropEvents> {
+        self.events.take()
     }
 
     /// Removes conntrack entries idle for longer than `idle`, and closed TCP flows (FIN or
@@ -596,29 +594,4 @@ fn ensure_bpffs(root: &Path) -> Result<(), Error> {
         None::<&str>,
     )
     .map_err(Error::Mount)
-}
-
-fn decode_event(b: &[u8]) -> Option<DropEvent> {
-    let u32_at =
-        |o: usize| -> Option<u32> { Some(u32::from_ne_bytes(b.get(o..o + 4)?.try_into().ok()?)) };
-    let arr4 = |o: usize| -> Option<[u8; 4]> { b.get(o..o + 4)?.try_into().ok() };
-    let arr2 = |o: usize| -> Option<[u8; 2]> { b.get(o..o + 2)?.try_into().ok() };
-    let arr16 = |o: usize| -> Option<[u8; 16]> { b.get(o..o + 16)?.try_into().ok() };
-    Some(DropEvent {
-        reason: u32_at(0)?,
-        ifindex: u32_at(4)?,
-        src_identity: u32_at(8)?,
-        dst_identity: u32_at(12)?,
-        saddr: arr4(16)?,
-        daddr: arr4(20)?,
-        sport: arr2(24)?,
-        dport: arr2(26)?,
-        protocol: *b.get(28)?,
-        direction: *b.get(29)?,
-        family: *b.get(30)?,
-        _pad: 0,
-        cookie: u32_at(32)?,
-        saddr6: arr16(36)?,
-        daddr6: arr16(52)?,
-    })
 }

@@ -105,7 +105,18 @@ fn sample_ports(model: &Model, ep: &EndpointPolicy) -> BTreeSet<u16> {
 
 #[test]
 fn entries_reproduce_every_conformance_case() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/cases");
+    check_folder("cases");
+}
+
+#[test]
+fn entries_reproduce_every_calico_case() {
+    check_folder("cases-calico");
+}
+
+fn check_folder(folder: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/conformance")
+        .join(folder);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| {
             panic!(
@@ -120,7 +131,8 @@ fn entries_reproduce_every_conformance_case() {
     assert!(!files.is_empty(), "no cases in {}", dir.display());
     let mut checked = 0u64;
     for file in &files {
-        let text = std::fs::read_to_string(file).expect("read");
+        let text =
+            std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let case = parse_case(&text).unwrap_or_else(|e| panic!("{}: {e:?}", file.display()));
         let model = case
             .compile(None, file.to_str())

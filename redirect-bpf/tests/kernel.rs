@@ -474,6 +474,43 @@ fn allow_and_deny_by_identity() {
     });
 }
 
+/// The agent's way of reading drop events: the ring buffer handed out of the datapath
+/// and awaited on tokio. The reader sleeps while nothing is dropped and wakes for a drop.
+#[test]
+fn drop_events_wake_an_async_reader() {
+    let lab = Lab::new("asyncevents", 2);
+    let mut dp = lab.datapath();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    lab.set_endpoint(&mut dp, 1, endpoint_flags::DEFAULT_DENY_INGRESS);
+    let events = dp.take_drop_events().expect("the ring buffer");
+    assert!(dp.take_drop_events().is_none(), "one consumer");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut events = rt.block_on(async { events.into_async() }).expect("async");
+    let idle = rt.block_on(async {
+        tokio::time::timeout(Duration::from_millis(200), events.next_batch()).await
+    });
+    assert!(idle.is_err(), "no drop, no batch: {idle:?}");
+
+    let (ns, to) = (a.ns.clone(), b.ip);
+    let denied = thread::spawn(move || connect(&ns, to, 80, Duration::from_secs(1)));
+    let batch = rt
+        .block_on(async { tokio::time::timeout(ALLOWED, events.next_batch()).await })
+        .expect("a batch before the deadline")
+        .expect("reading the ring buffer");
+    assert!(
+        batch.iter().any(|e| e.saddr == a.ip.octets()
+            && e.daddr == b.ip.octets()
+            && u16::from_be_bytes(e.dport) == 80
+            && e.reason == drop_reason::POLICY_DEFAULT_DENY),
+        "the a -> b:80 drop: {batch:?}"
+    );
+    assert!(denied.join().expect("connect thread").is_err());
+    assert!(dp.drain_events().is_empty(), "the datapath handed it out");
+}
+
 #[test]
 fn replies_pass_and_reverse_flow_is_denied() {
     let lab = Lab::new("replies", 2);
@@ -651,8 +688,9 @@ fn enforcement_survives_a_loader_restart() {
     connect(&a.ns, b.ip, 80, ALLOWED).expect("a new a -> b:80 is allowed");
     assert_denied(&a.ns, b.ip, 81);
     // It reads the events from where the first one stopped: those of the drops while no
-    // loader ran and since, each once. (aya 0.13's reader looped forever here.) Drained
-    // on a thread with a deadline, so that a reader that spins fails the test.
+    // loader ran and since, each once. (A reader that assumes the producer position
+    // starts at 0, as aya 0.13's did, loops forever here.) Drained on a thread with a
+    // deadline, so that a reader that spins fails the test.
     let (tx, rx) = std::sync::mpsc::channel();
     let drained = thread::spawn(move || {
         let mut dp = dp;
@@ -998,7 +1036,7 @@ fn transparent_udp(ns: &str, addr: SocketAddrV4) -> UdpSocket {
     in_ns(ns, || {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
             .expect("socket");
-        s.set_ip_transparent(true).expect("IP_TRANSPARENT");
+        s.set_ip_transparent_v4(true).expect("IP_TRANSPARENT");
         s.set_reuse_address(true).expect("SO_REUSEADDR");
         s.bind(&SocketAddr::V4(addr).into()).expect("bind");
         UdpSocket::from(s)
@@ -1311,7 +1349,7 @@ fn ipv6_redirect_to_transparent_listener() {
             .expect("socket");
         s.set_only_v6(false).expect("dual stack");
         // IP_TRANSPARENT sets the same flag as IPV6_TRANSPARENT on an IPv6 socket.
-        s.set_ip_transparent(true).expect("IP_TRANSPARENT");
+        s.set_ip_transparent_v4(true).expect("IP_TRANSPARENT");
         s.set_reuse_address(true).expect("SO_REUSEADDR");
         let any = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, PROXY_PORT, 0, 0));
         s.bind(&any.into()).expect("bind");
@@ -2240,7 +2278,7 @@ fn transparent_upstream(
 ) -> std::io::Result<TcpStream> {
     in_ns(ns, || {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        s.set_ip_transparent(true)?;
+        s.set_ip_transparent_v4(true)?;
         s.set_mark(mark)?;
         s.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
         let addr = SocketAddr::V4(SocketAddrV4::new(to, port));

@@ -16,10 +16,11 @@ tasks:
   lab [ARGS...]   the main job: a whole cluster's datapath on this machine (root): installs
                   what it needs, builds the eBPF object and ward, runs `ward lab ARGS`
                   (default: the deploy/lab scenario: up, check, down)
-  lab-cases       `ward lab run-case` over ../shared/conformance/cases (root)
+  lab-cases       `ward lab run-case` over ../shared/conformance/cases and cases-calico (root)
   test [--no-lab] build the eBPF object, format check, clippy (-D warnings), all tests,
-                  the conformance suite on the policy model, then `lab` and `lab-cases`
-                  (the default scenario and every conformance case on the real datapath)
+                  the conformance suite on the policy model, then `lab` (deploy/lab and
+                  deploy/lab-calico) and `lab-cases` (every conformance case on the real
+                  datapath)
   build-ebpf      install the eBPF toolchain when missing (nightly, rust-src, bpf-linker)
                   and build the datapath's eBPF object into target/bpf
   demo            the main job for now: conformance over the shared cases and a trace example
@@ -90,6 +91,18 @@ fn root() -> PathBuf {
 fn shared_cases() -> Option<PathBuf> {
     let p = root().join("../shared/conformance/cases");
     p.is_dir().then_some(p)
+}
+
+/// The shared case folders run in full: `cases/` and, beside it, the additions that
+/// Ward implements (`cases-calico/`).
+fn shared_case_folders() -> Option<Vec<PathBuf>> {
+    let cases = shared_cases()?;
+    let calico = cases.with_file_name("cases-calico");
+    Some(if calico.is_dir() {
+        vec![cases, calico]
+    } else {
+        vec![cases]
+    })
 }
 
 fn run(cmd: &mut Command) -> Result {
@@ -196,9 +209,9 @@ fn lab(args: &[String]) -> Result {
 }
 
 fn lab_cases() -> Result {
-    let cases = shared_cases().ok_or("../shared/conformance/cases is missing")?;
+    let cases = shared_case_folders().ok_or("../shared/conformance/cases is missing")?;
     let ward = build_ward_for_lab("lab-cases")?;
-    run(Command::new(ward).args(["lab", "run-case"]).arg(cases))
+    run(Command::new(ward).args(["lab", "run-case"]).args(cases))
 }
 
 fn test(with_lab: bool) -> Result {
@@ -232,15 +245,16 @@ fn test(with_lab: bool) -> Result {
     deploy_check()?;
     // Benchmarks must at least run once, so that a broken bench fails here and not later.
     run(cargo().args(["bench", "--workspace", "--", "--test"]))?;
-    match shared_cases() {
+    match shared_case_folders() {
         Some(cases) => run(cargo()
             .args(["run", "--quiet", "--release", "--bin", "ward", "--"])
             .args(["conformance", "run"])
-            .arg(cases))?,
+            .args(cases))?,
         None => return Err("../shared/conformance/cases is missing".into()),
     }
     if with_lab {
         lab(&[])?;
+        lab(&["deploy/lab-calico".to_string()])?;
         lab_cases()?;
     }
     Ok(())
@@ -304,6 +318,7 @@ const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("http1", "proxy/fuzz"),
     ("h2", "proxy/fuzz"),
     ("handle", "dns-proxy/fuzz"),
+    ("answer", "dns-proxy/fuzz"),
 ];
 
 fn fuzz(target: Option<&str>, seconds: Option<&str>) -> Result {

@@ -16,6 +16,7 @@ use dns_proxy::listener::{serve_tcp, serve_udp, FixedUpstream, ForwarderUdp};
 use dns_proxy::metrics::Metrics;
 use dns_proxy::{Config, NeverInUse, NullSink, Proxy, RefuseCode, Scope};
 use policy_model::CompileOptions;
+use proxy::metrics::{metrics_response, serve_endpoint, EndpointLimits, EndpointMetrics};
 
 use crate::inputs::compile_model;
 
@@ -27,6 +28,10 @@ pub struct Args {
     /// The DNS server every query goes to.
     #[arg(long)]
     upstream: SocketAddr,
+    /// The port the policies name for the upstream (default: the upstream's port): DNS
+    /// rules are checked against it, as `ward proxy --port` does.
+    #[arg(long)]
+    port: Option<u16>,
     /// Cluster state: the `cluster:` shape of a conformance case, or a whole case file.
     #[arg(long)]
     cluster: PathBuf,
@@ -59,9 +64,17 @@ pub struct Args {
     /// virtual machines) at the price of the CPU time spent polling. Needs `--threads 1`.
     #[arg(long, default_value_t = 0)]
     busy_poll_us: u64,
-    /// Queries handled at once; past it a query gets SERVFAIL (0: no limit).
-    #[arg(long, default_value_t = 0)]
+    /// Queries handled at once; past it a query gets SERVFAIL at once (0: no limit).
+    #[arg(long, default_value_t = dns_proxy::config::DEFAULT_CONCURRENCY_LIMIT)]
     concurrency_limit: usize,
+    /// Queries of one client IP handled at once; past it that client's query gets
+    /// SERVFAIL at once (0: no limit).
+    #[arg(long, default_value_t = dns_proxy::config::DEFAULT_CLIENT_CONCURRENCY_LIMIT)]
+    client_concurrency_limit: usize,
+    /// DNS 0x20: send each query's name upstream in a random case that the answer must
+    /// repeat exactly.
+    #[arg(long)]
+    randomize_case: bool,
     /// Address of the Prometheus metrics endpoint (GET /metrics).
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -73,7 +86,23 @@ pub enum Refuse {
     Nxdomain,
 }
 
+/// Raises the soft limit of open files to the hard one: each forwarded UDP query holds a
+/// socket, up to `--concurrency-limit` of them, past the usual soft limit of 1,024.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
+    }
+}
+
 pub fn run(a: Args) -> Result<ExitCode> {
+    raise_open_files_limit();
     if a.busy_poll_us > 0 && a.threads != Some(1) {
         // With several workers the one that polls may not hold the I/O driver, and the
         // wake-ups busy polling is meant to save happen anyway.
@@ -115,6 +144,8 @@ async fn serve(a: Args) -> Result<ExitCode> {
         upstream_timeout: Duration::from_millis(a.upstream_timeout_ms),
         busy_poll_us: a.busy_poll_us,
         concurrency_limit: a.concurrency_limit,
+        client_concurrency_limit: a.client_concurrency_limit,
+        randomize_case: a.randomize_case,
         ..Config::default()
     };
     let metrics = Metrics::new().context("metrics")?;
@@ -138,7 +169,8 @@ async fn serve(a: Args) -> Result<ExitCode> {
         Arc::new(NeverInUse),
         audit,
         metrics,
-    );
+    )
+    .with_policy_port(a.port);
     if let Some(busy) = proxy.busy_poll() {
         tokio::spawn(busy.run());
     }
@@ -147,7 +179,15 @@ async fn serve(a: Args) -> Result<ExitCode> {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot bind the metrics endpoint {addr}"))?;
-        tokio::spawn(serve_metrics(l, proxy.metrics().clone()));
+        let metrics = proxy.metrics().clone();
+        let counted = EndpointMetrics::register(&metrics.registry, "metrics")
+            .context("metrics endpoint metrics")?;
+        tokio::spawn(serve_endpoint(
+            l,
+            EndpointLimits::default(),
+            counted,
+            move |req| metrics_response(req.uri().path(), || metrics.render()),
+        ));
     }
     let _maintenance = proxy.spawn_maintenance();
     let udp = tokio::net::UdpSocket::bind(a.listen)
@@ -156,9 +196,12 @@ async fn serve(a: Args) -> Result<ExitCode> {
     let tcp = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("cannot bind tcp {}", a.listen))?;
-    eprintln!(
-        "ward dns-proxy: {} -> {} for {} ({restored} names restored)",
-        a.listen, a.upstream, a.endpoint
+    tracing::info!(
+        listen = %a.listen,
+        upstream = %a.upstream,
+        endpoint = %a.endpoint,
+        restored,
+        "DNS proxy serving"
     );
     let udp_task = tokio::spawn(serve_udp(
         proxy.clone(),
@@ -178,47 +221,7 @@ async fn serve(a: Args) -> Result<ExitCode> {
         r = tokio::signal::ctrl_c() => r.context("signal")?,
     }
     if let Err(e) = proxy.persist() {
-        eprintln!("ward dns-proxy: persisting the FQDN cache: {e}");
+        tracing::warn!(error = %e, "cannot persist the FQDN cache");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Serves `GET /metrics` (the DNS proxy's registry, text exposition) until the listener
-/// fails; anything else is 404.
-async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Metrics) {
-    use http_body_util::Full;
-    use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
-
-    loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                eprintln!("ward dns-proxy: metrics endpoint: {e}");
-                return;
-            }
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
-                async move {
-                    let mut resp = hyper::Response::new(Full::new(bytes::Bytes::new()));
-                    if req.uri().path() == "/metrics" {
-                        *resp.body_mut() = Full::new(bytes::Bytes::from(metrics.render()));
-                        resp.headers_mut().insert(
-                            http::header::CONTENT_TYPE,
-                            http::HeaderValue::from_static("text/plain; version=0.0.4"),
-                        );
-                    } else {
-                        *resp.status_mut() = http::StatusCode::NOT_FOUND;
-                    }
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
 }

@@ -1,14 +1,15 @@
-//! `ward policy check` and `ward policy trace`.
+//! `ward policy check`, `ward policy lint` and `ward policy trace`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
 use policy_model::http::SimpleRequest;
+use policy_model::lint as policy_lint;
 use policy_model::{CompileOptions, EndpointRef, Protocol, Query};
 
-use crate::inputs::{compile_model, load_policies};
+use crate::inputs::{compile_model, load_cluster, load_policies, yaml_files};
 
 #[derive(Subcommand)]
 pub enum Command {
@@ -17,6 +18,20 @@ pub enum Command {
         /// Manifest files or folders.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+    },
+    /// Find what silently opens or breaks a cluster: OR'd peers, default deny without DNS,
+    /// CIDRs over pod addresses, selectors that match nothing, ... (each finding with file,
+    /// line, object, field path, severity and fix). Exits 1 on an error-level finding.
+    Lint {
+        /// Manifest files or folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Cluster state (the `cluster:` shape or a case file): enables the checks that
+        /// need pods and judges overlaps by the pods selected.
+        #[arg(long)]
+        cluster: Option<PathBuf>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Explain the verdict for one flow.
     Trace(TraceArgs),
@@ -70,6 +85,11 @@ pub enum Output {
 pub fn run(cmd: Command) -> Result<ExitCode> {
     match cmd {
         Command::Check { paths } => check(&paths),
+        Command::Lint {
+            paths,
+            cluster,
+            output,
+        } => lint(&paths, cluster.as_deref(), output),
         Command::Trace(args) => trace(args),
     }
 }
@@ -100,6 +120,49 @@ fn check(paths: &[PathBuf]) -> Result<ExitCode> {
         );
         Ok(ExitCode::from(1))
     }
+}
+
+fn lint(paths: &[PathBuf], cluster: Option<&Path>, output: Output) -> Result<ExitCode> {
+    let mut sources = Vec::new();
+    for f in yaml_files(paths)? {
+        sources.push(policy_lint::Source {
+            text: std::fs::read_to_string(&f)
+                .with_context(|| format!("cannot read {}", f.display()))?,
+            file: Some(f.display().to_string()),
+        });
+    }
+    let cluster = cluster.map(load_cluster).transpose()?;
+    let findings = policy_lint::lint(&sources, cluster.as_ref());
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity == policy_lint::Severity::Error)
+        .count();
+    let warnings = findings.len() - errors;
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "findings": findings,
+                "errors": errors,
+                "warnings": warnings,
+                "files": sources.len(),
+            }))?
+        ),
+        Output::Text => {
+            for f in &findings {
+                println!("{f}");
+            }
+            println!(
+                "{errors} errors, {warnings} warnings in {} files",
+                sources.len()
+            );
+        }
+    }
+    Ok(if errors > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn trace(a: TraceArgs) -> Result<ExitCode> {

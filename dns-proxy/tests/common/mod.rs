@@ -101,6 +101,10 @@ pub async fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> boo
 /// A query the upstream saw.
 #[derive(Clone, Debug)]
 pub struct Seen {
+    /// The query's id as the upstream got it.
+    pub id: u16,
+    /// The question's name as the upstream got it (case kept).
+    pub raw_name: String,
     pub name: String,
     pub qtype: RecordType,
     pub tcp: bool,
@@ -116,6 +120,8 @@ pub struct Zone {
     pub raw: HashMap<String, Vec<u8>>,
     /// Names never answered.
     pub silent: HashSet<String>,
+    /// Over TCP, close each connection after answering this many queries on it.
+    pub tcp_close_after: Option<usize>,
 }
 
 impl Zone {
@@ -154,6 +160,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub zone: Arc<Mutex<Zone>>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// TCP connections accepted.
+    pub tcp_connections: Arc<std::sync::atomic::AtomicUsize>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -196,14 +204,23 @@ impl Upstream {
             }
         });
         let (z, s) = (zone.clone(), seen.clone());
+        let tcp_connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = tcp_connections.clone();
         let t2 = tokio::spawn(async move {
             loop {
                 let Ok((mut st, _)) = tcp.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let (z, s) = (z.clone(), s.clone());
                 tokio::spawn(async move {
+                    let mut answered = 0;
                     while let Ok(n) = st.read_u16().await {
+                        let close_after = z.lock().unwrap().tcp_close_after;
+                        if close_after.is_some_and(|n| answered >= n) {
+                            return;
+                        }
+                        answered += 1;
                         let mut q = vec![0u8; n as usize];
                         if st.read_exact(&mut q).await.is_err() {
                             return;
@@ -223,6 +240,7 @@ impl Upstream {
             addr,
             zone,
             seen,
+            tcp_connections,
             tasks: vec![t1, t2],
         }
     }
@@ -237,6 +255,8 @@ fn answer(q: &[u8], tcp: bool, zone: &Mutex<Zone>, seen: &Mutex<Vec<Seen>>) -> O
     let question = q.queries().first()?.clone();
     let name = key(&question.name().to_ascii());
     seen.lock().unwrap().push(Seen {
+        id: q.id(),
+        raw_name: question.name().to_ascii(),
         name: name.clone(),
         qtype: question.query_type(),
         tcp,

@@ -240,6 +240,7 @@ pub fn translate(spec: &AdminPolicySpec, object: &ObjectRef, errs: &mut Errors) 
         subject: Subject::Pods(subject?),
         default_deny: [false, false],
         rules,
+        calico: None,
     })
 }
 
@@ -351,6 +352,8 @@ fn translate_rule(
             }]
         },
         path: label,
+        subject_filter: None,
+        not_ports: Vec::new(),
     })
 }
 

@@ -526,6 +526,7 @@ pub fn translate_rule(
         subject: subject?,
         default_deny,
         rules,
+        calico: None,
     })
 }
 
@@ -639,6 +640,8 @@ impl RuleCtx<'_> {
             peers,
             ports,
             path: path.to_string(),
+            subject_filter: None,
+            not_ports: Vec::new(),
         })
     }
 
@@ -718,6 +721,8 @@ impl RuleCtx<'_> {
             peers,
             ports,
             path: path.to_string(),
+            subject_filter: None,
+            not_ports: Vec::new(),
         })
     }
 

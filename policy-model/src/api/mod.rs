@@ -2,6 +2,7 @@
 //! lists and `kind: List`), validated, and translated to the internal form.
 
 pub mod anp;
+pub mod calico;
 pub mod cnp;
 pub mod common;
 pub mod netpol;
@@ -57,6 +58,26 @@ struct AdminObject {
     status: Option<serde_json::Value>,
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CalicoPolicyObject {
+    api_version: String,
+    kind: String,
+    metadata: Metadata,
+    #[serde(default)]
+    spec: calico::PolicySpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CalicoTierObject {
+    api_version: String,
+    kind: String,
+    metadata: Metadata,
+    #[serde(default)]
+    spec: calico::TierSpec,
+}
+
 /// The typed body of a policy object.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Body {
@@ -66,6 +87,9 @@ pub enum Body {
     },
     NetworkPolicy(Box<netpol::NetworkPolicySpec>),
     Admin(Box<anp::AdminPolicySpec>),
+    /// A Calico NetworkPolicy or GlobalNetworkPolicy.
+    Calico(Box<calico::PolicySpec>),
+    CalicoTier(calico::TierSpec),
 }
 
 /// A parsed policy object with where it came from.
@@ -118,6 +142,21 @@ impl Object {
                 None => errs.add("metadata.namespace", "a NetworkPolicy needs a namespace"),
             },
             Body::Admin(spec) => out.extend(anp::translate(spec, &self.reference, &mut errs)),
+            Body::Calico(spec) => match (self.reference.kind, ns) {
+                (Kind::CalicoNetworkPolicy, None) => errs.add(
+                    "metadata.namespace",
+                    "a Calico NetworkPolicy needs a namespace",
+                ),
+                (kind, ns) => out.extend(calico::translate(
+                    spec,
+                    &self.reference,
+                    ns.filter(|_| kind == Kind::CalicoNetworkPolicy),
+                    &mut errs,
+                )),
+            },
+            Body::CalicoTier(spec) => {
+                out.extend(calico::translate_tier(spec, &self.reference, &mut errs))
+            }
         }
         if self.reference.name.is_empty() {
             errs.add("metadata.name", "a name is required");
@@ -150,8 +189,13 @@ pub struct Parsed {
     pub other: Vec<(Value, Option<usize>)>,
 }
 
+/// Calico's API group and version as users write them.
+pub const CALICO_V3: &str = "projectcalico.org/v3";
+/// The group and version of the CRDs Calico stores its objects in.
+pub const CALICO_CRD: &str = "crd.projectcalico.org/v1";
+
 /// Splits a YAML stream into documents with their first line (1-based).
-fn documents(text: &str) -> Vec<(usize, String)> {
+pub(crate) fn documents(text: &str) -> Vec<(usize, String)> {
     let mut docs = Vec::new();
     let mut start = 1;
     let mut cur = String::new();
@@ -346,17 +390,33 @@ fn object(
             let o: AdminObject = typed(value).map_err(|(p, r)| err(p, r))?;
             (Kind::ClusterNetworkPolicy, Body::Admin(Box::new(o.spec)))
         }
+        (CALICO_V3 | CALICO_CRD, k) if calico::kind(k).is_some() => {
+            let kind = calico::kind(k).unwrap_or(Kind::Tier);
+            if kind == Kind::Tier {
+                let o: CalicoTierObject = typed(value).map_err(|(p, r)| err(p, r))?;
+                (kind, Body::CalicoTier(o.spec))
+            } else {
+                let o: CalicoPolicyObject = typed(value).map_err(|(p, r)| err(p, r))?;
+                if kind == Kind::GlobalNetworkPolicy && namespace.is_some() {
+                    return Err(err(
+                        "metadata.namespace".into(),
+                        "a GlobalNetworkPolicy is not namespaced".into(),
+                    ));
+                }
+                (kind, Body::Calico(Box::new(o.spec)))
+            }
+        }
         _ => {
             return Err(err(
                 String::new(),
                 format!(
-                    "{api}/{kind_s} is not a policy kind Ward reads (cilium.io/v2 CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy, networking.k8s.io/v1 NetworkPolicy, policy.networking.k8s.io/v1alpha1 AdminNetworkPolicy and BaselineAdminNetworkPolicy, policy.networking.k8s.io/v1alpha2 ClusterNetworkPolicy)"
+                    "{api}/{kind_s} is not a policy kind Ward reads (cilium.io/v2 CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy, networking.k8s.io/v1 NetworkPolicy, policy.networking.k8s.io/v1alpha1 AdminNetworkPolicy and BaselineAdminNetworkPolicy, policy.networking.k8s.io/v1alpha2 ClusterNetworkPolicy, projectcalico.org/v3 (or crd.projectcalico.org/v1) NetworkPolicy, GlobalNetworkPolicy and Tier)"
                 ),
             ))
         }
     };
     let namespace = match kind {
-        Kind::CiliumNetworkPolicy | Kind::NetworkPolicy => namespace,
+        Kind::CiliumNetworkPolicy | Kind::NetworkPolicy | Kind::CalicoNetworkPolicy => namespace,
         _ => None,
     };
     Ok(Object {

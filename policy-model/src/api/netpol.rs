@@ -154,6 +154,7 @@ pub fn translate(
         subject: Subject::Pods(subject?),
         default_deny,
         rules,
+        calico: None,
     })
 }
 
@@ -210,6 +211,8 @@ fn rule(
         peers,
         ports,
         path: path.to_string(),
+        subject_filter: None,
+        not_ports: Vec::new(),
     })
 }
 

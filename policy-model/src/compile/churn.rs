@@ -29,6 +29,8 @@ pub enum ChurnUnsupported {
     Nodes,
     #[error("two pods are named {0}")]
     DuplicatePod(String),
+    #[error("the service accounts changed (their labels are compiled in full)")]
+    ServiceAccounts,
 }
 
 /// What one churn step changed.
@@ -70,6 +72,9 @@ impl Model {
     pub fn apply_cluster(&mut self, new: &Cluster) -> Result<ChurnChange, ChurnUnsupported> {
         if new.nodes != self.cluster.nodes {
             return Err(ChurnUnsupported::Nodes);
+        }
+        if new.service_accounts != self.cluster.service_accounts {
+            return Err(ChurnUnsupported::ServiceAccounts);
         }
         let old_slot = self.match_pods(new)?;
         Ok(self.apply_pods(new, old_slot))

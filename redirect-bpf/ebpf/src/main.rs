@@ -21,7 +21,7 @@ use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple, BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{
         bpf_ktime_get_ns,
-        gen::{bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
+        generated::{bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     },
     macros::{classifier, map},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
@@ -199,11 +199,11 @@ impl Flow for CtKeyV4 {
     }
     fn src_endpoint(&self) -> Option<EndpointInfo> {
         // SAFETY: the value is copied out before the map can change it under us.
-        unsafe { ENDPOINTS_V4.get(&self.saddr) }.copied()
+        unsafe { ENDPOINTS_V4.get(self.saddr) }.copied()
     }
     fn dst_endpoint(&self) -> Option<EndpointInfo> {
         // SAFETY: as above.
-        unsafe { ENDPOINTS_V4.get(&self.daddr) }.copied()
+        unsafe { ENDPOINTS_V4.get(self.daddr) }.copied()
     }
     fn src_identity(&self) -> u32 {
         ipcache_v4(&self.saddr)
@@ -246,11 +246,11 @@ impl Flow for CtKeyV6 {
     }
     fn src_endpoint(&self) -> Option<EndpointInfo> {
         // SAFETY: the value is copied out before the map can change it under us.
-        unsafe { ENDPOINTS_V6.get(&self.saddr) }.copied()
+        unsafe { ENDPOINTS_V6.get(self.saddr) }.copied()
     }
     fn dst_endpoint(&self) -> Option<EndpointInfo> {
         // SAFETY: as above.
-        unsafe { ENDPOINTS_V6.get(&self.daddr) }.copied()
+        unsafe { ENDPOINTS_V6.get(self.daddr) }.copied()
     }
     fn src_identity(&self) -> u32 {
         ipcache_v6(&self.saddr)
@@ -561,12 +561,12 @@ fn quoted_v4_tracked(ctx: &TcContext, off: usize) -> bool {
     if quoted_ports(ctx, off + ihl, protocol, &mut t.sport, &mut t.dport).is_none() {
         return false;
     }
-    if CONNTRACK_V4.get_ptr(&t).is_some() {
+    if CONNTRACK_V4.get_ptr(t).is_some() {
         return true;
     }
     core::mem::swap(&mut t.saddr, &mut t.daddr);
     core::mem::swap(&mut t.sport, &mut t.dport);
-    CONNTRACK_V4.get_ptr(&t).is_some()
+    CONNTRACK_V4.get_ptr(t).is_some()
 }
 
 /// As `quoted_v4_tracked`, for IPv6 (the quoted transport header after the fixed header
@@ -598,12 +598,12 @@ fn quoted_v6_tracked(ctx: &TcContext, off: usize) -> bool {
     if quoted_ports(ctx, l4, protocol, &mut t.sport, &mut t.dport).is_none() {
         return false;
     }
-    if CONNTRACK_V6.get_ptr(&t).is_some() {
+    if CONNTRACK_V6.get_ptr(t).is_some() {
         return true;
     }
     core::mem::swap(&mut t.saddr, &mut t.daddr);
     core::mem::swap(&mut t.sport, &mut t.dport);
-    CONNTRACK_V6.get_ptr(&t).is_some()
+    CONNTRACK_V6.get_ptr(t).is_some()
 }
 
 /// The ports of a quoted packet, as `l4` puts them in a tuple. Only the first 8 bytes of
@@ -1137,7 +1137,7 @@ fn drop<T: Flow>(
     }
     if event_allowed() {
         // A full ring buffer loses the event; the counter above still has it.
-        let _ = EVENTS.output(&ev, 0);
+        let _ = EVENTS.output::<DropEvent>(&ev, 0);
     }
     TC_ACT_SHOT
 }

@@ -1,0 +1,473 @@
+//! The admin HTTP endpoint: health, readiness, metrics, and the agent's view of its
+//! endpoints, policies, learned names and events.
+//!
+//! - `GET /healthz`: 200 while the process serves.
+//! - `GET /readyz`: 200 once the first full policy is in the datapath, 503 before.
+//! - `GET /metrics`: agent, HTTP proxy and DNS proxy metrics on one page.
+//! - `GET /v1/status`: a summary (what `ward status` prints).
+//! - `GET /v1/endpoints`: local endpoints with ids, identities and interfaces.
+//! - `GET /v1/policy/NS/POD`: the compiled policy of a pod, entry by entry, each with the
+//!   policy and field path it came from.
+//! - `GET /v1/fqdn`: names and IPs learned from DNS, per endpoint.
+//! - `GET /v1/events`: NDJSON of drop events and audit records: the recent ones, then
+//!   new ones as they happen (`?follow=false`: only the recent ones).
+//!
+//! The responses are the types of [`api`]; [`client`] reads them back.
+
+pub mod api;
+pub mod client;
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use policy_model::compile::{EndpointPolicy, PortMatch};
+use policy_model::l7::L7Rules;
+use policy_model::policy::{Action, Tier};
+use policy_model::{Direction, Model};
+use prometheus::Registry;
+use proxy::metrics::{serve_endpoint, EndpointLimits, EndpointMetrics};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::reconcile::drops::DropCounts;
+use crate::reconcile::publisher::PolicyStatus;
+use crate::telemetry::events::Events;
+use crate::telemetry::metrics::render;
+
+type RespBody = BoxBody<Bytes, Infallible>;
+
+/// What the handlers read.
+#[derive(Clone)]
+pub struct Admin {
+    pub node: String,
+    /// The source's name (`files`, `kubernetes`).
+    pub source: &'static str,
+    /// The policy publisher's status.
+    pub policy: watch::Receiver<PolicyStatus>,
+    /// The drop reader's counters.
+    pub drops: watch::Receiver<DropCounts>,
+    pub registries: Vec<Registry>,
+    pub events: Events,
+}
+
+impl Admin {
+    /// Serves until the task is dropped, within the default [`EndpointLimits`]
+    /// (connection cap, header and idle timeout, accept errors followed by a pause).
+    pub async fn serve(self, listener: TcpListener, metrics: EndpointMetrics) {
+        serve_endpoint(
+            listener,
+            EndpointLimits::default(),
+            metrics,
+            move |req: Request<Incoming>| self.handle(&req),
+        )
+        .await;
+    }
+
+    fn handle(&self, req: &Request<Incoming>) -> Response<RespBody> {
+        let path = req.uri().path();
+        let query = req.uri().query().unwrap_or("");
+        match path {
+            "/healthz" => text(StatusCode::OK, "ok\n".into()),
+            "/readyz" => {
+                if self.policy.borrow().ready {
+                    text(StatusCode::OK, "ready\n".into())
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+                }
+            }
+            "/metrics" => {
+                let regs: Vec<&Registry> = self.registries.iter().collect();
+                text(StatusCode::OK, render(&regs))
+            }
+            "/v1/status" => json_resp(StatusCode::OK, &self.status()),
+            "/v1/endpoints" => json_resp(StatusCode::OK, &self.policy.borrow().endpoints),
+            "/v1/fqdn" => json_resp(StatusCode::OK, &self.policy.borrow().learned),
+            "/v1/events" => self.events(!query.split('&').any(|kv| kv == "follow=false")),
+            p if p.starts_with("/v1/policy/") => {
+                let pod = p.trim_start_matches("/v1/policy/");
+                let model = self.policy.borrow().model.clone();
+                match model {
+                    None => unavailable(),
+                    Some(m) => match m.pod_endpoint(pod) {
+                        Some(ep) => json_resp(StatusCode::OK, &explain(&m, ep)),
+                        None => json_resp(
+                            StatusCode::NOT_FOUND,
+                            &api::Error {
+                                error: format!(
+                                    "no pod {pod} in the cluster (expected NAMESPACE/POD)"
+                                ),
+                            },
+                        ),
+                    },
+                }
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        }
+    }
+
+    /// The summary of `/v1/status`.
+    pub fn status(&self) -> api::Status {
+        let s = self.policy.borrow();
+        api::Status {
+            node: self.node.clone(),
+            source: self.source.into(),
+            ready: s.ready,
+            policy_generation: s.generation,
+            last_push_ms: s.last_push_ms,
+            last_error: s.last_error.clone(),
+            endpoints: s.endpoints.len(),
+            endpoints_attached: s.endpoints.iter().filter(|e| e.attached).count(),
+            policies: s.policies,
+            errors: s.errors.iter().map(ToString::to_string).collect(),
+            fqdn_names: s.learned.values().map(|n| n.len()).sum(),
+            fqdn_ips: s
+                .learned
+                .values()
+                .flat_map(|n| n.values())
+                .map(|i| i.len())
+                .sum(),
+            drops: self
+                .drops
+                .borrow()
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            map_entries: s.map_entries,
+        }
+    }
+
+    fn events(&self, follow: bool) -> Response<RespBody> {
+        // Subscribe before reading the recent ones, so nothing falls between them.
+        let mut sub = self.events.subscribe();
+        let recent = self.events.recent();
+        let (tx, rx) = mpsc::channel::<Bytes>(256);
+        tokio::spawn(async move {
+            for l in recent {
+                if tx.send(Bytes::from(format!("{l}\n"))).await.is_err() {
+                    return;
+                }
+            }
+            if !follow {
+                return;
+            }
+            loop {
+                match sub.recv().await {
+                    Ok(l) => {
+                        if tx.send(Bytes::from(format!("{l}\n"))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let note = serde_json::to_string(&api::Event::Lost { events: n })
+                            .unwrap_or_default();
+                        if tx.send(Bytes::from(format!("{note}\n"))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        let mut r = Response::new(ChannelBody(rx).boxed());
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/x-ndjson"),
+        );
+        r
+    }
+}
+
+/// A response body fed by a channel (the event stream).
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn text(code: StatusCode, body: String) -> Response<RespBody> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}
+
+fn json_resp(code: StatusCode, v: &impl Serialize) -> Response<RespBody> {
+    let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    body.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn unavailable() -> Response<RespBody> {
+    text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no policy compiled yet\n".into(),
+    )
+}
+
+/// A pod's compiled policy, entry by entry, each naming its policy and rule, plus the
+/// same as readable lines.
+pub fn explain(model: &Model, ep: &EndpointPolicy) -> api::PodPolicy {
+    let identity = model.identities.get(ep.identity);
+    let mut lines = vec![format!(
+        "{} (identity {}, labels {})",
+        ep.name, identity.id, identity.labels
+    )];
+    let mut dirs: [api::DirectionPolicy; 2] = Default::default();
+    for dir in Direction::BOTH {
+        let d = &ep.dirs[dir.index()];
+        let name = |i: &u32| {
+            model
+                .policies
+                .get(*i as usize)
+                .map(|p| p.object.to_string())
+                .unwrap_or_default()
+        };
+        let default_deny: Vec<String> = d.default_deny.iter().map(name).collect();
+        let selected_by: Vec<String> = d.selected_by.iter().map(name).collect();
+        if selected_by.is_empty() {
+            lines.push(format!("  {dir}: no policy selects it: everything allowed"));
+        } else if default_deny.is_empty() {
+            lines.push(format!(
+                "  {dir}: selected by {}; no default deny",
+                selected_by.join(", ")
+            ));
+        } else {
+            lines.push(format!(
+                "  {dir}: default deny (by {}); allowed only what the entries below allow",
+                default_deny.join(", ")
+            ));
+        }
+        let mut entries = Vec::new();
+        for e in &d.entries {
+            let policy = model.policies.get(e.origin.policy as usize);
+            let rule_path = policy
+                .and_then(|p| p.rules.get(e.origin.rule as usize))
+                .map(|r| match e.origin.port_rule {
+                    Some(g) => r
+                        .ports
+                        .get(g as usize)
+                        .map_or(r.path.clone(), |g| g.path.clone()),
+                    None => r.path.clone(),
+                })
+                .unwrap_or_default();
+            let policy = policy.map(|p| p.object.to_string()).unwrap_or_default();
+            let protocol = e.protocol.map_or("any".to_string(), |p| p.to_string());
+            let ports = match &e.port {
+                PortMatch::Range(0, u16::MAX) => "*".to_string(),
+                PortMatch::Range(a, b) if a == b => a.to_string(),
+                PortMatch::Range(a, b) => format!("{a}-{b}"),
+                PortMatch::Named(n) => n.clone(),
+            };
+            let action = match e.action {
+                Action::Allow => "allow",
+                Action::Deny => "deny",
+                Action::Pass => "pass",
+            };
+            let tier = match e.tier {
+                Tier::Admin => "admin",
+                Tier::Calico => "calico",
+                Tier::Namespace => "namespace",
+                Tier::Baseline => "baseline",
+            };
+            let l7: Vec<String> =
+                e.l7.and_then(|id| model.l7.get(id as usize))
+                    .map(|set| {
+                        let n = match &set.rules {
+                            L7Rules::Http(r) => r.len(),
+                            L7Rules::Dns(p) => p.len(),
+                        };
+                        (0..n)
+                            .map(|i| format!("{}: {}", set.rule_path(i), set.describe_rule(i)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+            let peers = model.describe_peers(e.peers);
+            lines.push(format!(
+                "    {action} {peers} {protocol}/{ports}{}  ({tier} tier, {policy} {rule_path})",
+                if l7.is_empty() {
+                    String::new()
+                } else {
+                    format!(" via proxy: {}", l7.join("; "))
+                }
+            ));
+            entries.push(api::PolicyEntry {
+                action: action.into(),
+                tier: tier.into(),
+                peers,
+                protocol,
+                ports,
+                l7,
+                policy,
+                rule: rule_path,
+            });
+        }
+        dirs[dir.index()] = api::DirectionPolicy {
+            default_deny_by: default_deny,
+            selected_by,
+            entries,
+        };
+    }
+    // indexed by `Direction::index`: ingress, egress
+    let [ingress, egress] = dirs;
+    api::PodPolicy {
+        pod: ep.name.clone(),
+        identity: identity.id,
+        labels: identity.labels.to_string(),
+        ingress,
+        egress,
+        text: lines,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::client::Client;
+    use super::*;
+    use crate::datapath::{FakeDatapath, Shared};
+    use crate::reconcile::drops::{DropCounters, EventReader};
+    use crate::reconcile::Published;
+    use crate::telemetry::metrics::AgentMetrics;
+    use redirect_bpf::common::{drop_reason, DropEvent, DIR_INGRESS};
+
+    /// The admin endpoint on a free port, with the drop readers over a fake datapath.
+    #[tokio::test]
+    async fn status_and_events_reach_the_client_as_the_server_typed_them() {
+        let cluster: policy_model::Cluster = serde_yaml::from_str(
+            "namespaces: [{name: app}]\npods: [{namespace: app, name: web, ip: 10.80.2.2}]\n",
+        )
+        .unwrap();
+        let model = Arc::new(Model::compile(&cluster, vec![], Default::default()));
+        let (_policy_tx, policy) = watch::channel(PolicyStatus {
+            ready: true,
+            generation: 3,
+            model: Some(model.clone()),
+            ..PolicyStatus::default()
+        });
+        let (_published_tx, published) = watch::channel(Some(Published {
+            model,
+            generation: 3,
+            pushes: 1,
+        }));
+        let (drops_tx, drops) = watch::channel(DropCounts::new());
+        let events = Events::new();
+        let metrics = AgentMetrics::new().unwrap();
+        let dp = Shared::new(FakeDatapath::new());
+        let ring = dp.lock().take_drop_events();
+        {
+            let mut d = dp.lock();
+            d.drop_counts.insert(drop_reason::POLICY_DEFAULT_DENY, 4);
+            d.record_drop(DropEvent {
+                reason: drop_reason::POLICY_DEFAULT_DENY,
+                saddr: [10, 80, 1, 2],
+                daddr: [10, 80, 2, 2],
+                dport: 8081u16.to_be_bytes(),
+                protocol: 6,
+                direction: DIR_INGRESS,
+                family: 4,
+                ..DropEvent::default()
+            });
+        }
+        let event_reader = EventReader::new(Box::new(ring), events.clone(), published.clone());
+        let reading = tokio::spawn(event_reader.run());
+        // the reader moves the recorded event to the stream
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while events.recent().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the drop event read from the ring buffer");
+        reading.abort();
+        let mut counters = DropCounters::new(dp.clone(), metrics.clone(), published, drops_tx);
+        counters.read();
+        dp.lock()
+            .drop_counts
+            .insert(drop_reason::POLICY_DEFAULT_DENY, 6);
+        counters.read();
+        let counted = metrics
+            .drops
+            .with_label_values(&["policy_default_deny"])
+            .get();
+        assert_eq!(counted, 6, "the kernel's count, added by deltas");
+
+        let admin = Admin {
+            node: "n1".into(),
+            source: "files",
+            policy,
+            drops,
+            registries: vec![metrics.registry.clone()],
+            events,
+        };
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = Client::new(l.local_addr().unwrap());
+        let endpoint = EndpointMetrics::register(&metrics.registry, "admin").unwrap();
+        tokio::spawn(admin.serve(l, endpoint));
+
+        let s = client.status().await.unwrap();
+        assert!(s.ready && s.healthy());
+        assert_eq!((s.node.as_str(), s.policy_generation), ("n1", 3));
+        assert_eq!(s.drops.get("policy_default_deny"), Some(&6));
+
+        let mut stream = client.events(false).await.unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("the drop event");
+        let api::Event::Drop(d) = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(d.destination.pod.as_deref(), Some("app/web"));
+        assert_eq!(d.destination.port, 8081);
+        assert_eq!(d.reason, "policy_default_deny");
+        assert_eq!(e.pods(), vec!["app/web"]);
+        assert!(
+            e.line()
+                .contains("DROP  ingress 10.80.1.2:0 -> app/web:8081"),
+            "{}",
+            e.line()
+        );
+        assert!(stream.next().await.unwrap().is_none(), "follow=false ends");
+
+        let missing = client
+            .get_json::<api::PodPolicy>("/v1/policy/app/nope")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("404") && missing.contains("app/nope"),
+            "{missing}"
+        );
+        let pod: api::PodPolicy = client.get_json("/v1/policy/app/web").await.unwrap();
+        assert_eq!(pod.pod, "app/web");
+    }
+}
