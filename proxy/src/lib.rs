@@ -25,7 +25,7 @@ pub mod server;
 pub mod tls;
 pub mod upstream;
 
-pub use audit::{AuditLog, Output as AuditOutput, Record, Verdict};
+pub use audit::{AuditEvent, AuditLog, DroppedCounter, Record, Verdict};
 pub use config::Config;
 pub use listener::{Accepted, FixedListener, Listener, TransparentListener};
 pub use metrics::Metrics;

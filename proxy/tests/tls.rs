@@ -21,7 +21,8 @@ use policy_model::tls::SecretRef;
 use policy_model::{CompileOptions, Direction, Model};
 use proxy::tls::SecretData;
 use proxy::{
-    AuditLog, Config, FixedListener, Metrics, Mode, PolicyStore, Proxy, Record, SecretStore,
+    AuditEvent, AuditLog, Config, DroppedCounter, FixedListener, Metrics, Mode, PolicyStore, Proxy,
+    Record, SecretStore,
 };
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
@@ -264,17 +265,21 @@ fn futures_like_body(data: Bytes, trailers: http::HeaderMap) -> BoxBody {
 struct Running {
     addr: SocketAddr,
     proxy: Proxy,
-    audit: mpsc::Receiver<Record>,
+    audit: mpsc::Receiver<AuditEvent>,
     secrets: Arc<SecretStore>,
 }
 
 impl Running {
     /// The next audit record, waiting at most 5 s.
     async fn record(&mut self) -> Record {
-        tokio::time::timeout(Duration::from_secs(5), self.audit.recv())
+        let e = tokio::time::timeout(Duration::from_secs(5), self.audit.recv())
             .await
             .expect("no audit record within 5 s")
-            .expect("audit channel closed")
+            .expect("audit channel closed");
+        match e {
+            AuditEvent::Http(r) => r,
+            e => panic!("not an HTTP record: {e:?}"),
+        }
     }
 
     fn metrics(&self) -> String {
@@ -304,7 +309,7 @@ async fn start(
 ) -> Running {
     let store = Arc::new(PolicyStore::new(model(policy)));
     let metrics = Metrics::new();
-    let (audit, rx) = AuditLog::channel(1024, metrics.clone());
+    let (audit, rx) = AuditLog::channel(1024, DroppedCounter::new());
     let secret_store = Arc::new(SecretStore::new());
     secret_store.publish(secrets);
     let proxy = Proxy::with_secrets(
@@ -658,7 +663,7 @@ async fn interception_checks_requests_with_a_leaf_minted_per_sni() {
     let r = p.record().await;
     let http = r.http.as_ref().unwrap();
     assert_eq!(
-        (http.scheme, http.code, http.method.as_str()),
+        (http.scheme.as_ref(), http.code, http.method.as_str()),
         ("https", 200, "GET")
     );
     assert_eq!(http.path, "/v1/charges/42");

@@ -2,10 +2,8 @@
 //! and `ward observe` read them back with the same types.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
 pub use crate::reconcile::endpoints::EndpointStatus as Endpoint;
 pub use crate::reconcile::fqdn::Learned as Fqdn;
@@ -114,49 +112,34 @@ pub struct PolicyEntry {
     pub rule: String,
 }
 
-/// `GET /v1/events`: one line of the event stream.
+/// `GET /v1/events`: one line of the event stream: an audit event (see the `audit`
+/// crate; the same line as in the audit log), a rule whose TLS material broke, or a
+/// note that a follower fell behind.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Event {
     /// A packet the datapath dropped.
     Drop(Drop),
-    /// An HTTP proxy audit record (the proxy's own schema).
-    Http(Map<String, Value>),
-    /// A DNS proxy audit record (the DNS proxy's own schema).
-    Dns(Map<String, Value>),
+    /// An HTTP proxy audit record.
+    Http(audit::http::Record),
+    /// A DNS proxy audit record.
+    Dns(audit::dns::Record),
     /// A rule's TLS material became unusable.
     Tls(TlsMaterial),
     /// A follower fell behind: this many events were not sent to it.
     Lost { events: u64 },
 }
 
-/// A datapath drop event.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Drop {
-    /// RFC 3339 with milliseconds, when the agent read it.
-    pub time: String,
-    pub verdict: String,
-    /// The datapath's drop reason (`policy_default_deny`, ...).
-    pub reason: String,
-    /// `ingress` or `egress`.
-    pub direction: String,
-    /// IP protocol number.
-    pub protocol: u8,
-    pub source: Peer,
-    pub destination: Peer,
-    pub ifindex: u32,
-    /// The policy map entry's cookie (0 when no entry decided).
-    pub cookie: u32,
-}
+pub use audit::drop::{Peer, Record as Drop};
 
-/// One side of a dropped packet.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Peer {
-    pub ip: IpAddr,
-    pub port: u16,
-    pub identity: u32,
-    /// `namespace/name` when the IP is a pod's.
-    pub pod: Option<String>,
+impl From<audit::AuditEvent> for Event {
+    fn from(e: audit::AuditEvent) -> Event {
+        match e {
+            audit::AuditEvent::Http(r) => Event::Http(r),
+            audit::AuditEvent::Dns(r) => Event::Dns(r),
+            audit::AuditEvent::Drop(r) => Event::Drop(r),
+        }
+    }
 }
 
 impl Event {
@@ -167,15 +150,14 @@ impl Event {
                 .into_iter()
                 .filter_map(|p| p.as_deref())
                 .collect(),
-            Event::Http(r) => ["SourceEndpoint", "DestinationEndpoint"]
-                .iter()
-                .filter_map(|k| r.get(*k)?.get("Pod")?.as_str())
-                .collect(),
-            Event::Dns(r) => r
-                .get("source")
-                .and_then(Value::as_str)
+            Event::Http(r) => [&r.source_endpoint.pod, &r.destination_endpoint.pod]
                 .into_iter()
+                .filter_map(|p| p.as_deref())
                 .collect(),
+            Event::Dns(r) => match &r.source {
+                audit::dns::Source::Endpoint(p) => vec![p.as_str()],
+                audit::dns::Source::Address(_) => Vec::new(),
+            },
             Event::Tls(_) | Event::Lost { .. } => Vec::new(),
         }
     }
@@ -184,8 +166,8 @@ impl Event {
     pub fn verdict(&self) -> String {
         match self {
             Event::Drop(d) => d.verdict.to_lowercase(),
-            Event::Http(r) => str_of(r, "Verdict").to_lowercase(),
-            Event::Dns(r) => str_of(r, "verdict").to_lowercase(),
+            Event::Http(r) => r.verdict.as_str().into(),
+            Event::Dns(r) => r.verdict.as_str().into(),
             Event::Tls(_) => "error".into(),
             Event::Lost { .. } => String::new(),
         }
@@ -212,13 +194,17 @@ impl Event {
             Event::Http(r) => http_line(r, &self.verdict()),
             Event::Dns(r) => format!(
                 "{} DNS   {} -> {} {} {} {} {}",
-                str_of(r, "time"),
-                str_of(r, "source"),
-                str_of(r, "server"),
-                str_of(r, "qname"),
-                str_of(r, "qtype"),
-                str_of(r, "verdict"),
-                str_of(r, "reason"),
+                audit::dns::rfc3339(
+                    r.time
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                ),
+                r.source,
+                r.server,
+                r.qname,
+                r.qtype,
+                self.verdict(),
+                r.reason,
             ),
             Event::Tls(t) => format!(
                 "{} TLS   {} {}: material unusable ({}), connections reset: {}",
@@ -233,124 +219,129 @@ impl Event {
     }
 }
 
-/// The line of an HTTP proxy record: a request (`https` when an intercepted session's,
-/// with its SNI), or a TLS session decided as a whole (spliced or reset, no request).
-fn http_line(r: &Map<String, Value>, verdict: &str) -> String {
-    let end = |k: &str| {
-        let e = r.get(k);
-        e.and_then(|e| e.get("Pod")?.as_str())
-            .or_else(|| e.and_then(|e| e.get("IP")?.as_str()))
-            .unwrap_or("?")
-            .to_string()
+/// The line of an HTTP proxy record: a request (`https` with its SNI when an
+/// intercepted session's), or a TLS session decided as a whole (spliced or reset).
+fn http_line(r: &audit::http::Record, verdict: &str) -> String {
+    let side = |e: &audit::http::Endpoint| e.pod.clone().unwrap_or_else(|| e.ip.clone());
+    let sni = r
+        .tls
+        .as_ref()
+        .and_then(|t| t.sni.as_deref())
+        .unwrap_or("(no SNI)");
+    let info = if r.info.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", r.info)
     };
-    let part = |part: &str, k: &str| {
-        r.get(part)
-            .and_then(|h| h.get(k))
-            .map(|v| match v {
-                Value::String(s) => s.clone(),
-                v => v.to_string(),
-            })
-            .unwrap_or_default()
-    };
-    let sni = match part("TLS", "SNI") {
-        s if s.is_empty() => "(no SNI)".to_string(),
-        s => s,
-    };
-    let info = match str_of(r, "Info") {
-        "" => String::new(),
-        i => format!(" ({i})"),
-    };
-    if r.get("HTTP").is_none() {
+    let Some(h) = &r.http else {
         return format!(
-            "{} TLS   {} -> {} SNI {} {} {}{info}",
-            str_of(r, "Timestamp"),
-            end("SourceEndpoint"),
-            end("DestinationEndpoint"),
-            sni,
-            part("TLS", "Mode"),
-            verdict,
+            "{} TLS   {} -> {} SNI {sni} {} {verdict}{info}",
+            r.timestamp,
+            side(&r.source_endpoint),
+            side(&r.destination_endpoint),
+            r.tls.as_ref().map_or("", |t| &t.mode),
         );
-    }
-    let scheme = match part("HTTP", "Scheme") {
-        s if s.is_empty() => "http".to_string(),
-        s => s,
     };
-    let via = if r.get("TLS").is_some() {
+    let via = if r.tls.is_some() {
         format!(" SNI {sni}")
     } else {
         String::new()
     };
     format!(
-        "{} HTTP  {} -> {} {} {}://{}{} -> {} {}{via}",
-        str_of(r, "Timestamp"),
-        end("SourceEndpoint"),
-        end("DestinationEndpoint"),
-        part("HTTP", "Method"),
-        scheme,
-        part("HTTP", "Host"),
-        part("HTTP", "Path"),
-        part("HTTP", "Code"),
-        verdict,
+        "{} HTTP  {} -> {} {} {}://{}{} -> {} {verdict}{via}",
+        r.timestamp,
+        side(&r.source_endpoint),
+        side(&r.destination_endpoint),
+        h.method,
+        h.scheme,
+        h.host,
+        h.path,
+        h.code,
     )
-}
-
-fn str_of<'a>(r: &'a Map<String, Value>, k: &str) -> &'a str {
-    r.get(k).and_then(Value::as_str).unwrap_or("")
 }
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-
-    use serde_json::json;
-
     use super::*;
 
-    fn event(v: Value) -> Event {
+    fn http_line() -> String {
+        concat!(
+            r#"{"type":"http","Timestamp":"2026-12-07T04:00:00.000000001Z","ObservationPoint":"Ingress","#,
+            r#""Verdict":"Denied","SourceEndpoint":{"IP":"10.0.0.1","Port":40000,"Identity":9,"Pod":"app/client"},"#,
+            r#""DestinationEndpoint":{"IP":"10.0.0.2","Port":80,"Identity":10},"#,
+            r#""HTTP":{"Code":403,"Scheme":"http","Method":"DELETE","Host":"web","Path":"/admin","Protocol":"HTTP/1.1"},"#,
+            r#""LatencyNs":5,"PolicyGeneration":2,"Info":"no rule matches"}"#
+        )
+        .to_string()
+    }
+
+    #[test]
+    fn an_http_audit_line_reads_as_an_event_with_its_request() {
+        let e: Event = serde_json::from_str(&http_line()).unwrap();
+        assert_eq!(e.pods(), vec!["app/client"]);
+        assert_eq!(e.verdict(), "denied");
+        assert_eq!(
+            e.line(),
+            "2026-12-07T04:00:00.000000001Z HTTP  app/client -> 10.0.0.2 DELETE http://web/admin -> 403 denied"
+        );
+    }
+
+    #[test]
+    fn a_dns_audit_line_reads_as_an_event() {
+        let line = concat!(
+            r#"{"type":"dns","time":"2026-12-07T04:00:00.000001Z","source":"app/client","#,
+            r#""client":"10.0.0.1:5353","server":"10.96.0.10:53","transport":"udp","#,
+            r#""qname":"evil.example.","qtype":"A","verdict":"denied","rcode":"Refused","#,
+            r#""reason":"no DNS rule matches","latency_us":3}"#
+        );
+        let e: Event = serde_json::from_str(line).unwrap();
+        assert_eq!(e.pods(), vec!["app/client"]);
+        assert_eq!(
+            e.line(),
+            "2026-12-07T04:00:00.000001Z DNS   app/client -> 10.96.0.10:53 evil.example. A denied no DNS rule matches"
+        );
+    }
+
+    fn event(v: serde_json::Value) -> Event {
         serde_json::from_value(v).unwrap()
     }
 
-    /// `ward observe` lines of the HTTP proxy's records (its `HTTP` and `TLS` parts):
-    /// a plaintext request, a request of an intercepted session, a TLS session decided
-    /// as a whole, and a rule whose TLS material broke.
+    /// `ward observe` lines of the HTTP proxy's TLS records: a request of an
+    /// intercepted session, sessions decided as a whole, and a rule whose TLS material
+    /// broke.
     #[test]
-    fn observe_lines_of_http_and_tls_records() {
-        let ends = json!({"IP": "10.0.0.1", "Pod": "app/client"});
-        let server = json!({"IP": "203.0.113.10", "Port": 443});
-        let plain = event(
-            json!({"type": "http", "Timestamp": "T", "Verdict": "Forwarded",
-            "SourceEndpoint": ends, "DestinationEndpoint": server,
-            "HTTP": {"Code": 200, "Method": "GET", "Host": "web", "Path": "/v1/x"}}),
-        );
-        assert_eq!(
-            plain.line(),
-            "T HTTP  app/client -> 203.0.113.10 GET http://web/v1/x -> 200 forwarded"
-        );
-        let https = event(
-            json!({"type": "http", "Timestamp": "T", "Verdict": "Denied",
-            "SourceEndpoint": ends, "DestinationEndpoint": server,
+    fn observe_lines_of_tls_records() {
+        use serde_json::json;
+        let client = json!({"IP": "10.0.0.1", "Port": 40000, "Identity": 9, "Pod": "app/client"});
+        let server = json!({"IP": "203.0.113.10", "Port": 443, "Identity": 16777217});
+        let record = |extra: serde_json::Value| {
+            let mut v = json!({"type": "http", "Timestamp": "T", "ObservationPoint": "Egress",
+                "Verdict": "Denied", "SourceEndpoint": client, "DestinationEndpoint": server,
+                "LatencyNs": 5, "PolicyGeneration": 2});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            event(v)
+        };
+        let https = record(json!({
             "HTTP": {"Code": 403, "Scheme": "https", "Method": "DELETE",
-                     "Host": "api.payments.example", "Path": "/v1/charges/1"},
-            "TLS": {"SNI": "api.payments.example", "Mode": "intercept"}}),
-        );
+                     "Host": "api.payments.example", "Path": "/v1/charges/1", "Protocol": "HTTP/2"},
+            "TLS": {"SNI": "api.payments.example", "Mode": "intercept"}}));
         assert_eq!(
             https.line(),
             "T HTTP  app/client -> 203.0.113.10 DELETE https://api.payments.example/v1/charges/1 -> 403 denied SNI api.payments.example"
         );
-        let reset = event(
-            json!({"type": "http", "Timestamp": "T", "Verdict": "Denied",
-            "SourceEndpoint": ends, "DestinationEndpoint": server,
-            "TLS": {"SNI": "evil.example", "Mode": "reset"}, "Info": "no rule admits SNI evil.example"}),
-        );
+        let reset = record(json!({"TLS": {"SNI": "evil.example", "Mode": "reset"},
+            "Info": "no rule admits SNI evil.example"}));
         assert_eq!(
             reset.line(),
             "T TLS   app/client -> 203.0.113.10 SNI evil.example reset denied (no rule admits SNI evil.example)"
         );
         assert_eq!(reset.pods(), ["app/client"]);
-        let spliced = event(
-            json!({"type": "http", "Timestamp": "T", "Verdict": "Forwarded",
-            "SourceEndpoint": ends, "DestinationEndpoint": server, "TLS": {"Mode": "splice"}}),
-        );
+        let mut spliced = record(json!({"TLS": {"Mode": "splice"}}));
+        if let Event::Http(r) = &mut spliced {
+            r.verdict = audit::http::Verdict::Forwarded;
+        }
         assert!(
             spliced.line().ends_with("SNI (no SNI) splice forwarded"),
             "{}",
@@ -364,11 +355,7 @@ mod tests {
             "T TLS   CiliumNetworkPolicy app/p spec.egress[0].toPorts[0]: material unusable (app/ca), connections reset: secret app/ca not found"
         );
         assert_eq!(broken.verdict(), "error");
-        assert_eq!(
-            serde_json::to_value(&broken).unwrap()["type"],
-            "tls",
-            "the event stream's type field"
-        );
+        assert_eq!(serde_json::to_value(&broken).unwrap()["type"], "tls");
     }
 
     /// A rule with unusable TLS material makes the agent unhealthy (`ward status` exits

@@ -155,7 +155,7 @@ spec:
             .collect();
         let model = Model::compile(&cluster, policies, Default::default());
         let metrics = proxy::Metrics::new();
-        let (audit, _rx) = proxy::AuditLog::channel(16, metrics.clone());
+        let (audit, _rx) = proxy::AuditLog::channel(16, proxy::DroppedCounter::new());
         proxy::Proxy::with_secrets(
             proxy::Config::default(),
             Arc::new(proxy::PolicyStore::new(model)),

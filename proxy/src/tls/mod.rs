@@ -44,7 +44,7 @@ impl TlsConn {
     pub fn record(&self) -> audit::Tls {
         audit::Tls {
             sni: self.session.sni.clone(),
-            mode: "intercept",
+            mode: "intercept".into(),
             rule: Some(Rule::from(&self.rule)),
             secret: Some(self.session.terminating.secret.to_string()),
         }

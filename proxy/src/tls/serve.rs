@@ -164,7 +164,7 @@ fn session_tls(
 ) -> audit::Tls {
     audit::Tls {
         sni,
-        mode,
+        mode: mode.into(),
         rule: rule.map(Rule::from),
         secret,
     }
@@ -192,7 +192,8 @@ fn record(
         observation_point: match p.direction {
             policy_model::Direction::Ingress => "Ingress",
             policy_model::Direction::Egress => "Egress",
-        },
+        }
+        .into(),
         verdict,
         source_endpoint: Endpoint {
             ip: peer.ip().to_string(),
