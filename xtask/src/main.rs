@@ -18,14 +18,16 @@ tasks:
                   (default: the deploy/lab scenario: up, check, down)
   lab-cases       `ward lab run-case` over ../shared/conformance/cases and cases-calico (root)
   test [--no-lab] build the eBPF object, format check, clippy (-D warnings), all tests,
-                  the conformance suite on the policy model, then `lab` (deploy/lab and
+                  the conformance suite on the policy model (cases, cases-calico,
+                  cases-tls), then `lab` (deploy/lab and
                   deploy/lab-calico) and `lab-cases` (every conformance case on the real
                   datapath)
   build-ebpf      install the eBPF toolchain when missing (nightly, rust-src, bpf-linker)
                   and build the datapath's eBPF object into target/bpf
   demo            the main job for now: conformance over the shared cases and a trace example
   fuzz [TARGET [SECONDS]]
-                  run a fuzz target (policy, http1 or handle; default policy, 60 s)
+                  run a fuzz target (policy, http1, h2, tls_client_hello, handle, ...;
+                  default policy, 60 s)
                   with cargo-fuzz on nightly
   bench           run the criterion benchmarks
   crds            regenerate deploy/crds/ from policy-model's types
@@ -103,6 +105,18 @@ fn shared_case_folders() -> Option<Vec<PathBuf>> {
     } else {
         vec![cases]
     })
+}
+
+/// The folders `ward conformance run` takes in CI: those of [`shared_case_folders`] and
+/// `cases-tls/` (the model decides TLS sessions; the lab's externals do not serve TLS
+/// yet, so `lab-cases` leaves that folder out).
+fn model_case_folders() -> Option<Vec<PathBuf>> {
+    let mut folders = shared_case_folders()?;
+    let tls = folders[0].with_file_name("cases-tls");
+    if tls.is_dir() {
+        folders.push(tls);
+    }
+    Some(folders)
 }
 
 fn run(cmd: &mut Command) -> Result {
@@ -245,7 +259,7 @@ fn test(with_lab: bool) -> Result {
     deploy_check()?;
     // Benchmarks must at least run once, so that a broken bench fails here and not later.
     run(cargo().args(["bench", "--workspace", "--", "--test"]))?;
-    match shared_case_folders() {
+    match model_case_folders() {
         Some(cases) => run(cargo()
             .args(["run", "--quiet", "--release", "--bin", "ward", "--"])
             .args(["conformance", "run"])
@@ -317,6 +331,7 @@ const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("policy", "fuzz"),
     ("http1", "proxy/fuzz"),
     ("h2", "proxy/fuzz"),
+    ("tls_client_hello", "proxy/fuzz"),
     ("handle", "dns-proxy/fuzz"),
     ("answer", "dns-proxy/fuzz"),
 ];
