@@ -83,9 +83,12 @@ fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
 
 fn leaf(names: &[&str], issuer: &CertifiedIssuer<'static, KeyPair>) -> (String, String) {
     let key = KeyPair::generate().unwrap();
-    let p = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-        .unwrap();
-    (p.signed_by(&key, issuer).unwrap().pem(), key.serialize_pem())
+    let p =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    (
+        p.signed_by(&key, issuer).unwrap().pem(),
+        key.serialize_pem(),
+    )
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -268,7 +271,9 @@ fn input<'a>(s: &Setup, data: &'a [u8]) -> Input<'a> {
         }
         // a real hello cut short, then anything
         2 => {
-            let cut = rest.first().map_or(0, |b| usize::from(*b) * hello.len() / 256);
+            let cut = rest
+                .first()
+                .map_or(0, |b| usize::from(*b) * hello.len() / 256);
             let mut h = hello[..cut.max(1)].to_vec();
             h.extend_from_slice(rest.get(1..).unwrap_or_default());
             Input::Raw(h)
