@@ -7,12 +7,13 @@ use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use testkit::Poll;
 
 const CLUSTER: &str = r#"
 cluster:
@@ -80,11 +81,9 @@ fn free_port() -> SocketAddr {
 }
 
 fn wait_for_port(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "{addr} never accepted");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    Poll::within(Duration::from_secs(20)).expect(&format!("{addr} accepting"), || {
+        TcpStream::connect(addr).is_ok()
+    });
 }
 
 struct Ward {
@@ -164,14 +163,21 @@ fn curl_get(extra: &[&str], url: &str) -> (String, String) {
 }
 
 fn wait_for_line(path: &Path, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let mut line = None;
+    let found = Poll::within(Duration::from_secs(10)).until("the line", || {
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        if let Some(l) = text.lines().find(|l| l.contains(needle)) {
-            return l.to_string();
-        }
-        assert!(Instant::now() < deadline, "no line with {needle} in {text}");
-        std::thread::sleep(Duration::from_millis(20));
+        line = text
+            .lines()
+            .find(|l| l.contains(needle))
+            .map(str::to_string);
+        line.is_some()
+    });
+    match (found, line) {
+        (Ok(_), Some(l)) => l,
+        _ => panic!(
+            "no line with {needle} in {}",
+            std::fs::read_to_string(path).unwrap_or_default()
+        ),
     }
 }
 
@@ -237,11 +243,9 @@ fn sighup_reloads_policies() {
         .status()
         .unwrap();
     assert!(ok.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while curl_get(&[], &url).0 != "403" {
-        assert!(Instant::now() < deadline, "reload never applied");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    Poll::within(Duration::from_secs(10))
+        .every(Duration::from_millis(50))
+        .expect("the reload applied", || curl_get(&[], &url).0 == "403");
     assert_eq!(
         curl_get(&[], &format!("http://{}/other", w.listen)).0,
         "200"
@@ -364,10 +368,10 @@ fn a_stalled_audit_reader_costs_records_not_requests() {
             }
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut bytes = Vec::new();
     while (bytes.iter().filter(|&&b| b == b'\n').count() as u64) + dropped < REQUESTS {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
         match chunks.recv_timeout(left) {
             Ok(chunk) => bytes.extend_from_slice(&chunk),
             Err(_) => panic!(

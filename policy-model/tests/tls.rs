@@ -421,11 +421,10 @@ fn tls_contexts_are_checked() {
 // The shared conformance cases
 // ---------------------------------------------------------------------------------------
 
-/// Every case of `../shared/conformance/cases-tls/` passes in the model.
+/// Every case of the repository's `conformance/cases-tls/` passes in the model.
 #[test]
 fn shared_tls_cases_pass() {
-    let dir =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/cases-tls");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance/cases-tls");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())

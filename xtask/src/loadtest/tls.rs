@@ -440,15 +440,8 @@ fn start(ctx: &mut Ctx, ns: &Netns, pki: &Pki, target: Target) -> Result<Option<
 }
 
 fn wait_tcp(ns: &Netns, addr: &str) -> Result {
-    let (host, port) = addr.rsplit_once(':').unwrap_or((addr, ""));
-    let probe = format!("exec 3<>/dev/tcp/{host}/{port}");
-    super::wait_until(&format!("{addr} accepting in {}", ns.name), || {
-        Command::new("ip")
-            .args(["netns", "exec", &ns.name, "bash", "-c", &probe])
-            .stderr(std::process::Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
+    super::wait_until(&format!("{addr} accepting in {}", ns.0.name()), || {
+        ns.0.run(|| std::net::TcpStream::connect(addr)).is_ok()
     })
 }
 
@@ -558,7 +551,7 @@ struct Hosts(PathBuf);
 
 impl Hosts {
     fn new(ns: &Netns) -> Result<Hosts> {
-        let dir = Path::new("/etc/netns").join(&ns.name);
+        let dir = Path::new("/etc/netns").join(ns.0.name());
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let hosts = dir.join("hosts");
         std::fs::write(&hosts, format!("127.0.0.1 localhost\n127.0.0.1 {NAME}\n"))
