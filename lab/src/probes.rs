@@ -1,6 +1,6 @@
 //! Executing a scenario's probes for real, with real clients inside the source
 //! namespace: curl (HTTP/1.1, h2c), dig (DNS over UDP and TCP) and `ward-lab probe` (TCP
-//! and UDP echo, gRPC, raw SCTP). Every client has a deadline; probes run concurrently.
+//! and UDP echo, gRPC, raw SCTP, TLS sessions with an exact SNI). Every client has a deadline; probes run concurrently.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -280,6 +280,24 @@ pub fn execute(state: &LabState, lp: &LabProbe) -> Observed {
                 cmd.args(["-b", b]);
             }
             cmd.arg(&dns.query).arg("A");
+        }
+        (Protocol::Tcp, None, http, _) if p.tls.is_some() => {
+            kind = Kind::Lab;
+            cmd = timeout(nsenter(&from.netns, &lab));
+            cmd.args(["probe", "tls", &target, "--ca"])
+                .arg(crate::pki::Layout::of(&state.run_dir).client_bundle);
+            if let Some(sni) = p.tls.as_ref().and_then(|t| t.sni.as_ref()) {
+                cmd.args(["--sni", sni]);
+            }
+            if let Some(h) = http {
+                cmd.args(["--method", &h.method, "--path", &h.path]);
+                for (k, v) in &h.headers {
+                    cmd.arg("--header").arg(format!("{k}: {v}"));
+                }
+            }
+            if let Some(b) = &bind {
+                cmd.args(["--bind", b]);
+            }
         }
         (Protocol::Tcp, None, http, Client::Grpc) => {
             kind = Kind::Lab;
