@@ -114,6 +114,22 @@ fn describe_record(state: &LabState, lp: &LabProbe, r: &serde_json::Value) -> Op
             && r["destination"]["port"].as_u64() == Some(u64::from(p.port))
             && r["protocol"].as_u64() == Some(proto))
         .then(|| format!("dropped at {} ({})", s(&r["direction"]), s(&r["reason"]))),
+        // a TLS session decided as a whole (spliced or reset): no HTTP in the record
+        "http" if r.get("HTTP").is_none() => {
+            let sni = p.tls.as_ref()?.sni.as_deref().map(str::to_ascii_lowercase);
+            let tls = &r["TLS"];
+            (s(&r["SourceEndpoint"]["IP"]) == from
+                && s(&r["DestinationEndpoint"]["IP"]) == to
+                && r["DestinationEndpoint"]["Port"].as_u64() == Some(u64::from(p.port))
+                && tls["SNI"].as_str().map(str::to_string) == sni)
+                .then(|| {
+                    let by = match s(&tls["Rule"]["Policy"]) {
+                        p if p.is_empty() => s(&r["Info"]),
+                        p => p,
+                    };
+                    format!("TLS {} {} {by}", s(&tls["Mode"]), s(&r["Verdict"]))
+                })
+        }
         "http" => {
             let h = p.http.as_ref()?;
             let path = s(&r["HTTP"]["Path"]);
