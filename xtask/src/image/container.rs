@@ -456,6 +456,9 @@ mod tests {
         assert!(s.cap_add.iter().any(|c| c == "BPF"), "{:?}", s.cap_add);
         assert!(s.read_only_root && !s.allow_privilege_escalation && !s.privileged);
         assert_eq!(s.run_as_user, Some(0));
+        // explicit: podman's and CRI-O's default profiles refuse bpf() without SYS_ADMIN
+        assert_eq!(s.seccomp.as_deref(), Some("Unconfined"));
+        assert_eq!(s.cap_add, ["BPF", "NET_ADMIN", "PERFMON"]);
         let bpffs = s.mounts.iter().find(|m| m.path == "/sys/fs/bpf").unwrap();
         assert_eq!(bpffs.host_path.as_deref(), Some("/sys/fs/bpf"));
         assert_eq!(bpffs.propagation.as_deref(), Some("HostToContainer"));
