@@ -20,10 +20,10 @@ tasks:
   lab-cases       `ward lab run-case` over ../shared/conformance/cases and cases-calico (root)
   test [--no-lab] [--no-image]
                   build the eBPF object, format check, clippy (-D warnings), all tests,
-                  the conformance suite on the policy model, `image check` (the node image
-                  built, loaded and run as the DaemonSet runs it), then `lab` (deploy/lab
-                  and deploy/lab-calico) and `lab-cases` (every conformance case on the
-                  real datapath)
+                  the conformance suite on the policy model, then `lab` (deploy/lab and
+                  deploy/lab-calico), `lab-cases` (every conformance case on the real
+                  datapath) and `image check` (the node image built, loaded and run as
+                  the DaemonSet runs it)
   image [build|check|rootfs DIR]
                   the node image FROM scratch with buildah (root): static musl ward (dist
                   profile), CA bundle; target/image/ward-VERSION.oci.tar. `check` loads the
@@ -269,13 +269,13 @@ fn test(flags: &[String]) -> Result {
             .args(cases))?,
         None => return Err("../shared/conformance/cases is missing".into()),
     }
-    if with_image {
-        image::check()?;
-    }
     if with_lab {
         lab(&[])?;
         lab(&["deploy/lab-calico".to_string()])?;
         lab_cases()?;
+    }
+    if with_image {
+        image::check()?;
     }
     Ok(())
 }

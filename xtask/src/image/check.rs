@@ -87,24 +87,12 @@ struct Env {
 impl Env {
     fn new() -> Result<Env> {
         let pid = std::process::id();
+        remove_stale_checks(&root().join("target/image"));
         let dir = root().join(format!("target/image/check-{pid}"));
-        let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let at = |p: &str| dir.join(p).display().to_string();
-        // vfs: plain directories, nothing mounted that could outlive the check.
-        let store = vec![
-            "--root".into(),
-            at("store"),
-            "--runroot".into(),
-            at("run"),
-            "--tmpdir".into(),
-            at("run/libpod"),
-            "--storage-driver".into(),
-            "vfs".into(),
-        ];
         Ok(Env {
+            store: store_args(&dir),
             dir,
-            store,
             name: format!("wimg-{pid}"),
             namespaces: Vec::new(),
             containers: Vec::new(),
@@ -170,8 +158,84 @@ impl Drop for Env {
         for r in &self.bpf_roots {
             let _ = fs::remove_dir_all(r);
         }
-        let _ = fs::remove_dir_all(&self.dir);
+        remove_store(&self.dir);
     }
+}
+
+/// Removes a check's directory. podman's cleanup of a container that it ran with `--rm`
+/// can still be writing into the store when `podman run` returns: try again for a while.
+fn remove_store(dir: &Path) {
+    for _ in 0..20 {
+        if fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// What earlier checks left when they were killed before their cleanup (their process
+/// is gone): their containers, namespaces, bpffs directories and directory.
+fn remove_stale_checks(image_dir: &Path) {
+    let Ok(entries) = fs::read_dir(image_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("check-") else {
+            continue;
+        };
+        if pid.parse::<u32>().is_err() || Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        let _ = Command::new("podman")
+            .args(store_args(&e.path()))
+            .args(["rm", "--all", "--force", "--time", "0"])
+            .output();
+        let prefix = format!("wimg-{pid}-");
+        for (dir, prefix) in [
+            ("/run/netns", prefix.clone()),
+            ("/sys/fs/bpf", format!("ward-{prefix}")),
+        ] {
+            for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !name.starts_with(&prefix) {
+                    continue;
+                }
+                if dir == "/run/netns" {
+                    // what that check started in it (the web pod's server)
+                    let pids = Command::new("ip").args(["netns", "pids", &name]).output();
+                    for pid in pids.iter().flat_map(|o| {
+                        String::from_utf8_lossy(&o.stdout)
+                            .split_whitespace()
+                            .map(str::to_string)
+                            .collect::<Vec<_>>()
+                    }) {
+                        let _ = Command::new("kill").args(["-KILL", &pid]).output();
+                    }
+                    let _ = Command::new("ip").args(["netns", "delete", &name]).output();
+                } else {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        remove_store(&e.path());
+    }
+}
+
+/// podman's global options for the private store under `dir` (vfs: plain directories,
+/// nothing mounted that could outlive the check).
+fn store_args(dir: &Path) -> Vec<String> {
+    let at = |p: &str| dir.join(p).display().to_string();
+    vec![
+        "--root".into(),
+        at("store"),
+        "--runroot".into(),
+        at("run"),
+        "--tmpdir".into(),
+        at("run/libpod"),
+        "--storage-driver".into(),
+        "vfs".into(),
+    ]
 }
 
 trait StatusOk {
@@ -320,7 +384,7 @@ fn inspect(image: &Image, env: &Env) -> Result {
     Ok(())
 }
 
-/// The binary runs in the image as the image's user, and has no lab.
+/// The binary runs in the image as the image's user.
 fn commands(image: &Image, env: &Env) -> Result {
     let out = env.run_image(image, &["--version"])?;
     let version = String::from_utf8_lossy(&out.stdout).trim().to_string();

@@ -7,9 +7,9 @@
 //! Docker elsewhere and buildah here build the same thing from one description.
 
 mod check;
+pub mod container;
 
 pub use check::check;
-pub mod container;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -31,9 +31,8 @@ const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
 const ROOTFS_FROM_BUILD: &str = "COPY --from=build /rootfs/ /";
 const ROOTFS_FROM_CONTEXT: &str = "COPY rootfs/ /";
 
-/// What the host needs: the container tools (as root; runc because Debian's podman
-/// defaults do not suit every cgroup layout), musl-gcc for the C parts of the
-/// dependencies (mimalloc, ring), the CA bundle.
+/// What the host needs: the container tools (podman runs containers with runc here),
+/// musl-gcc for the C parts of the dependencies (mimalloc, ring), the CA bundle.
 const IMAGE_PACKAGES: &[&str] = &["podman", "buildah", "runc", "musl-tools", "ca-certificates"];
 
 const USAGE: &str = "\
