@@ -122,6 +122,8 @@ pub fn build() -> Result<Image> {
         &containerfile,
         &image_stage(&read(&root().join("deploy/Dockerfile"))?)?,
     )?;
+    // The image this build replaces under the same name, removed once it has no name.
+    let replaced = image_id(&reference).ok();
     let revision = git_revision()?;
     // The commit's time for every timestamp in the image: the same sources, the same image.
     let time = git(&["log", "-1", "--format=%ct"])?;
@@ -149,9 +151,11 @@ pub fn build() -> Result<Image> {
     run(Command::new("buildah")
         .args(["push", "--quiet", &reference])
         .arg(format!("oci-archive:{}:{reference}", archive.display())))?;
-    let id = output(
-        Command::new("podman").args(["image", "inspect", "--format", "{{.Id}}", &reference]),
-    )?;
+    let id = image_id(&reference)?;
+    if let Some(old) = replaced.filter(|old| *old != id) {
+        // still in use by a container, or tagged elsewhere: then it stays
+        let _ = Command::new("podman").args(["rmi", &old]).output();
+    }
     Ok(Image {
         reference,
         version,
@@ -161,6 +165,11 @@ pub fn build() -> Result<Image> {
         unpacked_bytes: tree_bytes(&context.join("rootfs"))?,
         build_time: started.elapsed(),
     })
+}
+
+/// The id of the image named `reference` in the machine's store.
+fn image_id(reference: &str) -> Result<String> {
+    output(Command::new("podman").args(["image", "inspect", "--format", "{{.Id}}", reference]))
 }
 
 /// Makes the image's files in `dir` (afresh): the static `ward` of the dist profile with
