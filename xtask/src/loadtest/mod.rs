@@ -35,6 +35,7 @@ pub const LOADTEST_PACKAGES: &[&str] = &[
     "dnsperf",
     "dnsmasq-base",
     "curl",
+    "openssl",
     "iproute2",
     "util-linux",
 ];
