@@ -19,13 +19,14 @@ tasks:
                   what it needs, builds the eBPF object, ward and ward-lab, runs
                   `target/release/ward-lab ARGS`
                   (default: the deploy/lab scenario: up, check, down)
-  lab-cases       `ward-lab run-case` over conformance/cases and cases-calico (root)
+  lab-cases       `ward-lab run-case` over conformance/cases, cases-calico and cases-tls
+                  (root)
   test [--no-lab] [--no-image]
                   build the eBPF object, format check, clippy (-D warnings), all tests,
-                  the conformance suite on the policy model, then `lab` (deploy/lab and
-                  deploy/lab-calico), `lab-cases` (every conformance case on the real
-                  datapath) and `image check` (the node image built, loaded and run as
-                  the DaemonSet runs it)
+                  the conformance suite on the policy model (cases, cases-calico,
+                  cases-tls), then `lab` (deploy/lab and deploy/lab-calico), `lab-cases`
+                  (every conformance case on the real datapath) and `image check` (the
+                  node image built, loaded and run as the DaemonSet runs it)
   image [build|check|rootfs DIR]
                   the node image FROM scratch with buildah (root): static musl ward (dist
                   profile), CA bundle; target/image/ward-VERSION.oci.tar. `check` loads the
@@ -35,7 +36,8 @@ tasks:
   demo            a quick look without root: the conformance cases on the policy model and
                   a `ward policy trace` example
   fuzz [TARGET [SECONDS]]
-                  run a fuzz target (policy, http1 or handle; default policy, 60 s)
+                  run a fuzz target (policy, http1, h2, tls_client_hello, handle, ...;
+                  default policy, 60 s)
                   with cargo-fuzz on nightly
   bench           run the criterion benchmarks
   crds            regenerate deploy/crds/ from policy-model's types
@@ -333,6 +335,7 @@ const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("policy", "fuzz"),
     ("http1", "proxy/fuzz"),
     ("h2", "proxy/fuzz"),
+    ("tls_client_hello", "proxy/fuzz"),
     ("handle", "dns-proxy/fuzz"),
     ("answer", "dns-proxy/fuzz"),
 ];
