@@ -9,6 +9,8 @@
 //! - [`app`]: the agent's settings and the wiring of the tasks, proxies and runtimes.
 //! - [`admin`]: the admin HTTP endpoint, its typed responses, and the client that
 //!   `ward status` and `ward observe` use.
+//! - [`secrets`]: TLS secret material for the HTTP proxy (a certificates directory or
+//!   the Secrets of one namespace), and the rules whose material is unusable.
 //! - [`telemetry`]: logs (tracing), metrics, the event stream and the audit log.
 
 pub mod admin;
@@ -16,6 +18,7 @@ pub mod app;
 pub mod datapath;
 pub mod inputs;
 pub mod reconcile;
+pub mod secrets;
 pub mod source;
 pub mod store;
 pub mod telemetry;

@@ -15,7 +15,7 @@
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -1355,6 +1355,292 @@ fn a_policy_change_stops_established_connections_it_denies() {
             .any(|l| l.starts_with("ward_conntrack_revoked_total") && !l.ends_with(" 0")),
         "{metrics}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS egress: secrets from the certificates directory
+// ---------------------------------------------------------------------------------------
+
+type Ca = rcgen::CertifiedIssuer<'static, rcgen::KeyPair>;
+
+fn test_ca(name: &str) -> Ca {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    rcgen::CertifiedIssuer::self_signed(p, rcgen::KeyPair::generate().unwrap()).unwrap()
+}
+
+/// A server certificate for `names` signed by `issuer`: (cert PEM, key PEM).
+fn test_leaf(names: &[&str], issuer: &Ca) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let p = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+        .unwrap();
+    (
+        p.signed_by(&key, issuer).unwrap().pem(),
+        key.serialize_pem(),
+    )
+}
+
+/// The client's egress to the SaaS server on 443: `api.payments.example` intercepted
+/// (terminatingTLS with a CA secret, originatingTLS with the public CA, GET
+/// `/v1/charges...` only), `cdn.example` spliced (serverNames only).
+const PAYMENTS_POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: payments, namespace: app}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toCIDR: [203.0.113.10/32]
+    toPorts:
+    - ports: [{port: "443", protocol: TCP}]
+      serverNames: [api.payments.example]
+      terminatingTLS: {secret: {name: payments-intercept}}
+      originatingTLS: {secret: {name: payments-public}}
+      rules:
+        http: [{method: GET, path: "/v1/charges.*"}]
+    - ports: [{port: "443", protocol: TCP}]
+      serverNames: [cdn.example]
+"#;
+
+impl Lab {
+    /// Writes `DIR/NAMESPACE/NAME/KEY` atomically (the agent never reads half a key).
+    fn write_secret(&self, ns: &str, name: &str, keys: &[(&str, &str)]) {
+        let dir = self.dir.join("certs").join(ns).join(name);
+        fs::create_dir_all(&dir).unwrap();
+        for (k, v) in keys {
+            let tmp = dir.join(format!(".{k}.tmp"));
+            fs::write(&tmp, v).unwrap();
+            fs::rename(&tmp, dir.join(k)).unwrap();
+        }
+    }
+
+    /// curl in the client pod over HTTPS to 203.0.113.10:443 as `name`, trusting `ca`
+    /// only: (HTTP code, "000" when no answer; curl's exit code).
+    fn https(&self, method: &str, name: &str, path: &str, ca: &Path) -> (String, i32) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", self.client(), "curl", "-s", "--http1.1"])
+            .args(["--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(["-X", method, "--cacert"])
+            .arg(ca)
+            .args(["--resolve", &format!("{name}:443:{OUTSIDE}")])
+            .arg(format!("https://{name}{path}"))
+            .output()
+            .expect("curl");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            out.status.code().unwrap_or(-1),
+        )
+    }
+
+    fn tls_broken(&self) -> Vec<serde_json::Value> {
+        let (_, body) = self.admin("/v1/status");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["tls_broken_rules"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// `ward agent` with `--certificates-dir`: an HTTPS request of the client pod is
+/// intercepted with a leaf minted from the CA secret, checked (GET allowed, DELETE 403),
+/// sent on over TLS verified against the public CA secret, and audited with its scheme
+/// and SNI; another name is spliced untouched; an unlisted SNI is reset. A broken key
+/// fails that rule closed (reset, in the status, `ward status` exits 1) while the
+/// spliced rule on the same port keeps working; fixing it and then rotating the CA apply
+/// to new connections without a restart. The server is `openssl s_server` in the world.
+#[test]
+fn tls_egress_with_secrets_from_a_certificates_directory() {
+    let mut lab = Lab::new("tls");
+    let intercept = test_ca("Ward agent test interception CA");
+    let public = test_ca("Ward agent test public CA");
+    let (srv_crt, srv_key) = test_leaf(&["api.payments.example", "cdn.example"], &public);
+    let dir = lab.dir.clone();
+    let file = |name: &str, text: &str| {
+        let p = dir.join(name);
+        fs::write(&p, text).unwrap();
+        p
+    };
+    let intercept_pem = file("intercept.pem", &intercept.pem());
+    let public_pem = file("public.pem", &public.pem());
+    let (crt, key) = (file("srv.crt", &srv_crt), file("srv.key", &srv_key));
+    let intercept_key = intercept.key().serialize_pem();
+    lab.write_secret(
+        "app",
+        "payments-intercept",
+        &[("tls.crt", &intercept.pem()), ("tls.key", &intercept_key)],
+    );
+    lab.write_secret("app", "payments-public", &[("ca.crt", &public.pem())]);
+    lab.write("payments.yaml", PAYMENTS_POLICY);
+
+    let server = Command::new("ip")
+        .args([
+            "netns", "exec", &lab.world, "openssl", "s_server", "-quiet", "-www",
+        ])
+        .args(["-accept", &format!("{OUTSIDE}:443"), "-cert"])
+        .arg(&crt)
+        .arg("-key")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_server");
+    lab.children.push(server);
+    let world = lab.world.clone();
+    wait_for(
+        "openssl s_server listening",
+        Duration::from_secs(10),
+        || {
+            output(&["ip", "netns", "exec", &world, "ss", "-Htln", "sport = :443"])
+                .1
+                .contains(OUTSIDE)
+        },
+    );
+
+    lab.agent_args = vec![
+        "--certificates-dir".into(),
+        lab.dir.join("certs").display().to_string(),
+    ];
+    lab.start_agent();
+    let pid = lab.agent.as_ref().unwrap().id();
+    assert!(lab.tls_broken().is_empty(), "{:?}", lab.tls_broken());
+
+    let api = "api.payments.example";
+    // intercepted: the client trusts the interception CA only
+    assert_eq!(
+        lab.https("GET", api, "/v1/charges", &intercept_pem).0,
+        "200"
+    );
+    assert_eq!(
+        lab.https("DELETE", api, "/v1/charges/ch_1", &intercept_pem)
+            .0,
+        "403"
+    );
+    // spliced: the real server's certificate reaches the client
+    assert_eq!(lab.https("GET", "cdn.example", "/", &public_pem).0, "200");
+    assert_ne!(
+        lab.https("GET", "cdn.example", "/", &intercept_pem).0,
+        "200",
+        "a spliced session is not intercepted"
+    );
+    // an SNI no rule lists: reset before any certificate
+    let (code, exit) = lab.https("GET", "evil.example", "/", &public_pem);
+    assert_eq!(code, "000");
+    assert!([35, 56].contains(&exit), "curl exit {exit}");
+
+    let records = audit_records(&lab, "the SNI reset's record", |r| {
+        r["TLS"]["SNI"] == "evil.example"
+    });
+    let https: Vec<_> = records
+        .iter()
+        .filter(|r| r["HTTP"]["Scheme"] == "https")
+        .collect();
+    assert!(
+        https.iter().any(|r| r["HTTP"]["Method"] == "GET"
+            && r["HTTP"]["Code"] == 200
+            && r["Verdict"] == "Forwarded"
+            && r["TLS"]["SNI"] == api
+            && r["TLS"]["Mode"] == "intercept"),
+        "{records:?}"
+    );
+    assert!(
+        https.iter().any(|r| r["HTTP"]["Method"] == "DELETE"
+            && r["HTTP"]["Code"] == 403
+            && r["Verdict"] == "Denied"),
+        "{records:?}"
+    );
+    assert!(
+        records.iter().any(|r| r["TLS"]["SNI"] == "cdn.example"
+            && r["TLS"]["Mode"] == "splice"
+            && r["Verdict"] == "Forwarded"),
+        "{records:?}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["TLS"]["SNI"] == "evil.example" && r["Verdict"] == "Denied"),
+        "{records:?}"
+    );
+
+    // a key that does not belong to the certificate: that rule fails closed
+    let other = test_ca("another CA");
+    lab.write_secret(
+        "app",
+        "payments-intercept",
+        &[("tls.key", &other.key().serialize_pem())],
+    );
+    wait_for(
+        "the broken rule in the status",
+        Duration::from_secs(5),
+        || lab.tls_broken().len() == 1,
+    );
+    let b = &lab.tls_broken()[0];
+    assert_eq!(b["policy"], "CiliumNetworkPolicy app/payments");
+    assert_eq!(b["rule"], "spec.egress[0].toPorts[0]");
+    assert_eq!(b["secret"], "app/payments-intercept");
+    assert!(
+        b["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not belong to the certificate"),
+        "{b}"
+    );
+    let status = Command::new(env!("CARGO_BIN_EXE_ward"))
+        .args(["status", "--netns", &lab.node])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(status.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("tls:        1 rules with unusable material")
+            && text.contains("spec.egress[0].toPorts[0] (secret app/payments-intercept)"),
+        "{text}"
+    );
+    let (_, events) = lab.admin("/v1/events?follow=false");
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("\"type\":\"tls\"") && l.contains("app/payments-intercept")),
+        "{events}"
+    );
+    assert_eq!(
+        lab.https("GET", api, "/v1/charges", &intercept_pem).0,
+        "000"
+    );
+    assert_eq!(
+        lab.https("GET", "cdn.example", "/", &public_pem).0,
+        "200",
+        "the spliced rule on the same port is unaffected"
+    );
+
+    // fixed, then rotated to a new CA: new connections, the same agent
+    lab.write_secret("app", "payments-intercept", &[("tls.key", &intercept_key)]);
+    wait_for("the rule usable again", Duration::from_secs(5), || {
+        lab.tls_broken().is_empty()
+    });
+    assert_eq!(
+        lab.https("GET", api, "/v1/charges", &intercept_pem).0,
+        "200"
+    );
+    let rotated = test_ca("Ward agent test interception CA 2");
+    let rotated_pem = file("rotated.pem", &rotated.pem());
+    lab.write_secret(
+        "app",
+        "payments-intercept",
+        &[
+            ("tls.crt", &rotated.pem()),
+            ("tls.key", &rotated.key().serialize_pem()),
+        ],
+    );
+    wait_for("the rotated CA in use", Duration::from_secs(5), || {
+        lab.https("GET", api, "/v1/charges", &rotated_pem).0 == "200"
+    });
+    assert_ne!(
+        lab.https("GET", api, "/v1/charges", &intercept_pem).0,
+        "200"
+    );
+    assert_eq!(lab.agent.as_ref().unwrap().id(), pid, "no restart");
 }
 
 /// `ward observe ARGS` against the lab's agent (from outside its namespace): its stdout

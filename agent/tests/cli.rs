@@ -122,6 +122,90 @@ fn conformance_runs_the_lab_scenario_folder() {
 }
 
 #[test]
+fn conformance_passes_the_shared_tls_cases() {
+    let dir = cases().with_file_name("cases-tls");
+    let o = ward(&["conformance", "run", dir.to_str().expect("utf-8 path")]);
+    let out = stdout(&o);
+    let last = out.lines().last().unwrap_or_default();
+    assert!(o.status.success(), "{out}");
+    assert!(last.ends_with(" passed, 0 failed"), "{last}");
+    let passed: usize = last
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("count");
+    assert!(passed >= 66, "{last}");
+}
+
+/// `--sni` and `--tls`: the verdict says whether the session is spliced, intercepted or
+/// reset, and names the rule.
+#[test]
+fn policy_trace_explains_tls_sessions() {
+    let cases = cases().with_file_name("cases-tls");
+    let case = |n: &str| cases.join(n).display().to_string();
+    let trace = |file: &str, extra: &[&str]| {
+        let mut args = vec![
+            "policy",
+            "trace",
+            "--cluster",
+            file,
+            "--policies",
+            file,
+            "--from",
+            "cilium-test/client",
+            "--to",
+            "external:saas",
+            "--port",
+            "443",
+        ];
+        args.extend_from_slice(extra);
+        ward(&args)
+    };
+    let sni = case("301-cnp-servernames-exact.yaml");
+    let o = trace(&sni, &["--sni", "api.saas.example"]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("(proxied, TLS spliced)"), "{out}");
+    assert!(
+        out.contains(
+            "admitted by CiliumNetworkPolicy cilium-test/l4-sni-rule spec.egress[0].toPorts[0]"
+        ),
+        "{out}"
+    );
+
+    let o = trace(&sni, &["--sni", "www.saas.example", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(v["sides"][0]["tls"], "reset");
+    assert_eq!(v["sides"][0]["rule"], "spec.egress[0].toPorts[0]");
+
+    let o = trace(&sni, &["--tls"]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("TLS without SNI: no SNI"), "{out}");
+
+    let intercept = case("308-cnp-tls-intercept-http-get-only.yaml");
+    let o = trace(
+        &intercept,
+        &[
+            "--sni",
+            "api.saas.example",
+            "--http-method",
+            "DELETE",
+            "--http-path",
+            "/v1/items",
+        ],
+    );
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("(proxied, TLS intercepted)"), "{out}");
+    assert!(
+        out.contains("HTTPS: HTTP DELETE /v1/items: no HTTP rule"),
+        "{out}"
+    );
+}
+
+#[test]
 fn conformance_reports_a_failing_probe_with_its_explanation() {
     let s = Scratch::new("failing");
     let ok = s.file("ok.yaml", CASE);

@@ -392,3 +392,130 @@ fn a_stalled_audit_reader_costs_records_not_requests() {
         assert_eq!(v["type"], "http", "{l}");
     }
 }
+
+fn test_ca(name: &str) -> rcgen::CertifiedIssuer<'static, rcgen::KeyPair> {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    rcgen::CertifiedIssuer::self_signed(p, rcgen::KeyPair::generate().unwrap()).unwrap()
+}
+
+const SAAS_POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: saas, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toCIDR: [127.0.0.2/32]
+    toPorts:
+    - ports: [{port: "443", protocol: TCP}]
+      serverNames: [api.payments.example]
+      terminatingTLS: {secret: {name: intercept-ca}}
+      originatingTLS: {secret: {name: public-ca}}
+      rules:
+        http: [{method: GET, path: "/v1/charges.*"}]
+"#;
+
+/// `ward proxy --certificates-dir`: the standalone proxy intercepts HTTPS with a leaf
+/// minted from the CA secret and originates TLS to the server (`openssl s_server`),
+/// verified against the public CA secret; curl trusts the interception CA only. Without
+/// the directory the same rule fails closed.
+#[test]
+fn standalone_proxy_intercepts_https_with_secrets_from_a_directory() {
+    let dir = std::env::temp_dir().join(format!("ward-proxy-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let write = |p: &str, text: &str| {
+        let p = dir.join(p);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let intercept = test_ca("ward proxy test interception CA");
+    let public = test_ca("ward proxy test public CA");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let server = rcgen::CertificateParams::new(vec!["api.payments.example".to_string()])
+        .unwrap()
+        .signed_by(&key, &public)
+        .unwrap();
+    write("certs/default/intercept-ca/tls.crt", &intercept.pem());
+    write(
+        "certs/default/intercept-ca/tls.key",
+        &intercept.key().serialize_pem(),
+    );
+    write("certs/default/public-ca/ca.crt", &public.pem());
+    let cluster = write("cluster.yaml", CLUSTER);
+    let policy = write("policy.yaml", SAAS_POLICY);
+    let intercept_pem = write("intercept.pem", &intercept.pem());
+    let srv_crt = write("srv.crt", &server.pem());
+    let srv_key = write("srv.key", &key.serialize_pem());
+
+    let up = TcpListener::bind("127.0.0.2:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut s_server = Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept", &up.to_string()])
+        .arg("-cert")
+        .arg(&srv_crt)
+        .arg("-key")
+        .arg(&srv_key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_server");
+    wait_for_port(up);
+
+    let run = |certs: bool| {
+        let listen = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ward"));
+        cmd.args(["proxy", "--listen", &listen.to_string()])
+            .args(["--upstream", &up.to_string()])
+            .arg("--cluster")
+            .arg(&cluster)
+            .arg("--policies")
+            .arg(&policy)
+            .args(["--endpoint", "default/client", "--direction", "egress"])
+            .args(["--port", "443"]);
+        if certs {
+            cmd.arg("--certificates-dir").arg(dir.join("certs"));
+        }
+        let child = cmd
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_port(listen);
+        (child, listen)
+    };
+    let curl = |listen: SocketAddr, method: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "--http1.1", "--max-time", "5", "-o", "/dev/null"])
+            .args(["-w", "%{http_code}", "-X", method, "--cacert"])
+            .arg(&intercept_pem)
+            .args([
+                "--connect-to",
+                &format!("api.payments.example:443:{}:{}", listen.ip(), listen.port()),
+            ])
+            .arg("https://api.payments.example/v1/charges")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    let (mut with, listen) = run(true);
+    let got = (curl(listen, "GET"), curl(listen, "DELETE"));
+    let _ = with.kill();
+    let _ = with.wait();
+    let (mut without, listen) = run(false);
+    let closed = curl(listen, "GET");
+    let _ = without.kill();
+    let _ = without.wait();
+    let _ = s_server.kill();
+    let _ = s_server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(got, ("200".to_string(), "403".to_string()));
+    assert_eq!(closed, "000", "no material: the session is reset");
+}

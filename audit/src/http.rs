@@ -1,4 +1,5 @@
-//! The HTTP proxy's record: one per request. Field names follow Cilium's access-log
+//! The HTTP proxy's record: one per request, or one per TLS session decided as a whole
+//! (spliced or reset). Field names follow Cilium's access-log
 //! `LogRecord` (PascalCase), so tools that read Cilium's log read these.
 
 use std::borrow::Cow;
@@ -45,6 +46,8 @@ pub struct Endpoint {
 pub struct Http {
     /// Response status sent to the client (0 when none was sent).
     pub code: u16,
+    /// `http`, or `https` for a request of an intercepted TLS session.
+    pub scheme: Cow<'static, str>,
     pub method: String,
     /// `:authority` / `Host`.
     pub host: String,
@@ -77,6 +80,26 @@ impl From<&Matched> for Rule {
     }
 }
 
+/// The TLS session of a record: for a request of an intercepted session, or a session
+/// decided as a whole (spliced or reset; those records have no `HTTP`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Tls {
+    /// The ClientHello's SNI (lower-cased); absent without one.
+    #[serde(rename = "SNI", default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// `splice` (bytes passed untouched), `intercept` (terminated and originated) or
+    /// `reset`.
+    pub mode: Cow<'static, str>,
+    /// The rule that decided the session (admitted, intercepted, or whose check
+    /// failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<Rule>,
+    /// The secret of the material in use or at fault (`namespace/name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
 /// One HTTP access-log record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -88,8 +111,11 @@ pub struct Record {
     pub verdict: Verdict,
     pub source_endpoint: Endpoint,
     pub destination_endpoint: Endpoint,
-    #[serde(rename = "HTTP")]
-    pub http: Http,
+    /// The request; absent from a record of a whole TLS session.
+    #[serde(rename = "HTTP", default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<Http>,
+    #[serde(rename = "TLS", default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
     /// From the request head to the response head (or the local reply), nanoseconds.
     pub latency_ns: u64,
     /// Policy generation the request was checked against.
@@ -128,15 +154,17 @@ pub(crate) mod tests {
                 identity: 70000,
                 pod: Some("ns/web".into()),
             },
-            http: Http {
+            http: Some(Http {
                 code: 403,
+                scheme: "http".into(),
                 method: "GET".into(),
                 host: "web".into(),
                 path: "/admin".into(),
                 protocol: "HTTP/1.1".into(),
                 missing_headers: vec![],
                 rejected_headers: vec![],
-            },
+            }),
+            tls: None,
             latency_ns: 5,
             policy_generation: 1,
             allowed_by: vec![],
@@ -156,6 +184,26 @@ pub(crate) mod tests {
         assert_eq!(v["HTTP"]["Path"], "/admin");
         assert_eq!(v["Info"], "no rule matches");
         assert!(v.get("AllowedBy").is_none());
+        assert!(v.get("TLS").is_none());
+    }
+
+    /// A TLS session decided as a whole: `TLS`, no `HTTP`; and back.
+    #[test]
+    fn a_tls_session_record_has_no_http() {
+        let mut r = record();
+        r.http = None;
+        r.tls = Some(Tls {
+            sni: Some("evil.example".into()),
+            mode: "reset".into(),
+            rule: None,
+            secret: None,
+        });
+        let v = serde_json::to_value(&r).unwrap();
+        assert!(v.get("HTTP").is_none());
+        assert_eq!(v["TLS"]["SNI"], "evil.example");
+        assert_eq!(v["TLS"]["Mode"], "reset");
+        let back: Record = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
     }
 
     #[test]

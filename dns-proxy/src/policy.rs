@@ -169,6 +169,7 @@ impl PolicyStore {
                         decision: SideDecision::Deny {
                             reason: format!("endpoint {name} is not in the cluster"),
                         },
+                        tls: None,
                     },
                 };
                 Resolved {

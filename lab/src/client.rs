@@ -1,6 +1,7 @@
 //! `ward-lab probe`: the small clients the lab runs inside a source namespace for what
-//! curl and dig do not cover: TCP echo, UDP echo, a unary gRPC call, and a raw SCTP
-//! packet. Each prints one line, `allow DETAIL` or `deny DETAIL`, and exits 0; only a
+//! curl and dig do not cover: TCP echo, UDP echo, a unary gRPC call, a raw SCTP
+//! packet, and a TLS session with the exact SNI asked (or none), optionally carrying one
+//! HTTP/1.1 request. Each prints one line, `allow DETAIL` or `deny DETAIL`, and exits 0; only a
 //! broken invocation exits non-zero.
 
 use std::fs;
@@ -12,8 +13,12 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, UdpSocket};
+use tokio_rustls::TlsConnector;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum Kind {
@@ -21,6 +26,7 @@ pub enum Kind {
     Udp,
     Grpc,
     Sctp,
+    Tls,
 }
 
 #[derive(clap::Args, Debug)]
@@ -37,6 +43,16 @@ pub struct ProbeArgs {
     /// Extra request headers for gRPC, `Name: value`.
     #[arg(long)]
     pub header: Vec<String>,
+    /// TLS: the ClientHello's server name, sent as written (none: no SNI; the
+    /// certificate's chain is still checked, its name is not).
+    #[arg(long)]
+    pub sni: Option<String>,
+    /// TLS: the CA certificates (PEM) to trust.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// TLS: send one HTTP/1.1 request with this method (and `--path`, `--header`).
+    #[arg(long)]
+    pub method: Option<String>,
     /// SCTP: the destination's packet log to watch.
     #[arg(long)]
     pub sctp_log: Option<PathBuf>,
@@ -103,6 +119,7 @@ async fn probe(args: &ProbeArgs) -> Result<(bool, String)> {
         }
         Kind::Grpc => grpc(args).await,
         Kind::Sctp => sctp(args).await,
+        Kind::Tls => tls(args).await,
     }
 }
 
@@ -200,5 +217,136 @@ async fn sctp(args: &ProbeArgs) -> Result<(bool, String)> {
                 return Ok((true, "delivered".into()));
             }
         }
+    }
+}
+
+/// A TLS session: allowed when the handshake completes and, with `--method`, the answer
+/// is the server's (200); a reset, a failed handshake or a 403 is a denial.
+async fn tls(args: &ProbeArgs) -> Result<(bool, String)> {
+    let Some(ca) = &args.ca else {
+        bail!("--ca is required for TLS");
+    };
+    let config = tls_client(ca, args.sni.is_none())?;
+    let name = match &args.sni {
+        Some(sni) => ServerName::try_from(sni.clone())
+            .with_context(|| format!("--sni {sni:?} is not a DNS name"))?,
+        None => ServerName::IpAddress(args.to.ip().into()),
+    };
+    let stream = match connect(args).await {
+        Ok(s) => s,
+        Err(e) => return Ok((false, format!("connect: {e}"))),
+    };
+    let tls = match TlsConnector::from(Arc::new(config))
+        .connect(name, stream)
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return Ok((false, format!("TLS handshake: {e}"))),
+    };
+    let Some(method) = &args.method else {
+        return Ok((true, "TLS handshake completed".into()));
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(tls)).await {
+        Ok(x) => x,
+        Err(e) => return Ok((false, format!("HTTP over TLS: {e}"))),
+    };
+    tokio::spawn(conn);
+    let host = args.sni.clone().unwrap_or_else(|| args.to.ip().to_string());
+    let mut req = http::Request::builder()
+        .method(method.as_str())
+        .uri(&args.path)
+        .header("host", host);
+    for h in &args.header {
+        let (k, v) = h.split_once(':').unwrap_or((h.as_str(), ""));
+        req = req.header(k.trim(), v.trim());
+    }
+    let req = req.body(Full::new(Bytes::new()))?;
+    let resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => return Ok((false, format!("HTTPS request: {e}"))),
+    };
+    let status = resp.status();
+    let _ = resp.into_body().collect().await;
+    Ok((
+        status == http::StatusCode::OK,
+        format!("HTTPS {}", status.as_u16()),
+    ))
+}
+
+/// A rustls client trusting the CAs of `ca`; `any_name`: the chain is checked, the
+/// certificate's name is not (a ClientHello without SNI names no server).
+fn tls_client(ca: &std::path::Path, any_name: bool) -> Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca)
+        .with_context(|| format!("{}: cannot read", ca.display()))?
+    {
+        roots
+            .add(c.with_context(|| format!("{}: bad PEM", ca.display()))?)
+            .with_context(|| format!("{}: not a CA certificate", ca.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let mut config = if any_name {
+        let inner =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
+            .with_no_client_auth()
+    } else {
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.enable_sni = !any_name;
+    Ok(config)
+}
+
+/// Checks the chain against the roots and accepts any name (the probes without SNI).
+#[derive(Debug)]
+struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
     }
 }

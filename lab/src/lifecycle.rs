@@ -142,7 +142,8 @@ fn build(state: &mut LabState, scenario: &Scenario, opts: &UpOptions) -> Result<
     }
     fs::write(source.join("policies.yaml"), policies)?;
 
-    start_servers(state, scenario)?;
+    let certs = crate::pki::build(&state.run_dir, cluster, &tls_servers(state, scenario))?;
+    start_servers(state, scenario, &certs)?;
     say("servers ready");
 
     if !opts.no_agent {
@@ -206,7 +207,34 @@ struct Ports {
     sctp: bool,
 }
 
-fn start_servers(state: &mut LabState, scenario: &Scenario) -> Result<()> {
+/// The namespaces whose servers serve TLS, with the names their certificate covers: the
+/// externals and pods of the case with `tls:`.
+fn tls_servers(state: &LabState, scenario: &Scenario) -> BTreeMap<String, BTreeSet<String>> {
+    let cluster = &scenario.case.cluster;
+    let externals = cluster
+        .externals
+        .iter()
+        .filter_map(|e| Some((format!("external:{}", e.name), e.tls.as_ref()?)));
+    let pods = cluster
+        .pods
+        .iter()
+        .filter_map(|p| Some((p.id(), p.tls.as_ref()?)));
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (key, tls) in externals.chain(pods) {
+        if let Some(ep) = state.endpoint(&key) {
+            out.entry(ep.netns.clone())
+                .or_default()
+                .extend(tls.names.iter().cloned());
+        }
+    }
+    out
+}
+
+fn start_servers(
+    state: &mut LabState,
+    scenario: &Scenario,
+    certs: &BTreeMap<String, crate::pki::ServerCert>,
+) -> Result<()> {
     let mut by_ns: BTreeMap<String, Ports> = BTreeMap::new();
     for p in &scenario.case.cluster.pods {
         let key = format!("{}/{}", p.namespace, p.name);
@@ -254,6 +282,12 @@ fn start_servers(state: &mut LabState, scenario: &Scenario) -> Result<()> {
         }
         if ports.sctp {
             cmd.arg("--sctp-log").arg(sctp_log(state, ns));
+        }
+        if let Some(c) = certs.get(ns) {
+            cmd.arg("--tls-cert")
+                .arg(&c.cert)
+                .arg("--tls-key")
+                .arg(&c.key);
         }
         let child = cmd
             .stdin(Stdio::null())
@@ -391,6 +425,8 @@ fn start_agents(
             .arg("--state-dir")
             .arg(&state_dir)
             .args(["--admin", ADMIN, "--uplink", "up0"])
+            .arg("--certificates-dir")
+            .arg(crate::pki::Layout::of(&state.run_dir).certificates_dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -3,6 +3,7 @@
 
 mod client;
 mod lifecycle;
+mod pki;
 mod probes;
 mod serve;
 mod topology;

@@ -1,6 +1,6 @@
 //! Executing a scenario's probes for real, with real clients inside the source
 //! namespace: curl (HTTP/1.1, h2c), dig (DNS over UDP and TCP) and `ward-lab probe` (TCP
-//! and UDP echo, gRPC, raw SCTP). Every client has a deadline; probes run concurrently.
+//! and UDP echo, gRPC, raw SCTP, TLS sessions with an exact SNI). Every client has a deadline; probes run concurrently.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -114,6 +114,22 @@ fn describe_record(state: &LabState, lp: &LabProbe, r: &serde_json::Value) -> Op
             && r["destination"]["port"].as_u64() == Some(u64::from(p.port))
             && r["protocol"].as_u64() == Some(proto))
         .then(|| format!("dropped at {} ({})", s(&r["direction"]), s(&r["reason"]))),
+        // a TLS session decided as a whole (spliced or reset): no HTTP in the record
+        "http" if r.get("HTTP").is_none() => {
+            let sni = p.tls.as_ref()?.sni.as_deref().map(str::to_ascii_lowercase);
+            let tls = &r["TLS"];
+            (s(&r["SourceEndpoint"]["IP"]) == from
+                && s(&r["DestinationEndpoint"]["IP"]) == to
+                && r["DestinationEndpoint"]["Port"].as_u64() == Some(u64::from(p.port))
+                && tls["SNI"].as_str().map(str::to_string) == sni)
+                .then(|| {
+                    let by = match s(&tls["Rule"]["Policy"]) {
+                        p if p.is_empty() => s(&r["Info"]),
+                        p => p,
+                    };
+                    format!("TLS {} {} {by}", s(&tls["Mode"]), s(&r["Verdict"]))
+                })
+        }
         "http" => {
             let h = p.http.as_ref()?;
             let path = s(&r["HTTP"]["Path"]);
@@ -198,11 +214,7 @@ fn explain(model: Option<&Model>, lp: &LabProbe) -> String {
     let Some(model) = model else {
         return String::new();
     };
-    match lp
-        .probe
-        .query()
-        .and_then(|q| model.query(&q).map_err(|e| e.to_string()))
-    {
+    match lp.probe.verdict(model) {
         Ok(v) => why(&v),
         Err(e) => format!("model: {e}"),
     }
@@ -284,6 +296,24 @@ pub fn execute(state: &LabState, lp: &LabProbe) -> Observed {
                 cmd.args(["-b", b]);
             }
             cmd.arg(&dns.query).arg("A");
+        }
+        (Protocol::Tcp, None, http, _) if p.tls.is_some() => {
+            kind = Kind::Lab;
+            cmd = timeout(nsenter(&from.netns, &lab));
+            cmd.args(["probe", "tls", &target, "--ca"])
+                .arg(crate::pki::Layout::of(&state.run_dir).client_bundle);
+            if let Some(sni) = p.tls.as_ref().and_then(|t| t.sni.as_ref()) {
+                cmd.args(["--sni", sni]);
+            }
+            if let Some(h) = http {
+                cmd.args(["--method", &h.method, "--path", &h.path]);
+                for (k, v) in &h.headers {
+                    cmd.arg("--header").arg(format!("{k}: {v}"));
+                }
+            }
+            if let Some(b) = &bind {
+                cmd.args(["--bind", b]);
+            }
         }
         (Protocol::Tcp, None, http, Client::Grpc) => {
             kind = Kind::Lab;

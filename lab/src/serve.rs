@@ -4,7 +4,9 @@
 //! empty message and `grpc-status: 0`), and echoes anything that is not HTTP. On each UDP
 //! port it echoes. On port 53 it is the scenario's DNS server (UDP and TCP). With an SCTP
 //! log it records every SCTP-headed packet it sees on a raw socket (the kernel has no SCTP
-//! stack), so that the prober can tell whether its packet arrived.
+//! stack), so that the prober can tell whether its packet arrived. With a certificate
+//! (`--tls-cert`, `--tls-key`) a TCP connection that starts with a TLS handshake is
+//! served over TLS (rustls; ALPN h2 and http/1.1), the same way inside.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -26,8 +28,11 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio_rustls::TlsAcceptor;
 
 /// What one `ward-lab serve` process serves.
 #[derive(clap::Args, Debug)]
@@ -47,6 +52,13 @@ pub struct ServeArgs {
     /// Created once every port is bound.
     #[arg(long)]
     pub ready: Option<PathBuf>,
+    /// Serve TLS with this certificate chain (PEM) to connections that start with a TLS
+    /// handshake.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// How the lab's echo probes start; on port 53 they are echoed instead of parsed as DNS.
@@ -71,16 +83,20 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .with_context(|| format!("{}: invalid zone", p.display()))?,
         None => Zone::new(),
     });
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
+        _ => None,
+    };
     let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
     for &port in &args.tcp {
         let l = TcpListener::bind(SocketAddr::new(any, port))
             .await
             .with_context(|| format!("cannot listen on TCP port {port}"))?;
-        tokio::spawn(accept_tcp(l, port, zone.clone()));
+        tokio::spawn(accept_tcp(l, port, zone.clone(), tls.clone()));
         // IPv6 pods are served on the same port; a namespace without IPv6 is served on
         // IPv4 only.
         if let Ok(l6) = listen_v6only(port) {
-            tokio::spawn(accept_tcp(l6, port, zone.clone()));
+            tokio::spawn(accept_tcp(l6, port, zone.clone(), tls.clone()));
         }
     }
     for &port in &args.udp {
@@ -171,13 +187,33 @@ async fn answer_udp(s: UdpSocket, port: u16, zone: Arc<Zone>) {
     }
 }
 
-/// Serves the connections of one listener: DNS over TCP on port 53, else HTTP or echo.
-async fn accept_tcp(l: TcpListener, port: u16, zone: Arc<Zone>) {
+/// A TLS server (rustls) with the certificate chain and key of these PEM files, offering
+/// h2 and http/1.1 by ALPN.
+fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("{}: cannot read the certificates", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("{}: cannot read the private key", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("the TLS certificate and key do not make a server")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves the connections of one listener: DNS over TCP on port 53, TLS when the client
+/// starts a handshake and a certificate is given, else HTTP or echo.
+async fn accept_tcp(l: TcpListener, port: u16, zone: Arc<Zone>, tls: Option<TlsAcceptor>) {
     loop {
         let Ok((stream, peer)) = l.accept().await else {
             continue;
         };
         let zone = zone.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let mut head = [0u8; 8];
             let probe = matches!(
@@ -186,6 +222,13 @@ async fn accept_tcp(l: TcpListener, port: u16, zone: Arc<Zone>) {
             );
             if port == 53 && !probe {
                 let _ = dns_tcp(stream, &zone).await;
+            } else if let (Some(tls), true) = (tls, head.first() == Some(&TLS_HANDSHAKE)) {
+                if let Ok(Ok(s)) =
+                    tokio::time::timeout(std::time::Duration::from_secs(5), tls.accept(stream))
+                        .await
+                {
+                    serve_http(s, peer).await;
+                }
             } else {
                 tcp_conn(stream, peer).await;
             }
@@ -205,13 +248,24 @@ async fn tcp_conn(stream: TcpStream, peer: SocketAddr) {
         _ => return,
     };
     if looks_http {
-        let svc = service_fn(move |req| respond(req, peer));
-        let _ = auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(stream), svc)
-            .await;
+        serve_http(stream, peer).await;
     } else {
         echo(stream).await;
     }
+}
+
+/// The first byte of a TLS record carrying a handshake (the ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// HTTP/1.1 or h2 (by preface) on a plain or TLS stream.
+async fn serve_http<S>(stream: S, peer: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| respond(req, peer));
+    let _ = auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
 }
 
 async fn echo(mut stream: TcpStream) {

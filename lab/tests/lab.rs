@@ -569,6 +569,44 @@ fn run_case_executes_a_folder_of_cases() {
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
 }
 
+/// TLS cases on the real datapath: externals that serve HTTPS with the lab's public CA,
+/// secrets the lab generates into the agents' certificates directory, probes that send an
+/// exact SNI (or none): interception with HTTP rules (200, 403, reset), a rule whose
+/// secret is missing failing closed, a ClientHello without SNI.
+#[test]
+fn run_case_serves_tls_and_the_agents_intercept_splice_and_reset() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    require_root();
+    let dir = Scratch::new("tls-cases");
+    let cases = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance/cases-tls");
+    let files = [
+        "304-cnp-servernames-no-sni.yaml",
+        "308-cnp-tls-intercept-http-get-only.yaml",
+        "309-cnp-tls-intercept-secret-missing-fails-closed.yaml",
+    ];
+    for f in files {
+        fs::copy(cases.join(f), dir.0.join(f)).unwrap();
+    }
+    let o = ward_lab(&["run-case", dir.0.to_str().unwrap()]);
+    let out = text(&o);
+    for f in files {
+        assert!(out.contains(f), "{f} not run:\n{out}");
+    }
+    if !no_agent() {
+        assert!(o.status.success(), "{out}");
+        assert!(
+            out.contains("308-cnp-tls-intercept-http-get-only.yaml (7 probes, 0 failed"),
+            "{out}"
+        );
+        let last = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        assert!(last.ends_with(" passed, 0 failed"), "{out}");
+    }
+}
+
 fn lab_namespaces() -> Vec<String> {
     fs::read_dir("/run/netns")
         .map(|d| {

@@ -68,6 +68,7 @@ pub fn cluster() -> Cluster {
                     protocol: Protocol::Tcp,
                 },
             ],
+            tls: None,
             service_account: None,
         });
     }
@@ -79,6 +80,7 @@ pub fn cluster() -> Cluster {
         ips: vec![],
         node: Some("node-0".into()),
         ports: vec![],
+        tls: None,
         service_account: None,
     });
     for i in (0..POLICIES).filter(|i| i % 10 == 3) {

@@ -3,11 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::labels::{well_known, Label, LabelSet};
 use crate::policy::Protocol;
+use crate::tls::{SecretRef, Secrets};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,6 +24,9 @@ pub struct Cluster {
     pub externals: Vec<External>,
     #[serde(default)]
     pub dns: Vec<DnsObservation>,
+    /// Secrets that policies name (TLS contexts, `headerMatches`): which keys they hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<Secret>,
     /// ServiceAccounts with labels (Calico's `serviceAccountSelector` and
     /// `serviceAccounts.selector` select them); a pod's account need not be listed.
     #[serde(
@@ -75,6 +80,9 @@ pub struct Pod {
     pub node: Option<String>,
     #[serde(default)]
     pub ports: Vec<ContainerPort>,
+    /// The pod serves TLS (for runners that start real servers; the model needs nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServesTls>,
     /// `spec.serviceAccountName`; None is `default`, as the API server fills it in.
     #[serde(
         default,
@@ -124,6 +132,65 @@ fn tcp() -> Protocol {
 pub struct External {
     pub name: String,
     pub ip: IpAddr,
+    /// The host serves TLS (for runners that start real servers; the model needs nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServesTls>,
+}
+
+/// A server that speaks TLS (HTTP/1.1 and h2 by ALPN) on every probed port, with a
+/// certificate for `names` from the case's public CA.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServesTls {
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+/// A Secret that policies name. The model only needs which keys it holds (and the value
+/// of a `headerMatches` secret); `generate` tells a runner what material to build.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Secret {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate: Option<Generate>,
+    /// `generate: leaf`: the names of the server certificate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+    /// `generate: value`: the value of the secret's one key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+/// What material a runner builds for a secret (conformance format, TLS additions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Generate {
+    /// `tls.crt`/`tls.key`: a CA certificate and key (the proxy mints leaves from it).
+    Ca,
+    /// `tls.crt`/`tls.key`: a server certificate for `names`, signed by the interception CA.
+    Leaf,
+    /// `ca.crt`: the CA that signed the externals' certificates.
+    Trust,
+    /// One key `value` (a `headerMatches` secret).
+    Value,
+}
+
+impl Secrets for Cluster {
+    fn keys(&self, secret: &SecretRef) -> Option<Vec<String>> {
+        self.secret(secret).map(|s| s.keys.clone())
+    }
+
+    fn value(&self, secret: &SecretRef) -> Option<Arc<str>> {
+        let s = self.secret(secret)?;
+        match s.keys.as_slice() {
+            [_] => s.value.as_deref().map(Arc::from),
+            _ => None,
+        }
+    }
 }
 
 /// A DNS answer the DNS proxy observed for a client: the source of toFQDNs IPs.
@@ -137,6 +204,12 @@ pub struct DnsObservation {
 }
 
 impl Cluster {
+    pub fn secret(&self, r: &SecretRef) -> Option<&Secret> {
+        self.secrets
+            .iter()
+            .find(|s| s.namespace == r.namespace && s.name == r.name)
+    }
+
     pub fn namespace(&self, name: &str) -> Option<&Namespace> {
         self.namespaces.iter().find(|n| n.name == name)
     }

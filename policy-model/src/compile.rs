@@ -435,12 +435,14 @@ impl Model {
                     None
                 });
                 for (gi, g) in r.ports.iter().enumerate() {
-                    if let Some(l7) = &g.l7 {
-                        let id = self.l7.len() as L7Id;
-                        self.l7
-                            .push(L7Set::new(l7.clone(), format!("{}.rules", g.path)));
-                        self.l7_of.insert((pi as u32, ri as u32, gi as u32), id);
-                    }
+                    let set = match (&g.l7, &g.tls) {
+                        (l7, Some(tls)) => L7Set::with_tls(l7.clone(), tls.clone(), &g.path),
+                        (Some(l7), None) => L7Set::new(l7.clone(), format!("{}.rules", g.path)),
+                        (None, None) => continue,
+                    };
+                    self.l7_of
+                        .insert((pi as u32, ri as u32, gi as u32), self.l7.len() as L7Id);
+                    self.l7.push(set);
                 }
             }
             self.rule_peers.push(peers);

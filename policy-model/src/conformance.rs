@@ -12,7 +12,7 @@ use crate::compile::{CompileOptions, Model};
 use crate::error::PolicyError;
 use crate::http::SimpleRequest;
 use crate::policy::Protocol;
-use crate::verdict::{Query, Verdict};
+use crate::verdict::{Query, TlsProbe, Verdict};
 
 pub const FORMAT: &str = "netpol-oracle/v1";
 
@@ -72,6 +72,9 @@ pub struct Probe {
     pub http: Option<ProbeHttp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<ProbeDns>,
+    /// A TLS session: `{sni: NAME}`, or `{}` for a ClientHello without SNI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ProbeTls>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,6 +110,14 @@ pub struct ProbeDns {
     pub query: String,
 }
 
+/// The probe's ClientHello: the SNI bytes exactly as written (case included), or none.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeTls {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+}
+
 impl Probe {
     /// Probes are the same probe (for variants) when everything but the expectation and
     /// notes is equal.
@@ -117,6 +128,17 @@ impl Probe {
             && self.protocol == other.protocol
             && self.http == other.http
             && self.dns == other.dns
+            && self.tls == other.tls
+    }
+
+    /// The model's verdict for this probe (a TLS session when `tls` is set).
+    pub fn verdict(&self, model: &Model) -> Result<Verdict, String> {
+        let q = self.query()?;
+        match &self.tls {
+            None => model.query(&q),
+            Some(t) => model.query_tls(&q, &TlsProbe { sni: t.sni.clone() }),
+        }
+        .map_err(|e| e.to_string())
     }
 
     pub fn query(&self) -> Result<Query, String> {
@@ -144,8 +166,15 @@ impl Probe {
             "{} -> {} {}/{}",
             self.from, self.to, self.protocol, self.port
         );
+        if let Some(t) = &self.tls {
+            match &t.sni {
+                Some(n) => s.push_str(&format!(" TLS SNI {n}")),
+                None => s.push_str(" TLS (no SNI)"),
+            }
+        }
         if let Some(h) = &self.http {
-            s.push_str(&format!(" HTTP {} {}", h.method, h.path));
+            let scheme = if self.tls.is_some() { "HTTPS" } else { "HTTP" };
+            s.push_str(&format!(" {scheme} {} {}", h.method, h.path));
             for (k, v) in &h.headers {
                 s.push_str(&format!(" {k}:{v}"));
             }
@@ -252,9 +281,7 @@ impl Case {
             .into_iter()
             .enumerate()
             .map(|(index, probe)| {
-                let verdict = probe
-                    .query()
-                    .and_then(|q| model.query(&q).map_err(|e| e.to_string()));
+                let verdict = probe.verdict(&model);
                 match verdict {
                     Ok(v) => ProbeResult {
                         index,

@@ -13,6 +13,7 @@ use crate::http::{HeaderAction, Request};
 use crate::identity::Idx;
 use crate::l7::L7Protocol;
 use crate::policy::{Direction, Protocol};
+use crate::tls::{NoSecrets, Secrets};
 use crate::verdict::L4Decision;
 
 /// A rule set that applies to a connection, with the policy it came from.
@@ -51,7 +52,24 @@ pub struct SidePolicy {
     pub direction: Direction,
     /// `ns/pod` or `node:NAME`.
     pub endpoint: String,
+    /// What plaintext requests of the connection must pass (a TLS session is decided by
+    /// [`Model::tls_session`] from `tls`).
     pub decision: SideDecision,
+    /// Every allow that matched the peer and port, when one of them carries
+    /// `serverNames` or a TLS context.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Arc<TlsSide>>,
+}
+
+/// The allows of one side that a TLS session is decided on: the rule sets that matched
+/// the peer and port, and an L4-only allow that matched too. Rules that allow the same
+/// peer on the same port are merged, as Cilium's agent does: their serverNames are
+/// unioned, so an L4-only allow does not lift the SNI check of another rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TlsSide {
+    pub sets: Vec<RuleSetRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l4_allow: Option<Matched>,
 }
 
 /// The policy of one connection: the sides that have something to say.
@@ -143,22 +161,11 @@ impl Model {
                 policy: None,
                 rule: None,
             },
-            L4Decision::Allow(i)
-            | L4Decision::Redirect {
-                allow_all: Some(i), ..
-            } => SideDecision::AllowAll {
+            L4Decision::Allow(i) => SideDecision::AllowAll {
                 policy: Some(policy_of(i)),
-                rule: Some(
-                    self.policies[entries[i].origin.policy as usize].rules
-                        [entries[i].origin.rule as usize]
-                        .path
-                        .clone(),
-                ),
+                rule: Some(self.rule_of(entries, i)),
             },
-            L4Decision::Redirect {
-                sets,
-                allow_all: None,
-            } => {
+            L4Decision::Redirect { sets, allow_all } => {
                 let sets: Vec<RuleSetRef> = sets
                     .iter()
                     .map(|(i, l7)| RuleSetRef {
@@ -166,14 +173,93 @@ impl Model {
                         policy: policy_of(*i),
                     })
                     .collect();
-                let denial = self.denial(dir, &ep.name, &sets);
-                SideDecision::Rules { sets, denial }
+                let l4_allow = allow_all.map(|i| Matched {
+                    direction: dir,
+                    policy: policy_of(i),
+                    rule: self.rule_of(entries, i),
+                });
+                if sets.iter().any(|s| self.l7[s.l7 as usize].tls.is_some()) {
+                    let tls = Arc::new(TlsSide { sets, l4_allow });
+                    return SidePolicy {
+                        direction: dir,
+                        endpoint: ep.name.clone(),
+                        decision: self.plaintext_view(dir, &ep.name, &tls),
+                        tls: Some(tls),
+                    };
+                }
+                match l4_allow {
+                    Some(m) => SideDecision::AllowAll {
+                        policy: Some(m.policy),
+                        rule: Some(m.rule),
+                    },
+                    None => {
+                        let denial = self.denial(dir, &ep.name, &sets);
+                        SideDecision::Rules { sets, denial }
+                    }
+                }
             }
         };
         SidePolicy {
             direction: dir,
             endpoint: ep.name.clone(),
             decision,
+            tls: None,
+        }
+    }
+
+    /// The path of the rule of entry `i` (an L4 allow names its rule, not a port).
+    fn rule_of(&self, entries: &[crate::compile::Entry], i: usize) -> String {
+        self.policies[entries[i].origin.policy as usize].rules[entries[i].origin.rule as usize]
+            .path
+            .clone()
+    }
+
+    /// What plaintext (non-TLS) requests on a port with TLS rules must pass. A rule that
+    /// lists serverNames admits only TLS with a listed SNI, and merged with the other
+    /// allows of the same peer it makes the whole port refuse plaintext; a rule with a
+    /// TLS context has nothing to say about plaintext (Cilium's proxy allows a raw socket
+    /// only by a rule without TLS). The other rules apply as usual.
+    fn plaintext_view(&self, dir: Direction, endpoint: &str, t: &TlsSide) -> SideDecision {
+        if let Some(s) = t.sets.iter().find(|s| {
+            self.l7[s.l7 as usize]
+                .tls
+                .as_ref()
+                .is_some_and(|x| x.restricts_sni())
+        }) {
+            return SideDecision::Deny {
+                reason: format!(
+                    "not TLS: {} {} admits only TLS sessions with a listed SNI",
+                    s.policy,
+                    self.l7[s.l7 as usize].port_path()
+                ),
+            };
+        }
+        if let Some(m) = &t.l4_allow {
+            return SideDecision::AllowAll {
+                policy: Some(m.policy.clone()),
+                rule: Some(m.rule.clone()),
+            };
+        }
+        let plain: Vec<RuleSetRef> = t
+            .sets
+            .iter()
+            .filter(|s| self.l7[s.l7 as usize].tls.is_none())
+            .cloned()
+            .collect();
+        if plain.is_empty() {
+            let names: Vec<String> = t
+                .sets
+                .iter()
+                .map(|s| format!("{} {}", s.policy, self.l7[s.l7 as usize].port_path()))
+                .collect();
+            return SideDecision::Deny {
+                reason: format!("not TLS: {} expect TLS", names.join("; ")),
+            };
+        }
+        let denial = self.denial(dir, endpoint, &plain);
+        SideDecision::Rules {
+            sets: plain,
+            denial,
         }
     }
 
@@ -210,7 +296,18 @@ impl Model {
     }
 
     /// Checks one HTTP request against a connection's policy: every side must allow.
+    /// Secret-backed header matches find no secret (see [`Model::check_http_with`]).
     pub fn check_http(&self, conn: &ConnectionPolicy, req: &dyn Request) -> L7Decision {
+        self.check_http_with(conn, req, &NoSecrets)
+    }
+
+    /// [`Model::check_http`] with the values of secret-backed header matches.
+    pub fn check_http_with(
+        &self,
+        conn: &ConnectionPolicy,
+        req: &dyn Request,
+        secrets: &dyn Secrets,
+    ) -> L7Decision {
         let mut d = L7Decision {
             allowed: true,
             ..L7Decision::default()
@@ -227,10 +324,21 @@ impl Model {
                     let mut found = false;
                     for s in sets {
                         let set = &self.l7[s.l7 as usize];
+                        if set.every_request {
+                            if !found {
+                                d.matched.push(Matched {
+                                    direction: side.direction,
+                                    policy: s.policy.clone(),
+                                    rule: set.port_path().to_string(),
+                                });
+                            }
+                            found = true;
+                            continue;
+                        }
                         if set.rules.protocol() != L7Protocol::Http {
                             continue;
                         }
-                        let matches = set.http_matches(req);
+                        let matches = set.http_matches_with(req, secrets);
                         for m in &matches {
                             d.actions.extend(m.outcome.actions.iter().cloned());
                             d.missing_headers.extend(m.outcome.missing.iter().cloned());

@@ -6,9 +6,12 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use regex::Regex;
-use serde::Serialize;
+use serde::{Serialize, Serializer};
+
+use crate::tls::{NoSecrets, SecretRef, Secrets};
 
 /// The parts of a request that rules look at. The proxy implements it over its own
 /// request type so that nothing is copied per request.
@@ -172,23 +175,68 @@ impl Mismatch {
     }
 }
 
-/// `headerMatches` entry. Secret-backed values are not resolved yet: a match that names
-/// only a secret never matches (as Cilium does when the secret is missing).
+/// `headerMatches` entry. With a secret, the value is the secret's (resolved per request
+/// from the proxy's secrets); a missing secret falls back to `value`, and without one the
+/// match can never succeed, whatever the mismatch action (Cilium's agent and proxy).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeaderMatch {
     pub name: String,
     pub value: Option<String>,
-    pub secret: Option<String>,
+    pub secret: Option<SecretRef>,
     pub mismatch: Mismatch,
 }
+
+/// The value of a header action: written in the policy, or read from a secret (never
+/// shown: `Debug` and serialisation print `[redacted]`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum ActionValue {
+    Inline(String),
+    Secret(Arc<str>),
+}
+
+impl ActionValue {
+    pub fn as_str(&self) -> &str {
+        match self {
+            ActionValue::Inline(s) => s,
+            ActionValue::Secret(s) => s,
+        }
+    }
+}
+
+impl From<&str> for ActionValue {
+    fn from(s: &str) -> ActionValue {
+        ActionValue::Inline(s.to_string())
+    }
+}
+
+impl fmt::Debug for ActionValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ActionValue::Inline(s) => write!(f, "{s:?}"),
+            ActionValue::Secret(_) => f.write_str(REDACTED),
+        }
+    }
+}
+
+impl Serialize for ActionValue {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ActionValue::Inline(v) => s.serialize_str(v),
+            ActionValue::Secret(_) => s.serialize_str(REDACTED),
+        }
+    }
+}
+
+/// How secret-backed values appear wherever a value would be shown.
+pub const REDACTED: &str = "[redacted]";
 
 /// A side effect a matching rule asks the proxy to apply to the request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "action", rename_all = "lowercase")]
 pub enum HeaderAction {
-    Add { name: String, value: String },
+    Add { name: String, value: ActionValue },
     Delete { name: String },
-    Replace { name: String, value: String },
+    Replace { name: String, value: ActionValue },
 }
 
 /// One `rules.http[i]` entry.
@@ -227,8 +275,14 @@ impl HttpRule {
             .any(|m| m.mismatch != Mismatch::Fail)
     }
 
-    /// Whether the rule matches, and with which side effects.
+    /// Whether the rule matches, and with which side effects (secret-backed header
+    /// matches find no secret).
     pub fn evaluate(&self, req: &dyn Request) -> Option<RuleOutcome> {
+        self.evaluate_with(req, &NoSecrets)
+    }
+
+    /// [`HttpRule::evaluate`] with the values of secret-backed header matches.
+    pub fn evaluate_with(&self, req: &dyn Request, secrets: &dyn Secrets) -> Option<RuleOutcome> {
         if let Some(m) = &self.method {
             if !m.is_match(req.method()) {
                 return None;
@@ -239,12 +293,16 @@ impl HttpRule {
                 return None;
             }
         }
-        self.evaluate_rest(req)
+        self.evaluate_rest(req, secrets)
     }
 
-    /// [`HttpRule::evaluate`] for a request whose method and path are already known to
-    /// match (the rule-set index checked them).
-    pub(crate) fn evaluate_rest(&self, req: &dyn Request) -> Option<RuleOutcome> {
+    /// [`HttpRule::evaluate_with`] for a request whose method and path are already known
+    /// to match (the rule-set index checked them).
+    pub(crate) fn evaluate_rest(
+        &self,
+        req: &dyn Request,
+        secrets: &dyn Secrets,
+    ) -> Option<RuleOutcome> {
         if let Some(h) = &self.host {
             if !h.is_match(req.host().unwrap_or("")) {
                 return None;
@@ -259,12 +317,23 @@ impl HttpRule {
         }
         let mut outcome = RuleOutcome::default();
         for m in &self.header_matches {
+            let want = match (&m.secret, &m.value) {
+                (Some(s), inline) => match secrets.value(s) {
+                    Some(v) => Some(ActionValue::Secret(v)),
+                    None => match inline {
+                        Some(v) => Some(ActionValue::Inline(v.clone())),
+                        // the secret is missing and nothing stands in: never matches
+                        None => return None,
+                    },
+                },
+                (None, Some(v)) => Some(ActionValue::Inline(v.clone())),
+                (None, None) => None,
+            };
             let got = req.header(&m.name);
-            let ok = match (&m.value, &got) {
-                // neither value nor (resolved) secret: a presence check
-                (None, _) if m.secret.is_none() => got.is_some(),
-                (None, _) => false,
-                (Some(want), Some(v)) => constant_time_eq(want.as_bytes(), v.as_bytes()),
+            let ok = match (&want, &got) {
+                // neither value nor secret: a presence check
+                (None, _) => got.is_some(),
+                (Some(want), Some(v)) => constant_time_eq(want.as_str().as_bytes(), v.as_bytes()),
                 (Some(_), None) => false,
             };
             if ok {
@@ -274,10 +343,10 @@ impl HttpRule {
                 Mismatch::Fail => return None,
                 Mismatch::Log => outcome.missing.push(m.name.clone()),
                 Mismatch::Add => {
-                    if let Some(v) = &m.value {
+                    if let Some(v) = want {
                         outcome.actions.push(HeaderAction::Add {
                             name: m.name.clone(),
-                            value: v.clone(),
+                            value: v,
                         });
                     }
                     outcome.missing.push(m.name.clone());
@@ -289,10 +358,10 @@ impl HttpRule {
                     outcome.rejected.push(m.name.clone());
                 }
                 Mismatch::Replace => {
-                    if let Some(v) = &m.value {
+                    if let Some(v) = want {
                         outcome.actions.push(HeaderAction::Replace {
                             name: m.name.clone(),
-                            value: v.clone(),
+                            value: v,
                         });
                     }
                     if got.is_some() {
@@ -332,7 +401,16 @@ impl fmt::Display for HttpRule {
             }
         }
         for m in &self.header_matches {
-            parts.push(format!("headerMatch {} ({:?})", m.name, m.mismatch));
+            match (&m.secret, &m.value) {
+                (Some(s), _) => parts.push(format!(
+                    "headerMatch {}={REDACTED} (secret {s}, {:?})",
+                    m.name, m.mismatch
+                )),
+                (None, Some(v)) => {
+                    parts.push(format!("headerMatch {}={v} ({:?})", m.name, m.mismatch))
+                }
+                (None, None) => parts.push(format!("headerMatch {} ({:?})", m.name, m.mismatch)),
+            }
         }
         if parts.is_empty() {
             f.write_str("any request")
@@ -490,16 +568,83 @@ mod tests {
         assert_eq!(o.missing, vec!["X-Token"]);
     }
 
-    #[test]
-    fn secret_only_header_match_never_matches() {
+    struct Vault(Vec<(&'static str, &'static str)>);
+
+    impl Secrets for Vault {
+        fn keys(&self, s: &SecretRef) -> Option<Vec<String>> {
+            self.value(s).map(|_| vec!["value".to_string()])
+        }
+        fn value(&self, s: &SecretRef) -> Option<Arc<str>> {
+            self.0
+                .iter()
+                .find(|(n, _)| *n == s.name)
+                .map(|(_, v)| Arc::from(*v))
+        }
+    }
+
+    fn secret_match(value: Option<&str>, secret: &str, mismatch: Mismatch) -> HttpRule {
         let mut r = rule(None, None, None);
         r.header_matches = vec![HeaderMatch {
             name: "X-Token".into(),
-            value: None,
-            secret: Some("ns/name".into()),
-            mismatch: Mismatch::Fail,
+            value: value.map(str::to_string),
+            secret: Some(SecretRef {
+                namespace: "ns".into(),
+                name: secret.into(),
+            }),
+            mismatch,
         }];
+        r
+    }
+
+    #[test]
+    fn secret_only_header_match_never_matches_without_the_secret() {
+        let r = secret_match(None, "gone", Mismatch::Fail);
         assert!(r.evaluate(&req("GET", "/", &[("X-Token", "x")])).is_none());
+        assert!(r.evaluate(&req("GET", "/", &[])).is_none());
+        // not even with a lenient mismatch action
+        let r = secret_match(None, "gone", Mismatch::Log);
+        assert!(r.evaluate(&req("GET", "/", &[("X-Token", "x")])).is_none());
+    }
+
+    #[test]
+    fn secret_values_win_and_inline_values_stand_in() {
+        let vault = Vault(vec![("tok", "s3cr3t-42")]);
+        let r = secret_match(Some("inline-7"), "tok", Mismatch::Fail);
+        let ok = |r: &HttpRule, v: &str| {
+            r.evaluate_with(&req("GET", "/", &[("X-Token", v)]), &vault)
+                .is_some()
+        };
+        assert!(ok(&r, "s3cr3t-42"));
+        assert!(!ok(&r, "inline-7"), "the secret wins over the inline value");
+        assert!(!ok(&r, "s3cr3t-4"));
+        let r = secret_match(Some("inline-7"), "gone", Mismatch::Fail);
+        assert!(ok(&r, "inline-7"));
+        assert!(!ok(&r, "s3cr3t-42"));
+    }
+
+    #[test]
+    fn secret_values_are_redacted_where_shown() {
+        let vault = Vault(vec![("tok", "s3cr3t-42")]);
+        let r = secret_match(None, "tok", Mismatch::Replace);
+        let o = r
+            .evaluate_with(&req("GET", "/", &[("X-Token", "nope")]), &vault)
+            .unwrap();
+        let HeaderAction::Replace { value, .. } = &o.actions[0] else {
+            panic!("{o:?}")
+        };
+        assert_eq!(
+            value.as_str(),
+            "s3cr3t-42",
+            "the proxy sends the real value"
+        );
+        for shown in [
+            format!("{o:?}"),
+            serde_json::to_string(&o).unwrap(),
+            r.to_string(),
+        ] {
+            assert!(!shown.contains("s3cr3t"), "{shown}");
+            assert!(shown.contains(REDACTED), "{shown}");
+        }
     }
 
     #[test]

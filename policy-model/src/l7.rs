@@ -11,6 +11,7 @@ use regex_automata::{Anchored, Input, MatchKind};
 
 use crate::fqdn::NamePattern;
 use crate::http::{HttpRule, Request, RuleOutcome};
+use crate::tls::{NoSecrets, Secrets, TlsRule};
 
 /// The `rules` of one `toPorts` entry.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,6 +56,10 @@ pub struct L7Set {
     index: Option<Arc<HttpIndex>>,
     /// `rule_path(i)` of every rule, so a decision does not format per request.
     rule_paths: Arc<[String]>,
+    /// `serverNames` and TLS contexts of the `toPorts` entry.
+    pub tls: Option<Arc<TlsRule>>,
+    /// The entry has no `rules` (only TLS): every request passes it.
+    pub every_request: bool,
 }
 
 /// Which rule of a set allowed a request.
@@ -85,22 +90,54 @@ impl L7Set {
             path,
             index,
             rule_paths,
+            tls: None,
+            every_request: false,
         }
+    }
+
+    /// The set of a `toPorts` entry with TLS (`serverNames`, `terminatingTLS`,
+    /// `originatingTLS`), with its HTTP rules or none (`port_path` is the entry's path):
+    /// without rules every request passes, and the proxy is still in the path for the
+    /// TLS part.
+    pub fn with_tls(rules: Option<L7Rules>, tls: TlsRule, port_path: &str) -> L7Set {
+        let every_request = rules.is_none();
+        let mut set = match rules {
+            Some(r) => L7Set::new(r, format!("{port_path}.rules")),
+            None => L7Set::new(L7Rules::Http(Vec::new()), port_path.to_string()),
+        };
+        set.tls = Some(Arc::new(tls));
+        set.every_request = every_request;
+        set
+    }
+
+    /// The path of the `toPorts` entry the set belongs to.
+    pub fn port_path(&self) -> &str {
+        self.path.strip_suffix(".rules").unwrap_or(&self.path)
+    }
+
+    /// Whether the entry has HTTP rules to check (and not "every request").
+    pub fn has_http_rules(&self) -> bool {
+        !self.every_request && self.rules.protocol() == L7Protocol::Http
     }
 
     /// The HTTP rules that allow this request, in order. Evaluation stops at the first
     /// match unless some rule has side effects (LOG/ADD/DELETE/REPLACE), in which case
     /// every rule runs, as Envoy's Cilium filter does.
     pub fn http_matches(&self, req: &dyn Request) -> Vec<L7Match> {
+        self.http_matches_with(req, &NoSecrets)
+    }
+
+    /// [`L7Set::http_matches`] with the values of secret-backed header matches.
+    pub fn http_matches_with(&self, req: &dyn Request, secrets: &dyn Secrets) -> Vec<L7Match> {
         let L7Rules::Http(rules) = &self.rules else {
             return Vec::new();
         };
         if let Some(ix) = &self.index {
-            if let Some(out) = ix.matches(rules, req) {
+            if let Some(out) = ix.matches(rules, req, secrets) {
                 return out;
             }
         }
-        http_matches_linear(rules, req)
+        http_matches_linear(rules, req, secrets)
     }
 
     /// The first DNS rule that allows a (normalised) query name.
@@ -138,11 +175,15 @@ impl L7Set {
 }
 
 /// The reference semantics: every rule in order.
-fn http_matches_linear(rules: &[HttpRule], req: &dyn Request) -> Vec<L7Match> {
+fn http_matches_linear(
+    rules: &[HttpRule],
+    req: &dyn Request,
+    secrets: &dyn Secrets,
+) -> Vec<L7Match> {
     let exhaustive = rules.iter().any(HttpRule::has_side_effects);
     let mut out = Vec::new();
     for (index, r) in rules.iter().enumerate() {
-        if let Some(outcome) = r.evaluate(req) {
+        if let Some(outcome) = r.evaluate_with(req, secrets) {
             out.push(L7Match { index, outcome });
             if !exhaustive {
                 break;
@@ -283,7 +324,12 @@ impl HttpIndex {
         Some(())
     }
 
-    fn matches(&self, rules: &[HttpRule], req: &dyn Request) -> Option<Vec<L7Match>> {
+    fn matches(
+        &self,
+        rules: &[HttpRule],
+        req: &dyn Request,
+        secrets: &dyn Secrets,
+    ) -> Option<Vec<L7Match>> {
         let mut candidates: Vec<u32> = Vec::new();
         let mut sources = 0;
         let mut missing = false;
@@ -318,7 +364,7 @@ impl HttpIndex {
             if !method_ok {
                 continue;
             }
-            if let Some(outcome) = r.evaluate_rest(req) {
+            if let Some(outcome) = r.evaluate_rest(req, secrets) {
                 out.push(L7Match { index, outcome });
                 if !self.exhaustive {
                     break;
@@ -408,7 +454,7 @@ mod tests {
                 let r = req(m, p);
                 assert_eq!(
                     summary(&set.http_matches(&r)),
-                    summary(&http_matches_linear(&rules, &r)),
+                    summary(&http_matches_linear(&rules, &r, &NoSecrets)),
                     "{m} {p} exhaustive={exhaustive}"
                 );
             }

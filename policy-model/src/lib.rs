@@ -20,6 +20,7 @@ pub mod lint;
 pub mod policy;
 pub mod selector;
 pub mod show;
+pub mod tls;
 pub mod verdict;
 
 pub use cluster::{Cluster, EndpointRef};

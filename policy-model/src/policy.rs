@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::l7::L7Rules;
 use crate::selector::Selector;
+use crate::tls::TlsRule;
 
 /// An IP protocol as policies name it. `Any` matches TCP, UDP and SCTP (not ICMP).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -248,6 +249,8 @@ pub struct PortProto {
 pub struct PortRule {
     pub ports: Vec<PortProto>,
     pub l7: Option<L7Rules>,
+    /// `serverNames`, `terminatingTLS`, `originatingTLS` (CNP/CCNP only).
+    pub tls: Option<TlsRule>,
     /// Field path of this group, e.g. `spec.ingress[0].toPorts[1]`.
     pub path: String,
 }

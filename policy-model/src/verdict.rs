@@ -10,11 +10,12 @@ use serde::Serialize;
 
 use crate::cluster::EndpointRef;
 use crate::compile::{DirPolicy, EndpointKey, EndpointPolicy, Entry, L7Id, Model, PortMatch};
-use crate::flow::{ConnectionPolicy, RuleSetRef, SideDecision, SidePolicy};
+use crate::flow::{ConnectionPolicy, SideDecision, SidePolicy};
 use crate::fqdn::normalize;
 use crate::http::{Request, SimpleRequest};
 use crate::identity::Idx;
 use crate::policy::{Action, Direction, Protocol, Tier};
+use crate::tls::{client_sni, missing_material, TlsSession};
 
 /// The L3/L4 decision of one endpoint in one direction. Entry indices point into the
 /// endpoint's `DirPolicy::entries`.
@@ -326,6 +327,13 @@ pub struct Query {
     pub dns: Option<String>,
 }
 
+/// The TLS session a flow carries: the SNI its ClientHello sends (None: no SNI). A
+/// query with a TLS session and an HTTP request is HTTPS.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsProbe {
+    pub sni: Option<String>,
+}
+
 /// The verdict of one side (egress of the source, or ingress of the destination).
 #[derive(Clone, Debug, Serialize)]
 pub struct SideVerdict {
@@ -342,7 +350,22 @@ pub struct SideVerdict {
     pub rule: Option<String>,
     /// Whether the flow goes through a proxy on this side.
     pub proxied: bool,
+    /// What the proxy does with a TLS session on this side.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsMode>,
     pub reason: String,
+}
+
+/// What the proxy does with a TLS session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// The bytes pass to the server untouched (SNI checked, not decrypted).
+    Spliced,
+    /// Terminated, the requests checked, and TLS originated to the server.
+    Intercepted,
+    /// The connection is reset.
+    Reset,
 }
 
 /// The verdict of a whole flow.
@@ -386,7 +409,13 @@ impl fmt::Display for Verdict {
                 (false, Some(l)) => format!("denied at {l}"),
                 (false, None) => "denied".to_string(),
             };
-            let via = if s.proxied { " (proxied)" } else { "" };
+            let via = match (s.proxied, s.tls) {
+                (_, Some(TlsMode::Spliced)) => " (proxied, TLS spliced)",
+                (_, Some(TlsMode::Intercepted)) => " (proxied, TLS intercepted)",
+                (_, Some(TlsMode::Reset)) => " (proxied, TLS reset)",
+                (true, None) => " (proxied)",
+                (false, None) => "",
+            };
             writeln!(
                 f,
                 "  {} of {}: {mark}{via}: {}",
@@ -496,16 +525,27 @@ impl Model {
 
     /// Answers a query with a verdict and its explanation.
     pub fn query(&self, q: &Query) -> Result<Verdict, QueryError> {
+        self.query_session(q, None)
+    }
+
+    /// [`Model::query`] for a flow that carries a TLS session: the SNI is checked, and a
+    /// session the rules intercept is checked per request (HTTPS) against the material
+    /// of the case's secrets (`cluster.secrets`).
+    pub fn query_tls(&self, q: &Query, tls: &TlsProbe) -> Result<Verdict, QueryError> {
+        self.query_session(q, Some(tls))
+    }
+
+    fn query_session(&self, q: &Query, tls: Option<&TlsProbe>) -> Result<Verdict, QueryError> {
         let dst = self.resolve(&q.to, None)?;
         let src = self.resolve(&q.from, Some(dst.ip))?;
         let mut sides = Vec::new();
         if let Some(ep) = src.endpoint {
             let peer = self.identity_of(dst.ip, src.node.as_deref());
-            sides.push(self.side(&self.endpoints[ep], Direction::Egress, peer, q, &dst));
+            sides.push(self.side(&self.endpoints[ep], Direction::Egress, peer, q, tls, &dst));
         }
         if let Some(ep) = dst.endpoint {
             let peer = self.identity_of(src.ip, dst.node.as_deref());
-            sides.push(self.side(&self.endpoints[ep], Direction::Ingress, peer, q, &dst));
+            sides.push(self.side(&self.endpoints[ep], Direction::Ingress, peer, q, tls, &dst));
         }
         let denied = sides.iter().find(|s| !s.allowed);
         Ok(Verdict {
@@ -539,6 +579,7 @@ impl Model {
         dir: Direction,
         peer: Idx,
         q: &Query,
+        tls: Option<&TlsProbe>,
         dst: &Resolved,
     ) -> SideVerdict {
         let d = self.decide(ep, dir, peer, q.protocol, q.port);
@@ -555,6 +596,7 @@ impl Model {
             policy: None,
             rule: None,
             proxied: false,
+            tls: None,
             reason: String::new(),
         };
         let traffic = format!("{}/{}", q.protocol, q.port);
@@ -621,9 +663,10 @@ impl Model {
                     ),
                 };
             }
-            L4Decision::Redirect { sets, allow_all } => {
+            L4Decision::Redirect { .. } => {
                 v.proxied = true;
-                self.l7_side(&mut v, entries, &sets, allow_all, q, dst);
+                let sp = self.side_policy(ep, dir, peer, q.protocol, q.port);
+                self.l7_side(&mut v, sp, q, tls, dst);
             }
         }
         v
@@ -632,57 +675,115 @@ impl Model {
     fn l7_side(
         &self,
         v: &mut SideVerdict,
-        entries: &[Entry],
-        sets: &[(usize, L7Id)],
-        allow_all: Option<usize>,
+        side: SidePolicy,
         q: &Query,
+        tls: Option<&TlsProbe>,
         dst: &Resolved,
     ) {
-        if let Some(i) = allow_all {
-            let e = &entries[i];
-            v.policy = Some(self.policy_name(e.origin.policy));
-            v.rule = Some(self.rule_path(e));
-            let l7: Vec<String> = sets
-                .iter()
-                .map(|(_, s)| self.l7[*s as usize].path.clone())
-                .collect();
-            v.reason = format!(
-                "allowed by {} {} (an L4 rule without L7 rules: the flow is proxied for the L7 rules of {}, which do not restrict this peer)",
-                self.policy_name(e.origin.policy),
-                self.rule_path(e),
-                l7.join(", ")
-            );
+        let mut conn = ConnectionPolicy { sides: vec![side] };
+        let mut what_tls = String::new();
+        if let Some(probe) = tls {
+            let hello = match &probe.sni {
+                Some(n) => format!("TLS SNI {n}"),
+                None => "TLS without SNI".to_string(),
+            };
+            let sni = match probe.sni.as_deref().map(client_sni) {
+                None => None,
+                Some(Ok(sni)) => sni,
+                Some(Err(why)) => {
+                    v.tls = Some(TlsMode::Reset);
+                    v.allowed = false;
+                    v.layer = Some(Layer::L7);
+                    v.reason = format!("{hello}: {why}: the handshake fails (reset)");
+                    return;
+                }
+            };
+            match self.tls_session(&conn, sni.as_deref()) {
+                TlsSession::Reset { reason, rule } => {
+                    v.tls = Some(TlsMode::Reset);
+                    v.allowed = false;
+                    v.layer = Some(Layer::L7);
+                    v.policy = rule.as_ref().map(|r| r.policy.clone());
+                    v.rule = rule.map(|r| r.rule);
+                    v.reason = format!("{hello}: {}: reset", self.here(v, &reason));
+                    return;
+                }
+                TlsSession::Splice { allowed_by } => {
+                    v.tls = Some(TlsMode::Spliced);
+                    let by = allowed_by.first();
+                    v.policy = by.map(|m| m.policy.clone());
+                    v.rule = by.map(|m| m.rule.clone());
+                    v.reason = match by {
+                        Some(m) => format!(
+                            "{hello}: spliced to the server untouched (not decrypted), admitted by {} {}",
+                            m.policy, m.rule
+                        ),
+                        None => format!("{hello}: spliced to the server untouched (not decrypted)"),
+                    };
+                    return;
+                }
+                TlsSession::Intercept(i) => {
+                    v.tls = Some(TlsMode::Intercepted);
+                    v.policy = Some(i.rule.policy.clone());
+                    v.rule = Some(i.rule.rule.clone());
+                    let missing = std::iter::once(&i.terminating)
+                        .chain(i.originating.as_ref())
+                        .find_map(|c| missing_material(c, &self.cluster));
+                    let missing = missing.or_else(|| {
+                        i.originating.is_none().then(|| {
+                            "terminatingTLS without originatingTLS: no CA to verify the server with (Ward's tls_system_roots setting uses the node's roots)".to_string()
+                        })
+                    });
+                    if let Some(why) = missing {
+                        v.tls = Some(TlsMode::Reset);
+                        v.allowed = false;
+                        v.layer = Some(Layer::L7);
+                        v.reason = format!(
+                            "{hello}: intercepted by {} {}, whose TLS material is unusable ({why}): reset (fail closed)",
+                            i.rule.policy, i.rule.rule
+                        );
+                        return;
+                    }
+                    what_tls = format!(
+                        "{hello}: intercepted by {} {} ({}); ",
+                        i.rule.policy, i.rule.rule, i.terminating.secret
+                    );
+                    if q.http.is_none() {
+                        v.reason =
+                            format!("{what_tls}the handshake completes; each request is checked");
+                        return;
+                    }
+                    conn = i.policy;
+                }
+            }
+        }
+        let plain = &conn.sides[0].decision;
+        if let SideDecision::Deny { reason } = plain {
+            v.allowed = false;
+            v.layer = Some(Layer::L7);
+            v.reason = format!("{what_tls}{reason}");
             return;
         }
-        let conn = ConnectionPolicy {
-            sides: vec![SidePolicy {
-                direction: v.direction,
-                endpoint: v.endpoint.clone(),
-                decision: {
-                    let sets: Vec<RuleSetRef> = sets
-                        .iter()
-                        .map(|(i, l7)| RuleSetRef {
-                            l7: *l7,
-                            policy: self.policy_name(entries[*i].origin.policy),
-                        })
-                        .collect();
-                    let denial = self.denial(v.direction, &v.endpoint, &sets);
-                    SideDecision::Rules { sets, denial }
-                },
-            }],
-        };
         let (d, what, denial) = if let Some(req) = &q.http {
             let mut req = req.clone();
             if req.host().is_none() {
-                req.host = Some(if q.port == 80 {
-                    dst.ip.to_string()
-                } else {
-                    format!("{}:{}", dst.ip, q.port)
+                let sni =
+                    tls.and_then(|t| t.sni.as_deref().and_then(|n| client_sni(n).ok().flatten()));
+                req.host = Some(match (sni.as_deref(), q.port) {
+                    (Some(n), 443) => n.to_string(),
+                    (Some(n), p) => format!("{n}:{p}"),
+                    (None, 80) => dst.ip.to_string(),
+                    (None, p) => format!("{}:{p}", dst.ip),
                 });
             }
             (
-                self.check_http(&conn, &req),
-                format!("HTTP {} {}", req.method, req.path),
+                self.check_http_with(&conn, &req, &self.cluster),
+                format!(
+                    "{}HTTP {} {}",
+                    if tls.is_some() { "HTTPS: " } else { "" },
+                    req.method,
+                    req.path
+                ),
                 "403 Access denied",
             )
         } else if let Some(name) = &q.dns {
@@ -692,38 +793,66 @@ impl Model {
                 "REFUSED",
             )
         } else {
-            let (i, _) = sets[0];
-            v.policy = Some(self.policy_name(entries[i].origin.policy));
-            v.rule = Some(self.rule_path(&entries[i]));
-            let all: Vec<String> = sets
-                .iter()
-                .map(|(_, s)| self.l7[*s as usize].path.clone())
-                .collect();
-            v.reason = format!(
-                "allowed to the proxy by {} {}; each request is checked against {}",
-                self.policy_name(entries[i].origin.policy),
-                self.rule_path(&entries[i]),
-                all.join(", ")
-            );
+            match plain {
+                SideDecision::AllowAll { policy, rule } => {
+                    v.policy = policy.clone();
+                    v.rule = rule.clone();
+                    v.reason = match (policy, rule) {
+                        (Some(p), Some(r)) => format!(
+                            "{what_tls}allowed by {p} {r} (an L4 rule without L7 rules covers this peer: the flow is proxied, every request passes)"
+                        ),
+                        _ => format!("{what_tls}allowed: no L7 rule applies"),
+                    };
+                }
+                SideDecision::Rules { sets, .. } => {
+                    let all: Vec<String> = sets
+                        .iter()
+                        .map(|s| format!("{} {}", s.policy, self.l7[s.l7 as usize].path))
+                        .collect();
+                    v.policy = sets.first().map(|s| s.policy.clone());
+                    v.rule = sets
+                        .first()
+                        .map(|s| self.l7[s.l7 as usize].port_path().to_string());
+                    v.reason = format!(
+                        "{what_tls}allowed to the proxy; each request is checked against {}",
+                        all.join(", ")
+                    );
+                }
+                SideDecision::Deny { .. } => {}
+            }
             return;
         };
         match d.matched.first() {
             Some(m) if d.allowed => {
                 v.policy = Some(m.policy.clone());
                 v.rule = Some(m.rule.clone());
-                v.reason = format!("allowed by {} {} ({what} matches)", m.policy, m.rule);
+                v.reason = format!(
+                    "{what_tls}allowed by {} {} ({what} matches)",
+                    m.policy, m.rule
+                );
+            }
+            _ if d.allowed => {
+                v.reason = format!("{what_tls}allowed: {what} passes (no L7 rule applies)");
             }
             _ => {
                 v.allowed = false;
                 v.layer = Some(Layer::L7);
-                v.policy = sets
-                    .first()
-                    .map(|(i, _)| self.policy_name(entries[*i].origin.policy));
-                let prefix = format!("{} of {}: ", v.direction, v.endpoint);
-                let why = d.reason.strip_prefix(&prefix).unwrap_or(&d.reason);
-                v.reason = format!("{what}: {why}: {denial}");
+                if v.policy.is_none() {
+                    v.policy = match &conn.sides[0].decision {
+                        SideDecision::Rules { sets, .. } => sets.first().map(|s| s.policy.clone()),
+                        _ => None,
+                    };
+                }
+                let why = self.here(v, &d.reason);
+                v.reason = format!("{what_tls}{what}: {why}: {denial}");
             }
         }
+    }
+
+    /// A reason without the `DIR of ENDPOINT: ` prefix that the side already names.
+    fn here<'a>(&self, v: &SideVerdict, reason: &'a str) -> &'a str {
+        let prefix = format!("{} of {}: ", v.direction, v.endpoint);
+        reason.strip_prefix(&prefix).unwrap_or(reason)
     }
 }
 

@@ -150,6 +150,7 @@ impl Rng {
             ips,
             node: Some(["node-1", "node-2"][self.below(2)].to_string()),
             ports: self.ports(),
+            tls: None,
             service_account: None,
         }
     }

@@ -4,5 +4,5 @@
 //! crate, which owns the one audit stream of the HTTP proxy, the DNS proxy and the
 //! datapath; field names follow Cilium's access-log `LogRecord` (see the crate README).
 
-pub use ::audit::http::{timestamp, Endpoint, Http, Record, Rule, Verdict};
+pub use ::audit::http::{timestamp, Endpoint, Http, Record, Rule, Tls, Verdict};
 pub use ::audit::{AuditEvent, AuditLog, DroppedCounter};

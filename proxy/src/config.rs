@@ -64,6 +64,20 @@ pub struct Config {
     /// allowed on an HTTP/2 connection beyond one per stream opened, one per DATA frame
     /// sent and one per second of the connection's age.
     pub h2_max_inbound_control_frames: u32,
+    /// `tls_handshake_timeout_ms`: a TLS connection's ClientHello must be complete, and
+    /// an intercepted session's handshake done, this long after its first byte; then
+    /// it is reset.
+    pub tls_handshake_timeout_ms: u64,
+    /// `tls_max_handshakes`: TLS connections reading their ClientHello or handshaking
+    /// at once; more wait (within the handshake timeout) for one to finish.
+    pub tls_max_handshakes: usize,
+    /// `tls_minted_cache`: leaves minted from CA secrets kept (per SNI), least recently
+    /// used first out.
+    pub tls_minted_cache: usize,
+    /// `tls_system_roots`: an intercepting rule without `originatingTLS` verifies the
+    /// server against the node's root certificates (Ward's extension; without it such a
+    /// rule fails closed, and Cilium has no fallback at all).
+    pub tls_system_roots: bool,
 }
 
 impl Default for Config {
@@ -85,6 +99,10 @@ impl Default for Config {
             h2_max_inbound_priority_frames_per_stream: 100,
             h2_max_inbound_window_update_frames_per_data_frame_sent: 10,
             h2_max_inbound_control_frames: 100,
+            tls_handshake_timeout_ms: 10_000,
+            tls_max_handshakes: 1024,
+            tls_minted_cache: 4096,
+            tls_system_roots: false,
         }
     }
 }
@@ -98,6 +116,9 @@ impl Config {
     }
     pub fn upstream_connect_timeout(&self) -> Duration {
         Duration::from_millis(self.upstream_connect_timeout_ms)
+    }
+    pub fn tls_handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.tls_handshake_timeout_ms)
     }
 }
 

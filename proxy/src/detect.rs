@@ -1,5 +1,5 @@
-//! Protocol detection from the first bytes of a connection: the HTTP/2 prior-knowledge
-//! preface, or else HTTP/1.x. The bytes read are replayed to the HTTP server.
+//! Protocol detection from the first bytes of a connection: a TLS handshake record, the
+//! HTTP/2 prior-knowledge preface, or else HTTP/1.x. The bytes read are replayed.
 
 use std::io;
 use std::pin::Pin;
@@ -14,14 +14,57 @@ pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HttpVersion {
     Http1,
+    /// HTTP/2 (prior knowledge, or negotiated by ALPN inside TLS).
     H2c,
+}
+
+/// What a connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// A TLS handshake record (content type 22) opens the connection.
+    Tls,
+    Http(HttpVersion),
+}
+
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// [`detect`], after telling a TLS session (first byte 22, a handshake record: never the
+/// first byte of an HTTP request) from plaintext.
+pub async fn detect_protocol<S: AsyncRead + Unpin>(
+    mut io: S,
+) -> io::Result<(Protocol, Prefixed<S>)> {
+    let mut first = [0u8; 1];
+    if io.read(&mut first).await? == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    if first[0] == TLS_HANDSHAKE {
+        return Ok((
+            Protocol::Tls,
+            Prefixed {
+                prefix: Bytes::copy_from_slice(&first),
+                inner: io,
+            },
+        ));
+    }
+    let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
+    buf.extend_from_slice(&first);
+    let (v, io) = detect_after(buf, io).await?;
+    Ok((Protocol::Http(v), io))
 }
 
 /// Reads until the bytes either are the HTTP/2 preface or cannot be; returns the
 /// protocol and the stream with those bytes put back in front. EOF before a decision
 /// is an error (nothing to serve).
-pub async fn detect<S: AsyncRead + Unpin>(mut io: S) -> io::Result<(HttpVersion, Prefixed<S>)> {
-    let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
+pub async fn detect<S: AsyncRead + Unpin>(io: S) -> io::Result<(HttpVersion, Prefixed<S>)> {
+    detect_after(BytesMut::with_capacity(H2_PREFACE.len()), io).await
+}
+
+/// [`detect`] with `buf` already read from `io`.
+async fn detect_after<S: AsyncRead + Unpin>(
+    mut buf: BytesMut,
+    mut io: S,
+) -> io::Result<(HttpVersion, Prefixed<S>)> {
     let version = loop {
         let n = buf.len();
         if buf[..] != H2_PREFACE[..n] {
@@ -53,6 +96,22 @@ pub async fn detect<S: AsyncRead + Unpin>(mut io: S) -> io::Result<(HttpVersion,
 pub struct Prefixed<S> {
     prefix: Bytes,
     inner: S,
+}
+
+impl<S> Prefixed<S> {
+    /// `inner` with `prefix` read first.
+    pub fn new(prefix: Bytes, inner: S) -> Prefixed<S> {
+        Prefixed { prefix, inner }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The stream and the bytes not read yet.
+    pub fn into_parts(self) -> (Bytes, S) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
@@ -131,6 +190,34 @@ mod tests {
         let (v, all) = run(b"PRI * HTTP/1.1\r\n\r\n").await;
         assert_eq!(v, HttpVersion::Http1);
         assert_eq!(all, b"PRI * HTTP/1.1\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_handshake_record_is_tls_and_replayed() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        a.write_all(b"\x16\x03\x01\x00\x05hello").await.unwrap();
+        drop(a);
+        let (p, mut s) = detect_protocol(b).await.unwrap();
+        assert_eq!(p, Protocol::Tls);
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"\x16\x03\x01\x00\x05hello");
+        for (input, want) in [
+            (
+                &b"GET / HTTP/1.1\r\n\r\n"[..],
+                Protocol::Http(HttpVersion::Http1),
+            ),
+            (H2_PREFACE, Protocol::Http(HttpVersion::H2c)),
+        ] {
+            let (mut a, b) = tokio::io::duplex(1024);
+            a.write_all(input).await.unwrap();
+            drop(a);
+            let (p, mut s) = detect_protocol(b).await.unwrap();
+            assert_eq!(p, want);
+            let mut all = Vec::new();
+            s.read_to_end(&mut all).await.unwrap();
+            assert_eq!(all, input);
+        }
     }
 
     #[tokio::test]

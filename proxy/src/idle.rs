@@ -26,6 +26,10 @@ impl<S> IdleTimeout<S> {
         }
     }
 
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     fn touch(&mut self) {
         let next = Instant::now() + self.timeout;
         // resetting a timer is not free: only move it when it moved by a visible amount

@@ -22,6 +22,7 @@ pub mod normalize;
 pub mod policy;
 pub mod request;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 
 pub use audit::{AuditEvent, AuditLog, DroppedCounter, Record, Verdict};
@@ -29,4 +30,5 @@ pub use config::Config;
 pub use listener::{Accepted, FixedListener, Listener, TransparentListener};
 pub use metrics::Metrics;
 pub use policy::{Mode, PolicyStore, Snapshot};
-pub use server::{Decided, Observer, Proxy};
+pub use server::{Decided, Downstream, Observer, Proxy};
+pub use tls::{Materials, SecretStore};

@@ -88,6 +88,19 @@ pub struct Metrics {
     /// `ward_proxy_tunnels_closed_total`: upgraded connections closed because a policy
     /// change denied them.
     pub tunnels_closed: IntCounter,
+    /// `ward_proxy_tls_sessions_total{direction, mode}`: TLS sessions by what became of
+    /// them (spliced, intercepted, reset).
+    pub tls_sessions: IntCounterVec,
+    /// `ward_proxy_tls_handshake_errors_total{kind}`: client_hello (not TLS, closed
+    /// early, too large), timeout, handshake (the client's handshake failed).
+    pub tls_handshake_errors: IntCounterVec,
+    /// `ward_proxy_tls_material_resets_total{policy, rule, secret}`: sessions reset
+    /// because their rule's TLS material is missing or unusable.
+    pub tls_material_resets: IntCounterVec,
+    /// `ward_proxy_tls_broken_rules`: rules whose TLS material is missing or unusable.
+    pub tls_broken_rules: IntGauge,
+    /// `ward_proxy_tls_leaves_minted_total`: leaves minted from CA secrets.
+    pub tls_leaves_minted: IntCounter,
     series: Arc<Series>,
 }
 
@@ -145,6 +158,35 @@ impl Metrics {
             "ward_proxy_tunnels_closed_total",
             "Upgraded connections closed because a policy change denied them.",
         );
+        let tls_sessions = IntCounterVec::new(
+            Opts::new(
+                "ward_proxy_tls_sessions_total",
+                "TLS sessions by what the policy made of them.",
+            ),
+            &["direction", "mode"],
+        );
+        let tls_handshake_errors = IntCounterVec::new(
+            Opts::new(
+                "ward_proxy_tls_handshake_errors_total",
+                "TLS connections that failed before a decision or a completed handshake.",
+            ),
+            &["kind"],
+        );
+        let tls_material_resets = IntCounterVec::new(
+            Opts::new(
+                "ward_proxy_tls_material_resets_total",
+                "TLS sessions reset because their rule's material is missing or unusable.",
+            ),
+            &["policy", "rule", "secret"],
+        );
+        let tls_broken_rules = IntGauge::new(
+            "ward_proxy_tls_broken_rules",
+            "Rules whose TLS material is missing or unusable.",
+        );
+        let tls_leaves_minted = IntCounter::new(
+            "ward_proxy_tls_leaves_minted_total",
+            "Leaf certificates minted from CA secrets.",
+        );
         // The names and label sets above are constant and valid: registration can only
         // fail on a programming error, which the unit test below catches.
         let m = Metrics {
@@ -157,6 +199,11 @@ impl Metrics {
             open_connections: open_connections.unwrap_or_else(|_| unreachable!()),
             policy_generation: policy_generation.unwrap_or_else(|_| unreachable!()),
             tunnels_closed: tunnels_closed.unwrap_or_else(|_| unreachable!()),
+            tls_sessions: tls_sessions.unwrap_or_else(|_| unreachable!()),
+            tls_handshake_errors: tls_handshake_errors.unwrap_or_else(|_| unreachable!()),
+            tls_material_resets: tls_material_resets.unwrap_or_else(|_| unreachable!()),
+            tls_broken_rules: tls_broken_rules.unwrap_or_else(|_| unreachable!()),
+            tls_leaves_minted: tls_leaves_minted.unwrap_or_else(|_| unreachable!()),
             series: Arc::default(),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -168,6 +215,11 @@ impl Metrics {
             Box::new(m.open_connections.clone()),
             Box::new(m.policy_generation.clone()),
             Box::new(m.tunnels_closed.clone()),
+            Box::new(m.tls_sessions.clone()),
+            Box::new(m.tls_handshake_errors.clone()),
+            Box::new(m.tls_material_resets.clone()),
+            Box::new(m.tls_broken_rules.clone()),
+            Box::new(m.tls_leaves_minted.clone()),
         ];
         for c in collectors {
             if let Err(e) = m.registry.register(c) {
@@ -298,6 +350,17 @@ mod tests {
             .observe(0.001);
         m.upstream_errors.with_label_values(&["connect"]).inc();
         m.decision.observe(1e-6);
+        m.tls_sessions
+            .with_label_values(&["egress", "spliced"])
+            .inc();
+        m.tls_handshake_errors.with_label_values(&["timeout"]).inc();
+        m.tls_material_resets
+            .with_label_values(&[
+                "CiliumNetworkPolicy a/b",
+                "spec.egress[0].toPorts[0]",
+                "a/s",
+            ])
+            .inc();
         let text = m.encode();
         for name in [
             "ward_proxy_requests_total{direction=\"ingress\",protocol=\"HTTP/1.1\",verdict=\"denied\"} 1",
@@ -308,6 +371,11 @@ mod tests {
             "ward_proxy_open_connections 0",
             "ward_proxy_policy_generation 0",
             "ward_proxy_tunnels_closed_total 0",
+            "ward_proxy_tls_sessions_total{direction=\"egress\",mode=\"spliced\"} 1",
+            "ward_proxy_tls_handshake_errors_total{kind=\"timeout\"} 1",
+            "ward_proxy_tls_material_resets_total{policy=\"CiliumNetworkPolicy a/b\",rule=\"spec.egress[0].toPorts[0]\",secret=\"a/s\"} 1",
+            "ward_proxy_tls_broken_rules 0",
+            "ward_proxy_tls_leaves_minted_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

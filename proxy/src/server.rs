@@ -27,7 +27,7 @@ use tokio::sync::Semaphore;
 
 use crate::audit::{self, AuditLog, Endpoint, Record, Rule, Verdict};
 use crate::config::Config;
-use crate::detect::{detect, HttpVersion};
+use crate::detect::{detect_protocol, HttpVersion, Protocol};
 use crate::framing::{Ambiguous, Tracked, Tracker};
 use crate::h2budget::{Budgeted, Budgets};
 use crate::idle::IdleTimeout;
@@ -35,6 +35,7 @@ use crate::listener::{Accepted, Listener};
 use crate::metrics::{protocol_name, Metrics};
 use crate::policy::{ConnPolicy, Mode, PolicyStore};
 use crate::request;
+use crate::tls::{MaterialSettings, Materials, SecretStore, TlsConn};
 use crate::upstream::{BoundH1, Upstream, UpstreamConfig, UpstreamError};
 
 /// The body of every response the proxy sends downstream.
@@ -46,21 +47,41 @@ pub const DENIED_BODY: &str = "Access denied\r\n";
 /// The proxy: configuration, the policy store and the shared parts of the data path.
 #[derive(Clone, Debug)]
 pub struct Proxy {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 #[derive(Debug)]
-struct Shared {
-    config: Config,
-    store: Arc<PolicyStore>,
-    mode: Mode,
-    upstream: Upstream,
-    audit: AuditLog,
-    metrics: Metrics,
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) store: Arc<PolicyStore>,
+    pub(crate) mode: Mode,
+    pub(crate) upstream: Upstream,
+    pub(crate) audit: AuditLog,
+    pub(crate) metrics: Metrics,
     connections: Arc<Semaphore>,
     options: request::Options,
     observer: OnceLock<Watcher>,
+    /// TLS material built from the secrets.
+    pub(crate) materials: Arc<Materials>,
+    /// TLS connections reading their ClientHello or handshaking.
+    pub(crate) handshakes: Arc<Semaphore>,
 }
+
+/// A downstream connection's stream. `reset_on_close` makes closing it send a TCP reset
+/// (SO_LINGER 0) instead of a FIN: how a refused TLS session ends, as in Cilium.
+pub trait Downstream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn reset_on_close(&self) {}
+}
+
+impl Downstream for tokio::net::TcpStream {
+    fn reset_on_close(&self) {
+        if let Err(e) = socket2::SockRef::from(self).set_linger(Some(Duration::ZERO)) {
+            tracing::debug!("SO_LINGER 0: {e}");
+        }
+    }
+}
+
+impl Downstream for tokio::io::DuplexStream {}
 
 /// The installed [`Observer`] (a function has no `Debug`).
 struct Watcher(Observer);
@@ -88,6 +109,8 @@ pub struct Decided<'a> {
 pub type Observer = Arc<dyn Fn(&Decided<'_>) + Send + Sync>;
 
 impl Proxy {
+    /// A proxy without TLS material: intercepting rules fail closed (see
+    /// [`Proxy::with_secrets`]).
     pub fn new(
         config: Config,
         store: Arc<PolicyStore>,
@@ -95,6 +118,34 @@ impl Proxy {
         audit: AuditLog,
         metrics: Metrics,
     ) -> Proxy {
+        Proxy::with_secrets(
+            config,
+            store,
+            mode,
+            audit,
+            metrics,
+            Arc::new(SecretStore::new()),
+        )
+    }
+
+    /// A proxy whose TLS material and header-match secrets come from `secrets`.
+    pub fn with_secrets(
+        config: Config,
+        store: Arc<PolicyStore>,
+        mode: Mode,
+        audit: AuditLog,
+        metrics: Metrics,
+        secrets: Arc<SecretStore>,
+    ) -> Proxy {
+        let materials = Arc::new(Materials::new(
+            secrets,
+            MaterialSettings {
+                minted_cache: config.tls_minted_cache,
+                system_roots: config.tls_system_roots,
+            },
+            metrics.clone(),
+        ));
+        let handshakes = Arc::new(Semaphore::new(config.tls_max_handshakes.max(1)));
         let upstream = Upstream::new(
             UpstreamConfig {
                 connect_timeout: config.upstream_connect_timeout(),
@@ -115,6 +166,8 @@ impl Proxy {
             shared: Arc::new(Shared {
                 options,
                 observer: OnceLock::new(),
+                materials,
+                handshakes,
                 config,
                 store,
                 mode,
@@ -132,6 +185,11 @@ impl Proxy {
 
     pub fn store(&self) -> &Arc<PolicyStore> {
         &self.shared.store
+    }
+
+    /// The TLS material (and, through it, the secrets) the proxy uses.
+    pub fn materials(&self) -> &Arc<Materials> {
+        &self.shared.materials
     }
 
     /// Installs a function that sees every allowed request as decided, before it is
@@ -174,38 +232,70 @@ impl Proxy {
 
     /// Serves one downstream connection from `peer` meant for `orig_dst` until it
     /// closes. Generic over the stream so tests and the fuzz target can drive it.
-    pub async fn serve_connection<S>(&self, io: S, peer: SocketAddr, orig_dst: SocketAddr)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    pub async fn serve_connection<S: Downstream>(
+        &self,
+        io: S,
+        peer: SocketAddr,
+        orig_dst: SocketAddr,
+    ) {
         let metrics = &self.shared.metrics;
         metrics.open_connections.inc();
         let _open = OpenGuard(metrics.open_connections.clone());
         let cfg = &self.shared.config;
         let io = IdleTimeout::new(io, cfg.idle_timeout());
-        let (version, io) = match tokio::time::timeout(cfg.header_read_timeout(), detect(io)).await
-        {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                tracing::debug!("{peer}: closed before a request: {e}");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!("{peer}: no request within the header timeout");
-                return;
-            }
+        let (protocol, io) =
+            match tokio::time::timeout(cfg.header_read_timeout(), detect_protocol(io)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    tracing::debug!("{peer}: closed before a request: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("{peer}: no request within the header timeout");
+                    return;
+                }
+            };
+        let version = match protocol {
+            Protocol::Tls => return crate::tls::serve(self, io, peer, orig_dst).await,
+            Protocol::Http(v) => v,
         };
         let snap = self.shared.store.load();
+        let policy = self.shared.mode.resolve(&snap, peer, orig_dst);
+        if let Some(why) = crate::tls::plaintext_refused(&policy) {
+            // a port whose rules admit only TLS with a listed SNI: reset, as Cilium does
+            crate::tls::refuse_plaintext(self, &policy, peer, orig_dst, why);
+            io.get_ref().get_ref().reset_on_close();
+            return;
+        }
+        self.serve_http(io, version, peer, orig_dst, policy, None)
+            .await;
+    }
+
+    /// Serves HTTP/1.1 or HTTP/2 on `io` (plaintext, or an intercepted TLS session's
+    /// decrypted stream with `tls`), the connection's policy resolved as `policy`.
+    pub(crate) async fn serve_http<I>(
+        &self,
+        io: I,
+        version: HttpVersion,
+        peer: SocketAddr,
+        orig_dst: SocketAddr,
+        policy: ConnPolicy,
+        tls: Option<Arc<TlsConn>>,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let cfg = &self.shared.config;
         let ambiguous = Arc::new(Ambiguous::default());
         let conn = Arc::new(Conn {
             shared: self.shared.clone(),
             peer,
             orig_dst,
             version,
-            policy: Mutex::new(Arc::new(self.shared.mode.resolve(&snap, peer, orig_dst))),
+            policy: Mutex::new(Arc::new(policy)),
             requests: AtomicU64::new(0),
             ambiguous: ambiguous.clone(),
             upstream_h1: Mutex::new(None),
+            tls,
         });
         let svc = service_fn(move |req| {
             let conn = conn.clone();
@@ -267,6 +357,8 @@ struct Conn {
     ambiguous: Arc<Ambiguous>,
     /// HTTP/1.1: the upstream connection this connection's requests go over.
     upstream_h1: Mutex<Option<BoundH1>>,
+    /// The intercepted TLS session this connection's requests come from.
+    tls: Option<Arc<TlsConn>>,
 }
 
 impl Drop for Conn {
@@ -336,7 +428,11 @@ impl Conn {
             Err(poisoned) => poisoned.into_inner(),
         };
         if guard.generation != snap.generation {
-            *guard = Arc::new(self.shared.mode.resolve(&snap, self.peer, self.orig_dst));
+            let policy = self.shared.mode.resolve(&snap, self.peer, self.orig_dst);
+            *guard = Arc::new(match &self.tls {
+                Some(t) => policy.intercepted(&snap.model, &t.session),
+                None => policy,
+            });
             self.shared
                 .metrics
                 .policy_generation
@@ -418,7 +514,10 @@ impl Conn {
             facts.path = view.path.to_string();
         }
         let t = Instant::now();
-        let decision = snap.model.check_http(&facts.policy.policy, &view);
+        let secrets = self.shared.materials.secrets();
+        let decision = snap
+            .model
+            .check_http_with(&facts.policy.policy, &view, secrets.as_ref());
         self.shared
             .metrics
             .decision
@@ -461,12 +560,13 @@ impl Conn {
             .transparent_source
             .then_some(self.peer.ip());
         let up = &self.shared.upstream;
+        let up_tls = self.tls.as_ref().map(|t| &t.upstream);
         let sent = match self.version {
             HttpVersion::Http1 => {
-                up.send_h1_bound(&self.upstream_h1, src, self.orig_dst, req)
+                up.send_h1_bound(&self.upstream_h1, src, self.orig_dst, up_tls, req)
                     .await
             }
-            HttpVersion::H2c => up.send_h2(src, self.orig_dst, req).await,
+            HttpVersion::H2c => up.send_h2(src, self.orig_dst, up_tls, req).await,
         };
         let mut resp = match sent {
             Ok(r) => r,
@@ -579,15 +679,17 @@ impl Conn {
                 identity: f.policy.destination.identity,
                 pod: f.policy.destination.endpoint.clone(),
             },
-            http: audit::Http {
+            http: Some(audit::Http {
                 code: status.as_u16(),
+                scheme: if self.tls.is_some() { "https" } else { "http" }.into(),
                 method: f.method.clone(),
                 host: f.host.clone(),
                 path: f.path.clone(),
                 protocol: protocol_name(f.version).into(),
                 missing_headers: d.missing_headers.clone(),
                 rejected_headers: d.rejected_headers.clone(),
-            },
+            }),
+            tls: self.tls.as_ref().map(|t| t.record()),
             latency_ns: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
             policy_generation: f.policy.generation,
             allowed_by: d.matched.iter().map(Rule::from).collect(),
@@ -677,7 +779,7 @@ fn apply_actions(h: &mut HeaderMap, actions: &[HeaderAction]) {
             HeaderAction::Add { name, value } => {
                 if let (Ok(n), Ok(v)) = (
                     HeaderName::from_bytes(name.as_bytes()),
-                    HeaderValue::from_str(value),
+                    HeaderValue::from_str(value.as_str()),
                 ) {
                     h.append(n, v);
                 }
@@ -690,7 +792,7 @@ fn apply_actions(h: &mut HeaderMap, actions: &[HeaderAction]) {
             HeaderAction::Replace { name, value } => {
                 if let (Ok(n), Ok(v)) = (
                     HeaderName::from_bytes(name.as_bytes()),
-                    HeaderValue::from_str(value),
+                    HeaderValue::from_str(value.as_str()),
                 ) {
                     h.insert(n, v);
                 }
@@ -744,8 +846,9 @@ impl Conn {
     /// Whether the request that opened a tunnel is still allowed by the current policy.
     fn still_allowed(&self, r: &Recheck) -> bool {
         let (snap, policy) = self.current_policy();
+        let secrets = self.shared.materials.secrets();
         snap.model
-            .check_http(
+            .check_http_with(
                 &policy.policy,
                 &View {
                     method: &r.method,
@@ -753,6 +856,7 @@ impl Conn {
                     host: r.host.as_deref(),
                     headers: &r.headers,
                 },
+                secrets.as_ref(),
             )
             .allowed
     }

@@ -5,20 +5,27 @@
 //! per-destination pool when the downstream connection ends; one HTTP/2 connection per
 //! destination carries every stream. Upstream
 //! sockets carry SO_MARK when configured, so the datapath does not redirect the proxy's
-//! own traffic back to it.
+//! own traffic back to it. Requests of an intercepted TLS session go up over TLS
+//! ([`UpstreamTls`]), in pools of their own per server name and trust.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
 use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
 
 use crate::metrics::Metrics;
 
@@ -46,6 +53,10 @@ pub enum UpstreamError {
     Request(SocketAddr, hyper::Error),
     #[error("upstream {0} switched protocols without a WebSocket request asking for it")]
     UnaskedSwitch(SocketAddr),
+    #[error("TLS to {0} as {1} failed: {2}")]
+    Tls(SocketAddr, String, io::Error),
+    #[error("TLS handshake with {0} timed out")]
+    TlsTimeout(SocketAddr),
 }
 
 impl UpstreamError {
@@ -57,6 +68,7 @@ impl UpstreamError {
             UpstreamError::Handshake(..)
             | UpstreamError::Request(..)
             | UpstreamError::UnaskedSwitch(_) => "protocol",
+            UpstreamError::Tls(..) | UpstreamError::TlsTimeout(_) => "tls",
         }
     }
 
@@ -82,9 +94,90 @@ impl UpstreamError {
     }
 }
 
+/// How the upstream connection of an intercepted session is secured: TLS with this
+/// client configuration (its CA; its ALPN is the protocol the client chose) to this
+/// server name (the client's SNI).
+#[derive(Clone, Debug)]
+pub struct UpstreamTls {
+    pub config: Arc<ClientConfig>,
+    pub name: ServerName<'static>,
+    /// Identifies the trust of `config`: connections verified against other roots are
+    /// not shared.
+    pub trust: u64,
+}
+
 /// Upstream connections are shared only between requests with the same source address
-/// (when the pod's address is kept) and destination.
-type Key = (Option<IpAddr>, SocketAddr);
+/// (when the pod's address is kept), destination, and TLS server name and trust.
+type Key = (Option<IpAddr>, SocketAddr, Option<(u64, String)>);
+
+fn key(src: Option<IpAddr>, dst: SocketAddr, tls: Option<&UpstreamTls>) -> Key {
+    (
+        src,
+        dst,
+        tls.map(|t| (t.trust, t.name.to_str().into_owned())),
+    )
+}
+
+/// An upstream connection: plain TCP, or TLS over it.
+#[derive(Debug)]
+pub enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
 type H1Pool = Mutex<HashMap<Key, Vec<http1::SendRequest<Incoming>>>>;
 type H2Pool = Mutex<HashMap<Key, http2::SendRequest<Incoming>>>;
 
@@ -115,10 +208,33 @@ impl Upstream {
         }
     }
 
+    /// Connects to `dst` and, with `tls`, runs the TLS handshake (verified against
+    /// `tls`'s roots for its server name; each within the connect timeout).
+    pub async fn connect_io(
+        &self,
+        src: Option<IpAddr>,
+        dst: SocketAddr,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<UpstreamIo, UpstreamError> {
+        let tcp = self.connect(src, dst).await?;
+        let Some(t) = tls else {
+            return Ok(UpstreamIo::Plain(tcp));
+        };
+        let connector = tokio_rustls::TlsConnector::from(t.config.clone());
+        let stream = tokio::time::timeout(
+            self.cfg.connect_timeout,
+            connector.connect(t.name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| UpstreamError::TlsTimeout(dst))?
+        .map_err(|e| UpstreamError::Tls(dst, t.name.to_str().into_owned(), e))?;
+        Ok(UpstreamIo::Tls(Box::new(stream)))
+    }
+
     /// Connects to `dst`, from `src` when given (transparent bind: the upstream sees the
     /// client's address; needs CAP_NET_ADMIN and, off loopback, the datapath to route the
     /// replies back to the proxy).
-    async fn connect(
+    pub(crate) async fn connect(
         &self,
         src: Option<IpAddr>,
         dst: SocketAddr,
@@ -175,9 +291,10 @@ impl Upstream {
         bound: &Mutex<Option<BoundH1>>,
         src: Option<IpAddr>,
         dst: SocketAddr,
+        tls: Option<&UpstreamTls>,
         req: Request<Incoming>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let key = (src, dst);
+        let key = key(src, dst, tls);
         let taken = match bound.lock() {
             Ok(mut g) => g.take(),
             Err(poisoned) => poisoned.into_inner().take(),
@@ -194,7 +311,7 @@ impl Upstream {
         }
         let mut sender = match sender {
             Some(s) => s,
-            None => self.checkout_h1(src, dst).await?,
+            None => self.checkout_h1(src, dst, tls).await?,
         };
         let resp = sender
             .send_request(req)
@@ -229,11 +346,12 @@ impl Upstream {
         &self,
         src: Option<IpAddr>,
         dst: SocketAddr,
+        tls: Option<&UpstreamTls>,
     ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
-        if let Some(s) = self.idle_h1((src, dst)) {
+        if let Some(s) = self.idle_h1(key(src, dst, tls)) {
             return Ok(s);
         }
-        let io = TokioIo::new(self.connect(src, dst).await?);
+        let io = TokioIo::new(self.connect_io(src, dst, tls).await?);
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -251,9 +369,10 @@ impl Upstream {
         &self,
         src: Option<IpAddr>,
         dst: SocketAddr,
+        tls: Option<&UpstreamTls>,
         req: Request<Incoming>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let key = (src, dst);
+        let key = key(src, dst, tls);
         let existing = self
             .h2
             .lock()
@@ -262,7 +381,7 @@ impl Upstream {
         let mut sender = match existing {
             Some(s) => s,
             None => {
-                let io = TokioIo::new(self.connect(src, dst).await?);
+                let io = TokioIo::new(self.connect_io(src, dst, tls).await?);
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .handshake(io)

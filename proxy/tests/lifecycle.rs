@@ -70,11 +70,11 @@ async fn audit_records_name_verdict_endpoints_and_rule() {
     let ok = next_record(&mut p.audit).await;
     assert_eq!(ok.verdict, Verdict::Forwarded);
     assert_eq!(ok.observation_point, "Ingress");
-    assert_eq!(ok.http.code, 200);
-    assert_eq!(ok.http.method, "GET");
-    assert_eq!(ok.http.host, "web");
-    assert_eq!(ok.http.path, "/public/a?b=c");
-    assert_eq!(ok.http.protocol, "HTTP/1.1");
+    assert_eq!(ok.http.as_ref().unwrap().code, 200);
+    assert_eq!(ok.http.as_ref().unwrap().method, "GET");
+    assert_eq!(ok.http.as_ref().unwrap().host, "web");
+    assert_eq!(ok.http.as_ref().unwrap().path, "/public/a?b=c");
+    assert_eq!(ok.http.as_ref().unwrap().protocol, "HTTP/1.1");
     assert_eq!(ok.source_endpoint.ip, "127.0.0.1");
     assert_eq!(ok.source_endpoint.pod.as_deref(), Some("default/client"));
     assert!(ok.source_endpoint.identity > 0);
@@ -96,7 +96,7 @@ async fn audit_records_name_verdict_endpoints_and_rule() {
 
     let denied = next_record(&mut p.audit).await;
     assert_eq!(denied.verdict, Verdict::Denied);
-    assert_eq!(denied.http.code, 403);
+    assert_eq!(denied.http.as_ref().unwrap().code, 403);
     assert!(denied.allowed_by.is_empty());
     assert!(denied.info.contains("no HTTP rule"), "{}", denied.info);
 

@@ -867,7 +867,9 @@ async fn no_mutation_smuggles_a_request_past_the_policy() {
         } else {
             &mut failed
         };
-        *into.entry(r.http.path.clone()).or_default() += 1;
+        *into
+            .entry(r.http.as_ref().unwrap().path.clone())
+            .or_default() += 1;
     }
     let allowed_total: usize = forwarded.values().sum();
     let logs = up.logs.lock().unwrap().clone();

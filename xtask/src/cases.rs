@@ -21,9 +21,13 @@ pub fn cases() -> PathBuf {
 }
 
 /// The case folders run in full on the policy model, the datapath and the lab: `cases/`
-/// and, beside it, the additions that Ward implements (`cases-calico/`).
+/// and, beside it, the additions that Ward implements (`cases-calico/`, `cases-tls/`).
 pub fn case_folders() -> Vec<PathBuf> {
-    vec![cases(), copy_dir().join("cases-calico")]
+    vec![
+        cases(),
+        copy_dir().join("cases-calico"),
+        copy_dir().join("cases-tls"),
+    ]
 }
 
 /// `../shared/conformance`, when it is there.

@@ -54,6 +54,8 @@ pub struct Admin {
     pub policy: watch::Receiver<PolicyStatus>,
     /// The drop reader's counters.
     pub drops: watch::Receiver<DropCounts>,
+    /// The rules whose TLS material is unusable (`secrets::broken`).
+    pub tls: watch::Receiver<Vec<api::BrokenTlsRule>>,
     pub registries: Vec<Registry>,
     pub events: Events,
 }
@@ -147,6 +149,7 @@ impl Admin {
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
             map_entries: s.map_entries,
+            tls_broken_rules: self.tls.borrow().clone(),
         }
     }
 
@@ -500,6 +503,7 @@ mod tests {
             source: "files",
             policy,
             drops,
+            tls: watch::channel(Vec::new()).1,
             registries: vec![metrics.registry.clone()],
             events,
         };

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::Settings;
+use crate::secrets::{self, SecretSource};
 
 #[derive(clap::Args, Debug, Default)]
 pub struct Args {
@@ -72,6 +73,15 @@ pub struct Args {
     /// where a pod is selected by its labels only.
     #[arg(long)]
     cidr_matches_cluster: bool,
+    /// TLS secrets of policies (terminatingTLS, originatingTLS, headerMatches secrets) as
+    /// files DIR/NAMESPACE/NAME/KEY, watched [default with the files source:
+    /// /var/run/ward/certs; the Kubernetes source reads Secrets instead unless this is set].
+    #[arg(long)]
+    certificates_dir: Option<PathBuf>,
+    /// With the Kubernetes source: the one namespace whose Secrets the agent reads for
+    /// policies [default: ward-secrets].
+    #[arg(long)]
+    policy_secrets_namespace: Option<String>,
 }
 
 /// Where the agent learns cluster state and policies.
@@ -103,6 +113,8 @@ struct File {
     audit_log: Option<String>,
     transparent_source: Option<bool>,
     cidr_matches_cluster: Option<bool>,
+    certificates_dir: Option<PathBuf>,
+    policy_secrets_namespace: Option<String>,
     /// HTTP proxy settings (timeouts, limits), keys as in proxy/README.md.
     proxy: Option<proxy::Config>,
     /// DNS proxy settings, keys as in dns-proxy/README.md.
@@ -158,6 +170,16 @@ pub fn settings(a: Args) -> Result<Settings, Error> {
             "--source-dir (or `source_dir:` in --config) with the files source",
         ));
     }
+    let secrets = match (a.certificates_dir.or(f.certificates_dir), source) {
+        (Some(dir), _) => SecretSource::Dir(dir),
+        (None, SourceKind::Files) => SecretSource::Dir(PathBuf::from(secrets::DEFAULT_DIR)),
+        (None, SourceKind::Kubernetes) => SecretSource::Kubernetes {
+            namespace: a
+                .policy_secrets_namespace
+                .or(f.policy_secrets_namespace)
+                .unwrap_or_else(|| secrets::DEFAULT_NAMESPACE.into()),
+        },
+    };
     Ok(Settings {
         node,
         source,
@@ -196,6 +218,7 @@ pub fn settings(a: Args) -> Result<Settings, Error> {
         compile: policy_model::CompileOptions {
             cidr_matches_cluster: a.cidr_matches_cluster || f.cidr_matches_cluster.unwrap_or(false),
         },
+        secrets,
     })
 }
 
@@ -247,6 +270,7 @@ mod tests {
         assert!(s.transparent_source);
         assert_eq!(s.bpf_root, PathBuf::from("/sys/fs/bpf/ward"));
         assert_eq!(s.endpoint_recheck, Duration::from_millis(2500));
+        assert_eq!(s.secrets, SecretSource::Dir("/var/run/ward/certs".into()));
 
         std::fs::write(&cfg, "node: n1\nsource_dir: /src\nproxy_prot: 1\n").unwrap();
         let e = settings(Args {
@@ -279,6 +303,12 @@ mod tests {
         assert_eq!(s.source, SourceKind::Kubernetes);
         assert_eq!(s.source_dir, None);
         assert_eq!(s.admin.port(), 9890);
+        assert_eq!(
+            s.secrets,
+            SecretSource::Kubernetes {
+                namespace: "ward-secrets".into()
+            }
+        );
 
         let e = settings(Args {
             node: Some("n1".into()),
@@ -288,5 +318,47 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("--source-dir"), "{e}");
+    }
+
+    /// Where TLS secrets come from: a certificates directory (given, or the files
+    /// source's default), else the Kubernetes source's one namespace.
+    #[test]
+    fn tls_secrets_come_from_a_directory_or_one_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("agent.yaml");
+        std::fs::write(
+            &cfg,
+            "node: n1\nsource: kubernetes\npolicy_secrets_namespace: tls-material\n",
+        )
+        .unwrap();
+        let with = |a: Args| settings(a).unwrap().secrets;
+        assert_eq!(
+            with(Args {
+                config: Some(cfg.clone()),
+                ..Args::default()
+            }),
+            SecretSource::Kubernetes {
+                namespace: "tls-material".into()
+            }
+        );
+        assert_eq!(
+            with(Args {
+                config: Some(cfg.clone()),
+                policy_secrets_namespace: Some("flag-wins".into()),
+                ..Args::default()
+            }),
+            SecretSource::Kubernetes {
+                namespace: "flag-wins".into()
+            }
+        );
+        assert_eq!(
+            with(Args {
+                config: Some(cfg),
+                certificates_dir: Some("/etc/ward/certs".into()),
+                ..Args::default()
+            }),
+            SecretSource::Dir("/etc/ward/certs".into()),
+            "a certificates directory is read instead of the API"
+        );
     }
 }

@@ -49,6 +49,8 @@ pub struct Settings {
     pub dns: dns_proxy::Config,
     /// How policies are compiled.
     pub compile: CompileOptions,
+    /// Where the HTTP proxy's TLS secrets come from.
+    pub secrets: crate::secrets::SecretSource,
 }
 
 /// Why the agent could not start or stopped.
@@ -165,8 +167,13 @@ fn bind_ipv6<T>(
     }
 }
 
-/// Runs the agent until SIGTERM or SIGINT.
-pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
+/// Runs the agent until SIGTERM or SIGINT, with cluster state and policies from
+/// `source` and the HTTP proxy's TLS secrets from `secrets`.
+pub async fn run(
+    s: Settings,
+    mut source: Box<dyn Source>,
+    secrets: crate::secrets::Feed,
+) -> Result<()> {
     // The datapath: loaded on the pinned maps, which keep enforcing while no agent runs.
     let mut dp = Datapath::load(&s.bpf_root).map_err(dp_error(format!(
         "loading the datapath at {}",
@@ -249,7 +256,8 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     pcfg.node = Some(s.node.clone());
     pcfg.upstream_mark = Some(pcfg.upstream_mark.unwrap_or(MARK_FROM_EGRESS_PROXY));
     pcfg.transparent_source = s.transparent_source;
-    let http_proxy = proxy::Proxy::new(
+    let secret_store = Arc::new(proxy::SecretStore::new());
+    let http_proxy = proxy::Proxy::with_secrets(
         pcfg,
         http_store.clone(),
         proxy::Mode::Transparent {
@@ -257,7 +265,19 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         },
         audit_log.clone(),
         http_metrics.clone(),
+        secret_store.clone(),
     );
+    // Its secrets, read before it serves; the rules whose material is unusable, kept
+    // for the status and said as events.
+    let secrets_changed = secrets.start(secret_store).await;
+    let (tls_tx, tls_broken) = tokio::sync::watch::channel(Vec::new());
+    tokio::spawn(crate::secrets::broken::report(
+        http_proxy.clone(),
+        s.secrets.clone(),
+        events.clone(),
+        secrets_changed,
+        tls_tx,
+    ));
     // One listener per family on the port: the datapath hands IPv4 flows to the socket
     // of 127.0.0.1:port and IPv6 flows to the one of [::1]:port. IPv4 is required; IPv6
     // only where the node has it (see bind_ipv6).
@@ -410,6 +430,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         source: source_name,
         policy: handles.status.clone(),
         drops: handles.drops.clone(),
+        tls: tls_broken,
         registries: vec![
             agent_metrics.registry.clone(),
             http_metrics.registry.clone(),

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agent::app::config::{self, Args, SourceKind};
+use agent::secrets::dir::DirWatch;
+use agent::secrets::{Feed, SecretSource};
 use agent::source::{FilesSource, Source};
 use anyhow::{bail, Context, Result};
 
@@ -23,17 +25,29 @@ pub fn run(a: Args) -> Result<ExitCode> {
         .build()
         .context("cannot start the runtime")?;
     let r = rt.block_on(async {
+        let mut client = None;
         let source: Box<dyn Source> = match (s.source, &s.source_dir) {
             (SourceKind::Files, Some(dir)) => Box::new(FilesSource::new(dir).with_rescan(s.rescan)),
             (SourceKind::Files, None) => bail!("the files source needs --source-dir"),
             (SourceKind::Kubernetes, _) => {
-                let client = ::kube::Client::try_default().await.context(
+                let c = ::kube::Client::try_default().await.context(
                     "cannot reach the Kubernetes API server (in-cluster config or KUBECONFIG)",
                 )?;
-                Box::new(agent::source::kube::KubeSource::new(client))
+                client = Some(c.clone());
+                Box::new(agent::source::kube::KubeSource::new(c))
             }
         };
-        Ok(agent::app::run(s, source).await?)
+        let secrets = match (&s.secrets, client) {
+            (SecretSource::Dir(dir), _) => Feed::Dir(DirWatch::new(dir)),
+            (SecretSource::Kubernetes { namespace }, Some(client)) => Feed::Kubernetes {
+                client,
+                namespace: namespace.clone(),
+            },
+            (SecretSource::Kubernetes { .. }, None) => {
+                bail!("TLS secrets from Kubernetes need the Kubernetes source (or --certificates-dir)")
+            }
+        };
+        Ok(agent::app::run(s, source, secrets).await?)
     });
     rt.shutdown_timeout(Duration::from_secs(1));
     r.map(|()| ExitCode::SUCCESS)

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
 use policy_model::http::SimpleRequest;
 use policy_model::lint as policy_lint;
+use policy_model::verdict::TlsProbe;
 use policy_model::{CompileOptions, EndpointRef, Protocol, Query};
 
 use crate::inputs::{compile_model, load_cluster, load_policies, yaml_files};
@@ -73,6 +74,12 @@ pub struct TraceArgs {
     /// A DNS query name sent over the flow.
     #[arg(long)]
     dns_query: Option<String>,
+    /// The flow is a TLS session whose ClientHello carries this SNI (with --http-*: HTTPS).
+    #[arg(long, value_name = "NAME")]
+    sni: Option<String>,
+    /// The flow is a TLS session without SNI.
+    #[arg(long, conflicts_with = "sni")]
+    tls: bool,
     /// Let CIDR rules match pod and node IPs (Kubernetes' expectation; Cilium's default is not to).
     #[arg(long)]
     cidr_matches_cluster: bool,
@@ -207,7 +214,10 @@ fn trace(a: TraceArgs) -> Result<ExitCode> {
             cidr_matches_cluster: a.cidr_matches_cluster,
         },
     )?;
-    let verdict = model.query(&query)?;
+    let verdict = match (&a.sni, a.tls) {
+        (None, false) => model.query(&query)?,
+        (sni, _) => model.query_tls(&query, &TlsProbe { sni: sni.clone() })?,
+    };
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&verdict)?),
         Output::Text => print!("{verdict}"),

@@ -9,10 +9,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use agent::secrets::dir::DirWatch;
+use agent::secrets::{broken, Feed, SecretSource};
+use agent::telemetry::events::Events;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use policy_model::{CompileOptions, Direction, Model};
-use proxy::{AuditLog, Config, DroppedCounter, FixedListener, Metrics, Mode, PolicyStore, Proxy};
+use proxy::{
+    AuditLog, Config, DroppedCounter, FixedListener, Metrics, Mode, PolicyStore, Proxy, SecretStore,
+};
 
 use crate::inputs::compile_model;
 
@@ -52,6 +57,11 @@ pub struct ProxyArgs {
     /// Worker threads (default: one per CPU); 1 runs everything on the main thread.
     #[arg(long)]
     threads: Option<usize>,
+    /// TLS secrets of the policies (terminatingTLS, originatingTLS, headerMatches
+    /// secrets) as files DIR/NAMESPACE/NAME/KEY, watched; without it, rules that need
+    /// material fail closed.
+    #[arg(long)]
+    certificates_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -116,7 +126,26 @@ async fn serve(a: ProxyArgs) -> Result<ExitCode> {
     // before the listener accepts, so a SIGHUP never meets the default action (exit)
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot watch SIGHUP")?;
-    let proxy = Proxy::new(config, store.clone(), mode, audit, metrics.clone());
+    let secrets = Arc::new(SecretStore::new());
+    let proxy = Proxy::with_secrets(
+        config,
+        store.clone(),
+        mode,
+        audit,
+        metrics.clone(),
+        secrets.clone(),
+    );
+    if let Some(dir) = &a.certificates_dir {
+        // read before serving; rules whose material is unusable are logged
+        let changed = Feed::Dir(DirWatch::new(dir)).start(secrets).await;
+        tokio::spawn(broken::report(
+            proxy.clone(),
+            SecretSource::Dir(dir.clone()),
+            Events::new(),
+            changed,
+            tokio::sync::watch::channel(Vec::new()).0,
+        ));
+    }
     if let Some(addr) = a.metrics {
         let l = tokio::net::TcpListener::bind(addr)
             .await

@@ -110,4 +110,17 @@ fn print_status(s: &api::Status) {
         "maps:       ipcache {}, endpoints {}, policy {}",
         m.ipcache, m.endpoints, m.policy
     );
+    println!(
+        "tls:        {} rules with unusable material",
+        s.tls_broken_rules.len()
+    );
+    for b in &s.tls_broken_rules {
+        println!(
+            "  {} {} (secret {}): {}; its connections are reset",
+            b.policy,
+            b.rule,
+            b.secret.as_deref().unwrap_or("-"),
+            b.reason
+        );
+    }
 }

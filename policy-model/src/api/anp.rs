@@ -347,6 +347,7 @@ fn translate_rule(
             vec![PortRule {
                 ports,
                 l7: None,
+                tls: None,
                 path: format!("{path}.ports"),
             }]
         },

@@ -17,6 +17,7 @@ use crate::policy::{
     Subject, Tier,
 };
 use crate::selector::{LabelSelector, Op, Selector};
+use crate::tls::{self, SecretRef as TlsSecret, SniPattern, TlsRole, TlsRule};
 
 const MAX_PORTS: usize = 40;
 const MAX_ICMP_FIELDS: usize = 40;
@@ -266,7 +267,7 @@ pub struct PortProtocol {
 pub struct TlsContext {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<SecretRef>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "trustedCA", default, skip_serializing_if = "Option::is_none")]
     pub trusted_ca: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<String>,
@@ -782,6 +783,7 @@ impl RuleCtx<'_> {
             out.push(PortRule {
                 ports,
                 l7: None,
+                tls: None,
                 path: p,
             });
         }
@@ -897,29 +899,7 @@ impl RuleCtx<'_> {
                 "Envoy listener references are not supported (Ward has no CiliumEnvoyConfig)",
             );
         }
-        for (name, tls) in [
-            ("terminatingTLS", &pr.terminating_tls),
-            ("originatingTLS", &pr.originating_tls),
-        ] {
-            if let Some(t) = tls {
-                match &t.secret {
-                    Some(s) if !s.name.is_empty() => {}
-                    _ => errs.add(
-                        format!("{path}.{name}.secret"),
-                        "a TLS context needs a secret with a name",
-                    ),
-                }
-            }
-        }
-        if let Some(names) = &pr.server_names {
-            for (i, n) in names.iter().enumerate() {
-                if n.is_empty() {
-                    errs.add(format!("{path}.serverNames[{i}]"), "empty server name");
-                } else if let Err(e) = NamePattern::pattern(n) {
-                    errs.add(format!("{path}.serverNames[{i}]"), e);
-                }
-            }
-        }
+        let tls = self.tls_rule(pr, &protocols, wire_ports.is_empty(), path, errs);
         let l7 = match &pr.rules {
             None => None,
             Some(rules) => self.l7(
@@ -937,7 +917,104 @@ impl RuleCtx<'_> {
         Some(PortRule {
             ports,
             l7,
+            tls,
             path: path.to_string(),
+        })
+    }
+
+    /// `serverNames`, `terminatingTLS` and `originatingTLS` of a `toPorts` entry. Empty
+    /// lists count as absent.
+    fn tls_rule(
+        &self,
+        pr: &PortRuleWire,
+        protocols: &[Protocol],
+        no_ports: bool,
+        path: &str,
+        errs: &mut Errors,
+    ) -> Option<TlsRule> {
+        let names = pr.server_names.as_deref().unwrap_or_default();
+        if names.is_empty() && pr.terminating_tls.is_none() && pr.originating_tls.is_none() {
+            return None;
+        }
+        let mut server_names = Vec::new();
+        for (i, n) in names.iter().enumerate() {
+            let p = format!("{path}.serverNames[{i}]");
+            if let Some(pattern) = errs.check(&p, SniPattern::parse(n)) {
+                server_names.push(pattern);
+            }
+        }
+        let terminating = self.tls_context(
+            pr.terminating_tls.as_ref(),
+            TlsRole::Terminating,
+            path,
+            errs,
+        );
+        let originating = self.tls_context(
+            pr.originating_tls.as_ref(),
+            TlsRole::Originating,
+            path,
+            errs,
+        );
+        if pr.originating_tls.is_some() && pr.terminating_tls.is_none() {
+            errs.add(
+                format!("{path}.originatingTLS"),
+                "originatingTLS needs terminatingTLS: Ward originates TLS only for the sessions it terminates",
+            );
+        }
+        if no_ports || protocols.iter().any(|p| *p != Protocol::Tcp) {
+            errs.add(
+                format!("{path}.ports"),
+                "serverNames and TLS contexts apply to TCP only: list the ports with protocol: TCP",
+            );
+        }
+        if pr.rules.as_ref().is_some_and(|r| r.dns.is_some()) {
+            errs.add(
+                format!("{path}.rules.dns"),
+                "DNS rules cannot be combined with serverNames or TLS contexts",
+            );
+        }
+        Some(TlsRule {
+            server_names,
+            terminating,
+            originating,
+        })
+    }
+
+    fn tls_context(
+        &self,
+        wire: Option<&TlsContext>,
+        role: TlsRole,
+        path: &str,
+        errs: &mut Errors,
+    ) -> Option<tls::TlsContext> {
+        let t = wire?;
+        let p = format!("{path}.{role}");
+        let Some(s) = t.secret.as_ref().filter(|s| !s.name.is_empty()) else {
+            errs.add(
+                format!("{p}.secret"),
+                "a TLS context needs a secret with a name",
+            );
+            return None;
+        };
+        let secret = secret_ref(s, self.namespace, &format!("{p}.secret"), errs)?;
+        let before = errs.list.len();
+        for (field, key) in [
+            ("trustedCA", &t.trusted_ca),
+            ("certificate", &t.certificate),
+            ("privateKey", &t.private_key),
+        ] {
+            if let Some(k) = key {
+                if let Err(e) = check_secret_key(k) {
+                    errs.add(format!("{p}.{field}"), e);
+                }
+            }
+        }
+        (errs.list.len() == before).then(|| tls::TlsContext {
+            role,
+            secret,
+            trusted_ca: t.trusted_ca.clone(),
+            certificate: t.certificate.clone(),
+            private_key: t.private_key.clone(),
         })
     }
 
@@ -981,7 +1058,7 @@ impl RuleCtx<'_> {
             );
             return None;
         }
-        if pr.server_names.is_some()
+        if pr.server_names.as_ref().is_some_and(|n| !n.is_empty())
             && pr.terminating_tls.is_none()
             && (rules.http.is_some() || rules.dns.is_some())
         {
@@ -1044,7 +1121,7 @@ impl RuleCtx<'_> {
             }
             let mut out = Vec::new();
             for (i, h) in http.iter().enumerate() {
-                if let Some(r) = http_rule(h, &format!("{path}.http[{i}]"), errs) {
+                if let Some(r) = http_rule(h, &format!("{path}.http[{i}]"), self.namespace, errs) {
                     out.push(r);
                 }
             }
@@ -1185,7 +1262,12 @@ fn fqdn_selector(f: &FqdnSelector, path: &str, errs: &mut Errors) -> Option<Name
     }
 }
 
-fn http_rule(h: &HttpRuleWire, path: &str, errs: &mut Errors) -> Option<HttpRule> {
+fn http_rule(
+    h: &HttpRuleWire,
+    path: &str,
+    namespace: Option<&str>,
+    errs: &mut Errors,
+) -> Option<HttpRule> {
     let before = errs.list.len();
     let re = |field: &str, v: &Option<String>, errs: &mut Errors| -> Option<FullMatch> {
         let v = v.as_ref()?;
@@ -1221,18 +1303,10 @@ fn http_rule(h: &HttpRuleWire, path: &str, errs: &mut Errors) -> Option<HttpRule
             }
         };
         let secret = match &m.secret {
-            Some(s) if s.name.is_empty() => {
-                errs.add(
-                    format!("{p}.secret.name"),
-                    "a secret reference needs a name",
-                );
-                continue;
-            }
-            Some(s) => Some(format!(
-                "{}/{}",
-                s.namespace.as_deref().unwrap_or(""),
-                s.name
-            )),
+            Some(s) => match secret_ref(s, namespace, &format!("{p}.secret"), errs) {
+                Some(r) => Some(r),
+                None => continue,
+            },
             None => None,
         };
         if matches!(mismatch, Mismatch::Add | Mismatch::Replace)
@@ -1262,6 +1336,83 @@ fn http_rule(h: &HttpRuleWire, path: &str, errs: &mut Errors) -> Option<HttpRule
         headers,
         header_matches,
     })
+}
+
+/// A secret reference with its namespace resolved: the one written, else the policy's. A
+/// clusterwide policy has no namespace to default to. Namespace and name must be what
+/// Kubernetes accepts (they also name directories under the certificates directory).
+fn secret_ref(
+    s: &SecretRef,
+    policy_namespace: Option<&str>,
+    path: &str,
+    errs: &mut Errors,
+) -> Option<TlsSecret> {
+    if s.name.is_empty() {
+        errs.add(format!("{path}.name"), "a secret reference needs a name");
+        return None;
+    }
+    let namespace = match (
+        s.namespace.as_deref().filter(|n| !n.is_empty()),
+        policy_namespace,
+    ) {
+        (Some(ns), _) => ns,
+        (None, Some(ns)) => ns,
+        (None, None) => {
+            errs.add(
+                format!("{path}.namespace"),
+                "a secret named by a clusterwide policy needs a namespace (there is no policy namespace to default to)",
+            );
+            return None;
+        }
+    };
+    let before = errs.list.len();
+    if !is_dns_label(namespace) {
+        errs.add(
+            format!("{path}.namespace"),
+            format!("{namespace:?} is not a namespace name (lower-case letters, digits and \"-\", at most 63)"),
+        );
+    }
+    if !is_dns_subdomain(&s.name) {
+        errs.add(
+            format!("{path}.name"),
+            format!("{:?} is not a secret name (lower-case letters, digits, \"-\" and \".\", at most 253)", s.name),
+        );
+    }
+    (errs.list.len() == before).then(|| TlsSecret {
+        namespace: namespace.to_string(),
+        name: s.name.clone(),
+    })
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// A key of a secret (a file name under the secret's directory): Kubernetes' rule,
+/// letters, digits, `-`, `_` and `.`, and not `.` or `..`.
+fn check_secret_key(k: &str) -> Result<(), String> {
+    let ok = !k.is_empty()
+        && k.len() <= 253
+        && k != "."
+        && k != ".."
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{k:?} is not a key of a secret (letters, digits, \"-\", \"_\" and \".\")"
+        ))
+    }
 }
 
 fn icmp_type(t: &IntOrString, v6: bool) -> Result<u8, String> {

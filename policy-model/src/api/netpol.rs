@@ -201,6 +201,7 @@ fn rule(
         vec![PortRule {
             ports,
             l7: None,
+            tls: None,
             path: format!("{path}.ports"),
         }]
     };

@@ -14,7 +14,10 @@ use http::HeaderName;
 use policy_model::compile::IpOwner;
 use policy_model::flow::{ConnectionPolicy, SideDecision, SidePolicy};
 use policy_model::l7::L7Rules;
+use policy_model::tls::TlsSession;
 use policy_model::{Direction, Model, Protocol};
+
+use crate::tls::SessionKey;
 
 /// One compiled model with its generation (strictly increasing per store). The model is
 /// shared (`Arc`) with whoever published it (the agent hands the same model to the DNS
@@ -152,6 +155,7 @@ impl Mode {
                         decision: SideDecision::Deny {
                             reason: format!("endpoint {endpoint} is not in the cluster state"),
                         },
+                        tls: None,
                     },
                 };
                 (ConnectionPolicy { sides: vec![side] }, *direction)
@@ -169,6 +173,55 @@ impl Mode {
             source: describe(m, peer, node),
             destination: describe(m, orig_dst, node),
         }
+    }
+}
+
+impl ConnPolicy {
+    /// The same connection with `policy` for its requests (an intercepted session's).
+    pub fn with_policy(mut self, model: &Model, policy: ConnectionPolicy) -> ConnPolicy {
+        self.rule_headers = rule_headers(model, &policy);
+        self.policy = Arc::new(policy);
+        self
+    }
+
+    /// The policy of the requests of an intercepted session: the session decided again
+    /// by its SNI on `model`. When that no longer intercepts with the contexts the
+    /// session was set up with, every further request is denied.
+    pub fn intercepted(mut self, model: &Model, s: &SessionKey) -> ConnPolicy {
+        let (direction, endpoint) = self
+            .policy
+            .sides
+            .first()
+            .map_or((self.direction, String::new()), |s| {
+                (s.direction, s.endpoint.clone())
+            });
+        let denial = match model.tls_session(&self.policy, s.sni.as_deref()) {
+            TlsSession::Intercept(i)
+                if i.terminating == s.terminating && i.originating == s.originating =>
+            {
+                self.rule_headers = rule_headers(model, &i.policy);
+                self.policy = Arc::new(i.policy);
+                return self;
+            }
+            TlsSession::Intercept(_) => {
+                "the session's rule now names other TLS material: new connections use it".into()
+            }
+            TlsSession::Splice { .. } => "the session is no longer intercepted".into(),
+            TlsSession::Reset { reason, .. } => {
+                let here = format!("{direction} of {endpoint}: ");
+                reason.strip_prefix(&here).unwrap_or(&reason).to_string()
+            }
+        };
+        self.policy = Arc::new(ConnectionPolicy {
+            sides: vec![SidePolicy {
+                direction,
+                endpoint,
+                decision: SideDecision::Deny { reason: denial },
+                tls: None,
+            }],
+        });
+        self.rule_headers = Vec::new();
+        self
     }
 }
 

@@ -297,7 +297,7 @@ fn expected_headers(d: &DecidedCopy) -> HeaderMap {
             HeaderAction::Add { name, value } => {
                 h.append(
                     http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                    value.parse().unwrap(),
+                    value.as_str().parse().unwrap(),
                 );
             }
             HeaderAction::Delete { name } => {
@@ -306,7 +306,7 @@ fn expected_headers(d: &DecidedCopy) -> HeaderMap {
             HeaderAction::Replace { name, value } => {
                 h.insert(
                     http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                    value.parse().unwrap(),
+                    value.as_str().parse().unwrap(),
                 );
             }
         }

@@ -15,6 +15,7 @@ mod dns;
 mod parse;
 mod proxy;
 pub mod relay;
+mod tls;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,7 @@ pub const LOADTEST_PACKAGES: &[&str] = &[
     "dnsperf",
     "dnsmasq-base",
     "curl",
+    "openssl",
     "iproute2",
     "util-linux",
 ];
@@ -48,6 +50,8 @@ pub struct Opts {
     pub proxy: bool,
     pub datapath: bool,
     pub dns: bool,
+    /// HTTPS interception and SNI splice (not part of `all`).
+    pub tls: bool,
 }
 
 impl Opts {
@@ -57,6 +61,7 @@ impl Opts {
             proxy: false,
             datapath: false,
             dns: false,
+            tls: false,
         };
         for a in args {
             match a.as_str() {
@@ -64,15 +69,16 @@ impl Opts {
                 "proxy" => o.proxy = true,
                 "datapath" => o.datapath = true,
                 "dns" => o.dns = true,
+                "tls" => o.tls = true,
                 "all" => (o.proxy, o.datapath, o.dns) = (true, true, true),
                 other => {
                     return Err(format!(
-                        "loadtest: unknown argument {other:?} (proxy|datapath|dns|all, --quick)"
+                        "loadtest: unknown argument {other:?} (proxy|datapath|dns|tls|all, --quick)"
                     ))
                 }
             }
         }
-        if !(o.proxy || o.datapath || o.dns) {
+        if !(o.proxy || o.datapath || o.dns || o.tls) {
             (o.proxy, o.datapath, o.dns) = (true, true, true);
         }
         Ok(o)
@@ -92,12 +98,13 @@ pub fn report_path(opts: &Opts) -> PathBuf {
         (opts.proxy, "proxy"),
         (opts.datapath, "datapath"),
         (opts.dns, "dns"),
+        (opts.tls, "tls"),
     ]
     .iter()
     .filter(|(on, _)| *on)
     .map(|(_, name)| *name)
     .collect();
-    if parts.len() == 3 {
+    if parts == ["proxy", "datapath", "dns"] {
         PathBuf::from("loadtests/REPORT.md")
     } else {
         PathBuf::from(format!("loadtests/REPORT-{}.md", parts.join("-")))
@@ -313,7 +320,7 @@ pub fn loadtest(args: &[String]) -> Result {
     ensure_debs(LOADTEST_PACKAGES)?;
     // The datapath part drives its own example, not `ward`.
     // The build the image ships (`profile.dist`: release with fat LTO).
-    if opts.proxy || opts.dns {
+    if opts.proxy || opts.dns || opts.tls {
         run(cargo().args(["build", "--profile", "dist", "--bin", "ward"]))?;
     }
     let work = std::env::temp_dir().join(format!("ward-loadtest-{}", std::process::id()));
@@ -333,9 +340,9 @@ pub fn loadtest(args: &[String]) -> Result {
          other builds: absolute numbers are noisy, ratios measured in the same run are what \
          to compare.\n",
         if opts.quick { " --quick" } else { "" },
-        match (opts.proxy, opts.datapath, opts.dns) {
-            (true, true, true) => String::new(),
-            (p, d, n) => [(p, " proxy"), (d, " datapath"), (n, " dns")]
+        match (opts.proxy, opts.datapath, opts.dns, opts.tls) {
+            (true, true, true, false) => String::new(),
+            (p, d, n, t) => [(p, " proxy"), (d, " datapath"), (n, " dns"), (t, " tls")]
                 .iter()
                 .filter(|(on, _)| *on)
                 .map(|(_, s)| *s)
@@ -352,6 +359,9 @@ pub fn loadtest(args: &[String]) -> Result {
     }
     if opts.datapath {
         report.push_str(&datapath::run(&mut ctx)?);
+    }
+    if opts.tls {
+        report.push_str(&tls::run(&mut ctx)?);
     }
     let _ = writeln!(
         report,
@@ -414,6 +424,11 @@ mod tests {
         assert_eq!(path_of(&["dns"]), "loadtests/REPORT-dns.md");
         assert_eq!(path_of(&["dns", "proxy"]), "loadtests/REPORT-proxy-dns.md");
         assert_eq!(path_of(&["datapath"]), "loadtests/REPORT-datapath.md");
+        assert_eq!(path_of(&["tls"]), "loadtests/REPORT-tls.md");
+        assert_eq!(
+            path_of(&["all", "tls"]),
+            "loadtests/REPORT-proxy-datapath-dns-tls.md"
+        );
         assert_eq!(
             path_of(&["dns", "--quick"]),
             "target/loadtest/REPORT-quick.md"

@@ -28,12 +28,14 @@ function flow(e) {
     };
   }
   if (e.type === "http") {
-    const h = e.HTTP || {};
+    const h = e.HTTP;
+    const tls = e.TLS ? " (TLS SNI " + (e.TLS.SNI || "none") + ", " + e.TLS.Mode + ")" : "";
+    const request = h ? h.Method + " " + h.Scheme + "://" + h.Host + h.Path + " => " + h.Code : "session";
     return {
       time: e.Timestamp, type: "http", verdict: verdict(e),
       src: side(e.SourceEndpoint.Pod, e.SourceEndpoint.IP, e.SourceEndpoint.Port),
       dst: side(e.DestinationEndpoint.Pod, e.DestinationEndpoint.IP, e.DestinationEndpoint.Port),
-      summary: h.Method + " http://" + h.Host + h.Path + " => " + h.Code + (e.Info ? ": " + e.Info : ""),
+      summary: request + tls + (e.Info ? ": " + e.Info : ""),
     };
   }
   if (e.type === "dns") {

@@ -47,8 +47,8 @@ pub enum Kind {
     Dns,
     /// Datapath drops.
     Drop,
-    /// Records of TLS sessions. The audit records on this branch carry no TLS session
-    /// yet, so this matches nothing until the HTTP record says it was TLS.
+    /// Records of TLS sessions: a spliced or reset session, a request of an
+    /// intercepted one, and a rule whose TLS material became unusable.
     Tls,
 }
 
@@ -108,13 +108,17 @@ impl Flow {
             Event::Drop(d) => humantime::parse_rfc3339_weak(&d.time).ok(),
             Event::Http(r) => humantime::parse_rfc3339_weak(&r.timestamp).ok(),
             Event::Dns(r) => Some(r.time),
+            Event::Tls(t) => humantime::parse_rfc3339_weak(&t.time).ok(),
             _ => None,
         }
     }
 
     /// Whether it is a record (not a note of the stream).
     pub fn is_record(&self) -> bool {
-        matches!(self.event, Event::Drop(_) | Event::Http(_) | Event::Dns(_))
+        matches!(
+            self.event,
+            Event::Drop(_) | Event::Http(_) | Event::Dns(_) | Event::Tls(_)
+        )
     }
 
     pub fn verdict(&self) -> Option<Verdict> {
@@ -131,6 +135,8 @@ impl Flow {
                 dns::Verdict::Denied => Verdict::Dropped,
                 dns::Verdict::Error => Verdict::Error,
             },
+            // unusable material: the rule's connections are reset
+            Event::Tls(_) => Verdict::Error,
             _ => return None,
         })
     }
@@ -142,7 +148,8 @@ impl Flow {
             | (Kind::Http, Event::Http(_))
             | (Kind::Dns, Event::Dns(_))
             | (Kind::Drop, Event::Drop(_)) => true,
-            (Kind::Tls, Event::Http(r)) => is_tls(r),
+            (Kind::Tls, Event::Http(r)) => r.tls.is_some(),
+            (Kind::Tls, Event::Tls(_)) => true,
             _ => false,
         }
     }
@@ -218,16 +225,10 @@ impl Flow {
     /// The HTTP request of an HTTP record.
     pub fn http(&self) -> Option<&audit::http::Http> {
         match &self.event {
-            Event::Http(r) => Some(&r.http),
+            Event::Http(r) => r.http.as_ref(),
             _ => None,
         }
     }
-}
-
-/// Whether an HTTP record is of a TLS session. The records on this branch have no TLS
-/// part yet (see [`Kind::Tls`]).
-fn is_tls(_r: &audit::http::Record) -> bool {
-    false
 }
 
 fn http_side(e: &audit::http::Endpoint) -> Side {

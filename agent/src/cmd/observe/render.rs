@@ -54,7 +54,9 @@ pub fn parts(f: &Flow) -> Parts {
 fn kind_word(f: &Flow) -> &'static str {
     match &f.event {
         Event::Drop(_) => "drop",
+        Event::Http(r) if r.http.is_none() => "tls-session",
         Event::Http(_) => "http-request",
+        Event::Tls(_) => "tls-material",
         Event::Dns(_) => "dns-request",
         _ => "",
     }
@@ -75,11 +77,24 @@ pub fn summary(f: &Flow) -> String {
             format!("({l4}, {}, {}): {why}", d.reason, d.direction)
         }
         Event::Http(r) => {
-            let h = &r.http;
-            let mut s = format!(
-                "({} {} http://{}{} => {})",
-                h.protocol, h.method, h.host, h.path, h.code
-            );
+            let sni = r
+                .tls
+                .as_ref()
+                .map(|t| t.sni.as_deref().unwrap_or("(no SNI)"));
+            let mut s = match (&r.http, &r.tls) {
+                (Some(h), _) => format!(
+                    "({} {} {}://{}{} => {}{})",
+                    h.protocol,
+                    h.method,
+                    h.scheme,
+                    h.host,
+                    h.path,
+                    h.code,
+                    sni.map(|n| format!(", SNI {n}")).unwrap_or_default()
+                ),
+                (None, Some(t)) => format!("(TLS SNI {} {})", sni.unwrap_or_default(), t.mode),
+                (None, None) => "(no request)".into(),
+            };
             if !r.info.is_empty() {
                 s.push_str(&format!(": {}", r.info));
             } else if let Some(a) = r.allowed_by.first() {
@@ -103,6 +118,13 @@ pub fn summary(f: &Flow) -> String {
             }
             s
         }
+        Event::Tls(t) => format!(
+            "({} {}): TLS material unusable ({}), connections reset: {}",
+            t.rule.policy,
+            t.rule.rule,
+            t.rule.secret.as_deref().unwrap_or("no secret"),
+            t.rule.reason
+        ),
         other => other.line(),
     }
 }
@@ -255,20 +277,16 @@ pub fn jsonpb(f: &Flow) -> serde_json::Result<String> {
         }
         Event::Http(r) => {
             flow.insert("Type".into(), json!("L7"));
-            let h = &r.http;
-            flow.insert(
-                "l7".into(),
-                json!({
-                    "type": "REQUEST",
-                    "latency_ns": r.latency_ns,
-                    "http": {
-                        "code": h.code,
-                        "method": h.method,
-                        "url": format!("http://{}{}", h.host, h.path),
-                        "protocol": h.protocol,
-                    },
-                }),
-            );
+            let mut l7 = json!({"type": "REQUEST", "latency_ns": r.latency_ns});
+            if let Some(h) = &r.http {
+                l7["http"] = json!({
+                    "code": h.code,
+                    "method": h.method,
+                    "url": format!("{}://{}{}", h.scheme, h.host, h.path),
+                    "protocol": h.protocol,
+                });
+            }
+            flow.insert("l7".into(), l7);
             for a in &r.allowed_by {
                 let key = format!("{}_allowed_by", a.direction.to_lowercase());
                 let list = flow.entry(key).or_insert_with(|| json!([]));

@@ -48,11 +48,22 @@ fn http_flow(verdict: &str, method: &str, path: &str) -> Flow {
             r#"{{"type":"http","Timestamp":"2026-12-07T07:58:00.000000001Z","ObservationPoint":"Ingress","#,
             r#""Verdict":"{}","SourceEndpoint":{{"IP":"10.0.1.5","Port":40001,"Identity":300,"Pod":"production/frontend-7d9"}},"#,
             r#""DestinationEndpoint":{{"IP":"10.0.1.7","Port":8080,"Identity":302,"Pod":"production/api-5f6"}},"#,
-            r#""HTTP":{{"Code":200,"Method":"{}","Host":"api","Path":"{}","Protocol":"HTTP/1.1"}},"#,
+            r#""HTTP":{{"Code":200,"Scheme":"http","Method":"{}","Host":"api","Path":"{}","Protocol":"HTTP/1.1"}},"#,
             r#""LatencyNs":5,"PolicyGeneration":2,"#,
             r#""AllowedBy":[{{"Direction":"ingress","Policy":"CiliumNetworkPolicy production/api-l7","Rule":"spec.ingress[0].toPorts[0].rules.http[0]"}}]}}"#
         ),
         verdict, method, path
+    ))
+}
+
+/// A TLS session of production/payments reset for its SNI (no request), 07:56:00.
+fn tls_session() -> Flow {
+    event(concat!(
+        r#"{"type":"http","Timestamp":"2026-12-07T07:56:00.000000001Z","ObservationPoint":"Egress","#,
+        r#""Verdict":"Denied","SourceEndpoint":{"IP":"10.0.1.8","Port":40002,"Identity":303,"Pod":"production/payments"},"#,
+        r#""DestinationEndpoint":{"IP":"203.0.113.20","Port":443,"Identity":2},"#,
+        r#""TLS":{"SNI":"evil.example","Mode":"reset"},"LatencyNs":5,"PolicyGeneration":2,"#,
+        r#""Info":"no serverNames rule matches"}"#
     ))
 }
 
@@ -277,6 +288,32 @@ fn a_drop_line_names_the_policy_decision() {
         ),
         "{line}"
     );
+}
+
+#[test]
+fn tls_sessions_are_the_tls_type_and_print_their_sni() {
+    let mut flows = all();
+    flows.push(tls_session());
+    let f = filter("--type tls");
+    let kept: Vec<&Flow> = flows.iter().filter(|x| f.matches(x)).collect();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0], &tls_session());
+    assert!(filter("--verdict DROPPED --pod production/payments").matches(&tls_session()));
+    assert!(
+        !filter("--http-method GET").matches(&tls_session()),
+        "no request"
+    );
+    let line = render::compact(&tls_session());
+    assert!(
+        line.ends_with(
+            "tls-session DROPPED (TLS SNI evil.example reset): no serverNames rule matches"
+        ),
+        "{line}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&render::jsonpb(&tls_session()).unwrap()).unwrap();
+    assert_eq!(v["flow"]["Type"], "L7");
+    assert!(v["flow"]["l7"].get("http").is_none(), "{v}");
 }
 
 #[test]

@@ -41,6 +41,8 @@ struct Res {
     last_from: u64,
     /// The newest event a watch stream has handed to the connection.
     queued: u64,
+    /// The namespace of every list and watch (None: all namespaces).
+    scopes: Vec<Option<String>>,
 }
 
 #[derive(Default)]
@@ -314,6 +316,16 @@ impl FakeApi {
             .map_or(0, |r| r.lists)
     }
 
+    /// The namespace every list and watch of the collection asked for (None: all).
+    pub fn scopes(&self, collection: &str) -> Vec<Option<String>> {
+        self.inner
+            .lock()
+            .unwrap()
+            .res
+            .get(collection)
+            .map_or_else(Vec::new, |r| r.scopes.clone())
+    }
+
     pub fn watches(&self, collection: &str) -> usize {
         self.inner
             .lock()
@@ -388,17 +400,30 @@ async fn handle(
             );
         }
         if method == Method::GET && name.is_none() {
+            inner
+                .lock()
+                .unwrap()
+                .res
+                .get_mut(&collection)
+                .unwrap()
+                .scopes
+                .push(ns.clone());
             if query(q.as_deref(), "watch").as_deref() == Some("true") {
                 let from: u64 = query(q.as_deref(), "resourceVersion")
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
-                return watch_stream(inner, changed, collection, from);
+                return watch_stream(inner, changed, collection, ns, from);
             }
             let mut g = inner.lock().unwrap();
             let rv = g.rv;
             let r = g.res.get_mut(&collection).unwrap();
             r.lists += 1;
-            let items: Vec<Value> = r.items.values().cloned().collect();
+            let items: Vec<Value> = r
+                .items
+                .values()
+                .filter(|o| in_scope(o, ns.as_deref()))
+                .cloned()
+                .collect();
             return full(
                 StatusCode::OK,
                 &json!({"apiVersion": "v1", "kind": "List",
@@ -497,10 +522,16 @@ async fn handle(
 
 /// A chunked watch response: events after `from`, then new ones as they happen, until
 /// the collection's generation changes (a dropped stream).
+/// Whether an object belongs to a request's namespace (None: every namespace).
+fn in_scope(o: &Value, ns: Option<&str>) -> bool {
+    ns.is_none_or(|ns| o["metadata"]["namespace"].as_str() == Some(ns))
+}
+
 fn watch_stream(
     inner: Arc<Mutex<Inner>>,
     changed: watch::Sender<u64>,
     collection: String,
+    ns: Option<String>,
     from: u64,
 ) -> Response<Body> {
     let (tx, rx) = mpsc::channel::<Bytes>(64);
@@ -526,7 +557,9 @@ fn watch_stream(
                 (r.generation == generation && !r.missing && !r.forbidden).then(|| {
                     r.log
                         .iter()
-                        .filter(|(rv, _, _)| *rv > sent)
+                        .filter(|(rv, ty, o)| {
+                            *rv > sent && (*ty == "BOOKMARK" || in_scope(o, ns.as_deref()))
+                        })
                         .map(|(rv, ty, o)| (*rv, json!({"type": ty, "object": o}).to_string()))
                         .collect()
                 })

@@ -16,7 +16,7 @@ pub mod state;
 pub mod status;
 
 #[cfg(test)]
-mod fake_api;
+pub(crate) mod fake_api;
 #[cfg(test)]
 mod tests;
 

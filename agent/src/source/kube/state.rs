@@ -485,6 +485,7 @@ fn pod(o: &DynamicObject, name: String) -> Option<Pod> {
             .and_then(Value::as_str)
             .map(str::to_string),
         ports,
+        tls: None,
         service_account: spec
             .and_then(|s| s.get("serviceAccountName"))
             .and_then(Value::as_str)

@@ -596,6 +596,7 @@ impl Ctx<'_> {
             vec![PortRule {
                 ports: out,
                 l7,
+                tls: None,
                 path: path.to_string(),
             }],
             not_ports,
