@@ -2,6 +2,8 @@
 //! here; the agent itself is the `agent` library.
 
 mod cmd;
+#[cfg(test)]
+mod docs_tests;
 
 // `crate::inputs` for the modules of this binary (the command-line tools).
 use agent::inputs;
@@ -53,8 +55,9 @@ enum Command {
     },
     /// Summarise a running agent: readiness, endpoints, policy errors, FQDN cache, drops.
     Status(cmd::status::StatusArgs),
-    /// Show a running agent's drop events and proxy audit records as one timeline.
-    Observe(cmd::status::ObserveArgs),
+    /// Show the drops and proxy records of running agents as one timeline, filtered as
+    /// `hubble observe` filters flows.
+    Observe(Box<cmd::observe::ObserveArgs>),
 }
 
 fn main() -> ExitCode {
@@ -73,7 +76,7 @@ fn main() -> ExitCode {
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| anyhow::anyhow!("cannot write the CRDs into {}: {e}", dir.display())),
         Command::Status(args) => cmd::status::status(args),
-        Command::Observe(args) => cmd::status::observe(args),
+        Command::Observe(args) => cmd::observe::run(*args),
     };
     match result {
         Ok(code) => code,

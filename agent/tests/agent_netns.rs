@@ -1642,3 +1642,400 @@ fn tls_egress_with_secrets_from_a_certificates_directory() {
     );
     assert_eq!(lab.agent.as_ref().unwrap().id(), pid, "no restart");
 }
+
+/// `ward observe ARGS` against the lab's agent (from outside its namespace): its stdout
+/// lines, after checking it succeeded.
+fn observe(lab: &Lab, args: &[&str]) -> Vec<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_ward"))
+        .args(["observe", "--netns", &lab.node])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ward observe {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn json_lines(lines: &[String]) -> Vec<serde_json::Value> {
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+/// A denied connection and two HTTP requests (one denied) through the real agent, then
+/// `ward observe` with Hubble's filters and printers: each filter keeps exactly the
+/// records it names, a drop names the policy decision, several agents merge, and
+/// `--follow` prints what happens after it started.
+#[test]
+fn observe_filters_a_real_agent_s_drops_and_requests() {
+    let mut lab = Lab::new("obs");
+    lab.start_agent();
+    assert!(!lab.connects(SERVER, 8081, DENIED), "8081 is denied");
+    assert_eq!(lab.curl(&format!("http://{SERVER}/v1/x")).0, "200");
+    assert_eq!(lab.curl(&format!("http://{SERVER}/admin")).0, "403");
+    wait_for("the drop and both requests", Duration::from_secs(5), || {
+        let all = observe(&lab, &["-o", "json"]).join("\n");
+        all.contains("\"type\":\"drop\"") && all.contains("/v1/x") && all.contains("/admin")
+    });
+
+    // DROPPED: the datapath's drop and the proxy's denial, nothing forwarded
+    let dropped = json_lines(&observe(
+        &lab,
+        &["--verdict", "DROPPED", "-o", "json", "--last", "10"],
+    ));
+    assert!(!dropped.is_empty() && dropped.len() <= 10, "{dropped:?}");
+    assert!(
+        dropped
+            .iter()
+            .all(|v| v["type"] == "drop" || v["Verdict"] == "Denied"),
+        "{dropped:?}"
+    );
+    let drop = dropped
+        .iter()
+        .find(|v| v["type"] == "drop" && v["destination"]["port"] == 8081)
+        .unwrap_or_else(|| panic!("the drop to 8081: {dropped:?}"));
+    assert_eq!(drop["node"], "n1");
+    assert_eq!(drop["destination"]["pod"], "app/server");
+    let why = drop["explanation"].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("ingress of app/server: denied at L4: default deny: selected by CiliumNetworkPolicy app/server-ingress"),
+        "the trace's words: {drop}"
+    );
+    assert!(
+        dropped.iter().any(|v| v["HTTP"]["Path"] == "/admin"),
+        "{dropped:?}"
+    );
+    assert!(
+        !dropped.iter().any(|v| v["HTTP"]["Path"] == "/v1/x"),
+        "{dropped:?}"
+    );
+    // the lower-case name of today's flag is the same verdict
+    assert_eq!(
+        observe(&lab, &["--verdict", "denied", "-o", "json", "--last", "10"]).len(),
+        dropped.len()
+    );
+
+    // L7 by path (a regular expression), by method, and the forwarded ones
+    let l7 = json_lines(&observe(
+        &lab,
+        &["--type", "l7", "--http-path", "^/v1/", "-o", "json"],
+    ));
+    assert_eq!(l7.len(), 1, "{l7:?}");
+    assert_eq!(l7[0]["HTTP"]["Path"], "/v1/x");
+    assert_eq!(l7[0]["Verdict"], "Forwarded");
+    let forwarded = observe(&lab, &["--verdict", "FORWARDED", "--type", "http"]);
+    assert!(
+        forwarded.len() == 1
+            && forwarded[0].contains("http-request FORWARDED (HTTP/1.1 GET http://"),
+        "{forwarded:?}"
+    );
+    assert!(observe(&lab, &["--verdict", "FORWARDED", "--type", "drop"]).is_empty());
+    assert!(observe(&lab, &["--http-method", "POST"]).is_empty());
+
+    // the compact line of the drop, by destination pod and port
+    let lines = observe(&lab, &["--to-pod", "app/server", "--port", "8081"]);
+    assert!(
+        lines.iter().any(|l| l.contains("-> app/server:8081")
+            && l.contains("drop DROPPED (TCP, policy_default_deny, ingress): ingress of app/server: denied at L4")),
+        "{lines:?}"
+    );
+    assert!(
+        observe(&lab, &["--from-pod", "app/server", "--type", "drop"]).is_empty(),
+        "the server sent nothing that was dropped"
+    );
+    assert!(observe(&lab, &["--namespace", "other"]).is_empty());
+    assert!(observe(
+        &lab,
+        &[
+            "--since",
+            "2000-01-01T00:00:00Z",
+            "--until",
+            "2000-01-02T00:00:00Z"
+        ]
+    )
+    .is_empty());
+
+    // Hubble's flow shape
+    let pb = json_lines(&observe(
+        &lab,
+        &[
+            "-o",
+            "jsonpb",
+            "--type",
+            "drop",
+            "--to-port",
+            "8081",
+            "--last",
+            "1",
+        ],
+    ));
+    assert_eq!(pb.len(), 1, "{pb:?}");
+    assert_eq!(pb[0]["flow"]["verdict"], "DROPPED");
+    assert_eq!(pb[0]["flow"]["destination"]["pod_name"], "server");
+    assert_eq!(pb[0]["flow"]["l4"]["TCP"]["destination_port"], 8081);
+
+    // two agents (here the same one twice): merged, every record from each
+    let once = observe(&lab, &["--type", "drop", "-o", "json"]).len();
+    let twice = observe(
+        &lab,
+        &["--netns", &lab.node, "--type", "drop", "-o", "json"],
+    )
+    .len();
+    assert_eq!(twice, 2 * once);
+
+    // --follow with --last 0: nothing of what the agent holds, then the new drops
+    let started = std::time::SystemTime::now();
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_ward"))
+        .args([
+            "observe", "--netns", &lab.node, "-f", "--last", "0", "-o", "json",
+        ])
+        .args(["--type", "drop", "--to-port", "8081"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout).lines() {
+            let Ok(l) = l else { return };
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    // the follower prints nothing until a new drop comes: send drops until one is printed
+    let mut got = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.is_none() && Instant::now() < deadline {
+        assert!(!lab.connects(SERVER, 8081, Duration::from_millis(300)));
+        got = rx.recv_timeout(Duration::from_millis(500)).ok();
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let got = got.expect("a new drop printed by the follower");
+    let v: serde_json::Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(v["type"], "drop");
+    assert_eq!(v["destination"]["port"], 8081);
+    let at = humantime::parse_rfc3339_weak(v["time"].as_str().unwrap()).unwrap();
+    assert!(
+        at >= started,
+        "a drop from after the follower started: {got}"
+    );
+}
+
+/// `ward policy show` asks the running agent: the policy it enforces, the same listing
+/// as from files.
+#[test]
+fn policy_show_asks_the_running_agent() {
+    let mut lab = Lab::new("show");
+    lab.start_agent();
+    let bin = env!("CARGO_BIN_EXE_ward");
+    let (ok, out) = output(&[bin, "policy", "show", "--netns", &lab.node, "app/server"]);
+    assert!(ok, "{out}");
+    for line in [
+        "  ingress: isolated (default deny) by CiliumNetworkPolicy app/server-ingress",
+        "    CiliumNetworkPolicy app/server-ingress [namespace, default deny]",
+        "        spec.ingress[1].toPorts[0].rules.http[0]: method=GET path=/v1/.*",
+        "  egress: not isolated: no policy selects it for egress; everything allowed",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line:?} not in:\n{out}");
+    }
+    let (ok, out) = output(&[
+        bin,
+        "policy",
+        "show",
+        "--netns",
+        &lab.node,
+        "-n",
+        "app",
+        "-l",
+        "app in (client,dns)",
+        "-o",
+        "json",
+    ]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let pods: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["endpoint"].as_str().unwrap())
+        .collect();
+    assert_eq!(pods, vec!["app/client", "app/dns"]);
+    let o = Command::new(bin)
+        .args(["policy", "show", "--netns", &lab.node, "app/nope"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no pod app/nope"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Headless Chromium (Debian package `chromium`) inside the node namespace loads `url`
+/// of the agent's admin listener, runs its scripts for a few seconds of virtual time and
+/// prints the resulting DOM; with `screenshot`, saves a PNG there instead.
+fn chromium(lab: &Lab, url: &str, screenshot: Option<&std::path::Path>) -> String {
+    let profile = lab.dir.join("chromium");
+    let mut cmd = testkit::ip_netns_exec(&lab.node, "chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--virtual-time-budget=5000",
+        "--window-size=1400,700",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()));
+    match screenshot {
+        Some(p) => cmd.arg(format!("--screenshot={}", p.display())),
+        None => cmd.arg("--dump-dom"),
+    };
+    let out = cmd
+        .arg(url)
+        .output()
+        .expect("chromium (Debian package chromium)");
+    assert!(
+        out.status.success(),
+        "chromium {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The rows of the flow table in a dumped DOM: (class = verdict, text).
+fn table_rows(dom: &str) -> Vec<(String, String)> {
+    let body = dom.split("<tbody>").nth(1).unwrap_or("");
+    let body = body.split("</tbody>").next().unwrap_or("");
+    body.split("<tr class=\"")
+        .skip(1)
+        .map(|r| {
+            let (class, rest) = r.split_once('"').unwrap();
+            (class.to_string(), rest.to_string())
+        })
+        .collect()
+}
+
+/// The web view in a real browser: the flow table holds the agent's records and its
+/// filters keep what `ward observe`'s do; the pod page lists the selecting policies.
+#[test]
+fn web_view_shows_flows_and_a_pod_s_policies_in_chromium() {
+    let mut lab = Lab::new("ui");
+    lab.start_agent();
+    assert!(!lab.connects(SERVER, 8081, DENIED), "8081 is denied");
+    assert_eq!(lab.curl(&format!("http://{SERVER}/v1/x")).0, "200");
+    assert_eq!(lab.curl(&format!("http://{SERVER}/admin")).0, "403");
+    wait_for("the drop and both requests", Duration::from_secs(5), || {
+        let all = observe(&lab, &["-o", "json"]).join("\n");
+        all.contains("\"type\":\"drop\"") && all.contains("/v1/x") && all.contains("/admin")
+    });
+    let (code, _) = lab.admin("/ui/app.js");
+    assert_eq!(code, 200);
+
+    let dom = chromium(&lab, "http://127.0.0.1:9890/ui/?verdict=DROPPED", None);
+    assert!(dom.contains("data-flows-ready=\"1\""), "{dom}");
+    assert!(dom.contains("node n1"), "{dom}");
+    let rows = table_rows(&dom);
+    assert!(rows.iter().all(|(v, _)| v == "DROPPED"), "{rows:?}");
+    assert!(
+        rows.iter()
+            .any(|(_, t)| t.contains("app/server:8081") && t.contains("policy_default_deny")),
+        "the drop: {rows:?}"
+    );
+    assert!(
+        rows.iter().any(|(_, t)| t.contains("/admin")),
+        "the denied request: {rows:?}"
+    );
+    let want = observe(&lab, &["--verdict", "DROPPED"]).len();
+    assert_eq!(
+        rows.len(),
+        want,
+        "the same records as ward observe: {rows:?}"
+    );
+
+    let dom = chromium(
+        &lab,
+        "http://127.0.0.1:9890/ui/?type=http&verdict=FORWARDED",
+        None,
+    );
+    let rows = table_rows(&dom);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(
+        rows[0].1.contains("GET http://") && rows[0].1.contains("/v1/x"),
+        "{rows:?}"
+    );
+
+    let dom = chromium(&lab, "http://127.0.0.1:9890/ui/#pod=app%2Fserver", None);
+    assert!(dom.contains("data-pod-ready=\"1\""), "{dom}");
+    let pod = dom.split("<section id=\"pod\"").nth(1).unwrap_or("");
+    assert!(
+        pod.contains("ingress: isolated by CiliumNetworkPolicy app/server-ingress")
+            && pod.contains(
+                "CiliumNetworkPolicy app/server-ingress [namespace]: allow TCP/8080 app/client"
+            ),
+        "{pod}"
+    );
+
+    // the map: the namespace's workloads as boxes, the pair's edge red (drops and a
+    // denied request among its flows) with the counts ward observe finds
+    let dom = chromium(&lab, "http://127.0.0.1:9890/ui/", None);
+    for w in ["app/client", "app/server"] {
+        assert!(
+            dom.contains(&format!("data-workload=\"{w}\"")),
+            "{w}: {dom}"
+        );
+    }
+    assert!(dom.contains("data-namespace=\"app\""), "{dom}");
+    let edge = dom
+        .split("<path ")
+        .find(|e| e.contains("data-from=\"app/client\" data-to=\"app/server\""))
+        .unwrap_or_else(|| panic!("the client's edge to the server: {dom}"));
+    assert!(edge.contains("class=\"edge DROPPED\""), "red: {edge}");
+    let count = |verdict: &str| {
+        observe(
+            &lab,
+            &[
+                "--from-pod",
+                "app/client",
+                "--to-pod",
+                "app/server",
+                "--verdict",
+                verdict,
+            ],
+        )
+        .len()
+    };
+    assert!(
+        edge.contains(&format!("data-dropped=\"{}\"", count("DROPPED"))),
+        "{edge}"
+    );
+    assert!(
+        edge.contains(&format!("data-forwarded=\"{}\"", count("FORWARDED"))),
+        "{edge}"
+    );
+    // one edge's flows (what a click on it shows), here the forwarded one
+    let dom = chromium(
+        &lab,
+        "http://127.0.0.1:9890/ui/?from=app/client&to=app/server&verdict=FORWARDED",
+        None,
+    );
+    let rows = table_rows(&dom);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ward-ui-flows.png");
+    let _ = fs::remove_file(&shot);
+    chromium(&lab, "http://127.0.0.1:9890/ui/", Some(&shot));
+    let png = fs::read(&shot).expect("the screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG at {}", shot.display());
+}

@@ -384,3 +384,175 @@ fn policy_trace_explains_allow_and_deny() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown endpoint nope/nope"));
 }
+
+fn repo(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+/// `ward policy show ARGS` on the lab's default scenario (deploy/lab).
+fn show_lab(args: &[&str]) -> Output {
+    let (cluster, policies) = (repo("deploy/lab/cluster.yaml"), repo("deploy/lab/policies"));
+    let mut all = vec!["policy", "show"];
+    all.extend_from_slice(args);
+    all.extend(["--cluster", &cluster, "--policies", &policies]);
+    ward(&all)
+}
+
+#[test]
+fn policy_show_lists_isolation_policies_and_rules_of_a_pod() {
+    let o = show_lab(&["production/api"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = stdout(&o);
+    for line in [
+        "production/api (identity 257; labels app=api, tier=backend)",
+        "  ingress: isolated (default deny) by NetworkPolicy production/default-deny-all, CiliumNetworkPolicy production/api-l7, CiliumNetworkPolicy production/allow-prometheus-scrape",
+        "    NetworkPolicy production/default-deny-all [namespace, default deny]: no rules (allows nothing)",
+        "      allow TCP/8080 from endpoints {any:app=frontend, k8s:io.kubernetes.pod.namespace=production} = production/frontend  (spec.ingress[0].toPorts[0])",
+        "        spec.ingress[0].toPorts[0].rules.http[0]: method=GET path=/v1/.*",
+        "      allow UDP/53, TCP/53 to endpoints {any:io.kubernetes.pod.namespace=kube-system, any:k8s-app=kube-dns} = kube-system/coredns  (spec.egress[0].toPorts[0])",
+        "        spec.egress[0].toPorts[0].rules.dns[1]: matchName: api.payments.example.",
+        "      allow any to cidr 192.0.2.0/24 except 192.0.2.254/32  (spec.egress[2])",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line:?} not in:\n{out}");
+    }
+    // a bare pod name is in -n's namespace
+    assert_eq!(stdout(&show_lab(&["api", "-n", "production"])), out);
+}
+
+#[test]
+fn policy_show_selects_pods_by_label_like_np_viewer() {
+    let o = show_lab(&["-n", "production", "-l", "app=api", "-o", "json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v[0]["endpoint"], "production/api");
+    assert_eq!(v[0]["ingress"]["isolated"], true);
+    assert_eq!(
+        v[0]["ingress"]["policies"][1]["policy"],
+        "CiliumNetworkPolicy production/api-l7"
+    );
+    let o = show_lab(&[
+        "-n",
+        "production",
+        "-l",
+        "tier in (web, backend)",
+        "-o",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let pods: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["endpoint"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        pods,
+        vec![
+            "production/frontend",
+            "production/api",
+            "production/payments"
+        ]
+    );
+    // bad input: exit 2 with the reason
+    for (args, words) in [
+        (
+            vec!["-n", "production", "-l", "a b"],
+            vec!["-l", "not a label key"],
+        ),
+        (vec!["production/nope"], vec!["no pod production/nope"]),
+        (vec!["-n", "nowhere"], vec!["no pod matches", "nowhere"]),
+    ] {
+        let o = show_lab(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        for w in words {
+            assert!(err.contains(w), "{args:?}: {w} not in {err}");
+        }
+    }
+    let o = ward(&["policy", "show", "production/api"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--cluster FILE --policies"),
+        "no source named"
+    );
+}
+
+/// The conformance case of the three tiers: ANP, then NetworkPolicy, then BANP.
+#[test]
+fn policy_show_lists_policies_in_tier_order() {
+    let case = cases()
+        .join("049-anp-np-banp-deny.yaml")
+        .display()
+        .to_string();
+    let o = ward(&[
+        "policy",
+        "show",
+        "network-policy-conformance-gryffindor/harry-potter-0",
+        "--cluster",
+        &case,
+        "--policies",
+        &case,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = stdout(&o);
+    let heads: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("    ") && !l.starts_with("     "))
+        .collect();
+    assert_eq!(
+        heads,
+        vec![
+            "    AdminNetworkPolicy pass-example [admin (priority 10)]",
+            "    NetworkPolicy network-policy-conformance-gryffindor/allow-gress-from-to-slytherin-to-gryffindor [namespace, default deny]",
+            "    BaselineAdminNetworkPolicy default [baseline]",
+            "    AdminNetworkPolicy pass-example [admin (priority 10)]",
+            "    NetworkPolicy network-policy-conformance-gryffindor/allow-gress-from-to-slytherin-to-gryffindor [namespace, default deny]",
+            "    BaselineAdminNetworkPolicy default [baseline]",
+        ],
+        "{out}"
+    );
+}
+
+#[test]
+fn policy_show_draws_the_allowed_peers() {
+    let o = show_lab(&["production/api", "--graph", "dot"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dot = stdout(&o);
+    assert!(dot.starts_with("digraph ward {"), "{dot}");
+    for edge in [
+        r#"  "production/frontend" -> "production/api" [label="TCP/8080 +L7"];"#,
+        r#"  "production/api" -> "kube-system/coredns" [label="UDP/53, TCP/53 +L7"];"#,
+        r#"  "production/api" -> "cidr 192.0.2.0/24 except 192.0.2.254/32" [label="any"];"#,
+    ] {
+        assert!(dot.lines().any(|l| l == edge), "{edge} not in:\n{dot}");
+    }
+    assert!(
+        !dot.contains("analytics/"),
+        "no edge the rules do not allow: {dot}"
+    );
+    // a pod no policy isolates: everything, from and to `any`
+    let o = show_lab(&["ingress-nginx/controller", "--graph", "dot"]);
+    let dot = stdout(&o);
+    assert!(
+        dot.contains(r#""any" -> "ingress-nginx/controller" [label="all (not isolated)"]"#),
+        "{dot}"
+    );
+    // SVG needs graphviz (cargo xtask test installs it); without it the error says so
+    let o = show_lab(&["production/api", "--graph", "svg"]);
+    let have_dot = Command::new("dot").arg("-V").output().is_ok();
+    if have_dot {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let svg = stdout(&o);
+        assert!(
+            svg.contains("<svg") && svg.contains("production/frontend"),
+            "{svg}"
+        );
+    } else {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("graphviz"), "{err}");
+    }
+}

@@ -22,6 +22,18 @@ pub struct Record {
     pub ifindex: u32,
     /// The policy map entry's cookie (0 when no entry decided).
     pub cookie: u32,
+    /// The deciding policy (`Kind namespace/name`), as `ward policy trace` names it; absent
+    /// for drops that are not policy verdicts and when the agent had no policy yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// The deciding rule's field path, when a rule decided (not a default deny).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The policy model's explanation of the dropped side, the words of `ward policy
+    /// trace` (`default deny: selected by ...`, `denied by ...`). Computed by the agent
+    /// when it reads the event, with the policy in force then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<String>,
 }
 
 /// One side of a dropped packet.

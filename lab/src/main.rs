@@ -100,6 +100,31 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// `ward observe` against every agent of a running lab at once (their records merged
+    /// by time); ARGS are ward observe's (`-f`, `--verdict DROPPED`, `--pod NS/POD`, ...).
+    Observe {
+        /// Lab id (default: the newest lab).
+        #[arg(long)]
+        id: Option<String>,
+        /// The `ward` binary to run (default: `ward` beside ward-lab, else on PATH).
+        #[arg(long, value_name = "PATH")]
+        ward: Option<PathBuf>,
+        /// Arguments for `ward observe`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Open every node's web view (`/ui/` of its agent, on loopback inside the node's
+    /// namespace) on this machine: one local port per node, forwarded into the node's
+    /// namespace; prints each node's URL and serves until interrupted.
+    Ui {
+        /// Lab id (default: the newest lab).
+        #[arg(long)]
+        id: Option<String>,
+        /// The first node's port on 127.0.0.1 (the next nodes take the next ones; 0: any
+        /// free ports).
+        #[arg(long, default_value_t = 9891)]
+        port: u16,
+    },
     /// Remove a lab (default: the newest), or with --all every lab's leftovers.
     Down {
         #[arg(long)]
@@ -193,6 +218,19 @@ fn dispatch(args: LabArgs) -> Result<ExitCode> {
                 status.code().unwrap_or(1).clamp(0, 255) as u8
             ))
         }
+        Some(Command::Observe { id, ward, args }) => {
+            let state = lab::find_lab(id.as_deref())?;
+            let status = observe_command(&state, &lab::ward_binary(ward.as_deref())?, &args)?
+                .status()
+                .context("cannot run ward observe")?;
+            Ok(ExitCode::from(
+                status.code().unwrap_or(1).clamp(0, 255) as u8
+            ))
+        }
+        Some(Command::Ui { id, port }) => {
+            let state = lab::find_lab(id.as_deref())?;
+            ui(&state, port)
+        }
         Some(Command::Down { id, all }) => {
             lab::require_root()?;
             if all {
@@ -213,6 +251,88 @@ fn dispatch(args: LabArgs) -> Result<ExitCode> {
         }) => run_cases(&paths, keep_failed, jobs, &up),
         Some(Command::Serve(a)) => serve::run(a).map(|()| ExitCode::SUCCESS),
         Some(Command::Probe(a)) => client::run(a).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+/// `ward observe` on every agent of the lab: one `--netns` per node (every agent listens
+/// on the same admin address inside its node's namespace), then the user's arguments.
+fn observe_command(
+    state: &LabState,
+    ward: &Path,
+    args: &[String],
+) -> Result<std::process::Command> {
+    if !state.agents || state.nodes.is_empty() {
+        bail!(
+            "lab {} runs no agents (it was started with --no-agent)",
+            state.id
+        );
+    }
+    let mut cmd = std::process::Command::new(ward);
+    cmd.arg("observe");
+    for n in &state.nodes {
+        cmd.args(["--netns", &n.netns]);
+    }
+    cmd.args(args);
+    Ok(cmd)
+}
+
+/// `ward-lab ui`: a listener on 127.0.0.1 per node whose connections are forwarded to
+/// the node's agent (its admin address inside the node's namespace).
+fn ui(state: &LabState, base: u16) -> Result<ExitCode> {
+    if !state.agents || state.nodes.is_empty() {
+        bail!(
+            "lab {} runs no agents (it was started with --no-agent)",
+            state.id
+        );
+    }
+    let mut serving = Vec::new();
+    for (i, n) in state.nodes.iter().enumerate() {
+        let port = if base == 0 {
+            0
+        } else {
+            base.checked_add(i as u16)
+                .context("--port: no port left for every node")?
+        };
+        let l = std::net::TcpListener::bind(("127.0.0.1", port))
+            .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
+        println!("{}: http://{}/ui/", n.name, l.local_addr()?);
+        let netns = n.netns.clone();
+        serving.push(std::thread::spawn(move || forward(&l, &netns)));
+    }
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    for s in serving {
+        let _ = s.join();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Forwards every connection of `l` to the agent's admin address inside `netns`.
+fn forward(l: &std::net::TcpListener, netns: &str) {
+    for client in l.incoming().flatten() {
+        let netns = netns.to_string();
+        std::thread::spawn(move || {
+            let addr: std::net::SocketAddr = match lab::ADMIN.parse() {
+                Ok(a) => a,
+                Err(_) => return,
+            };
+            let Ok(agent) = testkit::run_in(&netns, || {
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))
+            }) else {
+                return;
+            };
+            let (Ok(mut c2), Ok(mut a2)) = (client.try_clone(), agent.try_clone()) else {
+                return;
+            };
+            let up = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut a2);
+                let _ = a2.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut a, mut c) = (agent, client);
+            let _ = std::io::copy(&mut a, &mut c);
+            let _ = c.shutdown(std::net::Shutdown::Write);
+            let _ = up.join();
+        });
     }
 }
 

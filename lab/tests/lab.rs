@@ -312,6 +312,81 @@ fn up_check_exec_down_leaves_nothing_behind() {
         );
     }
 
+    // ward-lab observe reads every node's agent: y/c's denied probes were dropped at the
+    // ingress of x/b, by node-2's agent, and are explained as the trace explains them
+    if !no_agent() {
+        let o = ward_lab(&[
+            "observe",
+            "--id",
+            &id,
+            "--from-namespace",
+            "y",
+            "--verdict",
+            "DROPPED",
+            "-o",
+            "json",
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(!lines.is_empty(), "{}", text(&o));
+        for v in &lines {
+            assert_eq!(v["type"], "drop", "{v}");
+            assert_eq!(v["source"]["pod"], "y/c", "{v}");
+            assert_eq!(v["node"], "node-2", "{v}");
+            let why = v["explanation"].as_str().unwrap_or_default();
+            assert!(
+                why.starts_with("ingress of x/b: denied")
+                    && why.contains("NetworkPolicy x/b-from-a"),
+                "{v}"
+            );
+        }
+        let o = ward_lab(&[
+            "observe",
+            "--id",
+            &id,
+            "--node-name",
+            "node-1",
+            "--from-namespace",
+            "y",
+        ]);
+        assert!(o.status.success() && o.stdout.is_empty(), "{}", text(&o));
+
+        // ward-lab ui: each node's web view on a local port, forwarded to its agent
+        let mut ui = lab_command()
+            .args(["ui", "--id", &id, "--port", "0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(ui.stdout.take().unwrap()));
+        for node in ["node-1", "node-2"] {
+            let line = lines.next().unwrap().unwrap();
+            let url = line
+                .strip_prefix(&format!("{node}: "))
+                .unwrap_or_else(|| panic!("{line}"));
+            let page = Command::new("curl")
+                .args(["-sS", "-m", "5", url])
+                .output()
+                .unwrap();
+            assert!(
+                text(&page).contains("<title>Ward</title>"),
+                "{}",
+                text(&page)
+            );
+            let status = url.replace("/ui/", "/v1/status");
+            let o = Command::new("curl")
+                .args(["-sS", "-m", "5", &status])
+                .output()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(v["node"], node, "the node's own agent: {v}");
+        }
+        let _ = ui.kill();
+        let _ = ui.wait();
+    }
+
     // a wrong expectation is caught: flip the first probe to `deny`
     let scenario = lab.run_dir().join("scenario.yaml");
     let s = fs::read_to_string(&scenario).unwrap();

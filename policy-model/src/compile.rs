@@ -147,7 +147,7 @@ pub struct Model {
     pod_endpoint: HashMap<String, usize>,
     node_endpoint: HashMap<String, usize>,
     /// Order of each policy inside its tier (ties of priority broken by kind and name).
-    policy_order: Vec<u32>,
+    pub(crate) policy_order: Vec<u32>,
     /// Subject (a union of selectors) of each pod-subject policy.
     subjects: Vec<Option<PeerSetId>>,
     /// Labels of the listed service accounts by (namespace, name).

@@ -141,6 +141,10 @@ const TEST_PACKAGES: &[&str] = &[
     // the lab tests (lab/tests/lab.rs): ip, sysctl in namespaces
     "iproute2",
     "procps",
+    // `ward policy show --graph svg` runs graphviz's dot (agent/tests/cli.rs)
+    "graphviz",
+    // the agent's web view in a real browser (agent/tests/agent_netns.rs)
+    "chromium",
 ];
 
 /// Installs missing Debian packages non-interactively.

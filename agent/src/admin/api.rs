@@ -128,6 +128,10 @@ pub enum Event {
     Tls(TlsMaterial),
     /// A follower fell behind: this many events were not sent to it.
     Lost { events: u64 },
+    /// A follower has been sent every recent event; what follows happens from now on.
+    /// (Clients that do not know it skip the line.)
+    #[serde(rename = "caught_up")]
+    CaughtUp,
 }
 
 pub use audit::drop::{Peer, Record as Drop};
@@ -158,7 +162,7 @@ impl Event {
                 audit::dns::Source::Endpoint(p) => vec![p.as_str()],
                 audit::dns::Source::Address(_) => Vec::new(),
             },
-            Event::Tls(_) | Event::Lost { .. } => Vec::new(),
+            Event::Tls(_) | Event::Lost { .. } | Event::CaughtUp => Vec::new(),
         }
     }
 
@@ -169,7 +173,7 @@ impl Event {
             Event::Http(r) => r.verdict.as_str().into(),
             Event::Dns(r) => r.verdict.as_str().into(),
             Event::Tls(_) => "error".into(),
-            Event::Lost { .. } => String::new(),
+            Event::Lost { .. } | Event::CaughtUp => String::new(),
         }
     }
 
@@ -215,6 +219,7 @@ impl Event {
                 t.rule.reason,
             ),
             Event::Lost { events } => format!("(lost {events} events)"),
+            Event::CaughtUp => "(caught up; following)".into(),
         }
     }
 }

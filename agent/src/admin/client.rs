@@ -2,6 +2,7 @@
 //! connection, the responses read into the types of [`super::api`].
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -37,6 +38,12 @@ pub enum Error {
         code: StatusCode,
         body: String,
     },
+    #[error("cannot connect to {addr} inside network namespace {netns}: {source}")]
+    Netns {
+        addr: SocketAddr,
+        netns: String,
+        source: std::io::Error,
+    },
     #[error("{addr}{path}: not the expected JSON: {source}")]
     Json {
         addr: SocketAddr,
@@ -46,14 +53,25 @@ pub enum Error {
 }
 
 /// A client of one agent's admin endpoint.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Client {
     addr: SocketAddr,
+    /// The network namespace the agent listens in (a path), when not this process's.
+    netns: Option<PathBuf>,
 }
 
 impl Client {
     pub fn new(addr: SocketAddr) -> Client {
-        Client { addr }
+        Client { addr, netns: None }
+    }
+
+    /// A client of the agent listening on `addr` inside the network namespace at
+    /// `netns` (each connection is made there; this process stays where it is).
+    pub fn in_netns(addr: SocketAddr, netns: PathBuf) -> Client {
+        Client {
+            addr,
+            netns: Some(netns),
+        }
     }
 
     /// `GET /v1/status`.
@@ -61,7 +79,8 @@ impl Client {
         self.get_json("/v1/status").await
     }
 
-    /// `GET /v1/events`: the recent events, then (with `follow`) new ones as they come.
+    /// `GET /v1/events`: the recent events, then (with `follow`) a
+    /// [`api::Event::CaughtUp`] mark and new ones as they come.
     pub async fn events(&self, follow: bool) -> Result<Events, Error> {
         let path = if follow {
             "/v1/events"
@@ -102,9 +121,18 @@ impl Client {
     async fn get(&self, path: &str) -> Result<Incoming, Error> {
         let addr = self.addr;
         let head = async {
-            let stream = tokio::net::TcpStream::connect(addr)
-                .await
-                .map_err(|source| Error::Connect { addr, source })?;
+            let stream = match &self.netns {
+                None => tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|source| Error::Connect { addr, source })?,
+                Some(ns) => connect_in(ns.clone(), addr)
+                    .await
+                    .map_err(|source| Error::Netns {
+                        addr,
+                        netns: ns.display().to_string(),
+                        source,
+                    })?,
+            };
             let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
                 .map_err(|source| Error::Http { addr, source })?;
@@ -135,6 +163,26 @@ impl Client {
         }
         Ok(resp.into_body())
     }
+}
+
+/// Connects to `addr` from inside the network namespace at `netns`: a thread of its own
+/// enters the namespace, connects and ends; the socket stays in that namespace.
+async fn connect_in(netns: PathBuf, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(connect_from(&netns, addr));
+    });
+    let stream = rx
+        .await
+        .map_err(|_| std::io::Error::other("the connecting thread ended"))??;
+    stream.set_nonblocking(true)?;
+    tokio::net::TcpStream::from_std(stream)
+}
+
+fn connect_from(netns: &Path, addr: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    let f = std::fs::File::open(netns)?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+    std::net::TcpStream::connect_timeout(&addr, TIMEOUT)
 }
 
 /// The event stream of `/v1/events`, one event at a time.

@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod client;
+pub mod ui;
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -92,6 +93,12 @@ impl Admin {
             "/v1/endpoints" => json_resp(StatusCode::OK, &self.policy.borrow().endpoints),
             "/v1/fqdn" => json_resp(StatusCode::OK, &self.policy.borrow().learned),
             "/v1/events" => self.events(!query.split('&').any(|kv| kv == "follow=false")),
+            "/v1/show" => self.show(query),
+            "/ui" => redirect("/ui/"),
+            p if p.starts_with("/ui/") => match ui::asset(&p["/ui/".len()..]) {
+                Some(a) => static_file(a),
+                None => text(StatusCode::NOT_FOUND, "not found\n".into()),
+            },
             p if p.starts_with("/v1/policy/") => {
                 let pod = p.trim_start_matches("/v1/policy/");
                 let model = self.policy.borrow().model.clone();
@@ -146,6 +153,34 @@ impl Admin {
         }
     }
 
+    /// `GET /v1/show?pod=NS/POD` or `?namespace=NS&selector=SEL` (each optional): what
+    /// the policies say about the selected pods (`ward policy show --admin`).
+    fn show(&self, query: &str) -> Response<RespBody> {
+        let mut sel = policy_model::show::Selection::default();
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            match &*k {
+                "pod" => sel.pod = Some(v.into_owned()),
+                "namespace" => sel.namespace = Some(v.into_owned()),
+                "selector" => match policy_model::show::LabelQuery::parse(&v) {
+                    Ok(q) => sel.labels = q,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+                },
+                other => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("unknown parameter {other:?} (pod, namespace, selector)"),
+                    )
+                }
+            }
+        }
+        let model = self.policy.borrow().model.clone();
+        match model.map(|m| m.show_selection(&sel)) {
+            None => unavailable(),
+            Some(Ok(views)) => json_resp(StatusCode::OK, &views),
+            Some(Err(e)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        }
+    }
+
     fn events(&self, follow: bool) -> Response<RespBody> {
         // Subscribe before reading the recent ones, so nothing falls between them.
         let mut sub = self.events.subscribe();
@@ -158,6 +193,10 @@ impl Admin {
                 }
             }
             if !follow {
+                return;
+            }
+            let mark = serde_json::to_string(&api::Event::CaughtUp).unwrap_or_default();
+            if tx.send(Bytes::from(format!("{mark}\n"))).await.is_err() {
                 return;
             }
             loop {
@@ -222,6 +261,37 @@ fn json_resp(code: StatusCode, v: &impl Serialize) -> Response<RespBody> {
         http::HeaderValue::from_static("application/json"),
     );
     r
+}
+
+/// A file of the web view, kept to this origin (no inline script, no other source).
+fn static_file(a: ui::Asset) -> Response<RespBody> {
+    let mut r = Response::new(Full::new(Bytes::from_static(a.body)).boxed());
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(a.content_type),
+    );
+    h.insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        http::HeaderValue::from_static("default-src 'self'"),
+    );
+    h.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        http::HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+fn redirect(to: &'static str) -> Response<RespBody> {
+    let mut r = Response::new(Full::new(Bytes::new()).boxed());
+    *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    r.headers_mut()
+        .insert(http::header::LOCATION, http::HeaderValue::from_static(to));
+    r
+}
+
+fn error(code: StatusCode, error: String) -> Response<RespBody> {
+    json_resp(code, &api::Error { error })
 }
 
 fn unavailable() -> Response<RespBody> {
@@ -467,6 +537,15 @@ mod tests {
             e.line()
         );
         assert!(stream.next().await.unwrap().is_none(), "follow=false ends");
+        // following: the recent events, then the mark that what follows is new
+        let mut stream = client.events(true).await.unwrap();
+        let first = stream.next().await.unwrap().expect("the drop event");
+        assert!(matches!(first, api::Event::Drop(_)), "{first:?}");
+        let mark = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(mark, Some(api::Event::CaughtUp));
 
         let missing = client
             .get_json::<api::PodPolicy>("/v1/policy/app/nope")
@@ -479,5 +558,30 @@ mod tests {
         );
         let pod: api::PodPolicy = client.get_json("/v1/policy/app/web").await.unwrap();
         assert_eq!(pod.pod, "app/web");
+        let shown: Vec<policy_model::show::EndpointView> = client
+            .get_json("/v1/show?namespace=app&selector=")
+            .await
+            .unwrap();
+        assert_eq!(shown.len(), 1);
+        assert_eq!(shown[0].endpoint, "app/web");
+        assert!(!shown[0].ingress.isolated, "no policy: {shown:?}");
+        let bad = client
+            .get_json::<Vec<policy_model::show::EndpointView>>("/v1/show?selector=a%20b%3Dc")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            bad.contains("400") && bad.contains("not a label key"),
+            "{bad}"
+        );
+        let missing = client
+            .get_json::<Vec<policy_model::show::EndpointView>>("/v1/show?pod=app%2Fnope")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("404") && missing.contains("no pod app/nope"),
+            "{missing}"
+        );
     }
 }

@@ -1,6 +1,8 @@
 pub mod agent;
 pub mod conformance;
 pub mod dns_proxy;
+pub mod observe;
 pub mod policy;
 pub mod proxy;
+pub mod show;
 pub mod status;

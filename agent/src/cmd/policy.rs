@@ -36,6 +36,10 @@ pub enum Command {
     },
     /// Explain the verdict for one flow.
     Trace(TraceArgs),
+    /// What the policies say about pods (np-viewer's view): per direction whether a pod
+    /// is isolated and by which policies, then every policy selecting it in evaluation
+    /// order with the peers, ports and L7/DNS rules it allows or denies.
+    Show(Box<super::show::ShowArgs>),
 }
 
 #[derive(clap::Args)]
@@ -98,6 +102,7 @@ pub fn run(cmd: Command) -> Result<ExitCode> {
             output,
         } => lint(&paths, cluster.as_deref(), output),
         Command::Trace(args) => trace(args),
+        Command::Show(args) => super::show::run(*args),
     }
 }
 

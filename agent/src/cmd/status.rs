@@ -1,5 +1,5 @@
-//! `ward status` and `ward observe`: clients of a running agent's admin endpoint
-//! (`agent::admin::client`), printing its typed answers.
+//! `ward status`: a client of a running agent's admin endpoint (`agent::admin::client`),
+//! printing its typed answers.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -17,27 +17,6 @@ pub struct StatusArgs {
     /// Network namespace of the agent (name under /var/run/netns, or a path).
     #[arg(long)]
     netns: Option<String>,
-    #[arg(long, value_enum, default_value_t = Output::Text)]
-    output: Output,
-}
-
-#[derive(clap::Args)]
-pub struct ObserveArgs {
-    /// The agent's admin address.
-    #[arg(long, default_value = "127.0.0.1:9890")]
-    admin: SocketAddr,
-    /// Network namespace of the agent (name under /var/run/netns, or a path).
-    #[arg(long)]
-    netns: Option<String>,
-    /// Only events where NAMESPACE/POD is the source or the destination.
-    #[arg(long)]
-    pod: Option<String>,
-    /// Only events with this verdict (`denied`, `forwarded`, ...).
-    #[arg(long)]
-    verdict: Option<String>,
-    /// Keep streaming new events (otherwise: the recent ones, then exit).
-    #[arg(long)]
-    follow: bool,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
 }
@@ -144,30 +123,4 @@ fn print_status(s: &api::Status) {
             b.reason
         );
     }
-}
-
-pub fn observe(a: ObserveArgs) -> Result<ExitCode> {
-    enter(a.netns.as_deref())?;
-    let want_verdict = a.verdict.as_deref().map(str::to_lowercase);
-    with_client(a.admin, async |c| {
-        let mut events = c.events(a.follow).await?;
-        while let Some(e) = events.next().await? {
-            if let Some(p) = &a.pod {
-                if !e.pods().contains(&p.as_str()) {
-                    continue;
-                }
-            }
-            if let Some(want) = &want_verdict {
-                if e.verdict() != *want {
-                    continue;
-                }
-            }
-            match a.output {
-                Output::Json => println!("{}", serde_json::to_string(&e)?),
-                Output::Text => println!("{}", e.line()),
-            }
-        }
-        Ok(())
-    })?;
-    Ok(ExitCode::SUCCESS)
 }

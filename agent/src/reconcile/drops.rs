@@ -21,7 +21,7 @@ use crate::datapath::{Datapath, Shared};
 use crate::source::BoxFuture;
 use audit::AuditLog;
 
-use crate::telemetry::events::drop_record;
+use crate::telemetry::events::{drop_record, explain_drop};
 use crate::telemetry::metrics::{reason_name, AgentMetrics};
 
 /// How often the drop counters are read.
@@ -86,7 +86,11 @@ impl EventReader {
                 .and_then(|m| m.endpoint_of_ip(ip).map(|e| e.name.clone()))
         };
         for e in batch {
-            self.audit.record(drop_record(e, pod_of));
+            let mut record = drop_record(e, pod_of);
+            if let Some(m) = &model {
+                explain_drop(m, &mut record);
+            }
+            self.audit.record(record);
         }
     }
 }

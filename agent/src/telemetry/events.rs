@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use policy_model::{Direction, EndpointRef, Model, Protocol, Query};
 use redirect_bpf::common::{DropEvent, DIR_INGRESS};
 use tokio::sync::broadcast;
 
@@ -109,5 +110,141 @@ pub fn drop_record(e: &DropEvent, pod_of: impl Fn(IpAddr) -> Option<String>) -> 
         },
         ifindex: e.ifindex,
         cookie: e.cookie,
+        policy: None,
+        rule: None,
+        explanation: None,
+    }
+}
+
+/// Names the policy decision of a policy drop (`policy_deny`, `policy_default_deny`) as
+/// `ward policy trace` does: the model's verdict of the dropped side (the source's
+/// egress or the destination's ingress) for the packet's addresses, protocol and
+/// destination port. Other drops (no proxy, malformed, ...) are not policy verdicts and
+/// stay as the datapath gave them. The model is the one in force when the event is
+/// read, so a drop from just before a policy change is explained by the new policy; a
+/// side the model now allows says so.
+pub fn explain_drop(model: &Model, d: &mut DropRecord) {
+    if !matches!(d.reason.as_str(), "policy_deny" | "policy_default_deny") {
+        return;
+    }
+    let Some(protocol) = protocol_of(d.protocol) else {
+        return;
+    };
+    let query = Query {
+        from: EndpointRef::Ip(d.source.ip),
+        to: EndpointRef::Ip(d.destination.ip),
+        port: d.destination.port,
+        protocol,
+        http: None,
+        dns: None,
+    };
+    let Ok(verdict) = model.query(&query) else {
+        return;
+    };
+    let dir = if d.direction == "ingress" {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    };
+    let Some(side) = verdict.sides.into_iter().find(|s| s.direction == dir) else {
+        return;
+    };
+    d.explanation = Some(if side.allowed {
+        format!(
+            "{dir} of {}: the policy in force now allows it ({})",
+            side.endpoint, side.reason
+        )
+    } else {
+        let at = side.layer.map(|l| format!(" at {l}")).unwrap_or_default();
+        format!("{dir} of {}: denied{at}: {}", side.endpoint, side.reason)
+    });
+    d.policy = side.policy;
+    d.rule = side.rule;
+}
+
+/// The model's protocol of an IP protocol number (the ones policies can name).
+fn protocol_of(number: u8) -> Option<Protocol> {
+    Some(match number {
+        6 => Protocol::Tcp,
+        17 => Protocol::Udp,
+        132 => Protocol::Sctp,
+        1 => Protocol::Icmp,
+        58 => Protocol::IcmpV6,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    const CLUSTER: &str = "namespaces: [{name: app}]\npods:\n\
+        - {namespace: app, name: client, ip: 10.80.1.2, labels: {app: client}}\n\
+        - {namespace: app, name: server, ip: 10.80.2.2, labels: {app: server}}\n";
+
+    const POLICIES: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: app}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: no-8081, namespace: app}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts: [{ports: [{port: "8081", protocol: TCP}]}]
+"#;
+
+    fn model() -> Model {
+        let cluster = serde_yaml::from_str(CLUSTER).unwrap();
+        let (policies, errors, _) = policy_model::api::load(POLICIES, None);
+        assert!(errors.is_empty(), "{errors:?}");
+        Model::compile(&cluster, policies, Default::default())
+    }
+
+    fn dropped(reason: u32, dport: u16) -> DropRecord {
+        let e = DropEvent {
+            reason,
+            saddr: [10, 80, 1, 2],
+            daddr: [10, 80, 2, 2],
+            dport: dport.to_be_bytes(),
+            protocol: 6,
+            direction: DIR_INGRESS,
+            family: 4,
+            ..DropEvent::default()
+        };
+        let mut d = drop_record(&e, |_| None);
+        explain_drop(&model(), &mut d);
+        d
+    }
+
+    /// The drop's explanation is `ward policy trace`'s verdict of the dropped side.
+    #[test]
+    fn a_policy_drop_is_explained_as_the_trace_explains_it() {
+        use redirect_bpf::common::drop_reason;
+        let d = dropped(drop_reason::POLICY_DEFAULT_DENY, 8080);
+        let why = d.explanation.unwrap();
+        assert!(
+            why.starts_with("ingress of app/server: denied at L4: default deny: selected by NetworkPolicy app/default-deny"),
+            "{why}"
+        );
+        assert_eq!(d.policy, None, "a default deny has no deciding rule");
+
+        let d = dropped(drop_reason::POLICY_DENY, 8081);
+        assert_eq!(d.policy.as_deref(), Some("CiliumNetworkPolicy app/no-8081"));
+        assert_eq!(d.rule.as_deref(), Some("spec.ingressDeny[0].toPorts[0]"));
+        assert!(d
+            .explanation
+            .unwrap()
+            .contains("denied by CiliumNetworkPolicy app/no-8081"));
+
+        // not a policy verdict: left as the datapath gave it
+        let d = dropped(drop_reason::PROXY_UNAVAILABLE, 8080);
+        assert_eq!((d.policy, d.explanation), (None, None));
     }
 }
