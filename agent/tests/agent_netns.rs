@@ -63,12 +63,24 @@ fn output(args: &[&str]) -> (bool, String) {
 
 /// Where `ip` is for the test's own use (the agent's `PATH` has none).
 fn ip_binary() -> PathBuf {
+    binary("ip").expect("ip (iproute2) on the test's PATH")
+}
+
+/// Where program `name` is on the test's `PATH`.
+fn binary(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
-        .map(|d| d.join("ip"))
+        .map(|d| d.join(name))
         .find(|p| p.is_file())
-        .expect("ip (iproute2) on the test's PATH")
+}
+
+/// The soft and hard open files limits of process `pid` (`/proc/PID/limits`).
+fn open_files_limits(pid: u32) -> Option<(u64, u64)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut f = line["Max open files".len()..].split_whitespace();
+    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
 }
 
 /// Waits for `cond` with a deadline; returns how long it took.
@@ -91,6 +103,8 @@ struct Lab {
     servers: Vec<thread::JoinHandle<()>>,
     /// More arguments for `ward agent`.
     agent_args: Vec<String>,
+    /// `prlimit --nofile=` for `ward agent` (SOFT:HARD), when set.
+    open_files: Option<&'static str>,
     /// The namespaces (node, pods, world), deleted with the lab.
     namespaces: Vec<Netns>,
     /// When the last `add_pod` added the pod's /32 route.
@@ -190,6 +204,7 @@ impl Lab {
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
             agent_args: Vec::new(),
+            open_files: None,
             namespaces: vec![node],
             route_added: None,
         };
@@ -322,14 +337,24 @@ impl Lab {
         // The agent's PATH: an empty directory, so that any `ip` it ran would fail.
         let path = self.dir.join("no-ip");
         fs::create_dir_all(&path).unwrap();
-        let mut cmd = if ip_netns_exec {
-            let mut c = Command::new(ip_binary());
-            c.args(["netns", "exec", &self.node, bin, "agent"]);
-            c
-        } else {
-            let mut c = Command::new(bin);
-            c.args(["agent", "--netns", &self.node]);
-            c
+        let mut cmd = match (ip_netns_exec, self.open_files) {
+            (true, _) => {
+                let mut c = Command::new(ip_binary());
+                c.args(["netns", "exec", &self.node, bin, "agent"]);
+                c
+            }
+            // prlimit sets the limits and execs the agent (the same PID).
+            (false, Some(limits)) => {
+                let mut c = Command::new(binary("prlimit").expect("prlimit (util-linux)"));
+                c.arg(format!("--nofile={limits}"))
+                    .args([bin, "agent", "--netns", &self.node]);
+                c
+            }
+            (false, None) => {
+                let mut c = Command::new(bin);
+                c.args(["agent", "--netns", &self.node]);
+                c
+            }
         };
         let child = cmd
             .env("PATH", &path)
@@ -645,7 +670,19 @@ fn l3_l4_l7_and_an_invalid_policy() {
 #[test]
 fn dns_teaches_to_fqdns() {
     let mut lab = Lab::new("fqdn");
+    // A soft limit of open files below the DNS proxy's 1,024 queries in hand: the agent
+    // raises it to the hard one at start, and says so.
+    lab.open_files = Some("512:8192");
     lab.start_agent();
+    let pid = lab.agent.as_ref().unwrap().id();
+    assert_eq!(open_files_limits(pid), Some((8192, 8192)));
+    let log = fs::read_to_string(lab.dir.join("agent.log")).unwrap();
+    assert!(
+        log.contains("open files limit raised to the hard limit")
+            && log.contains("from=512")
+            && log.contains("to=8192"),
+        "{log}"
+    );
     learns_ext_over_udp_and_tcp(&lab);
     let (_, fqdn) = lab.admin("/v1/fqdn");
     let v: serde_json::Value = serde_json::from_str(&fqdn).unwrap();

@@ -317,11 +317,13 @@ fn a_flood_to_a_silent_zone_stays_within_the_limits() {
         base_rss >> 20
     );
     assert!(rate >= 1500.0, "the flood was {rate:.0} queries/s");
-    // Bounds: the queries in hand (1,024) hold a socket each; memory grows by far less
-    // than the 64 KiB a query's buffer once was.
+    // Bounds: the queries in hand (1,024) hold a socket each, and the forwarder keeps at
+    // most MAX_FREE sockets between queries; memory grows by far less than the 64 KiB a
+    // query's buffer once was.
     let mib = 1024 * 1024;
+    let kept = dns_proxy::udp_pool::MAX_FREE;
     assert!(
-        max_fds <= base_fds + 1024 + 16,
+        max_fds <= base_fds + 1024 + kept + 16,
         "open files reached {max_fds} (at rest {base_fds})"
     );
     assert!(
@@ -501,4 +503,85 @@ fn port_flag_checks_rules_against_the_port_the_policy_names() {
     // Against the port the policy names: allowed and forwarded.
     let out = run(&["--port", "53"]);
     assert!(out.contains("192.0.2.30"), "{out}");
+}
+
+/// The soft and hard open files limits of process `pid` (`/proc/PID/limits`).
+fn open_files_limits(pid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut f = line["Max open files".len()..].split_whitespace();
+    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+}
+
+/// `ward dns-proxy` started under `prlimit --nofile=LIMITS`, its stderr in `log`; once
+/// it serves (its log says so).
+fn dns_proxy_under(limits: &str, log: &Path) -> Killed {
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let upstream = silent.local_addr().unwrap();
+    let dir = log.parent().unwrap();
+    std::fs::write(dir.join("cluster.yaml"), CLUSTER).unwrap();
+    std::fs::write(
+        dir.join("policy.yaml"),
+        POLICY.replace("PORT", &upstream.port().to_string()),
+    )
+    .unwrap();
+    let ward = Killed(
+        Command::new("prlimit")
+            .arg(format!("--nofile={limits}"))
+            .arg(env!("CARGO_BIN_EXE_ward"))
+            .arg("dns-proxy")
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--upstream", &upstream.to_string()])
+            .arg("--cluster")
+            .arg(dir.join("cluster.yaml"))
+            .arg("--policies")
+            .arg(dir.join("policy.yaml"))
+            .args(["--endpoint", "app/client", "--audit-log", "/dev/null"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains("DNS proxy serving")),
+        "{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    ward
+}
+
+/// Each upstream query in flight holds a socket: `ward dns-proxy` raises its soft limit
+/// of open files to the hard one at start and logs it; when even the hard limit is below
+/// what its concurrency limit lets it hold, it says so.
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_one_and_a_low_one_is_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("raised.log");
+    let ward = dns_proxy_under("256:4096", &log);
+    assert_eq!(open_files_limits(ward.0.id()), Some((4096, 4096)));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("open files limit raised to the hard limit")
+            && text.contains("from=256")
+            && text.contains("to=4096"),
+        "{text}"
+    );
+    assert!(!text.contains("is below"), "{text}");
+    drop(ward);
+
+    // The hard limit below the default 1,024 queries in hand (and the rest).
+    let log = dir.path().join("low.log");
+    let ward = dns_proxy_under("128:512", &log);
+    assert_eq!(open_files_limits(ward.0.id()), Some((512, 512)));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("WARN")
+            && text
+                .contains("the open files limit is below what the DNS proxy's concurrency limit")
+            && text.contains("limit=512")
+            && text.contains("wanted=1280"),
+        "{text}"
+    );
 }

@@ -1,13 +1,14 @@
 //! Forwarding a query to the server the client asked, over the client's transport.
 //!
 //! The upstream never sees the client's query id: each query goes out with a fresh id
-//! from a CSPRNG ([`Sent`]), over UDP from a socket of its own (bound to a port the
-//! kernel picks at random, connected to the server, closed once the query ends) or over
-//! TCP through the server's pipelined connection ([`crate::pipeline`]). An answer counts
-//! only when it comes from that server, carries the id sent and repeats the question
-//! (with `randomize_case`, DNS 0x20, in the very case sent); anything else on the socket
-//! is dropped and counted. The answer then gets the client's id (and case) back and is
-//! otherwise passed on unchanged (EDNS and all).
+//! from a CSPRNG ([`Sent`]), over UDP from a port of its own that the kernel picks at
+//! random when the query leaves and that is given up when it ends, on a socket connected
+//! to the server ([`crate::udp_pool`]), or over TCP through the server's pipelined
+//! connection ([`crate::pipeline`]). An answer counts only when it comes from that
+//! server, carries the id sent and repeats the question (with `randomize_case`, DNS 0x20,
+//! in the very case sent); anything else on the socket is dropped and counted. The answer
+//! then gets the client's id (and case) back and is otherwise passed on unchanged (EDNS
+//! and all).
 
 use std::cell::RefCell;
 use std::io;
@@ -18,15 +19,14 @@ use std::time::Duration;
 
 use prometheus::IntCounter;
 use rand::RngCore;
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
-use tokio::net::UdpSocket;
 
 use crate::busy_poll::{self, BusyPoll};
 use crate::pipeline::Pipelines;
 use crate::proxy::Transport;
 use crate::sink::BoxFuture;
 use crate::socket;
+use crate::udp_pool::UdpPool;
 use crate::wire::{self, HEADER_LEN};
 
 /// Where allowed queries go. The real one is [`Forwarder`]; tests and the fuzz target
@@ -231,8 +231,8 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; 65_536]);
 }
 
-/// The real upstream: UDP from a fresh socket per query, TCP over one pipelined
-/// connection per server.
+/// The real upstream: UDP from a port of its own per query (on sockets the pool keeps
+/// without a port between queries), TCP over one pipelined connection per server.
 #[derive(Debug)]
 pub struct Forwarder {
     pub timeout: Duration,
@@ -242,6 +242,8 @@ pub struct Forwarder {
     randomize_case: bool,
     /// Busy polling: answers are read directly while the window is open.
     busy: Option<Arc<BusyPoll>>,
+    /// UDP: a socket and a port of its own per query in flight ([`UdpPool`]).
+    udp: UdpPool,
     tcp: Pipelines,
     /// Datagrams on an upstream socket that were not its answer.
     unexpected: IntCounter,
@@ -268,38 +270,6 @@ impl Upstream for Forwarder {
     }
 }
 
-/// An upstream UDP socket: not known to the runtime until a receive has to wait on it
-/// (with busy polling the answer is mostly read before that, and the socket is only
-/// ever opened, used and closed).
-enum UdpUp {
-    Plain(Socket),
-    Registered(UdpSocket),
-    /// Only while registering.
-    Gone,
-}
-
-impl UdpUp {
-    fn fd(&self) -> RawFd {
-        match self {
-            UdpUp::Plain(s) => s.as_raw_fd(),
-            UdpUp::Registered(s) => s.as_raw_fd(),
-            UdpUp::Gone => -1,
-        }
-    }
-
-    fn registered(&mut self) -> io::Result<&UdpSocket> {
-        if let UdpUp::Plain(_) = self {
-            if let UdpUp::Plain(s) = std::mem::replace(self, UdpUp::Gone) {
-                *self = UdpUp::Registered(UdpSocket::from_std(s.into())?);
-            }
-        }
-        match self {
-            UdpUp::Registered(s) => Ok(s),
-            _ => Err(io::Error::other("upstream socket lost")),
-        }
-    }
-}
-
 impl Forwarder {
     pub fn new(
         timeout: Duration,
@@ -313,6 +283,7 @@ impl Forwarder {
             mark,
             randomize_case,
             busy,
+            udp: UdpPool::new(mark, unexpected.clone()),
             tcp: Pipelines::new(mark),
             unexpected,
         }
@@ -353,33 +324,31 @@ impl Forwarder {
         server: SocketAddr,
         watch: Option<&dyn WatchAnswer>,
     ) -> io::Result<Vec<u8>> {
-        let s = self.open_udp(server)?;
-        let mut sock = match s.send(sent.wire()) {
-            Ok(_) => UdpUp::Plain(s),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let mut sock = UdpUp::Plain(s);
-                sock.registered()?.send(sent.wire()).await?;
-                sock
+        let lease = self.udp.take(server)?;
+        let sock = lease.socket()?;
+        let fd = sock.as_raw_fd();
+        if let Err(e) = socket::send_fd_now(fd, sent.wire()) {
+            if e.kind() != io::ErrorKind::WouldBlock {
+                return Err(e);
             }
-            Err(e) => return Err(e),
-        };
+            sock.send(sent.wire()).await?;
+        }
         loop {
-            let fd = sock.fd();
             let got = busy_poll::recv(self.busy.as_deref(), || self.take_answer(fd, sent)).await;
             let answer = match got {
                 Ok(got) => got?,
                 Err(wait) => {
-                    let s = sock.registered()?;
                     // An error (the server's port unreachable) wakes the receive too.
-                    let got = s
+                    let got = sock
                         .async_io(Interest::READABLE | Interest::ERROR, || {
-                            self.take_answer(s.as_raw_fd(), sent)
+                            self.take_answer(fd, sent)
                         })
                         .await;
                     drop(wait);
                     got?
                 }
             };
+            // Anything but its answer was dropped and counted: keep waiting.
             if let Some(answer) = answer {
                 if let Some(w) = watch {
                     w.answer(&answer);
@@ -405,28 +374,6 @@ impl Forwarder {
             }
             Ok(answer)
         })
-    }
-
-    /// A UDP socket for one query: bound to a port the kernel picks (at random, from the
-    /// ephemeral range) and connected to `server`, so only datagrams from the server's
-    /// address and port reach it.
-    fn open_udp(&self, server: SocketAddr) -> io::Result<Socket> {
-        let s = Socket::new(
-            Domain::for_address(server),
-            Type::DGRAM.nonblocking(),
-            Some(Protocol::UDP),
-        )?;
-        if let Some(m) = self.mark {
-            s.set_mark(m)?;
-        }
-        let any: SocketAddr = if server.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
-        } else {
-            ([0u16; 8], 0).into()
-        };
-        s.bind(&any.into())?;
-        s.connect(&server.into())?;
-        Ok(s)
     }
 }
 

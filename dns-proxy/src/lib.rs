@@ -22,6 +22,7 @@ pub mod proxy;
 pub mod read;
 pub mod sink;
 pub mod socket;
+pub mod udp_pool;
 pub mod wire;
 
 pub use config::{Config, RefuseCode};

@@ -39,6 +39,8 @@ type Pool = Mutex<HashMap<SocketAddr, Cell>>;
 #[derive(Debug)]
 pub struct Pipelines {
     mark: Option<u32>,
+    /// How long a connection without a query stays open ([`IDLE`]).
+    idle: Duration,
     pool: Arc<Pool>,
 }
 
@@ -75,8 +77,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Pipelines {
     pub fn new(mark: Option<u32>) -> Pipelines {
+        Pipelines::with_idle(mark, IDLE)
+    }
+
+    /// The same, closing a connection without a query for `idle`.
+    pub fn with_idle(mark: Option<u32>, idle: Duration) -> Pipelines {
         Pipelines {
             mark,
+            idle,
             pool: Arc::default(),
         }
     }
@@ -118,6 +126,7 @@ impl Pipelines {
                 Conn::connect(
                     server,
                     self.mark,
+                    self.idle,
                     Arc::downgrade(&self.pool),
                     Arc::as_ptr(&cell) as usize,
                 )
@@ -160,6 +169,7 @@ impl Conn {
     async fn connect(
         server: SocketAddr,
         mark: Option<u32>,
+        idle: Duration,
         pool: Weak<Pool>,
         cell: usize,
     ) -> io::Result<Arc<Conn>> {
@@ -184,7 +194,7 @@ impl Conn {
             cell,
         });
         tokio::spawn(write_frames(Arc::downgrade(&conn), w, rx));
-        tokio::spawn(read_answers(conn.clone(), r));
+        tokio::spawn(read_answers(conn.clone(), r, idle));
         Ok(conn)
     }
 
@@ -285,8 +295,8 @@ async fn write_frames(conn: Weak<Conn>, mut w: OwnedWriteHalf, mut rx: mpsc::Rec
 }
 
 /// Reads answers and hands each to its query until the server closes the connection, it
-/// fails, or it has been idle for [`IDLE`].
-async fn read_answers(conn: Arc<Conn>, mut r: OwnedReadHalf) {
+/// fails, or it has been without a query for `idle`.
+async fn read_answers(conn: Arc<Conn>, mut r: OwnedReadHalf, idle: Duration) {
     let mut buf: Vec<u8> = Vec::new();
     loop {
         // Every whole frame in the buffer; the rest waits for more bytes.
@@ -303,7 +313,7 @@ async fn read_answers(conn: Arc<Conn>, mut r: OwnedReadHalf) {
         }
         buf.reserve(4096);
         // `read_buf` is cancel safe: a timeout loses no byte.
-        match tokio::time::timeout(IDLE, r.read_buf(&mut buf)).await {
+        match tokio::time::timeout(idle, r.read_buf(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => break,
             Ok(Ok(_)) => {}
             Err(_) => {
@@ -317,4 +327,178 @@ async fn read_answers(conn: Arc<Conn>, mut r: OwnedReadHalf) {
         }
     }
     conn.close();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc as std_mpsc;
+    use std::thread;
+    use std::time::Instant;
+
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+
+    fn query(i: usize) -> Vec<u8> {
+        let mut m = Message::new();
+        m.set_id(7);
+        let name = Name::from_ascii(format!("q{i}.example.")).unwrap();
+        m.add_query(Query::query(name, RecordType::A));
+        m.to_vec().unwrap()
+    }
+
+    /// Reads one frame, or None at the end of the stream.
+    fn read_frame(s: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).ok()?;
+        let mut frame = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut frame).ok()?;
+        Some(frame)
+    }
+
+    /// The answer to a query frame: the same bytes as a response (id and question kept).
+    fn answer(s: &mut TcpStream, mut frame: Vec<u8>) {
+        frame[2] |= 0x80;
+        let mut out = u16::try_from(frame.len()).unwrap().to_be_bytes().to_vec();
+        out.extend_from_slice(&frame);
+        s.write_all(&out).unwrap();
+    }
+
+    /// Waits (bounded) until `cond` holds, letting the runtime's other tasks run.
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// The connection to `server`, once made.
+    fn conn(p: &Pipelines, server: SocketAddr) -> Option<Arc<Conn>> {
+        lock(&p.pool).get(&server)?.get().cloned()
+    }
+
+    async fn ask(p: &Pipelines, server: SocketAddr, i: usize) -> io::Result<Vec<u8>> {
+        let q = query(i);
+        let mut sent = Sent::new(&q, &mut rand::rng(), false).unwrap();
+        p.exchange(&mut sent, server).await
+    }
+
+    /// Half again as many queries as a connection takes at once: the server gets
+    /// [`IN_FLIGHT`] of them, the others wait for a place, held by the proxy and not sent;
+    /// once the server answers, the rest go over the same connection.
+    #[tokio::test(flavor = "current_thread")]
+    async fn at_most_in_flight_queries_are_out_on_a_connection_and_the_rest_wait() {
+        const QUERIES: usize = IN_FLIGHT * 3 / 2;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = listener.local_addr().unwrap();
+        let received = Arc::new(AtomicUsize::new(0));
+        let (go, answer_now) = std_mpsc::channel::<()>();
+        let srv = {
+            let received = received.clone();
+            thread::spawn(move || {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut held = Vec::new();
+                while held.len() < IN_FLIGHT {
+                    held.push(read_frame(&mut s).unwrap());
+                    received.fetch_add(1, Ordering::SeqCst);
+                }
+                answer_now.recv().unwrap();
+                for frame in held {
+                    answer(&mut s, frame);
+                }
+                for _ in IN_FLIGHT..QUERIES {
+                    let frame = read_frame(&mut s).unwrap();
+                    answer(&mut s, frame);
+                    received.fetch_add(1, Ordering::SeqCst);
+                }
+                listener.set_nonblocking(true).unwrap();
+                // Every query went over the one connection.
+                listener.accept().is_err()
+            })
+        };
+        let p = Arc::new(Pipelines::new(None));
+        let started = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..QUERIES)
+            .map(|i| {
+                let (p, started) = (p.clone(), started.clone());
+                tokio::spawn(async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    ask(&p, server, i).await
+                })
+            })
+            .collect();
+        until("the server holding a connection's worth", || {
+            received.load(Ordering::SeqCst) == IN_FLIGHT
+                && started.load(Ordering::SeqCst) == QUERIES
+        })
+        .await;
+        // Every task ran up to its query's send or its wait for a place.
+        tokio::task::yield_now().await;
+        let c = conn(&p, server).expect("a connection");
+        assert_eq!(lock(&c.state).pending.len(), IN_FLIGHT, "queries out");
+        assert_eq!(c.places.available_permits(), 0);
+        assert_eq!(
+            received.load(Ordering::SeqCst),
+            IN_FLIGHT,
+            "none sent past the cap"
+        );
+        go.send(()).unwrap();
+        for t in tasks {
+            let answer = t.await.unwrap().unwrap();
+            assert_eq!(answer[..2], [0, 7], "the client's id back");
+        }
+        assert_eq!(received.load(Ordering::SeqCst), QUERIES);
+        assert!(srv.join().unwrap(), "a second connection was made");
+    }
+
+    /// A connection without a query for the idle time is closed by the proxy (the server
+    /// reads its end), and the next query opens another; a query in flight for longer
+    /// than the idle time keeps its connection.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_idle_for_the_idle_time_is_closed_and_the_next_query_opens_another() {
+        let idle = Duration::from_millis(300);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = listener.local_addr().unwrap();
+        let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        {
+            let (accepted, closed) = (accepted.clone(), closed.clone());
+            thread::spawn(move || {
+                for s in listener.incoming() {
+                    let Ok(mut s) = s else { return };
+                    let first = accepted.fetch_add(1, Ordering::SeqCst) == 0;
+                    let closed = closed.clone();
+                    thread::spawn(move || {
+                        while let Some(frame) = read_frame(&mut s) {
+                            // The first connection's answer takes more than the idle time.
+                            if first {
+                                thread::sleep(idle * 2);
+                            }
+                            answer(&mut s, frame);
+                        }
+                        closed.fetch_add(1, Ordering::SeqCst);
+                    });
+                }
+            });
+        }
+        let p = Pipelines::with_idle(None, idle);
+        let start = Instant::now();
+        ask(&p, server, 1).await.unwrap();
+        assert!(start.elapsed() >= idle * 2, "the slow answer");
+        assert_eq!(
+            closed.load(Ordering::SeqCst),
+            0,
+            "not closed while a query was out"
+        );
+        until("the idle connection closed", || {
+            closed.load(Ordering::SeqCst) == 1 && p.connections() == 0
+        })
+        .await;
+        ask(&p, server, 2).await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new connection");
+        assert_eq!(p.connections(), 1);
+    }
 }

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 
 use nix::sys::socket::{
-    recv, recvfrom, recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn,
+    recv, recvfrom, recvmsg, send, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn,
     SockaddrIn6, SockaddrStorage,
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -114,6 +114,12 @@ pub fn recv_now(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<usize> {
 /// Receives one datagram on the socket `fd` if one is waiting (`WouldBlock` if none).
 pub fn recv_fd_now(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     recv(fd, buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
+}
+
+/// Sends one datagram on the connected socket `fd` if it takes it at once (`WouldBlock`
+/// if not), whatever the runtime last saw of the socket.
+pub fn send_fd_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    send(fd, buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
 }
 
 fn storage_to_std(a: &SockaddrStorage) -> Option<SocketAddr> {

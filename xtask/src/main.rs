@@ -44,10 +44,11 @@ tasks:
   sync-cases      refresh conformance/ (the cases the tests use) from ../shared/conformance
   deploy-check    render deploy/ (kubectl kustomize), validate every object
                   (kubernetes-validate) and the alert rules (promtool); part of test
-  loadtest [proxy|datapath|dns|all] [--quick]
+  loadtest [proxy|datapath|dns|all] [--quick] [--ward-base PATH]
                   Ward's proxies and datapath against their peers (HAProxy, nginx,
                   dnsmasq, no program) in network namespaces; writes loadtests/REPORT.md
-                  (--quick: short runs, report in target/loadtest/REPORT-quick.md)
+                  (--quick: short runs, report in target/loadtest/REPORT-quick.md;
+                  --ward-base: another ward binary beside the DNS proxy's, same rounds)
   udp-relay LISTEN UPSTREAM [--busy-poll-us US]
                   the DNS load test's floors: a one-at-a-time UDP relay, blocking or
                   busy-polling for US microseconds after each datagram

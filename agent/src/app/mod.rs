@@ -4,6 +4,7 @@
 //! proxy it hosts; plus endpoint discovery, the redirect routing, and the admin endpoint.
 
 pub mod config;
+pub mod open_files;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;

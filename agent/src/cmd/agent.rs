@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agent::app::config::{self, Args, SourceKind};
+use agent::app::open_files;
 use agent::secrets::dir::DirWatch;
 use agent::secrets::{Feed, SecretSource};
 use agent::source::{FilesSource, Source};
@@ -17,6 +18,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
         enter_netns(ns)?;
     }
     let s = config::settings(a)?;
+    // A socket per upstream DNS query in flight, two per proxied HTTP connection.
+    open_files::raise(open_files::wanted(s.dns.concurrency_limit));
     config::warn_private_bpffs(&s.bpf_root);
     std::fs::create_dir_all(&s.state_dir)
         .with_context(|| format!("cannot create {}", s.state_dir.display()))?;

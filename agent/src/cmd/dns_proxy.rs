@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agent::app::open_files;
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use dns_proxy::audit::{write_lines, Audit, DroppedCounter};
@@ -86,23 +87,9 @@ pub enum Refuse {
     Nxdomain,
 }
 
-/// Raises the soft limit of open files to the hard one: each forwarded UDP query holds a
-/// socket, up to `--concurrency-limit` of them, past the usual soft limit of 1,024.
-fn raise_open_files_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit");
-            }
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
-    }
-}
-
 pub fn run(a: Args) -> Result<ExitCode> {
-    raise_open_files_limit();
+    // A socket per upstream query in flight.
+    open_files::raise(open_files::wanted(a.concurrency_limit));
     if a.busy_poll_us > 0 && a.threads != Some(1) {
         // With several workers the one that polls may not hold the I/O driver, and the
         // wake-ups busy polling is meant to save happen anyway.

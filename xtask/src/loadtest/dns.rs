@@ -42,13 +42,33 @@ const TARGETS: [&str; 6] = [
     "relay",
     "relay busy-poll",
 ];
+/// With `--ward-base PATH`: that binary, without and with busy polling, after the others.
+const BASE_TARGETS: [&str; 2] = ["ward base", "ward base busy-poll"];
+
+/// The targets of this run, in the order they run in each round.
+fn targets(base: bool) -> Vec<&'static str> {
+    let mut t = TARGETS.to_vec();
+    if base {
+        t.extend(BASE_TARGETS);
+    }
+    t
+}
+
+/// The Ward targets (their processing time is reported).
+fn wards(base: bool) -> Vec<&'static str> {
+    targets(base)
+        .into_iter()
+        .filter(|n| n.starts_with("ward"))
+        .collect()
+}
 
 /// Where the upstream runs, and the ports of one placement's processes.
 struct Placement {
     name: &'static str,
     upstream_cpu: &'static str,
     /// Ports from here on: upstream, dnsmasq forwarder, ward, ward's metrics, ward
-    /// busy-poll, its metrics, relay, relay busy-poll.
+    /// busy-poll, its metrics, relay, relay busy-poll; with `--ward-base`, ward base and
+    /// its metrics, ward base busy-poll and its metrics.
     base: u16,
     /// Throughput runs too (else latency only).
     throughput: bool,
@@ -269,8 +289,8 @@ spec:
         ),
     )?;
     let ward_bin = ctx.ward.display().to_string();
-    let ward_cmd = |port: u16, metrics: u16, extra: &[&str]| {
-        let mut c = ns.cmd(SUBJECT_CPU, &ward_bin);
+    let ward_cmd = |bin: &str, port: u16, metrics: u16, extra: &[&str]| {
+        let mut c = ns.cmd(SUBJECT_CPU, bin);
         c.args(["dns-proxy", "--listen", &format!("127.0.0.1:{port}")])
             .args(["--upstream", &format!("127.0.0.1:{up}")])
             .arg("--cluster")
@@ -286,13 +306,13 @@ spec:
     let w = Proc::spawn(
         ctx,
         "ward dns-proxy",
-        &mut ward_cmd(ward, ward_m, &[]),
+        &mut ward_cmd(&ward_bin, ward, ward_m, &[]),
         &log("ward"),
     )?;
     let wb = Proc::spawn(
         ctx,
         "ward dns-proxy --busy-poll-us",
-        &mut ward_cmd(busy, busy_m, &["--busy-poll-us", BUSY_POLL_US]),
+        &mut ward_cmd(&ward_bin, busy, busy_m, &["--busy-poll-us", BUSY_POLL_US]),
         &log("ward-busy-poll"),
     )?;
     let xtask = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
@@ -313,7 +333,7 @@ spec:
         &mut relay_cmd(relay_busy, &["--busy-poll-us", BUSY_POLL_US]),
         &log("relay-busy-poll"),
     )?;
-    let procs = [
+    let mut procs = vec![
         (upstream, up, "upstream", None),
         (w, ward, "ward", Some(ward_m)),
         (wb, busy, "ward-busy-poll", Some(busy_m)),
@@ -321,8 +341,26 @@ spec:
         (r, relay, "relay", None),
         (rb, relay_busy, "relay-busy-poll", None),
     ];
+    if let Some(base) = ctx.ward_base.clone() {
+        let base = base.display().to_string();
+        let (bw, bw_m, bb, bb_m) = (b + 8, b + 9, b + 10, b + 11);
+        let w = Proc::spawn(
+            ctx,
+            "ward base dns-proxy",
+            &mut ward_cmd(&base, bw, bw_m, &[]),
+            &log("ward-base"),
+        )?;
+        let wb = Proc::spawn(
+            ctx,
+            "ward base dns-proxy --busy-poll-us",
+            &mut ward_cmd(&base, bb, bb_m, &["--busy-poll-us", BUSY_POLL_US]),
+            &log("ward-base-busy-poll"),
+        )?;
+        procs.push((w, bw, "ward-base", Some(bw_m)));
+        procs.push((wb, bb, "ward-base-busy-poll", Some(bb_m)));
+    }
     let mut targets = Vec::new();
-    for (name, (mut proc, port, log_name, metrics)) in TARGETS.into_iter().zip(procs) {
+    for (name, (mut proc, port, log_name, metrics)) in targets_of(ctx).into_iter().zip(procs) {
         wait_dns(ctx, ns, port, queries).or_else(|e| {
             proc.alive(&log(log_name))?;
             Err(e)
@@ -359,7 +397,7 @@ pub fn run(ctx: &mut Ctx) -> Result<String> {
     }
     eprintln!(
         "loadtest dns: {} in placements split, shared",
-        TARGETS.join(", ")
+        targets_of(ctx).join(", ")
     );
     let rounds = durations(ctx.quick).2;
     let mut all = Vec::new();
@@ -376,7 +414,16 @@ pub fn run(ctx: &mut Ctx) -> Result<String> {
     for (p, targets) in PLACEMENTS.iter().zip(&running) {
         pair_diffs.push((p.name, paired(ctx, &ns, targets, &queries, pairs)?));
     }
-    Ok(report(&all, &pair_diffs, ctx.quick))
+    Ok(report(
+        &all,
+        &pair_diffs,
+        ctx.quick,
+        ctx.ward_base.as_deref(),
+    ))
+}
+
+fn targets_of(ctx: &Ctx) -> Vec<&'static str> {
+    targets(ctx.ward_base.is_some())
 }
 
 /// One latency run of `secs` seconds at [`LATENCY_QPS`]: the answers' latencies (us).
@@ -487,9 +534,10 @@ fn added(all: &[Row], placement: &str, name: &str) -> Vec<f64> {
 /// One placement's paired runs: per target, the pairs' differences (us).
 type Paired = (&'static str, Vec<(&'static str, Vec<f64>)>);
 
-fn report(all: &[Row], pairs: &[Paired], quick: bool) -> String {
+fn report(all: &[Row], pairs: &[Paired], quick: bool, base: Option<&Path>) -> String {
     let (secs, lat_secs, rounds) = durations(quick);
-    let picked: Vec<(&Row, Vec<f64>)> = TARGETS.iter().filter_map(|n| median(all, n)).collect();
+    let names = targets(base.is_some());
+    let picked: Vec<(&Row, Vec<f64>)> = names.iter().filter_map(|n| median(all, n)).collect();
     let mut s = String::from("## DNS proxy\n\n");
     let _ = writeln!(
         s,
@@ -519,6 +567,14 @@ fn report(all: &[Row], pairs: &[Paired], quick: bool) -> String {
          {SUBJECT_CPU} with the subjects (latency only). Direct and proxied queries both \
          cross twice; what a subject adds is its own work and two same-CPU switches.\n"
     );
+    if let Some(base) = base {
+        let _ = writeln!(
+            s,
+            "`ward base` and `ward base busy-poll`: the same two with another build, `{}` \
+             (`--ward-base`), measured in the same rounds, after the others.\n",
+            base.display()
+        );
+    }
     s.push_str("### split: throughput and latency\n\n| target | completed | lost | qps | subject CPU s | queries per CPU-s | p50 | p90 | p99 | every round (q/CPU-s or qps) | p50 every round |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (r, keys) in &picked {
         let lat = |f: fn(&Row) -> f64| mid(per_round(all, "split", r.name, f));
@@ -545,7 +601,7 @@ fn report(all: &[Row], pairs: &[Paired], quick: bool) -> String {
         );
     }
     s.push_str("\n### shared: latency\n\n| target | p50 | p90 | p99 | p50 every round | added p50 over direct |\n|---|---|---|---|---|---|\n");
-    for name in TARGETS {
+    for &name in &names {
         let lat = |f: fn(&Row) -> f64| mid(per_round(all, "shared", name, f));
         let _ = writeln!(
             s,
@@ -563,7 +619,7 @@ fn report(all: &[Row], pairs: &[Paired], quick: bool) -> String {
     }
     s.push('\n');
     for placement in ["split", "shared"] {
-        for name in ["ward", "ward busy-poll"] {
+        for name in wards(base.is_some()) {
             let proc50 = per_round(all, placement, name, |r| {
                 r.processing.map_or(f64::NAN, |p| p.0)
             });
@@ -595,7 +651,7 @@ fn report(all: &[Row], pairs: &[Paired], quick: bool) -> String {
         return s;
     };
     let added_in = |placement: &str| {
-        TARGETS[1..]
+        names[1..]
             .iter()
             .map(|n| {
                 let a = added(all, placement, n);
@@ -618,6 +674,18 @@ fn report(all: &[Row], pairs: &[Paired], quick: bool) -> String {
         added_in("split"),
         added_in("shared"),
     );
+    if let (Some(bw), Some(bb)) = (row("ward base"), row("ward base busy-poll")) {
+        let _ = writeln!(
+            s,
+            "Ratios to the base build (same run, split): queries per CPU-second ward \
+             base/dnsmasq {}, ward base busy-poll/dnsmasq {}; ward/ward base {}, ward \
+             busy-poll/ward base busy-poll {}.\n",
+            ratio(bw.per_cpu(), m.per_cpu()),
+            ratio(bb.per_cpu(), m.per_cpu()),
+            ratio(w.per_cpu(), bw.per_cpu()),
+            ratio(b.per_cpu(), bb.per_cpu()),
+        );
+    }
     s.push_str(&paired_text(pairs));
     s
 }
@@ -668,7 +736,7 @@ mod tests {
             ),
             ("shared", vec![("ward", vec![-3.0, 5.0, 1.0])]),
         ];
-        let text = report(&[], &pairs, false);
+        let text = report(&[], &pairs, false, None);
         assert!(
             text.contains("paired (8 pair(s) per target"),
             "pair count: {text}"
@@ -679,5 +747,53 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("shared: ward 1 us (-3 to 5)."), "{text}");
+    }
+
+    #[test]
+    fn a_base_ward_gets_its_rows_and_ratios() {
+        let row = |placement, name, completed, cpu: Option<f64>, p50| Row {
+            placement,
+            name,
+            completed,
+            lost: 0,
+            qps: completed as f64 / 5.0,
+            cpu,
+            p50,
+            p90: p50,
+            p99: p50,
+            processing: name.starts_with("ward").then_some((2.0, 3.0)),
+        };
+        let mut all = Vec::new();
+        for (name, completed, cpu, p50) in [
+            ("direct", 1000, None, 20.0),
+            ("ward", 600, Some(5.0), 60.0),
+            ("ward busy-poll", 600, Some(5.0), 50.0),
+            ("dnsmasq", 400, Some(5.0), 70.0),
+            ("relay", 100, Some(1.0), 55.0),
+            ("relay busy-poll", 200, Some(5.0), 45.0),
+            ("ward base", 300, Some(5.0), 90.0),
+            ("ward base busy-poll", 300, Some(5.0), 80.0),
+        ] {
+            all.push(row("split", name, completed, cpu, p50));
+            all.push(row("shared", name, 0, None, p50));
+        }
+        let text = report(&all, &[], false, Some(Path::new("/tmp/ward-main")));
+        assert!(text.contains("`/tmp/ward-main`"), "{text}");
+        assert!(text.contains("| ward base busy-poll | 300 |"), "{text}");
+        assert!(
+            text.contains(
+                "ward base/dnsmasq 0.75, ward base busy-poll/dnsmasq 0.75; ward/ward base 2.00, \
+                 ward busy-poll/ward base busy-poll 2.00."
+            ),
+            "{text}"
+        );
+        assert!(text.contains("ward base busy-poll 60 us (60)"), "{text}");
+        assert!(text.contains("split, ward base: processing time"), "{text}");
+        // Without a base: no such rows.
+        let plain: Vec<Row> = all
+            .into_iter()
+            .filter(|r| !r.name.starts_with("ward base"))
+            .collect();
+        assert!(!report(&plain, &[], false, None).contains("ward base"));
     }
 }

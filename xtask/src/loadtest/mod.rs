@@ -52,6 +52,10 @@ pub struct Opts {
     pub dns: bool,
     /// HTTPS interception and SNI splice (not part of `all`).
     pub tls: bool,
+    /// Another `ward` binary measured beside the one built (`--ward-base PATH`): the DNS
+    /// part runs it as `ward base` and `ward base busy-poll`, so that a change and the
+    /// build before it are compared in one run.
+    pub ward_base: Option<PathBuf>,
 }
 
 impl Opts {
@@ -62,10 +66,18 @@ impl Opts {
             datapath: false,
             dns: false,
             tls: false,
+            ward_base: None,
         };
-        for a in args {
+        let mut args = args.iter();
+        while let Some(a) = args.next() {
             match a.as_str() {
                 "--quick" => o.quick = true,
+                "--ward-base" => {
+                    let path = args
+                        .next()
+                        .ok_or("loadtest: --ward-base needs the path of a ward binary")?;
+                    o.ward_base = Some(PathBuf::from(path));
+                }
                 "proxy" => o.proxy = true,
                 "datapath" => o.datapath = true,
                 "dns" => o.dns = true,
@@ -73,7 +85,8 @@ impl Opts {
                 "all" => (o.proxy, o.datapath, o.dns) = (true, true, true),
                 other => {
                     return Err(format!(
-                        "loadtest: unknown argument {other:?} (proxy|datapath|dns|tls|all, --quick)"
+                        "loadtest: unknown argument {other:?} (proxy|datapath|dns|tls|all, --quick, \
+                         --ward-base PATH)"
                     ))
                 }
             }
@@ -114,6 +127,8 @@ pub fn report_path(opts: &Opts) -> PathBuf {
 /// What every scenario needs: the release `ward`, a scratch folder, the command log.
 pub struct Ctx {
     pub ward: PathBuf,
+    /// `--ward-base`: a second `ward` measured beside `ward` (DNS part).
+    pub ward_base: Option<PathBuf>,
     pub work: PathBuf,
     pub quick: bool,
     /// Commands as the report shows them (paths relative to the checkout, scratch files
@@ -317,6 +332,11 @@ pub fn loadtest(args: &[String]) -> Result {
     if !sh_line("id -u").eq("0") {
         return Err("loadtest needs root (network namespaces, BPF, pinning)".into());
     }
+    if let Some(base) = &opts.ward_base {
+        if !base.is_file() {
+            return Err(format!("--ward-base {}: no such file", base.display()));
+        }
+    }
     ensure_debs(LOADTEST_PACKAGES)?;
     // The datapath part drives its own example, not `ward`.
     // The build the image ships (`profile.dist`: release with fat LTO).
@@ -327,6 +347,7 @@ pub fn loadtest(args: &[String]) -> Result {
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let mut ctx = Ctx {
         ward: root().join("target/dist/ward"),
+        ward_base: opts.ward_base.clone(),
         work,
         quick: opts.quick,
         commands: Vec::new(),
@@ -334,7 +355,7 @@ pub fn loadtest(args: &[String]) -> Result {
     let mut report = String::from("# Load test report\n\n");
     let _ = writeln!(
         report,
-        "Written by `cargo xtask loadtest{}{}`. Subjects (proxies, the receiving pod) pinned \
+        "Written by `cargo xtask loadtest{}{}{}`. Subjects (proxies, the receiving pod) pinned \
          to CPU {SUBJECT_CPU}, load generators and backends to CPU {LOAD_CPU}; every \
          process runs in network namespaces made for this run. The machine is shared with \
          other builds: absolute numbers are noisy, ratios measured in the same run are what \
@@ -347,6 +368,10 @@ pub fn loadtest(args: &[String]) -> Result {
                 .filter(|(on, _)| *on)
                 .map(|(_, s)| *s)
                 .collect(),
+        },
+        match &opts.ward_base {
+            Some(b) => format!(" --ward-base {}", b.display()),
+            None => String::new(),
         }
     );
     report.push_str(&machine());
@@ -433,5 +458,19 @@ mod tests {
             path_of(&["dns", "--quick"]),
             "target/loadtest/REPORT-quick.md"
         );
+    }
+
+    #[test]
+    fn a_base_ward_is_taken_with_its_path() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let o = Opts::parse(&args(&["dns", "--ward-base", "/tmp/ward-main"])).unwrap();
+        assert_eq!(o.ward_base, Some(PathBuf::from("/tmp/ward-main")));
+        assert!(o.dns && !o.proxy);
+        assert_eq!(
+            report_path(&o).display().to_string(),
+            "loadtests/REPORT-dns.md"
+        );
+        assert!(Opts::parse(&args(&["dns", "--ward-base"])).is_err());
+        assert_eq!(Opts::parse(&args(&["dns"])).unwrap().ward_base, None);
     }
 }

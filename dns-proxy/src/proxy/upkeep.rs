@@ -1,0 +1,156 @@
+//! The cache's upkeep: expiry of IPs no connection uses, persistence to the state
+//! directory, and restore after a restart.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use policy_model::identity::fqdn_key;
+
+use crate::persist::{self, PersistError};
+use crate::sink::{SelectorIps, Update};
+
+use super::{now_ms, Proxy};
+
+impl Proxy {
+    /// Expires IPs whose TTL ran out and that no live connection uses, and tells the
+    /// datapath. Returns how many IPs left.
+    pub async fn collect(&self) -> usize {
+        let now = now_ms(SystemTime::now());
+        let in_use = self.inner.in_use.clone();
+        let removed = {
+            let mut cache = self.cache();
+            let removed = cache.collect(now, |ip| in_use.in_use(ip));
+            if !removed.is_empty() {
+                self.moved();
+            }
+            removed
+        };
+        self.update_gauges();
+        if removed.is_empty() {
+            return 0;
+        }
+        self.inner.dirty.store(true, Ordering::Relaxed);
+        self.inner.metrics.expirations.inc_by(removed.len() as u64);
+        let mut grouped: BTreeMap<(String, String), Vec<IpAddr>> = BTreeMap::new();
+        for r in &removed {
+            grouped
+                .entry((r.endpoint.clone(), r.name.clone()))
+                .or_default()
+                .push(r.ip);
+        }
+        let model = self.inner.policy.current();
+        for ((endpoint, name), ips) in grouped {
+            let update = Update {
+                remove: model
+                    .fqdn_selectors_matching(&name)
+                    .into_iter()
+                    .map(|s| SelectorIps {
+                        selector: s.to_string(),
+                        label: fqdn_key(s, &endpoint).to_string(),
+                        ips: ips.clone(),
+                    })
+                    .collect(),
+                endpoint,
+                name: name.clone(),
+                add: Vec::new(),
+            };
+            let mut done = self.queue_update(&name, update);
+            let _ = done.wait_for(|d| *d).await;
+        }
+        removed.len()
+    }
+
+    /// Writes the cache to the state directory when it changed since the last write.
+    pub fn persist(&self) -> Result<bool, PersistError> {
+        let Some(dir) = &self.inner.config.state_dir else {
+            return Ok(false);
+        };
+        if !self.inner.dirty.swap(false, Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let entries = self.cache().snapshot();
+        persist::save(dir, &entries).inspect_err(|_| {
+            self.inner.dirty.store(true, Ordering::Relaxed);
+            self.inner.metrics.persist_errors.inc();
+        })?;
+        Ok(true)
+    }
+
+    /// Loads the cache from the state directory and hands every restored IP to the
+    /// datapath again (it may have been rebuilt). Returns the number of names restored.
+    pub async fn restore(&self) -> Result<usize, PersistError> {
+        let Some(dir) = &self.inner.config.state_dir else {
+            return Ok(0);
+        };
+        let entries = persist::load(dir)?;
+        let model = self.inner.policy.current();
+        let mut updates = Vec::new();
+        for (endpoint, names) in &entries {
+            for (name, e) in names {
+                let ips: Vec<IpAddr> = e.ips.iter().chain(&e.zombies).map(|e| e.ip).collect();
+                let add: Vec<SelectorIps> = model
+                    .fqdn_selectors_matching(name)
+                    .into_iter()
+                    .map(|s| SelectorIps {
+                        selector: s.to_string(),
+                        label: fqdn_key(s, endpoint).to_string(),
+                        ips: ips.clone(),
+                    })
+                    .collect();
+                if !add.is_empty() {
+                    updates.push(Update {
+                        endpoint: endpoint.clone(),
+                        name: name.clone(),
+                        add,
+                        remove: Vec::new(),
+                    });
+                }
+            }
+        }
+        {
+            let mut cache = self.cache();
+            cache.restore(entries);
+            self.moved();
+        }
+        // What the policy no longer selects is not restored.
+        self.follow_selectors(&model);
+        let count = self.cache().names();
+        self.update_gauges();
+        for u in updates {
+            let name = u.name.clone();
+            let mut done = self.queue_update(&name, u);
+            let _ = done.wait_for(|d| *d).await;
+        }
+        Ok(count)
+    }
+
+    /// Runs expiry and persistence every `maintenance_interval` until the proxy is
+    /// dropped by everyone else.
+    pub fn spawn_maintenance(&self) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(&self.inner);
+        let every = self
+            .inner
+            .config
+            .maintenance_interval
+            .max(Duration::from_millis(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let proxy = Proxy { inner };
+                proxy.collect().await;
+                let p = proxy.clone();
+                match tokio::task::spawn_blocking(move || p.persist()).await {
+                    Ok(Err(e)) => tracing::warn!("persisting the FQDN cache: {e}"),
+                    Ok(Ok(_)) => {}
+                    Err(e) => tracing::warn!("persist task: {e}"),
+                }
+            }
+        })
+    }
+}
