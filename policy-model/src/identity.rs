@@ -316,6 +316,11 @@ impl SelectorCache {
         i
     }
 
+    /// How many selectors are cached.
+    pub fn selector_count(&self) -> usize {
+        self.selectors.len()
+    }
+
     pub fn members(&self, s: SelectorId) -> &Bits {
         &self.selectors[s as usize].1
     }

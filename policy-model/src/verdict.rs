@@ -499,13 +499,14 @@ impl Model {
         let dst = self.resolve(&q.to, None)?;
         let src = self.resolve(&q.from, Some(dst.ip))?;
         let mut sides = Vec::new();
-        if let Some(ep) = src.endpoint {
+        // (an endpoint outside a node-scoped model's scope has no side here)
+        if let Some(ep) = src.endpoint.and_then(|s| self.endpoint_at(s)) {
             let peer = self.identity_of(dst.ip, src.node.as_deref());
-            sides.push(self.side(&self.endpoints[ep], Direction::Egress, peer, q, &dst));
+            sides.push(self.side(ep, Direction::Egress, peer, q, &dst));
         }
-        if let Some(ep) = dst.endpoint {
+        if let Some(ep) = dst.endpoint.and_then(|s| self.endpoint_at(s)) {
             let peer = self.identity_of(src.ip, dst.node.as_deref());
-            sides.push(self.side(&self.endpoints[ep], Direction::Ingress, peer, q, &dst));
+            sides.push(self.side(ep, Direction::Ingress, peer, q, &dst));
         }
         let denied = sides.iter().find(|s| !s.allowed);
         Ok(Verdict {
