@@ -3,17 +3,46 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
 use policy_model::api::{self, Object, Parsed};
 use policy_model::{Cluster, CompileOptions, Model, PolicyError};
 use serde_yaml::Value;
+
+/// Why inputs could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid YAML: {source}")]
+    Yaml {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("{path}: {field}: {reason}")]
+    Cluster {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+fn read_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// The YAML files named by `paths`: files as given, folders searched recursively for
 /// `*.yaml` / `*.yml`, in name order.
 pub fn yaml_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in paths {
-        let meta = fs::metadata(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let meta = fs::metadata(p).map_err(read_error(p))?;
         if meta.is_dir() {
             walk(p, &mut out)?;
         } else {
@@ -25,7 +54,7 @@ pub fn yaml_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let mut entries: Vec<PathBuf> = fs::read_dir(dir)
-        .with_context(|| format!("cannot read folder {}", dir.display()))?
+        .map_err(read_error(dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     entries.sort();
@@ -54,7 +83,7 @@ pub fn load_policies(paths: &[PathBuf]) -> Result<Loaded> {
         files: files.len(),
     };
     for f in &files {
-        let text = fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        let text = fs::read_to_string(f).map_err(read_error(f))?;
         let name = f.display().to_string();
         let parsed = api::parse(&text, Some(&name));
         absorb(parsed, &name, &mut loaded);
@@ -87,7 +116,7 @@ fn absorb(parsed: Parsed, file: &str, loaded: &mut Loaded) {
 }
 
 /// Loads a cluster file and policy manifests and compiles them. Invalid objects are left
-/// out with a warning on stderr naming each error; the others are enforced.
+/// out with a warning (a log event) naming each error; the others are enforced.
 pub fn compile_model(
     cluster: &Path,
     policies: &[PathBuf],
@@ -104,21 +133,25 @@ pub fn compile_model(
         }
     }
     for e in &errors {
-        eprintln!("warning: left out: {e}");
+        tracing::warn!(error = %e, "left out");
     }
     Ok(Model::compile(&cluster, valid, options))
 }
 
 /// Reads a cluster file: the `cluster:` shape on its own, or a whole case file.
 pub fn load_cluster(path: &Path) -> Result<Cluster> {
-    let text =
-        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let value: Value =
-        serde_yaml::from_str(&text).with_context(|| format!("{}: invalid YAML", path.display()))?;
+    let text = fs::read_to_string(path).map_err(read_error(path))?;
+    let value: Value = serde_yaml::from_str(&text).map_err(|source| Error::Yaml {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let value = match value.get("cluster") {
         Some(c) => c.clone(),
         None => value,
     };
-    serde_path_to_error::deserialize(value)
-        .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))
+    serde_path_to_error::deserialize(value).map_err(|e| Error::Cluster {
+        path: path.to_path_buf(),
+        field: e.path().to_string(),
+        reason: e.inner().to_string(),
+    })
 }

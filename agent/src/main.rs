@@ -1,13 +1,11 @@
-//! `ward`: Ward's node agent and its command-line tools.
+//! `ward`: Ward's node agent and its command-line tools. The command line is parsed
+//! here; the agent itself is the `agent` library.
 
 mod cmd;
-mod inputs;
-// The Kubernetes source (issue 7): `ward agent --source kubernetes`.
-mod kube;
 mod lab;
-mod node;
-mod source;
-mod store;
+
+// `crate::inputs` for the modules of this binary (the tools and the lab).
+use agent::inputs;
 
 use std::process::ExitCode;
 
@@ -26,12 +24,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: agent::telemetry::LogArgs,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent: datapath, HTTP proxy, DNS proxy and admin endpoint.
-    Agent(Box<cmd::agent::Args>),
+    Agent(Box<agent::app::config::Args>),
     /// Run netpol-oracle conformance cases against Ward's policy model.
     Conformance {
         #[command(subcommand)]
@@ -63,6 +63,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = agent::telemetry::init(&cli.log) {
+        eprintln!("ward: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Agent(args) => cmd::agent::run(*args),
         Command::Conformance { command } => cmd::conformance::run(command),
@@ -70,7 +74,7 @@ fn main() -> ExitCode {
         Command::Lab(args) => cmd::lab::run(args),
         Command::Policy { command } => cmd::policy::run(command),
         Command::Proxy(args) => cmd::proxy::run(*args),
-        Command::KubeCrds { dir } => crate::kube::crd::write(&dir)
+        Command::KubeCrds { dir } => agent::source::kube::crd::write(&dir)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| anyhow::anyhow!("cannot write the CRDs into {}: {e}", dir.display())),
         Command::Status(args) => cmd::status::status(args),

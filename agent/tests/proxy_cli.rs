@@ -103,6 +103,12 @@ impl Drop for Ward {
 }
 
 fn start(name: &str, paths: &str) -> Ward {
+    start_with(name, paths, &[], &[])
+}
+
+/// `ward proxy` with more environment and arguments; its stderr (the log) goes to
+/// `ward.log` in its directory.
+fn start_with(name: &str, paths: &str, env: &[(&str, &str)], extra: &[&str]) -> Ward {
     let dir = std::env::temp_dir().join(format!("ward-proxy-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("cluster.yaml"), CLUSTER).unwrap();
@@ -121,7 +127,11 @@ fn start(name: &str, paths: &str) -> Ward {
         .arg("--audit-log")
         .arg(dir.join("audit.jsonl"))
         .args(["--metrics", &metrics.to_string()])
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("ward.log")).unwrap())
         .spawn()
         .unwrap();
     wait_for_port(listen);
@@ -236,4 +246,56 @@ fn sighup_reloads_policies() {
         curl_get(&[], &format!("http://{}/other", w.listen)).0,
         "200"
     );
+}
+
+/// Connects to the proxy and closes without a request: the proxy logs that at debug.
+fn connect_and_close(w: &Ward) {
+    drop(TcpStream::connect(w.listen).unwrap());
+}
+
+#[test]
+fn rust_log_debug_prints_the_proxys_debug_events() {
+    let w = start_with("debuglog", "/public/.*", &[("RUST_LOG", "debug")], &[]);
+    connect_and_close(&w);
+    let line = wait_for_line(&w.dir.join("ward.log"), "closed before a request");
+    assert!(line.contains("DEBUG"), "{line}");
+
+    // at the default level (info) the same is not printed
+    let quiet = start("infolog", "/public/.*");
+    connect_and_close(&quiet);
+    wait_for_line(&quiet.dir.join("ward.log"), "proxy serving");
+    // a request afterwards shows the connection was handled before the log is read
+    assert_eq!(
+        curl_get(&[], &format!("http://{}/public/a", quiet.listen)).0,
+        "200"
+    );
+    let log = std::fs::read_to_string(quiet.dir.join("ward.log")).unwrap();
+    assert!(!log.contains("closed before a request"), "{log}");
+}
+
+#[test]
+fn log_format_json_prints_one_object_per_line() {
+    let w = start_with(
+        "jsonlog",
+        "/public/.*",
+        &[],
+        &["--log-format", "json", "--log-level", "debug"],
+    );
+    connect_and_close(&w);
+    wait_for_line(&w.dir.join("ward.log"), "closed before a request");
+    let log = std::fs::read_to_string(w.dir.join("ward.log")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect();
+    let serving = lines
+        .iter()
+        .find(|l| l["message"] == "proxy serving")
+        .unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(serving["level"], "INFO");
+    assert_eq!(serving["endpoint"], "default/web");
+    assert!(serving["timestamp"].is_string(), "{serving}");
+    assert!(lines
+        .iter()
+        .any(|l| l["level"] == "DEBUG" && l["target"] == "proxy::server"));
 }

@@ -1,183 +1,21 @@
-//! `ward agent`: the command line and the config file of the node daemon. Every option
-//! can be set in a YAML file (`--config`, keys as the long flags with `_` for `-`);
-//! flags override the file; defaults apply to what neither sets.
+//! `ward agent`: enters the node's network namespace, starts the runtime, and runs the
+//! agent (`agent::app`) on the source its settings name.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use agent::app::config::{self, Args, SourceKind};
+use agent::source::{FilesSource, Source};
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
-
-use crate::node::{self, Settings};
-use crate::source::{FilesSource, Source};
-
-#[derive(clap::Args, Debug, Default)]
-pub struct Args {
-    /// YAML config file; flags override its keys.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Network namespace to run in (a name under /var/run/netns, or a path), entered at
-    /// start. Unlike `ip netns exec`, this keeps the host's /sys/fs/bpf in view, so pins
-    /// under the default bpffs survive the process.
-    #[arg(long)]
-    netns: Option<String>,
-    /// This node's name: its pods (`node:` in cluster state) are enforced here.
-    #[arg(long, env = "NODE_NAME")]
-    node: Option<String>,
-    /// Where cluster state and policies come from: `files` (--source-dir) or `kubernetes`
-    /// (the API server, in-cluster service account or KUBECONFIG) [default: files].
-    #[arg(long, value_enum)]
-    source: Option<SourceKind>,
-    /// Directory of YAML files: cluster state (conformance `cluster:` shape) and policy
-    /// manifests, read recursively and watched for changes.
-    #[arg(long)]
-    source_dir: Option<PathBuf>,
-    /// How often the source directory is checked for changes, in milliseconds [default: 20].
-    #[arg(long)]
-    source_poll_ms: Option<u64>,
-    /// How often local pods whose veth is not found yet are looked for again, in
-    /// milliseconds, when no route or link change in the node's namespace (watched over
-    /// netlink) prompted a look [default: 10000].
-    #[arg(long)]
-    endpoint_recheck_ms: Option<u64>,
-    /// bpffs directory of the pinned maps and links [default: /sys/fs/bpf/ward].
-    #[arg(long)]
-    bpf_root: Option<PathBuf>,
-    /// State directory: DNS cache (`dns/`), learned FQDN observations, identity numbers
-    /// [default: /var/lib/ward].
-    #[arg(long)]
-    state_dir: Option<PathBuf>,
-    /// Admin HTTP endpoint: /metrics, /healthz, /readyz, /v1/... [default: 127.0.0.1:9890].
-    #[arg(long)]
-    admin: Option<SocketAddr>,
-    /// Port of the transparent HTTP proxy (all addresses) [default: 15001].
-    #[arg(long)]
-    proxy_port: Option<u16>,
-    /// Port of the transparent DNS proxy, UDP and TCP [default: 15053].
-    #[arg(long)]
-    dns_proxy_port: Option<u16>,
-    /// Uplink interface whose ingress carries traffic for local pods (repeatable; the
-    /// config file key is `uplinks`).
-    #[arg(long = "uplink")]
-    uplinks: Vec<String>,
-    /// Audit log of both proxies (JSON lines): a file, `-` for stdout, or `none` [default: -].
-    #[arg(long)]
-    audit_log: Option<String>,
-    /// Upstream connections of the HTTP proxy leave from the node's address instead of
-    /// the client's (transparent source is the default in agent mode).
-    #[arg(long)]
-    no_transparent_source: bool,
-    /// CIDR selectors (ipBlock, toCIDR, ANP networks) also match pod and node IPs, as the
-    /// Kubernetes NetworkPolicy conformance tests expect. Off by default, as in Cilium,
-    /// where a pod is selected by its labels only.
-    #[arg(long)]
-    cidr_matches_cluster: bool,
-}
-
-/// Where the agent learns cluster state and policies.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum SourceKind {
-    /// A directory of YAML files (`--source-dir`), watched.
-    #[default]
-    Files,
-    /// The Kubernetes API server (kube-rs watchers), as a DaemonSet runs it.
-    Kubernetes,
-}
-
-/// The config file: the same keys as the flags, plus the proxies' own settings.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct File {
-    node: Option<String>,
-    source: Option<SourceKind>,
-    source_dir: Option<PathBuf>,
-    source_poll_ms: Option<u64>,
-    endpoint_recheck_ms: Option<u64>,
-    bpf_root: Option<PathBuf>,
-    state_dir: Option<PathBuf>,
-    admin: Option<SocketAddr>,
-    proxy_port: Option<u16>,
-    dns_proxy_port: Option<u16>,
-    uplinks: Vec<String>,
-    audit_log: Option<String>,
-    transparent_source: Option<bool>,
-    cidr_matches_cluster: Option<bool>,
-    /// HTTP proxy settings (timeouts, limits), keys as in proxy/README.md.
-    proxy: Option<proxy::Config>,
-    /// DNS proxy settings, keys as in dns-proxy/README.md.
-    dns_proxy: Option<dns_proxy::Config>,
-}
-
-fn read_file(path: &Path) -> Result<File> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let de = serde_yaml::Deserializer::from_str(&text);
-    serde_path_to_error::deserialize(de)
-        .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))
-}
-
-/// Merges flags over the file over the defaults.
-fn settings(a: Args) -> Result<Settings> {
-    let f = match &a.config {
-        Some(p) => read_file(p)?,
-        None => File::default(),
-    };
-    let Some(node) = a.node.or(f.node) else {
-        bail!("--node (or NODE_NAME, or `node:` in --config) is required");
-    };
-    let source = a.source.or(f.source).unwrap_or_default();
-    let source_dir = a.source_dir.or(f.source_dir);
-    if source == SourceKind::Files && source_dir.is_none() {
-        bail!("--source-dir (or `source_dir:` in --config) is required with the files source");
-    }
-    Ok(Settings {
-        node,
-        source,
-        source_dir,
-        poll: Duration::from_millis(a.source_poll_ms.or(f.source_poll_ms).unwrap_or(20)),
-        endpoint_recheck: a
-            .endpoint_recheck_ms
-            .or(f.endpoint_recheck_ms)
-            .map_or(node::reconcile::ENDPOINT_RECHECK, Duration::from_millis),
-        bpf_root: a
-            .bpf_root
-            .or(f.bpf_root)
-            .unwrap_or_else(|| PathBuf::from(redirect_bpf::DEFAULT_ROOT)),
-        state_dir: a
-            .state_dir
-            .or(f.state_dir)
-            .unwrap_or_else(|| PathBuf::from("/var/lib/ward")),
-        admin: a
-            .admin
-            .or(f.admin)
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9890))),
-        proxy_port: a.proxy_port.or(f.proxy_port).unwrap_or(15001),
-        dns_proxy_port: a.dns_proxy_port.or(f.dns_proxy_port).unwrap_or(15053),
-        uplinks: if a.uplinks.is_empty() {
-            f.uplinks
-        } else {
-            a.uplinks
-        },
-        audit_log: a.audit_log.or(f.audit_log).unwrap_or_else(|| "-".into()),
-        transparent_source: !a.no_transparent_source && f.transparent_source.unwrap_or(true),
-        proxy: f.proxy.unwrap_or_default(),
-        dns: f.dns_proxy.unwrap_or_default(),
-        compile: policy_model::CompileOptions {
-            cidr_matches_cluster: a.cidr_matches_cluster || f.cidr_matches_cluster.unwrap_or(false),
-        },
-    })
-}
 
 pub fn run(a: Args) -> Result<ExitCode> {
     // Before any thread starts: setns changes only the calling thread.
     if let Some(ns) = &a.netns {
         enter_netns(ns)?;
     }
-    let s = settings(a)?;
-    warn_private_bpffs(&s.bpf_root);
+    let s = config::settings(a)?;
+    config::warn_private_bpffs(&s.bpf_root);
     std::fs::create_dir_all(&s.state_dir)
         .with_context(|| format!("cannot create {}", s.state_dir.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -186,16 +24,16 @@ pub fn run(a: Args) -> Result<ExitCode> {
         .context("cannot start the runtime")?;
     let r = rt.block_on(async {
         let source: Box<dyn Source> = match (s.source, &s.source_dir) {
-            (SourceKind::Files, Some(dir)) => Box::new(FilesSource::new(dir).with_poll(s.poll)),
+            (SourceKind::Files, Some(dir)) => Box::new(FilesSource::new(dir).with_rescan(s.rescan)),
             (SourceKind::Files, None) => bail!("the files source needs --source-dir"),
             (SourceKind::Kubernetes, _) => {
                 let client = ::kube::Client::try_default().await.context(
                     "cannot reach the Kubernetes API server (in-cluster config or KUBECONFIG)",
                 )?;
-                Box::new(crate::kube::KubeSource::new(client))
+                Box::new(agent::source::kube::KubeSource::new(client))
             }
         };
-        node::run(s, source).await
+        Ok(agent::app::run(s, source).await?)
     });
     rt.shutdown_timeout(Duration::from_secs(1));
     r.map(|()| ExitCode::SUCCESS)
@@ -212,95 +50,4 @@ fn enter_netns(ns: &str) -> Result<()> {
     nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("--netns: cannot enter {}", path.display()))?;
     Ok(())
-}
-
-/// Pins under /sys/fs/bpf survive the agent only on the host's bpffs. Under `ip netns
-/// exec`, /sys is remounted without it, and the loader would mount a bpffs private to
-/// this process: say so, since a restart would then start from empty maps.
-fn warn_private_bpffs(root: &Path) {
-    if !root.starts_with("/sys/fs/bpf") {
-        return;
-    }
-    let mounted = std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
-        m.lines()
-            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
-    });
-    if !mounted {
-        eprintln!(
-            "ward agent: warning: no bpffs on /sys/fs/bpf in this mount namespace (ip netns exec?): \
-             the pins would not outlive this process; use --netns NAME instead, or a --bpf-root \
-             on a bpffs mounted outside /sys"
-        );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::*;
-
-    #[test]
-    fn flags_override_the_file_and_defaults_fill_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("agent.yaml");
-        std::fs::write(
-            &cfg,
-            "node: n1\nsource_dir: /src\nproxy_port: 1000\nuplinks: [up0]\nproxy: {idle_timeout_ms: 5}\n",
-        )
-        .unwrap();
-        let s = settings(Args {
-            config: Some(cfg.clone()),
-            proxy_port: Some(2000),
-            ..Args::default()
-        })
-        .unwrap();
-        assert_eq!(s.node, "n1");
-        assert_eq!(s.proxy_port, 2000, "flag wins");
-        assert_eq!(s.dns_proxy_port, 15053, "default");
-        assert_eq!(s.uplinks, vec!["up0".to_string()]);
-        assert_eq!(s.proxy.idle_timeout_ms, 5);
-        assert!(s.transparent_source);
-        assert_eq!(s.bpf_root, PathBuf::from("/sys/fs/bpf/ward"));
-
-        std::fs::write(&cfg, "node: n1\nsource_dir: /src\nproxy_prot: 1\n").unwrap();
-        let e = settings(Args {
-            config: Some(cfg),
-            ..Args::default()
-        })
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("proxy_prot"), "{e}");
-    }
-
-    #[test]
-    fn the_kubernetes_source_needs_no_directory_and_the_deploy_config_parses() {
-        // the ConfigMap the DaemonSet mounts must be a valid agent config
-        let text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/configmap.yaml"),
-        )
-        .unwrap();
-        let cm: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-        let inner = cm["data"]["config.yaml"].as_str().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("config.yaml");
-        std::fs::write(&cfg, inner).unwrap();
-        let s = settings(Args {
-            config: Some(cfg),
-            node: Some("n1".into()),
-            ..Args::default()
-        })
-        .unwrap();
-        assert_eq!(s.source, SourceKind::Kubernetes);
-        assert_eq!(s.source_dir, None);
-        assert_eq!(s.admin.port(), 9890);
-
-        let e = settings(Args {
-            node: Some("n1".into()),
-            source: Some(SourceKind::Files),
-            ..Args::default()
-        })
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("--source-dir"), "{e}");
-    }
 }

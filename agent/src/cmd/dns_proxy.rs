@@ -93,11 +93,11 @@ fn raise_open_files_limit() {
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => {
             if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!("cannot raise the open files limit from {soft} to {hard}: {e}");
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit");
             }
         }
         Ok(_) => {}
-        Err(e) => tracing::warn!("cannot read the open files limit: {e}"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
     }
 }
 
@@ -196,9 +196,12 @@ async fn serve(a: Args) -> Result<ExitCode> {
     let tcp = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("cannot bind tcp {}", a.listen))?;
-    eprintln!(
-        "ward dns-proxy: {} -> {} for {} ({restored} names restored)",
-        a.listen, a.upstream, a.endpoint
+    tracing::info!(
+        listen = %a.listen,
+        upstream = %a.upstream,
+        endpoint = %a.endpoint,
+        restored,
+        "DNS proxy serving"
     );
     let udp_task = tokio::spawn(serve_udp(
         proxy.clone(),
@@ -218,7 +221,7 @@ async fn serve(a: Args) -> Result<ExitCode> {
         r = tokio::signal::ctrl_c() => r.context("signal")?,
     }
     if let Err(e) = proxy.persist() {
-        eprintln!("ward dns-proxy: persisting the FQDN cache: {e}");
+        tracing::warn!(error = %e, "cannot persist the FQDN cache");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -134,15 +134,15 @@ async fn serve(a: ProxyArgs) -> Result<ExitCode> {
     let listener = FixedListener::bind(a.listen, a.upstream)
         .await
         .with_context(|| format!("cannot listen on {}", a.listen))?;
-    eprintln!(
-        "ward proxy: {} -> {} enforcing {} {}",
-        a.listen,
-        a.upstream,
-        a.endpoint,
-        match a.direction {
+    tracing::info!(
+        listen = %a.listen,
+        upstream = %a.upstream,
+        endpoint = %a.endpoint,
+        direction = match a.direction {
             Dir::Ingress => "ingress",
             Dir::Egress => "egress",
-        }
+        },
+        "proxy serving"
     );
     let serving = proxy.serve(listener);
     tokio::pin!(serving);
@@ -156,9 +156,12 @@ async fn serve(a: ProxyArgs) -> Result<ExitCode> {
                 Ok(m) => {
                     let g = store.publish(m);
                     metrics.policy_generation.set(i64::try_from(g).unwrap_or(i64::MAX));
-                    eprintln!("ward proxy: policies reloaded (generation {g})");
+                    tracing::info!(generation = g, "policies reloaded");
                 }
-                Err(e) => eprintln!("ward proxy: reload failed, keeping the last good policies: {e:#}"),
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "reload failed; the last good policies stay in force"
+                ),
             },
             _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
         }

@@ -11,6 +11,11 @@
 //! - `GET /v1/fqdn`: names and IPs learned from DNS, per endpoint.
 //! - `GET /v1/events`: NDJSON of drop events and audit records: the recent ones, then
 //!   new ones as they happen (`?follow=false`: only the recent ones).
+//!
+//! The responses are the types of [`api`]; [`client`] reads them back.
+
+pub mod api;
+pub mod client;
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -27,20 +32,27 @@ use policy_model::policy::{Action, Tier};
 use policy_model::{Direction, Model};
 use prometheus::Registry;
 use proxy::metrics::{serve_endpoint, EndpointLimits, EndpointMetrics};
-use serde_json::{json, Value};
+use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 
-use super::events::Events;
-use super::metrics::render;
-use super::reconcile::SharedStatus;
+use crate::reconcile::drops::DropCounts;
+use crate::reconcile::publisher::PolicyStatus;
+use crate::telemetry::events::Events;
+use crate::telemetry::metrics::render;
 
 type RespBody = BoxBody<Bytes, Infallible>;
 
 /// What the handlers read.
 #[derive(Clone)]
 pub struct Admin {
-    pub status: SharedStatus,
+    pub node: String,
+    /// The source's name (`files`, `kubernetes`).
+    pub source: &'static str,
+    /// The policy publisher's status.
+    pub policy: watch::Receiver<PolicyStatus>,
+    /// The drop reader's counters.
+    pub drops: watch::Receiver<DropCounts>,
     pub registries: Vec<Registry>,
     pub events: Events,
 }
@@ -64,7 +76,7 @@ impl Admin {
         match path {
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
             "/readyz" => {
-                if self.status.read().is_ok_and(|s| s.ready) {
+                if self.policy.borrow().ready {
                     text(StatusCode::OK, "ready\n".into())
                 } else {
                     text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
@@ -74,26 +86,24 @@ impl Admin {
                 let regs: Vec<&Registry> = self.registries.iter().collect();
                 text(StatusCode::OK, render(&regs))
             }
-            "/v1/status" => self.status(),
-            "/v1/endpoints" => match self.status.read() {
-                Ok(s) => json_resp(StatusCode::OK, &json!(s.endpoints)),
-                Err(_) => unavailable(),
-            },
-            "/v1/fqdn" => match self.status.read() {
-                Ok(s) => json_resp(StatusCode::OK, &json!(s.learned)),
-                Err(_) => unavailable(),
-            },
+            "/v1/status" => json_resp(StatusCode::OK, &self.status()),
+            "/v1/endpoints" => json_resp(StatusCode::OK, &self.policy.borrow().endpoints),
+            "/v1/fqdn" => json_resp(StatusCode::OK, &self.policy.borrow().learned),
             "/v1/events" => self.events(!query.split('&').any(|kv| kv == "follow=false")),
             p if p.starts_with("/v1/policy/") => {
                 let pod = p.trim_start_matches("/v1/policy/");
-                let model = self.status.read().ok().and_then(|s| s.model.clone());
+                let model = self.policy.borrow().model.clone();
                 match model {
                     None => unavailable(),
                     Some(m) => match m.pod_endpoint(pod) {
                         Some(ep) => json_resp(StatusCode::OK, &explain(&m, ep)),
                         None => json_resp(
                             StatusCode::NOT_FOUND,
-                            &json!({"error": format!("no pod {pod} in the cluster (expected NAMESPACE/POD)")}),
+                            &api::Error {
+                                error: format!(
+                                    "no pod {pod} in the cluster (expected NAMESPACE/POD)"
+                                ),
+                            },
                         ),
                     },
                 }
@@ -102,28 +112,35 @@ impl Admin {
         }
     }
 
-    fn status(&self) -> Response<RespBody> {
-        let Ok(s) = self.status.read() else {
-            return unavailable();
-        };
-        let attached = s.endpoints.iter().filter(|e| e.attached).count();
-        let v = json!({
-            "node": s.node,
-            "source": s.source,
-            "ready": s.ready,
-            "policy_generation": s.pushes,
-            "last_push_ms": s.last_push_ms,
-            "last_error": s.last_error,
-            "endpoints": s.endpoints.len(),
-            "endpoints_attached": attached,
-            "policies": s.policies,
-            "errors": s.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "fqdn_names": s.learned.values().map(|n| n.len()).sum::<usize>(),
-            "fqdn_ips": s.learned.values().flat_map(|n| n.values()).map(|i| i.len()).sum::<usize>(),
-            "drops": s.drops,
-            "map_entries": {"ipcache": s.map_entries.0, "endpoints": s.map_entries.1, "policy": s.map_entries.2},
-        });
-        json_resp(StatusCode::OK, &v)
+    /// The summary of `/v1/status`.
+    pub fn status(&self) -> api::Status {
+        let s = self.policy.borrow();
+        api::Status {
+            node: self.node.clone(),
+            source: self.source.into(),
+            ready: s.ready,
+            policy_generation: s.generation,
+            last_push_ms: s.last_push_ms,
+            last_error: s.last_error.clone(),
+            endpoints: s.endpoints.len(),
+            endpoints_attached: s.endpoints.iter().filter(|e| e.attached).count(),
+            policies: s.policies,
+            errors: s.errors.iter().map(ToString::to_string).collect(),
+            fqdn_names: s.learned.values().map(|n| n.len()).sum(),
+            fqdn_ips: s
+                .learned
+                .values()
+                .flat_map(|n| n.values())
+                .map(|i| i.len())
+                .sum(),
+            drops: self
+                .drops
+                .borrow()
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            map_entries: s.map_entries,
+        }
     }
 
     fn events(&self, follow: bool) -> Response<RespBody> {
@@ -148,8 +165,9 @@ impl Admin {
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let note = format!("{{\"type\":\"lost\",\"events\":{n}}}\n");
-                        if tx.send(Bytes::from(note)).await.is_err() {
+                        let note = serde_json::to_string(&api::Event::Lost { events: n })
+                            .unwrap_or_default();
+                        if tx.send(Bytes::from(format!("{note}\n"))).await.is_err() {
                             return;
                         }
                     }
@@ -191,7 +209,7 @@ fn text(code: StatusCode, body: String) -> Response<RespBody> {
     r
 }
 
-fn json_resp(code: StatusCode, v: &Value) -> Response<RespBody> {
+fn json_resp(code: StatusCode, v: &impl Serialize) -> Response<RespBody> {
     let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
     body.push(b'\n');
     let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
@@ -212,13 +230,13 @@ fn unavailable() -> Response<RespBody> {
 
 /// A pod's compiled policy, entry by entry, each naming its policy and rule, plus the
 /// same as readable lines.
-pub fn explain(model: &Model, ep: &EndpointPolicy) -> Value {
+pub fn explain(model: &Model, ep: &EndpointPolicy) -> api::PodPolicy {
     let identity = model.identities.get(ep.identity);
     let mut lines = vec![format!(
         "{} (identity {}, labels {})",
         ep.name, identity.id, identity.labels
     )];
-    let mut dirs = serde_json::Map::new();
+    let mut dirs: [api::DirectionPolicy; 2] = Default::default();
     for dir in Direction::BOTH {
         let d = &ep.dirs[dir.index()];
         let name = |i: &u32| {
@@ -296,32 +314,160 @@ pub fn explain(model: &Model, ep: &EndpointPolicy) -> Value {
                     format!(" via proxy: {}", l7.join("; "))
                 }
             ));
-            entries.push(json!({
-                "action": action,
-                "tier": tier,
-                "peers": peers,
-                "protocol": protocol,
-                "ports": ports,
-                "l7": l7,
-                "policy": policy,
-                "rule": rule_path,
-            }));
+            entries.push(api::PolicyEntry {
+                action: action.into(),
+                tier: tier.into(),
+                peers,
+                protocol,
+                ports,
+                l7,
+                policy,
+                rule: rule_path,
+            });
         }
-        dirs.insert(
-            dir.to_string().to_lowercase(),
-            json!({
-                "default_deny_by": default_deny,
-                "selected_by": selected_by,
-                "entries": entries,
-            }),
-        );
+        dirs[dir.index()] = api::DirectionPolicy {
+            default_deny_by: default_deny,
+            selected_by,
+            entries,
+        };
     }
-    json!({
-        "pod": ep.name,
-        "identity": identity.id,
-        "labels": identity.labels.to_string(),
-        "ingress": dirs.remove("ingress"),
-        "egress": dirs.remove("egress"),
-        "text": lines,
-    })
+    // indexed by `Direction::index`: ingress, egress
+    let [ingress, egress] = dirs;
+    api::PodPolicy {
+        pod: ep.name.clone(),
+        identity: identity.id,
+        labels: identity.labels.to_string(),
+        ingress,
+        egress,
+        text: lines,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::client::Client;
+    use super::*;
+    use crate::datapath::{FakeDatapath, Shared};
+    use crate::reconcile::drops::{DropCounters, EventReader};
+    use crate::reconcile::Published;
+    use crate::telemetry::metrics::AgentMetrics;
+    use redirect_bpf::common::{drop_reason, DropEvent, DIR_INGRESS};
+
+    /// The admin endpoint on a free port, with the drop readers over a fake datapath.
+    #[tokio::test]
+    async fn status_and_events_reach_the_client_as_the_server_typed_them() {
+        let cluster: policy_model::Cluster = serde_yaml::from_str(
+            "namespaces: [{name: app}]\npods: [{namespace: app, name: web, ip: 10.80.2.2}]\n",
+        )
+        .unwrap();
+        let model = Arc::new(Model::compile(&cluster, vec![], Default::default()));
+        let (_policy_tx, policy) = watch::channel(PolicyStatus {
+            ready: true,
+            generation: 3,
+            model: Some(model.clone()),
+            ..PolicyStatus::default()
+        });
+        let (_published_tx, published) = watch::channel(Some(Published {
+            model,
+            generation: 3,
+            pushes: 1,
+        }));
+        let (drops_tx, drops) = watch::channel(DropCounts::new());
+        let events = Events::new();
+        let metrics = AgentMetrics::new().unwrap();
+        let dp = Shared::new(FakeDatapath::new());
+        let ring = dp.lock().take_drop_events();
+        {
+            let mut d = dp.lock();
+            d.drop_counts.insert(drop_reason::POLICY_DEFAULT_DENY, 4);
+            d.record_drop(DropEvent {
+                reason: drop_reason::POLICY_DEFAULT_DENY,
+                saddr: [10, 80, 1, 2],
+                daddr: [10, 80, 2, 2],
+                dport: 8081u16.to_be_bytes(),
+                protocol: 6,
+                direction: DIR_INGRESS,
+                family: 4,
+                ..DropEvent::default()
+            });
+        }
+        let event_reader = EventReader::new(Box::new(ring), events.clone(), published.clone());
+        let reading = tokio::spawn(event_reader.run());
+        // the reader moves the recorded event to the stream
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while events.recent().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the drop event read from the ring buffer");
+        reading.abort();
+        let mut counters = DropCounters::new(dp.clone(), metrics.clone(), published, drops_tx);
+        counters.read();
+        dp.lock()
+            .drop_counts
+            .insert(drop_reason::POLICY_DEFAULT_DENY, 6);
+        counters.read();
+        let counted = metrics
+            .drops
+            .with_label_values(&["policy_default_deny"])
+            .get();
+        assert_eq!(counted, 6, "the kernel's count, added by deltas");
+
+        let admin = Admin {
+            node: "n1".into(),
+            source: "files",
+            policy,
+            drops,
+            registries: vec![metrics.registry.clone()],
+            events,
+        };
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = Client::new(l.local_addr().unwrap());
+        let endpoint = EndpointMetrics::register(&metrics.registry, "admin").unwrap();
+        tokio::spawn(admin.serve(l, endpoint));
+
+        let s = client.status().await.unwrap();
+        assert!(s.ready && s.healthy());
+        assert_eq!((s.node.as_str(), s.policy_generation), ("n1", 3));
+        assert_eq!(s.drops.get("policy_default_deny"), Some(&6));
+
+        let mut stream = client.events(false).await.unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("the drop event");
+        let api::Event::Drop(d) = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(d.destination.pod.as_deref(), Some("app/web"));
+        assert_eq!(d.destination.port, 8081);
+        assert_eq!(d.reason, "policy_default_deny");
+        assert_eq!(e.pods(), vec!["app/web"]);
+        assert!(
+            e.line()
+                .contains("DROP  ingress 10.80.1.2:0 -> app/web:8081"),
+            "{}",
+            e.line()
+        );
+        assert!(stream.next().await.unwrap().is_none(), "follow=false ends");
+
+        let missing = client
+            .get_json::<api::PodPolicy>("/v1/policy/app/nope")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("404") && missing.contains("app/nope"),
+            "{missing}"
+        );
+        let pod: api::PodPolicy = client.get_json("/v1/policy/app/web").await.unwrap();
+        assert_eq!(pod.pod, "app/web");
+    }
 }

@@ -126,6 +126,17 @@ impl AgentMetrics {
     }
 }
 
+impl AgentMetrics {
+    /// Sets the endpoint gauges from the endpoints the maps hold.
+    pub fn set_endpoints(&self, endpoints: &[crate::reconcile::endpoints::EndpointStatus]) {
+        let attached = endpoints.iter().filter(|e| e.attached).count();
+        self.endpoints
+            .set(i64::try_from(endpoints.len()).unwrap_or(i64::MAX));
+        self.endpoints_attached
+            .set(i64::try_from(attached).unwrap_or(i64::MAX));
+    }
+}
+
 /// The text exposition of several registries as one page.
 pub fn render(registries: &[&Registry]) -> String {
     let mut families = Vec::new();

@@ -1,45 +1,39 @@
 //! `ward agent`: the node daemon. One process (tokio) that takes cluster state and
 //! policies from a [`Source`], compiles them, and pushes the result from one place (the
-//! [`reconcile`] task) to the datapath, the HTTP proxy and the DNS proxy it hosts; plus
-//! endpoint discovery, the redirect routing, and the admin endpoint.
+//! [`reconcile`](crate::reconcile) tasks) to the datapath, the HTTP proxy and the DNS
+//! proxy it hosts; plus endpoint discovery, the redirect routing, and the admin endpoint.
 
-pub mod admin;
-pub mod datapath;
-pub mod drops;
-pub mod endpoints;
-pub mod events;
-pub mod fqdn;
-pub mod identities;
-pub mod metrics;
-pub mod reconcile;
-pub mod revoke;
+pub mod config;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use dns_proxy::listener::{serve_tcp, serve_udp, LocalAddr, TransparentUdp};
 use dns_proxy::Scope;
 use policy_model::{CompileOptions, Model};
 use redirect_bpf::common::MARK_FROM_EGRESS_PROXY;
-use redirect_bpf::netlink::{NetChanges, Netlink};
+use redirect_bpf::netlink::{NetChanges, Netlink, NetlinkError};
 use redirect_bpf::{routing, Datapath, ProxyPorts};
-use tokio::sync::mpsc;
 
+use crate::admin;
+use crate::datapath::Shared;
+use crate::reconcile::publisher::{NodeProxies, Start};
+use crate::reconcile::{self, attacher, dns, fqdn, identities, maps, Timing, Wiring};
 use crate::source::Source;
-use reconcile::{Msg, Reconciler, Status};
+use crate::telemetry::{audit, events, metrics};
 
 /// Everything `ward agent` needs, after the config file and the flags are merged.
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub node: String,
     /// Where cluster state comes from.
-    pub source: crate::cmd::agent::SourceKind,
+    pub source: config::SourceKind,
     /// The files source's directory.
     pub source_dir: Option<PathBuf>,
-    pub poll: Duration,
+    /// How often the files source re-reads its directory behind the notifications.
+    pub rescan: Duration,
     /// How often endpoints are looked for when no route or link change woke discovery.
     pub endpoint_recheck: Duration,
     pub bpf_root: PathBuf,
@@ -57,14 +51,70 @@ pub struct Settings {
     pub compile: CompileOptions,
 }
 
+/// Why the agent could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {source}")]
+    Datapath {
+        what: String,
+        source: redirect_bpf::Error,
+    },
+    #[error("{what}: cannot listen on {addr}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Netlink {
+        what: &'static str,
+        source: NetlinkError,
+    },
+    #[error("the datapath's drop event ring buffer was already handed out")]
+    DropEventsTaken,
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("reading the first snapshot: {0}")]
+    FirstSnapshot(#[source] crate::source::Error),
+    #[error("the policy publisher stopped")]
+    PublisherStopped,
+    #[error("the DNS proxy's thread ended before it started")]
+    DnsThread,
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+fn dp_error(what: impl Into<String>) -> impl FnOnce(redirect_bpf::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Datapath { what, source }
+}
+
+fn netlink_error(what: &'static str) -> impl FnOnce(NetlinkError) -> Error {
+    move |source| Error::Netlink { what, source }
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+fn listen_error(what: &'static str, addr: SocketAddr) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Listen { what, addr, source }
+}
+
 /// Binds the DNS proxy's UDP and TCP listeners (IPv4, and IPv6 when the node has it) and
 /// serves them on the current runtime.
 fn serve_dns(dns: &dns_proxy::Proxy, port: u16, ipv6: bool) -> Result<()> {
     let dns_listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let udp = TransparentUdp::bind(dns_listen)
-        .with_context(|| format!("DNS proxy: cannot bind udp {dns_listen}"))?;
+    let udp =
+        TransparentUdp::bind(dns_listen).map_err(listen_error("DNS proxy (udp)", dns_listen))?;
     let tcp = dns_proxy::socket::transparent_tcp(dns_listen)
-        .with_context(|| format!("DNS proxy: cannot bind tcp {dns_listen}"))?;
+        .map_err(listen_error("DNS proxy (tcp)", dns_listen))?;
     tokio::spawn(serve_udp(dns.clone(), Arc::new(udp)));
     tokio::spawn(serve_tcp(dns.clone(), tcp, Arc::new(LocalAddr)));
     let dns_listen6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
@@ -88,7 +138,7 @@ fn serve_dns(dns: &dns_proxy::Proxy, port: u16, ipv6: bool) -> Result<()> {
 /// for IPv4.
 fn bind_ipv6<T>(
     ipv6: bool,
-    what: &str,
+    what: &'static str,
     addr: SocketAddr,
     bind: impl FnOnce() -> std::io::Result<T>,
 ) -> Result<Option<T>> {
@@ -103,77 +153,77 @@ fn bind_ipv6<T>(
                 Some(nix::errno::Errno::EAFNOSUPPORT | nix::errno::Errno::EADDRNOTAVAIL)
             ) =>
         {
-            eprintln!(
-                "ward agent: {what}: no IPv6 listener on {addr} ({e}); IPv6 flows that need \
-                 it are dropped (proxy_unavailable)"
+            tracing::warn!(
+                listener = what,
+                %addr,
+                error = %e,
+                "no IPv6 listener; IPv6 flows that need it are dropped (proxy_unavailable)"
             );
             Ok(None)
         }
-        Err(e) => Err(e).with_context(|| format!("{what}: cannot listen on {addr}")),
+        Err(e) => Err(listen_error(what, addr)(e)),
     }
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     // The datapath: loaded on the pinned maps, which keep enforcing while no agent runs.
-    let mut dp = Datapath::load(&s.bpf_root)
-        .with_context(|| format!("loading the datapath at {}", s.bpf_root.display()))?;
+    let mut dp = Datapath::load(&s.bpf_root).map_err(dp_error(format!(
+        "loading the datapath at {}",
+        s.bpf_root.display()
+    )))?;
     let drop_events = dp
         .take_drop_events()
-        .context("the datapath's drop events")?
+        .ok_or(Error::DropEventsTaken)?
         .into_async()
-        .context("watching the drop event ring buffer")?;
-    let applied = datapath::MapState::read(&dp).context("reading the pinned maps")?;
-    let dp = Arc::new(Mutex::new(dp));
+        .map_err(io_error("watching the drop event ring buffer"))?;
+    let applied = maps::MapState::read(&dp).map_err(dp_error("reading the pinned maps"))?;
+    let dp = Shared::new(dp);
     // The node's namespace (entered before the runtime started): route lookups, the
     // redirect routing, and the route and link changes that wake endpoint discovery,
     // watched from before the first discovery so that no change falls in between.
-    let netlink = Netlink::connect().context("netlink")?;
-    let net_changes = NetChanges::watch().context("netlink")?;
+    let netlink = Netlink::connect().map_err(netlink_error("netlink"))?;
+    let net_changes = NetChanges::watch().map_err(netlink_error("watching routes and links"))?;
     let ipv6 = routing::ipv6_enabled();
     if !ipv6 {
-        eprintln!(
-            "ward agent: IPv6 is disabled in this network namespace: no IPv6 redirect routing \
-             or proxy listeners; IPv6 flows that need a proxy are dropped (proxy_unavailable)"
+        tracing::warn!(
+            "IPv6 is disabled in this network namespace: no IPv6 redirect routing or proxy \
+             listeners; IPv6 flows that need a proxy are dropped (proxy_unavailable)"
         );
     }
     if routing::ensure(&netlink)
         .await
-        .context("installing the redirect routing")?
+        .map_err(netlink_error("installing the redirect routing"))?
     {
-        eprintln!(
-            "ward agent: redirect routing installed (ip rule fwmark 0x200/0xf00 lookup {})",
-            routing::TABLE
+        tracing::info!(
+            rule = "fwmark 0x200/0xf00",
+            table = routing::TABLE,
+            "redirect routing installed"
         );
     }
     for up in &s.uplinks {
-        let mut g = dp
-            .lock()
-            .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?;
-        g.attach_uplink(up)
-            .with_context(|| format!("attaching to uplink {up}"))?;
+        dp.lock()
+            .attach_uplink(up)
+            .map_err(dp_error(format!("attaching to uplink {up}")))?;
     }
 
-    let agent_metrics = metrics::AgentMetrics::new().context("agent metrics")?;
+    let agent_metrics = metrics::AgentMetrics::new()?;
     let events = events::Events::new();
-    let status = Arc::new(RwLock::new(Status {
-        node: s.node.clone(),
-        source: source.name(),
-        ..Status::default()
-    }));
 
     // Audit: both proxies' records to the audit log and the event stream.
     let http_metrics = proxy::Metrics::new();
-    let dns_metrics = dns_proxy::metrics::Metrics::new().context("DNS proxy metrics")?;
+    let dns_metrics = dns_proxy::metrics::Metrics::new()?;
     let (http_audit, http_rx) = proxy::AuditLog::channel(s.proxy.audit_queue, http_metrics.clone());
     let (dns_audit, dns_rx) =
         dns_proxy::audit::Audit::channel(s.dns.audit_capacity, dns_metrics.clone());
-    let sink = events::AuditSink::open(&s.audit_log)
-        .with_context(|| format!("cannot open audit log {}", s.audit_log))?;
-    events::pump_audit(http_rx, dns_rx, sink, events.clone());
+    let sink = audit::AuditSink::open(&s.audit_log).map_err(io_error(format!(
+        "cannot open the audit log {}",
+        s.audit_log
+    )))?;
+    audit::pump_audit(http_rx, dns_rx, sink, events.clone());
 
     // The first snapshot, so the proxies start with real policy.
-    let first = source.next().await.context("reading the first snapshot")?;
+    let first = source.next().await.map_err(Error::FirstSnapshot)?;
     let obs = fqdn::Observations::load(&s.state_dir, &s.state_dir.join("dns"));
     let initial = {
         let mut store = crate::store::PolicyStore::default();
@@ -185,11 +235,10 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         m
     };
 
-    let (tx, rx) = mpsc::channel::<Msg>(1024);
+    let (lane, lane_rx) = dns::lane();
 
     // The HTTP proxy.
     let http_store = Arc::new(proxy::PolicyStore::new(initial.clone()));
-    tokio::spawn(drops::read(drop_events, events.clone(), http_store.clone()));
     let mut pcfg = s.proxy.clone();
     pcfg.node = Some(s.node.clone());
     pcfg.upstream_mark = Some(pcfg.upstream_mark.unwrap_or(MARK_FROM_EGRESS_PROXY));
@@ -208,7 +257,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     // only where the node has it (see bind_ipv6).
     let listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, s.proxy_port));
     let listener = proxy::TransparentListener::bind(listen, true)
-        .with_context(|| format!("HTTP proxy: cannot listen on {listen}"))?;
+        .map_err(listen_error("HTTP proxy", listen))?;
     let listen6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, s.proxy_port));
     let listener6 = bind_ipv6(ipv6, "HTTP proxy", listen6, || {
         proxy::TransparentListener::bind(listen6, true)
@@ -216,13 +265,13 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     let p = http_proxy.clone();
     tokio::spawn(async move {
         if let Err(e) = p.serve(listener).await {
-            eprintln!("ward agent: HTTP proxy stopped: {e}");
+            tracing::error!(error = %e, "HTTP proxy stopped");
         }
     });
     if let Some(listener6) = listener6 {
         tokio::spawn(async move {
             if let Err(e) = http_proxy.serve(listener6).await {
-                eprintln!("ward agent: HTTP proxy (IPv6) stopped: {e}");
+                tracing::error!(error = %e, "HTTP proxy (IPv6) stopped");
             }
         });
     }
@@ -237,8 +286,8 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         Scope::Node {
             node: Some(s.node.clone()),
         },
-        Arc::new(fqdn::Sink { tx: tx.clone() }),
-        Arc::new(fqdn::Conntrack(dp.clone())),
+        Arc::new(lane),
+        Arc::new(dns::Conntrack(dp.clone())),
         dns_audit,
         dns_metrics.clone(),
     );
@@ -258,7 +307,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
                     {
                         Ok(rt) => rt,
                         Err(e) => {
-                            let _ = ready_tx.send(Err(anyhow::anyhow!(e)));
+                            let _ = ready_tx.send(Err(io_error("DNS proxy runtime")(e)));
                             return;
                         }
                     };
@@ -271,50 +320,66 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
                         }
                     });
                 })
-                .context("DNS proxy: cannot start its thread")?;
-            ready_rx
-                .recv()
-                .context("DNS proxy: its thread ended before it started")??;
+                .map_err(io_error("DNS proxy: cannot start its thread"))?;
+            ready_rx.recv().map_err(|_| Error::DnsThread)??;
         }
     }
 
-    // The reconciler: the one writer of the datapath.
-    let mut reconciler = Reconciler::new(
-        s.node.clone(),
-        dp.clone(),
-        applied,
-        obs,
-        ProxyPorts {
-            http: s.proxy_port,
-            dns: s.dns_proxy_port,
+    // The reconcile tasks; the publisher is the one writer of the policy maps.
+    let handles = reconcile::spawn(
+        Start {
+            node: s.node.clone(),
+            dp: dp.clone(),
+            applied,
+            fqdn: obs,
+            identities: identities::StableIds::load(&s.state_dir),
+            ports: ProxyPorts {
+                http: s.proxy_port,
+                dns: s.dns_proxy_port,
+            },
+            compile: s.compile,
+            proxies: NodeProxies {
+                http: http_store,
+                http_metrics: http_metrics.clone(),
+                dns: dns.clone(),
+            },
+            metrics: agent_metrics.clone(),
         },
-        (http_store, http_metrics.clone()),
-        dns.clone(),
-        status.clone(),
-        agent_metrics.clone(),
-        netlink.clone(),
+        Wiring {
+            discovery: attacher::Routes::new(netlink.clone()),
+            wakeups: Some(attacher::net_wakeups(net_changes)),
+            uplinks: s.uplinks.clone(),
+            drop_events: Box::new(drop_events),
+            events: events.clone(),
+            timing: Timing {
+                endpoint_recheck: s.endpoint_recheck,
+                ..Timing::default()
+            },
+            dns: lane_rx,
+        },
     );
-    reconciler.endpoint_recheck = s.endpoint_recheck;
-    reconciler.uplinks = s.uplinks.clone();
-    reconciler.compile = s.compile;
-    reconciler.identities = identities::StableIds::load(&s.state_dir);
-    tx.send(Msg::Snapshot(first))
+    let snapshots = handles.snapshots.clone();
+    snapshots
+        .send(first)
         .await
-        .map_err(|_| anyhow::anyhow!("reconciler gone"))?;
-    tokio::spawn(reconciler.run(rx, net_changes));
+        .map_err(|_| Error::PublisherStopped)?;
 
     // The source feeds snapshots from now on.
-    let stx = tx.clone();
+    let source_name = source.name();
     tokio::spawn(async move {
         loop {
             match source.next().await {
                 Ok(snap) => {
-                    if stx.send(Msg::Snapshot(snap)).await.is_err() {
+                    if snapshots.send(snap).await.is_err() {
                         return;
                     }
                 }
                 Err(e) => {
-                    eprintln!("ward agent: source {}: {e:#}", source.name());
+                    tracing::warn!(
+                        source = source.name(),
+                        error = %e,
+                        "source failed; retrying"
+                    );
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
@@ -325,17 +390,20 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     let d = dns.clone();
     tokio::spawn(async move {
         match d.restore().await {
-            Ok(n) => eprintln!("ward agent: DNS cache restored: {n} names"),
-            Err(e) => eprintln!("ward agent: DNS cache not restored: {e}"),
+            Ok(n) => tracing::info!(names = n, "DNS cache restored"),
+            Err(e) => tracing::warn!(error = %e, "DNS cache not restored"),
         }
         let _maintenance = d.spawn_maintenance();
         std::future::pending::<()>().await;
     });
 
-    let admin_metrics = proxy::metrics::EndpointMetrics::register(&agent_metrics.registry, "admin")
-        .context("admin endpoint metrics")?;
+    let admin_metrics =
+        proxy::metrics::EndpointMetrics::register(&agent_metrics.registry, "admin")?;
     let admin = admin::Admin {
-        status,
+        node: s.node.clone(),
+        source: source_name,
+        policy: handles.status.clone(),
+        drops: handles.drops.clone(),
         registries: vec![
             agent_metrics.registry.clone(),
             http_metrics.registry.clone(),
@@ -345,25 +413,28 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     };
     let l = tokio::net::TcpListener::bind(s.admin)
         .await
-        .with_context(|| format!("admin: cannot listen on {}", s.admin))?;
+        .map_err(listen_error("admin endpoint", s.admin))?;
     tokio::spawn(admin.serve(l, admin_metrics));
-    eprintln!(
-        "ward agent: node {} serving: HTTP proxy :{}, DNS proxy :{}, admin {}",
-        s.node, s.proxy_port, s.dns_proxy_port, s.admin
+    tracing::info!(
+        node = %s.node,
+        http_proxy_port = s.proxy_port,
+        dns_proxy_port = s.dns_proxy_port,
+        admin = %s.admin,
+        "serving"
     );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot watch SIGTERM")?;
+        .map_err(io_error("cannot watch SIGTERM"))?;
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    eprintln!("ward agent: shutting down; the pinned maps keep enforcing");
+    tracing::info!("shutting down; the pinned maps keep enforcing");
     if let Err(e) = dns.persist() {
-        eprintln!("ward agent: persisting the DNS cache: {e}");
+        tracing::warn!(error = %e, "cannot persist the DNS cache");
     }
     routing::remove(&netlink)
         .await
-        .context("removing the redirect routing")?;
+        .map_err(netlink_error("removing the redirect routing"))?;
     Ok(())
 }

@@ -11,7 +11,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use redirect_bpf::common::EndpointInfo;
-use redirect_bpf::{Datapath, PolicyEntry};
+use redirect_bpf::PolicyEntry;
+
+use crate::datapath::Datapath;
 
 /// The content of the maps the agent owns.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -38,7 +40,7 @@ fn key(e: &PolicyEntry) -> EntryKey {
 
 impl MapState {
     /// Reads what the pinned maps hold.
-    pub fn read(dp: &Datapath) -> Result<MapState, redirect_bpf::Error> {
+    pub fn read(dp: &impl Datapath) -> Result<MapState, redirect_bpf::Error> {
         let mut s = MapState::default();
         s.ipcache.extend(dp.ipcache_entries()?);
         s.endpoints.extend(dp.endpoints()?);
@@ -57,7 +59,7 @@ impl MapState {
 /// Moves the maps from `applied` to `desired`, keeping `applied` equal to the maps after
 /// every write (also when one fails). Returns the number of map writes.
 pub fn apply(
-    dp: &mut Datapath,
+    dp: &mut impl Datapath,
     applied: &mut MapState,
     desired: &MapState,
 ) -> Result<usize, redirect_bpf::Error> {
@@ -129,11 +131,7 @@ pub fn apply(
         .copied()
         .collect();
     for ip in gone {
-        match dp.remove_endpoint(ip) {
-            Ok(()) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e),
-        }
+        dp.remove_endpoint(ip)?;
         applied.endpoints.remove(&ip);
         writes += 1;
     }
@@ -145,11 +143,7 @@ pub fn apply(
         .copied()
         .collect();
     for net in gone {
-        match dp.remove_ipcache(net) {
-            Ok(()) => {}
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e),
-        }
+        dp.remove_ipcache(net)?;
         applied.ipcache.remove(&net);
         writes += 1;
     }

@@ -1,21 +1,15 @@
-//! IPs learned from DNS answers: the DNS proxy hands them over as `Update`s through
-//! [`Sink`]; the reconciler keeps them as `DnsObservation`s merged into the cluster it
-//! compiles, pushes, and only then confirms, so an answer reaches the pod after its IPs
-//! are enforced. The observations are saved in the state directory on every change,
-//! so a restarted agent enforces what it learned before its first push.
+//! IPs learned from DNS answers: the DNS proxy hands them over as `Update`s through the
+//! DNS lane (`super::dns`); the policy publisher keeps them as `DnsObservation`s merged
+//! into the cluster it compiles, pushes, and only then confirms, so an answer reaches the
+//! pod after its IPs are enforced. The observations are saved in the state directory on
+//! every change, so a restarted agent enforces what it learned before its first push.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use dns_proxy::sink::{BoxFuture, SinkError};
-use dns_proxy::{DatapathSink, InUse, Update};
+use dns_proxy::Update;
 use policy_model::cluster::DnsObservation;
-use redirect_bpf::Datapath;
-use tokio::sync::{mpsc, oneshot};
-
-use super::reconcile::Msg;
 
 /// endpoint (`ns/pod`) -> name -> IPs.
 pub type Learned = BTreeMap<String, BTreeMap<String, BTreeSet<IpAddr>>>;
@@ -119,43 +113,6 @@ impl Observations {
         let body = serde_json::to_vec(&self.learned).map_err(std::io::Error::other)?;
         std::fs::write(&tmp, body)?;
         std::fs::rename(&tmp, file)
-    }
-}
-
-/// The DNS proxy's hand-off: each update goes to the reconciler, which confirms once the
-/// datapath enforces it.
-pub struct Sink {
-    pub tx: mpsc::Sender<Msg>,
-}
-
-impl DatapathSink for Sink {
-    fn apply(&self, update: Update) -> BoxFuture<'static, Result<(), SinkError>> {
-        let tx = self.tx.clone();
-        Box::pin(async move {
-            let (done, wait) = oneshot::channel();
-            tx.send(Msg::Dns(update, done))
-                .await
-                .map_err(|_| SinkError("the reconciler stopped".into()))?;
-            match wait.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(SinkError(e)),
-                Err(_) => Err(SinkError("the reconciler dropped the update".into())),
-            }
-        })
-    }
-}
-
-/// "Does a live connection use this IP", from the datapath's conntrack. Reads through
-/// the datapath's mutex; the reconciler is its only writer.
-pub struct Conntrack(pub Arc<Mutex<Datapath>>);
-
-impl InUse for Conntrack {
-    fn in_use(&self, ip: IpAddr) -> bool {
-        match self.0.lock() {
-            Ok(dp) => dp.in_live_connection(ip),
-            // Keep the IP when in doubt: expiring a used IP would cut a connection.
-            Err(_) => true,
-        }
     }
 }
 

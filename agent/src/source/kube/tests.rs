@@ -429,3 +429,33 @@ async fn a_lease_held_by_another_agent_is_taken_only_once_expired() {
     assert_eq!(l["spec"]["holderIdentity"], "b");
     assert_eq!(l["spec"]["leaseTransitions"], 1);
 }
+
+#[tokio::test]
+async fn a_failing_watch_is_logged_at_warn() {
+    use crate::telemetry::capture::Captured;
+    use crate::telemetry::{subscriber, LogFormat};
+
+    let out = Captured::default();
+    let filter = tracing_subscriber::EnvFilter::new("info");
+    // the test's runtime runs every task on this thread: they all log here
+    let _log =
+        tracing::subscriber::set_default(subscriber(filter, LogFormat::Text, out.clone(), false));
+    let fake = fake_with_core().await;
+    fake.set_forbidden(PODS, true);
+    let mut src = KubeSource::with_options(fake.client(), options(None));
+    let logged = async {
+        while !out
+            .text()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("watch failed") && l.contains("Pod"))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        s = src.next() => panic!("a snapshot while pods are forbidden: {:?}", s.map(|s| s.cluster)),
+        r = tokio::time::timeout(Duration::from_secs(10), logged) => {
+            assert!(r.is_ok(), "no warning in:\n{}", out.text());
+        }
+    }
+}

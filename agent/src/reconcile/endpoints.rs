@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use redirect_bpf::netlink::Netlink;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Endpoint ids: stable per pod across restarts. They are recovered from the endpoints
 /// map (pod IP -> id) that survives in bpffs, and new pods get the lowest free id.
@@ -46,7 +46,7 @@ impl EndpointIds {
 }
 
 /// One local endpoint as `/v1/endpoints` shows it.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointStatus {
     pub pod: String,
     pub ips: Vec<IpAddr>,

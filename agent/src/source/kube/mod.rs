@@ -29,7 +29,7 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::source::{BoxFuture, Snapshot, Source};
+use crate::source::{BoxFuture, Error, Snapshot, Source};
 use state::{Applied, State, Update, WatchKind};
 use status::{StatusConfig, StatusWant};
 
@@ -118,15 +118,11 @@ impl KubeSource {
         }
     }
 
-    async fn next_snapshot(&mut self) -> anyhow::Result<Snapshot> {
+    async fn next_snapshot(&mut self) -> Result<Snapshot, Error> {
         loop {
             let mut due = false;
             // wait for something to do
-            let (kind, update) = self
-                .rx
-                .recv()
-                .await
-                .ok_or_else(|| anyhow::anyhow!("every Kubernetes watch stopped"))?;
+            let (kind, update) = self.rx.recv().await.ok_or(Error::WatchesStopped)?;
             due |= self.apply(kind, update);
             if !self.state.ready() {
                 continue;
@@ -142,7 +138,7 @@ impl KubeSource {
                     Ok(Some((kind, update))) => {
                         self.apply(kind, update);
                     }
-                    Ok(None) => anyhow::bail!("every Kubernetes watch stopped"),
+                    Ok(None) => return Err(Error::WatchesStopped),
                     Err(_) => break,
                 }
             }
@@ -171,7 +167,7 @@ impl Source for KubeSource {
         "kubernetes"
     }
 
-    fn next(&mut self) -> BoxFuture<'_, anyhow::Result<Snapshot>> {
+    fn next(&mut self) -> BoxFuture<'_, Result<Snapshot, Error>> {
         Box::pin(self.next_snapshot())
     }
 }
