@@ -2,7 +2,7 @@
 //! 50 nodes in 2,000 namespaces and 2,000 policies mixing CNP (HTTP and DNS rules,
 //! toFQDNs, CIDR sets with except), CCNP, NetworkPolicy (AND and OR peers, ipBlocks with
 //! except), ANP and a BANP. Other sizes keep the proportions (10 pods a namespace, one
-//! policy per 10 pods) and 400 pods on `node-1`, the node whose agent is measured.
+//! policy per 10 pods) and 400 pods (at most a fifth) on `node-1`, the node whose agent is measured.
 
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
 
@@ -38,7 +38,7 @@ impl Scale {
         local: LOCAL,
     };
 
-    /// `pods` pods in the default proportions, 400 of them (at most) on `node-1`.
+    /// `pods` pods in the default proportions, 400 of them (at most a fifth) on `node-1`.
     pub fn pods(pods: usize) -> Scale {
         let pods = pods.max(10);
         Scale {
@@ -46,7 +46,7 @@ impl Scale {
             namespaces: pods / 10,
             policies: pods / 10,
             nodes: NODES,
-            local: LOCAL.min(pods),
+            local: LOCAL.min(pods / 5),
         }
     }
 

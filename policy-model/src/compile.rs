@@ -14,6 +14,7 @@
 //! node's endpoints (`scope`). The big parts of a model are shared (`Arc`) between a model
 //! and its copy, so the copy an update works on costs what the update changes.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -138,6 +139,10 @@ pub enum IpOwner {
 pub enum ModelError {
     #[error("no pod {0} in the cluster")]
     NoSuchPod(String),
+    #[error("no endpoint {0:?} in the cluster")]
+    NoSuchEndpoint(EndpointKey),
+    #[error("the ingress policy of {0} names peers this model has not interned")]
+    Unresolved(String),
 }
 
 /// The compiled state of a cluster and its policies.
@@ -268,6 +273,7 @@ impl Model {
         m.intern_rules();
         m.compile_endpoints();
         m.selectors_compiled = m.selectors.selector_count();
+        m.selectors.shrink();
         m
     }
 
@@ -465,7 +471,7 @@ impl Model {
             let (subject, peers) = self.intern_policy(&p);
             self.subjects.push(subject);
             self.rule_peers.push(peers);
-            self.number_l7(pi as u32, &p);
+            self.number_l7(pi as u32, &p, |_, _| None);
         }
     }
 
@@ -493,13 +499,16 @@ impl Model {
         (subject, peers)
     }
 
-    /// Numbers the L7 rule sets of policy `pi` (built when an endpoint in scope uses
-    /// them).
-    fn number_l7(&mut self, pi: u32, p: &Policy) {
+    /// Numbers and builds the L7 rule sets of policy `pi`, taking the set of a
+    /// (rule, port rule) from `reuse` where it has one (a policy kept across a change).
+    fn number_l7(&mut self, pi: u32, p: &Policy, reuse: impl Fn(u32, u32) -> Option<Arc<L7Set>>) {
         for (ri, r) in p.rules.iter().enumerate() {
             for (gi, g) in r.ports.iter().enumerate() {
-                if g.l7.is_some() {
-                    let id = self.l7.number();
+                if let Some(rules) = &g.l7 {
+                    let set = reuse(ri as u32, gi as u32).unwrap_or_else(|| {
+                        Arc::new(L7Set::new(rules.clone(), format!("{}.rules", g.path)))
+                    });
+                    let id = self.l7.push(set);
                     self.l7_of.insert((pi, ri as u32, gi as u32), id);
                 }
             }
@@ -552,19 +561,57 @@ impl Model {
 
     /// The policy of a node's host endpoint (node-subject policies).
     fn compile_node_endpoint(&mut self, node: usize) -> EndpointPolicy {
-        let labels = self.node_label_set(node, true);
-        let selecting: Vec<u32> = self
-            .policies
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| matches!(&p.subject, Subject::Nodes(s) if s.matches(&labels)))
-            .map(|(i, _)| i as u32)
-            .collect();
+        let selecting = self.node_selecting(node);
         self.compile_endpoint(
             EndpointKey::Node(node),
             self.node_identity[node][0],
             &selecting,
         )
+    }
+
+    /// The node-subject policies that select a node.
+    fn node_selecting(&self, node: usize) -> Vec<u32> {
+        let labels = self.node_label_set(node, true);
+        self.policies
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| matches!(&p.subject, Subject::Nodes(s) if s.matches(&labels)))
+            .map(|(i, _)| i as u32)
+            .collect()
+    }
+
+    /// The ingress policy of an endpoint: the compiled one when the model's scope covers
+    /// it, else built now for one decision (see [`Scope`]). Ingress rules name no FQDNs,
+    /// so every peer set they need is interned; should one not be, the error says so and
+    /// the caller denies.
+    pub fn ingress_policy(&self, key: EndpointKey) -> Result<Cow<'_, EndpointPolicy>, ModelError> {
+        if let Some(ep) = self.endpoint(key) {
+            return Ok(Cow::Borrowed(ep));
+        }
+        let (identity, selecting) = match key {
+            EndpointKey::Pod(p) if p < self.cluster.pods.len() => {
+                let i = self.pod_identity[p];
+                (i, self.policies_selecting(i))
+            }
+            EndpointKey::Node(n) if n < self.cluster.nodes.len() => {
+                (self.node_identity[n][0], self.node_selecting(n))
+            }
+            _ => return Err(ModelError::NoSuchEndpoint(key)),
+        };
+        let name = self.endpoint_name(key);
+        let (ep, complete) = self.build_endpoint(
+            key,
+            name.clone(),
+            identity,
+            &selecting,
+            &HashMap::new(),
+            &[Direction::Ingress],
+        );
+        if complete {
+            Ok(Cow::Owned(ep))
+        } else {
+            Err(ModelError::Unresolved(name))
+        }
     }
 
     /// Records which peer sets the entries of the endpoint in `slot` use.
@@ -606,7 +653,7 @@ impl Model {
             .collect()
     }
 
-    fn endpoint_name(&self, key: EndpointKey) -> String {
+    pub(crate) fn endpoint_name(&self, key: EndpointKey) -> String {
         match key {
             EndpointKey::Pod(p) => self.cluster.pods[p].id(),
             EndpointKey::Node(n) => format!("node:{}", self.cluster.nodes[n].name),
@@ -633,6 +680,65 @@ impl Model {
         selecting: &[u32],
     ) -> EndpointPolicy {
         let name = self.endpoint_name(key);
+        let fqdn = self.fqdn_peers(&name, identity, selecting);
+        let (ep, complete) =
+            self.build_endpoint(key, name, identity, selecting, &fqdn, &Direction::BOTH);
+        // every rule's peers are interned or in `fqdn`
+        debug_assert!(complete, "{}", ep.name);
+        ep
+    }
+
+    /// Interns, for the endpoint `name`, the peer sets of the selecting policies' rules
+    /// that name FQDNs (FQDN identities are scoped to the endpoint that asked).
+    fn fqdn_peers(
+        &mut self,
+        name: &str,
+        identity: Idx,
+        selecting: &[u32],
+    ) -> HashMap<(u32, u32), PeerSetId> {
+        let mut out = HashMap::new();
+        for &pi in selecting {
+            let p = Arc::clone(&self.policies[pi as usize]);
+            for (ri, r) in p.rules.iter().enumerate() {
+                if self.rule_peers[pi as usize][ri].is_some() || !self.applies_to(r, identity) {
+                    continue;
+                }
+                let mut sels = r.peers.selectors.clone();
+                for f in &r.peers.fqdns {
+                    sels.push(Selector::all().with(fqdn_key(f, name), Op::Exists));
+                }
+                let ps = self.selectors.peer_set(&self.identities, &sels);
+                out.insert((pi, ri as u32), ps);
+            }
+        }
+        out
+    }
+
+    /// Whether a rule applies to an endpoint of `identity` (its subject filter).
+    fn applies_to(&self, r: &crate::policy::Rule, identity: Idx) -> bool {
+        match &r.subject_filter {
+            Some(filter) => {
+                let own = &self.identities.get(identity).labels;
+                filter.iter().any(|s| s.matches(own))
+            }
+            None => true,
+        }
+    }
+
+    /// The policy of an endpoint in the directions `dirs` (the others left empty), from
+    /// the policies `selecting` it, with the peer sets of its FQDN rules in `fqdn`.
+    /// Also whether it is complete: false when a rule's peers are neither interned nor in
+    /// `fqdn` (that rule left out).
+    fn build_endpoint(
+        &self,
+        key: EndpointKey,
+        name: String,
+        identity: Idx,
+        selecting: &[u32],
+        fqdn: &HashMap<(u32, u32), PeerSetId>,
+        dirs_wanted: &[Direction],
+    ) -> (EndpointPolicy, bool) {
+        let mut complete = true;
         let container_ports: Vec<ContainerPort> = match key {
             EndpointKey::Pod(p) => self.cluster.pods[p].ports.clone(),
             EndpointKey::Node(_) => Vec::new(),
@@ -642,15 +748,14 @@ impl Model {
         let mut calico: [BTreeMap<u32, Vec<u32>>; 2] = [BTreeMap::new(), BTreeMap::new()];
         for &pi in selecting {
             let order = self.policy_order[pi as usize];
-            // shared, so that the model can be changed while it is read
-            let p = Arc::clone(&self.policies[pi as usize]);
+            let p = &self.policies[pi as usize];
             let tier = p.tier;
             let tier_index = match &p.calico {
                 Some(Calico::Policy { tier, .. }) => Some(self.tier_index(tier)),
                 _ => None,
             };
             let rank0 = tier_index.map_or(p.priority, i64::from);
-            for d in Direction::BOTH {
+            for &d in dirs_wanted {
                 let has_rules = p.rules.iter().any(|r| r.direction == d);
                 if p.default_deny[d.index()] && tier == Tier::Namespace {
                     dirs[d.index()].default_deny.push(pi);
@@ -663,21 +768,18 @@ impl Model {
                 }
             }
             for (ri, r) in p.rules.iter().enumerate() {
-                if let Some(filter) = &r.subject_filter {
-                    let own = &self.identities.get(identity).labels;
-                    if !filter.iter().any(|s| s.matches(own)) {
-                        continue;
-                    }
+                if !dirs_wanted.contains(&r.direction) || !self.applies_to(r, identity) {
+                    continue;
                 }
                 let peers = match self.rule_peers[pi as usize][ri] {
                     Some(ps) => ps,
-                    None => {
-                        let mut sels = r.peers.selectors.clone();
-                        for f in &r.peers.fqdns {
-                            sels.push(Selector::all().with(fqdn_key(f, &name), Op::Exists));
+                    None => match fqdn.get(&(pi, ri as u32)) {
+                        Some(&ps) => ps,
+                        None => {
+                            complete = false;
+                            continue;
                         }
-                        self.selectors.peer_set(&self.identities, &sels)
-                    }
+                    },
                 };
                 if r.peers.is_empty() {
                     continue;
@@ -703,12 +805,6 @@ impl Model {
                 }
                 for (gi, g) in r.ports.iter().enumerate() {
                     let l7 = self.l7_of.get(&(pi, ri as u32, gi as u32)).copied();
-                    if let (Some(id), Some(rules)) = (l7, &g.l7) {
-                        if !self.l7.is_built(id) {
-                            self.l7
-                                .build(id, L7Set::new(rules.clone(), format!("{}.rules", g.path)));
-                        }
-                    }
                     for pp in &g.ports {
                         let mut e = base.clone();
                         e.l7 = l7;
@@ -761,12 +857,13 @@ impl Model {
                 key(a).cmp(&key(b))
             });
         }
-        EndpointPolicy {
+        let ep = EndpointPolicy {
             key,
             name,
             identity,
             dirs,
-        }
+        };
+        (ep, complete)
     }
 
     /// Records the Calico tiers that select an endpoint in one direction. With any, the
@@ -912,6 +1009,16 @@ impl Model {
         match key {
             EndpointKey::Pod(p) => (p < pods).then_some(p),
             EndpointKey::Node(n) => (n < self.cluster.nodes.len()).then_some(pods + n),
+        }
+    }
+
+    /// The endpoint in a slot (inverse of [`Model::endpoint_slot`]).
+    pub fn endpoint_key(&self, slot: usize) -> Option<EndpointKey> {
+        let pods = self.cluster.pods.len();
+        if slot < pods {
+            Some(EndpointKey::Pod(slot))
+        } else {
+            (slot - pods < self.cluster.nodes.len()).then(|| EndpointKey::Node(slot - pods))
         }
     }
 

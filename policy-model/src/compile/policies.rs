@@ -167,16 +167,16 @@ impl Model {
                     self.rule_peers.push(peers);
                 }
             }
-            self.number_l7(i as u32, &p);
-            // the built sets of kept policies carry over
+            // the sets of kept policies carry over (shared), new ones are built
+            let reuse = |ri: u32, gi: u32| {
+                let o = (*o)?;
+                old_l7.shared(*old_l7_of.get(&(o as u32, ri, gi))?)
+            };
+            self.number_l7(i as u32, &p, reuse);
             if let Some(o) = *o {
-                for ((pi, ri, gi), &old_id) in old_l7_of.iter().filter(|(k, _)| k.0 == o as u32) {
-                    debug_assert_eq!(*pi, o as u32);
+                for ((_, ri, gi), &old_id) in old_l7_of.iter().filter(|(k, _)| k.0 == o as u32) {
                     if let Some(&new_id) = self.l7_of.get(&(i as u32, *ri, *gi)) {
                         renumbering.l7.insert(old_id, new_id);
-                        if let Some(set) = old_l7.shared(old_id) {
-                            self.l7.put(new_id, set);
-                        }
                     }
                 }
             }

@@ -1,11 +1,18 @@
 //! What a model compiles: every endpoint of the cluster, or one node's.
 //!
-//! A node's agent enforces the policy of its own endpoints only: their map entries and
-//! their L7/DNS rule sets. What those policies say about peers (identities, selectors,
-//! the ipcache, named ports of remote pods, FQDN identities) covers the whole cluster in
-//! every scope, so the entries of a node-scoped model are exactly the whole-cluster
-//! model's entries of that node's endpoints. `ward policy trace`, conformance runs and the
-//! lab's own model compile the whole cluster.
+//! A node's agent enforces the policy of its own endpoints: it compiles their entries
+//! (what its maps hold) and nothing for the other nodes' endpoints. What those policies
+//! say about peers (identities, selectors, the ipcache, named ports of remote pods, FQDN
+//! identities) and the L7 rule sets cover the whole cluster in every scope, so the
+//! entries of a node-scoped model are exactly the whole-cluster model's entries of that
+//! node's endpoints.
+//!
+//! A proxy that forwards a local pod's flow to a remote endpoint from the node's own
+//! address (the DNS proxy) enforces that endpoint's ingress too, as the endpoint's node
+//! only sees the node's address: [`Model::connection_policy`] builds the remote
+//! endpoint's ingress policy for the flow on demand ([`Model::ingress_policy`]).
+//! `ward policy trace`, conformance runs and the lab's own model compile the whole
+//! cluster.
 
 use std::ops::Index;
 use std::sync::{Arc, LazyLock};
@@ -51,54 +58,31 @@ impl Scope {
     }
 }
 
-/// The L7 rule sets of a model by [`L7Id`]. Every `toPorts` entry with rules has a
-/// number; its set is built when an endpoint in scope uses it. Sets are shared between a
-/// model and its copies.
+/// The L7 rule sets of a model by [`L7Id`]: one for every `toPorts` entry with rules.
+/// Sets are shared between a model and its copies, and a policy change builds only the
+/// sets of the policies it changed.
 #[derive(Clone, Debug, Default)]
 pub struct L7Sets {
-    sets: Vec<Option<Arc<L7Set>>>,
+    sets: Vec<Arc<L7Set>>,
 }
 
-/// What an unbuilt number gives: no rule, so nothing is allowed. Entries only carry
-/// numbers whose set is built; this keeps a mistake closed.
-static NONE: LazyLock<L7Set> =
-    LazyLock::new(|| L7Set::new(L7Rules::Http(Vec::new()), String::new()));
-
 impl L7Sets {
-    /// Takes the next number (its set not built yet).
-    pub(super) fn number(&mut self) -> L7Id {
-        self.sets.push(None);
+    /// Adds a set; returns its number.
+    pub(super) fn push(&mut self, set: Arc<L7Set>) -> L7Id {
+        self.sets.push(set);
         (self.sets.len() - 1) as L7Id
     }
 
-    pub(super) fn is_built(&self, id: L7Id) -> bool {
-        self.sets.get(id as usize).is_some_and(Option::is_some)
-    }
-
-    pub(super) fn build(&mut self, id: L7Id, set: L7Set) {
-        if let Some(slot) = self.sets.get_mut(id as usize) {
-            *slot = Some(Arc::new(set));
-        }
-    }
-
-    /// The set of a number, shared (None: not built).
+    /// The set of a number, shared.
     pub(super) fn shared(&self, id: L7Id) -> Option<Arc<L7Set>> {
-        self.sets.get(id as usize).cloned().flatten()
+        self.sets.get(id as usize).cloned()
     }
 
-    /// Puts a built set under a number.
-    pub(super) fn put(&mut self, id: L7Id, set: Arc<L7Set>) {
-        if let Some(slot) = self.sets.get_mut(id as usize) {
-            *slot = Some(set);
-        }
-    }
-
-    /// The set of a number (an [`L7Id`] as an index), if built.
+    /// The set of a number (an [`L7Id`] as an index).
     pub fn get(&self, id: usize) -> Option<&L7Set> {
-        self.sets.get(id).and_then(|s| s.as_deref())
+        self.sets.get(id).map(|s| &**s)
     }
 
-    /// How many numbers there are (built or not).
     pub fn len(&self) -> usize {
         self.sets.len()
     }
@@ -107,20 +91,24 @@ impl L7Sets {
         self.sets.is_empty()
     }
 
-    /// How many sets are built.
-    pub fn built(&self) -> usize {
-        self.sets.iter().filter(|s| s.is_some()).count()
+    /// Whether two sets of the same number are one shared set.
+    pub fn same(&self, other: &L7Sets, id: usize) -> bool {
+        match (self.sets.get(id), other.sets.get(id)) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
     }
 }
+
+/// What an unknown number gives: no rule, so nothing is allowed (fail closed).
+static NONE: LazyLock<L7Set> =
+    LazyLock::new(|| L7Set::new(L7Rules::Http(Vec::new()), String::new()));
 
 impl Index<usize> for L7Sets {
     type Output = L7Set;
 
-    /// The set of a number (an unbuilt or unknown one allows nothing).
+    /// The set of a number (an unknown one allows nothing).
     fn index(&self, id: usize) -> &L7Set {
-        self.sets
-            .get(id)
-            .and_then(|s| s.as_deref())
-            .unwrap_or(&NONE)
+        self.sets.get(id).map_or(&NONE, |s| &**s)
     }
 }
