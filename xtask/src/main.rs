@@ -35,6 +35,10 @@ tasks:
                   Ward's proxies and datapath against their peers (HAProxy, nginx,
                   dnsmasq, no program) in network namespaces; writes loadtests/REPORT.md
                   (--quick: short runs, report in target/loadtest/REPORT-quick.md)
+  loadtest scale [--pods 1000,5000,20000,50000] [--ward-base PATH]
+                  ward agent's memory and compile time against cluster size on
+                  generated clusters, beside the ward binary PATH (a build of
+                  main); writes loadtests/REPORT-scale.md
   udp-relay LISTEN UPSTREAM [--busy-poll-us US]
                   the DNS load test's floors: a one-at-a-time UDP relay, blocking or
                   busy-polling for US microseconds after each datagram
@@ -458,7 +462,7 @@ fn ensure_ebpf_toolchain() -> Result {
 
 /// Builds the eBPF object into target/bpf/bpfel-unknown-none/release/ward-redirect, where
 /// redirect-bpf's build.rs embeds it from.
-fn build_ebpf() -> Result {
+pub(crate) fn build_ebpf() -> Result {
     ensure_ebpf_toolchain()?;
     let status = nightly_cargo()
         .args(["build", "--release", "--target-dir"])

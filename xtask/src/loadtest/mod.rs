@@ -3,7 +3,8 @@
 //! PID; deleted afterwards, also on error), with one report, `loadtests/REPORT.md`
 //! (a run of some parts: `loadtests/REPORT-PART.md`; `--quick`: short runs for a smoke
 //! test, reported to `target/loadtest/REPORT-quick.md` so that the measured figures stay;
-//! [`report_path`]).
+//! [`report_path`]). `cargo xtask loadtest scale [--pods N,N] [--ward-base PATH]` measures
+//! the agent against cluster size ([`scale`]); `all` does not include it.
 //!
 //! Pinning: the subject (a proxy, or the receiving pod) runs on CPU 1, load generators
 //! and backends on CPU 0. On a 2-core machine shared with other work the absolute figures
@@ -15,6 +16,7 @@ mod dns;
 mod parse;
 mod proxy;
 pub mod relay;
+mod scale;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -48,6 +50,8 @@ pub struct Opts {
     pub proxy: bool,
     pub datapath: bool,
     pub dns: bool,
+    /// The scale part and its options (not part of `all`).
+    pub scale: Option<scale::ScaleOpts>,
 }
 
 impl Opts {
@@ -57,22 +61,42 @@ impl Opts {
             proxy: false,
             datapath: false,
             dns: false,
+            scale: None,
         };
-        for a in args {
+        let mut args = args.iter();
+        while let Some(a) = args.next() {
             match a.as_str() {
                 "--quick" => o.quick = true,
+                "scale" => o.scale = Some(o.scale.take().unwrap_or_default()),
+                "--pods" => {
+                    let list = args.next().ok_or("--pods needs a list (2000,20000)")?;
+                    let pods = list
+                        .split(',')
+                        .map(|n| n.trim().parse::<usize>())
+                        .collect::<std::result::Result<Vec<_>, _>>()
+                        .map_err(|e| format!("--pods {list}: {e}"))?;
+                    o.scale.get_or_insert_with(Default::default).pods = pods;
+                }
+                "--ward-base" => {
+                    let path = args
+                        .next()
+                        .ok_or("--ward-base needs a path to a ward binary")?;
+                    o.scale.get_or_insert_with(Default::default).ward_base =
+                        Some(PathBuf::from(path));
+                }
                 "proxy" => o.proxy = true,
                 "datapath" => o.datapath = true,
                 "dns" => o.dns = true,
                 "all" => (o.proxy, o.datapath, o.dns) = (true, true, true),
                 other => {
                     return Err(format!(
-                        "loadtest: unknown argument {other:?} (proxy|datapath|dns|all, --quick)"
+                        "loadtest: unknown argument {other:?} (proxy|datapath|dns|all, --quick; \
+                         scale [--pods N,N] [--ward-base PATH])"
                     ))
                 }
             }
         }
-        if !(o.proxy || o.datapath || o.dns) {
+        if !(o.proxy || o.datapath || o.dns || o.scale.is_some()) {
             (o.proxy, o.datapath, o.dns) = (true, true, true);
         }
         Ok(o)
@@ -92,12 +116,13 @@ pub fn report_path(opts: &Opts) -> PathBuf {
         (opts.proxy, "proxy"),
         (opts.datapath, "datapath"),
         (opts.dns, "dns"),
+        (opts.scale.is_some(), "scale"),
     ]
     .iter()
     .filter(|(on, _)| *on)
     .map(|(_, name)| *name)
     .collect();
-    if parts.len() == 3 {
+    if parts == ["proxy", "datapath", "dns"] {
         PathBuf::from("loadtests/REPORT.md")
     } else {
         PathBuf::from(format!("loadtests/REPORT-{}.md", parts.join("-")))
@@ -347,7 +372,11 @@ pub fn loadtest(args: &[String]) -> Result {
     ensure_debs(LOADTEST_PACKAGES)?;
     // The datapath part drives its own example, not `ward`.
     // The build the image ships (`profile.dist`: release with fat LTO).
-    if opts.proxy || opts.dns {
+    if opts.scale.is_some() {
+        // the agent loads the eBPF object embedded at build time
+        crate::build_ebpf()?;
+    }
+    if opts.proxy || opts.dns || opts.scale.is_some() {
         run(cargo().args(["build", "--quiet", "--profile", "dist", "--bin", "ward"]))?;
     }
     let work = std::env::temp_dir().join(format!("ward-loadtest-{}", std::process::id()));
@@ -367,12 +396,26 @@ pub fn loadtest(args: &[String]) -> Result {
          other builds: absolute numbers are noisy, ratios measured in the same run are what \
          to compare.\n",
         if opts.quick { " --quick" } else { "" },
-        match (opts.proxy, opts.datapath, opts.dns) {
-            (true, true, true) => String::new(),
-            (p, d, n) => [(p, " proxy"), (d, " datapath"), (n, " dns")]
+        match (opts.proxy, opts.datapath, opts.dns, &opts.scale) {
+            (true, true, true, None) => String::new(),
+            (p, d, n, scale) => [(p, " proxy"), (d, " datapath"), (n, " dns")]
                 .iter()
                 .filter(|(on, _)| *on)
-                .map(|(_, s)| *s)
+                .map(|(_, s)| s.to_string())
+                .chain(scale.iter().map(|o| {
+                    format!(
+                        " scale --pods {}{}",
+                        o.pods
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        o.ward_base
+                            .as_ref()
+                            .map(|_| " --ward-base PATH".to_string())
+                            .unwrap_or_default()
+                    )
+                }))
                 .collect(),
         }
     );
@@ -386,6 +429,9 @@ pub fn loadtest(args: &[String]) -> Result {
     }
     if opts.datapath {
         report.push_str(&datapath::run(&mut ctx)?);
+    }
+    if let Some(o) = &opts.scale {
+        report.push_str(&scale::run_scale(&mut ctx, o)?);
     }
     let _ = writeln!(
         report,
@@ -432,5 +478,34 @@ mod tests {
             path_of(&["dns", "--quick"]),
             "target/loadtest/REPORT-quick.md"
         );
+        assert_eq!(path_of(&["scale"]), "loadtests/REPORT-scale.md");
+        assert_eq!(
+            path_of(&["all", "scale"]),
+            "loadtests/REPORT-proxy-datapath-dns-scale.md"
+        );
+    }
+
+    #[test]
+    fn scale_takes_its_sizes_and_a_base_build_to_compare() {
+        let parse = |args: &[&str]| {
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            Opts::parse(&args)
+        };
+        let o = parse(&["scale"]).expect("valid");
+        assert_eq!(o.scale, Some(scale::ScaleOpts::default()));
+        assert!(!(o.proxy || o.dns || o.datapath), "scale alone");
+        let o = parse(&[
+            "scale",
+            "--pods",
+            "1000,5000",
+            "--ward-base",
+            "/w/base-ward",
+        ])
+        .expect("valid");
+        let s = o.scale.expect("scale");
+        assert_eq!(s.pods, vec![1000, 5000]);
+        assert_eq!(s.ward_base, Some(PathBuf::from("/w/base-ward")));
+        assert!(parse(&["scale", "--pods", "many"]).is_err());
+        assert!(parse(&["scale", "--ward-base"]).is_err());
     }
 }
