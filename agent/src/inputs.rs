@@ -26,6 +26,9 @@ pub enum Error {
         field: String,
         reason: String,
     },
+    /// A file or folder of YAML files could not be listed (the walk the lab shares).
+    #[error(transparent)]
+    Files(Box<scenario::Error>),
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -38,34 +41,10 @@ fn read_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 }
 
 /// The YAML files named by `paths`: files as given, folders searched recursively for
-/// `*.yaml` / `*.yml`, in name order.
+/// `*.yaml` / `*.yml`, in name order (the scenario crate's walk, which `ward-lab` reads
+/// its scenario folders with too).
 pub fn yaml_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for p in paths {
-        let meta = fs::metadata(p).map_err(read_error(p))?;
-        if meta.is_dir() {
-            walk(p, &mut out)?;
-        } else {
-            out.push(p.clone());
-        }
-    }
-    Ok(out)
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries: Vec<PathBuf> = fs::read_dir(dir)
-        .map_err(read_error(dir))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    entries.sort();
-    for e in entries {
-        if e.is_dir() {
-            walk(&e, out)?;
-        } else if matches!(e.extension().and_then(|x| x.to_str()), Some("yaml" | "yml")) {
-            out.push(e);
-        }
-    }
-    Ok(())
+    scenario::yaml_files(paths).map_err(|e| Error::Files(Box::new(e)))
 }
 
 /// Every policy object in the given files (case files contribute their `policies`).

@@ -2,9 +2,8 @@
 //! here; the agent itself is the `agent` library.
 
 mod cmd;
-mod lab;
 
-// `crate::inputs` for the modules of this binary (the tools and the lab).
+// `crate::inputs` for the modules of this binary (the command-line tools).
 use agent::inputs;
 
 use std::process::ExitCode;
@@ -39,9 +38,6 @@ enum Command {
     },
     /// Run the DNS proxy as a standalone filtering forwarder for one endpoint.
     DnsProxy(cmd::dns_proxy::Args),
-    /// A whole cluster's datapath on this machine: namespaces as nodes and pods, real
-    /// agents, real traffic (`ward lab` = up, check, down).
-    Lab(cmd::lab::LabArgs),
     /// Validate policies and explain verdicts.
     Policy {
         #[command(subcommand)]
@@ -71,7 +67,6 @@ fn main() -> ExitCode {
         Command::Agent(args) => cmd::agent::run(*args),
         Command::Conformance { command } => cmd::conformance::run(command),
         Command::DnsProxy(args) => cmd::dns_proxy::run(args),
-        Command::Lab(args) => cmd::lab::run(args),
         Command::Policy { command } => cmd::policy::run(command),
         Command::Proxy(args) => cmd::proxy::run(*args),
         Command::KubeCrds { dir } => agent::source::kube::crd::write(&dir)

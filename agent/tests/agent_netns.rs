@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sched::{setns, CloneFlags};
+use testkit::{link_pod, run_in as in_ns, Netns, Poll, Subnet};
 
 const CLIENT: &str = "10.80.1.2";
 const SERVER: &str = "10.80.2.2";
@@ -61,19 +61,6 @@ fn output(args: &[&str]) -> (bool, String) {
     )
 }
 
-/// Runs `f` on a thread that joined the network namespace `ns`.
-fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    thread::scope(|s| {
-        s.spawn(|| {
-            setns(File::open(&path).expect("netns"), CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
-        .join()
-        .expect("namespace thread panicked")
-    })
-}
-
 /// Where `ip` is for the test's own use (the agent's `PATH` has none).
 fn ip_binary() -> PathBuf {
     std::env::var_os("PATH")
@@ -85,13 +72,10 @@ fn ip_binary() -> PathBuf {
 }
 
 /// Waits for `cond` with a deadline; returns how long it took.
-fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(2));
-    }
-    start.elapsed()
+fn wait_for(what: &str, deadline: Duration, cond: impl FnMut() -> bool) -> Duration {
+    Poll::within(deadline)
+        .every(Duration::from_millis(2))
+        .expect(what, cond)
 }
 
 struct Lab {
@@ -107,6 +91,8 @@ struct Lab {
     servers: Vec<thread::JoinHandle<()>>,
     /// More arguments for `ward agent`.
     agent_args: Vec<String>,
+    /// The namespaces (node, pods, world), deleted with the lab.
+    namespaces: Vec<Netns>,
     /// When the last `add_pod` added the pod's /32 route.
     route_added: Option<Instant>,
 }
@@ -172,21 +158,31 @@ spec:
 
 impl Lab {
     fn new(test: &str) -> Lab {
-        assert!(
-            nix::unistd::Uid::effective().is_root(),
-            "agent netns tests need root (namespaces, BPF): run them as root, as CI does"
-        );
-        let pid = std::process::id();
-        let name = format!("wa-{test}-{pid}");
+        testkit::require_root("agent netns tests", "namespaces, BPF");
+        let name = testkit::unique(&format!("wa-{test}"));
         let dir = std::env::temp_dir().join(&name);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("src")).unwrap();
         fs::create_dir_all(dir.join("state")).unwrap();
+        let node = Netns::new(format!("{name}-node")).unwrap();
+        // Forwarding for both families. No DAD on the node's fresh veths: neighbour
+        // solicitations for a pod need a usable link-local source address, and a tentative
+        // one would hold the first IPv6 packet to a pod for a second (as no CNI's
+        // long-lived veth does).
+        node.sysctl(&[
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv6.conf.default.accept_dad=0",
+        ])
+        .unwrap();
         let mut lab = Lab {
-            node: format!("{name}-node"),
+            node: node.name().to_string(),
             world: format!("{name}-world"),
             pods: Vec::new(),
-            root: PathBuf::from(format!("/sys/fs/bpf/ward-test-{test}-{pid}")),
+            root: PathBuf::from(format!(
+                "/sys/fs/bpf/{}",
+                testkit::unique(&format!("ward-test-{test}"))
+            )),
             dir,
             name,
             agent: None,
@@ -194,102 +190,35 @@ impl Lab {
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
             agent_args: Vec::new(),
+            namespaces: vec![node],
             route_added: None,
         };
-        let node = lab.node.clone();
-        sh(&["ip", "netns", "add", &node]);
-        sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
-        // Forwarding for both families. No DAD on the node's fresh veths: neighbour
-        // solicitations for a pod need a usable link-local source address, and a tentative
-        // one would hold the first IPv6 packet to a pod for a second (as no CNI's
-        // long-lived veth does).
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &node,
-            "sh",
-            "-c",
-            "echo 1 > /proc/sys/net/ipv4/ip_forward; \
-             echo 1 > /proc/sys/net/ipv6/conf/all/forwarding; \
-             echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad",
-        ]);
         for i in 1..=3u8 {
             lab.add_pod(i);
         }
-        // The outside world behind the uplink.
-        let world = lab.world.clone();
-        sh(&["ip", "netns", "add", &world]);
-        sh(&[
-            "ip", "-n", &node, "link", "add", "up0", "type", "veth", "peer", "name", "eth0",
-            "netns", &world,
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &node,
-            "addr",
-            "add",
-            "203.0.113.1/24",
-            "dev",
-            "up0",
-        ]);
-        // nodad: usable at once, not tentative for a second.
-        sh(&[
-            "ip",
-            "-n",
-            &node,
-            "addr",
-            "add",
-            "2001:db8::1/64",
-            "dev",
-            "up0",
-            "nodad",
-        ]);
-        sh(&["ip", "-n", &node, "link", "set", "up0", "up"]);
-        sh(&["ip", "-n", &world, "link", "set", "lo", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            &world,
-            "addr",
-            "add",
-            &format!("{OUTSIDE6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &world,
-            "addr",
-            "add",
-            "203.0.113.10/24",
-            "dev",
-            "eth0",
-        ]);
-        sh(&["ip", "-n", &world, "link", "set", "eth0", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            &world,
-            "route",
-            "add",
-            "10.80.0.0/16",
-            "via",
-            "203.0.113.1",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &world,
-            "route",
-            "add",
-            "fd00:80::/32",
-            "via",
-            "2001:db8::1",
-        ]);
+        // The outside world behind the uplink, with routes back to the pods.
+        let world = Netns::new(lab.world.clone()).unwrap();
+        let node = lab.node.clone();
+        testkit::veth(&node, "up0", world.name(), "eth0").unwrap();
+        for a in ["203.0.113.1/24", "2001:db8::1/64"] {
+            testkit::addr(&node, "up0", a).unwrap();
+        }
+        testkit::ip(&node, &["link", "set", "up0", "up"]).unwrap();
+        for a in [format!("{OUTSIDE6}/64"), format!("{OUTSIDE}/24")] {
+            world.addr("eth0", &a).unwrap();
+        }
+        world.ip(&["link", "set", "eth0", "up"]).unwrap();
+        world
+            .ip(&["route", "add", "10.80.0.0/16", "via", "203.0.113.1"])
+            .unwrap();
+        world
+            .ip(&["route", "add", "fd00:80::/32", "via", "2001:db8::1"])
+            .unwrap();
+        let world = {
+            let name = world.name().to_string();
+            lab.namespaces.push(world);
+            name
+        };
 
         lab.write("cluster.yaml", CLUSTER);
         lab.write("server.yaml", &server_policy(false));
@@ -306,8 +235,8 @@ impl Lab {
             lab.serve(&world, ip, 8080);
         }
         // The DNS pod: dnsmasq answering ext.example.com with the outside address.
-        let dns = Command::new("ip")
-            .args(["netns", "exec", &lab.pods[2], "dnsmasq", "-k"])
+        let dns = testkit::ip_netns_exec(&lab.pods[2], "dnsmasq")
+            .arg("-k")
             .args([
                 "--no-resolv",
                 "--no-hosts",
@@ -333,87 +262,26 @@ impl Lab {
     }
 
     /// A pod namespace `pod{i}` with 10.80.{i}.2 and fd00:80:{i}::2, its veth `lxc{i}`
-    /// and /32 and /128 routes.
+    /// and /32 and /128 routes (the node side has 10.80.{i}.1 and fd00:80:{i}::1, the
+    /// pod's gateways).
     fn add_pod(&mut self, i: u8) {
-        let node = self.node.clone();
-        let ns = format!("{}-pod{i}", self.name);
-        sh(&["ip", "netns", "add", &ns]);
-        self.pods.push(ns.clone());
-        let veth = format!("lxc{i}");
-        let ip = format!("10.80.{i}.2");
-        sh(&[
-            "ip", "-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
-            "netns", &ns,
-        ]);
-        // The node side: a gateway address for the pod, and the pod's /32 route.
-        sh(&[
-            "ip",
-            "-n",
-            &node,
-            "addr",
-            "add",
-            &format!("10.80.{i}.1/32"),
-            "dev",
-            &veth,
-        ]);
-        sh(&["ip", "-n", &node, "link", "set", &veth, "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            &node,
-            "route",
-            "add",
-            &format!("{ip}/32"),
-            "dev",
-            &veth,
-        ]);
-        self.route_added = Some(Instant::now());
-        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{ip}/32"),
-            "dev",
-            "eth0",
-        ]);
-        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "route",
-            "add",
-            &format!("10.80.{i}.1"),
-            "dev",
-            "eth0",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.80.{i}.1"),
-        ]);
-        // IPv6, the same shape: a gateway address on the node side, a /128 each way.
-        let (gw6, ip6) = (format!("fd00:80:{i}::1"), format!("fd00:80:{i}::2"));
-        let v6 = [
-            vec!["-n", &node, "addr", "add", &gw6, "dev", &veth, "nodad"],
-            vec!["-n", &node, "-6", "route", "add", &ip6, "dev", &veth],
-            vec!["-n", &ns, "addr", "add", &ip6, "dev", "eth0", "nodad"],
-            vec!["-n", &ns, "-6", "route", "add", &gw6, "dev", "eth0"],
-            vec!["-n", &ns, "-6", "route", "add", "default", "via", &gw6],
+        let pod = Netns::new(format!("{}-pod{i}", self.name)).unwrap();
+        let subnets = [
+            Subnet {
+                ip: format!("10.80.{i}.2").parse().unwrap(),
+                gateway: format!("10.80.{i}.1").parse().unwrap(),
+                prefix: 32,
+            },
+            Subnet {
+                ip: format!("fd00:80:{i}::2").parse().unwrap(),
+                gateway: format!("fd00:80:{i}::1").parse().unwrap(),
+                prefix: 128,
+            },
         ];
-        for args in v6 {
-            let mut a = vec!["ip"];
-            a.extend(args);
-            sh(&a);
-        }
+        let routed = link_pod(&self.node, &format!("lxc{i}"), pod.name(), &subnets).unwrap();
+        self.route_added = routed;
+        self.pods.push(pod.name().to_string());
+        self.namespaces.push(pod);
     }
 
     fn write(&self, file: &str, text: &str) {
@@ -657,8 +525,9 @@ impl Drop for Lab {
         for t in self.servers.drain(..) {
             let _ = t.join();
         }
-        for ns in self.pods.iter().chain([&self.world, &self.node]) {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        // the last made first: the world and the pods, then the node
+        while let Some(ns) = self.namespaces.pop() {
+            drop(ns);
         }
         let _ = fs::remove_dir_all(&self.root);
         if std::thread::panicking() {

@@ -16,14 +16,9 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn shared_cases() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/cases");
-    assert!(
-        p.is_dir(),
-        "the shared conformance cases are expected at {}",
-        p.display()
-    );
-    p
+/// The conformance cases of the repository (`conformance/cases`).
+fn cases() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance/cases")
 }
 
 /// A scratch folder unique to this test process and name, removed on drop.
@@ -79,22 +74,51 @@ probes:
 "#;
 
 #[test]
-fn conformance_passes_the_shared_cases() {
-    let o = ward(&[
-        "conformance",
-        "run",
-        shared_cases().to_str().expect("utf-8 path"),
-    ]);
-    let out = stdout(&o);
+fn conformance_passes_the_cases() {
+    let o = ward(&["conformance", "run", cases().to_str().expect("utf-8 path")]);
+    assert!(all_passed(&o) >= 600);
+}
+
+/// The probes a conformance run passed, after checking that it failed none.
+fn all_passed(o: &Output) -> usize {
+    let out = stdout(o);
     let last = out.lines().last().unwrap_or_default();
     assert!(o.status.success(), "{out}");
     assert!(last.ends_with(" passed, 0 failed"), "{last}");
-    let passed: usize = last
-        .split(' ')
+    last.split(' ')
         .next()
         .and_then(|n| n.parse().ok())
-        .expect("count");
-    assert!(passed >= 600, "{last}");
+        .expect("count")
+}
+
+/// The lab is its own binary (`ward-lab`): the `ward` the DaemonSet ships has no `lab`
+/// command and carries none of the lab's code.
+#[test]
+fn ward_has_no_lab() {
+    let o = ward(&["lab"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("unrecognized subcommand 'lab'"), "{err}");
+    let help = stdout(&ward(&["--help"]));
+    assert!(help.contains("  conformance "), "{help}");
+    assert!(
+        !help.lines().any(|l| l.trim_start().starts_with("lab ")),
+        "{help}"
+    );
+    // the run directory every lab makes (lab/src/topology.rs)
+    let bin = std::fs::read(env!("CARGO_BIN_EXE_ward")).expect("the ward binary");
+    assert!(
+        !bin.windows(13).any(|w| w == b"/run/ward-lab"),
+        "lab code is linked into ward"
+    );
+}
+
+/// A lab scenario folder (deploy/lab) is one case for `ward conformance run`.
+#[test]
+fn conformance_runs_the_lab_scenario_folder() {
+    let lab = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/lab");
+    let o = ward(&["conformance", "run", lab.to_str().expect("utf-8 path")]);
+    assert!(all_passed(&o) >= 38);
 }
 
 #[test]
@@ -170,7 +194,7 @@ fn policy_lint_exits_1_on_errors_and_0_on_the_clean_set() {
 
 #[test]
 fn conformance_run_passes_the_calico_cases() {
-    let dir = shared_cases().with_file_name("cases-calico");
+    let dir = cases().with_file_name("cases-calico");
     let o = ward(&[
         "conformance",
         "run",

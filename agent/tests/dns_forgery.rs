@@ -17,7 +17,6 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -28,8 +27,8 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use nix::sched::{setns, CloneFlags};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use testkit::{spawn_in, Netns, Poll};
 
 const UPSTREAM: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
 const LISTEN: &str = "127.0.0.1:5353";
@@ -60,32 +59,15 @@ spec:
   - toFQDNs: [{matchPattern: "*.example.com"}]
 "#;
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Joins the calling thread to the network namespace `ns`.
-fn enter(ns: &str) {
-    let f = File::open(format!("/var/run/netns/{ns}")).expect("netns");
-    setns(f, CloneFlags::CLONE_NEWNET).expect("setns");
-}
-
-fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(5));
-    }
+fn wait_for(what: &str, within: Duration, cond: impl FnMut() -> bool) {
+    Poll::within(within)
+        .every(Duration::from_millis(5))
+        .expect(what, cond);
 }
 
 /// The namespace with dnsmasq, the slow server and `ward dns-proxy` in it.
 struct World {
-    ns: String,
+    ns: Netns,
     dir: tempfile::TempDir,
     children: Vec<Child>,
     ward: Option<Child>,
@@ -112,10 +94,11 @@ impl World {
                 "{tool} is not installed (cargo xtask test installs it)"
             );
         }
-        let ns = format!("wdf-{}-{tag}", std::process::id());
-        sh(&["ip", "netns", "add", &ns]);
+        let ns = Netns::new(testkit::unique(&format!("wdf-{tag}"))).unwrap();
+        ns.addr("lo", "198.51.100.53/32").unwrap();
+        let name = ns.name().to_string();
         let mut w = World {
-            ns: ns.clone(),
+            ns,
             dir: tempfile::tempdir().unwrap(),
             children: Vec::new(),
             ward: None,
@@ -123,22 +106,11 @@ impl World {
             slow_queries: Arc::new(AtomicUsize::new(0)),
             threads: Vec::new(),
         };
-        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            "198.51.100.53/32",
-            "dev",
-            "lo",
-        ]);
         w.start_slow_server();
         let dir = w.dir.path().to_owned();
         w.children.push(
-            Command::new("ip")
-                .args(["netns", "exec", &ns, "dnsmasq", "--keep-in-foreground"])
+            w.ns.exec("dnsmasq")
+                .arg("--keep-in-foreground")
                 .args(["--conf-file=/dev/null", "--no-resolv", "--no-hosts"])
                 .args(["--bind-interfaces", "--listen-address=198.51.100.53"])
                 .args(["--port=53", "--user=root", "--cache-size=0"])
@@ -153,14 +125,8 @@ impl World {
         std::fs::write(dir.join("cluster.yaml"), CLUSTER).unwrap();
         std::fs::write(dir.join("policy.yaml"), POLICY).unwrap();
         w.ward = Some(
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &ns,
-                    env!("CARGO_BIN_EXE_ward"),
-                    "dns-proxy",
-                ])
+            w.ns.exec(env!("CARGO_BIN_EXE_ward"))
+                .arg("dns-proxy")
                 .args(["--listen", LISTEN, "--upstream", "198.51.100.53:53"])
                 .arg("--cluster")
                 .arg(dir.join("cluster.yaml"))
@@ -176,15 +142,10 @@ impl World {
                 .unwrap(),
         );
         // Up when a name dnsmasq holds comes back through the proxy.
-        let ns2 = ns.clone();
         wait_for("the proxy and dnsmasq", Duration::from_secs(20), || {
-            let ns = ns2.clone();
-            thread::spawn(move || {
-                enter(&ns);
+            testkit::run_in(&name, || {
                 query(0x1000, "warm.example.com", Duration::from_millis(300))
             })
-            .join()
-            .unwrap()
             .is_some()
         });
         w
@@ -192,14 +153,9 @@ impl World {
 
     /// The name's real server: answers `slow.example.com A 192.0.2.10` after [`DELAY`].
     fn start_slow_server(&mut self) {
-        let (ns, stop, count) = (
-            self.ns.clone(),
-            self.stop.clone(),
-            self.slow_queries.clone(),
-        );
+        let (stop, count) = (self.stop.clone(), self.slow_queries.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        self.threads.push(thread::spawn(move || {
-            enter(&ns);
+        self.threads.push(self.ns.spawn(move || {
             let sock = UdpSocket::bind(("127.0.0.1", SLOW_PORT)).unwrap();
             sock.set_read_timeout(Some(Duration::from_millis(50)))
                 .unwrap();
@@ -225,14 +181,8 @@ impl World {
     }
 
     /// Runs `f` on a thread in the namespace.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let ns = self.ns.clone();
-        thread::spawn(move || {
-            enter(&ns);
-            f()
-        })
-        .join()
-        .expect("namespace thread")
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        self.ns.run(f)
     }
 
     /// The proxy's UDP sockets towards the upstream: (local address, local port).
@@ -283,10 +233,7 @@ impl Drop for World {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.ns])
-            .stderr(Stdio::null())
-            .status();
+        // the namespace goes with `self.ns`, after everything in it stopped
     }
 }
 
@@ -439,9 +386,7 @@ fn forged_answers_for_every_id_do_not_poison() {
     let before = w.upstream_sockets();
     let client_id = 0x4242;
     let asked = w.slow_queries.clone();
-    let ns = w.ns.clone();
-    let client = thread::spawn(move || {
-        enter(&ns);
+    let client = spawn_in(w.ns.name(), move || {
         query(client_id, "slow.example.com", DELAY * 5)
     });
     wait_for(

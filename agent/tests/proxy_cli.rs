@@ -7,12 +7,13 @@ use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use testkit::Poll;
 
 const CLUSTER: &str = r#"
 cluster:
@@ -80,11 +81,9 @@ fn free_port() -> SocketAddr {
 }
 
 fn wait_for_port(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "{addr} never accepted");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    Poll::within(Duration::from_secs(20)).expect(&format!("{addr} accepting"), || {
+        TcpStream::connect(addr).is_ok()
+    });
 }
 
 struct Ward {
@@ -164,14 +163,21 @@ fn curl_get(extra: &[&str], url: &str) -> (String, String) {
 }
 
 fn wait_for_line(path: &Path, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let mut line = None;
+    let found = Poll::within(Duration::from_secs(10)).until("the line", || {
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        if let Some(l) = text.lines().find(|l| l.contains(needle)) {
-            return l.to_string();
-        }
-        assert!(Instant::now() < deadline, "no line with {needle} in {text}");
-        std::thread::sleep(Duration::from_millis(20));
+        line = text
+            .lines()
+            .find(|l| l.contains(needle))
+            .map(str::to_string);
+        line.is_some()
+    });
+    match (found, line) {
+        (Ok(_), Some(l)) => l,
+        _ => panic!(
+            "no line with {needle} in {}",
+            std::fs::read_to_string(path).unwrap_or_default()
+        ),
     }
 }
 
@@ -237,11 +243,9 @@ fn sighup_reloads_policies() {
         .status()
         .unwrap();
     assert!(ok.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while curl_get(&[], &url).0 != "403" {
-        assert!(Instant::now() < deadline, "reload never applied");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    Poll::within(Duration::from_secs(10))
+        .every(Duration::from_millis(50))
+        .expect("the reload applied", || curl_get(&[], &url).0 == "403");
     assert_eq!(
         curl_get(&[], &format!("http://{}/other", w.listen)).0,
         "200"
@@ -298,4 +302,93 @@ fn log_format_json_prints_one_object_per_line() {
     assert!(lines
         .iter()
         .any(|l| l["level"] == "DEBUG" && l["target"] == "proxy::server"));
+}
+
+/// The value of the metric `name` (with its labels) in `metrics`.
+fn metric(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+}
+
+#[test]
+fn a_stalled_audit_reader_costs_records_not_requests() {
+    const REQUESTS: u64 = 2000;
+    // The audit log is a pipe that nobody reads until the load is over: its buffer fills,
+    // the writer blocks, the queue (16 records) fills, and the proxy must go on serving,
+    // dropping and counting records.
+    let name = "stalled-audit";
+    let dir = std::env::temp_dir().join(format!("ward-proxy-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("audit.jsonl");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    // Read and write: opening never blocks, and the pipe never reports its end.
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    std::fs::write(dir.join("config.json"), r#"{"audit_queue": 16}"#).unwrap();
+    let config = dir.join("config.json");
+    let w = start_with(
+        name,
+        "/public/.*",
+        &[],
+        &["--config", config.to_str().unwrap()],
+    );
+    let out = Command::new("h2load")
+        .args(["-n", &REQUESTS.to_string(), "-c", "4", "-m", "8"])
+        .arg(format!("http://{}/public/x", w.listen))
+        .output()
+        .expect("h2load is installed");
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.contains(&format!("{REQUESTS} succeeded, 0 failed, 0 errored")),
+        "{out}"
+    );
+    let metrics_url = format!("http://{}/metrics", w.metrics);
+    let text = String::from_utf8(curl(&[&metrics_url]).stdout).unwrap();
+    let dropped = metric(&text, "ward_audit_dropped_total{type=\"http\"}");
+    assert!(
+        dropped > 0,
+        "nothing dropped behind a stalled reader:\n{text}"
+    );
+
+    // Now read: every record not counted as dropped arrives, each exactly once.
+    let (chunks_tx, chunks) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut reader = reader;
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = reader.read(&mut buf) {
+            if chunks_tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut bytes = Vec::new();
+    while (bytes.iter().filter(|&&b| b == b'\n').count() as u64) + dropped < REQUESTS {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match chunks.recv_timeout(left) {
+            Ok(chunk) => bytes.extend_from_slice(&chunk),
+            Err(_) => panic!(
+                "{} lines + {dropped} dropped of {REQUESTS}",
+                bytes.iter().filter(|&&b| b == b'\n').count()
+            ),
+        }
+    }
+    // Nothing more than that comes: no record twice.
+    if let Ok(chunk) = chunks.recv_timeout(Duration::from_millis(200)) {
+        bytes.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8(bytes).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len() as u64 + dropped, REQUESTS);
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["type"], "http", "{l}");
+    }
 }

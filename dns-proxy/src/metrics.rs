@@ -23,7 +23,6 @@ pub struct Metrics {
     pub datapath_seconds: Histogram,
     pub datapath_timeouts: IntCounter,
     pub datapath_errors: IntCounter,
-    pub audit_dropped: IntCounter,
     pub cache_names: IntGauge,
     pub cache_ips: IntGauge,
     pub cache_zombies: IntGauge,
@@ -192,10 +191,6 @@ impl Metrics {
                 "datapath_update_errors_total",
                 "Datapath updates that failed",
             ))?,
-            audit_dropped: IntCounter::with_opts(opts(
-                "audit_dropped_total",
-                "Audit records dropped because the channel was full",
-            ))?,
             cache_names: IntGauge::with_opts(opts("cache_names", "Names with live IPs"))?,
             cache_ips: IntGauge::with_opts(opts("cache_ips", "Live IPs in the FQDN cache"))?,
             cache_zombies: IntGauge::with_opts(opts(
@@ -237,7 +232,6 @@ impl Metrics {
         r.register(Box::new(m.datapath_seconds.clone()))?;
         r.register(Box::new(m.datapath_timeouts.clone()))?;
         r.register(Box::new(m.datapath_errors.clone()))?;
-        r.register(Box::new(m.audit_dropped.clone()))?;
         r.register(Box::new(m.cache_names.clone()))?;
         r.register(Box::new(m.cache_ips.clone()))?;
         r.register(Box::new(m.cache_zombies.clone()))?;

@@ -648,9 +648,9 @@ impl Proxy {
             source: Source::Address(ctx.client.ip()),
             client: ctx.client,
             server: ctx.server,
-            transport: ctx.transport.as_str(),
+            transport: ctx.transport.as_str().into(),
             qname: String::new(),
-            qtype: "",
+            qtype: "".into(),
             verdict: Verdict::Error,
             rcode: None,
             ips: Vec::new(),
@@ -673,7 +673,7 @@ impl Proxy {
         };
         let mut qname = name_text(q.question.name());
         if audit {
-            rec.qtype = q.question.query_type().into();
+            rec.qtype = <&'static str>::from(q.question.query_type()).into();
         }
         // Held until the query is answered (or its handling is dropped).
         let _place = match self.inner.in_hand.take(ctx.client.ip()) {

@@ -57,7 +57,7 @@ fn proxy_with(
         scope,
         sink,
         Arc::new(NeverInUse),
-        Audit::disabled(metrics.clone()),
+        Audit::disabled(),
         metrics.clone(),
     )
     .with_upstream(upstream);

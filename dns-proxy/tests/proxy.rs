@@ -1268,11 +1268,11 @@ async fn audit_lines_are_json() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.log");
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(a).await.unwrap();
-    tx.send(b).await.unwrap();
+    tx.send(a.into()).await.unwrap();
+    tx.send(b.into()).await.unwrap();
     drop(tx);
     let file = std::fs::File::create(&path).unwrap();
-    tokio::task::spawn_blocking(move || dns_proxy::audit::write_lines(rx, Box::new(file)))
+    tokio::task::spawn_blocking(move || dns_proxy::audit::write_lines(rx, file, |_| {}))
         .await
         .unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
@@ -1281,6 +1281,7 @@ async fn audit_lines_are_json() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["type"], "dns");
     assert_eq!(lines[0]["verdict"], "forwarded");
     assert_eq!(lines[0]["source"], "app/client");
     assert_eq!(lines[0]["qname"], "web.app.test.");
@@ -1439,7 +1440,8 @@ async fn one_thread_listener_finishes_its_queries_when_the_socket_fails() {
     // The query is still in flight (its update held) when the socket's next read fails.
     sink.delay_next(Duration::from_millis(300));
     let metrics = dns_proxy::metrics::Metrics::new().unwrap();
-    let (audit, mut rx) = dns_proxy::audit::Audit::channel(16, metrics.clone());
+    let (audit, mut rx) =
+        dns_proxy::audit::Audit::channel(16, dns_proxy::audit::DroppedCounter::new());
     let proxy = dns_proxy::Proxy::new(
         Config::default(),
         model(up.addr.port()),
@@ -1469,7 +1471,10 @@ async fn one_thread_listener_finishes_its_queries_when_the_socket_fails() {
         ended.expect_err("the socket's error").kind(),
         std::io::ErrorKind::BrokenPipe
     );
-    let rec = rx.try_recv().expect("the query's audit record");
+    let dns_proxy::audit::AuditEvent::Dns(rec) = rx.try_recv().expect("the query's audit record")
+    else {
+        panic!("not a DNS record")
+    };
     assert_eq!(rec.qname, "last.app.test.");
     assert_eq!(rec.verdict, Verdict::Forwarded);
 }

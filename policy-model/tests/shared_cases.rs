@@ -1,6 +1,5 @@
-//! Every shared conformance case (`../shared/conformance/cases*`) passes in the model.
-//! The cases sit beside the checkout, as for `cargo xtask test`; without them this test
-//! fails rather than pass on nothing.
+//! Every conformance case of the repository (`conformance/cases`, `conformance/cases-calico`)
+//! passes in the model. Without them this test fails rather than pass on nothing.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,7 +9,7 @@ use policy_model::conformance::parse_case;
 
 fn run(folder: &str) -> usize {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/conformance")
+        .join("../conformance")
         .join(folder);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))

@@ -24,7 +24,7 @@ pub mod request;
 pub mod server;
 pub mod upstream;
 
-pub use audit::{AuditLog, Output as AuditOutput, Record, Verdict};
+pub use audit::{AuditEvent, AuditLog, DroppedCounter, Record, Verdict};
 pub use config::Config;
 pub use listener::{Accepted, FixedListener, Listener, TransparentListener};
 pub use metrics::Metrics;

@@ -83,8 +83,6 @@ pub struct Metrics {
     pub bad_requests: IntCounter,
     /// `ward_proxy_open_connections`: downstream connections being served.
     pub open_connections: IntGauge,
-    /// `ward_proxy_audit_dropped_total`: records dropped because the queue was full.
-    pub audit_dropped: IntCounter,
     /// `ward_proxy_policy_generation`: generation of the snapshot in force.
     pub policy_generation: IntGauge,
     /// `ward_proxy_tunnels_closed_total`: upgraded connections closed because a policy
@@ -139,10 +137,6 @@ impl Metrics {
             "ward_proxy_open_connections",
             "Downstream connections being served.",
         );
-        let audit_dropped = IntCounter::new(
-            "ward_proxy_audit_dropped_total",
-            "Audit records dropped because the queue was full.",
-        );
         let policy_generation = IntGauge::new(
             "ward_proxy_policy_generation",
             "Generation of the policy snapshot in force.",
@@ -161,7 +155,6 @@ impl Metrics {
             upstream_errors: upstream_errors.unwrap_or_else(|_| unreachable!()),
             bad_requests: bad_requests.unwrap_or_else(|_| unreachable!()),
             open_connections: open_connections.unwrap_or_else(|_| unreachable!()),
-            audit_dropped: audit_dropped.unwrap_or_else(|_| unreachable!()),
             policy_generation: policy_generation.unwrap_or_else(|_| unreachable!()),
             tunnels_closed: tunnels_closed.unwrap_or_else(|_| unreachable!()),
             series: Arc::default(),
@@ -173,7 +166,6 @@ impl Metrics {
             Box::new(m.upstream_errors.clone()),
             Box::new(m.bad_requests.clone()),
             Box::new(m.open_connections.clone()),
-            Box::new(m.audit_dropped.clone()),
             Box::new(m.policy_generation.clone()),
             Box::new(m.tunnels_closed.clone()),
         ];
@@ -314,7 +306,6 @@ mod tests {
             "ward_proxy_upstream_errors_total{kind=\"connect\"} 1",
             "ward_proxy_bad_requests_total 0",
             "ward_proxy_open_connections 0",
-            "ward_proxy_audit_dropped_total 0",
             "ward_proxy_policy_generation 0",
             "ward_proxy_tunnels_closed_total 0",
         ] {

@@ -563,8 +563,8 @@ impl Conn {
         self.shared.audit.record(Record {
             timestamp: audit::timestamp(f.time),
             observation_point: match f.policy.direction {
-                Direction::Ingress => "Ingress",
-                Direction::Egress => "Egress",
+                Direction::Ingress => "Ingress".into(),
+                Direction::Egress => "Egress".into(),
             },
             verdict,
             source_endpoint: Endpoint {
@@ -584,7 +584,7 @@ impl Conn {
                 method: f.method.clone(),
                 host: f.host.clone(),
                 path: f.path.clone(),
-                protocol: protocol_name(f.version),
+                protocol: protocol_name(f.version).into(),
                 missing_headers: d.missing_headers.clone(),
                 rejected_headers: d.rejected_headers.clone(),
             },

@@ -128,7 +128,7 @@ async fn metrics_are_exposed_over_http() {
         "ward_proxy_request_duration_seconds_count{direction=\"ingress\",verdict=\"denied\"} 2",
         "ward_proxy_open_connections 1",
         "ward_proxy_policy_generation 1",
-        "ward_proxy_audit_dropped_total 0",
+        "ward_audit_dropped_total{type=\"http\"} 0",
     ] {
         assert!(text.contains(want), "{want} not in\n{text}");
     }

@@ -35,39 +35,27 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sched::{sched_setaffinity, setns, CloneFlags, CpuSet};
+use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 use redirect_bpf::common::{action, endpoint_flags, EndpointInfo, DIR_EGRESS, DIR_INGRESS};
 use redirect_bpf::common::{program_names, MARK_FROM_EGRESS_PROXY, PROTO_TCP};
 use redirect_bpf::{Datapath, PolicyEntry};
+use testkit::{link_pod, Netns, Poll, Subnet};
 
 const IPERF_PORT: u16 = 5201;
 const RR_PORT: u16 = 7000;
 /// The relay's transparent listener in the node namespace.
 const PROXY_PORT: u16 = 15001;
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Runs `f` on a thread that joined the network namespace `ns` (and, if given, a CPU).
 fn in_ns<T: Send + 'static>(
@@ -75,10 +63,7 @@ fn in_ns<T: Send + 'static>(
     cpu: Option<usize>,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> thread::JoinHandle<T> {
-    let path = format!("/var/run/netns/{ns}");
-    thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        setns(file, CloneFlags::CLONE_NEWNET).expect("setns");
+    testkit::spawn_in(ns, move || {
         if let Some(cpu) = cpu {
             let mut set = CpuSet::new();
             set.set(cpu).expect("cpu");
@@ -102,69 +87,39 @@ struct Lab {
     node: String,
     pods: Vec<Pod>,
     root: PathBuf,
+    /// The node's and the pods' namespaces, deleted with the lab.
+    namespaces: Vec<Netns>,
 }
 
 impl Lab {
     fn new() -> Lab {
-        let pid = std::process::id();
-        let node = format!("ward-lt-{pid}-node");
+        let base = testkit::unique("ward-lt");
+        let node = Netns::new(format!("{base}-node")).expect("node namespace");
+        node.sysctl(&["net.ipv4.ip_forward=1"]).expect("forwarding");
         let mut lab = Lab {
-            node: node.clone(),
+            node: node.name().to_string(),
             pods: Vec::new(),
-            root: PathBuf::from(format!("/sys/fs/bpf/ward-loadtest-{pid}")),
+            root: PathBuf::from(format!("/sys/fs/bpf/{}", testkit::unique("ward-loadtest"))),
+            namespaces: vec![node],
         };
-        sh(&["ip", "netns", "add", &node]);
-        sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &node,
-            "sh",
-            "-c",
-            "echo 1 > /proc/sys/net/ipv4/ip_forward",
-        ]);
         for i in 1..=2u8 {
-            let ns = format!("ward-lt-{pid}-pod{i}");
-            sh(&["ip", "netns", "add", &ns]);
+            let pod = Netns::new(format!("{base}-pod{i}")).expect("pod namespace");
             let veth = format!("veth{i}");
             let ip = Ipv4Addr::new(10, 77, i, 2);
+            let subnet = Subnet {
+                ip: ip.into(),
+                gateway: Ipv4Addr::new(10, 77, i, 1).into(),
+                prefix: 24,
+            };
+            link_pod(&lab.node, &veth, pod.name(), &[subnet]).expect("pod link");
             lab.pods.push(Pod {
-                ns: ns.clone(),
+                ns: pod.name().to_string(),
                 ip,
-                veth: veth.clone(),
+                veth,
                 identity: 1000 * u32::from(i),
                 endpoint_id: u32::from(i),
             });
-            sh(&[
-                "ip", "-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
-                "netns", &ns,
-            ]);
-            let gw = format!("10.77.{i}.1");
-            sh(&[
-                "ip",
-                "-n",
-                &node,
-                "addr",
-                "add",
-                &format!("{gw}/24"),
-                "dev",
-                &veth,
-            ]);
-            sh(&["ip", "-n", &node, "link", "set", &veth, "up"]);
-            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                "eth0",
-            ]);
-            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-            sh(&["ip", "-n", &ns, "route", "add", "default", "via", &gw]);
+            lab.namespaces.push(pod);
         }
         lab
     }
@@ -172,12 +127,10 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for p in &self.pods {
-            let _ = Command::new("ip").args(["netns", "del", &p.ns]).status();
+        // the last made first: other nodes and pods, then the node
+        while let Some(ns) = self.namespaces.pop() {
+            drop(ns);
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.node])
-            .status();
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
@@ -208,32 +161,7 @@ fn entry(endpoint_id: u32, direction: u8, identity: u32, port: u16) -> PolicyEnt
 
 /// Routes packets the datapath marked for the proxy to local sockets, in the node.
 fn proxy_routing(node: &str) {
-    sh(&[
-        "ip",
-        "-n",
-        node,
-        "rule",
-        "add",
-        "fwmark",
-        "0x200/0xf00",
-        "lookup",
-        "100",
-        "pref",
-        "90",
-    ]);
-    sh(&[
-        "ip",
-        "-n",
-        node,
-        "route",
-        "add",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        "100",
-    ]);
+    testkit::local_delivery(node, false, "0x200/0xf00", 100, 90).expect("proxy routing");
 }
 
 /// Copies one direction until EOF, then half-closes the other side.
@@ -284,8 +212,8 @@ fn relay(node: &str) {
 /// iperf3, one TCP stream pod1 -> pod2 for `secs`: the receiver's Mbit/s.
 fn iperf(lab: &Lab, secs: u64) -> f64 {
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
-    let out = Command::new("ip")
-        .args(["netns", "exec", &a.ns, "taskset", "-c", "0", "iperf3", "-c"])
+    let out = testkit::ip_netns_exec(&a.ns, "taskset")
+        .args(["-c", "0", "iperf3", "-c"])
         .arg(b.ip.to_string())
         .args([
             "-p",
@@ -364,22 +292,14 @@ fn rr_server(lab: &Lab, stop: Arc<AtomicBool>) {
 }
 
 fn wait_listening(ns: &str, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = Command::new("ip")
-            .args(["netns", "exec", ns, "ss", "-Hltn"])
+    Poll::within(Duration::from_secs(10)).expect(&format!("a listener on {port} in {ns}"), || {
+        let out = testkit::ip_netns_exec(ns, "ss")
+            .arg("-Hltn")
             .arg(format!("sport = :{port}"))
             .output()
             .expect("ss");
-        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nothing listens on {port} in {ns}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+    });
 }
 
 /// Packets the node saw on the pod veths: [veth1 rx, veth2 rx, veth1 tx, veth2 tx]. A
@@ -396,8 +316,7 @@ fn veth_packets(lab: &Lab) -> [u64; 4] {
         }
     }
     // `ip netns exec` mounts the namespace's own sysfs.
-    let out = Command::new("ip")
-        .args(["netns", "exec", &lab.node, "cat"])
+    let out = testkit::ip_netns_exec(&lab.node, "cat")
         .args(&files)
         .output()
         .expect("cat the veth counters");
@@ -729,10 +648,8 @@ fn main() {
     let lab = Lab::new();
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
     let _iperf = Proc(
-        Command::new("ip")
-            .args([
-                "netns", "exec", &b.ns, "taskset", "-c", "1", "iperf3", "-s", "-B",
-            ])
+        testkit::ip_netns_exec(&b.ns, "taskset")
+            .args(["-c", "1", "iperf3", "-s", "-B"])
             .arg(b.ip.to_string())
             .args(["-p", &IPERF_PORT.to_string()])
             .stdout(Stdio::null())

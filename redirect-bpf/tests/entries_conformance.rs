@@ -1,8 +1,8 @@
-//! The map entries of every endpoint of every shared conformance case reproduce
+//! The map entries of every endpoint of every conformance case reproduce
 //! policy-model's verdicts, as the datapath looks them up (exact identity and wildcard
 //! identity, longest port prefix, greatest action, else the direction's default).
-//! No root needed. The cases sit beside the checkout (`../shared`), as for `cargo xtask
-//! test`; without them this test fails rather than pass on nothing.
+//! No root needed. The cases are the repository's (`conformance/cases`, `conformance/cases-calico`); without them
+//! this test fails rather than pass on nothing.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -115,12 +115,12 @@ fn entries_reproduce_every_calico_case() {
 
 fn check_folder(folder: &str) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/conformance")
+        .join("../conformance")
         .join(folder);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| {
             panic!(
-                "{}: {e} (the shared cases sit beside the checkout)",
+                "{}: {e} (the repository's conformance cases)",
                 dir.display()
             )
         })
@@ -137,7 +137,7 @@ fn check_folder(folder: &str) {
         let model = case
             .compile(None, file.to_str())
             .unwrap_or_else(|e| panic!("{}: {e:?}", file.display()));
-        for ep in &model.endpoints {
+        for ep in model.endpoints() {
             let out = endpoint_entries(&model, ep, 1, PROXIES);
             let ports = sample_ports(&model, ep);
             for d in Direction::BOTH {

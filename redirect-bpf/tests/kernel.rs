@@ -9,7 +9,6 @@
 // Test helpers, not only #[test] functions, fail by panicking.
 #![allow(clippy::expect_used)]
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{
     IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
@@ -20,15 +19,18 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sched::{setns, CloneFlags};
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
 use redirect_bpf::common::{action, drop_reason, endpoint_flags, EndpointInfo, DIR_EGRESS};
 use redirect_bpf::common::{
     DIR_INGRESS, IDENTITY_ANY, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
 use redirect_bpf::{Datapath, PolicyEntry};
+use testkit::{link_pod, run_in as in_ns, Netns, Poll, Subnet};
 
 const ALLOWED: Duration = Duration::from_secs(5);
+/// The marks of packets the datapath steers to a proxy (value/mask), as the agent routes
+/// them.
+const PROXY_MARK: &str = "0x200/0xf00";
 /// How long a denied connect is given: the SYN is retransmitted after 1 s, so this sees
 /// at least two attempts dropped.
 const DENIED: Duration = Duration::from_millis(2500);
@@ -39,40 +41,16 @@ fn v6_prefix(net: u8) -> u16 {
 }
 
 fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "kernel tests need root (network namespaces, BPF): run them as root, as CI does"
-    );
+    testkit::require_root("kernel tests", "network namespaces, BPF");
     assert!(
         redirect_bpf::loader::object_embedded(),
         "no eBPF object embedded: run `cargo xtask build-ebpf` first (cargo xtask test does)"
     );
 }
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Runs `f` on a thread that has joined the network namespace `ns`.
-fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    thread::scope(|s| {
-        s.spawn(|| {
-            let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            setns(file, CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
-        .join()
-        .expect("namespace thread panicked")
-    })
+/// `ip -n NS ARGS`, for a test's own set-up.
+fn ip(ns: &str, args: &[&str]) {
+    testkit::ip(ns, args).expect("set-up");
 }
 
 struct Pod {
@@ -90,8 +68,8 @@ struct Lab {
     node: String,
     pods: Vec<Pod>,
     root: PathBuf,
-    /// Namespaces beyond the node's uplink (other nodes), deleted with the lab.
-    remotes: Vec<String>,
+    /// The namespaces (node, pods, other nodes), deleted when the lab is dropped.
+    namespaces: Vec<Netns>,
 }
 
 impl Lab {
@@ -103,97 +81,46 @@ impl Lab {
     /// offset by (`net` - 77) * 100, so that two labs can stand for two nodes.
     fn with_net(test: &str, npods: u8, net: u8) -> Lab {
         require_root();
-        let pid = std::process::id();
-        let node = format!("ward-{test}-{pid}-node");
-        let root = PathBuf::from(format!("/sys/fs/bpf/ward-test-{test}-{pid}"));
+        let base = testkit::unique(&format!("ward-{test}"));
+        let node = Netns::new(format!("{base}-node")).expect("node namespace");
+        node.sysctl(&["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
+            .expect("forwarding");
         let mut lab = Lab {
-            node: node.clone(),
+            node: node.name().to_string(),
             pods: Vec::new(),
-            root,
-            remotes: Vec::new(),
+            root: PathBuf::from(format!(
+                "/sys/fs/bpf/{}",
+                testkit::unique(&format!("ward-test-{test}"))
+            )),
+            namespaces: vec![node],
         };
-        sh(&["ip", "netns", "add", &node]);
-        sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &node,
-            "sh",
-            "-c",
-            "echo 1 > /proc/sys/net/ipv4/ip_forward; echo 1 > /proc/sys/net/ipv6/conf/all/forwarding",
-        ]);
         for i in 1..=npods {
-            let ns = format!("ward-{test}-{pid}-pod{i}");
-            sh(&["ip", "netns", "add", &ns]);
-            // Registered before it is configured, so Drop deletes it whatever fails next.
+            let pod = Netns::new(format!("{base}-pod{i}")).expect("pod namespace");
             let veth = format!("veth{i}");
             let ip = Ipv4Addr::new(10, net, i, 2);
             let ip6 = Ipv6Addr::new(v6_prefix(net), u16::from(i), 0, 0, 0, 0, 0, 2);
+            let subnets = [
+                Subnet {
+                    ip: ip.into(),
+                    gateway: Ipv4Addr::new(10, net, i, 1).into(),
+                    prefix: 24,
+                },
+                Subnet {
+                    ip: ip6.into(),
+                    gateway: Ipv6Addr::new(v6_prefix(net), u16::from(i), 0, 0, 0, 0, 0, 1).into(),
+                    prefix: 64,
+                },
+            ];
+            link_pod(&lab.node, &veth, pod.name(), &subnets).expect("pod link");
             lab.pods.push(Pod {
-                ns: ns.clone(),
+                ns: pod.name().to_string(),
                 ip,
                 ip6,
-                veth: veth.clone(),
+                veth,
                 identity: 1000 * u32::from(i) + 100 * u32::from(net - 77),
                 endpoint_id: u32::from(i),
             });
-            sh(&[
-                "ip", "-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
-                "netns", &ns,
-            ]);
-            let gw = format!("10.{net}.{i}.1");
-            sh(&[
-                "ip",
-                "-n",
-                &node,
-                "addr",
-                "add",
-                &format!("{gw}/24"),
-                "dev",
-                &veth,
-            ]);
-            sh(&["ip", "-n", &node, "link", "set", &veth, "up"]);
-            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                "eth0",
-            ]);
-            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-            sh(&["ip", "-n", &ns, "route", "add", "default", "via", &gw]);
-            // IPv6 beside: nodad, so that the addresses are usable at once.
-            let gw6 = format!("{:x}:{i}::1", v6_prefix(net));
-            sh(&[
-                "ip",
-                "-n",
-                &node,
-                "addr",
-                "add",
-                &format!("{gw6}/64"),
-                "dev",
-                &veth,
-                "nodad",
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{ip6}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ]);
-            sh(&[
-                "ip", "-n", &ns, "-6", "route", "add", "default", "via", &gw6,
-            ]);
+            lab.namespaces.push(pod);
         }
         lab
     }
@@ -233,33 +160,7 @@ impl Lab {
 
     /// Routes marked packets to local sockets, as the agent will do on a node.
     fn proxy_routing(&self) {
-        let n = &self.node;
-        sh(&[
-            "ip",
-            "-n",
-            n,
-            "rule",
-            "add",
-            "fwmark",
-            "0x200/0xf00",
-            "lookup",
-            "100",
-            "pref",
-            "90",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            n,
-            "route",
-            "add",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            "100",
-        ]);
+        testkit::local_delivery(&self.node, false, PROXY_MARK, 100, 90).expect("proxy routing");
     }
 }
 
@@ -267,53 +168,26 @@ impl Lab {
     /// A namespace standing for another node (and a pod on it) behind the node's uplink
     /// `up0`: 10.78.0.2 there, 10.78.0.1 on the node.
     fn add_remote(&mut self) -> (String, Ipv4Addr) {
-        let ns = self.node.replace("-node", "-remote");
-        sh(&["ip", "netns", "add", &ns]);
-        self.remotes.push(ns.clone());
-        let n = &self.node;
-        sh(&[
-            "ip", "-n", n, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns",
-            &ns,
-        ]);
-        sh(&["ip", "-n", n, "addr", "add", "10.78.0.1/24", "dev", "up0"]);
-        sh(&["ip", "-n", n, "link", "set", "up0", "up"]);
-        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            "10.78.0.2/24",
-            "dev",
-            "eth0",
-        ]);
-        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            "10.78.0.1",
-        ]);
-        (ns, Ipv4Addr::new(10, 78, 0, 2))
+        let remote = Netns::new(self.node.replace("-node", "-remote")).expect("remote namespace");
+        let ip = Ipv4Addr::new(10, 78, 0, 2);
+        let uplink = Subnet {
+            ip: ip.into(),
+            gateway: Ipv4Addr::new(10, 78, 0, 1).into(),
+            prefix: 24,
+        };
+        link_pod(&self.node, "up0", remote.name(), &[uplink]).expect("uplink");
+        let name = remote.name().to_string();
+        self.namespaces.push(remote);
+        (name, ip)
     }
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for ns in &self.remotes {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        // the last made first: other nodes and pods, then the node
+        while let Some(ns) = self.namespaces.pop() {
+            drop(ns);
         }
-        for p in &self.pods {
-            let _ = Command::new("ip").args(["netns", "del", &p.ns]).status();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.node])
-            .status();
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }
@@ -409,12 +283,8 @@ fn assert_denied(ns: &str, to: Ipv4Addr, port: u16) {
 }
 
 /// Polls `f` until it holds or the deadline passes.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + ALLOWED;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
+fn eventually(what: &str, f: impl FnMut() -> bool) {
+    Poll::within(ALLOWED).expect(what, f);
 }
 
 #[test]
@@ -920,18 +790,12 @@ fn icmp_echo_by_type_with_replies() {
 }
 
 /// Adds an address to a pod's interface (the pod keeps answering on both).
-fn add_address(lab: &Lab, pod: usize, ip: Ipv4Addr) {
+fn add_address(lab: &Lab, pod: usize, addr: Ipv4Addr) {
     let p = &lab.pods[pod];
-    sh(&[
-        "ip",
-        "-n",
+    ip(
         &p.ns,
-        "addr",
-        "add",
-        &format!("{ip}/24"),
-        "dev",
-        "eth0",
-    ]);
+        &["addr", "add", &format!("{addr}/24"), "dev", "eth0"],
+    );
 }
 
 fn ipnet(s: &str) -> ipnet::IpNet {
@@ -1313,24 +1177,7 @@ fn ipv6_redirect_to_transparent_listener() {
     const PROXY_PORT: u16 = 15006;
     let lab = Lab::new("ipv6redirect", 2);
     lab.proxy_routing();
-    let n = &lab.node;
-    sh(&[
-        "ip",
-        "-n",
-        n,
-        "-6",
-        "rule",
-        "add",
-        "fwmark",
-        "0x200/0xf00",
-        "lookup",
-        "100",
-        "pref",
-        "90",
-    ]);
-    sh(&[
-        "ip", "-n", n, "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100",
-    ]);
+    testkit::local_delivery(&lab.node, true, PROXY_MARK, 100, 90).expect("proxy routing");
     let mut dp = lab.datapath();
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
     lab.set_endpoint(&mut dp, 0, 0);
@@ -1372,13 +1219,10 @@ fn ipv6_redirect_to_transparent_listener() {
 /// `a`, 10.80.0.2 on `b`) and routes each node's pod range to the other: two nodes of a
 /// cluster and the link between them. The link goes with the namespaces.
 fn connect_nodes(a: &Lab, b: &Lab) {
-    sh(&[
-        "ip", "-n", &a.node, "link", "add", "up0", "type", "veth", "peer", "name", "up0", "netns",
-        &b.node,
-    ]);
+    testkit::veth(&a.node, "up0", &b.node, "up0").expect("node link");
     for (lab, addr, other) in [(a, "10.80.0.1/24", b), (b, "10.80.0.2/24", a)] {
-        sh(&["ip", "-n", &lab.node, "addr", "add", addr, "dev", "up0"]);
-        sh(&["ip", "-n", &lab.node, "link", "set", "up0", "up"]);
+        ip(&lab.node, &["addr", "add", addr, "dev", "up0"]);
+        ip(&lab.node, &["link", "set", "up0", "up"]);
         let via = if addr.starts_with("10.80.0.1") {
             "10.80.0.2"
         } else {
@@ -1386,20 +1230,16 @@ fn connect_nodes(a: &Lab, b: &Lab) {
         };
         let net = other.pods[0].ip.octets()[1];
         let range = format!("10.{net}.0.0/16");
-        sh(&["ip", "-n", &lab.node, "route", "add", &range, "via", via]);
+        ip(&lab.node, &["route", "add", &range, "via", via]);
         // IPv6 beside: fd80::1 and fd80::2 on the link, fdNN::/16 to the other node.
         let (addr6, via6) = if via == "10.80.0.2" {
             ("fd80::1/64", "fd80::2")
         } else {
             ("fd80::2/64", "fd80::1")
         };
-        sh(&[
-            "ip", "-n", &lab.node, "addr", "add", addr6, "dev", "up0", "nodad",
-        ]);
+        testkit::addr(&lab.node, "up0", addr6).expect("node link address");
         let range6 = format!("{:x}::/16", v6_prefix(net));
-        sh(&[
-            "ip", "-n", &lab.node, "-6", "route", "add", &range6, "via", via6,
-        ]);
+        ip(&lab.node, &["-6", "route", "add", &range6, "via", via6]);
     }
 }
 

@@ -3,78 +3,42 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::fs::File;
 use std::future::Future;
 use std::net::IpAddr;
-use std::process::Command;
-use std::thread;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use nix::sched::{setns, CloneFlags};
 use redirect_bpf::netlink::{NetChange, NetChanges, Netlink};
 use rtnetlink::packet_route::route::RouteType;
+use testkit::Netns;
 
-struct Netns(String);
-
-impl Netns {
-    fn new(name: &str) -> Netns {
-        assert!(
-            nix::unistd::Uid::effective().is_root(),
-            "netlink tests need root (network namespaces): run them as root, as CI does"
-        );
-        let ns = Netns(format!("ward-netlink-{name}-{}", std::process::id()));
-        ns.ip(&["netns", "add", &ns.0]);
-        ns.ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let out = Command::new("ip").args(args).output().expect("ip");
-        assert!(
-            out.status.success(),
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// `ip -n NS ...`
-    fn nip(&self, args: &[&str]) {
-        let mut a = vec!["-n", self.0.as_str()];
-        a.extend_from_slice(args);
-        self.ip(&a);
-    }
-
-    /// A veth pair with both ends here, `name` up (its peer `name`p stays down).
-    fn veth(&self, name: &str) {
-        let peer = format!("{name}p");
-        self.nip(&["link", "add", name, "type", "veth", "peer", "name", &peer]);
-        self.nip(&["link", "set", name, "up"]);
-        self.nip(&["link", "set", &peer, "up"]);
-    }
-
-    /// Runs `f` on a thread in the namespace, on a runtime of its own.
-    fn run<T: Send, F: Future<Output = T>>(&self, f: impl FnOnce() -> F + Send) -> T {
-        let path = format!("/var/run/netns/{}", self.0);
-        thread::scope(|s| {
-            s.spawn(|| {
-                setns(File::open(&path).expect("netns"), CloneFlags::CLONE_NEWNET).expect("setns");
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime")
-                    .block_on(f())
-            })
-            .join()
-            .expect("namespace thread")
-        })
-    }
+fn netns(name: &str) -> Netns {
+    testkit::require_root("netlink tests", "network namespaces");
+    Netns::new(testkit::unique(&format!("ward-netlink-{name}"))).unwrap()
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// `ip -n NS ARGS`.
+fn nip(ns: &Netns, args: &[&str]) {
+    ns.ip(args).unwrap();
+}
+
+/// A veth pair with both ends in `ns`, both up.
+fn veth(ns: &Netns, name: &str) {
+    let peer = format!("{name}p");
+    testkit::veth(ns.name(), name, ns.name(), &peer).unwrap();
+    nip(ns, &["link", "set", name, "up"]);
+    nip(ns, &["link", "set", &peer, "up"]);
+}
+
+/// Runs `f` on a thread in the namespace, on a runtime of its own.
+fn block_on_in<T: Send, F: Future<Output = T>>(ns: &Netns, f: impl FnOnce() -> F + Send) -> T {
+    ns.run(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f())
+    })
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -83,15 +47,21 @@ fn ip(s: &str) -> IpAddr {
 
 #[test]
 fn lookup_finds_the_veth_of_host_and_subnet_routes() {
-    let ns = Netns::new("lookup");
-    ns.veth("lxc1");
-    ns.veth("lxc2");
+    let ns = netns("lookup");
+    veth(&ns, "lxc1");
+    veth(&ns, "lxc2");
     // A CNI's shapes: a /32 and a /128 per pod, a subnet per veth.
-    ns.nip(&["route", "add", "10.90.1.2/32", "dev", "lxc1"]);
-    ns.nip(&["-6", "route", "add", "fd00:90:1::2/128", "dev", "lxc1"]);
-    ns.nip(&["route", "add", "10.90.2.0/24", "dev", "lxc2"]);
-    ns.nip(&["-6", "route", "add", "fd00:90:2::/64", "dev", "lxc2"]);
-    ns.run(|| async {
+    nip(&ns, &["route", "add", "10.90.1.2/32", "dev", "lxc1"]);
+    nip(
+        &ns,
+        &["-6", "route", "add", "fd00:90:1::2/128", "dev", "lxc1"],
+    );
+    nip(&ns, &["route", "add", "10.90.2.0/24", "dev", "lxc2"]);
+    nip(
+        &ns,
+        &["-6", "route", "add", "fd00:90:2::/64", "dev", "lxc2"],
+    );
+    block_on_in(&ns, || async {
         let nl = Netlink::connect().unwrap();
         for (addr, veth) in [
             ("10.90.1.2", "lxc1"),
@@ -114,16 +84,22 @@ fn lookup_finds_the_veth_of_host_and_subnet_routes() {
 
 #[test]
 fn lookup_has_no_veth_for_local_unreachable_or_unrouted_addresses() {
-    let ns = Netns::new("none");
-    ns.veth("lxc1");
-    ns.nip(&["addr", "add", "10.91.0.1/32", "dev", "lxc1"]);
-    ns.nip(&["addr", "add", "fd00:91::1/128", "dev", "lxc1", "nodad"]);
-    ns.nip(&["route", "add", "unreachable", "10.91.4.0/24"]);
-    ns.nip(&["route", "add", "prohibit", "10.91.5.0/24"]);
-    ns.nip(&["route", "add", "blackhole", "10.91.6.0/24"]);
-    ns.nip(&["-6", "route", "add", "unreachable", "fd00:91:4::/64"]);
-    ns.nip(&["-6", "route", "add", "blackhole", "fd00:91:6::/64"]);
-    ns.run(|| async {
+    let ns = netns("none");
+    veth(&ns, "lxc1");
+    nip(&ns, &["addr", "add", "10.91.0.1/32", "dev", "lxc1"]);
+    nip(
+        &ns,
+        &["addr", "add", "fd00:91::1/128", "dev", "lxc1", "nodad"],
+    );
+    nip(&ns, &["route", "add", "unreachable", "10.91.4.0/24"]);
+    nip(&ns, &["route", "add", "prohibit", "10.91.5.0/24"]);
+    nip(&ns, &["route", "add", "blackhole", "10.91.6.0/24"]);
+    nip(
+        &ns,
+        &["-6", "route", "add", "unreachable", "fd00:91:4::/64"],
+    );
+    nip(&ns, &["-6", "route", "add", "blackhole", "fd00:91:6::/64"]);
+    block_on_in(&ns, || async {
         let nl = Netlink::connect().unwrap();
         // Local addresses: a local route through lo.
         for addr in ["10.91.0.1", "127.0.0.1", "fd00:91::1", "::1"] {
@@ -180,19 +156,22 @@ async fn wait_for(changes: &mut NetChanges, want: fn(&NetChange) -> bool) -> Vec
 /// The stream announces routes and links made after it started, IPv4 and IPv6.
 #[test]
 fn changes_announce_routes_and_links() {
-    let ns = Netns::new("changes");
-    ns.veth("lxc1");
-    ns.run(|| async {
+    let ns = netns("changes");
+    veth(&ns, "lxc1");
+    block_on_in(&ns, || async {
         let mut changes = NetChanges::watch().unwrap();
-        ns.nip(&["route", "add", "10.92.1.2/32", "dev", "lxc1"]);
+        nip(&ns, &["route", "add", "10.92.1.2/32", "dev", "lxc1"]);
         wait_for(&mut changes, |c| *c == NetChange::Route { removed: false }).await;
-        ns.nip(&["-6", "route", "add", "fd00:92:1::2/128", "dev", "lxc1"]);
+        nip(
+            &ns,
+            &["-6", "route", "add", "fd00:92:1::2/128", "dev", "lxc1"],
+        );
         wait_for(&mut changes, |c| *c == NetChange::Route { removed: false }).await;
-        ns.nip(&["route", "del", "10.92.1.2/32", "dev", "lxc1"]);
+        nip(&ns, &["route", "del", "10.92.1.2/32", "dev", "lxc1"]);
         wait_for(&mut changes, |c| *c == NetChange::Route { removed: true }).await;
         let nl = Netlink::connect().unwrap();
         let lxc1 = nl.link_index("lxc1").await.unwrap().unwrap();
-        ns.nip(&["link", "del", "lxc1"]);
+        nip(&ns, &["link", "del", "lxc1"]);
         let seen = wait_for(&mut changes, |c| {
             matches!(c, NetChange::Link { removed: true, .. })
         })

@@ -4,67 +4,37 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::fs::File;
 use std::future::Future;
 use std::process::Command;
-use std::thread;
 
-use nix::sched::{setns, CloneFlags};
 use redirect_bpf::netlink::Netlink;
 use redirect_bpf::routing::{self, Family};
+use testkit::Netns;
 
-struct Netns(String);
-
-impl Netns {
-    fn new(name: &str) -> Netns {
-        assert!(
-            nix::unistd::Uid::effective().is_root(),
-            "routing tests need root (network namespaces): run them as root, as CI does"
-        );
-        let ns = format!("ward-routing-{name}-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &ns])
-            .status()
-            .expect("ip netns add");
-        assert!(ok.success());
-        let ns = Netns(ns);
-        let ok = Command::new("ip")
-            .args(["-n", &ns.0, "link", "set", "lo", "up"])
-            .status()
-            .expect("ip link");
-        assert!(ok.success());
-        ns
-    }
-
-    /// Runs `f` on a thread in the namespace, on a runtime of its own, with a netlink
-    /// connection opened there.
-    fn run<T: Send, F: Future<Output = T>>(&self, f: impl FnOnce(Netlink) -> F + Send) -> T {
-        let path = format!("/var/run/netns/{}", self.0);
-        thread::scope(|s| {
-            s.spawn(|| {
-                setns(File::open(&path).expect("netns"), CloneFlags::CLONE_NEWNET).expect("setns");
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                rt.block_on(async { f(Netlink::connect().expect("netlink")).await })
-            })
-            .join()
-            .expect("namespace thread")
-        })
-    }
+fn netns(name: &str) -> Netns {
+    testkit::require_root("routing tests", "network namespaces");
+    Netns::new(testkit::unique(&format!("ward-routing-{name}"))).unwrap()
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// Runs `f` on a thread in the namespace, on a runtime of its own, with a netlink
+/// connection opened there.
+fn on_netlink<T: Send, F: Future<Output = T>>(
+    ns: &Netns,
+    f: impl FnOnce(Netlink) -> F + Send,
+) -> T {
+    ns.run(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async { f(Netlink::connect().expect("netlink")).await })
+    })
 }
 
 #[test]
 fn ensure_installs_once_and_remove_cleans_up() {
-    let ns = Netns::new("once");
-    ns.run(|nl| async move {
+    let ns = netns("once");
+    on_netlink(&ns, |nl| async move {
         for f in Family::BOTH {
             assert_eq!(routing::rule_count(&nl, f).await.unwrap(), 0);
             assert!(!routing::has_local_route(&nl, f).await.unwrap());
@@ -111,15 +81,8 @@ fn ensure_installs_once_and_remove_cleans_up() {
 /// duplicated, and every copy removed.
 #[test]
 fn rules_added_by_ip_are_recognised_and_removed() {
-    let ns = Netns::new("byip");
-    let ip = |args: &[&str]| {
-        let ok = Command::new("ip")
-            .args(["-n", &ns.0])
-            .args(args)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "ip {args:?}");
-    };
+    let ns = netns("byip");
+    let ip = |args: &[&str]| ns.ip(args).unwrap();
     ip(&[
         "rule",
         "add",
@@ -140,7 +103,7 @@ fn rules_added_by_ip_are_recognised_and_removed() {
         "table",
         "100",
     ]);
-    ns.run(|nl| async move {
+    on_netlink(&ns, |nl| async move {
         assert_eq!(routing::rule_count(&nl, Family::V4).await.unwrap(), 1);
         assert!(routing::has_local_route(&nl, Family::V4).await.unwrap());
         assert!(
@@ -160,8 +123,8 @@ fn rules_added_by_ip_are_recognised_and_removed() {
 /// routing is installed and removed, IPv6 is left alone instead of failing.
 #[test]
 fn ipv6_disabled_namespace_gets_the_ipv4_routing() {
-    let ns = Netns::new("nov6");
-    ns.run(|nl| async move {
+    let ns = netns("nov6");
+    on_netlink(&ns, |nl| async move {
         assert!(routing::ipv6_enabled(), "a fresh namespace has IPv6");
         let ok = Command::new("sysctl")
             .args([
@@ -239,8 +202,8 @@ fn drop_cap_net_admin() {
 /// the kernel's reason, and nothing is half installed.
 #[test]
 fn a_refused_install_says_what_and_why() {
-    let ns = Netns::new("eperm");
-    let err = ns.run(|nl| async move {
+    let ns = netns("eperm");
+    let err = on_netlink(&ns, |nl| async move {
         drop_cap_net_admin();
         routing::ensure(&nl).await.expect_err("EPERM")
     });
@@ -249,7 +212,7 @@ fn a_refused_install_says_what_and_why() {
         "adding ip route local default dev lo table 100 (IPv4): Operation not permitted"
     );
     assert_eq!(err.errno(), Some(nix::errno::Errno::EPERM));
-    ns.run(|nl| async move {
+    on_netlink(&ns, |nl| async move {
         for f in Family::BOTH {
             assert_eq!(routing::rule_count(&nl, f).await.unwrap(), 0);
             assert!(!routing::has_local_route(&nl, f).await.unwrap());

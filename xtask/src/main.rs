@@ -3,6 +3,7 @@
 //! Every task installs what it needs when it is missing, so that a newcomer on a fresh
 //! machine (and CI) runs the same two commands the README shows.
 
+mod cases;
 mod loadtest;
 
 use std::env;
@@ -14,21 +15,24 @@ usage: cargo xtask <task>
 
 tasks:
   lab [ARGS...]   the main job: a whole cluster's datapath on this machine (root): installs
-                  what it needs, builds the eBPF object and ward, runs `ward lab ARGS`
+                  what it needs, builds the eBPF object, ward and ward-lab, runs
+                  `target/release/ward-lab ARGS`
                   (default: the deploy/lab scenario: up, check, down)
-  lab-cases       `ward lab run-case` over ../shared/conformance/cases and cases-calico (root)
+  lab-cases       `ward-lab run-case` over conformance/cases and cases-calico (root)
   test [--no-lab] build the eBPF object, format check, clippy (-D warnings), all tests,
                   the conformance suite on the policy model, then `lab` (deploy/lab and
                   deploy/lab-calico) and `lab-cases` (every conformance case on the real
                   datapath)
   build-ebpf      install the eBPF toolchain when missing (nightly, rust-src, bpf-linker)
                   and build the datapath's eBPF object into target/bpf
-  demo            the main job for now: conformance over the shared cases and a trace example
+  demo            a quick look without root: the conformance cases on the policy model and
+                  a `ward policy trace` example
   fuzz [TARGET [SECONDS]]
                   run a fuzz target (policy, http1 or handle; default policy, 60 s)
                   with cargo-fuzz on nightly
   bench           run the criterion benchmarks
   crds            regenerate deploy/crds/ from policy-model's types
+  sync-cases      refresh conformance/ (the cases the tests use) from ../shared/conformance
   deploy-check    render deploy/ (kubectl kustomize), validate every object
                   (kubernetes-validate) and the alert rules (promtool); part of test
   loadtest [proxy|datapath|dns|all] [--quick]
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         ),
         Some("bench") => bench(),
         Some("crds") => crds(),
+        Some("sync-cases") => cases::sync(),
         Some("deploy-check") => deploy_check(),
         Some("loadtest") => loadtest::loadtest(&args[1..]),
         Some("udp-relay") => loadtest::relay::run(&args[1..]),
@@ -88,25 +93,6 @@ fn root() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
-}
-
-/// The shared conformance cases sit beside the checkout (`../shared`), on developer
-/// machines and in CI alike.
-fn shared_cases() -> Option<PathBuf> {
-    let p = root().join("../shared/conformance/cases");
-    p.is_dir().then_some(p)
-}
-
-/// The shared case folders run in full: `cases/` and, beside it, the additions that
-/// Ward implements (`cases-calico/`).
-fn shared_case_folders() -> Option<Vec<PathBuf>> {
-    let cases = shared_cases()?;
-    let calico = cases.with_file_name("cases-calico");
-    Some(if calico.is_dir() {
-        vec![cases, calico]
-    } else {
-        vec![cases]
-    })
 }
 
 fn run(cmd: &mut Command) -> Result {
@@ -146,7 +132,7 @@ const TEST_PACKAGES: &[&str] = &[
     "nghttp2-client",
     "dnsutils",
     "dnsmasq-base",
-    // the lab tests (agent/tests/lab.rs): ip, sysctl in namespaces
+    // the lab tests (lab/tests/lab.rs): ip, sysctl in namespaces
     "iproute2",
     "procps",
 ];
@@ -174,7 +160,7 @@ fn installed(p: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// What `ward lab` drives inside its namespaces: ip, nsenter, curl, dig, timeout.
+/// What `ward-lab` drives inside its namespaces: ip, nsenter, curl, dig, timeout.
 const LAB_PACKAGES: &[&str] = &[
     "iproute2",
     "util-linux",
@@ -198,24 +184,37 @@ fn require_root(task: &str) -> Result {
     Ok(())
 }
 
-/// The release `ward`, built with the eBPF object it embeds.
-fn build_ward_for_lab(task: &str) -> Result<PathBuf> {
+/// `cargo build --release` of `bins`, with cargo's progress shown: a first build takes
+/// minutes, and a silent one looks hung.
+fn release_build(bins: &[&str]) -> Command {
+    let mut c = cargo();
+    c.args(["build", "--release"]);
+    for b in bins {
+        c.args(["--bin", b]);
+    }
+    c
+}
+
+/// The release `ward-lab` and the `ward` (with the eBPF object it embeds) whose agents
+/// it runs, side by side in target/release.
+fn build_lab(task: &str) -> Result<PathBuf> {
     require_root(task)?;
     ensure_debs(LAB_PACKAGES)?;
     build_ebpf()?;
-    run(cargo().args(["build", "--quiet", "--release", "--bin", "ward"]))?;
-    Ok(root().join("target/release/ward"))
+    run(&mut release_build(&["ward", "ward-lab"]))?;
+    Ok(root().join("target/release/ward-lab"))
 }
 
 fn lab(args: &[String]) -> Result {
-    let ward = build_ward_for_lab("lab")?;
-    run(Command::new(ward).arg("lab").args(args))
+    let lab = build_lab("lab")?;
+    run(Command::new(lab).args(args))
 }
 
 fn lab_cases() -> Result {
-    let cases = shared_case_folders().ok_or("../shared/conformance/cases is missing")?;
-    let ward = build_ward_for_lab("lab-cases")?;
-    run(Command::new(ward).args(["lab", "run-case"]).args(cases))
+    let lab = build_lab("lab-cases")?;
+    run(Command::new(lab)
+        .arg("run-case")
+        .args(cases::case_folders()))
 }
 
 fn test(with_lab: bool) -> Result {
@@ -249,13 +248,10 @@ fn test(with_lab: bool) -> Result {
     deploy_check()?;
     // Benchmarks must at least run once, so that a broken bench fails here and not later.
     run(cargo().args(["bench", "--workspace", "--", "--test"]))?;
-    match shared_case_folders() {
-        Some(cases) => run(cargo()
-            .args(["run", "--quiet", "--release", "--bin", "ward", "--"])
-            .args(["conformance", "run"])
-            .args(cases))?,
-        None => return Err("../shared/conformance/cases is missing".into()),
-    }
+    run(&mut release_build(&["ward"]))?;
+    run(Command::new(root().join("target/release/ward"))
+        .args(["conformance", "run"])
+        .args(cases::case_folders()))?;
     if with_lab {
         lab(&[])?;
         lab(&["deploy/lab-calico".to_string()])?;
@@ -265,8 +261,8 @@ fn test(with_lab: bool) -> Result {
 }
 
 fn demo() -> Result {
-    let cases = shared_cases().ok_or("../shared/conformance/cases is missing")?;
-    run(cargo().args(["build", "--quiet", "--release", "--bin", "ward"]))?;
+    let cases = cases::cases();
+    run(&mut release_build(&["ward"]))?;
     let ward = root().join("target/release/ward");
     run(Command::new(&ward).args(["conformance", "run"]).arg(&cases))?;
     let case = cases.join("069-cnp-l7-http-get-root.yaml");
@@ -342,15 +338,13 @@ fn fuzz(target: Option<&str>, seconds: Option<&str>) -> Result {
     let dir = root().join(dir);
     let corpus = dir.join("corpus").join(name);
     std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
-    // the policy target starts from the shared conformance cases (kept out of the repository)
+    // the policy target starts from the conformance cases
     if *name == "policy" {
-        if let Some(cases) = shared_cases() {
-            for e in std::fs::read_dir(&cases)
-                .map_err(|e| e.to_string())?
-                .flatten()
-            {
-                let _ = std::fs::copy(e.path(), corpus.join(e.file_name()));
-            }
+        for e in std::fs::read_dir(cases::cases())
+            .map_err(|e| e.to_string())?
+            .flatten()
+        {
+            let _ = std::fs::copy(e.path(), corpus.join(e.file_name()));
         }
     }
     let status = Command::new("cargo")
@@ -480,7 +474,7 @@ pub(crate) fn build_ebpf() -> Result {
 /// Writes the CRDs generated from policy-model's types into deploy/crds.
 fn crds() -> Result {
     run(cargo()
-        .args(["run", "--quiet", "-p", "agent", "--bin", "ward", "--"])
+        .args(["run", "-p", "agent", "--bin", "ward", "--"])
         .arg("kube-crds")
         .arg(root().join("deploy/crds")))
 }
@@ -499,7 +493,8 @@ fn deploy_check() -> Result {
     if !succeeds(Command::new("kubectl").args(["version", "--client"])) {
         ensure_debs(&["kubernetes-client"])?;
     }
-    ensure_debs(&["prometheus"])?;
+    // promtool; `python3 -m venv` for kubernetes-validate (Debian splits venv off python3)
+    ensure_debs(&["prometheus", "python3-venv"])?;
     let out = root().join("target/deploy");
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     eprintln!("+ kubectl kustomize deploy/");
@@ -554,4 +549,31 @@ fn deploy_check() -> Result {
         ])
         .args(&examples))?;
     run(Command::new("promtool").args(["check", "rules", "deploy/prometheus/ward.rules.yaml"]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lab's first release build takes minutes: cargo's progress must show.
+    #[test]
+    fn release_builds_show_cargo_progress() {
+        let c = release_build(&["ward", "ward-lab"]);
+        let args: Vec<String> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            ["build", "--release", "--bin", "ward", "--bin", "ward-lab"]
+        );
+    }
+
+    /// `cargo xtask` without a task shows the usage: the lab is the main job, nothing else.
+    #[test]
+    fn the_usage_names_the_lab_the_main_job() {
+        let main_job: Vec<&str> = USAGE.lines().filter(|l| l.contains("main job")).collect();
+        assert_eq!(main_job.len(), 1, "{main_job:?}");
+        assert!(main_job[0].trim_start().starts_with("lab "), "{main_job:?}");
+    }
 }

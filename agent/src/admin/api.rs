@@ -2,10 +2,8 @@
 //! and `ward observe` read them back with the same types.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
 pub use crate::reconcile::endpoints::EndpointStatus as Endpoint;
 pub use crate::reconcile::fqdn::Learned as Fqdn;
@@ -87,47 +85,31 @@ pub struct PolicyEntry {
     pub rule: String,
 }
 
-/// `GET /v1/events`: one line of the event stream.
+/// `GET /v1/events`: one line of the event stream: an audit event (see the `audit`
+/// crate; the same line as in the audit log) or a note that a follower fell behind.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Event {
     /// A packet the datapath dropped.
     Drop(Drop),
-    /// An HTTP proxy audit record (the proxy's own schema).
-    Http(Map<String, Value>),
-    /// A DNS proxy audit record (the DNS proxy's own schema).
-    Dns(Map<String, Value>),
+    /// An HTTP proxy audit record.
+    Http(audit::http::Record),
+    /// A DNS proxy audit record.
+    Dns(audit::dns::Record),
     /// A follower fell behind: this many events were not sent to it.
     Lost { events: u64 },
 }
 
-/// A datapath drop event.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Drop {
-    /// RFC 3339 with milliseconds, when the agent read it.
-    pub time: String,
-    pub verdict: String,
-    /// The datapath's drop reason (`policy_default_deny`, ...).
-    pub reason: String,
-    /// `ingress` or `egress`.
-    pub direction: String,
-    /// IP protocol number.
-    pub protocol: u8,
-    pub source: Peer,
-    pub destination: Peer,
-    pub ifindex: u32,
-    /// The policy map entry's cookie (0 when no entry decided).
-    pub cookie: u32,
-}
+pub use audit::drop::{Peer, Record as Drop};
 
-/// One side of a dropped packet.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Peer {
-    pub ip: IpAddr,
-    pub port: u16,
-    pub identity: u32,
-    /// `namespace/name` when the IP is a pod's.
-    pub pod: Option<String>,
+impl From<audit::AuditEvent> for Event {
+    fn from(e: audit::AuditEvent) -> Event {
+        match e {
+            audit::AuditEvent::Http(r) => Event::Http(r),
+            audit::AuditEvent::Dns(r) => Event::Dns(r),
+            audit::AuditEvent::Drop(r) => Event::Drop(r),
+        }
+    }
 }
 
 impl Event {
@@ -138,15 +120,14 @@ impl Event {
                 .into_iter()
                 .filter_map(|p| p.as_deref())
                 .collect(),
-            Event::Http(r) => ["SourceEndpoint", "DestinationEndpoint"]
-                .iter()
-                .filter_map(|k| r.get(*k)?.get("Pod")?.as_str())
-                .collect(),
-            Event::Dns(r) => r
-                .get("source")
-                .and_then(Value::as_str)
+            Event::Http(r) => [&r.source_endpoint.pod, &r.destination_endpoint.pod]
                 .into_iter()
+                .filter_map(|p| p.as_deref())
                 .collect(),
+            Event::Dns(r) => match &r.source {
+                audit::dns::Source::Endpoint(p) => vec![p.as_str()],
+                audit::dns::Source::Address(_) => Vec::new(),
+            },
             Event::Lost { .. } => Vec::new(),
         }
     }
@@ -155,8 +136,8 @@ impl Event {
     pub fn verdict(&self) -> String {
         match self {
             Event::Drop(d) => d.verdict.to_lowercase(),
-            Event::Http(r) => str_of(r, "Verdict").to_lowercase(),
-            Event::Dns(r) => str_of(r, "verdict").to_lowercase(),
+            Event::Http(r) => r.verdict.as_str().into(),
+            Event::Dns(r) => r.verdict.as_str().into(),
             Event::Lost { .. } => String::new(),
         }
     }
@@ -180,49 +161,78 @@ impl Event {
                 )
             }
             Event::Http(r) => {
-                let end = |k: &str| {
-                    let e = r.get(k);
-                    e.and_then(|e| e.get("Pod")?.as_str())
-                        .or_else(|| e.and_then(|e| e.get("IP")?.as_str()))
-                        .unwrap_or("?")
-                        .to_string()
-                };
-                let http = r.get("Http");
-                let field = |k: &str| {
-                    http.and_then(|h| h.get(k))
-                        .map(|v| match v {
-                            Value::String(s) => s.clone(),
-                            v => v.to_string(),
-                        })
-                        .unwrap_or_default()
-                };
+                let side =
+                    |e: &audit::http::Endpoint| e.pod.clone().unwrap_or_else(|| e.ip.clone());
                 format!(
                     "{} HTTP  {} -> {} {} {} {} -> {} {}",
-                    str_of(r, "Timestamp"),
-                    end("SourceEndpoint"),
-                    end("DestinationEndpoint"),
-                    field("Method"),
-                    field("Host"),
-                    field("Path"),
-                    field("Code"),
+                    r.timestamp,
+                    side(&r.source_endpoint),
+                    side(&r.destination_endpoint),
+                    r.http.method,
+                    r.http.host,
+                    r.http.path,
+                    r.http.code,
                     self.verdict(),
                 )
             }
             Event::Dns(r) => format!(
                 "{} DNS   {} -> {} {} {} {} {}",
-                str_of(r, "time"),
-                str_of(r, "source"),
-                str_of(r, "server"),
-                str_of(r, "qname"),
-                str_of(r, "qtype"),
-                str_of(r, "verdict"),
-                str_of(r, "reason"),
+                audit::dns::rfc3339(
+                    r.time
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                ),
+                r.source,
+                r.server,
+                r.qname,
+                r.qtype,
+                self.verdict(),
+                r.reason,
             ),
             Event::Lost { events } => format!("(lost {events} events)"),
         }
     }
 }
 
-fn str_of<'a>(r: &'a Map<String, Value>, k: &str) -> &'a str {
-    r.get(k).and_then(Value::as_str).unwrap_or("")
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http_line() -> String {
+        concat!(
+            r#"{"type":"http","Timestamp":"2026-12-07T04:00:00.000000001Z","ObservationPoint":"Ingress","#,
+            r#""Verdict":"Denied","SourceEndpoint":{"IP":"10.0.0.1","Port":40000,"Identity":9,"Pod":"app/client"},"#,
+            r#""DestinationEndpoint":{"IP":"10.0.0.2","Port":80,"Identity":10},"#,
+            r#""HTTP":{"Code":403,"Method":"DELETE","Host":"web","Path":"/admin","Protocol":"HTTP/1.1"},"#,
+            r#""LatencyNs":5,"PolicyGeneration":2,"Info":"no rule matches"}"#
+        )
+        .to_string()
+    }
+
+    #[test]
+    fn an_http_audit_line_reads_as_an_event_with_its_request() {
+        let e: Event = serde_json::from_str(&http_line()).unwrap();
+        assert_eq!(e.pods(), vec!["app/client"]);
+        assert_eq!(e.verdict(), "denied");
+        assert_eq!(
+            e.line(),
+            "2026-12-07T04:00:00.000000001Z HTTP  app/client -> 10.0.0.2 DELETE web /admin -> 403 denied"
+        );
+    }
+
+    #[test]
+    fn a_dns_audit_line_reads_as_an_event() {
+        let line = concat!(
+            r#"{"type":"dns","time":"2026-12-07T04:00:00.000001Z","source":"app/client","#,
+            r#""client":"10.0.0.1:5353","server":"10.96.0.10:53","transport":"udp","#,
+            r#""qname":"evil.example.","qtype":"A","verdict":"denied","rcode":"Refused","#,
+            r#""reason":"no DNS rule matches","latency_us":3}"#
+        );
+        let e: Event = serde_json::from_str(line).unwrap();
+        assert_eq!(e.pods(), vec!["app/client"]);
+        assert_eq!(
+            e.line(),
+            "2026-12-07T04:00:00.000001Z DNS   app/client -> 10.96.0.10:53 evil.example. A denied no DNS rule matches"
+        );
+    }
 }

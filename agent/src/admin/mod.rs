@@ -413,7 +413,13 @@ mod tests {
                 ..DropEvent::default()
             });
         }
-        let event_reader = EventReader::new(Box::new(ring), events.clone(), published.clone());
+        let audit = crate::telemetry::audit::start(
+            64,
+            crate::telemetry::audit::AuditSink::None,
+            events.clone(),
+            audit::DroppedCounter::new(),
+        );
+        let event_reader = EventReader::new(Box::new(ring), audit, published.clone());
         let reading = tokio::spawn(event_reader.run());
         // the reader moves the recorded event to the stream
         tokio::time::timeout(Duration::from_secs(5), async {

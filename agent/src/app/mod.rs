@@ -210,17 +210,23 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
     let agent_metrics = metrics::AgentMetrics::new()?;
     let events = events::Events::new();
 
-    // Audit: both proxies' records to the audit log and the event stream.
+    // Audit: one queue for both proxies' records and the datapath's drops, one writer
+    // to the audit log and the event stream. The queue holds what the two proxies' own
+    // settings would hold (`audit_queue` + `audit_capacity`).
     let http_metrics = proxy::Metrics::new();
     let dns_metrics = dns_proxy::metrics::Metrics::new()?;
-    let (http_audit, http_rx) = proxy::AuditLog::channel(s.proxy.audit_queue, http_metrics.clone());
-    let (dns_audit, dns_rx) =
-        dns_proxy::audit::Audit::channel(s.dns.audit_capacity, dns_metrics.clone());
+    let dropped = ::audit::DroppedCounter::new();
+    dropped.register(&agent_metrics.registry)?;
     let sink = audit::AuditSink::open(&s.audit_log).map_err(io_error(format!(
         "cannot open the audit log {}",
         s.audit_log
     )))?;
-    audit::pump_audit(http_rx, dns_rx, sink, events.clone());
+    let audit_log = audit::start(
+        s.proxy.audit_queue + s.dns.audit_capacity,
+        sink,
+        events.clone(),
+        dropped,
+    );
 
     // The first snapshot, so the proxies start with real policy.
     let first = source.next().await.map_err(Error::FirstSnapshot)?;
@@ -256,7 +262,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         proxy::Mode::Transparent {
             node: Some(s.node.clone()),
         },
-        http_audit,
+        audit_log.clone(),
         http_metrics.clone(),
     );
     // One listener per family on the port: the datapath hands IPv4 flows to the socket
@@ -295,7 +301,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
         },
         Arc::new(lane),
         Arc::new(dns::Conntrack(dp.clone())),
-        dns_audit,
+        audit_log.clone(),
         dns_metrics.clone(),
     );
     match dns.busy_poll() {
@@ -357,7 +363,7 @@ pub async fn run(s: Settings, mut source: Box<dyn Source>) -> Result<()> {
             wakeups: Some(attacher::net_wakeups(net_changes)),
             uplinks: s.uplinks.clone(),
             drop_events: Box::new(drop_events),
-            events: events.clone(),
+            audit: audit_log.clone(),
             timing: Timing {
                 endpoint_recheck: s.endpoint_recheck,
                 ..Timing::default()

@@ -1,4 +1,4 @@
-//! `ward conformance run`: netpol-oracle cases (and `ward lab` scenario folders) against
+//! `ward conformance run`: netpol-oracle cases (and `ward-lab` scenario folders) against
 //! the policy model.
 
 use std::fs;
@@ -11,7 +11,7 @@ use policy_model::conformance::{parse_case, ProbeResult};
 use serde::Serialize;
 
 use crate::inputs::yaml_files;
-use crate::lab::scenario::Scenario;
+use scenario::Scenario;
 
 #[derive(Subcommand)]
 pub enum Command {

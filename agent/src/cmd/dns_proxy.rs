@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
-use dns_proxy::audit::{write_lines, Audit};
+use dns_proxy::audit::{write_lines, Audit, DroppedCounter};
 use dns_proxy::listener::{serve_tcp, serve_udp, FixedUpstream, ForwarderUdp};
 use dns_proxy::metrics::Metrics;
 use dns_proxy::{Config, NeverInUse, NullSink, Proxy, RefuseCode, Scope};
@@ -149,7 +149,11 @@ async fn serve(a: Args) -> Result<ExitCode> {
         ..Config::default()
     };
     let metrics = Metrics::new().context("metrics")?;
-    let (audit, rx) = Audit::channel(config.audit_capacity, metrics.clone());
+    let dropped = DroppedCounter::new();
+    dropped
+        .register(&metrics.registry)
+        .context("registering ward_audit_dropped_total")?;
+    let (audit, rx) = Audit::channel(config.audit_capacity, dropped);
     let out: Box<dyn Write + Send> = if a.audit_log == "-" {
         Box::new(std::io::BufWriter::new(std::io::stdout()))
     } else {
@@ -160,7 +164,7 @@ async fn serve(a: Args) -> Result<ExitCode> {
             .with_context(|| format!("cannot open {}", a.audit_log))?;
         Box::new(std::io::BufWriter::new(f))
     };
-    tokio::task::spawn_blocking(move || write_lines(rx, out));
+    tokio::task::spawn_blocking(move || write_lines(rx, out, |_| {}));
     let proxy = Proxy::new(
         config,
         Arc::new(model),

@@ -1,7 +1,6 @@
 pub mod agent;
 pub mod conformance;
 pub mod dns_proxy;
-pub mod lab;
 pub mod policy;
 pub mod proxy;
 pub mod status;

@@ -3,6 +3,7 @@
 //! cluster file; the rules are those of `--endpoint` in `--direction`. SIGHUP reloads the
 //! cluster file and the policies; the new rules apply to the next request.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use policy_model::{CompileOptions, Direction, Model};
-use proxy::{AuditLog, AuditOutput, Config, FixedListener, Metrics, Mode, PolicyStore, Proxy};
+use proxy::{AuditLog, Config, DroppedCounter, FixedListener, Metrics, Mode, PolicyStore, Proxy};
 
 use crate::inputs::compile_model;
 
@@ -101,17 +102,8 @@ async fn serve(a: ProxyArgs) -> Result<ExitCode> {
     let store = Arc::new(PolicyStore::new(compile(&a)?));
     let metrics = Metrics::new();
     let audit = match a.audit_log.as_deref() {
-        None => AuditLog::disabled(metrics.clone()),
-        Some("-") => {
-            AuditLog::start(AuditOutput::Stdout, config.audit_queue, metrics.clone()).await?
-        }
-        Some(f) => AuditLog::start(
-            AuditOutput::File(PathBuf::from(f)),
-            config.audit_queue,
-            metrics.clone(),
-        )
-        .await
-        .with_context(|| format!("cannot open audit log {f}"))?,
+        None => AuditLog::disabled(),
+        Some(spec) => start_audit(spec, config.audit_queue, &metrics)?,
     };
     let mode = Mode::Standalone {
         endpoint: a.endpoint.clone(),
@@ -166,4 +158,27 @@ async fn serve(a: ProxyArgs) -> Result<ExitCode> {
             _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
         }
     }
+}
+
+/// The audit queue and its writer (on a blocking thread) for `--audit-log SPEC`: `-` is
+/// stdout, anything else a file appended to. `ward_audit_dropped_total` joins the
+/// proxy's metrics.
+fn start_audit(spec: &str, capacity: usize, metrics: &Metrics) -> Result<AuditLog> {
+    let out: Box<dyn Write + Send> = if spec == "-" {
+        Box::new(std::io::BufWriter::new(std::io::stdout()))
+    } else {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(spec)
+            .with_context(|| format!("cannot open audit log {spec}"))?;
+        Box::new(std::io::BufWriter::new(f))
+    };
+    let dropped = DroppedCounter::new();
+    dropped
+        .register(&metrics.registry)
+        .context("registering ward_audit_dropped_total")?;
+    let (log, rx) = AuditLog::channel(capacity, dropped);
+    tokio::task::spawn_blocking(move || audit::write_lines(rx, out, |_| {}));
+    Ok(log)
 }

@@ -2,7 +2,8 @@
 //!
 //! - [`EventReader`]: sleeps on the drop event ring buffer ([`DropEventSource`]; the
 //!   kernel's is read on tokio's `AsyncFd`, woken when a drop is recorded) and moves each
-//!   event to the event stream, named with the pods of the published model. It holds no
+//!   event to the audit stream (and so the event stream), named with the pods of the
+//!   published model. It holds no
 //!   lock of the datapath: the ring buffer was handed out of it at start.
 //! - [`DropCounters`]: reads the per-reason drop counters into the metrics and the
 //!   status, every [`COUNTERS_EVERY`].
@@ -18,7 +19,9 @@ use tokio::sync::watch;
 use super::Published;
 use crate::datapath::{Datapath, Shared};
 use crate::source::BoxFuture;
-use crate::telemetry::events::{drop_event, Events};
+use audit::AuditLog;
+
+use crate::telemetry::events::drop_record;
 use crate::telemetry::metrics::{reason_name, AgentMetrics};
 
 /// How often the drop counters are read.
@@ -44,19 +47,19 @@ impl DropEventSource for AsyncDropEvents {
 /// The drop event reader's state.
 pub struct EventReader {
     ring: Box<dyn DropEventSource>,
-    events: Events,
+    audit: AuditLog,
     published: watch::Receiver<Option<Published>>,
 }
 
 impl EventReader {
     pub fn new(
         ring: Box<dyn DropEventSource>,
-        events: Events,
+        audit: AuditLog,
         published: watch::Receiver<Option<Published>>,
     ) -> EventReader {
         EventReader {
             ring,
-            events,
+            audit,
             published,
         }
     }
@@ -74,12 +77,12 @@ impl EventReader {
         }
     }
 
-    /// Moves a batch of events to the event stream.
+    /// Moves a batch of events to the audit stream.
     fn publish(&self, batch: &[DropEvent]) {
         let model = self.published.borrow().as_ref().map(|p| p.model.clone());
         let pod_of = |ip: IpAddr| model.as_ref().and_then(|m| m.endpoint_name_of_ip(ip));
         for e in batch {
-            self.events.publish(&drop_event(e, pod_of));
+            self.audit.record(drop_record(e, pod_of));
         }
     }
 }

@@ -4,7 +4,7 @@
 //! ```text
 //!  source ──snapshots──▶ publisher ──published model──▶ conntrack (sweep, revoke)
 //!  DNS proxy ──dns lane──▶   │  ▲                   ├──▶ drop counters ──▶ metrics
-//!                  local pods│  │attachments        └──▶ event reader ──▶ events
+//!                  local pods│  │attachments        └──▶ event reader ──▶ audit
 //!                            ▼  │                          ▲ ring buffer
 //!                          attacher (discovery, attach/detach)
 //!                            ▲ route and link changes (netlink)
@@ -14,7 +14,7 @@
 //! - [`attacher`]: finds the pods' interfaces and attaches the programs, woken by the
 //!   node's route and link changes.
 //! - [`conntrack`]: expires idle flows, revokes flows a new policy denies.
-//! - [`drops`]: drop events to the event stream, drop counters to the metrics.
+//! - [`drops`]: drop events to the audit stream, drop counters to the metrics.
 //! - [`dns`]: the DNS proxy's hand-off lane into the publisher.
 
 pub mod attacher;
@@ -43,7 +43,6 @@ use tokio::task::JoinHandle;
 
 use crate::datapath::{Datapath, Shared};
 use crate::source::Snapshot;
-use crate::telemetry::events::Events;
 use crate::telemetry::metrics::AgentMetrics;
 use attacher::{Attacher, Discovery, Wakeups};
 use conntrack::{ConntrackTask, Sweep};
@@ -104,9 +103,10 @@ pub struct Wiring<R> {
     /// What wakes discovery between re-checks (the node's route and link changes).
     pub wakeups: Option<Wakeups>,
     pub uplinks: Vec<String>,
-    /// The drop event ring buffer, read by its own task into `events`.
+    /// The drop event ring buffer, read by its own task into `audit`.
     pub drop_events: Box<dyn DropEventSource>,
-    pub events: Events,
+    /// The audit stream (its writer also feeds the event stream).
+    pub audit: audit::AuditLog,
     pub timing: Timing,
     /// The publisher's end of the DNS lane ([`dns::lane`]).
     pub dns: mpsc::Receiver<dns::Request>,
@@ -178,7 +178,7 @@ pub fn spawn<D: Datapath, P: Proxies, R: Discovery>(
     );
     let counters =
         DropCounters::new(dp, metrics, published.clone(), drops_tx).every(wiring.timing.counters);
-    let events = EventReader::new(wiring.drop_events, wiring.events, published.clone());
+    let events = EventReader::new(wiring.drop_events, wiring.audit, published.clone());
     let tasks = vec![
         tokio::spawn(publisher.run(inputs)),
         tokio::spawn(attacher.run()),

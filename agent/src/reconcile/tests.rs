@@ -195,7 +195,12 @@ impl Node {
                 wakeups,
                 uplinks: Vec::new(),
                 drop_events: Box::new(drop_events),
-                events: events.clone(),
+                audit: crate::telemetry::audit::start(
+                    64,
+                    crate::telemetry::audit::AuditSink::None,
+                    events.clone(),
+                    audit::DroppedCounter::new(),
+                ),
                 timing: Timing {
                     endpoint_recheck: recheck,
                     counters: Duration::from_millis(20),

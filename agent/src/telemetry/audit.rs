@@ -1,18 +1,19 @@
-//! The audit log: both proxies' records, written unchanged as JSON lines, and published
-//! on the event stream with their `type`. Records reach this writer through the proxies'
-//! own bounded queues.
+//! The audit log: one queue that the HTTP proxy, the DNS proxy and the drop reader feed
+//! ([`audit::AuditLog`], bounded; a full queue drops and counts in
+//! `ward_audit_dropped_total{type}`), one writer on a blocking thread that writes each
+//! event as a JSON line with its `type` and then publishes the same line on the event
+//! stream (`/v1/events`, `ward observe`).
 
 use std::io::Write;
+use std::sync::Arc;
 
-use serde::Serialize;
-use serde_json::{Map, Value};
-use tokio::sync::mpsc;
+use audit::{AuditLog, DroppedCounter};
 
 use super::events::Events;
-use crate::admin::api::Event;
 
-/// Where audit records are written.
+/// Where audit lines are written.
 pub enum AuditSink {
+    /// Nowhere (the event stream still gets them).
     None,
     Stdout,
     File(std::fs::File),
@@ -33,56 +34,27 @@ impl AuditSink {
         })
     }
 
-    fn write(&mut self, line: &str) {
-        let r = match self {
-            AuditSink::None => Ok(()),
-            AuditSink::Stdout => {
-                let mut out = std::io::stdout().lock();
-                writeln!(out, "{line}").and_then(|_| out.flush())
-            }
-            AuditSink::File(f) => writeln!(f, "{line}"),
-        };
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "audit log write failed");
+    fn writer(self) -> Box<dyn Write + Send> {
+        match self {
+            AuditSink::None => Box::new(std::io::sink()),
+            AuditSink::Stdout => Box::new(std::io::BufWriter::new(std::io::stdout())),
+            AuditSink::File(f) => Box::new(std::io::BufWriter::new(f)),
         }
     }
 }
 
-/// Writes the records of both proxies to the audit log and the event stream, until both
-/// channels close. Runs on a blocking thread: file writes never stall the data path.
-pub fn pump_audit(
-    mut http: mpsc::Receiver<proxy::Record>,
-    mut dns: mpsc::Receiver<dns_proxy::audit::AuditRecord>,
-    mut sink: AuditSink,
+/// Starts the one audit writer and returns the queue's handle for the proxies and the
+/// drop reader. The queue holds `capacity` events; drops count in `dropped`.
+pub fn start(
+    capacity: usize,
+    sink: AuditSink,
     events: Events,
-) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(bool, Map<String, Value>)>();
-    let t1 = tx.clone();
-    tokio::spawn(async move {
-        while let Some(r) = http.recv().await {
-            if t1.send((true, to_map(&r))).is_err() {
-                return;
-            }
-        }
-    });
-    tokio::spawn(async move {
-        while let Some(r) = dns.recv().await {
-            if tx.send((false, to_map(&r))).is_err() {
-                return;
-            }
-        }
-    });
+    dropped: DroppedCounter,
+) -> AuditLog {
+    let (log, rx) = AuditLog::channel(capacity, dropped);
+    let out = sink.writer();
     tokio::task::spawn_blocking(move || {
-        while let Some((http, m)) = rx.blocking_recv() {
-            sink.write(&Value::Object(m.clone()).to_string());
-            events.publish(&if http { Event::Http(m) } else { Event::Dns(m) });
-        }
+        audit::write_lines(rx, out, |line| events.publish_line(Arc::from(line)));
     });
-}
-
-fn to_map<T: Serialize>(r: &T) -> Map<String, Value> {
-    match serde_json::to_value(r) {
-        Ok(Value::Object(m)) => m,
-        _ => Map::new(),
-    }
+    log
 }

@@ -1,6 +1,6 @@
-//! One stream of what happened, for `/v1/events` and `ward observe`: datapath drop
-//! events and the audit records of both proxies, as JSON lines with a `type` field
-//! (`drop`, `http`, `dns`); see `admin::api::Event`.
+//! One stream of what happened, for `/v1/events` and `ward observe`: the audit stream's
+//! lines (datapath drops and the records of both proxies, with a `type` field: `drop`,
+//! `http`, `dns`) as the audit writer publishes them; see `admin::api::Event`.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -11,7 +11,9 @@ use redirect_bpf::common::{DropEvent, DIR_INGRESS};
 use tokio::sync::broadcast;
 
 use super::metrics::reason_name;
-use crate::admin::api::{self, Event, Peer};
+use audit::drop::{Peer, Record as DropRecord};
+
+use crate::admin::api::Event;
 
 /// Events kept for a client that asks for what happened recently.
 const RECENT: usize = 1024;
@@ -37,15 +39,16 @@ impl Events {
         }
     }
 
-    /// Publishes one event (a JSON line without its newline).
+    /// Publishes one event.
     pub fn publish(&self, e: &Event) {
-        let line: Arc<str> = match serde_json::to_string(e) {
-            Ok(l) => Arc::from(l),
-            Err(e) => {
-                tracing::warn!(error = %e, "event not serialisable; left out");
-                return;
-            }
-        };
+        match serde_json::to_string(e) {
+            Ok(l) => self.publish_line(Arc::from(l)),
+            Err(e) => tracing::warn!(error = %e, "event not serialisable; left out"),
+        }
+    }
+
+    /// Publishes one event already written as a JSON line (without its newline).
+    pub fn publish_line(&self, line: Arc<str>) {
         if let Ok(mut r) = self.recent.lock() {
             if r.len() == RECENT {
                 r.pop_front();
@@ -68,8 +71,8 @@ impl Events {
     }
 }
 
-/// A drop event as the event stream carries it.
-pub fn drop_event(e: &DropEvent, pod_of: impl Fn(IpAddr) -> Option<String>) -> Event {
+/// A datapath drop event as the audit stream carries it, its pods named by `pod_of`.
+pub fn drop_record(e: &DropEvent, pod_of: impl Fn(IpAddr) -> Option<String>) -> DropRecord {
     let (src, dst) = if e.family == 6 {
         (
             IpAddr::V6(Ipv6Addr::from(e.saddr6)),
@@ -81,7 +84,7 @@ pub fn drop_event(e: &DropEvent, pod_of: impl Fn(IpAddr) -> Option<String>) -> E
             IpAddr::V4(Ipv4Addr::from(e.daddr)),
         )
     };
-    Event::Drop(api::Drop {
+    DropRecord {
         time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         verdict: "denied".into(),
         reason: reason_name(e.reason).into(),
@@ -106,5 +109,5 @@ pub fn drop_event(e: &DropEvent, pod_of: impl Fn(IpAddr) -> Option<String>) -> E
         },
         ifindex: e.ifindex,
         cookie: e.cookie,
-    })
+    }
 }

@@ -113,7 +113,7 @@ fn world() -> &'static World {
             Scope::Endpoint("app/client".into()),
             Arc::new(NullSink),
             Arc::new(NeverInUse),
-            Audit::disabled(metrics.clone()),
+            Audit::disabled(),
             metrics,
         )
         .with_upstream(taken.clone());

@@ -76,7 +76,7 @@ fn world() -> &'static World {
             Scope::Endpoint("app/client".into()),
             Arc::new(NullSink),
             Arc::new(NeverInUse),
-            Audit::disabled(metrics.clone()),
+            Audit::disabled(),
             metrics,
         )
         .with_upstream(canned.clone());

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dns_proxy::audit::{Audit, AuditRecord};
+use dns_proxy::audit::{Audit, AuditEvent, AuditRecord, DroppedCounter};
 use dns_proxy::listener::{serve_tcp, serve_udp, FixedUpstream, ForwarderUdp};
 use dns_proxy::metrics::Metrics;
 use dns_proxy::sink::{BoxFuture, SinkError};
@@ -482,7 +482,7 @@ pub struct Harness {
     pub addr: SocketAddr,
     pub sink: TestSink,
     pub in_use: TestInUse,
-    pub audit: tokio::sync::Mutex<mpsc::Receiver<AuditRecord>>,
+    pub audit: tokio::sync::Mutex<mpsc::Receiver<AuditEvent>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -514,7 +514,7 @@ impl Harness {
         in_use: TestInUse,
     ) -> Harness {
         let metrics = Metrics::new().unwrap();
-        let (audit, rx) = Audit::channel(1024, metrics.clone());
+        let (audit, rx) = Audit::channel(1024, DroppedCounter::new());
         let proxy = Proxy::new(
             config,
             model(upstream.port()),
@@ -554,10 +554,14 @@ impl Harness {
     /// The next audit record (within 5 s).
     pub async fn audit(&self) -> AuditRecord {
         let mut rx = self.audit.lock().await;
-        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
             .expect("audit record in time")
-            .expect("audit channel open")
+            .expect("audit channel open");
+        match e {
+            AuditEvent::Dns(r) => r,
+            other => panic!("the DNS proxy queued a {} event", other.kind()),
+        }
     }
 
     /// Audit records until one for `qname` (normalised) arrives.

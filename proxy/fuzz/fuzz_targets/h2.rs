@@ -101,7 +101,7 @@ fn setup() -> &'static Setup {
                 direction: Direction::Ingress,
                 port: Some(80),
             },
-            AuditLog::disabled(metrics.clone()),
+            AuditLog::disabled(),
             metrics,
         );
         Setup {

@@ -62,7 +62,7 @@ fn setup() -> &'static (tokio::runtime::Runtime, Proxy) {
                 direction: Direction::Ingress,
                 port: Some(80),
             },
-            AuditLog::disabled(metrics.clone()),
+            AuditLog::disabled(),
             metrics,
         );
         (rt, proxy)

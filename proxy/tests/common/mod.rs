@@ -18,7 +18,10 @@ use hyper::body::{Body, Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use policy_model::{CompileOptions, Direction, Model};
-use proxy::{AuditLog, Config, FixedListener, Metrics, Mode, PolicyStore, Proxy, Record};
+use proxy::{
+    AuditEvent, AuditLog, Config, DroppedCounter, FixedListener, Metrics, Mode, PolicyStore, Proxy,
+    Record,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -246,7 +249,7 @@ impl Body for TestBody {
 pub struct Running {
     pub addr: SocketAddr,
     pub proxy: Proxy,
-    pub audit: mpsc::Receiver<Record>,
+    pub audit: mpsc::Receiver<AuditEvent>,
     /// Every allowed request as the decision saw it.
     pub decided: Arc<Mutex<Vec<DecidedCopy>>>,
     upstream_seen: Option<Arc<Mutex<Vec<Seen>>>>,
@@ -391,7 +394,9 @@ pub async fn start_proxy(upstream: SocketAddr, policy: &str) -> Running {
 
 pub async fn start_proxy_with(upstream: SocketAddr, policy: &str, config: Config) -> Running {
     let metrics = Metrics::new();
-    let (audit_log, audit) = AuditLog::channel(1024, metrics.clone());
+    let dropped = DroppedCounter::new();
+    dropped.register(&metrics.registry).unwrap();
+    let (audit_log, audit) = AuditLog::channel(1024, dropped);
     let store = Arc::new(PolicyStore::new(model(policy)));
     let mode = Mode::Standalone {
         endpoint: "default/web".into(),
@@ -505,11 +510,15 @@ pub async fn raw_until(addr: SocketAddr, bytes: &[u8], needle: &str) -> String {
 }
 
 /// The next audit record, waiting at most 5 s.
-pub async fn next_record(rx: &mut mpsc::Receiver<Record>) -> Record {
-    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+pub async fn next_record(rx: &mut mpsc::Receiver<AuditEvent>) -> Record {
+    let e = tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
         .expect("no audit record within 5 s")
-        .expect("audit channel closed")
+        .expect("audit channel closed");
+    match e {
+        AuditEvent::Http(r) => r,
+        other => panic!("the HTTP proxy queued a {} event", other.kind()),
+    }
 }
 
 pub mod h2raw;

@@ -112,7 +112,6 @@ pub fn run(ctx: &mut Ctx) -> Result<String> {
     build_ebpf()?;
     run_cmd(cargo().args([
         "build",
-        "--quiet",
         "--release",
         "-p",
         "redirect-bpf",

@@ -21,7 +21,7 @@ mod scale;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::{cargo, ensure_debs, root, run, Result};
 
@@ -163,48 +163,36 @@ impl Drop for Ctx {
 }
 
 /// A network namespace of this run with loopback up; deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
+pub struct Netns(testkit::Netns);
 
 impl Netns {
     pub fn new(tag: &str) -> Result<Netns> {
-        let name = format!("ward-lt-{tag}-{}", std::process::id());
-        quiet(Command::new("ip").args(["netns", "add", &name]))?;
-        let ns = Netns { name };
-        quiet(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
-        Ok(ns)
+        testkit::Netns::new(testkit::unique(&format!("ward-lt-{tag}")))
+            .map(Netns)
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn name(&self) -> &str {
+        self.0.name()
     }
 
     /// `prog args` inside the namespace, pinned to `cpu`.
     pub fn cmd(&self, cpu: &str, prog: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, "taskset", "-c", cpu, prog]);
+        let mut c = self.0.exec("taskset");
+        c.args(["-c", cpu, prog]);
         c
     }
 
     /// Waits until something accepts TCP connections on 127.0.0.1:`port` in the namespace.
     pub fn wait_tcp(&self, port: u16) -> Result {
-        let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port}");
         wait_until(
-            &format!("127.0.0.1:{port} accepting in {}", self.name),
+            &format!("127.0.0.1:{port} accepting in {}", self.0.name()),
             || {
-                Command::new("ip")
-                    .args(["netns", "exec", &self.name, "bash", "-c", &probe])
-                    .stderr(Stdio::null())
-                    .status()
-                    .map(|s| s.success())
-                    .unwrap_or(false)
+                self.0
+                    .run(|| std::net::TcpStream::connect(("127.0.0.1", port)))
+                    .is_ok()
             },
         )
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 
@@ -293,30 +281,12 @@ pub fn output(ctx: &mut Ctx, cmd: &mut Command) -> Result<String> {
     }
 }
 
-fn quiet(cmd: &mut Command) -> Result {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
 /// Polls `f` every 20 ms for up to 20 s.
-pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) -> Result {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        if Instant::now() > deadline {
-            return Err(format!("timed out waiting for {what}"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
+pub fn wait_until(what: &str, f: impl FnMut() -> bool) -> Result {
+    testkit::Poll::within(Duration::from_secs(20))
+        .until(what, f)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 pub fn ratio(a: f64, b: f64) -> String {
@@ -377,7 +347,7 @@ pub fn loadtest(args: &[String]) -> Result {
         crate::build_ebpf()?;
     }
     if opts.proxy || opts.dns || opts.scale.is_some() {
-        run(cargo().args(["build", "--quiet", "--profile", "dist", "--bin", "ward"]))?;
+        run(cargo().args(["build", "--profile", "dist", "--bin", "ward"]))?;
     }
     let work = std::env::temp_dir().join(format!("ward-loadtest-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
@@ -456,6 +426,26 @@ pub fn loadtest(args: &[String]) -> Result {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The load tests' namespace (root): commands run pinned inside it, and wait_tcp sees
+    /// a listener on the namespace's own loopback.
+    #[test]
+    fn commands_and_tcp_waits_run_in_the_namespace() {
+        testkit::require_root("the load tests' namespace test", "network namespaces");
+        let ns = Netns::new("selftest").expect("namespace");
+        let out = ns
+            .cmd(LOAD_CPU, "ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .expect("ip runs");
+        let links = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(links.lines().count(), 1, "only the namespace's lo: {links}");
+        let listener =
+            ns.0.run(|| std::net::TcpListener::bind("127.0.0.1:0"))
+                .expect("listener");
+        let port = listener.local_addr().expect("port").port();
+        assert_eq!(ns.wait_tcp(port), Ok(()));
+    }
 
     fn path_of(args: &[&str]) -> String {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();

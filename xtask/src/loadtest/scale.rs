@@ -146,7 +146,7 @@ fn measure(ctx: &mut Ctx, ward: &Path, src: &Path, n: usize) -> Result<Figures> 
         .args([
             "agent",
             "--netns",
-            &ns.name,
+            ns.name(),
             "--node",
             "node-1",
             "--source-dir",
@@ -259,7 +259,7 @@ fn wait(what: &str, mut f: impl FnMut() -> Result<bool>) -> Result {
 /// 200.
 fn admin(ns: &Netns, path: &str) -> Option<String> {
     let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "curl", "-sf", "--max-time", "5"])
+        .args(["netns", "exec", ns.name(), "curl", "-sf", "--max-time", "5"])
         .arg(format!("http://127.0.0.1:{ADMIN}{path}"))
         .output()
         .ok()?;
