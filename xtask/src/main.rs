@@ -4,6 +4,7 @@
 //! machine (and CI) runs the same two commands the README shows.
 
 mod cases;
+mod image;
 mod loadtest;
 
 use std::env;
@@ -19,10 +20,16 @@ tasks:
                   `target/release/ward-lab ARGS`
                   (default: the deploy/lab scenario: up, check, down)
   lab-cases       `ward-lab run-case` over conformance/cases and cases-calico (root)
-  test [--no-lab] build the eBPF object, format check, clippy (-D warnings), all tests,
+  test [--no-lab] [--no-image]
+                  build the eBPF object, format check, clippy (-D warnings), all tests,
                   the conformance suite on the policy model, then `lab` (deploy/lab and
-                  deploy/lab-calico) and `lab-cases` (every conformance case on the real
-                  datapath)
+                  deploy/lab-calico), `lab-cases` (every conformance case on the real
+                  datapath) and `image check` (the node image built, loaded and run as
+                  the DaemonSet runs it)
+  image [build|check|rootfs DIR]
+                  the node image FROM scratch with buildah (root): static musl ward (dist
+                  profile), CA bundle; target/image/ward-VERSION.oci.tar. `check` loads the
+                  archive and runs it as the DaemonSet does (part of test)
   build-ebpf      install the eBPF toolchain when missing (nightly, rust-src, bpf-linker)
                   and build the datapath's eBPF object into target/bpf
   demo            a quick look without root: the conformance cases on the policy model and
@@ -51,10 +58,11 @@ tasks:
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("test") => test(args.get(1).map(String::as_str) != Some("--no-lab")),
+        Some("test") => test(&args[1..]),
         Some("lab") => lab(&args[1..]),
         Some("lab-cases") => lab_cases(),
         Some("build-ebpf") => build_ebpf(),
+        Some("image") => image::image(&args[1..]),
         Some("demo") => demo(),
         Some("fuzz") => fuzz(
             args.get(1).map(String::as_str),
@@ -177,8 +185,8 @@ fn require_root(task: &str) -> Result {
         .unwrap_or(0);
     if uid != 0 {
         return Err(format!(
-            "`cargo xtask {task}` needs root: the lab makes network namespaces, veths and \
-             raw sockets, and loads eBPF programs (try `sudo -E cargo xtask {task}`)"
+            "`cargo xtask {task}` needs root: it makes network namespaces and veths, loads \
+             eBPF programs, and uses podman's system store (try `sudo -E cargo xtask {task}`)"
         ));
     }
     Ok(())
@@ -217,7 +225,16 @@ fn lab_cases() -> Result {
         .args(cases::case_folders()))
 }
 
-fn test(with_lab: bool) -> Result {
+fn test(flags: &[String]) -> Result {
+    let mut with_lab = true;
+    let mut with_image = true;
+    for f in flags {
+        match f.as_str() {
+            "--no-lab" => with_lab = false,
+            "--no-image" => with_image = false,
+            _ => return Err(format!("test: unknown flag {f} (--no-lab, --no-image)")),
+        }
+    }
     ensure_components()?;
     ensure_debs(TEST_PACKAGES)?;
     // First, so that the user-space crate embeds the object the kernel tests load.
@@ -256,6 +273,9 @@ fn test(with_lab: bool) -> Result {
         lab(&[])?;
         lab(&["deploy/lab-calico".to_string()])?;
         lab_cases()?;
+    }
+    if with_image {
+        image::check()?;
     }
     Ok(())
 }
@@ -454,8 +474,10 @@ fn ensure_ebpf_toolchain() -> Result {
         .arg(format!("llvm-{major},no-llvm-linking")))
 }
 
-/// Builds the eBPF object into target/bpf/bpfel-unknown-none/release/ward-redirect, where
-/// redirect-bpf's build.rs embeds it from.
+/// Where `build_ebpf` writes the eBPF object and redirect-bpf's build.rs embeds it from.
+const BPF_OBJECT: &str = "target/bpf/bpfel-unknown-none/release/ward-redirect";
+
+/// Builds the eBPF object into [`BPF_OBJECT`].
 pub(crate) fn build_ebpf() -> Result {
     ensure_ebpf_toolchain()?;
     let status = nightly_cargo()
