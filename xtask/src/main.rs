@@ -46,10 +46,11 @@ tasks:
                   Ward's proxies and datapath against their peers (HAProxy, nginx,
                   dnsmasq, no program) in network namespaces; writes loadtests/REPORT.md
                   (--quick: short runs, report in target/loadtest/REPORT-quick.md)
-  loadtest scale [--pods 1000,5000,20000,50000] [--ward-base PATH]
+  loadtest scale [--pods 1000,5000,20000,50000] [--ward PATH] [--ward-base PATH]
                   ward agent's memory and compile time against cluster size on
-                  generated clusters, beside the ward binary PATH (a build of
-                  main); writes loadtests/REPORT-scale.md
+                  generated clusters (the dist build, or --ward PATH), beside the
+                  ward binary --ward-base (a build of main); writes
+                  loadtests/REPORT-scale.md
   udp-relay LISTEN UPSTREAM [--busy-poll-us US]
                   the DNS load test's floors: a one-at-a-time UDP relay, blocking or
                   busy-polling for US microseconds after each datagram

@@ -77,6 +77,10 @@ impl Opts {
                         .map_err(|e| format!("--pods {list}: {e}"))?;
                     o.scale.get_or_insert_with(Default::default).pods = pods;
                 }
+                "--ward" => {
+                    let path = args.next().ok_or("--ward needs a path to a ward binary")?;
+                    o.scale.get_or_insert_with(Default::default).ward = Some(PathBuf::from(path));
+                }
                 "--ward-base" => {
                     let path = args
                         .next()
@@ -91,7 +95,7 @@ impl Opts {
                 other => {
                     return Err(format!(
                         "loadtest: unknown argument {other:?} (proxy|datapath|dns|all, --quick; \
-                         scale [--pods N,N] [--ward-base PATH])"
+                         scale [--pods N,N] [--ward PATH] [--ward-base PATH])"
                     ))
                 }
             }
@@ -346,13 +350,17 @@ pub fn loadtest(args: &[String]) -> Result {
         // the agent loads the eBPF object embedded at build time
         crate::build_ebpf()?;
     }
-    if opts.proxy || opts.dns || opts.scale.is_some() {
+    // `scale --ward PATH` measures a build made beforehand
+    let prebuilt = opts.scale.as_ref().and_then(|s| s.ward.clone());
+    if opts.proxy || opts.dns || (opts.scale.is_some() && prebuilt.is_none()) {
         run(cargo().args(["build", "--profile", "dist", "--bin", "ward"]))?;
     }
     let work = std::env::temp_dir().join(format!("ward-loadtest-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let mut ctx = Ctx {
-        ward: root().join("target/dist/ward"),
+        ward: prebuilt
+            .filter(|_| !(opts.proxy || opts.dns))
+            .unwrap_or_else(|| root().join("target/dist/ward")),
         work,
         quick: opts.quick,
         commands: Vec::new(),
@@ -497,5 +505,7 @@ mod tests {
         assert_eq!(s.ward_base, Some(PathBuf::from("/w/base-ward")));
         assert!(parse(&["scale", "--pods", "many"]).is_err());
         assert!(parse(&["scale", "--ward-base"]).is_err());
+        let o = parse(&["scale", "--ward", "/w/ward"]).expect("valid");
+        assert_eq!(o.scale.expect("scale").ward, Some(PathBuf::from("/w/ward")));
     }
 }

@@ -48,6 +48,9 @@ const PREFIX: (&str, &str) = ("169.254.169.254/32", "169.254.169.253/32");
 #[derive(Clone, Debug, PartialEq)]
 pub struct ScaleOpts {
     pub pods: Vec<usize>,
+    /// The `ward` measured, built beforehand (default: the checkout's `dist` build, made
+    /// by the load test).
+    pub ward: Option<PathBuf>,
     /// A `ward` built beforehand (from main: the "before") that runs beside the current
     /// build on every size.
     pub ward_base: Option<PathBuf>,
@@ -57,6 +60,7 @@ impl Default for ScaleOpts {
     fn default() -> ScaleOpts {
         ScaleOpts {
             pods: DEFAULT_PODS.to_vec(),
+            ward: None,
             ward_base: None,
         }
     }
@@ -76,6 +80,12 @@ struct Push {
 /// The figures of one agent run.
 #[derive(Clone, Debug, Default)]
 struct Figures {
+    /// Why the run stopped short (the agent never got ready: its datapath update
+    /// failed), reported in place of its figures.
+    failed: Option<String>,
+    /// The datapath update failed (the agent's `last_error`): the figures are the
+    /// compile's and the memory's, the pushes include failing map writes and retries.
+    datapath_error: Option<String>,
     ready_s: f64,
     first_push_ms: f64,
     steady_mib: f64,
@@ -101,6 +111,9 @@ pub fn run_scale(ctx: &mut Ctx, o: &ScaleOpts) -> Result<String> {
     ]))?;
     let gen = root().join("target/release/examples/gen_cluster");
     let after = ctx.ward.clone();
+    if !after.is_file() {
+        return Err(format!("--ward {}: no such file", after.display()));
+    }
     let mut subjects: Vec<(String, PathBuf)> = Vec::new();
     if let Some(base) = &o.ward_base {
         if !base.is_file() {
@@ -118,7 +131,13 @@ pub fn run_scale(ctx: &mut Ctx, o: &ScaleOpts) -> Result<String> {
         eprintln!("scale: {}", described.trim());
         for (name, bin) in &subjects {
             eprintln!("scale: {pods} pods, {name}");
-            let figures = measure(ctx, bin, &src, rows.len())?;
+            let figures = measure(ctx, bin, &src, rows.len()).unwrap_or_else(|e| {
+                eprintln!("scale: {pods} pods, {name}: {e}");
+                Figures {
+                    failed: Some(e),
+                    ..Figures::default()
+                }
+            });
             rows.push((pods, name.clone(), figures));
         }
     }
@@ -168,10 +187,19 @@ fn measure(ctx: &mut Ctx, ward: &Path, src: &Path, n: usize) -> Result<Figures> 
     let mut f = Figures::default();
     wait(&format!("ward agent ready ({})", log.display()), || {
         agent.alive(&log)?;
-        Ok(admin(&ns, "/readyz").is_some_and(|s| s.starts_with("ok")))
+        // 200 once ready (503 before). A datapath update that fails (a full map) keeps
+        // it unready while the model is compiled and published all the same (and the
+        // push retried): the run goes on from the first generation, and says so.
+        if admin(&ns, "/readyz").is_some() {
+            return Ok(true);
+        }
+        let status = admin(&ns, "/v1/status").unwrap_or_default();
+        Ok(last_error(&status).is_some()
+            && parse::json_number(&status, "policy_generation").is_some_and(|g| g >= 1.0))
     })?;
     f.ready_s = start.elapsed().as_secs_f64();
     let status = admin(&ns, "/v1/status").ok_or("no /v1/status")?;
+    f.datapath_error = last_error(&status);
     f.first_push_ms = parse::json_number(&status, "last_push_ms").ok_or("no last_push_ms")?;
     std::thread::sleep(Duration::from_secs(3));
     let mut samples = Vec::new();
@@ -255,6 +283,13 @@ fn wait(what: &str, mut f: impl FnMut() -> Result<bool>) -> Result {
     Ok(())
 }
 
+/// The agent's `last_error` in its status, when not null.
+fn last_error(status: &str) -> Option<String> {
+    let at = status.find("\"last_error\":")? + "\"last_error\":".len();
+    let rest = status[at..].trim_start().strip_prefix('"')?;
+    Some(rest[..rest.find('"').unwrap_or(rest.len())].to_string())
+}
+
 /// A GET to the agent's admin endpoint in its namespace; None when it does not answer
 /// 200.
 fn admin(ns: &Netns, path: &str) -> Option<String> {
@@ -321,6 +356,14 @@ fn report(
                 .collect::<Vec<_>>()
                 .join(" / ")
         };
+        if let Some(e) = &f.failed {
+            let _ = writeln!(s, "| {pods} | {name} | failed: {e} |||||||||||||");
+            continue;
+        }
+        let name = match &f.datapath_error {
+            Some(e) => format!("{name} (datapath update failed: {e}; not ready)"),
+            None => name.clone(),
+        };
         let _ = writeln!(
             s,
             "| {pods} | {name} | {:.2} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {:.1} |",
@@ -353,21 +396,27 @@ fn report(
             let (Some(b), Some(a)) = (of("before"), of("after")) else {
                 continue;
             };
+            if a.failed.is_some() || b.failed.is_some() {
+                continue;
+            }
             let peak = |f: &Figures| f.changes.iter().map(|p| p.peak_mib).fold(0.0, f64::max);
             let median = |f: &Figures| {
                 let mut v: Vec<f64> = f.changes.iter().map(|p| p.push_ms).collect();
                 v.sort_by(f64::total_cmp);
                 v.get(v.len() / 2).copied().unwrap_or(0.0)
             };
+            // pushes whose map writes fail do not compare
+            let pushes = a.datapath_error.is_none() && b.datapath_error.is_none();
+            let timed = |x: f64, y: f64| if pushes { ratio(x, y) } else { "-".into() };
             let _ = writeln!(
                 s,
                 "| {pods} | {} | {} | {} | {} | {} | {} |",
-                ratio(a.ready_s, b.ready_s),
-                ratio(a.first_push_ms, b.first_push_ms),
+                timed(a.ready_s, b.ready_s),
+                timed(a.first_push_ms, b.first_push_ms),
                 ratio(a.steady_mib, b.steady_mib),
                 ratio(peak(a), peak(b)),
-                ratio(median(a), median(b)),
-                ratio(a.full.push_ms, b.full.push_ms),
+                timed(median(a), median(b)),
+                timed(a.full.push_ms, b.full.push_ms),
             );
         }
     }
@@ -386,7 +435,9 @@ const TARGETS: [(&str, f64); 4] = [
 ];
 
 fn targets(rows: &[(usize, String, Figures)]) -> String {
-    let Some((_, _, f)) = rows.iter().find(|(p, n, _)| *p == 20_000 && n == "after") else {
+    let Some((_, _, f)) = rows.iter().find(|(p, n, f)| {
+        *p == 20_000 && n == "after" && f.failed.is_none() && f.datapath_error.is_none()
+    }) else {
         return String::new();
     };
     let worst = |g: &dyn Fn(&Push) -> f64| f.changes.iter().map(g).fold(0.0, f64::max);
@@ -413,6 +464,16 @@ fn targets(rows: &[(usize, String, Figures)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_last_error_of_the_status() {
+        let failing = r#"{"ready": false, "last_error": "map: `bpf_map_update_elem` failed", "endpoints": 400}"#;
+        assert_eq!(
+            last_error(failing).as_deref(),
+            Some("map: `bpf_map_update_elem` failed")
+        );
+        assert_eq!(last_error(r#"{"last_error": null}"#), None);
+    }
 
     #[test]
     fn the_edited_lines_are_in_the_generated_policies() {
