@@ -3,6 +3,7 @@
 //! its errors stay visible until it is fixed or deleted.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use policy_model::api::Object;
 use policy_model::policy::{Kind, Policy};
@@ -28,8 +29,12 @@ impl ObjectKey {
 
 #[derive(Clone, Debug, Default)]
 struct Stored {
+    /// The newest version as the source gave it: an equal version is not translated
+    /// again, and its policies stay the same shared values (the model compares those
+    /// by pointer first).
+    newest: Option<Object>,
     /// The policies of the last version that validated.
-    in_force: Option<Vec<Policy>>,
+    in_force: Option<Vec<Arc<Policy>>>,
     /// Errors of the newest version, if it is invalid.
     errors: Vec<PolicyError>,
 }
@@ -62,12 +67,21 @@ impl PolicyStore {
         let key = ObjectKey::of(o);
         let mut changes = Changes::default();
         let stored = self.objects.entry(key.clone()).or_default();
+        if stored.newest.as_ref() == Some(o) {
+            return changes;
+        }
+        stored.newest = Some(o.clone());
         match o.translate() {
             Ok(policies) => {
-                if stored.in_force.as_ref() != Some(&policies) || !stored.errors.is_empty() {
+                let same = stored.in_force.as_ref().is_some_and(|old| {
+                    old.len() == policies.len() && old.iter().zip(&policies).all(|(a, b)| **a == *b)
+                });
+                if !same || !stored.errors.is_empty() {
                     changes.applied.push(key);
                 }
-                stored.in_force = Some(policies);
+                if !same {
+                    stored.in_force = Some(policies.into_iter().map(Arc::new).collect());
+                }
                 stored.errors.clear();
             }
             Err(errors) => {
@@ -113,8 +127,9 @@ impl PolicyStore {
         changes
     }
 
-    /// Every policy in force.
-    pub fn policies(&self) -> Vec<Policy> {
+    /// Every policy in force (shared: an object's policies are the same values until it
+    /// changes).
+    pub fn policies(&self) -> Vec<Arc<Policy>> {
         self.objects
             .values()
             .filter_map(|s| s.in_force.as_ref())
@@ -203,5 +218,25 @@ mod tests {
         let c = s.replace_all(&[], vec![]);
         assert_eq!(c.removed.len(), 1);
         assert!(s.policies().is_empty());
+    }
+
+    #[test]
+    fn an_unchanged_object_keeps_its_policies_shared() {
+        let mut s = PolicyStore::default();
+        s.replace_all(&[object(GOOD_V1)], vec![]);
+        let before = s.policies();
+        s.replace_all(&[object(GOOD_V1)], vec![]);
+        let after = s.policies();
+        assert!(Arc::ptr_eq(&before[0], &after[0]), "the same shared policy");
+        // a new version that translates to the same policy keeps it too (only the file
+        // it came from differs)
+        let mut moved = object(GOOD_V1);
+        moved.file = Some("elsewhere.yaml".into());
+        let c = s.replace_all(&[moved], vec![]);
+        assert!(c.is_empty(), "{c:?}");
+        assert!(Arc::ptr_eq(&before[0], &s.policies()[0]));
+        s.replace_all(&[object(GOOD_V2)], vec![]);
+        assert!(!Arc::ptr_eq(&before[0], &s.policies()[0]));
+        assert!(selects(&s, "v2"));
     }
 }

@@ -149,7 +149,7 @@ impl PolicyStore {
                     node.as_deref(),
                 );
                 Resolved {
-                    endpoint: model.endpoint_of_ip(client).map(|e| e.name.clone()),
+                    endpoint: model.endpoint_name_of_ip(client),
                     conn,
                 }
             }

@@ -101,7 +101,7 @@ fn bench(c: &mut Criterion) {
     // Cluster churn through `Model::apply_cluster` (the agent's path for a source change
     // that only touches pods and namespaces), against the full compile above. The agent
     // applies it to a working copy of the model: `model_clone` below is that copy's cost.
-    let base = model.cluster.clone();
+    let base = (*model.cluster).clone();
     let middle = base
         .pods
         .iter()

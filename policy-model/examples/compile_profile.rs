@@ -22,7 +22,7 @@ fn main() {
             "compile: {:?} ({} identities, {} endpoints)",
             t.elapsed(),
             m.identities.len(),
-            m.endpoints.len()
+            m.endpoints().count()
         );
     }
 }

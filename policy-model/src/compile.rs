@@ -6,15 +6,22 @@
 //! as bitsets, so a pod label change costs one selector pass over a new identity plus the
 //! recompilation of that pod, not a full compile. Cluster churn (pods added, removed or
 //! changed, namespaces relabelled) goes the same way (`Model::apply_cluster`, in `churn`),
-//! and so do IPs learned from DNS (`learn`); a policy change compiles in full.
+//! and so do IPs learned from DNS (`learn`) and policy changes that keep the policies'
+//! prefixes and FQDN patterns (`Model::apply_policies`, in `policies`).
+//!
+//! A model compiled for one node ([`Scope::Node`]) keeps identities, selectors and the
+//! ipcache for the whole cluster but compiles entries and L7/DNS rule sets only for that
+//! node's endpoints (`scope`). The big parts of a model are shared (`Arc`) between a model
+//! and its copy, so the copy an update works on costs what the update changes.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::api::common::network_source;
-use crate::cluster::{Cluster, ContainerPort};
+use crate::cluster::{Cluster, ContainerPort, DnsObservation};
 use crate::fqdn::NamePattern;
 use crate::identity::{fqdn_key, Identities, IdentityKind, Idx, PeerSetId, SelectorCache};
 use crate::l7::L7Set;
@@ -24,10 +31,14 @@ use crate::selector::{Op, Selector};
 
 mod churn;
 mod learn;
+mod policies;
+mod scope;
 mod tiers;
 pub use churn::{ChurnChange, ChurnUnsupported};
 pub use learn::FqdnChange;
 use learn::Learned;
+pub use policies::{PolicyChange, PolicyUnsupported};
+pub use scope::{L7Sets, Scope};
 pub use tiers::{CalicoTier, TierEnd};
 
 /// Choices where implementations differ.
@@ -128,18 +139,31 @@ pub enum IpOwner {
 pub enum ModelError {
     #[error("no pod {0} in the cluster")]
     NoSuchPod(String),
+    #[error("no endpoint {0:?} in the cluster")]
+    NoSuchEndpoint(EndpointKey),
+    #[error("the ingress policy of {0} names peers this model has not interned")]
+    Unresolved(String),
 }
 
 /// The compiled state of a cluster and its policies.
 #[derive(Clone, Debug)]
 pub struct Model {
     pub options: CompileOptions,
-    pub cluster: Cluster,
-    pub policies: Vec<Policy>,
+    /// The endpoints compiled (every one, or one node's).
+    scope: Scope,
+    /// The cluster as the source gave it (shared with the caller; its `dns` is what the
+    /// model started from: [`Model::dns`] is what it holds now).
+    pub cluster: Arc<Cluster>,
+    pub policies: Vec<Arc<Policy>>,
     pub identities: Identities,
     pub selectors: SelectorCache,
-    pub l7: Vec<L7Set>,
-    pub endpoints: Vec<EndpointPolicy>,
+    /// L7 rule sets by [`L7Id`]: numbered for every `toPorts` entry with rules, built
+    /// for those an endpoint in scope uses.
+    pub l7: L7Sets,
+    /// Per endpoint slot (pods in cluster order, then nodes): its policy when in scope.
+    endpoints: Vec<Option<Arc<EndpointPolicy>>>,
+    /// The DNS observations behind the FQDN identities (the cluster's, then learned).
+    dns: Vec<DnsObservation>,
     /// Calico's tiers in evaluation order (the `default` tier always among them).
     pub calico_tiers: Vec<CalicoTier>,
     /// Index of the `default` tier in `calico_tiers`.
@@ -172,6 +196,8 @@ pub struct Model {
     learned: Learned,
     /// Peer set -> slots of the endpoints with an entry using it.
     peer_set_users: HashMap<PeerSetId, BTreeSet<usize>>,
+    /// How many selectors the cache held after the last full compile.
+    selectors_compiled: usize,
 }
 
 fn reserved_label(name: &str) -> Label {
@@ -179,16 +205,46 @@ fn reserved_label(name: &str) -> Label {
 }
 
 impl Model {
-    /// Compiles everything.
+    /// Compiles everything, for every endpoint of the cluster.
     pub fn compile(cluster: &Cluster, policies: Vec<Policy>, options: CompileOptions) -> Model {
+        Model::compile_scoped(cluster, policies, options, Scope::Cluster)
+    }
+
+    /// Compiles the endpoints in `scope` (identities and ipcache for the whole cluster).
+    pub fn compile_scoped(
+        cluster: &Cluster,
+        policies: Vec<Policy>,
+        options: CompileOptions,
+        scope: Scope,
+    ) -> Model {
+        Model::build(
+            Arc::new(cluster.clone()),
+            cluster.dns.clone(),
+            policies.into_iter().map(Arc::new).collect(),
+            options,
+            scope,
+        )
+    }
+
+    /// Compiles a shared cluster with the DNS observations `dns` (in place of
+    /// `cluster.dns`) and shared policies: nothing the caller holds is copied.
+    pub fn build(
+        cluster: Arc<Cluster>,
+        dns: Vec<DnsObservation>,
+        policies: Vec<Arc<Policy>>,
+        options: CompileOptions,
+        scope: Scope,
+    ) -> Model {
         let mut m = Model {
             options,
-            cluster: cluster.clone(),
+            scope,
+            cluster,
             policies,
             identities: Identities::new(),
             selectors: SelectorCache::default(),
-            l7: Vec::new(),
+            l7: L7Sets::default(),
             endpoints: Vec::new(),
+            dns,
             calico_tiers: Vec::new(),
             default_tier: 0,
             pod_endpoint: HashMap::new(),
@@ -209,12 +265,15 @@ impl Model {
             world: 0,
             learned: Learned::default(),
             peer_set_users: HashMap::new(),
+            selectors_compiled: 0,
         };
         m.order_policies();
         m.collect_prefixes_and_patterns();
         m.allocate_identities();
         m.intern_rules();
         m.compile_endpoints();
+        m.selectors_compiled = m.selectors.selector_count();
+        m.selectors.shrink();
         m
     }
 
@@ -237,16 +296,8 @@ impl Model {
     }
 
     fn collect_prefixes_and_patterns(&mut self) {
-        let mut prefixes: BTreeSet<(IpNet, Source)> = BTreeSet::new();
-        let mut patterns = BTreeSet::new();
-        for p in &self.policies {
-            for r in &p.rules {
-                prefixes.extend(r.peers.cidrs.iter().map(|p| (*p, Source::Cidr)));
-                prefixes.extend(r.peers.networks.iter().map(|p| (*p, network_source())));
-                patterns.extend(r.peers.fqdns.iter().cloned());
-            }
-        }
-        self.prefixes = prefixes.into_iter().collect();
+        let (prefixes, patterns) = policies::prefixes_and_patterns(&self.policies);
+        self.prefixes = prefixes;
         self.fqdn_patterns = patterns
             .into_iter()
             .filter_map(|p| NamePattern::pattern(&p).ok().map(|np| (p, np)))
@@ -384,12 +435,12 @@ impl Model {
         }
         // IPs learned from DNS answers carry the labels of the toFQDNs patterns that match
         // the name, scoped to the endpoint that asked (see `learn`).
-        let dns = std::mem::take(&mut self.cluster.dns);
+        let dns = std::mem::take(&mut self.dns);
         let mut ips = BTreeSet::new();
         for obs in &dns {
             ips.extend(self.learned.add(&self.fqdn_patterns, obs));
         }
-        self.cluster.dns = dns;
+        self.dns = dns;
         for ip in ips {
             self.relabel_fqdn_ip(ip, &mut FqdnChange::default());
         }
@@ -415,77 +466,154 @@ impl Model {
     }
 
     fn intern_rules(&mut self) {
-        for (pi, p) in self.policies.iter().enumerate() {
-            self.subjects.push(match &p.subject {
-                Subject::Pods(sel) => Some(
+        for pi in 0..self.policies.len() {
+            let p = Arc::clone(&self.policies[pi]);
+            let (subject, peers) = self.intern_policy(&p);
+            self.subjects.push(subject);
+            self.rule_peers.push(peers);
+            self.number_l7(pi as u32, &p, |_, _| None);
+        }
+    }
+
+    /// The subject (pod-subject policies) and per-rule peer sets of a policy, interned
+    /// (rules naming FQDNs get theirs per endpoint).
+    fn intern_policy(&mut self, p: &Policy) -> (Option<PeerSetId>, Vec<Option<PeerSetId>>) {
+        let subject = match &p.subject {
+            Subject::Pods(sel) => Some(
+                self.selectors
+                    .peer_set(&self.identities, std::slice::from_ref(sel)),
+            ),
+            Subject::AnyPods(sels) => Some(self.selectors.peer_set(&self.identities, sels)),
+            Subject::Nodes(_) => None,
+        };
+        let peers = p
+            .rules
+            .iter()
+            .map(|r| {
+                r.peers.fqdns.is_empty().then(|| {
                     self.selectors
-                        .peer_set(&self.identities, std::slice::from_ref(sel)),
-                ),
-                Subject::AnyPods(sels) => Some(self.selectors.peer_set(&self.identities, sels)),
-                Subject::Nodes(_) => None,
-            });
-            let mut peers = Vec::new();
-            for (ri, r) in p.rules.iter().enumerate() {
-                peers.push(if r.peers.fqdns.is_empty() {
-                    Some(
-                        self.selectors
-                            .peer_set(&self.identities, &r.peers.selectors),
-                    )
-                } else {
-                    None
-                });
-                for (gi, g) in r.ports.iter().enumerate() {
-                    let set = match (&g.l7, &g.tls) {
+                        .peer_set(&self.identities, &r.peers.selectors)
+                })
+            })
+            .collect();
+        (subject, peers)
+    }
+
+    /// Numbers and builds the L7 rule sets of policy `pi`, taking the set of a
+    /// (rule, port rule) from `reuse` where it has one (a policy kept across a change).
+    fn number_l7(&mut self, pi: u32, p: &Policy, reuse: impl Fn(u32, u32) -> Option<Arc<L7Set>>) {
+        for (ri, r) in p.rules.iter().enumerate() {
+            for (gi, g) in r.ports.iter().enumerate() {
+                let set = match reuse(ri as u32, gi as u32) {
+                    Some(set) => set,
+                    None => Arc::new(match (&g.l7, &g.tls) {
                         (l7, Some(tls)) => L7Set::with_tls(l7.clone(), tls.clone(), &g.path),
                         (Some(l7), None) => L7Set::new(l7.clone(), format!("{}.rules", g.path)),
                         (None, None) => continue,
-                    };
-                    self.l7_of
-                        .insert((pi as u32, ri as u32, gi as u32), self.l7.len() as L7Id);
-                    self.l7.push(set);
-                }
+                    }),
+                };
+                let id = self.l7.push(set);
+                self.l7_of.insert((pi, ri as u32, gi as u32), id);
             }
-            self.rule_peers.push(peers);
         }
     }
 
     fn compile_endpoints(&mut self) {
-        // identity -> pod-subject policies selecting it
+        // identity -> pod-subject policies selecting it (identities of pods in scope)
         let mut by_identity: HashMap<Idx, Vec<u32>> = HashMap::new();
+        let cluster = self.cluster.clone();
+        let in_scope: BTreeSet<Idx> = (0..cluster.pods.len())
+            .filter(|&p| self.scope.covers_pod(&cluster.pods[p]))
+            .map(|p| self.pod_identity[p])
+            .collect();
         for (pi, s) in self.subjects.iter().enumerate() {
             if let Some(s) = s {
                 for i in self.selectors.peer_set_members(*s).iter() {
-                    by_identity.entry(i).or_default().push(pi as u32);
+                    if in_scope.contains(&i) {
+                        by_identity.entry(i).or_default().push(pi as u32);
+                    }
                 }
             }
         }
-        for pod in 0..self.cluster.pods.len() {
+        self.endpoints = Vec::with_capacity(cluster.pods.len() + cluster.nodes.len());
+        for (pod, p) in cluster.pods.iter().enumerate() {
+            self.pod_endpoint.insert(p.id(), self.endpoints.len());
+            if !self.scope.covers_pod(p) {
+                self.endpoints.push(None);
+                continue;
+            }
             let ident = self.pod_identity[pod];
             let selecting = by_identity.get(&ident).cloned().unwrap_or_default();
             let ep = self.compile_endpoint(EndpointKey::Pod(pod), ident, &selecting);
-            self.pod_endpoint
-                .insert(self.cluster.pods[pod].id(), self.endpoints.len());
             self.index_peer_sets(self.endpoints.len(), &ep);
-            self.endpoints.push(ep);
+            self.endpoints.push(Some(Arc::new(ep)));
         }
-        for node in 0..self.cluster.nodes.len() {
-            let labels = self.node_label_set(node, true);
-            let selecting: Vec<u32> = self
-                .policies
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| matches!(&p.subject, Subject::Nodes(s) if s.matches(&labels)))
-                .map(|(i, _)| i as u32)
-                .collect();
-            let ep = self.compile_endpoint(
-                EndpointKey::Node(node),
-                self.node_identity[node][0],
-                &selecting,
-            );
+        for (node, n) in cluster.nodes.iter().enumerate() {
             self.node_endpoint
-                .insert(self.cluster.nodes[node].name.clone(), self.endpoints.len());
-            self.index_peer_sets(self.endpoints.len(), &ep);
-            self.endpoints.push(ep);
+                .insert(n.name.clone(), self.endpoints.len());
+            let ep = self
+                .scope
+                .covers_node(&n.name)
+                .then(|| self.compile_node_endpoint(node));
+            if let Some(ep) = &ep {
+                self.index_peer_sets(self.endpoints.len(), ep);
+            }
+            self.endpoints.push(ep.map(Arc::new));
+        }
+    }
+
+    /// The policy of a node's host endpoint (node-subject policies).
+    fn compile_node_endpoint(&mut self, node: usize) -> EndpointPolicy {
+        let selecting = self.node_selecting(node);
+        self.compile_endpoint(
+            EndpointKey::Node(node),
+            self.node_identity[node][0],
+            &selecting,
+        )
+    }
+
+    /// The node-subject policies that select a node.
+    fn node_selecting(&self, node: usize) -> Vec<u32> {
+        let labels = self.node_label_set(node, true);
+        self.policies
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| matches!(&p.subject, Subject::Nodes(s) if s.matches(&labels)))
+            .map(|(i, _)| i as u32)
+            .collect()
+    }
+
+    /// The ingress policy of an endpoint: the compiled one when the model's scope covers
+    /// it, else built now for one decision (see [`Scope`]). Ingress rules name no FQDNs,
+    /// so every peer set they need is interned; should one not be, the error says so and
+    /// the caller denies.
+    pub fn ingress_policy(&self, key: EndpointKey) -> Result<Cow<'_, EndpointPolicy>, ModelError> {
+        if let Some(ep) = self.endpoint(key) {
+            return Ok(Cow::Borrowed(ep));
+        }
+        let (identity, selecting) = match key {
+            EndpointKey::Pod(p) if p < self.cluster.pods.len() => {
+                let i = self.pod_identity[p];
+                (i, self.policies_selecting(i))
+            }
+            EndpointKey::Node(n) if n < self.cluster.nodes.len() => {
+                (self.node_identity[n][0], self.node_selecting(n))
+            }
+            _ => return Err(ModelError::NoSuchEndpoint(key)),
+        };
+        let name = self.endpoint_name(key);
+        let (ep, complete) = self.build_endpoint(
+            key,
+            name.clone(),
+            identity,
+            &selecting,
+            &HashMap::new(),
+            &[Direction::Ingress],
+        );
+        if complete {
+            Ok(Cow::Owned(ep))
+        } else {
+            Err(ModelError::Unresolved(name))
         }
     }
 
@@ -497,11 +625,11 @@ impl Model {
     }
 
     /// Forgets the peer sets of `old`, a former policy of the endpoint in `slot`, that
-    /// its current policy does not use.
+    /// its current policy (if any) does not use.
     fn unindex_peer_sets(&mut self, slot: usize, old: &EndpointPolicy) {
         let current: BTreeSet<PeerSetId> = self.endpoints[slot]
-            .dirs
             .iter()
+            .flat_map(|ep| ep.dirs.iter())
             .flat_map(|d| &d.entries)
             .map(|e| e.peers)
             .collect();
@@ -522,10 +650,13 @@ impl Model {
                 slots.extend(self.peer_set_users.get(&ps).into_iter().flatten());
             }
         }
-        slots.into_iter().map(|s| self.endpoints[s].key).collect()
+        slots
+            .into_iter()
+            .filter_map(|s| self.endpoints[s].as_ref().map(|ep| ep.key))
+            .collect()
     }
 
-    fn endpoint_name(&self, key: EndpointKey) -> String {
+    pub(crate) fn endpoint_name(&self, key: EndpointKey) -> String {
         match key {
             EndpointKey::Pod(p) => self.cluster.pods[p].id(),
             EndpointKey::Node(n) => format!("node:{}", self.cluster.nodes[n].name),
@@ -552,6 +683,65 @@ impl Model {
         selecting: &[u32],
     ) -> EndpointPolicy {
         let name = self.endpoint_name(key);
+        let fqdn = self.fqdn_peers(&name, identity, selecting);
+        let (ep, complete) =
+            self.build_endpoint(key, name, identity, selecting, &fqdn, &Direction::BOTH);
+        // every rule's peers are interned or in `fqdn`
+        debug_assert!(complete, "{}", ep.name);
+        ep
+    }
+
+    /// Interns, for the endpoint `name`, the peer sets of the selecting policies' rules
+    /// that name FQDNs (FQDN identities are scoped to the endpoint that asked).
+    fn fqdn_peers(
+        &mut self,
+        name: &str,
+        identity: Idx,
+        selecting: &[u32],
+    ) -> HashMap<(u32, u32), PeerSetId> {
+        let mut out = HashMap::new();
+        for &pi in selecting {
+            let p = Arc::clone(&self.policies[pi as usize]);
+            for (ri, r) in p.rules.iter().enumerate() {
+                if self.rule_peers[pi as usize][ri].is_some() || !self.applies_to(r, identity) {
+                    continue;
+                }
+                let mut sels = r.peers.selectors.clone();
+                for f in &r.peers.fqdns {
+                    sels.push(Selector::all().with(fqdn_key(f, name), Op::Exists));
+                }
+                let ps = self.selectors.peer_set(&self.identities, &sels);
+                out.insert((pi, ri as u32), ps);
+            }
+        }
+        out
+    }
+
+    /// Whether a rule applies to an endpoint of `identity` (its subject filter).
+    fn applies_to(&self, r: &crate::policy::Rule, identity: Idx) -> bool {
+        match &r.subject_filter {
+            Some(filter) => {
+                let own = &self.identities.get(identity).labels;
+                filter.iter().any(|s| s.matches(own))
+            }
+            None => true,
+        }
+    }
+
+    /// The policy of an endpoint in the directions `dirs` (the others left empty), from
+    /// the policies `selecting` it, with the peer sets of its FQDN rules in `fqdn`.
+    /// Also whether it is complete: false when a rule's peers are neither interned nor in
+    /// `fqdn` (that rule left out).
+    fn build_endpoint(
+        &self,
+        key: EndpointKey,
+        name: String,
+        identity: Idx,
+        selecting: &[u32],
+        fqdn: &HashMap<(u32, u32), PeerSetId>,
+        dirs_wanted: &[Direction],
+    ) -> (EndpointPolicy, bool) {
+        let mut complete = true;
         let container_ports: Vec<ContainerPort> = match key {
             EndpointKey::Pod(p) => self.cluster.pods[p].ports.clone(),
             EndpointKey::Node(_) => Vec::new(),
@@ -568,7 +758,7 @@ impl Model {
                 _ => None,
             };
             let rank0 = tier_index.map_or(p.priority, i64::from);
-            for d in Direction::BOTH {
+            for &d in dirs_wanted {
                 let has_rules = p.rules.iter().any(|r| r.direction == d);
                 if p.default_deny[d.index()] && tier == Tier::Namespace {
                     dirs[d.index()].default_deny.push(pi);
@@ -581,21 +771,18 @@ impl Model {
                 }
             }
             for (ri, r) in p.rules.iter().enumerate() {
-                if let Some(filter) = &r.subject_filter {
-                    let own = &self.identities.get(identity).labels;
-                    if !filter.iter().any(|s| s.matches(own)) {
-                        continue;
-                    }
+                if !dirs_wanted.contains(&r.direction) || !self.applies_to(r, identity) {
+                    continue;
                 }
                 let peers = match self.rule_peers[pi as usize][ri] {
                     Some(ps) => ps,
-                    None => {
-                        let mut sels = r.peers.selectors.clone();
-                        for f in &r.peers.fqdns {
-                            sels.push(Selector::all().with(fqdn_key(f, &name), Op::Exists));
+                    None => match fqdn.get(&(pi, ri as u32)) {
+                        Some(&ps) => ps,
+                        None => {
+                            complete = false;
+                            continue;
                         }
-                        self.selectors.peer_set(&self.identities, &sels)
-                    }
+                    },
                 };
                 if r.peers.is_empty() {
                     continue;
@@ -673,12 +860,13 @@ impl Model {
                 key(a).cmp(&key(b))
             });
         }
-        EndpointPolicy {
+        let ep = EndpointPolicy {
             key,
             name,
             identity,
             dirs,
-        }
+        };
+        (ep, complete)
     }
 
     /// Records the Calico tiers that select an endpoint in one direction. With any, the
@@ -718,14 +906,15 @@ impl Model {
         pod_id: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<(), ModelError> {
-        let ep_index = *self
+        // pods come first: a pod's slot is its index
+        let pod = self
             .pod_endpoint
             .get(pod_id)
+            .copied()
+            .filter(|&p| p < self.cluster.pods.len())
             .ok_or_else(|| ModelError::NoSuchPod(pod_id.to_string()))?;
-        let EndpointKey::Pod(pod) = self.endpoints[ep_index].key else {
-            return Err(ModelError::NoSuchPod(pod_id.to_string()));
-        };
-        self.cluster.pods[pod].labels = labels;
+        let ep_index = pod;
+        Arc::make_mut(&mut self.cluster).pods[pod].labels = labels;
         let set = self.pod_label_set(pod);
         let (ident, created) = self.identities.intern(set, IdentityKind::Pod);
         if created {
@@ -758,24 +947,63 @@ impl Model {
             }
             self.identities.list[i as usize].named_ports = ports.into_iter().collect();
         }
-        let selecting = self.policies_selecting(ident);
-        let ep = self.compile_endpoint(EndpointKey::Pod(pod), ident, &selecting);
-        self.index_peer_sets(ep_index, &ep);
-        let old = std::mem::replace(&mut self.endpoints[ep_index], ep);
-        self.unindex_peer_sets(ep_index, &old);
+        if self.scope.covers_pod(&self.cluster.pods[pod]) {
+            let selecting = self.policies_selecting(ident);
+            let ep = self.compile_endpoint(EndpointKey::Pod(pod), ident, &selecting);
+            self.index_peer_sets(ep_index, &ep);
+            let old = self.endpoints[ep_index].replace(Arc::new(ep));
+            if let Some(old) = old {
+                self.unindex_peer_sets(ep_index, &old);
+            }
+        }
         Ok(())
     }
 
+    /// The compiled policy of a pod (`ns/pod`); None when the pod is unknown or not in
+    /// the model's scope.
     pub fn pod_endpoint(&self, pod_id: &str) -> Option<&EndpointPolicy> {
-        self.pod_endpoint.get(pod_id).map(|&i| &self.endpoints[i])
+        self.pod_endpoint
+            .get(pod_id)
+            .and_then(|&i| self.endpoint_at(i))
     }
 
     pub fn node_endpoint(&self, node: &str) -> Option<&EndpointPolicy> {
-        self.node_endpoint.get(node).map(|&i| &self.endpoints[i])
+        self.node_endpoint
+            .get(node)
+            .and_then(|&i| self.endpoint_at(i))
     }
 
     pub fn endpoint(&self, key: EndpointKey) -> Option<&EndpointPolicy> {
-        self.endpoint_slot(key).map(|i| &self.endpoints[i])
+        self.endpoint_slot(key).and_then(|i| self.endpoint_at(i))
+    }
+
+    /// The compiled policy in an endpoint slot (None: out of range or not in scope).
+    pub fn endpoint_at(&self, slot: usize) -> Option<&EndpointPolicy> {
+        self.endpoints.get(slot).and_then(|e| e.as_deref())
+    }
+
+    /// Every compiled endpoint policy, in slot order.
+    pub fn endpoints(&self) -> impl Iterator<Item = &EndpointPolicy> {
+        self.endpoints.iter().filter_map(|e| e.as_deref())
+    }
+
+    /// The endpoints this model compiles.
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    /// The DNS observations the model holds: the cluster's at compile, then what was
+    /// learned (`set_fqdn_ips`).
+    pub fn dns(&self) -> &[DnsObservation] {
+        &self.dns
+    }
+
+    /// The model's cluster with the DNS observations it holds: what a full compile
+    /// starts from to give this model again.
+    pub fn cluster_with_dns(&self) -> Cluster {
+        let mut c = (*self.cluster).clone();
+        c.dns = self.dns.clone();
+        c
     }
 
     /// Where an endpoint sits in `endpoints`: pods first, in cluster order, then nodes.
@@ -784,6 +1012,16 @@ impl Model {
         match key {
             EndpointKey::Pod(p) => (p < pods).then_some(p),
             EndpointKey::Node(n) => (n < self.cluster.nodes.len()).then_some(pods + n),
+        }
+    }
+
+    /// The endpoint in a slot (inverse of [`Model::endpoint_slot`]).
+    pub fn endpoint_key(&self, slot: usize) -> Option<EndpointKey> {
+        let pods = self.cluster.pods.len();
+        if slot < pods {
+            Some(EndpointKey::Pod(slot))
+        } else {
+            (slot - pods < self.cluster.nodes.len()).then(|| EndpointKey::Node(slot - pods))
         }
     }
 

@@ -8,7 +8,7 @@ use serde_yaml::Value;
 
 use crate::api;
 use crate::cluster::{Cluster, EndpointRef};
-use crate::compile::{CompileOptions, Model};
+use crate::compile::{CompileOptions, Model, Scope};
 use crate::error::PolicyError;
 use crate::http::SimpleRequest;
 use crate::policy::Protocol;
@@ -249,6 +249,16 @@ impl Case {
     /// Compiles the case. Invalid policies are an error: a case's policies are meant to
     /// be valid.
     pub fn compile(&self, profile: Option<&str>, file: Option<&str>) -> Result<Model, CaseError> {
+        self.compile_scoped(profile, file, Scope::Cluster)
+    }
+
+    /// Compiles the case for the endpoints of `scope` (a node's, as its agent does).
+    pub fn compile_scoped(
+        &self,
+        profile: Option<&str>,
+        file: Option<&str>,
+        scope: Scope,
+    ) -> Result<Model, CaseError> {
         let mut policies = Vec::new();
         for v in &self.policies {
             let parsed = api::parse_value(v.clone(), file);
@@ -262,10 +272,11 @@ impl Case {
                 );
             }
         }
-        Ok(Model::compile(
+        Ok(Model::compile_scoped(
             &self.cluster,
             policies,
             options_for(self.semantics, profile),
+            scope,
         ))
     }
 

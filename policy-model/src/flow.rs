@@ -265,7 +265,11 @@ impl Model {
 
     /// The policy of a connection from `src` to `dst:port`, seen from `node` (the node the
     /// proxy runs on; None when unknown). Both sides are included when both are
-    /// endpoints of the cluster, so one proxy hop enforces both.
+    /// endpoints of the cluster, so one proxy hop enforces both: the source's egress when
+    /// the model compiles the source (a remote source's egress is its own node's), and
+    /// the destination's ingress always, built for this flow when the model does not
+    /// compile the destination (a proxy that forwards from the node's address hides the
+    /// source from the destination's node).
     pub fn connection_policy(
         &self,
         src: IpAddr,
@@ -279,14 +283,43 @@ impl Model {
             let peer = self.identity_of(dst, node);
             sides.push(self.side_policy(ep, Direction::Egress, peer, protocol, port));
         }
-        if let Some(ep) = self.endpoint_of_ip(dst) {
+        let dst_key = match self.owner(dst) {
+            crate::compile::IpOwner::Pod(p) => Some(crate::compile::EndpointKey::Pod(p)),
+            crate::compile::IpOwner::Node(n) => Some(crate::compile::EndpointKey::Node(n)),
+            crate::compile::IpOwner::World(_) => None,
+        };
+        if let Some(key) = dst_key {
             let peer = self.identity_of(src, node);
-            sides.push(self.side_policy(ep, Direction::Ingress, peer, protocol, port));
+            sides.push(match self.ingress_policy(key) {
+                Ok(ep) => self.side_policy(&ep, Direction::Ingress, peer, protocol, port),
+                Err(e) => SidePolicy {
+                    direction: Direction::Ingress,
+                    endpoint: self.endpoint_name(key),
+                    decision: SideDecision::Deny {
+                        reason: e.to_string(),
+                    },
+                },
+            });
         }
         ConnectionPolicy { sides }
     }
 
-    /// The endpoint (pod or node) that owns an IP.
+    /// The name (`ns/pod` or `node:NAME`) of the endpoint that owns an IP, whether or not
+    /// the model compiles it.
+    pub fn endpoint_name_of_ip(&self, ip: IpAddr) -> Option<String> {
+        match self.owner(ip) {
+            crate::compile::IpOwner::Pod(p) => {
+                Some(self.endpoint_name(crate::compile::EndpointKey::Pod(p)))
+            }
+            crate::compile::IpOwner::Node(n) => {
+                Some(self.endpoint_name(crate::compile::EndpointKey::Node(n)))
+            }
+            crate::compile::IpOwner::World(_) => None,
+        }
+    }
+
+    /// The compiled policy of the endpoint (pod or node) that owns an IP (None also for
+    /// an endpoint outside the model's scope).
     pub fn endpoint_of_ip(&self, ip: IpAddr) -> Option<&EndpointPolicy> {
         match self.owner(ip) {
             crate::compile::IpOwner::Pod(p) => self.endpoint(crate::compile::EndpointKey::Pod(p)),

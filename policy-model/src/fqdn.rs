@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use regex::Regex;
 
@@ -38,7 +39,8 @@ pub struct NamePattern {
     /// The normalised source text (`matchPattern` keeps its `*`).
     pub text: String,
     pub is_pattern: bool,
-    regex: Regex,
+    /// Shared with every other pattern of the same text (`shared_regex`).
+    regex: Arc<Regex>,
 }
 
 impl PartialEq for NamePattern {
@@ -75,8 +77,10 @@ impl NamePattern {
         if name.trim().is_empty() {
             return Err("empty name".into());
         }
-        let regex =
-            Regex::new(&format!("^{}$", regex::escape(&text))).map_err(|e| e.to_string())?;
+        let regex = crate::shared_regex::shared("dns-name", &text, || {
+            Regex::new(&format!("^{}$", regex::escape(&text)))
+        })
+        .map_err(|e| e.to_string())?;
         Ok(NamePattern {
             text,
             is_pattern: false,
@@ -107,7 +111,8 @@ impl NamePattern {
                 .replace('*', &format!("{LABEL_CHARS}*"));
             format!("^{prefix}{body}$")
         };
-        let regex = Regex::new(&re).map_err(|e| e.to_string())?;
+        let regex = crate::shared_regex::shared("dns-pattern", &re, || Regex::new(&re))
+            .map_err(|e| e.to_string())?;
         Ok(NamePattern {
             text,
             is_pattern: true,

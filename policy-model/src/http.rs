@@ -74,15 +74,18 @@ impl Request for SimpleRequest {
 #[derive(Clone)]
 pub struct FullMatch {
     pub text: String,
-    regex: Regex,
+    /// Shared with every other rule of the same text (`shared_regex`).
+    regex: Arc<Regex>,
 }
 
 impl FullMatch {
     pub fn new(text: &str) -> Result<FullMatch, String> {
-        let regex = regex::RegexBuilder::new(&format!("^(?:{text})$"))
-            .size_limit(1 << 20)
-            .build()
-            .map_err(|e| format!("invalid regex {text:?}: {}", first_line(&e.to_string())))?;
+        let regex = crate::shared_regex::shared("http", text, || {
+            regex::RegexBuilder::new(&format!("^(?:{text})$"))
+                .size_limit(1 << 20)
+                .build()
+        })
+        .map_err(|e| format!("invalid regex {text:?}: {}", first_line(&e.to_string())))?;
         Ok(FullMatch {
             text: text.to_string(),
             regex,

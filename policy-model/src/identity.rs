@@ -54,50 +54,110 @@ pub struct Identity {
     pub named_ports: Vec<ContainerPort>,
 }
 
-/// A growable bitset over identity indices.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Bits(Vec<u64>);
+/// A growable bitset over identity indices. It holds the words from its first set bit's
+/// on: most selectors select the identities of one namespace, which are numbered
+/// together, so their sets stay a few words long in a cluster of any size.
+#[derive(Clone, Debug, Default)]
+pub struct Bits {
+    /// Index of the first word held.
+    start: u32,
+    words: Vec<u64>,
+}
 
 impl Bits {
     #[inline]
     pub fn contains(&self, i: Idx) -> bool {
-        self.0
-            .get((i >> 6) as usize)
-            .is_some_and(|w| (w >> (i & 63)) & 1 == 1)
+        let w = i >> 6;
+        w >= self.start
+            && self
+                .words
+                .get((w - self.start) as usize)
+                .is_some_and(|x| (x >> (i & 63)) & 1 == 1)
     }
 
     pub fn set(&mut self, i: Idx, on: bool) {
-        let w = (i >> 6) as usize;
-        if w >= self.0.len() {
+        let w = i >> 6;
+        if self.words.is_empty() {
             if !on {
                 return;
             }
-            self.0.resize(w + 1, 0);
+            self.start = w;
+        }
+        if w < self.start {
+            if !on {
+                return;
+            }
+            let grow = (self.start - w) as usize;
+            self.words.splice(0..0, std::iter::repeat_n(0, grow));
+            self.start = w;
+        }
+        let at = (w - self.start) as usize;
+        if at >= self.words.len() {
+            if !on {
+                return;
+            }
+            self.words.resize(at + 1, 0);
         }
         if on {
-            self.0[w] |= 1 << (i & 63);
+            self.words[at] |= 1 << (i & 63);
         } else {
-            self.0[w] &= !(1 << (i & 63));
+            self.words[at] &= !(1 << (i & 63));
         }
     }
 
     pub fn union_with(&mut self, other: &Bits) {
-        if other.0.len() > self.0.len() {
-            self.0.resize(other.0.len(), 0);
+        let Some((o_start, o_words)) = other.trimmed() else {
+            return;
+        };
+        if self.trimmed().is_none() {
+            self.start = o_start;
+            self.words = o_words.to_vec();
+            return;
         }
-        for (a, b) in self.0.iter_mut().zip(&other.0) {
+        let start = self.start.min(o_start);
+        let end = (self.start as usize + self.words.len()).max(o_start as usize + o_words.len());
+        if start < self.start {
+            let grow = (self.start - start) as usize;
+            self.words.splice(0..0, std::iter::repeat_n(0, grow));
+            self.start = start;
+        }
+        self.words.resize(end - self.start as usize, 0);
+        let off = (o_start - self.start) as usize;
+        for (a, b) in self.words[off..].iter_mut().zip(o_words) {
             *a |= b;
         }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = Idx> + '_ {
-        self.0.iter().enumerate().flat_map(|(w, bits)| {
+        let base = self.start as usize;
+        self.words.iter().enumerate().flat_map(move |(w, bits)| {
             (0..64)
                 .filter(move |b| (bits >> b) & 1 == 1)
-                .map(move |b| (w * 64 + b) as Idx)
+                .map(move |b| ((base + w) * 64 + b) as Idx)
         })
     }
+
+    /// Gives back the memory past the words held (after a compile).
+    pub fn shrink(&mut self) {
+        self.words.shrink_to_fit();
+    }
+
+    /// The words from the first non-zero one to the last (None: empty).
+    fn trimmed(&self) -> Option<(u32, &[u64])> {
+        let first = self.words.iter().position(|w| *w != 0)?;
+        let last = self.words.iter().rposition(|w| *w != 0)?;
+        Some((self.start + first as u32, &self.words[first..=last]))
+    }
 }
+
+impl PartialEq for Bits {
+    /// Equal sets, however they are held.
+    fn eq(&self, other: &Bits) -> bool {
+        self.trimmed() == other.trimmed()
+    }
+}
+
+impl Eq for Bits {}
 
 /// The identity table with a label index for fast selector evaluation.
 #[derive(Clone, Debug, Default)]
@@ -270,7 +330,9 @@ impl Identities {
 pub struct SelectorCache {
     selectors: Vec<(Selector, Bits)>,
     by_selector: HashMap<Selector, u32>,
-    peer_sets: Vec<(Vec<u32>, Bits)>,
+    /// Per peer set: its selectors, and its members when they are not one selector's
+    /// (a peer set of one selector reads that selector's, shared).
+    peer_sets: Vec<(Vec<u32>, Option<Bits>)>,
     by_peer_set: HashMap<Vec<u32>, u32>,
     /// Selectors by a label every selected identity must carry: `(name, Some(value))` for
     /// an `In` requirement, `(name, None)` for `Exists`. A new identity is only checked
@@ -316,6 +378,11 @@ impl SelectorCache {
         i
     }
 
+    /// How many selectors are cached.
+    pub fn selector_count(&self) -> usize {
+        self.selectors.len()
+    }
+
     pub fn members(&self, s: SelectorId) -> &Bits {
         &self.selectors[s as usize].1
     }
@@ -332,10 +399,16 @@ impl SelectorCache {
         if let Some(&i) = self.by_peer_set.get(&key) {
             return i;
         }
-        let mut bits = Bits::default();
-        for &s in &key {
-            bits.union_with(&self.selectors[s as usize].1);
-        }
+        let bits = match key.as_slice() {
+            [_] => None,
+            _ => {
+                let mut bits = Bits::default();
+                for &s in &key {
+                    bits.union_with(&self.selectors[s as usize].1);
+                }
+                Some(bits)
+            }
+        };
         let i = self.peer_sets.len() as u32;
         for &s in &key {
             self.peer_sets_of[s as usize].push(i);
@@ -345,9 +418,19 @@ impl SelectorCache {
         i
     }
 
+    /// Gives back the memory the member sets do not use (after a compile).
+    pub fn shrink(&mut self) {
+        for (_, bits) in &mut self.selectors {
+            bits.shrink();
+        }
+        for bits in self.peer_sets.iter_mut().filter_map(|(_, b)| b.as_mut()) {
+            bits.shrink();
+        }
+    }
+
     #[inline]
     pub fn peer_set_contains(&self, p: PeerSetId, i: Idx) -> bool {
-        self.peer_sets[p as usize].1.contains(i)
+        self.peer_set_members(p).contains(i)
     }
 
     pub fn peer_set_selectors(&self, p: PeerSetId) -> &[u32] {
@@ -355,7 +438,10 @@ impl SelectorCache {
     }
 
     pub fn peer_set_members(&self, p: PeerSetId) -> &Bits {
-        &self.peer_sets[p as usize].1
+        match &self.peer_sets[p as usize] {
+            (_, Some(bits)) => bits,
+            (key, None) => &self.selectors[key[0] as usize].1,
+        }
     }
 
     /// Evaluates every cached selector and peer set against a new identity.
@@ -366,7 +452,9 @@ impl SelectorCache {
             if sel.matches(labels) {
                 bits.set(i, true);
                 for &p in &self.peer_sets_of[s as usize] {
-                    self.peer_sets[p as usize].1.set(i, true);
+                    if let Some(b) = &mut self.peer_sets[p as usize].1 {
+                        b.set(i, true);
+                    }
                 }
             }
         }
@@ -393,7 +481,9 @@ impl SelectorCache {
             if bits.contains(i) {
                 bits.set(i, false);
                 for &p in &self.peer_sets_of[s as usize] {
-                    self.peer_sets[p as usize].1.set(i, false);
+                    if let Some(b) = &mut self.peer_sets[p as usize].1 {
+                        b.set(i, false);
+                    }
                 }
             }
         }
@@ -439,6 +529,67 @@ mod tests {
         assert_eq!(b.iter().collect::<Vec<_>>(), vec![3, 1000]);
         b.set(1000, false);
         assert!(!b.contains(1000));
+        assert!(!b.contains(5000));
+        b.set(5000, false);
+        assert_eq!(b.iter().collect::<Vec<_>>(), vec![3]);
+    }
+
+    #[test]
+    fn bits_hold_the_words_of_their_members_only() {
+        let mut b = Bits::default();
+        for i in 64_000..64_100 {
+            b.set(i, true);
+        }
+        assert!(b.words.len() <= 3, "{}", b.words.len());
+        assert!(!b.contains(0) && !b.contains(63_999) && b.contains(64_050));
+        b.set(128, true);
+        assert!(b.contains(128) && b.contains(64_000));
+        let mut c = Bits::default();
+        c.set(200_000, true);
+        c.union_with(&b);
+        let mut want: Vec<Idx> = vec![128];
+        want.extend(64_000..64_100);
+        want.push(200_000);
+        assert_eq!(c.iter().collect::<Vec<_>>(), want);
+        // equal sets held differently are equal
+        let mut d = Bits::default();
+        for i in want.iter().rev() {
+            d.set(*i, true);
+        }
+        d.set(10, true);
+        d.set(10, false);
+        assert_eq!(c, d);
+        c.set(128, false);
+        assert_ne!(c, d);
+        let empty = Bits::default();
+        let mut e = Bits::default();
+        e.set(7, true);
+        e.set(7, false);
+        assert_eq!(empty, e);
+        e.union_with(&empty);
+        assert_eq!(e.iter().count(), 0);
+    }
+
+    #[test]
+    fn a_peer_set_of_one_selector_shares_its_members() {
+        let mut ids = Identities::new();
+        let (a, _) = ids.intern(
+            LabelSet::new(vec![Label::k8s("app", "a")]),
+            IdentityKind::Pod,
+        );
+        let mut cache = SelectorCache::default();
+        let sel = Selector::all().with(Key::new(Source::K8s, "app"), Op::Exists);
+        let one = cache.peer_set(&ids, std::slice::from_ref(&sel));
+        assert!(cache.peer_sets[one as usize].1.is_none());
+        assert!(cache.peer_set_contains(one, a));
+        let (b, _) = ids.intern(
+            LabelSet::new(vec![Label::k8s("app", "b")]),
+            IdentityKind::Pod,
+        );
+        cache.add_identity(&ids, b);
+        assert!(cache.peer_set_contains(one, b), "follows its selector");
+        cache.remove_identity(&ids, b);
+        assert!(!cache.peer_set_contains(one, b));
     }
 
     #[test]

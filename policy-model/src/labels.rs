@@ -2,7 +2,9 @@
 //! and a value. Selectors written in policies may carry the source as a key prefix
 //! (`k8s:app`, `any:app`, `reserved:host`); a key without prefix matches any source.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 
 /// Where a label comes from. `Any` only appears in selectors: it matches every source.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -115,19 +117,50 @@ impl fmt::Display for Label {
 
 /// A sorted, duplicate-free set of labels: the identity of an endpoint or a prefix.
 /// Immutable and shared (`Arc`), so copying a model's identity table does not copy its
-/// labels.
+/// labels; and each label is one shared value however many sets hold it (every pod of a
+/// namespace carries its namespace's labels, every replica its app's).
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct LabelSet(std::sync::Arc<[Label]>);
+pub struct LabelSet(Arc<[Arc<Label>]>);
+
+/// The labels some set holds, by value: a new set takes the shared one when there is one.
+/// Entries whose label is gone are dropped when the table has doubled since the last
+/// sweep.
+struct Labels {
+    by_value: HashMap<Label, Weak<Label>>,
+    sweep_at: usize,
+}
+
+static LABELS: LazyLock<Mutex<Labels>> = LazyLock::new(|| {
+    Mutex::new(Labels {
+        by_value: HashMap::new(),
+        sweep_at: 4096,
+    })
+});
+
+/// The shared value of a label.
+fn shared(label: Label) -> Arc<Label> {
+    let mut t = LABELS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(l) = t.by_value.get(&label).and_then(Weak::upgrade) {
+        return l;
+    }
+    let l = Arc::new(label.clone());
+    t.by_value.insert(label, Arc::downgrade(&l));
+    if t.by_value.len() >= t.sweep_at {
+        t.by_value.retain(|_, w| w.strong_count() > 0);
+        t.sweep_at = (2 * t.by_value.len()).max(4096);
+    }
+    l
+}
 
 impl LabelSet {
     pub fn new(mut labels: Vec<Label>) -> LabelSet {
         labels.sort();
         labels.dedup_by(|a, b| a.key == b.key);
-        LabelSet(labels.into())
+        LabelSet(labels.into_iter().map(shared).collect())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Label> {
-        self.0.iter()
+        self.0.iter().map(|l| &**l)
     }
 
     pub fn len(&self) -> usize {
@@ -141,8 +174,7 @@ impl LabelSet {
     /// The value of the first label whose key matches `key` (source `Any` matches all).
     pub fn get(&self, key: &Key) -> Option<&str> {
         if key.source == Source::Any {
-            self.0
-                .iter()
+            self.iter()
                 .find(|l| l.key.name == key.name)
                 .map(|l| l.value.as_str())
         } else {
@@ -156,20 +188,29 @@ impl LabelSet {
     /// Every value under keys that match `key` (a key of source `Any` can match several
     /// labels that differ only in source).
     pub fn values<'a>(&'a self, key: &'a Key) -> impl Iterator<Item = &'a str> + 'a {
-        self.0
-            .iter()
+        self.iter()
             .filter(move |l| l.key.name == key.name && key.source.matches(&l.key.source))
             .map(|l| l.value.as_str())
     }
 
     pub fn contains_source(&self, source: &Source) -> bool {
-        self.0.iter().any(|l| &l.key.source == source)
+        self.iter().any(|l| &l.key.source == source)
+    }
+
+    /// Whether two sets hold the very same label values (not only equal ones).
+    pub fn shares_labels_with(&self, other: &LabelSet) -> bool {
+        self.0.len() == other.0.len()
+            && self
+                .0
+                .iter()
+                .zip(other.0.iter())
+                .all(|(a, b)| Arc::ptr_eq(a, b))
     }
 }
 
 impl fmt::Display for LabelSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, l) in self.0.iter().enumerate() {
+        for (i, l) in self.iter().enumerate() {
             if i > 0 {
                 f.write_str(",")?;
             }
@@ -234,5 +275,16 @@ mod tests {
         assert_eq!(set.get(&Key::new(Source::Any, "app")), Some("web"));
         assert_eq!(set.get(&Key::new(Source::K8s, "app")), Some("web"));
         assert_eq!(set.get(&Key::new(Source::Reserved, "app")), None);
+    }
+
+    #[test]
+    fn sets_share_their_labels() {
+        let a = LabelSet::new(vec![Label::k8s("app", "web"), Label::k8s("team", "blue")]);
+        let b = LabelSet::new(vec![Label::k8s("team", "blue"), Label::k8s("app", "web")]);
+        assert_eq!(a, b);
+        assert!(a.shares_labels_with(&b), "the same label values");
+        let c = LabelSet::new(vec![Label::k8s("app", "web"), Label::k8s("team", "red")]);
+        assert!(Arc::ptr_eq(&a.0[0], &c.0[0]));
+        assert!(!a.shares_labels_with(&c));
     }
 }

@@ -19,6 +19,7 @@ pub mod labels;
 pub mod lint;
 pub mod policy;
 pub mod selector;
+mod shared_regex;
 pub mod show;
 pub mod tls;
 pub mod verdict;

@@ -433,6 +433,8 @@ pub enum QueryError {
     UnknownEndpoint(String),
     #[error("endpoint {0} has no IP address")]
     NoAddress(String),
+    #[error("endpoint {0} is on another node: this node's model does not compile its egress (trace with `ward policy trace` on the whole cluster)")]
+    OutOfScope(String),
 }
 
 struct Resolved {
@@ -539,13 +541,20 @@ impl Model {
         let dst = self.resolve(&q.to, None)?;
         let src = self.resolve(&q.from, Some(dst.ip))?;
         let mut sides = Vec::new();
-        if let Some(ep) = src.endpoint {
+        if let Some(slot) = src.endpoint {
+            // a node-scoped model has no egress policy of another node's endpoint
+            let ep = self
+                .endpoint_at(slot)
+                .ok_or_else(|| QueryError::OutOfScope(src.label.clone()))?;
             let peer = self.identity_of(dst.ip, src.node.as_deref());
-            sides.push(self.side(&self.endpoints[ep], Direction::Egress, peer, q, tls, &dst));
+            sides.push(self.side(ep, Direction::Egress, peer, q, tls, &dst));
         }
-        if let Some(ep) = dst.endpoint {
+        if let Some(key) = dst.endpoint.and_then(|s| self.endpoint_key(s)) {
+            let ep = self
+                .ingress_policy(key)
+                .map_err(|_| QueryError::OutOfScope(dst.label.clone()))?;
             let peer = self.identity_of(src.ip, dst.node.as_deref());
-            sides.push(self.side(&self.endpoints[ep], Direction::Ingress, peer, q, tls, &dst));
+            sides.push(self.side(&ep, Direction::Ingress, peer, q, tls, &dst));
         }
         let denied = sides.iter().find(|s| !s.allowed);
         Ok(Verdict {

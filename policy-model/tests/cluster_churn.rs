@@ -12,11 +12,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use common::{accept, cluster, ipcache, labels, peers, CLUSTER};
+use common::{accept, assert_endpoints_match, cluster, ipcache, labels, CLUSTER};
 use policy_model::cluster::{Cluster, ContainerPort, Namespace, Pod};
-use policy_model::compile::ChurnUnsupported;
+use policy_model::compile::{ChurnUnsupported, Scope};
 use policy_model::identity::Idx;
-use policy_model::{CompileOptions, Direction, Model, Protocol};
+use policy_model::{CompileOptions, Model, Protocol};
 
 const POLICIES: &str = r#"
 apiVersion: cilium.io/v2
@@ -165,7 +165,7 @@ fn live(m: &Model) -> BTreeMap<String, Vec<ContainerPort>> {
 }
 
 fn assert_same(inc: &Model, policies: &str, step: &str) {
-    let full = Model::compile(&inc.cluster, accept(policies), inc.options);
+    let full = Model::compile(&inc.cluster_with_dns(), accept(policies), inc.options);
     assert_eq!(live(inc), live(&full), "live identities after {step}");
     assert_eq!(ipcache(inc), ipcache(&full), "ipcache after {step}");
     let mut probe: Vec<IpAddr> = IPS.iter().map(|s| s.parse().unwrap()).collect();
@@ -176,87 +176,22 @@ fn assert_same(inc: &Model, policies: &str, step: &str) {
             labels(&full, full.identity_of(ip, Some("node-1"))),
             "identity of {ip} after {step}"
         );
-        assert_eq!(
-            inc.endpoint_of_ip(ip).map(|e| &e.name),
-            full.endpoint_of_ip(ip).map(|e| &e.name),
-            "endpoint of {ip} after {step}"
-        );
-    }
-    assert_eq!(inc.endpoints.len(), full.endpoints.len(), "after {step}");
-    for (slot, (a, b)) in inc.endpoints.iter().zip(&full.endpoints).enumerate() {
-        assert_eq!(
-            (&a.name, a.key),
-            (&b.name, b.key),
-            "slot {slot} after {step}"
-        );
-        assert_eq!(inc.endpoint_slot(a.key), Some(slot));
-        assert_eq!(
-            labels(inc, a.identity),
-            labels(&full, b.identity),
-            "{} identity after {step}",
-            a.name
-        );
-        if let policy_model::compile::EndpointKey::Pod(p) = a.key {
-            assert_eq!(inc.pod_identity(p), a.identity, "{} after {step}", a.name);
+        if *inc.scope() == Scope::Cluster {
             assert_eq!(
-                inc.pod_endpoint(&a.name).map(|e| e.key),
-                Some(a.key),
-                "{step}"
+                inc.endpoint_of_ip(ip).map(|e| &e.name),
+                full.endpoint_of_ip(ip).map(|e| &e.name),
+                "endpoint of {ip} after {step}"
             );
         }
-        for d in Direction::BOTH {
-            let (da, db) = (&a.dirs[d.index()], &b.dirs[d.index()]);
-            assert_eq!(
-                (&da.default_deny, &da.selected_by),
-                (&db.default_deny, &db.selected_by),
-                "{} {d:?} after {step}",
-                a.name
-            );
-            assert_eq!(
-                da.entries.len(),
-                db.entries.len(),
-                "{} {d:?} entries after {step}",
-                a.name
-            );
-            for (x, y) in da.entries.iter().zip(&db.entries) {
-                assert_eq!(
-                    peers(inc, x.peers),
-                    peers(&full, y.peers),
-                    "{} {d:?} peers after {step}",
-                    a.name
-                );
-                assert_eq!(
-                    (x.protocol, &x.port, x.action, x.rank, x.origin, x.l7),
-                    (y.protocol, &y.port, y.action, y.rank, y.origin, y.l7)
-                );
-            }
-            for &ip in &probe {
-                for (proto, port) in [
-                    (Protocol::Tcp, 80),
-                    (Protocol::Tcp, 443),
-                    (Protocol::Tcp, 8080),
-                    (Protocol::Udp, 53),
-                ] {
-                    let va = inc.decide(a, d, inc.identity_of(ip, Some("node-1")), proto, port);
-                    let vb = full.decide(b, d, full.identity_of(ip, Some("node-1")), proto, port);
-                    assert_eq!(
-                        format!("{va:?}"),
-                        format!("{vb:?}"),
-                        "{} {d:?} {ip} {proto:?}/{port} after {step}",
-                        a.name
-                    );
-                }
-            }
-        }
     }
+    assert_endpoints_match(inc, &full, &probe, Some("node-1"), step);
     // what a change touches is found through the peer-set index
     for i in 0..inc.identities.len() as Idx {
         if !inc.identities.is_live(i) {
             continue;
         }
         let scan: Vec<_> = inc
-            .endpoints
-            .iter()
+            .endpoints()
             .filter(|ep| {
                 ep.dirs
                     .iter()
@@ -337,14 +272,24 @@ fn mutate(rng: &mut Rng, c: &mut Cluster) -> String {
     }
 }
 
+/// The scopes the churn runs in, by seed: the whole cluster, and each node's.
+fn scope_of(seed: u64) -> Scope {
+    match seed % 3 {
+        0 => Scope::Cluster,
+        1 => Scope::Node("node-1".into()),
+        _ => Scope::Node("node-2".into()),
+    }
+}
+
 #[test]
 fn random_churn_matches_a_full_compile() {
-    for seed in 1..=16u64 {
+    for seed in 1..=24u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let options = CompileOptions {
             cidr_matches_cluster: seed % 2 == 0,
         };
-        let mut m = Model::compile(&cluster(CLUSTER), accept(POLICIES), options);
+        let mut m =
+            Model::compile_scoped(&cluster(CLUSTER), accept(POLICIES), options, scope_of(seed));
         m.set_fqdn_ips("y/a", "api.example.com", ["203.0.113.10".parse().unwrap()]);
         assert_same(&m, POLICIES, &format!("seed {seed} start"));
         for n in 0..30 {
@@ -367,13 +312,13 @@ fn random_churn_matches_a_full_compile() {
                     format!("set_pod_labels {id} {l:?}")
                 }
                 _ => {
-                    let mut c = m.cluster.clone();
+                    let mut c = (*m.cluster).clone();
                     let mut what = vec![mutate(&mut rng, &mut c)];
                     if rng.below(3) == 0 {
                         what.push(mutate(&mut rng, &mut c));
                     }
                     let change = m.apply_cluster(&c).unwrap();
-                    assert_eq!(m.cluster, c, "the model's cluster is the new one");
+                    assert_eq!(*m.cluster, c, "the model's cluster is the new one");
                     format!("{what:?} -> {change:?}")
                 }
             };
@@ -395,7 +340,7 @@ fn unsupported_changes_leave_the_model_as_it_was() {
         m.apply_cluster(&twice),
         Err(ChurnUnsupported::DuplicatePod("x/a".into()))
     );
-    assert_eq!(m.cluster, c);
+    assert_eq!(*m.cluster, c);
     assert_same(&m, POLICIES, "refused changes");
 }
 
@@ -406,7 +351,7 @@ fn a_removed_pod_gives_its_ip_back_to_what_was_learned_for_it() {
     let ip: IpAddr = "10.0.0.2".parse().unwrap();
     m.set_fqdn_ips("y/a", "api.example.com", [ip]);
     let pod = m.identity_of(ip, None);
-    let mut without = m.cluster.clone();
+    let mut without = (*m.cluster).clone();
     without.pods.retain(|p| p.id() != "x/b");
     let change = m.apply_cluster(&without).unwrap();
     assert_eq!(change.removed, vec!["x/b".to_string()]);

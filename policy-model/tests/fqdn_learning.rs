@@ -94,7 +94,7 @@ impl Rng {
 }
 
 fn assert_same(inc: &Model, step: &str) {
-    let full = Model::compile(&inc.cluster, accept(POLICIES), inc.options);
+    let full = Model::compile(&inc.cluster_with_dns(), accept(POLICIES), inc.options);
     for ip in IPS {
         let ip: IpAddr = ip.parse().unwrap();
         assert_eq!(
@@ -104,8 +104,8 @@ fn assert_same(inc: &Model, step: &str) {
         );
     }
     assert_eq!(ipcache(inc), ipcache(&full), "ipcache after {step}");
-    assert_eq!(inc.endpoints.len(), full.endpoints.len());
-    for (a, b) in inc.endpoints.iter().zip(&full.endpoints) {
+    assert_eq!(inc.endpoints().count(), full.endpoints().count());
+    for (a, b) in inc.endpoints().zip(full.endpoints()) {
         assert_eq!(a.name, b.name);
         for d in Direction::BOTH {
             let (ea, eb) = (&a.dirs[d.index()].entries, &b.dirs[d.index()].entries);
@@ -141,8 +141,7 @@ fn assert_same(inc: &Model, step: &str) {
 
 /// The endpoints with an entry whose peers hold one of `ids`, by visiting them all.
 fn scan(m: &Model, ids: &[Idx]) -> Vec<policy_model::compile::EndpointKey> {
-    m.endpoints
-        .iter()
+    m.endpoints()
         .filter(|ep| {
             ep.dirs.iter().flat_map(|d| &d.entries).any(|e| {
                 ids.iter()
@@ -277,8 +276,8 @@ fn ips_learned_under_a_vanished_pattern_leave_the_ipcache() {
     // keeps what it learned), but nothing selects it any more
     let without: String = POLICIES.replace("  - toFQDNs: [{matchPattern: '**.cdn.example'}]\n", "");
     assert_ne!(without, POLICIES);
-    let full = Model::compile(&m.cluster, accept(&without), m.options);
-    assert_eq!(full.cluster.dns.len(), 1);
+    let full = Model::compile(&m.cluster_with_dns(), accept(&without), m.options);
+    assert_eq!(full.dns().len(), 1);
     assert_eq!(full.ipcache_entry(ip, None), None, "falls back to world");
     assert!(!full
         .ipcache(Some("node-1"))

@@ -1435,7 +1435,7 @@ fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
 /// models agree on every flow.
 fn relabel(m: &mut Model, pod: &str, new: &[(&str, &str)], policies: &str) {
     m.set_pod_labels(pod, labels(new)).unwrap();
-    let mut c = m.cluster.clone();
+    let mut c = (*m.cluster).clone();
     let p = c.pods.iter_mut().find(|p| p.id() == pod).unwrap();
     assert_eq!(p.labels, labels(new));
     let fresh = Model::compile(&c, accept(policies), m.options);

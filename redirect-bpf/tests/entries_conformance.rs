@@ -137,7 +137,7 @@ fn check_folder(folder: &str) {
         let model = case
             .compile(None, file.to_str())
             .unwrap_or_else(|e| panic!("{}: {e:?}", file.display()));
-        for ep in &model.endpoints {
+        for ep in model.endpoints() {
             let out = endpoint_entries(&model, ep, 1, PROXIES);
             let ports = sample_ports(&model, ep);
             for d in Direction::BOTH {

@@ -49,6 +49,11 @@ tasks:
                   dnsmasq, no program) in network namespaces; writes loadtests/REPORT.md
                   (--quick: short runs, report in target/loadtest/REPORT-quick.md;
                   --ward-base: another ward binary beside the DNS proxy's, same rounds)
+  loadtest scale [--pods 1000,5000,20000,50000] [--ward PATH] [--ward-base PATH]
+                  ward agent's memory and compile time against cluster size on
+                  generated clusters (the dist build, or --ward PATH), beside the
+                  ward binary --ward-base (a build of main); writes
+                  loadtests/REPORT-scale.md
   udp-relay LISTEN UPSTREAM [--busy-poll-us US]
                   the DNS load test's floors: a one-at-a-time UDP relay, blocking or
                   busy-polling for US microseconds after each datagram
@@ -482,7 +487,7 @@ fn ensure_ebpf_toolchain() -> Result {
 const BPF_OBJECT: &str = "target/bpf/bpfel-unknown-none/release/ward-redirect";
 
 /// Builds the eBPF object into [`BPF_OBJECT`].
-fn build_ebpf() -> Result {
+pub(crate) fn build_ebpf() -> Result {
     ensure_ebpf_toolchain()?;
     let status = nightly_cargo()
         .args(["build", "--release", "--target-dir"])

@@ -106,6 +106,17 @@ impl Admin {
                     None => unavailable(),
                     Some(m) => match m.pod_endpoint(pod) {
                         Some(ep) => json_resp(StatusCode::OK, &explain(&m, ep)),
+                        // this node's model compiles its own pods only
+                        None if m.cluster.pods.iter().any(|p| p.id() == pod) => json_resp(
+                            StatusCode::NOT_FOUND,
+                            &api::Error {
+                                error: format!(
+                                    "pod {pod} is not on node {}: ask its node's agent, or \
+                                     `ward policy trace` for the whole cluster",
+                                    self.node
+                                ),
+                            },
+                        ),
                         None => json_resp(
                             StatusCode::NOT_FOUND,
                             &api::Error {
@@ -434,11 +445,17 @@ mod tests {
     /// The admin endpoint on a free port, with the drop readers over a fake datapath.
     #[tokio::test]
     async fn status_and_events_reach_the_client_as_the_server_typed_them() {
+        // node n1's model: web is its pod, api another node's
         let cluster: policy_model::Cluster = serde_yaml::from_str(
-            "namespaces: [{name: app}]\npods: [{namespace: app, name: web, ip: 10.80.2.2}]\n",
+            "namespaces: [{name: app}]\nnodes: [{name: n1, ip: 172.18.0.2}, {name: n2, ip: 172.18.0.3}]\npods: [{namespace: app, name: web, ip: 10.80.2.2, node: n1}, {namespace: app, name: api, ip: 10.80.1.2, node: n2}]\n",
         )
         .unwrap();
-        let model = Arc::new(Model::compile(&cluster, vec![], Default::default()));
+        let model = Arc::new(Model::compile_scoped(
+            &cluster,
+            vec![],
+            Default::default(),
+            policy_model::compile::Scope::Node("n1".into()),
+        ));
         let (_policy_tx, policy) = watch::channel(PolicyStatus {
             ready: true,
             generation: 3,
@@ -527,12 +544,16 @@ mod tests {
             panic!("{e:?}")
         };
         assert_eq!(d.destination.pod.as_deref(), Some("app/web"));
+        assert_eq!(
+            d.source.pod.as_deref(),
+            Some("app/api"),
+            "a remote pod named"
+        );
         assert_eq!(d.destination.port, 8081);
         assert_eq!(d.reason, "policy_default_deny");
-        assert_eq!(e.pods(), vec!["app/web"]);
+        assert_eq!(e.pods(), vec!["app/api", "app/web"]);
         assert!(
-            e.line()
-                .contains("DROP  ingress 10.80.1.2:0 -> app/web:8081"),
+            e.line().contains("DROP  ingress app/api:0 -> app/web:8081"),
             "{}",
             e.line()
         );
@@ -556,6 +577,12 @@ mod tests {
             missing.contains("404") && missing.contains("app/nope"),
             "{missing}"
         );
+        let remote = client
+            .get_json::<api::PodPolicy>("/v1/policy/app/api")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(remote.contains("not on node n1"), "{remote}");
         let pod: api::PodPolicy = client.get_json("/v1/policy/app/web").await.unwrap();
         assert_eq!(pod.pod, "app/web");
         let shown: Vec<policy_model::show::EndpointView> = client

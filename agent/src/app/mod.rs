@@ -242,9 +242,16 @@ pub async fn run(
     let initial = {
         let mut store = crate::store::PolicyStore::default();
         store.replace_all(&first.objects, first.errors.clone());
-        let mut cluster = first.cluster.clone();
-        cluster.dns.extend(obs.to_cluster());
-        let mut m = Model::compile(&cluster, store.policies(), s.compile);
+        let mut dns = first.cluster.dns.clone();
+        dns.extend(obs.to_cluster());
+        // this node's endpoints, as the publisher compiles them
+        let mut m = Model::build(
+            Arc::new(first.cluster.clone()),
+            dns,
+            store.policies(),
+            s.compile,
+            policy_model::compile::Scope::Node(s.node.clone()),
+        );
         identities::StableIds::load(&s.state_dir).apply(&mut m);
         m
     };

@@ -80,11 +80,7 @@ impl EventReader {
     /// Moves a batch of events to the audit stream.
     fn publish(&self, batch: &[DropEvent]) {
         let model = self.published.borrow().as_ref().map(|p| p.model.clone());
-        let pod_of = |ip: IpAddr| {
-            model
-                .as_ref()
-                .and_then(|m| m.endpoint_of_ip(ip).map(|e| e.name.clone()))
-        };
+        let pod_of = |ip: IpAddr| model.as_ref().and_then(|m| m.endpoint_name_of_ip(ip));
         for e in batch {
             let mut record = drop_record(e, pod_of);
             if let Some(m) = &model {

@@ -198,7 +198,7 @@ mod tests {
         let (x, y) = (id_of(&m, "a/x"), id_of(&m, "a/y"));
         let retired_x = m.pod_endpoint("a/x").unwrap().identity;
         let live_y = m.pod_endpoint("a/y").unwrap().identity;
-        let mut c = m.cluster.clone();
+        let mut c = (*m.cluster).clone();
         c.pods.retain(|p| p.name != "x");
         let change = m.apply_cluster(&c).unwrap();
         assert_eq!(change.retired, vec![retired_x]);
@@ -206,7 +206,7 @@ mod tests {
         assert!(!ids.forget(&m, &[retired_x]), "forgotten once");
         assert_eq!(id_of(&m, "a/y"), y, "the live one keeps its number");
         // x back: a new number, as a full compile after it left would give
-        let mut back = m.cluster.clone();
+        let mut back = (*m.cluster).clone();
         back.pods.push(
             serde_yaml::from_str("{namespace: a, name: x, ip: 10.0.0.9, labels: {app: x}}")
                 .unwrap(),

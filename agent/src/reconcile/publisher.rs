@@ -3,9 +3,10 @@
 //! cluster state of the last snapshot, the learned FQDN observations, the identity table
 //! and the model. On a new snapshot or a DNS hand-off it builds the next model once and
 //! hands it to the datapath (one diff against what the maps hold), the HTTP proxy and
-//! the DNS proxy together. A snapshot that only changed pods and namespaces updates the
-//! current model incrementally (`rebuild`); policy changes compile in full; learned DNS
-//! IPs are applied to the current model without a compile.
+//! the DNS proxy together. Pod, namespace and policy changes update the current model
+//! incrementally where they can (`rebuild`); learned DNS IPs are applied to the current
+//! model without a compile. The model compiles this node's endpoints only
+//! (`Scope::Node`); the cluster and the policies are shared with it, not copied.
 //!
 //! It never waits on anything but its inputs: endpoint discovery, conntrack and drop
 //! events are other tasks', so a DNS hand-off is confirmed as soon as its write is done.
@@ -15,7 +16,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use policy_model::compile::EndpointKey;
+use policy_model::compile::{EndpointKey, Scope};
 use policy_model::identity::Idx;
 use policy_model::{Cluster, CompileOptions, Model, PolicyError};
 use redirect_bpf::common::EndpointInfo;
@@ -116,7 +117,10 @@ pub struct Publisher<D, P> {
     /// What the maps hold (read back at start).
     applied: MapState,
     store: PolicyStore,
-    cluster: Cluster,
+    /// The source's cluster state, shared with the model.
+    cluster: Arc<Cluster>,
+    /// What the model compiles: this node's endpoints.
+    scope: Scope,
     fqdn: Observations,
     ids: EndpointIds,
     identities: StableIds,
@@ -169,11 +173,12 @@ struct Work {
 impl<D: Datapath, P: Proxies> Publisher<D, P> {
     pub fn new(start: Start<D, P>, outputs: Outputs) -> Publisher<D, P> {
         Publisher {
+            scope: Scope::Node(start.node.clone()),
             node: start.node,
             dp: start.dp,
             applied: start.applied,
             store: PolicyStore::default(),
-            cluster: Cluster::default(),
+            cluster: Arc::default(),
             fqdn: start.fqdn,
             ids: EndpointIds::default(),
             identities: start.identities,
@@ -273,11 +278,11 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
                 "policy rejected"
             );
         }
-        if snap.cluster != self.cluster {
+        if snap.cluster != *self.cluster {
             if snap.cluster.dns != self.cluster.dns {
                 self.pending.source_dns = true;
             }
-            self.cluster = snap.cluster;
+            self.cluster = Arc::new(snap.cluster);
             work.push = true;
         }
         // The first snapshot's local pods start the attacher, even when there are none.
@@ -505,10 +510,13 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             self.model.as_deref(),
             |current| working_copy(spare, generation, current),
             std::mem::take(&mut self.pending),
-            &self.cluster,
-            self.compile,
-            || self.fqdn.to_cluster(),
-            || self.store.policies(),
+            rebuild::Inputs {
+                cluster: &self.cluster,
+                options: self.compile,
+                scope: &self.scope,
+                learned: || self.fqdn.to_cluster(),
+                policies: || self.store.policies(),
+            },
         );
         let mut model = next.model;
         let renumbered = match next.plan {
@@ -526,7 +534,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             }
             Plan::Full(why) => {
                 self.metrics.compiles.with_label_values(&["full"]).inc();
-                if why != rebuild::Full::NoModel && why != rebuild::Full::Policies {
+                if why != rebuild::Full::NoModel {
                     tracing::info!(reason = ?why, "full compile");
                 }
                 // the compile took every learned observation

@@ -1,11 +1,16 @@
-//! How the reconciler builds the next model after a source change: incrementally
-//! (`Model::apply_cluster`) when only pods and namespaces changed, by a full compile
-//! when policies, nodes, the source's own DNS observations or the compile options changed,
-//! or when there is no model yet. The incremental path never guesses: a change it does
-//! not take falls back to a full compile.
+//! How the reconciler builds the next model after a source change: incrementally when
+//! pods and namespaces changed (`Model::apply_cluster`) and when policies changed
+//! (`Model::apply_policies`), by a full compile when the source's own DNS observations
+//! or the compile options changed, when nothing is compiled yet, or when a change is one
+//! the incremental paths do not take (nodes, duplicate pods; a change of the policies'
+//! CIDR prefixes, toFQDNs patterns or Calico tiers). The incremental paths never guess:
+//! a change they do not take falls back to a full compile. Either way the model
+//! compiles the node's own endpoints only ([`Scope`]).
+
+use std::sync::Arc;
 
 use policy_model::cluster::DnsObservation;
-use policy_model::compile::ChurnUnsupported;
+use policy_model::compile::{ChurnUnsupported, PolicyUnsupported, Scope};
 use policy_model::identity::Idx;
 use policy_model::policy::Policy;
 use policy_model::{Cluster, CompileOptions, Model};
@@ -15,8 +20,8 @@ use policy_model::{Cluster, CompileOptions, Model};
 pub enum Full {
     /// Nothing compiled yet.
     NoModel,
-    /// Policies were added, changed or removed.
-    Policies,
+    /// A policy change the incremental path does not take.
+    Policies(PolicyUnsupported),
     /// The source's own DNS observations changed.
     SourceDns,
     /// The compile options differ from the current model's.
@@ -51,43 +56,89 @@ pub struct Next {
     pub retired: Vec<Idx>,
 }
 
-/// Builds the model for the source's `cluster` (without learned DNS observations) and the
-/// policies in force. `copy` gives a working copy of the current model for the incremental
-/// path; `learned` and `policies` are only asked for on a full compile.
-pub fn next_model(
+/// What the next model is built from.
+pub struct Inputs<'a, L, P> {
+    /// The source's cluster (without learned DNS observations), shared with the model.
+    pub cluster: &'a Arc<Cluster>,
+    pub options: CompileOptions,
+    /// The endpoints compiled: the agent's node.
+    pub scope: &'a Scope,
+    /// The learned DNS observations (asked for on a full compile only).
+    pub learned: L,
+    /// The policies in force (asked for when they changed, or on a full compile).
+    pub policies: P,
+}
+
+/// Builds the model for `inputs`. `copy` gives a working copy of the current model for
+/// the incremental paths.
+pub fn next_model<L, P>(
     current: Option<&Model>,
     copy: impl FnOnce(&Model) -> Model,
     pending: Pending,
-    cluster: &Cluster,
-    options: CompileOptions,
-    learned: impl FnOnce() -> Vec<DnsObservation>,
-    policies: impl FnOnce() -> Vec<Policy>,
-) -> Next {
+    inputs: Inputs<'_, L, P>,
+) -> Next
+where
+    L: FnOnce() -> Vec<DnsObservation>,
+    P: FnOnce() -> Vec<Arc<Policy>>,
+{
+    let mut ask = Some(inputs.policies);
+    // the policies in force, once asked for
+    let mut fresh: Option<Vec<Arc<Policy>>> = None;
     let why = match current {
         None => Full::NoModel,
-        Some(_) if pending.policies => Full::Policies,
         Some(_) if pending.source_dns => Full::SourceDns,
-        Some(m) if m.options != options => Full::Options,
+        Some(m) if m.options != inputs.options || m.scope() != inputs.scope => Full::Options,
         Some(m) => {
             // The proxies keep reading the current model; this copy becomes the next one.
             let mut model = copy(m);
-            match model.apply_cluster(cluster) {
+            let churn = if Arc::ptr_eq(&model.cluster, inputs.cluster) {
+                Ok(Default::default())
+            } else {
+                model.apply_shared_cluster(Arc::clone(inputs.cluster))
+            };
+            match churn {
+                Err(e) => Full::Unsupported(e),
                 Ok(change) => {
-                    return Next {
-                        model,
-                        plan: Plan::Incremental,
-                        new_identities: change.new_identities,
-                        retired: change.retired,
+                    let refused = match ask.take().filter(|_| pending.policies) {
+                        Some(ask) => {
+                            let p = ask();
+                            let r = model.apply_policies(p.clone()).err();
+                            fresh = Some(p);
+                            r
+                        }
+                        None => None,
+                    };
+                    match refused {
+                        Some(e) => Full::Policies(e),
+                        None => {
+                            return Next {
+                                model,
+                                plan: Plan::Incremental,
+                                new_identities: change.new_identities,
+                                retired: change.retired,
+                            }
+                        }
                     }
                 }
-                Err(e) => Full::Unsupported(e),
             }
         }
     };
-    let mut full = cluster.clone();
-    full.dns.extend(learned());
+    let mut dns = inputs.cluster.dns.clone();
+    dns.extend((inputs.learned)());
+    let policies = match (fresh, ask) {
+        (Some(p), _) => p,
+        (None, Some(ask)) => ask(),
+        // taken only on the incremental path, which asked unless nothing changed
+        (None, None) => current.map(|m| m.policies.clone()).unwrap_or_default(),
+    };
     Next {
-        model: Model::compile(&full, policies(), options),
+        model: Model::build(
+            Arc::clone(inputs.cluster),
+            dns,
+            policies,
+            inputs.options,
+            inputs.scope.clone(),
+        ),
         plan: Plan::Full(why),
         new_identities: Vec::new(),
         retired: Vec::new(),
@@ -141,37 +192,59 @@ spec:
     toPorts: [{ports: [{port: http, protocol: TCP}]}]
 "#;
 
-    fn policies(yaml: &str) -> Vec<Policy> {
+    fn policies(yaml: &str) -> Vec<Arc<Policy>> {
         let (p, errors, _) = load(yaml, Some("test.yaml"));
         assert!(errors.is_empty(), "{errors:?}");
-        p
+        p.into_iter().map(Arc::new).collect()
+    }
+
+    fn scope() -> Scope {
+        Scope::Node("n1".into())
     }
 
     fn cluster() -> Cluster {
         serde_yaml::from_str(CLUSTER).unwrap()
     }
 
-    fn compile(c: &Cluster) -> Model {
-        Model::compile(c, policies(POLICIES), CompileOptions::default())
+    /// The node-scoped model of `c` and `yaml`, compiled in full.
+    fn compile_with(c: &Cluster, yaml: &str) -> Model {
+        Model::build(
+            Arc::new(c.clone()),
+            c.dns.clone(),
+            policies(yaml),
+            CompileOptions::default(),
+            scope(),
+        )
     }
 
-    fn next(current: Option<&Model>, pending: Pending, c: &Cluster) -> Next {
+    fn compile(c: &Cluster) -> Model {
+        compile_with(c, POLICIES)
+    }
+
+    fn next_with(current: Option<&Model>, pending: Pending, c: &Cluster, yaml: &str) -> Next {
         next_model(
             current,
             Model::clone,
             pending,
-            c,
-            CompileOptions::default(),
-            Vec::new,
-            || policies(POLICIES),
+            Inputs {
+                cluster: &Arc::new(c.clone()),
+                options: CompileOptions::default(),
+                scope: &scope(),
+                learned: Vec::new,
+                policies: || policies(yaml),
+            },
         )
+    }
+
+    fn next(current: Option<&Model>, pending: Pending, c: &Cluster) -> Next {
+        next_with(current, pending, c, POLICIES)
     }
 
     /// Everything the datapath and the proxies read, with identities by labels.
     fn view(m: &Model) -> Vec<String> {
         let labels = |i: Idx| m.identities.get(i).labels.to_string();
         let mut out = Vec::new();
-        for ep in &m.endpoints {
+        for ep in m.endpoints() {
             out.push(format!("{} {:?} {}", ep.name, ep.key, labels(ep.identity)));
             for d in Direction::BOTH {
                 for e in &ep.dirs[d.index()].entries {
@@ -221,7 +294,8 @@ spec:
         let mut expected = c.clone();
         expected.dns = cluster().dns;
         assert_eq!(view(&n.model), view(&compile(&expected)));
-        assert_eq!(n.model.cluster, expected);
+        assert_eq!(*n.model.cluster, c);
+        assert_eq!(n.model.dns(), expected.dns);
     }
 
     #[test]
@@ -231,14 +305,6 @@ spec:
         assert_eq!(
             next(None, Pending::default(), &c).plan,
             Plan::Full(Full::NoModel)
-        );
-        let changed = Pending {
-            policies: true,
-            source_dns: false,
-        };
-        assert_eq!(
-            next(Some(&start), changed, &c).plan,
-            Plan::Full(Full::Policies)
         );
         let dns = Pending {
             policies: false,
@@ -260,12 +326,15 @@ spec:
             Some(&start),
             Model::clone,
             Pending::default(),
-            &c,
-            CompileOptions {
-                cidr_matches_cluster: true,
+            Inputs {
+                cluster: &Arc::new(c.clone()),
+                options: CompileOptions {
+                    cidr_matches_cluster: true,
+                },
+                scope: &scope(),
+                learned: Vec::new,
+                policies: || policies(POLICIES),
             },
-            Vec::new,
-            || policies(POLICIES),
         );
         assert_eq!(cidr.plan, Plan::Full(Full::Options));
     }
@@ -285,11 +354,86 @@ spec:
             None,
             Model::clone,
             Pending::default(),
-            &c,
-            CompileOptions::default(),
-            learned,
-            || policies(POLICIES),
+            Inputs {
+                cluster: &Arc::new(c),
+                options: CompileOptions::default(),
+                scope: &scope(),
+                learned,
+                policies: || policies(POLICIES),
+            },
         );
         assert_eq!(view(&n.model), view(&compile(&cluster())));
+    }
+
+    const CHANGED: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: db, namespace: a}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts: [{ports: [{port: '5433', protocol: TCP}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: web}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: db}}]
+  - toFQDNs: [{matchName: api.example.com}]
+    toPorts: [{ports: [{port: '443', protocol: TCP}]}]
+  ingress:
+  - fromEntities: [cluster]
+    toPorts: [{ports: [{port: http, protocol: TCP}]}]
+"#;
+
+    #[test]
+    fn a_policy_change_is_applied_incrementally_and_equals_a_full_compile() {
+        let start = compile(&cluster());
+        let changed = Pending {
+            policies: true,
+            source_dns: false,
+        };
+        let n = next_with(Some(&start), changed, &cluster(), CHANGED);
+        assert_eq!(n.plan, Plan::Incremental);
+        assert_eq!(view(&n.model), view(&compile_with(&cluster(), CHANGED)));
+        assert_ne!(view(&n.model), view(&start));
+        // with pods changed in the same push
+        let mut c = cluster();
+        c.pods[1].labels.insert("app".into(), "web".into());
+        let n = next_with(Some(&start), changed, &c, CHANGED);
+        assert_eq!(n.plan, Plan::Incremental);
+        assert_eq!(view(&n.model), view(&compile_with(&c, CHANGED)));
+    }
+
+    #[test]
+    fn a_policy_change_of_prefixes_is_compiled_in_full() {
+        let start = compile(&cluster());
+        let with_cidr = format!(
+            "{POLICIES}---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: out, namespace: a}}\nspec:\n  endpointSelector: {{}}\n  egress: [{{toCIDR: [192.0.2.0/24]}}]\n"
+        );
+        let changed = Pending {
+            policies: true,
+            source_dns: false,
+        };
+        let n = next_with(Some(&start), changed, &cluster(), &with_cidr);
+        assert_eq!(
+            n.plan,
+            Plan::Full(Full::Policies(PolicyUnsupported::Prefixes))
+        );
+        assert_eq!(view(&n.model), view(&compile_with(&cluster(), &with_cidr)));
+    }
+
+    #[test]
+    fn the_model_compiles_the_nodes_own_endpoints_only() {
+        let m = next(None, Pending::default(), &cluster()).model;
+        let names: Vec<&str> = m.endpoints().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["a/web", "a/db", "node:n1"]);
+        // the other node's pod is still known: identity and ipcache
+        let remote: IpAddr = "10.0.1.1".parse().unwrap();
+        assert!(m.ipcache_entry(remote, Some("n1")).is_some());
+        assert!(m.pod_endpoint("b/web").is_none());
     }
 }

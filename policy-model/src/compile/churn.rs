@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use super::{EndpointKey, EndpointPolicy, FqdnChange, IpOwner, Model};
 use crate::cluster::{Cluster, ContainerPort};
@@ -70,13 +71,21 @@ impl Model {
     /// Pods that did not change are compared, not copied: the cost is a pass over the
     /// pods plus the work for the ones that changed.
     pub fn apply_cluster(&mut self, new: &Cluster) -> Result<ChurnChange, ChurnUnsupported> {
+        self.apply_shared_cluster(Arc::new(new.clone()))
+    }
+
+    /// [`Model::apply_cluster`] with a shared cluster, which the model keeps as it is.
+    pub fn apply_shared_cluster(
+        &mut self,
+        new: Arc<Cluster>,
+    ) -> Result<ChurnChange, ChurnUnsupported> {
         if new.nodes != self.cluster.nodes {
             return Err(ChurnUnsupported::Nodes);
         }
         if new.service_accounts != self.cluster.service_accounts {
             return Err(ChurnUnsupported::ServiceAccounts);
         }
-        let old_slot = self.match_pods(new)?;
+        let old_slot = self.match_pods(&new)?;
         Ok(self.apply_pods(new, old_slot))
     }
 
@@ -121,17 +130,12 @@ impl Model {
         Ok(old_slot)
     }
 
-    fn apply_pods(&mut self, new: &Cluster, old_slot: Vec<Option<usize>>) -> ChurnChange {
+    fn apply_pods(&mut self, new: Arc<Cluster>, old_slot: Vec<Option<usize>>) -> ChurnChange {
         let mut change = ChurnChange::default();
-        let old_list = std::mem::take(&mut self.cluster.pods);
+        let old_cluster = std::mem::replace(&mut self.cluster, Arc::clone(&new));
+        let old_list = &old_cluster.pods;
         let old_pods = old_list.len();
-        let namespaces_same = self.cluster.namespaces == new.namespaces;
-        if !namespaces_same {
-            self.cluster.namespaces = new.namespaces.clone();
-        }
-        if self.cluster.externals != new.externals {
-            self.cluster.externals = new.externals.clone();
-        }
+        let namespaces_same = old_cluster.namespaces == new.namespaces;
         // Namespace labels: looked up once per namespace (declared ones first, the first
         // declaration winning as in `Cluster::namespace`), and only when they changed.
         // (with the same namespaces, only an added or changed pod can bring a namespace
@@ -214,26 +218,6 @@ impl Model {
                 change.removed.push(p.id());
             }
         }
-        // the new pod list: unchanged pods moved over (or left in place), the others copied
-        if reordered {
-            let mut spare: Vec<Option<crate::cluster::Pod>> =
-                old_list.into_iter().map(Some).collect();
-            self.cluster.pods = new
-                .pods
-                .iter()
-                .enumerate()
-                .map(|(j, p)| match old_slot[j] {
-                    Some(o) if !dirty[j] => spare[o].take().unwrap_or_else(|| p.clone()),
-                    _ => p.clone(),
-                })
-                .collect();
-        } else {
-            let mut pods = old_list;
-            for (j, p) in new.pods.iter().enumerate().filter(|&(j, _)| dirty[j]) {
-                pods[j] = p.clone();
-            }
-            self.cluster.pods = pods;
-        }
         // identities of the new pods
         let mut pod_identity = Vec::with_capacity(self.cluster.pods.len());
         for j in 0..self.cluster.pods.len() {
@@ -309,27 +293,38 @@ impl Model {
         change.new_identities.extend(fqdn.added);
         change.retired.extend(fqdn.retired);
 
-        // endpoints: pods in cluster order, then nodes
-        let mut old_eps: Vec<Option<EndpointPolicy>> = std::mem::take(&mut self.endpoints)
-            .into_iter()
-            .map(Some)
-            .collect();
+        // endpoints: pods in cluster order, then nodes; an unchanged pod keeps its
+        // endpoint (shared), the others in scope are compiled
+        let mut old_eps: Vec<Option<Option<Arc<EndpointPolicy>>>> =
+            std::mem::take(&mut self.endpoints)
+                .into_iter()
+                .map(Some)
+                .collect();
         let mut endpoints = Vec::with_capacity(self.cluster.pods.len() + self.cluster.nodes.len());
-        for j in 0..self.cluster.pods.len() {
+        let cluster = Arc::clone(&self.cluster);
+        for (j, pod) in cluster.pods.iter().enumerate() {
             let reuse = match old_slot[j] {
                 Some(o) if !dirty[j] => old_eps[o].take(),
                 _ => None,
             };
             let ep = match reuse {
-                Some(mut ep) => {
-                    ep.key = EndpointKey::Pod(j);
-                    ep
+                Some(Some(mut ep)) => {
+                    if ep.key != EndpointKey::Pod(j) {
+                        Arc::make_mut(&mut ep).key = EndpointKey::Pod(j);
+                    }
+                    Some(ep)
                 }
-                None => {
+                Some(None) => None,
+                None if self.scope.covers_pod(pod) => {
                     let ident = self.pod_identity[j];
                     let selecting = self.policies_selecting(ident);
-                    self.compile_endpoint(EndpointKey::Pod(j), ident, &selecting)
+                    Some(Arc::new(self.compile_endpoint(
+                        EndpointKey::Pod(j),
+                        ident,
+                        &selecting,
+                    )))
                 }
+                None => None,
             };
             endpoints.push(ep);
         }
@@ -337,10 +332,10 @@ impl Model {
             endpoints.push(ep);
         }
         // endpoints of changed pods, by their old slot, to unindex their peer sets
-        let stale: Vec<(usize, EndpointPolicy)> = old_eps
+        let stale: Vec<(usize, Arc<EndpointPolicy>)> = old_eps
             .into_iter()
             .enumerate()
-            .filter_map(|(o, ep)| ep.map(|ep| (o, ep)))
+            .filter_map(|(o, ep)| ep.flatten().map(|ep| (o, ep)))
             .collect();
         self.endpoints = endpoints;
 
@@ -374,8 +369,8 @@ impl Model {
         // the peer sets of recompiled endpoints, in their new slots
         let index = |m: &mut Model, slot: usize| {
             let peers: Vec<_> = m.endpoints[slot]
-                .dirs
                 .iter()
+                .flat_map(|ep| ep.dirs.iter())
                 .flat_map(|d| &d.entries)
                 .map(|e| e.peers)
                 .collect();
@@ -383,14 +378,14 @@ impl Model {
                 m.peer_set_users.entry(ps).or_default().insert(slot);
             }
         };
+        // (added and changed pods: compiled if in scope, none otherwise)
+        for j in (0..new_pods).filter(|&j| dirty[j]) {
+            index(self, j);
+        }
         for (o, old_ep) in stale {
             if let Some(j) = moved(o) {
-                index(self, j);
                 self.unindex_peer_sets(j, &old_ep);
             }
-        }
-        for j in (0..new_pods).filter(|&j| old_slot[j].is_none()) {
-            index(self, j);
         }
         change
     }

@@ -150,7 +150,7 @@ impl Model {
     /// Sets the IPs `client` (`ns/pod`) learned for `name`, replacing what it had learned
     /// for that name (no IPs: the name is forgotten), and updates what depends on them.
     /// Equivalent to a full compile with `cluster.dns` changed the same way, which
-    /// `self.cluster.dns` then reflects.
+    /// [`Model::dns`] then reflects.
     pub fn set_fqdn_ips(
         &mut self,
         client: &str,
@@ -175,11 +175,9 @@ impl Model {
                 ips: ips.difference(&before).copied().collect(),
             },
         ));
-        self.cluster
-            .dns
-            .retain(|o| !(o.client == client && o.name == name));
+        self.dns.retain(|o| !(o.client == client && o.name == name));
         if !ips.is_empty() {
-            self.cluster.dns.push(DnsObservation {
+            self.dns.push(DnsObservation {
                 client: key.0,
                 name: key.1,
                 ips: ips.into_iter().collect(),

@@ -5,6 +5,7 @@
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::api::calico::{
     DEFAULT_TIER, DEFAULT_TIER_ORDER, NAMESPACE_TIER_NAME, NAMESPACE_TIER_ORDER,
@@ -38,7 +39,7 @@ pub struct TierEnd {
 
 /// The tiers in evaluation order: defined ones by order (none last) then name, then the
 /// ones only named by policies.
-pub(super) fn tier_table(policies: &[Policy]) -> Vec<CalicoTier> {
+pub(super) fn tier_table(policies: &[Arc<Policy>]) -> Vec<CalicoTier> {
     let mut tiers: BTreeMap<String, CalicoTier> = BTreeMap::new();
     tiers.insert(
         DEFAULT_TIER.to_string(),
@@ -106,7 +107,7 @@ struct Place<'a> {
 /// tiers (each by policy order and name, the namespace tier inside `default` at 1000), then
 /// Baseline by priority. Ties fall back to kind, name and path. The policies of the
 /// namespace tier share one position (they decide together).
-pub(super) fn policy_order(policies: &[Policy], tiers: &[CalicoTier]) -> Vec<u32> {
+pub(super) fn policy_order(policies: &[Arc<Policy>], tiers: &[CalicoTier]) -> Vec<u32> {
     let rank = |name: &str| {
         tiers
             .iter()

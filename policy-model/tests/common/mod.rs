@@ -377,3 +377,111 @@ pub fn ipcache(m: &Model) -> Vec<(String, String)> {
     out.sort();
     out
 }
+
+/// Asserts that `inc` (incremental, possibly node-scoped) has exactly the endpoints of
+/// `full` (a full compile of the whole cluster) that its scope covers, in the same slots,
+/// with the same identities (by labels), the same entries (peers by members, L7 sets by
+/// content) and the same verdicts for a peer at each of `probe` seen from `observer`.
+pub fn assert_endpoints_match(
+    inc: &Model,
+    full: &Model,
+    probe: &[std::net::IpAddr],
+    observer: Option<&str>,
+    step: &str,
+) {
+    use policy_model::compile::{EndpointKey, Scope};
+    use policy_model::Direction;
+    let covered = |key: EndpointKey| match (inc.scope(), key) {
+        (Scope::Cluster, _) => true,
+        (Scope::Node(n), EndpointKey::Pod(p)) => full.cluster.pods[p].node.as_deref() == Some(n),
+        (Scope::Node(n), EndpointKey::Node(x)) => &full.cluster.nodes[x].name == n,
+    };
+    let expected: Vec<_> = full.endpoints().filter(|e| covered(e.key)).collect();
+    let got: Vec<_> = inc.endpoints().collect();
+    assert_eq!(
+        got.iter().map(|e| (&e.name, e.key)).collect::<Vec<_>>(),
+        expected
+            .iter()
+            .map(|e| (&e.name, e.key))
+            .collect::<Vec<_>>(),
+        "endpoints in scope after {step}"
+    );
+    for (a, b) in got.into_iter().zip(expected) {
+        let slot = full.endpoint_slot(b.key);
+        assert_eq!(
+            inc.endpoint_slot(a.key),
+            slot,
+            "{} slot after {step}",
+            a.name
+        );
+        assert_eq!(
+            labels(inc, a.identity),
+            labels(full, b.identity),
+            "{} identity after {step}",
+            a.name
+        );
+        if let EndpointKey::Pod(p) = a.key {
+            assert_eq!(inc.pod_identity(p), a.identity, "{} after {step}", a.name);
+            assert_eq!(
+                inc.pod_endpoint(&a.name).map(|e| e.key),
+                Some(a.key),
+                "{step}"
+            );
+        }
+        for d in Direction::BOTH {
+            let (da, db) = (&a.dirs[d.index()], &b.dirs[d.index()]);
+            assert_eq!(
+                (&da.default_deny, &da.selected_by, &da.tiers),
+                (&db.default_deny, &db.selected_by, &db.tiers),
+                "{} {d:?} after {step}",
+                a.name
+            );
+            assert_eq!(
+                da.entries.len(),
+                db.entries.len(),
+                "{} {d:?} entries after {step}",
+                a.name
+            );
+            for (x, y) in da.entries.iter().zip(&db.entries) {
+                assert_eq!(
+                    peers(inc, x.peers),
+                    peers(full, y.peers),
+                    "{} {d:?} peers after {step}",
+                    a.name
+                );
+                assert_eq!(
+                    (x.protocol, &x.port, x.action, x.tier, x.rank, x.origin, x.l7),
+                    (y.protocol, &y.port, y.action, y.tier, y.rank, y.origin, y.l7),
+                    "{} {d:?} entry after {step}",
+                    a.name
+                );
+                if let (Some(i), Some(j)) = (x.l7, y.l7) {
+                    let (si, sj) = (inc.l7.get(i as usize), full.l7.get(j as usize));
+                    assert!(
+                        si.is_some(),
+                        "{} uses an unbuilt L7 set after {step}",
+                        a.name
+                    );
+                    assert_eq!(si, sj, "{} {d:?} L7 set after {step}", a.name);
+                }
+            }
+            for &ip in probe {
+                for (proto, port) in [
+                    (Protocol::Tcp, 80),
+                    (Protocol::Tcp, 443),
+                    (Protocol::Tcp, 8080),
+                    (Protocol::Udp, 53),
+                ] {
+                    let va = inc.decide(a, d, inc.identity_of(ip, observer), proto, port);
+                    let vb = full.decide(b, d, full.identity_of(ip, observer), proto, port);
+                    assert_eq!(
+                        format!("{va:?}"),
+                        format!("{vb:?}"),
+                        "{} {d:?} {ip} {proto:?}/{port} after {step}",
+                        a.name
+                    );
+                }
+            }
+        }
+    }
+}

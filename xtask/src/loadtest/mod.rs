@@ -3,7 +3,8 @@
 //! PID; deleted afterwards, also on error), with one report, `loadtests/REPORT.md`
 //! (a run of some parts: `loadtests/REPORT-PART.md`; `--quick`: short runs for a smoke
 //! test, reported to `target/loadtest/REPORT-quick.md` so that the measured figures stay;
-//! [`report_path`]).
+//! [`report_path`]). `cargo xtask loadtest scale [--pods N,N] [--ward-base PATH]` measures
+//! the agent against cluster size ([`scale`]); `all` does not include it.
 //!
 //! Pinning: the subject (a proxy, or the receiving pod) runs on CPU 1, load generators
 //! and backends on CPU 0. On a 2-core machine shared with other work the absolute figures
@@ -15,6 +16,7 @@ mod dns;
 mod parse;
 mod proxy;
 pub mod relay;
+mod scale;
 mod tls;
 
 use std::fmt::Write as _;
@@ -56,6 +58,8 @@ pub struct Opts {
     /// part runs it as `ward base` and `ward base busy-poll`, so that a change and the
     /// build before it are compared in one run.
     pub ward_base: Option<PathBuf>,
+    /// The scale part and its options (not part of `all`).
+    pub scale: Option<scale::ScaleOpts>,
 }
 
 impl Opts {
@@ -67,6 +71,7 @@ impl Opts {
             dns: false,
             tls: false,
             ward_base: None,
+            scale: None,
         };
         let mut args = args.iter();
         while let Some(a) = args.next() {
@@ -78,6 +83,20 @@ impl Opts {
                         .ok_or("loadtest: --ward-base needs the path of a ward binary")?;
                     o.ward_base = Some(PathBuf::from(path));
                 }
+                "scale" => o.scale = Some(o.scale.take().unwrap_or_default()),
+                "--pods" => {
+                    let list = args.next().ok_or("--pods needs a list (2000,20000)")?;
+                    let pods = list
+                        .split(',')
+                        .map(|n| n.trim().parse::<usize>())
+                        .collect::<std::result::Result<Vec<_>, _>>()
+                        .map_err(|e| format!("--pods {list}: {e}"))?;
+                    o.scale.get_or_insert_with(Default::default).pods = pods;
+                }
+                "--ward" => {
+                    let path = args.next().ok_or("--ward needs a path to a ward binary")?;
+                    o.scale.get_or_insert_with(Default::default).ward = Some(PathBuf::from(path));
+                }
                 "proxy" => o.proxy = true,
                 "datapath" => o.datapath = true,
                 "dns" => o.dns = true,
@@ -86,13 +105,17 @@ impl Opts {
                 other => {
                     return Err(format!(
                         "loadtest: unknown argument {other:?} (proxy|datapath|dns|tls|all, --quick, \
-                         --ward-base PATH)"
+                         --ward-base PATH; scale [--pods N,N] [--ward PATH])"
                     ))
                 }
             }
         }
-        if !(o.proxy || o.datapath || o.dns || o.tls) {
+        if !(o.proxy || o.datapath || o.dns || o.tls || o.scale.is_some()) {
             (o.proxy, o.datapath, o.dns) = (true, true, true);
+        }
+        // One base build for every part that compares with one (dns, scale).
+        if let Some(scale) = &mut o.scale {
+            scale.ward_base = o.ward_base.clone();
         }
         Ok(o)
     }
@@ -112,6 +135,7 @@ pub fn report_path(opts: &Opts) -> PathBuf {
         (opts.datapath, "datapath"),
         (opts.dns, "dns"),
         (opts.tls, "tls"),
+        (opts.scale.is_some(), "scale"),
     ]
     .iter()
     .filter(|(on, _)| *on)
@@ -167,6 +191,10 @@ impl Netns {
         testkit::Netns::new(testkit::unique(&format!("ward-lt-{tag}")))
             .map(Netns)
             .map_err(|e| e.to_string())
+    }
+
+    pub fn name(&self) -> &str {
+        self.0.name()
     }
 
     /// `prog args` inside the namespace, pinned to `cpu`.
@@ -340,13 +368,21 @@ pub fn loadtest(args: &[String]) -> Result {
     ensure_debs(LOADTEST_PACKAGES)?;
     // The datapath part drives its own example, not `ward`.
     // The build the image ships (`profile.dist`: release with fat LTO).
-    if opts.proxy || opts.dns || opts.tls {
+    if opts.scale.is_some() {
+        // the agent loads the eBPF object embedded at build time
+        crate::build_ebpf()?;
+    }
+    // `scale --ward PATH` measures a build made beforehand
+    let prebuilt = opts.scale.as_ref().and_then(|s| s.ward.clone());
+    if opts.proxy || opts.dns || opts.tls || (opts.scale.is_some() && prebuilt.is_none()) {
         run(cargo().args(["build", "--profile", "dist", "--bin", "ward"]))?;
     }
     let work = std::env::temp_dir().join(format!("ward-loadtest-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let mut ctx = Ctx {
-        ward: root().join("target/dist/ward"),
+        ward: prebuilt
+            .filter(|_| !(opts.proxy || opts.dns || opts.tls))
+            .unwrap_or_else(|| root().join("target/dist/ward")),
         ward_base: opts.ward_base.clone(),
         work,
         quick: opts.quick,
@@ -361,12 +397,22 @@ pub fn loadtest(args: &[String]) -> Result {
          other builds: absolute numbers are noisy, ratios measured in the same run are what \
          to compare.\n",
         if opts.quick { " --quick" } else { "" },
-        match (opts.proxy, opts.datapath, opts.dns, opts.tls) {
-            (true, true, true, false) => String::new(),
-            (p, d, n, t) => [(p, " proxy"), (d, " datapath"), (n, " dns"), (t, " tls")]
+        match (opts.proxy, opts.datapath, opts.dns, opts.tls, &opts.scale) {
+            (true, true, true, false, None) => String::new(),
+            (p, d, n, t, scale) => [(p, " proxy"), (d, " datapath"), (n, " dns"), (t, " tls")]
                 .iter()
                 .filter(|(on, _)| *on)
-                .map(|(_, s)| *s)
+                .map(|(_, s)| s.to_string())
+                .chain(scale.iter().map(|o| {
+                    format!(
+                        " scale --pods {}",
+                        o.pods
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    )
+                }))
                 .collect(),
         },
         match &opts.ward_base {
@@ -387,6 +433,9 @@ pub fn loadtest(args: &[String]) -> Result {
     }
     if opts.tls {
         report.push_str(&tls::run(&mut ctx)?);
+    }
+    if let Some(o) = &opts.scale {
+        report.push_str(&scale::run_scale(&mut ctx, o)?);
     }
     let _ = writeln!(
         report,
@@ -458,6 +507,37 @@ mod tests {
             path_of(&["dns", "--quick"]),
             "target/loadtest/REPORT-quick.md"
         );
+        assert_eq!(path_of(&["scale"]), "loadtests/REPORT-scale.md");
+        assert_eq!(
+            path_of(&["all", "scale"]),
+            "loadtests/REPORT-proxy-datapath-dns-scale.md"
+        );
+    }
+
+    #[test]
+    fn scale_takes_its_sizes_and_a_base_build_to_compare() {
+        let parse = |args: &[&str]| {
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            Opts::parse(&args)
+        };
+        let o = parse(&["scale"]).expect("valid");
+        assert_eq!(o.scale, Some(scale::ScaleOpts::default()));
+        assert!(!(o.proxy || o.dns || o.datapath), "scale alone");
+        let o = parse(&[
+            "scale",
+            "--pods",
+            "1000,5000",
+            "--ward-base",
+            "/w/base-ward",
+        ])
+        .expect("valid");
+        let s = o.scale.expect("scale");
+        assert_eq!(s.pods, vec![1000, 5000]);
+        assert_eq!(s.ward_base, Some(PathBuf::from("/w/base-ward")));
+        assert!(parse(&["scale", "--pods", "many"]).is_err());
+        assert!(parse(&["scale", "--ward-base"]).is_err());
+        let o = parse(&["scale", "--ward", "/w/ward"]).expect("valid");
+        assert_eq!(o.scale.expect("scale").ward, Some(PathBuf::from("/w/ward")));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Reading the tools' outputs: /proc/PID/stat, wrk, h2load, dnsperf.
+//! Reading the tools' outputs: /proc/PID/stat and status, wrk, h2load, dnsperf, and the
+//! numbers of the agent's JSON status.
 
 /// utime + stime (fields 14 and 15 of /proc/PID/stat), in clock ticks. The command name
 /// (field 2) may hold spaces, so fields are counted after its closing parenthesis.
@@ -7,6 +8,25 @@ pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     // rest starts at field 3 (state): utime is field 14, index 11
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// A memory line of /proc/PID/status (`VmRSS:   12345 kB`), in KiB.
+pub fn status_kib(status: &str, field: &str) -> Option<f64> {
+    status.lines().find_map(|l| {
+        let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// The first number under `"key":` in a JSON text (the agent's status is flat enough for
+/// that: every key it is asked for is unique).
+pub fn json_number(json: &str, key: &str) -> Option<f64> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = json[at..].trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E')))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
 }
 
 /// What a load generator reports for one run.
@@ -277,5 +297,19 @@ status codes: 50000 2xx, 0 3xx, 0 4xx, 0 5xx
         assert_eq!(histogram_percentile(&after, &after, 50.0), None);
         let tail = histogram_buckets(&text(0, 0, 4), "ward_dns_processing_seconds");
         assert_eq!(histogram_percentile(&[], &tail, 50.0), None);
+    }
+
+    #[test]
+    fn reads_proc_status_and_the_agents_status() {
+        let status = "Name:\tward\nVmHWM:\t  204800 kB\nVmRSS:\t   102400 kB\n";
+        assert_eq!(status_kib(status, "VmRSS"), Some(102_400.0));
+        assert_eq!(status_kib(status, "VmHWM"), Some(204_800.0));
+        assert_eq!(status_kib(status, "VmSwap"), None);
+        let json = r#"{"node":"node-1","ready":true,"policy_generation":7,"last_push_ms":12.5,"endpoints":400,"map_entries":{"ipcache":20080,"endpoints":400,"policy":131540}}"#;
+        assert_eq!(json_number(json, "policy_generation"), Some(7.0));
+        assert_eq!(json_number(json, "last_push_ms"), Some(12.5));
+        assert_eq!(json_number(json, "endpoints"), Some(400.0));
+        assert_eq!(json_number(json, "policy"), Some(131_540.0));
+        assert_eq!(json_number(json, "missing"), None);
     }
 }

@@ -743,6 +743,7 @@ mod tests {
             "{errors:?}"
         );
         // the compiled verdict: web may reach db on 5432, not on another port
+        let policies = policies.iter().map(|p| (**p).clone()).collect();
         let model = policy_model::Model::compile(&snap.cluster, policies, Default::default());
         let pod = |n: &str| policy_model::EndpointRef::Pod {
             namespace: "a".into(),
