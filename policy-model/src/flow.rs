@@ -298,6 +298,7 @@ impl Model {
                     decision: SideDecision::Deny {
                         reason: e.to_string(),
                     },
+                    tls: None,
                 },
             });
         }

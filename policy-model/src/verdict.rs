@@ -737,7 +737,7 @@ impl Model {
                     v.rule = Some(i.rule.rule.clone());
                     let missing = std::iter::once(&i.terminating)
                         .chain(i.originating.as_ref())
-                        .find_map(|c| missing_material(c, &self.cluster));
+                        .find_map(|c| missing_material(c, self.cluster.as_ref()));
                     let missing = missing.or_else(|| {
                         i.originating.is_none().then(|| {
                             "terminatingTLS without originatingTLS: no CA to verify the server with (Ward's tls_system_roots setting uses the node's roots)".to_string()
@@ -786,7 +786,7 @@ impl Model {
                 });
             }
             (
-                self.check_http_with(&conn, &req, &self.cluster),
+                self.check_http_with(&conn, &req, self.cluster.as_ref()),
                 format!(
                     "{}HTTP {} {}",
                     if tls.is_some() { "HTTPS: " } else { "" },

@@ -58,7 +58,8 @@ impl Scope {
     }
 }
 
-/// The L7 rule sets of a model by [`L7Id`]: one for every `toPorts` entry with rules.
+/// The L7 rule sets of a model by [`L7Id`]: one for every `toPorts` entry with rules or a
+/// TLS context.
 /// Sets are shared between a model and its copies, and a policy change builds only the
 /// sets of the policies it changed.
 #[derive(Clone, Debug, Default)]
@@ -81,6 +82,11 @@ impl L7Sets {
     /// The set of a number (an [`L7Id`] as an index).
     pub fn get(&self, id: usize) -> Option<&L7Set> {
         self.sets.get(id).map(|s| &**s)
+    }
+
+    /// Every set, in number order.
+    pub fn iter(&self) -> impl Iterator<Item = &L7Set> {
+        self.sets.iter().map(|s| &**s)
     }
 
     pub fn len(&self) -> usize {

@@ -104,8 +104,8 @@ impl Opts {
                 "all" => (o.proxy, o.datapath, o.dns) = (true, true, true),
                 other => {
                     return Err(format!(
-                        "loadtest: unknown argument {other:?} (proxy|datapath|dns|tls|all, --quick, \
-                         --ward-base PATH; scale [--pods N,N] [--ward PATH])"
+                        "loadtest: unknown argument {other:?} (see `cargo xtask` for the parts \
+                         and their options)"
                     ))
                 }
             }
