@@ -44,9 +44,10 @@ tasks:
   sync-cases      refresh conformance/ (the cases the tests use) from ../shared/conformance
   deploy-check    render deploy/ (kubectl kustomize), validate every object
                   (kubernetes-validate) and the alert rules (promtool); part of test
-  loadtest [proxy|datapath|dns|all] [--quick] [--ward-base PATH]
+  loadtest [proxy|datapath|dns|tls|all] [--quick] [--ward-base PATH]
                   Ward's proxies and datapath against their peers (HAProxy, nginx,
-                  dnsmasq, no program) in network namespaces; writes loadtests/REPORT.md
+                  dnsmasq, no program) in network namespaces, tls (HTTPS interception and
+                  SNI splice) only when named; writes loadtests/REPORT.md
                   (--quick: short runs, report in target/loadtest/REPORT-quick.md;
                   --ward-base: another ward binary beside the DNS proxy's, same rounds)
   loadtest scale [--pods 1000,5000,20000,50000] [--ward PATH] [--ward-base PATH]
