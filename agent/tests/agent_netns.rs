@@ -365,9 +365,16 @@ impl Lab {
             .arg(&self.root)
             .arg("--state-dir")
             .arg(self.dir.join("state"))
-            .args(["--admin", "127.0.0.1:9890", "--uplink", "up0"])
+            .args(["--uplink", "up0"])
             .arg("--audit-log")
             .arg(self.dir.join("audit.log"))
+            .args(
+                // the loopback address unless the test binds another
+                (!self.agent_args.iter().any(|a| a == "--admin"))
+                    .then_some(["--admin", "127.0.0.1:9890"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&self.agent_args)
             .stdout(Stdio::null())
             .stderr(log)
@@ -515,6 +522,11 @@ fn dns_a(ns: &str, name: &str, timeout: Duration) -> Option<String> {
 
 /// GET on the agent's admin endpoint, from inside the node namespace.
 fn admin_get(node: &str, path: &str) -> (u16, String) {
+    admin_get_with(node, path, "")
+}
+
+/// GET on the agent's admin endpoint with extra header lines (each ending in CRLF).
+fn admin_get_with(node: &str, path: &str, headers: &str) -> (u16, String) {
     in_ns(node, || {
         let Ok(mut s) = TcpStream::connect_timeout(
             &"127.0.0.1:9890".parse().unwrap(),
@@ -523,7 +535,7 @@ fn admin_get(node: &str, path: &str) -> (u16, String) {
             return (0, String::new());
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n");
+        let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n{headers}\r\n");
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         let code = out
@@ -2075,4 +2087,146 @@ fn web_view_shows_flows_and_a_pod_s_policies_in_chromium() {
     chromium(&lab, "http://127.0.0.1:9890/ui/", Some(&shot));
     let png = fs::read(&shot).expect("the screenshot");
     assert!(png.starts_with(b"\x89PNG"), "a PNG at {}", shot.display());
+}
+
+/// `ward ARGS` (a client of the agent's admin endpoint) with `env`: success, stdout, stderr.
+fn ward_client(args: &[&str], env: &[(&str, &Path)]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ward"))
+        .args(args)
+        .env_remove("WARD_ADMIN_TOKEN_FILE")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `--admin-token-file` on the real agent: bound beyond loopback without a token it
+/// serves as before and warns; with one, /v1 and /ui refuse requests without it (probes
+/// and metrics stay open), curl's Bearer header and a browser's cookie (got by the 303
+/// of /ui/?token=) are served, and `ward status`, `ward observe` and `ward policy show`
+/// send it from their flag or WARD_ADMIN_TOKEN_FILE, or say that it is wanted.
+#[test]
+fn the_admin_token_guards_flows_and_policies_of_a_real_agent() {
+    let mut lab = Lab::new("tok");
+    lab.agent_args = vec!["--admin".into(), "0.0.0.0:9890".into()];
+    lab.start_agent();
+    assert_eq!(lab.admin("/v1/status").0, 200, "no token: open as before");
+    assert!(
+        lab.log().contains("without a token: /v1 and /ui") && lab.log().contains("0.0.0.0:9890"),
+        "the warning names the address: {}",
+        lab.log()
+    );
+    lab.kill_agent();
+
+    let token = lab.dir.join("admin-token");
+    fs::write(&token, "  t0ken-of-the-test\n").unwrap();
+    lab.agent_args
+        .extend(["--admin-token-file".into(), token.display().to_string()]);
+    lab.start_agent();
+    assert!(!lab.log().contains("without a token"), "{}", lab.log());
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(lab.admin(open).0, 200, "{open} stays open");
+    }
+    for guarded in ["/v1/status", "/v1/events?follow=false", "/ui/", "/ui"] {
+        assert_eq!(lab.admin(guarded).0, 401, "{guarded} without the token");
+    }
+    let bearer = "Authorization: Bearer t0ken-of-the-test\r\n";
+    let (code, body) = admin_get_with(&lab.node, "/v1/status", bearer);
+    assert!(
+        code == 200 && body.contains("\"node\": \"n1\""),
+        "{code} {body}"
+    );
+    let wrong = "Authorization: Bearer t0ken-of-the-tesT\r\n";
+    assert_eq!(admin_get_with(&lab.node, "/v1/status", wrong).0, 401);
+
+    // the browser's way, with curl's cookie jar: the 303 sets the cookie, the page and
+    // its requests to /v1 carry it
+    let jar = lab.dir.join("cookies");
+    let curl = |url: &str| {
+        let out = testkit::ip_netns_exec(&lab.node, "curl")
+            .args([
+                "-s",
+                "-L",
+                "--max-time",
+                "5",
+                "-w",
+                "\n%{http_code} %{num_redirects}",
+            ])
+            .arg("-c")
+            .arg(&jar)
+            .arg("-b")
+            .arg(&jar)
+            .arg(url)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let page = curl("http://127.0.0.1:9890/ui/?token=t0ken-of-the-test");
+    assert!(
+        page.ends_with("\n200 1") && page.contains("<html"),
+        "{page}"
+    );
+    let status = curl("http://127.0.0.1:9890/v1/status");
+    assert!(
+        status.ends_with("\n200 0") && status.contains("\"ready\": true"),
+        "{status}"
+    );
+
+    let node = lab.node.clone();
+    let file = token.display().to_string();
+    let (ok, out, err) = ward_client(
+        &["status", "--netns", &node, "--admin-token-file", &file],
+        &[],
+    );
+    assert!(ok && out.contains("node n1: READY"), "{out}{err}");
+    let (ok, out, err) = ward_client(
+        &["status", "--netns", &node],
+        &[("WARD_ADMIN_TOKEN_FILE", &token)],
+    );
+    assert!(
+        ok && out.contains("node n1: READY"),
+        "from the environment: {out}{err}"
+    );
+    let (ok, _, err) = ward_client(&["status", "--netns", &node], &[]);
+    assert!(
+        !ok && err.contains("the agent at 127.0.0.1:9890 wants a token: --admin-token-file"),
+        "{err}"
+    );
+    let (ok, out, err) = ward_client(
+        &[
+            "observe",
+            "--netns",
+            &node,
+            "-o",
+            "json",
+            "--admin-token-file",
+            &file,
+        ],
+        &[],
+    );
+    assert!(ok, "ward observe: {out}{err}");
+    let (ok, _, err) = ward_client(&["observe", "--netns", &node], &[]);
+    assert!(!ok && err.contains("wants a token"), "{err}");
+    let (ok, out, err) = ward_client(
+        &[
+            "policy",
+            "show",
+            "app/server",
+            "--netns",
+            &node,
+            "--admin-token-file",
+            &file,
+        ],
+        &[],
+    );
+    assert!(
+        ok && out.contains("app/server"),
+        "ward policy show: {out}{err}"
+    );
+    let (ok, _, err) = ward_client(&["policy", "show", "app/server", "--netns", &node], &[]);
+    assert!(!ok && err.contains("wants a token"), "{err}");
 }

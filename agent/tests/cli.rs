@@ -556,3 +556,30 @@ fn policy_show_draws_the_allowed_peers() {
         assert!(err.contains("graphviz"), "{err}");
     }
 }
+
+/// An empty or missing admin token file stops `ward agent` before it does anything,
+/// naming the file and the reason: never an admin listener left open by mistake.
+#[test]
+fn agent_refuses_to_start_with_an_empty_or_missing_admin_token_file() {
+    let s = Scratch::new("admin-token");
+    let empty = s.file("token", " \n");
+    let missing = s.0.join("missing").display().to_string();
+    let src = s.0.display().to_string();
+    for (file, reason) in [(&empty, "empty"), (&missing, "No such file")] {
+        let o = ward(&[
+            "agent",
+            "--node",
+            "n1",
+            "--source-dir",
+            &src,
+            "--admin-token-file",
+            file,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(
+            err.contains(&format!("admin token file {file}")) && err.contains(reason),
+            "{err}"
+        );
+    }
+}

@@ -13,6 +13,13 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
 use super::api;
+use super::auth::{Token, TokenError};
+
+/// The token a client sends: the file of `--admin-token-file`, else of the environment
+/// variable `WARD_ADMIN_TOKEN_FILE` (clap reads both into `file`); None: no token.
+pub fn token_from(file: Option<&Path>) -> Result<Option<Token>, TokenError> {
+    file.map(Token::read).transpose()
+}
 
 /// How long connecting and the answer's head may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -31,6 +38,12 @@ pub enum Error {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("the agent at {addr} wants a token: --admin-token-file (or WARD_ADMIN_TOKEN_FILE)")]
+    TokenWanted { addr: SocketAddr },
+    #[error(
+        "the agent at {addr} refused the token of --admin-token-file (or WARD_ADMIN_TOKEN_FILE)"
+    )]
+    TokenRefused { addr: SocketAddr },
     #[error("{addr}{path}: HTTP {code}: {body}")]
     Status {
         addr: SocketAddr,
@@ -58,11 +71,23 @@ pub struct Client {
     addr: SocketAddr,
     /// The network namespace the agent listens in (a path), when not this process's.
     netns: Option<PathBuf>,
+    /// Sent as `Authorization: Bearer` (the agent's `--admin-token-file`).
+    token: Option<Token>,
 }
 
 impl Client {
     pub fn new(addr: SocketAddr) -> Client {
-        Client { addr, netns: None }
+        Client {
+            addr,
+            netns: None,
+            token: None,
+        }
+    }
+
+    /// The same client, sending `token` with every request.
+    pub fn with_token(mut self, token: Option<Token>) -> Client {
+        self.token = token;
+        self
     }
 
     /// A client of the agent listening on `addr` inside the network namespace at
@@ -71,6 +96,7 @@ impl Client {
         Client {
             addr,
             netns: Some(netns),
+            token: None,
         }
     }
 
@@ -137,8 +163,14 @@ impl Client {
                 .await
                 .map_err(|source| Error::Http { addr, source })?;
             tokio::spawn(conn);
-            let req = Request::get(path)
-                .header(http::header::HOST, addr.to_string())
+            let mut req = Request::get(path).header(http::header::HOST, addr.to_string());
+            if let Some(t) = &self.token {
+                req = req.header(
+                    http::header::AUTHORIZATION,
+                    format!("Bearer {}", t.as_str()),
+                );
+            }
+            let req = req
                 .body(Empty::<Bytes>::new())
                 .map_err(|e| Error::Connect {
                     addr,
@@ -152,6 +184,12 @@ impl Client {
             .await
             .map_err(|_| Error::Timeout { addr })??;
         let code = resp.status();
+        if code == StatusCode::UNAUTHORIZED {
+            return Err(match self.token {
+                None => Error::TokenWanted { addr },
+                Some(_) => Error::TokenRefused { addr },
+            });
+        }
         if !code.is_success() {
             let body = self.collect(resp.into_body()).await.unwrap_or_default();
             return Err(Error::Status {

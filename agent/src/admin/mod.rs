@@ -12,9 +12,14 @@
 //! - `GET /v1/events`: NDJSON of drop events and audit records: the recent ones, then
 //!   new ones as they happen (`?follow=false`: only the recent ones).
 //!
+//! - `GET /ui/`: the web view ([`ui`]).
+//!
+//! With a token ([`auth`]), everything but `/healthz`, `/readyz` and `/metrics` needs it.
+//!
 //! The responses are the types of [`api`]; [`client`] reads them back.
 
 pub mod api;
+pub mod auth;
 pub mod client;
 pub mod ui;
 
@@ -58,6 +63,8 @@ pub struct Admin {
     pub tls: watch::Receiver<Vec<api::BrokenTlsRule>>,
     pub registries: Vec<Registry>,
     pub events: Events,
+    /// The token `/v1/*` and `/ui/*` need (`--admin-token-file`); None: open.
+    pub token: Option<auth::Token>,
 }
 
 impl Admin {
@@ -76,6 +83,14 @@ impl Admin {
     fn handle(&self, req: &Request<Incoming>) -> Response<RespBody> {
         let path = req.uri().path();
         let query = req.uri().query().unwrap_or("");
+        match auth::check(self.token.as_ref(), path, query, req.headers()) {
+            auth::Access::Granted => {}
+            auth::Access::Denied => return unauthorized(),
+            auth::Access::Login { location } => match &self.token {
+                Some(t) => return login(&location, t),
+                None => return unauthorized(),
+            },
+        }
         match path {
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
             "/readyz" => {
@@ -301,6 +316,37 @@ fn redirect(to: &'static str) -> Response<RespBody> {
     r
 }
 
+/// 401: the token is missing or wrong.
+fn unauthorized() -> Response<RespBody> {
+    let mut r = text(
+        StatusCode::UNAUTHORIZED,
+        "this admin endpoint wants its token (Authorization: Bearer, see --admin-token-file)\n"
+            .into(),
+    );
+    r.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer"),
+    );
+    r
+}
+
+/// 303 to `location` with the token's cookie: a browser's first visit to `/ui/?token=`.
+fn login(location: &str, token: &auth::Token) -> Response<RespBody> {
+    let mut r = Response::new(Full::new(Bytes::new()).boxed());
+    *r.status_mut() = StatusCode::SEE_OTHER;
+    // both are built from checked characters (a path, a urlencoded query, a token68)
+    if let (Ok(loc), Ok(cookie)) = (
+        http::HeaderValue::from_str(location),
+        http::HeaderValue::from_str(&auth::set_cookie(token)),
+    ) {
+        r.headers_mut().insert(http::header::LOCATION, loc);
+        r.headers_mut().insert(http::header::SET_COOKIE, cookie);
+        r
+    } else {
+        text(StatusCode::BAD_REQUEST, "bad path\n".into())
+    }
+}
+
 fn error(code: StatusCode, error: String) -> Response<RespBody> {
     json_resp(code, &api::Error { error })
 }
@@ -523,6 +569,7 @@ mod tests {
             tls: watch::channel(Vec::new()).1,
             registries: vec![metrics.registry.clone()],
             events,
+            token: None,
         };
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = Client::new(l.local_addr().unwrap());
@@ -610,5 +657,114 @@ mod tests {
             missing.contains("404") && missing.contains("no pod app/nope"),
             "{missing}"
         );
+    }
+
+    /// One raw HTTP/1.0 GET with `headers`: the status line and headers, and the body.
+    async fn raw_get(addr: std::net::SocketAddr, path: &str, headers: &str) -> (String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: a\r\n{headers}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        (head.to_lowercase(), body.to_string())
+    }
+
+    /// The token on a real listener: probes and metrics open, the rest refused without
+    /// it, served with the Bearer header or the cookie, the browser's first visit turned
+    /// into the cookie; the client says what is missing instead of a parse error.
+    #[tokio::test]
+    async fn a_token_guards_flows_and_policies_but_not_probes_or_metrics() {
+        let metrics = AgentMetrics::new().unwrap();
+        let admin = Admin {
+            node: "n1".into(),
+            source: "files",
+            policy: watch::channel(PolicyStatus::default()).1,
+            drops: watch::channel(DropCounts::new()).1,
+            tls: watch::channel(Vec::new()).1,
+            registries: vec![metrics.registry.clone()],
+            events: Events::new(),
+            token: Some(auth::Token::parse("s3cret").unwrap()),
+        };
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let endpoint = EndpointMetrics::register(&metrics.registry, "admin").unwrap();
+        tokio::spawn(admin.serve(l, endpoint));
+
+        for p in ["/healthz", "/metrics"] {
+            assert!(
+                raw_get(addr, p, "").await.0.starts_with("http/1.0 200"),
+                "{p}"
+            );
+        }
+        assert!(raw_get(addr, "/readyz", "")
+            .await
+            .0
+            .starts_with("http/1.0 503"));
+        for p in [
+            "/v1/status",
+            "/v1/events?follow=false",
+            "/ui/",
+            "/ui",
+            "/ui/app.js",
+        ] {
+            let (head, body) = raw_get(addr, p, "").await;
+            assert!(head.starts_with("http/1.0 401"), "{p}: {head}");
+            assert!(head.contains("www-authenticate: bearer"), "{p}: {head}");
+            assert!(body.contains("wants its token"), "{p}: {body}");
+        }
+        let wrong = raw_get(addr, "/v1/status", "Authorization: Bearer s3cre\r\n").await;
+        assert!(wrong.0.starts_with("http/1.0 401"), "{wrong:?}");
+        let bearer = raw_get(addr, "/v1/status", "Authorization: Bearer s3cret\r\n").await;
+        assert!(bearer.0.starts_with("http/1.0 200"), "{bearer:?}");
+        let cookie = raw_get(addr, "/ui/", "Cookie: ward_admin_token=s3cret\r\n").await;
+        assert!(
+            cookie.0.starts_with("http/1.0 200") && cookie.1.contains("<html"),
+            "{cookie:?}"
+        );
+
+        let (head, _) = raw_get(addr, "/ui/?token=s3cret&pod=app%2Fweb", "").await;
+        assert!(head.starts_with("http/1.0 303"), "{head}");
+        assert!(
+            head.contains("\r\nlocation: /ui/?pod=app%2fweb\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains(
+                "\r\nset-cookie: ward_admin_token=s3cret; path=/; httponly; samesite=strict"
+            ),
+            "{head}"
+        );
+        let (head, _) = raw_get(addr, "/ui/?token=nope", "").await;
+        assert!(
+            head.starts_with("http/1.0 401") && !head.contains("set-cookie"),
+            "{head}"
+        );
+
+        let e = Client::new(addr).status().await.unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "the agent at {addr} wants a token: --admin-token-file (or WARD_ADMIN_TOKEN_FILE)"
+            )
+        );
+        let e = Client::new(addr)
+            .with_token(Some(auth::Token::parse("other").unwrap()))
+            .status()
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("refused the token"), "{e}");
+        let s = Client::new(addr)
+            .with_token(Some(auth::Token::parse("s3cret").unwrap()))
+            .status()
+            .await
+            .unwrap();
+        assert_eq!(s.node, "n1");
     }
 }

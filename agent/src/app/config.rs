@@ -51,6 +51,12 @@ pub struct Args {
     /// Admin HTTP endpoint: /metrics, /healthz, /readyz, /v1/... [default: 127.0.0.1:9890].
     #[arg(long)]
     admin: Option<SocketAddr>,
+    /// File holding the admin endpoint's token (surrounding whitespace trimmed): with it,
+    /// /v1/* and /ui/* need `Authorization: Bearer TOKEN` (or the browser's cookie, set by
+    /// opening /ui/?token=TOKEN); /healthz, /readyz and /metrics stay open. Read at start:
+    /// a new token needs a restart. An empty or unreadable file stops the start.
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
     /// Port of the transparent HTTP proxy (all addresses) [default: 15001].
     #[arg(long)]
     proxy_port: Option<u16>,
@@ -107,6 +113,7 @@ struct File {
     bpf_root: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     admin: Option<SocketAddr>,
+    admin_token_file: Option<PathBuf>,
     proxy_port: Option<u16>,
     dns_proxy_port: Option<u16>,
     uplinks: Vec<String>,
@@ -137,6 +144,8 @@ pub enum Error {
     },
     #[error("{0} is required")]
     Missing(&'static str),
+    #[error(transparent)]
+    AdminToken(#[from] crate::admin::auth::TokenError),
 }
 
 fn read_file(path: &Path) -> Result<File, Error> {
@@ -180,6 +189,10 @@ pub fn settings(a: Args) -> Result<Settings, Error> {
                 .unwrap_or_else(|| secrets::DEFAULT_NAMESPACE.into()),
         },
     };
+    let admin_token = match a.admin_token_file.or(f.admin_token_file) {
+        Some(path) => Some(crate::admin::auth::Token::read(&path)?),
+        None => None,
+    };
     Ok(Settings {
         node,
         source,
@@ -204,6 +217,7 @@ pub fn settings(a: Args) -> Result<Settings, Error> {
             .admin
             .or(f.admin)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9890))),
+        admin_token,
         proxy_port: a.proxy_port.or(f.proxy_port).unwrap_or(15001),
         dns_proxy_port: a.dns_proxy_port.or(f.dns_proxy_port).unwrap_or(15053),
         uplinks: if a.uplinks.is_empty() {
@@ -220,6 +234,24 @@ pub fn settings(a: Args) -> Result<Settings, Error> {
         },
         secrets,
     })
+}
+
+/// Whether the admin endpoint serves flows and policies to anyone who reaches `admin`:
+/// bound beyond loopback, without a token.
+pub fn admin_exposed(admin: SocketAddr, token: Option<&crate::admin::auth::Token>) -> bool {
+    token.is_none() && !admin.ip().is_loopback()
+}
+
+/// Warns when [`admin_exposed`]: existing set-ups keep working, but the log says what
+/// anyone on the network can read.
+pub fn warn_exposed_admin(admin: SocketAddr, token: Option<&crate::admin::auth::Token>) {
+    if admin_exposed(admin, token) {
+        tracing::warn!(
+            %admin,
+            "the admin endpoint listens beyond loopback without a token: /v1 and /ui \
+             (flows, policies) are unauthenticated; set --admin-token-file"
+        );
+    }
 }
 
 /// Pins under /sys/fs/bpf survive the agent only on the host's bpffs. Under `ip netns
@@ -293,6 +325,13 @@ mod tests {
         let inner = cm["data"]["config.yaml"].as_str().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("config.yaml");
+        // the token file is where the DaemonSet mounts the Secret ward-admin-token; here a
+        // file of the test's own stands in for it
+        let mounted = "admin_token_file: /etc/ward-admin/token\n";
+        assert!(inner.contains(mounted), "{inner}");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0ken").unwrap();
+        let inner = inner.replace(mounted, &format!("admin_token_file: {}\n", token.display()));
         std::fs::write(&cfg, inner).unwrap();
         let s = settings(Args {
             config: Some(cfg),
@@ -303,6 +342,10 @@ mod tests {
         assert_eq!(s.source, SourceKind::Kubernetes);
         assert_eq!(s.source_dir, None);
         assert_eq!(s.admin.port(), 9890);
+        assert_eq!(
+            s.admin_token.map(|t| t.as_str().to_string()).as_deref(),
+            Some("t0ken")
+        );
         assert_eq!(
             s.secrets,
             SecretSource::Kubernetes {
@@ -360,5 +403,57 @@ mod tests {
             SecretSource::Dir("/etc/ward/certs".into()),
             "a certificates directory is read instead of the API"
         );
+    }
+
+    /// `admin_token_file` in the file or the flag: the token read at start; an empty or
+    /// missing file stops the start naming the file; beyond loopback without a token is
+    /// what the start-up warning is for.
+    #[test]
+    fn the_admin_token_comes_from_a_file_named_by_the_flag_or_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "from-file\n").unwrap();
+        let cfg = dir.path().join("agent.yaml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "node: n1\nsource_dir: /src\nadmin: 0.0.0.0:9890\nadmin_token_file: {}\n",
+                token.display()
+            ),
+        )
+        .unwrap();
+        let args = |flag: Option<PathBuf>| Args {
+            config: Some(cfg.clone()),
+            admin_token_file: flag,
+            ..Args::default()
+        };
+        let s = settings(args(None)).unwrap();
+        assert_eq!(
+            s.admin_token.as_ref().map(|t| t.as_str()),
+            Some("from-file")
+        );
+        assert!(!admin_exposed(s.admin, s.admin_token.as_ref()));
+        assert!(admin_exposed(s.admin, None), "0.0.0.0 without a token");
+        assert!(!admin_exposed("127.0.0.1:9890".parse().unwrap(), None));
+        assert!(!admin_exposed("[::1]:9890".parse().unwrap(), None));
+
+        let other = dir.path().join("other");
+        std::fs::write(&other, "from-flag").unwrap();
+        let s = settings(args(Some(other))).unwrap();
+        assert_eq!(s.admin_token.unwrap().as_str(), "from-flag", "flag wins");
+
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let e = settings(args(Some(empty.clone()))).unwrap_err().to_string();
+        assert!(
+            e.contains(&empty.display().to_string()) && e.contains("empty"),
+            "{e}"
+        );
+        let gone = dir.path().join("gone");
+        let e = settings(args(Some(gone.clone()))).unwrap_err().to_string();
+        assert!(e.contains(&gone.display().to_string()), "{e}");
+
+        std::fs::write(&cfg, "node: n1\nsource_dir: /src\n").unwrap();
+        assert!(settings(args(None)).unwrap().admin_token.is_none());
     }
 }

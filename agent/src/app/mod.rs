@@ -40,6 +40,8 @@ pub struct Settings {
     pub bpf_root: PathBuf,
     pub state_dir: PathBuf,
     pub admin: SocketAddr,
+    /// The token `/v1/*` and `/ui/*` of the admin endpoint need; None: open.
+    pub admin_token: Option<admin::auth::Token>,
     pub proxy_port: u16,
     pub dns_proxy_port: u16,
     pub uplinks: Vec<String>,
@@ -445,7 +447,9 @@ pub async fn run(
             dns_metrics.registry.clone(),
         ],
         events,
+        token: s.admin_token.clone(),
     };
+    config::warn_exposed_admin(s.admin, s.admin_token.as_ref());
     let l = tokio::net::TcpListener::bind(s.admin)
         .await
         .map_err(listen_error("admin endpoint", s.admin))?;
@@ -455,6 +459,7 @@ pub async fn run(
         http_proxy_port = s.proxy_port,
         dns_proxy_port = s.dns_proxy_port,
         admin = %s.admin,
+        admin_token = s.admin_token.is_some(),
         "serving"
     );
 

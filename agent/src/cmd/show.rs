@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
 
-use agent::admin::client::Client;
+use agent::admin::auth::Token;
+use agent::admin::client::{token_from, Client};
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use policy_model::show::{DirectionView, EndpointView, LabelQuery, RuleView, Selection};
@@ -43,6 +44,10 @@ pub struct ShowArgs {
     /// --admin 127.0.0.1:9890 when --admin is not given.
     #[arg(long, value_name = "NETNS", conflicts_with = "cluster")]
     netns: Option<String>,
+    /// File holding that agent's admin token (its --admin-token-file), sent as
+    /// `Authorization: Bearer`.
+    #[arg(long, value_name = "FILE", env = "WARD_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     /// Let CIDR rules match pod and node IPs (Kubernetes' expectation; Cilium's default is not to).
     #[arg(long)]
     cidr_matches_cluster: bool,
@@ -109,7 +114,10 @@ pub fn run(a: ShowArgs) -> Result<ExitCode> {
         (None, None, None) => {
             bail!("say where the policies are: --cluster FILE --policies PATH..., or a running agent's --admin ADDR (and --netns)")
         }
-        (None, admin, netns) => from_agent(admin, netns.as_deref(), &sel, a.selector.as_deref())?,
+        (None, admin, netns) => {
+            let token = token_from(a.admin_token_file.as_deref())?;
+            from_agent(admin, netns.as_deref(), token, &sel, a.selector.as_deref())?
+        }
     };
     if views.is_empty() {
         bail!("no pod matches {}", describe(&sel));
@@ -139,6 +147,7 @@ fn describe(sel: &Selection) -> String {
 fn from_agent(
     admin: Option<SocketAddr>,
     netns: Option<&str>,
+    token: Option<Token>,
     sel: &Selection,
     selector: Option<&str>,
 ) -> Result<Vec<EndpointView>> {
@@ -147,7 +156,8 @@ fn from_agent(
         Some(ns) if ns.contains('/') => Client::in_netns(addr, PathBuf::from(ns)),
         Some(ns) => Client::in_netns(addr, PathBuf::from(format!("/var/run/netns/{ns}"))),
         None => Client::new(addr),
-    };
+    }
+    .with_token(token);
     let mut q = form_urlencoded::Serializer::new(String::new());
     if let Some(p) = &sel.pod {
         q.append_pair("pod", p);

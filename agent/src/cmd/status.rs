@@ -2,10 +2,12 @@
 //! printing its typed answers.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use agent::admin::api;
-use agent::admin::client::Client;
+use agent::admin::auth::Token;
+use agent::admin::client::{token_from, Client};
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 
@@ -17,6 +19,10 @@ pub struct StatusArgs {
     /// Network namespace of the agent (name under /var/run/netns, or a path).
     #[arg(long)]
     netns: Option<String>,
+    /// File holding the agent's admin token (its --admin-token-file), sent as
+    /// `Authorization: Bearer`.
+    #[arg(long, value_name = "FILE", env = "WARD_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
 }
@@ -42,17 +48,22 @@ fn enter(netns: Option<&str>) -> Result<()> {
 }
 
 /// Runs `f` with a client of the agent on a runtime of its own.
-fn with_client<T>(admin: SocketAddr, f: impl AsyncFnOnce(Client) -> Result<T>) -> Result<T> {
+fn with_client<T>(
+    admin: SocketAddr,
+    token: Option<Token>,
+    f: impl AsyncFnOnce(Client) -> Result<T>,
+) -> Result<T> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    rt.block_on(f(Client::new(admin)))
+    rt.block_on(f(Client::new(admin).with_token(token)))
 }
 
 pub fn status(a: StatusArgs) -> Result<ExitCode> {
+    let token = token_from(a.admin_token_file.as_deref())?;
     enter(a.netns.as_deref())?;
-    let s = with_client(a.admin, async |c| Ok(c.status().await?))?;
+    let s = with_client(a.admin, token, async |c| Ok(c.status().await?))?;
     if a.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {

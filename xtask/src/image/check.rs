@@ -9,10 +9,12 @@
 //! 3. `ward --version` and `ward agent --help`, run as the image's user;
 //! 4. `ward agent` as the DaemonSet runs it (podman from `deploy/daemonset.yaml`: user,
 //!    capabilities, no_new_privs, seccomp, read-only root, bpffs with its propagation,
-//!    the config volume holding `deploy/configmap.yaml`'s file, the state volume) in the
+//!    the config volume holding `deploy/configmap.yaml`'s file, the state volume, the
+//!    admin token's volume holding a token of the check's own) in the
 //!    host network of a node namespace made here, with two pod namespaces on veths and a
 //!    files source of one policy: the DaemonSet's readiness and liveness probes answer,
-//!    `ward status` in the container reports both pods attached and the policy in force,
+//!    `/v1/status` without the token is refused (401), `ward status --admin-token-file`
+//!    in the container reports both pods attached and the policy in force,
 //!    the HTTP proxy answers through the redirect (an allowed request reaches the pod's
 //!    server, another gets 403), the datapath lets the allowed port through and drops
 //!    another, nothing is logged as a warning or an error, and the agent stops cleanly
@@ -554,10 +556,14 @@ fn wait(
     }
 }
 
-/// `ward status --output json`, run in the agent's container (it exits 1 while the
-/// agent is not healthy, and prints the status all the same).
-fn status(env: &Env, agent: &str) -> Result<Value> {
-    let mut c = env.podman(&["exec", agent, "/usr/bin/ward", "status", "--output", "json"]);
+/// `ward status --output json`, run in the agent's container with the node's admin
+/// token (it exits 1 while the agent is not healthy, and prints the status all the same).
+fn status(env: &Env, agent: &str, node: &Node) -> Result<Value> {
+    let mut args = vec!["exec", agent, "/usr/bin/ward", "status", "--output", "json"];
+    if let Some((_, _, file)) = &node.admin_token {
+        args.extend(["--admin-token-file", file.as_str()]);
+    }
+    let mut c = env.podman(&args);
     let out = c.output().map_err(|e| format!("cannot start {c:?}: {e}"))?;
     serde_json::from_slice(&out.stdout).map_err(|e| {
         format!(
@@ -592,11 +598,14 @@ struct Node {
     client: String,
     config: PathBuf,
     state: PathBuf,
+    /// The admin token's volume (name, host directory), when the config names a token
+    /// file, and that file's path in the container.
+    admin_token: Option<(String, PathBuf, String)>,
 }
 
 /// A node namespace with the client and web pods, the web pod's server, and the config
 /// volume: the ConfigMap's file, and the files source beside it.
-fn node(env: &mut Env) -> Result<Node> {
+fn node(env: &mut Env, spec: &AgentSpec) -> Result<Node> {
     let ns = env.netns("node")?;
     ip(&["-n", &ns, "link", "set", "lo", "up"])?;
     Command::new("ip")
@@ -617,6 +626,24 @@ fn node(env: &mut Env) -> Result<Node> {
     let files =
         container::configmap_files(&read(&root().join("deploy/configmap.yaml"))?, "ward-config")?;
     fs::create_dir_all(config.join("source")).map_err(|e| format!("{}: {e}", config.display()))?;
+    let admin_token = match container::admin_token_file(&files)? {
+        None => None,
+        Some(file) => {
+            let (mount, name) = container::mount_of(spec, &file)
+                .ok_or_else(|| format!("the DaemonSet mounts nothing holding {file}"))?;
+            let dir = env.dir.join(&mount.name);
+            fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            // a token of this check's own: the Secret's content on a node
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            write(
+                &dir.join(name),
+                &format!("check-{}-{nanos}\n", std::process::id()),
+            )?;
+            Some((mount.name.clone(), dir, file))
+        }
+    };
     for (name, text) in files {
         write(&config.join(name), &text)?;
     }
@@ -629,6 +656,7 @@ fn node(env: &mut Env) -> Result<Node> {
         client,
         config,
         state,
+        admin_token,
     })
 }
 
@@ -649,10 +677,17 @@ fn start_agent(
         podman: env.store.clone(),
         image: Some(image.reference.clone()),
         netns: PathBuf::from("/run/netns").join(&node.ns),
-        volumes: vec![
+        volumes: [
             ("config".into(), node.config.clone()),
             ("state".into(), node.state.clone()),
-        ],
+        ]
+        .into_iter()
+        .chain(
+            node.admin_token
+                .iter()
+                .map(|(name, dir, _)| (name.clone(), dir.clone())),
+        )
+        .collect(),
         env: vec![
             ("NODE_NAME".into(), "node1".into()),
             ("POD_NAME".into(), "ward-agent-check".into()),
@@ -678,7 +713,7 @@ fn start_agent(
 
 fn agent(image: &Image, env: &mut Env) -> Result {
     let spec = AgentSpec::from_daemonset(&read(&root().join("deploy/daemonset.yaml"))?)?;
-    let node = node(env)?;
+    let node = node(env, &spec)?;
     let agent = start_agent(env, image, &spec, &node, "agent")?;
     let started = Instant::now();
     let (ready_path, ready_port) = spec
@@ -705,8 +740,19 @@ fn agent(image: &Image, env: &mut Env) -> Result {
     if live != "200" {
         return Err(format!("the liveness probe {live_path}: HTTP {live}"));
     }
+    if node.admin_token.is_some() {
+        let open = http_code(
+            &node.ns,
+            &format!("http://127.0.0.1:{ready_port}/v1/status"),
+        );
+        if open != "401" {
+            return Err(format!(
+                "/v1/status without the admin token: HTTP {open}, not 401"
+            ));
+        }
+    }
 
-    let s = status(env, &agent)?;
+    let s = status(env, &agent, &node)?;
     if s["ready"] != Value::Bool(true)
         || s["endpoints_attached"].as_u64() != Some(2)
         || s["policies"].as_u64() != Some(1)
@@ -747,7 +793,7 @@ fn agent(image: &Image, env: &mut Env) -> Result {
         "the drop in ward status",
         Duration::from_secs(10),
         || {
-            let s = status(env, &agent)?;
+            let s = status(env, &agent, &node)?;
             Ok(s["drops"]
                 .as_object()
                 .is_some_and(|d| d.values().filter_map(Value::as_u64).sum::<u64>() > 0))

@@ -267,6 +267,32 @@ pub fn configmap_files(yaml: &str, name: &str) -> Result<Vec<(String, String)>, 
         .collect()
 }
 
+/// The admin token file the agent's config names (`admin_token_file:` of the file
+/// `config.yaml` in the ConfigMap's files), if any.
+pub fn admin_token_file(files: &[(String, String)]) -> Result<Option<String>, String> {
+    let Some((_, text)) = files.iter().find(|(n, _)| n == "config.yaml") else {
+        return Ok(None);
+    };
+    let doc: Value =
+        serde_yaml::from_str(text).map_err(|e| format!("configmap.yaml: config.yaml: {e}"))?;
+    Ok(doc
+        .get("admin_token_file")
+        .and_then(Value::as_str)
+        .map(str::to_string))
+}
+
+/// The mount of `spec` holding the file `path` directly (a Secret's directory), and the
+/// file's name in it.
+pub fn mount_of<'a>(spec: &'a AgentSpec, path: &str) -> Option<(&'a Mount, String)> {
+    let p = std::path::Path::new(path);
+    let (dir, name) = (p.parent()?, p.file_name()?);
+    let m = spec
+        .mounts
+        .iter()
+        .find(|m| std::path::Path::new(&m.path) == dir)?;
+    Some((m, name.to_string_lossy().into_owned()))
+}
+
 /// One run of the agent container on this machine.
 #[derive(Debug, Clone)]
 pub struct AgentRun {
@@ -479,13 +505,42 @@ mod tests {
         assert!(configmap_files(&yaml, "other").is_err());
     }
 
+    /// The admin listener is bound beyond loopback: the config names a token file, and
+    /// the DaemonSet mounts the Secret ward-admin-token where that file is.
+    #[test]
+    fn the_admin_token_file_is_the_mounted_secret() {
+        let yaml = std::fs::read_to_string(crate::root().join("deploy/configmap.yaml")).unwrap();
+        let file = admin_token_file(&configmap_files(&yaml, "ward-config").unwrap())
+            .unwrap()
+            .expect("admin_token_file in the config");
+        let s = spec();
+        let (m, name) = mount_of(&s, &file).expect("a mount holding the token file");
+        assert_eq!((m.name.as_str(), name.as_str()), ("admin-token", "token"));
+        assert!(m.read_only && m.host_path.is_none());
+        let ds: Value = serde_yaml::from_str(
+            &std::fs::read_to_string(crate::root().join("deploy/daemonset.yaml")).unwrap(),
+        )
+        .unwrap();
+        let volume = field(&ds, &["spec", "template", "spec", "volumes"])
+            .and_then(Value::as_sequence)
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "admin-token")
+            .unwrap();
+        assert_eq!(volume["secret"]["secretName"], "ward-admin-token");
+        assert_eq!(volume["secret"]["optional"], false);
+    }
+
     fn run() -> AgentRun {
         AgentRun {
             name: "w".into(),
             podman: vec!["--root".into(), "/tmp/store".into()],
             image: Some("img".into()),
             netns: "/run/netns/n".into(),
-            volumes: vec![("config".into(), "/tmp/cfg".into())],
+            volumes: vec![
+                ("config".into(), "/tmp/cfg".into()),
+                ("admin-token".into(), "/tmp/tok".into()),
+            ],
             env: ["NODE_NAME", "POD_NAME", "POD_NAMESPACE"]
                 .map(|n| (n.to_string(), "v".to_string()))
                 .to_vec(),
@@ -514,6 +569,7 @@ mod tests {
         assert!(has(&["--cap-add", "CAP_BPF"]));
         assert!(has(&["--memory", "512m"]));
         assert!(has(&["--volume", "/tmp/cfg:/etc/ward:ro"]));
+        assert!(has(&["--volume", "/tmp/tok:/etc/ward-admin:ro"]));
         assert!(has(&["--volume", "/sys/fs/bpf:/sys/fs/bpf:rw,rslave"]));
         assert!(has(&["--env", "NODE_NAME=v"]));
         let tail = &args[args.len() - s.args.len() - 3..];

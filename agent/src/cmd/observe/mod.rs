@@ -12,7 +12,8 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use agent::admin::api::Event;
-use agent::admin::client::Client;
+use agent::admin::auth::Token;
+use agent::admin::client::{token_from, Client};
 use anyhow::{bail, Context, Result};
 use regex::Regex;
 use tokio::sync::mpsc;
@@ -35,6 +36,10 @@ pub struct ObserveArgs {
     /// --admin addresses in order).
     #[arg(long, value_name = "NETNS")]
     netns: Vec<String>,
+    /// File holding the agents' admin token (their --admin-token-file), sent as
+    /// `Authorization: Bearer`.
+    #[arg(long, value_name = "FILE", env = "WARD_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     /// Flows from or to this pod (NAMESPACE/POD or POD; the pod name is a prefix).
     #[arg(long, value_name = "NS/POD")]
     pod: Vec<String>,
@@ -244,19 +249,25 @@ enum Msg {
 pub fn run(a: ObserveArgs) -> Result<ExitCode> {
     let filter = a.filter(SystemTime::now())?;
     let targets = targets(&a.admin, &a.netns)?;
+    let token = token_from(a.admin_token_file.as_deref())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    rt.block_on(observe(&a, &filter, targets))?;
+    rt.block_on(observe(&a, &filter, targets, token))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn observe(a: &ObserveArgs, filter: &Filter, targets: Vec<Target>) -> Result<()> {
+async fn observe(
+    a: &ObserveArgs,
+    filter: &Filter,
+    targets: Vec<Target>,
+    token: Option<Token>,
+) -> Result<()> {
     let (tx, mut rx) = mpsc::channel::<Msg>(1024);
     let agents = targets.len();
     for t in targets {
-        tokio::spawn(read(t, a.follow, tx.clone()));
+        tokio::spawn(read(t, token.clone(), a.follow, tx.clone()));
     }
     drop(tx);
     let mut held = Vec::new();
@@ -294,9 +305,9 @@ async fn observe(a: &ObserveArgs, filter: &Filter, targets: Vec<Target>) -> Resu
 }
 
 /// Reads one agent: its node name, what it holds, then (following) what comes.
-async fn read(t: Target, follow: bool, tx: mpsc::Sender<Msg>) {
+async fn read(t: Target, token: Option<Token>, follow: bool, tx: mpsc::Sender<Msg>) {
     let label = t.label();
-    let c = t.client();
+    let c = t.client().with_token(token);
     let fail = |e: anyhow::Error| Msg::Failed(e.context(format!("agent {label}")));
     let node = match c.status().await {
         Ok(s) => s.node,
