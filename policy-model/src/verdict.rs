@@ -537,25 +537,64 @@ impl Model {
         self.query_session(q, Some(tls))
     }
 
+    /// The verdict of one side of a flow: the source's egress or the destination's
+    /// ingress (None: that side is no endpoint, an outside address). A node-scoped model
+    /// answers for the sides of its own node's endpoints, as a node's datapath decides
+    /// them: the agent explains its drops this way.
+    pub fn query_side(&self, q: &Query, dir: Direction) -> Result<Option<SideVerdict>, QueryError> {
+        let dst = self.resolve(&q.to, None)?;
+        let src = self.resolve(&q.from, Some(dst.ip))?;
+        match dir {
+            Direction::Egress => self.egress_side(&src, &dst, q, None),
+            Direction::Ingress => self.ingress_side(&src, &dst, q, None),
+        }
+    }
+
+    fn egress_side(
+        &self,
+        src: &Resolved,
+        dst: &Resolved,
+        q: &Query,
+        tls: Option<&TlsProbe>,
+    ) -> Result<Option<SideVerdict>, QueryError> {
+        let Some(slot) = src.endpoint else {
+            return Ok(None);
+        };
+        // a node-scoped model has no egress policy of another node's endpoint
+        let ep = self
+            .endpoint_at(slot)
+            .ok_or_else(|| QueryError::OutOfScope(src.label.clone()))?;
+        let peer = self.identity_of(dst.ip, src.node.as_deref());
+        Ok(Some(self.side(ep, Direction::Egress, peer, q, tls, dst)))
+    }
+
+    fn ingress_side(
+        &self,
+        src: &Resolved,
+        dst: &Resolved,
+        q: &Query,
+        tls: Option<&TlsProbe>,
+    ) -> Result<Option<SideVerdict>, QueryError> {
+        let Some(key) = dst.endpoint.and_then(|s| self.endpoint_key(s)) else {
+            return Ok(None);
+        };
+        let ep = self
+            .ingress_policy(key)
+            .map_err(|_| QueryError::OutOfScope(dst.label.clone()))?;
+        let peer = self.identity_of(src.ip, dst.node.as_deref());
+        Ok(Some(self.side(&ep, Direction::Ingress, peer, q, tls, dst)))
+    }
+
     fn query_session(&self, q: &Query, tls: Option<&TlsProbe>) -> Result<Verdict, QueryError> {
         let dst = self.resolve(&q.to, None)?;
         let src = self.resolve(&q.from, Some(dst.ip))?;
-        let mut sides = Vec::new();
-        if let Some(slot) = src.endpoint {
-            // a node-scoped model has no egress policy of another node's endpoint
-            let ep = self
-                .endpoint_at(slot)
-                .ok_or_else(|| QueryError::OutOfScope(src.label.clone()))?;
-            let peer = self.identity_of(dst.ip, src.node.as_deref());
-            sides.push(self.side(ep, Direction::Egress, peer, q, tls, &dst));
-        }
-        if let Some(key) = dst.endpoint.and_then(|s| self.endpoint_key(s)) {
-            let ep = self
-                .ingress_policy(key)
-                .map_err(|_| QueryError::OutOfScope(dst.label.clone()))?;
-            let peer = self.identity_of(src.ip, dst.node.as_deref());
-            sides.push(self.side(&ep, Direction::Ingress, peer, q, tls, &dst));
-        }
+        let sides: Vec<SideVerdict> = [
+            self.egress_side(&src, &dst, q, tls)?,
+            self.ingress_side(&src, &dst, q, tls)?,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         let denied = sides.iter().find(|s| !s.allowed);
         Ok(Verdict {
             allowed: denied.is_none(),

@@ -138,15 +138,14 @@ pub fn explain_drop(model: &Model, d: &mut DropRecord) {
         http: None,
         dns: None,
     };
-    let Ok(verdict) = model.query(&query) else {
-        return;
-    };
     let dir = if d.direction == "ingress" {
         Direction::Ingress
     } else {
         Direction::Egress
     };
-    let Some(side) = verdict.sides.into_iter().find(|s| s.direction == dir) else {
+    // the dropped side only: the other one may be another node's endpoint, whose
+    // policy a node-scoped model does not hold
+    let Ok(Some(side)) = model.query_side(&query, dir) else {
         return;
     };
     d.explanation = Some(if side.allowed {
@@ -180,9 +179,10 @@ mod tests {
 
     use super::*;
 
-    const CLUSTER: &str = "namespaces: [{name: app}]\npods:\n\
-        - {namespace: app, name: client, ip: 10.80.1.2, labels: {app: client}}\n\
-        - {namespace: app, name: server, ip: 10.80.2.2, labels: {app: server}}\n";
+    const CLUSTER: &str = "namespaces: [{name: app}]\n\
+        nodes: [{name: n1, ip: 172.18.0.2}, {name: n2, ip: 172.18.0.3}]\npods:\n\
+        - {namespace: app, name: client, ip: 10.80.1.2, node: n1, labels: {app: client}}\n\
+        - {namespace: app, name: server, ip: 10.80.2.2, node: n2, labels: {app: server}}\n";
 
     const POLICIES: &str = r#"
 apiVersion: networking.k8s.io/v1
@@ -207,7 +207,26 @@ spec:
         Model::compile(&cluster, policies, Default::default())
     }
 
+    /// The model of node n2's agent: the server's policy only.
+    fn node_model() -> Model {
+        let cluster: policy_model::cluster::Cluster = serde_yaml::from_str(CLUSTER).unwrap();
+        let (policies, errors, _) = policy_model::api::load(POLICIES, None);
+        assert!(errors.is_empty(), "{errors:?}");
+        let cluster = std::sync::Arc::new(cluster);
+        Model::build(
+            cluster.clone(),
+            cluster.dns.clone(),
+            policies.into_iter().map(std::sync::Arc::new).collect(),
+            Default::default(),
+            policy_model::compile::Scope::Node("n2".into()),
+        )
+    }
+
     fn dropped(reason: u32, dport: u16) -> DropRecord {
+        dropped_in(&model(), reason, dport)
+    }
+
+    fn dropped_in(model: &Model, reason: u32, dport: u16) -> DropRecord {
         let e = DropEvent {
             reason,
             saddr: [10, 80, 1, 2],
@@ -219,8 +238,25 @@ spec:
             ..DropEvent::default()
         };
         let mut d = drop_record(&e, |_| None);
-        explain_drop(&model(), &mut d);
+        explain_drop(model, &mut d);
         d
+    }
+
+    /// The agent of the server's node compiles only its own pods: the drop at the
+    /// server's ingress is explained all the same, though the client's egress (another
+    /// node's) is not in its model.
+    #[test]
+    fn a_node_s_agent_explains_the_drops_of_its_own_pods() {
+        use redirect_bpf::common::drop_reason;
+        let m = node_model();
+        let d = dropped_in(&m, drop_reason::POLICY_DEFAULT_DENY, 8080);
+        let why = d.explanation.unwrap();
+        assert!(
+            why.starts_with("ingress of app/server: denied at L4: default deny: selected by NetworkPolicy app/default-deny"),
+            "{why}"
+        );
+        let d = dropped_in(&m, drop_reason::POLICY_DENY, 8081);
+        assert_eq!(d.policy.as_deref(), Some("CiliumNetworkPolicy app/no-8081"));
     }
 
     /// The drop's explanation is `ward policy trace`'s verdict of the dropped side.
