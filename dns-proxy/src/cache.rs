@@ -174,6 +174,15 @@ impl FqdnCache {
             .and_then(|names| names.get_mut(name))
     }
 
+    /// Whether an IP expired by `now_ms` or a zombie waits: whether [`FqdnCache::collect`]
+    /// has anything to do.
+    pub fn has_expired(&self, now_ms: u64) -> bool {
+        self.entries
+            .values()
+            .flat_map(|names| names.values())
+            .any(|e| !e.zombies.is_empty() || e.ips.iter().any(|ip| ip.expires_ms <= now_ms))
+    }
+
     /// Turns expired IPs into zombies and removes the zombies no live connection uses.
     pub fn collect(&mut self, now_ms: u64, in_use: impl Fn(IpAddr) -> bool) -> Vec<Removed> {
         let mut removed = Vec::new();
@@ -390,13 +399,20 @@ mod tests {
     #[test]
     fn expired_in_use_ips_are_kept() {
         let mut c = FqdnCache::new(10);
+        assert!(!c.has_expired(0));
         c.learn("ns/a", "x.", &[ip("192.0.2.1"), ip("192.0.2.2")], 1, 0);
+        assert!(!c.has_expired(999));
+        assert!(c.has_expired(1000));
         assert!(c.collect(999, |_| false).is_empty());
         let removed = c.collect(1000, |i| i == ip("192.0.2.1"));
         assert_eq!(removed.len(), 1);
         assert_eq!(removed[0].ip, ip("192.0.2.2"));
         assert!(c.ips("ns/a", "x.").is_empty());
         assert_eq!(c.held_ips("ns/a", "x."), vec![ip("192.0.2.1")]);
+        assert!(
+            c.has_expired(1000),
+            "a zombie waits for its connection to end"
+        );
         // learned again: live again
         c.learn("ns/a", "x.", &[ip("192.0.2.1")], 1, 2000);
         assert_eq!(
@@ -409,6 +425,7 @@ mod tests {
         );
         assert_eq!(c.collect(5000, |_| false).len(), 1);
         assert!(c.snapshot().is_empty());
+        assert!(!c.has_expired(5000));
     }
 
     #[test]

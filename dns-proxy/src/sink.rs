@@ -1,6 +1,7 @@
 //! The hand-off to the datapath: learned IPs joining (or leaving) the identities of
-//! toFQDNs selectors, and the question "does a live connection use this IP".
+//! toFQDNs selectors, and the question "which IPs do live connections use".
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -40,9 +41,13 @@ pub trait DatapathSink: Send + Sync + 'static {
     fn apply(&self, update: Update) -> BoxFuture<'static, Result<(), SinkError>>;
 }
 
-/// Whether a live connection (datapath conntrack) uses an IP.
+/// The addresses live connections use (datapath conntrack), read once per expiry sweep
+/// on a blocking thread, with no lock of the proxy held: the query path never waits on
+/// it, and a sweep costs one pass over the connections whatever number of IPs expire.
 pub trait InUse: Send + Sync + 'static {
-    fn in_use(&self, ip: IpAddr) -> bool;
+    /// Every address on either side of a live connection; an error skips the sweep
+    /// (an expired IP stays until a later sweep can tell).
+    fn live_ips(&self) -> Result<HashSet<IpAddr>, String>;
 }
 
 /// A sink that confirms at once (standalone mode, where no datapath exists).
@@ -60,7 +65,7 @@ impl DatapathSink for NullSink {
 pub struct NeverInUse;
 
 impl InUse for NeverInUse {
-    fn in_use(&self, _ip: IpAddr) -> bool {
-        false
+    fn live_ips(&self) -> Result<HashSet<IpAddr>, String> {
+        Ok(HashSet::new())
     }
 }

@@ -824,6 +824,52 @@ async fn expired_ips_leave_unless_in_use() {
     );
 }
 
+/// An expiry sweep reads the live connections with no lock held: while that read takes
+/// long (a large conntrack map), queries are answered and their IPs learned; the sweep
+/// then removes what no connection uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_are_answered_while_a_sweep_reads_the_connections() {
+    let mut z = Zone::default();
+    z.a("exp.app.test", 1, &["192.0.2.100"]);
+    z.a("other.app.test", 300, &["192.0.2.110"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    query(h.addr, "exp.app.test", RecordType::A, false).await;
+    let (release, gate) = std::sync::mpsc::channel();
+    *h.in_use.gate.lock().unwrap() = Some(gate);
+    // the TTL of 1 s runs out
+    let end = Instant::now() + Duration::from_secs(5);
+    let sweep = loop {
+        let p = h.proxy.clone();
+        let sweep = tokio::spawn(async move { p.collect().await });
+        let asked = Instant::now() + Duration::from_millis(300);
+        while !h.in_use.asked.load(Ordering::Relaxed) && Instant::now() < asked {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if h.in_use.asked.load(Ordering::Relaxed) {
+            break sweep;
+        }
+        assert_eq!(sweep.await.unwrap(), 0, "nothing expired, nothing read");
+        assert!(Instant::now() < end, "the IP never expired");
+    };
+    // the sweep waits in its read of the connections: a query goes through meanwhile
+    let answer = tokio::time::timeout(
+        Duration::from_secs(2),
+        query(h.addr, "other.app.test", RecordType::A, false),
+    )
+    .await
+    .expect("answered while the sweep reads the connections");
+    assert_eq!(answer.answers().len(), 1);
+    assert_eq!(
+        h.proxy.cached_ips(ENDPOINT, "other.app.test"),
+        vec![ip("192.0.2.110")]
+    );
+    assert!(!sweep.is_finished());
+    release.send(()).unwrap();
+    assert_eq!(sweep.await.unwrap(), 1, "the expired IP left");
+    assert!(h.proxy.held_ips(ENDPOINT, "exp.app.test").is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_restores_the_cache() {
     let dir = tempfile::tempdir().unwrap();

@@ -8,6 +8,8 @@
 //!   policy map entries. Policy semantics stay in policy-model: the datapath executes.
 //! - [`events`] reads the drop events of the `EVENTS` ring buffer, synchronously or on
 //!   tokio.
+//! - [`pinned`] finds maps an earlier agent pinned with another definition (a map grown
+//!   in a new release), so that the loader replaces them and carries their entries over.
 //! - [`routing`] installs the ip rule and local route that deliver redirected packets
 //!   to the proxies.
 //! - [`netlink`] is the node's network namespace through rtnetlink: route lookups
@@ -17,6 +19,7 @@ pub mod compile;
 pub mod events;
 pub mod loader;
 pub mod netlink;
+pub mod pinned;
 pub mod routing;
 
 use std::io;
@@ -24,7 +27,8 @@ use std::path::{Path, PathBuf};
 
 pub use compile::{endpoint_entries, EndpointEntries, PolicyEntry, ProxyPorts};
 pub use events::{AsyncDropEvents, DropEvents};
-pub use loader::{ConntrackFlow, Datapath, DEFAULT_ROOT};
+pub use loader::{ConntrackFlow, ConntrackView, Datapath, MapSizes, DEFAULT_ROOT};
+pub use pinned::ReplacedMap;
 pub use redirect_bpf_common as common;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +37,10 @@ pub enum Error {
     ObjectMissing,
     #[error("loading the eBPF object: {0}")]
     Load(Box<aya::EbpfError>),
+    #[error("reading the eBPF object's maps: {0}")]
+    Object(String),
+    #[error("pinned map {path}: {reason}")]
+    Pin { path: PathBuf, reason: String },
     #[error("the eBPF object has no program {0}")]
     NoSuchProgram(&'static str),
     #[error("the eBPF object has no map {0}")]

@@ -11,6 +11,7 @@ use std::time::Duration;
 use aya::maps::lpm_trie::Key;
 use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
@@ -21,6 +22,7 @@ use redirect_bpf_common::{
 
 use crate::compile::PolicyEntry;
 use crate::events::DropEvents;
+use crate::pinned::{self, ReplacedMap};
 use crate::Error;
 
 /// The default bpffs root of Ward's pins.
@@ -32,6 +34,29 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wa
 /// Whether this build carries the eBPF object.
 pub fn object_embedded() -> bool {
     !OBJECT.is_empty()
+}
+
+/// The embedded eBPF object.
+#[cfg(test)]
+pub(crate) fn object() -> &'static [u8] {
+    OBJECT
+}
+
+/// The sizes of the maps that grow with the cluster and the node. A size that differs
+/// from the pinned map's replaces that map at load, its entries carried over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// Policy map entries: (endpoint, peer identity, direction, protocol, port block)
+    /// over all local endpoints. An LPM trie allocated as it fills.
+    pub policy: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> MapSizes {
+        MapSizes {
+            policy: redirect_bpf_common::POLICY_MAX,
+        }
+    }
 }
 
 /// The loaded datapath: programs ready to attach, maps pinned under `root`.
@@ -49,6 +74,8 @@ pub struct Datapath {
     /// None once [`Datapath::take_drop_events`] handed it out.
     events: Option<DropEvents>,
     event_rate: PerCpuArray<MapData, EventRate>,
+    /// Pinned maps of another definition this load replaced.
+    replaced: Vec<ReplacedMap>,
 }
 
 /// The hooks of a pod's host-side veth.
@@ -75,15 +102,30 @@ impl Datapath {
     /// /sys/fs/bpf, when missing). Maps already pinned there are reused, so their
     /// content survives a restart of the agent.
     pub fn load(root: &Path) -> Result<Datapath, Error> {
+        Datapath::load_sized(root, MapSizes::default())
+    }
+
+    /// [`Datapath::load`] with map sizes of the caller's. A pinned map whose definition
+    /// differs from the object's with these sizes (an earlier release's, or other sizes)
+    /// is replaced, its entries carried over when key and value are unchanged
+    /// ([`Datapath::replaced_maps`]); the programs still attached keep reading the old map
+    /// until [`Datapath::attach`] moves their links to the new programs.
+    pub fn load_sized(root: &Path, sizes: MapSizes) -> Result<Datapath, Error> {
         if !object_embedded() {
             return Err(Error::ObjectMissing);
         }
         ensure_bpffs(root)?;
         fs::create_dir_all(root.join("links")).map_err(|e| Error::io(root, e))?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(root)
-            .load(OBJECT)
-            .map_err(|e| Error::Load(Box::new(e)))?;
+        let overrides: std::collections::HashMap<&str, u32> =
+            [(map_names::POLICY, sizes.policy)].into();
+        let defs = pinned::object_defs(OBJECT, &overrides)?;
+        let unpinned = pinned::unpin_mismatched(root, &defs)?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(root);
+        for (name, size) in &overrides {
+            loader.map_max_entries(name, *size);
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
         for name in PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -104,7 +146,7 @@ impl Datapath {
         let events =
             DropEvents::new(RingBuf::try_from(take(map_names::EVENTS)?).map_err(Error::map)?);
         let event_rate = take(map_names::EVENT_RATE)?;
-        Ok(Datapath {
+        let mut dp = Datapath {
             root: root.to_path_buf(),
             ipcache_v4: LpmTrie::try_from(ipcache_v4).map_err(Error::map)?,
             ipcache_v6: LpmTrie::try_from(ipcache_v6).map_err(Error::map)?,
@@ -117,7 +159,43 @@ impl Datapath {
             events: Some(events),
             event_rate: PerCpuArray::try_from(event_rate).map_err(Error::map)?,
             ebpf,
-        })
+            replaced: Vec::new(),
+        };
+        for old in unpinned {
+            dp.carry_over(old)?;
+        }
+        Ok(dp)
+    }
+
+    /// Pinned maps of another definition that this load replaced, and what was carried.
+    pub fn replaced_maps(&self) -> &[ReplacedMap] {
+        &self.replaced
+    }
+
+    /// Copies the entries of a replaced map into its successor when key and value are
+    /// unchanged: the state the programs enforce (endpoints, identities, policy) and the
+    /// flows they track. Counters and the ring buffer start anew.
+    fn carry_over(&mut self, old: pinned::Unpinned) -> Result<(), Error> {
+        let pinned::Unpinned { mut replaced, map } = old;
+        let (p, l) = (replaced.pinned, replaced.loaded);
+        let same_shape =
+            p.map_type == l.map_type && p.key_size == l.key_size && p.value_size == l.value_size;
+        replaced.carried = if !same_shape {
+            None
+        } else {
+            match replaced.name.as_str() {
+                map_names::IPCACHE_V4 => Some(copy_lpm(map, &mut self.ipcache_v4)?),
+                map_names::IPCACHE_V6 => Some(copy_lpm(map, &mut self.ipcache_v6)?),
+                map_names::POLICY => Some(copy_lpm(map, &mut self.policy)?),
+                map_names::ENDPOINTS_V4 => Some(copy_hash(map, &mut self.endpoints_v4)?),
+                map_names::ENDPOINTS_V6 => Some(copy_hash(map, &mut self.endpoints_v6)?),
+                map_names::CONNTRACK_V4 => Some(copy_hash(map, &mut self.conntrack_v4)?),
+                map_names::CONNTRACK_V6 => Some(copy_hash(map, &mut self.conntrack_v6)?),
+                _ => None,
+            }
+        };
+        self.replaced.push(replaced);
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -161,15 +239,16 @@ impl Datapath {
         self.remove_stale_links(iface, ifindex)?;
         for &(name, attach_type, hook) in hooks {
             let pin = self.link_pin(iface, ifindex, hook);
-            if pin.exists() {
-                continue;
-            }
             let prog: &mut SchedClassifier = self
                 .ebpf
                 .program_mut(name)
                 .ok_or(Error::NoSuchProgram(name))?
                 .try_into()
                 .map_err(|e| Error::program(name, e))?;
+            if pin.exists() {
+                move_link(prog, name, &pin)?;
+                continue;
+            }
             let id = prog
                 .attach(iface, attach_type)
                 .map_err(|e| Error::program(name, e))?;
@@ -477,6 +556,24 @@ impl Datapath {
     }
 
     /// Whether `ip` is an endpoint of a live conntrack entry (either side).
+    /// The conntrack maps opened once more, to be read apart from this datapath: on
+    /// another thread, without the lock its owner keeps around it.
+    pub fn conntrack_view(&self) -> Result<ConntrackView, Error> {
+        let open = |name: &str| {
+            let path = self.root.join(name);
+            MapData::from_pin(&path).map_err(|e| Error::Pin {
+                path,
+                reason: e.to_string(),
+            })
+        };
+        Ok(ConntrackView {
+            v4: HashMap::try_from(aya::maps::Map::LruHashMap(open(map_names::CONNTRACK_V4)?))
+                .map_err(Error::map)?,
+            v6: HashMap::try_from(aya::maps::Map::LruHashMap(open(map_names::CONNTRACK_V6)?))
+                .map_err(Error::map)?,
+        })
+    }
+
     pub fn in_live_connection(&self, ip: IpAddr) -> bool {
         match ip {
             IpAddr::V4(ip) => {
@@ -494,6 +591,32 @@ impl Datapath {
                     .any(|k| k.saddr == o || k.daddr == o)
             }
         }
+    }
+}
+
+/// The conntrack maps, read without the [`Datapath`] ([`Datapath::conntrack_view`]).
+pub struct ConntrackView {
+    v4: HashMap<MapData, CtKeyV4, CtValue>,
+    v6: HashMap<MapData, CtKeyV6, CtValue>,
+}
+
+impl ConntrackView {
+    /// Every address on either side of a tracked flow: one pass over the maps (the
+    /// datapath may add and remove flows meanwhile; a flow added during the pass may be
+    /// missed, as it would be by a pass a moment earlier).
+    pub fn live_ips(&self) -> Result<std::collections::HashSet<IpAddr>, Error> {
+        let mut out = std::collections::HashSet::new();
+        for k in self.v4.keys() {
+            let k = k.map_err(Error::map)?;
+            out.insert(IpAddr::from(k.saddr));
+            out.insert(IpAddr::from(k.daddr));
+        }
+        for k in self.v6.keys() {
+            let k = k.map_err(Error::map)?;
+            out.insert(IpAddr::from(k.saddr));
+            out.insert(IpAddr::from(k.daddr));
+        }
+        Ok(out)
     }
 }
 
@@ -541,6 +664,62 @@ fn entry_key(e: &PolicyEntry) -> (u32, u32, u8, u8, u16, u8) {
         e.port,
         e.port_prefix_len,
     )
+}
+
+/// Moves the link pinned at `pin` to `prog` when it runs another program (an earlier
+/// agent's, which reads that agent's maps): one atomic swap, no packet unhooked.
+fn move_link(prog: &mut SchedClassifier, name: &'static str, pin: &Path) -> Result<(), Error> {
+    let link: FdLink = PinnedLink::from_pin(pin)
+        .map_err(|e| Error::Link(format!("open {}: {e}", pin.display())))?
+        .into();
+    let running = link
+        .info()
+        .map_err(|e| Error::Link(format!("{}: {e}", pin.display())))?
+        .program_id();
+    let ours = prog.info().map_err(|e| Error::program(name, e))?.id();
+    if running == ours {
+        return Ok(());
+    }
+    let link = SchedClassifierLink::try_from(link)
+        .map_err(|e| Error::Link(format!("{}: {e}", pin.display())))?;
+    let id = prog
+        .attach_to_link(link)
+        .map_err(|e| Error::program(name, e))?;
+    // the pin keeps the link; the program's own handle on it can go
+    drop(prog.take_link(id).map_err(|e| Error::program(name, e))?);
+    Ok(())
+}
+
+/// Copies every entry of the LPM trie `old` into `new`; returns how many.
+fn copy_lpm<K: aya::Pod, V: aya::Pod>(
+    old: MapData,
+    new: &mut LpmTrie<MapData, K, V>,
+) -> Result<usize, Error> {
+    let old: LpmTrie<MapData, K, V> =
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(old)).map_err(Error::map)?;
+    let mut n = 0;
+    for item in old.iter() {
+        let (k, v) = item.map_err(Error::map)?;
+        new.insert(&k, v, 0).map_err(Error::map)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Copies every entry of the hash map `old` (plain or LRU) into `new`; returns how many.
+fn copy_hash<K: aya::Pod, V: aya::Pod>(
+    old: MapData,
+    new: &mut HashMap<MapData, K, V>,
+) -> Result<usize, Error> {
+    let old: HashMap<MapData, K, V> =
+        HashMap::try_from(aya::maps::Map::HashMap(old)).map_err(Error::map)?;
+    let mut n = 0;
+    for item in old.iter() {
+        let (k, v) = item.map_err(Error::map)?;
+        new.insert(k, v, 0).map_err(Error::map)?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 fn unpin(path: &Path) -> Result<(), Error> {

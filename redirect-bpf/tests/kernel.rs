@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
 use redirect_bpf::common::{action, drop_reason, endpoint_flags, EndpointInfo, DIR_EGRESS};
 use redirect_bpf::common::{
-    DIR_INGRESS, IDENTITY_ANY, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    map_names, DIR_INGRESS, IDENTITY_ANY, POLICY_MAX, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
 };
-use redirect_bpf::{Datapath, PolicyEntry};
+use redirect_bpf::{Datapath, MapSizes, PolicyEntry};
 use testkit::{link_pod, run_in as in_ns, Netns, Poll, Subnet};
 
 const ALLOWED: Duration = Duration::from_secs(5);
@@ -413,6 +413,14 @@ fn replies_pass_and_reverse_flow_is_denied() {
     // The established connection still works after the denied attempt.
     round_trip(&mut s, b"still up");
     assert!(dp.in_live_connection(IpAddr::V4(b.ip)));
+    // The view of the conntrack maps the DNS proxy's expiry reads apart from the
+    // datapath sees the same flows.
+    let view = dp.conntrack_view().expect("conntrack view");
+    let live = view.live_ips().expect("live IPs");
+    assert!(
+        live.contains(&IpAddr::V4(a.ip)) && live.contains(&IpAddr::V4(b.ip)),
+        "{live:?}"
+    );
     // Idle expiry keeps a live flow; once closed (FIN seen both ways), it goes.
     let long = Duration::from_secs(3600);
     dp.expire_conntrack(long, long).expect("expire");
@@ -425,6 +433,13 @@ fn replies_pass_and_reverse_flow_is_denied() {
         dp.expire_conntrack(long, Duration::ZERO).expect("expire");
         !dp.in_live_connection(IpAddr::V4(b.ip))
     });
+    assert!(
+        !view
+            .live_ips()
+            .expect("live IPs")
+            .contains(&IpAddr::V4(b.ip)),
+        "the view follows the maps"
+    );
 }
 
 /// A transparent listener on 0.0.0.0:`port` in `ns` (IP_TRANSPARENT, as the proxy).
@@ -602,6 +617,103 @@ fn enforcement_survives_a_loader_restart() {
     dp.update_policy(&old, &new).expect("update");
     connect(&a.ns, b.ip, 81, ALLOWED).expect("a -> b:81 is allowed now");
     assert_denied(&a.ns, b.ip, 80);
+}
+
+/// A release that sizes a map otherwise (here: the policy map) finds the earlier
+/// agent's pinned map: it replaces it with one of its own size, carries every entry over
+/// (the policy in force, the endpoints, the tracked flows), and moves the pinned links to
+/// its programs, which read the new maps: a policy written after the restart takes
+/// effect, the established connection goes on, and what was denied stays denied. A
+/// restart with the same sizes replaces nothing.
+#[test]
+fn a_map_of_another_size_is_replaced_with_its_entries_and_the_links_follow() {
+    let lab = Lab::new("resize", 2);
+    let small = MapSizes { policy: 1024 };
+    let mut dp = in_ns(&lab.node, || {
+        let mut dp = Datapath::load_sized(&lab.root, small).expect("load");
+        for p in &lab.pods {
+            dp.attach(&p.veth).expect("attach");
+        }
+        dp
+    });
+    for p in &lab.pods {
+        dp.set_ipcache(ipnet::IpNet::from(IpAddr::V4(p.ip)), p.identity)
+            .expect("ipcache");
+    }
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    lab.set_endpoint(&mut dp, 1, endpoint_flags::DEFAULT_DENY_INGRESS);
+    let to_80 = entry(
+        b.endpoint_id,
+        DIR_INGRESS,
+        a.identity,
+        Some(80),
+        action::ALLOW,
+        0,
+    );
+    dp.insert_policy(&[to_80]).expect("policy");
+    echo_server(&b.ns, b.ip, 80);
+    echo_server(&b.ns, b.ip, 81);
+    let mut s = connect(&a.ns, b.ip, 80, ALLOWED).expect("a -> b:80 is allowed");
+    round_trip(&mut s, b"before");
+    assert_denied(&a.ns, b.ip, 81);
+    let policy_pin = lab.root.join(map_names::POLICY);
+    let pinned_size = |p: &std::path::Path| {
+        aya::maps::MapInfo::from_pin(p)
+            .expect("pinned policy map")
+            .max_entries()
+    };
+    assert_eq!(pinned_size(&policy_pin), 1024);
+    drop(dp);
+
+    let mut dp = in_ns(&lab.node, || {
+        let mut dp = Datapath::load(&lab.root).expect("load with the default sizes");
+        for p in &lab.pods {
+            dp.attach(&p.veth).expect("attach moves the links");
+        }
+        dp
+    });
+    let replaced = dp.replaced_maps();
+    assert_eq!(
+        replaced.len(),
+        1,
+        "only the policy map differs: {replaced:?}"
+    );
+    assert_eq!(replaced[0].name, map_names::POLICY);
+    assert_eq!(
+        (
+            replaced[0].pinned.max_entries,
+            replaced[0].loaded.max_entries
+        ),
+        (1024, POLICY_MAX)
+    );
+    assert_eq!(replaced[0].carried, Some(1), "{replaced:?}");
+    assert_eq!(pinned_size(&policy_pin), POLICY_MAX);
+    assert_eq!(dp.policy_entries().expect("entries"), vec![to_80]);
+
+    round_trip(&mut s, b"the tracked flow goes on");
+    assert_denied(&a.ns, b.ip, 81);
+    // Written only into the new map: enforced only if the programs read it.
+    let to_81 = entry(
+        b.endpoint_id,
+        DIR_INGRESS,
+        a.identity,
+        Some(81),
+        action::ALLOW,
+        0,
+    );
+    dp.insert_policy(&[to_81]).expect("policy");
+    let mut s81 = connect(&a.ns, b.ip, 81, ALLOWED).expect("a -> b:81 after the restart");
+    round_trip(&mut s81, b"new map");
+    dp.remove_policy(&[to_80]).expect("remove");
+    assert_denied(&a.ns, b.ip, 80);
+    drop(dp);
+
+    let dp = in_ns(&lab.node, || Datapath::load(&lab.root).expect("load again"));
+    assert!(
+        dp.replaced_maps().is_empty(),
+        "same sizes: nothing replaced: {:?}",
+        dp.replaced_maps()
+    );
 }
 
 /// Connects from the node namespace with `SO_MARK` = `mark` (0: none).

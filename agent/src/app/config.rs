@@ -44,6 +44,12 @@ pub struct Args {
     /// bpffs directory of the pinned maps and links [default: /sys/fs/bpf/ward].
     #[arg(long)]
     bpf_root: Option<PathBuf>,
+    /// Capacity of the policy map: entries (local endpoint, peer identity, direction,
+    /// protocol, port block) over all local endpoints, allocated as they are written
+    /// (Cilium's bpf-policy-map-max is per endpoint). A new size replaces the pinned
+    /// map at start with its entries [default: 1048576; 1024 to 16777216].
+    #[arg(long)]
+    policy_map_max: Option<u32>,
     /// State directory: DNS cache (`dns/`), learned FQDN observations, identity numbers
     /// [default: /var/lib/ward].
     #[arg(long)]
@@ -110,6 +116,7 @@ struct File {
     source_dir: Option<PathBuf>,
     source_poll_ms: Option<u64>,
     endpoint_recheck_ms: Option<u64>,
+    policy_map_max: Option<u32>,
     bpf_root: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     admin: Option<SocketAddr>,
@@ -144,9 +151,16 @@ pub enum Error {
     },
     #[error("{0} is required")]
     Missing(&'static str),
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
     #[error(transparent)]
     AdminToken(#[from] crate::admin::auth::TokenError),
 }
+
+/// The smallest policy map the agent accepts: one endpoint's worth of a few policies.
+const POLICY_MAP_MIN: u32 = 1024;
+/// The largest: 16 Mi entries, some GiB of kernel memory when full.
+const POLICY_MAP_LIMIT: u32 = 1 << 24;
 
 fn read_file(path: &Path) -> Result<File, Error> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
@@ -193,10 +207,23 @@ pub fn settings(a: Args) -> Result<Settings, Error> {
         Some(path) => Some(crate::admin::auth::Token::read(&path)?),
         None => None,
     };
+    let policy_map_max = a
+        .policy_map_max
+        .or(f.policy_map_max)
+        .unwrap_or(redirect_bpf::common::POLICY_MAX);
+    if !(POLICY_MAP_MIN..=POLICY_MAP_LIMIT).contains(&policy_map_max) {
+        return Err(Error::Invalid {
+            field: "policy_map_max",
+            reason: format!(
+                "{policy_map_max} is out of range ({POLICY_MAP_MIN} to {POLICY_MAP_LIMIT})"
+            ),
+        });
+    }
     Ok(Settings {
         node,
         source,
         source_dir,
+        policy_map_max,
         rescan: a
             .source_poll_ms
             .or(f.source_poll_ms)
@@ -403,6 +430,34 @@ mod tests {
             SecretSource::Dir("/etc/ward/certs".into()),
             "a certificates directory is read instead of the API"
         );
+    }
+
+    /// The policy map's capacity: the default, the file's, the flag's; out of range is an
+    /// error that names the setting.
+    #[test]
+    fn the_policy_map_size_is_a_setting_with_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("agent.yaml");
+        std::fs::write(&cfg, "node: n1\nsource_dir: /src\n").unwrap();
+        let args = |flag: Option<u32>| Args {
+            config: Some(cfg.clone()),
+            policy_map_max: flag,
+            ..Args::default()
+        };
+        assert_eq!(
+            settings(args(None)).unwrap().policy_map_max,
+            redirect_bpf::common::POLICY_MAX
+        );
+        std::fs::write(&cfg, "node: n1\nsource_dir: /src\npolicy_map_max: 4096\n").unwrap();
+        assert_eq!(settings(args(None)).unwrap().policy_map_max, 4096);
+        assert_eq!(settings(args(Some(8192))).unwrap().policy_map_max, 8192);
+        for bad in [0, 1023, (1 << 24) + 1] {
+            let e = settings(args(Some(bad))).unwrap_err().to_string();
+            assert!(
+                e.starts_with("policy_map_max: ") && e.contains("out of range"),
+                "{e}"
+            );
+        }
     }
 
     /// `admin_token_file` in the file or the flag: the token read at start; an empty or

@@ -38,6 +38,8 @@ pub struct Settings {
     /// How often endpoints are looked for when no route or link change woke discovery.
     pub endpoint_recheck: Duration,
     pub bpf_root: PathBuf,
+    /// Capacity of the policy map (`--policy-map-max`).
+    pub policy_map_max: u32,
     pub state_dir: PathBuf,
     pub admin: SocketAddr,
     /// The token `/v1/*` and `/ui/*` of the admin endpoint need; None: open.
@@ -178,10 +180,23 @@ pub async fn run(
     secrets: crate::secrets::Feed,
 ) -> Result<()> {
     // The datapath: loaded on the pinned maps, which keep enforcing while no agent runs.
-    let mut dp = Datapath::load(&s.bpf_root).map_err(dp_error(format!(
+    let sizes = redirect_bpf::MapSizes {
+        policy: s.policy_map_max,
+    };
+    let mut dp = Datapath::load_sized(&s.bpf_root, sizes).map_err(dp_error(format!(
         "loading the datapath at {}",
         s.bpf_root.display()
     )))?;
+    for r in dp.replaced_maps() {
+        tracing::info!(
+            map = %r.name,
+            pinned = %r.pinned,
+            now = %r.loaded,
+            carried = ?r.carried,
+            "a pinned map of another definition (an earlier release's) was replaced; \
+             the attached programs move to the new one as the pods are attached"
+        );
+    }
     let drop_events = dp
         .take_drop_events()
         .ok_or(Error::DropEventsTaken)?
@@ -323,7 +338,11 @@ pub async fn run(
             node: Some(s.node.clone()),
         },
         Arc::new(lane),
-        Arc::new(dns::Conntrack(dp.clone())),
+        Arc::new(dns::Conntrack(
+            dp.lock()
+                .conntrack_view()
+                .map_err(dp_error("opening the conntrack maps"))?,
+        )),
         audit_log.clone(),
         dns_metrics.clone(),
     );

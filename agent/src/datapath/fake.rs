@@ -276,10 +276,6 @@ impl Datapath for FakeDatapath {
         Ok(n)
     }
 
-    fn in_live_connection(&self, ip: IpAddr) -> bool {
-        self.conntrack.iter().any(|f| f.src == ip || f.dst == ip)
-    }
-
     fn drops(&self, reason: u32) -> Result<u64, Error> {
         Ok(self.drop_counts.get(&reason).copied().unwrap_or(0))
     }

@@ -60,8 +60,6 @@ pub trait Datapath: Send + 'static {
         &mut self,
         revoke: &mut dyn FnMut(&ConntrackFlow) -> bool,
     ) -> Result<usize, Error>;
-    /// Whether a live conntrack entry has `ip` on either side.
-    fn in_live_connection(&self, ip: IpAddr) -> bool;
 
     /// The kernel's drop counter of a reason.
     fn drops(&self, reason: u32) -> Result<u64, Error>;
@@ -157,10 +155,6 @@ impl Datapath for redirect_bpf::Datapath {
         revoke: &mut dyn FnMut(&ConntrackFlow) -> bool,
     ) -> Result<usize, Error> {
         redirect_bpf::Datapath::revoke_conntrack(self, revoke)
-    }
-
-    fn in_live_connection(&self, ip: IpAddr) -> bool {
-        redirect_bpf::Datapath::in_live_connection(self, ip)
     }
 
     fn drops(&self, reason: u32) -> Result<u64, Error> {

@@ -4,13 +4,12 @@
 //! update is confirmed once the datapath enforces it, so an answer reaches the pod only
 //! after its IPs are in the maps.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 
 use dns_proxy::sink::{BoxFuture, SinkError};
 use dns_proxy::{DatapathSink, InUse, Update};
 use tokio::sync::{mpsc, oneshot};
-
-use crate::datapath::{Datapath, Shared};
 
 /// Hand-offs the lane holds before the DNS proxy waits to queue more.
 pub const CAPACITY: usize = 1024;
@@ -50,11 +49,12 @@ impl DatapathSink for Lane {
     }
 }
 
-/// "Does a live connection use this IP", from the datapath's conntrack.
-pub struct Conntrack<D>(pub Shared<D>);
+/// The IPs live connections use, from the datapath's conntrack maps, read without the
+/// datapath's lock (policy pushes and learned answers do not wait for the pass).
+pub struct Conntrack(pub redirect_bpf::ConntrackView);
 
-impl<D: Datapath> InUse for Conntrack<D> {
-    fn in_use(&self, ip: IpAddr) -> bool {
-        self.0.lock().in_live_connection(ip)
+impl InUse for Conntrack {
+    fn live_ips(&self) -> Result<HashSet<IpAddr>, String> {
+        self.0.live_ips().map_err(|e| e.to_string())
     }
 }

@@ -16,13 +16,29 @@ use super::{now_ms, Proxy};
 
 impl Proxy {
     /// Expires IPs whose TTL ran out and that no live connection uses, and tells the
-    /// datapath. Returns how many IPs left.
+    /// datapath. Returns how many IPs left. The live connections are read once, before
+    /// the cache is locked, and only when something has expired.
     pub async fn collect(&self) -> usize {
         let now = now_ms(SystemTime::now());
+        if !self.cache().has_expired(now) {
+            self.update_gauges();
+            return 0;
+        }
         let in_use = self.inner.in_use.clone();
+        let live = match tokio::task::spawn_blocking(move || in_use.live_ips()).await {
+            Ok(Ok(live)) => live,
+            Ok(Err(e)) => {
+                tracing::warn!("reading the live connections, expiry skipped: {e}");
+                return 0;
+            }
+            Err(e) => {
+                tracing::warn!("reading the live connections, expiry skipped: {e}");
+                return 0;
+            }
+        };
         let removed = {
             let mut cache = self.cache();
-            let removed = cache.collect(now, |ip| in_use.in_use(ip));
+            let removed = cache.collect(now, |ip| live.contains(&ip));
             if !removed.is_empty() {
                 self.moved();
             }

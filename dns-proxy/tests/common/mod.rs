@@ -459,6 +459,9 @@ pub struct TestInUse(Arc<InUseState>);
 pub struct InUseState {
     pub ips: Mutex<HashSet<IpAddr>>,
     pub asked: AtomicBool,
+    /// When set, a read of the live connections waits for a message here (at most 10 s),
+    /// standing for a long walk of a large conntrack map.
+    pub gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
 }
 
 impl std::ops::Deref for TestInUse {
@@ -469,9 +472,12 @@ impl std::ops::Deref for TestInUse {
 }
 
 impl InUse for TestInUse {
-    fn in_use(&self, ip: IpAddr) -> bool {
+    fn live_ips(&self) -> Result<HashSet<IpAddr>, String> {
         self.asked.store(true, Ordering::Relaxed);
-        self.ips.lock().unwrap().contains(&ip)
+        if let Some(gate) = self.gate.lock().unwrap().as_ref() {
+            let _ = gate.recv_timeout(Duration::from_secs(10));
+        }
+        Ok(self.ips.lock().unwrap().clone())
     }
 }
 

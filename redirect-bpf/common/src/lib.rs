@@ -46,7 +46,7 @@ pub mod program_names {
 /// Capacities of the maps.
 pub const IPCACHE_MAX: u32 = 262_144;
 pub const ENDPOINTS_MAX: u32 = 65_536;
-pub const POLICY_MAX: u32 = 262_144;
+pub const POLICY_MAX: u32 = 1_048_576;
 pub const CONNTRACK_MAX: u32 = 262_144;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 
