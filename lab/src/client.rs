@@ -53,6 +53,9 @@ pub struct ProbeArgs {
     /// TLS: send one HTTP/1.1 request with this method (and `--path`, `--header`).
     #[arg(long)]
     pub method: Option<String>,
+    /// TLS: make a unary gRPC call of `--path` over h2 (ALPN `h2`) instead.
+    #[arg(long, conflicts_with = "method")]
+    pub grpc: bool,
     /// SCTP: the destination's packet log to watch.
     #[arg(long)]
     pub sctp_log: Option<PathBuf>,
@@ -139,12 +142,24 @@ async fn grpc(args: &ProbeArgs) -> Result<(bool, String)> {
         Ok(s) => s,
         Err(e) => return Ok((false, format!("connect: {e}"))),
     };
+    grpc_call(stream, &format!("http://{}", args.to), args).await
+}
+
+/// A unary gRPC call of `args.path` with an empty message on `stream` (h2): allowed when
+/// the answer's `grpc-status` is 0.
+async fn grpc_call<S>(stream: S, base: &str, args: &ProbeArgs) -> Result<(bool, String)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        match hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
-            .context("h2 handshake")?;
+        {
+            Ok(x) => x,
+            Err(e) => return Ok((false, format!("h2 handshake: {e}"))),
+        };
     tokio::spawn(conn);
-    let mut req = http::Request::post(format!("http://{}{}", args.to, args.path))
+    let mut req = http::Request::post(format!("{base}{}", args.path))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
     for h in &args.header {
@@ -226,7 +241,10 @@ async fn tls(args: &ProbeArgs) -> Result<(bool, String)> {
     let Some(ca) = &args.ca else {
         bail!("--ca is required for TLS");
     };
-    let config = tls_client(ca, args.sni.is_none())?;
+    let mut config = tls_client(ca, args.sni.is_none())?;
+    if args.grpc {
+        config.alpn_protocols = vec![b"h2".to_vec()];
+    }
     let name = match &args.sni {
         Some(sni) => ServerName::try_from(sni.clone())
             .with_context(|| format!("--sni {sni:?} is not a DNS name"))?,
@@ -243,6 +261,13 @@ async fn tls(args: &ProbeArgs) -> Result<(bool, String)> {
         Ok(s) => s,
         Err(e) => return Ok((false, format!("TLS handshake: {e}"))),
     };
+    if args.grpc {
+        let host = args.sni.clone().unwrap_or_else(|| args.to.ip().to_string());
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Ok((false, "the server did not choose h2 by ALPN".into()));
+        }
+        return grpc_call(tls, &format!("https://{host}"), args).await;
+    }
     let Some(method) = &args.method else {
         return Ok((true, "TLS handshake completed".into()));
     };

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use policy_model::conformance::Expect;
 use policy_model::{Model, Protocol, Verdict};
@@ -46,12 +47,36 @@ pub struct Outcome {
 pub fn run_all(state: &LabState, probes: &[LabProbe], model: Option<&Model>) -> Vec<Outcome> {
     let mut outcomes = run_probes(state, probes, model);
     if state.agents {
-        let records = agent_records(state);
-        for o in &mut outcomes {
-            o.record = record_for(state, &o.probe, o.observed.allowed, &records);
+        // the audit queue is written a moment after the answer: read again until every
+        // probe that needs a record has one, or the deadline passes
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let records = agent_records(state);
+            for o in &mut outcomes {
+                o.record = record_for(state, &o.probe, o.observed.allowed, &records);
+            }
+            if !outcomes.iter().any(lacks_audit) || std::time::Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for o in outcomes.iter_mut().filter(|o| lacks_audit(o)) {
+            o.passed = false;
+            o.observed
+                .detail
+                .push_str("; no audit record of it in the agents' event stream");
         }
     }
     outcomes
+}
+
+/// A TLS session the proxy answered (completed, reset, or an HTTP answer inside) whose
+/// audit record is missing: every session through the proxy is audited, and that record
+/// is what `ward observe` shows for it.
+fn lacks_audit(o: &Outcome) -> bool {
+    let through_proxy =
+        !o.observed.detail.starts_with("connect:") && !o.observed.detail.contains("timed out");
+    o.probe.probe.tls.is_some() && through_proxy && o.record.is_none()
 }
 
 /// Every event the agents have (`/v1/events?follow=false`): drops and audit records.
@@ -306,7 +331,11 @@ pub fn execute(state: &LabState, lp: &LabProbe) -> Observed {
                 cmd.args(["--sni", sni]);
             }
             if let Some(h) = http {
-                cmd.args(["--method", &h.method, "--path", &h.path]);
+                if lp.client == Client::Grpc {
+                    cmd.args(["--grpc", "--path", &h.path]);
+                } else {
+                    cmd.args(["--method", &h.method, "--path", &h.path]);
+                }
                 for (k, v) in &h.headers {
                     cmd.arg("--header").arg(format!("{k}: {v}"));
                 }
