@@ -535,7 +535,13 @@ pub fn table(outcomes: &[Outcome]) -> String {
             match o.probe.client {
                 Client::H2c => probe.push_str(" (h2c)"),
                 // a gRPC call is always a POST of /package.Service/Method
-                Client::Grpc => probe = probe.replacen(" HTTP POST ", " gRPC ", 1),
+                Client::Grpc => {
+                    probe = probe.replacen(" HTTPS POST ", " gRPC ", 1).replacen(
+                        " HTTP POST ",
+                        " gRPC ",
+                        1,
+                    )
+                }
                 Client::Default => {}
             }
             if o.probe.ipv6 {
