@@ -40,6 +40,8 @@ pub struct Outcome {
     pub why: String,
     /// The agent's own drop or audit record of the probe's flow, in a few words.
     pub record: Option<String>,
+    /// Whether the policy model sends the flow through a proxy (on either side).
+    pub proxied: bool,
 }
 
 /// Runs every probe (concurrently) and explains each with `model` and, when agents run,
@@ -70,13 +72,13 @@ pub fn run_all(state: &LabState, probes: &[LabProbe], model: Option<&Model>) -> 
     outcomes
 }
 
-/// A TLS session the proxy answered (completed, reset, or an HTTP answer inside) whose
-/// audit record is missing: every session through the proxy is audited, and that record
-/// is what `ward observe` shows for it.
+/// A TLS session the proxy answered (the model redirects it, and it completed, was reset,
+/// or got an HTTP answer inside) whose audit record is missing: every session through the
+/// proxy is audited, and that record is what `ward observe` shows for it.
 fn lacks_audit(o: &Outcome) -> bool {
-    let through_proxy =
+    let answered =
         !o.observed.detail.starts_with("connect:") && !o.observed.detail.contains("timed out");
-    o.probe.probe.tls.is_some() && through_proxy && o.record.is_none()
+    o.proxied && o.probe.probe.tls.is_some() && answered && o.record.is_none()
 }
 
 /// Every event the agents have (`/v1/events?follow=false`): drops and audit records.
@@ -214,7 +216,7 @@ fn run_probes(state: &LabState, probes: &[LabProbe], model: Option<&Model>) -> V
                 let Some(lp) = probes.get(i) else { return };
                 let observed = execute(state, lp);
                 let passed = observed.allowed == (lp.probe.expect == Expect::Allow);
-                let why = explain(model, lp);
+                let (why, proxied) = explain(model, lp);
                 if let Ok(mut r) = results.lock() {
                     r[i] = Some(Outcome {
                         probe: lp.clone(),
@@ -222,6 +224,7 @@ fn run_probes(state: &LabState, probes: &[LabProbe], model: Option<&Model>) -> V
                         passed,
                         why,
                         record: None,
+                        proxied,
                     });
                 }
             });
@@ -235,13 +238,14 @@ fn run_probes(state: &LabState, probes: &[LabProbe], model: Option<&Model>) -> V
         .collect()
 }
 
-fn explain(model: Option<&Model>, lp: &LabProbe) -> String {
+/// The model's words for a probe, and whether it sends the flow through a proxy.
+fn explain(model: Option<&Model>, lp: &LabProbe) -> (String, bool) {
     let Some(model) = model else {
-        return String::new();
+        return (String::new(), false);
     };
     match lp.probe.verdict(model) {
-        Ok(v) => why(&v),
-        Err(e) => format!("model: {e}"),
+        Ok(v) => (why(&v), v.sides.iter().any(|s| s.proxied)),
+        Err(e) => (format!("model: {e}"), false),
     }
 }
 
@@ -665,6 +669,56 @@ mod tests {
         );
     }
 
+    /// A TLS session the model sends through the proxy and the proxy answered must have its
+    /// audit record; one the datapath passes alone, or one that never connected, need not.
+    #[test]
+    fn a_proxied_tls_session_without_its_audit_record_is_flagged() {
+        let tls: Probe = serde_yaml::from_str(
+            "{from: a/c, to: 'external:saas', port: 443, expect: allow, tls: {sni: api.saas.example}}",
+        )
+        .unwrap();
+        let plain: Probe =
+            serde_yaml::from_str("{from: a/c, to: a/s, port: 80, expect: allow}").unwrap();
+        let outcome = |probe: &Probe, detail: &str, proxied: bool, record: Option<&str>| Outcome {
+            probe: LabProbe {
+                probe: probe.clone(),
+                client: Client::Default,
+                ipv6: false,
+            },
+            observed: Observed {
+                allowed: true,
+                detail: detail.into(),
+            },
+            passed: true,
+            why: String::new(),
+            record: record.map(str::to_string),
+            proxied,
+        };
+        let done = "TLS handshake completed";
+        assert!(lacks_audit(&outcome(&tls, done, true, None)));
+        assert!(!lacks_audit(&outcome(
+            &tls,
+            done,
+            true,
+            Some("TLS splice Forwarded")
+        )));
+        assert!(
+            !lacks_audit(&outcome(&tls, done, false, None)),
+            "not redirected"
+        );
+        assert!(!lacks_audit(&outcome(
+            &tls,
+            "timed out after 2.0 s",
+            true,
+            None
+        )));
+        assert!(!lacks_audit(&outcome(&tls, "connect: refused", true, None)));
+        assert!(
+            !lacks_audit(&outcome(&plain, "echoed", true, None)),
+            "not TLS"
+        );
+    }
+
     #[test]
     fn default_deny_reasons_are_compacted() {
         assert_eq!(
@@ -693,6 +747,7 @@ mod tests {
                 passed: true,
                 why: "prod/api ingress: CiliumNetworkPolicy prod/api-l7".into(),
                 record: Some(format!("HTTP Denied 403 {long}")),
+                proxied: true,
             },
             Outcome {
                 probe: LabProbe {
@@ -707,6 +762,7 @@ mod tests {
                 passed: false,
                 why: String::new(),
                 record: None,
+                proxied: false,
             },
         ];
         let t = table(&outcomes);
