@@ -105,7 +105,7 @@ pub(crate) fn pinned_def(path: &Path) -> Result<Option<MapDef>, Error> {
 /// Whether a pinned map can stand for the object's: the same definition. A ring buffer's
 /// size is rounded to pages by the loader, so only its type is compared.
 pub(crate) fn compatible(pinned: &MapDef, wanted: &MapDef) -> bool {
-    const RINGBUF: u32 = 27;
+    const RINGBUF: u32 = aya::maps::MapType::RingBuf as u32;
     if wanted.map_type == RINGBUF {
         return pinned.map_type == RINGBUF;
     }
@@ -184,7 +184,7 @@ mod tests {
             &def(10)
         ));
         let ring = |n| MapDef {
-            map_type: 27,
+            map_type: aya::maps::MapType::RingBuf as u32,
             key_size: 0,
             value_size: 0,
             max_entries: n,
