@@ -13,8 +13,9 @@
 //!    admin token's volume holding a token of the check's own) in the
 //!    host network of a node namespace made here, with two pod namespaces on veths and a
 //!    files source of one policy: the DaemonSet's readiness and liveness probes answer,
-//!    `/v1/status` without the token is refused (401), `ward status --admin-token-file`
-//!    in the container reports both pods attached and the policy in force,
+//!    `/v1/status` without the token is refused (401), `ward status` in the container
+//!    (the token from the DaemonSet's `WARD_ADMIN_TOKEN_FILE`, as `kubectl exec` gets it)
+//!    reports both pods attached and the policy in force,
 //!    the HTTP proxy answers through the redirect (an allowed request reaches the pod's
 //!    server, another gets 403), the datapath lets the allowed port through and drops
 //!    another, nothing is logged as a warning or an error, and the agent stops cleanly
@@ -556,13 +557,12 @@ fn wait(
     }
 }
 
-/// `ward status --output json`, run in the agent's container with the node's admin
-/// token (it exits 1 while the agent is not healthy, and prints the status all the same).
-fn status(env: &Env, agent: &str, node: &Node) -> Result<Value> {
-    let mut args = vec!["exec", agent, "/usr/bin/ward", "status", "--output", "json"];
-    if let Some((_, _, file)) = &node.admin_token {
-        args.extend(["--admin-token-file", file.as_str()]);
-    }
+/// `ward status --output json`, run in the agent's container as an operator runs it
+/// (`kubectl exec`): the token comes from the DaemonSet's `WARD_ADMIN_TOKEN_FILE`, so a
+/// DaemonSet that lost it fails here (it exits 1 while the agent is not healthy, and
+/// prints the status all the same).
+fn status(env: &Env, agent: &str) -> Result<Value> {
+    let args = ["exec", agent, "/usr/bin/ward", "status", "--output", "json"];
     let mut c = env.podman(&args);
     let out = c.output().map_err(|e| format!("cannot start {c:?}: {e}"))?;
     serde_json::from_slice(&out.stdout).map_err(|e| {
@@ -752,7 +752,7 @@ fn agent(image: &Image, env: &mut Env) -> Result {
         }
     }
 
-    let s = status(env, &agent, &node)?;
+    let s = status(env, &agent)?;
     if s["ready"] != Value::Bool(true)
         || s["endpoints_attached"].as_u64() != Some(2)
         || s["policies"].as_u64() != Some(1)
@@ -793,7 +793,7 @@ fn agent(image: &Image, env: &mut Env) -> Result {
         "the drop in ward status",
         Duration::from_secs(10),
         || {
-            let s = status(env, &agent, &node)?;
+            let s = status(env, &agent)?;
             Ok(s["drops"]
                 .as_object()
                 .is_some_and(|d| d.values().filter_map(Value::as_u64).sum::<u64>() > 0))

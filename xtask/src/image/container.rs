@@ -529,6 +529,14 @@ mod tests {
             .unwrap();
         assert_eq!(volume["secret"]["secretName"], "ward-admin-token");
         assert_eq!(volume["secret"]["optional"], false);
+        // `kubectl exec ... -- ward status` in the container finds the token by itself
+        assert!(
+            s.env
+                .iter()
+                .any(|(n, v)| n == "WARD_ADMIN_TOKEN_FILE" && v.as_deref() == Some(file.as_str())),
+            "{:?}",
+            s.env
+        );
     }
 
     fn run() -> AgentRun {
