@@ -261,8 +261,8 @@ async fn tls(args: &ProbeArgs) -> Result<(bool, String)> {
         Ok(s) => s,
         Err(e) => return Ok((false, format!("TLS handshake: {e}"))),
     };
+    let host = args.sni.clone().unwrap_or_else(|| args.to.ip().to_string());
     if args.grpc {
-        let host = args.sni.clone().unwrap_or_else(|| args.to.ip().to_string());
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
             return Ok((false, "the server did not choose h2 by ALPN".into()));
         }
@@ -276,7 +276,6 @@ async fn tls(args: &ProbeArgs) -> Result<(bool, String)> {
         Err(e) => return Ok((false, format!("HTTP over TLS: {e}"))),
     };
     tokio::spawn(conn);
-    let host = args.sni.clone().unwrap_or_else(|| args.to.ip().to_string());
     let mut req = http::Request::builder()
         .method(method.as_str())
         .uri(&args.path)

@@ -85,14 +85,12 @@ pub(crate) fn pinned_def(path: &Path) -> Result<Option<MapDef>, Error> {
     if !path.exists() {
         return Ok(None);
     }
-    let info = MapInfo::from_pin(path).map_err(|e| Error::Pin {
+    let pin_error = |e: aya::maps::MapError| Error::Pin {
         path: path.to_path_buf(),
         reason: e.to_string(),
-    })?;
-    let map_type = info.map_type().map_err(|e| Error::Pin {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })? as u32;
+    };
+    let info = MapInfo::from_pin(path).map_err(pin_error)?;
+    let map_type = info.map_type().map_err(pin_error)? as u32;
     Ok(Some(MapDef {
         map_type,
         key_size: info.key_size(),
