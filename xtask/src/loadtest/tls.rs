@@ -6,7 +6,11 @@
 //! leaf of the interception CA, the 50 rules, `server ... ssl verify required`) and nginx
 //! (one worker; `listen ... ssl`, the 50 rules, `proxy_ssl_verify on`). Then TLS passed
 //! through by SNI without decryption: `ward proxy` with a serverNames-only rule against
-//! HAProxy in TCP mode routing on `req.ssl_sni`.
+//! HAProxy in TCP mode routing on `req.ssl_sni`, and against what a plain L4 redirect
+//! costs: the same `ward proxy` with an L4-only rule on the port (a connection redirected
+//! because other peers of the port have L7 rules: spliced without an SNI check) and
+//! HAProxy relaying TCP without inspection. Both with small requests and with bulk
+//! downloads (bytes per second is what a splice is for).
 //!
 //! Loads: HTTPS keep-alive with wrk (HTTP/1.1) and h2load (h2 by ALPN), and new TLS
 //! sessions with wrk sending `Connection: close` (each request a handshake with the
@@ -31,6 +35,11 @@ const NAME: &str = "api.bench.example";
 const BACKEND: &str = "127.0.0.2:8443";
 const DIRECT: &str = "127.0.0.1:8443";
 const CONNECTIONS: &str = "64";
+/// The bulk download: a file of [`BULK_BYTES`] the backend serves at this path.
+const BULK_PATH: &str = "/bulk";
+const BULK_BYTES: u64 = 4 << 20;
+/// Connections downloading at once in the bulk load.
+const BULK_CONNECTIONS: &str = "4";
 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
@@ -42,9 +51,26 @@ enum Kind {
     Handshakes,
     /// TLS passed through by SNI, HTTP/1.1 keep-alive inside (wrk).
     Splice,
+    /// TLS passed through by SNI, bulk downloads of [`BULK_BYTES`] inside (wrk).
+    SpliceBulk,
 }
 
-const LOADS: [Kind; 4] = [Kind::KeepAlive, Kind::H2, Kind::Handshakes, Kind::Splice];
+const LOADS: [Kind; 5] = [
+    Kind::KeepAlive,
+    Kind::H2,
+    Kind::Handshakes,
+    Kind::Splice,
+    Kind::SpliceBulk,
+];
+
+/// The targets of the pass-through loads.
+const SPLICERS: [Target; 5] = [
+    Target::Direct,
+    Target::WardSplice,
+    Target::WardL4,
+    Target::HaproxyTcp,
+    Target::HaproxyPlain,
+];
 
 impl Kind {
     fn name(self) -> &'static str {
@@ -53,12 +79,20 @@ impl Kind {
             Kind::H2 => "HTTPS h2 (h2load)",
             Kind::Handshakes => "new TLS sessions (wrk, Connection: close)",
             Kind::Splice => "SNI splice, keep-alive inside (wrk)",
+            Kind::SpliceBulk => "SNI splice, 4 MiB downloads inside (wrk -c4)",
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Kind::SpliceBulk => BULK_PATH,
+            _ => PATH,
         }
     }
 
     fn targets(self) -> &'static [Target] {
         match self {
-            Kind::Splice => &[Target::Direct, Target::WardSplice, Target::HaproxyTcp],
+            Kind::Splice | Kind::SpliceBulk => &SPLICERS,
             _ => &[Target::Direct, Target::Ward, Target::Haproxy, Target::Nginx],
         }
     }
@@ -71,7 +105,11 @@ enum Target {
     Haproxy,
     Nginx,
     WardSplice,
+    /// `ward proxy` splicing under an L4-only rule: no SNI to check.
+    WardL4,
     HaproxyTcp,
+    /// HAProxy relaying TCP without inspection: a plain L4 proxy.
+    HaproxyPlain,
 }
 
 impl Target {
@@ -82,7 +120,9 @@ impl Target {
             Target::Haproxy => "haproxy",
             Target::Nginx => "nginx",
             Target::WardSplice => "ward (serverNames only)",
+            Target::WardL4 => "ward (L4 rule, spliced)",
             Target::HaproxyTcp => "haproxy (tcp, req.ssl_sni)",
+            Target::HaproxyPlain => "haproxy (tcp, no inspection)",
         }
     }
 
@@ -94,6 +134,8 @@ impl Target {
             Target::Nginx => "127.0.0.1:9121",
             Target::WardSplice => "127.0.0.1:9131",
             Target::HaproxyTcp => "127.0.0.1:9141",
+            Target::WardL4 => "127.0.0.1:9151",
+            Target::HaproxyPlain => "127.0.0.1:9161",
         }
     }
 
@@ -265,12 +307,14 @@ fn backend_conf(ctx: &Ctx, pki: &Pki) -> String {
     listen {BACKEND} ssl http2; listen {DIRECT} ssl http2;
     ssl_certificate {}; ssl_certificate_key {};
     location / {{ return 200 \"hello from the backend\\n\"; }}
+    location = {BULK_PATH} {{ root {}; default_type application/octet-stream; }}
   }}
 }}
 ",
         nginx_common(ctx, "tls-backend"),
         pki.backend.0.display(),
-        pki.backend.1.display()
+        pki.backend.1.display(),
+        ctx.work.join("www").display(),
     )
 }
 
@@ -340,6 +384,10 @@ backend be_h1
 backend be_h2
   mode http
   server s1 {BACKEND} ssl verify required ca-file {ca} sni str({NAME}) alpn h2
+frontend fe_plain
+  mode tcp
+  bind {}
+  default_backend be_tcp
 frontend fe_sni
   mode tcp
   bind {}
@@ -349,12 +397,24 @@ frontend fe_sni
 backend be_tcp
   mode tcp
   server s1 {BACKEND}",
+        Target::HaproxyPlain.addr(),
         Target::HaproxyTcp.addr()
     );
     s
 }
 
-fn ward_files(ctx: &Ctx, splice: bool) -> Result<(PathBuf, PathBuf)> {
+/// What the `ward proxy` of a target enforces on the port.
+#[derive(Clone, Copy, PartialEq)]
+enum WardRules {
+    /// terminatingTLS + originatingTLS + the HTTP rules.
+    Intercept,
+    /// serverNames only.
+    Sni,
+    /// The port alone (L4).
+    L4,
+}
+
+fn ward_files(ctx: &Ctx, rules: WardRules) -> Result<(PathBuf, PathBuf)> {
     let cluster = write(
         ctx,
         "tls-cluster.yaml",
@@ -364,20 +424,22 @@ fn ward_files(ctx: &Ctx, splice: bool) -> Result<(PathBuf, PathBuf)> {
     - {namespace: bench, name: client, labels: {app: client}, ip: 127.0.0.1}
 ",
     )?;
-    let mut policy = format!(
+    let mut policy = String::from(
         "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
-metadata: {{name: bench-saas, namespace: bench}}
+metadata: {name: bench-saas, namespace: bench}
 spec:
-  endpointSelector: {{matchLabels: {{app: client}}}}
+  endpointSelector: {matchLabels: {app: client}}
   egress:
   - toCIDR: [127.0.0.2/32]
     toPorts:
-    - ports: [{{port: \"443\", protocol: TCP}}]
-      serverNames: [{NAME}]
-"
+    - ports: [{port: \"443\", protocol: TCP}]
+",
     );
-    if !splice {
+    if rules != WardRules::L4 {
+        let _ = writeln!(policy, "      serverNames: [{NAME}]");
+    }
+    if rules == WardRules::Intercept {
         policy.push_str(
             "      terminatingTLS: {secret: {name: intercept-ca}}
       originatingTLS: {secret: {name: public-ca}}
@@ -389,10 +451,10 @@ spec:
             let _ = writeln!(policy, "        - {{method: GET, path: \"{r}\"}}");
         }
     }
-    let name = if splice {
-        "tls-splice.yaml"
-    } else {
-        "tls-intercept.yaml"
+    let name = match rules {
+        WardRules::Intercept => "tls-intercept.yaml",
+        WardRules::Sni => "tls-splice.yaml",
+        WardRules::L4 => "tls-l4.yaml",
     };
     Ok((cluster, write(ctx, name, &policy)?))
 }
@@ -402,8 +464,13 @@ fn start(ctx: &mut Ctx, ns: &Netns, pki: &Pki, target: Target) -> Result<Option<
     let log = ctx.work.join(format!("tls-{}.log", target.port()));
     let mut cmd = match target {
         Target::Direct => return Ok(None),
-        Target::Ward | Target::WardSplice => {
-            let (cluster, policy) = ward_files(ctx, target == Target::WardSplice)?;
+        Target::Ward | Target::WardSplice | Target::WardL4 => {
+            let rules = match target {
+                Target::WardSplice => WardRules::Sni,
+                Target::WardL4 => WardRules::L4,
+                _ => WardRules::Intercept,
+            };
+            let (cluster, policy) = ward_files(ctx, rules)?;
             let mut c = ns.cmd(SUBJECT_CPU, &ctx.ward.display().to_string());
             c.args(["proxy", "--listen", target.addr(), "--upstream", BACKEND])
                 .arg("--cluster")
@@ -415,7 +482,7 @@ fn start(ctx: &mut Ctx, ns: &Netns, pki: &Pki, target: Target) -> Result<Option<
                 .arg(ctx.work.join("certs"));
             c
         }
-        Target::Haproxy | Target::HaproxyTcp => {
+        Target::Haproxy | Target::HaproxyTcp | Target::HaproxyPlain => {
             let conf = write(ctx, "tls-haproxy.cfg", &haproxy_conf(pki))?;
             let mut c = ns.cmd(SUBJECT_CPU, "haproxy");
             c.args(["-db", "-f"]).arg(conf);
@@ -464,11 +531,16 @@ fn status(ctx: &mut Ctx, ns: &Netns, target: Target, ca: &Path, path: &str) -> R
 }
 
 fn drive(ctx: &mut Ctx, ns: &Netns, kind: Kind, target: Target, secs: u64) -> Result<Load> {
-    let url = format!("https://{NAME}:{}{PATH}", target.port());
+    let url = format!("https://{NAME}:{}{}", target.port(), kind.path());
     match kind {
-        Kind::KeepAlive | Kind::Splice | Kind::Handshakes => {
+        Kind::KeepAlive | Kind::Splice | Kind::Handshakes | Kind::SpliceBulk => {
+            let connections = if kind == Kind::SpliceBulk {
+                BULK_CONNECTIONS
+            } else {
+                CONNECTIONS
+            };
             let mut c = ns.cmd(LOAD_CPU, "wrk");
-            c.args(["-t1", "-c", CONNECTIONS, "-d"])
+            c.args(["-t1", "-c", connections, "-d"])
                 .arg(format!("{secs}s"))
                 .arg("--latency");
             if kind == Kind::Handshakes {
@@ -508,12 +580,13 @@ fn measure(
     };
     // What the client trusts and gets is checked: the benchmarked path passes (through
     // an interceptor, with the interception CA only), a denied one is refused.
-    let ok = status(ctx, ns, target, ca, PATH)?;
+    let ok = status(ctx, ns, target, ca, kind.path())?;
     if ok != "200" {
         return Err(format!(
-            "{} {}: {PATH} got {ok}, not 200",
+            "{} {}: {} got {ok}, not 200",
             target.name(),
-            kind.name()
+            kind.name(),
+            kind.path()
         ));
     }
     if target.intercepts() {
@@ -571,7 +644,11 @@ pub fn run(ctx: &mut Ctx) -> Result<String> {
     let pki = pki(ctx)?;
     let ns = Netns::new("tls")?;
     let _hosts = Hosts::new(&ns)?;
-    let conf = write(ctx, "tls-backend.conf", &backend_conf(ctx, &pki))?;
+    let www = ctx.work.join("www");
+    std::fs::create_dir_all(&www).map_err(|e| format!("{}: {e}", www.display()))?;
+    let bulk = www.join(BULK_PATH.trim_start_matches('/'));
+    std::fs::write(&bulk, bulk_body()).map_err(|e| format!("{}: {e}", bulk.display()))?;
+        let conf = write(ctx, "tls-backend.conf", &backend_conf(ctx, &pki))?;
     let log = ctx.work.join("tls-backend.log");
     let mut backend = Proc::spawn(
         ctx,
@@ -606,6 +683,13 @@ pub fn run(ctx: &mut Ctx) -> Result<String> {
     Ok(report(&all, secs, rounds))
 }
 
+/// [`BULK_BYTES`] that do not compress (a byte counter through a multiplicative hash).
+fn bulk_body() -> Vec<u8> {
+    (0..BULK_BYTES)
+        .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+        .collect()
+}
+
 /// Per (load, target), the round with the median key, and every round's key.
 fn medians(all: &[Row]) -> Vec<(&Row, Vec<f64>)> {
     let mut out = Vec::new();
@@ -627,6 +711,7 @@ fn medians(all: &[Row]) -> Vec<(&Row, Vec<f64>)> {
 
 fn report(all: &[Row], secs: u64, rounds: u32) -> String {
     let picked = medians(all);
+    let bulk_mib = BULK_BYTES >> 20;
     let mut s = String::from("## TLS egress (interception and SNI splice)\n\n");
     let _ = writeln!(
         s,
@@ -645,10 +730,13 @@ fn report(all: &[Row], secs: u64, rounds: u32) -> String {
          with curl, trusting only the interception CA, that `{PATH}` answers 200 and \
          `{DENIED_PATH}` 403. SNI splice: `ward proxy` with a serverNames-only rule \
          (ClientHello read by rustls, bytes passed untouched) and HAProxy in TCP mode \
-         routing on `req.ssl_sni`; the client's TLS goes to the backend. Load for {secs} s \
+         routing on `req.ssl_sni`; the client's TLS goes to the backend; against them a plain \
+         L4 redirect: `ward proxy` under an L4-only rule for the port (spliced, no SNI \
+         check) and HAProxy relaying TCP without inspection. Load for {secs} s \
          per target on CPU {LOAD_CPU}: wrk `-t1 -c{CONNECTIONS}` (HTTP/1.1; with \
          `Connection: close` every request is a new TLS session with the proxy, whose \
-         upstream connections stay open), h2load `-t1 -c8 -m8`. CPU = utime+stime of the \
+         upstream connections stay open; the bulk load downloads a {bulk_mib} MiB file of the \
+         backend on {BULK_CONNECTIONS} connections), h2load `-t1 -c8 -m8`. CPU = utime+stime of the \
          proxy process from /proc/PID/stat over the load window. {rounds} round(s); per \
          target the round with the median requests per CPU-second (direct: median req/s), \
          and that figure for every round.\n"
@@ -709,17 +797,46 @@ fn report(all: &[Row], secs: u64, rounds: u32) -> String {
             ratio(w.load.per_second, n.load.per_second),
         );
     }
-    if let (Some(d), Some(w), Some(h)) = (
-        get(Kind::Splice, Target::Direct),
-        get(Kind::Splice, Target::WardSplice),
-        get(Kind::Splice, Target::HaproxyTcp),
-    ) {
+    s.push_str(
+        "\nPass-through (same run): the SNI-checked splice against a plain L4 redirect (the \
+         same proxy under an L4-only rule, and HAProxy relaying TCP uninspected), and \
+         against HAProxy's SNI routing. Bulk throughput is req/s x 4 MiB.\n\n\
+         | load | ward SNI MiB/s or req/s | ward SNI / ward L4: req/s, per CPU-s | ward SNI / \
+         haproxy plain tcp: req/s, per CPU-s | ward SNI / haproxy sni: req/s, per CPU-s | \
+         ward SNI / direct req/s |\n|---|---|---|---|---|---|\n",
+    );
+    for kind in [Kind::Splice, Kind::SpliceBulk] {
+        let (Some(d), Some(w), Some(l4), Some(plain), Some(sni)) = (
+            get(kind, Target::Direct),
+            get(kind, Target::WardSplice),
+            get(kind, Target::WardL4),
+            get(kind, Target::HaproxyPlain),
+            get(kind, Target::HaproxyTcp),
+        ) else {
+            continue;
+        };
+        let rate = if kind == Kind::SpliceBulk {
+            format!(
+                "{:.0} MiB/s",
+                w.load.per_second * BULK_BYTES as f64 / f64::from(1 << 20)
+            )
+        } else {
+            format!("{:.0} req/s", w.load.per_second)
+        };
+        let pair = |o: &Row| {
+            format!(
+                "{}, {}",
+                ratio(w.load.per_second, o.load.per_second),
+                ratio(w.per_cpu(), o.per_cpu())
+            )
+        };
         let _ = writeln!(
             s,
-            "\nSNI splice: ward/haproxy-tcp requests per CPU-s {}, req/s {}; ward's req/s over \
-             direct {}.\n",
-            ratio(w.per_cpu(), h.per_cpu()),
-            ratio(w.load.per_second, h.load.per_second),
+            "| {} | {rate} | {} | {} | {} | {} |",
+            kind.name(),
+            pair(l4),
+            pair(plain),
+            pair(sni),
             ratio(w.load.per_second, d.load.per_second),
         );
     }
