@@ -148,7 +148,7 @@ impl Drop for Proc {
 fn entry(endpoint_id: u32, direction: u8, identity: u32, port: u16) -> PolicyEntry {
     PolicyEntry {
         endpoint_id,
-        identity,
+        peer: identity,
         direction,
         protocol: PROTO_TCP,
         port,

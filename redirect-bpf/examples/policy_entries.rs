@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use policy_model::compile::{CompileOptions, Model, Scope};
 use redirect_bpf::compile::{endpoint_entries, ProxyPorts};
+use redirect_bpf::PeerClasses;
 
 fn main() {
     for pods in std::env::args()
@@ -26,6 +27,8 @@ fn main() {
             CompileOptions::default(),
             Scope::Node(gen::LOCAL_NODE.into()),
         );
+        let eps: Vec<_> = m.endpoints().collect();
+        let classes = PeerClasses::compute(&m, &eps, &Default::default());
         let mut total = 0;
         let mut max = 0;
         let mut n = 0;
@@ -38,14 +41,17 @@ fn main() {
                     http: 15001,
                     dns: 15053,
                 },
+                &classes,
             );
             total += e.entries.len();
             max = max.max(e.entries.len());
             n += 1;
         }
         println!(
-            "{pods} pods: {n} endpoints, {} identities, {total} entries, max {max} per endpoint",
-            m.identities.len()
+            "{pods} pods: {n} endpoints, {} identities in {} classes, {total} entries, max {max} \
+             per endpoint",
+            m.identities.len(),
+            classes.len()
         );
     }
 }

@@ -1,18 +1,21 @@
 //! From a compiled endpoint policy (policy-model) to policy map entries.
 //!
-//! No policy semantics live here: for every peer identity and protocol, the port space is
-//! cut at every boundary an entry could change the verdict at, and policy-model's own
-//! `Model::decide` is asked for the verdict of each piece. Pieces that differ from the
+//! No policy semantics live here: for every peer class (`classes`: identities the node's
+//! policies treat alike) and protocol, the port space is cut at every boundary an entry
+//! could change the verdict at, and policy-model's own `Model::decide` is asked for the
+//! verdict of each piece for one identity of the class. Pieces that differ from the
 //! direction's default (deny when a policy put the endpoint in default deny, allow
-//! otherwise) become entries; port ranges become port prefixes; what every identity shares
-//! becomes one wildcard-identity entry. The pieces of one identity never overlap, so the
-//! datapath's precedence (deny > redirect > allow across the exact and wildcard lookups)
-//! never has to break a tie between them.
+//! otherwise) become entries; port ranges become port prefixes; what every class shares
+//! becomes one wildcard entry (`IDENTITY_ANY`). The pieces of one class never overlap, so
+//! the datapath's precedence (deny > redirect > allow across the class and wildcard
+//! lookups) never has to break a tie between them.
 
 use std::collections::BTreeSet;
 
 use policy_model::compile::{EndpointPolicy, PortMatch};
 use policy_model::identity::Idx;
+
+use crate::classes::PeerClasses;
 use policy_model::l7::L7Protocol;
 use policy_model::verdict::L4Decision;
 use policy_model::{Direction, Model, Protocol};
@@ -33,7 +36,8 @@ pub struct ProxyPorts {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyEntry {
     pub endpoint_id: u32,
-    pub identity: u32,
+    /// Peer class, peer identity (entries written before classes), or `IDENTITY_ANY`.
+    pub peer: u32,
     pub direction: u8,
     pub protocol: u8,
     pub port: u16,
@@ -48,7 +52,7 @@ impl PolicyEntry {
     pub fn key_data(&self) -> PolicyKeyData {
         PolicyKeyData {
             endpoint_id: self.endpoint_id,
-            identity: self.identity,
+            peer: self.peer,
             direction: self.direction,
             protocol: self.protocol,
             port: self.port.to_be_bytes(),
@@ -90,12 +94,14 @@ type Piece = (u8, u16, u32);
 type Span = (u8, u16, u16, Piece);
 
 /// Turns one endpoint's compiled policy into the flags and policy entries the datapath
-/// executes. `endpoint_id` is the id the agent gave the endpoint in the endpoints map.
+/// executes. `endpoint_id` is the id the agent gave the endpoint in the endpoints map;
+/// `classes` are the node's peer classes (computed with this endpoint among the node's).
 pub fn endpoint_entries(
     model: &Model,
     ep: &EndpointPolicy,
     endpoint_id: u32,
     proxies: ProxyPorts,
+    classes: &PeerClasses,
 ) -> EndpointEntries {
     let mut out = EndpointEntries::default();
     for dir in Direction::BOTH {
@@ -113,11 +119,9 @@ pub fn endpoint_entries(
         } else {
             action::ALLOW
         };
-        // Per identity: the non-default pieces (protocol, first port, last port, piece).
-        let mut per_identity: Vec<(u32, BTreeSet<Span>)> = Vec::new();
-        // Retired identities (no IP or pod holds them) are selected by nothing.
-        for idx in (0..model.identities.len() as Idx).filter(|&i| model.identities.is_live(i)) {
-            let numeric = model.identities.get(idx).id;
+        // Per class: the non-default pieces (protocol, first port, last port, piece).
+        let mut per_class: Vec<(u32, BTreeSet<Span>)> = Vec::new();
+        for (class, idx) in classes.classes() {
             let mut pieces = BTreeSet::new();
             for (proto, proto_code) in PORT_PROTOCOLS {
                 for (lo, hi, piece) in port_pieces(model, ep, dir, idx, proto, proxies) {
@@ -126,10 +130,10 @@ pub fn endpoint_entries(
                     }
                 }
             }
-            per_identity.push((numeric, pieces));
+            per_class.push((class, pieces));
         }
-        // What every identity has in common goes to the wildcard identity once.
-        let common: BTreeSet<Span> = match per_identity.split_first() {
+        // What every class has in common goes to the wildcard identity once.
+        let common: BTreeSet<Span> = match per_class.split_first() {
             Some((first, rest)) => first
                 .1
                 .iter()
@@ -138,11 +142,11 @@ pub fn endpoint_entries(
                 .collect(),
             None => BTreeSet::new(),
         };
-        let mut emit = |identity: u32, (protocol, lo, hi, (act, proxy_port, cookie))| {
+        let mut emit = |peer: u32, (protocol, lo, hi, (act, proxy_port, cookie))| {
             for (port, port_prefix_len) in port_blocks(lo, hi) {
                 out.entries.push(PolicyEntry {
                     endpoint_id,
-                    identity,
+                    peer,
                     direction: dir_code,
                     protocol,
                     port,
@@ -156,9 +160,9 @@ pub fn endpoint_entries(
         for p in &common {
             emit(IDENTITY_ANY, *p);
         }
-        for (numeric, pieces) in &per_identity {
+        for (class, pieces) in &per_class {
             for p in pieces.difference(&common) {
-                emit(*numeric, *p);
+                emit(*class, *p);
             }
         }
     }
@@ -336,19 +340,22 @@ probes:
         dns: 15053,
     };
 
-    /// What the datapath does with the entries: an LPM lookup per identity (exact, then
-    /// wildcard), the greatest action wins, else the direction's default.
+    /// What the datapath does with the entries: an LPM lookup for the identity's class
+    /// (the identity itself without one) and for the wildcard, the greatest action wins,
+    /// else the direction's default.
     fn datapath_verdict(
         out: &EndpointEntries,
+        classes: &PeerClasses,
         dir: u8,
         identity: u32,
         protocol: u8,
         port: u16,
     ) -> (u8, u16) {
+        let class = classes.class_of(identity).unwrap_or(identity);
         let lpm = |id: u32| {
             out.entries
                 .iter()
-                .filter(|e| e.identity == id && e.direction == dir && e.protocol == protocol)
+                .filter(|e| e.peer == id && e.direction == dir && e.protocol == protocol)
                 .filter(|e| {
                     let shift = 16 - u32::from(e.port_prefix_len);
                     u32::from(e.port) >> shift == u32::from(port) >> shift
@@ -356,7 +363,7 @@ probes:
                 .max_by_key(|e| e.port_prefix_len)
                 .map(|e| (e.action, e.proxy_port))
         };
-        let found = [lpm(identity), lpm(IDENTITY_ANY)]
+        let found = [lpm(class), lpm(IDENTITY_ANY)]
             .into_iter()
             .flatten()
             .max_by_key(|(a, _)| *a);
@@ -374,10 +381,17 @@ probes:
         })
     }
 
+    /// The classes of every endpoint of the model (one node).
+    fn node_classes(model: &Model) -> PeerClasses {
+        let eps: Vec<&EndpointPolicy> = model.endpoints().collect();
+        PeerClasses::compute(model, &eps, &Default::default())
+    }
+
     #[test]
     fn entries_reproduce_the_model_verdicts() {
         let case = parse_case(CASE).expect("case");
         let model = case.compile(None, None).expect("compile");
+        let classes = node_classes(&model);
         let mut ports: Vec<u16> = (0..=1100).collect();
         ports.extend([
             7999, 8000, 8049, 8050, 8051, 8100, 8101, 9089, 9090, 9091, 9100,
@@ -385,7 +399,7 @@ probes:
         ports.extend([9101, 65534, 65535]);
         for pod in ["default/client", "default/other", "default/server"] {
             let ep = model.pod_endpoint(pod).expect("endpoint");
-            let out = endpoint_entries(&model, ep, 1, PROXIES);
+            let out = endpoint_entries(&model, ep, 1, PROXIES, &classes);
             for dir in Direction::BOTH {
                 let code = if dir == Direction::Ingress {
                     DIR_INGRESS
@@ -403,7 +417,7 @@ probes:
                                 model.decide(ep, dir, idx, proto, port),
                                 PROXIES,
                             );
-                            let got = datapath_verdict(&out, code, id, proto_code, port);
+                            let got = datapath_verdict(&out, &classes, code, id, proto_code, port);
                             assert_eq!(
                                 got,
                                 (want.0, want.1),
@@ -424,16 +438,19 @@ probes:
             let ep = model.pod_endpoint(pod).expect("endpoint");
             model.identities.get(ep.identity).id
         };
-        let client = id_of("default/client");
-        let other = id_of("default/other");
+        let classes = node_classes(&model);
+        let class_of = |pod: &str| classes.class_of(id_of(pod)).expect("a class");
+        let client = class_of("default/client");
+        let other = class_of("default/other");
+        assert_ne!(client, other);
 
         let server = model.pod_endpoint("default/server").expect("server");
-        let out = endpoint_entries(&model, server, 3, PROXIES);
+        let out = endpoint_entries(&model, server, 3, PROXIES, &classes);
         assert_eq!(out.flags, endpoint_flags::DEFAULT_DENY_INGRESS);
         let ingress = |identity: u32| -> Vec<(u8, u16, u8, u8, u16)> {
             out.entries
                 .iter()
-                .filter(|e| e.direction == DIR_INGRESS && e.identity == identity)
+                .filter(|e| e.direction == DIR_INGRESS && e.peer == identity)
                 .map(|e| {
                     (
                         e.protocol,
@@ -461,13 +478,13 @@ probes:
 
         // The client's egress: default allow with a deny of every port towards `other`.
         let cl = model.pod_endpoint("default/client").expect("client");
-        let out = endpoint_entries(&model, cl, 1, PROXIES);
+        let out = endpoint_entries(&model, cl, 1, PROXIES, &classes);
         assert_eq!(out.flags, 0);
         let egress: Vec<_> = out
             .entries
             .iter()
             .filter(|e| e.direction == DIR_EGRESS)
-            .map(|e| (e.identity, e.protocol, e.port_prefix_len, e.action))
+            .map(|e| (e.peer, e.protocol, e.port_prefix_len, e.action))
             .collect();
         assert_eq!(
             egress,

@@ -6,6 +6,8 @@
 //!   the maps.
 //! - [`compile::endpoint_entries`] turns policy-model's compiled endpoint policy into
 //!   policy map entries. Policy semantics stay in policy-model: the datapath executes.
+//! - [`classes`] groups the peer identities that the node's policies treat alike, so that
+//!   the policy map holds an entry per class, not per identity.
 //! - [`events`] reads the drop events of the `EVENTS` ring buffer, synchronously or on
 //!   tokio.
 //! - [`pinned`] finds maps an earlier agent pinned with another definition (a map grown
@@ -15,6 +17,7 @@
 //! - [`netlink`] is the node's network namespace through rtnetlink: route lookups
 //!   (which veth leads to a pod), links, and a stream of route and link changes.
 
+pub mod classes;
 pub mod compile;
 pub mod events;
 pub mod loader;
@@ -25,6 +28,7 @@ pub mod routing;
 use std::io;
 use std::path::{Path, PathBuf};
 
+pub use classes::PeerClasses;
 pub use compile::{endpoint_entries, EndpointEntries, PolicyEntry, ProxyPorts};
 pub use events::{AsyncDropEvents, DropEvents};
 pub use loader::{ConntrackFlow, ConntrackView, Datapath, MapSizes, DEFAULT_ROOT};
@@ -68,7 +72,17 @@ impl Error {
     /// Whether a map operation failed only because the key was not there (a removal
     /// that has nothing to do).
     pub fn is_not_found(&self) -> bool {
-        matches!(self, Error::Map(e) if matches!(**e, aya::maps::MapError::KeyNotFound))
+        let Error::Map(e) = self else {
+            return false;
+        };
+        match &**e {
+            aya::maps::MapError::KeyNotFound => true,
+            // a hash map's delete of an absent key
+            aya::maps::MapError::SyscallError(s) => {
+                s.io_error.raw_os_error() == Some(nix::libc::ENOENT)
+            }
+            _ => false,
+        }
     }
 
     fn io(path: &Path, source: io::Error) -> Error {

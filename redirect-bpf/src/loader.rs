@@ -46,7 +46,7 @@ pub(crate) fn object() -> &'static [u8] {
 /// from the pinned map's replaces that map at load, its entries carried over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
-    /// Policy map entries: (endpoint, peer identity, direction, protocol, port block)
+    /// Policy map entries: (endpoint, peer class, direction, protocol, port block)
     /// over all local endpoints. An LPM trie allocated as it fills.
     pub policy: u32,
 }
@@ -68,6 +68,7 @@ pub struct Datapath {
     endpoints_v4: HashMap<MapData, [u8; 4], EndpointInfo>,
     endpoints_v6: HashMap<MapData, [u8; 16], EndpointInfo>,
     policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
+    peer_classes: HashMap<MapData, u32, u32>,
     conntrack_v4: HashMap<MapData, CtKeyV4, CtValue>,
     conntrack_v6: HashMap<MapData, CtKeyV6, CtValue>,
     drops: PerCpuArray<MapData, u64>,
@@ -140,6 +141,7 @@ impl Datapath {
         let endpoints_v4 = take(map_names::ENDPOINTS_V4)?;
         let endpoints_v6 = take(map_names::ENDPOINTS_V6)?;
         let policy = take(map_names::POLICY)?;
+        let peer_classes = take(map_names::PEER_CLASSES)?;
         let conntrack_v4 = take(map_names::CONNTRACK_V4)?;
         let conntrack_v6 = take(map_names::CONNTRACK_V6)?;
         let drops = take(map_names::DROPS)?;
@@ -153,6 +155,7 @@ impl Datapath {
             endpoints_v4: HashMap::try_from(endpoints_v4).map_err(Error::map)?,
             endpoints_v6: HashMap::try_from(endpoints_v6).map_err(Error::map)?,
             policy: LpmTrie::try_from(policy).map_err(Error::map)?,
+            peer_classes: HashMap::try_from(peer_classes).map_err(Error::map)?,
             conntrack_v4: HashMap::try_from(conntrack_v4).map_err(Error::map)?,
             conntrack_v6: HashMap::try_from(conntrack_v6).map_err(Error::map)?,
             drops: PerCpuArray::try_from(drops).map_err(Error::map)?,
@@ -187,6 +190,7 @@ impl Datapath {
                 map_names::IPCACHE_V4 => Some(copy_lpm(map, &mut self.ipcache_v4)?),
                 map_names::IPCACHE_V6 => Some(copy_lpm(map, &mut self.ipcache_v6)?),
                 map_names::POLICY => Some(copy_lpm(map, &mut self.policy)?),
+                map_names::PEER_CLASSES => Some(copy_hash(map, &mut self.peer_classes)?),
                 map_names::ENDPOINTS_V4 => Some(copy_hash(map, &mut self.endpoints_v4)?),
                 map_names::ENDPOINTS_V6 => Some(copy_hash(map, &mut self.endpoints_v6)?),
                 map_names::CONNTRACK_V4 => Some(copy_hash(map, &mut self.conntrack_v4)?),
@@ -365,6 +369,27 @@ impl Datapath {
         Ok(())
     }
 
+    /// Puts a peer identity in a class (the `peer` of the policy entries that apply to it).
+    pub fn set_peer_class(&mut self, identity: u32, class: u32) -> Result<(), Error> {
+        self.peer_classes
+            .insert(identity, class, 0)
+            .map_err(Error::map)
+    }
+
+    /// Takes a peer identity out of its class: policy entries of the identity itself
+    /// and of every peer apply to it.
+    pub fn remove_peer_class(&mut self, identity: u32) -> Result<(), Error> {
+        self.peer_classes.remove(&identity).map_err(Error::map)
+    }
+
+    /// Every (identity, class) of the peer classes map.
+    pub fn peer_classes(&self) -> Result<Vec<(u32, u32)>, Error> {
+        self.peer_classes
+            .iter()
+            .map(|item| item.map_err(Error::map))
+            .collect()
+    }
+
     /// Moves an endpoint's policy from `old` to `new` entries: writes every new entry
     /// first (replacing same keys in place), then removes the old keys that are gone, so
     /// that a flow allowed before and after never meets a transient deny. When this
@@ -423,7 +448,7 @@ impl Datapath {
             let d = k.data();
             out.push(PolicyEntry {
                 endpoint_id: d.endpoint_id,
-                identity: d.identity,
+                peer: d.peer,
                 direction: d.direction,
                 protocol: d.protocol,
                 port: u16::from_be_bytes(d.port),
@@ -658,7 +683,7 @@ impl ConntrackFlow {
 fn entry_key(e: &PolicyEntry) -> (u32, u32, u8, u8, u16, u8) {
     (
         e.endpoint_id,
-        e.identity,
+        e.peer,
         e.direction,
         e.protocol,
         e.port,

@@ -1,6 +1,8 @@
 //! The map entries of every endpoint of every conformance case reproduce
-//! policy-model's verdicts, as the datapath looks them up (exact identity and wildcard
-//! identity, longest port prefix, greatest action, else the direction's default).
+//! policy-model's verdicts, as the datapath looks them up (the peer's class, or the
+//! identity without one, and the wildcard; longest port prefix, greatest action, else the
+//! direction's default), with peer classes computed for every endpoint of the case
+//! together and for each endpoint alone (the coarsest classes a node could have).
 //! No root needed. The cases are the repository's (`conformance/cases`, `conformance/cases-calico`); without them
 //! this test fails rather than pass on nothing.
 
@@ -14,7 +16,7 @@ use policy_model::l7::L7Protocol;
 use policy_model::verdict::L4Decision;
 use policy_model::{Direction, Model, Protocol};
 use redirect_bpf::common::{action, endpoint_flags, DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY};
-use redirect_bpf::{endpoint_entries, EndpointEntries, ProxyPorts};
+use redirect_bpf::{endpoint_entries, EndpointEntries, PeerClasses, ProxyPorts};
 
 const PROXIES: ProxyPorts = ProxyPorts {
     http: 15001,
@@ -55,11 +57,19 @@ fn oracle(model: &Model, d: L4Decision) -> (u8, u16) {
 }
 
 /// What the datapath decides with these entries.
-fn lookup(out: &EndpointEntries, dir: u8, identity: u32, protocol: u8, port: u16) -> (u8, u16) {
+fn lookup(
+    out: &EndpointEntries,
+    classes: &PeerClasses,
+    dir: u8,
+    identity: u32,
+    protocol: u8,
+    port: u16,
+) -> (u8, u16) {
+    let class = classes.class_of(identity).unwrap_or(identity);
     let lpm = |id: u32| {
         out.entries
             .iter()
-            .filter(|e| e.identity == id && e.direction == dir && e.protocol == protocol)
+            .filter(|e| e.peer == id && e.direction == dir && e.protocol == protocol)
             .filter(|e| {
                 let shift = 16 - u32::from(e.port_prefix_len);
                 u32::from(e.port) >> shift == u32::from(port) >> shift
@@ -67,7 +77,7 @@ fn lookup(out: &EndpointEntries, dir: u8, identity: u32, protocol: u8, port: u16
             .max_by_key(|e| e.port_prefix_len)
             .map(|e| (e.action, e.proxy_port))
     };
-    [lpm(identity), lpm(IDENTITY_ANY)]
+    [lpm(class), lpm(IDENTITY_ANY)]
         .into_iter()
         .flatten()
         .max_by_key(|(a, _)| *a)
@@ -137,34 +147,44 @@ fn check_folder(folder: &str) {
         let model = case
             .compile(None, file.to_str())
             .unwrap_or_else(|e| panic!("{}: {e:?}", file.display()));
+        let all: Vec<&EndpointPolicy> = model.endpoints().collect();
+        let together = PeerClasses::compute(&model, &all, &Default::default());
         for ep in model.endpoints() {
-            let out = endpoint_entries(&model, ep, 1, PROXIES);
-            let ports = sample_ports(&model, ep);
-            for d in Direction::BOTH {
-                let code = match d {
-                    Direction::Ingress => DIR_INGRESS,
-                    Direction::Egress => DIR_EGRESS,
-                };
-                for idx in 0..model.identities.len() as Idx {
-                    let id = model.identities.get(idx).id;
-                    for (proto, proto_code) in PROTOCOLS {
-                        for &port in &ports {
-                            let want = oracle(&model, model.decide(ep, d, idx, proto, port));
-                            let got = lookup(&out, code, id, proto_code, port);
-                            assert_eq!(
-                                got,
-                                want,
-                                "{}: {} {d} identity {id} {proto:?}/{port}",
-                                file.display(),
-                                ep.name
-                            );
-                            checked += 1;
-                        }
-                    }
-                }
+            let alone = PeerClasses::compute(&model, &[ep], &Default::default());
+            for classes in [&together, &alone] {
+                checked += check_endpoint(&model, ep, classes, &file.display().to_string());
             }
         }
     }
     assert!(checked > 0);
     eprintln!("{} cases, {checked} verdicts checked", files.len());
+}
+
+/// Checks every identity's verdict on the sample ports; returns how many were checked.
+fn check_endpoint(model: &Model, ep: &EndpointPolicy, classes: &PeerClasses, file: &str) -> u64 {
+    let out = endpoint_entries(model, ep, 1, PROXIES, classes);
+    let ports = sample_ports(model, ep);
+    let mut checked = 0;
+    for d in Direction::BOTH {
+        let code = match d {
+            Direction::Ingress => DIR_INGRESS,
+            Direction::Egress => DIR_EGRESS,
+        };
+        for idx in 0..model.identities.len() as Idx {
+            let id = model.identities.get(idx).id;
+            for (proto, proto_code) in PROTOCOLS {
+                for &port in &ports {
+                    let want = oracle(model, model.decide(ep, d, idx, proto, port));
+                    let got = lookup(&out, classes, code, id, proto_code, port);
+                    assert_eq!(
+                        got, want,
+                        "{file}: {} {d} identity {id} {proto:?}/{port}",
+                        ep.name
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    checked
 }

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
 use redirect_bpf::common::{action, drop_reason, endpoint_flags, EndpointInfo, DIR_EGRESS};
 use redirect_bpf::common::{
-    map_names, DIR_INGRESS, IDENTITY_ANY, POLICY_MAX, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    map_names, CLASS_FIRST, DIR_INGRESS, IDENTITY_ANY, POLICY_MAX, PROTO_ICMP, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP,
 };
 use redirect_bpf::{Datapath, MapSizes, PolicyEntry};
 use testkit::{link_pod, run_in as in_ns, Netns, Poll, Subnet};
@@ -222,7 +223,7 @@ fn entry_proto(
 ) -> PolicyEntry {
     PolicyEntry {
         endpoint_id,
-        identity,
+        peer: identity,
         direction,
         protocol,
         port: port.unwrap_or(0),
@@ -342,6 +343,43 @@ fn allow_and_deny_by_identity() {
         dp.detach(&lab.pods[2].veth).expect("detach");
         dp.detach(&lab.pods[2].veth).expect("detach again");
     });
+}
+
+#[test]
+fn peers_in_a_class_share_its_entries() {
+    let lab = Lab::new("classes", 3);
+    let mut dp = lab.datapath();
+    let (a, b, c) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
+    const CLASS: u32 = CLASS_FIRST + 5;
+    // b: ingress default deny; one entry for a class, none for a or c themselves
+    lab.set_endpoint(&mut dp, 1, endpoint_flags::DEFAULT_DENY_INGRESS);
+    dp.insert_policy(&[entry(
+        b.endpoint_id,
+        DIR_INGRESS,
+        CLASS,
+        Some(80),
+        action::ALLOW,
+        0,
+    )])
+    .expect("policy");
+    echo_server(&b.ns, b.ip, 80);
+    assert_denied(&a.ns, b.ip, 80);
+    dp.set_peer_class(a.identity, CLASS).expect("class of a");
+    dp.set_peer_class(c.identity, CLASS).expect("class of c");
+    for peer in [a, c] {
+        let mut s = connect(&peer.ns, b.ip, 80, ALLOWED).expect("a class member is allowed");
+        round_trip(&mut s, b"hello");
+    }
+    let mut classes = dp.peer_classes().expect("read back");
+    classes.sort_unstable();
+    let mut want = vec![(a.identity, CLASS), (c.identity, CLASS)];
+    want.sort_unstable();
+    assert_eq!(classes, want);
+    // out of the class, c is only itself again: default deny
+    dp.remove_peer_class(c.identity).expect("remove");
+    assert_denied(&c.ns, b.ip, 80);
+    let mut s = connect(&a.ns, b.ip, 80, ALLOWED).expect("a still is");
+    round_trip(&mut s, b"again");
 }
 
 /// The agent's way of reading drop events: the ring buffer handed out of the datapath

@@ -118,8 +118,8 @@ fn print_status(s: &api::Status) {
     );
     let m = &s.map_entries;
     println!(
-        "maps:       ipcache {}, endpoints {}, policy {}",
-        m.ipcache, m.endpoints, m.policy
+        "maps:       ipcache {}, endpoints {}, policy {}, peer classes {} ({} identities)",
+        m.ipcache, m.endpoints, m.policy, m.classes, m.peer_classes
     );
     println!(
         "tls:        {} rules with unusable material",

@@ -27,6 +27,9 @@ pub enum Op {
     RemoveEndpoint(IpAddr),
     InsertPolicy(Vec<PolicyEntry>),
     RemovePolicy(Vec<PolicyEntry>),
+    /// (identity, class)
+    SetPeerClass(u32, u32),
+    RemovePeerClass(u32),
     Attach(String),
     Detach(String),
     /// Conntrack entries removed because policy denies their flows.
@@ -49,6 +52,8 @@ impl Op {
                 | Op::RemoveEndpoint(_)
                 | Op::InsertPolicy(_)
                 | Op::RemovePolicy(_)
+                | Op::SetPeerClass(..)
+                | Op::RemovePeerClass(_)
         )
     }
 }
@@ -59,7 +64,7 @@ pub type EntryKey = (u32, u32, u8, u8, u16, u8);
 fn entry_key(e: &PolicyEntry) -> EntryKey {
     (
         e.endpoint_id,
-        e.identity,
+        e.peer,
         e.direction,
         e.protocol,
         e.port,
@@ -73,6 +78,8 @@ pub struct FakeDatapath {
     pub ipcache: BTreeMap<IpNet, u32>,
     pub endpoints: BTreeMap<IpAddr, EndpointInfo>,
     pub policy: BTreeMap<EntryKey, PolicyEntry>,
+    /// Peer identity -> class.
+    pub peer_classes: BTreeMap<u32, u32>,
     /// Interfaces carrying Ward's programs.
     pub attached: BTreeSet<String>,
     pub conntrack: Vec<ConntrackFlow>,
@@ -98,6 +105,7 @@ impl Default for FakeDatapath {
             ipcache: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             policy: BTreeMap::new(),
+            peer_classes: BTreeMap::new(),
             attached: BTreeSet::new(),
             conntrack: Vec::new(),
             now_ns: 0,
@@ -211,6 +219,22 @@ impl Datapath for FakeDatapath {
             self.policy.remove(&entry_key(e));
         }
         Ok(())
+    }
+
+    fn set_peer_class(&mut self, identity: u32, class: u32) -> Result<(), Error> {
+        self.write(Op::SetPeerClass(identity, class))?;
+        self.peer_classes.insert(identity, class);
+        Ok(())
+    }
+
+    fn remove_peer_class(&mut self, identity: u32) -> Result<(), Error> {
+        self.write(Op::RemovePeerClass(identity))?;
+        self.peer_classes.remove(&identity);
+        Ok(())
+    }
+
+    fn peer_classes(&self) -> Result<Vec<(u32, u32)>, Error> {
+        Ok(self.peer_classes.iter().map(|(i, c)| (*i, *c)).collect())
     }
 
     fn ipcache_entries(&self) -> Result<Vec<(IpNet, u32)>, Error> {

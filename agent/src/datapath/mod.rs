@@ -35,6 +35,10 @@ pub trait Datapath: Send + 'static {
     fn insert_policy(&mut self, entries: &[PolicyEntry]) -> Result<(), Error>;
     /// Removes policy entries by key.
     fn remove_policy(&mut self, entries: &[PolicyEntry]) -> Result<(), Error>;
+    /// Puts a peer identity in a class (`redirect_bpf::PeerClasses`).
+    fn set_peer_class(&mut self, identity: u32, class: u32) -> Result<(), Error>;
+    /// Takes a peer identity out of its class.
+    fn remove_peer_class(&mut self, identity: u32) -> Result<(), Error>;
 
     /// Every ipcache entry (read back at start: a restarted agent diffs against it).
     fn ipcache_entries(&self) -> Result<Vec<(IpNet, u32)>, Error>;
@@ -42,6 +46,8 @@ pub trait Datapath: Send + 'static {
     fn endpoints(&self) -> Result<Vec<(IpAddr, EndpointInfo)>, Error>;
     /// Every policy map entry.
     fn policy_entries(&self) -> Result<Vec<PolicyEntry>, Error>;
+    /// Every (identity, class) of the peer classes map.
+    fn peer_classes(&self) -> Result<Vec<(u32, u32)>, Error>;
 
     /// Attaches the pod programs to a pod's host-side interface (idempotent).
     fn attach(&mut self, iface: &str) -> Result<(), Error>;
@@ -116,6 +122,18 @@ impl Datapath for redirect_bpf::Datapath {
 
     fn remove_policy(&mut self, entries: &[PolicyEntry]) -> Result<(), Error> {
         redirect_bpf::Datapath::remove_policy(self, entries)
+    }
+
+    fn set_peer_class(&mut self, identity: u32, class: u32) -> Result<(), Error> {
+        redirect_bpf::Datapath::set_peer_class(self, identity, class)
+    }
+
+    fn remove_peer_class(&mut self, identity: u32) -> Result<(), Error> {
+        absent_is_fine(redirect_bpf::Datapath::remove_peer_class(self, identity))
+    }
+
+    fn peer_classes(&self) -> Result<Vec<(u32, u32)>, Error> {
+        redirect_bpf::Datapath::peer_classes(self)
     }
 
     fn ipcache_entries(&self) -> Result<Vec<(IpNet, u32)>, Error> {

@@ -3,8 +3,10 @@
 //! `Applied` mirrors the maps (read back from the pinned maps at start, so a restarted
 //! agent diffs against what the previous run left and rewrites nothing that is right).
 //! `apply` writes only what differs, in an order that never opens a transient deny or a
-//! transient allow: new and changed policy entries first, then ipcache and endpoints,
-//! then the removal of policy entries, endpoints and prefixes that are gone.
+//! transient allow: new and changed policy entries first (a new peer class's entries are
+//! complete before any identity is put in it), then the identities' classes, ipcache and
+//! endpoints, then the removal of classes, policy entries, endpoints and prefixes that are
+//! gone.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -22,6 +24,8 @@ pub struct MapState {
     pub endpoints: BTreeMap<IpAddr, EndpointInfo>,
     /// Per endpoint id: its policy entries.
     pub policy: BTreeMap<u32, BTreeSet<PolicyEntry>>,
+    /// Peer identity -> class (`redirect_bpf::PeerClasses::assignments`).
+    pub classes: BTreeMap<u32, u32>,
 }
 
 /// Key of a policy entry: everything but its value.
@@ -30,7 +34,7 @@ type EntryKey = (u32, u32, u8, u8, u16, u8);
 fn key(e: &PolicyEntry) -> EntryKey {
     (
         e.endpoint_id,
-        e.identity,
+        e.peer,
         e.direction,
         e.protocol,
         e.port,
@@ -47,6 +51,7 @@ impl MapState {
         for e in dp.policy_entries()? {
             s.policy.entry(e.endpoint_id).or_default().insert(e);
         }
+        s.classes.extend(dp.peer_classes()?);
         Ok(s)
     }
 
@@ -82,7 +87,15 @@ pub fn apply(
         slot.retain(|e| !keys.contains(&key(e)));
         slot.extend(changed);
     }
-    // 2. ipcache
+    // 2. identities into their classes
+    for (identity, class) in &desired.classes {
+        if applied.classes.get(identity) != Some(class) {
+            dp.set_peer_class(*identity, *class)?;
+            applied.classes.insert(*identity, *class);
+            writes += 1;
+        }
+    }
+    // 3. ipcache
     for (net, id) in &desired.ipcache {
         if applied.ipcache.get(net) != Some(id) {
             dp.set_ipcache(*net, *id)?;
@@ -90,7 +103,7 @@ pub fn apply(
             writes += 1;
         }
     }
-    // 3. endpoints
+    // 4. endpoints
     for (ip, info) in &desired.endpoints {
         if applied.endpoints.get(ip) != Some(info) {
             dp.set_endpoint(*ip, *info)?;
@@ -98,7 +111,19 @@ pub fn apply(
             writes += 1;
         }
     }
-    // 4. policy entries that are gone
+    // 5. identities that left (their classes' entries go next)
+    let gone: Vec<u32> = applied
+        .classes
+        .keys()
+        .filter(|i| !desired.classes.contains_key(i))
+        .copied()
+        .collect();
+    for identity in gone {
+        dp.remove_peer_class(identity)?;
+        applied.classes.remove(&identity);
+        writes += 1;
+    }
+    // 6. policy entries that are gone
     let ids: Vec<u32> = applied.policy.keys().copied().collect();
     for id in ids {
         let keep: BTreeSet<EntryKey> = desired
@@ -123,7 +148,7 @@ pub fn apply(
             }
         }
     }
-    // 5. endpoints that left
+    // 7. endpoints that left
     let gone: Vec<IpAddr> = applied
         .endpoints
         .keys()
@@ -135,7 +160,7 @@ pub fn apply(
         applied.endpoints.remove(&ip);
         writes += 1;
     }
-    // 6. prefixes that left
+    // 8. prefixes that left
     let gone: Vec<IpNet> = applied
         .ipcache
         .keys()

@@ -20,7 +20,7 @@ use policy_model::compile::{EndpointKey, Scope};
 use policy_model::identity::Idx;
 use policy_model::{Cluster, CompileOptions, Model, PolicyError};
 use redirect_bpf::common::EndpointInfo;
-use redirect_bpf::{endpoint_entries, ProxyPorts};
+use redirect_bpf::{endpoint_entries, PeerClasses, ProxyPorts};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
@@ -88,6 +88,12 @@ pub struct MapEntries {
     pub ipcache: usize,
     pub endpoints: usize,
     pub policy: usize,
+    /// Identities in the peer classes map.
+    #[serde(default)]
+    pub peer_classes: usize,
+    /// Distinct peer classes.
+    #[serde(default)]
+    pub classes: usize,
 }
 
 /// The publisher's inputs.
@@ -348,6 +354,15 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
         self.metrics.ready.set(1);
     }
 
+    /// The peer classes of this node's endpoints in `model`.
+    fn local_classes(&self, model: &Model) -> PeerClasses {
+        let eps: Vec<_> = self
+            .local_pods()
+            .filter_map(|p| model.pod_endpoint(&p.id()))
+            .collect();
+        PeerClasses::compute(model, &eps, &self.applied.classes)
+    }
+
     fn local_pods(&self) -> impl Iterator<Item = &policy_model::cluster::Pod> {
         self.cluster
             .pods
@@ -371,12 +386,15 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             .collect();
         let local: BTreeSet<String> = pods.iter().map(|(p, _)| p.clone()).collect();
         self.ids.retain(|p| local.contains(p));
-        for (pod, ips) in pods {
-            let Some(ep) = model.pod_endpoint(&pod) else {
-                continue;
-            };
+        let pods: Vec<_> = pods
+            .into_iter()
+            .filter_map(|(pod, ips)| Some((model.pod_endpoint(&pod)?, pod, ips)))
+            .collect();
+        let eps: Vec<_> = pods.iter().map(|(ep, _, _)| *ep).collect();
+        let classes = PeerClasses::compute(model, &eps, &self.applied.classes);
+        for (ep, pod, ips) in pods {
             let id = self.ids.id(&pod, &ips, &recovered);
-            let e = endpoint_entries(model, ep, id, self.ports);
+            let e = endpoint_entries(model, ep, id, self.ports, &classes);
             let identity = model.identities.get(ep.identity).id;
             let attached = self.attachments.by_pod.get(&pod);
             let ifindex = match attached {
@@ -410,6 +428,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
                 ifindex,
             });
         }
+        d.classes = classes.assignments().clone();
         d.ipcache = model.ipcache(Some(&self.node)).into_iter().collect();
         (d, status)
     }
@@ -438,6 +457,16 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
                 None => desired.ipcache.remove(&net),
             };
         }
+        let classes = self.local_classes(&model);
+        let same_classes =
+            classes.numbers() == desired.classes.values().copied().collect::<BTreeSet<u32>>();
+        desired.classes = classes.assignments().clone();
+        if !same_classes {
+            // A class came or went: every endpoint's entries name the classes.
+            let (all, _) = self.desired(&model);
+            let result = apply(&mut *self.dp.lock(), &mut self.applied, &all);
+            return self.publish(model, start, None, false, result);
+        }
         for key in endpoints {
             let Some(ep) = model.endpoint(key) else {
                 continue;
@@ -456,7 +485,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             else {
                 continue;
             };
-            let e = endpoint_entries(&model, ep, id, self.ports);
+            let e = endpoint_entries(&model, ep, id, self.ports, &classes);
             if e.entries.is_empty() {
                 desired.policy.remove(&id);
             } else {
@@ -598,6 +627,8 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             ipcache: self.applied.ipcache.len(),
             endpoints: self.applied.endpoints.len(),
             policy: self.applied.policy_len(),
+            peer_classes: self.applied.classes.len(),
+            classes: self.applied.classes.values().collect::<BTreeSet<_>>().len(),
         }
     }
 

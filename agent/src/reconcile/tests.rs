@@ -317,10 +317,7 @@ async fn a_policy_change_writes_exactly_its_diff_adds_before_removes() {
         assert_eq!(e.direction, DIR_INGRESS);
         assert_eq!(e.protocol, 6);
     }
-    assert_eq!(
-        added[0].identity, removed[0].identity,
-        "the client's identity"
-    );
+    assert_eq!(added[0].peer, removed[0].peer, "the client's class");
 }
 
 #[tokio::test]
@@ -361,6 +358,92 @@ async fn learned_ips_are_confirmed_only_after_the_datapath_has_them() {
             .any(|n| n.addr() == ip("203.0.113.8"))
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_new_class_is_complete_before_an_identity_moves_in() {
+    let state = tempfile::tempdir().unwrap();
+    let dp = Shared::new(FakeDatapath::new());
+    let node = Node::start(&dp, state.path(), FakeRoutes::of_the_pods());
+    node.send(snapshot(&[CLIENT_POLICY])).await;
+    node.ready().await;
+    node.journal();
+
+    // The first address of ext.example.com: its identity is the first the FQDN selector
+    // holds, a class of its own, whose entries are written before the identity is put
+    // in it.
+    within("the confirmation", node.lane.apply(learned(EXT)))
+        .await
+        .unwrap();
+    let journal = node.journal();
+    let identity = |addr: &str| {
+        let dp = dp.lock();
+        *dp.ipcache
+            .iter()
+            .find(|(n, _)| n.addr() == ip(addr))
+            .unwrap_or_else(|| panic!("no ipcache entry for {addr}"))
+            .1
+    };
+    let ext = identity(EXT);
+    let class = dp.lock().peer_classes[&ext];
+    let at = |f: &dyn Fn(&Op) -> bool| journal.iter().position(f);
+    let moved = at(&|o| matches!(o, Op::SetPeerClass(i, c) if *i == ext && *c == class))
+        .unwrap_or_else(|| panic!("{ext} not put in class {class}: {journal:#?}"));
+    let entries = at(&|o| {
+        matches!(o, Op::InsertPolicy(es) if es.iter().any(|e| e.peer == class && e.port == 443))
+    })
+    .unwrap_or_else(|| panic!("no entry of class {class} for 443: {journal:#?}"));
+    assert!(entries < moved, "{journal:#?}");
+}
+
+#[tokio::test]
+async fn a_pod_the_policies_treat_like_others_joins_their_class_without_entries() {
+    const CLUSTER_WIDE: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: server-ingress, namespace: app}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - fromEntities: [cluster]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"#;
+    let state = tempfile::tempdir().unwrap();
+    let dp = Shared::new(FakeDatapath::new());
+    let node = Node::start(&dp, state.path(), FakeRoutes::of_the_pods());
+    node.send(snapshot(&[CLUSTER_WIDE])).await;
+    node.ready().await;
+    node.journal();
+
+    // A pod of new labels on another node: a new identity, admitted like the client.
+    let mut more = snapshot(&[CLUSTER_WIDE]);
+    more.cluster = serde_yaml::from_str(&format!(
+        "{CLUSTER}- {{namespace: app, name: batch, ip: 10.80.3.2, node: n2, labels: {{app: batch}}}}\n"
+    ))
+    .unwrap();
+    node.push(more).await;
+    let journal = node.journal();
+    let dp = dp.lock();
+    let identity_of = |addr: &str| {
+        *dp.ipcache
+            .iter()
+            .find(|(n, _)| n.addr() == ip(addr))
+            .unwrap_or_else(|| panic!("no ipcache entry for {addr}"))
+            .1
+    };
+    let batch = identity_of("10.80.3.2");
+    assert_ne!(batch, identity_of(CLIENT));
+    assert_eq!(
+        dp.peer_classes.get(&batch),
+        dp.peer_classes.get(&identity_of(CLIENT)),
+        "{:?}",
+        dp.peer_classes
+    );
+    assert!(
+        !journal
+            .iter()
+            .any(|o| matches!(o, Op::InsertPolicy(_) | Op::RemovePolicy(_))),
+        "{journal:#?}"
+    );
 }
 
 fn flow(dport: u16, protocol: u8, flags: u32) -> ConntrackFlow {

@@ -14,17 +14,19 @@ pub mod map_names {
     pub const ENDPOINTS_V4: &str = "ENDPOINTS_V4";
     pub const ENDPOINTS_V6: &str = "ENDPOINTS_V6";
     pub const POLICY: &str = "POLICY";
+    pub const PEER_CLASSES: &str = "PEER_CLASSES";
     pub const CONNTRACK_V4: &str = "CONNTRACK_V4";
     pub const CONNTRACK_V6: &str = "CONNTRACK_V6";
     pub const DROPS: &str = "DROPS";
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_RATE: &str = "EVENT_RATE";
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         IPCACHE_V4,
         IPCACHE_V6,
         ENDPOINTS_V4,
         ENDPOINTS_V6,
         POLICY,
+        PEER_CLASSES,
         CONNTRACK_V4,
         CONNTRACK_V6,
         DROPS,
@@ -47,6 +49,8 @@ pub mod program_names {
 pub const IPCACHE_MAX: u32 = 262_144;
 pub const ENDPOINTS_MAX: u32 = 65_536;
 pub const POLICY_MAX: u32 = 1_048_576;
+/// One entry per live identity of the cluster (as many as the ipcache can name).
+pub const PEER_CLASSES_MAX: u32 = IPCACHE_MAX;
 pub const CONNTRACK_MAX: u32 = 262_144;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 
@@ -54,6 +58,10 @@ pub const EVENTS_BYTES: u32 = 256 * 1024;
 pub const IDENTITY_WORLD: u32 = 2;
 /// In a policy key: every peer identity.
 pub const IDENTITY_ANY: u32 = 0;
+/// The first peer class number. Classes and identities share the `peer` field of policy
+/// keys, so classes are numbered above every identity (pods below 2^24, CIDR and FQDN
+/// prefixes from 2^24).
+pub const CLASS_FIRST: u32 = 1 << 31;
 
 /// Marks (`skb->mark & MARK_MASK`), as Cilium uses them.
 pub const MARK_MASK: u32 = 0xf00;
@@ -107,12 +115,19 @@ pub struct EndpointInfo {
 
 /// Data of a policy LPM key. Every field but the port is always fully covered by the
 /// prefix: `prefix_len = POLICY_FIXED_BITS + port prefix bits (0..=16)`.
+///
+/// The peer is a class of identities, not an identity: identities that every policy of
+/// the node's endpoints treats alike (the same selectors select them) share a class
+/// (`PEER_CLASSES`: identity -> class), so a policy that admits thousands of identities
+/// costs an entry per class, not per identity. A peer without a class is looked up by its
+/// identity (what a map written before classes holds), and every peer also by
+/// `IDENTITY_ANY`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyKeyData {
     pub endpoint_id: u32,
-    /// Peer identity, or `IDENTITY_ANY`.
-    pub identity: u32,
+    /// Peer class (from `CLASS_FIRST`), peer identity, or `IDENTITY_ANY`.
+    pub peer: u32,
     pub direction: u8,
     pub protocol: u8,
     /// Destination port, network byte order.

@@ -30,6 +30,7 @@ use aya_ebpf::{
 use redirect_bpf_common::{
     action, ct_flags, drop_reason, endpoint_flags, CtKeyV4, CtKeyV6, CtValue, DropEvent,
     EndpointInfo, EventRate, IpcacheValue, PolicyKeyData, PolicyValue, CONNTRACK_MAX, DIR_EGRESS,
+    PEER_CLASSES_MAX,
     DIR_INGRESS, ENDPOINTS_MAX, EVENTS_BYTES, EVENTS_PER_CPU_PER_SECOND, IDENTITY_ANY,
     IDENTITY_WORLD, IPCACHE_MAX, MARK_FROM_EGRESS_PROXY, MARK_FROM_INGRESS_PROXY, MARK_MASK,
     MARK_TO_PROXY, POLICY_FIXED_BITS, POLICY_MAX, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
@@ -57,6 +58,10 @@ static ENDPOINTS_V6: HashMap<[u8; 16], EndpointInfo> = HashMap::pinned(ENDPOINTS
 
 #[map]
 static POLICY: LpmTrie<PolicyKeyData, PolicyValue> = LpmTrie::pinned(POLICY_MAX, BPF_F_NO_PREALLOC);
+
+/// Peer identity -> peer class (the `peer` of policy keys).
+#[map]
+static PEER_CLASSES: HashMap<u32, u32> = HashMap::pinned(PEER_CLASSES_MAX, BPF_F_NO_PREALLOC);
 
 #[map]
 static CONNTRACK_V4: LruHashMap<CtKeyV4, CtValue> = LruHashMap::pinned(CONNTRACK_MAX, 0);
@@ -827,7 +832,7 @@ fn ipcache_v6(addr: &[u8; 16]) -> u32 {
 fn policy_lookup(
     endpoint_id: u32,
     dir: u8,
-    identity: u32,
+    peer: u32,
     protocol: u8,
     port: [u8; 2],
 ) -> Option<PolicyValue> {
@@ -835,7 +840,7 @@ fn policy_lookup(
         POLICY_FIXED_BITS + 16,
         PolicyKeyData {
             endpoint_id,
-            identity,
+            peer,
             direction: dir,
             protocol,
             port,
@@ -863,7 +868,9 @@ fn side_verdict(
         cookie: 0,
         reason: drop_reason::POLICY_DENY,
     };
-    for id in [peer, IDENTITY_ANY] {
+    // SAFETY: a lookup in a map of plain integers; the value is copied out at once.
+    let class = unsafe { PEER_CLASSES.get(&peer) }.copied().unwrap_or(peer);
+    for id in [class, IDENTITY_ANY] {
         if let Some(p) = policy_lookup(ep.endpoint_id, dir, id, protocol, port) {
             v = v.combine(Verdict {
                 action: p.action,

@@ -648,7 +648,7 @@ pub fn run(ctx: &mut Ctx) -> Result<String> {
     std::fs::create_dir_all(&www).map_err(|e| format!("{}: {e}", www.display()))?;
     let bulk = www.join(BULK_PATH.trim_start_matches('/'));
     std::fs::write(&bulk, bulk_body()).map_err(|e| format!("{}: {e}", bulk.display()))?;
-        let conf = write(ctx, "tls-backend.conf", &backend_conf(ctx, &pki))?;
+    let conf = write(ctx, "tls-backend.conf", &backend_conf(ctx, &pki))?;
     let log = ctx.work.join("tls-backend.log");
     let mut backend = Proc::spawn(
         ctx,
