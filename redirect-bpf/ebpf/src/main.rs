@@ -869,7 +869,7 @@ fn side_verdict(
         reason: drop_reason::POLICY_DENY,
     };
     // SAFETY: a lookup in a map of plain integers; the value is copied out at once.
-    let class = unsafe { PEER_CLASSES.get(&peer) }.copied().unwrap_or(peer);
+    let class = unsafe { PEER_CLASSES.get(peer) }.copied().unwrap_or(peer);
     for id in [class, IDENTITY_ANY] {
         if let Some(p) = policy_lookup(ep.endpoint_id, dir, id, protocol, port) {
             v = v.combine(Verdict {
