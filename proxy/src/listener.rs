@@ -73,6 +73,21 @@ impl TransparentListener {
         let inner = TcpListener::from_std(socket.into())?;
         Ok(TransparentListener { inner })
     }
+
+    /// A listener [`TransparentListener::bind`] made, received from another process (a
+    /// planned restart hands the agent's sockets over): its options came with it.
+    pub fn from_std(listener: std::net::TcpListener) -> io::Result<TransparentListener> {
+        listener.set_nonblocking(true)?;
+        Ok(TransparentListener {
+            inner: TcpListener::from_std(listener)?,
+        })
+    }
+
+    /// The listening socket, to hand to another process.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.inner.as_fd()
+    }
 }
 
 impl Listener for TransparentListener {

@@ -65,6 +65,8 @@ pub(crate) struct Shared {
     pub(crate) materials: Arc<Materials>,
     /// TLS connections reading their ClientHello or handshaking.
     pub(crate) handshakes: Arc<Semaphore>,
+    /// Set once the proxy drains ([`Proxy::drain`]).
+    draining: tokio::sync::watch::Sender<bool>,
 }
 
 /// A downstream connection's stream. `reset_on_close` makes closing it send a TCP reset
@@ -175,8 +177,23 @@ impl Proxy {
                 audit,
                 metrics,
                 connections,
+                draining: tokio::sync::watch::channel(false).0,
             }),
         }
+    }
+
+    /// Starts draining: HTTP/1.1 connections close after their next response, which
+    /// says `Connection: close` (an idle one is left to its client or the caller's drain
+    /// window: closing it could cut a request on its way); HTTP/2 connections get GOAWAY
+    /// and finish their streams. Tunnels and TLS splices run on. Stopping the accept loops
+    /// is the caller's (abort the tasks running [`Proxy::serve`]).
+    pub fn drain(&self) {
+        self.shared.draining.send_replace(true);
+    }
+
+    /// Downstream connections open now (the open-connections gauge).
+    pub fn open_connections(&self) -> i64 {
+        self.shared.metrics.open_connections.get()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -297,9 +314,26 @@ impl Proxy {
             upstream_h1: Mutex::new(None),
             tls,
         });
+        let draining = self.shared.draining.subscribe();
+        let closing = draining.clone();
         let svc = service_fn(move |req| {
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(conn.handle(req).await) }
+            let closing = *closing.borrow();
+            async move {
+                let mut resp = conn.handle(req).await;
+                // Draining HTTP/1.1: the connection ends after this response, which says
+                // so; an idle one is not closed under a request the client may be sending.
+                if closing
+                    && conn.version == HttpVersion::Http1
+                    && resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS
+                {
+                    resp.headers_mut().insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(resp)
+            }
         });
         let result = match version {
             HttpVersion::Http1 => {
@@ -322,18 +356,40 @@ impl Proxy {
                     control: cfg.h2_max_inbound_control_frames,
                 };
                 let io = TokioIo::new(Budgeted::new(io, budgets));
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_concurrent_streams(cfg.max_concurrent_streams)
                     .max_header_list_size(u32::try_from(cfg.max_header_size).unwrap_or(u32::MAX))
-                    .serve_connection(io, svc)
-                    .await
+                    .serve_connection(io, svc);
+                // Draining HTTP/2: GOAWAY (hyper sends one for all streams, then one with
+                // the last stream it took), the streams under way finish.
+                until_drained(conn, draining, |c| c.graceful_shutdown()).await
             }
         };
         if let Err(e) = result {
             tracing::debug!("{peer}: connection ended: {e}");
         }
     }
+}
+
+/// Drives a hyper connection to its end; once `draining` is set, asks it (once) to
+/// shut down gracefully and drives it on until it has.
+async fn until_drained<C, T>(
+    conn: C,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+    shut_down: impl FnOnce(std::pin::Pin<&mut C>),
+) -> T
+where
+    C: std::future::Future<Output = T>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        // a closed channel (the proxy is gone) never drains
+        Ok(_) = draining.wait_for(|d| *d) => {}
+    }
+    shut_down(conn.as_mut());
+    conn.await
 }
 
 struct OpenGuard(prometheus::IntGauge);

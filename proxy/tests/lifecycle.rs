@@ -166,3 +166,51 @@ async fn connections_beyond_the_limit_wait_until_one_closes() {
         .unwrap();
     assert_eq!(status, 200);
 }
+
+/// Draining (a planned restart): a kept-alive HTTP/1.1 connection gets its next answer
+/// with `Connection: close` and then ends; an h2 connection gets GOAWAY, and the open
+/// streams are still served, not cut.
+#[tokio::test]
+async fn a_draining_proxy_closes_connections_after_their_next_answer() {
+    use std::time::Duration;
+
+    let up = upstream().await;
+    let p = start_proxy(up.addr, POLICY).await;
+    let mut c1 = h1(p.addr).await;
+    let r = c1.send_request(get("/query?x=1")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("connection").is_none());
+    body_string(r).await;
+    let mut c2 = h2::<Full<Bytes>>(p.addr).await;
+    let req = || {
+        http::Request::get("http://web/query?x=1")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let r = c2.send_request(req()).await.unwrap();
+    assert_eq!(r.status(), 200);
+    body_string(r).await;
+
+    p.proxy.drain();
+    // idle HTTP/1.1 is not closed under the client: its next request is answered
+    let r = c1.send_request(get("/query?x=1")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["connection"], "close");
+    body_string(r).await;
+    // and then the connection is gone
+    let wait = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !c1.is_closed() {
+        assert!(tokio::time::Instant::now() < wait, "HTTP/1.1 still open");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // h2: GOAWAY, no new stream
+    while !c2.is_closed() && c2.ready().await.is_ok() {
+        assert!(tokio::time::Instant::now() < wait, "h2 took new streams");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let open = tokio::time::Instant::now() + Duration::from_secs(5);
+    while p.proxy.open_connections() > 0 {
+        assert!(tokio::time::Instant::now() < open, "connections left open");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
