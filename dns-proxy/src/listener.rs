@@ -103,6 +103,15 @@ impl TransparentUdp {
         let local = socket.local_addr()?;
         Ok(TransparentUdp { socket, local })
     }
+
+    /// A socket [`TransparentUdp::bind`] made, received from another process (a planned
+    /// restart hands the agent's sockets over): its options came with it.
+    pub fn from_std(socket: std::net::UdpSocket) -> io::Result<TransparentUdp> {
+        socket.set_nonblocking(true)?;
+        let socket = UdpSocket::from_std(socket)?;
+        let local = socket.local_addr()?;
+        Ok(TransparentUdp { socket, local })
+    }
 }
 
 /// Whether `server` is the listener itself: a query sent straight to the proxy, not
@@ -191,17 +200,22 @@ impl OrigDst for LocalAddr {
     }
 }
 
-/// Serves UDP until the socket fails. On a current-thread runtime (`ward dns-proxy
-/// --threads 1`, the agent's `ward-dns` thread) the queries in flight are futures of this
-/// task ([`serve_udp_inline`]); on a multi-thread runtime each datagram is handled in a
-/// task of its own, so queries spread over the workers.
+/// Serves UDP until the socket fails or the proxy stops serving
+/// ([`Proxy::stop_serving`]). On a current-thread runtime (`ward dns-proxy --threads 1`,
+/// the agent's `ward-dns` thread) the queries in flight are futures of this task
+/// ([`serve_udp_inline`]); on a multi-thread runtime each datagram is handled in a task
+/// of its own, so queries spread over the workers.
 pub async fn serve_udp(proxy: Proxy, io: Arc<dyn UdpTransport>) -> io::Result<()> {
     if Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread {
         return serve_udp_inline(proxy, io).await;
     }
     let mut buf = vec![0u8; 65_535];
     loop {
-        let Some(d) = recv_datagram(&*io, &mut buf, None).await? else {
+        let d = tokio::select! {
+            d = recv_datagram(&*io, &mut buf, None) => d?,
+            () = proxy.stopped() => return Ok(()),
+        };
+        let Some(d) = d else {
             continue;
         };
         let received = Instant::now();
@@ -225,6 +239,10 @@ pub async fn serve_udp_inline(proxy: Proxy, io: Arc<dyn UdpTransport>) -> io::Re
             // that came in are released before more queries are taken.
             biased;
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            () = proxy.stopped() => {
+                while in_flight.next().await.is_some() {}
+                return Ok(());
+            }
             d = recv_datagram(&*io, &mut buf, busy.as_deref()) => {
                 let d = match d {
                     Ok(Some(d)) => d,
@@ -287,6 +305,7 @@ async fn answer(
     d: Datagram,
     received: Instant,
 ) {
+    let _flight = proxy.in_flight();
     let ctx = QueryContext {
         client: d.client,
         server: d.server,
@@ -335,15 +354,19 @@ fn transient(e: &io::Error) -> bool {
     )
 }
 
-/// Serves TCP until the listener fails; one task per connection, queries answered in
-/// order.
+/// Accepts TCP connections until the proxy stops serving ([`Proxy::stop_serving`]); one
+/// task per connection, queries answered in order (a connection outlives the stop).
 pub async fn serve_tcp(
     proxy: Proxy,
     listener: TcpListener,
     orig: Arc<dyn OrigDst>,
 ) -> io::Result<()> {
     loop {
-        let (stream, client) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = proxy.stopped() => return Ok(()),
+        };
+        let (stream, client) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!("tcp accept: {e}");
@@ -394,6 +417,7 @@ async fn serve_connection(
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         let received = Instant::now();
+        let _flight = proxy.in_flight();
         let handled = proxy.serve(&query, ctx).await;
         let sent = match handled.reply.as_deref() {
             Some(reply) => write_framed(&mut stream, reply).await,

@@ -1730,3 +1730,72 @@ async fn answers_with_ttl_0_are_handed_over_before_they_leave() {
     }
     assert_eq!(h.proxy.metrics().known_answers.get(), 0);
 }
+
+/// Handing the sockets to another process: once the proxy stops serving, the listeners
+/// read nothing more and return, and a query they had read is still answered first (its
+/// datapath update held here), so none is lost between two processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_listeners_answer_what_they_hold_and_read_no_more() {
+    let mut z = Zone::default();
+    z.a("held.app.test", 60, &["192.0.2.86"]);
+    let up = Upstream::start(z).await;
+    let sink = TestSink::default();
+    sink.delay_next(Duration::from_millis(300));
+    let metrics = dns_proxy::metrics::Metrics::new().unwrap();
+    let (audit, _rx) =
+        dns_proxy::audit::Audit::channel(16, dns_proxy::audit::DroppedCounter::new());
+    let proxy = dns_proxy::Proxy::new(
+        Config::default(),
+        model(up.addr.port()),
+        dns_proxy::Scope::Endpoint(ENDPOINT.into()),
+        std::sync::Arc::new(sink.clone()),
+        std::sync::Arc::new(TestInUse::default()),
+        audit,
+        metrics,
+    );
+    let (udp, tcp) = bind_pair().await;
+    let addr = udp.local_addr().unwrap();
+    let io = std::sync::Arc::new(dns_proxy::listener::ForwarderUdp {
+        socket: udp,
+        upstream: up.addr,
+    });
+    let udp_listener = tokio::spawn(dns_proxy::listener::serve_udp(proxy.clone(), io));
+    let tcp_listener = tokio::spawn(dns_proxy::listener::serve_tcp(
+        proxy.clone(),
+        tcp,
+        std::sync::Arc::new(dns_proxy::listener::FixedUpstream(up.addr)),
+    ));
+    let held = tokio::spawn(query(addr, "held.app.test", RecordType::A, false));
+    let wait = tokio::time::Instant::now() + Duration::from_secs(5);
+    while proxy.queries_in_flight() == 0 {
+        assert!(
+            tokio::time::Instant::now() < wait,
+            "the query never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    proxy.stop_serving();
+    for l in [udp_listener, tcp_listener] {
+        tokio::time::timeout(Duration::from_secs(5), l)
+            .await
+            .expect("the listener returns")
+            .expect("listener task")
+            .expect("no error");
+    }
+    let m = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("the held query is answered")
+        .unwrap();
+    assert_eq!(ips(&m), vec![ip("192.0.2.86")]);
+    assert_eq!(proxy.queries_in_flight(), 0);
+    // nothing reads the socket any more: a new query goes unanswered
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.send_to(&[0u8; 12], addr).await.unwrap();
+    let mut buf = [0u8; 512];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sock.recv(&mut buf))
+            .await
+            .is_err(),
+        "a stopped listener answered"
+    );
+}

@@ -12,7 +12,7 @@ mod upkeep;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -121,6 +121,19 @@ struct Inner {
     /// Answers read before, per server and question: a repeat of one whose IPs the
     /// datapath holds leaves as soon as it is compared.
     known: KnownAnswers,
+    /// Set by [`Proxy::stop_serving`]: the listeners stop reading.
+    stop: watch::Sender<bool>,
+    /// Queries read from a listener and not yet answered.
+    in_flight: AtomicUsize,
+}
+
+/// A query in flight ([`Proxy::in_flight`]).
+pub(crate) struct InFlight(Arc<Inner>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Proxy {
@@ -158,8 +171,36 @@ impl Proxy {
                 in_hand,
                 generation: AtomicU64::new(0),
                 known: KnownAnswers::default(),
+                stop: watch::channel(false).0,
+                in_flight: AtomicUsize::new(0),
             }),
         }
+    }
+
+    /// Stops the listeners serving this proxy (`serve_udp`, `serve_tcp`): they read no
+    /// more queries and accept no more connections, and return once the queries they
+    /// hold are answered; queries read meanwhile are answered as before. For handing
+    /// the sockets to another process, which reads them from then on.
+    pub fn stop_serving(&self) {
+        self.inner.stop.send_replace(true);
+    }
+
+    /// Resolves once [`Proxy::stop_serving`] was called.
+    pub(crate) async fn stopped(&self) {
+        let mut rx = self.inner.stop.subscribe();
+        // the sender lives as long as the proxy: an error cannot happen here
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+
+    /// Queries read from a listener and not answered yet.
+    pub fn queries_in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Counts a query in flight until the guard is dropped.
+    pub(crate) fn in_flight(&self) -> InFlight {
+        self.inner.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.inner.clone())
     }
 
     /// The busy-polling window when the configuration turns it on: spawn
