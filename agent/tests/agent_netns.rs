@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 
 use testkit::{link_pod, run_in as in_ns, Netns, Poll, Subnet};
 
+#[path = "agent_netns/restart.rs"]
+mod restart;
+
 const CLIENT: &str = "10.80.1.2";
 const SERVER: &str = "10.80.2.2";
 const DNS: &str = "10.80.3.2";
@@ -332,8 +335,33 @@ impl Lab {
     /// Starts the agent in the node namespace: through `--netns`, or as the lab does,
     /// under `ip netns exec`.
     fn start_agent_in(&mut self, ip_netns_exec: bool) {
+        let child = self.spawn_agent(ip_netns_exec, "agent.log");
+        self.agent = Some(child);
+        let node = self.node.clone();
+        let log = self.dir.join("agent.log");
+        let start = Instant::now();
+        while admin_get(&node, "/readyz").0 != 200 {
+            if let Some(c) = self.agent.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!(
+                        "ward agent exited ({status}):\n{}",
+                        fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "agent not ready within 30 s:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `ward agent` in the node namespace, its log in the lab's directory as `log`.
+    fn spawn_agent(&self, ip_netns_exec: bool, log: &str) -> Child {
         let bin = env!("CARGO_BIN_EXE_ward");
-        let log = File::create(self.dir.join("agent.log")).unwrap();
+        let log = File::create(self.dir.join(log)).unwrap();
         // The agent's PATH: an empty directory, so that any `ip` it ran would fail.
         let path = self.dir.join("no-ip");
         fs::create_dir_all(&path).unwrap();
@@ -356,8 +384,7 @@ impl Lab {
                 c
             }
         };
-        let child = cmd
-            .env("PATH", &path)
+        cmd.env("PATH", &path)
             .args(["--node", "n1"])
             .arg("--source-dir")
             .arg(self.dir.join("src"))
@@ -379,27 +406,7 @@ impl Lab {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("ward agent");
-        self.agent = Some(child);
-        let node = self.node.clone();
-        let log = self.dir.join("agent.log");
-        let start = Instant::now();
-        while admin_get(&node, "/readyz").0 != 200 {
-            if let Some(c) = self.agent.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!(
-                        "ward agent exited ({status}):\n{}",
-                        fs::read_to_string(&log).unwrap_or_default()
-                    );
-                }
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "agent not ready within 30 s:\n{}",
-                fs::read_to_string(&log).unwrap_or_default()
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+            .expect("ward agent")
     }
 
     fn kill_agent(&mut self) {
@@ -569,6 +576,21 @@ impl Drop for Lab {
         let _ = fs::remove_dir_all(&self.root);
         if std::thread::panicking() {
             eprintln!("agent log:\n{}", self.log());
+            // the logs of the agents that took over (`planned_restart`)
+            let mut more: Vec<PathBuf> = fs::read_dir(&self.dir)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("agent-"))
+                })
+                .collect();
+            more.sort();
+            for p in more {
+                let text = fs::read_to_string(&p).unwrap_or_default();
+                eprintln!("{}:\n{text}", p.display());
+            }
         }
         let _ = fs::remove_dir_all(&self.dir);
     }

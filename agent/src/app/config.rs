@@ -63,6 +63,11 @@ pub struct Args {
     /// a new token needs a restart. An empty or unreadable file stops the start.
     #[arg(long, value_name = "FILE")]
     admin_token_file: Option<PathBuf>,
+    /// After a new agent took over this one's sockets (a planned restart), how long this
+    /// one lets its HTTP connections finish before it stops, in milliseconds
+    /// [default: 30000].
+    #[arg(long)]
+    drain_timeout_ms: Option<u64>,
     /// Port of the transparent HTTP proxy (all addresses) [default: 15001].
     #[arg(long)]
     proxy_port: Option<u16>,
@@ -121,6 +126,7 @@ struct File {
     state_dir: Option<PathBuf>,
     admin: Option<SocketAddr>,
     admin_token_file: Option<PathBuf>,
+    drain_timeout_ms: Option<u64>,
     proxy_port: Option<u16>,
     dns_proxy_port: Option<u16>,
     uplinks: Vec<String>,
@@ -245,6 +251,10 @@ pub fn settings(a: Args) -> Result<Settings, Error> {
             .or(f.admin)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9890))),
         admin_token,
+        drain: a
+            .drain_timeout_ms
+            .or(f.drain_timeout_ms)
+            .map_or(super::DRAIN, Duration::from_millis),
         proxy_port: a.proxy_port.or(f.proxy_port).unwrap_or(15001),
         dns_proxy_port: a.dns_proxy_port.or(f.dns_proxy_port).unwrap_or(15053),
         uplinks: if a.uplinks.is_empty() {

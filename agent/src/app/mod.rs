@@ -4,15 +4,18 @@
 //! proxy it hosts; plus endpoint discovery, the redirect routing, and the admin endpoint.
 
 pub mod config;
+pub mod handoff;
 pub mod open_files;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dns_proxy::listener::{serve_tcp, serve_udp, LocalAddr, TransparentUdp};
 use dns_proxy::Scope;
+use handoff::Role;
 use policy_model::{CompileOptions, Model};
 use redirect_bpf::common::MARK_FROM_EGRESS_PROXY;
 use redirect_bpf::netlink::{NetChanges, Netlink, NetlinkError};
@@ -44,6 +47,8 @@ pub struct Settings {
     pub admin: SocketAddr,
     /// The token `/v1/*` and `/ui/*` of the admin endpoint need; None: open.
     pub admin_token: Option<admin::auth::Token>,
+    /// How long HTTP connections may finish after a new agent took over (`handoff`).
+    pub drain: Duration,
     pub proxy_port: u16,
     pub dns_proxy_port: u16,
     pub uplinks: Vec<String>,
@@ -92,9 +97,18 @@ pub enum Error {
     PublisherStopped,
     #[error("the DNS proxy's thread ended before it started")]
     DnsThread,
+    #[error("taking over from the running agent: {0}")]
+    Handoff(#[from] handoff::Error),
 }
 
 type Result<T> = std::result::Result<T, Error>;
+
+/// Default of [`Settings::drain`].
+pub const DRAIN: Duration = Duration::from_secs(30);
+/// How long a hand-off step (the sockets, the release) may take.
+const HANDOFF_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a released agent waits for the DNS queries it holds.
+const DNS_GRACE: Duration = Duration::from_secs(5);
 
 fn dp_error(what: impl Into<String>) -> impl FnOnce(redirect_bpf::Error) -> Error {
     let what = what.into();
@@ -114,27 +128,128 @@ fn listen_error(what: &'static str, addr: SocketAddr) -> impl FnOnce(std::io::Er
     move |source| Error::Listen { what, addr, source }
 }
 
-/// Binds the DNS proxy's UDP and TCP listeners (IPv4, and IPv6 when the node has it) and
-/// serves them on the current runtime.
-fn serve_dns(dns: &dns_proxy::Proxy, port: u16, ipv6: bool) -> Result<()> {
-    let dns_listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let udp =
-        TransparentUdp::bind(dns_listen).map_err(listen_error("DNS proxy (udp)", dns_listen))?;
-    let tcp = dns_proxy::socket::transparent_tcp(dns_listen)
-        .map_err(listen_error("DNS proxy (tcp)", dns_listen))?;
-    tokio::spawn(serve_udp(dns.clone(), Arc::new(udp)));
-    tokio::spawn(serve_tcp(dns.clone(), tcp, Arc::new(LocalAddr)));
-    let dns_listen6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
-    if let Some(udp6) = bind_ipv6(ipv6, "DNS proxy (udp)", dns_listen6, || {
-        TransparentUdp::bind(dns_listen6)
-    })? {
-        tokio::spawn(serve_udp(dns.clone(), Arc::new(udp6)));
+/// The DNS proxy's sockets: UDP and TCP, IPv4 and (where the node has it) IPv6. Kept as
+/// std sockets until [`DnsSockets::serve`], so that they register with the runtime that
+/// serves them (the busy-polling thread's own, when it has one).
+struct DnsSockets {
+    udp: std::net::UdpSocket,
+    tcp: std::net::TcpListener,
+    udp6: Option<std::net::UdpSocket>,
+    tcp6: Option<std::net::TcpListener>,
+}
+
+/// The DNS proxy's sockets, the predecessor's (`inherited`) where it had them on this
+/// port, else bound here.
+fn dns_sockets(inherited: &mut Inherited, port: u16, ipv6: bool) -> Result<DnsSockets> {
+    let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    let bind_udp = |addr| -> std::io::Result<std::net::UdpSocket> {
+        TransparentUdp::bind(addr)?.socket.into_std()
+    };
+    let bind_tcp = |addr| -> std::io::Result<std::net::TcpListener> {
+        dns_proxy::socket::transparent_tcp(addr)?.into_std()
+    };
+    let udp = match inherited.std_udp(Role::DnsUdp4, port) {
+        Some(u) => u,
+        None => bind_udp(v4).map_err(listen_error("DNS proxy (udp)", v4))?,
+    };
+    let tcp = match inherited.std_tcp(Role::DnsTcp4, port) {
+        Some(t) => t,
+        None => bind_tcp(v4).map_err(listen_error("DNS proxy (tcp)", v4))?,
+    };
+    let udp6 = match inherited.std_udp(Role::DnsUdp6, port) {
+        Some(u) => Some(u),
+        None => bind_ipv6(ipv6, "DNS proxy (udp)", v6, || bind_udp(v6))?,
+    };
+    let tcp6 = match inherited.std_tcp(Role::DnsTcp6, port) {
+        Some(t) => Some(t),
+        None => bind_ipv6(ipv6, "DNS proxy (tcp)", v6, || bind_tcp(v6))?,
+    };
+    Ok(DnsSockets {
+        udp,
+        tcp,
+        udp6,
+        tcp6,
+    })
+}
+
+impl DnsSockets {
+    /// Copies of the sockets, to offer to a successor.
+    fn offer(&self, out: &mut handoff::Sockets) -> Result<()> {
+        offer_fd(out, Role::DnsUdp4, self.udp.as_fd())?;
+        offer_fd(out, Role::DnsTcp4, self.tcp.as_fd())?;
+        if let Some(u) = &self.udp6 {
+            offer_fd(out, Role::DnsUdp6, u.as_fd())?;
+        }
+        if let Some(t) = &self.tcp6 {
+            offer_fd(out, Role::DnsTcp6, t.as_fd())?;
+        }
+        Ok(())
     }
-    if let Some(tcp6) = bind_ipv6(ipv6, "DNS proxy (tcp)", dns_listen6, || {
-        dns_proxy::socket::transparent_tcp(dns_listen6)
-    })? {
-        tokio::spawn(serve_tcp(dns.clone(), tcp6, Arc::new(LocalAddr)));
+
+    /// Serves the sockets on the current runtime until the proxy stops serving.
+    fn serve(self, dns: &dns_proxy::Proxy) -> Result<()> {
+        let udp = |s| TransparentUdp::from_std(s).map_err(io_error("serving a DNS socket"));
+        let tcp = |s: std::net::TcpListener| {
+            s.set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(s))
+                .map_err(io_error("serving a DNS socket"))
+        };
+        tokio::spawn(serve_udp(dns.clone(), Arc::new(udp(self.udp)?)));
+        tokio::spawn(serve_tcp(dns.clone(), tcp(self.tcp)?, Arc::new(LocalAddr)));
+        if let Some(udp6) = self.udp6 {
+            tokio::spawn(serve_udp(dns.clone(), Arc::new(udp(udp6)?)));
+        }
+        if let Some(tcp6) = self.tcp6 {
+            tokio::spawn(serve_tcp(dns.clone(), tcp(tcp6)?, Arc::new(LocalAddr)));
+        }
+        Ok(())
     }
+}
+
+/// The sockets a predecessor handed over (none without one). A socket is taken only for
+/// the port it is asked for: a successor configured with another port binds its own.
+#[derive(Default)]
+struct Inherited(handoff::Sockets);
+
+impl Inherited {
+    fn std_tcp(&mut self, role: Role, port: u16) -> Option<std::net::TcpListener> {
+        let l = std::net::TcpListener::from(self.0.take(role)?);
+        match l.local_addr() {
+            Ok(a) if a.port() == port => Some(l),
+            _ => None,
+        }
+    }
+
+    fn std_udp(&mut self, role: Role, port: u16) -> Option<std::net::UdpSocket> {
+        let u = std::net::UdpSocket::from(self.0.take(role)?);
+        match u.local_addr() {
+            Ok(a) if a.port() == port => Some(u),
+            _ => None,
+        }
+    }
+
+    fn http(&mut self, role: Role, port: u16) -> Option<proxy::TransparentListener> {
+        proxy::TransparentListener::from_std(self.std_tcp(role, port)?).ok()
+    }
+
+    /// The admin listener, when the predecessor's listened on `addr`.
+    fn admin(&mut self, addr: SocketAddr) -> Option<tokio::net::TcpListener> {
+        let l = std::net::TcpListener::from(self.0.take(Role::Admin)?);
+        if l.local_addr().ok()? != addr {
+            return None;
+        }
+        l.set_nonblocking(true).ok()?;
+        tokio::net::TcpListener::from_std(l).ok()
+    }
+}
+
+/// A copy of a listening socket for the offer.
+fn offer_fd(out: &mut handoff::Sockets, role: Role, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+    let owned = fd
+        .try_clone_to_owned()
+        .map_err(io_error("duplicating a listening socket"))?;
+    out.0.insert(role, owned);
     Ok(())
 }
 
@@ -202,7 +317,6 @@ pub async fn run(
         .ok_or(Error::DropEventsTaken)?
         .into_async()
         .map_err(io_error("watching the drop event ring buffer"))?;
-    let applied = maps::MapState::read(&dp).map_err(dp_error("reading the pinned maps"))?;
     let dp = Shared::new(dp);
     // The node's namespace (entered before the runtime started): route lookups, the
     // redirect routing, and the route and link changes that wake endpoint discovery,
@@ -255,8 +369,10 @@ pub async fn run(
 
     // The first snapshot, so the proxies start with real policy.
     let first = source.next().await.map_err(Error::FirstSnapshot)?;
-    let obs = fqdn::Observations::load(&s.state_dir, &s.state_dir.join("dns"));
     let initial = {
+        // what is saved now; a predecessor may still learn until its release, and the
+        // publisher starts from what it saved then
+        let obs = fqdn::Observations::load(&s.state_dir, &s.state_dir.join("dns"));
         let mut store = crate::store::PolicyStore::default();
         store.replace_all(&first.objects, first.errors.clone());
         let mut dns = first.cluster.dns.clone();
@@ -303,30 +419,6 @@ pub async fn run(
         secrets_changed,
         tls_tx,
     ));
-    // One listener per family on the port: the datapath hands IPv4 flows to the socket
-    // of 127.0.0.1:port and IPv6 flows to the one of [::1]:port. IPv4 is required; IPv6
-    // only where the node has it (see bind_ipv6).
-    let listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, s.proxy_port));
-    let listener = proxy::TransparentListener::bind(listen, true)
-        .map_err(listen_error("HTTP proxy", listen))?;
-    let listen6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, s.proxy_port));
-    let listener6 = bind_ipv6(ipv6, "HTTP proxy", listen6, || {
-        proxy::TransparentListener::bind(listen6, true)
-    })?;
-    let p = http_proxy.clone();
-    tokio::spawn(async move {
-        if let Err(e) = p.serve(listener).await {
-            tracing::error!(error = %e, "HTTP proxy stopped");
-        }
-    });
-    if let Some(listener6) = listener6 {
-        tokio::spawn(async move {
-            if let Err(e) = http_proxy.serve(listener6).await {
-                tracing::error!(error = %e, "HTTP proxy (IPv6) stopped");
-            }
-        });
-    }
-
     // The DNS proxy.
     let mut dcfg = s.dns.clone();
     dcfg.state_dir = Some(s.state_dir.join("dns"));
@@ -346,13 +438,83 @@ pub async fn run(
         audit_log.clone(),
         dns_metrics.clone(),
     );
+    // The sockets: a planned restart takes the running agent's (`handoff`), else they
+    // are bound here.
+    let state_dir = s.state_dir.clone();
+    let taken =
+        tokio::task::spawn_blocking(move || handoff::take_over(&state_dir, HANDOFF_TIMEOUT))
+            .await
+            .map_err(|e| io_error("the hand-off thread")(std::io::Error::other(e)))??;
+    let (predecessor, mut inherited) = match taken {
+        Some((p, sockets)) => (Some(p), Inherited(sockets)),
+        None => (None, Inherited::default()),
+    };
+    // One listener per family on the port: the datapath hands IPv4 flows to the socket
+    // of 127.0.0.1:port and IPv6 flows to the one of [::1]:port. IPv4 is required; IPv6
+    // only where the node has it (see bind_ipv6).
+    let listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, s.proxy_port));
+    let listener = match inherited.http(Role::Http4, s.proxy_port) {
+        Some(l) => l,
+        None => proxy::TransparentListener::bind(listen, true)
+            .map_err(listen_error("HTTP proxy", listen))?,
+    };
+    let listen6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, s.proxy_port));
+    let listener6 = match inherited.http(Role::Http6, s.proxy_port) {
+        Some(l) => Some(l),
+        None => bind_ipv6(ipv6, "HTTP proxy", listen6, || {
+            proxy::TransparentListener::bind(listen6, true)
+        })?,
+    };
+    let dns_sockets = dns_sockets(&mut inherited, s.dns_proxy_port, ipv6)?;
+    let inherited_admin = inherited.admin(s.admin);
+    // What this agent will offer its own successor.
+    let mut offered = handoff::Sockets::default();
+    offer_fd(&mut offered, Role::Http4, listener.as_fd())?;
+    if let Some(l6) = &listener6 {
+        offer_fd(&mut offered, Role::Http6, l6.as_fd())?;
+    }
+    dns_sockets.offer(&mut offered)?;
+    // From the release on this agent is the one that writes the maps and reads the
+    // sockets; what the predecessor learned until then is in the maps and its saved
+    // state, read next.
+    if let Some(p) = predecessor {
+        let released = tokio::task::spawn_blocking(move || p.release())
+            .await
+            .map_err(|e| io_error("the hand-off thread")(std::io::Error::other(e)))?;
+        match released {
+            Ok(()) => tracing::info!("took over from the running agent"),
+            // It stops serving before it answers: waiting longer or binding anew would
+            // leave the sockets unread.
+            Err(e) => {
+                tracing::warn!(error = %e, "the running agent did not confirm the release; serving anyway")
+            }
+        }
+    }
+    let applied = maps::MapState::read(&*dp.lock()).map_err(dp_error("reading the pinned maps"))?;
+    let obs = fqdn::Observations::load(&s.state_dir, &s.state_dir.join("dns"));
+
+    let mut accepting = Vec::new();
+    let p = http_proxy.clone();
+    accepting.push(tokio::spawn(async move {
+        if let Err(e) = p.serve(listener).await {
+            tracing::error!(error = %e, "HTTP proxy stopped");
+        }
+    }));
+    if let Some(listener6) = listener6 {
+        let p = http_proxy.clone();
+        accepting.push(tokio::spawn(async move {
+            if let Err(e) = p.serve(listener6).await {
+                tracing::error!(error = %e, "HTTP proxy (IPv6) stopped");
+            }
+        }));
+    }
     match dns.busy_poll() {
-        None => serve_dns(&dns, s.dns_proxy_port, ipv6)?,
+        None => dns_sockets.serve(&dns)?,
         // Busy polling works only where the polling thread is the one that reads the
         // sockets: the DNS proxy gets its own current-thread runtime on its own thread.
         Some(busy) => {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-            let (d, port) = (dns.clone(), s.dns_proxy_port);
+            let d = dns.clone();
             std::thread::Builder::new()
                 .name("ward-dns".into())
                 .spawn(move || {
@@ -367,7 +529,7 @@ pub async fn run(
                         }
                     };
                     rt.block_on(async move {
-                        let started = serve_dns(&d, port, ipv6);
+                        let started = dns_sockets.serve(&d);
                         let ok = started.is_ok();
                         let _ = ready_tx.send(started);
                         if ok {
@@ -379,9 +541,8 @@ pub async fn run(
             ready_rx.recv().map_err(|_| Error::DnsThread)??;
         }
     }
-
     // The reconcile tasks; the publisher is the one writer of the policy maps.
-    let handles = reconcile::spawn(
+    let mut handles = reconcile::spawn(
         Start {
             node: s.node.clone(),
             dp: dp.clone(),
@@ -421,7 +582,7 @@ pub async fn run(
 
     // The source feeds snapshots from now on.
     let source_name = source.name();
-    tokio::spawn(async move {
+    let feeder = tokio::spawn(async move {
         loop {
             match source.next().await {
                 Ok(snap) => {
@@ -443,12 +604,13 @@ pub async fn run(
 
     // The DNS cache: restored (its IPs handed to the datapath again), then kept.
     let d = dns.clone();
-    tokio::spawn(async move {
+    let maintenance = tokio::spawn(async move {
         match d.restore().await {
             Ok(n) => tracing::info!(names = n, "DNS cache restored"),
             Err(e) => tracing::warn!(error = %e, "DNS cache not restored"),
         }
-        let _maintenance = d.spawn_maintenance();
+        // stopped with this task (a release aborts it)
+        let _upkeep = AbortOnDrop(d.spawn_maintenance());
         std::future::pending::<()>().await;
     });
 
@@ -469,10 +631,14 @@ pub async fn run(
         token: s.admin_token.clone(),
     };
     config::warn_exposed_admin(s.admin, s.admin_token.as_ref());
-    let l = tokio::net::TcpListener::bind(s.admin)
-        .await
-        .map_err(listen_error("admin endpoint", s.admin))?;
-    tokio::spawn(admin.serve(l, admin_metrics));
+    let l = match inherited_admin {
+        Some(l) => l,
+        None => tokio::net::TcpListener::bind(s.admin)
+            .await
+            .map_err(listen_error("admin endpoint", s.admin))?,
+    };
+    offer_fd(&mut offered, Role::Admin, l.as_fd())?;
+    accepting.push(tokio::spawn(admin.serve(l, admin_metrics)));
     tracing::info!(
         node = %s.node,
         http_proxy_port = s.proxy_port,
@@ -482,11 +648,31 @@ pub async fn run(
         "serving"
     );
 
+    // A successor may take the sockets over (`handoff`).
+    let (handed, handed_rx) = tokio::sync::watch::channel(Handed::No);
+    let mut writing = std::mem::take(&mut handles.tasks);
+    writing.push(feeder);
+    writing.push(maintenance);
+    let release = Release {
+        accepting,
+        writing,
+        dns: dns.clone(),
+        http: http_proxy.clone(),
+        handed,
+    };
+    let offer = handoff::Offer::bind(&s.state_dir)?;
+    tokio::spawn(offer.serve(offered, move || release.run()));
+
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io_error("cannot watch SIGTERM"))?;
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+    if let Some(since) = handed_over(handed_rx).await {
+        drain(&http_proxy, since + s.drain).await;
+        tracing::info!("stopping after a hand-off: the new agent serves; the routing stays");
+        return Ok(());
     }
     tracing::info!("shutting down; the pinned maps keep enforcing");
     if let Err(e) = dns.persist() {
@@ -496,4 +682,90 @@ pub async fn run(
         .await
         .map_err(netlink_error("removing the redirect routing"))?;
     Ok(())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Whether this agent handed its sockets to a successor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handed {
+    No,
+    /// A release runs.
+    Releasing,
+    /// Released at this instant.
+    Released(Instant),
+}
+
+/// When the sockets went to a successor, waiting for a release under way to end; None
+/// when they did not.
+async fn handed_over(mut rx: tokio::sync::watch::Receiver<Handed>) -> Option<Instant> {
+    match rx.wait_for(|h| *h != Handed::Releasing).await.map(|h| *h) {
+        Ok(Handed::Released(at)) => Some(at),
+        _ => None,
+    }
+}
+
+/// Waits until the HTTP proxy's connections are closed, or `until`.
+async fn drain(http: &proxy::Proxy, until: Instant) {
+    loop {
+        let open = http.open_connections();
+        if open <= 0 {
+            tracing::info!("drained: no HTTP connection left");
+            return;
+        }
+        if Instant::now() >= until {
+            tracing::info!(open, "drain window over: the connections left are closed");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What a running agent stops when a successor takes its sockets over.
+struct Release {
+    /// The accept loops: HTTP proxy, admin endpoint.
+    accepting: Vec<tokio::task::JoinHandle<()>>,
+    /// The tasks that write the maps or the saved state: reconcile, the source feeder,
+    /// the DNS cache's maintenance.
+    writing: Vec<tokio::task::JoinHandle<()>>,
+    dns: dns_proxy::Proxy,
+    http: proxy::Proxy,
+    handed: tokio::sync::watch::Sender<Handed>,
+}
+
+impl Release {
+    /// Stops serving and writing (see `handoff`): accept loops and DNS reads first; the
+    /// DNS queries in hand are answered (their IPs still written by this agent); then no
+    /// more map writes, the DNS cache saved for the successor, and the HTTP connections
+    /// draining.
+    async fn run(self) {
+        self.handed.send_replace(Handed::Releasing);
+        for t in &self.accepting {
+            t.abort();
+        }
+        self.dns.stop_serving();
+        let deadline = Instant::now() + DNS_GRACE;
+        while self.dns.queries_in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for t in &self.writing {
+            t.abort();
+        }
+        // an aborted task ends at its next await: a map write under way finishes first
+        for t in self.writing {
+            let _ = t.await;
+        }
+        if let Err(e) = self.dns.persist() {
+            tracing::warn!(error = %e, "cannot persist the DNS cache for the new agent");
+        }
+        self.http.drain();
+        self.handed.send_replace(Handed::Released(Instant::now()));
+    }
 }

@@ -495,6 +495,33 @@ mod tests {
         assert_eq!(s.liveness, Some(("/healthz".to_string(), 9890)));
     }
 
+    /// A rolling update runs the new agent beside the old one on each node: a surge pod,
+    /// which the scheduler refuses for a hostNetwork pod that declares ports (host
+    /// ports); both share the state directory, where the hand-off socket is, and the
+    /// old one has time to drain.
+    #[test]
+    fn the_daemonset_rolls_with_a_surge_pod_that_takes_the_sockets_over() {
+        let ds: Value = serde_yaml::from_str(
+            &std::fs::read_to_string(crate::root().join("deploy/daemonset.yaml")).unwrap(),
+        )
+        .unwrap();
+        let rolling = field(&ds, &["spec", "updateStrategy", "rollingUpdate"]).unwrap();
+        assert_eq!(rolling["maxSurge"], 1);
+        assert_eq!(rolling["maxUnavailable"], 0);
+        let pod = field(&ds, &["spec", "template", "spec"]).unwrap();
+        for c in pod["containers"].as_sequence().unwrap() {
+            assert!(c.get("ports").is_none(), "{:?} declares ports", c["name"]);
+        }
+        let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+        assert!(grace > 30, "grace {grace} s, the drain window is 30 s");
+        let state = spec()
+            .mounts
+            .into_iter()
+            .find(|m| m.path == "/var/lib/ward")
+            .unwrap();
+        assert_eq!(state.host_path.as_deref(), Some("/var/lib/ward"));
+    }
+
     #[test]
     fn the_configmap_holds_the_agents_config_file() {
         let yaml = std::fs::read_to_string(crate::root().join("deploy/configmap.yaml")).unwrap();
