@@ -603,6 +603,16 @@ const DENIED: Duration = Duration::from_millis(1500);
 fn l3_l4_l7_and_an_invalid_policy() {
     let mut lab = Lab::new("l7");
     lab.start_agent();
+    // the agent runs itself again with its allocator returning freed pages at once (the
+    // same process: the PID this test started)
+    let pid = lab.agent.as_ref().unwrap().id();
+    let environ = fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|v| v == b"MIMALLOC_PURGE_DELAY=0"),
+        "MIMALLOC_PURGE_DELAY=0 in the agent's environment"
+    );
 
     // L3/L4
     assert!(lab.connects(SERVER, 8080, ALLOWED), "8080 is allowed");
