@@ -6,6 +6,7 @@
 mod cases;
 mod image;
 mod loadtest;
+mod soak;
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -25,8 +26,14 @@ tasks:
                   build the eBPF object, format check, clippy (-D warnings), all tests,
                   the conformance suite on the policy model (cases, cases-calico,
                   cases-tls), then `lab` (deploy/lab and deploy/lab-calico), `lab-cases`
-                  (every conformance case on the real datapath) and `image check` (the
-                  node image built, loaded and run as the DaemonSet runs it)
+                  (every conformance case on the real datapath), `soak --minutes 5` and
+                  `image check` (the node image built, loaded and run as the DaemonSet
+                  runs it)
+  soak [--minutes N] [--report PATH]
+                  the deploy/lab scenario for N minutes (default 5) under policy and pod
+                  churn (root): every probe checked throughout, the agents' RSS, open
+                  descriptors and CPU sampled each second; fails on a wrong verdict, a
+                  panic or growth beyond noise; report in target/soak/REPORT-soak.md
   image [build|check|rootfs DIR]
                   the node image FROM scratch with buildah (root): static musl ward (dist
                   profile), CA bundle; target/image/ward-VERSION.oci.tar. `check` loads the
@@ -66,6 +73,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("lab") => lab(&args[1..]),
         Some("lab-cases") => lab_cases(),
+        Some("soak") => soak::run(&args[1..]),
         Some("build-ebpf") => build_ebpf(),
         Some("image") => image::image(&args[1..]),
         Some("demo") => demo(),
@@ -282,6 +290,7 @@ fn test(flags: &[String]) -> Result {
         lab(&[])?;
         lab(&["deploy/lab-calico".to_string()])?;
         lab_cases()?;
+        soak::run(&["--minutes".to_string(), "5".to_string()])?;
     }
     if with_image {
         image::check()?;
