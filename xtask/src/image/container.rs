@@ -602,7 +602,7 @@ mod tests {
         assert!(has(&["--security-opt", "no-new-privileges"]));
         assert!(has(&["--cap-drop", "all"]));
         assert!(has(&["--cap-add", "CAP_BPF"]));
-        assert!(has(&["--memory", "1g"]));
+        assert!(has(&["--memory", "768m"]));
         assert!(has(&["--volume", "/tmp/cfg:/etc/ward:ro"]));
         assert!(has(&["--volume", "/tmp/tok:/etc/ward-admin:ro"]));
         assert!(has(&["--volume", "/sys/fs/bpf:/sys/fs/bpf:rw,rslave"]));
