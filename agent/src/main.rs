@@ -79,13 +79,13 @@ const PURGE_DELAY: &str = "MIMALLOC_PURGE_DELAY";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Agent(_)) && std::env::var_os(PURGE_DELAY).is_none() {
-        let e = with_pages_returned_at_once();
-        eprintln!("ward: cannot run again with {PURGE_DELAY}=0 ({e}); freed memory returns late");
-    }
     if let Err(e) = agent::telemetry::init(&cli.log) {
         eprintln!("ward: {e}");
         return ExitCode::from(2);
+    }
+    if matches!(cli.command, Command::Agent(_)) && std::env::var_os(PURGE_DELAY).is_none() {
+        let error = with_pages_returned_at_once();
+        tracing::warn!(%error, "cannot run again with {PURGE_DELAY}=0: freed memory returns late");
     }
     let result = match cli.command {
         Command::Agent(args) => cmd::agent::run(*args),

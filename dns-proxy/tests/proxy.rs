@@ -1475,6 +1475,29 @@ impl dns_proxy::listener::UdpTransport for FailsAfterOneQuery {
     }
 }
 
+/// A proxy for [`ENDPOINT`] with its datapath updates going to `sink`, and its audit
+/// records.
+fn endpoint_proxy(
+    upstream: std::net::SocketAddr,
+    sink: &TestSink,
+) -> (
+    dns_proxy::Proxy,
+    tokio::sync::mpsc::Receiver<dns_proxy::audit::AuditEvent>,
+) {
+    let metrics = dns_proxy::metrics::Metrics::new().unwrap_or_else(|e| panic!("metrics: {e}"));
+    let (audit, rx) = dns_proxy::audit::Audit::channel(16, dns_proxy::audit::DroppedCounter::new());
+    let proxy = dns_proxy::Proxy::new(
+        Config::default(),
+        model(upstream.port()),
+        dns_proxy::Scope::Endpoint(ENDPOINT.into()),
+        std::sync::Arc::new(sink.clone()),
+        std::sync::Arc::new(TestInUse::default()),
+        audit,
+        metrics,
+    );
+    (proxy, rx)
+}
+
 /// When the listening socket fails, the one-thread listener still answers and records the
 /// queries it has in flight before it returns the error (as tasks of their own would).
 #[tokio::test(flavor = "current_thread")]
@@ -1485,18 +1508,7 @@ async fn one_thread_listener_finishes_its_queries_when_the_socket_fails() {
     let sink = TestSink::default();
     // The query is still in flight (its update held) when the socket's next read fails.
     sink.delay_next(Duration::from_millis(300));
-    let metrics = dns_proxy::metrics::Metrics::new().unwrap();
-    let (audit, mut rx) =
-        dns_proxy::audit::Audit::channel(16, dns_proxy::audit::DroppedCounter::new());
-    let proxy = dns_proxy::Proxy::new(
-        Config::default(),
-        model(up.addr.port()),
-        dns_proxy::Scope::Endpoint(ENDPOINT.into()),
-        std::sync::Arc::new(sink.clone()),
-        std::sync::Arc::new(TestInUse::default()),
-        audit,
-        metrics,
-    );
+    let (proxy, mut rx) = endpoint_proxy(up.addr, &sink);
     let (udp, _tcp) = bind_pair().await;
     let addr = udp.local_addr().unwrap();
     let io = std::sync::Arc::new(FailsAfterOneQuery {
@@ -1741,18 +1753,7 @@ async fn stopped_listeners_answer_what_they_hold_and_read_no_more() {
     let up = Upstream::start(z).await;
     let sink = TestSink::default();
     sink.delay_next(Duration::from_millis(300));
-    let metrics = dns_proxy::metrics::Metrics::new().unwrap();
-    let (audit, _rx) =
-        dns_proxy::audit::Audit::channel(16, dns_proxy::audit::DroppedCounter::new());
-    let proxy = dns_proxy::Proxy::new(
-        Config::default(),
-        model(up.addr.port()),
-        dns_proxy::Scope::Endpoint(ENDPOINT.into()),
-        std::sync::Arc::new(sink.clone()),
-        std::sync::Arc::new(TestInUse::default()),
-        audit,
-        metrics,
-    );
+    let (proxy, _rx) = endpoint_proxy(up.addr, &sink);
     let (udp, tcp) = bind_pair().await;
     let addr = udp.local_addr().unwrap();
     let io = std::sync::Arc::new(dns_proxy::listener::ForwarderUdp {
