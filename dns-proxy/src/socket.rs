@@ -35,6 +35,13 @@ fn new_socket(addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result<Sock
 /// A UDP listener in transparent mode that receives the original destination.
 pub fn transparent_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     let s = new_socket(addr, Type::DGRAM, Protocol::UDP)?;
+    // A receive buffer for a burst of queries (every pod of the node asking at once, or
+    // the moment two agents hand the socket over): the default (rmem_default, about
+    // 200 KiB) holds a few hundred datagrams. Beyond rmem_max needs CAP_NET_ADMIN, which
+    // the transparent socket needs anyway; without it the plain request is capped.
+    if setsockopt(&s, sockopt::RcvBufForce, &QUERY_BUFFER).is_err() {
+        setsockopt(&s, sockopt::RcvBuf, &QUERY_BUFFER)?;
+    }
     if addr.is_ipv4() {
         setsockopt(&s, sockopt::Ipv4OrigDstAddr, &true)?;
     } else {
@@ -43,6 +50,9 @@ pub fn transparent_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     s.bind(&SockAddr::from(addr))?;
     UdpSocket::from_std(s.into())
 }
+
+/// The receive buffer of the DNS proxy's UDP sockets, in bytes.
+const QUERY_BUFFER: usize = 4 << 20;
 
 /// A TCP listener in transparent mode.
 pub fn transparent_tcp(addr: SocketAddr) -> io::Result<TcpListener> {

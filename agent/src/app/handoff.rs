@@ -7,17 +7,18 @@
 //!
 //! 1. `sockets`: the running agent sends its listening sockets (HTTP proxy, DNS proxy UDP
 //!    and TCP, IPv4 and IPv6, the admin endpoint) with `SCM_RIGHTS`. Both processes now
-//!    hold the same sockets; the running one still serves them.
-//! 2. `release` (sent once the new agent has compiled its first policy): the running agent
-//!    stops accepting and reading, lets the DNS queries it holds finish (their answers
-//!    still go through its datapath writes), stops its reconcile tasks (from then on it
-//!    writes no map: one writer at a time), saves its DNS cache, starts draining its HTTP
-//!    connections, and answers `released`. Nothing is lost in between: connections wait
-//!    in the listen queue and datagrams in the socket's buffer until the new agent reads
-//!    them, and the pinned maps enforce throughout.
-//! 3. The new agent reads the maps and the saved state back, pushes its policy, and
-//!    serves. The old one finishes its connections (up to the drain window), then waits
-//!    for its SIGTERM and leaves the redirect routing in place.
+//!    hold the same sockets. The new agent compiles its first policy and starts serving
+//!    the proxies' sockets beside the running one: each connection or datagram goes to
+//!    one of the two, so none waits in a queue that nobody reads (the new agent's DNS
+//!    answers wait for its first push, below).
+//! 2. `release`: the running agent stops accepting and reading, lets the DNS queries it
+//!    holds finish (their answers still go through its datapath writes), stops its
+//!    reconcile tasks (from then on it writes no map: one writer at a time), saves its
+//!    DNS cache, starts draining its HTTP connections, and answers `released`. The pinned
+//!    maps enforce throughout.
+//! 3. The new agent reads the maps and the saved state back, pushes its policy and
+//!    serves the admin endpoint. The old one finishes its connections (up to the drain
+//!    window), then waits for its SIGTERM and leaves the redirect routing in place.
 //!
 //! The sockets keep their options (transparent, v6-only, backlog) because they are the
 //! same sockets, not new ones bound with `SO_REUSEPORT`, whose accept queue would be

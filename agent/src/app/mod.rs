@@ -474,25 +474,6 @@ pub async fn run(
         offer_fd(&mut offered, Role::Http6, l6.as_fd())?;
     }
     dns_sockets.offer(&mut offered)?;
-    // From the release on this agent is the one that writes the maps and reads the
-    // sockets; what the predecessor learned until then is in the maps and its saved
-    // state, read next.
-    if let Some(p) = predecessor {
-        let released = tokio::task::spawn_blocking(move || p.release())
-            .await
-            .map_err(|e| io_error("the hand-off thread")(std::io::Error::other(e)))?;
-        match released {
-            Ok(()) => tracing::info!("took over from the running agent"),
-            // It stops serving before it answers: waiting longer or binding anew would
-            // leave the sockets unread.
-            Err(e) => {
-                tracing::warn!(error = %e, "the running agent did not confirm the release; serving anyway")
-            }
-        }
-    }
-    let applied = maps::MapState::read(&*dp.lock()).map_err(dp_error("reading the pinned maps"))?;
-    let obs = fqdn::Observations::load(&s.state_dir, &s.state_dir.join("dns"));
-
     let mut accepting = Vec::new();
     let p = http_proxy.clone();
     accepting.push(tokio::spawn(async move {
@@ -541,6 +522,26 @@ pub async fn run(
             ready_rx.recv().map_err(|_| Error::DnsThread)??;
         }
     }
+    // From the release on this agent is the one that writes the maps (it serves the
+    // sockets already, beside the predecessor: each connection and datagram goes to one
+    // of the two, and answers wait for this agent's first push); what the predecessor
+    // learned until then is in the maps and its saved state, read next.
+    if let Some(p) = predecessor {
+        let released = tokio::task::spawn_blocking(move || p.release())
+            .await
+            .map_err(|e| io_error("the hand-off thread")(std::io::Error::other(e)))?;
+        match released {
+            Ok(()) => tracing::info!("took over from the running agent"),
+            // It stops serving before it answers: waiting longer or binding anew would
+            // leave the sockets unread.
+            Err(e) => {
+                tracing::warn!(error = %e, "the running agent did not confirm the release; serving anyway")
+            }
+        }
+    }
+    let applied = maps::MapState::read(&*dp.lock()).map_err(dp_error("reading the pinned maps"))?;
+    let obs = fqdn::Observations::load(&s.state_dir, &s.state_dir.join("dns"));
+
     // The reconcile tasks; the publisher is the one writer of the policy maps.
     let mut handles = reconcile::spawn(
         Start {
