@@ -48,7 +48,23 @@ pub struct PolicyEntry {
     pub cookie: u32,
 }
 
+/// What identifies a policy map entry: everything but its value (endpoint, peer,
+/// direction, protocol, port, port prefix length).
+pub type PolicyEntryKey = (u32, u32, u8, u8, u16, u8);
+
 impl PolicyEntry {
+    /// The entry's key: two entries with the same key are one map entry.
+    pub fn key(&self) -> PolicyEntryKey {
+        (
+            self.endpoint_id,
+            self.peer,
+            self.direction,
+            self.protocol,
+            self.port,
+            self.port_prefix_len,
+        )
+    }
+
     pub fn key_data(&self) -> PolicyKeyData {
         PolicyKeyData {
             endpoint_id: self.endpoint_id,

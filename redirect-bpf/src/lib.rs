@@ -29,7 +29,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub use classes::PeerClasses;
-pub use compile::{endpoint_entries, EndpointEntries, PolicyEntry, ProxyPorts};
+pub use compile::{endpoint_entries, EndpointEntries, PolicyEntry, PolicyEntryKey, ProxyPorts};
 pub use events::{AsyncDropEvents, DropEvents};
 pub use loader::{ConntrackFlow, ConntrackView, Datapath, MapSizes, DEFAULT_ROOT};
 pub use pinned::ReplacedMap;

@@ -396,10 +396,10 @@ impl Datapath {
     /// returns, the kernel has the new policy (map updates are synchronous).
     pub fn update_policy(&mut self, old: &[PolicyEntry], new: &[PolicyEntry]) -> Result<(), Error> {
         self.insert_policy(new)?;
-        let kept: std::collections::HashSet<_> = new.iter().map(entry_key).collect();
+        let kept: std::collections::HashSet<_> = new.iter().map(PolicyEntry::key).collect();
         let gone: Vec<PolicyEntry> = old
             .iter()
-            .filter(|e| !kept.contains(&entry_key(e)))
+            .filter(|e| !kept.contains(&e.key()))
             .copied()
             .collect();
         self.remove_policy(&gone)
@@ -677,18 +677,6 @@ impl ConntrackFlow {
             last_seen_ns: v.last_seen_ns,
         }
     }
-}
-
-/// What identifies a policy map entry (everything but its value).
-fn entry_key(e: &PolicyEntry) -> (u32, u32, u8, u8, u16, u8) {
-    (
-        e.endpoint_id,
-        e.peer,
-        e.direction,
-        e.protocol,
-        e.port,
-        e.port_prefix_len,
-    )
 }
 
 /// Moves the link pinned at `pin` to `prog` when it runs another program (an earlier

@@ -59,18 +59,7 @@ impl Op {
 }
 
 /// Key of a policy entry: everything but its value.
-pub type EntryKey = (u32, u32, u8, u8, u16, u8);
-
-fn entry_key(e: &PolicyEntry) -> EntryKey {
-    (
-        e.endpoint_id,
-        e.peer,
-        e.direction,
-        e.protocol,
-        e.port,
-        e.port_prefix_len,
-    )
-}
+pub type EntryKey = redirect_bpf::PolicyEntryKey;
 
 /// The fake datapath. Its fields are the state; tests set them up and read them.
 #[derive(Debug)]
@@ -208,7 +197,7 @@ impl Datapath for FakeDatapath {
     fn insert_policy(&mut self, entries: &[PolicyEntry]) -> Result<(), Error> {
         self.write(Op::InsertPolicy(entries.to_vec()))?;
         for e in entries {
-            self.policy.insert(entry_key(e), *e);
+            self.policy.insert(e.key(), *e);
         }
         Ok(())
     }
@@ -216,7 +205,7 @@ impl Datapath for FakeDatapath {
     fn remove_policy(&mut self, entries: &[PolicyEntry]) -> Result<(), Error> {
         self.write(Op::RemovePolicy(entries.to_vec()))?;
         for e in entries {
-            self.policy.remove(&entry_key(e));
+            self.policy.remove(&e.key());
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use redirect_bpf::common::EndpointInfo;
-use redirect_bpf::PolicyEntry;
+use redirect_bpf::{PolicyEntry, PolicyEntryKey};
 
 use crate::datapath::Datapath;
 
@@ -26,20 +26,6 @@ pub struct MapState {
     pub policy: BTreeMap<u32, BTreeSet<PolicyEntry>>,
     /// Peer identity -> class (`redirect_bpf::PeerClasses::assignments`).
     pub classes: BTreeMap<u32, u32>,
-}
-
-/// Key of a policy entry: everything but its value.
-type EntryKey = (u32, u32, u8, u8, u16, u8);
-
-fn key(e: &PolicyEntry) -> EntryKey {
-    (
-        e.endpoint_id,
-        e.peer,
-        e.direction,
-        e.protocol,
-        e.port,
-        e.port_prefix_len,
-    )
 }
 
 impl MapState {
@@ -83,8 +69,8 @@ pub fn apply(
         dp.insert_policy(&changed)?;
         writes += changed.len();
         let slot = applied.policy.entry(*id).or_default();
-        let keys: BTreeSet<EntryKey> = changed.iter().map(key).collect();
-        slot.retain(|e| !keys.contains(&key(e)));
+        let keys: BTreeSet<PolicyEntryKey> = changed.iter().map(PolicyEntry::key).collect();
+        slot.retain(|e| !keys.contains(&e.key()));
         slot.extend(changed);
     }
     // 2. identities into their classes
@@ -126,14 +112,14 @@ pub fn apply(
     // 6. policy entries that are gone
     let ids: Vec<u32> = applied.policy.keys().copied().collect();
     for id in ids {
-        let keep: BTreeSet<EntryKey> = desired
+        let keep: BTreeSet<PolicyEntryKey> = desired
             .policy
             .get(&id)
-            .map(|s| s.iter().map(key).collect())
+            .map(|s| s.iter().map(PolicyEntry::key).collect())
             .unwrap_or_default();
         let gone: Vec<PolicyEntry> = applied.policy[&id]
             .iter()
-            .filter(|e| !keep.contains(&key(e)))
+            .filter(|e| !keep.contains(&e.key()))
             .copied()
             .collect();
         if gone.is_empty() {
@@ -142,7 +128,7 @@ pub fn apply(
         dp.remove_policy(&gone)?;
         writes += gone.len();
         if let Some(slot) = applied.policy.get_mut(&id) {
-            slot.retain(|e| keep.contains(&key(e)));
+            slot.retain(|e| keep.contains(&e.key()));
             if slot.is_empty() {
                 applied.policy.remove(&id);
             }
