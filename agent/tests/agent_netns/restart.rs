@@ -134,6 +134,23 @@ where
     }
 }
 
+/// Reads an answer's body and counts it: ok for a 200 read in full, else failed.
+async fn count_answer(
+    resp: hyper::Response<hyper::body::Incoming>,
+    tally: &Mutex<Tally>,
+    what: &str,
+) {
+    let status = resp.status();
+    let body = resp.into_body().collect().await;
+    let mut t = tally.lock().unwrap();
+    if status == hyper::StatusCode::OK && body.is_ok() {
+        t.ok += 1;
+    } else {
+        t.failed += 1;
+        t.errors.push(format!("{what}: {status}"));
+    }
+}
+
 /// One HTTP/1.1 keep-alive client: a request every [`PACE`] until `stop`.
 async fn h1_client(addr: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<Mutex<Tally>>) {
     let mut sender: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> = None;
@@ -160,15 +177,7 @@ async fn h1_client(addr: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<Mutex<Tal
                     .headers()
                     .get(hyper::header::CONNECTION)
                     .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-                let status = resp.status();
-                let body = resp.into_body().collect().await;
-                let mut t = tally.lock().unwrap();
-                if status == hyper::StatusCode::OK && body.is_ok() {
-                    t.ok += 1;
-                } else {
-                    t.failed += 1;
-                    t.errors.push(format!("h1: {status}"));
-                }
+                count_answer(resp, &tally, "h1").await;
                 if !close {
                     sender = Some(s);
                 }
@@ -213,15 +222,7 @@ async fn h2_client(addr: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<Mutex<Tal
         }
         match s.send_request(request("/v1/h2")).await {
             Ok(resp) => {
-                let status = resp.status();
-                let body = resp.into_body().collect().await;
-                let mut t = tally.lock().unwrap();
-                if status == hyper::StatusCode::OK && body.is_ok() {
-                    t.ok += 1;
-                } else {
-                    t.failed += 1;
-                    t.errors.push(format!("h2: {status}"));
-                }
+                count_answer(resp, &tally, "h2").await;
                 sender = Some(s);
             }
             Err(e) => {
