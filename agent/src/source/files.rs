@@ -21,8 +21,11 @@ use crate::inputs::yaml_files;
 /// Changes are noticed through the kernel's file notifications (`notify`: inotify);
 /// a burst of writes becomes one snapshot once the directory is quiet for [`DEBOUNCE`],
 /// and the whole directory is also re-read every [`DEFAULT_RESCAN`] as a safety net
-/// (notifications can be lost when the kernel's queue overflows). A snapshot is
-/// delivered only when the files' content changed. Files are read on a blocking thread.
+/// (notifications can be lost when the kernel's queue overflows). Only changes notify:
+/// opening and reading a file (the source's own reads among them) does not. The files
+/// are parsed, and a snapshot delivered, only when their names or content changed, so a
+/// re-read of an unchanged directory costs its reading and hashing. Files are read on a
+/// blocking thread.
 pub struct FilesSource {
     dir: PathBuf,
     /// Hash of the content the last snapshot was read from; None before the first.
@@ -34,6 +37,15 @@ pub struct FilesSource {
     watching: bool,
     /// Whether to ask for notifications at all.
     notify: bool,
+    /// Directory reads and parses so far.
+    counts: Counts,
+}
+
+/// How often the source read its directory, and how often it parsed what it read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub reads: u64,
+    pub parses: u64,
 }
 
 /// How often the directory is re-read in full when nothing was notified.
@@ -56,6 +68,7 @@ impl FilesSource {
             watch: None,
             watching: false,
             notify: true,
+            counts: Counts::default(),
         }
     }
 
@@ -80,7 +93,12 @@ impl FilesSource {
     /// Reads everything. Only an unreadable directory is an error; bad files are reported
     /// in the snapshot and the rest is used.
     pub fn load(&self) -> Result<Snapshot, Error> {
-        load(&self.dir).map(|(snap, _)| snap)
+        read_files(&self.dir).map(|files| parse(&files))
+    }
+
+    /// Reads and parses so far.
+    pub fn counts(&self) -> Counts {
+        self.counts
     }
 
     /// Starts watching the directory; a failure leaves the periodic re-read.
@@ -90,9 +108,9 @@ impl FilesSource {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            // Any event (or error: lost events) means "read again".
-            let _ = event;
-            let _ = tx.send(());
+            if is_change(&event) {
+                let _ = tx.send(());
+            }
         })
         .and_then(|mut w| {
             w.watch(&self.dir, RecursiveMode::Recursive)?;
@@ -146,48 +164,86 @@ impl FilesSource {
         }
     }
 
-    /// Reads the directory on a blocking thread.
-    async fn read(&self) -> Result<(Snapshot, u64), Error> {
+    /// Reads the directory on a blocking thread and, when its names or content differ from
+    /// the last snapshot's, parses it there too: `None` when nothing changed.
+    async fn read(&mut self) -> Result<Option<(Snapshot, u64)>, Error> {
         let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || load(&dir))
-            .await
-            .map_err(|e| Error::ReadTask {
-                dir: self.dir.clone(),
-                reason: e.to_string(),
-            })?
+        let seen = self.seen;
+        let read = tokio::task::spawn_blocking(move || {
+            let files = read_files(&dir)?;
+            let hash = files.hash();
+            Ok::<_, Error>((Some(hash) != seen).then(|| (parse(&files), hash)))
+        })
+        .await
+        .map_err(|e| Error::ReadTask {
+            dir: self.dir.clone(),
+            reason: e.to_string(),
+        })??;
+        self.counts.reads += 1;
+        self.counts.parses += u64::from(read.is_some());
+        Ok(read)
     }
 }
 
-/// Reads everything under `dir`, and a hash of the files' names and content.
-fn load(dir: &Path) -> Result<(Snapshot, u64), Error> {
-    let mut snap = Snapshot::default();
-    let mut h = DefaultHasher::new();
-    let files = yaml_files(&[dir.to_path_buf()]).map_err(|source| Error::Files {
+/// Whether a notification may mean new content: anything but an access (a file opened,
+/// read or closed without writing: the source's own reads are such). An error means
+/// events were lost, so it counts.
+fn is_change(event: &notify::Result<notify::Event>) -> bool {
+    event.as_ref().map_or(true, |e| !e.kind.is_access())
+}
+
+/// The YAML files of a directory as read: names and text, and what could not be read.
+struct Files {
+    texts: Vec<(String, String)>,
+    unreadable: Vec<PolicyError>,
+}
+
+impl Files {
+    /// A hash of the files' names and content.
+    fn hash(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        self.texts.hash(&mut h);
+        h.finish()
+    }
+}
+
+/// Reads every YAML file under `dir`.
+fn read_files(dir: &Path) -> Result<Files, Error> {
+    let paths = yaml_files(&[dir.to_path_buf()]).map_err(|source| Error::Files {
         dir: dir.to_path_buf(),
         source,
     })?;
-    for f in files {
+    let mut files = Files {
+        texts: Vec::with_capacity(paths.len()),
+        unreadable: Vec::new(),
+    };
+    for f in paths {
         let name = f.display().to_string();
-        let text = match fs::read_to_string(&f) {
-            Ok(t) => t,
+        match fs::read_to_string(&f) {
+            Ok(text) => files.texts.push((name, text)),
             // gone between listing and reading: the next notification reads again
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                snap.errors
-                    .push(loose(&name, None, format!("cannot read: {e}")));
-                continue;
-            }
-        };
-        name.hash(&mut h);
-        text.hash(&mut h);
-        let parsed = api::parse(&text, Some(&name));
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => files
+                .unreadable
+                .push(loose(&name, None, format!("cannot read: {e}"))),
+        }
+    }
+    Ok(files)
+}
+
+/// The snapshot the files describe.
+fn parse(files: &Files) -> Snapshot {
+    let mut snap = Snapshot::default();
+    snap.errors.extend(files.unreadable.iter().cloned());
+    for (name, text) in &files.texts {
+        let parsed = api::parse(text, Some(name));
         snap.objects.extend(parsed.objects);
         snap.errors.extend(parsed.errors);
         for (value, line) in parsed.other {
-            other(value, line, &name, &mut snap);
+            other(value, line, name, &mut snap);
         }
     }
-    Ok((snap, h.finish()))
+    snap
 }
 
 fn other(value: Value, line: Option<usize>, file: &str, snap: &mut Snapshot) {
@@ -248,12 +304,11 @@ impl Source for FilesSource {
                     self.changed().await;
                 }
                 match self.read().await {
-                    Ok((snap, hash)) => {
-                        if self.seen != Some(hash) {
-                            self.seen = Some(hash);
-                            return Ok(snap);
-                        }
+                    Ok(Some((snap, hash))) => {
+                        self.seen = Some(hash);
+                        return Ok(snap);
                     }
+                    Ok(None) => {}
                     Err(e) if self.seen.is_none() => return Err(e),
                     // the directory went away meanwhile: keep what is in force, look again
                     Err(e) => {
@@ -434,6 +489,47 @@ mod tests {
         write(&d, "n0.yaml", "namespaces: [{name: n0}]\n");
         let again = tokio::time::timeout(Duration::from_millis(300), src.next()).await;
         assert!(again.is_err(), "the same content again is no change");
+    }
+
+    #[tokio::test]
+    async fn reading_the_files_is_not_a_change() {
+        let d = Dir::new("ownreads");
+        write(&d, "c.yaml", "namespaces: [{name: a}]\n");
+        write(&d, "sub/p.yaml", "namespaces: [{name: b}]\n");
+        let mut src = FilesSource::new(&d.0).with_rescan(Duration::from_secs(3600));
+        within(&mut src, 5).await;
+        // the first read opened and read every file under the watch; someone else reads too
+        fs::read_to_string(d.0.join("c.yaml")).expect("read");
+        let pending = tokio::time::timeout(Duration::from_millis(500), src.next()).await;
+        assert!(pending.is_err(), "no change, no snapshot");
+        assert_eq!(
+            src.counts(),
+            Counts {
+                reads: 1,
+                parses: 1
+            },
+            "reads notified as changes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_re_read_of_the_same_content_parses_nothing() {
+        let d = Dir::new("reread");
+        write(&d, "c.yaml", "namespaces: [{name: a}]\n");
+        let mut src = FilesSource::new(&d.0)
+            .polling_only()
+            .with_rescan(MIN_RESCAN);
+        within(&mut src, 5).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while src.counts().reads < 3 {
+            assert!(std::time::Instant::now() < deadline, "no periodic re-read");
+            let _ = tokio::time::timeout(MIN_RESCAN * 3 / 2, src.next()).await;
+        }
+        assert_eq!(
+            src.counts().parses,
+            1,
+            "an unchanged directory parsed again"
+        );
     }
 
     #[tokio::test]
