@@ -246,15 +246,23 @@ fn parse(files: &Files) -> Snapshot {
     snap
 }
 
-fn other(value: Value, line: Option<usize>, file: &str, snap: &mut Snapshot) {
-    let cluster_value = match value.get("cluster") {
-        Some(c) => c.clone(),
-        None if ["namespaces", "pods", "nodes", "externals", "dns"]
+/// A document that is not a Kubernetes object: cluster state (on its own or under
+/// `cluster:`), and a conformance case's `policies`. The cluster part is deserialized from
+/// the document itself, not a copy (cluster files are the largest inputs).
+fn other(mut value: Value, line: Option<usize>, file: &str, snap: &mut Snapshot) {
+    // a conformance case also carries policies
+    let policies = match value.get_mut("policies") {
+        Some(Value::Sequence(items)) => std::mem::take(items),
+        _ => Vec::new(),
+    };
+    let state = |v: &Value| {
+        ["namespaces", "pods", "nodes", "externals", "dns"]
             .iter()
-            .any(|k| value.get(k).is_some()) =>
-        {
-            value.clone()
-        }
+            .any(|k| v.get(k).is_some())
+    };
+    let cluster_value = match value.get_mut("cluster").map(std::mem::take) {
+        Some(c) => c,
+        None if state(&value) => value,
         None => {
             snap.errors.push(loose(
                 file,
@@ -277,13 +285,10 @@ fn other(value: Value, line: Option<usize>, file: &str, snap: &mut Snapshot) {
             });
         }
     }
-    // a conformance case also carries policies
-    if let Some(Value::Sequence(items)) = value.get("policies") {
-        for item in items {
-            let p = api::parse_value(item.clone(), Some(file));
-            snap.objects.extend(p.objects);
-            snap.errors.extend(p.errors);
-        }
+    for item in policies {
+        let p = api::parse_value(item, Some(file));
+        snap.objects.extend(p.objects);
+        snap.errors.extend(p.errors);
     }
 }
 
@@ -542,6 +547,25 @@ mod tests {
         within(&mut src, 5).await;
         write(&d, "c.yaml", "namespaces: [{name: a}, {name: b}]\n");
         assert_eq!(within(&mut src, 5).await.cluster.namespaces.len(), 2);
+    }
+
+    #[test]
+    fn reads_a_conformance_case_with_its_cluster_and_policies() {
+        let d = Dir::new("case");
+        fs::write(
+            d.0.join("case.yaml"),
+            "cluster:\n  namespaces: [{name: a}]\n  pods: [{namespace: a, name: p, ip: 10.0.0.1}]\npolicies:\n- apiVersion: networking.k8s.io/v1\n  kind: NetworkPolicy\n  metadata: {name: deny, namespace: a}\n  spec: {podSelector: {}}\n",
+        )
+        .expect("write");
+        let snap = FilesSource::new(&d.0).load().expect("load");
+        assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+        assert_eq!(snap.cluster.pods.len(), 1);
+        let names: Vec<String> = snap
+            .objects
+            .iter()
+            .map(|o| o.reference.to_string())
+            .collect();
+        assert_eq!(names, ["NetworkPolicy a/deny"]);
     }
 
     #[test]
