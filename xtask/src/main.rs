@@ -51,12 +51,16 @@ tasks:
   sync-cases      refresh conformance/ (the cases the tests use) from ../shared/conformance
   deploy-check    render deploy/ (kubectl kustomize), validate every object
                   (kubernetes-validate) and the alert rules (promtool); part of test
-  loadtest [proxy|datapath|dns|tls|all] [--quick] [--ward-base PATH]
+  loadtest [proxy|datapath|dns|tls|all] [--quick] [--ward PATH] [--ward-base PATH]
                   Ward's proxies and datapath against their peers (HAProxy, nginx,
                   dnsmasq, no program) in network namespaces, tls (HTTPS interception and
                   SNI splice) only when named; writes loadtests/REPORT.md
                   (--quick: short runs, report in target/loadtest/REPORT-quick.md;
-                  --ward-base: another ward binary beside the DNS proxy's, same rounds)
+                  --ward-base: another ward binary beside the DNS proxy's and the HTTP
+                  proxy's, same rounds); the proxy part sweeps rules, connections,
+                  body size and protocol: --rules 1,2,10,50,1000 --conns 1,16,64,256
+                  --size small,16k --proto h1,h2 pick a subset, --full every combination;
+                  --ward: a ward built beforehand instead of the dist build
   loadtest scale [--pods 1000,5000,20000,50000] [--ward PATH] [--ward-base PATH]
                   ward agent's memory and compile time against cluster size on
                   generated clusters (the dist build, or --ward PATH), beside the

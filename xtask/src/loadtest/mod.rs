@@ -38,6 +38,7 @@ pub const LOADTEST_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "curl",
     "openssl",
+    "gnuplot-nox",
     "iproute2",
     "util-linux",
 ];
@@ -60,6 +61,12 @@ pub struct Opts {
     pub ward_base: Option<PathBuf>,
     /// The scale part and its options (not part of `all`).
     pub scale: Option<scale::ScaleOpts>,
+    /// `--ward PATH`: a `ward` built beforehand, measured instead of building the `dist`
+    /// profile (alone, it names the scale part).
+    pub ward: Option<PathBuf>,
+    /// The proxy part's sweep (`--rules`, `--conns`, `--proto`, `--size`, `--full`; any
+    /// of them names the proxy part).
+    pub sweep: proxy::SweepOpts,
 }
 
 impl Opts {
@@ -72,9 +79,18 @@ impl Opts {
             tls: false,
             ward_base: None,
             scale: None,
+            ward: None,
+            sweep: proxy::SweepOpts::default(),
         };
         let mut args = args.iter();
         while let Some(a) = args.next() {
+            let value = proxy::SweepOpts::takes_value(a)
+                .then(|| args.next())
+                .flatten();
+            if o.sweep.parse_flag(a, value)? {
+                o.proxy = true;
+                continue;
+            }
             match a.as_str() {
                 "--quick" => o.quick = true,
                 "--ward-base" => {
@@ -95,7 +111,7 @@ impl Opts {
                 }
                 "--ward" => {
                     let path = args.next().ok_or("--ward needs a path to a ward binary")?;
-                    o.scale.get_or_insert_with(Default::default).ward = Some(PathBuf::from(path));
+                    o.ward = Some(PathBuf::from(path));
                 }
                 "proxy" => o.proxy = true,
                 "datapath" => o.datapath = true,
@@ -110,12 +126,16 @@ impl Opts {
                 }
             }
         }
+        if o.ward.is_some() && !(o.proxy || o.datapath || o.dns || o.tls) {
+            o.scale.get_or_insert_with(Default::default);
+        }
         if !(o.proxy || o.datapath || o.dns || o.tls || o.scale.is_some()) {
             (o.proxy, o.datapath, o.dns) = (true, true, true);
         }
         // One base build for every part that compares with one (dns, scale).
         if let Some(scale) = &mut o.scale {
             scale.ward_base = o.ward_base.clone();
+            scale.ward = o.ward.clone();
         }
         Ok(o)
     }
@@ -372,17 +392,15 @@ pub fn loadtest(args: &[String]) -> Result {
         // the agent loads the eBPF object embedded at build time
         crate::build_ebpf()?;
     }
-    // `scale --ward PATH` measures a build made beforehand
-    let prebuilt = opts.scale.as_ref().and_then(|s| s.ward.clone());
-    if opts.proxy || opts.dns || opts.tls || (opts.scale.is_some() && prebuilt.is_none()) {
+    // `--ward PATH` measures a build made beforehand
+    let prebuilt = opts.ward.clone();
+    if prebuilt.is_none() && (opts.proxy || opts.dns || opts.tls || opts.scale.is_some()) {
         run(cargo().args(["build", "--profile", "dist", "--bin", "ward"]))?;
     }
     let work = std::env::temp_dir().join(format!("ward-loadtest-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let mut ctx = Ctx {
-        ward: prebuilt
-            .filter(|_| !(opts.proxy || opts.dns || opts.tls))
-            .unwrap_or_else(|| root().join("target/dist/ward")),
+        ward: prebuilt.unwrap_or_else(|| root().join("target/dist/ward")),
         ward_base: opts.ward_base.clone(),
         work,
         quick: opts.quick,
@@ -391,39 +409,20 @@ pub fn loadtest(args: &[String]) -> Result {
     let mut report = String::from("# Load test report\n\n");
     let _ = writeln!(
         report,
-        "Written by `cargo xtask loadtest{}{}{}`. Subjects (proxies, the receiving pod) pinned \
+        "Written by `cargo xtask loadtest{}`. Subjects (proxies, the receiving pod) pinned \
          to CPU {SUBJECT_CPU}, load generators and backends to CPU {LOAD_CPU}; every \
          process runs in network namespaces made for this run. The machine is shared with \
          other builds: absolute numbers are noisy, ratios measured in the same run are what \
          to compare.\n",
-        if opts.quick { " --quick" } else { "" },
-        match (opts.proxy, opts.datapath, opts.dns, opts.tls, &opts.scale) {
-            (true, true, true, false, None) => String::new(),
-            (p, d, n, t, scale) => [(p, " proxy"), (d, " datapath"), (n, " dns"), (t, " tls")]
-                .iter()
-                .filter(|(on, _)| *on)
-                .map(|(_, s)| s.to_string())
-                .chain(scale.iter().map(|o| {
-                    format!(
-                        " scale --pods {}",
-                        o.pods
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    )
-                }))
-                .collect(),
-        },
-        match &opts.ward_base {
-            Some(b) => format!(" --ward-base {}", b.display()),
-            None => String::new(),
-        }
+        args.iter().map(|a| format!(" {a}")).collect::<String>()
     );
     report.push_str(&machine());
     report.push('\n');
     if opts.proxy {
-        report.push_str(&proxy::run(&mut ctx)?);
+        let report_dir = root().join(report_path(&opts));
+        let chart_dir = report_dir.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(chart_dir).map_err(|e| format!("{}: {e}", chart_dir.display()))?;
+        report.push_str(&proxy::run(&mut ctx, &opts.sweep, chart_dir)?);
     }
     if opts.dns {
         report.push_str(&dns::run(&mut ctx)?);
@@ -538,6 +537,29 @@ mod tests {
         assert!(parse(&["scale", "--ward-base"]).is_err());
         let o = parse(&["scale", "--ward", "/w/ward"]).expect("valid");
         assert_eq!(o.scale.expect("scale").ward, Some(PathBuf::from("/w/ward")));
+        let o = parse(&["--ward", "/w/ward"]).expect("valid");
+        assert!(
+            o.scale.is_some() && !o.proxy,
+            "--ward alone is the scale part"
+        );
+        let o = parse(&["proxy", "--ward", "/w/ward"]).expect("valid");
+        assert!(o.scale.is_none() && o.proxy);
+        assert_eq!(o.ward, Some(PathBuf::from("/w/ward")));
+    }
+
+    #[test]
+    fn sweep_options_name_the_proxy_part() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let o = Opts::parse(&args(&["--rules", "2,50", "--proto", "h1", "--quick"])).unwrap();
+        assert!(o.proxy && !o.dns && !o.datapath && o.quick);
+        assert_eq!(o.sweep.rules, Some(vec![2, 50]));
+        assert_eq!(
+            report_path(&Opts::parse(&args(&["--full"])).unwrap())
+                .display()
+                .to_string(),
+            "loadtests/REPORT-proxy.md"
+        );
+        assert!(Opts::parse(&args(&["--conns", "many"])).is_err());
     }
 
     #[test]
