@@ -96,11 +96,15 @@ fn busy_polling_without_one_thread_is_refused() {
         ])
         .args(["--cluster", "/nonexistent", "--policies", "/nonexistent"])
         .args(["--endpoint", "app/client", "--busy-poll-us", "100"])
+        .args(["--threads", "2"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--busy-poll-us needs --threads 1"), "{err}");
+    assert!(
+        err.contains("--busy-poll-us needs one worker thread"),
+        "{err}"
+    );
 }
 
 fn standalone(extra: &[&str]) {

@@ -108,6 +108,17 @@ fn start(name: &str, paths: &str) -> Ward {
 /// `ward proxy` with more environment and arguments; its stderr (the log) goes to
 /// `ward.log` in its directory.
 fn start_with(name: &str, paths: &str, env: &[(&str, &str)], extra: &[&str]) -> Ward {
+    start_on(None, name, paths, env, extra)
+}
+
+/// `ward proxy`, run by `taskset -c CPUS` when `cpus` is given.
+fn start_on(
+    cpus: Option<&str>,
+    name: &str,
+    paths: &str,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> Ward {
     let dir = std::env::temp_dir().join(format!("ward-proxy-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("cluster.yaml"), CLUSTER).unwrap();
@@ -115,7 +126,15 @@ fn start_with(name: &str, paths: &str, env: &[(&str, &str)], extra: &[&str]) -> 
     let up = upstream();
     let listen = free_port();
     let metrics = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_ward"))
+    let mut cmd = match cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpus, env!("CARGO_BIN_EXE_ward")]);
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_ward")),
+    };
+    let child = cmd
         .args(["proxy", "--listen", &listen.to_string()])
         .args(["--upstream", &up.to_string()])
         .arg("--cluster")
@@ -211,6 +230,32 @@ fn curl_http1_and_h2c_allowed_and_denied() {
         metrics.contains("ward_proxy_requests_total{direction=\"ingress\",protocol=\"HTTP/2\",verdict=\"denied\"} 2"),
         "{metrics}"
     );
+}
+
+/// By default the runtime follows the CPUs the process may use: pinned to one, a
+/// current-thread runtime (no scheduler hops between the halves of a request); with
+/// more, a worker per CPU. Both serve.
+#[test]
+fn the_default_runtime_follows_the_cpus_the_process_may_use() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let w = start_on(Some("0"), "one-cpu", "/public/.*", &[], &[]);
+    let line = wait_for_line(&w.dir.join("ward.log"), "runtime started");
+    assert!(
+        line.contains("current-thread") && line.contains("workers=1"),
+        "{line}"
+    );
+    let (code, _) = curl_get(&[], &format!("http://{}/public/a", w.listen));
+    assert_eq!(code, "200");
+    if cpus >= 2 {
+        let w = start_on(Some("0,1"), "two-cpus", "/public/.*", &[], &[]);
+        let line = wait_for_line(&w.dir.join("ward.log"), "runtime started");
+        assert!(
+            line.contains("multi-thread") && line.contains("workers=2"),
+            "{line}"
+        );
+        let (code, _) = curl_get(&[], &format!("http://{}/public/a", w.listen));
+        assert_eq!(code, "200");
+    }
 }
 
 fn h2load(url: &str) -> String {

@@ -57,7 +57,8 @@ pub struct Args {
     /// Upstream timeout in milliseconds (then SERVFAIL).
     #[arg(long, default_value_t = 10_000)]
     upstream_timeout_ms: u64,
-    /// Worker threads (default: one per CPU); 1 runs everything on the main thread.
+    /// Worker threads (default: one per CPU the process may use, from its affinity and
+    /// CPU quota); 1 runs everything on the main thread (a current-thread runtime).
     #[arg(long)]
     threads: Option<usize>,
     /// Busy polling: after each query, poll the sockets instead of sleeping for this
@@ -90,26 +91,25 @@ pub enum Refuse {
 pub fn run(a: Args) -> Result<ExitCode> {
     // A socket per upstream query in flight.
     open_files::raise(open_files::wanted(a.concurrency_limit));
-    if a.busy_poll_us > 0 && a.threads != Some(1) {
+    let workers = super::workers(a.threads);
+    if a.busy_poll_us > 0 && workers != 1 {
         // With several workers the one that polls may not hold the I/O driver, and the
         // wake-ups busy polling is meant to save happen anyway.
-        bail!("--busy-poll-us needs --threads 1 (one thread that both serves and polls)");
+        bail!(
+            "--busy-poll-us needs one worker thread (--threads 1, or a process that may use \
+             one CPU): one thread that both serves and polls"
+        );
     }
-    // One thread: a current-thread runtime, without the multi-thread scheduler's
-    // queues and cross-thread wake-ups on every task switch.
-    let mut rt = match a.threads {
-        Some(n) if n <= 1 => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    let rt = rt
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
+    tracing::info!(
+        workers,
+        runtime = if workers == 1 {
+            "current-thread"
+        } else {
+            "multi-thread"
+        },
+        "runtime started"
+    );
+    let rt = super::runtime(workers).context("cannot start the runtime")?;
     let r = rt.block_on(serve(a));
     // Lets the audit writer drain what is queued.
     rt.shutdown_timeout(Duration::from_secs(1));

@@ -54,7 +54,8 @@ pub struct ProxyArgs {
     /// Proxy settings (timeouts, limits) as a JSON object; keys as in the proxy README.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Worker threads (default: one per CPU); 1 runs everything on the main thread.
+    /// Worker threads (default: one per CPU the process may use, from its affinity and
+    /// CPU quota); 1 runs everything on the main thread (a current-thread runtime).
     #[arg(long)]
     threads: Option<usize>,
     /// TLS secrets of the policies (terminatingTLS, originatingTLS, headerMatches
@@ -71,19 +72,17 @@ enum Dir {
 }
 
 pub fn run(a: ProxyArgs) -> Result<ExitCode> {
-    // One thread: a current-thread runtime, without the multi-thread scheduler's
-    // queues, wake-ups and state transitions on every task switch.
-    let mut rt = match a.threads {
-        Some(n) if n <= 1 => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    rt.enable_all()
-        .build()
+    let workers = super::workers(a.threads);
+    tracing::info!(
+        workers,
+        runtime = if workers == 1 {
+            "current-thread"
+        } else {
+            "multi-thread"
+        },
+        "runtime started"
+    );
+    super::runtime(workers)
         .context("cannot start the runtime")?
         .block_on(serve(a))
 }
