@@ -37,6 +37,9 @@ pub struct UpOptions {
     pub verbose: bool,
     /// Make the scenario's DNS lookups at the end (`check` makes them anyway).
     pub lookups: bool,
+    /// Run every node's agent as a container of this node image (an oci-archive) as the
+    /// DaemonSet runs it, instead of the host binary (see `image`).
+    pub agent_image: Option<PathBuf>,
 }
 
 /// The lab needs root (namespaces, raw sockets, bpffs).
@@ -61,10 +64,15 @@ const TOOLS: &[(&str, &str)] = &[
     ("dig", "dnsutils"),
 ];
 
-fn require_tools() -> Result<()> {
+/// What `--agent-image` needs besides (Debian: podman, runc).
+const CONTAINER_TOOLS: &[(&str, &str)] = &[("podman", "podman"), ("runc", "runc")];
+
+fn require_tools(containers: bool) -> Result<()> {
     let path = std::env::var_os("PATH").unwrap_or_default();
+    let extra = if containers { CONTAINER_TOOLS } else { &[] };
     let missing: Vec<String> = TOOLS
         .iter()
+        .chain(extra)
         .filter(|(t, _)| !std::env::split_paths(&path).any(|d| d.join(t).is_file()))
         .map(|(t, pkg)| format!("{t} (Debian package {pkg})"))
         .collect();
@@ -81,7 +89,7 @@ fn require_tools() -> Result<()> {
 /// `disown` it to leave it running). On failure, whatever was made is removed again.
 pub fn up(source: &str, scenario: &Scenario, opts: &UpOptions) -> Result<LabState> {
     require_root()?;
-    require_tools()?;
+    require_tools(opts.agent_image.is_some() && !opts.no_agent)?;
     let id = LabState::new_id();
     let run_dir = Path::new(RUN_ROOT).join(&id);
     fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
@@ -117,6 +125,9 @@ fn build(state: &mut LabState, scenario: &Scenario, opts: &UpOptions) -> Result<
             eprintln!("lab {id}: {m} ({:.1} s)", started.elapsed().as_secs_f64());
         }
     };
+    if let (Some(archive), false) = (&opts.agent_image, opts.no_agent) {
+        crate::image::prepare(state, archive)?;
+    }
     fs::write(
         state.run_dir.join("scenario.yaml"),
         serde_yaml::to_string(&scenario.document)?,
@@ -154,9 +165,18 @@ fn build(state: &mut LabState, scenario: &Scenario, opts: &UpOptions) -> Result<
             scenario.case.semantics,
             opts.profile.as_deref(),
         );
-        let ward = ward_binary(opts.ward.as_deref())?;
-        start_agents(state, &ward, options)?;
-        say("agents ready");
+        if state.image.is_some() {
+            crate::image::start_agents(state, options.cidr_matches_cluster)?;
+        } else {
+            let ward = ward_binary(opts.ward.as_deref())?;
+            start_agents(state, &ward, options)?;
+        }
+        wait_for_agents(state)?;
+        say(if state.image.is_some() {
+            "agent containers ready"
+        } else {
+            "agents ready"
+        });
     }
     if opts.lookups {
         lookups(state, scenario, opts.verbose)?;
@@ -438,16 +458,21 @@ fn start_agents(
         adopt(child);
         state.save()?;
     }
-    for node in state.nodes.clone() {
+    Ok(())
+}
+
+/// Waits until every node's agent (a host process or a container's) is ready.
+fn wait_for_agents(state: &LabState) -> Result<()> {
+    for node in &state.nodes {
         let pid = node.agent_pid.unwrap_or(0);
         wait_for(
             &format!("the agent of {} to be ready", node.name),
             Duration::from_secs(60),
             || {
-                if !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid) {
+                if pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid) {
                     bail!("the agent of {} exited", node.name);
                 }
-                Ok(admin_get(&node.netns, "/readyz").is_ok_and(|(code, _)| code == 200))
+                Ok(admin_get(state, &node.netns, "/readyz").is_ok_and(|(code, _)| code == 200))
             },
         )?;
     }
@@ -465,11 +490,21 @@ fn is_zombie(pid: u32) -> bool {
 }
 
 /// GET on an agent's admin endpoint (curl inside the node namespace): status and body.
-pub fn admin_get(netns: &str, path: &str) -> Result<(u16, String)> {
-    let out = nsenter(netns, "curl")
-        .args(["-sS", "-m", "2", "-w", "\n%{http_code}"])
-        .arg(format!("http://{ADMIN}{path}"))
-        .output()?;
+/// Agents of the node image listen beyond loopback and want the lab's admin token.
+pub fn admin_get(state: &LabState, netns: &str, path: &str) -> Result<(u16, String)> {
+    let mut cmd = nsenter(netns, "curl");
+    cmd.args(["-sS", "-m", "2", "-w", "\n%{http_code}"]);
+    if state
+        .image
+        .as_ref()
+        .is_some_and(|i| i.admin_token.is_some())
+    {
+        cmd.arg("-H").arg(format!(
+            "@{}",
+            crate::image::token_header(&state.run_dir).display()
+        ));
+    }
+    let out = cmd.arg(format!("http://{ADMIN}{path}")).output()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     let code: u16 = code.trim().parse().unwrap_or(0);
@@ -672,7 +707,7 @@ pub fn down_on_interrupt() {
 /// Removes everything a lab made: its processes (by PID, after checking that the PID
 /// still runs a command of this lab), its namespaces, bpffs roots and run directory.
 pub fn down(state: &LabState) -> Result<()> {
-    let mut errors = Vec::new();
+    let mut errors = crate::image::remove_agents(state);
     let ours: Vec<u32> = state
         .pids
         .iter()
@@ -733,9 +768,7 @@ pub fn down_all() -> Result<usize> {
             let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                 continue;
             };
-            if pid != std::process::id()
-                && cmdline(pid).is_some_and(|c| c.contains(&format!("{RUN_ROOT}/wl")))
-            {
+            if pid != std::process::id() && cmdline(pid).is_some_and(|c| is_lab_command(&c)) {
                 strays.push(pid);
             }
         }
@@ -764,6 +797,13 @@ pub fn down_all() -> Result<usize> {
         }
     }
     Ok(removed)
+}
+
+/// A command line of a lab's process: it names a lab's run directory (servers, host
+/// agents, conmon of an agent container) or a lab's bpf root (the agent in a container,
+/// whose paths are the container's).
+fn is_lab_command(cmdline: &str) -> bool {
+    cmdline.contains(&format!("{RUN_ROOT}/wl")) || cmdline.contains(&format!("{BPF_PREFIX}wl"))
 }
 
 /// `wl` + 8 hex digits + `-`: the names labs give their namespaces.
@@ -881,5 +921,21 @@ mod tests {
         assert!(!is_lab_name("wlan0"));
         assert!(!is_lab_name("wlzzzzzzzz-x"));
         assert!(!is_lab_name("ward-test-1234"));
+    }
+
+    /// `down --all` after a lost state finds a container's agent by its bpf root, and
+    /// nothing of another program.
+    #[test]
+    fn lab_processes_are_recognised_by_run_dir_or_bpf_root() {
+        assert!(is_lab_command(
+            "/usr/bin/ward agent --config /etc/ward/config.yaml --bpf-root \
+             /sys/fs/bpf/ward-lab-wl0123abcd-0"
+        ));
+        assert!(is_lab_command(
+            "target/release/ward agent --source-dir /run/ward-lab/wl0123abcd/source"
+        ));
+        assert!(!is_lab_command(
+            "/usr/bin/ward agent --config /etc/ward/config.yaml"
+        ));
     }
 }

@@ -2,6 +2,7 @@
 //! client the lab starts inside its namespaces).
 
 mod client;
+mod image;
 mod lifecycle;
 mod pki;
 mod probes;
@@ -73,6 +74,11 @@ struct UpArgs {
     /// The `ward` binary the agents run (default: `ward` beside ward-lab, else on PATH).
     #[arg(long, value_name = "PATH")]
     ward: Option<PathBuf>,
+    /// Run every node's agent as a container of this node image (an oci-archive, as
+    /// `cargo xtask image` writes it) the way deploy/daemonset.yaml runs it (podman,
+    /// runc), instead of the `ward` binary.
+    #[arg(long, value_name = "ARCHIVE", conflicts_with_all = ["ward", "no_agent"])]
+    agent_image: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -272,6 +278,9 @@ fn observe_command(
     for n in &state.nodes {
         cmd.args(["--netns", &n.netns]);
     }
+    if let Some(token) = state.image.as_ref().and_then(|i| i.admin_token.as_ref()) {
+        cmd.arg("--admin-token-file").arg(token);
+    }
     cmd.args(args);
     Ok(cmd)
 }
@@ -295,7 +304,18 @@ fn ui(state: &LabState, base: u16) -> Result<ExitCode> {
         };
         let l = std::net::TcpListener::bind(("127.0.0.1", port))
             .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
-        println!("{}: http://{}/ui/", n.name, l.local_addr()?);
+        // agents of the node image want the admin token: the first visit hands it over
+        // (the agent keeps it in a cookie and redirects to the bare address)
+        let token = match state.image.as_ref().and_then(|i| i.admin_token.as_ref()) {
+            Some(f) => format!(
+                "?token={}",
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?
+                    .trim()
+            ),
+            None => String::new(),
+        };
+        println!("{}: http://{}/ui/{token}", n.name, l.local_addr()?);
         let netns = n.netns.clone();
         serving.push(std::thread::spawn(move || forward(&l, &netns)));
     }
@@ -344,6 +364,7 @@ fn options(up: &UpArgs, verbose: bool, lookups: bool) -> UpOptions {
         ward: up.ward.clone(),
         verbose,
         lookups,
+        agent_image: up.agent_image.clone(),
     }
 }
 

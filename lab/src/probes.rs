@@ -85,7 +85,9 @@ fn lacks_audit(o: &Outcome) -> bool {
 pub fn agent_records(state: &LabState) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     for n in &state.nodes {
-        if let Ok((200, body)) = crate::lifecycle::admin_get(&n.netns, "/v1/events?follow=false") {
+        if let Ok((200, body)) =
+            crate::lifecycle::admin_get(state, &n.netns, "/v1/events?follow=false")
+        {
             out.extend(
                 body.lines()
                     .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()),

@@ -49,7 +49,12 @@ pub struct NodeState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip6: Option<Ipv6Addr>,
     pub bpf_root: PathBuf,
+    /// The agent's PID on this machine (of the container's process with `--agent-image`).
     pub agent_pid: Option<u32>,
+    /// The agent's container in the lab's podman store (`--agent-image`), recorded
+    /// before it is started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 /// Everything a lab made, saved as `state.json` in its run directory.
@@ -67,6 +72,10 @@ pub struct LabState {
     pub endpoints: Vec<Endpoint>,
     /// Every process the lab started (agents, servers), by PID.
     pub pids: Vec<u32>,
+    /// The node image the agents run as containers (`--agent-image`), and the lab's
+    /// podman store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<crate::image::ImageState>,
 }
 
 impl LabState {
@@ -187,6 +196,7 @@ impl LabState {
                 ip6,
                 bpf_root: PathBuf::from(format!("{BPF_PREFIX}{}-{i}", self.id)),
                 agent_pid: None,
+                container: None,
             });
             self.endpoints.push(Endpoint {
                 key: format!("node:{name}"),

@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::container::{self, AgentRun, AgentSpec};
 use super::{output, read, write, Image};
 use crate::{ensure_debs, root, Result};
+use container::{store_args, AgentRun, AgentSpec};
 
 /// The image's files: (mode as `tar -tv` shows it, path).
 const FILES: &[(&str, &str)] = &[
@@ -94,7 +94,7 @@ impl Env {
         let dir = root().join(format!("target/image/check-{pid}"));
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         Ok(Env {
-            store: store_args(&dir),
+            store: store_args(&dir.join("store"), &runroot(pid))?,
             dir,
             name: format!("wimg-{pid}"),
             namespaces: Vec::new(),
@@ -162,7 +162,14 @@ impl Drop for Env {
             let _ = fs::remove_dir_all(r);
         }
         remove_store(&self.dir);
+        remove_store(&runroot(std::process::id()));
     }
+}
+
+/// The run-time state of the podman store of the check of process `pid`: podman takes
+/// at most 50 characters there, which a checkout's own path can exceed.
+fn runroot(pid: impl std::fmt::Display) -> PathBuf {
+    PathBuf::from(format!("/run/ward-image-check-{pid}"))
 }
 
 /// Removes a check's directory. podman's cleanup of a container that it ran with `--rm`
@@ -191,7 +198,7 @@ fn remove_stale_checks(image_dir: &Path) {
             continue;
         }
         let _ = Command::new("podman")
-            .args(store_args(&e.path()))
+            .args(store_args(&e.path().join("store"), &runroot(pid)).unwrap_or_default())
             .args(["rm", "--all", "--force", "--time", "0"])
             .output();
         let prefix = format!("wimg-{pid}-");
@@ -222,23 +229,8 @@ fn remove_stale_checks(image_dir: &Path) {
             }
         }
         remove_store(&e.path());
+        remove_store(&runroot(pid));
     }
-}
-
-/// podman's global options for the private store under `dir` (vfs: plain directories,
-/// nothing mounted that could outlive the check).
-fn store_args(dir: &Path) -> Vec<String> {
-    let at = |p: &str| dir.join(p).display().to_string();
-    vec![
-        "--root".into(),
-        at("store"),
-        "--runroot".into(),
-        at("run"),
-        "--tmpdir".into(),
-        at("run/libpod"),
-        "--storage-driver".into(),
-        "vfs".into(),
-    ]
 }
 
 trait StatusOk {
@@ -623,8 +615,7 @@ fn node(env: &mut Env, spec: &AgentSpec) -> Result<Node> {
     let web = pod(env, &ns, "web", 2)?;
     serve(env, &web)?;
     let config = env.dir.join("config");
-    let files =
-        container::configmap_files(&read(&root().join("deploy/configmap.yaml"))?, "ward-config")?;
+    let files = container::configmap_files(container::CONFIGMAP, container::CONFIGMAP_NAME)?;
     fs::create_dir_all(config.join("source")).map_err(|e| format!("{}: {e}", config.display()))?;
     let admin_token = match container::admin_token_file(&files)? {
         None => None,
@@ -703,6 +694,7 @@ fn start_agent(
             "--bpf-root".into(),
             bpf_root.display().to_string(),
         ],
+        log_file: None,
     };
     let mut cmd = run.command(spec)?;
     eprintln!("+ {cmd:?}");
@@ -712,7 +704,7 @@ fn start_agent(
 }
 
 fn agent(image: &Image, env: &mut Env) -> Result {
-    let spec = AgentSpec::from_daemonset(&read(&root().join("deploy/daemonset.yaml"))?)?;
+    let spec = AgentSpec::from_daemonset(container::DAEMONSET)?;
     let node = node(env, &spec)?;
     let agent = start_agent(env, image, &spec, &node, "agent")?;
     let started = Instant::now();

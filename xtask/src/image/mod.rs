@@ -7,7 +7,6 @@
 //! Docker elsewhere and buildah here build the same thing from one description.
 
 mod check;
-pub mod container;
 
 pub use check::check;
 
@@ -105,7 +104,7 @@ pub fn build() -> Result<Image> {
     let started = std::time::Instant::now();
     crate::require_root("image")?;
     ensure_debs(IMAGE_PACKAGES)?;
-    let spec = container::AgentSpec::from_daemonset(&read(&root().join("deploy/daemonset.yaml"))?)?;
+    let spec = container::AgentSpec::from_daemonset(container::DAEMONSET)?;
     let reference = spec.image;
     let dir = root().join("target/image");
     let context = dir.join("context");

@@ -5,11 +5,49 @@
 //! probes) so that nothing of it is written down twice; [`AgentRun::command`] turns it into
 //! one `podman run` for a given host: which network namespace stands for the node's host
 //! network, where each volume comes from, the downward-API values, extra agent flags.
+//!
+//! Two users: `cargo xtask image check` (one agent in a node namespace it makes) and
+//! `ward-lab --agent-image` (every node's agent of a lab). Both keep the image in a podman
+//! store of their own ([`store_args`]), so nothing of the machine's store is used.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_yaml::Value;
+
+/// `deploy/daemonset.yaml` as this build was made with it.
+pub const DAEMONSET: &str = include_str!("../../../deploy/daemonset.yaml");
+/// `deploy/configmap.yaml` as this build was made with it.
+pub const CONFIGMAP: &str = include_str!("../../../deploy/configmap.yaml");
+/// The ConfigMap that holds the agent's config file.
+pub const CONFIGMAP_NAME: &str = "ward-config";
+
+/// Why the manifests cannot be read or run as asked: the field or the value, and what
+/// is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Error(String);
+
+impl From<String> for Error {
+    fn from(s: String) -> Error {
+        Error(s)
+    }
+}
+
+impl From<&str> for Error {
+    fn from(s: &str) -> Error {
+        Error(s.to_string())
+    }
+}
+
+/// For callers whose errors are strings (xtask).
+impl From<Error> for String {
+    fn from(e: Error) -> String {
+        e.0
+    }
+}
+
+type Result<T> = std::result::Result<T, Error>;
 
 /// The parts of the DaemonSet's agent container that decide how it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,30 +104,33 @@ fn field<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
     path.iter().try_fold(v, |v, k| v.get(*k))
 }
 
-fn strings(v: Option<&Value>, what: &str) -> Result<Vec<String>, String> {
+fn strings(v: Option<&Value>, what: &str) -> Result<Vec<String>> {
     let Some(v) = v else {
         return Ok(Vec::new());
     };
     let seq = v
         .as_sequence()
-        .ok_or_else(|| format!("{what}: not a list"))?;
+        .ok_or_else(|| Error(format!("{what}: not a list")))?;
     seq.iter()
         .enumerate()
         .map(|(i, s)| {
             s.as_str()
                 .map(str::to_string)
-                .ok_or_else(|| format!("{what}[{i}]: not a string"))
+                .ok_or_else(|| Error(format!("{what}[{i}]: not a string")))
         })
         .collect()
 }
 
-fn flag(v: Option<&Value>, what: &str) -> Result<Option<bool>, String> {
-    v.map(|b| b.as_bool().ok_or_else(|| format!("{what}: not a boolean")))
-        .transpose()
+fn flag(v: Option<&Value>, what: &str) -> Result<Option<bool>> {
+    v.map(|b| {
+        b.as_bool()
+            .ok_or_else(|| Error(format!("{what}: not a boolean")))
+    })
+    .transpose()
 }
 
 /// `probe.httpGet` as (path, port), the port a number or the name of a container port.
-fn http_probe(c: &Value, probe: &str, at: &str) -> Result<Option<(String, u16)>, String> {
+fn http_probe(c: &Value, probe: &str, at: &str) -> Result<Option<(String, u16)>> {
     let Some(get) = field(c, &[probe, "httpGet"]) else {
         return Ok(None);
     };
@@ -97,7 +138,7 @@ fn http_probe(c: &Value, probe: &str, at: &str) -> Result<Option<(String, u16)>,
     let path = get
         .get("path")
         .and_then(Value::as_str)
-        .ok_or_else(|| format!("{at}.path: missing"))?;
+        .ok_or_else(|| Error(format!("{at}.path: missing")))?;
     let port = match get.get("port") {
         Some(Value::Number(n)) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
         Some(Value::String(name)) => c
@@ -111,33 +152,39 @@ fn http_probe(c: &Value, probe: &str, at: &str) -> Result<Option<(String, u16)>,
             .and_then(|n| u16::try_from(n).ok()),
         _ => None,
     }
-    .ok_or_else(|| format!("{at}.port: not a port number or the name of a container port"))?;
+    .ok_or_else(|| {
+        Error(format!(
+            "{at}.port: not a port number or the name of a container port"
+        ))
+    })?;
     Ok(Some((path.to_string(), port)))
 }
 
 impl AgentSpec {
     /// Reads the container named `agent` of the DaemonSet in `yaml`.
-    pub fn from_daemonset(yaml: &str) -> Result<AgentSpec, String> {
+    pub fn from_daemonset(yaml: &str) -> Result<AgentSpec> {
         let doc: Value = serde_yaml::from_str(yaml).map_err(|e| format!("daemonset.yaml: {e}"))?;
         if doc.get("kind").and_then(Value::as_str) != Some("DaemonSet") {
             return Err("daemonset.yaml: kind is not DaemonSet".into());
         }
         let pod = field(&doc, &["spec", "template", "spec"])
-            .ok_or("daemonset.yaml: no spec.template.spec")?;
+            .ok_or(Error::from("daemonset.yaml: no spec.template.spec"))?;
         let containers = pod
             .get("containers")
             .and_then(Value::as_sequence)
-            .ok_or("daemonset.yaml: spec.template.spec.containers: not a list")?;
+            .ok_or(Error::from(
+                "daemonset.yaml: spec.template.spec.containers: not a list",
+            ))?;
         let (i, c) = containers
             .iter()
             .enumerate()
             .find(|(_, c)| c.get("name").and_then(Value::as_str) == Some("agent"))
-            .ok_or("daemonset.yaml: no container named agent")?;
+            .ok_or(Error::from("daemonset.yaml: no container named agent"))?;
         let at = format!("spec.template.spec.containers[{i}]");
         let image = c
             .get("image")
             .and_then(Value::as_str)
-            .ok_or_else(|| format!("{at}.image: missing"))?
+            .ok_or_else(|| Error(format!("{at}.image: missing")))?
             .to_string();
         let args = strings(c.get("args"), &format!("{at}.args"))?;
         let mut env = Vec::new();
@@ -151,7 +198,7 @@ impl AgentSpec {
             let name = e
                 .get("name")
                 .and_then(Value::as_str)
-                .ok_or_else(|| format!("{at}.env[{j}].name: missing"))?;
+                .ok_or_else(|| Error(format!("{at}.env[{j}].name: missing")))?;
             let value = e.get("value").and_then(Value::as_str).map(str::to_string);
             env.push((name.to_string(), value));
         }
@@ -161,7 +208,7 @@ impl AgentSpec {
             .map(|u| {
                 u.as_u64()
                     .and_then(|u| u32::try_from(u).ok())
-                    .ok_or_else(|| format!("{at}.securityContext.runAsUser: not a user id"))
+                    .ok_or_else(|| Error(format!("{at}.securityContext.runAsUser: not a user id")))
             })
             .transpose()?;
         let volumes = pod
@@ -181,15 +228,15 @@ impl AgentSpec {
             let name = m
                 .get("name")
                 .and_then(Value::as_str)
-                .ok_or_else(|| format!("{mat}.name: missing"))?;
+                .ok_or_else(|| Error(format!("{mat}.name: missing")))?;
             let path = m
                 .get("mountPath")
                 .and_then(Value::as_str)
-                .ok_or_else(|| format!("{mat}.mountPath: missing"))?;
+                .ok_or_else(|| Error(format!("{mat}.mountPath: missing")))?;
             let volume = volumes
                 .iter()
                 .find(|v| v.get("name").and_then(Value::as_str) == Some(name))
-                .ok_or_else(|| format!("{mat}: no volume named {name}"))?;
+                .ok_or_else(|| Error(format!("{mat}: no volume named {name}")))?;
             mounts.push(Mount {
                 name: name.to_string(),
                 path: path.to_string(),
@@ -248,28 +295,28 @@ impl AgentSpec {
 }
 
 /// The files of the ConfigMap `name` in `yaml` (`data:` keys and values).
-pub fn configmap_files(yaml: &str, name: &str) -> Result<Vec<(String, String)>, String> {
+pub fn configmap_files(yaml: &str, name: &str) -> Result<Vec<(String, String)>> {
     let doc: Value = serde_yaml::from_str(yaml).map_err(|e| format!("configmap.yaml: {e}"))?;
     if doc.get("kind").and_then(Value::as_str) != Some("ConfigMap")
         || field(&doc, &["metadata", "name"]).and_then(Value::as_str) != Some(name)
     {
-        return Err(format!("configmap.yaml: not the ConfigMap {name}"));
+        return Err(Error(format!("configmap.yaml: not the ConfigMap {name}")));
     }
     let data = doc
         .get("data")
         .and_then(Value::as_mapping)
-        .ok_or("configmap.yaml: data: not a map")?;
+        .ok_or(Error::from("configmap.yaml: data: not a map"))?;
     data.iter()
         .map(|(k, v)| match (k.as_str(), v.as_str()) {
             (Some(k), Some(v)) => Ok((k.to_string(), v.to_string())),
-            _ => Err(format!("configmap.yaml: data.{k:?}: not a string")),
+            _ => Err(Error(format!("configmap.yaml: data.{k:?}: not a string"))),
         })
         .collect()
 }
 
 /// The admin token file the agent's config names (`admin_token_file:` of the file
 /// `config.yaml` in the ConfigMap's files), if any.
-pub fn admin_token_file(files: &[(String, String)]) -> Result<Option<String>, String> {
+pub fn admin_token_file(files: &[(String, String)]) -> Result<Option<String>> {
     let Some((_, text)) = files.iter().find(|(n, _)| n == "config.yaml") else {
         return Ok(None);
     };
@@ -312,7 +359,37 @@ pub struct AgentRun {
     pub env: Vec<(String, String)>,
     /// Agent flags after the manifest's args (flags win over the config file).
     pub extra_args: Vec<String>,
+    /// Where the container's output goes (podman's `k8s-file` log driver, the kubelet's
+    /// format: time, stream, tag, line); podman's own log store when `None`.
+    pub log_file: Option<PathBuf>,
 }
+
+/// podman's global options for a store of its own: images and containers under `root`,
+/// run-time state under `runroot` (vfs: plain directories, nothing mounted that could
+/// outlive the run; the machine's store is neither read nor changed). podman refuses a
+/// runroot longer than [`RUNROOT_MAX`] characters: keep it short (under /run), wherever
+/// the checkout is.
+pub fn store_args(root: &Path, runroot: &Path) -> Result<Vec<String>> {
+    let run = runroot.display().to_string();
+    if run.len() > RUNROOT_MAX {
+        return Err(Error(format!(
+            "podman runroot {run}: longer than podman's {RUNROOT_MAX} characters"
+        )));
+    }
+    Ok(vec![
+        "--root".into(),
+        root.display().to_string(),
+        "--runroot".into(),
+        run,
+        "--tmpdir".into(),
+        runroot.join("libpod").display().to_string(),
+        "--storage-driver".into(),
+        "vfs".into(),
+    ])
+}
+
+/// The longest runroot podman takes.
+pub const RUNROOT_MAX: usize = 50;
 
 /// What every container here runs with: Debian's podman with runc, and ulimits that
 /// the runtime can set. Without `--ulimit`, podman asks for more than the machine's hard
@@ -321,19 +398,19 @@ pub struct AgentRun {
 /// Open files: the machine's hard limit, as a node gives the agent. Processes: 4,096,
 /// under what podman's conmon keeps (32,768 here); root in the container is exempt
 /// from the limit anyway, and the image's other user runs one process.
-pub fn podman_runtime_args() -> Result<Vec<String>, String> {
+pub fn podman_runtime_args() -> Result<Vec<String>> {
     let limits = std::fs::read_to_string("/proc/self/limits")
         .map_err(|e| format!("/proc/self/limits: {e}"))?;
     let line = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))
-        .ok_or("/proc/self/limits: no \"Max open files\"")?;
+        .ok_or(Error::from("/proc/self/limits: no \"Max open files\""))?;
     // "Max open files  SOFT  HARD  files" (open files are never unlimited)
     let nofile: u64 = line
         .split_whitespace()
         .nth(4)
         .and_then(|n| n.parse().ok())
-        .ok_or_else(|| format!("/proc/self/limits: cannot read {line:?}"))?;
+        .ok_or_else(|| Error(format!("/proc/self/limits: cannot read {line:?}")))?;
     Ok([
         "--runtime".to_string(),
         "runc".into(),
@@ -349,7 +426,7 @@ pub fn podman_runtime_args() -> Result<Vec<String>, String> {
 const NPROC: u64 = 4096;
 
 /// `512Mi` -> `512m`, `1Gi` -> `1g`, plain bytes as they are.
-fn podman_memory(q: &str) -> Result<String, String> {
+fn podman_memory(q: &str) -> Result<String> {
     for (suffix, unit) in [("Ki", "k"), ("Mi", "m"), ("Gi", "g")] {
         if let Some(n) = q.strip_suffix(suffix) {
             if !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()) {
@@ -360,9 +437,9 @@ fn podman_memory(q: &str) -> Result<String, String> {
     if !q.is_empty() && q.chars().all(|c| c.is_ascii_digit()) {
         return Ok(q.to_string());
     }
-    Err(format!(
+    Err(Error(format!(
         "resources.limits.memory {q:?}: only Ki, Mi, Gi or bytes"
-    ))
+    )))
 }
 
 /// Kubernetes capability names (`NET_ADMIN`) as podman takes them (`CAP_NET_ADMIN`).
@@ -379,7 +456,7 @@ impl AgentRun {
     /// capabilities, no_new_privs, seccomp profile, read-only root (without podman's own
     /// tmpfs mounts, which Kubernetes does not add), mounts with their propagation,
     /// memory limit.
-    pub fn command(&self, spec: &AgentSpec) -> Result<Command, String> {
+    pub fn command(&self, spec: &AgentSpec) -> Result<Command> {
         if !spec.host_network {
             return Err("the DaemonSet's pod does not use hostNetwork".into());
         }
@@ -387,6 +464,10 @@ impl AgentRun {
         c.args(&self.podman);
         c.args(["run", "--detach", "--pull", "never", "--name", &self.name]);
         c.args(podman_runtime_args()?);
+        if let Some(log) = &self.log_file {
+            c.args(["--log-driver", "k8s-file", "--log-opt"])
+                .arg(format!("path={}", log.display()));
+        }
         c.arg("--network")
             .arg(format!("ns:{}", self.netns.display()));
         if spec.privileged {
@@ -408,7 +489,11 @@ impl AgentRun {
             None | Some("Unconfined") => {
                 c.args(["--security-opt", "seccomp=unconfined"]);
             }
-            Some(other) => return Err(format!("seccompProfile type {other}: not supported here")),
+            Some(other) => {
+                return Err(Error(format!(
+                    "seccompProfile type {other}: not supported here"
+                )))
+            }
         }
         for d in &spec.cap_drop {
             c.arg("--cap-drop").arg(cap(d));
@@ -425,7 +510,7 @@ impl AgentRun {
                 (Some((_, p)), _) => p.clone(),
                 (None, Some(h)) => PathBuf::from(h),
                 (None, None) => {
-                    return Err(format!("volume {}: no host directory given", m.name));
+                    return Err(Error(format!("volume {}: no host directory given", m.name)));
                 }
             };
             let mut opts = vec![if m.read_only { "ro" } else { "rw" }];
@@ -433,16 +518,16 @@ impl AgentRun {
                 None | Some("None") => {}
                 Some("HostToContainer") => opts.push("rslave"),
                 Some("Bidirectional") => opts.push("rshared"),
-                Some(p) => return Err(format!("volume {}: mountPropagation {p}", m.name)),
+                Some(p) => return Err(Error(format!("volume {}: mountPropagation {p}", m.name))),
             }
             c.arg("--volume")
                 .arg(format!("{}:{}:{}", host.display(), m.path, opts.join(",")));
         }
         for (name, _) in &self.volumes {
             if !spec.mounts.iter().any(|m| m.name == *name) {
-                return Err(format!(
+                return Err(Error(format!(
                     "volume {name}: the DaemonSet mounts no such volume"
-                ));
+                )));
             }
         }
         for (name, value) in &spec.env {
@@ -453,7 +538,7 @@ impl AgentRun {
                     .iter()
                     .find(|(n, _)| n == name)
                     .map(|(_, v)| v)
-                    .ok_or_else(|| format!("env {name}: no value given"))?,
+                    .ok_or_else(|| Error(format!("env {name}: no value given")))?,
             };
             c.arg("--env").arg(format!("{name}={v}"));
         }
@@ -469,8 +554,7 @@ mod tests {
     use super::*;
 
     fn spec() -> AgentSpec {
-        let yaml = std::fs::read_to_string(crate::root().join("deploy/daemonset.yaml")).unwrap();
-        AgentSpec::from_daemonset(&yaml).unwrap()
+        AgentSpec::from_daemonset(DAEMONSET).unwrap()
     }
 
     #[test]
@@ -501,10 +585,7 @@ mod tests {
     /// old one has time to drain.
     #[test]
     fn the_daemonset_rolls_with_a_surge_pod_that_takes_the_sockets_over() {
-        let ds: Value = serde_yaml::from_str(
-            &std::fs::read_to_string(crate::root().join("deploy/daemonset.yaml")).unwrap(),
-        )
-        .unwrap();
+        let ds: Value = serde_yaml::from_str(DAEMONSET).unwrap();
         let rolling = field(&ds, &["spec", "updateStrategy", "rollingUpdate"]).unwrap();
         assert_eq!(rolling["maxSurge"], 1);
         assert_eq!(rolling["maxUnavailable"], 0);
@@ -524,30 +605,25 @@ mod tests {
 
     #[test]
     fn the_configmap_holds_the_agents_config_file() {
-        let yaml = std::fs::read_to_string(crate::root().join("deploy/configmap.yaml")).unwrap();
-        let files = configmap_files(&yaml, "ward-config").unwrap();
+        let files = configmap_files(CONFIGMAP, CONFIGMAP_NAME).unwrap();
         assert_eq!(files.len(), 1);
         assert_eq!(files[0].0, "config.yaml");
         assert!(files[0].1.contains("admin: 0.0.0.0:9890"), "{}", files[0].1);
-        assert!(configmap_files(&yaml, "other").is_err());
+        assert!(configmap_files(CONFIGMAP, "other").is_err());
     }
 
     /// The admin listener is bound beyond loopback: the config names a token file, and
     /// the DaemonSet mounts the Secret ward-admin-token where that file is.
     #[test]
     fn the_admin_token_file_is_the_mounted_secret() {
-        let yaml = std::fs::read_to_string(crate::root().join("deploy/configmap.yaml")).unwrap();
-        let file = admin_token_file(&configmap_files(&yaml, "ward-config").unwrap())
+        let file = admin_token_file(&configmap_files(CONFIGMAP, CONFIGMAP_NAME).unwrap())
             .unwrap()
             .expect("admin_token_file in the config");
         let s = spec();
         let (m, name) = mount_of(&s, &file).expect("a mount holding the token file");
         assert_eq!((m.name.as_str(), name.as_str()), ("admin-token", "token"));
         assert!(m.read_only && m.host_path.is_none());
-        let ds: Value = serde_yaml::from_str(
-            &std::fs::read_to_string(crate::root().join("deploy/daemonset.yaml")).unwrap(),
-        )
-        .unwrap();
+        let ds: Value = serde_yaml::from_str(DAEMONSET).unwrap();
         let volume = field(&ds, &["spec", "template", "spec", "volumes"])
             .and_then(Value::as_sequence)
             .unwrap()
@@ -580,6 +656,7 @@ mod tests {
                 .map(|n| (n.to_string(), "v".to_string()))
                 .to_vec(),
             extra_args: vec!["--node".into(), "n1".into()],
+            log_file: None,
         }
     }
 
@@ -613,6 +690,27 @@ mod tests {
         assert_eq!(tail[tail.len() - 2..], ["--node", "n1"]);
     }
 
+    /// The output goes to the file given, in the kubelet's format; podman keeps it
+    /// otherwise.
+    #[test]
+    fn the_log_file_is_podmans_k8s_file_log() {
+        let mut r = run();
+        let a = args(&r.command(&spec()).unwrap());
+        assert!(!a.iter().any(|x| x == "--log-driver"), "{a:?}");
+        r.log_file = Some("/tmp/lab/agent-n1.log".into());
+        let a = args(&r.command(&spec()).unwrap());
+        assert!(a.windows(4).any(|w| w
+            == [
+                "--log-driver",
+                "k8s-file",
+                "--log-opt",
+                "path=/tmp/lab/agent-n1.log"
+            ]));
+        // podman's options, before the image
+        let image = a.iter().position(|x| x == "img").unwrap();
+        assert!(a.iter().position(|x| x == "--log-driver").unwrap() < image);
+    }
+
     #[test]
     fn the_seccomp_profile_follows_the_kubelet() {
         let mut s = spec();
@@ -633,21 +731,56 @@ mod tests {
         let mut r = run();
         r.volumes.clear();
         assert_eq!(
-            r.command(&spec()).unwrap_err(),
+            r.command(&spec()).unwrap_err().to_string(),
             "volume config: no host directory given"
         );
         let mut r = run();
         r.env.retain(|(n, _)| n != "POD_NAME");
         assert_eq!(
-            r.command(&spec()).unwrap_err(),
+            r.command(&spec()).unwrap_err().to_string(),
             "env POD_NAME: no value given"
         );
         let mut r = run();
         r.volumes.push(("cache".into(), "/tmp".into()));
-        assert!(r.command(&spec()).unwrap_err().contains("no such volume"));
+        assert!(r
+            .command(&spec())
+            .unwrap_err()
+            .to_string()
+            .contains("no such volume"));
         let mut s = spec();
         s.host_network = false;
-        assert!(run().command(&s).unwrap_err().contains("hostNetwork"));
+        assert!(run()
+            .command(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("hostNetwork"));
+    }
+
+    #[test]
+    fn a_runroot_podman_would_refuse_is_an_error_before_podman_runs() {
+        let a = store_args(
+            Path::new("/work/a/long/checkout/target/x/store"),
+            Path::new("/run/w-1"),
+        )
+        .unwrap();
+        assert_eq!(
+            a,
+            [
+                "--root",
+                "/work/a/long/checkout/target/x/store",
+                "--runroot",
+                "/run/w-1",
+                "--tmpdir",
+                "/run/w-1/libpod",
+                "--storage-driver",
+                "vfs"
+            ]
+        );
+        let long = format!("/run/{}", "x".repeat(RUNROOT_MAX - 4));
+        assert!(store_args(Path::new("/s"), Path::new(&long))
+            .unwrap_err()
+            .to_string()
+            .contains("longer than"));
     }
 
     #[test]
