@@ -325,10 +325,44 @@ async fn answer(
             sent => sent,
         };
         if let Err(e) = sent {
-            tracing::debug!(client = %d.client, "udp reply failed: {e}");
+            reply_failed(d.client, &e);
         }
     }
     proxy.record(handled, &query, Some(received));
+}
+
+/// Says that a UDP reply could not be sent: the client's answer is lost. Refused
+/// permission is how the node runs the proxy, not load: a reply leaves from the server's
+/// address and port through a socket bound to it, and a port below 1024 (DNS's 53) takes
+/// CAP_NET_BIND_SERVICE. That is a warning, at most once a minute (every reply fails
+/// alike); anything else (a full buffer) is debug.
+pub(crate) fn reply_failed(client: SocketAddr, e: &io::Error) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if e.kind() == io::ErrorKind::PermissionDenied && warning_due(&LAST_REFUSED_WARNING, now) {
+        tracing::warn!(
+            %client,
+            "udp reply failed: {e} (replying from a server's port below 1024 needs \
+             CAP_NET_BIND_SERVICE)"
+        );
+    } else {
+        tracing::debug!(%client, "udp reply failed: {e}");
+    }
+}
+
+/// When the last refused reply was a warning (seconds since the epoch; 0: never).
+static LAST_REFUSED_WARNING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether a warning is due at `now` (seconds) after the one at `last`: the first, then
+/// one a minute; claims it, so that one of several threads says it.
+fn warning_due(last: &std::sync::atomic::AtomicU64, now: u64) -> bool {
+    use std::sync::atomic::Ordering;
+    let before = last.load(Ordering::Relaxed);
+    (before == 0 || now >= before.saturating_add(60))
+        && last
+            .compare_exchange(before, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// A UDP query's client, to reply to at once.
@@ -341,6 +375,10 @@ struct ReplyTo<'a> {
 impl ReplyNow for ReplyTo<'_> {
     fn reply_now(&self, reply: &[u8]) -> io::Result<()> {
         self.io.send_now(reply, self.client, self.server)
+    }
+
+    fn failed(&self, e: &io::Error) {
+        reply_failed(self.client, e);
     }
 }
 
@@ -437,4 +475,23 @@ async fn write_framed(stream: &mut TcpStream, msg: &[u8]) -> io::Result<()> {
     out.extend_from_slice(&n.to_be_bytes());
     out.extend_from_slice(msg);
     stream.write_all(&out).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+
+    /// A proxy that may not reply from port 53 says so at once, and then once a minute,
+    /// not once per query.
+    #[test]
+    fn a_refused_reply_warns_at_first_and_then_once_a_minute() {
+        let last = AtomicU64::new(0);
+        assert!(warning_due(&last, 1_000));
+        assert!(!warning_due(&last, 1_000));
+        assert!(!warning_due(&last, 1_059));
+        assert!(warning_due(&last, 1_060));
+        assert!(!warning_due(&last, 1_061));
+    }
 }

@@ -34,6 +34,11 @@ pub(super) struct Held {
 pub trait ReplyNow: Sync {
     /// `WouldBlock` when the socket does not take it at once.
     fn reply_now(&self, reply: &[u8]) -> std::io::Result<()>;
+
+    /// Says that the reply could not be sent (not `WouldBlock`): it is lost.
+    fn failed(&self, e: &std::io::Error) {
+        tracing::debug!("udp reply failed: {e}");
+    }
 }
 
 /// Releases a known answer's repeat the moment the upstream exchange reads it, before the
@@ -66,7 +71,7 @@ impl WatchAnswer for Early<'_> {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             sent => {
                 if let Err(e) = sent {
-                    tracing::debug!("udp reply failed: {e}");
+                    self.reply.failed(&e);
                 }
                 self.sent.store(true, Ordering::Release);
             }

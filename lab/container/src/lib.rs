@@ -568,7 +568,11 @@ mod tests {
         assert_eq!(s.run_as_user, Some(0));
         // explicit: podman's and CRI-O's default profiles refuse bpf() without SYS_ADMIN
         assert_eq!(s.seccomp.as_deref(), Some("Unconfined"));
-        assert_eq!(s.cap_add, ["BPF", "NET_ADMIN", "PERFMON"]);
+        // NET_BIND_SERVICE: the DNS proxy's UDP answers leave from the server's port 53
+        assert_eq!(
+            s.cap_add,
+            ["BPF", "NET_ADMIN", "NET_BIND_SERVICE", "PERFMON"]
+        );
         let bpffs = s.mounts.iter().find(|m| m.path == "/sys/fs/bpf").unwrap();
         assert_eq!(bpffs.host_path.as_deref(), Some("/sys/fs/bpf"));
         assert_eq!(bpffs.propagation.as_deref(), Some("HostToContainer"));

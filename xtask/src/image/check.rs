@@ -17,7 +17,9 @@
 //!    (the token from the DaemonSet's `WARD_ADMIN_TOKEN_FILE`, as `kubectl exec` gets it)
 //!    reports both pods attached and the policy in force,
 //!    the HTTP proxy answers through the redirect (an allowed request reaches the pod's
-//!    server, another gets 403), the datapath lets the allowed port through and drops
+//!    server, another gets 403), the DNS proxy answers a UDP query it allows from the
+//!    server's address and port 53 and refuses another, the datapath lets the allowed
+//!    port through and drops
 //!    another, nothing is logged as a warning or an error, and the agent stops cleanly
 //!    on SIGTERM within the grace period;
 //! 5. no `ward lab` in the image.
@@ -54,7 +56,7 @@ const WEB: &str = "10.89.2.2";
 pub fn check() -> Result {
     let image = super::build()?;
     image.report();
-    ensure_debs(&["iproute2", "curl", "tar", "gzip", "python3"])?;
+    ensure_debs(&["iproute2", "curl", "dnsutils", "tar", "gzip", "python3"])?;
     let started = Instant::now();
     let mut env = Env::new()?;
     archive(&image, &env.dir)?;
@@ -72,7 +74,7 @@ pub fn check() -> Result {
     Ok(())
 }
 
-/// What the check made, removed on drop (containers by name, the web pod's server,
+/// What the check made, removed on drop (containers by name, the web pod's servers,
 /// namespaces, bpffs directories, the private store).
 struct Env {
     /// target/image/check-PID: the store, the agent's volumes, the unpacked archive.
@@ -84,7 +86,7 @@ struct Env {
     namespaces: Vec<String>,
     containers: Vec<String>,
     bpf_roots: Vec<PathBuf>,
-    server: Option<std::process::Child>,
+    servers: Vec<std::process::Child>,
 }
 
 impl Env {
@@ -100,7 +102,7 @@ impl Env {
             namespaces: Vec::new(),
             containers: Vec::new(),
             bpf_roots: Vec::new(),
-            server: None,
+            servers: Vec::new(),
         })
     }
 
@@ -148,7 +150,7 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        if let Some(mut server) = self.server.take() {
+        for mut server in self.servers.drain(..) {
             let _ = server.kill();
             let _ = server.wait();
         }
@@ -212,7 +214,7 @@ fn remove_stale_checks(image_dir: &Path) {
                     continue;
                 }
                 if dir == "/run/netns" {
-                    // what that check started in it (the web pod's server)
+                    // what that check started in it (the web pod's servers)
                     let pids = Command::new("ip").args(["netns", "pids", &name]).output();
                     for pid in pids.iter().flat_map(|o| {
                         String::from_utf8_lossy(&o.stdout)
@@ -426,8 +428,9 @@ pods:
 - {namespace: shop, name: web, ip: 10.89.2.2, node: node1, labels: {app: web}}
 ";
 
-/// The web pod: TCP 8080 from the client (L4), and port 80 through the HTTP proxy,
-/// `GET /ok` only.
+/// The web pod: TCP 8080 and UDP 53 from the client (L4), and port 80 through the HTTP
+/// proxy, `GET /ok` only. The client: to the web pod on those ports and 9090, DNS
+/// through the DNS proxy, names under `example.` only.
 const POLICY: &str = "\
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -436,11 +439,25 @@ spec:
   endpointSelector: {matchLabels: {app: web}}
   ingress:
   - fromEndpoints: [{matchLabels: {app: client}}]
-    toPorts: [{ports: [{port: \"8080\", protocol: TCP}]}]
+    toPorts: [{ports: [{port: \"8080\", protocol: TCP}, {port: \"53\", protocol: UDP}]}]
   - fromEndpoints: [{matchLabels: {app: client}}]
     toPorts:
     - ports: [{port: \"80\", protocol: TCP}]
       rules: {http: [{method: GET, path: /ok}]}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: client, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: web}}]
+    toPorts:
+    - ports: [{port: \"80\", protocol: TCP}, {port: \"8080\", protocol: TCP}, {port: \"9090\", protocol: TCP}]
+  - toEndpoints: [{matchLabels: {app: web}}]
+    toPorts:
+    - ports: [{port: \"53\", protocol: UDP}]
+      rules: {dns: [{matchPattern: \"*.example\"}]}
 ";
 
 /// A pod namespace on a veth `lxc{i}` of the node, with `10.89.{i}.2/32`.
@@ -495,18 +512,87 @@ fn serve(env: &mut Env, ns: &str) -> Result {
         .stderr(std::process::Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start python3 -m http.server: {e}"))?;
-    env.server = Some(server);
+    env.servers.push(server);
+    let dns = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", DNS_SERVER, WEB])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start python3 (the web pod's DNS server): {e}"))?;
+    env.servers.push(dns);
     // From inside the pod: local delivery, no policy on the way.
     let start = Instant::now();
-    while http_code(ns, &format!("http://{WEB}/ok")) != "200" {
+    while http_code(ns, &format!("http://{WEB}/ok")) != "200"
+        || dig(ns, "ok.example").as_deref() != Ok(DNS_ANSWER)
+    {
         if start.elapsed() > Duration::from_secs(10) {
             return Err(
-                "the web pod's server (python3 -m http.server): not listening within 10 s".into(),
+                "the web pod's servers (python3's http.server, its DNS server): not answering \
+                 within 10 s"
+                    .into(),
             );
         }
         thread::sleep(Duration::from_millis(100));
     }
     Ok(())
+}
+
+/// The web pod's DNS server (UDP 53 of the address in argv[1]): every A query of any
+/// name gets one answer, [`DNS_ANSWER`].
+const DNS_SERVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+while True:
+    q, client = s.recvfrom(512)
+    end = 12
+    while end < len(q) and q[end]:
+        end += q[end] + 1
+    end += 5
+    answer = bytes([0xC0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 1])
+    s.sendto(q[:2] + bytes([0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]) + q[12:end] + answer, client)
+"#;
+
+/// What the web pod's DNS server answers.
+const DNS_ANSWER: &str = "192.0.2.1";
+
+/// `dig` from namespace `ns` for `name`'s A record at the web pod over UDP: the
+/// answer's addresses, or the status when there are none (`REFUSED`), or the failure.
+fn dig(ns: &str, name: &str) -> std::result::Result<String, String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "dig", &format!("@{WEB}")])
+        .args([
+            "+time=2",
+            "+tries=1",
+            "+noall",
+            "+answer",
+            "+comments",
+            name,
+            "A",
+        ])
+        .output()
+        .map_err(|e| format!("cannot start dig: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let addresses: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    if !addresses.is_empty() {
+        return Ok(addresses.join(" "));
+    }
+    let status = text
+        .split("status: ")
+        .nth(1)
+        .and_then(|r| r.split(',').next());
+    match status {
+        Some(s) => Ok(s.to_string()),
+        None => Err(format!(
+            "no answer ({}{})",
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
 }
 
 /// `curl` from namespace `ns`: its exit code (0 answered, 7 refused, 28 timed out).
@@ -747,7 +833,7 @@ fn agent(image: &Image, env: &mut Env) -> Result {
     let s = status(env, &agent)?;
     if s["ready"] != Value::Bool(true)
         || s["endpoints_attached"].as_u64() != Some(2)
-        || s["policies"].as_u64() != Some(1)
+        || s["policies"].as_u64() != Some(2)
         || s["errors"].as_array().is_none_or(|e| !e.is_empty())
         || !s["last_error"].is_null()
     {
@@ -762,6 +848,17 @@ fn agent(image: &Image, env: &mut Env) -> Result {
         return Err(format!(
             "client -> web:80 through the HTTP proxy: GET /ok {ok}, GET /forbidden \
              {forbidden}, not 200 and 403\n--- agent log ---\n{}",
+            env.logs(&agent)
+        ));
+    }
+    // Through the DNS proxy: the answer to an allowed UDP query leaves from the server's
+    // address and port 53 (a socket bound to it), a denied name is refused.
+    let allowed = dig(&node.client, "ok.example");
+    let refused = dig(&node.client, "ok.test");
+    if (allowed.as_deref(), refused.as_deref()) != (Ok(DNS_ANSWER), Ok("REFUSED")) {
+        return Err(format!(
+            "client -> web:53 through the DNS proxy: ok.example {allowed:?}, ok.test \
+             {refused:?}, not {DNS_ANSWER} and REFUSED\n--- agent log ---\n{}",
             env.logs(&agent)
         ));
     }
@@ -816,8 +913,9 @@ fn agent(image: &Image, env: &mut Env) -> Result {
     }
     eprintln!(
         "image check: the agent ran as the DaemonSet runs it: ready after {:.1} s, 2 pods \
-         attached, 1 policy; GET /ok 200 and /forbidden 403 through the proxy, port 8080 \
-         allowed, 9090 dropped; clean exit on SIGTERM",
+         attached, 2 policies; GET /ok 200 and /forbidden 403 through the HTTP proxy, \
+         ok.example answered and ok.test refused by the DNS proxy, port 8080 allowed, 9090 \
+         dropped; clean exit on SIGTERM",
         ready_after.as_secs_f64()
     );
     each_capability_needed(image, env, &spec, &node, &ready)
@@ -851,6 +949,17 @@ fn each_capability_needed(
             }
             thread::sleep(Duration::from_millis(100));
         }
+        if !stopped {
+            // What a capability can fail at without a word until it is used: a DNS
+            // answer (sent from port 53) and a proxied request. A warning may come a
+            // moment after the client gave up.
+            let _ = dig(&node.client, "ok.example");
+            let _ = http_code(&node.client, &format!("http://{WEB}/ok"));
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while warnings(&env.logs(&agent)).is_empty() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
         let log = env.logs(&agent);
         let _ = env
             .podman(&["rm", "--force", "--time", "0", &agent])
@@ -864,6 +973,7 @@ fn each_capability_needed(
         let why = log
             .lines()
             .find(|l| l.starts_with("ward: ") || l.contains("\"level\":\"ERROR\""))
+            .or_else(|| warnings(&log).first().copied())
             .unwrap_or("a warning");
         eprintln!(
             "image check: without {cap}: {}",
