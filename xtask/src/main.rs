@@ -26,9 +26,10 @@ tasks:
                   build the eBPF object, format check, clippy (-D warnings), all tests,
                   the conformance suite on the policy model (cases, cases-calico,
                   cases-tls), then `lab` (deploy/lab and deploy/lab-calico), `lab-cases`
-                  (every conformance case on the real datapath), `soak --minutes 5` and
+                  (every conformance case on the real datapath), `soak --minutes 5`,
                   `image check` (the node image built, loaded and run as the DaemonSet
-                  runs it)
+                  runs it) and `lab --agent-image` with its archive (the default scenario,
+                  every agent a container of the image; needs both lab and image)
   soak [--minutes N] [--report PATH]
                   the deploy/lab scenario for N minutes (default 5) under policy and pod
                   churn (root): every probe checked throughout, the agents' RSS, open
@@ -297,7 +298,18 @@ fn test(flags: &[String]) -> Result {
         soak::run(&["--minutes".to_string(), "5".to_string()])?;
     }
     if with_image {
-        image::check()?;
+        let image = image::check()?;
+        if with_lab {
+            // The default scenario once more, every node's agent a container of the image
+            // just checked, run as the DaemonSet runs it: every probe as with the binary.
+            let started = std::time::Instant::now();
+            lab(&["--agent-image".into(), image.archive.display().to_string()])?;
+            eprintln!(
+                "lab with the agents in containers of {}: passed in {:.0} s",
+                image.reference,
+                started.elapsed().as_secs_f64()
+            );
+        }
     }
     Ok(())
 }

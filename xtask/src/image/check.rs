@@ -53,7 +53,9 @@ const IMAGE_USER: &str = "65532:65532";
 /// The web pod's address (the cluster file below gives it).
 const WEB: &str = "10.89.2.2";
 
-pub fn check() -> Result {
+/// Builds the image and checks it; returns the image (its archive is what
+/// `ward-lab --agent-image` runs next in `cargo xtask test`).
+pub fn check() -> Result<Image> {
     let image = super::build()?;
     image.report();
     ensure_debs(&["iproute2", "curl", "dnsutils", "tar", "gzip", "python3"])?;
@@ -71,7 +73,7 @@ pub fn check() -> Result {
         "image check: passed in {:.1} s (after the build)",
         started.elapsed().as_secs_f64()
     );
-    Ok(())
+    Ok(image)
 }
 
 /// What the check made, removed on drop (containers by name, the web pod's servers,

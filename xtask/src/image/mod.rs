@@ -45,7 +45,7 @@ usage: cargo xtask image [build|check|rootfs DIR]
 pub fn image(args: &[String]) -> Result {
     match args.first().map(String::as_str) {
         None | Some("build") => build().map(|image| image.report()),
-        Some("check") => check(),
+        Some("check") => check().map(drop),
         Some("rootfs") => match args.get(1) {
             Some(dir) => rootfs(Path::new(dir)).map(|version| {
                 eprintln!("ward {version}: the image's files are in {dir}");
