@@ -167,10 +167,11 @@ fn load(state: &mut LabState, spec: &AgentSpec) -> Result<()> {
                 .with_context(|| format!("cannot write {}", path.display()))?;
             // the Secret volume's defaultMode
             fs::set_permissions(&path, fs::Permissions::from_mode(0o400))?;
-            fs::write(
-                token_header(&state.run_dir),
-                format!("Authorization: Bearer {token}\n"),
-            )?;
+            // root's only, as the token itself
+            let header = token_header(&state.run_dir);
+            fs::write(&header, format!("Authorization: Bearer {token}\n"))
+                .with_context(|| format!("cannot write {}", header.display()))?;
+            fs::set_permissions(&header, fs::Permissions::from_mode(0o600))?;
             Some(path)
         }
     };
