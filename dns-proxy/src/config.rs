@@ -27,9 +27,7 @@ pub const DEFAULT_CONCURRENCY_LIMIT: usize = 1024;
 pub const DEFAULT_CLIENT_CONCURRENCY_LIMIT: usize = 256;
 
 /// Live learned IPs per node by default: the datapath's ipcache holds 262,144 addresses
-/// (pods and CIDRs share it), and this leaves it room while far above what a node's pods
-/// keep live (the FQDN load test's 500 endpoints with 10,000 names peak near
-/// 50,000).
+/// (pods and CIDRs share it), and this leaves it room.
 pub const DEFAULT_MAX_IPS_PER_NODE: usize = 100_000;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

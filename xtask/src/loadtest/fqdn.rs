@@ -120,10 +120,9 @@ struct Sample {
     cpu_s: f64,
     /// `ward_dns_cache_sweep_seconds` count and sum (absent in builds without it).
     sweeps: Option<(f64, f64)>,
-    /// `ward_dns_cache_ips`, `ward_fqdn_names` and `ward_policy_pushes_total`.
-    cache_ips: f64,
-    fqdn_names: f64,
-    pushes: f64,
+    /// `ward_dns_cache_ips`, `ward_fqdn_names` and `ward_policy_pushes_total`; None
+    /// when the metrics did not answer in time.
+    held: Option<(f64, f64, f64)>,
 }
 
 /// The figures of one subject.
@@ -746,9 +745,13 @@ fn sample(ns: &str, pid: u32, ticks: f64) -> Option<Sample> {
         rss_mib: parse::status_kib(&status, "VmRSS")? / 1024.0,
         cpu_s: parse::stat_cpu_ticks(&stat)? as f64 / ticks,
         sweeps,
-        cache_ips: gauge(&text, "ward_dns_cache_ips").unwrap_or(0.0),
-        fqdn_names: gauge(&text, "ward_fqdn_names").unwrap_or(0.0),
-        pushes: gauge(&text, "ward_policy_pushes_total").unwrap_or(0.0),
+        held: out.status.success().then(|| {
+            (
+                gauge(&text, "ward_fqdn_names").unwrap_or(0.0),
+                gauge(&text, "ward_dns_cache_ips").unwrap_or(0.0),
+                gauge(&text, "ward_policy_pushes_total").unwrap_or(0.0),
+            )
+        }),
     })
 }
 
@@ -895,7 +898,7 @@ impl Monitor {
                     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
                     if let Ok(mut k) = killed.lock() {
                         *k = Some(format!(
-                            "RSS {:.0} MiB passed the limit of {limit_mib:.0} MiB {:.0} s after                              the start; the agent was killed",
+                            "RSS {:.0} MiB passed the limit of {limit_mib:.0} MiB {:.0} s after the start; the agent was killed",
                             rss / 1024.0,
                             started.elapsed().as_secs_f64()
                         ));
@@ -931,13 +934,16 @@ fn trajectory(samples: &[Sample]) -> String {
         .step_by(step)
         .chain(samples.last())
         .map(|s| {
+            let held = match s.held {
+                Some((names, ips, pushes)) => {
+                    format!("{names:.0} names learned, {ips:.0} cache IPs, {pushes:.0} pushes")
+                }
+                None => "metrics did not answer within 2 s".to_string(),
+            };
             format!(
-                "{:.0} s: {:.0} MiB, {:.0} names learned, {:.0} cache IPs, {:.0} pushes",
+                "{:.0} s: {:.0} MiB, {held}",
                 (s.unix_ms - first.unix_ms) as f64 / 1e3,
                 s.rss_mib,
-                s.fqdn_names,
-                s.cache_ips,
-                s.pushes
             )
         })
         .collect();
