@@ -947,7 +947,7 @@ fn trajectory(samples: &[Sample]) -> String {
             )
         })
         .collect();
-    format!("; from ready: {}", points.join("; "))
+    format!("; from the agent's start: {}", points.join("; "))
 }
 
 /// A folder removed on drop (the agent's pins).
