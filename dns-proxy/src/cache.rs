@@ -61,20 +61,87 @@ pub struct Learned {
     pub evicted: Vec<IpAddr>,
     /// Some IP that was live expires sooner than before (the answer had a lower TTL).
     pub sooner: bool,
+    /// Live IPs of any endpoint and name made zombies by the per-node limit.
+    pub node_evicted: usize,
 }
 
 #[derive(Clone, Debug)]
 pub struct FqdnCache {
     max_ips_per_name: usize,
+    /// Live IPs over every endpoint and name; 0: no limit.
+    max_ips_per_node: usize,
+    /// Live IPs held now (kept with every change of an entry's `ips`).
+    live: usize,
     entries: Live,
 }
 
 impl FqdnCache {
+    /// A cache with a per-name limit and no per-node limit.
     pub fn new(max_ips_per_name: usize) -> FqdnCache {
+        FqdnCache::with_limits(max_ips_per_name, 0)
+    }
+
+    /// A cache that keeps at most `max_ips_per_name` live IPs per name per endpoint and
+    /// `max_ips_per_node` over all (0: no limit): the names a `matchPattern` admits are
+    /// unbounded, so without it the cache grows with every new name a pod looks up.
+    pub fn with_limits(max_ips_per_name: usize, max_ips_per_node: usize) -> FqdnCache {
         FqdnCache {
             max_ips_per_name: max_ips_per_name.max(1),
+            max_ips_per_node,
+            live: 0,
             entries: Live::new(),
         }
+    }
+
+    /// Live IPs held now, over every endpoint and name.
+    pub fn live_ips(&self) -> usize {
+        self.live
+    }
+
+    /// Past the per-node limit, the oldest learned live IPs of the node (any endpoint,
+    /// any name) become zombies, like those past the per-name limit: they leave the
+    /// datapath at the next sweep unless a connection uses them. Evicts down to 1%
+    /// under the limit, so that the scan over the cache runs once per hundredth of it
+    /// learned, not per answer. Returns how many it evicted.
+    fn enforce_node_limit(&mut self) -> usize {
+        let max = self.max_ips_per_node;
+        if max == 0 || self.live <= max {
+            return 0;
+        }
+        let target = max - max / 100;
+        let n = self.live - target;
+        let mut all: Vec<u64> = self
+            .entries
+            .values()
+            .flat_map(|names| names.values())
+            .flat_map(|e| e.ips.iter().map(|x| x.learned_ms))
+            .collect();
+        // the learned time of the n-th oldest: those before it go, and of those learned
+        // at that same time as many as are still needed
+        let (_, nth, _) = all.select_nth_unstable(n - 1);
+        let cut = *nth;
+        let mut at_cut = n - all.iter().filter(|t| **t < cut).count();
+        let mut evicted = 0;
+        for names in self.entries.values_mut() {
+            for e in names.values_mut() {
+                let mut kept = Vec::with_capacity(e.ips.len());
+                for x in e.ips.drain(..) {
+                    let go = x.learned_ms < cut || (x.learned_ms == cut && at_cut > 0);
+                    if go {
+                        if x.learned_ms == cut {
+                            at_cut -= 1;
+                        }
+                        evicted += 1;
+                        e.zombies.push(x);
+                    } else {
+                        kept.push(x);
+                    }
+                }
+                e.ips = kept;
+            }
+        }
+        self.live -= evicted;
+        evicted
     }
 
     /// Records that `endpoint` learned `ips` for `name`, valid for `ttl` seconds from
@@ -89,10 +156,15 @@ impl FqdnCache {
         now_ms: u64,
     ) -> Vec<IpAddr> {
         let max = self.max_ips_per_name;
-        match self.entry_mut(endpoint, name) {
-            Some(entry) => refresh(entry, max, ips, ttl, now_ms).0,
-            None => Vec::new(),
-        }
+        let Some(entry) = self.entry_mut(endpoint, name) else {
+            return Vec::new();
+        };
+        let before = entry.ips.len();
+        let evicted = refresh(entry, max, ips, ttl, now_ms).0;
+        let after = entry.ips.len();
+        self.live = (self.live + after).saturating_sub(before);
+        self.enforce_node_limit();
+        evicted
     }
 
     /// [`FqdnCache::learn`] for IPs handed to the datapath under `selectors`, which it
@@ -113,6 +185,7 @@ impl FqdnCache {
                 covered: false,
                 evicted: Vec::new(),
                 sooner: false,
+                node_evicted: 0,
             };
         };
         let same_selectors = entry
@@ -124,11 +197,16 @@ impl FqdnCache {
         if !same_selectors {
             entry.selectors = selectors.iter().map(|s| s.to_string()).collect();
         }
+        let before = entry.ips.len();
         let (evicted, sooner) = refresh(entry, max, ips, ttl, now_ms);
+        let after = entry.ips.len();
+        self.live = (self.live + after).saturating_sub(before);
+        let node_evicted = self.enforce_node_limit();
         Learned {
-            covered,
+            covered: covered && node_evicted == 0,
             evicted,
             sooner,
+            node_evicted,
         }
     }
 
@@ -207,7 +285,18 @@ impl FqdnCache {
             names.retain(|_, e| !e.ips.is_empty() || !e.zombies.is_empty());
         }
         self.entries.retain(|_, names| !names.is_empty());
+        self.recount();
         removed
+    }
+
+    /// Counts the live IPs again (after a change of many entries at once).
+    fn recount(&mut self) {
+        self.live = self
+            .entries
+            .values()
+            .flat_map(|names| names.values())
+            .map(|e| e.ips.len())
+            .sum();
     }
 
     /// The live IPs of a name for an endpoint, oldest first.
@@ -273,6 +362,7 @@ impl FqdnCache {
             });
         }
         self.entries.retain(|_, names| !names.is_empty());
+        self.recount();
         dropped
     }
 
@@ -282,6 +372,8 @@ impl FqdnCache {
             .into_iter()
             .map(|(endpoint, names)| (endpoint, names.into_iter().collect()))
             .collect();
+        self.recount();
+        self.enforce_node_limit();
     }
 
     pub fn stats(&self) -> Stats {
@@ -339,6 +431,86 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn node_limit_makes_the_oldest_of_the_node_zombies() {
+        let mut c = FqdnCache::with_limits(10, 4);
+        let sel = ["*.app.test."];
+        let (a, b, d, e, f) = (
+            ip("192.0.2.1"),
+            ip("192.0.2.2"),
+            ip("192.0.2.3"),
+            ip("192.0.2.4"),
+            ip("192.0.2.5"),
+        );
+        c.learn_under("ns/one", "x.app.test.", &[a], &sel, 60, 1_000);
+        c.learn_under("ns/two", "y.app.test.", &[b], &sel, 60, 2_000);
+        c.learn_under("ns/one", "z.app.test.", &[d, e], &sel, 60, 3_000);
+        assert_eq!(c.live_ips(), 4);
+        // a fifth IP for another endpoint: the node's oldest (a, of ns/one) goes
+        let l = c.learn_under("ns/two", "w.app.test.", &[f], &sel, 60, 4_000);
+        assert_eq!(l.node_evicted, 1);
+        assert!(l.evicted.is_empty(), "no per-name eviction");
+        assert_eq!(c.live_ips(), 4);
+        assert!(c.ips("ns/one", "x.app.test.").is_empty());
+        assert_eq!(c.held_ips("ns/one", "x.app.test."), vec![a], "a zombie");
+        assert_eq!(c.ips("ns/two", "w.app.test."), vec![f]);
+        // the zombie leaves at the next sweep when no connection uses it
+        let removed = c.collect(5_000, |_| false);
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].ip, a);
+        assert_eq!(c.live_ips(), 4);
+        assert_eq!(c.stats().ips, 4);
+    }
+
+    #[test]
+    fn node_limit_holds_over_many_names_and_evicts_in_age_order() {
+        let mut c = FqdnCache::with_limits(1_000, 1_000);
+        let mut peak = 0;
+        for i in 0..1_500u32 {
+            let ip = IpAddr::from([10, 0, (i >> 8) as u8, i as u8]);
+            c.learn("ns/p", &format!("h{i}.app.test."), &[ip], 60, u64::from(i));
+            peak = peak.max(c.live_ips());
+            assert_eq!(c.live_ips(), c.stats().ips, "the count follows the entries");
+        }
+        assert_eq!(peak, 1_000, "never over the limit");
+        // what is left live is the newest learned, and every older one is a zombie
+        let oldest_live = (0..1_500u32)
+            .find(|i| !c.ips("ns/p", &format!("h{i}.app.test.")).is_empty())
+            .unwrap();
+        assert!((1_500 - oldest_live) as usize <= 1_000);
+        for i in 0..oldest_live {
+            assert_eq!(c.held_ips("ns/p", &format!("h{i}.app.test.")).len(), 1);
+        }
+        assert_eq!(c.stats().zombies, oldest_live as usize);
+        // no limit: nothing evicted
+        let mut c = FqdnCache::new(1_000);
+        for i in 0..1_500u32 {
+            let ip = IpAddr::from([10, 0, (i >> 8) as u8, i as u8]);
+            c.learn("ns/p", &format!("h{i}.app.test."), &[ip], 60, u64::from(i));
+        }
+        assert_eq!((c.live_ips(), c.stats().zombies), (1_500, 0));
+    }
+
+    #[test]
+    fn a_restored_cache_over_the_node_limit_is_cut_down() {
+        let mut c = FqdnCache::new(10);
+        for i in 0..10u8 {
+            c.learn(
+                "ns/p",
+                &format!("h{i}."),
+                &[IpAddr::from([10, 0, 0, i])],
+                60,
+                u64::from(i),
+            );
+        }
+        let mut small = FqdnCache::with_limits(10, 5);
+        small.restore(c.snapshot());
+        assert!(small.live_ips() <= 5);
+        assert_eq!(small.live_ips(), small.stats().ips);
+        assert_eq!(small.ips("ns/p", "h9."), vec![IpAddr::from([10, 0, 0, 9])]);
+        assert!(small.ips("ns/p", "h0.").is_empty());
     }
 
     #[test]

@@ -26,6 +26,10 @@ pub const DEFAULT_CONCURRENCY_LIMIT: usize = 1024;
 /// one pod flooding a slow zone leaves the others room.
 pub const DEFAULT_CLIENT_CONCURRENCY_LIMIT: usize = 256;
 
+/// Live learned IPs per node by default: the datapath's ipcache holds 262,144 addresses
+/// (pods and CIDRs share it), and this leaves it room.
+pub const DEFAULT_MAX_IPS_PER_NODE: usize = 100_000;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -35,6 +39,11 @@ pub struct Config {
     pub min_ttl: u32,
     /// IPs kept per name per endpoint; the oldest leave first.
     pub max_ips_per_name: usize,
+    /// Live IPs kept over the whole node (every endpoint and name); past it the oldest
+    /// learned become zombies (removed once no connection uses them) and are counted
+    /// (`ward_dns_cache_node_evictions_total`). A `matchPattern` admits unbounded names,
+    /// so without it the cache grows with every new name looked up. 0: no limit.
+    pub max_ips_per_node: usize,
     /// Also attribute an answer's IPs to every CNAME target in it (see README: trust).
     pub attribute_cname_targets: bool,
     /// How long an answer waits for the datapath to confirm its update.
@@ -78,6 +87,7 @@ impl Default for Config {
             refuse_code: RefuseCode::Refused,
             min_ttl: 0,
             max_ips_per_name: 1000,
+            max_ips_per_node: DEFAULT_MAX_IPS_PER_NODE,
             attribute_cname_targets: false,
             datapath_wait: Duration::from_millis(100),
             upstream_timeout: Duration::from_secs(10),

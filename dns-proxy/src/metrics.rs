@@ -28,6 +28,8 @@ pub struct Metrics {
     pub cache_zombies: IntGauge,
     pub expirations: IntCounter,
     pub evictions: IntCounter,
+    /// Live IPs made zombies by the per-node limit (`max_ips_per_node`).
+    pub node_evictions: IntCounter,
     pub persist_errors: IntCounter,
     /// Queries answered `SERVFAIL` at once because `concurrency_limit` queries were in
     /// hand (`limit="global"`), or `client_concurrency_limit` of the client's
@@ -42,6 +44,9 @@ pub struct Metrics {
     /// minus the wait for the upstream. A known answer's repeat leaves from within the
     /// upstream exchange: its reply's send is part of that wait.
     pub processing_seconds: Histogram,
+    /// One expiry sweep that found something expired: the read of the live connections,
+    /// the cache's collection and the hand-off of the removals to the datapath.
+    pub sweep_seconds: Histogram,
     /// Series of the per-query path, resolved once (no label hashing per query).
     pub series: Arc<Series>,
 }
@@ -205,6 +210,10 @@ impl Metrics {
                 "cache_evictions_total",
                 "IPs evicted by the per-name limit",
             ))?,
+            node_evictions: IntCounter::with_opts(opts(
+                "cache_node_evictions_total",
+                "IPs evicted by the per-node limit",
+            ))?,
             persist_errors: IntCounter::with_opts(opts(
                 "persist_errors_total",
                 "Failed writes of the FQDN cache",
@@ -222,6 +231,10 @@ impl Metrics {
                 "processing_seconds",
                 "The proxy's own time per query: receipt to reply, minus the upstream wait",
             ))?,
+            sweep_seconds: Histogram::with_opts(hopts(
+                "cache_sweep_seconds",
+                "Expiry sweeps: live connections read, cache collected, removals handed over",
+            ))?,
             series,
         };
         let r = &m.registry;
@@ -237,11 +250,13 @@ impl Metrics {
         r.register(Box::new(m.cache_zombies.clone()))?;
         r.register(Box::new(m.expirations.clone()))?;
         r.register(Box::new(m.evictions.clone()))?;
+        r.register(Box::new(m.node_evictions.clone()))?;
         r.register(Box::new(m.persist_errors.clone()))?;
         r.register(Box::new(m.over_limit.clone()))?;
         r.register(Box::new(m.upstream_unexpected.clone()))?;
         r.register(Box::new(m.known_answers.clone()))?;
         r.register(Box::new(m.processing_seconds.clone()))?;
+        r.register(Box::new(m.sweep_seconds.clone()))?;
         Ok(m)
     }
 

@@ -790,6 +790,45 @@ async fn concurrent_queries_for_one_name_release_in_update_order() {
     );
 }
 
+/// Past `max_ips_per_node` live IPs over every name, the oldest learned becomes a zombie
+/// (it leaves at the next sweep when unused), and is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_node_limit_evicts_the_oldest_and_counts() {
+    let mut z = Zone::default();
+    z.a("one.app.test", 300, &["192.0.2.31"]);
+    z.a("two.app.test", 300, &["192.0.2.32"]);
+    z.a("three.app.test", 300, &["192.0.2.33"]);
+    let up = Upstream::start(z).await;
+    let config = Config {
+        max_ips_per_node: 2,
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    for name in ["one.app.test", "two.app.test", "three.app.test"] {
+        query(h.addr, name, RecordType::A, false).await;
+        // learned in order (each its own millisecond at least)
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(h.proxy.cached_ips(ENDPOINT, "one.app.test").is_empty());
+    assert_eq!(
+        h.proxy.held_ips(ENDPOINT, "one.app.test"),
+        vec![ip("192.0.2.31")],
+        "a zombie until the sweep"
+    );
+    assert_eq!(
+        h.proxy.cached_ips(ENDPOINT, "three.app.test"),
+        vec![ip("192.0.2.33")]
+    );
+    let metrics = h.proxy.metrics().render();
+    assert!(
+        metrics.contains("ward_dns_cache_node_evictions_total 1"),
+        "{metrics}"
+    );
+    assert_eq!(h.proxy.collect().await, 1);
+    let last = h.sink.applied().last().unwrap().update.clone();
+    assert_eq!(last.remove[0].ips, vec![ip("192.0.2.31")]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_ips_leave_unless_in_use() {
     let mut z = Zone::default();
@@ -822,6 +861,11 @@ async fn expired_ips_leave_unless_in_use() {
         metrics.contains("ward_dns_cache_expirations_total 2"),
         "{metrics}"
     );
+    // two sweeps found something to do (the calls before the TTL ran out returned at once)
+    assert!(
+        metrics.contains("ward_dns_cache_sweep_seconds_count 2"),
+        "{metrics}"
+    );
 }
 
 /// An expiry sweep reads the live connections with no lock held: while that read takes
@@ -839,7 +883,7 @@ async fn queries_are_answered_while_a_sweep_reads_the_connections() {
     *h.in_use.gate.lock().unwrap() = Some(gate);
     // the TTL of 1 s runs out
     let end = Instant::now() + Duration::from_secs(5);
-    let sweep = loop {
+    let (sweep, asked_at) = loop {
         let p = h.proxy.clone();
         let sweep = tokio::spawn(async move { p.collect().await });
         let asked = Instant::now() + Duration::from_millis(300);
@@ -847,7 +891,7 @@ async fn queries_are_answered_while_a_sweep_reads_the_connections() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if h.in_use.asked.load(Ordering::Relaxed) {
-            break sweep;
+            break (sweep, Instant::now());
         }
         assert_eq!(sweep.await.unwrap(), 0, "nothing expired, nothing read");
         assert!(Instant::now() < end, "the IP never expired");
@@ -865,8 +909,17 @@ async fn queries_are_answered_while_a_sweep_reads_the_connections() {
         vec![ip("192.0.2.110")]
     );
     assert!(!sweep.is_finished());
+    let held = asked_at.elapsed();
     release.send(()).unwrap();
     assert_eq!(sweep.await.unwrap(), 1, "the expired IP left");
+    // the sweep's time includes its read of the connections
+    let metrics = h.proxy.metrics().render();
+    let sum: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ward_dns_cache_sweep_seconds_sum "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sweep time: {metrics}"));
+    assert!(sum >= held.as_secs_f64(), "{sum} < {held:?}");
     assert!(h.proxy.held_ips(ENDPOINT, "exp.app.test").is_empty());
 }
 

@@ -67,9 +67,18 @@ tasks:
                   generated clusters (the dist build, or --ward PATH), beside the
                   ward binary --ward-base (a build of main); writes
                   loadtests/REPORT-scale.md
+  loadtest fqdn [--secs S] [--quick] [--ward PATH] [--ward-base PATH]
+                  the real ward agent on a generated node (500 endpoints, 10,000
+                  toFQDNs names, 200,000 conntrack flows) under 2,000 DNS queries/s of
+                  rotating answers for S seconds (default 180): added DNS latency, answer
+                  to datapath, expiry sweeps, RSS and CPU, map sizes; beside --ward-base;
+                  writes loadtests/REPORT-fqdn.md
   udp-relay LISTEN UPSTREAM [--busy-poll-us US]
                   the DNS load test's floors: a one-at-a-time UDP relay, blocking or
                   busy-polling for US microseconds after each datagram
+  fqdn-upstream LISTEN | fqdn-probe SERVER NAMES QPS SECS OUT
+                  the FQDN load test's authoritative server (rotating answers) and its
+                  paced latency probe
 ";
 
 fn main() -> ExitCode {
@@ -92,6 +101,8 @@ fn main() -> ExitCode {
         Some("deploy-check") => deploy_check(),
         Some("loadtest") => loadtest::loadtest(&args[1..]),
         Some("udp-relay") => loadtest::relay::run(&args[1..]),
+        Some("fqdn-upstream") => loadtest::fqdn_dns::upstream(&args[1..]),
+        Some("fqdn-probe") => loadtest::fqdn_dns::probe(&args[1..]),
         _ => {
             eprint!("{USAGE}");
             return ExitCode::from(2);

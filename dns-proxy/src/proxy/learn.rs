@@ -172,11 +172,16 @@ impl Proxy {
                 }
             }
             let learned = cache.learn_under(endpoint, name, ips, &selectors, ttl, now_ms);
-            if learned.sooner || !learned.evicted.is_empty() {
+            if learned.sooner || !learned.evicted.is_empty() || learned.node_evicted > 0 {
                 // IPs others may have counted on leave sooner.
                 self.moved();
             }
             drop(cache);
+            if learned.node_evicted > 0 {
+                let n = learned.node_evicted as u64;
+                self.inner.metrics.node_evictions.inc_by(n);
+                tracing::debug!(evicted = n, "per-node IP limit reached");
+            }
             let (known, evicted) = (learned.covered, learned.evicted);
             self.inner.dirty.store(true, Ordering::Relaxed);
             if !evicted.is_empty() {

@@ -157,7 +157,10 @@ impl Proxy {
         let in_hand = InHand::new(config.concurrency_limit, config.client_concurrency_limit);
         Proxy {
             inner: Arc::new(Inner {
-                cache: Mutex::new(FqdnCache::new(config.max_ips_per_name)),
+                cache: Mutex::new(FqdnCache::with_limits(
+                    config.max_ips_per_name,
+                    config.max_ips_per_node,
+                )),
                 busy_poll,
                 config,
                 policy: PolicyStore::new(model, scope),

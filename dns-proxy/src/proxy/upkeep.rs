@@ -17,13 +17,15 @@ use super::{now_ms, Proxy};
 impl Proxy {
     /// Expires IPs whose TTL ran out and that no live connection uses, and tells the
     /// datapath. Returns how many IPs left. The live connections are read once, before
-    /// the cache is locked, and only when something has expired.
+    /// the cache is locked, and only when something has expired; such a sweep is timed
+    /// (`ward_dns_cache_sweep_seconds`).
     pub async fn collect(&self) -> usize {
         let now = now_ms(SystemTime::now());
         if !self.cache().has_expired(now) {
             self.update_gauges();
             return 0;
         }
+        let _timer = self.inner.metrics.sweep_seconds.start_timer();
         let in_use = self.inner.in_use.clone();
         let live = match tokio::task::spawn_blocking(move || in_use.live_ips()).await {
             Ok(Ok(live)) => live,

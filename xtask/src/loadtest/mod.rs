@@ -13,6 +13,8 @@
 
 mod datapath;
 mod dns;
+mod fqdn;
+pub mod fqdn_dns;
 mod parse;
 mod proxy;
 pub mod relay;
@@ -67,6 +69,8 @@ pub struct Opts {
     /// The proxy part's sweep (`--rules`, `--conns`, `--proto`, `--size`, `--full`; any
     /// of them names the proxy part).
     pub sweep: proxy::SweepOpts,
+    /// The FQDN part and its options (not part of `all`).
+    pub fqdn: Option<fqdn::FqdnOpts>,
 }
 
 impl Opts {
@@ -81,6 +85,7 @@ impl Opts {
             scale: None,
             ward: None,
             sweep: proxy::SweepOpts::default(),
+            fqdn: None,
         };
         let mut args = args.iter();
         while let Some(a) = args.next() {
@@ -113,6 +118,22 @@ impl Opts {
                     let path = args.next().ok_or("--ward needs a path to a ward binary")?;
                     o.ward = Some(PathBuf::from(path));
                 }
+                "fqdn" => o.fqdn = Some(o.fqdn.take().unwrap_or_default()),
+                "--secs" => {
+                    let n = args.next().ok_or("--secs needs a number of seconds")?;
+                    o.fqdn.get_or_insert_with(Default::default).secs =
+                        n.parse().map_err(|e| format!("--secs {n}: {e}"))?;
+                }
+                "--rss-limit-mib" => {
+                    let n = args.next().ok_or("--rss-limit-mib needs a number of MiB")?;
+                    o.fqdn.get_or_insert_with(Default::default).rss_limit_mib =
+                        n.parse().map_err(|e| format!("--rss-limit-mib {n}: {e}"))?;
+                }
+                "--clients" => {
+                    let n = args.next().ok_or("--clients needs a number of endpoints")?;
+                    o.fqdn.get_or_insert_with(Default::default).clients =
+                        n.parse().map_err(|e| format!("--clients {n}: {e}"))?;
+                }
                 "proxy" => o.proxy = true,
                 "datapath" => o.datapath = true,
                 "dns" => o.dns = true,
@@ -126,16 +147,21 @@ impl Opts {
                 }
             }
         }
-        if o.ward.is_some() && !(o.proxy || o.datapath || o.dns || o.tls) {
+        // `--ward` alone names the scale part (with `fqdn`, it is the FQDN part's)
+        if o.ward.is_some() && o.fqdn.is_none() && !(o.proxy || o.datapath || o.dns || o.tls) {
             o.scale.get_or_insert_with(Default::default);
         }
-        if !(o.proxy || o.datapath || o.dns || o.tls || o.scale.is_some()) {
+        if !(o.proxy || o.datapath || o.dns || o.tls || o.scale.is_some() || o.fqdn.is_some()) {
             (o.proxy, o.datapath, o.dns) = (true, true, true);
         }
-        // One base build for every part that compares with one (dns, scale).
+        // One base build for every part that compares with one (dns, scale, fqdn).
         if let Some(scale) = &mut o.scale {
             scale.ward_base = o.ward_base.clone();
             scale.ward = o.ward.clone();
+        }
+        if let Some(fqdn) = &mut o.fqdn {
+            fqdn.ward_base = o.ward_base.clone();
+            fqdn.ward = o.ward.clone();
         }
         Ok(o)
     }
@@ -156,6 +182,7 @@ pub fn report_path(opts: &Opts) -> PathBuf {
         (opts.dns, "dns"),
         (opts.tls, "tls"),
         (opts.scale.is_some(), "scale"),
+        (opts.fqdn.is_some(), "fqdn"),
     ]
     .iter()
     .filter(|(on, _)| *on)
@@ -388,13 +415,14 @@ pub fn loadtest(args: &[String]) -> Result {
     ensure_debs(LOADTEST_PACKAGES)?;
     // The datapath part drives its own example, not `ward`.
     // The build the image ships (`profile.dist`: release with fat LTO).
-    if opts.scale.is_some() {
+    let agent_parts = opts.scale.is_some() || opts.fqdn.is_some();
+    if agent_parts {
         // the agent loads the eBPF object embedded at build time
         crate::build_ebpf()?;
     }
     // `--ward PATH` measures a build made beforehand
     let prebuilt = opts.ward.clone();
-    if prebuilt.is_none() && (opts.proxy || opts.dns || opts.tls || opts.scale.is_some()) {
+    if prebuilt.is_none() && (opts.proxy || opts.dns || opts.tls || agent_parts) {
         run(cargo().args(["build", "--profile", "dist", "--bin", "ward"]))?;
     }
     let work = std::env::temp_dir().join(format!("ward-loadtest-{}", std::process::id()));
@@ -435,6 +463,9 @@ pub fn loadtest(args: &[String]) -> Result {
     }
     if let Some(o) = &opts.scale {
         report.push_str(&scale::run_scale(&mut ctx, o)?);
+    }
+    if let Some(o) = &opts.fqdn {
+        report.push_str(&fqdn::run_fqdn(&mut ctx, o)?);
     }
     let _ = writeln!(
         report,
@@ -560,6 +591,39 @@ mod tests {
             "loadtests/REPORT-proxy.md"
         );
         assert!(Opts::parse(&args(&["--conns", "many"])).is_err());
+    }
+
+    #[test]
+    fn fqdn_takes_its_length_and_the_builds_to_compare() {
+        let parse = |args: &[&str]| {
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            Opts::parse(&args)
+        };
+        let o = parse(&["fqdn"]).expect("valid");
+        assert_eq!(o.fqdn, Some(fqdn::FqdnOpts::default()));
+        assert!(o.scale.is_none() && !(o.proxy || o.dns || o.datapath));
+        assert_eq!(
+            report_path(&o).display().to_string(),
+            "loadtests/REPORT-fqdn.md"
+        );
+        let o = parse(&[
+            "fqdn",
+            "--secs",
+            "60",
+            "--clients",
+            "10",
+            "--ward",
+            "/w/a",
+            "--ward-base",
+            "/w/b",
+        ])
+        .expect("valid");
+        assert!(o.scale.is_none(), "--ward is the FQDN part's");
+        let f = o.fqdn.expect("fqdn");
+        assert_eq!((f.secs, f.clients), (60, 10));
+        assert_eq!(f.ward, Some(PathBuf::from("/w/a")));
+        assert_eq!(f.ward_base, Some(PathBuf::from("/w/b")));
+        assert!(parse(&["fqdn", "--secs", "long"]).is_err());
     }
 
     #[test]
