@@ -100,15 +100,6 @@ pub fn run(a: Args) -> Result<ExitCode> {
              one CPU): one thread that both serves and polls"
         );
     }
-    tracing::info!(
-        workers,
-        runtime = if workers == 1 {
-            "current-thread"
-        } else {
-            "multi-thread"
-        },
-        "runtime started"
-    );
     let rt = super::runtime(workers).context("cannot start the runtime")?;
     let r = rt.block_on(serve(a));
     // Lets the audit writer drain what is queued.

@@ -20,16 +20,21 @@ pub fn workers(threads: Option<usize>) -> usize {
 /// The runtime for `workers` threads. One thread is a current-thread runtime: everything
 /// runs on the main thread, without the multi-thread scheduler's queues, cross-thread
 /// wake-ups and task state transitions (a process pinned to one CPU pays for those and
-/// gains nothing from them).
+/// gains nothing from them). The choice is logged ("runtime started").
 pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = if workers <= 1 {
-        tokio::runtime::Builder::new_current_thread()
+    let (mut b, flavor) = if workers <= 1 {
+        (
+            tokio::runtime::Builder::new_current_thread(),
+            "current-thread",
+        )
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         b.worker_threads(workers);
-        b
+        (b, "multi-thread")
     };
-    b.enable_all().build()
+    let runtime = b.enable_all().build()?;
+    tracing::info!(workers, runtime = flavor, "runtime started");
+    Ok(runtime)
 }
 
 #[cfg(test)]

@@ -73,15 +73,6 @@ enum Dir {
 
 pub fn run(a: ProxyArgs) -> Result<ExitCode> {
     let workers = super::workers(a.threads);
-    tracing::info!(
-        workers,
-        runtime = if workers == 1 {
-            "current-thread"
-        } else {
-            "multi-thread"
-        },
-        "runtime started"
-    );
     super::runtime(workers)
         .context("cannot start the runtime")?
         .block_on(serve(a))
