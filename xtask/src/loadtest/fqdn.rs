@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::agent::{self, RemoveDir, ADMIN};
 use super::fqdn_dns::{self, MATCH_NAMES_PER_NS, NAMESPACES, NAMES_PER_NS};
 use super::{parse, Ctx, Netns, Proc, LOAD_CPU, SUBJECT_CPU};
 use crate::{cargo, root, run, Result};
@@ -44,8 +45,6 @@ use crate::{cargo, root, run, Result};
 const PODS_PER_NS: usize = 50;
 /// The DNS pod's address (its gateway: .1).
 const DNS_IP: &str = "10.81.250.2";
-/// The agent's admin port inside the node namespace.
-const ADMIN: u16 = 9890;
 /// Queries a second from the client endpoints, in all.
 const QPS: usize = 2_000;
 /// Flows written to conntrack.
@@ -356,11 +355,7 @@ fn measure_with(
     monitor: &Monitor,
 ) -> Result<Figures> {
     let dir = ctx.work.join(format!("fqdn-run-{n}"));
-    let source = dir.join("src");
-    std::fs::create_dir_all(&source).map_err(|e| format!("{}: {e}", source.display()))?;
-    for f in ["cluster.yaml", "policies.yaml"] {
-        std::fs::copy(src.join(f), source.join(f)).map_err(|e| format!("{f}: {e}"))?;
-    }
+    let source = agent::copy_source(src, &dir)?;
     let built = Instant::now();
     let node = Node::build(n)?;
     eprintln!(
@@ -380,28 +375,7 @@ fn measure_with(
     ));
     let _pins = RemoveDir(pins.clone());
     let log = dir.join("agent.log");
-    let mut cmd = Command::new("taskset");
-    cmd.args(["-c", SUBJECT_CPU])
-        .arg(ward)
-        .args([
-            "agent",
-            "--netns",
-            ns.name(),
-            "--node",
-            "node-1",
-            "--source-dir",
-        ])
-        .arg(&source)
-        .arg("--bpf-root")
-        .arg(&pins)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .args([
-            "--admin",
-            &format!("127.0.0.1:{ADMIN}"),
-            "--audit-log",
-            "none",
-        ]);
+    let mut cmd = agent::command(ward, ns, &source, &pins, &dir);
     let start = Instant::now();
     let mut agent = Proc::spawn(ctx, "ward agent", &mut cmd, &log)?;
     let pid = agent.pid();
@@ -948,15 +922,6 @@ fn trajectory(samples: &[Sample]) -> String {
         })
         .collect();
     format!("; from the agent's start: {}", points.join("; "))
-}
-
-/// A folder removed on drop (the agent's pins).
-struct RemoveDir(PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn ms(us: f64) -> String {

@@ -11,6 +11,7 @@
 //! move from run to run; the ratios between subjects measured in the same run are what
 //! the report is for.
 
+mod agent;
 mod datapath;
 mod dns;
 mod fqdn;

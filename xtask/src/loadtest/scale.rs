@@ -25,13 +25,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use super::agent::{self, RemoveDir, ADMIN};
 use super::{output, parse, ratio, Ctx, Netns, Proc, SUBJECT_CPU};
 use crate::{cargo, root, run, Result};
 
 /// The sizes run when `--pods` does not say.
 pub const DEFAULT_PODS: [usize; 4] = [1_000, 5_000, 20_000, 50_000];
-/// The agent's admin port inside its namespace.
-const ADMIN: u16 = 9890;
 /// How long a start or a push may take before the run fails.
 const DEADLINE: Duration = Duration::from_secs(180);
 /// The line of the first CNP (`web-0`) that the policy change flips, and its other
@@ -147,11 +146,7 @@ pub fn run_scale(ctx: &mut Ctx, o: &ScaleOpts) -> Result<String> {
 /// Runs one agent on a copy of `src` and measures it.
 fn measure(ctx: &mut Ctx, ward: &Path, src: &Path, n: usize) -> Result<Figures> {
     let dir = ctx.work.join(format!("run-{n}"));
-    let source = dir.join("src");
-    std::fs::create_dir_all(&source).map_err(|e| format!("{}: {e}", source.display()))?;
-    for f in ["cluster.yaml", "policies.yaml"] {
-        std::fs::copy(src.join(f), source.join(f)).map_err(|e| format!("{f}: {e}"))?;
-    }
+    let source = agent::copy_source(src, &dir)?;
     let ns = Netns::new(&format!("scale{n}"))?;
     let pins = PathBuf::from(format!(
         "/sys/fs/bpf/ward-loadtest-{}-{n}",
@@ -159,28 +154,7 @@ fn measure(ctx: &mut Ctx, ward: &Path, src: &Path, n: usize) -> Result<Figures> 
     ));
     let _pins = RemoveDir(pins.clone());
     let log = dir.join("agent.log");
-    let mut cmd = Command::new("taskset");
-    cmd.args(["-c", SUBJECT_CPU])
-        .arg(ward)
-        .args([
-            "agent",
-            "--netns",
-            ns.name(),
-            "--node",
-            "node-1",
-            "--source-dir",
-        ])
-        .arg(&source)
-        .arg("--bpf-root")
-        .arg(&pins)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .args([
-            "--admin",
-            &format!("127.0.0.1:{ADMIN}"),
-            "--audit-log",
-            "none",
-        ]);
+    let mut cmd = agent::command(ward, &ns, &source, &pins, &dir);
     let start = Instant::now();
     let mut agent = Proc::spawn(ctx, "ward agent", &mut cmd, &log)?;
     let pid = agent.pid();
@@ -310,15 +284,6 @@ fn rss(pid: u32, field: &str) -> Result<f64> {
     parse::status_kib(&text, field)
         .map(|kib| kib / 1024.0)
         .ok_or_else(|| format!("{path}: no {field}"))
-}
-
-/// A folder removed on drop (the agent's pins).
-struct RemoveDir(PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn report(
