@@ -20,9 +20,10 @@
 //! DNS (e): dnsperf from the client pod to the DNS pod's lab server, direct (a), allowed
 //! by L3/L4 (b), and through the agent's DNS proxy (c, whose policy has DNS rules).
 //!
-//! Each configuration and rule count is a lab of its own (`ward-lab up` of a scenario
-//! written here, `ward-lab down` of that lab only), so no configuration leaves anything
-//! (programs, netfilter hooks, sockets) in the next one's way. Before any load, every
+//! Each point (configuration, rule count, connections) is a lab of its own (`ward-lab up`
+//! of a scenario written here, `ward-lab down` of that lab only), so no measurement
+//! leaves anything (programs, netfilter hooks, sockets, a process's state) in the next
+//! one's way. Before any load, every
 //! configuration is checked for what it must enforce and a failed check fails the run.
 
 use std::fmt::Write as _;
@@ -136,6 +137,16 @@ impl Subject {
         }
     }
 
+    /// Its line's colour in every panel of the chart.
+    fn color(self) -> &'static str {
+        match self {
+            Subject::NoAgent => "#777777",
+            Subject::L4 => "#1b9e77",
+            Subject::WardHttp => "#d95f02",
+            Subject::Haproxy => "#7570b3",
+        }
+    }
+
     /// Whether the subject applies HTTP rules (and so is measured along the rules axis).
     fn has_rules(self) -> bool {
         matches!(self, Subject::WardHttp | Subject::Haproxy)
@@ -146,19 +157,22 @@ impl Subject {
     }
 }
 
-/// One lab of a round: a subject with a rule count, and the connections to drive.
+/// One lab of a round: a subject, a rule count and the connections to drive. Every
+/// point gets a lab of its own: HAProxy measured after other points in the same process
+/// and lab cost 2-3 times as much CPU per request as in a fresh one (50 rules, 64
+/// connections after 1 and 16), so no point inherits another's state.
 #[derive(Debug, PartialEq)]
 struct LabRun {
     subject: Subject,
     rules: usize,
-    conns: Vec<usize>,
-    /// Whether the DNS part runs in this lab (once per subject, at the base rules; (d)'s
+    conns: usize,
+    /// Whether the DNS part runs in this lab (once per subject, at the base point; (d)'s
     /// DNS goes through the same DNS proxy as (c)'s).
     dns: bool,
 }
 
 /// The labs of round `round` (0-based): every subject, in an order that rotates from
-/// round to round; the subjects with rules once per rule count, the connections swept at
+/// round to round; the subjects with rules at every rule count, the connections swept at
 /// the base rules only.
 fn labs(axes: &Axes, round: usize) -> Vec<LabRun> {
     let mut order = SUBJECTS.to_vec();
@@ -176,12 +190,15 @@ fn labs(axes: &Axes, round: usize) -> Vec<LabRun> {
             } else {
                 vec![axes.base_conns]
             };
-            out.push(LabRun {
-                subject: s,
-                rules: r,
-                conns,
-                dns: r == axes.base_rules && s != Subject::Haproxy,
-            });
+            for c in conns {
+                let base = r == axes.base_rules && c == axes.base_conns;
+                out.push(LabRun {
+                    subject: s,
+                    rules: r,
+                    conns: c,
+                    dns: base && s != Subject::Haproxy,
+                });
+            }
         }
     }
     out
@@ -679,10 +696,10 @@ fn drive(
     node_pids: &[u32],
     agent: Option<u32>,
     run: &LabRun,
-    conns: usize,
     secs: u64,
     round: usize,
 ) -> Result<Row> {
+    let conns = run.conns;
     let script = ctx.work.join("e2e-latency.lua");
     std::fs::write(&script, WRK_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
     let url = format!("http://{WEB_IP}:{PORT}{}", bench_path(run.rules));
@@ -897,19 +914,18 @@ fn measure_lab(
     check(ctx, &client, run.subject, run.rules)?;
     // idle: after the checks, before any load
     let rss_idle_kib = agent.and_then(rss_kib);
-    for &conns in &run.conns {
-        eprintln!(
-            "loadtest e2e: round {} {} {} rules {conns} conns",
-            round + 1,
-            run.subject.name(),
-            run.rules
-        );
-        let row = drive(ctx, &client, &node_pids, agent, run, conns, secs, round)?;
-        rows.push(Row {
-            rss_idle_kib,
-            ..row
-        });
-    }
+    eprintln!(
+        "loadtest e2e: round {} {} {} rules {} conns",
+        round + 1,
+        run.subject.name(),
+        run.rules,
+        run.conns
+    );
+    let row = drive(ctx, &client, &node_pids, agent, run, secs, round)?;
+    rows.push(Row {
+        rss_idle_kib,
+        ..row
+    });
     if run.dns {
         eprintln!(
             "loadtest e2e: round {} {} DNS",
@@ -1160,17 +1176,18 @@ fn rounds_table(rows: &[Row]) -> String {
     s
 }
 
-/// A chart panel's title and the figure of a row it draws.
-type Metric = (&'static str, fn(&Row) -> f64);
+/// A chart panel's title, the figure of a row it draws, and whether only the HTTP
+/// enforcers (c, d) are drawn (per CPU-second: (a) has no process and (b)'s agent idles).
+type Metric = (&'static str, fn(&Row) -> f64, bool);
 
 /// Per subject, (x, y) along one axis.
 type Series = Vec<(Subject, Vec<(usize, f64)>)>;
 
 /// One panel's series: `f` of the median round at each point of the axis, per subject.
-fn series(rows: &[Row], axes: &Axes, by_rules: bool, f: fn(&Row) -> f64) -> Series {
+fn series(rows: &[Row], axes: &Axes, by_rules: bool, (_, f, enforcers): Metric) -> Series {
     SUBJECTS
         .iter()
-        .filter(|s| !by_rules || s.has_rules())
+        .filter(|s| !(by_rules || enforcers) || s.has_rules())
         .map(|&s| {
             let xs = if by_rules { &axes.rules } else { &axes.conns };
             let xy = xs
@@ -1195,9 +1212,9 @@ fn series(rows: &[Row], axes: &Axes, by_rules: bool, f: fn(&Row) -> f64) -> Seri
 /// subject; an axis with fewer than two points is left out. None: nothing to draw.
 fn chart_script(rows: &[Row], axes: &Axes, png: &Path) -> Option<String> {
     let metrics: [Metric; 3] = [
-        ("requests/s", |r| r.per_second),
-        ("p99 latency (ms)", |r| r.p99_us / 1000.0),
-        ("requests per node 1 CPU-second", Row::per_cpu),
+        ("requests/s", |r| r.per_second, false),
+        ("p99 latency (ms)", |r| r.p99_us / 1000.0, false),
+        ("requests per node 1 CPU-second", Row::per_cpu, true),
     ];
     let mut panels: Vec<(String, String, Series)> = Vec::new();
     for (by_rules, xlabel) in [
@@ -1207,10 +1224,10 @@ fn chart_script(rows: &[Row], axes: &Axes, png: &Path) -> Option<String> {
             format!("HTTP rules (at {} connections)", axes.base_conns),
         ),
     ] {
-        for (title, f) in metrics {
-            let s = series(rows, axes, by_rules, f);
+        for m in metrics {
+            let s = series(rows, axes, by_rules, m);
             if !s.is_empty() {
-                panels.push((title.to_string(), xlabel.clone(), s));
+                panels.push((m.0.to_string(), xlabel.clone(), s));
             }
         }
     }
@@ -1237,15 +1254,17 @@ fn chart_script(rows: &[Row], axes: &Axes, png: &Path) -> Option<String> {
     let _ = writeln!(
         g,
         "set multiplot layout {rows_n},3 title \"End to end, HTTP/1.1 (wrk): client pod on node 1, \
-         server pod on node 2\"\nset logscale x\nset yrange [0:*]\nset grid\nset key bottom left"
+         server pod on node 2\"\nset logscale x\nset yrange [0:*]\nset grid\n\
+         set key outside bottom center horizontal"
     );
     for (i, (title, xlabel, s)) in panels.iter().enumerate() {
         let plots: Vec<String> = s
             .iter()
             .map(|(subject, _)| {
                 format!(
-                    "$d{i}_{} with linespoints lw 2 title \"{}\"",
+                    "$d{i}_{} with linespoints lw 2 lc rgb \"{}\" title \"{}\"",
                     subject.tag(),
+                    subject.color(),
                     subject.name()
                 )
             })
@@ -1289,7 +1308,8 @@ fn describe(secs: u64, rounds: usize, axes: &Axes) -> String {
     let mut s = String::from("## End to end (two nodes)\n\n");
     let _ = writeln!(
         s,
-        "A `ward-lab` lab per configuration: the client pod ({CLIENT_IP}) on node 1, the \
+        "A `ward-lab` lab per point (configuration, rules, connections: nothing carries over \
+         from one measurement to the next): the client pod ({CLIENT_IP}) on node 1, the \
          server pod ({WEB_IP}, nginx from Debian, one worker) and a DNS pod ({DNS_IP}, the \
          lab's own DNS server) on node 2; node 1 enforces the client's egress policy. \
          (a) no agents; (b) the agents and an egress policy allowing TCP/{PORT} to the server \
@@ -1345,12 +1365,12 @@ pub fn run(
 ) -> Result<String> {
     let (secs, rounds) = if ctx.quick { (2, 1) } else { (5, 3) };
     let axes = opts.axes(ctx.quick);
-    let labs_per_round = labs(&axes, 0).len();
-    let points: usize = labs(&axes, 0).iter().map(|l| l.conns.len()).sum();
+    let points = labs(&axes, 0).len();
+    // a lab comes up, is checked and goes down in about 6 s
     eprintln!(
-        "loadtest e2e: {rounds} round(s) x {labs_per_round} labs, {points} points of {secs} s \
-         each, about {} min",
-        ((rounds * (points * secs as usize + labs_per_round * 8)) as f64 / 60.0).ceil()
+        "loadtest e2e: {rounds} round(s) x {points} points (a lab each) of {secs} s, about {} \
+         min",
+        ((rounds * points * (secs as usize + 6)) as f64 / 60.0).ceil()
     );
     let mut rows = Vec::new();
     let mut dns = Vec::new();
@@ -1365,8 +1385,8 @@ pub fn run(
     if !missed.is_empty() {
         let _ = writeln!(
             s,
-            "Missed in this run: {}. Where the time goes is not profiled by this harness \
-             (see loadtests/proxy-profile.sh for the proxy).\n",
+            "Missed in this run: {}. `loadtests/e2e-profile.sh c|d RULES CONNS` \
+             profiles node 1's enforcer at a point (perf, by symbol and by DSO).\n",
             missed.join("; ")
         );
     }
@@ -1423,31 +1443,40 @@ mod tests {
     fn every_subject_runs_each_round_in_a_rotating_order_and_only_rules_subjects_sweep_rules() {
         let a = axes(None, None, false);
         let r0 = labs(&a, 0);
-        // (a), (b) once; (c), (d) once per rule count
-        assert_eq!(r0.len(), 2 + 2 * RULES.len());
+        // a lab per point: every subject at every connection count (base rules), (c) and
+        // (d) also at every other rule count (base connections)
+        assert_eq!(r0.len(), 4 * CONNS.len() + 2 * (RULES.len() - 1));
         let first = |r: &[LabRun]| r[0].subject;
         assert_eq!(first(&r0), Subject::NoAgent);
         assert_eq!(first(&labs(&a, 1)), Subject::L4);
         assert_eq!(first(&labs(&a, 2)), Subject::WardHttp);
         assert_eq!(first(&labs(&a, 4)), Subject::NoAgent);
         for l in &r0 {
-            let conns = if l.rules == 50 {
-                CONNS.to_vec()
-            } else {
-                vec![64]
-            };
-            assert_eq!(l.conns, conns, "{l:?}");
-            assert_eq!(l.rules != 50, l.subject.has_rules() && l.rules != 50);
+            assert!(
+                l.rules == 50 || (l.conns == 64 && l.subject.has_rules()),
+                "{l:?}"
+            );
+        }
+        let points = |s: Subject| r0.iter().filter(|l| l.subject == s).count();
+        assert_eq!(points(Subject::NoAgent), 4);
+        assert_eq!(points(Subject::Haproxy), 4 + 3);
+        // no point twice
+        for (i, l) in r0.iter().enumerate() {
+            assert!(!r0[..i].contains(l), "{l:?}");
         }
         let dns: Vec<Subject> = r0.iter().filter(|l| l.dns).map(|l| l.subject).collect();
         assert_eq!(dns, [Subject::NoAgent, Subject::L4, Subject::WardHttp]);
-        assert_eq!(
-            r0.iter()
-                .filter(|l| l.subject == Subject::Haproxy)
-                .map(|l| l.rules)
-                .collect::<Vec<_>>(),
-            RULES
-        );
+        assert!(r0
+            .iter()
+            .filter(|l| l.dns)
+            .all(|l| l.rules == 50 && l.conns == 64));
+        let mut rules: Vec<usize> = r0
+            .iter()
+            .filter(|l| l.subject == Subject::Haproxy && l.conns == 64)
+            .map(|l| l.rules)
+            .collect();
+        rules.sort();
+        assert_eq!(rules, RULES);
     }
 
     #[test]
@@ -1602,7 +1631,27 @@ mod tests {
             g.contains("$d0_c << EOD\n16 200.000\n64 200.000\nEOD"),
             "{g}"
         );
-        assert!(g.contains("title \"(c) ward HTTP\""));
+        assert!(g.contains("lc rgb \"#d95f02\" title \"(c) ward HTTP\""));
+        // per CPU-second: the HTTP enforcers only
+        let per_cpu = g
+            .split("requests per node 1 CPU-second")
+            .nth(1)
+            .expect("panel");
+        let mut rows_b = rows.clone();
+        rows_b.extend(rows.iter().map(|r| Row {
+            subject: Subject::L4,
+            ..r.clone()
+        }));
+        let g_b = chart_script(&rows_b, &a, png).expect("chart");
+        assert!(g_b.contains("$d0_b << EOD"), "(b) drawn by requests/s");
+        let per_cpu_b = g_b
+            .split("requests per node 1 CPU-second")
+            .nth(1)
+            .expect("panel");
+        assert!(
+            !per_cpu_b.contains("$d2_b") && per_cpu.contains("$d2_c"),
+            "{per_cpu_b}"
+        );
         let one = axes(None, None, true);
         assert_eq!(chart_script(&rows, &one, png), None, "one point: no chart");
     }
