@@ -376,8 +376,17 @@ impl Drop for Lab {
 
 impl Lab {
     fn up(ctx: &mut Ctx, bin: &Path, ward: &Path, scenario: &Path, agents: bool) -> Result<Lab> {
-        let mut cmd = Command::new(bin);
-        cmd.arg("up").arg(scenario).arg("--ward").arg(ward);
+        // Started on the subject CPU alone, the agents size their runtimes for one CPU
+        // (tokio's default: one worker per CPU they may use; HAProxy has one thread);
+        // pinned only after they started, they would run two workers time-sliced on one
+        // CPU. The lab's other processes move to the load CPU after.
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", SUBJECT_CPU])
+            .arg(bin)
+            .arg("up")
+            .arg(scenario)
+            .arg("--ward")
+            .arg(ward);
         if !agents {
             cmd.arg("--no-agent");
         }
@@ -914,6 +923,11 @@ fn measure_lab(
     check(ctx, &client, run.subject, run.rules)?;
     // idle: after the checks, before any load
     let rss_idle_kib = agent.and_then(rss_kib);
+    if let Some(pid) = agent {
+        // the agent's threads: its one worker, tokio's blocking pool, inotify
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+        eprintln!("loadtest e2e: node 1's agent runs {threads} threads");
+    }
     eprintln!(
         "loadtest e2e: round {} {} {} rules {} conns",
         round + 1,
@@ -1337,8 +1351,11 @@ fn describe(secs: u64, rounds: usize, axes: &Axes) -> String {
     );
     let _ = writeln!(
         s,
-        "Pinning: node 1's agent (every thread) and HAProxy on CPU {SUBJECT_CPU}; wrk, dnsperf, \
-         nginx, node 2's agent and the lab's servers on CPU {LOAD_CPU}. Load: wrk `-t1 -cC` \
+        "Pinning: `ward-lab up` runs on CPU {SUBJECT_CPU} alone, so the agents start on one \
+         CPU and size their runtime for it (one tokio worker; HAProxy has one thread; pinned \
+         after the start, the agent ran two workers time-sliced on one CPU); then wrk, dnsperf, nginx, node 2's agent \
+         and the lab's servers move to CPU {LOAD_CPU}, node 1's agent and HAProxy stay on \
+         CPU {SUBJECT_CPU}. Load: wrk `-t1 -cC` \
          HTTP/1.1 keep-alive for {secs} s per point (p50/p99/p99.9 from wrk's histogram by a \
          `done` script). CPU: utime+stime of node 1's processes (the agent; with HAProxy in \
          (d)) from /proc/PID/stat over the load: in (a) node 1 runs no process, and the TC \
