@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Where node 1's CPU time goes in the e2e load test (`cargo xtask loadtest e2e`), for (c)
-# Ward's HTTP proxy in the agent or (d) HAProxy transparent in node 1's namespace: the
-# same two-node `ward-lab` lab, policy, server and pinning as the harness, then
-# `perf record -e cpu-clock -g` (no hardware counters in this VM) of the enforcing process
-# during a wrk run, and `perf report --no-children` by symbol and by DSO.
+# Where the CPU time goes in the e2e load test (`cargo xtask loadtest e2e`), for (c)
+# Ward's HTTP proxy in the agent or (d) HAProxy transparent in node 1's namespace, or for
+# (b) Ward L3/L4 and (a) no agents: the same two-node `ward-lab` lab, policy, server and
+# pinning as the harness, then `perf record -e cpu-clock -g` (no hardware counters in
+# this VM) during a wrk run, and `perf report --no-children` by symbol and by DSO. (c),
+# (d): the enforcing process; (a), (b): all of CPU 0, where wrk, nginx and the packets'
+# softirq work (the TC programs among it) run.
 #
-# usage (root): loadtests/e2e-profile.sh [c|d] [RULES] [CONNECTIONS] [SECONDS]
+# usage (root): loadtests/e2e-profile.sh [a|b|c|d] [RULES] [CONNECTIONS] [SECONDS]
 # Needs target/release/ward and ward-lab (WARD_LAB= another ward-lab, ward beside it),
 # perf, nginx, wrk, haproxy, iptables. The lab is this script's own (`ward-lab down --id`
 # on exit); processes are killed by PID. Reports stay in OUT (default
@@ -63,25 +65,33 @@ policies:
     - toEndpoints: [{matchLabels: {app: web}}]
       toPorts:
       - ports: [{port: "80", protocol: TCP}]
-        rules:
-          http:
 EOF
-    for i in $(seq 0 $((RULES - 1))); do
-        if [ $((i + 1)) -lt "$RULES" ] && [ $((i % 2)) -eq 0 ]; then
-            echo "          - {method: POST, path: \"/api/v1/svc$i/orders\", headers: [\"Content-Type: application/json\"]}"
-        else
-            echo "          - {method: GET, path: \"/api/v1/svc$i/.*\"}"
-        fi
-    done
+    if [ "$SUBJECT" = c ] || [ "$SUBJECT" = d ]; then
+        echo "        rules:"
+        echo "          http:"
+        for i in $(seq 0 $((RULES - 1))); do
+            if [ $((i + 1)) -lt "$RULES" ] && [ $((i % 2)) -eq 0 ]; then
+                echo "          - {method: POST, path: \"/api/v1/svc$i/orders\", headers: [\"Content-Type: application/json\"]}"
+            else
+                echo "          - {method: GET, path: \"/api/v1/svc$i/.*\"}"
+            fi
+        done
+    fi
 } >"$WORK/scenario.yaml"
 
-LAB=$("$LAB_BIN" up "$WORK/scenario.yaml" --ward "$WARD" 2>"$WORK/up.log")
+# on CPU 1 alone, so the agents size their runtime for one CPU (as the harness does)
+NO_AGENT=()
+if [ "$SUBJECT" = a ]; then NO_AGENT=(--no-agent); fi
+LAB=$(taskset -c 1 "$LAB_BIN" up "$WORK/scenario.yaml" --ward "$WARD" "${NO_AGENT[@]}" 2>"$WORK/up.log")
 STATE=/run/ward-lab/$LAB/state.json
-AGENT=$(python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print([n["agent_pid"] for n in s["nodes"] if n["name"]=="node-1"][0])' "$STATE")
 for p in $(python3 -c 'import json,sys; print(" ".join(str(p) for p in json.load(open(sys.argv[1]))["pids"]))' "$STATE"); do
     taskset -a -p -c 0 "$p" >/dev/null
 done
-taskset -a -p -c 1 "$AGENT" >/dev/null
+AGENT=
+if [ "$SUBJECT" != a ]; then
+    AGENT=$(python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print([n["agent_pid"] for n in s["nodes"] if n["name"]=="node-1"][0])' "$STATE")
+    taskset -a -p -c 1 "$AGENT" >/dev/null
+fi
 
 cat >"$WORK/web.conf" <<EOF
 daemon off; master_process off; worker_processes 1; pid $WORK/web.pid;
@@ -134,14 +144,19 @@ done
 ip netns exec "$LAB-e2e-client" curl -s --max-time 2 http://10.0.2.20/admin; echo
 
 # the agent's memory before the load: resident anonymous memory vs mapped files
-grep -E '^(VmRSS|RssAnon|RssFile|RssShmem)' "/proc/$AGENT/status" | tr -s ' \t' ' ' | paste -sd' ' | sed 's/^/agent idle: /'
+[ -z "$AGENT" ] || grep -E '^(VmRSS|RssAnon|RssFile|RssShmem)' "/proc/$AGENT/status" | tr -s ' \t' ' ' | paste -sd' ' | sed 's/^/agent idle: /'
 ip netns exec "$LAB-e2e-client" taskset -c 0 wrk -t1 -c "$CONNS" -d $((SECS + 2))s --latency "$URL" \
     </dev/null >"$OUT/load.txt" &
 LPID=$!
 PIDS+=($LPID)
 sleep 1
-perf record -e cpu-clock -F 2000 -g -o "$OUT/perf.data" -p "$SUBJECT_PID" -- sleep "$SECS" 2>"$OUT/record.log"
-grep -E '^(VmRSS|RssAnon|RssFile|RssShmem)' "/proc/$AGENT/status" | tr -s ' \t' ' ' | paste -sd' ' | sed 's/^/agent under load: /'
+if [ "$SUBJECT" = c ] || [ "$SUBJECT" = d ]; then
+    TARGET=(-p "$SUBJECT_PID")
+else
+    TARGET=(-a -C 0)
+fi
+perf record -e cpu-clock -F 2000 -g -o "$OUT/perf.data" "${TARGET[@]}" -- sleep "$SECS" 2>"$OUT/record.log"
+[ -z "$AGENT" ] || grep -E '^(VmRSS|RssAnon|RssFile|RssShmem)' "/proc/$AGENT/status" | tr -s ' \t' ' ' | paste -sd' ' | sed 's/^/agent under load: /'
 wait "$LPID" || true
 perf report -i "$OUT/perf.data" --no-children --percent-limit 0.7 --stdio -g none \
     >"$OUT/report.txt" 2>/dev/null
