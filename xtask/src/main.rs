@@ -73,6 +73,14 @@ tasks:
                   rotating answers for S seconds (default 180): added DNS latency, answer
                   to datapath, expiry sweeps, RSS and CPU, map sizes; beside --ward-base;
                   writes loadtests/REPORT-fqdn.md
+  loadtest e2e [--rules 10,50,100,1000] [--conns 1,16,64,256] [--quick] [--ward PATH]
+                  HTTP/1.1 and DNS between a client pod on node 1 and a server pod on
+                  node 2 of a two-node ward-lab lab per configuration: no agents, Ward
+                  L3/L4, Ward's HTTP proxy (N rules) and HAProxy transparent in the node
+                  taking the same redirect; req/s, p50/p99/p99.9, node 1 CPU per request,
+                  agent RSS, DNS direct and through the DNS proxy; three rounds in rotating
+                  order; writes loadtests/REPORT-e2e.md and loadtests/e2e-h1.png
+                  (--ward: a ward built beforehand, its ward-lab beside it)
   udp-relay LISTEN UPSTREAM [--busy-poll-us US]
                   the DNS load test's floors: a one-at-a-time UDP relay, blocking or
                   busy-polling for US microseconds after each datagram

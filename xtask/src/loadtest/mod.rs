@@ -14,6 +14,7 @@
 mod agent;
 mod datapath;
 mod dns;
+mod e2e;
 mod fqdn;
 pub mod fqdn_dns;
 mod parse;
@@ -43,6 +44,8 @@ pub const LOADTEST_PACKAGES: &[&str] = &[
     "openssl",
     "gnuplot-nox",
     "iproute2",
+    "iptables",
+    "dnsutils",
     "util-linux",
 ];
 
@@ -72,6 +75,9 @@ pub struct Opts {
     pub sweep: proxy::SweepOpts,
     /// The FQDN part and its options (not part of `all`).
     pub fqdn: Option<fqdn::FqdnOpts>,
+    /// The end-to-end part on a two-node lab and its options (not part of `all`; with it,
+    /// `--rules` and `--conns` are its own).
+    pub e2e: Option<e2e::E2eOpts>,
 }
 
 impl Opts {
@@ -87,7 +93,10 @@ impl Opts {
             ward: None,
             sweep: proxy::SweepOpts::default(),
             fqdn: None,
+            e2e: None,
         };
+        // whether `proxy` was named, or only implied by a sweep option
+        let mut proxy_named = false;
         let mut args = args.iter();
         while let Some(a) = args.next() {
             let value = proxy::SweepOpts::takes_value(a)
@@ -135,11 +144,12 @@ impl Opts {
                     o.fqdn.get_or_insert_with(Default::default).clients =
                         n.parse().map_err(|e| format!("--clients {n}: {e}"))?;
                 }
-                "proxy" => o.proxy = true,
+                "proxy" => (o.proxy, proxy_named) = (true, true),
+                "e2e" => o.e2e = Some(o.e2e.take().unwrap_or_default()),
                 "datapath" => o.datapath = true,
                 "dns" => o.dns = true,
                 "tls" => o.tls = true,
-                "all" => (o.proxy, o.datapath, o.dns) = (true, true, true),
+                "all" => (o.proxy, proxy_named, o.datapath, o.dns) = (true, true, true, true),
                 other => {
                     return Err(format!(
                         "loadtest: unknown argument {other:?} (see `cargo xtask` for the parts \
@@ -148,11 +158,36 @@ impl Opts {
                 }
             }
         }
+        // With `e2e` and no `proxy`, the sweep's `--rules` and `--conns` are the e2e part's.
+        if let Some(e) = &mut o.e2e {
+            if !proxy_named {
+                let s = std::mem::take(&mut o.sweep);
+                if s.protos.is_some() || s.sizes.is_some() || s.full {
+                    return Err(
+                        "loadtest e2e: takes --rules and --conns (HTTP/1.1, small body only)"
+                            .into(),
+                    );
+                }
+                (e.rules, e.conns) = (s.rules, s.conns);
+                o.proxy = false;
+            }
+        }
         // `--ward` alone names the scale part (with `fqdn`, it is the FQDN part's)
-        if o.ward.is_some() && o.fqdn.is_none() && !(o.proxy || o.datapath || o.dns || o.tls) {
+        if o.ward.is_some()
+            && o.fqdn.is_none()
+            && o.e2e.is_none()
+            && !(o.proxy || o.datapath || o.dns || o.tls)
+        {
             o.scale.get_or_insert_with(Default::default);
         }
-        if !(o.proxy || o.datapath || o.dns || o.tls || o.scale.is_some() || o.fqdn.is_some()) {
+        if !(o.proxy
+            || o.datapath
+            || o.dns
+            || o.tls
+            || o.scale.is_some()
+            || o.fqdn.is_some()
+            || o.e2e.is_some())
+        {
             (o.proxy, o.datapath, o.dns) = (true, true, true);
         }
         // One base build for every part that compares with one (dns, scale, fqdn).
@@ -184,6 +219,7 @@ pub fn report_path(opts: &Opts) -> PathBuf {
         (opts.tls, "tls"),
         (opts.scale.is_some(), "scale"),
         (opts.fqdn.is_some(), "fqdn"),
+        (opts.e2e.is_some(), "e2e"),
     ]
     .iter()
     .filter(|(on, _)| *on)
@@ -306,11 +342,7 @@ impl Proc {
 
     /// User + system CPU seconds of the process (all threads) so far.
     pub fn cpu_seconds(&self) -> Result<f64> {
-        let path = format!("/proc/{}/stat", self.pid());
-        let stat = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-        parse::stat_cpu_ticks(&stat)
-            .map(|t| t as f64 / clock_ticks() as f64)
-            .ok_or_else(|| format!("{path}: no utime/stime fields"))
+        pid_cpu_seconds(self.pid())
     }
 }
 
@@ -319,6 +351,15 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// User + system CPU seconds of process `pid` (all threads) so far.
+pub fn pid_cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    parse::stat_cpu_ticks(&stat)
+        .map(|t| t as f64 / clock_ticks() as f64)
+        .ok_or_else(|| format!("{path}: no utime/stime fields"))
 }
 
 fn clock_ticks() -> u64 {
@@ -467,6 +508,32 @@ pub fn loadtest(args: &[String]) -> Result {
     }
     if let Some(o) = &opts.fqdn {
         report.push_str(&fqdn::run_fqdn(&mut ctx, o)?);
+    }
+    if let Some(o) = &opts.e2e {
+        // the lab's agents run `--ward PATH` (its ward-lab beside it), else the release
+        // build of both
+        let (lab, ward) = match &opts.ward {
+            Some(w) => {
+                let lab = w.with_file_name("ward-lab");
+                if !lab.is_file() {
+                    return Err(format!(
+                        "--ward {}: the e2e part needs ward-lab beside it ({})",
+                        w.display(),
+                        lab.display()
+                    ));
+                }
+                (lab, w.clone())
+            }
+            None => {
+                let lab = crate::build_lab("loadtest e2e")?;
+                let ward = lab.with_file_name("ward");
+                (lab, ward)
+            }
+        };
+        let report_dir = root().join(report_path(&opts));
+        let chart_dir = report_dir.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(chart_dir).map_err(|e| format!("{}: {e}", chart_dir.display()))?;
+        report.push_str(&e2e::run(&mut ctx, o, &lab, &ward, chart_dir)?);
     }
     let _ = writeln!(
         report,
@@ -625,6 +692,38 @@ mod tests {
         assert_eq!(f.ward, Some(PathBuf::from("/w/a")));
         assert_eq!(f.ward_base, Some(PathBuf::from("/w/b")));
         assert!(parse(&["fqdn", "--secs", "long"]).is_err());
+    }
+
+    #[test]
+    fn e2e_takes_the_rules_and_connections_unless_proxy_is_named() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let o = Opts::parse(&args(&["e2e", "--rules", "10,100", "--conns", "1,64"])).unwrap();
+        let e = o.e2e.clone().expect("e2e");
+        assert_eq!(e.rules, Some(vec![10, 100]));
+        assert_eq!(e.conns, Some(vec![1, 64]));
+        assert!(!(o.proxy || o.dns || o.datapath) && o.scale.is_none());
+        assert_eq!(
+            report_path(&o).display().to_string(),
+            "loadtests/REPORT-e2e.md"
+        );
+        // the options may come first
+        let o = Opts::parse(&args(&["--conns", "16", "e2e"])).unwrap();
+        assert_eq!(o.e2e.expect("e2e").conns, Some(vec![16]));
+        assert!(!o.proxy);
+        // with proxy named, the sweep keeps them
+        let o = Opts::parse(&args(&["e2e", "proxy", "--rules", "2"])).unwrap();
+        assert_eq!(o.e2e.expect("e2e").rules, None);
+        assert!(o.proxy && o.sweep.rules == Some(vec![2]));
+        // --ward is the lab's ward, not the scale part
+        let o = Opts::parse(&args(&["e2e", "--ward", "/w/ward"])).unwrap();
+        assert!(o.scale.is_none() && o.e2e.is_some());
+        assert!(Opts::parse(&args(&["e2e", "--proto", "h2"])).is_err());
+        assert!(Opts::parse(&args(&["e2e", "--conns", "some"])).is_err());
+        assert!(Opts::parse(&args(&["all"])).unwrap().e2e.is_none());
+        assert_eq!(
+            path_of(&["e2e", "--quick"]),
+            "target/loadtest/REPORT-quick.md"
+        );
     }
 
     #[test]

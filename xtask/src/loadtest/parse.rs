@@ -78,6 +78,18 @@ pub fn wrk(out: &str) -> Option<Load> {
     (l.requests > 0).then_some(l)
 }
 
+/// The line the load tests' wrk script prints when wrk is done: `LATENCY_US p50 p99
+/// p99.9` (microseconds, from wrk's own histogram; `--latency` stops at the 99th).
+pub fn wrk_script_latency(out: &str) -> Option<(f64, f64, f64)> {
+    out.lines().find_map(|line| {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w.as_slice() {
+            ["LATENCY_US", a, b, c] => Some((a.parse().ok()?, b.parse().ok()?, c.parse().ok()?)),
+            _ => None,
+        }
+    })
+}
+
 /// h2load's summary (`finished in`, `requests:`, `status codes:`) and the durations of
 /// its `--log-file` (one request a line: start, status, duration in microseconds).
 pub fn h2load(out: &str, log: &str) -> Option<Load> {
@@ -210,6 +222,14 @@ mod tests {
     fn stat_fields_after_a_command_name_with_spaces() {
         let stat = "4242 (tokio rt) S 1 2 3 4 5 6 7 8 9 10 250 75 0 0 20 0 3 0 100";
         assert_eq!(stat_cpu_ticks(stat), Some(325));
+    }
+
+    #[test]
+    fn the_wrk_scripts_percentiles() {
+        let out = "Requests/sec:  15005.37\nTransfer/sec:      2.09MB\nLATENCY_US 612 2890 9850\n";
+        assert_eq!(wrk_script_latency(out), Some((612.0, 2890.0, 9850.0)));
+        assert_eq!(wrk_script_latency("LATENCY_US 1 2\n"), None);
+        assert_eq!(wrk_script_latency("Requests/sec: 1\n"), None);
     }
 
     #[test]

@@ -15,9 +15,9 @@ use super::parse::{self, Load};
 use super::{output, ratio, Ctx, Netns, Proc, LOAD_CPU, SUBJECT_CPU};
 use crate::Result;
 
-const DENIED_PATH: &str = "/admin";
+pub(super) const DENIED_PATH: &str = "/admin";
 /// The header rules' header (`POST .../orders` with it is allowed, without it denied).
-const HEADER: (&str, &str) = ("Content-Type", "application/json");
+pub(super) const HEADER: (&str, &str) = ("Content-Type", "application/json");
 
 const BACKEND_H1: u16 = 8081;
 const BACKEND_H2: u16 = 8082;
@@ -218,18 +218,18 @@ impl Point {
 
 /// One HTTP rule as every proxy is given it.
 #[derive(Debug, PartialEq)]
-struct Rule {
-    method: &'static str,
+pub(super) struct Rule {
+    pub method: &'static str,
     /// A regular expression over the whole path.
-    path: String,
-    header: bool,
+    pub path: String,
+    pub header: bool,
 }
 
 /// `n` rules: every other rule but the last is `POST /api/v1/svcI/orders` with
 /// `Content-Type: application/json` (the two-rule policy), the others `GET
 /// /api/v1/svcI/.*`; the benchmarked request matches the last, so a proxy that scans its
 /// rules in order scans them all.
-fn rules(n: usize) -> Vec<Rule> {
+pub(super) fn rules(n: usize) -> Vec<Rule> {
     (0..n)
         .map(|i| {
             if i + 1 < n && i % 2 == 0 {
