@@ -351,6 +351,21 @@ impl Upstream {
         if let Some(s) = self.idle_h1(key(src, dst, tls)) {
             return Ok(s);
         }
+        // Boxed: connecting is rare, and its future (a TLS handshake included) would
+        // otherwise be laid out in every request's future, which is copied as it moves.
+        // (A statement of its own: a temporary in the awaiting one would be laid out all
+        // the same.)
+        let connect = Box::pin(self.connect_h1(src, dst, tls));
+        connect.await
+    }
+
+    /// A new HTTP/1.1 connection to `dst`, driven by a task of its own.
+    async fn connect_h1(
+        &self,
+        src: Option<IpAddr>,
+        dst: SocketAddr,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<http1::SendRequest<Incoming>, UpstreamError> {
         let io = TokioIo::new(self.connect_io(src, dst, tls).await?);
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
@@ -381,21 +396,9 @@ impl Upstream {
         let mut sender = match existing {
             Some(s) => s,
             None => {
-                let io = TokioIo::new(self.connect_io(src, dst, tls).await?);
-                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .handshake(io)
-                    .await
-                    .map_err(|e| UpstreamError::Handshake(dst, e))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!("upstream h2 connection: {e}");
-                    }
-                });
-                if let Ok(mut p) = self.h2.lock() {
-                    p.insert(key, sender.clone());
-                }
-                sender
+                // boxed, as in `checkout_h1`: a request's future is spawned per stream
+                let connect = Box::pin(self.connect_h2(key, src, dst, tls));
+                connect.await?
             }
         };
         sender
@@ -406,6 +409,31 @@ impl Upstream {
             .send_request(req)
             .await
             .map_err(|e| UpstreamError::Request(dst, e))
+    }
+
+    /// A new HTTP/2 connection to `dst`, driven by a task of its own and shared as `key`.
+    async fn connect_h2(
+        &self,
+        key: Key,
+        src: Option<IpAddr>,
+        dst: SocketAddr,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+        let io = TokioIo::new(self.connect_io(src, dst, tls).await?);
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Handshake(dst, e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("upstream h2 connection: {e}");
+            }
+        });
+        if let Ok(mut p) = self.h2.lock() {
+            p.insert(key, sender.clone());
+        }
+        Ok(sender)
     }
 
     pub fn metrics(&self) -> &Metrics {
