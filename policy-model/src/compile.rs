@@ -22,7 +22,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::cluster::{Cluster, ContainerPort, DnsObservation};
-use crate::fqdn::NamePattern;
+use crate::fqdn::{FqdnPatterns, NamePattern};
 use crate::identity::{fqdn_key, Identities, IdentityKind, Idx, PeerSetId, SelectorCache};
 use crate::l7::L7Set;
 use crate::labels::{Label, LabelSet, Source};
@@ -181,7 +181,8 @@ pub struct Model {
     l7_of: HashMap<(u32, u32, u32), L7Id>,
     /// Policy prefixes with the label source they are selected by (`cidr` or `network`).
     prefixes: Vec<(IpNet, Source)>,
-    fqdn_patterns: Vec<(String, NamePattern)>,
+    /// Shared by a model and its copies: only a full compile changes it.
+    fqdn_patterns: Arc<FqdnPatterns>,
     pod_identity: Vec<Idx>,
     pods_by_identity: HashMap<Idx, BTreeSet<usize>>,
     /// Per node: identity as seen from itself (host) and from other nodes (remote-node).
@@ -255,7 +256,7 @@ impl Model {
             rule_peers: Vec::new(),
             l7_of: HashMap::new(),
             prefixes: Vec::new(),
-            fqdn_patterns: Vec::new(),
+            fqdn_patterns: Arc::default(),
             pod_identity: Vec::new(),
             pods_by_identity: HashMap::new(),
             node_identity: Vec::new(),
@@ -298,10 +299,12 @@ impl Model {
     fn collect_prefixes_and_patterns(&mut self) {
         let (prefixes, patterns) = policies::prefixes_and_patterns(&self.policies);
         self.prefixes = prefixes;
-        self.fqdn_patterns = patterns
-            .into_iter()
-            .filter_map(|p| NamePattern::pattern(&p).ok().map(|np| (p, np)))
-            .collect();
+        self.fqdn_patterns = Arc::new(FqdnPatterns::new(
+            patterns
+                .into_iter()
+                .filter_map(|p| NamePattern::pattern(&p).ok().map(|np| (p, np)))
+                .collect(),
+        ));
     }
 
     /// The prefix labels of IPs. For cluster IPs (`cluster`), `cidr` prefixes count only
@@ -1028,6 +1031,12 @@ impl Model {
     /// Every toFQDNs pattern of the policies: normalised text and matcher.
     pub fn fqdn_patterns(&self) -> impl Iterator<Item = (&str, &NamePattern)> {
         self.fqdn_patterns.iter().map(|(t, p)| (t.as_str(), p))
+    }
+
+    /// The toFQDNs patterns, indexed by the names they match. Models that share one
+    /// (`Arc::ptr_eq`) have the same patterns: only a full compile makes a new one.
+    pub fn fqdn_pattern_index(&self) -> &Arc<FqdnPatterns> {
+        &self.fqdn_patterns
     }
 
     /// The owner of an IP.

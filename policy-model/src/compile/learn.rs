@@ -14,7 +14,7 @@ use std::net::IpAddr;
 
 use super::{EndpointKey, IpOwner, Model};
 use crate::cluster::DnsObservation;
-use crate::fqdn::NamePattern;
+use crate::fqdn::FqdnPatterns;
 use crate::identity::{fqdn_key, IdentityKind, Idx};
 use crate::labels::{Label, LabelSet};
 
@@ -36,21 +36,12 @@ pub(super) struct Learned {
 impl Learned {
     /// Merges an observation (several for one client and name add up, as in a compile).
     /// Returns the IPs it brought to that (client, name).
-    pub(super) fn add(
-        &mut self,
-        patterns: &[(String, NamePattern)],
-        obs: &DnsObservation,
-    ) -> Vec<IpAddr> {
+    pub(super) fn add(&mut self, patterns: &FqdnPatterns, obs: &DnsObservation) -> Vec<IpAddr> {
         let key = (obs.client.clone(), obs.name.clone());
-        let (_, ips) = self.by_name.entry(key.clone()).or_insert_with(|| {
-            let matching = patterns
-                .iter()
-                .enumerate()
-                .filter(|(_, (_, p))| p.matches(&obs.name))
-                .map(|(i, _)| i)
-                .collect();
-            (matching, BTreeSet::new())
-        });
+        let (_, ips) = self
+            .by_name
+            .entry(key.clone())
+            .or_insert_with(|| (patterns.matching(&obs.name), BTreeSet::new()));
         let mut new = Vec::new();
         for ip in &obs.ips {
             if ips.insert(*ip) {
@@ -108,15 +99,15 @@ impl Learned {
     }
 
     /// The `fqdn:` labels an IP carries.
-    fn labels(&self, patterns: &[(String, NamePattern)], ip: IpAddr) -> BTreeSet<Label> {
+    fn labels(&self, patterns: &FqdnPatterns, ip: IpAddr) -> BTreeSet<Label> {
         let mut out = BTreeSet::new();
         for key in self.by_ip.get(&ip).into_iter().flatten() {
             let Some((matching, _)) = self.by_name.get(key) else {
                 continue;
             };
-            for &p in matching {
+            for (text, _) in matching.iter().filter_map(|&p| patterns.get(p)) {
                 out.insert(Label {
-                    key: fqdn_key(&patterns[p].0, &key.0),
+                    key: fqdn_key(text, &key.0),
                     value: String::new(),
                 });
             }
