@@ -3,8 +3,6 @@
 //! ones (2^24 and up), as in Cilium. Selectors are evaluated against identities once and
 //! their results cached as bitsets, so a lookup is a bit test.
 
-use std::collections::HashMap;
-
 use imbl::{HashMap as ImHashMap, Vector};
 use serde::Serialize;
 
@@ -160,15 +158,16 @@ impl PartialEq for Bits {
 
 impl Eq for Bits {}
 
-/// The identity table with a label index for fast selector evaluation.
+/// The identity table with a label index for fast selector evaluation. In persistent
+/// collections, as the selector cache: a copy shares what an update does not change.
 #[derive(Clone, Debug, Default)]
 pub struct Identities {
-    pub list: Vec<Identity>,
-    by_labels: HashMap<LabelSet, Idx>,
+    pub list: Vector<Identity>,
+    by_labels: ImHashMap<LabelSet, Idx>,
     /// (key name, value) -> identities carrying such a label (any source).
-    index: HashMap<(String, String), Vec<Idx>>,
+    index: ImHashMap<(String, String), Vec<Idx>>,
     /// key name -> identities carrying that key (any source, any value).
-    by_key: HashMap<String, Vec<Idx>>,
+    by_key: ImHashMap<String, Vec<Idx>>,
     /// Identities no IP holds any more (FQDN identities whose last IP was forgotten).
     /// They keep their index and number but are selected by nothing until interned again.
     retired: Bits,
@@ -218,7 +217,7 @@ impl Identities {
             self.by_key.entry(l.key.name.clone()).or_default().push(idx);
         }
         self.by_labels.insert(labels.clone(), idx);
-        self.list.push(Identity {
+        self.list.push_back(Identity {
             id,
             kind,
             labels,
