@@ -174,6 +174,8 @@ struct Work {
     /// The attachments changed: the endpoints map's interfaces.
     endpoints: bool,
     acks: Vec<Request>,
+    /// A hand-off changed the FQDN observations: the file is to be written.
+    save_fqdn: bool,
 }
 
 impl<D: Datapath, P: Proxies> Publisher<D, P> {
@@ -219,6 +221,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             }
         };
         self.take_snapshot(first, &mut work);
+        self.save_fqdn(&mut work);
         self.attachments = inputs.attachments.borrow_and_update().clone();
         let result = self.push();
         confirm(work.acks, &result);
@@ -245,6 +248,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             while let Ok(s) = inputs.snapshots.try_recv() {
                 self.take_snapshot(s, &mut work);
             }
+            self.save_fqdn(&mut work);
             if work.endpoints || inputs.attachments.has_changed().unwrap_or(false) {
                 self.attachments = inputs.attachments.borrow_and_update().clone();
                 work.endpoints = true;
@@ -310,11 +314,19 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             // learned incrementally unless something else asks for a compile
             self.learned_changes
                 .insert((r.update.endpoint.clone(), r.update.name.clone()));
+            work.save_fqdn = true;
+        }
+        work.acks.push(r);
+    }
+
+    /// Writes the FQDN observations once for a round of hand-offs, before they are
+    /// confirmed: the file holds everything learned, so one write covers them all.
+    fn save_fqdn(&self, work: &mut Work) {
+        if std::mem::take(&mut work.save_fqdn) {
             if let Err(e) = self.fqdn.save() {
                 tracing::warn!(error = %e, "cannot save the FQDN observations");
             }
         }
-        work.acks.push(r);
     }
 
     fn update_policy_status(&self) {
@@ -354,13 +366,16 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
         self.metrics.ready.set(1);
     }
 
-    /// The peer classes of this node's endpoints in `model`.
-    fn local_classes(&self, model: &Model) -> PeerClasses {
+    /// The peer classes after a learning step that added `added` to `model`: extended
+    /// from what the maps hold when the new identities fit the classes there (the usual
+    /// case: an address like the ones learned before), else computed afresh.
+    fn learned_classes(&self, model: &Model, added: &[Idx]) -> PeerClasses {
         let eps: Vec<_> = self
             .local_pods()
             .filter_map(|p| model.pod_endpoint(&p.id()))
             .collect();
-        PeerClasses::compute(model, &eps, &self.applied.classes)
+        PeerClasses::extended(model, &eps, &self.applied.classes, added)
+            .unwrap_or_else(|| PeerClasses::compute(model, &eps, &self.applied.classes))
     }
 
     fn local_pods(&self) -> impl Iterator<Item = &policy_model::cluster::Pod> {
@@ -457,7 +472,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
                 None => desired.ipcache.remove(&net),
             };
         }
-        let classes = self.local_classes(&model);
+        let classes = self.learned_classes(&model, &added);
         let same_classes =
             classes.numbers() == desired.classes.values().copied().collect::<BTreeSet<u32>>();
         desired.classes = classes.assignments().clone();
