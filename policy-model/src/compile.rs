@@ -162,7 +162,8 @@ pub struct Model {
     pub l7: L7Sets,
     /// Per endpoint slot (pods in cluster order, then nodes): its policy when in scope.
     endpoints: Vec<Option<Arc<EndpointPolicy>>>,
-    /// The DNS observations behind the FQDN identities (the cluster's, then learned).
+    /// The DNS observations the model is built from, until the build takes them into
+    /// `learned` (empty afterwards: [`Model::dns`] reads them from there).
     dns: Vec<DnsObservation>,
     /// Calico's tiers in evaluation order (the `default` tier always among them).
     pub calico_tiers: Vec<CalicoTier>,
@@ -187,7 +188,8 @@ pub struct Model {
     pods_by_identity: HashMap<Idx, BTreeSet<usize>>,
     /// Per node: identity as seen from itself (host) and from other nodes (remote-node).
     node_identity: Vec<[Idx; 2]>,
-    exact: HashMap<IpAddr, IpOwner>,
+    /// Persistent (`imbl`): learned addresses add to it at every learning step.
+    exact: imbl::HashMap<IpAddr, IpOwner>,
     /// Labels of each namespace (implicit name included).
     namespace_labels: HashMap<String, BTreeMap<String, String>>,
     /// (prefix, identity), longest prefix first.
@@ -260,7 +262,7 @@ impl Model {
             pod_identity: Vec::new(),
             pods_by_identity: HashMap::new(),
             node_identity: Vec::new(),
-            exact: HashMap::new(),
+            exact: imbl::HashMap::new(),
             namespace_labels: HashMap::new(),
             prefix_identity: Vec::new(),
             world: 0,
@@ -443,7 +445,6 @@ impl Model {
         for obs in &dns {
             ips.extend(self.learned.add(&self.fqdn_patterns, obs));
         }
-        self.dns = dns;
         for ip in ips {
             self.relabel_fqdn_ip(ip, &mut FqdnChange::default());
         }
@@ -996,16 +997,16 @@ impl Model {
     }
 
     /// The DNS observations the model holds: the cluster's at compile, then what was
-    /// learned (`set_fqdn_ips`).
-    pub fn dns(&self) -> &[DnsObservation] {
-        &self.dns
+    /// learned (`set_fqdn_ips`), one per (client, name) with every IP, in that order.
+    pub fn dns(&self) -> Vec<DnsObservation> {
+        self.learned.observations()
     }
 
     /// The model's cluster with the DNS observations it holds: what a full compile
     /// starts from to give this model again.
     pub fn cluster_with_dns(&self) -> Cluster {
         let mut c = (*self.cluster).clone();
-        c.dns = self.dns.clone();
+        c.dns = self.dns();
         c
     }
 

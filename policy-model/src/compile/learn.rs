@@ -9,7 +9,9 @@
 //! be told: the IPs whose identity changed, and the endpoints whose peer sets gained or
 //! lost an identity.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use imbl::{HashMap as ImHashMap, OrdMap};
 use std::net::IpAddr;
 
 use super::{EndpointKey, IpOwner, Model};
@@ -21,16 +23,17 @@ use crate::labels::{Label, LabelSet};
 /// (client endpoint `ns/pod`, name as observed).
 type ObsKey = (String, String);
 
-/// The observations behind the FQDN labels, indexed both ways.
+/// The observations behind the FQDN labels, indexed both ways. Persistent maps (`imbl`):
+/// they grow with what a node learned, and every learning step works on a copy.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Learned {
     /// Per (client, name): the patterns (indices into `Model::fqdn_patterns`) matching the
     /// name, and the IPs.
-    by_name: BTreeMap<ObsKey, (Vec<usize>, BTreeSet<IpAddr>)>,
+    by_name: OrdMap<ObsKey, (Vec<usize>, BTreeSet<IpAddr>)>,
     /// Per IP: the observations naming it.
-    by_ip: HashMap<IpAddr, BTreeSet<ObsKey>>,
+    by_ip: ImHashMap<IpAddr, BTreeSet<ObsKey>>,
     /// Per FQDN identity: how many IPs hold it.
-    holders: HashMap<Idx, usize>,
+    holders: ImHashMap<Idx, usize>,
 }
 
 impl Learned {
@@ -53,6 +56,18 @@ impl Learned {
             self.by_name.remove(&key);
         }
         new
+    }
+
+    /// Every (client, name) with its IPs, as observations, in key order.
+    pub(super) fn observations(&self) -> Vec<DnsObservation> {
+        self.by_name
+            .iter()
+            .map(|((client, name), (_, ips))| DnsObservation {
+                client: client.clone(),
+                name: name.clone(),
+                ips: ips.iter().copied().collect(),
+            })
+            .collect()
     }
 
     /// Removes IPs from one (client, name). Returns those it held.
@@ -166,14 +181,6 @@ impl Model {
                 ips: ips.difference(&before).copied().collect(),
             },
         ));
-        self.dns.retain(|o| !(o.client == client && o.name == name));
-        if !ips.is_empty() {
-            self.dns.push(DnsObservation {
-                client: key.0,
-                name: key.1,
-                ips: ips.into_iter().collect(),
-            });
-        }
         self.relabel_fqdn_ips(touched)
     }
 
