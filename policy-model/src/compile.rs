@@ -22,7 +22,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::cluster::{Cluster, ContainerPort, DnsObservation};
-use crate::fqdn::NamePattern;
+use crate::fqdn::{FqdnPatterns, NamePattern};
 use crate::identity::{fqdn_key, Identities, IdentityKind, Idx, PeerSetId, SelectorCache};
 use crate::l7::L7Set;
 use crate::labels::{Label, LabelSet, Source};
@@ -162,7 +162,8 @@ pub struct Model {
     pub l7: L7Sets,
     /// Per endpoint slot (pods in cluster order, then nodes): its policy when in scope.
     endpoints: Vec<Option<Arc<EndpointPolicy>>>,
-    /// The DNS observations behind the FQDN identities (the cluster's, then learned).
+    /// The DNS observations the model is built from, until the build takes them into
+    /// `learned` (empty afterwards: [`Model::dns`] reads them from there).
     dns: Vec<DnsObservation>,
     /// Calico's tiers in evaluation order (the `default` tier always among them).
     pub calico_tiers: Vec<CalicoTier>,
@@ -181,12 +182,14 @@ pub struct Model {
     l7_of: HashMap<(u32, u32, u32), L7Id>,
     /// Policy prefixes with the label source they are selected by (`cidr` or `network`).
     prefixes: Vec<(IpNet, Source)>,
-    fqdn_patterns: Vec<(String, NamePattern)>,
+    /// Shared by a model and its copies: only a full compile changes it.
+    fqdn_patterns: Arc<FqdnPatterns>,
     pod_identity: Vec<Idx>,
     pods_by_identity: HashMap<Idx, BTreeSet<usize>>,
     /// Per node: identity as seen from itself (host) and from other nodes (remote-node).
     node_identity: Vec<[Idx; 2]>,
-    exact: HashMap<IpAddr, IpOwner>,
+    /// Persistent (`imbl`): learned addresses add to it at every learning step.
+    exact: imbl::HashMap<IpAddr, IpOwner>,
     /// Labels of each namespace (implicit name included).
     namespace_labels: HashMap<String, BTreeMap<String, String>>,
     /// (prefix, identity), longest prefix first.
@@ -255,11 +258,11 @@ impl Model {
             rule_peers: Vec::new(),
             l7_of: HashMap::new(),
             prefixes: Vec::new(),
-            fqdn_patterns: Vec::new(),
+            fqdn_patterns: Arc::default(),
             pod_identity: Vec::new(),
             pods_by_identity: HashMap::new(),
             node_identity: Vec::new(),
-            exact: HashMap::new(),
+            exact: imbl::HashMap::new(),
             namespace_labels: HashMap::new(),
             prefix_identity: Vec::new(),
             world: 0,
@@ -298,10 +301,12 @@ impl Model {
     fn collect_prefixes_and_patterns(&mut self) {
         let (prefixes, patterns) = policies::prefixes_and_patterns(&self.policies);
         self.prefixes = prefixes;
-        self.fqdn_patterns = patterns
-            .into_iter()
-            .filter_map(|p| NamePattern::pattern(&p).ok().map(|np| (p, np)))
-            .collect();
+        self.fqdn_patterns = Arc::new(FqdnPatterns::new(
+            patterns
+                .into_iter()
+                .filter_map(|p| NamePattern::pattern(&p).ok().map(|np| (p, np)))
+                .collect(),
+        ));
     }
 
     /// The prefix labels of IPs. For cluster IPs (`cluster`), `cidr` prefixes count only
@@ -440,7 +445,6 @@ impl Model {
         for obs in &dns {
             ips.extend(self.learned.add(&self.fqdn_patterns, obs));
         }
-        self.dns = dns;
         for ip in ips {
             self.relabel_fqdn_ip(ip, &mut FqdnChange::default());
         }
@@ -993,16 +997,16 @@ impl Model {
     }
 
     /// The DNS observations the model holds: the cluster's at compile, then what was
-    /// learned (`set_fqdn_ips`).
-    pub fn dns(&self) -> &[DnsObservation] {
-        &self.dns
+    /// learned (`set_fqdn_ips`), one per (client, name) with every IP, in that order.
+    pub fn dns(&self) -> Vec<DnsObservation> {
+        self.learned.observations()
     }
 
     /// The model's cluster with the DNS observations it holds: what a full compile
     /// starts from to give this model again.
     pub fn cluster_with_dns(&self) -> Cluster {
         let mut c = (*self.cluster).clone();
-        c.dns = self.dns.clone();
+        c.dns = self.dns();
         c
     }
 
@@ -1028,6 +1032,12 @@ impl Model {
     /// Every toFQDNs pattern of the policies: normalised text and matcher.
     pub fn fqdn_patterns(&self) -> impl Iterator<Item = (&str, &NamePattern)> {
         self.fqdn_patterns.iter().map(|(t, p)| (t.as_str(), p))
+    }
+
+    /// The toFQDNs patterns, indexed by the names they match. Models that share one
+    /// (`Arc::ptr_eq`) have the same patterns: only a full compile makes a new one.
+    pub fn fqdn_pattern_index(&self) -> &Arc<FqdnPatterns> {
+        &self.fqdn_patterns
     }
 
     /// The owner of an IP.

@@ -482,10 +482,11 @@ impl Model {
     /// The toFQDNs patterns (normalised text) that match a name: the selectors whose
     /// identities the IPs of an answer join.
     pub fn fqdn_selectors_matching(&self, qname: &str) -> Vec<&str> {
-        let n = normalized(qname);
-        self.fqdn_patterns()
-            .filter(|(_, p)| p.matches_normalized(&n))
-            .map(|(t, _)| t)
+        self.fqdn_pattern_index()
+            .matching(qname)
+            .into_iter()
+            .filter_map(|i| self.fqdn_pattern_index().get(i))
+            .map(|(t, _)| t.as_str())
             .collect()
     }
 }

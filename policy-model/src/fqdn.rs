@@ -3,6 +3,7 @@
 //! more labels.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -131,6 +132,97 @@ impl NamePattern {
     }
 }
 
+/// The toFQDNs patterns of a model, indexed so that the ones a name matches are found
+/// with a few hash lookups instead of one regex per pattern: a node with thousands of
+/// toFQDNs names looks them up for every DNS answer and every cached name.
+///
+/// A name without `*` is found by its text. A pattern with `*` ends in a fixed tail, the
+/// labels after its last label with a `*` (`*.api.example.com.` -> `api.example.com.`,
+/// `*.` -> ``): every name it matches ends in `.` + that tail, so a name is checked only
+/// against the patterns whose tail is one of its own suffixes.
+#[derive(Clone, Debug, Default)]
+pub struct FqdnPatterns {
+    /// (the pattern as the policies spell it, compiled), in the model's order.
+    list: Vec<(String, NamePattern)>,
+    /// Normalised text of the patterns without `*` -> their indices.
+    exact: HashMap<String, Vec<usize>>,
+    /// Fixed tail of the patterns with `*` -> their indices.
+    by_tail: HashMap<String, Vec<usize>>,
+}
+
+impl FqdnPatterns {
+    pub fn new(list: Vec<(String, NamePattern)>) -> FqdnPatterns {
+        let mut exact: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_tail: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, (_, p)) in list.iter().enumerate() {
+            match wildcard_tail(&p.text) {
+                Some(tail) => by_tail.entry(tail.to_string()).or_default().push(i),
+                None => exact.entry(p.text.clone()).or_default().push(i),
+            }
+        }
+        FqdnPatterns {
+            list,
+            exact,
+            by_tail,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Pattern `i`: (as the policies spell it, compiled).
+    pub fn get(&self, i: usize) -> Option<&(String, NamePattern)> {
+        self.list.get(i)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &(String, NamePattern)> {
+        self.list.iter()
+    }
+
+    /// Indices of the patterns a name (in any case, with or without trailing dot)
+    /// matches, ascending.
+    pub fn matching(&self, name: &str) -> Vec<usize> {
+        let name = normalized(name);
+        let mut out: Vec<usize> = self.exact.get(name.as_ref()).cloned().unwrap_or_default();
+        let tails = name
+            .char_indices()
+            .filter(|&(_, c)| c == '.')
+            .map(|(at, _)| &name[at + 1..]);
+        for tail in tails {
+            if let Some(candidates) = self.by_tail.get(tail) {
+                out.extend(
+                    candidates
+                        .iter()
+                        .filter(|&&i| self.list[i].1.matches_normalized(&name)),
+                );
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+impl PartialEq for FqdnPatterns {
+    fn eq(&self, other: &FqdnPatterns) -> bool {
+        self.list == other.list
+    }
+}
+
+/// The fixed tail of a pattern with `*` (see [`FqdnPatterns`]); None without `*`.
+fn wildcard_tail(text: &str) -> Option<&str> {
+    let star = text.rfind('*')?;
+    Some(match text[star..].find('.') {
+        Some(dot) => &text[star + dot + 1..],
+        None => "",
+    })
+}
+
 fn check_chars(s: &str, star: bool) -> Result<(), String> {
     if s.len() > MAX_LEN {
         return Err(format!("longer than {MAX_LEN} characters"));
@@ -215,6 +307,72 @@ mod tests {
             assert!(p.matches("anything.example.com"), "{all}");
             assert!(p.matches("."), "{all} matches the root");
         }
+    }
+
+    /// The index finds exactly what one regex per pattern finds, for every kind of
+    /// pattern and names that match none, one or several.
+    #[test]
+    fn the_index_finds_what_every_pattern_would() {
+        let texts = [
+            "example.com",
+            "EXAMPLE.com.",
+            "*.example.com",
+            "*example.com",
+            "sub*.example.com",
+            "part*ial.com",
+            "**.example.com",
+            "*",
+            "**",
+            "*.",
+            "a*.b*.example.com",
+            "*.*.io",
+            "x.*.io",
+            "api.saas.example",
+            "*.saas.example",
+            "**.saas.example",
+            "s*",
+        ];
+        let list: Vec<(String, NamePattern)> =
+            texts.iter().map(|t| (t.to_string(), pat(t))).collect();
+        let index = FqdnPatterns::new(list.clone());
+        let names = [
+            ".",
+            "example.com",
+            "Example.COM.",
+            "a.example.com",
+            "a.b.example.com",
+            "subexample.com",
+            "sub.example.com",
+            "partial.com",
+            "part-x-ial.com",
+            "com",
+            "aa.bb.example.com",
+            "a.b.io",
+            "x.y.io",
+            "api.saas.example",
+            "v1.api.saas.example",
+            "s",
+            "s.",
+            "other.org",
+            "example.com.evil.org",
+        ];
+        for name in names {
+            let every: Vec<usize> = list
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, p))| p.matches(name))
+                .map(|(i, _)| i)
+                .collect();
+            assert_eq!(index.matching(name), every, "{name}");
+        }
+        // the catch-alls (`*`, `**`, `*.`) and nothing else
+        assert_eq!(index.matching("other.org"), vec![7, 8, 9]);
+        assert_eq!(
+            wildcard_tail("*.api.example.com."),
+            Some("api.example.com.")
+        );
+        assert_eq!(wildcard_tail("**."), Some(""));
+        assert_eq!(wildcard_tail("example.com."), None);
     }
 
     #[test]

@@ -3,8 +3,7 @@
 //! ones (2^24 and up), as in Cilium. Selectors are evaluated against identities once and
 //! their results cached as bitsets, so a lookup is a bit test.
 
-use std::collections::HashMap;
-
+use imbl::{HashMap as ImHashMap, Vector};
 use serde::Serialize;
 
 use crate::cluster::ContainerPort;
@@ -159,15 +158,16 @@ impl PartialEq for Bits {
 
 impl Eq for Bits {}
 
-/// The identity table with a label index for fast selector evaluation.
+/// The identity table with a label index for fast selector evaluation. In persistent
+/// collections, as the selector cache: a copy shares what an update does not change.
 #[derive(Clone, Debug, Default)]
 pub struct Identities {
-    pub list: Vec<Identity>,
-    by_labels: HashMap<LabelSet, Idx>,
+    pub list: Vector<Identity>,
+    by_labels: ImHashMap<LabelSet, Idx>,
     /// (key name, value) -> identities carrying such a label (any source).
-    index: HashMap<(String, String), Vec<Idx>>,
+    index: ImHashMap<(String, String), Vec<Idx>>,
     /// key name -> identities carrying that key (any source, any value).
-    by_key: HashMap<String, Vec<Idx>>,
+    by_key: ImHashMap<String, Vec<Idx>>,
     /// Identities no IP holds any more (FQDN identities whose last IP was forgotten).
     /// They keep their index and number but are selected by nothing until interned again.
     retired: Bits,
@@ -217,7 +217,7 @@ impl Identities {
             self.by_key.entry(l.key.name.clone()).or_default().push(idx);
         }
         self.by_labels.insert(labels.clone(), idx);
-        self.list.push(Identity {
+        self.list.push_back(Identity {
             id,
             kind,
             labels,
@@ -326,21 +326,30 @@ impl Identities {
 }
 
 /// Interned selectors and peer sets (unions of selectors) with their selected identities.
+///
+/// Held in persistent collections (`imbl`): a copy of the cache shares everything with
+/// the original and an update copies only the few nodes it changes. A node with many
+/// toFQDNs names holds a selector per (name, endpoint), hundreds of thousands, and every
+/// DNS answer that teaches an address works on a copy of the published model.
 #[derive(Clone, Debug, Default)]
 pub struct SelectorCache {
-    selectors: Vec<(Selector, Bits)>,
-    by_selector: HashMap<Selector, u32>,
-    /// Per peer set: its selectors, and its members when they are not one selector's
-    /// (a peer set of one selector reads that selector's, shared).
-    peer_sets: Vec<(Vec<u32>, Option<Bits>)>,
-    by_peer_set: HashMap<Vec<u32>, u32>,
+    selectors: Vector<Selector>,
+    /// Per selector: the identities it selects.
+    members: Vector<Bits>,
+    by_selector: ImHashMap<Selector, u32>,
+    /// Per peer set: its selectors.
+    peer_set_keys: Vector<Vec<u32>>,
+    /// Per peer set: its members when they are not one selector's (a peer set of one
+    /// selector reads that selector's, shared).
+    peer_set_members: Vector<Option<Bits>>,
+    by_peer_set: ImHashMap<Vec<u32>, u32>,
     /// Selectors by a label every selected identity must carry: `(name, Some(value))` for
     /// an `In` requirement, `(name, None)` for `Exists`. A new identity is only checked
     /// against the selectors its labels can satisfy, plus `unindexed`.
-    by_label: HashMap<(String, Option<String>), Vec<SelectorId>>,
-    unindexed: Vec<SelectorId>,
+    by_label: ImHashMap<(String, Option<String>), Vec<SelectorId>>,
+    unindexed: Vector<SelectorId>,
     /// Peer sets each selector belongs to.
-    peer_sets_of: Vec<Vec<PeerSetId>>,
+    peer_sets_of: Vector<Vec<PeerSetId>>,
 }
 
 /// Index of an interned peer set.
@@ -370,10 +379,11 @@ impl SelectorCache {
                     self.by_label.entry(k).or_default().push(i);
                 }
             }
-            None => self.unindexed.push(i),
+            None => self.unindexed.push_back(i),
         }
-        self.selectors.push((sel.clone(), bits));
-        self.peer_sets_of.push(Vec::new());
+        self.selectors.push_back(sel.clone());
+        self.members.push_back(bits);
+        self.peer_sets_of.push_back(Vec::new());
         self.by_selector.insert(sel.clone(), i);
         i
     }
@@ -384,11 +394,11 @@ impl SelectorCache {
     }
 
     pub fn members(&self, s: SelectorId) -> &Bits {
-        &self.selectors[s as usize].1
+        &self.members[s as usize]
     }
 
     pub fn selector_of(&self, s: SelectorId) -> &Selector {
-        &self.selectors[s as usize].0
+        &self.selectors[s as usize]
     }
 
     /// Interns the union of selectors.
@@ -404,26 +414,29 @@ impl SelectorCache {
             _ => {
                 let mut bits = Bits::default();
                 for &s in &key {
-                    bits.union_with(&self.selectors[s as usize].1);
+                    bits.union_with(&self.members[s as usize]);
                 }
                 Some(bits)
             }
         };
-        let i = self.peer_sets.len() as u32;
+        let i = self.peer_set_keys.len() as u32;
         for &s in &key {
-            self.peer_sets_of[s as usize].push(i);
+            if let Some(of) = self.peer_sets_of.get_mut(s as usize) {
+                of.push(i);
+            }
         }
-        self.peer_sets.push((key.clone(), bits));
+        self.peer_set_keys.push_back(key.clone());
+        self.peer_set_members.push_back(bits);
         self.by_peer_set.insert(key, i);
         i
     }
 
     /// Gives back the memory the member sets do not use (after a compile).
     pub fn shrink(&mut self) {
-        for (_, bits) in &mut self.selectors {
+        for bits in self.members.iter_mut() {
             bits.shrink();
         }
-        for bits in self.peer_sets.iter_mut().filter_map(|(_, b)| b.as_mut()) {
+        for bits in self.peer_set_members.iter_mut().flatten() {
             bits.shrink();
         }
     }
@@ -434,13 +447,13 @@ impl SelectorCache {
     }
 
     pub fn peer_set_selectors(&self, p: PeerSetId) -> &[u32] {
-        &self.peer_sets[p as usize].0
+        &self.peer_set_keys[p as usize]
     }
 
     pub fn peer_set_members(&self, p: PeerSetId) -> &Bits {
-        match &self.peer_sets[p as usize] {
-            (_, Some(bits)) => bits,
-            (key, None) => &self.selectors[key[0] as usize].1,
+        match &self.peer_set_members[p as usize] {
+            Some(bits) => bits,
+            None => &self.members[self.peer_set_keys[p as usize][0] as usize],
         }
     }
 
@@ -448,14 +461,20 @@ impl SelectorCache {
     pub fn add_identity(&mut self, ids: &Identities, i: Idx) {
         let labels = &ids.get(i).labels;
         for s in self.candidates(labels) {
-            let (sel, bits) = &mut self.selectors[s as usize];
-            if sel.matches(labels) {
-                bits.set(i, true);
-                for &p in &self.peer_sets_of[s as usize] {
-                    if let Some(b) = &mut self.peer_sets[p as usize].1 {
-                        b.set(i, true);
-                    }
-                }
+            if self.selectors[s as usize].matches(labels) {
+                self.set_member(s, i, true);
+            }
+        }
+    }
+
+    /// Puts identity `i` in selector `s` and the peer sets it belongs to, or takes it out.
+    fn set_member(&mut self, s: SelectorId, i: Idx, on: bool) {
+        if let Some(bits) = self.members.get_mut(s as usize) {
+            bits.set(i, on);
+        }
+        for &p in &self.peer_sets_of[s as usize] {
+            if let Some(Some(b)) = self.peer_set_members.get_mut(p as usize) {
+                b.set(i, on);
             }
         }
     }
@@ -465,7 +484,7 @@ impl SelectorCache {
         let mut out: Vec<PeerSetId> = self
             .candidates(&ids.get(i).labels)
             .into_iter()
-            .filter(|&s| self.selectors[s as usize].1.contains(i))
+            .filter(|&s| self.members[s as usize].contains(i))
             .flat_map(|s| self.peer_sets_of[s as usize].iter().copied())
             .collect();
         out.sort_unstable();
@@ -477,14 +496,8 @@ impl SelectorCache {
     /// Only selectors its labels can satisfy can hold it, so only those are visited.
     pub fn remove_identity(&mut self, ids: &Identities, i: Idx) {
         for s in self.candidates(&ids.get(i).labels) {
-            let bits = &mut self.selectors[s as usize].1;
-            if bits.contains(i) {
-                bits.set(i, false);
-                for &p in &self.peer_sets_of[s as usize] {
-                    if let Some(b) = &mut self.peer_sets[p as usize].1 {
-                        b.set(i, false);
-                    }
-                }
+            if self.members[s as usize].contains(i) {
+                self.set_member(s, i, false);
             }
         }
     }
@@ -492,7 +505,7 @@ impl SelectorCache {
     /// The selectors a label set can satisfy: those indexed by one of its labels, and the
     /// unindexed ones.
     fn candidates(&self, labels: &LabelSet) -> Vec<SelectorId> {
-        let mut candidates: Vec<SelectorId> = self.unindexed.clone();
+        let mut candidates: Vec<SelectorId> = self.unindexed.iter().copied().collect();
         for l in labels.iter() {
             for k in [
                 (l.key.name.clone(), Some(l.value.clone())),
@@ -580,7 +593,7 @@ mod tests {
         let mut cache = SelectorCache::default();
         let sel = Selector::all().with(Key::new(Source::K8s, "app"), Op::Exists);
         let one = cache.peer_set(&ids, std::slice::from_ref(&sel));
-        assert!(cache.peer_sets[one as usize].1.is_none());
+        assert!(cache.peer_set_members[one as usize].is_none());
         assert!(cache.peer_set_contains(one, a));
         let (b, _) = ids.intern(
             LabelSet::new(vec![Label::k8s("app", "b")]),

@@ -106,6 +106,52 @@ impl PeerClasses {
         self.members.iter().map(|(c, i)| (*c, *i))
     }
 
+    /// The classes after identities came and went without any other change to the model
+    /// or the endpoints (IPs learned from DNS answers): the identities in `added` join the
+    /// class whose members share their signature, identities no longer live leave theirs.
+    /// Costs a signature per added identity and per class, where [`PeerClasses::compute`]
+    /// costs one per live identity. None when that is not enough: an added identity fits
+    /// no class, a class lost its last member, or a live identity is neither classed in
+    /// `previous` nor added. The caller then computes them afresh.
+    pub fn extended(
+        model: &Model,
+        endpoints: &[&EndpointPolicy],
+        previous: &BTreeMap<NumericId, u32>,
+        added: &[Idx],
+    ) -> Option<PeerClasses> {
+        let (sets, named) = peer_sets(endpoints);
+        let added: BTreeSet<Idx> = added.iter().copied().collect();
+        let mut out = PeerClasses::default();
+        for idx in (0..model.identities.len() as Idx).filter(|&i| model.identities.is_live(i)) {
+            if added.contains(&idx) {
+                continue;
+            }
+            let numeric = model.identities.get(idx).id;
+            let class = *previous.get(&numeric)?;
+            out.of.insert(numeric, class);
+            out.members.entry(class).or_insert(idx);
+        }
+        let before: BTreeSet<u32> = previous.values().copied().collect();
+        if out.members.keys().copied().collect::<BTreeSet<u32>>() != before {
+            return None;
+        }
+        let mut by_signature: HashMap<Signature, u32> = HashMap::new();
+        for (&class, &idx) in &out.members {
+            if by_signature
+                .insert(signature(model, &sets, named, idx), class)
+                .is_some()
+            {
+                // two classes alike: the classes were not computed for these peer sets
+                return None;
+            }
+        }
+        for &idx in added.iter().filter(|&&i| model.identities.is_live(i)) {
+            let class = *by_signature.get(&signature(model, &sets, named, idx))?;
+            out.of.insert(model.identities.get(idx).id, class);
+        }
+        Some(out)
+    }
+
     /// The class of a numeric identity.
     pub fn class_of(&self, identity: NumericId) -> Option<u32> {
         self.of.get(&identity).copied()
@@ -313,5 +359,92 @@ probes: []
             after.class_of(id(&split, "default/app")),
             before.class_of(id(&m, "default/app"))
         );
+    }
+
+    const FQDN_CASE: &str = r#"
+format: netpol-oracle/v1
+id: 902
+name: fqdn-classes
+title: peer classes of learned addresses
+semantics: cilium
+cluster:
+  namespaces:
+  - {name: default, labels: {}}
+  nodes:
+  - {name: node-1, ip: 172.18.0.2}
+  pods:
+  - {namespace: default, name: c1, labels: {app: client}, ip: 10.0.0.1, node: node-1, ports: []}
+  - {namespace: default, name: c2, labels: {app: client}, ip: 10.0.0.2, node: node-1, ports: []}
+  externals: []
+policies:
+- apiVersion: cilium.io/v2
+  kind: CiliumNetworkPolicy
+  metadata: {name: saas, namespace: default}
+  spec:
+    endpointSelector: {matchLabels: {app: client}}
+    egress:
+    - toFQDNs: [{matchName: api.example.com}, {matchPattern: '*.cdn.example'}]
+      toPorts:
+      - ports: [{port: '443', protocol: TCP}]
+probes: []
+"#;
+
+    fn eps(m: &Model) -> Vec<&EndpointPolicy> {
+        ["default/c1", "default/c2"]
+            .iter()
+            .map(|p| m.pod_endpoint(p).expect("endpoint"))
+            .collect()
+    }
+
+    /// What `extended` gives after one learning step, checked against `compute`.
+    fn step(m: &mut Model, client: &str, name: &str, ips: &[&str]) -> Option<PeerClasses> {
+        let before = PeerClasses::compute(m, &eps(m), &BTreeMap::new());
+        let ips: Vec<std::net::IpAddr> = ips.iter().map(|s| s.parse().expect("ip")).collect();
+        let change = m.set_fqdn_ips(client, name, ips);
+        let fresh = PeerClasses::compute(m, &eps(m), before.assignments());
+        let extended = PeerClasses::extended(m, &eps(m), before.assignments(), &change.added);
+        if let Some(e) = &extended {
+            assert_eq!(e, &fresh, "{client} {name}");
+        }
+        extended
+    }
+
+    #[test]
+    fn learned_addresses_join_the_class_of_their_kind_without_a_recount() {
+        let mut m = parse_case(FQDN_CASE)
+            .expect("case")
+            .compile(None, None)
+            .expect("compile");
+        // c1's first address: a kind no class has yet
+        assert_eq!(
+            step(&mut m, "default/c1", "api.example.com", &["203.0.113.5"]),
+            None
+        );
+        // another name of c1's rule: the same class
+        assert!(step(&mut m, "default/c1", "x.cdn.example", &["203.0.113.6"]).is_some());
+        assert!(step(
+            &mut m,
+            "default/c1",
+            "api.example.com",
+            &["203.0.113.5", "203.0.113.7"]
+        )
+        .is_some());
+        // an address both clients learned: in both their peer sets, a new kind
+        assert_eq!(
+            step(&mut m, "default/c2", "x.cdn.example", &["203.0.113.6"]),
+            None
+        );
+        // forgetting one of several members: the class stays
+        assert!(step(&mut m, "default/c1", "api.example.com", &["203.0.113.7"]).is_some());
+    }
+
+    #[test]
+    fn a_class_that_loses_its_last_member_asks_for_a_recount() {
+        let mut m = parse_case(FQDN_CASE)
+            .expect("case")
+            .compile(None, None)
+            .expect("compile");
+        step(&mut m, "default/c2", "api.example.com", &["203.0.113.5"]);
+        assert_eq!(step(&mut m, "default/c2", "api.example.com", &[]), None);
     }
 }

@@ -1,18 +1,21 @@
 //! IPs learned from DNS answers: the DNS proxy hands them over as `Update`s through the
 //! DNS lane (`super::dns`); the policy publisher keeps them as `DnsObservation`s merged
 //! into the cluster it compiles, pushes, and only then confirms, so an answer reaches the
-//! pod after its IPs are enforced. The observations are saved in the state directory on
-//! every change, so a restarted agent enforces what it learned before its first push.
+//! pod after its IPs are enforced. The observations are saved in the state directory (at
+//! most every 100 ms under a stream of answers, and when the publisher stops), so a
+//! restarted agent enforces what it learned before its first push; the DNS proxy's saved
+//! cache, merged in at load, covers what the last 100 ms learned.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use dns_proxy::Update;
 use policy_model::cluster::DnsObservation;
 
-/// endpoint (`ns/pod`) -> name -> IPs.
-pub type Learned = BTreeMap<String, BTreeMap<String, BTreeSet<IpAddr>>>;
+/// endpoint (`ns/pod`) -> name -> IPs. Persistent maps (`imbl`): every model the
+/// publisher hands out carries a copy to the status, which then costs nothing.
+pub type Learned = imbl::OrdMap<String, imbl::OrdMap<String, BTreeSet<IpAddr>>>;
 
 /// The learned names and IPs, with their file.
 #[derive(Debug, Default)]
@@ -98,7 +101,7 @@ impl Observations {
     }
 
     pub fn names(&self) -> usize {
-        self.learned.values().map(BTreeMap::len).sum()
+        self.learned.values().map(imbl::OrdMap::len).sum()
     }
 
     /// Writes the file (atomically: temporary file, then rename).

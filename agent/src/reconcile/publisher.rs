@@ -38,6 +38,9 @@ use crate::telemetry::metrics::AgentMetrics;
 
 /// How soon a push that failed half way is tried again.
 const RETRY_EVERY: Duration = Duration::from_millis(200);
+/// The state files (learned names, identity numbers) are written at most this often:
+/// under a steady stream of DNS answers each write would cost what the node learned.
+const SAVE_EVERY: Duration = Duration::from_millis(100);
 
 /// Where a published model goes besides the datapath: the proxies, which decide L7 and
 /// DNS on it.
@@ -150,6 +153,49 @@ pub struct Publisher<D, P> {
     failed: bool,
     attachments: Attachments,
     outputs: Outputs,
+    /// State files changed since they were last written, and when that was.
+    unsaved: Unsaved,
+    saved_at: Instant,
+}
+
+/// Which state files are behind what the publisher holds.
+#[derive(Default)]
+struct Unsaved {
+    fqdn: bool,
+    identities: bool,
+}
+
+impl Unsaved {
+    fn any(&self) -> bool {
+        self.fqdn || self.identities
+    }
+}
+
+/// A publisher that stops (the source closed, or a hand-off aborts its task) writes what
+/// it has not written yet, for the agent that starts next.
+impl<D, P> Drop for Publisher<D, P> {
+    fn drop(&mut self) {
+        if self.unsaved.any() {
+            self.save();
+        }
+    }
+}
+
+impl<D, P> Publisher<D, P> {
+    /// Writes the state files that changed.
+    fn save(&mut self) {
+        if std::mem::take(&mut self.unsaved.fqdn) {
+            if let Err(e) = self.fqdn.save() {
+                tracing::warn!(error = %e, "cannot save the FQDN observations");
+            }
+        }
+        if std::mem::take(&mut self.unsaved.identities) {
+            if let Err(e) = self.identities.save() {
+                tracing::warn!(error = %e, "cannot save the identity table");
+            }
+        }
+        self.saved_at = Instant::now();
+    }
 }
 
 /// Everything a publisher starts from.
@@ -201,6 +247,8 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             failed: false,
             attachments: Attachments::default(),
             outputs,
+            unsaved: Unsaved::default(),
+            saved_at: Instant::now(),
         }
     }
 
@@ -237,6 +285,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
                 },
                 Ok(()) = inputs.attachments.changed() => work.endpoints = true,
                 _ = retry.tick(), if self.failed => work.push = true,
+                _ = tokio::time::sleep_until(self.save_due()), if self.unsaved.any() => {}
             }
             // Everything queued meanwhile goes into the same push.
             while let Ok(r) = inputs.dns.try_recv() {
@@ -266,6 +315,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             };
             confirm(work.acks, &result);
             self.update_ready();
+            self.save_if_due();
         }
     }
 
@@ -310,11 +360,21 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             // learned incrementally unless something else asks for a compile
             self.learned_changes
                 .insert((r.update.endpoint.clone(), r.update.name.clone()));
-            if let Err(e) = self.fqdn.save() {
-                tracing::warn!(error = %e, "cannot save the FQDN observations");
-            }
+            self.unsaved.fqdn = true;
         }
         work.acks.push(r);
+    }
+
+    /// Writes the state files that changed, at most every [`SAVE_EVERY`].
+    fn save_if_due(&mut self) {
+        if self.unsaved.any() && self.saved_at.elapsed() >= SAVE_EVERY {
+            self.save();
+        }
+    }
+
+    /// When the state files that changed are to be written.
+    fn save_due(&self) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.saved_at + SAVE_EVERY)
     }
 
     fn update_policy_status(&self) {
@@ -354,13 +414,16 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
         self.metrics.ready.set(1);
     }
 
-    /// The peer classes of this node's endpoints in `model`.
-    fn local_classes(&self, model: &Model) -> PeerClasses {
+    /// The peer classes after a learning step that added `added` to `model`: extended
+    /// from what the maps hold when the new identities fit the classes there (the usual
+    /// case: an address like the ones learned before), else computed afresh.
+    fn learned_classes(&self, model: &Model, added: &[Idx]) -> PeerClasses {
         let eps: Vec<_> = self
             .local_pods()
             .filter_map(|p| model.pod_endpoint(&p.id()))
             .collect();
-        PeerClasses::compute(model, &eps, &self.applied.classes)
+        PeerClasses::extended(model, &eps, &self.applied.classes, added)
+            .unwrap_or_else(|| PeerClasses::compute(model, &eps, &self.applied.classes))
     }
 
     fn local_pods(&self) -> impl Iterator<Item = &policy_model::cluster::Pod> {
@@ -457,7 +520,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
                 None => desired.ipcache.remove(&net),
             };
         }
-        let classes = self.local_classes(&model);
+        let classes = self.learned_classes(&model, &added);
         let same_classes =
             classes.numbers() == desired.classes.values().copied().collect::<BTreeSet<u32>>();
         desired.classes = classes.assignments().clone();
@@ -600,10 +663,8 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
         outcome
     }
 
-    fn save_identities(&self) {
-        if let Err(e) = self.identities.save() {
-            tracing::warn!(error = %e, "cannot save the identity table");
-        }
+    fn save_identities(&mut self) {
+        self.unsaved.identities = true;
     }
 
     /// Counts the outcome of a datapath update.

@@ -239,8 +239,16 @@ impl Proxy {
         let mut cache = self.cache();
         // Swapped under the cache lock: answers learn under it with the current model's
         // selectors (`hand_off`), so none learns with the old ones after the prune.
+        let previous = self.inner.policy.current();
         self.inner.policy.swap(model.clone());
-        let dropped = cache.retain_selected(|name| model.fqdn_selectors_matching(name));
+        // A copy of the same compile (a DNS batch, pod churn) has the same patterns: the
+        // cached names keep their selectors.
+        let (before, after) = (previous.fqdn_pattern_index(), model.fqdn_pattern_index());
+        let dropped = if Arc::ptr_eq(before, after) || before == after {
+            0
+        } else {
+            cache.retain_selected(|name| model.fqdn_selectors_matching(name))
+        };
         self.moved();
         drop(cache);
         self.pruned(dropped);

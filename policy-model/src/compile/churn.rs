@@ -281,7 +281,7 @@ impl Model {
         }
 
         if reordered && monotonic {
-            for owner in self.exact.values_mut() {
+            for (_, owner) in self.exact.iter_mut() {
                 if let IpOwner::Pod(o) = owner {
                     if let Some(Some(j)) = new_slot.get(*o) {
                         *o = *j;

@@ -9,48 +9,42 @@
 //! be told: the IPs whose identity changed, and the endpoints whose peer sets gained or
 //! lost an identity.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use imbl::{HashMap as ImHashMap, OrdMap};
 use std::net::IpAddr;
 
 use super::{EndpointKey, IpOwner, Model};
 use crate::cluster::DnsObservation;
-use crate::fqdn::NamePattern;
+use crate::fqdn::FqdnPatterns;
 use crate::identity::{fqdn_key, IdentityKind, Idx};
 use crate::labels::{Label, LabelSet};
 
 /// (client endpoint `ns/pod`, name as observed).
 type ObsKey = (String, String);
 
-/// The observations behind the FQDN labels, indexed both ways.
+/// The observations behind the FQDN labels, indexed both ways. Persistent maps (`imbl`):
+/// they grow with what a node learned, and every learning step works on a copy.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Learned {
     /// Per (client, name): the patterns (indices into `Model::fqdn_patterns`) matching the
     /// name, and the IPs.
-    by_name: BTreeMap<ObsKey, (Vec<usize>, BTreeSet<IpAddr>)>,
+    by_name: OrdMap<ObsKey, (Vec<usize>, BTreeSet<IpAddr>)>,
     /// Per IP: the observations naming it.
-    by_ip: HashMap<IpAddr, BTreeSet<ObsKey>>,
+    by_ip: ImHashMap<IpAddr, BTreeSet<ObsKey>>,
     /// Per FQDN identity: how many IPs hold it.
-    holders: HashMap<Idx, usize>,
+    holders: ImHashMap<Idx, usize>,
 }
 
 impl Learned {
     /// Merges an observation (several for one client and name add up, as in a compile).
     /// Returns the IPs it brought to that (client, name).
-    pub(super) fn add(
-        &mut self,
-        patterns: &[(String, NamePattern)],
-        obs: &DnsObservation,
-    ) -> Vec<IpAddr> {
+    pub(super) fn add(&mut self, patterns: &FqdnPatterns, obs: &DnsObservation) -> Vec<IpAddr> {
         let key = (obs.client.clone(), obs.name.clone());
-        let (_, ips) = self.by_name.entry(key.clone()).or_insert_with(|| {
-            let matching = patterns
-                .iter()
-                .enumerate()
-                .filter(|(_, (_, p))| p.matches(&obs.name))
-                .map(|(i, _)| i)
-                .collect();
-            (matching, BTreeSet::new())
-        });
+        let (_, ips) = self
+            .by_name
+            .entry(key.clone())
+            .or_insert_with(|| (patterns.matching(&obs.name), BTreeSet::new()));
         let mut new = Vec::new();
         for ip in &obs.ips {
             if ips.insert(*ip) {
@@ -62,6 +56,18 @@ impl Learned {
             self.by_name.remove(&key);
         }
         new
+    }
+
+    /// Every (client, name) with its IPs, as observations, in key order.
+    pub(super) fn observations(&self) -> Vec<DnsObservation> {
+        self.by_name
+            .iter()
+            .map(|((client, name), (_, ips))| DnsObservation {
+                client: client.clone(),
+                name: name.clone(),
+                ips: ips.iter().copied().collect(),
+            })
+            .collect()
     }
 
     /// Removes IPs from one (client, name). Returns those it held.
@@ -108,15 +114,15 @@ impl Learned {
     }
 
     /// The `fqdn:` labels an IP carries.
-    fn labels(&self, patterns: &[(String, NamePattern)], ip: IpAddr) -> BTreeSet<Label> {
+    fn labels(&self, patterns: &FqdnPatterns, ip: IpAddr) -> BTreeSet<Label> {
         let mut out = BTreeSet::new();
         for key in self.by_ip.get(&ip).into_iter().flatten() {
             let Some((matching, _)) = self.by_name.get(key) else {
                 continue;
             };
-            for &p in matching {
+            for (text, _) in matching.iter().filter_map(|&p| patterns.get(p)) {
                 out.insert(Label {
-                    key: fqdn_key(&patterns[p].0, &key.0),
+                    key: fqdn_key(text, &key.0),
                     value: String::new(),
                 });
             }
@@ -175,14 +181,6 @@ impl Model {
                 ips: ips.difference(&before).copied().collect(),
             },
         ));
-        self.dns.retain(|o| !(o.client == client && o.name == name));
-        if !ips.is_empty() {
-            self.dns.push(DnsObservation {
-                client: key.0,
-                name: key.1,
-                ips: ips.into_iter().collect(),
-            });
-        }
         self.relabel_fqdn_ips(touched)
     }
 
