@@ -1,10 +1,9 @@
 //! IPs learned from DNS answers: the DNS proxy hands them over as `Update`s through the
 //! DNS lane (`super::dns`); the policy publisher keeps them as `DnsObservation`s merged
 //! into the cluster it compiles, pushes, and only then confirms, so an answer reaches the
-//! pod after its IPs are enforced. The observations are saved in the state directory (at
-//! most every 100 ms under a stream of answers, and when the publisher stops), so a
-//! restarted agent enforces what it learned before its first push; the DNS proxy's saved
-//! cache, merged in at load, covers what the last 100 ms learned.
+//! pod after its IPs are enforced. The observations are saved in the state directory
+//! after every round of changes, so a restarted agent enforces what it learned before its
+//! first push.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;

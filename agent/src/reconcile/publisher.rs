@@ -38,9 +38,6 @@ use crate::telemetry::metrics::AgentMetrics;
 
 /// How soon a push that failed half way is tried again.
 const RETRY_EVERY: Duration = Duration::from_millis(200);
-/// The state files (learned names, identity numbers) are written at most this often:
-/// under a steady stream of DNS answers each write would cost what the node learned.
-const SAVE_EVERY: Duration = Duration::from_millis(100);
 
 /// Where a published model goes besides the datapath: the proxies, which decide L7 and
 /// DNS on it.
@@ -153,49 +150,6 @@ pub struct Publisher<D, P> {
     failed: bool,
     attachments: Attachments,
     outputs: Outputs,
-    /// State files changed since they were last written, and when that was.
-    unsaved: Unsaved,
-    saved_at: Instant,
-}
-
-/// Which state files are behind what the publisher holds.
-#[derive(Default)]
-struct Unsaved {
-    fqdn: bool,
-    identities: bool,
-}
-
-impl Unsaved {
-    fn any(&self) -> bool {
-        self.fqdn || self.identities
-    }
-}
-
-/// A publisher that stops (the source closed, or a hand-off aborts its task) writes what
-/// it has not written yet, for the agent that starts next.
-impl<D, P> Drop for Publisher<D, P> {
-    fn drop(&mut self) {
-        if self.unsaved.any() {
-            self.save();
-        }
-    }
-}
-
-impl<D, P> Publisher<D, P> {
-    /// Writes the state files that changed.
-    fn save(&mut self) {
-        if std::mem::take(&mut self.unsaved.fqdn) {
-            if let Err(e) = self.fqdn.save() {
-                tracing::warn!(error = %e, "cannot save the FQDN observations");
-            }
-        }
-        if std::mem::take(&mut self.unsaved.identities) {
-            if let Err(e) = self.identities.save() {
-                tracing::warn!(error = %e, "cannot save the identity table");
-            }
-        }
-        self.saved_at = Instant::now();
-    }
 }
 
 /// Everything a publisher starts from.
@@ -220,6 +174,8 @@ struct Work {
     /// The attachments changed: the endpoints map's interfaces.
     endpoints: bool,
     acks: Vec<Request>,
+    /// A hand-off changed the FQDN observations: the file is to be written.
+    save_fqdn: bool,
 }
 
 impl<D: Datapath, P: Proxies> Publisher<D, P> {
@@ -247,8 +203,6 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             failed: false,
             attachments: Attachments::default(),
             outputs,
-            unsaved: Unsaved::default(),
-            saved_at: Instant::now(),
         }
     }
 
@@ -267,6 +221,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             }
         };
         self.take_snapshot(first, &mut work);
+        self.save_fqdn(&mut work);
         self.attachments = inputs.attachments.borrow_and_update().clone();
         let result = self.push();
         confirm(work.acks, &result);
@@ -285,7 +240,6 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
                 },
                 Ok(()) = inputs.attachments.changed() => work.endpoints = true,
                 _ = retry.tick(), if self.failed => work.push = true,
-                _ = tokio::time::sleep_until(self.save_due()), if self.unsaved.any() => {}
             }
             // Everything queued meanwhile goes into the same push.
             while let Ok(r) = inputs.dns.try_recv() {
@@ -294,6 +248,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             while let Ok(s) = inputs.snapshots.try_recv() {
                 self.take_snapshot(s, &mut work);
             }
+            self.save_fqdn(&mut work);
             if work.endpoints || inputs.attachments.has_changed().unwrap_or(false) {
                 self.attachments = inputs.attachments.borrow_and_update().clone();
                 work.endpoints = true;
@@ -315,7 +270,6 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             };
             confirm(work.acks, &result);
             self.update_ready();
-            self.save_if_due();
         }
     }
 
@@ -360,21 +314,19 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             // learned incrementally unless something else asks for a compile
             self.learned_changes
                 .insert((r.update.endpoint.clone(), r.update.name.clone()));
-            self.unsaved.fqdn = true;
+            work.save_fqdn = true;
         }
         work.acks.push(r);
     }
 
-    /// Writes the state files that changed, at most every [`SAVE_EVERY`].
-    fn save_if_due(&mut self) {
-        if self.unsaved.any() && self.saved_at.elapsed() >= SAVE_EVERY {
-            self.save();
+    /// Writes the FQDN observations once for a round of hand-offs, before they are
+    /// confirmed: the file holds everything learned, so one write covers them all.
+    fn save_fqdn(&self, work: &mut Work) {
+        if std::mem::take(&mut work.save_fqdn) {
+            if let Err(e) = self.fqdn.save() {
+                tracing::warn!(error = %e, "cannot save the FQDN observations");
+            }
         }
-    }
-
-    /// When the state files that changed are to be written.
-    fn save_due(&self) -> tokio::time::Instant {
-        tokio::time::Instant::from_std(self.saved_at + SAVE_EVERY)
     }
 
     fn update_policy_status(&self) {
@@ -663,8 +615,10 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
         outcome
     }
 
-    fn save_identities(&mut self) {
-        self.unsaved.identities = true;
+    fn save_identities(&self) {
+        if let Err(e) = self.identities.save() {
+            tracing::warn!(error = %e, "cannot save the identity table");
+        }
     }
 
     /// Counts the outcome of a datapath update.
