@@ -298,22 +298,7 @@ frontend fe_e2e
   bind 127.0.0.1:{PROXY_PORT} transparent
 "
     );
-    for r in rules(n) {
-        let header = if r.header {
-            format!(
-                " {{ req.hdr({}) -m str {} }}",
-                HEADER.0.to_ascii_lowercase(),
-                HEADER.1
-            )
-        } else {
-            String::new()
-        };
-        let _ = writeln!(
-            s,
-            "  http-request allow if METH_{} {{ path_reg ^{}$ }}{header}",
-            r.method, r.path
-        );
-    }
+    s.push_str(&super::proxy::haproxy_allow_lines(n));
     let _ = write!(
         s,
         "  http-request deny deny_status 403 content-type text/plain string \"{HAPROXY_DENY}\"

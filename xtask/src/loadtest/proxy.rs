@@ -379,6 +379,29 @@ fn nginx_proxy_conf(work: &Path, n: usize) -> String {
     s
 }
 
+/// HAProxy's `http-request allow` lines for the `n` rules of [`rules`], one a rule, in
+/// order (the deny that follows them is the caller's).
+pub(super) fn haproxy_allow_lines(n: usize) -> String {
+    let mut s = String::new();
+    for r in rules(n) {
+        let header = if r.header {
+            format!(
+                " {{ req.hdr({}) -m str {} }}",
+                HEADER.0.to_ascii_lowercase(),
+                HEADER.1
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            s,
+            "  http-request allow if METH_{} {{ path_reg ^{}$ }}{header}",
+            r.method, r.path
+        );
+    }
+    s
+}
+
 fn haproxy_conf(n: usize) -> String {
     let mut s = String::from(
         "global
@@ -398,22 +421,7 @@ defaults
             "frontend fe_{tag}\n  bind 127.0.0.1:{}{server}",
             Target::Haproxy.port(p)
         );
-        for r in rules(n) {
-            let header = if r.header {
-                format!(
-                    " {{ req.hdr({}) -m str {} }}",
-                    HEADER.0.to_ascii_lowercase(),
-                    HEADER.1
-                )
-            } else {
-                String::new()
-            };
-            let _ = writeln!(
-                s,
-                "  http-request allow if METH_{} {{ path_reg ^{}$ }}{header}",
-                r.method, r.path
-            );
-        }
+        s.push_str(&haproxy_allow_lines(n));
         let _ = writeln!(
             s,
             "  http-request deny deny_status 403 content-type text/plain string \"Access denied\"
