@@ -1278,31 +1278,6 @@ fn chart_script(rows: &[Row], axes: &Axes, png: &Path) -> Option<String> {
     Some(g)
 }
 
-fn gnuplot(script: &str) -> Result {
-    let mut child = Command::new("gnuplot")
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start gnuplot: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        use std::io::Write;
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| format!("gnuplot: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("gnuplot: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "gnuplot failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
 fn describe(secs: u64, rounds: usize, axes: &Axes) -> String {
     let mut s = String::from("## End to end (two nodes)\n\n");
     let _ = writeln!(
@@ -1413,7 +1388,7 @@ pub fn run(
     s.push_str(&dns_table(&dns));
     let png = chart_dir.join("e2e-h1.png");
     if let Some(script) = chart_script(&rows, &axes, &png) {
-        gnuplot(&script)?;
+        super::gnuplot(&script)?;
         let _ = writeln!(s, "![End to end, HTTP/1.1](e2e-h1.png)\n");
     }
     s.push_str(&rounds_table(&rows));

@@ -555,6 +555,32 @@ pub fn loadtest(args: &[String]) -> Result {
     Ok(())
 }
 
+/// Runs gnuplot on a script (the charts of the proxy sweep and the e2e test).
+pub(super) fn gnuplot(script: &str) -> Result {
+    let mut child = Command::new("gnuplot")
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start gnuplot: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| format!("gnuplot: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("gnuplot: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "gnuplot failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,6 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use super::parse::{self, Load};
 use super::{output, ratio, Ctx, Netns, Proc, LOAD_CPU, SUBJECT_CPU};
@@ -987,26 +986,7 @@ fn chart(all: &[Row], proto: Proto, targets: &[Target], dir: &Path) -> Result<Op
         let _ = writeln!(g, "set xlabel \"{label}\"\nplot {}", plots.join(", "));
     }
     g.push_str("unset multiplot\n");
-    let mut child = Command::new("gnuplot")
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start gnuplot: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        use std::io::Write;
-        stdin
-            .write_all(g.as_bytes())
-            .map_err(|e| format!("gnuplot: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("gnuplot: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "gnuplot failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    super::gnuplot(&g)?;
     Ok(Some(name))
 }
 
