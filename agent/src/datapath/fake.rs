@@ -85,6 +85,8 @@ pub struct FakeDatapath {
     pub journal: Vec<Op>,
     /// Map writes to fail (counted down, one per failed write).
     pub fail_writes: usize,
+    /// Revocation walks done, also those that removed nothing.
+    pub revocations: usize,
 }
 
 impl Default for FakeDatapath {
@@ -104,6 +106,7 @@ impl Default for FakeDatapath {
             drop_rx: Some(drop_rx),
             journal: Vec::new(),
             fail_writes: 0,
+            revocations: 0,
         }
     }
 }
@@ -281,6 +284,7 @@ impl Datapath for FakeDatapath {
         &mut self,
         revoke: &mut dyn FnMut(&ConntrackFlow) -> bool,
     ) -> Result<usize, Error> {
+        self.revocations += 1;
         let gone = self.remove_flows(revoke);
         let n = gone.len();
         if n > 0 {

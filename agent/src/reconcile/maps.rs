@@ -47,6 +47,56 @@ impl MapState {
     }
 }
 
+/// What a datapath update changes: per key, what the maps are to hold (`None`: nothing).
+/// A full push diffs the whole state (`Changes::between`); a learning step lists only the
+/// keys its DNS answers touched, so its cost follows the answers, not the maps' size.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Per endpoint id: all its entries from now on (empty: none).
+    pub policy: BTreeMap<u32, BTreeSet<PolicyEntry>>,
+    pub classes: BTreeMap<u32, Option<u32>>,
+    pub ipcache: BTreeMap<IpNet, Option<u32>>,
+    pub endpoints: BTreeMap<IpAddr, Option<EndpointInfo>>,
+}
+
+impl Changes {
+    /// The keys where `applied` and `desired` differ, with what `desired` holds there.
+    pub fn between(applied: &MapState, desired: &MapState) -> Changes {
+        let empty = BTreeSet::new();
+        let mut policy = BTreeMap::new();
+        for id in desired.policy.keys().chain(applied.policy.keys()) {
+            let want = desired.policy.get(id).unwrap_or(&empty);
+            if applied.policy.get(id).unwrap_or(&empty) != want {
+                policy.insert(*id, want.clone());
+            }
+        }
+        Changes {
+            policy,
+            classes: differences(&applied.classes, &desired.classes),
+            ipcache: differences(&applied.ipcache, &desired.ipcache),
+            endpoints: differences(&applied.endpoints, &desired.endpoints),
+        }
+    }
+}
+
+/// Per key where `have` and `want` differ: what `want` holds.
+pub fn differences<K: Ord + Copy, V: PartialEq + Copy>(
+    have: &BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+) -> BTreeMap<K, Option<V>> {
+    let mut out: BTreeMap<K, Option<V>> = want
+        .iter()
+        .filter(|(k, v)| have.get(k) != Some(v))
+        .map(|(k, v)| (*k, Some(*v)))
+        .collect();
+    out.extend(
+        have.keys()
+            .filter(|k| !want.contains_key(k))
+            .map(|k| (*k, None)),
+    );
+    out
+}
+
 /// Moves the maps from `applied` to `desired`, keeping `applied` equal to the maps after
 /// every write (also when one fails). Returns the number of map writes.
 pub fn apply(
@@ -54,9 +104,21 @@ pub fn apply(
     applied: &mut MapState,
     desired: &MapState,
 ) -> Result<usize, redirect_bpf::Error> {
+    let changes = Changes::between(applied, desired);
+    apply_changes(dp, applied, &changes)
+}
+
+/// Writes `changes` to the maps in the order of the module documentation, keeping
+/// `applied` equal to the maps after every write (also when one fails). Returns the
+/// number of map writes.
+pub fn apply_changes(
+    dp: &mut impl Datapath,
+    applied: &mut MapState,
+    changes: &Changes,
+) -> Result<usize, redirect_bpf::Error> {
     let mut writes = 0;
     // 1. new and changed policy entries
-    for (id, entries) in &desired.policy {
+    for (id, entries) in &changes.policy {
         let have = applied.policy.get(id);
         let changed: Vec<PolicyEntry> = entries
             .iter()
@@ -74,7 +136,7 @@ pub fn apply(
         slot.extend(changed);
     }
     // 2. identities into their classes
-    for (identity, class) in &desired.classes {
+    for (identity, class) in set(&changes.classes) {
         if applied.classes.get(identity) != Some(class) {
             dp.set_peer_class(*identity, *class)?;
             applied.classes.insert(*identity, *class);
@@ -82,7 +144,7 @@ pub fn apply(
         }
     }
     // 3. ipcache
-    for (net, id) in &desired.ipcache {
+    for (net, id) in set(&changes.ipcache) {
         if applied.ipcache.get(net) != Some(id) {
             dp.set_ipcache(*net, *id)?;
             applied.ipcache.insert(*net, *id);
@@ -90,7 +152,7 @@ pub fn apply(
         }
     }
     // 4. endpoints
-    for (ip, info) in &desired.endpoints {
+    for (ip, info) in set(&changes.endpoints) {
         if applied.endpoints.get(ip) != Some(info) {
             dp.set_endpoint(*ip, *info)?;
             applied.endpoints.insert(*ip, *info);
@@ -98,27 +160,21 @@ pub fn apply(
         }
     }
     // 5. identities that left (their classes' entries go next)
-    let gone: Vec<u32> = applied
-        .classes
-        .keys()
-        .filter(|i| !desired.classes.contains_key(i))
-        .copied()
-        .collect();
-    for identity in gone {
-        dp.remove_peer_class(identity)?;
-        applied.classes.remove(&identity);
-        writes += 1;
+    for identity in unset(&changes.classes) {
+        if applied.classes.contains_key(identity) {
+            dp.remove_peer_class(*identity)?;
+            applied.classes.remove(identity);
+            writes += 1;
+        }
     }
     // 6. policy entries that are gone
-    let ids: Vec<u32> = applied.policy.keys().copied().collect();
-    for id in ids {
-        let keep: BTreeSet<PolicyEntryKey> = desired
+    for (id, entries) in &changes.policy {
+        let keep: BTreeSet<PolicyEntryKey> = entries.iter().map(PolicyEntry::key).collect();
+        let gone: Vec<PolicyEntry> = applied
             .policy
-            .get(&id)
-            .map(|s| s.iter().map(PolicyEntry::key).collect())
-            .unwrap_or_default();
-        let gone: Vec<PolicyEntry> = applied.policy[&id]
-            .iter()
+            .get(id)
+            .into_iter()
+            .flatten()
             .filter(|e| !keep.contains(&e.key()))
             .copied()
             .collect();
@@ -127,36 +183,134 @@ pub fn apply(
         }
         dp.remove_policy(&gone)?;
         writes += gone.len();
-        if let Some(slot) = applied.policy.get_mut(&id) {
+        if let Some(slot) = applied.policy.get_mut(id) {
             slot.retain(|e| keep.contains(&e.key()));
             if slot.is_empty() {
-                applied.policy.remove(&id);
+                applied.policy.remove(id);
             }
         }
     }
     // 7. endpoints that left
-    let gone: Vec<IpAddr> = applied
-        .endpoints
-        .keys()
-        .filter(|ip| !desired.endpoints.contains_key(ip))
-        .copied()
-        .collect();
-    for ip in gone {
-        dp.remove_endpoint(ip)?;
-        applied.endpoints.remove(&ip);
-        writes += 1;
+    for ip in unset(&changes.endpoints) {
+        if applied.endpoints.contains_key(ip) {
+            dp.remove_endpoint(*ip)?;
+            applied.endpoints.remove(ip);
+            writes += 1;
+        }
     }
     // 8. prefixes that left
-    let gone: Vec<IpNet> = applied
-        .ipcache
-        .keys()
-        .filter(|n| !desired.ipcache.contains_key(n))
-        .copied()
-        .collect();
-    for net in gone {
-        dp.remove_ipcache(net)?;
-        applied.ipcache.remove(&net);
-        writes += 1;
+    for net in unset(&changes.ipcache) {
+        if applied.ipcache.contains_key(net) {
+            dp.remove_ipcache(*net)?;
+            applied.ipcache.remove(net);
+            writes += 1;
+        }
     }
     Ok(writes)
+}
+
+/// The keys `changes` gives a value, with it.
+fn set<K, V>(changes: &BTreeMap<K, Option<V>>) -> impl Iterator<Item = (&K, &V)> {
+    changes.iter().filter_map(|(k, v)| Some((k, v.as_ref()?)))
+}
+
+/// The keys `changes` empties.
+fn unset<K, V>(changes: &BTreeMap<K, Option<V>>) -> impl Iterator<Item = &K> {
+    changes.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| k)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::datapath::fake::FakeDatapath;
+
+    fn entry(endpoint_id: u32, peer: u32, port: u16, action: u8) -> PolicyEntry {
+        PolicyEntry {
+            endpoint_id,
+            peer,
+            direction: 0,
+            protocol: 6,
+            port,
+            port_prefix_len: 16,
+            action,
+            proxy_port: 0,
+            cookie: 0,
+        }
+    }
+
+    fn state(ips: &[(&str, u32)], classes: &[(u32, u32)], policy: &[PolicyEntry]) -> MapState {
+        let mut s = MapState::default();
+        for (net, id) in ips {
+            s.ipcache.insert(net.parse().unwrap(), *id);
+        }
+        s.classes.extend(classes.iter().copied());
+        for e in policy {
+            s.policy.entry(e.endpoint_id).or_default().insert(*e);
+        }
+        s
+    }
+
+    /// Writes `s` to a fresh fake datapath; returns it with what it holds.
+    fn written(s: &MapState) -> (FakeDatapath, MapState) {
+        let mut dp = FakeDatapath::new();
+        let mut applied = MapState::default();
+        apply(&mut dp, &mut applied, s).unwrap();
+        dp.take_journal();
+        (dp, applied)
+    }
+
+    #[test]
+    fn the_changes_between_two_states_take_the_maps_from_one_to_the_other() {
+        let before = state(
+            &[("10.0.0.1/32", 100), ("10.0.0.2/32", 101)],
+            &[(100, 1), (101, 2)],
+            &[entry(7, 1, 80, 1), entry(7, 2, 443, 1), entry(8, 1, 53, 1)],
+        );
+        let after = state(
+            &[("10.0.0.1/32", 102), ("10.0.0.3/32", 100)],
+            &[(100, 1), (102, 2)],
+            &[entry(7, 1, 80, 0), entry(9, 2, 8080, 1)],
+        );
+        let (mut dp, mut applied) = written(&before);
+        let changes = Changes::between(&applied, &after);
+        assert!(
+            !changes.classes.contains_key(&100),
+            "unchanged keys are left out"
+        );
+        apply_changes(&mut dp, &mut applied, &changes).unwrap();
+        assert_eq!(applied, after);
+        assert_eq!(MapState::read(&dp).unwrap(), after);
+        assert_eq!(Changes::between(&applied, &after), Changes::default());
+    }
+
+    #[test]
+    fn changes_touch_only_the_keys_they_name() {
+        let before = state(
+            &[("10.0.0.1/32", 100), ("10.0.0.2/32", 101)],
+            &[(100, 1), (101, 1)],
+            &[entry(7, 1, 80, 1), entry(8, 1, 53, 1)],
+        );
+        let (mut dp, mut applied) = written(&before);
+        let mut changes = Changes::default();
+        changes.ipcache.insert("10.0.0.2/32".parse().unwrap(), None);
+        changes
+            .ipcache
+            .insert("10.0.0.9/32".parse().unwrap(), Some(103));
+        changes.classes.insert(101, None);
+        changes.classes.insert(103, Some(1));
+        changes
+            .policy
+            .insert(8, BTreeSet::from([entry(8, 1, 5353, 1)]));
+        let writes = apply_changes(&mut dp, &mut applied, &changes).unwrap();
+        assert_eq!(writes, 6, "{:#?}", dp.take_journal());
+        let want = state(
+            &[("10.0.0.1/32", 100), ("10.0.0.9/32", 103)],
+            &[(100, 1), (103, 1)],
+            &[entry(7, 1, 80, 1), entry(8, 1, 5353, 1)],
+        );
+        assert_eq!(applied, want);
+        assert_eq!(MapState::read(&dp).unwrap(), want);
+    }
 }

@@ -33,12 +33,13 @@ pub mod revoke;
 mod tests;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use policy_model::Model;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::datapath::{Datapath, Shared};
@@ -179,11 +180,14 @@ pub fn spawn<D: Datapath, P: Proxies, R: Discovery>(
     let counters =
         DropCounters::new(dp, metrics, published.clone(), drops_tx).every(wiring.timing.counters);
     let events = EventReader::new(wiring.drop_events, wiring.audit, published.clone());
+    // The tasks that write the maps make a system call per key and wait on the
+    // datapath's lock: each runs on a thread of its own, so that a long map walk never
+    // holds one of the runtime's workers (the admin endpoint, the proxies).
     let tasks = vec![
-        tokio::spawn(publisher.run(inputs)),
-        tokio::spawn(attacher.run()),
-        tokio::spawn(conntrack.run()),
-        tokio::spawn(counters.run()),
+        on_own_thread("ward-publisher", publisher.run(inputs)),
+        on_own_thread("ward-attacher", attacher.run()),
+        on_own_thread("ward-conntrack", conntrack.run()),
+        on_own_thread("ward-counters", counters.run()),
         tokio::spawn(events.run()),
     ];
     Handles {
@@ -194,4 +198,45 @@ pub fn spawn<D: Datapath, P: Proxies, R: Discovery>(
         attachments,
         tasks,
     }
+}
+
+/// Runs `task` on a thread of its own (a single-threaded runtime) and returns a handle on
+/// the current runtime that ends with it; aborting or dropping the handle's task stops it.
+/// A thread that cannot be started runs the task on the current runtime instead.
+fn on_own_thread<F>(name: &str, task: F) -> JoinHandle<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (done, finished) = oneshot::channel::<()>();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(task = name, error = %e, "no runtime of its own; sharing the main one");
+            return tokio::spawn(task);
+        }
+    };
+    let body = async move {
+        tokio::select! {
+            () = task => {}
+            _ = stopped => {}
+        }
+    };
+    let thread = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            runtime.block_on(body);
+            let _ = done.send(());
+        });
+    if let Err(e) = thread {
+        tracing::error!(task = name, error = %e, "cannot start the task's thread");
+    }
+    tokio::spawn(async move {
+        // Held until the thread is done: dropping it (abort) stops the task.
+        let _stop = stop;
+        let _ = finished.await;
+    })
 }

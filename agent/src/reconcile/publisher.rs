@@ -28,7 +28,7 @@ use super::dns::Request;
 use super::endpoints::{EndpointIds, EndpointStatus};
 use super::fqdn::{Learned, Observations};
 use super::identities::StableIds;
-use super::maps::{apply, MapState};
+use super::maps::{self, apply, apply_changes, Changes, MapState};
 use super::rebuild::{self, Pending, Plan};
 use super::{Attachments, LocalPods, Published};
 use crate::datapath::{Datapath, Shared};
@@ -464,24 +464,26 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
         if self.identities.apply_new(&mut model, &added) {
             self.save_identities();
         }
-        let mut desired = self.applied.clone();
+        let mut changes = Changes::default();
         for ip in &ips {
-            let net = ipnet::IpNet::from(*ip);
-            match model.ipcache_entry(*ip, Some(&self.node)) {
-                Some(id) => desired.ipcache.insert(net, id),
-                None => desired.ipcache.remove(&net),
-            };
+            let id = model.ipcache_entry(*ip, Some(&self.node));
+            changes.ipcache.insert(ipnet::IpNet::from(*ip), id);
         }
         let classes = self.learned_classes(&model, &added);
-        let same_classes =
-            classes.numbers() == desired.classes.values().copied().collect::<BTreeSet<u32>>();
-        desired.classes = classes.assignments().clone();
+        let same_classes = classes.numbers()
+            == self
+                .applied
+                .classes
+                .values()
+                .copied()
+                .collect::<BTreeSet<u32>>();
         if !same_classes {
             // A class came or went: every endpoint's entries name the classes.
             let (all, _) = self.desired(&model);
             let result = apply(&mut *self.dp.lock(), &mut self.applied, &all);
             return self.publish(model, start, None, false, result);
         }
+        changes.classes = maps::differences(&self.applied.classes, classes.assignments());
         for key in endpoints {
             let Some(ep) = model.endpoint(key) else {
                 continue;
@@ -501,13 +503,9 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
                 continue;
             };
             let e = endpoint_entries(&model, ep, id, self.ports, &classes);
-            if e.entries.is_empty() {
-                desired.policy.remove(&id);
-            } else {
-                desired.policy.insert(id, e.entries.into_iter().collect());
-            }
+            changes.policy.insert(id, e.entries.into_iter().collect());
         }
-        let result = apply(&mut *self.dp.lock(), &mut self.applied, &desired);
+        let result = apply_changes(&mut *self.dp.lock(), &mut self.applied, &changes);
         self.publish(model, start, None, false, result)
     }
 

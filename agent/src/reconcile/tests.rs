@@ -464,6 +464,9 @@ async fn established_flows_a_change_denies_are_revoked_after_the_write() {
     let node = Node::start(&dp, state.path(), FakeRoutes::of_the_pods());
     node.send(snapshot(&[&server_policy(&[8080, 8081])])).await;
     node.ready().await;
+    // the first model's revocation walk (the conntrack task runs on its own thread) is
+    // done before the flows are there
+    until("the first revocation walk", || dp.lock().revocations == 1).await;
     let proxied = flow(8080, 6, ct_flags::PROXIED);
     dp.lock().conntrack = vec![
         flow(8080, 6, 0),
