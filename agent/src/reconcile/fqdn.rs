@@ -2,15 +2,17 @@
 //! DNS lane (`super::dns`); the policy publisher keeps them as `DnsObservation`s merged
 //! into the cluster it compiles, pushes, and only then confirms, so an answer reaches the
 //! pod after its IPs are enforced. The observations are saved in the state directory
-//! after every round of changes, so a restarted agent enforces what it learned before its
-//! first push.
+//! after every round of changes (the round's names appended to a journal, `journal`), so
+//! a restarted agent enforces what it learned before its first push.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use dns_proxy::Update;
 use policy_model::cluster::DnsObservation;
+
+use super::journal::Journaled;
 
 /// endpoint (`ns/pod`) -> name -> IPs. Persistent maps (`imbl`): every model the
 /// publisher hands out carries a copy to the status, which then costs nothing.
@@ -20,8 +22,13 @@ pub type Learned = imbl::OrdMap<String, imbl::OrdMap<String, BTreeSet<IpAddr>>>;
 #[derive(Debug, Default)]
 pub struct Observations {
     pub learned: Learned,
-    file: Option<PathBuf>,
+    file: Option<Journaled>,
+    /// (endpoint, name) changed since the last save.
+    dirty: BTreeSet<(String, String)>,
 }
+
+/// One saved round: each (endpoint, name) changed, with all its IPs (none: forgotten).
+type Round = Vec<(String, String, BTreeSet<IpAddr>)>;
 
 const FILE: &str = "fqdn-observations.json";
 
@@ -29,11 +36,12 @@ impl Observations {
     /// Loads `<dir>/fqdn-observations.json` (absent: nothing learned) and merges the
     /// DNS proxy's persisted cache, which may know names this file missed.
     pub fn load(dir: &Path, dns_state: &Path) -> Observations {
-        let file = dir.join(FILE);
-        let mut learned: Learned = std::fs::read(&file)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let mut file = Journaled::new(dir, FILE);
+        let (snapshot, rounds) = file.load::<Learned, Round>();
+        let mut learned = snapshot.unwrap_or_default();
+        for (endpoint, name, ips) in rounds.into_iter().flatten() {
+            set(&mut learned, endpoint, name, ips);
+        }
         if let Ok(entries) = dns_proxy::persist::load(dns_state) {
             for (endpoint, names) in entries {
                 for (name, e) in names {
@@ -49,6 +57,7 @@ impl Observations {
         Observations {
             learned,
             file: Some(file),
+            dirty: BTreeSet::new(),
         }
     }
 
@@ -82,7 +91,11 @@ impl Observations {
         if names.is_empty() {
             self.learned.remove(&u.endpoint);
         }
-        before != after
+        let changed = before != after;
+        if changed {
+            self.dirty.insert((u.endpoint.clone(), u.name.clone()));
+        }
+        changed
     }
 
     /// The observations for the compiler.
@@ -103,18 +116,46 @@ impl Observations {
         self.learned.values().map(imbl::OrdMap::len).sum()
     }
 
-    /// Writes the file (atomically: temporary file, then rename).
-    pub fn save(&self) -> std::io::Result<()> {
-        let Some(file) = &self.file else {
+    /// Saves what changed since the last save: appended to the journal, or the whole
+    /// (temporary file, then rename) when the journal has outgrown it.
+    pub fn save(&mut self) -> std::io::Result<()> {
+        let Some(file) = &mut self.file else {
             return Ok(());
         };
-        if let Some(dir) = file.parent() {
-            std::fs::create_dir_all(dir)?;
+        if self.dirty.is_empty() {
+            return Ok(());
         }
-        let tmp = file.with_extension("json.tmp");
-        let body = serde_json::to_vec(&self.learned).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, body)?;
-        std::fs::rename(&tmp, file)
+        let round: Round = self
+            .dirty
+            .iter()
+            .map(|(endpoint, name)| {
+                let ips = self
+                    .learned
+                    .get(endpoint)
+                    .and_then(|n| n.get(name))
+                    .cloned()
+                    .unwrap_or_default();
+                (endpoint.clone(), name.clone(), ips)
+            })
+            .collect();
+        let learned = &self.learned;
+        file.append(&round, || learned)?;
+        self.dirty.clear();
+        Ok(())
+    }
+}
+
+/// Sets the IPs of `name` for `endpoint` (none: forgets the name).
+fn set(learned: &mut Learned, endpoint: String, name: String, ips: BTreeSet<IpAddr>) {
+    if ips.is_empty() {
+        if let Some(names) = learned.get_mut(&endpoint) {
+            names.remove(&name);
+            if names.is_empty() {
+                learned.remove(&endpoint);
+            }
+        }
+    } else {
+        learned.entry(endpoint).or_default().insert(name, ips);
     }
 }
 
@@ -148,5 +189,64 @@ mod tests {
         assert!(o.apply(&u));
         assert!(o.learned.is_empty());
         assert!(o.to_cluster().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod saved {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use dns_proxy::SelectorIps;
+
+    fn update(endpoint: &str, name: &str, add: &[String], remove: &[String]) -> Update {
+        let sel = |ips: &[String]| SelectorIps {
+            selector: name.into(),
+            label: format!("fqdn:{name}"),
+            ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+        };
+        Update {
+            endpoint: endpoint.into(),
+            name: name.into(),
+            add: vec![sel(add)],
+            remove: vec![sel(remove)],
+        }
+    }
+
+    #[test]
+    fn a_reload_finds_every_saved_round_through_snapshots_and_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let dns_state = dir.path().join("no-dns-cache");
+        let mut o = Observations::load(dir.path(), &dns_state);
+        for i in 0..8_000u32 {
+            let ip = |k: u32| format!("10.{}.{}.{}", k / 65536 % 256, k / 256 % 256, k % 256);
+            let endpoint = format!("ns/pod-{}", i % 7);
+            let name = format!("n{}.example.", i % 50);
+            // each name keeps its two latest IPs; every tenth round forgets a name
+            let u = if i % 10 == 9 {
+                let gone: Vec<String> = o
+                    .learned
+                    .get(&endpoint)
+                    .and_then(|n| n.get(&name))
+                    .map(|s| s.iter().map(ToString::to_string).collect())
+                    .unwrap_or_default();
+                update(&endpoint, &name, &[], &gone)
+            } else {
+                update(&endpoint, &name, &[ip(i)], &[ip(i.saturating_sub(14))])
+            };
+            o.apply(&u);
+            o.save().unwrap();
+            if i % 500 == 0 {
+                assert_eq!(
+                    Observations::load(dir.path(), &dns_state).learned,
+                    o.learned
+                );
+            }
+        }
+        assert!(o.names() > 0);
+        assert_eq!(
+            Observations::load(dir.path(), &dns_state).learned,
+            o.learned
+        );
     }
 }

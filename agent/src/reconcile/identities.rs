@@ -5,14 +5,16 @@
 //! two map writes give one peer another's number. The agent therefore keeps its own
 //! table, label set -> number, renumbers each compiled model with it (numbers are only
 //! read through `Identities::get(..).id`), and saves it in the state directory so a
-//! restarted agent reuses the same numbers.
+//! restarted agent reuses the same numbers (a learning step's new numbers appended to a
+//! journal, `journal`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 
 use policy_model::identity::{reserved, Idx, NumericId};
 use policy_model::Model;
 use serde::{Deserialize, Serialize};
+
+use super::journal::Journaled;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct StableIds {
@@ -21,19 +23,42 @@ pub struct StableIds {
     next_cluster: NumericId,
     next_local: NumericId,
     #[serde(skip)]
-    file: Option<PathBuf>,
+    file: Option<Journaled>,
+    /// Label sets numbered or forgotten since the last save.
+    #[serde(skip)]
+    dirty: BTreeSet<String>,
+    /// A full renumbering since the last save: the next one writes the whole table.
+    #[serde(skip)]
+    renumbered: bool,
 }
 
 const FILE: &str = "identities.json";
 
+/// One saved round: the label sets numbered (Some) or forgotten (None), and the next
+/// numbers after it.
+#[derive(Serialize, Deserialize)]
+struct Round {
+    ids: Vec<(String, Option<NumericId>)>,
+    next_cluster: NumericId,
+    next_local: NumericId,
+}
+
 impl StableIds {
     /// Loads `<dir>/identities.json`; absent or unreadable: an empty table.
     pub fn load(dir: &std::path::Path) -> StableIds {
-        let file = dir.join(FILE);
-        let mut ids: StableIds = std::fs::read(&file)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let mut file = Journaled::new(dir, FILE);
+        let (snapshot, rounds) = file.load::<StableIds, Round>();
+        let mut ids = snapshot.unwrap_or_default();
+        for r in rounds {
+            for (labels, id) in r.ids {
+                match id {
+                    Some(id) => ids.by_labels.insert(labels, id),
+                    None => ids.by_labels.remove(&labels),
+                };
+            }
+            ids.next_cluster = ids.next_cluster.max(r.next_cluster);
+            ids.next_local = ids.next_local.max(r.next_local);
+        }
         ids.file = Some(file);
         ids
     }
@@ -75,6 +100,7 @@ impl StableIds {
         let before = self.by_labels.len();
         self.by_labels.retain(|k, _| seen.contains(k));
         changed |= self.by_labels.len() != before;
+        self.renumbered |= changed;
         changed
     }
 
@@ -104,6 +130,7 @@ impl StableIds {
                     };
                     let id = *next;
                     *next += 1;
+                    self.dirty.insert(key.clone());
                     self.by_labels.insert(key, id);
                     changed = true;
                     id
@@ -122,23 +149,44 @@ impl StableIds {
         for &i in retired {
             if (i as usize) < model.identities.len() && !model.identities.is_live(i) {
                 let key = model.identities.get(i).labels.to_string();
-                changed |= self.by_labels.remove(&key).is_some();
+                if self.by_labels.remove(&key).is_some() {
+                    self.dirty.insert(key);
+                    changed = true;
+                }
             }
         }
         changed
     }
 
-    /// Writes the table (temporary file, then rename).
-    pub fn save(&self) -> std::io::Result<()> {
-        let Some(file) = &self.file else {
+    /// Saves what changed since the last save: the label sets numbered or forgotten
+    /// appended to the journal, or the whole table (temporary file, then rename) after a
+    /// full renumbering or when the journal has outgrown it.
+    pub fn save(&mut self) -> std::io::Result<()> {
+        let Some(mut file) = self.file.take() else {
             return Ok(());
         };
-        let tmp = file.with_extension("json.tmp");
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec(self).map_err(std::io::Error::other)?,
-        )?;
-        std::fs::rename(&tmp, file)
+        let result = if self.renumbered {
+            file.write_snapshot(&*self)
+        } else if self.dirty.is_empty() {
+            Ok(())
+        } else {
+            let round = Round {
+                ids: self
+                    .dirty
+                    .iter()
+                    .map(|k| (k.clone(), self.by_labels.get(k).copied()))
+                    .collect(),
+                next_cluster: self.next_cluster,
+                next_local: self.next_local,
+            };
+            file.append(&round, || &*self)
+        };
+        self.file = Some(file);
+        if result.is_ok() {
+            self.dirty.clear();
+            self.renumbered = false;
+        }
+        result
     }
 }
 
@@ -215,5 +263,40 @@ mod tests {
         assert!(ids.apply_new(&mut m, &change.new_identities));
         assert_ne!(id_of(&m, "a/x"), x);
         assert_eq!(id_of(&m, "a/y"), y);
+    }
+
+    #[test]
+    fn a_reload_finds_the_numbers_of_every_save_full_or_journaled() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ids = StableIds::load(dir.path());
+        let mut m = model(&[("x", "x"), ("y", "y")]);
+        ids.apply(&mut m);
+        ids.save().unwrap();
+        let y = id_of(&m, "a/y");
+        // x leaves, z comes: a forgotten and a new label set, journaled
+        let retired_x = m.pod_endpoint("a/x").unwrap().identity;
+        let mut c = (*m.cluster).clone();
+        c.pods.retain(|p| p.name != "x");
+        c.pods.push(
+            serde_yaml::from_str("{namespace: a, name: z, ip: 10.0.0.9, labels: {app: z}}")
+                .unwrap(),
+        );
+        let change = m.apply_cluster(&c).unwrap();
+        assert!(ids.forget(&m, &[retired_x]));
+        assert!(ids.apply_new(&mut m, &change.new_identities));
+        ids.save().unwrap();
+        assert!(dir.path().join("identities.json.journal").exists());
+        let z = id_of(&m, "a/z");
+        let back = StableIds::load(dir.path());
+        assert_eq!(back.by_labels, ids.by_labels);
+        assert_eq!(
+            (back.next_cluster, back.next_local),
+            (ids.next_cluster, ids.next_local)
+        );
+        // the reloaded table numbers a fresh compile as before
+        let mut again = StableIds::load(dir.path());
+        let mut m2 = model(&[("y", "y"), ("z", "z")]);
+        assert!(!again.apply(&mut m2));
+        assert_eq!((id_of(&m2, "a/y"), id_of(&m2, "a/z")), (y, z));
     }
 }

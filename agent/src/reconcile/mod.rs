@@ -24,6 +24,7 @@ pub mod drops;
 pub mod endpoints;
 pub mod fqdn;
 pub mod identities;
+pub mod journal;
 pub mod maps;
 pub mod publisher;
 pub mod rebuild;

@@ -321,7 +321,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
 
     /// Writes the FQDN observations once for a round of hand-offs, before they are
     /// confirmed: the file holds everything learned, so one write covers them all.
-    fn save_fqdn(&self, work: &mut Work) {
+    fn save_fqdn(&mut self, work: &mut Work) {
         if std::mem::take(&mut work.save_fqdn) {
             if let Err(e) = self.fqdn.save() {
                 tracing::warn!(error = %e, "cannot save the FQDN observations");
@@ -613,7 +613,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
         outcome
     }
 
-    fn save_identities(&self) {
+    fn save_identities(&mut self) {
         if let Err(e) = self.identities.save() {
             tracing::warn!(error = %e, "cannot save the identity table");
         }
