@@ -519,15 +519,7 @@ impl Datapath {
     /// is an LRU as well, so this keeps it accurate rather than merely bounded.
     pub fn expire_conntrack(&mut self, idle: Duration, closing: Duration) -> Result<usize, Error> {
         let now = monotonic_ns()?;
-        self.remove_conntrack(|f| {
-            let age = now.saturating_sub(f.last_seen_ns);
-            let limit = if f.flags & ct_flags::CLOSING != 0 {
-                closing
-            } else {
-                idle
-            };
-            u128::from(age) > limit.as_nanos()
-        })
+        self.remove_conntrack(expired(now, idle, closing))
     }
 
     /// Removes the conntrack entries of the flows `revoke` says policy no longer allows,
@@ -542,42 +534,11 @@ impl Datapath {
         self.remove_conntrack(revoke)
     }
 
-    /// Removes the entries of both families that `doomed` picks; returns how many were
-    /// removed (an entry gone meanwhile, by LRU eviction or a concurrent run, is fine).
     fn remove_conntrack(
         &mut self,
-        mut doomed: impl FnMut(&ConntrackFlow) -> bool,
+        doomed: impl FnMut(&ConntrackFlow) -> bool,
     ) -> Result<usize, Error> {
-        let v4: Vec<CtKeyV4> = self
-            .conntrack_v4
-            .iter()
-            .flatten()
-            .filter(|(k, v)| {
-                doomed(&ConntrackFlow::new(
-                    k.saddr, k.daddr, k.dport, k.protocol, v,
-                ))
-            })
-            .map(|(k, _)| k)
-            .collect();
-        let v6: Vec<CtKeyV6> = self
-            .conntrack_v6
-            .iter()
-            .flatten()
-            .filter(|(k, v)| {
-                doomed(&ConntrackFlow::new(
-                    k.saddr, k.daddr, k.dport, k.protocol, v,
-                ))
-            })
-            .map(|(k, _)| k)
-            .collect();
-        let removed = v4
-            .iter()
-            .filter(|k| self.conntrack_v4.remove(k).is_ok())
-            .count()
-            + v6.iter()
-                .filter(|k| self.conntrack_v6.remove(k).is_ok())
-                .count();
-        Ok(removed)
+        remove_flows(&mut self.conntrack_v4, &mut self.conntrack_v6, doomed)
     }
 
     /// Whether `ip` is an endpoint of a live conntrack entry (either side).
@@ -626,6 +587,17 @@ pub struct ConntrackView {
 }
 
 impl ConntrackView {
+    /// [`Datapath::expire_conntrack`] on this handle.
+    pub fn expire(&mut self, idle: Duration, closing: Duration) -> Result<usize, Error> {
+        let now = monotonic_ns()?;
+        remove_flows(&mut self.v4, &mut self.v6, expired(now, idle, closing))
+    }
+
+    /// [`Datapath::revoke_conntrack`] on this handle.
+    pub fn revoke(&mut self, revoke: impl FnMut(&ConntrackFlow) -> bool) -> Result<usize, Error> {
+        remove_flows(&mut self.v4, &mut self.v6, revoke)
+    }
+
     /// Every address on either side of a tracked flow: one pass over the maps (the
     /// datapath may add and remove flows meanwhile; a flow added during the pass may be
     /// missed, as it would be by a pass a moment earlier).
@@ -643,6 +615,51 @@ impl ConntrackView {
         }
         Ok(out)
     }
+}
+
+/// Whether a flow is idle past its limit at `now` (`Datapath::expire_conntrack`).
+fn expired(now: u64, idle: Duration, closing: Duration) -> impl FnMut(&ConntrackFlow) -> bool {
+    move |f| {
+        let age = now.saturating_sub(f.last_seen_ns);
+        let limit = if f.flags & ct_flags::CLOSING != 0 {
+            closing
+        } else {
+            idle
+        };
+        u128::from(age) > limit.as_nanos()
+    }
+}
+
+/// Removes the entries of both families that `doomed` picks; returns how many were
+/// removed (an entry gone meanwhile, by LRU eviction or a concurrent run, is fine).
+fn remove_flows(
+    v4: &mut HashMap<MapData, CtKeyV4, CtValue>,
+    v6: &mut HashMap<MapData, CtKeyV6, CtValue>,
+    mut doomed: impl FnMut(&ConntrackFlow) -> bool,
+) -> Result<usize, Error> {
+    let gone4: Vec<CtKeyV4> = v4
+        .iter()
+        .flatten()
+        .filter(|(k, v)| {
+            doomed(&ConntrackFlow::new(
+                k.saddr, k.daddr, k.dport, k.protocol, v,
+            ))
+        })
+        .map(|(k, _)| k)
+        .collect();
+    let gone6: Vec<CtKeyV6> = v6
+        .iter()
+        .flatten()
+        .filter(|(k, v)| {
+            doomed(&ConntrackFlow::new(
+                k.saddr, k.daddr, k.dport, k.protocol, v,
+            ))
+        })
+        .map(|(k, _)| k)
+        .collect();
+    let removed = gone4.iter().filter(|k| v4.remove(k).is_ok()).count()
+        + gone6.iter().filter(|k| v6.remove(k).is_ok()).count();
+    Ok(removed)
 }
 
 /// A conntrack entry as policy sees it: the flow in the direction that opened it.

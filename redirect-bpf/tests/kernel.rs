@@ -453,22 +453,29 @@ fn replies_pass_and_reverse_flow_is_denied() {
     assert!(dp.in_live_connection(IpAddr::V4(b.ip)));
     // The view of the conntrack maps the DNS proxy's expiry reads apart from the
     // datapath sees the same flows.
-    let view = dp.conntrack_view().expect("conntrack view");
+    let mut view = dp.conntrack_view().expect("conntrack view");
     let live = view.live_ips().expect("live IPs");
     assert!(
         live.contains(&IpAddr::V4(a.ip)) && live.contains(&IpAddr::V4(b.ip)),
         "{live:?}"
     );
-    // Idle expiry keeps a live flow; once closed (FIN seen both ways), it goes.
+    // Idle expiry keeps a live flow; once closed (FIN seen both ways), it goes. The
+    // agent's conntrack task prunes through the view, apart from the datapath.
     let long = Duration::from_secs(3600);
     dp.expire_conntrack(long, long).expect("expire");
+    assert_eq!(view.expire(long, long).expect("expire"), 0);
+    assert_eq!(
+        view.revoke(|f| f.protocol == 17).expect("revoke"),
+        0,
+        "no UDP flow"
+    );
     assert!(dp.in_live_connection(IpAddr::V4(b.ip)));
     s.shutdown(std::net::Shutdown::Write).expect("shutdown");
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).expect("the server closes too");
     drop(s);
     eventually("the closed flow expires", || {
-        dp.expire_conntrack(long, Duration::ZERO).expect("expire");
+        view.expire(long, Duration::ZERO).expect("expire");
         !dp.in_live_connection(IpAddr::V4(b.ip))
     });
     assert!(

@@ -567,6 +567,11 @@ pub async fn run(
             wakeups: Some(attacher::net_wakeups(net_changes)),
             uplinks: s.uplinks.clone(),
             drop_events: Box::new(drop_events),
+            conntrack: Box::new(
+                dp.lock()
+                    .conntrack_view()
+                    .map_err(dp_error("opening the conntrack maps"))?,
+            ),
             audit: audit_log.clone(),
             timing: Timing {
                 endpoint_recheck: s.endpoint_recheck,

@@ -1,7 +1,9 @@
 //! The conntrack task: sweeps idle and closed flows out of conntrack, and after each
 //! published policy change revokes the established flows the new policy denies (their
 //! next packet is decided again, and dropped). It follows the published model, so a
-//! revocation always comes after the datapath enforces the policy that denies.
+//! revocation always comes after the datapath enforces the policy that denies. It walks
+//! the maps on a handle of their own ([`ConntrackMaps`]): a pass over 200,000 flows never
+//! holds the datapath's lock, under which the publisher writes learned DNS answers.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -12,6 +14,8 @@ use tokio::sync::watch;
 use super::publisher::local_pods;
 use super::revoke::Enforced;
 use super::Published;
+use redirect_bpf::{ConntrackFlow, ConntrackView, Error};
+
 use crate::datapath::{Datapath, Shared};
 use crate::telemetry::metrics::AgentMetrics;
 
@@ -35,9 +39,40 @@ impl Default for Sweep {
     }
 }
 
+/// The conntrack maps as the conntrack task walks and prunes them.
+pub trait ConntrackMaps: Send + 'static {
+    /// Removes the flows idle past their limit; returns how many.
+    fn expire(&mut self, idle: Duration, closing: Duration) -> Result<usize, Error>;
+    /// Removes the flows `revoke` picks; returns how many.
+    fn revoke(&mut self, revoke: &mut dyn FnMut(&ConntrackFlow) -> bool) -> Result<usize, Error>;
+}
+
+/// The kernel's maps, opened apart from the datapath (`Datapath::conntrack_view`).
+impl ConntrackMaps for ConntrackView {
+    fn expire(&mut self, idle: Duration, closing: Duration) -> Result<usize, Error> {
+        ConntrackView::expire(self, idle, closing)
+    }
+
+    fn revoke(&mut self, revoke: &mut dyn FnMut(&ConntrackFlow) -> bool) -> Result<usize, Error> {
+        ConntrackView::revoke(self, revoke)
+    }
+}
+
+/// Through the datapath, taking its lock for each pass (the tests' fake datapath, whose
+/// journal then orders the passes among the map writes).
+impl<D: Datapath> ConntrackMaps for Shared<D> {
+    fn expire(&mut self, idle: Duration, closing: Duration) -> Result<usize, Error> {
+        self.lock().expire_conntrack(idle, closing)
+    }
+
+    fn revoke(&mut self, revoke: &mut dyn FnMut(&ConntrackFlow) -> bool) -> Result<usize, Error> {
+        self.lock().revoke_conntrack(revoke)
+    }
+}
+
 /// The conntrack task's state.
-pub struct ConntrackTask<D> {
-    dp: Shared<D>,
+pub struct ConntrackTask {
+    maps: Box<dyn ConntrackMaps>,
     node: String,
     sweep: Sweep,
     metrics: AgentMetrics,
@@ -46,16 +81,16 @@ pub struct ConntrackTask<D> {
     revoked_at: u64,
 }
 
-impl<D: Datapath> ConntrackTask<D> {
+impl ConntrackTask {
     pub fn new(
-        dp: Shared<D>,
+        maps: Box<dyn ConntrackMaps>,
         node: String,
         sweep: Sweep,
         metrics: AgentMetrics,
         published: watch::Receiver<Option<Published>>,
-    ) -> ConntrackTask<D> {
+    ) -> ConntrackTask {
         ConntrackTask {
-            dp,
+            maps,
             node,
             sweep,
             metrics,
@@ -86,11 +121,8 @@ impl<D: Datapath> ConntrackTask<D> {
         }
     }
 
-    fn expire(&self) {
-        let swept = self
-            .dp
-            .lock()
-            .expire_conntrack(self.sweep.idle, self.sweep.closing);
+    fn expire(&mut self) {
+        let swept = self.maps.expire(self.sweep.idle, self.sweep.closing);
         match swept {
             Ok(0) => {}
             Ok(n) => tracing::debug!(flows = n, "conntrack swept"),
@@ -100,7 +132,7 @@ impl<D: Datapath> ConntrackTask<D> {
 
     /// Removes the conntrack entries of established flows that the published model
     /// denies on this node (`revoke`).
-    fn revoke_denied(&self, p: &Published) {
+    fn revoke_denied(&mut self, p: &Published) {
         let local: HashSet<IpAddr> = local_pods(&p.model.cluster, &self.node)
             .into_values()
             .flatten()
@@ -110,7 +142,7 @@ impl<D: Datapath> ConntrackTask<D> {
             node: &self.node,
             local: &local,
         };
-        let revoked = self.dp.lock().revoke_conntrack(&mut |f| enforced.denies(f));
+        let revoked = self.maps.revoke(&mut |f| enforced.denies(f));
         match revoked {
             Ok(0) => {}
             Ok(n) => {

@@ -47,7 +47,7 @@ use crate::datapath::{Datapath, Shared};
 use crate::source::Snapshot;
 use crate::telemetry::metrics::AgentMetrics;
 use attacher::{Attacher, Discovery, Wakeups};
-use conntrack::{ConntrackTask, Sweep};
+use conntrack::{ConntrackMaps, ConntrackTask, Sweep};
 use drops::{DropCounters, DropCounts, DropEventSource, EventReader};
 use publisher::{Inputs, Outputs, PolicyStatus, Proxies, Publisher, Start};
 
@@ -107,6 +107,8 @@ pub struct Wiring<R> {
     pub uplinks: Vec<String>,
     /// The drop event ring buffer, read by its own task into `audit`.
     pub drop_events: Box<dyn DropEventSource>,
+    /// The conntrack maps, swept and pruned by their own task.
+    pub conntrack: Box<dyn ConntrackMaps>,
     /// The audit stream (its writer also feeds the event stream).
     pub audit: audit::AuditLog,
     pub timing: Timing,
@@ -172,7 +174,7 @@ pub fn spawn<D: Datapath, P: Proxies, R: Discovery>(
     .recheck(wiring.timing.endpoint_recheck)
     .wakeups(wiring.wakeups);
     let conntrack = ConntrackTask::new(
-        dp.clone(),
+        wiring.conntrack,
         node,
         wiring.timing.sweep,
         metrics.clone(),

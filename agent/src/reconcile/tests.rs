@@ -195,6 +195,7 @@ impl Node {
                 wakeups,
                 uplinks: Vec::new(),
                 drop_events: Box::new(drop_events),
+                conntrack: Box::new(dp.clone()),
                 audit: crate::telemetry::audit::start(
                     64,
                     crate::telemetry::audit::AuditSink::None,
