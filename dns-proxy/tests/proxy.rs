@@ -868,6 +868,47 @@ async fn expired_ips_leave_unless_in_use() {
     );
 }
 
+/// A sweep that removes IPs of several names hands the removals to the datapath
+/// together: each is queued before the sweep waits for any, so a slow datapath costs a
+/// sweep one round, not one round a name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_hands_its_removals_over_together() {
+    let mut z = Zone::default();
+    z.a("one.app.test", 1, &["192.0.2.41"]);
+    z.a("two.app.test", 1, &["192.0.2.42"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    // both in use: they stay as zombies once expired, then leave in the same sweep
+    h.in_use
+        .ips
+        .lock()
+        .unwrap()
+        .extend([ip("192.0.2.41"), ip("192.0.2.42")]);
+    for name in ["one.app.test", "two.app.test"] {
+        query(h.addr, name, RecordType::A, false).await;
+    }
+    let end = Instant::now() + Duration::from_secs(5);
+    while !(h.proxy.cached_ips(ENDPOINT, "one.app.test").is_empty()
+        && h.proxy.cached_ips(ENDPOINT, "two.app.test").is_empty())
+    {
+        assert_eq!(h.proxy.collect().await, 0, "in use: nothing leaves");
+        assert!(Instant::now() < end, "the IPs never expired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = h.sink.applied().len();
+    h.sink.delay_next(Duration::from_millis(300));
+    h.sink.delay_next(Duration::from_millis(300));
+    h.in_use.ips.lock().unwrap().clear();
+    assert_eq!(h.proxy.collect().await, 2);
+    let removals = &h.sink.applied()[before..];
+    assert_eq!(removals.len(), 2, "one removal a name");
+    let first_done = removals[0].finished.expect("confirmed");
+    assert!(
+        removals[1].started < first_done,
+        "the second removal waited for the first to be confirmed"
+    );
+}
+
 /// An expiry sweep reads the live connections with no lock held: while that read takes
 /// long (a large conntrack map), queries are answered and their IPs learned; the sweep
 /// then removes what no connection uses.

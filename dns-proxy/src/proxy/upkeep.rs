@@ -60,6 +60,9 @@ impl Proxy {
                 .push(r.ip);
         }
         let model = self.inner.policy.current();
+        // Every removal is queued before any is waited for: the datapath takes them in
+        // its next rounds together, not one round a name.
+        let mut queued = Vec::with_capacity(grouped.len());
         for ((endpoint, name), ips) in grouped {
             let update = Update {
                 remove: model
@@ -75,7 +78,9 @@ impl Proxy {
                 name: name.clone(),
                 add: Vec::new(),
             };
-            let mut done = self.queue_update(&name, update);
+            queued.push(self.queue_update(&name, update));
+        }
+        for mut done in queued {
             let _ = done.wait_for(|d| *d).await;
         }
         removed.len()
@@ -137,9 +142,14 @@ impl Proxy {
         self.follow_selectors(&model);
         let count = self.cache().names();
         self.update_gauges();
-        for u in updates {
-            let name = u.name.clone();
-            let mut done = self.queue_update(&name, u);
+        let queued: Vec<_> = updates
+            .into_iter()
+            .map(|u| {
+                let name = u.name.clone();
+                self.queue_update(&name, u)
+            })
+            .collect();
+        for mut done in queued {
             let _ = done.wait_for(|d| *d).await;
         }
         Ok(count)
