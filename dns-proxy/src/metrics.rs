@@ -3,11 +3,35 @@
 use std::sync::Arc;
 
 use hickory_proto::op::ResponseCode;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 
 use crate::audit::Verdict;
+use crate::cache::Stats;
+
+/// The cache's size gauges (names, IPs, zombies), set when gathered.
+struct CacheGauges {
+    gauges: [IntGauge; 3],
+    stats: Box<dyn Fn() -> Option<Stats> + Send + Sync>,
+}
+
+impl Collector for CacheGauges {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauges.iter().flat_map(Collector::desc).collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        if let Some(s) = (self.stats)() {
+            for (g, n) in self.gauges.iter().zip([s.names, s.ips, s.zombies]) {
+                g.set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        self.gauges.iter().flat_map(Collector::collect).collect()
+    }
+}
 
 /// Handles to every metric; cheap to clone.
 #[derive(Clone)]
@@ -245,9 +269,6 @@ impl Metrics {
         r.register(Box::new(m.datapath_seconds.clone()))?;
         r.register(Box::new(m.datapath_timeouts.clone()))?;
         r.register(Box::new(m.datapath_errors.clone()))?;
-        r.register(Box::new(m.cache_names.clone()))?;
-        r.register(Box::new(m.cache_ips.clone()))?;
-        r.register(Box::new(m.cache_zombies.clone()))?;
         r.register(Box::new(m.expirations.clone()))?;
         r.register(Box::new(m.evictions.clone()))?;
         r.register(Box::new(m.node_evictions.clone()))?;
@@ -261,6 +282,24 @@ impl Metrics {
     }
 
     /// The text exposition of every metric.
+    /// Registers the cache's size gauges (`cache_names`, `cache_ips`, `cache_zombies`),
+    /// set from `stats` when the registry is gathered: counting walks the whole cache,
+    /// which at every answer that changed it cost a tenth of the proxy's time under
+    /// SaaS churn, and a scrape is rare. `stats` gives None once the cache is gone.
+    pub fn register_cache_gauges(
+        &self,
+        stats: impl Fn() -> Option<Stats> + Send + Sync + 'static,
+    ) -> Result<(), prometheus::Error> {
+        self.registry.register(Box::new(CacheGauges {
+            gauges: [
+                self.cache_names.clone(),
+                self.cache_ips.clone(),
+                self.cache_zombies.clone(),
+            ],
+            stats: Box::new(stats),
+        }))
+    }
+
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let enc = prometheus::TextEncoder::new();

@@ -868,6 +868,23 @@ async fn expired_ips_leave_unless_in_use() {
     );
 }
 
+/// The cache's size gauges are counted when scraped: right after an answer, with no
+/// sweep in between, they show what it taught.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_gauges_show_an_answer_at_the_next_scrape() {
+    let mut z = Zone::default();
+    z.a("g.app.test", 300, &["192.0.2.51", "192.0.2.52"]);
+    let up = Upstream::start(z).await;
+    let h = Harness::start(Config::default(), up.addr).await;
+    let before = h.proxy.metrics().render();
+    assert!(before.contains("ward_dns_cache_ips 0"), "{before}");
+    query(h.addr, "g.app.test", RecordType::A, false).await;
+    let after = h.proxy.metrics().render();
+    assert!(after.contains("ward_dns_cache_names 1"), "{after}");
+    assert!(after.contains("ward_dns_cache_ips 2"), "{after}");
+    assert!(after.contains("ward_dns_cache_zombies 0"), "{after}");
+}
+
 /// A sweep that removes IPs of several names hands the removals to the datapath
 /// together: each is queued before the sweep waits for any, so a slow datapath costs a
 /// sweep one round, not one round a name.

@@ -217,8 +217,6 @@ impl Proxy {
                 waits: None,
             };
         }
-        // Only when something changed for the datapath: the gauges walk the whole cache.
-        self.update_gauges();
         HandOff {
             selectors: all_selectors,
             confirmed: None,

@@ -102,7 +102,8 @@ struct Inner {
     policy: PolicyStore,
     sink: Arc<dyn DatapathSink>,
     in_use: Arc<dyn InUse>,
-    cache: Mutex<FqdnCache>,
+    /// Shared with the cache's size gauges (`Metrics::register_cache_gauges`).
+    cache: Arc<Mutex<FqdnCache>>,
     dirty: AtomicBool,
     /// Per name: completion of the last datapath update queued for it. A new update
     /// starts after the previous one finished, so answers leave in update order.
@@ -155,12 +156,12 @@ impl Proxy {
             metrics.upstream_unexpected.clone(),
         );
         let in_hand = InHand::new(config.concurrency_limit, config.client_concurrency_limit);
-        Proxy {
+        let proxy = Proxy {
             inner: Arc::new(Inner {
-                cache: Mutex::new(FqdnCache::with_limits(
+                cache: Arc::new(Mutex::new(FqdnCache::with_limits(
                     config.max_ips_per_name,
                     config.max_ips_per_node,
-                )),
+                ))),
                 busy_poll,
                 config,
                 policy: PolicyStore::new(model, scope),
@@ -177,7 +178,20 @@ impl Proxy {
                 stop: watch::channel(false).0,
                 in_flight: AtomicUsize::new(0),
             }),
+        };
+        let cache = Arc::downgrade(&proxy.inner.cache);
+        let registered = proxy.inner.metrics.register_cache_gauges(move || {
+            let cache = cache.upgrade()?;
+            let stats = match cache.lock() {
+                Ok(g) => g.stats(),
+                Err(p) => p.into_inner().stats(),
+            };
+            Some(stats)
+        });
+        if let Err(e) = registered {
+            tracing::warn!("the DNS cache's size gauges are not exported: {e}");
         }
+        proxy
     }
 
     /// Stops the listeners serving this proxy (`serve_udp`, `serve_tcp`): they read no
@@ -267,7 +281,6 @@ impl Proxy {
     fn pruned(&self, dropped: usize) {
         if dropped > 0 {
             self.inner.dirty.store(true, Ordering::Relaxed);
-            self.update_gauges();
             tracing::debug!(dropped, "names no toFQDNs selector matches left the cache");
         }
     }
@@ -445,16 +458,6 @@ impl Proxy {
             .waited(upstream);
         handled.late = late;
         handled
-    }
-
-    fn update_gauges(&self) {
-        let s = self.cache().stats();
-        let m = &self.inner.metrics;
-        m.cache_names
-            .set(i64::try_from(s.names).unwrap_or(i64::MAX));
-        m.cache_ips.set(i64::try_from(s.ips).unwrap_or(i64::MAX));
-        m.cache_zombies
-            .set(i64::try_from(s.zombies).unwrap_or(i64::MAX));
     }
 }
 

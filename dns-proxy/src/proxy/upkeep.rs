@@ -22,7 +22,6 @@ impl Proxy {
     pub async fn collect(&self) -> usize {
         let now = now_ms(SystemTime::now());
         if !self.cache().has_expired(now) {
-            self.update_gauges();
             return 0;
         }
         let _timer = self.inner.metrics.sweep_seconds.start_timer();
@@ -46,7 +45,6 @@ impl Proxy {
             }
             removed
         };
-        self.update_gauges();
         if removed.is_empty() {
             return 0;
         }
@@ -141,7 +139,6 @@ impl Proxy {
         // What the policy no longer selects is not restored.
         self.follow_selectors(&model);
         let count = self.cache().names();
-        self.update_gauges();
         let queued: Vec<_> = updates
             .into_iter()
             .map(|u| {
