@@ -28,8 +28,9 @@ use redirect_bpf_common::CLASS_FIRST;
 pub struct PeerClasses {
     /// Live identity (numeric) -> its class.
     of: BTreeMap<NumericId, u32>,
-    /// Class -> one of its identities (model index), whose verdicts are the class's.
-    members: BTreeMap<u32, Idx>,
+    /// Class -> its live identities (model indexes); the first one's verdicts are the
+    /// class's.
+    members: BTreeMap<u32, BTreeSet<Idx>>,
 }
 
 /// What policy-model's decisions read of a peer identity.
@@ -91,7 +92,7 @@ impl PeerClasses {
             for &i in &members {
                 out.of.insert(numeric(i), class);
             }
-            out.members.insert(class, members[0]);
+            out.members.insert(class, members.into_iter().collect());
         }
         out
     }
@@ -103,40 +104,42 @@ impl PeerClasses {
 
     /// Each class with the identity (model index) whose verdicts are the class's.
     pub fn classes(&self) -> impl Iterator<Item = (u32, Idx)> + '_ {
-        self.members.iter().map(|(c, i)| (*c, *i))
+        self.members
+            .iter()
+            .filter_map(|(c, m)| Some((*c, *m.first()?)))
     }
 
-    /// The classes after identities came and went without any other change to the model
-    /// or the endpoints (IPs learned from DNS answers): the identities in `added` join the
-    /// class whose members share their signature, identities no longer live leave theirs.
-    /// Costs a signature per added identity and per class, where [`PeerClasses::compute`]
-    /// costs one per live identity. None when that is not enough: an added identity fits
-    /// no class, a class lost its last member, or a live identity is neither classed in
-    /// `previous` nor added. The caller then computes them afresh.
-    pub fn extended(
+    /// Moves the classes along a learning step (IPs learned from DNS answers, no other
+    /// change to the model or the endpoints): identities in `retired` that are no longer
+    /// live leave their class, live ones in `added` join the class whose members share
+    /// their signature. Costs a signature per class and per added identity, where
+    /// [`PeerClasses::compute`] costs one per live identity. Returns the assignments that
+    /// changed (identity -> class; None: out of the map), or None when that is not
+    /// enough (a class lost its last member, an added identity fits no class); the
+    /// classes are then to be computed afresh.
+    pub fn learn_step(
+        &mut self,
         model: &Model,
         endpoints: &[&EndpointPolicy],
-        previous: &BTreeMap<NumericId, u32>,
         added: &[Idx],
-    ) -> Option<PeerClasses> {
-        let (sets, named) = peer_sets(endpoints);
-        let added: BTreeSet<Idx> = added.iter().copied().collect();
-        let mut out = PeerClasses::default();
-        for idx in (0..model.identities.len() as Idx).filter(|&i| model.identities.is_live(i)) {
-            if added.contains(&idx) {
-                continue;
+        retired: &[Idx],
+    ) -> Option<BTreeMap<NumericId, Option<u32>>> {
+        let ids = &model.identities;
+        let mut changed = BTreeMap::new();
+        for &idx in retired.iter().filter(|&&i| !ids.is_live(i)) {
+            let numeric = ids.get(idx).id;
+            if let Some(class) = self.of.remove(&numeric) {
+                let members = self.members.get_mut(&class)?;
+                members.remove(&idx);
+                if members.is_empty() {
+                    return None;
+                }
+                changed.insert(numeric, None);
             }
-            let numeric = model.identities.get(idx).id;
-            let class = *previous.get(&numeric)?;
-            out.of.insert(numeric, class);
-            out.members.entry(class).or_insert(idx);
         }
-        let before: BTreeSet<u32> = previous.values().copied().collect();
-        if out.members.keys().copied().collect::<BTreeSet<u32>>() != before {
-            return None;
-        }
+        let (sets, named) = peer_sets(endpoints);
         let mut by_signature: HashMap<Signature, u32> = HashMap::new();
-        for (&class, &idx) in &out.members {
+        for (class, idx) in self.classes() {
             if by_signature
                 .insert(signature(model, &sets, named, idx), class)
                 .is_some()
@@ -145,11 +148,24 @@ impl PeerClasses {
                 return None;
             }
         }
-        for &idx in added.iter().filter(|&&i| model.identities.is_live(i)) {
+        for &idx in added.iter().filter(|&&i| ids.is_live(i)) {
+            let numeric = ids.get(idx).id;
             let class = *by_signature.get(&signature(model, &sets, named, idx))?;
-            out.of.insert(model.identities.get(idx).id, class);
+            let before = self.of.insert(numeric, class);
+            if before == Some(class) {
+                continue;
+            }
+            if let Some(old) = before {
+                let members = self.members.get_mut(&old)?;
+                members.remove(&idx);
+                if members.is_empty() {
+                    return None;
+                }
+            }
+            self.members.entry(class).or_default().insert(idx);
+            changed.insert(numeric, Some(class));
         }
-        Some(out)
+        Some(changed)
     }
 
     /// The class of a numeric identity.
@@ -396,17 +412,29 @@ probes: []
             .collect()
     }
 
-    /// What `extended` gives after one learning step, checked against `compute`.
+    /// What `learn_step` gives after one learning step from the computed classes,
+    /// checked against `compute`: the classes, and the assignments that changed.
     fn step(m: &mut Model, client: &str, name: &str, ips: &[&str]) -> Option<PeerClasses> {
         let before = PeerClasses::compute(m, &eps(m), &BTreeMap::new());
         let ips: Vec<std::net::IpAddr> = ips.iter().map(|s| s.parse().expect("ip")).collect();
         let change = m.set_fqdn_ips(client, name, ips);
         let fresh = PeerClasses::compute(m, &eps(m), before.assignments());
-        let extended = PeerClasses::extended(m, &eps(m), before.assignments(), &change.added);
-        if let Some(e) = &extended {
-            assert_eq!(e, &fresh, "{client} {name}");
+        let mut stepped = before.clone();
+        let changed = stepped.learn_step(m, &eps(m), &change.added, &change.retired)?;
+        assert_eq!(stepped, fresh, "{client} {name}");
+        let mut moved = BTreeMap::new();
+        for (id, class) in fresh.assignments() {
+            if before.assignments().get(id) != Some(class) {
+                moved.insert(*id, Some(*class));
+            }
         }
-        extended
+        for id in before.assignments().keys() {
+            if !fresh.assignments().contains_key(id) {
+                moved.insert(*id, None);
+            }
+        }
+        assert_eq!(changed, moved, "{client} {name}: the changes reported");
+        Some(stepped)
     }
 
     #[test]
@@ -446,5 +474,46 @@ probes: []
             .expect("compile");
         step(&mut m, "default/c2", "api.example.com", &["203.0.113.5"]);
         assert_eq!(step(&mut m, "default/c2", "api.example.com", &[]), None);
+    }
+
+    #[test]
+    fn classes_moved_step_by_step_stay_those_a_recount_gives() {
+        let mut m = parse_case(FQDN_CASE)
+            .expect("case")
+            .compile(None, None)
+            .expect("compile");
+        let mut classes = PeerClasses::compute(&m, &eps(&m), &BTreeMap::new());
+        let (mut stepped, mut recounted) = (0, 0);
+        for i in 0..200u32 {
+            let client = ["default/c1", "default/c2"][(i % 2) as usize];
+            let name = ["api.example.com", "a.cdn.example", "b.cdn.example"][(i % 3) as usize];
+            // a rotating window of addresses, sometimes none
+            let ips: Vec<std::net::IpAddr> = (0..(i % 4))
+                .map(|k| {
+                    format!("203.0.113.{}", (i * 7 + k) % 12 + 1)
+                        .parse()
+                        .expect("ip")
+                })
+                .collect();
+            let change = m.set_fqdn_ips(client, name, ips);
+            let fresh = PeerClasses::compute(&m, &eps(&m), classes.assignments());
+            let before = classes.assignments().clone();
+            match classes.learn_step(&m, &eps(&m), &change.added, &change.retired) {
+                Some(changed) => {
+                    assert_eq!(classes, fresh, "step {i}");
+                    for (id, class) in &changed {
+                        assert_eq!(fresh.assignments().get(id), class.as_ref(), "step {i}");
+                        assert_ne!(before.get(id), class.as_ref(), "step {i}: not a change");
+                    }
+                    stepped += 1;
+                }
+                None => {
+                    classes = fresh;
+                    recounted += 1;
+                }
+            }
+        }
+        assert!(stepped >= 50, "{stepped} steps, {recounted} recounts");
+        assert!(recounted > 0, "{stepped} steps, {recounted} recounts");
     }
 }

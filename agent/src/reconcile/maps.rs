@@ -80,7 +80,7 @@ impl Changes {
 }
 
 /// Per key where `have` and `want` differ: what `want` holds.
-pub fn differences<K: Ord + Copy, V: PartialEq + Copy>(
+fn differences<K: Ord + Copy, V: PartialEq + Copy>(
     have: &BTreeMap<K, V>,
     want: &BTreeMap<K, V>,
 ) -> BTreeMap<K, Option<V>> {

@@ -28,7 +28,7 @@ use super::dns::Request;
 use super::endpoints::{EndpointIds, EndpointStatus};
 use super::fqdn::{Learned, Observations};
 use super::identities::StableIds;
-use super::maps::{self, apply, apply_changes, Changes, MapState};
+use super::maps::{apply, apply_changes, Changes, MapState};
 use super::rebuild::{self, Pending, Plan};
 use super::{Attachments, LocalPods, Published};
 use crate::datapath::{Datapath, Shared};
@@ -135,6 +135,9 @@ pub struct Publisher<D, P> {
     proxies: P,
     metrics: AgentMetrics,
     model: Option<Arc<Model>>,
+    /// The peer classes of what the maps hold (None: to be computed by the next full
+    /// diff).
+    classes: Option<PeerClasses>,
     /// (endpoint, name) pairs whose learned IPs changed since the model was built.
     learned_changes: BTreeSet<(String, String)>,
     /// What changed since the model was built that asks for a full compile.
@@ -195,6 +198,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             proxies: start.proxies,
             metrics: start.metrics,
             model: None,
+            classes: None,
             learned_changes: BTreeSet::new(),
             pending: Pending::default(),
             spare: None,
@@ -366,16 +370,24 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
         self.metrics.ready.set(1);
     }
 
-    /// The peer classes after a learning step that added `added` to `model`: extended
-    /// from what the maps hold when the new identities fit the classes there (the usual
-    /// case: an address like the ones learned before), else computed afresh.
-    fn learned_classes(&self, model: &Model, added: &[Idx]) -> PeerClasses {
+    /// Moves the peer classes along a learning step that added `added` and retired
+    /// `retired` in `model` (`PeerClasses::learn_step`); returns the assignments that
+    /// changed, or None when the classes themselves changed (computed afresh by the
+    /// caller's full diff).
+    fn learned_classes(
+        &mut self,
+        model: &Model,
+        added: &[Idx],
+        retired: &[Idx],
+    ) -> Option<BTreeMap<u32, Option<u32>>> {
+        let mut classes = self.classes.take()?;
         let eps: Vec<_> = self
             .local_pods()
             .filter_map(|p| model.pod_endpoint(&p.id()))
             .collect();
-        PeerClasses::extended(model, &eps, &self.applied.classes, added)
-            .unwrap_or_else(|| PeerClasses::compute(model, &eps, &self.applied.classes))
+        let changed = classes.learn_step(model, &eps, added, retired)?;
+        self.classes = Some(classes);
+        Some(changed)
     }
 
     fn local_pods(&self) -> impl Iterator<Item = &policy_model::cluster::Pod> {
@@ -445,6 +457,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
         }
         d.classes = classes.assignments().clone();
         d.ipcache = model.ipcache(Some(&self.node)).into_iter().collect();
+        self.classes = Some(classes);
         (d, status)
     }
 
@@ -460,7 +473,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
         // The proxies keep reading the model they hold; this is the next one (the one copy
         // of a DNS update batch: the proxies then share it).
         let mut model = working_copy(self.spare.take(), self.generation, &current);
-        let (ips, added, endpoints) = self.apply_learned(&mut model);
+        let (ips, added, retired, endpoints) = self.apply_learned(&mut model);
         if self.identities.apply_new(&mut model, &added) {
             self.save_identities();
         }
@@ -469,21 +482,16 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             let id = model.ipcache_entry(*ip, Some(&self.node));
             changes.ipcache.insert(ipnet::IpNet::from(*ip), id);
         }
-        let classes = self.learned_classes(&model, &added);
-        let same_classes = classes.numbers()
-            == self
-                .applied
-                .classes
-                .values()
-                .copied()
-                .collect::<BTreeSet<u32>>();
-        if !same_classes {
+        let Some(class_changes) = self.learned_classes(&model, &added, &retired) else {
             // A class came or went: every endpoint's entries name the classes.
             let (all, _) = self.desired(&model);
             let result = apply(&mut *self.dp.lock(), &mut self.applied, &all);
             return self.publish(model, start, None, false, result);
-        }
-        changes.classes = maps::differences(&self.applied.classes, classes.assignments());
+        };
+        changes.classes = class_changes;
+        let Some(classes) = self.classes.as_ref() else {
+            return Err("no peer classes after a learning step".into());
+        };
         for key in endpoints {
             let Some(ep) = model.endpoint(key) else {
                 continue;
@@ -502,7 +510,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             else {
                 continue;
             };
-            let e = endpoint_entries(&model, ep, id, self.ports, &classes);
+            let e = endpoint_entries(&model, ep, id, self.ports, classes);
             changes.policy.insert(id, e.entries.into_iter().collect());
         }
         let result = apply_changes(&mut *self.dp.lock(), &mut self.applied, &changes);
@@ -511,13 +519,12 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
 
     /// Applies the learned FQDN IPs that changed since `model` was built
     /// (`Model::set_fqdn_ips`). Returns the IPs whose identity moved, the identities
-    /// that came into use, and the endpoints whose peers gained or lost one.
-    fn apply_learned(
-        &mut self,
-        model: &mut Model,
-    ) -> (BTreeSet<IpAddr>, Vec<Idx>, BTreeSet<EndpointKey>) {
+    /// that came into use and those retired, and the endpoints whose peers gained or lost
+    /// one.
+    fn apply_learned(&mut self, model: &mut Model) -> Learning {
         let mut ips = BTreeSet::new();
         let mut added = Vec::new();
+        let mut retired = Vec::new();
         let mut endpoints = BTreeSet::new();
         for (client, name) in std::mem::take(&mut self.learned_changes) {
             let mut learned: BTreeSet<IpAddr> = self
@@ -538,9 +545,10 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             let c = model.set_fqdn_ips(&client, &name, learned);
             ips.extend(c.ips.iter().map(|(ip, _, _)| *ip));
             added.extend(c.added);
+            retired.extend(c.retired);
             endpoints.extend(c.endpoints);
         }
-        (ips, added, endpoints)
+        (ips, added, retired, endpoints)
     }
 
     /// Builds the next model (incrementally for pod and namespace churn, else by a full
@@ -568,7 +576,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
                     .with_label_values(&["incremental"])
                     .inc();
                 // learned since the current model was built
-                let (_, learned, _) = self.apply_learned(&mut model);
+                let (_, learned, _, _) = self.apply_learned(&mut model);
                 let mut added = next.new_identities;
                 added.extend(learned);
                 let forgotten = self.identities.forget(&model, &next.retired);
@@ -712,6 +720,10 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
         outcome
     }
 }
+
+/// What a learning step changed: the IPs whose identity moved, the identities added and
+/// retired, the endpoints whose peers changed.
+type Learning = (BTreeSet<IpAddr>, Vec<Idx>, Vec<Idx>, BTreeSet<EndpointKey>);
 
 /// Answers the DNS hand-offs of a round with its outcome.
 fn confirm(acks: Vec<Request>, result: &Result<(), String>) {
