@@ -371,23 +371,22 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
     }
 
     /// Moves the peer classes along a learning step that added `added` and retired
-    /// `retired` in `model` (`PeerClasses::learn_step`); returns the assignments that
-    /// changed, or None when the classes themselves changed (computed afresh by the
-    /// caller's full diff).
+    /// `retired` in `model` (`PeerClasses::learn_step`); returns them (the caller puts
+    /// them back) with the assignments that changed, or None when the classes themselves
+    /// changed (computed afresh by the caller's full diff).
     fn learned_classes(
         &mut self,
         model: &Model,
         added: &[Idx],
         retired: &[Idx],
-    ) -> Option<BTreeMap<u32, Option<u32>>> {
+    ) -> Option<(PeerClasses, BTreeMap<u32, Option<u32>>)> {
         let mut classes = self.classes.take()?;
         let eps: Vec<_> = self
             .local_pods()
             .filter_map(|p| model.pod_endpoint(&p.id()))
             .collect();
         let changed = classes.learn_step(model, &eps, added, retired)?;
-        self.classes = Some(classes);
-        Some(changed)
+        Some((classes, changed))
     }
 
     fn local_pods(&self) -> impl Iterator<Item = &policy_model::cluster::Pod> {
@@ -482,16 +481,13 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             let id = model.ipcache_entry(*ip, Some(&self.node));
             changes.ipcache.insert(ipnet::IpNet::from(*ip), id);
         }
-        let Some(class_changes) = self.learned_classes(&model, &added, &retired) else {
+        let Some((classes, class_changes)) = self.learned_classes(&model, &added, &retired) else {
             // A class came or went: every endpoint's entries name the classes.
             let (all, _) = self.desired(&model);
             let result = apply(&mut *self.dp.lock(), &mut self.applied, &all);
             return self.publish(model, start, None, false, result);
         };
         changes.classes = class_changes;
-        let Some(classes) = self.classes.as_ref() else {
-            return Err("no peer classes after a learning step".into());
-        };
         for key in endpoints {
             let Some(ep) = model.endpoint(key) else {
                 continue;
@@ -510,9 +506,10 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             else {
                 continue;
             };
-            let e = endpoint_entries(&model, ep, id, self.ports, classes);
+            let e = endpoint_entries(&model, ep, id, self.ports, &classes);
             changes.policy.insert(id, e.entries.into_iter().collect());
         }
+        self.classes = Some(classes);
         let result = apply_changes(&mut *self.dp.lock(), &mut self.applied, &changes);
         self.publish(model, start, None, false, result)
     }
