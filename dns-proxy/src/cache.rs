@@ -324,14 +324,22 @@ impl FqdnCache {
         self.entries.get(endpoint)?.get(name)
     }
 
+    /// The endpoints with names in the cache.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.entries.keys().cloned().collect()
+    }
+
+    /// One endpoint's names, as [`FqdnCache::snapshot`] holds them.
+    pub fn snapshot_endpoint(&self, endpoint: &str) -> Option<BTreeMap<String, NameEntry>> {
+        let names = self.entries.get(endpoint)?;
+        Some(names.iter().map(|(n, e)| (n.clone(), e.clone())).collect())
+    }
+
     /// A sorted copy of the content (persistence).
     pub fn snapshot(&self) -> Entries {
         self.entries
-            .iter()
-            .map(|(endpoint, names)| {
-                let names = names.iter().map(|(n, e)| (n.clone(), e.clone()));
-                (endpoint.clone(), names.collect())
-            })
+            .keys()
+            .filter_map(|e| Some((e.clone(), self.snapshot_endpoint(e)?)))
             .collect()
     }
 

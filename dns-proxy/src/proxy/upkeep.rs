@@ -92,7 +92,16 @@ impl Proxy {
         if !self.inner.dirty.swap(false, Ordering::Relaxed) {
             return Ok(false);
         }
-        let entries = self.cache().snapshot();
+        // An endpoint at a time: the cache's lock is held for one endpoint's names, not
+        // for a copy of the whole cache (queries wait on it).
+        let mut entries = crate::cache::Entries::new();
+        let endpoints = self.cache().endpoints();
+        for endpoint in endpoints {
+            let names = self.cache().snapshot_endpoint(&endpoint);
+            if let Some(names) = names.filter(|n| !n.is_empty()) {
+                entries.insert(endpoint, names);
+            }
+        }
         persist::save(dir, &entries).inspect_err(|_| {
             self.inner.dirty.store(true, Ordering::Relaxed);
             self.inner.metrics.persist_errors.inc();
