@@ -117,9 +117,11 @@ impl Observations {
     }
 
     /// Saves what changed since the last save: appended to the journal, or the whole
-    /// (temporary file, then rename) when the journal has outgrown it.
+    /// (temporary file, then rename) when the journal has outgrown it. Without a file
+    /// (the tests' `Default`) there is nothing to save and nothing is kept for it.
     pub fn save(&mut self) -> std::io::Result<()> {
         let Some(file) = &mut self.file else {
+            self.dirty.clear();
             return Ok(());
         };
         if self.dirty.is_empty() {
@@ -189,6 +191,23 @@ mod tests {
         assert!(o.apply(&u));
         assert!(o.learned.is_empty());
         assert!(o.to_cluster().is_empty());
+    }
+
+    #[test]
+    fn without_a_file_saving_keeps_no_list_of_changes() {
+        let mut o = Observations::default();
+        for k in 0..100u8 {
+            let u = Update {
+                endpoint: "a/p".into(),
+                name: format!("n{k}.example."),
+                add: vec![sel(&["203.0.113.1"])],
+                remove: vec![],
+            };
+            assert!(o.apply(&u));
+        }
+        assert_eq!(o.dirty.len(), 100);
+        o.save().expect("nothing to write");
+        assert!(o.dirty.is_empty(), "{} changes kept", o.dirty.len());
     }
 }
 

@@ -163,6 +163,9 @@ impl StableIds {
     /// full renumbering or when the journal has outgrown it.
     pub fn save(&mut self) -> std::io::Result<()> {
         let Some(mut file) = self.file.take() else {
+            // No file (a table made in memory): nothing to save, nothing kept for it.
+            self.dirty.clear();
+            self.renumbered = false;
             return Ok(());
         };
         let result = if self.renumbered {
@@ -263,6 +266,16 @@ mod tests {
         assert!(ids.apply_new(&mut m, &change.new_identities));
         assert_ne!(id_of(&m, "a/x"), x);
         assert_eq!(id_of(&m, "a/y"), y);
+    }
+
+    #[test]
+    fn without_a_file_saving_keeps_no_list_of_changes() {
+        let mut ids = StableIds::default();
+        let mut m = model(&[("x", "x"), ("y", "y")]);
+        ids.apply(&mut m);
+        assert!(!ids.dirty.is_empty() || ids.renumbered);
+        ids.save().unwrap();
+        assert!(ids.dirty.is_empty() && !ids.renumbered);
     }
 
     #[test]
