@@ -57,6 +57,10 @@ pub struct Config {
     /// How often the cache is written (when it changed) and expired IPs collected.
     #[serde(with = "millis")]
     pub maintenance_interval: Duration,
+    /// Names an expiry sweep hands to the datapath at a time: the next slice goes once
+    /// the datapath confirmed this one, so an answer waiting for its own update waits
+    /// behind at most one slice of removals, never the whole sweep. 0: all at once.
+    pub sweep_slice: usize,
     /// Capacity of the audit channel; records beyond it are dropped and counted.
     pub audit_capacity: usize,
     /// `SO_MARK` of upstream sockets, so the datapath does not redirect them again.
@@ -93,6 +97,7 @@ impl Default for Config {
             upstream_timeout: Duration::from_secs(10),
             state_dir: None,
             maintenance_interval: Duration::from_secs(5),
+            sweep_slice: 256,
             audit_capacity: 4096,
             upstream_mark: None,
             busy_poll_us: 0,

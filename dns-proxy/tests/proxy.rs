@@ -926,6 +926,64 @@ async fn a_sweep_hands_its_removals_over_together() {
     );
 }
 
+/// A sweep larger than `sweep_slice` names hands its removals over a slice at a time: a
+/// slice's removals go together, the next slice only once they are confirmed, so answers
+/// queued meanwhile wait behind one slice, not the whole sweep.
+#[tokio::test]
+async fn a_large_sweep_hands_its_removals_over_a_slice_at_a_time() {
+    let names: Vec<String> = (0..5).map(|k| format!("n{k}.app.test")).collect();
+    let mut z = Zone::default();
+    for (k, name) in names.iter().enumerate() {
+        z.a(name, 1, &[&format!("192.0.2.{}", 50 + k)]);
+    }
+    let up = Upstream::start(z).await;
+    let config = Config {
+        sweep_slice: 2,
+        ..Config::default()
+    };
+    let h = Harness::start(config, up.addr).await;
+    // in use until all five have expired: then they leave in one sweep
+    h.in_use
+        .ips
+        .lock()
+        .unwrap()
+        .extend((0..5).map(|k| ip(&format!("192.0.2.{}", 50 + k))));
+    for name in &names {
+        query(h.addr, name, RecordType::A, false).await;
+    }
+    let end = Instant::now() + Duration::from_secs(5);
+    while names
+        .iter()
+        .any(|n| !h.proxy.cached_ips(ENDPOINT, n).is_empty())
+    {
+        assert_eq!(h.proxy.collect().await, 0, "in use: nothing leaves");
+        assert!(Instant::now() < end, "the IPs never expired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.in_use.ips.lock().unwrap().clear();
+    let before = h.sink.applied().len();
+    for _ in &names {
+        h.sink.delay_next(Duration::from_millis(100));
+    }
+    assert_eq!(h.proxy.collect().await, 5);
+    let mut removals = h.sink.applied()[before..].to_vec();
+    assert_eq!(removals.len(), 5, "one removal a name");
+    removals.sort_by_key(|r| r.started);
+    let done = |r: &common::Applied| r.finished.expect("confirmed");
+    for (slice, next) in [(0..2, 2), (2..4, 4)] {
+        let first = &removals[slice.start];
+        assert!(
+            removals[slice.start + 1].started < done(first),
+            "a slice's removals go together"
+        );
+        let slice_done = removals[slice].iter().map(done).max().expect("two");
+        assert!(
+            removals[next].started >= slice_done,
+            "removal {next} started before its slice's predecessors were confirmed"
+        );
+    }
+}
+
 /// An expiry sweep reads the live connections with no lock held: while that read takes
 /// long (a large conntrack map), queries are answered and their IPs learned; the sweep
 /// then removes what no connection uses.

@@ -58,28 +58,25 @@ impl Proxy {
                 .push(r.ip);
         }
         let model = self.inner.policy.current();
-        // Every removal is queued before any is waited for: the datapath takes them in
-        // its next rounds together, not one round a name.
-        let mut queued = Vec::with_capacity(grouped.len());
-        for ((endpoint, name), ips) in grouped {
-            let update = Update {
-                remove: model
-                    .fqdn_selectors_matching(&name)
-                    .into_iter()
-                    .map(|s| SelectorIps {
-                        selector: s.to_string(),
-                        label: fqdn_key(s, &endpoint).to_string(),
-                        ips: ips.clone(),
-                    })
-                    .collect(),
-                endpoint,
-                name: name.clone(),
-                add: Vec::new(),
-            };
-            queued.push(self.queue_update(&name, update));
-        }
-        for mut done in queued {
-            let _ = done.wait_for(|d| *d).await;
+        let slice = match self.inner.config.sweep_slice {
+            0 => grouped.len().max(1),
+            n => n,
+        };
+        let mut removals = grouped.into_iter().peekable();
+        // A slice's removals are queued together (the datapath takes them in one round),
+        // and the next slice waits for them: answers queued meanwhile go in between.
+        while removals.peek().is_some() {
+            let queued: Vec<_> = removals
+                .by_ref()
+                .take(slice)
+                .map(|((endpoint, name), ips)| {
+                    let update = removal(&model, endpoint, name.clone(), ips);
+                    self.queue_update(&name, update)
+                })
+                .collect();
+            for mut done in queued {
+                let _ = done.wait_for(|d| *d).await;
+            }
         }
         removed.len()
     }
@@ -186,5 +183,28 @@ impl Proxy {
                 }
             }
         })
+    }
+}
+
+/// The update that takes `ips` of `name` away from `endpoint`'s selectors matching it.
+fn removal(
+    model: &policy_model::Model,
+    endpoint: String,
+    name: String,
+    ips: Vec<IpAddr>,
+) -> Update {
+    Update {
+        remove: model
+            .fqdn_selectors_matching(&name)
+            .into_iter()
+            .map(|s| SelectorIps {
+                selector: s.to_string(),
+                label: fqdn_key(s, &endpoint).to_string(),
+                ips: ips.clone(),
+            })
+            .collect(),
+        endpoint,
+        name,
+        add: Vec::new(),
     }
 }
