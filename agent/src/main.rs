@@ -60,22 +60,35 @@ enum Command {
     Observe(Box<cmd::observe::ObserveArgs>),
 }
 
-/// mimalloc gives freed pages back to the system only when the thread that freed them
-/// allocates again after the purge delay; an agent that goes idle after a compile would
-/// keep its peak for good (527 MiB steady at 20,000 pods against 195 MiB with the pages
-/// returned at once; loadtests/HISTORY.md). mimalloc reads its options from the
-/// environment when the process starts, so the agent runs itself again, once, with
-/// `MIMALLOC_PURGE_DELAY=0` unless the variable is set already (set it to keep another
-/// value). Returns only when that fails.
-fn with_pages_returned_at_once() -> std::io::Error {
-    use std::os::unix::process::CommandExt;
-    std::process::Command::new("/proc/self/exe")
-        .args(std::env::args_os().skip(1))
-        .env(PURGE_DELAY, "0")
-        .exec()
-}
+/// The allocator's options `ward agent` runs with, each unless set already (set one to
+/// keep another value). mimalloc gives freed pages back to the system only when the
+/// thread that freed them allocates again after the purge delay, so an agent that goes
+/// idle after a compile would keep its peak: a delay of 0 returns them at once. With
+/// transparent huge pages (the kernel's `madvise` mode) mimalloc backs its arenas with
+/// 2 MiB pages, which a few live objects keep resident: off, memory returns in its own
+/// pages. Figures in loadtests/HISTORY.md.
+const ALLOCATOR_OPTIONS: [(&str, &str); 2] =
+    [("MIMALLOC_PURGE_DELAY", "0"), ("MIMALLOC_ALLOW_THP", "0")];
 
-const PURGE_DELAY: &str = "MIMALLOC_PURGE_DELAY";
+/// mimalloc reads its options from the environment when the process starts, so the
+/// agent runs itself again, once, with those of [`ALLOCATOR_OPTIONS`] not set. Returns
+/// only when that fails; `None` when every option is set.
+fn with_allocator_options() -> Option<std::io::Error> {
+    use std::os::unix::process::CommandExt;
+    let unset: Vec<_> = ALLOCATOR_OPTIONS
+        .iter()
+        .filter(|(k, _)| std::env::var_os(k).is_none())
+        .collect();
+    if unset.is_empty() {
+        return None;
+    }
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.args(std::env::args_os().skip(1));
+    for (k, v) in unset {
+        cmd.env(k, v);
+    }
+    Some(cmd.exec())
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -83,9 +96,10 @@ fn main() -> ExitCode {
         eprintln!("ward: {e}");
         return ExitCode::from(2);
     }
-    if matches!(cli.command, Command::Agent(_)) && std::env::var_os(PURGE_DELAY).is_none() {
-        let error = with_pages_returned_at_once();
-        tracing::warn!(%error, "cannot run again with {PURGE_DELAY}=0: freed memory returns late");
+    if matches!(cli.command, Command::Agent(_)) {
+        if let Some(error) = with_allocator_options() {
+            tracing::warn!(%error, "cannot run again with the allocator's options: freed memory returns late");
+        }
     }
     let result = match cli.command {
         Command::Agent(args) => cmd::agent::run(*args),

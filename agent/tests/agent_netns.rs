@@ -607,12 +607,12 @@ fn l3_l4_l7_and_an_invalid_policy() {
     // same process: the PID this test started)
     let pid = lab.agent.as_ref().unwrap().id();
     let environ = fs::read(format!("/proc/{pid}/environ")).unwrap();
-    assert!(
-        environ
-            .split(|b| *b == 0)
-            .any(|v| v == b"MIMALLOC_PURGE_DELAY=0"),
-        "MIMALLOC_PURGE_DELAY=0 in the agent's environment"
-    );
+    for option in ["MIMALLOC_PURGE_DELAY=0", "MIMALLOC_ALLOW_THP=0"] {
+        assert!(
+            environ.split(|b| *b == 0).any(|v| v == option.as_bytes()),
+            "{option} in the agent's environment"
+        );
+    }
 
     // L3/L4
     assert!(lab.connects(SERVER, 8080, ALLOWED), "8080 is allowed");
