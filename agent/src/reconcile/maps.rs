@@ -24,8 +24,12 @@ pub struct MapState {
     pub endpoints: BTreeMap<IpAddr, EndpointInfo>,
     /// Per endpoint id: its policy entries.
     pub policy: BTreeMap<u32, BTreeSet<PolicyEntry>>,
-    /// Peer identity -> class (`redirect_bpf::PeerClasses::assignments`).
-    pub classes: BTreeMap<u32, u32>,
+    /// Peer identity -> class (`redirect_bpf::PeerClasses::assignments`); changed through
+    /// [`MapState::set_class`], [`MapState::unset_class`] and [`MapState::set_classes`].
+    classes: BTreeMap<u32, u32>,
+    /// Class -> how many identities `classes` puts in it: the distinct classes are
+    /// counted at every round for the status, without a walk of every identity.
+    class_sizes: BTreeMap<u32, usize>,
 }
 
 impl MapState {
@@ -37,8 +41,53 @@ impl MapState {
         for e in dp.policy_entries()? {
             s.policy.entry(e.endpoint_id).or_default().insert(e);
         }
-        s.classes.extend(dp.peer_classes()?);
+        for (identity, class) in dp.peer_classes()? {
+            s.set_class(identity, class);
+        }
         Ok(s)
+    }
+
+    /// Peer identity -> class.
+    pub fn classes(&self) -> &BTreeMap<u32, u32> {
+        &self.classes
+    }
+
+    /// Distinct classes the identities are in.
+    pub fn distinct_classes(&self) -> usize {
+        self.class_sizes.len()
+    }
+
+    /// Puts `identity` in `class`.
+    pub fn set_class(&mut self, identity: u32, class: u32) {
+        if let Some(old) = self.classes.insert(identity, class) {
+            self.leave_class(old);
+        }
+        *self.class_sizes.entry(class).or_default() += 1;
+    }
+
+    /// Takes `identity` out of its class.
+    pub fn unset_class(&mut self, identity: u32) {
+        if let Some(old) = self.classes.remove(&identity) {
+            self.leave_class(old);
+        }
+    }
+
+    /// Replaces every assignment.
+    pub fn set_classes(&mut self, classes: BTreeMap<u32, u32>) {
+        self.class_sizes.clear();
+        for class in classes.values() {
+            *self.class_sizes.entry(*class).or_default() += 1;
+        }
+        self.classes = classes;
+    }
+
+    fn leave_class(&mut self, class: u32) {
+        if let Some(n) = self.class_sizes.get_mut(&class) {
+            *n -= 1;
+            if *n == 0 {
+                self.class_sizes.remove(&class);
+            }
+        }
     }
 
     /// Number of policy entries.
@@ -139,7 +188,7 @@ pub fn apply_changes(
     for (identity, class) in set(&changes.classes) {
         if applied.classes.get(identity) != Some(class) {
             dp.set_peer_class(*identity, *class)?;
-            applied.classes.insert(*identity, *class);
+            applied.set_class(*identity, *class);
             writes += 1;
         }
     }
@@ -163,7 +212,7 @@ pub fn apply_changes(
     for identity in unset(&changes.classes) {
         if applied.classes.contains_key(identity) {
             dp.remove_peer_class(*identity)?;
-            applied.classes.remove(identity);
+            applied.unset_class(*identity);
             writes += 1;
         }
     }
@@ -245,7 +294,9 @@ mod tests {
         for (net, id) in ips {
             s.ipcache.insert(net.parse().unwrap(), *id);
         }
-        s.classes.extend(classes.iter().copied());
+        for (identity, class) in classes {
+            s.set_class(*identity, *class);
+        }
         for e in policy {
             s.policy.entry(e.endpoint_id).or_default().insert(*e);
         }
@@ -259,6 +310,42 @@ mod tests {
         apply(&mut dp, &mut applied, s).unwrap();
         dp.take_journal();
         (dp, applied)
+    }
+
+    #[test]
+    fn the_distinct_classes_follow_every_change_of_the_assignments() {
+        let recount = |s: &MapState| s.classes().values().collect::<BTreeSet<_>>().len();
+        let mut s = MapState::default();
+        // (identity, Some(class)) puts it there, (identity, None) takes it out
+        let steps: [(u32, Option<u32>); 9] = [
+            (100, Some(1)),
+            (101, Some(1)),
+            (102, Some(2)),
+            (101, Some(2)),
+            (100, Some(3)),
+            (100, Some(3)),
+            (102, None),
+            (101, None),
+            (999, None),
+        ];
+        for (identity, class) in steps {
+            match class {
+                Some(c) => s.set_class(identity, c),
+                None => s.unset_class(identity),
+            }
+            assert_eq!(
+                s.distinct_classes(),
+                recount(&s),
+                "after {identity} -> {class:?}"
+            );
+        }
+        assert_eq!(s.distinct_classes(), 1);
+        s.set_classes([(1, 7), (2, 7), (3, 8)].into_iter().collect());
+        assert_eq!(s.distinct_classes(), 2);
+        s.unset_class(3);
+        assert_eq!(s.distinct_classes(), 1);
+        s.set_classes(BTreeMap::new());
+        assert_eq!(s.distinct_classes(), 0);
     }
 
     #[test]

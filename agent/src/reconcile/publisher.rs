@@ -417,7 +417,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             .filter_map(|(pod, ips)| Some((model.pod_endpoint(&pod)?, pod, ips)))
             .collect();
         let eps: Vec<_> = pods.iter().map(|(ep, _, _)| *ep).collect();
-        let classes = PeerClasses::compute(model, &eps, &self.applied.classes);
+        let classes = PeerClasses::compute(model, &eps, self.applied.classes());
         for (ep, pod, ips) in pods {
             let id = self.ids.id(&pod, &ips, &recovered);
             let e = endpoint_entries(model, ep, id, self.ports, &classes);
@@ -454,7 +454,7 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
                 ifindex,
             });
         }
-        d.classes = classes.assignments().clone();
+        d.set_classes(classes.assignments().clone());
         d.ipcache = model.ipcache(Some(&self.node)).into_iter().collect();
         self.classes = Some(classes);
         (d, status)
@@ -645,8 +645,8 @@ impl<D: Datapath, P: Proxies> Publisher<D, P> {
             ipcache: self.applied.ipcache.len(),
             endpoints: self.applied.endpoints.len(),
             policy: self.applied.policy_len(),
-            peer_classes: self.applied.classes.len(),
-            classes: self.applied.classes.values().collect::<BTreeSet<_>>().len(),
+            peer_classes: self.applied.classes().len(),
+            classes: self.applied.distinct_classes(),
         }
     }
 
