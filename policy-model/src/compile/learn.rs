@@ -10,9 +10,10 @@
 //! lost an identity.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use imbl::{HashMap as ImHashMap, OrdMap};
-use std::net::IpAddr;
 
 use super::{EndpointKey, IpOwner, Model};
 use crate::cluster::DnsObservation;
@@ -20,18 +21,21 @@ use crate::fqdn::FqdnPatterns;
 use crate::identity::{fqdn_key, IdentityKind, Idx};
 use crate::labels::{Label, LabelSet};
 
-/// (client endpoint `ns/pod`, name as observed).
-type ObsKey = (String, String);
+/// (client endpoint `ns/pod`, name as observed), shared: see [`Learned`].
+type ObsKey = Arc<(String, String)>;
 
 /// The observations behind the FQDN labels, indexed both ways. Persistent maps (`imbl`):
-/// they grow with what a node learned, and every learning step works on a copy.
+/// they grow with what a node learned, and every learning step works on a copy. A change
+/// copies the map's nodes on its path with every entry in them, so keys and values are
+/// shared (`Arc`): a copy costs a count per entry, not its strings and sets, and so does
+/// freeing the old version once no one holds it.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Learned {
     /// Per (client, name): the patterns (indices into `Model::fqdn_patterns`) matching the
     /// name, and the IPs.
-    by_name: OrdMap<ObsKey, (Vec<usize>, BTreeSet<IpAddr>)>,
+    by_name: OrdMap<ObsKey, Arc<(Vec<usize>, BTreeSet<IpAddr>)>>,
     /// Per IP: the observations naming it.
-    by_ip: ImHashMap<IpAddr, BTreeSet<ObsKey>>,
+    by_ip: ImHashMap<IpAddr, Arc<BTreeSet<ObsKey>>>,
     /// Per FQDN identity: how many IPs hold it.
     holders: ImHashMap<Idx, usize>,
 }
@@ -40,15 +44,16 @@ impl Learned {
     /// Merges an observation (several for one client and name add up, as in a compile).
     /// Returns the IPs it brought to that (client, name).
     pub(super) fn add(&mut self, patterns: &FqdnPatterns, obs: &DnsObservation) -> Vec<IpAddr> {
-        let key = (obs.client.clone(), obs.name.clone());
-        let (_, ips) = self
+        let key: ObsKey = Arc::new((obs.client.clone(), obs.name.clone()));
+        let entry = self
             .by_name
             .entry(key.clone())
-            .or_insert_with(|| (patterns.matching(&obs.name), BTreeSet::new()));
+            .or_insert_with(|| Arc::new((patterns.matching(&obs.name), BTreeSet::new())));
+        let (_, ips) = Arc::make_mut(entry);
         let mut new = Vec::new();
         for ip in &obs.ips {
             if ips.insert(*ip) {
-                self.by_ip.entry(*ip).or_default().insert(key.clone());
+                Arc::make_mut(self.by_ip.entry(*ip).or_default()).insert(key.clone());
                 new.push(*ip);
             }
         }
@@ -62,24 +67,26 @@ impl Learned {
     pub(super) fn observations(&self) -> Vec<DnsObservation> {
         self.by_name
             .iter()
-            .map(|((client, name), (_, ips))| DnsObservation {
-                client: client.clone(),
-                name: name.clone(),
-                ips: ips.iter().copied().collect(),
+            .map(|(key, value)| DnsObservation {
+                client: key.0.clone(),
+                name: key.1.clone(),
+                ips: value.1.iter().copied().collect(),
             })
             .collect()
     }
 
     /// Removes IPs from one (client, name). Returns those it held.
-    fn remove(&mut self, key: &ObsKey, gone: &[IpAddr]) -> Vec<IpAddr> {
-        let Some((_, ips)) = self.by_name.get_mut(key) else {
+    fn remove(&mut self, key: &(String, String), gone: &[IpAddr]) -> Vec<IpAddr> {
+        let Some(entry) = self.by_name.get_mut(key) else {
             return Vec::new();
         };
+        let (_, ips) = Arc::make_mut(entry);
         let mut removed = Vec::new();
         for ip in gone {
             if ips.remove(ip) {
                 removed.push(*ip);
                 if let Some(keys) = self.by_ip.get_mut(ip) {
+                    let keys = Arc::make_mut(keys);
                     keys.remove(key);
                     if keys.is_empty() {
                         self.by_ip.remove(ip);
@@ -116,11 +123,11 @@ impl Learned {
     /// The `fqdn:` labels an IP carries.
     fn labels(&self, patterns: &FqdnPatterns, ip: IpAddr) -> BTreeSet<Label> {
         let mut out = BTreeSet::new();
-        for key in self.by_ip.get(&ip).into_iter().flatten() {
-            let Some((matching, _)) = self.by_name.get(key) else {
+        for key in self.by_ip.get(&ip).into_iter().flat_map(|keys| keys.iter()) {
+            let Some(value) = self.by_name.get(key) else {
                 continue;
             };
-            for (text, _) in matching.iter().filter_map(|&p| patterns.get(p)) {
+            for (text, _) in value.0.iter().filter_map(|&p| patterns.get(p)) {
                 out.insert(Label {
                     key: fqdn_key(text, &key.0),
                     value: String::new(),
@@ -169,7 +176,7 @@ impl Model {
             .learned
             .by_name
             .get(&key)
-            .map(|(_, ips)| ips.clone())
+            .map(|v| v.1.clone())
             .unwrap_or_default();
         let gone: Vec<IpAddr> = before.difference(&ips).copied().collect();
         let mut touched = self.learned.remove(&key, &gone);
@@ -205,7 +212,7 @@ impl Model {
         self.learned
             .by_name
             .get(&(client.to_string(), name.to_string()))
-            .map(|(_, ips)| ips.clone())
+            .map(|v| v.1.clone())
             .unwrap_or_default()
     }
 
@@ -277,6 +284,55 @@ impl Model {
                 self.learned.holders.remove(&old);
                 Some(old)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn observation(client: &str, name: &str, ips: &[&str]) -> DnsObservation {
+        DnsObservation {
+            client: client.into(),
+            name: name.into(),
+            ips: ips.iter().filter_map(|s| s.parse().ok()).collect(),
+        }
+    }
+
+    /// A learning step works on a copy of what the published model holds: the entries it
+    /// does not touch stay shared with the original, not copied with their strings and
+    /// sets (a copied node of the persistent map copies pointers).
+    #[test]
+    fn a_copy_changed_in_one_entry_shares_the_others() {
+        let patterns = FqdnPatterns::default();
+        let mut original = Learned::default();
+        for k in 0..200 {
+            let name = format!("n{k}.example.");
+            let ip = format!("203.0.113.{}", k % 250);
+            original.add(&patterns, &observation("a/p", &name, &[&ip]));
+        }
+        let mut copy = original.clone();
+        copy.add(
+            &patterns,
+            &observation("a/p", "n7.example.", &["198.51.100.7"]),
+        );
+        let changed = ("a/p".to_string(), "n7.example.".to_string());
+        for (key, value) in original.by_name.iter() {
+            let (copied_key, copied) = copy.by_name.get_key_value(&**key).expect("kept");
+            if **key == changed {
+                assert_eq!(copied.1.len(), 2, "the copy learned the new IP");
+                assert_eq!(value.1.len(), 1, "the original did not");
+            } else {
+                assert!(Arc::ptr_eq(key, copied_key), "{key:?}: key copied");
+                assert!(Arc::ptr_eq(value, copied), "{key:?}: value copied");
+            }
+        }
+        for (ip, keys) in original.by_ip.iter() {
+            assert!(
+                Arc::ptr_eq(keys, &copy.by_ip[ip]),
+                "{ip}: observations copied"
+            );
         }
     }
 }
