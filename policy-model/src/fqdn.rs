@@ -40,8 +40,11 @@ pub struct NamePattern {
     /// The normalised source text (`matchPattern` keeps its `*`).
     pub text: String,
     pub is_pattern: bool,
-    /// Shared with every other pattern of the same text (`shared_regex`).
-    regex: Arc<Regex>,
+    /// None for a `matchName` or a `matchPattern` without `*`, which match their
+    /// normalised text exactly; else shared with every other pattern of the same text
+    /// (`shared_regex`). A compiled regex holds kilobytes, and a node's policies may name
+    /// thousands of names (the model indexes every toFQDNs name as a pattern).
+    regex: Option<Arc<Regex>>,
 }
 
 impl PartialEq for NamePattern {
@@ -78,14 +81,10 @@ impl NamePattern {
         if name.trim().is_empty() {
             return Err("empty name".into());
         }
-        let regex = crate::shared_regex::shared("dns-name", &text, || {
-            Regex::new(&format!("^{}$", regex::escape(&text)))
-        })
-        .map_err(|e| e.to_string())?;
         Ok(NamePattern {
             text,
             is_pattern: false,
-            regex,
+            regex: None,
         })
     }
 
@@ -97,6 +96,13 @@ impl NamePattern {
             return Err("empty pattern".into());
         }
         let text = normalize(pattern);
+        if !text.contains('*') {
+            return Ok(NamePattern {
+                text,
+                is_pattern: true,
+                regex: None,
+            });
+        }
         let re = if matches!(text.as_str(), "*." | "**.") {
             format!(r"^(?:(?:{LABEL_CHARS}+[.])+|[.])$")
         } else {
@@ -117,7 +123,7 @@ impl NamePattern {
         Ok(NamePattern {
             text,
             is_pattern: true,
-            regex,
+            regex: Some(regex),
         })
     }
 
@@ -128,7 +134,10 @@ impl NamePattern {
 
     /// Whether an already normalised name matches (the per-query fast path).
     pub fn matches_normalized(&self, name: &str) -> bool {
-        self.regex.is_match(name)
+        match &self.regex {
+            Some(regex) => regex.is_match(name),
+            None => name == self.text,
+        }
     }
 }
 
@@ -266,6 +275,30 @@ mod tests {
 
     fn pat(p: &str) -> NamePattern {
         NamePattern::pattern(p).unwrap()
+    }
+
+    /// A `matchName`, or a `matchPattern` without `*`, is its normalised text, compared as
+    /// it is: no regex is compiled for it (thousands of names would hold kilobytes each),
+    /// and its dots match only dots.
+    #[test]
+    fn a_name_without_star_is_compared_not_compiled() {
+        let name = NamePattern::name("Api-1.Example_x.com").unwrap();
+        assert!(name.regex.is_none());
+        assert!(name.matches("api-1.example_x.com."));
+        assert!(name.matches_normalized("api-1.example_x.com."));
+        for other in [
+            "api-1xexample_x.com.",
+            "api-1.example_x.com.x.",
+            "pi-1.example_x.com.",
+        ] {
+            assert!(!name.matches(other), "{other}");
+        }
+        assert!(pat("*.example.com").regex.is_some());
+        // a pattern without `*` is a name
+        let exact = pat("Api-1.Example_x.com");
+        assert!(exact.regex.is_none());
+        assert!(exact.matches("api-1.example_x.com"));
+        assert!(!exact.matches("api-1xexample_x.com"));
     }
 
     /// The table of reference section 3.1, row by row.
