@@ -3,6 +3,8 @@
 //! ones (2^24 and up), as in Cilium. Selectors are evaluated against identities once and
 //! their results cached as bitsets, so a lookup is a bit test.
 
+use std::sync::Arc;
+
 use imbl::{HashMap as ImHashMap, Vector};
 use serde::Serialize;
 
@@ -333,10 +335,12 @@ impl Identities {
 /// DNS answer that teaches an address works on a copy of the published model.
 #[derive(Clone, Debug, Default)]
 pub struct SelectorCache {
-    selectors: Vector<Selector>,
+    /// Each selector once, shared with `by_selector` (a node with toFQDNs rules holds one
+    /// selector per name and endpoint: hundreds of thousands).
+    selectors: Vector<Arc<Selector>>,
     /// Per selector: the identities it selects.
     members: Vector<Bits>,
-    by_selector: ImHashMap<Selector, u32>,
+    by_selector: ImHashMap<Arc<Selector>, u32>,
     /// Per peer set: its selectors.
     peer_set_keys: Vector<Vec<u32>>,
     /// Per peer set: its members when they are not one selector's (a peer set of one
@@ -381,10 +385,11 @@ impl SelectorCache {
             }
             None => self.unindexed.push_back(i),
         }
-        self.selectors.push_back(sel.clone());
+        let sel = Arc::new(sel.clone());
+        self.selectors.push_back(Arc::clone(&sel));
         self.members.push_back(bits);
         self.peer_sets_of.push_back(Vec::new());
-        self.by_selector.insert(sel.clone(), i);
+        self.by_selector.insert(sel, i);
         i
     }
 
@@ -603,6 +608,19 @@ mod tests {
         assert!(cache.peer_set_contains(one, b), "follows its selector");
         cache.remove_identity(&ids, b);
         assert!(!cache.peer_set_contains(one, b));
+    }
+
+    /// A selector is held once: the list and the index share it.
+    #[test]
+    fn a_cached_selector_is_held_once() {
+        let ids = Identities::new();
+        let mut cache = SelectorCache::default();
+        let sel = Selector::all().with(Key::new(Source::K8s, "app"), Op::Exists);
+        let i = cache.selector(&ids, &sel);
+        assert_eq!(cache.selector(&ids, &sel), i, "found again");
+        let (key, _) = cache.by_selector.get_key_value(&sel).expect("indexed");
+        assert!(Arc::ptr_eq(key, &cache.selectors[i as usize]));
+        assert_eq!(Arc::strong_count(key), 2);
     }
 
     #[test]
