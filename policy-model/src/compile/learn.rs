@@ -24,6 +24,10 @@ use crate::labels::{Label, LabelSet};
 /// (client endpoint `ns/pod`, name as observed), shared: see [`Learned`].
 type ObsKey = Arc<(String, String)>;
 
+/// What one (client, name) learned: the patterns matching the name (indices into
+/// `Model::fqdn_patterns`) and the IPs; shared, see [`Learned`].
+type ObsValue = Arc<(Vec<usize>, BTreeSet<IpAddr>)>;
+
 /// The observations behind the FQDN labels, indexed both ways. Persistent maps (`imbl`):
 /// they grow with what a node learned, and every learning step works on a copy. A change
 /// copies the map's nodes on its path with every entry in them, so keys and values are
@@ -33,7 +37,7 @@ type ObsKey = Arc<(String, String)>;
 pub(super) struct Learned {
     /// Per (client, name): the patterns (indices into `Model::fqdn_patterns`) matching the
     /// name, and the IPs.
-    by_name: OrdMap<ObsKey, Arc<(Vec<usize>, BTreeSet<IpAddr>)>>,
+    by_name: OrdMap<ObsKey, ObsValue>,
     /// Per IP: the observations naming it.
     by_ip: ImHashMap<IpAddr, Arc<BTreeSet<ObsKey>>>,
     /// Per FQDN identity: how many IPs hold it.
