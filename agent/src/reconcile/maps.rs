@@ -74,11 +74,11 @@ impl MapState {
 
     /// Replaces every assignment.
     pub fn set_classes(&mut self, classes: BTreeMap<u32, u32>) {
+        self.classes.clear();
         self.class_sizes.clear();
-        for class in classes.values() {
-            *self.class_sizes.entry(*class).or_default() += 1;
+        for (identity, class) in classes {
+            self.set_class(identity, class);
         }
-        self.classes = classes;
     }
 
     fn leave_class(&mut self, class: u32) {

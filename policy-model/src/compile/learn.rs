@@ -48,7 +48,14 @@ impl Learned {
     /// Merges an observation (several for one client and name add up, as in a compile).
     /// Returns the IPs it brought to that (client, name).
     pub(super) fn add(&mut self, patterns: &FqdnPatterns, obs: &DnsObservation) -> Vec<IpAddr> {
-        let key: ObsKey = Arc::new((obs.client.clone(), obs.name.clone()));
+        // The map's own key when it has one: the per-IP sets then share its strings.
+        let key: ObsKey = match self
+            .by_name
+            .get_key_value(&(obs.client.clone(), obs.name.clone()))
+        {
+            Some((k, _)) => Arc::clone(k),
+            None => Arc::new((obs.client.clone(), obs.name.clone())),
+        };
         let entry = self
             .by_name
             .entry(key.clone())
